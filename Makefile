@@ -1,0 +1,62 @@
+# Waypost: the README's two commands are `make demo` and `make test`; `make help` lists the rest.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+UV_VERSION := 0.13.8
+UV := .local/uv/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+export UV_PYTHON_DOWNLOADS := never
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help setup demo test test-unit test-e2e check fmt up down status bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "[setup] installing uv $(UV_VERSION) into .local/uv"
+	@$(PYTHON) -m venv .local/uv && .local/uv/bin/pip install -q "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	@echo "[setup] syncing the Python environment from uv.lock"
+	@$(UV) sync --frozen --python $(PYTHON) --quiet
+	@touch $@
+
+setup: $(VENV)/.synced ## Install Python deps, fetch Kafka (Maven Central), build FerretDB (Go); cached
+	@$(PY) deploy/local/stack.py setup
+
+up: setup ## Start Kafka, FerretDB, the SMTP sandbox and the five services in the background
+	@$(PY) deploy/local/stack.py up
+
+down: ## Stop exactly what `make up` started
+	@$(PY) deploy/local/stack.py down
+
+status: ## Show which local processes run (pids)
+	@$(PY) deploy/local/stack.py status
+
+demo: setup ## The main job: start the stack, publish the welcome journey, drive a storefront, summarise
+	@$(PY) -m bench.demo
+
+test: setup ## Every test: unit, contract and end-to-end on real servers (started by the tests)
+	@$(PY) -m pytest
+
+test-unit: $(VENV)/.synced ## Only the tests that need no server
+	@$(PY) -m pytest -m "not e2e"
+
+check: $(VENV)/.synced ## ruff, ruff format --check, mypy --strict, import-linter
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy
+	@$(VENV)/bin/lint-imports
+
+fmt: $(VENV)/.synced ## Format and autofix
+	@$(VENV)/bin/ruff format .
+	@$(VENV)/bin/ruff check --fix .
+
+bench: setup ## Benchmarks (figures as ratios against a baseline measured in the same run)
+	@$(PY) -m bench.ingest
+
+clean: down ## Remove local state (keeps downloaded servers)
+	rm -rf .local/stack .local/test-stack

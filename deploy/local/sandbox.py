@@ -1,0 +1,372 @@
+# Local delivery sandbox: a catch-all SMTP server plus an HTTP "outbox" API, in one process,
+# so dev runs and tests can send real mail and then inspect what was delivered.
+# Run: python deploy/local/sandbox.py --host 127.0.0.1 --smtp-port 1025 --http-port 8025
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import email
+import email.policy
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import Any
+
+import uvicorn
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+
+log = logging.getLogger("waypost.sandbox")
+
+# One outbox entry, as served by GET /messages. Every channel shares the envelope keys
+# id, channel, to, from, received_at; the rest is channel specific (email: subject, headers,
+# text, html).
+Record = dict[str, Any]
+
+SMTP_HOST = "waypost-sandbox"  # fixed, so aiosmtpd skips a getfqdn() DNS lookup
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass(frozen=True)
+class OutboxFilter:
+    """Criteria for Outbox.list; None means "any"."""
+
+    channel: str | None = None
+    to: str | None = None
+    subject_contains: str | None = None
+
+    def matches(self, record: Record) -> bool:
+        if self.channel is not None and record.get("channel") != self.channel:
+            return False
+        if self.to is not None:
+            wanted = self.to.casefold()
+            if not any(str(addr).casefold() == wanted for addr in record.get("to", [])):
+                return False
+        if self.subject_contains is not None:
+            subject = record.get("subject")
+            if not isinstance(subject, str):
+                return False
+            if self.subject_contains.casefold() not in subject.casefold():
+                return False
+        return True
+
+
+class Outbox:
+    """In-memory, arrival-ordered store of delivered messages for every channel."""
+
+    def __init__(self) -> None:
+        self._records: list[Record] = []
+        self._ids = itertools.count(1)
+
+    def add(self, record: Record) -> Record:
+        """Store a record (needs `channel` and a list `to`); assigns `id` and `received_at`."""
+        channel = record.get("channel")
+        to = record.get("to")
+        if not isinstance(channel, str) or not channel:
+            raise ValueError("record needs a non-empty string 'channel'")
+        if not isinstance(to, list) or not all(isinstance(addr, str) for addr in to):
+            raise ValueError("record needs 'to' as a list of strings")
+        stored: Record = {"id": str(next(self._ids)), **record}
+        stored.setdefault("received_at", utc_now())
+        self._records.append(stored)
+        return stored
+
+    def list(self, filters: OutboxFilter | None = None) -> list[Record]:
+        active = filters or OutboxFilter()
+        return [dict(record) for record in self._records if active.matches(record)]
+
+    def clear(self) -> int:
+        count = len(self._records)
+        self._records.clear()
+        return count
+
+
+class RefuseRule(BaseModel):
+    address: str = Field(min_length=1)
+    code: int = Field(default=550, ge=400, le=599)
+    message: str = Field(default="no such user", pattern=r"^[^\r\n]*$")
+
+
+class RecipientRefusals:
+    """RCPT TO addresses the SMTP server must reject, matched case-insensitively."""
+
+    def __init__(self) -> None:
+        self._rules: dict[str, RefuseRule] = {}
+
+    @staticmethod
+    def _key(address: str) -> str:
+        return address.strip().strip("<>").casefold()
+
+    def add(self, rule: RefuseRule) -> None:
+        self._rules[self._key(rule.address)] = rule
+
+    def match(self, address: str) -> RefuseRule | None:
+        return self._rules.get(self._key(address))
+
+    def rules(self) -> list[RefuseRule]:
+        return list(self._rules.values())
+
+    def clear(self) -> int:
+        count = len(self._rules)
+        self._rules.clear()
+        return count
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _body(message: EmailMessage, subtype: str) -> str | None:
+    part = message.get_body(preferencelist=(subtype,))
+    if part is None:
+        return None
+    try:
+        content = part.get_content()
+    except (LookupError, ValueError):  # unknown charset or broken transfer encoding
+        raw = part.get_payload(decode=True)
+        content = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else None
+    if not isinstance(content, str):
+        return None
+    return content.replace("\r\n", "\n")  # SMTP DATA is CRLF; hand back plain newlines
+
+
+def email_record(raw: bytes, mail_from: str, rcpt_tos: Sequence[str]) -> Record:
+    """Turn one SMTP transaction into an outbox record."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)  # guaranteed by policy=default
+    subject = message["Subject"]
+    return {
+        "channel": "email",
+        "to": list(rcpt_tos),
+        "from": mail_from,
+        "subject": None if subject is None else str(subject),
+        "headers": {name: str(value) for name, value in message.items()},
+        "text": _body(message, "plain"),
+        "html": _body(message, "html"),
+        "received_at": utc_now(),
+    }
+
+
+class OutboxSmtpHandler:
+    """aiosmtpd handler: accepts every message (bar refused recipients) into the outbox."""
+
+    def __init__(self, outbox: Outbox, refusals: RecipientRefusals) -> None:
+        self._outbox = outbox
+        self._refusals = refusals
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        rule = self._refusals.match(address)
+        if rule is not None:
+            log.info("refusing RCPT TO %s with %d", address, rule.code)
+            return f"{rule.code} {rule.message}"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, sess: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        sender = envelope.mail_from or ""
+        sender = "" if sender == "<>" else sender  # null reverse-path (bounces)
+        record = self._outbox.add(email_record(raw, sender, envelope.rcpt_tos))
+        log.info("stored email id=%s to=%s", record["id"], ",".join(record["to"]))
+        return "250 Message accepted for delivery"
+
+
+def create_app(outbox: Outbox, refusals: RecipientRefusals) -> FastAPI:
+    app = FastAPI(title="Waypost sandbox outbox", docs_url=None, redoc_url=None)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/messages")
+    async def list_messages(
+        channel: str | None = None,
+        to: str | None = None,
+        subject_contains: str | None = None,
+    ) -> dict[str, Any]:
+        found = outbox.list(OutboxFilter(channel, to, subject_contains))
+        return {"count": len(found), "messages": found}
+
+    @app.delete("/messages")
+    async def clear_messages() -> dict[str, int]:
+        return {"deleted": outbox.clear()}
+
+    @app.get("/control/smtp/refuse")
+    async def list_refusals() -> dict[str, list[RefuseRule]]:
+        return {"rules": refusals.rules()}
+
+    @app.post("/control/smtp/refuse")
+    async def add_refusal(rule: RefuseRule) -> RefuseRule:
+        refusals.add(rule)
+        return rule
+
+    @app.delete("/control/smtp/refuse")
+    async def clear_refusals() -> dict[str, int]:
+        return {"cleared": refusals.clear()}
+
+    return app
+
+
+class HttpServer(uvicorn.Server):
+    """uvicorn.Server that leaves signals to us and reports when it is listening."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn would install its own handlers and re-raise the signal after shutdown.
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.ready.set()
+
+
+async def _serve_http(server: HttpServer) -> None:
+    try:
+        await server.serve()
+    except SystemExit as exc:  # uvicorn calls sys.exit() when it cannot bind
+        raise RuntimeError(f"HTTP listener failed to start (exit {exc.code})") from exc
+
+
+async def run(host: str, smtp_port: int, http_port: int, log_level: str) -> int:
+    loop = asyncio.get_running_loop()
+    outbox = Outbox()
+    refusals = RecipientRefusals()
+    handler = OutboxSmtpHandler(outbox, refusals)
+    connections: weakref.WeakSet[SMTP] = weakref.WeakSet()
+
+    def smtp_protocol() -> SMTP:
+        protocol = SMTP(handler, hostname=SMTP_HOST, enable_SMTPUTF8=True, loop=loop)
+        connections.add(protocol)
+        return protocol
+
+    try:
+        smtp_server = await loop.create_server(smtp_protocol, host, smtp_port)
+    except OSError as exc:
+        log.error("cannot listen for SMTP on %s:%d: %s", host, smtp_port, exc)
+        return 1
+
+    config = uvicorn.Config(
+        create_app(outbox, refusals),
+        host=host,
+        port=http_port,
+        log_level=log_level,
+        access_log=log_level == "debug",
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
+    http_server = HttpServer(config)
+    http_task = asyncio.create_task(_serve_http(http_server))
+
+    stop = asyncio.Event()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():  # second signal: stop waiting for open HTTP connections
+            http_server.force_exit = True
+        log.info("received %s, shutting down", signum.name)
+        http_server.should_exit = True
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    exit_code = 0
+    try:
+        ready = asyncio.create_task(http_server.ready.wait())
+        await asyncio.wait({ready, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if http_task.done():
+            http_task.result()  # raises the startup failure, if any
+            raise RuntimeError("HTTP listener stopped before it was ready")
+        smtp_bound = smtp_server.sockets[0].getsockname()[1]
+        http_bound = http_server.servers[0].sockets[0].getsockname()[1]
+        if not stop.is_set():
+            print(
+                f"waypost sandbox ready: smtp={host}:{smtp_bound} http=http://{host}:{http_bound}",
+                flush=True,
+            )
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopping, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        exit_code = 1
+    finally:
+        http_server.should_exit = True
+        with contextlib.suppress(RuntimeError):
+            await http_task
+        smtp_server.close()
+        for protocol in list(connections):
+            if protocol.transport is not None:
+                protocol.transport.close()
+        await smtp_server.wait_closed()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return exit_code
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Waypost local delivery sandbox: catch-all SMTP server + HTTP outbox API."
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("WAYPOST_SANDBOX_HOST", "127.0.0.1"),
+        help="address both listeners bind to (env WAYPOST_SANDBOX_HOST, default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--smtp-port",
+        type=int,
+        default=int(os.environ.get("WAYPOST_SMTP_PORT", "1025")),
+        help="SMTP port (env WAYPOST_SMTP_PORT, default 1025; 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=int(os.environ.get("WAYPOST_OUTBOX_PORT", "8025")),
+        help="HTTP outbox API port (env WAYPOST_OUTBOX_PORT, default 8025; 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        type=str.lower,
+        help="logging level (default info; debug also logs SMTP dialogue and HTTP access)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    # aiosmtpd logs every SMTP command at INFO on "mail.log"; keep that for debug only.
+    mail_level = level if level == logging.DEBUG else max(level, logging.WARNING)
+    logging.getLogger("mail.log").setLevel(mail_level)
+    return asyncio.run(run(args.host, args.smtp_port, args.http_port, args.log_level))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""The local Waypost stack on real servers: Kafka (KRaft), FerretDB, the SMTP sandbox, the services.
+
+`python deploy/local/stack.py setup|up|down|status` (the Makefile wraps it). Everything lives under
+one state folder (default `.local/stack`); the end-to-end tests run a second stack on other ports.
+Installs are cached under `.local/`: the first setup downloads and builds, later ones take seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCAL = ROOT / ".local"
+KAFKA_LIBS = LOCAL / "kafka" / "libs"
+FERRETDB_BIN = LOCAL / "bin" / "waypost-ferretdb"
+PYTHON = sys.executable
+
+SERVICES = ("ingest", "admin", "segmenter", "orchestrator", "dispatcher")
+SERVERS = ("kafka", "ferretdb", "sandbox")
+
+
+def say(message: str) -> None:
+    print(f"[stack] {message}", flush=True)
+
+
+def _digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _cached(marker: Path, digest: str, build: Callable[[], None]) -> None:
+    """Run `build` unless `marker` records the same input digest."""
+    if marker.exists() and marker.read_text() == digest:
+        return
+    build()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(digest)
+
+
+def setup() -> None:
+    """Fetch Kafka from Maven Central and build FerretDB from the Go module proxy (cached)."""
+    pom = ROOT / "deploy/local/kafka/pom.xml"
+
+    def fetch_kafka() -> None:
+        say("fetching Apache Kafka and its dependencies from Maven Central (first run only)...")
+        if KAFKA_LIBS.exists():
+            shutil.rmtree(KAFKA_LIBS)
+        subprocess.run(
+            ["mvn", "-B", "-q", "-f", str(pom), "dependency:copy-dependencies",
+             f"-DoutputDirectory={KAFKA_LIBS}", "-DincludeScope=runtime"],
+            check=True,
+        )
+
+    _cached(LOCAL / "kafka" / ".installed", _digest(pom), fetch_kafka)
+
+    src = ROOT / "deploy/local/ferretdb"
+
+    def build_ferretdb() -> None:
+        say("building FerretDB from the Go module proxy (first run only, a few minutes)...")
+        FERRETDB_BIN.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["go", "build", "-o", str(FERRETDB_BIN), "."], cwd=src, check=True)
+
+    _cached(
+        LOCAL / "bin" / ".ferretdb-installed",
+        _digest(src / "go.mod", src / "go.sum", src / "main.go"),
+        build_ferretdb,
+    )
+    say("servers installed")
+
+
+@dataclass
+class Ports:
+    kafka: int = 9092
+    kafka_controller: int = 9093
+    mongo: int = 27017
+    smtp: int = 1025
+    outbox: int = 8025
+    ingest: int = 8000
+    admin: int = 8001
+
+    @classmethod
+    def from_env(cls) -> Ports:
+        defaults = cls()
+        return cls(**{
+            name: int(os.environ.get(f"WAYPOST_{name.upper()}_PORT", getattr(defaults, name)))
+            for name in defaults.__dataclass_fields__
+        })
+
+
+@dataclass
+class Stack:
+    """One running stack: its ports, its state folder, the processes it started."""
+
+    home: Path = LOCAL / "stack"
+    ports: Ports = field(default_factory=Ports)
+    partitions: int = 6
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.ports.kafka}"
+
+    @property
+    def mongo_url(self) -> str:
+        return f"mongodb://127.0.0.1:{self.ports.mongo}"
+
+    @property
+    def ingest_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.ingest}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.admin}"
+
+    @property
+    def outbox_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.outbox}"
+
+    def env(self) -> dict[str, str]:
+        """The WAYPOST_* settings every service of this stack gets."""
+        env = {
+            **os.environ,
+            "WAYPOST_KAFKA_BOOTSTRAP": self.bootstrap,
+            "WAYPOST_TOPIC_PARTITIONS": str(self.partitions),
+            "WAYPOST_MONGO_URL": self.mongo_url,
+            "WAYPOST_DATA_DIR": str(self.home / "data"),
+            "WAYPOST_SMTP_HOST": "127.0.0.1",
+            "WAYPOST_SMTP_PORT": str(self.ports.smtp),
+            "WAYPOST_INGEST_PORT": str(self.ports.ingest),
+            "WAYPOST_ADMIN_PORT": str(self.ports.admin),
+            "PYTHONPATH": str(ROOT),
+        }
+        env.update(self.extra_env)
+        return env
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _pidfile(self, name: str) -> Path:
+        return self.home / "run" / f"{name}.pid"
+
+    def logfile(self, name: str) -> Path:
+        return self.home / "logs" / f"{name}.log"
+
+    def pid(self, name: str) -> int | None:
+        try:
+            pid = int(self._pidfile(name).read_text())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return None
+        return pid
+
+    def _spawn(self, name: str, argv: list[str], cwd: Path | None = None) -> None:
+        if self.pid(name) is not None:
+            return
+        for folder in ("run", "logs"):
+            (self.home / folder).mkdir(parents=True, exist_ok=True)
+        log = self.logfile(name).open("ab")
+        proc = subprocess.Popen(
+            argv, cwd=cwd or ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        self._pidfile(name).write_text(str(proc.pid))
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        """Signal a process (and its group) and wait until it is gone."""
+        pid = self.pid(name)
+        if pid is None:
+            self._pidfile(name).unlink(missing_ok=True)
+            return
+        try:
+            os.killpg(pid, sig)
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+            while _alive(pid):
+                time.sleep(0.05)
+        self._pidfile(name).unlink(missing_ok=True)
+
+    # -- servers ---------------------------------------------------------------------------
+
+    def start_kafka(self) -> None:
+        data = self.home / "data" / "kafka"
+        config = self.home / "kafka.properties"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        p = self.ports
+        config.write_text(
+            "\n".join([
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{p.kafka_controller}",
+                f"listeners=PLAINTEXT://127.0.0.1:{p.kafka},CONTROLLER://127.0.0.1:{p.kafka_controller}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{p.kafka}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                f"log.dirs={data}",
+                f"num.partitions={self.partitions}",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=10",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=false",
+                "log.retention.hours=168",
+                "",
+            ])
+        )
+        classpath = f"{KAFKA_LIBS}/*"
+        java = ["java", "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j.configuration=file:{ROOT}/deploy/local/kafka/log4j.properties",
+                "-cp", classpath]
+        if not (data / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            subprocess.run(
+                [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+                check=True, stdout=subprocess.DEVNULL,
+            )
+        self._spawn("kafka", [*java, "kafka.Kafka", str(config)])
+
+    def start_ferretdb(self) -> None:
+        self._spawn("ferretdb", [
+            str(FERRETDB_BIN), f"-listen-addr=127.0.0.1:{self.ports.mongo}",
+            f"-data-dir={self.home / 'data' / 'ferretdb'}",
+        ])
+
+    def start_sandbox(self) -> None:
+        self._spawn("sandbox", [
+            PYTHON, str(ROOT / "deploy/local/sandbox.py"), "--host", "127.0.0.1",
+            "--smtp-port", str(self.ports.smtp), "--http-port", str(self.ports.outbox),
+        ])
+
+    def start_service(self, name: str) -> None:
+        self._spawn(name, [PYTHON, "-m", f"services.{name}"])
+
+    # -- readiness (conditions, never sleeps standing in for them) -------------------------
+
+    def wait_kafka(self, timeout: float = 120.0) -> None:
+        from shared.kafka import wait_for_broker
+
+        wait_for_broker(self.bootstrap, timeout)
+
+    def wait_mongo(self, timeout: float = 60.0) -> None:
+        from pymongo import MongoClient
+
+        client: MongoClient[dict[str, object]] = MongoClient(
+            self.mongo_url, serverSelectionTimeoutMS=int(timeout * 1000)
+        )
+        try:
+            client.admin.command("ping")
+        finally:
+            client.close()
+
+    def wait_http(self, url: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not healthy after {timeout}s")
+            time.sleep(0.1)
+
+    def wait_group(self, group: str, timeout: float = 120.0) -> None:
+        """A consumer group is stable with at least one member: the worker is consuming."""
+        from confluent_kafka import ConsumerGroupState
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                described = admin.describe_consumer_groups([group])[group].result(timeout=5)
+                if described.state == ConsumerGroupState.STABLE and described.members:
+                    return
+            except Exception:  # noqa: BLE001 - the group may not exist yet
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"consumer group {group} not stable after {timeout}s")
+            time.sleep(0.2)
+
+    GROUPS = {
+        "segmenter": "waypost-segmenter",
+        "orchestrator": "waypost-orchestrator",
+        "dispatcher": "waypost-dispatcher",
+        "admin": "waypost-admin-journey-log",
+    }
+
+    def wait_service(self, name: str, timeout: float = 120.0) -> None:
+        if name == "ingest":
+            self.wait_http(f"{self.ingest_url}/health", timeout)
+        if name == "admin":
+            self.wait_http(f"{self.admin_url}/health", timeout)
+        if name in self.GROUPS:
+            self.wait_group(self.GROUPS[name], timeout)
+
+    def up(self) -> None:
+        started = time.monotonic()
+        self.start_kafka()
+        self.start_ferretdb()
+        self.start_sandbox()
+        say(f"waiting for Kafka on {self.bootstrap} ...")
+        self.wait_kafka()
+        say(f"waiting for FerretDB on {self.mongo_url} ...")
+        self.wait_mongo()
+        self.wait_http(f"{self.outbox_url}/health")
+        from shared.kafka import ensure_topics
+
+        created = ensure_topics(self.bootstrap, self.partitions)
+        say(f"topics ready ({len(created)} created)")
+        for name in SERVICES:
+            self.start_service(name)
+        for name in SERVICES:
+            say(f"waiting for {name} ...")
+            self.wait_service(name)
+        say(f"stack up in {time.monotonic() - started:.1f}s: ingest {self.ingest_url}, "
+            f"admin {self.admin_url}, outbox {self.outbox_url}, logs in {self.home / 'logs'}")
+
+    def down(self) -> None:
+        for name in (*reversed(SERVICES), *reversed(SERVERS)):
+            if self.pid(name) is not None:
+                say(f"stopping {name}")
+            self.stop(name)
+
+    def status(self) -> dict[str, int | None]:
+        return {name: self.pid(name) for name in (*SERVERS, *SERVICES)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _status = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("command", choices=["setup", "up", "down", "status"])
+    parser.add_argument("--home", type=Path, default=Path(os.environ.get("WAYPOST_STACK_HOME", LOCAL / "stack")))
+    args = parser.parse_args()
+    stack = Stack(home=args.home, ports=Ports.from_env(),
+                  partitions=int(os.environ.get("WAYPOST_TOPIC_PARTITIONS", "6")))
+    if args.command == "setup":
+        setup()
+    elif args.command == "up":
+        setup()
+        stack.up()
+    elif args.command == "down":
+        stack.down()
+    else:
+        print(json.dumps(stack.status(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

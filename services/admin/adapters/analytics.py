@@ -1,0 +1,64 @@
+"""Materialises `waypost.journey-log.v1` into the document store for analytics and the admin."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+from pymongo import UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
+
+from shared.contracts import JourneyLogRecord
+from shared.kafka import ConsumerLoop
+
+log = structlog.get_logger(__name__)
+
+JOURNEY_LOG = "journey_log"
+
+
+class JourneyLogStore:
+    def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
+        self._log = db[JOURNEY_LOG]
+
+    async def write(self, records: list[JourneyLogRecord]) -> None:
+        """Idempotent on `record_id`: replays leave one document per record."""
+        if not records:
+            return
+        await self._log.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": r.record_id},
+                    {"$setOnInsert": r.model_dump(mode="python", exclude={"record_id"})},
+                    upsert=True,
+                )
+                for r in records
+            ],
+            ordered=False,
+        )
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Per journey, how many log records of each kind."""
+        result: dict[str, dict[str, int]] = {}
+        cursor = await self._log.aggregate(
+            [{"$group": {"_id": {"journey": "$journey_id", "kind": "$kind"}, "n": {"$sum": 1}}}]
+        )
+        async for row in cursor:
+            result.setdefault(row["_id"]["journey"], {})[row["_id"]["kind"]] = row["n"]
+        return result
+
+
+async def follow_journey_log(consumer: ConsumerLoop, store: JourneyLogStore, stop: asyncio.Event) -> None:
+    async for batch in consumer.records():
+        records = []
+        for record in batch:
+            try:
+                records.append(JourneyLogRecord.model_validate_json(record.value))
+            except ValidationError as exc:
+                log.error("admin.bad_journey_log", offset=record.offset, error=str(exc))
+        await store.write(records)
+        if batch:
+            consumer.commit(batch)
+        if stop.is_set():
+            return

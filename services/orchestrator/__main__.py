@@ -1,0 +1,35 @@
+"""Start an orchestrator worker: `python -m services.orchestrator`."""
+
+from __future__ import annotations
+
+from faust.worker import Worker
+
+from services.orchestrator.adapters.definitions import DefinitionsCatalog
+from services.orchestrator.app import Orchestrator
+from services.orchestrator.settings import OrchestratorSettings
+from shared.clock import SystemClock
+from shared.deadletter import DeadLetters
+from shared.faust_app import build_faust_app
+from shared.kafka import AsyncProducer, wait_for_broker
+from shared.logs import configure_logging
+
+
+def main() -> None:
+    settings = OrchestratorSettings()
+    configure_logging("orchestrator", settings.log_level, settings.log_format)
+    wait_for_broker(settings.kafka_bootstrap)
+    clock = SystemClock()
+    producer = AsyncProducer(settings.kafka_bootstrap, client_id="orchestrator")
+    catalog = DefinitionsCatalog(settings.kafka_bootstrap)
+    catalog.start()
+    app = build_faust_app(settings.app_id, settings, data_dir=settings.data_dir / "orchestrator")
+    Orchestrator(app, settings, clock, catalog, producer, DeadLetters(producer, "orchestrator", clock))
+    try:
+        Worker(app, loglevel=settings.log_level.upper(), override_logging=False).execute_from_commandline()
+    finally:
+        catalog.stop()
+        producer.close()
+
+
+if __name__ == "__main__":
+    main()

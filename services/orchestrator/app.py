@@ -1,0 +1,158 @@
+"""Orchestrator shell: decode a stimulus, load the contact's state, decide, publish, store.
+
+Outputs are acknowledged by Kafka before the new state is written, so a crash can only repeat
+work (de-duplicated downstream by deterministic ids), never lose it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import faust
+import structlog
+from pydantic import ValidationError
+
+from services.orchestrator.adapters.definitions import DefinitionsCatalog
+from services.orchestrator.adapters.timers import DueTimer, TimerIndex
+from services.orchestrator.domain.engine import decide
+from services.orchestrator.domain.state import (
+    AppendLog,
+    ContactState,
+    EventArrived,
+    RequestSend,
+    ScheduleTimer,
+    Stimulus,
+    TimerDue,
+)
+from services.orchestrator.settings import OrchestratorSettings
+from shared.clock import Clock
+from shared.contracts import ContactEvent, TimerFired
+from shared.deadletter import DeadLetters
+from shared.kafka import AsyncProducer
+from shared.topics import CONTACT_EVENTS, JOURNEY_LOG, SEND_REQUESTS, TIMERS
+
+log = structlog.get_logger(__name__)
+
+
+class Orchestrator:
+    """Wires the engine to Faust: one agent over contact events and timers, one timer ticker."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: OrchestratorSettings,
+        clock: Clock,
+        catalog: DefinitionsCatalog,
+        producer: AsyncProducer,
+        dead_letters: DeadLetters,
+    ) -> None:
+        self.app = app
+        self.clock = clock
+        self.catalog = catalog
+        self.producer = producer
+        self.dead_letters = dead_letters
+        self.timers = TimerIndex()
+        self.contacts = app.Table(
+            "contacts",
+            partitions=settings.topic_partitions,
+            key_type=bytes,
+            value_type=bytes,
+        )
+        source = app.topic(
+            CONTACT_EVENTS.name, TIMERS.name, key_serializer="raw", value_serializer="raw"
+        )
+        app.agent(source, name="journeys")(self._process)
+        app.timer(interval=settings.timer_tick_seconds)(self._fire_due_timers)
+        self.contacts.on_recover(self._rebuild_timer_index)
+
+    async def _process(self, stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            message = event.message
+            key = message.key.decode() if isinstance(message.key, bytes) else None
+            value = event.value if isinstance(event.value, bytes) else b""
+            try:
+                stimulus = _decode(message.topic, value)
+            except ValidationError as exc:
+                await self.dead_letters.send(
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    key=key,
+                    value=value,
+                    reason=f"undecodable: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}",
+                )
+                continue
+            try:
+                await self.handle(stimulus)
+            except Exception as exc:  # noqa: BLE001 - one contact's failure must not stall the rest
+                log.exception("orchestrator.stimulus_failed", key=key)
+                await self.dead_letters.send(
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    key=key,
+                    value=value,
+                    reason=f"{type(exc).__name__}: {exc}",
+                )
+
+    async def handle(self, stimulus: Stimulus) -> None:
+        key = _contact_key(stimulus)
+        raw = self.contacts.get(key.encode())
+        state = ContactState.model_validate_json(raw) if raw else None
+        decision = decide(state, stimulus, self.catalog.current(), self.clock.now())
+        if not decision.commands and state is not None:
+            return
+        records: list[tuple[str, str | None, bytes]] = []
+        for command in decision.commands:
+            if isinstance(command, RequestSend):
+                records.append((SEND_REQUESTS.name, key, command.request.to_wire()))
+            elif isinstance(command, AppendLog):
+                records.append((JOURNEY_LOG.name, key, command.record.to_wire()))
+        await self.producer.send_all(records)
+        self.contacts[key.encode()] = decision.state.model_dump_json().encode()
+        for command in decision.commands:
+            if isinstance(command, ScheduleTimer):
+                self.timers.add(
+                    DueTimer(command.due_at, command.timer_id, command.contact_key, command.instance_id)
+                )
+
+    async def _fire_due_timers(self) -> None:
+        now = self.clock.now()
+        due = self.timers.pop_due(now)
+        if not due:
+            return
+        await self.producer.send_all(
+            (TIMERS.name, t.contact_key, _timer_fired(t, now).to_wire()) for t in due
+        )
+
+    async def _rebuild_timer_index(self) -> None:
+        self.timers.clear()
+        for _key, raw in self.contacts.items():
+            state = ContactState.model_validate_json(raw)
+            for instance, timer in state.timers():
+                self.timers.add(
+                    DueTimer(timer.due_at, timer.timer_id, state.contact_key, instance.instance_id)
+                )
+        log.info("orchestrator.timers_recovered", pending=len(self.timers))
+
+
+def _decode(topic: str, value: bytes) -> Stimulus:
+    if topic == TIMERS.name:
+        return TimerDue(TimerFired.model_validate_json(value))
+    return EventArrived(ContactEvent.model_validate_json(value))
+
+
+def _contact_key(stimulus: Stimulus) -> str:
+    if isinstance(stimulus, TimerDue):
+        return stimulus.timer.contact_key
+    return stimulus.contact_event.contact_key
+
+
+def _timer_fired(timer: DueTimer, now: datetime) -> TimerFired:
+    return TimerFired(
+        contact_key=timer.contact_key,
+        timer_id=timer.timer_id,
+        instance_id=timer.instance_id,
+        due_at=timer.due_at,
+        fired_at=now,
+    )

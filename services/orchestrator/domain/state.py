@@ -1,0 +1,93 @@
+"""Journey instance state per contact, and the stimuli and commands of the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from shared.contracts import ContactEvent, JourneyLogRecord, Profile, SendRequest, TimerFired
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class PendingTimer(_Frozen):
+    """The durable timer an instance is waiting on."""
+
+    timer_id: str
+    step_id: str
+    due_at: AwareDatetime
+
+
+class Instance(_Frozen):
+    """One contact's run through one journey version."""
+
+    instance_id: str
+    journey_id: str
+    journey_version: int
+    contact_key: str
+    step_id: str
+    entered_at: AwareDatetime
+    visits: dict[str, int] = Field(default_factory=dict)
+    context: dict[str, Any] = Field(default_factory=dict)
+    timer: PendingTimer | None = None
+
+
+class ContactState(_Frozen):
+    """Everything the orchestrator keeps for one contact (one table row)."""
+
+    contact_key: str
+    profile: Profile | None = None
+    instances: dict[str, Instance] = Field(default_factory=dict)
+    entries: dict[str, int] = Field(default_factory=dict)
+
+    def timers(self) -> list[tuple[Instance, PendingTimer]]:
+        return [(i, i.timer) for i in self.instances.values() if i.timer is not None]
+
+
+@dataclass(frozen=True)
+class EventArrived:
+    """A contact event from the segmenter."""
+
+    contact_event: ContactEvent
+
+
+@dataclass(frozen=True)
+class TimerDue:
+    """A durable timer came due."""
+
+    timer: TimerFired
+
+
+Stimulus = EventArrived | TimerDue
+
+
+@dataclass(frozen=True)
+class RequestSend:
+    request: SendRequest
+
+
+@dataclass(frozen=True)
+class ScheduleTimer:
+    contact_key: str
+    instance_id: str
+    timer_id: str
+    due_at: datetime
+
+
+@dataclass(frozen=True)
+class AppendLog:
+    record: JourneyLogRecord
+
+
+Command = RequestSend | ScheduleTimer | AppendLog
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: ContactState
+    commands: tuple[Command, ...]

@@ -1,0 +1,150 @@
+"""The `waypost` command: create topics, check and publish journey definition files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from confluent_kafka import Producer
+from pydantic import ValidationError
+from pymongo import MongoClient
+
+from shared.clock import SystemClock
+from shared.journeys import (
+    DefinitionProblem,
+    JourneyFile,
+    PublishedJourney,
+    check_journey,
+    definition_key,
+)
+from shared.kafka import CompactedTopicView, ensure_topics, wait_for_broker
+from shared.settings import CommonSettings
+from shared.topics import ALL_TOPICS, DEFINITIONS
+
+
+class DefinitionError(Exception):
+    """A definition file that cannot be published, with every problem found."""
+
+
+def load_journey_file(path: Path) -> JourneyFile:
+    """Parse and validate a YAML or JSON definition file; raise with every problem named."""
+    try:
+        raw: Any = (
+            json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        )
+    except (OSError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise DefinitionError(f"{path}: cannot read: {exc}") from exc
+    journey_id = raw.get("journey", {}).get("id", "?") if isinstance(raw, dict) else "?"
+    try:
+        parsed = JourneyFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_problem_from_error(journey_id, raw, e) for e in exc.errors()]
+        raise DefinitionError("\n".join(f"{path}: {p}" for p in problems)) from exc
+    problems = check_journey(parsed)
+    if problems:
+        raise DefinitionError("\n".join(f"{path}: {p}" for p in problems))
+    return parsed
+
+
+def _problem_from_error(journey_id: str, raw: Any, error: Any) -> DefinitionProblem:
+    loc = list(error["loc"])
+    step = None
+    if len(loc) >= 3 and loc[:2] == ["journey", "steps"] and isinstance(loc[2], int):
+        try:
+            step = raw["journey"]["steps"][loc[2]].get("id") or f"#{loc[2] + 1}"
+        except (KeyError, IndexError, TypeError, AttributeError):
+            step = f"#{loc[2] + 1}"
+    field = ".".join(str(part) for part in loc)
+    return DefinitionProblem(
+        journey=journey_id, step=step, rule=error["type"], message=f"{field}: {error['msg']}"
+    )
+
+
+def publish(settings: CommonSettings, files: list[Path]) -> int:
+    """Write templates to the document store, then the journey versions to the definitions topic."""
+    parsed = [load_journey_file(path) for path in files]
+    wait_for_broker(settings.kafka_bootstrap)
+    ensure_topics(settings.kafka_bootstrap, settings.topic_partitions, settings.topic_replication)
+    view = CompactedTopicView(settings.kafka_bootstrap, DEFINITIONS.name)
+    view.start()
+    if not view.wait_caught_up(60):
+        raise TimeoutError("could not read the definitions topic")
+    existing = view.snapshot()
+    view.stop()
+
+    now = SystemClock().now()
+    mongo: MongoClient[dict[str, Any]] = MongoClient(settings.mongo_url, tz_aware=True)
+    producer = Producer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all"}
+    )
+    try:
+        templates = mongo[settings.mongo_db]["templates"]
+        for journey_file in parsed:
+            journey = journey_file.journey
+            key = definition_key(journey.id, journey.version)
+            if key in existing:
+                current = PublishedJourney.model_validate_json(existing[key])
+                if current.journey != journey:
+                    raise DefinitionError(
+                        f"journey '{journey.id}' version {journey.version} is already published "
+                        "and published versions are immutable: raise `version` to change it"
+                    )
+                print(f"unchanged  {journey.id} v{journey.version}")
+                continue
+            for template_id, template in journey_file.templates.items():
+                templates.replace_one(
+                    {"_id": template_id},
+                    {**template.model_dump(), "status": "ready", "updated_at": now},
+                    upsert=True,
+                )
+            record = PublishedJourney(journey=journey, published_at=now)
+            producer.produce(DEFINITIONS.name, key=key.encode(), value=record.model_dump_json().encode())
+            print(f"published  {journey.id} v{journey.version} ({len(journey.steps)} steps)")
+        if producer.flush(30) != 0:
+            raise TimeoutError("definitions were not acknowledged by Kafka")
+    finally:
+        mongo.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="waypost", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    topics = commands.add_parser("topics", help="Kafka topics from the registry")
+    topics.add_argument("action", choices=["create", "list"])
+    check = commands.add_parser("check", help="validate journey definition files")
+    check.add_argument("files", nargs="+", type=Path)
+    pub = commands.add_parser("publish", help="publish journey definition files")
+    pub.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+
+    settings = CommonSettings()
+    try:
+        if args.command == "topics":
+            if args.action == "list":
+                for topic in ALL_TOPICS:
+                    print(f"{topic.name:32} {'compacted ' if topic.compacted else ''}{topic.description}")
+                return 0
+            wait_for_broker(settings.kafka_bootstrap)
+            created = ensure_topics(
+                settings.kafka_bootstrap, settings.topic_partitions, settings.topic_replication
+            )
+            print(f"topics ready ({len(created)} created)")
+            return 0
+        if args.command == "check":
+            for path in args.files:
+                load_journey_file(path)
+                print(f"ok  {path}")
+            return 0
+        return publish(settings, args.files)
+    except DefinitionError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Kafka helpers on confluent-kafka: an awaitable idempotent producer, a consumer loop, topic admin.
+
+Faust workers (segmenter, orchestrator) use their own client; everything else uses these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from shared.topics import ALL_TOPICS, Topic
+
+log = structlog.get_logger(__name__)
+
+
+class ProducerBusy(Exception):
+    """The local produce queue is full: callers should shed load (HTTP 503 + Retry-After)."""
+
+
+class DeliveryFailed(Exception):
+    """The broker did not acknowledge a record."""
+
+
+class AsyncProducer:
+    """An idempotent, acks=all producer whose `send` returns once the broker acknowledged."""
+
+    def __init__(self, bootstrap: str, *, client_id: str, extra: Mapping[str, Any] | None = None):
+        config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "client.id": client_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 2,
+            "queue.buffering.max.messages": 100_000,
+            "message.timeout.ms": 30_000,
+        }
+        config.update(extra or {})
+        self._producer = Producer(config)
+        self._stopping = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name=f"{client_id}-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stopping.is_set():
+            self._producer.poll(0.05)
+
+    def produce(self, topic: str, key: str | None, value: bytes) -> asyncio.Future[None]:
+        """Queue one record; the future resolves on the broker's acknowledgement."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            loop.call_soon_threadsafe(_settle, future, err)
+
+        try:
+            self._producer.produce(
+                topic, value=value, key=key.encode() if key is not None else None, on_delivery=on_delivery
+            )
+        except BufferError as exc:
+            raise ProducerBusy(str(exc)) from exc
+        return future
+
+    async def send(self, topic: str, key: str | None, value: bytes) -> None:
+        await self.produce(topic, key, value)
+
+    async def send_all(self, records: Iterable[tuple[str, str | None, bytes]]) -> None:
+        """Queue every record, then wait for all acknowledgements."""
+        futures = [self.produce(topic, key, value) for topic, key, value in records]
+        if futures:
+            await asyncio.gather(*futures)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.flush(timeout)
+        self._stopping.set()
+        self._poller.join(timeout=1)
+
+
+def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
+    if future.done():
+        return
+    if err is None:
+        future.set_result(None)
+    else:
+        future.set_exception(DeliveryFailed(str(err)))
+
+
+def admin_client(bootstrap: str, *, quiet: bool = False) -> AdminClient:
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap}
+    if quiet:
+        config["log_level"] = 0  # readiness polling: refused connections are expected
+    return AdminClient(config)
+
+
+def wait_for_broker(bootstrap: str, timeout: float = 60.0) -> None:
+    """Block until a metadata request succeeds (readiness, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    admin = admin_client(bootstrap, quiet=True)
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            metadata = admin.list_topics(timeout=2)
+            if metadata.brokers:
+                return
+        except KafkaException as exc:
+            last = exc
+        time.sleep(0.2)
+    raise TimeoutError(f"Kafka at {bootstrap} not ready after {timeout}s: {last}")
+
+
+def ensure_topics(
+    bootstrap: str, partitions: int, replication: int = 1, topics: Iterable[Topic] = ALL_TOPICS
+) -> list[str]:
+    """Create missing topics from the registry; returns the names created. Idempotent."""
+    admin = admin_client(bootstrap)
+    existing = set(admin.list_topics(timeout=10).topics)
+    wanted = []
+    for topic in topics:
+        if topic.name in existing:
+            continue
+        config = {"cleanup.policy": "compact"} if topic.compacted else {}
+        wanted.append(
+            NewTopic(
+                topic.name,
+                num_partitions=1 if topic.single_partition else partitions,
+                replication_factor=replication,
+                config=config,
+            )
+        )
+    if not wanted:
+        return []
+    created = []
+    for name, future in admin.create_topics(wanted, operation_timeout=30).items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    return created
+
+
+def topic_record_count(bootstrap: str, topic: str) -> int:
+    """Records currently retained in a topic (sum of high minus low watermarks)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "waypost-watermarks"})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        total = 0
+        for partition in metadata.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            total += max(0, high - low)
+        return total
+    finally:
+        consumer.close()
+
+
+@dataclass(frozen=True)
+class Record:
+    """A consumed record, decoupled from the client library."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes
+
+
+class ConsumerLoop:
+    """A consumer-group member read from asyncio; offsets are committed only when told."""
+
+    def __init__(self, bootstrap: str, *, group_id: str, topics: list[str], client_id: str):
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group_id,
+                "client.id": client_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+            }
+        )
+        self._consumer.subscribe(topics)
+        self._closed = False
+
+    async def records(self, batch: int = 100, timeout: float = 0.5) -> AsyncIterator[list[Record]]:
+        """Yield batches of records (possibly empty, so callers can notice shutdown)."""
+        while not self._closed:
+            messages = await asyncio.to_thread(self._consumer.consume, batch, timeout)
+            out = []
+            for msg in messages:
+                if msg.error():
+                    if msg.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("kafka.consume_error", error=str(msg.error()))
+                    continue
+                key = msg.key()
+                out.append(
+                    Record(
+                        topic=msg.topic(),
+                        partition=msg.partition(),
+                        offset=msg.offset(),
+                        key=key.decode() if key is not None else None,
+                        value=msg.value() or b"",
+                    )
+                )
+            yield out
+
+    def commit(self, records: list[Record]) -> None:
+        """Commit past the given records (the highest offset per partition)."""
+        highest: dict[tuple[str, int], int] = {}
+        for record in records:
+            tp = (record.topic, record.partition)
+            highest[tp] = max(highest.get(tp, -1), record.offset)
+        if highest:
+            self._consumer.commit(
+                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in highest.items()],
+                asynchronous=False,
+            )
+
+    def close(self) -> None:
+        self._closed = True
+        self._consumer.close()
+
+
+class CompactedTopicView:
+    """Follows a compacted topic from the beginning in a thread and keeps the latest value per key.
+
+    Every instance reads every partition (no consumer group), so each worker sees all definitions.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        *,
+        on_change: Callable[[str, bytes | None], None] | None = None,
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._on_change = on_change
+        self._values: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self._caught_up = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"view-{topic}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_caught_up(self, timeout: float = 30.0) -> bool:
+        return self._caught_up.wait(timeout)
+
+    def snapshot(self) -> dict[str, bytes]:
+        with self._lock:
+            return dict(self._values)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self._bootstrap,
+                "group.id": "waypost-compacted-view",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            }
+        )
+        try:
+            metadata = consumer.list_topics(self._topic, timeout=30)
+            partitions = list(metadata.topics[self._topic].partitions)
+            consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
+            at_end: set[int] = set()
+            while not self._stopping.is_set():
+                msg = consumer.poll(0.2)
+                if msg is None:
+                    continue
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        at_end.add(msg.partition())
+                        if len(at_end) == len(partitions):
+                            self._caught_up.set()
+                    else:
+                        log.warning("kafka.view_error", topic=self._topic, error=str(msg.error()))
+                    continue
+                raw_key = msg.key()
+                if raw_key is None:
+                    continue
+                key = raw_key.decode()
+                value = msg.value()
+                with self._lock:
+                    if value is None:
+                        self._values.pop(key, None)
+                    else:
+                        self._values[key] = value
+                if self._on_change is not None:
+                    self._on_change(key, value)
+        finally:
+            consumer.close()

@@ -1,0 +1,26 @@
+"""Settings every service shares, read from `WAYPOST_*` environment variables.
+
+Build them once in a service's `__main__` and pass them down; never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """Kafka, document store and logging: what every service needs."""
+
+    model_config = SettingsConfigDict(env_prefix="WAYPOST_", extra="ignore")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic_partitions: int = Field(default=6, ge=1)
+    topic_replication: int = Field(default=1, ge=1)
+    mongo_url: str = "mongodb://127.0.0.1:27017"
+    mongo_db: str = "waypost"
+    log_level: str = "info"
+    log_format: str = "console"
+    data_dir: Path = Path(".local/data")

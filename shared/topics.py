@@ -1,0 +1,54 @@
+"""The topic registry: every Kafka topic Waypost uses, in one place.
+
+Names are versioned (`waypost.<name>.v1`); a breaking change gets a new topic, never a new meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A topic and how it is created."""
+
+    name: str
+    description: str
+    compacted: bool = False
+    keyed_by_contact: bool = True
+    single_partition: bool = False
+
+
+EVENTS = Topic("waypost.events.v1", "behavioural and delivery events, keyed by contact key")
+CONTACT_EVENTS = Topic(
+    "waypost.contact-events.v1", "each event with the contact's profile snapshot (segmenter output)"
+)
+CONTACT_COMMANDS = Topic(
+    "waypost.contact-commands.v1", "changes the orchestrator asks the segmenter to apply"
+)
+PROFILES = Topic("waypost.profiles.v1", "latest profile per contact", compacted=True)
+SEND_REQUESTS = Topic("waypost.send-requests.v1", "messages the dispatcher must deliver")
+TIMERS = Topic("waypost.timers.v1", "due orchestrator timers, fed back to the contact's partition")
+JOURNEY_LOG = Topic("waypost.journey-log.v1", "journey instance history: entered, waiting, exited")
+DEFINITIONS = Topic(
+    "waypost.definitions.v1",
+    "published journey versions, keyed by journey id and version",
+    compacted=True,
+    keyed_by_contact=False,
+    single_partition=True,
+)
+DEAD_LETTER = Topic(
+    "waypost.dead-letter.v1", "records no consumer could process, with the reason", keyed_by_contact=False
+)
+
+ALL_TOPICS: tuple[Topic, ...] = (
+    EVENTS,
+    CONTACT_EVENTS,
+    CONTACT_COMMANDS,
+    PROFILES,
+    SEND_REQUESTS,
+    TIMERS,
+    JOURNEY_LOG,
+    DEFINITIONS,
+    DEAD_LETTER,
+)
