@@ -26,6 +26,9 @@ def build_faust_app(app_id: str, settings: CommonSettings, *, data_dir: Path) ->
         web_enabled=False,
         table_standby_replicas=0,
         broker_commit_interval=1.0,
+        # A killed worker's partitions move after this long, not after Faust's 60 s default.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
         table_cleanup_interval=30.0,
         autodiscover=False,
     )

@@ -111,6 +111,8 @@ class Stack:
     ports: Ports = field(default_factory=Ports)
     partitions: int = 6
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Children started by this process, kept so they are reaped (and not garbage-collected alive).
+    children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def bootstrap(self) -> str:
@@ -174,10 +176,12 @@ class Stack:
         for folder in ("run", "logs"):
             (self.home / folder).mkdir(parents=True, exist_ok=True)
         log = self.logfile(name).open("ab")
-        proc = subprocess.Popen(
-            argv, cwd=cwd or ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+        with log:
+            proc = subprocess.Popen(
+                argv, cwd=cwd or ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        self.children[name] = proc
         self._pidfile(name).write_text(str(proc.pid))
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
@@ -197,6 +201,9 @@ class Stack:
             os.killpg(pid, signal.SIGKILL)
             while _alive(pid):
                 time.sleep(0.05)
+        child = self.children.pop(name, None)
+        if child is not None:
+            child.wait()
         self._pidfile(name).unlink(missing_ok=True)
 
     # -- servers ---------------------------------------------------------------------------

@@ -1,0 +1,482 @@
+"""Ingest throughput benchmark: what the HTTP API costs on top of writing to Kafka directly.
+
+`.venv/bin/python -m bench.ingest [--events N] [--concurrency C]` starts its own throw-away
+stack (Kafka and the ingest service only, on ports 29092/29093 and 28000, state in
+`.local/bench-stack`, wiped at the start and stopped at the end) and runs three phases, each
+writing N fresh `track` events of the same shape to `waypost.events.v1`, keyed by userId:
+
+1. raw producer: confluent-kafka with the settings ingest uses (idempotent, acks=all,
+   linger.ms=2), producing the exact records ingest would write, timed until every delivery
+   report arrived. This is the ceiling: the broker and client library, with no HTTP.
+2. ingest single: one `POST /v1/track` per event from an httpx.AsyncClient (HTTP/1.1
+   keep-alive) with C requests in flight. Latency is per request.
+3. ingest batch: `POST /v1/batch` with 100 events per request, C requests in flight. Latency is
+   per batch request.
+
+Each phase first sends a small untimed warm-up (connections, topic metadata). An ingest answer
+is a 200 only after Kafka acknowledged every event in it, so events/s is acknowledged throughput.
+
+How to read "vs raw": events/s of the phase divided by events/s of the raw producer. 1.00 would
+mean HTTP adds nothing; 0.05 means ingest sustains 5% of what a producer alone pushes to the same
+broker. The raw producer pipelines without limit while HTTP clients wait for each answer (at most
+C requests in flight), and the load generator, the ingest process and the broker share the same
+cores, so the ratio is a relative measure for this machine, not a capacity figure. Batching
+shows how much of the gap is per-request overhead (HTTP, routing, validation) rather than Kafka.
+
+The run ends by checking that the topic's record count (sum of high minus low watermarks) equals
+the number of events acknowledged in all phases, warm-ups included. Any non-200 answer, transport
+error or failed delivery is counted and printed, and makes the exit status non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from confluent_kafka import KafkaError, Message, Producer
+
+from services.ingest.domain.calls import Call, to_event
+from services.ingest.settings import DEV_WRITE_KEY
+from shared.kafka import ensure_topics, topic_record_count
+from shared.topics import EVENTS
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "deploy" / "local"))
+
+import stack  # noqa: E402  (a script, not a package: importable once its folder is on the path)
+
+HOME = ROOT / ".local" / "bench-stack"
+PORTS = stack.Ports(
+    kafka=29092,
+    kafka_controller=29093,
+    mongo=37117,
+    smtp=21025,
+    outbox=28025,
+    ingest=28000,
+    admin=28001,
+)
+BATCH_SIZE = 100
+USERS = 10_000
+SOURCE = "dev"  # the source ingest maps the dev write key to
+PROGRESS_EVERY = 2.0  # seconds between progress lines
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+# -- the events ----------------------------------------------------------------------------------
+
+
+def make_call(rng: random.Random, index: int) -> dict[str, Any]:
+    """One Segment-style track call, as an SDK would send it (the batch item form)."""
+    quantity = rng.randint(1, 3)
+    price = round(rng.uniform(5, 200), 2)
+    return {
+        "type": "track",
+        "userId": f"user-{rng.randrange(USERS):05d}",
+        "event": "Order Completed",
+        "messageId": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        "timestamp": datetime.now(UTC).isoformat(),
+        "properties": {
+            "orderId": f"ord-{index:09d}",
+            "revenue": round(price * quantity, 2),
+            "currency": "EUR",
+            "products": [
+                {"sku": f"SKU-{rng.randrange(10_000):04d}", "price": price, "quantity": quantity}
+            ],
+            "coupon": rng.choice([None, "WELCOME10", "SPRING"]),
+        },
+        "context": {
+            "library": {"name": "waypost-bench", "version": "1.0"},
+            "ip": "203.0.113.7",
+            "locale": "en-GB",
+            "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/124.0",
+        },
+    }
+
+
+def wire_record(call: dict[str, Any]) -> tuple[str, bytes]:
+    """The (key, value) ingest writes for this call: the normalised wire `Event`."""
+    event = to_event(
+        Call.model_validate(call),
+        message_id=str(call["messageId"]),
+        received_at=datetime.now(UTC),
+        source=SOURCE,
+    )
+    return event.contact_key, event.to_wire()
+
+
+def dumps(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def single_bodies(calls: Sequence[dict[str, Any]]) -> list[tuple[bytes, int]]:
+    """`/v1/track` bodies (the route sets the type), each carrying one event."""
+    return [(dumps({k: v for k, v in call.items() if k != "type"}), 1) for call in calls]
+
+
+def batch_bodies(calls: Sequence[dict[str, Any]]) -> list[tuple[bytes, int]]:
+    """`/v1/batch` bodies of up to BATCH_SIZE events, with their event counts."""
+    bodies = []
+    for start in range(0, len(calls), BATCH_SIZE):
+        chunk = list(calls[start : start + BATCH_SIZE])
+        bodies.append((dumps({"batch": chunk}), len(chunk)))
+    return bodies
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseResult:
+    """One timed phase. `acked` counts events the broker (or ingest's 200) confirmed."""
+
+    name: str
+    events: int
+    seconds: float = 0.0
+    acked: int = 0
+    warmup_acked: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    failures: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rate(self) -> float:
+        return self.acked / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile(self, p: float) -> float | None:
+        """Nearest-rank percentile of the request latencies, None when there are none."""
+        if not self.latencies_ms:
+            return None
+        ordered = sorted(self.latencies_ms)
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+class Progress:
+    """Prints `done/total` and the rate so far at most every PROGRESS_EVERY seconds."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label = label
+        self.total = total
+        self.started = time.perf_counter()
+        self.last = self.started
+
+    def tick(self, done: int, *, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < PROGRESS_EVERY:
+            return
+        self.last = now
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        say(f"  {self.label}: {done}/{self.total} events acknowledged, {rate:,.0f} events/s")
+
+
+# -- phase 1: the raw producer -------------------------------------------------------------------
+
+
+def run_raw(
+    bootstrap: str, warmup: Sequence[tuple[str, bytes]], records: Sequence[tuple[str, bytes]]
+) -> PhaseResult:
+    """Produce with ingest's producer settings; time until every delivery report arrived."""
+    result = PhaseResult("raw producer", len(records))
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "client.id": "bench-raw",
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 2,
+            "queue.buffering.max.messages": 100_000,
+            "message.timeout.ms": 30_000,
+        }
+    )
+    delivered = 0
+
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        nonlocal delivered
+        if err is None:
+            delivered += 1
+        else:
+            result.failures[f"delivery failed: {err}"] += 1
+
+    def produce_all(batch: Sequence[tuple[str, bytes]], progress: Progress | None) -> None:
+        for key, value in batch:
+            while True:
+                try:
+                    producer.produce(
+                        EVENTS.name, value=value, key=key.encode(), on_delivery=on_delivery
+                    )
+                    break
+                except BufferError:  # local queue full: serve delivery reports, then retry
+                    producer.poll(0.05)
+            producer.poll(0)
+            if progress is not None:
+                progress.tick(delivered)
+        while producer.flush(1.0) > 0:
+            if progress is not None:
+                progress.tick(delivered)
+
+    produce_all(warmup, None)
+    result.warmup_acked, delivered = delivered, 0
+    progress = Progress(result.name, len(records))
+    started = time.perf_counter()
+    produce_all(records, progress)
+    result.seconds = time.perf_counter() - started
+    result.acked = delivered
+    progress.tick(delivered, force=True)
+    return result
+
+
+# -- phases 2 and 3: ingest over HTTP -----------------------------------------------------------
+
+
+async def run_http(
+    name: str,
+    url: str,
+    path: str,
+    warmup: Sequence[tuple[bytes, int]],
+    bodies: Sequence[tuple[bytes, int]],
+    concurrency: int,
+) -> PhaseResult:
+    """POST every body with `concurrency` requests in flight over keep-alive connections."""
+    result = PhaseResult(name, sum(count for _body, count in bodies))
+    client = httpx.AsyncClient(
+        base_url=url,
+        auth=httpx.BasicAuth(DEV_WRITE_KEY, ""),
+        headers={"content-type": "application/json"},
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        timeout=httpx.Timeout(60.0),
+    )
+
+    async def send_all(batch: Sequence[tuple[bytes, int]], timed: bool) -> int:
+        acked = 0
+        pending = iter(range(len(batch)))  # shared by the workers: each index is taken once
+
+        async def worker() -> None:
+            nonlocal acked
+            for index in pending:
+                body, count = batch[index]
+                started = time.perf_counter()
+                try:
+                    answer = await client.post(path, content=body)
+                except httpx.HTTPError as exc:
+                    result.failures[f"{type(exc).__name__}: {exc}"] += 1
+                    continue
+                if timed:
+                    result.latencies_ms.append((time.perf_counter() - started) * 1000)
+                if answer.status_code == 200:
+                    acked += count
+                else:
+                    result.failures[f"HTTP {answer.status_code}: {answer.text[:200]}"] += 1
+
+        async def report(progress: Progress) -> None:
+            while True:
+                await asyncio.sleep(PROGRESS_EVERY)
+                progress.tick(acked, force=True)
+
+        reporter = None
+        if timed:
+            reporter = asyncio.create_task(report(Progress(name, result.events)))
+        try:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+        return acked
+
+    async with client:
+        result.warmup_acked = await send_all(warmup, timed=False)
+        started = time.perf_counter()
+        result.acked = await send_all(bodies, timed=True)
+        result.seconds = time.perf_counter() - started
+    say(f"  {name}: {result.acked}/{result.events} events acknowledged in {result.seconds:.1f}s")
+    return result
+
+
+# -- the stack -----------------------------------------------------------------------------------
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def start_stack(bench: stack.Stack) -> None:
+    """Kafka and ingest only, on the bench ports, from an empty state folder."""
+    bench.down()  # a previous run that was killed may have left its processes behind
+    shutil.rmtree(bench.home, ignore_errors=True)
+    busy = [p for p in (PORTS.kafka, PORTS.kafka_controller, PORTS.ingest) if port_in_use(p)]
+    if busy:
+        raise RuntimeError(f"ports {busy} are already in use; the bench needs them free")
+    stack.setup()
+    say(f"starting Kafka on {bench.bootstrap} (state in {bench.home}) ...")
+    bench.start_kafka()
+    bench.wait_kafka()
+    created = ensure_topics(bench.bootstrap, bench.partitions)
+    say(f"topics ready ({len(created)} created, {bench.partitions} partitions)")
+    say(f"starting ingest on {bench.ingest_url} ...")
+    bench.start_service("ingest")
+    bench.wait_service("ingest")
+    say("stack ready")
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def print_table(results: Sequence[PhaseResult]) -> None:
+    base = results[0].rate if results and results[0].rate > 0 else None
+    header = ("phase", "events", "seconds", "events/s", "vs raw", "p50 ms", "p95 ms", "p99 ms")
+    rows = [header]
+    for r in results:
+        ratio = f"{r.rate / base:.3f}" if base else "-"
+        pcts = [r.percentile(p) for p in (50, 95, 99)]
+        rows.append(
+            (
+                r.name,
+                f"{r.acked}" if r.acked == r.events else f"{r.acked}/{r.events}",
+                f"{r.seconds:.2f}",
+                f"{r.rate:,.0f}",
+                ratio,
+                *(f"{v:.1f}" if v is not None else "-" for v in pcts),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for n, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        print("  ".join(cells), flush=True)
+        if n == 0:
+            print("  ".join("-" * w for w in widths), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--events", type=int, default=10_000, help="events per phase")
+    parser.add_argument("--concurrency", type=int, default=32, help="HTTP requests in flight")
+    parser.add_argument("--warmup", type=int, default=500, help="untimed events per phase")
+    parser.add_argument("--partitions", type=int, default=6, help="partitions per topic")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the event generator")
+    args = parser.parse_args(argv)
+    if args.events < 1 or args.concurrency < 1 or args.warmup < 0:
+        parser.error("--events and --concurrency must be positive, --warmup not negative")
+
+    rng = random.Random(args.seed)
+    counter = iter(range(10**9))
+
+    def calls(n: int) -> list[dict[str, Any]]:
+        return [make_call(rng, next(counter)) for _ in range(n)]
+
+    say(
+        f"{args.events} events per phase, concurrency {args.concurrency}, warm-up {args.warmup}, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}"
+    )
+    raw_warmup = [wire_record(c) for c in calls(args.warmup)]
+    raw_records = [wire_record(c) for c in calls(args.events)]
+    single_warmup, single = single_bodies(calls(args.warmup)), single_bodies(calls(args.events))
+    batch_warmup, batches = batch_bodies(calls(args.warmup)), batch_bodies(calls(args.events))
+    say(
+        f"record value {len(raw_records[0][1])} bytes on the topic, /v1/track body "
+        f"{len(single[0][0])} bytes, /v1/batch body {len(batches[0][0]):,} bytes"
+    )
+
+    bench = stack.Stack(home=HOME, ports=PORTS, partitions=args.partitions)
+    results: list[PhaseResult] = []
+    try:
+        start_stack(bench)
+        say("phase 1/3: raw producer")
+        results.append(run_raw(bench.bootstrap, raw_warmup, raw_records))
+        say(f"phase 2/3: ingest single, POST /v1/track, {args.concurrency} in flight")
+        results.append(
+            asyncio.run(
+                run_http(
+                    "ingest single",
+                    bench.ingest_url,
+                    "/v1/track",
+                    single_warmup,
+                    single,
+                    args.concurrency,
+                )
+            )
+        )
+        say(
+            f"phase 3/3: ingest batch, POST /v1/batch x{BATCH_SIZE} events, "
+            f"{args.concurrency} in flight"
+        )
+        results.append(
+            asyncio.run(
+                run_http(
+                    "ingest batch",
+                    bench.ingest_url,
+                    "/v1/batch",
+                    batch_warmup,
+                    batches,
+                    args.concurrency,
+                )
+            )
+        )
+        retained = topic_record_count(bench.bootstrap, EVENTS.name)
+    except BaseException:
+        say(f"aborted; last lines of the ingest log:\n{log_tail(bench.logfile('ingest'))}")
+        raise
+    finally:
+        say("stopping the bench stack")
+        bench.stop("ingest")
+        bench.stop("kafka")
+
+    print(flush=True)
+    print_table(results)
+    print(flush=True)
+
+    status = 0
+    for r in results:
+        total = sum(r.failures.values())
+        if total:
+            status = 1
+            say(f"FAILURES in {r.name}: {total}")
+            for message, count in r.failures.most_common(20):
+                say(f"  {count} x {message}")
+    if status:
+        say(f"last lines of the ingest log:\n{log_tail(bench.logfile('ingest'))}")
+    else:
+        say("failures: none (every HTTP answer was 200, every delivery report succeeded)")
+
+    acknowledged = sum(r.acked + r.warmup_acked for r in results)
+    detail = " + ".join(f"{r.name} {r.warmup_acked}+{r.acked}" for r in results)
+    verdict = "OK" if retained == acknowledged else "MISMATCH"
+    say(
+        f"topic check {verdict}: {EVENTS.name} holds {retained} records; acknowledged "
+        f"{acknowledged} (warm-up+timed: {detail})"
+    )
+    if retained != acknowledged:
+        status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

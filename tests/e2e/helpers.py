@@ -1,0 +1,119 @@
+"""Helpers for end-to-end tests: post events, read the outbox, wait on conditions with deadlines."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from confluent_kafka import Consumer, TopicPartition
+
+from shared.cli import publish
+from shared.settings import CommonSettings
+from shared.topics import CONTACT_EVENTS, EVENTS, SEND_REQUESTS, TIMERS
+
+T = TypeVar("T")
+WRITE_KEY = "wp_dev_write_key"
+
+
+def wait_for(
+    condition: Callable[[], T | None], *, timeout: float = 60.0, what: str = "condition"
+) -> T:
+    """Poll until `condition` returns something truthy; fail with `what` after the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def post(stack: Any, call: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{stack.ingest_url}/v1/{call}", json=body, auth=(WRITE_KEY, ""), timeout=30)
+
+
+def outbox(stack: Any, **filters: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{stack.outbox_url}/messages", params=filters, timeout=10)
+    answer.raise_for_status()
+    messages: list[dict[str, Any]] = answer.json()["messages"]
+    return messages
+
+
+def publish_journey(stack: Any, path: Path) -> None:
+    settings = CommonSettings(
+        kafka_bootstrap=stack.bootstrap,
+        mongo_url=stack.mongo_url,
+        topic_partitions=stack.partitions,
+    )
+    assert publish(settings, [path]) == 0
+
+
+# Consumer groups and what they read: the pipeline is drained when each has committed
+# everything that is on its topics.
+PIPELINE = {
+    "waypost-segmenter": [EVENTS.name],
+    "waypost-orchestrator": [CONTACT_EVENTS.name, TIMERS.name],
+    "waypost-dispatcher": [SEND_REQUESTS.name],
+}
+
+
+def pipeline_lag(bootstrap: str) -> int:
+    """Records on the pipeline's topics that their consumer group has not committed yet."""
+    lag = 0
+    for group, topics in PIPELINE.items():
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+        try:
+            partitions = []
+            for topic in topics:
+                metadata = consumer.list_topics(topic, timeout=10)
+                partitions += [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]
+            committed = consumer.committed(partitions, timeout=10)
+            for tp in committed:
+                _low, high = consumer.get_watermark_offsets(tp, timeout=10)
+                lag += max(0, high - max(tp.offset, 0))
+        finally:
+            consumer.close()
+    return lag
+
+
+def wait_drained(stack: Any, timeout: float = 60.0) -> None:
+    """Every record so far has been processed and committed by every pipeline stage."""
+
+    def drained() -> bool:
+        return pipeline_lag(stack.bootstrap) == 0
+
+    wait_for(drained, timeout=timeout, what="the pipeline to drain")
+
+
+def write_journey(tmp_path: Path, journey_id: str, trigger: str, wait: str) -> Path:
+    """A welcome -> wait -> reminder journey with its own id, trigger and wait."""
+    path = tmp_path / f"{journey_id}.yaml"
+    path.write_text(
+        f"""
+journey:
+  id: {journey_id}
+  name: Test {journey_id}
+  trigger: {{type: event, event: "{trigger}"}}
+  steps:
+    - {{id: welcome, type: send, template: {journey_id}-welcome}}
+    - {{id: pause, type: wait, duration: {wait}}}
+    - {{id: reminder, type: send, template: {journey_id}-reminder}}
+templates:
+  {journey_id}-welcome:
+    subject: "Welcome {{{{ contact.first_name }}}}"
+    text: "Hello {{{{ contact.first_name }}}}"
+  {journey_id}-reminder:
+    subject: "Reminder for {{{{ contact.first_name }}}}"
+    text: "Still there, {{{{ contact.first_name }}}}?"
+"""
+    )
+    return path
