@@ -37,7 +37,7 @@ status: ## Show which local processes run (pids)
 	@$(PY) deploy/local/stack.py status
 
 demo: setup ## The main job: start the stack, publish the welcome journey, drive a storefront, summarise
-	@$(PY) -m bench.demo
+	@$(PY) deploy/local/demo.py
 
 test: setup ## Every test: unit, contract and end-to-end on real servers (started by the tests)
 	@$(PY) -m pytest

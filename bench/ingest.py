@@ -155,6 +155,7 @@ class PhaseResult:
     warmup_acked: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     failures: Counter[str] = field(default_factory=Counter)
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -187,11 +188,52 @@ class Progress:
         say(f"  {self.label}: {done}/{self.total} events acknowledged, {rate:,.0f} events/s")
 
 
+class CpuMeter:
+    """CPU seconds used by the bench, ingest and Kafka processes and by the whole machine.
+
+    Read from /proc, so a phase can show who was busy: the load generator shares the cores with
+    the system under test, and other work on the machine shows up as "other".
+    """
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = pids
+
+    def _process(self, pid: int | None) -> float:
+        if pid is None:
+            return 0.0
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / self.TICK  # utime + stime
+
+    def _machine(self) -> float:
+        try:
+            with open("/proc/stat") as stat:
+                ticks = [int(v) for v in stat.readline().split()[1:]]
+        except OSError:
+            return 0.0
+        return (sum(ticks[:8]) - ticks[3] - ticks[4]) / self.TICK  # all but idle and iowait
+
+    def sample(self) -> dict[str, float]:
+        return {**{n: self._process(p) for n, p in self.pids.items()}, "machine": self._machine()}
+
+    @staticmethod
+    def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {name: after[name] - before[name] for name in before}
+
+
 # -- phase 1: the raw producer -------------------------------------------------------------------
 
 
 def run_raw(
-    bootstrap: str, warmup: Sequence[tuple[str, bytes]], records: Sequence[tuple[str, bytes]]
+    bootstrap: str,
+    warmup: Sequence[tuple[str, bytes]],
+    records: Sequence[tuple[str, bytes]],
+    meter: CpuMeter,
 ) -> PhaseResult:
     """Produce with ingest's producer settings; time until every delivery report arrived."""
     result = PhaseResult("raw producer", len(records))
@@ -235,9 +277,11 @@ def run_raw(
     produce_all(warmup, None)
     result.warmup_acked, delivered = delivered, 0
     progress = Progress(result.name, len(records))
+    cpu = meter.sample()
     started = time.perf_counter()
     produce_all(records, progress)
     result.seconds = time.perf_counter() - started
+    result.cpu = meter.spent(cpu, meter.sample())
     result.acked = delivered
     progress.tick(delivered, force=True)
     return result
@@ -253,6 +297,7 @@ async def run_http(
     warmup: Sequence[tuple[bytes, int]],
     bodies: Sequence[tuple[bytes, int]],
     concurrency: int,
+    meter: CpuMeter,
 ) -> PhaseResult:
     """POST every body with `concurrency` requests in flight over keep-alive connections."""
     result = PhaseResult(name, sum(count for _body, count in bodies))
@@ -302,9 +347,11 @@ async def run_http(
 
     async with client:
         result.warmup_acked = await send_all(warmup, timed=False)
+        cpu = meter.sample()
         started = time.perf_counter()
         result.acked = await send_all(bodies, timed=True)
         result.seconds = time.perf_counter() - started
+        result.cpu = meter.spent(cpu, meter.sample())
     say(f"  {name}: {result.acked}/{result.events} events acknowledged in {result.seconds:.1f}s")
     return result
 
@@ -366,10 +413,32 @@ def print_table(results: Sequence[PhaseResult]) -> None:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        cells = [row[0].ljust(widths[0])]
+        cells += [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)]
         print("  ".join(cells), flush=True)
         if n == 0:
             print("  ".join("-" * w for w in widths), flush=True)
+
+
+def print_cpu(results: Sequence[PhaseResult]) -> None:
+    """Who used the cores during each timed phase, in CPU seconds per wall second."""
+    cores = os.cpu_count() or 1
+    say(f"CPU during each timed phase, in cores busy on average ({cores} cores on this machine):")
+    header = ("phase", "bench", "ingest", "kafka", "other", "idle")
+    rows = [header]
+    for r in results:
+        if r.seconds <= 0 or not r.cpu:
+            continue
+        ours = r.cpu["bench"] + r.cpu["ingest"] + r.cpu["kafka"]
+        other = max(0.0, r.cpu["machine"] - ours)
+        idle = max(0.0, cores * r.seconds - r.cpu["machine"])
+        values = (r.cpu["bench"], r.cpu["ingest"], r.cpu["kafka"], other, idle)
+        rows.append((r.name, *(f"{v / r.seconds:.2f}" for v in values)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])]
+        cells += [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)]
+        print("  ".join(cells), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -410,7 +479,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         start_stack(bench)
         say("phase 1/3: raw producer")
-        results.append(run_raw(bench.bootstrap, raw_warmup, raw_records))
+        meter = CpuMeter(
+            {"bench": os.getpid(), "ingest": bench.pid("ingest"), "kafka": bench.pid("kafka")}
+        )
+        results.append(run_raw(bench.bootstrap, raw_warmup, raw_records, meter))
         say(f"phase 2/3: ingest single, POST /v1/track, {args.concurrency} in flight")
         results.append(
             asyncio.run(
@@ -421,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     single_warmup,
                     single,
                     args.concurrency,
+                    meter,
                 )
             )
         )
@@ -437,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     batch_warmup,
                     batches,
                     args.concurrency,
+                    meter,
                 )
             )
         )
@@ -451,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(flush=True)
     print_table(results)
+    print(flush=True)
+    print_cpu(results)
     print(flush=True)
 
     status = 0

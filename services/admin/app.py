@@ -17,6 +17,9 @@ from services.admin.adapters.analytics import JourneyLogStore
 from services.admin.adapters.catalog import PublishedJourneys
 from services.admin.settings import AdminSettings
 
+# Module level: route annotations are resolved against module globals.
+_bearer = HTTPBearer(auto_error=False)
+
 MessageCounts = Callable[[], Awaitable[dict[str, int]]]
 EventCount = Callable[[], int]
 
@@ -30,10 +33,9 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="Waypost admin", version="1")
     keys = settings.api_keys()
-    bearer = HTTPBearer(auto_error=False)
 
     def authorised(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:
         presented = credentials.credentials if credentials else ""
         if not any(secrets.compare_digest(presented, key) for key in keys):

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from services.ingest.adapters.publisher import EventPublisher
@@ -51,9 +52,21 @@ def create_app(
         "the HTTP Basic user name (empty password) or as `writeKey` in the body.",
     )
     write_keys = settings.write_keys()
+    registry = CollectorRegistry()
+    accepted = Counter(
+        "waypost_ingest_events",
+        "Events acknowledged by Kafka, by source and call type",
+        ["source", "type"],
+        registry=registry,
+    )
+    rejected = Counter(
+        "waypost_ingest_rejected_requests", "Requests refused, by HTTP status", ["status"],
+        registry=registry,
+    )
 
     @app.exception_handler(Rejected)
     async def _rejected(_request: Request, exc: Rejected) -> JSONResponse:
+        rejected.labels(str(exc.status)).inc()
         body: dict[str, Any] = {"success": False, "error": exc.message}
         if exc.field:
             body["field"] = exc.field
@@ -92,6 +105,8 @@ def create_app(
             raise Rejected(503, "ingest is over capacity, retry shortly") from exc
         except DeliveryFailed as exc:
             raise Rejected(503, f"event log unavailable: {exc}") from exc
+        for event in events:
+            accepted.labels(event.source or "default", event.type).inc()
 
     def parse_call(payload: dict[str, Any], call_type: str, prefix: str = "") -> Call:
         try:
@@ -163,6 +178,10 @@ def create_app(
     @app.get("/health", summary="Liveness")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

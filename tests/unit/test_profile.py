@@ -1,0 +1,159 @@
+"""Profile folding in the segmenter: `apply_event` builds and updates a contact's profile."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from services.segmenter.domain.profile import RECENT_MESSAGE_IDS, apply_event
+from shared.contracts import Event, EventType, Profile
+
+T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
+NOW = datetime(2025, 3, 3, 12, 0, tzinfo=UTC)
+
+
+def event(
+    message_id: str,
+    *,
+    type: EventType = "track",
+    name: str | None = "Viewed Product",
+    at: datetime = T0,
+    user_id: str | None = "user-1",
+    anonymous_id: str | None = None,
+    traits: dict[str, Any] | None = None,
+) -> Event:
+    return Event(
+        type=type,
+        event=name if type == "track" else None,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        message_id=message_id,
+        timestamp=at,
+        received_at=at,
+        traits=traits or {},
+    )
+
+
+def fold(*events: Event, profile: Profile | None = None) -> Profile:
+    for each in events:
+        profile = apply_event(profile, each, NOW).profile
+    assert profile is not None
+    return profile
+
+
+def test_identify_on_an_unknown_contact_creates_a_profile_from_its_traits() -> None:
+    identify = event("m-1", type="identify", traits={"email": "ada@example.com", "plan": "pro"})
+
+    applied = apply_event(None, identify, NOW)
+
+    assert applied.accepted
+    profile = applied.profile
+    assert profile.contact_key == "user-1"
+    assert profile.user_id == "user-1"
+    assert profile.traits == {"email": "ada@example.com", "plan": "pro"}
+    assert (profile.first_seen, profile.last_seen, profile.updated_at) == (T0, T0, NOW)
+    assert profile.event_counts == {"identify": 1}
+    assert profile.recent_message_ids == ("m-1",)
+
+
+def test_anonymous_contact_is_keyed_by_its_anonymous_id() -> None:
+    profile = fold(event("m-1", user_id=None, anonymous_id="anon-7"))
+
+    assert profile.contact_key == "anon-7"
+    assert profile.user_id is None
+    assert profile.anonymous_ids == ("anon-7",)
+
+
+def test_later_traits_merge_over_earlier_ones() -> None:
+    profile = fold(
+        event("m-1", type="identify", traits={"email": "old@example.com", "plan": "free"}),
+        event("m-2", type="identify", traits={"plan": "pro", "first_name": "Ada"}),
+    )
+
+    assert profile.traits == {"email": "old@example.com", "plan": "pro", "first_name": "Ada"}
+
+
+def test_group_traits_do_not_become_contact_traits() -> None:
+    profile = fold(
+        event("m-1", type="identify", traits={"name": "Ada"}),
+        event("m-2", type="group", traits={"name": "Acme Inc"}),
+    )
+
+    assert profile.traits == {"name": "Ada"}
+
+
+def test_events_are_counted_by_label() -> None:
+    profile = fold(
+        event("m-1", name="Viewed Product"),
+        event("m-2", name="Viewed Product"),
+        event("m-3", name="Order Completed"),
+        event("m-4", type="page"),
+        event("m-5", type="identify"),
+    )
+
+    assert profile.event_counts == {
+        "Viewed Product": 2,
+        "Order Completed": 1,
+        "page": 1,
+        "identify": 1,
+    }
+
+
+def test_first_and_last_seen_span_out_of_order_timestamps() -> None:
+    middle, earliest, latest = T0, T0 - timedelta(days=2), T0 + timedelta(hours=5)
+
+    profile = fold(event("m-1", at=middle), event("m-2", at=latest), event("m-3", at=earliest))
+
+    assert profile.first_seen == earliest
+    assert profile.last_seen == latest
+
+
+def test_a_late_old_event_does_not_move_last_seen_back() -> None:
+    profile = fold(event("m-1", at=T0), event("m-2", at=T0 - timedelta(hours=1)))
+
+    assert profile.last_seen == T0
+
+
+def test_a_repeated_message_id_is_not_accepted_and_changes_nothing() -> None:
+    before = fold(event("m-1", type="identify", traits={"plan": "free"}))
+    repeat = event("m-1", type="identify", traits={"plan": "pro"}, at=T0 + timedelta(days=1))
+
+    applied = apply_event(before, repeat, NOW + timedelta(hours=1))
+
+    assert not applied.accepted
+    assert applied.profile == before
+
+
+def test_user_id_is_kept_when_a_later_event_has_none() -> None:
+    profile = fold(event("m-1"), event("m-2", user_id=None, anonymous_id="anon-7"))
+
+    assert profile.user_id == "user-1"
+    assert profile.anonymous_ids == ("anon-7",)
+
+
+def test_an_anonymous_id_is_remembered_once() -> None:
+    profile = fold(
+        event("m-1", anonymous_id="anon-7"),
+        event("m-2", anonymous_id="anon-7"),
+        event("m-3", anonymous_id="anon-8"),
+    )
+
+    assert profile.anonymous_ids == ("anon-7", "anon-8")
+
+
+def test_recent_message_ids_keep_only_the_newest() -> None:
+    ids = [f"m-{n}" for n in range(RECENT_MESSAGE_IDS + 10)]
+
+    profile = fold(*(event(message_id) for message_id in ids))
+
+    assert len(profile.recent_message_ids) == RECENT_MESSAGE_IDS
+    assert profile.recent_message_ids == tuple(ids[-RECENT_MESSAGE_IDS:])
+    assert profile.event_counts == {"Viewed Product": RECENT_MESSAGE_IDS + 10}
+
+
+def test_a_message_id_forgotten_from_the_window_is_accepted_again() -> None:
+    ids = [f"m-{n}" for n in range(RECENT_MESSAGE_IDS + 1)]
+    profile = fold(*(event(message_id) for message_id in ids))
+
+    assert apply_event(profile, event("m-0"), NOW).accepted
+    assert not apply_event(profile, event(ids[-1]), NOW).accepted
