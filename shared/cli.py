@@ -34,7 +34,9 @@ def load_journey_file(path: Path) -> JourneyFile:
     """Parse and validate a YAML or JSON definition file; raise with every problem named."""
     try:
         raw: Any = (
-            json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+            json.loads(path.read_text())
+            if path.suffix == ".json"
+            else yaml.safe_load(path.read_text())
         )
     except (OSError, yaml.YAMLError, json.JSONDecodeError) as exc:
         raise DefinitionError(f"{path}: cannot read: {exc}") from exc
@@ -102,7 +104,9 @@ def publish(settings: CommonSettings, files: list[Path]) -> int:
                     upsert=True,
                 )
             record = PublishedJourney(journey=journey, published_at=now)
-            producer.produce(DEFINITIONS.name, key=key.encode(), value=record.model_dump_json().encode())
+            producer.produce(
+                DEFINITIONS.name, key=key.encode(), value=record.model_dump_json().encode()
+            )
             print(f"published  {journey.id} v{journey.version} ({len(journey.steps)} steps)")
         if producer.flush(30) != 0:
             raise TimeoutError("definitions were not acknowledged by Kafka")
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "topics":
             if args.action == "list":
                 for topic in ALL_TOPICS:
-                    print(f"{topic.name:32} {'compacted ' if topic.compacted else ''}{topic.description}")
+                    policy = "compacted " if topic.compacted else ""
+                    print(f"{topic.name:32} {policy}{topic.description}")
                 return 0
             wait_for_broker(settings.kafka_bootstrap)
             created = ensure_topics(

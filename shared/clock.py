@@ -1,4 +1,4 @@
-"""The one source of time. Services get a `Clock` from `__main__`; nothing else reads the wall clock."""
+"""The one source of time: services get a `Clock` from `__main__`; nothing else reads wall time."""
 
 from __future__ import annotations
 

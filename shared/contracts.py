@@ -28,7 +28,7 @@ class WireModel(BaseModel):
 
 
 class Event(WireModel):
-    """A behavioural or delivery event, in the Segment Tracking API shape (camelCase on the wire)."""
+    """A behavioural or delivery event in the Segment Tracking API shape (camelCase on the wire)."""
 
     model_config = ConfigDict(
         frozen=True, extra="ignore", alias_generator=to_camel, populate_by_name=True

@@ -187,7 +187,9 @@ def check_journey(
     problems: list[DefinitionProblem] = []
 
     def problem(step: str | None, rule: str, message: str) -> None:
-        problems.append(DefinitionProblem(journey=journey.id, step=step, rule=rule, message=message))
+        problems.append(
+            DefinitionProblem(journey=journey.id, step=step, rule=rule, message=message)
+        )
 
     ids = [s.id for s in journey.steps]
     seen: set[str] = set()

@@ -22,7 +22,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from shared.topics import ALL_TOPICS, Topic
 
@@ -70,7 +70,10 @@ class AsyncProducer:
 
         try:
             self._producer.produce(
-                topic, value=value, key=key.encode() if key is not None else None, on_delivery=on_delivery
+                topic,
+                value=value,
+                key=key.encode() if key is not None else None,
+                on_delivery=on_delivery,
             )
         except BufferError as exc:
             raise ProducerBusy(str(exc)) from exc
@@ -203,16 +206,17 @@ class ConsumerLoop:
             messages = await asyncio.to_thread(self._consumer.consume, batch, timeout)
             out = []
             for msg in messages:
-                if msg.error():
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("kafka.consume_error", error=str(msg.error()))
+                error = msg.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        log.warning("kafka.consume_error", error=str(error))
                     continue
                 key = msg.key()
                 out.append(
                     Record(
-                        topic=msg.topic(),
-                        partition=msg.partition(),
-                        offset=msg.offset(),
+                        topic=str(msg.topic()),
+                        partition=int(msg.partition() or 0),
+                        offset=int(msg.offset() or 0),
                         key=key.decode() if key is not None else None,
                         value=msg.value() or b"",
                     )
@@ -291,13 +295,14 @@ class CompactedTopicView:
                 msg = consumer.poll(0.2)
                 if msg is None:
                     continue
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        at_end.add(msg.partition())
+                error = msg.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        at_end.add(int(msg.partition() or 0))
                         if len(at_end) == len(partitions):
                             self._caught_up.set()
                     else:
-                        log.warning("kafka.view_error", topic=self._topic, error=str(msg.error()))
+                        log.warning("kafka.view_error", topic=self._topic, error=str(error))
                     continue
                 raw_key = msg.key()
                 if raw_key is None:

@@ -38,7 +38,9 @@ DEFINITIONS = Topic(
     single_partition=True,
 )
 DEAD_LETTER = Topic(
-    "waypost.dead-letter.v1", "records no consumer could process, with the reason", keyed_by_contact=False
+    "waypost.dead-letter.v1",
+    "records no consumer could process, with the reason",
+    keyed_by_contact=False,
 )
 
 ALL_TOPICS: tuple[Topic, ...] = (

@@ -45,50 +45,81 @@ def shopper_calls(rng: random.Random, index: int) -> tuple[list[dict[str, Any]],
     ]
     for _ in range(rng.randint(1, 4)):
         sku, name, category, price = rng.choice(PRODUCTS)
-        calls.append({
-            "type": "track", "anonymousId": anonymous_id, "event": "Product Viewed",
-            "properties": {"product_id": sku, "name": name, "category": category, "price": price},
-        })
+        calls.append(
+            {
+                "type": "track",
+                "anonymousId": anonymous_id,
+                "event": "Product Viewed",
+                "properties": {
+                    "product_id": sku,
+                    "name": name,
+                    "category": category,
+                    "price": price,
+                },
+            }
+        )
     registers = rng.random() < 0.7
     if registers:
         name = rng.choice(FIRST_NAMES)
-        calls.append({
-            "type": "identify", "userId": user_id,
-            "traits": {"email": f"{user_id}@shop.example", "first_name": name},
-        })
-        calls.append({
-            "type": "track", "userId": user_id, "event": "Registered",
-            "properties": {"plan": rng.choice(["free", "pro"])},
-        })
+        calls.append(
+            {
+                "type": "identify",
+                "userId": user_id,
+                "traits": {"email": f"{user_id}@shop.example", "first_name": name},
+            }
+        )
+        calls.append(
+            {
+                "type": "track",
+                "userId": user_id,
+                "event": "Registered",
+                "properties": {"plan": rng.choice(["free", "pro"])},
+            }
+        )
         if rng.random() < 0.4:
             sku, name, category, price = rng.choice(PRODUCTS)
-            calls.append({
-                "type": "track", "userId": user_id, "event": "Product Added",
-                "properties": {"product_id": sku, "name": name, "price": price, "quantity": 1},
-            })
+            calls.append(
+                {
+                    "type": "track",
+                    "userId": user_id,
+                    "event": "Product Added",
+                    "properties": {"product_id": sku, "name": name, "price": price, "quantity": 1},
+                }
+            )
             if rng.random() < 0.5:
-                calls.append({
-                    "type": "track", "userId": user_id, "event": "Order Completed",
-                    "properties": {"order_id": f"order-{index:05d}", "revenue": price,
-                                   "currency": "EUR"},
-                })
+                calls.append(
+                    {
+                        "type": "track",
+                        "userId": user_id,
+                        "event": "Order Completed",
+                        "properties": {
+                            "order_id": f"order-{index:05d}",
+                            "revenue": price,
+                            "currency": "EUR",
+                        },
+                    }
+                )
     return calls, registers
 
 
 def progress(label: str, done: int, total: int, *, final: bool = False) -> None:
     width = 30
     filled = int(width * done / max(total, 1))
-    print(f"\r[demo] {label:<28} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}  ",
-          end="\n" if final else "", flush=True)
+    print(
+        f"\r[demo] {label:<28} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}  ",
+        end="\n" if final else "",
+        flush=True,
+    )
 
 
 async def drive_storefront(stack: local_stack.Stack, shoppers: int, seed: int) -> int:
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - a reproducible simulation, not security
     sessions = [shopper_calls(rng, i) for i in range(shoppers)]
     done = 0
     gate = asyncio.Semaphore(16)
-    async with httpx.AsyncClient(base_url=stack.ingest_url, auth=(WRITE_KEY, ""),
-                                 timeout=30) as client:
+    async with httpx.AsyncClient(
+        base_url=stack.ingest_url, auth=(WRITE_KEY, ""), timeout=30
+    ) as client:
 
         async def visit(calls: list[dict[str, Any]]) -> None:
             nonlocal done
@@ -104,8 +135,9 @@ async def drive_storefront(stack: local_stack.Stack, shoppers: int, seed: int) -
 
 
 def admin_stats(stack: local_stack.Stack) -> dict[str, Any]:
-    answer = httpx.get(f"{stack.admin_url}/v1/stats",
-                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+    answer = httpx.get(
+        f"{stack.admin_url}/v1/stats", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30
+    )
     answer.raise_for_status()
     stats: dict[str, Any] = answer.json()
     return stats
@@ -167,15 +199,19 @@ def main() -> int:
     print(f"  events in waypost.events.v1 (total)   {stats['events_in_log']:>8}")
     print(f"  welcome journey: entered              {welcome.get('entered', 0):>8}")
     print(f"                   waiting (6 days)     {welcome.get('waiting', 0):>8}")
-    print(f"  emails sent (ledger, this run)        "
-          f"{stats['messages'].get('sent', 0) - sent_before:>8}")
+    print(
+        f"  emails sent (ledger, this run)        "
+        f"{stats['messages'].get('sent', 0) - sent_before:>8}"
+    )
     for state, count in sorted(stats["messages"].items()):
         print(f"    ledger state {state:<22} {count:>8}")
     print(f"  messages in the SMTP outbox           {outbox_count:>8}")
     print(f"  wall time                             {time.monotonic() - started:>7.1f}s")
     print("-" * 56)
-    print(f"  outbox: {stack.outbox_url}/messages   admin: {stack.admin_url}/docs "
-          f"(Bearer {ADMIN_KEY})")
+    print(
+        f"  outbox: {stack.outbox_url}/messages   admin: {stack.admin_url}/docs "
+        f"(Bearer {ADMIN_KEY})"
+    )
     print("  the stack keeps running; `make down` stops it")
     return 0
 

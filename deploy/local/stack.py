@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / ".local"
@@ -62,8 +64,16 @@ def setup() -> None:
         if KAFKA_LIBS.exists():
             shutil.rmtree(KAFKA_LIBS)
         subprocess.run(
-            ["mvn", "-B", "-q", "-f", str(pom), "dependency:copy-dependencies",
-             f"-DoutputDirectory={KAFKA_LIBS}", "-DincludeScope=runtime"],
+            [
+                "mvn",
+                "-B",
+                "-q",
+                "-f",
+                str(pom),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={KAFKA_LIBS}",
+                "-DincludeScope=runtime",
+            ],
             check=True,
         )
 
@@ -97,10 +107,12 @@ class Ports:
     @classmethod
     def from_env(cls) -> Ports:
         defaults = cls()
-        return cls(**{
-            name: int(os.environ.get(f"WAYPOST_{name.upper()}_PORT", getattr(defaults, name)))
-            for name in defaults.__dataclass_fields__
-        })
+        return cls(
+            **{
+                name: int(os.environ.get(f"WAYPOST_{name.upper()}_PORT", getattr(defaults, name)))
+                for name in defaults.__dataclass_fields__
+            }
+        )
 
 
 @dataclass
@@ -178,8 +190,13 @@ class Stack:
         log = self.logfile(name).open("ab")
         with log:
             proc = subprocess.Popen(
-                argv, cwd=cwd or ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                argv,
+                cwd=cwd or ROOT,
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.children[name] = proc
         self._pidfile(name).write_text(str(proc.pid))
@@ -190,10 +207,8 @@ class Stack:
         if pid is None:
             self._pidfile(name).unlink(missing_ok=True)
             return
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(pid, sig)
-        except OSError:
-            pass
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.05)
@@ -214,50 +229,73 @@ class Stack:
         config.parent.mkdir(parents=True, exist_ok=True)
         p = self.ports
         config.write_text(
-            "\n".join([
-                "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.voters=1@127.0.0.1:{p.kafka_controller}",
-                f"listeners=PLAINTEXT://127.0.0.1:{p.kafka},CONTROLLER://127.0.0.1:{p.kafka_controller}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{p.kafka}",
-                "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-                f"log.dirs={data}",
-                f"num.partitions={self.partitions}",
-                "offsets.topic.replication.factor=1",
-                "offsets.topic.num.partitions=10",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
-                "group.initial.rebalance.delay.ms=0",
-                "auto.create.topics.enable=false",
-                "log.retention.hours=168",
-                "",
-            ])
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.voters=1@127.0.0.1:{p.kafka_controller}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{p.kafka},CONTROLLER://127.0.0.1:{p.kafka_controller}",
+                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{p.kafka}",
+                    "controller.listener.names=CONTROLLER",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    f"log.dirs={data}",
+                    f"num.partitions={self.partitions}",
+                    "offsets.topic.replication.factor=1",
+                    "offsets.topic.num.partitions=10",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    "auto.create.topics.enable=false",
+                    "log.retention.hours=168",
+                    "",
+                ]
+            )
         )
         classpath = f"{KAFKA_LIBS}/*"
-        java = ["java", "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-                f"-Dlog4j.configuration=file:{ROOT}/deploy/local/kafka/log4j.properties",
-                "-cp", classpath]
+        java = [
+            "java",
+            "-Xms256m",
+            "-Xmx1g",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{ROOT}/deploy/local/kafka/log4j.properties",
+            "-cp",
+            classpath,
+        ]
         if not (data / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
                 [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
-                check=True, stdout=subprocess.DEVNULL,
+                check=True,
+                stdout=subprocess.DEVNULL,
             )
         self._spawn("kafka", [*java, "kafka.Kafka", str(config)])
 
     def start_ferretdb(self) -> None:
-        self._spawn("ferretdb", [
-            str(FERRETDB_BIN), f"-listen-addr=127.0.0.1:{self.ports.mongo}",
-            f"-data-dir={self.home / 'data' / 'ferretdb'}",
-        ])
+        self._spawn(
+            "ferretdb",
+            [
+                str(FERRETDB_BIN),
+                f"-listen-addr=127.0.0.1:{self.ports.mongo}",
+                f"-data-dir={self.home / 'data' / 'ferretdb'}",
+            ],
+        )
 
     def start_sandbox(self) -> None:
-        self._spawn("sandbox", [
-            PYTHON, str(ROOT / "deploy/local/sandbox.py"), "--host", "127.0.0.1",
-            "--smtp-port", str(self.ports.smtp), "--http-port", str(self.ports.outbox),
-        ])
+        self._spawn(
+            "sandbox",
+            [
+                PYTHON,
+                str(ROOT / "deploy/local/sandbox.py"),
+                "--host",
+                "127.0.0.1",
+                "--smtp-port",
+                str(self.ports.smtp),
+                "--http-port",
+                str(self.ports.outbox),
+            ],
+        )
 
     def start_service(self, name: str) -> None:
         self._spawn(name, [PYTHON, "-m", f"services.{name}"])
@@ -284,7 +322,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with urllib.request.urlopen(url, timeout=2) as answer:
+                with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 - our own http URL
                     if answer.status == 200:
                         return
             except OSError:
@@ -305,13 +343,13 @@ class Stack:
                 described = admin.describe_consumer_groups([group])[group].result(timeout=5)
                 if described.state == ConsumerGroupState.STABLE and described.members:
                     return
-            except Exception:  # noqa: BLE001 - the group may not exist yet
+            except Exception:  # noqa: BLE001, S110 - the group may not exist yet
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"consumer group {group} not stable after {timeout}s")
             time.sleep(0.2)
 
-    GROUPS = {
+    GROUPS: ClassVar[dict[str, str]] = {
         "segmenter": "waypost-segmenter",
         "orchestrator": "waypost-orchestrator",
         "dispatcher": "waypost-dispatcher",
@@ -345,8 +383,10 @@ class Stack:
         for name in SERVICES:
             say(f"waiting for {name} ...")
             self.wait_service(name)
-        say(f"stack up in {time.monotonic() - started:.1f}s: ingest {self.ingest_url}, "
-            f"admin {self.admin_url}, outbox {self.outbox_url}, logs in {self.home / 'logs'}")
+        say(
+            f"stack up in {time.monotonic() - started:.1f}s: ingest {self.ingest_url}, "
+            f"admin {self.admin_url}, outbox {self.outbox_url}, logs in {self.home / 'logs'}"
+        )
 
     def down(self) -> None:
         for name in (*reversed(SERVICES), *reversed(SERVERS)):
@@ -379,10 +419,15 @@ def _alive(pid: int) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("command", choices=["setup", "up", "down", "status"])
-    parser.add_argument("--home", type=Path, default=Path(os.environ.get("WAYPOST_STACK_HOME", LOCAL / "stack")))
+    parser.add_argument(
+        "--home", type=Path, default=Path(os.environ.get("WAYPOST_STACK_HOME", LOCAL / "stack"))
+    )
     args = parser.parse_args()
-    stack = Stack(home=args.home, ports=Ports.from_env(),
-                  partitions=int(os.environ.get("WAYPOST_TOPIC_PARTITIONS", "6")))
+    stack = Stack(
+        home=args.home,
+        ports=Ports.from_env(),
+        partitions=int(os.environ.get("WAYPOST_TOPIC_PARTITIONS", "6")),
+    )
     if args.command == "setup":
         setup()
     elif args.command == "up":

@@ -63,7 +63,7 @@ class Dispatcher:
                 return
             try:
                 await self.handle(request)
-            except Exception as exc:  # noqa: BLE001 - one bad request must not stall the rest
+            except Exception as exc:
                 log.exception("dispatcher.failed", message_id=request.message_id)
                 await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
 
@@ -128,7 +128,9 @@ class Dispatcher:
             source="waypost-dispatcher",
         )
         await self.producer.send(EVENTS.name, event.contact_key, event.to_wire())
-        log.info("dispatcher.outcome", message_id=request.message_id, state=state, reason=outcome.reason)
+        log.info(
+            "dispatcher.outcome", message_id=request.message_id, state=state, reason=outcome.reason
+        )
 
     async def _dead_letter(self, record: Record, reason: str) -> None:
         await self.dead_letters.send(

@@ -60,7 +60,9 @@ def create_app(
         registry=registry,
     )
     rejected = Counter(
-        "waypost_ingest_rejected_requests", "Requests refused, by HTTP status", ["status"],
+        "waypost_ingest_rejected_requests",
+        "Requests refused, by HTTP status",
+        ["status"],
         registry=registry,
     )
 

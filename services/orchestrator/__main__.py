@@ -23,9 +23,13 @@ def main() -> None:
     catalog = DefinitionsCatalog(settings.kafka_bootstrap)
     catalog.start()
     app = build_faust_app(settings.app_id, settings, data_dir=settings.data_dir / "orchestrator")
-    Orchestrator(app, settings, clock, catalog, producer, DeadLetters(producer, "orchestrator", clock))
+    Orchestrator(
+        app, settings, clock, catalog, producer, DeadLetters(producer, "orchestrator", clock)
+    )
     try:
-        Worker(app, loglevel=settings.log_level.upper(), override_logging=False).execute_from_commandline()
+        Worker(
+            app, loglevel=settings.log_level.upper(), override_logging=False
+        ).execute_from_commandline()
     finally:
         catalog.stop()
         producer.close()

@@ -84,7 +84,7 @@ class Orchestrator:
                 continue
             try:
                 await self.handle(stimulus)
-            except Exception as exc:  # noqa: BLE001 - one contact's failure must not stall the rest
+            except Exception as exc:
                 log.exception("orchestrator.stimulus_failed", key=key)
                 await self.dead_letters.send(
                     topic=message.topic,
@@ -113,7 +113,9 @@ class Orchestrator:
         for command in decision.commands:
             if isinstance(command, ScheduleTimer):
                 self.timers.add(
-                    DueTimer(command.due_at, command.timer_id, command.contact_key, command.instance_id)
+                    DueTimer(
+                        command.due_at, command.timer_id, command.contact_key, command.instance_id
+                    )
                 )
 
     async def _fire_due_timers(self) -> None:

@@ -22,7 +22,9 @@ def main() -> None:
     app = build_faust_app(settings.app_id, settings, data_dir=settings.data_dir / "segmenter")
     Segmenter(app, settings, clock, producer, DeadLetters(producer, "segmenter", clock))
     try:
-        Worker(app, loglevel=settings.log_level.upper(), override_logging=False).execute_from_commandline()
+        Worker(
+            app, loglevel=settings.log_level.upper(), override_logging=False
+        ).execute_from_commandline()
     finally:
         producer.close()
 

@@ -25,12 +25,19 @@ WELCOME = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "welco
 
 
 def _sign_up(stack: Any, user: str, email: str, name: str, message_id: str) -> None:
-    identify = post(stack, "identify", {"userId": user, "traits": {"email": email, "first_name": name}})
+    identify = post(
+        stack, "identify", {"userId": user, "traits": {"email": email, "first_name": name}}
+    )
     assert identify.status_code == 200, identify.text
     track = post(
         stack,
         "track",
-        {"userId": user, "event": "Registered", "messageId": message_id, "properties": {"plan": "pro"}},
+        {
+            "userId": user,
+            "event": "Registered",
+            "messageId": message_id,
+            "properties": {"plan": "pro"},
+        },
     )
     assert track.status_code == 200, track.text
     assert track.json() == {"success": True}
@@ -41,7 +48,9 @@ def welcome_published(stack: Any) -> None:
     publish_journey(stack, WELCOME)
 
 
-def test_registered_event_sends_the_rendered_welcome_email(stack: Any, welcome_published: None) -> None:
+def test_registered_event_sends_the_rendered_welcome_email(
+    stack: Any, welcome_published: None
+) -> None:
     user = unique("ann")
     email = f"{user}@example.com"
     _sign_up(stack, user, email, "Ann", unique("msg"))

@@ -355,7 +355,9 @@ def test_timer_due_with_a_stale_timer_id_is_a_noop() -> None:
     catalog = catalog_of(welcome())
     entered = enter(catalog)
     timer = only_timer(entered)
-    stale = ScheduleTimer(timer.contact_key, timer.instance_id, "not-the-current-timer", timer.due_at)
+    stale = ScheduleTimer(
+        timer.contact_key, timer.instance_id, "not-the-current-timer", timer.due_at
+    )
 
     decision = decide(entered.state, fired(stale), catalog, timer.due_at)
 

@@ -49,7 +49,9 @@ def test_parse_duration_rejects_anything_else_with_an_example(text: str) -> None
 # --- check_journey --------------------------------------------------------------------------
 
 
-def journey_file(steps: list[dict[str, Any]], templates: dict[str, Any] | None = None) -> JourneyFile:
+def journey_file(
+    steps: list[dict[str, Any]], templates: dict[str, Any] | None = None
+) -> JourneyFile:
     """A journey `j` with the given steps; template `t` (email) exists unless overridden."""
     return JourneyFile.model_validate(
         {

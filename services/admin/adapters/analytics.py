@@ -49,7 +49,9 @@ class JourneyLogStore:
         return result
 
 
-async def follow_journey_log(consumer: ConsumerLoop, store: JourneyLogStore, stop: asyncio.Event) -> None:
+async def follow_journey_log(
+    consumer: ConsumerLoop, store: JourneyLogStore, stop: asyncio.Event
+) -> None:
     async for batch in consumer.records():
         records = []
         for record in batch:

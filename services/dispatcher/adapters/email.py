@@ -1,4 +1,4 @@
-"""Email over SMTP (aiosmtplib): MIME text + HTML, a deterministic Message-ID, classified replies."""
+"""Email over SMTP (aiosmtplib): MIME text + HTML, deterministic Message-ID, classified replies."""
 
 from __future__ import annotations
 

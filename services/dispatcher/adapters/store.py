@@ -45,9 +45,7 @@ class Ledger:
             existing = await self._messages.find_one({"_id": request.message_id}, {"state": 1})
             return False, str(existing["state"]) if existing else "requested"
 
-    async def move(
-        self, message_id: str, state: str, now: datetime, **fields: str | None
-    ) -> None:
+    async def move(self, message_id: str, state: str, now: datetime, **fields: str | None) -> None:
         await self._messages.update_one(
             {"_id": message_id},
             {
@@ -65,4 +63,6 @@ class Templates:
         doc = await self._templates.find_one({"_id": template_id, "channel": "email"})
         if doc is None or doc.get("status") != "ready":
             return None
-        return EmailTemplate(subject=doc.get("subject") or "", text=doc["text"], html=doc.get("html"))
+        return EmailTemplate(
+            subject=doc.get("subject") or "", text=doc["text"], html=doc.get("html")
+        )

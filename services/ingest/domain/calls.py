@@ -39,7 +39,9 @@ class Call(BaseModel):
     @classmethod
     def _ids_as_strings(cls, value: Any) -> Any:
         # SDKs sometimes send numeric ids; Segment accepts them as strings.
-        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+        return (
+            str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+        )
 
     @field_validator("timestamp", "sent_at", "original_timestamp")
     @classmethod

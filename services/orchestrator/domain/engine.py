@@ -98,7 +98,9 @@ def _on_timer(state: ContactState, stimulus: TimerDue, catalog: Catalog, now: da
     if journey is None:
         return Decision(state, ())
     following = journey.next_of(instance.timer.step_id)
-    commands: list[Command] = [_log(instance, "step_completed", now, step_id=instance.timer.step_id)]
+    commands: list[Command] = [
+        _log(instance, "step_completed", now, step_id=instance.timer.step_id)
+    ]
     instance = instance.model_copy(update={"timer": None})
     if following is None:
         return _finish(state, instance, now, "completed", commands)
