@@ -461,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.splitlines()[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--events", type=int, default=10_000, help="events per phase")
+    parser.add_argument("--events", type=int, default=50_000, help="events per phase")
     parser.add_argument("--concurrency", type=int, default=32, help="HTTP requests in flight")
     parser.add_argument("--warmup", type=int, default=500, help="untimed events per phase")
     parser.add_argument("--partitions", type=int, default=6, help="partitions per topic")

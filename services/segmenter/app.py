@@ -62,7 +62,18 @@ class Segmenter:
                     reason=f"undecodable event: {exc}",
                 )
                 continue
-            await self.handle(incoming)
+            try:
+                await self.handle(incoming)
+            except Exception as exc:  # noqa: BLE001 - one contact's failure must not stall the rest
+                log.exception("segmenter.event_failed", key=key)
+                await self.dead_letters.send(
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    key=key,
+                    value=value,
+                    reason=f"{type(exc).__name__}: {exc}",
+                )
 
     async def handle(self, event: Event) -> None:
         key = event.contact_key.encode()

@@ -56,7 +56,9 @@ def test_contact_traits_and_trigger_properties_fill_the_template() -> None:
 
 
 def test_template_can_read_contact_key_and_journey() -> None:
-    template = EmailTemplate(subject="s", text="{{ contact.key }} {{ journey.id }}/{{ journey.version }}")
+    template = EmailTemplate(
+        subject="s", text="{{ contact.key }} {{ journey.id }}/{{ journey.version }}"
+    )
 
     assert render(template, {}).text == "user-1 welcome/1"
 
