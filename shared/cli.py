@@ -40,7 +40,9 @@ def load_journey_file(path: Path) -> JourneyFile:
         )
     except (OSError, yaml.YAMLError, json.JSONDecodeError) as exc:
         raise DefinitionError(f"{path}: cannot read: {exc}") from exc
-    journey_id = raw.get("journey", {}).get("id", "?") if isinstance(raw, dict) else "?"
+    if not isinstance(raw, dict) or not isinstance(raw.get("journey"), dict):
+        raise DefinitionError(f"{path}: the file must hold a mapping with a `journey` mapping")
+    journey_id = str(raw["journey"].get("id", "?"))
     try:
         parsed = JourneyFile.model_validate(raw)
     except ValidationError as exc:

@@ -25,7 +25,10 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text)
     if not match:
         raise ValueError(f"'{text}' is not a duration such as 30s, 15m, 6h, 3d or 2w")
-    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    except OverflowError:
+        raise ValueError(f"'{text}' is longer than any wait can be") from None
 
 
 class _Definition(BaseModel):
@@ -230,12 +233,14 @@ def check_journey(
     for step_id in ids:
         if step_id not in reachable:
             problem(step_id, "reachable", "no path from the first step reaches this step")
-    if _has_cycle_without_wait(journey):
-        problem(None, "bounded-loops", "the steps form a loop with no wait in it")
+    looping = _step_in_loop_without_wait(journey)
+    if looping is not None:
+        problem(looping, "bounded-loops", "this step is in a loop with no wait in it")
     return problems
 
 
-def _has_cycle_without_wait(journey: Journey) -> bool:
+def _step_in_loop_without_wait(journey: Journey) -> str | None:
+    """A step on a loop that never waits (the loop would spin), or None."""
     for start in journey.steps:
         current: str | None = start.id
         visited: set[str] = set()
@@ -247,5 +252,5 @@ def _has_cycle_without_wait(journey: Journey) -> bool:
             current = journey.next_of(current)
         else:
             if current is not None:
-                return True
-    return False
+                return current
+    return None

@@ -169,7 +169,14 @@ def create_app(
                     f"batch[{index}].type must be one of {', '.join(CALL_TYPES)}",
                     field=f"batch[{index}].type",
                 )
-            merged = {**item, "context": {**parsed.context, **item.get("context", {})}}
+            item_context = item.get("context") or {}
+            if not isinstance(item_context, dict):
+                raise Rejected(
+                    400,
+                    f"batch[{index}].context must be an object",
+                    field=f"batch[{index}].context",
+                )
+            merged = {**item, "context": {**parsed.context, **item_context}}
             call = parse_call(merged, str(call_type), prefix=f"batch[{index}].")
             events.append(
                 to_event(call, message_id=new_message_id(), received_at=received_at, source=source)
@@ -208,6 +215,9 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
 def _validation_rejection(exc: ValidationError, prefix: str = "") -> Rejected:
     first = exc.errors()[0]
     loc = [str(part) for part in first["loc"] if part != "type" or len(first["loc"]) > 1]
+    named = (first.get("ctx") or {}).get("field")
+    if not loc and isinstance(named, str):
+        loc = [named]
     field = prefix + ".".join(loc) if loc else prefix.rstrip(".") or None
     message = first["msg"].removeprefix("Value error, ")
     return Rejected(400, f"{field}: {message}" if field else message, field=field)

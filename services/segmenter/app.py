@@ -64,7 +64,7 @@ class Segmenter:
                 continue
             try:
                 await self.handle(incoming)
-            except Exception as exc:  # noqa: BLE001 - one contact's failure must not stall the rest
+            except Exception as exc:
                 log.exception("segmenter.event_failed", key=key)
                 await self.dead_letters.send(
                     topic=message.topic,

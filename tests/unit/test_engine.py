@@ -285,11 +285,6 @@ def test_replayed_event_under_after_exit_starts_no_second_instance_while_running
     assert replay.commands == ()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: under reentry after_exit a replayed event (same messageId) arriving "
-    "after its instance exited re-creates the same instance id and runs the journey again",
-)
 def test_replayed_event_under_after_exit_starts_no_new_instance_after_exit() -> None:
     catalog = catalog_of(welcome(entry=EntryRules(reentry="after_exit")))
     finished = enter_and_finish(catalog)

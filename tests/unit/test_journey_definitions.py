@@ -148,11 +148,6 @@ def test_a_loop_without_a_wait_is_a_problem() -> None:
     assert "loop" in problem.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_journey reports bounded-loops with step=None although the module promises "
-    "that a problem names the step",
-)
 def test_a_loop_without_a_wait_names_a_step_of_the_loop() -> None:
     problem = only_problem(check_journey(journey_file([send("a"), send("b", next="a")])))
 
@@ -301,12 +296,6 @@ def test_a_json_definition_file_loads(tmp_path: Path) -> None:
     assert load_journey_file(path).journey.id == "j"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="cli bug: load_journey_file calls .get() on `journey` before validation, so a "
-    "non-mapping `journey` raises AttributeError instead of DefinitionError",
-)
 def test_a_journey_that_is_not_a_mapping_is_a_definition_error(tmp_path: Path) -> None:
     path = tmp_path / "j.yaml"
     path.write_text("journey: welcome\n")
@@ -314,12 +303,6 @@ def test_a_journey_that_is_not_a_mapping_is_a_definition_error(tmp_path: Path) -
     assert "journey" in load_error(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="journeys bug: parse_duration lets OverflowError escape for huge durations, which "
-    "pydantic does not turn into a validation error, so loading crashes",
-)
 def test_a_huge_wait_is_a_definition_error(tmp_path: Path) -> None:
     path = write(tmp_path, "    - {id: pause, type: wait, duration: 9999999999d}\n")
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 from shared.contracts import Event, EventType
 
@@ -53,14 +54,19 @@ class Call(BaseModel):
     @model_validator(mode="after")
     def _shape(self) -> Call:
         if not (self.user_id or self.anonymous_id):
-            raise ValueError("userId or anonymousId is required")
+            raise _missing("userId", "userId or anonymousId is required")
         if self.type == "track" and not self.event:
-            raise ValueError("event is required for track calls")
+            raise _missing("event", "event is required for track calls")
         if self.type == "alias" and not self.previous_id:
-            raise ValueError("previousId is required for alias calls")
+            raise _missing("previousId", "previousId is required for alias calls")
         if self.type == "group" and not self.group_id:
-            raise ValueError("groupId is required for group calls")
+            raise _missing("groupId", "groupId is required for group calls")
         return self
+
+
+def _missing(field: str, message: str) -> PydanticCustomError:
+    """A whole-call rule that still names the field it is about (`ctx.field`)."""
+    return PydanticCustomError("missing_field", message, {"field": field})
 
 
 class Batch(BaseModel):
@@ -78,8 +84,9 @@ CallPath = Literal["track", "identify", "page", "screen", "alias", "group"]
 
 def to_event(call: Call, *, message_id: str, received_at: datetime, source: str) -> Event:
     """Normalise a call into the wire `Event`, correcting client clock skew from `sentAt`."""
-    timestamp = call.timestamp or call.original_timestamp or received_at
-    if call.sent_at is not None:
+    client_time = call.timestamp or call.original_timestamp
+    timestamp = client_time or received_at
+    if client_time is not None and call.sent_at is not None:
         skew = received_at - call.sent_at
         if abs(skew) <= MAX_CLOCK_SKEW_CORRECTION:
             timestamp = timestamp + skew

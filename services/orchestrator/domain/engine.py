@@ -30,6 +30,8 @@ from shared.journeys import EventTrigger, ExitStep, Journey, SendStep, WaitStep
 # A stimulus may run at most this many steps of one instance before it must wait; definitions
 # are checked for loops without waits, this is the engine's own backstop.
 MAX_STEPS_PER_STIMULUS = 100
+# How many ended instance ids a contact remembers, to ignore replays of their trigger events.
+ENDED_REMEMBERED = 128
 # Timers may fire a little early when clocks of workers disagree; beyond this they are ignored.
 TIMER_EARLY_TOLERANCE = timedelta(seconds=2)
 
@@ -62,7 +64,7 @@ def _on_event(state: ContactState, event: Event, catalog: Catalog, now: datetime
         if not _may_enter(state, journey):
             continue
         instance_id = stable_id(journey.id, journey.version, state.contact_key, event.message_id)
-        if instance_id in state.instances:
+        if instance_id in state.instances or instance_id in state.ended:
             continue
         instance = Instance(
             instance_id=instance_id,
@@ -147,8 +149,11 @@ def _finish(
     state: ContactState, instance: Instance, now: datetime, reason: str, commands: list[Command]
 ) -> Decision:
     instances = {k: v for k, v in state.instances.items() if k != instance.instance_id}
+    ended = (*state.ended, instance.instance_id)[-ENDED_REMEMBERED:]
     log = _log(instance, "exited", now, step_id=instance.step_id, reason=reason)
-    return Decision(state.model_copy(update={"instances": instances}), (*commands, log))
+    return Decision(
+        state.model_copy(update={"instances": instances, "ended": ended}), (*commands, log)
+    )
 
 
 def _send_request(

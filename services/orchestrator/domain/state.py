@@ -44,6 +44,8 @@ class ContactState(_Frozen):
     profile: Profile | None = None
     instances: dict[str, Instance] = Field(default_factory=dict)
     entries: dict[str, int] = Field(default_factory=dict)
+    # Ids of recently ended instances, newest last: a replayed trigger must not start them again.
+    ended: tuple[str, ...] = ()
 
     def timers(self) -> list[tuple[Instance, PendingTimer]]:
         return [(i, i.timer) for i in self.instances.values() if i.timer is not None]
