@@ -6,7 +6,7 @@ import structlog
 
 from shared.clock import Clock
 from shared.contracts import DeadLetter
-from shared.kafka import AsyncProducer
+from shared.kafka import AsyncProducer, Record
 from shared.topics import DEAD_LETTER
 
 log = structlog.get_logger(__name__)
@@ -20,18 +20,22 @@ class DeadLetters:
         self._service = service
         self._clock = clock
 
-    async def send(
-        self, *, topic: str, partition: int, offset: int, key: str | None, value: bytes, reason: str
-    ) -> None:
-        record = DeadLetter(
+    async def send(self, record: Record, reason: str) -> None:
+        letter = DeadLetter(
             service=self._service,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            key=key,
-            value=value.decode("utf-8", errors="replace"),
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            value=record.value.decode("utf-8", errors="replace"),
             reason=reason,
             at=self._clock.now(),
         )
-        log.warning("dead_letter", topic=topic, partition=partition, offset=offset, reason=reason)
-        await self._producer.send(DEAD_LETTER.name, key, record.to_wire())
+        log.warning(
+            "dead_letter",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+        )
+        await self._producer.send(DEAD_LETTER.name, record.key, letter.to_wire())

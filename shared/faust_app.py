@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import faust
 
+from shared.kafka import Record
 from shared.settings import CommonSettings
 
 
@@ -31,4 +33,18 @@ def build_faust_app(app_id: str, settings: CommonSettings, *, data_dir: Path) ->
         broker_heartbeat_interval=2.0,
         table_cleanup_interval=30.0,
         autodiscover=False,
+    )
+
+
+def record_of(event: Any) -> Record:
+    """A Faust stream event as the library-neutral `Record` (raw key and value bytes)."""
+    message = event.message
+    key = message.key.decode() if isinstance(message.key, bytes) else None
+    value = event.value if isinstance(event.value, bytes) else b""
+    return Record(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=key,
+        value=value,
     )

@@ -59,13 +59,13 @@ class Dispatcher:
             try:
                 request = SendRequest.model_validate_json(record.value)
             except ValidationError as exc:
-                await self._dead_letter(record, f"undecodable send request: {exc}")
+                await self.dead_letters.send(record, f"undecodable send request: {exc}")
                 return
             try:
                 await self.handle(request)
             except Exception as exc:
                 log.exception("dispatcher.failed", message_id=request.message_id)
-                await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
+                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
 
     async def handle(self, request: SendRequest) -> None:
         """Deliver one request at most once (marketing) or at least once (transactional)."""
@@ -130,14 +130,4 @@ class Dispatcher:
         await self.producer.send(EVENTS.name, event.contact_key, event.to_wire())
         log.info(
             "dispatcher.outcome", message_id=request.message_id, state=state, reason=outcome.reason
-        )
-
-    async def _dead_letter(self, record: Record, reason: str) -> None:
-        await self.dead_letters.send(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key,
-            value=record.value,
-            reason=reason,
         )

@@ -122,7 +122,10 @@ def create_app(
             source = source_of(request, payload.get("writeKey"))
             call = parse_call(payload, call_type)
             event = to_event(
-                call, message_id=new_message_id(), received_at=clock.now(), source=source
+                call,
+                message_id=call.message_id or new_message_id(),
+                received_at=clock.now(),
+                source=source,
             )
             await publish([event])
             return {"success": True}
@@ -179,7 +182,12 @@ def create_app(
             merged = {**item, "context": {**parsed.context, **item_context}}
             call = parse_call(merged, str(call_type), prefix=f"batch[{index}].")
             events.append(
-                to_event(call, message_id=new_message_id(), received_at=received_at, source=source)
+                to_event(
+                    call,
+                    message_id=call.message_id or new_message_id(),
+                    received_at=received_at,
+                    source=source,
+                )
             )
         await publish(events)
         return {"success": True}

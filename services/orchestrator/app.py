@@ -28,6 +28,7 @@ from services.orchestrator.settings import OrchestratorSettings
 from shared.clock import Clock
 from shared.contracts import ContactEvent, TimerFired
 from shared.deadletter import DeadLetters
+from shared.faust_app import record_of
 from shared.kafka import AsyncProducer
 from shared.topics import CONTACT_EVENTS, JOURNEY_LOG, SEND_REQUESTS, TIMERS
 
@@ -67,33 +68,17 @@ class Orchestrator:
 
     async def _process(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            message = event.message
-            key = message.key.decode() if isinstance(message.key, bytes) else None
-            value = event.value if isinstance(event.value, bytes) else b""
+            record = record_of(event)
             try:
-                stimulus = _decode(message.topic, value)
+                stimulus = _decode(record.topic, record.value)
             except ValidationError as exc:
-                await self.dead_letters.send(
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    key=key,
-                    value=value,
-                    reason=f"undecodable: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}",
-                )
+                await self.dead_letters.send(record, f"undecodable: {exc}")
                 continue
             try:
                 await self.handle(stimulus)
             except Exception as exc:
-                log.exception("orchestrator.stimulus_failed", key=key)
-                await self.dead_letters.send(
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    key=key,
-                    value=value,
-                    reason=f"{type(exc).__name__}: {exc}",
-                )
+                log.exception("orchestrator.stimulus_failed", key=record.key)
+                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
 
     async def handle(self, stimulus: Stimulus) -> None:
         key = _contact_key(stimulus)

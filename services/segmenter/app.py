@@ -15,6 +15,7 @@ from services.segmenter.settings import SegmenterSettings
 from shared.clock import Clock
 from shared.contracts import ContactEvent, Event, Profile
 from shared.deadletter import DeadLetters
+from shared.faust_app import record_of
 from shared.kafka import AsyncProducer
 from shared.topics import CONTACT_EVENTS, EVENTS, PROFILES
 
@@ -46,34 +47,18 @@ class Segmenter:
 
     async def _process(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            message = event.message
-            key = message.key.decode() if isinstance(message.key, bytes) else None
-            value = event.value if isinstance(event.value, bytes) else b""
+            record = record_of(event)
             try:
-                incoming = Event.model_validate_json(value)
+                incoming = Event.model_validate_json(record.value)
                 incoming.contact_key  # noqa: B018 - raises when the event has no contact key
             except (ValidationError, ValueError) as exc:
-                await self.dead_letters.send(
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    key=key,
-                    value=value,
-                    reason=f"undecodable event: {exc}",
-                )
+                await self.dead_letters.send(record, f"undecodable event: {exc}")
                 continue
             try:
                 await self.handle(incoming)
             except Exception as exc:
-                log.exception("segmenter.event_failed", key=key)
-                await self.dead_letters.send(
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    key=key,
-                    value=value,
-                    reason=f"{type(exc).__name__}: {exc}",
-                )
+                log.exception("segmenter.event_failed", key=record.key)
+                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
 
     async def handle(self, event: Event) -> None:
         key = event.contact_key.encode()
