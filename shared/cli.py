@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from pymongo import MongoClient
 
 from shared.clock import SystemClock
+from shared.definitions import PublishedJourneys
 from shared.journeys import (
     DefinitionProblem,
     JourneyFile,
@@ -21,7 +22,7 @@ from shared.journeys import (
     check_journey,
     definition_key,
 )
-from shared.kafka import CompactedTopicView, ensure_topics, wait_for_broker
+from shared.kafka import ensure_topics, wait_for_broker
 from shared.settings import CommonSettings
 from shared.topics import ALL_TOPICS, DEFINITIONS
 
@@ -73,12 +74,10 @@ def publish(settings: CommonSettings, files: list[Path]) -> int:
     parsed = [load_journey_file(path) for path in files]
     wait_for_broker(settings.kafka_bootstrap)
     ensure_topics(settings.kafka_bootstrap, settings.topic_partitions, settings.topic_replication)
-    view = CompactedTopicView(settings.kafka_bootstrap, DEFINITIONS.name)
-    view.start()
-    if not view.wait_caught_up(60):
-        raise TimeoutError("could not read the definitions topic")
-    existing = view.snapshot()
-    view.stop()
+    followed = PublishedJourneys(settings.kafka_bootstrap)
+    followed.start(timeout=60)
+    existing = {p.key: p for p in followed.all()}
+    followed.stop()
 
     now = SystemClock().now()
     mongo: MongoClient[dict[str, Any]] = MongoClient(settings.mongo_url, tz_aware=True)
@@ -91,8 +90,7 @@ def publish(settings: CommonSettings, files: list[Path]) -> int:
             journey = journey_file.journey
             key = definition_key(journey.id, journey.version)
             if key in existing:
-                current = PublishedJourney.model_validate_json(existing[key])
-                if current.journey != journey:
+                if existing[key].journey != journey:
                     raise DefinitionError(
                         f"journey '{journey.id}' version {journey.version} is already published "
                         "and published versions are immutable: raise `version` to change it"

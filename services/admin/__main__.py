@@ -5,24 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from typing import Any
 
 import uvicorn
-from pymongo.asynchronous.database import AsyncDatabase
 
-from services.admin.adapters.analytics import JourneyLogStore, follow_journey_log
-from services.admin.adapters.catalog import PublishedJourneys
+from services.admin.adapters.analytics import (
+    JourneyLogStore,
+    follow_journey_log,
+    message_states,
+)
 from services.admin.app import create_app
 from services.admin.settings import AdminSettings
+from shared.definitions import PublishedJourneys
 from shared.docstore import connect, database
 from shared.kafka import ConsumerLoop, topic_record_count, wait_for_broker
 from shared.logs import configure_logging
 from shared.topics import EVENTS, JOURNEY_LOG
-
-
-async def _message_counts(db: AsyncDatabase[dict[str, Any]]) -> dict[str, int]:
-    cursor = await db["messages"].aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
-    return {str(row["_id"]): int(row["n"]) async for row in cursor}
 
 
 async def serve(settings: AdminSettings) -> None:
@@ -41,7 +38,7 @@ async def serve(settings: AdminSettings) -> None:
         settings,
         journeys,
         store,
-        functools.partial(_message_counts, db),
+        functools.partial(message_states, db),
         functools.partial(topic_record_count, settings.kafka_bootstrap, EVENTS.name),
     )
     stop = asyncio.Event()

@@ -14,8 +14,8 @@ from fastapi import Depends, FastAPI, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.admin.adapters.analytics import JourneyLogStore
-from services.admin.adapters.catalog import PublishedJourneys
 from services.admin.settings import AdminSettings
+from shared.definitions import PublishedJourneys
 
 # Module level: route annotations are resolved against module globals.
 _bearer = HTTPBearer(auto_error=False)

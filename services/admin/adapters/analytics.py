@@ -49,6 +49,12 @@ class JourneyLogStore:
         return result
 
 
+async def message_states(db: AsyncDatabase[dict[str, Any]]) -> dict[str, int]:
+    """How many ledger entries are in each state (the dispatcher's `messages` collection)."""
+    cursor = await db["messages"].aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
+    return {str(row["_id"]): int(row["n"]) async for row in cursor}
+
+
 async def follow_journey_log(
     consumer: ConsumerLoop, store: JourneyLogStore, stop: asyncio.Event
 ) -> None:

@@ -1,0 +1,50 @@
+"""Published journey versions, followed from the compacted definitions topic by every reader."""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+from pydantic import ValidationError
+
+from shared.journeys import PublishedJourney
+from shared.kafka import CompactedTopicView
+from shared.topics import DEFINITIONS
+
+log = structlog.get_logger(__name__)
+
+
+class PublishedJourneys:
+    """Every published version, decoded; `changed()` says when to rebuild what is derived."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self._changed = threading.Event()
+        self._changed.set()
+        self._view = CompactedTopicView(
+            bootstrap, DEFINITIONS.name, on_change=lambda _k, _v: self._changed.set()
+        )
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start following; with a timeout, block until the topic was read to its end."""
+        self._view.start()
+        if timeout is not None and not self._view.wait_caught_up(timeout):
+            raise TimeoutError("definitions topic not read to its end in time")
+
+    def stop(self) -> None:
+        self._view.stop()
+
+    def changed(self) -> bool:
+        """True once after each change (and initially)."""
+        if self._changed.is_set():
+            self._changed.clear()
+            return True
+        return False
+
+    def all(self) -> list[PublishedJourney]:
+        journeys = []
+        for key, raw in self._view.snapshot().items():
+            try:
+                journeys.append(PublishedJourney.model_validate_json(raw))
+            except ValidationError as exc:
+                log.error("definitions.invalid", key=key, error=str(exc))
+        return sorted(journeys, key=lambda p: (p.journey.id, p.journey.version))
