@@ -85,8 +85,8 @@ class Orchestrator:
         raw = self.contacts.get(key.encode())
         state = ContactState.model_validate_json(raw) if raw else None
         decision = decide(state, stimulus, self.catalog.current(), self.clock.now())
-        if not decision.commands and state is not None:
-            return
+        if not decision.commands and decision.state == state:
+            return  # nothing to publish and nothing to store (a stale timer, an ignored event)
         records: list[tuple[str, str | None, bytes]] = []
         for command in decision.commands:
             if isinstance(command, RequestSend):

@@ -120,3 +120,22 @@ def test_orchestrator_killed_while_waiting_still_sends_the_reminder_once(
     wait_drained(stack)
     subjects = sorted(m["subject"] for m in outbox(stack, to=email))
     assert subjects == ["Reminder for Dan", "Welcome Dan"]
+
+
+def test_a_waiting_instance_sends_with_the_latest_profile(stack: Any, tmp_path: Path) -> None:
+    journey = unique("fresh-profile")
+    trigger = f"Trial Started {journey}"
+    publish_journey(stack, write_journey(tmp_path, journey, trigger, "6s"))
+    user = unique("eve")
+    email = f"{user}@example.com"
+    post(stack, "identify", {"userId": user, "traits": {"email": email, "first_name": "Eve"}})
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+    wait_for(lambda: outbox(stack, to=email), what="the welcome email")
+
+    renamed = post(stack, "identify", {"userId": user, "traits": {"first_name": "Evelyn"}})
+    assert renamed.status_code == 200
+
+    reminder = wait_for(
+        lambda: outbox(stack, to=email, subject_contains="Reminder"), what="the reminder"
+    )
+    assert reminder[0]["subject"] == "Reminder for Evelyn"
