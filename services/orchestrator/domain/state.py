@@ -82,11 +82,19 @@ class ScheduleTimer:
 
 
 @dataclass(frozen=True)
+class CancelTimer:
+    """The instance no longer waits (it moved on or ended): drop its durable timer."""
+
+    contact_key: str
+    instance_id: str
+
+
+@dataclass(frozen=True)
 class AppendLog:
     record: JourneyLogRecord
 
 
-Command = RequestSend | ScheduleTimer | AppendLog
+Command = RequestSend | ScheduleTimer | CancelTimer | AppendLog
 
 
 @dataclass(frozen=True)
