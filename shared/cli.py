@@ -5,23 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import yaml
 from confluent_kafka import Producer
-from pydantic import ValidationError
 from pymongo import MongoClient
 
 from shared.clock import SystemClock
 from shared.definitions import PublishedJourneys
-from shared.journeys import (
-    DefinitionProblem,
-    JourneyFile,
-    PublishedJourney,
-    check_journey,
-    definition_key,
-)
+from shared.journey_checks import parse_journey_file
+from shared.journeys import JourneyFile, PublishedJourney, definition_key
 from shared.kafka import ensure_topics, wait_for_broker
 from shared.settings import CommonSettings
 from shared.topics import ALL_TOPICS, DEFINITIONS
@@ -31,7 +26,7 @@ class DefinitionError(Exception):
     """A definition file that cannot be published, with every problem found."""
 
 
-def load_journey_file(path: Path) -> JourneyFile:
+def load_journey_file(path: Path, known_templates: Collection[str] = ()) -> JourneyFile:
     """Parse and validate a YAML or JSON definition file; raise with every problem named."""
     try:
         raw: Any = (
@@ -41,32 +36,10 @@ def load_journey_file(path: Path) -> JourneyFile:
         )
     except (OSError, yaml.YAMLError, json.JSONDecodeError) as exc:
         raise DefinitionError(f"{path}: cannot read: {exc}") from exc
-    if not isinstance(raw, dict) or not isinstance(raw.get("journey"), dict):
-        raise DefinitionError(f"{path}: the file must hold a mapping with a `journey` mapping")
-    journey_id = str(raw["journey"].get("id", "?"))
-    try:
-        parsed = JourneyFile.model_validate(raw)
-    except ValidationError as exc:
-        problems = [_problem_from_error(journey_id, raw, e) for e in exc.errors()]
-        raise DefinitionError("\n".join(f"{path}: {p}" for p in problems)) from exc
-    problems = check_journey(parsed)
-    if problems:
+    parsed, problems = parse_journey_file(raw, known_templates)
+    if parsed is None:
         raise DefinitionError("\n".join(f"{path}: {p}" for p in problems))
     return parsed
-
-
-def _problem_from_error(journey_id: str, raw: Any, error: Any) -> DefinitionProblem:
-    loc = list(error["loc"])
-    step = None
-    if len(loc) >= 3 and loc[:2] == ["journey", "steps"] and isinstance(loc[2], int):
-        try:
-            step = raw["journey"]["steps"][loc[2]].get("id") or f"#{loc[2] + 1}"
-        except (KeyError, IndexError, TypeError, AttributeError):
-            step = f"#{loc[2] + 1}"
-    field = ".".join(str(part) for part in loc)
-    return DefinitionProblem(
-        journey=journey_id, step=step, rule=error["type"], message=f"{field}: {error['msg']}"
-    )
 
 
 def publish(settings: CommonSettings, files: list[Path]) -> int:

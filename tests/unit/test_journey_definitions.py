@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from shared.cli import DefinitionError, load_journey_file
-from shared.journeys import DefinitionProblem, JourneyFile, check_journey, parse_duration
+from shared.durations import parse_duration
+from shared.journey_checks import DefinitionProblem, check_journey
+from shared.journeys import JourneyFile
 
 WELCOME_FILE = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "welcome.yaml"
 
@@ -228,7 +230,7 @@ def test_a_missing_field_names_the_step_and_field(tmp_path: Path) -> None:
     message = load_error(path)
 
     assert "journey 'onboarding', step 'hello'" in message
-    assert "journey.steps.0.send.template: Field required" in message
+    assert "journey.steps.0.send: Value error, a send needs `template`" in message
 
 
 def test_a_step_without_an_id_is_named_by_its_position(tmp_path: Path) -> None:

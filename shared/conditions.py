@@ -1,0 +1,328 @@
+"""The one condition model of Waypost: journey triggers, branches, exit rules and segments.
+
+A condition is a tree of `all` / `any` / `not` over comparisons of one field with a value, with
+another field (`value_from`), or with a time relative to now (`ago`). Fields are dotted paths
+into `Facts`: traits, tags, segments, consent, aggregates, the current event and the instance
+context. Evaluation is pure and typed: `true` never equals `1`, and a missing field or a value
+of the wrong type makes a comparison false rather than raising.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.durations import parse_duration
+
+ROOTS = ("traits", "tags", "segments", "consent", "aggregates", "event", "context", "contact")
+_PATH = re.compile(r"^[A-Za-z_$][\w$\-]*(\.[^.\s]+)*$")
+
+Operator = Literal[
+    "eq",
+    "ne",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "in",
+    "not_in",
+    "contains",
+    "not_contains",
+    "exists",
+    "not_exists",
+    "starts_with",
+    "before",
+    "after",
+]
+_UNARY = {"exists", "not_exists"}
+_TIME = {"before", "after"}
+
+
+class _Node(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class Compare(_Node):
+    """`field op value`; `value_from` compares with another field, `ago` with now minus it.
+
+    `{field: aggregates.last_order_at, op: before, ago: 90d}` reads "more than 90 days ago";
+    `op: after, ago: 7d` reads "within the last 7 days".
+    """
+
+    field: str
+    op: Operator = "eq"
+    value: Any = None
+    value_from: str | None = None
+    ago: str | None = None
+
+    @field_validator("field", "value_from")
+    @classmethod
+    def _path_shape(cls, path: str | None) -> str | None:
+        if path is None:
+            return None
+        if not _PATH.match(path) or path.split(".")[0] not in ROOTS:
+            raise ValueError(f"'{path}' is not a field; fields start with one of {', '.join(ROOTS)}")
+        return path
+
+    @field_validator("ago")
+    @classmethod
+    def _ago_shape(cls, ago: str | None) -> str | None:
+        if ago is not None:
+            parse_duration(ago)
+        return ago
+
+    @model_validator(mode="after")
+    def _operands(self) -> Compare:
+        given = [
+            name
+            for name, present in (
+                ("value", self.value is not None),
+                ("value_from", self.value_from is not None),
+                ("ago", self.ago is not None),
+            )
+            if present
+        ]
+        if self.op in _UNARY:
+            if given:
+                raise ValueError(f"'{self.op}' takes no value")
+        elif len(given) != 1:
+            raise ValueError(f"'{self.op}' needs exactly one of value, value_from or ago")
+        if self.ago is not None and self.op not in _TIME:
+            raise ValueError("'ago' goes with op before or after")
+        if self.op in {"in", "not_in"} and self.value is not None:
+            if not isinstance(self.value, list):
+                raise ValueError(f"'{self.op}' needs a list value")
+        return self
+
+
+class HasTag(_Node):
+    """Shorthand for `{field: tags, op: contains, value: <tag>}`."""
+
+    tag: str = Field(min_length=1)
+
+
+class InSegment(_Node):
+    """Shorthand for `{field: segments, op: contains, value: <segment id>}`."""
+
+    segment: str = Field(min_length=1)
+
+
+class All(_Node):
+    all: tuple[Condition, ...] = Field(min_length=1)
+
+
+class AnyOf(_Node):
+    any: tuple[Condition, ...] = Field(min_length=1)
+
+
+class Not(_Node):
+    not_: Condition = Field(alias="not")
+
+
+Condition = Annotated[All | AnyOf | Not | HasTag | InSegment | Compare, Field(union_mode="smart")]
+
+for _model in (All, AnyOf, Not):
+    _model.model_rebuild()
+
+
+def condition_from(spec: Any) -> Condition:
+    """Validate a plain dict (from YAML/JSON) into a condition tree."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Condition).validate_python(spec)  # type: ignore[no-any-return]
+
+
+class Facts:
+    """What a condition can read, by root. Missing roots read as absent."""
+
+    def __init__(self, roots: Mapping[str, Any]) -> None:
+        self._roots = roots
+
+    def read(self, path: str) -> tuple[bool, Any]:
+        """(found, value) for a dotted path; list elements by index."""
+        head, *rest = path.split(".")
+        if head not in self._roots:
+            return False, None
+        value: Any = self._roots[head]
+        for part in rest:
+            if isinstance(value, Mapping) and part in value:
+                value = value[part]
+            elif isinstance(value, list | tuple) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                return False, None
+        return value is not None, value
+
+
+def evaluate(condition: Condition, facts: Facts, now: datetime) -> bool:
+    """Whether the condition holds for these facts at `now`."""
+    if isinstance(condition, All):
+        return all(evaluate(c, facts, now) for c in condition.all)
+    if isinstance(condition, AnyOf):
+        return any(evaluate(c, facts, now) for c in condition.any)
+    if isinstance(condition, Not):
+        return not evaluate(condition.not_, facts, now)
+    if isinstance(condition, HasTag):
+        return _contains(facts.read("tags")[1], condition.tag)
+    if isinstance(condition, InSegment):
+        return _contains(facts.read("segments")[1], condition.segment)
+    return _compare(condition, facts, now)
+
+
+def reads(condition: Condition) -> Iterator[str]:
+    """Every field path the condition reads (for checks such as 'nobody writes this context')."""
+    if isinstance(condition, All | AnyOf):
+        for child in condition.all if isinstance(condition, All) else condition.any:
+            yield from reads(child)
+    elif isinstance(condition, Not):
+        yield from reads(condition.not_)
+    elif isinstance(condition, HasTag):
+        yield "tags"
+    elif isinstance(condition, InSegment):
+        yield "segments"
+    else:
+        yield condition.field
+        if condition.value_from is not None:
+            yield condition.value_from
+
+
+def next_change(condition: Condition, facts: Facts, now: datetime) -> datetime | None:
+    """The earliest instant after `now` at which a relative-time comparison flips, else None.
+
+    Only time moves these instants; any other change arrives as an event. The segmenter arms one
+    timer per contact at this instant instead of scanning everyone periodically.
+    """
+    instants: list[datetime] = []
+    for compare in _relative_comparisons(condition):
+        found, raw = facts.read(compare.field)
+        moment = _as_datetime(raw) if found else None
+        if moment is None or compare.ago is None:
+            continue
+        flips_at = moment + parse_duration(compare.ago)
+        if flips_at > now:
+            instants.append(flips_at)
+    return min(instants, default=None)
+
+
+def _relative_comparisons(condition: Condition) -> Iterator[Compare]:
+    if isinstance(condition, All | AnyOf):
+        for child in condition.all if isinstance(condition, All) else condition.any:
+            yield from _relative_comparisons(child)
+    elif isinstance(condition, Not):
+        yield from _relative_comparisons(condition.not_)
+    elif isinstance(condition, Compare) and condition.ago is not None:
+        yield condition
+
+
+def _compare(compare: Compare, facts: Facts, now: datetime) -> bool:
+    found, left = facts.read(compare.field)
+    if compare.op == "exists":
+        return found
+    if compare.op == "not_exists":
+        return not found
+    if compare.ago is not None:
+        right: Any = now - parse_duration(compare.ago)
+    elif compare.value_from is not None:
+        right_found, right = facts.read(compare.value_from)
+        if not right_found:
+            return compare.op in {"ne", "not_in", "not_contains"} and found
+    else:
+        right = compare.value
+    if not found:
+        # An absent field differs from every value and contains nothing.
+        return compare.op in {"ne", "not_in", "not_contains"}
+    return _apply(compare.op, left, right)
+
+
+def _apply(op: str, left: Any, right: Any) -> bool:
+    if op == "eq":
+        return _same(left, right)
+    if op == "ne":
+        return not _same(left, right)
+    if op == "in":
+        return isinstance(right, list | tuple) and any(_same(left, r) for r in right)
+    if op == "not_in":
+        return isinstance(right, list | tuple) and not any(_same(left, r) for r in right)
+    if op == "contains":
+        return _contains(left, right)
+    if op == "not_contains":
+        return not _contains(left, right)
+    if op == "starts_with":
+        return isinstance(left, str) and isinstance(right, str) and left.startswith(right)
+    if op in _TIME:
+        left_time, right_time = _as_datetime(left), _as_datetime(right)
+        if left_time is None or right_time is None:
+            return False
+        return left_time < right_time if op == "before" else left_time > right_time
+    return _order(op, left, right)
+
+
+def _order(op: str, left: Any, right: Any) -> bool:
+    pair = _comparable(left, right)
+    if pair is None:
+        return False
+    a, b = pair
+    if op == "gt":
+        return bool(a > b)
+    if op == "gte":
+        return bool(a >= b)
+    if op == "lt":
+        return bool(a < b)
+    return bool(a <= b)
+
+
+def _comparable(left: Any, right: Any) -> tuple[Any, Any] | None:
+    if _is_number(left) and _is_number(right):
+        return left, right
+    if isinstance(left, str) and isinstance(right, str):
+        left_time, right_time = _as_datetime(left), _as_datetime(right)
+        if left_time is not None and right_time is not None:
+            return left_time, right_time
+        return left, right
+    left_time, right_time = _as_datetime(left), _as_datetime(right)
+    if left_time is not None and right_time is not None:
+        return left_time, right_time
+    return None
+
+
+def _same(left: Any, right: Any) -> bool:
+    if isinstance(left, bool) or isinstance(right, bool):
+        return isinstance(left, bool) and isinstance(right, bool) and left is right
+    if _is_number(left) and _is_number(right):
+        return bool(left == right)
+    if type(left) is not type(right):
+        left_time, right_time = _as_datetime(left), _as_datetime(right)
+        return left_time is not None and left_time == right_time
+    return bool(left == right)
+
+
+def _contains(container: Any, item: Any) -> bool:
+    if isinstance(container, str):
+        return isinstance(item, str) and item in container
+    if isinstance(container, Mapping):
+        return isinstance(item, str) and bool(container.get(item))
+    if isinstance(container, list | tuple | set | frozenset):
+        return any(_same(element, item) for element in container)
+    return False
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str) and len(value) >= 10 and value[4] == "-":
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    else:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
