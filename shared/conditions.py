@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.contracts import Event, Profile
 from shared.durations import parse_duration
 
 ROOTS = ("traits", "tags", "segments", "consent", "aggregates", "event", "context", "contact")
@@ -65,7 +66,9 @@ class Compare(_Node):
         if path is None:
             return None
         if not _PATH.match(path) or path.split(".")[0] not in ROOTS:
-            raise ValueError(f"'{path}' is not a field; fields start with one of {', '.join(ROOTS)}")
+            raise ValueError(
+                f"'{path}' is not a field; fields start with one of {', '.join(ROOTS)}"
+            )
         return path
 
     @field_validator("ago")
@@ -93,9 +96,8 @@ class Compare(_Node):
             raise ValueError(f"'{self.op}' needs exactly one of value, value_from or ago")
         if self.ago is not None and self.op not in _TIME:
             raise ValueError("'ago' goes with op before or after")
-        if self.op in {"in", "not_in"} and self.value is not None:
-            if not isinstance(self.value, list):
-                raise ValueError(f"'{self.op}' needs a list value")
+        if self.op in {"in", "not_in"} and not isinstance(self.value, list | None):
+            raise ValueError(f"'{self.op}' needs a list value")
         return self
 
 
@@ -133,7 +135,7 @@ def condition_from(spec: Any) -> Condition:
     """Validate a plain dict (from YAML/JSON) into a condition tree."""
     from pydantic import TypeAdapter
 
-    return TypeAdapter(Condition).validate_python(spec)  # type: ignore[no-any-return]
+    return TypeAdapter(Condition).validate_python(spec)
 
 
 class Facts:
@@ -199,7 +201,7 @@ def next_change(condition: Condition, facts: Facts, now: datetime) -> datetime |
     instants: list[datetime] = []
     for compare in _relative_comparisons(condition):
         found, raw = facts.read(compare.field)
-        moment = _as_datetime(raw) if found else None
+        moment = as_datetime(raw) if found else None
         if moment is None or compare.ago is None:
             continue
         flips_at = moment + parse_duration(compare.ago)
@@ -254,7 +256,7 @@ def _apply(op: str, left: Any, right: Any) -> bool:
     if op == "starts_with":
         return isinstance(left, str) and isinstance(right, str) and left.startswith(right)
     if op in _TIME:
-        left_time, right_time = _as_datetime(left), _as_datetime(right)
+        left_time, right_time = as_datetime(left), as_datetime(right)
         if left_time is None or right_time is None:
             return False
         return left_time < right_time if op == "before" else left_time > right_time
@@ -279,11 +281,11 @@ def _comparable(left: Any, right: Any) -> tuple[Any, Any] | None:
     if _is_number(left) and _is_number(right):
         return left, right
     if isinstance(left, str) and isinstance(right, str):
-        left_time, right_time = _as_datetime(left), _as_datetime(right)
+        left_time, right_time = as_datetime(left), as_datetime(right)
         if left_time is not None and right_time is not None:
             return left_time, right_time
         return left, right
-    left_time, right_time = _as_datetime(left), _as_datetime(right)
+    left_time, right_time = as_datetime(left), as_datetime(right)
     if left_time is not None and right_time is not None:
         return left_time, right_time
     return None
@@ -295,7 +297,7 @@ def _same(left: Any, right: Any) -> bool:
     if _is_number(left) and _is_number(right):
         return bool(left == right)
     if type(left) is not type(right):
-        left_time, right_time = _as_datetime(left), _as_datetime(right)
+        left_time, right_time = as_datetime(left), as_datetime(right)
         return left_time is not None and left_time == right_time
     return bool(left == right)
 
@@ -314,7 +316,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _as_datetime(value: Any) -> datetime | None:
+def as_datetime(value: Any) -> datetime | None:
+    """A datetime or ISO-8601 string as an aware datetime (UTC when no zone given), else None."""
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, str) and len(value) >= 10 and value[4] == "-":
@@ -326,3 +329,44 @@ def _as_datetime(value: Any) -> datetime | None:
         return None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
+
+def facts_of(
+    profile: Profile | None,
+    *,
+    event: Event | None = None,
+    context: Mapping[str, Any] | None = None,
+) -> Facts:
+    """The facts of a contact (its profile), the event at hand and an instance's context."""
+    roots: dict[str, Any] = {}
+    if profile is not None:
+        roots.update(
+            traits=profile.traits,
+            tags=profile.tags,
+            segments=profile.segments,
+            consent=profile.consent,
+            aggregates=profile.aggregates,
+            contact={
+                "key": profile.contact_key,
+                "user_id": profile.user_id,
+                "first_seen": profile.first_seen,
+                "last_seen": profile.last_seen,
+                "event_counts": profile.event_counts,
+            },
+        )
+    if event is not None:
+        roots["event"] = event_facts(event)
+    if context is not None:
+        roots["context"] = context
+    return Facts(roots)
+
+
+def event_facts(event: Event) -> dict[str, Any]:
+    """An event as conditions and templates read it (also what an instance context keeps)."""
+    return {
+        "name": event.label,
+        "type": event.type,
+        "message_id": event.message_id,
+        "timestamp": event.timestamp.isoformat(),
+        "properties": dict(event.properties),
+        "traits": dict(event.traits),
+    }

@@ -67,9 +67,7 @@ def parse_journey_file(
         errors = exc.errors()
         # A list whose items failed is also reported as too short: keep only the item errors.
         nested = {tuple(e["loc"][:n]) for e in errors for n in range(1, len(e["loc"]))}
-        errors = [
-            e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in nested)
-        ]
+        errors = [e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in nested)]
         return None, [_problem_from_error(journey_id, raw, e) for e in errors]
     problems = check_journey(parsed, known_templates)
     return (None, problems) if problems else (parsed, [])
@@ -149,7 +147,9 @@ def _references(step: Any) -> Iterator[tuple[str, str]]:
                 yield f"variants.{variant.name}.next", variant.next
 
 
-def _check_send(journey_file: JourneyFile, step: SendStep, known: Collection[str], problem: Any) -> None:
+def _check_send(
+    journey_file: JourneyFile, step: SendStep, known: Collection[str], problem: Any
+) -> None:
     channels = [choice.channel for choice in step.choices]
     if len(set(channels)) < len(channels):
         problem(step.id, "unique-channels", "a channel appears twice in the priority list")
@@ -178,9 +178,7 @@ def _reachable(journey: Journey) -> set[str]:
 
 def _step_in_unbounded_loop(journey: Journey) -> str | None:
     """A step on a cycle that neither waits nor passes a bounded goto (it would spin), or None."""
-    stops = {
-        s.id for s in journey.steps if isinstance(s, WAITING_STEPS) or isinstance(s, GotoStep)
-    }
+    stops = {s.id for s in journey.steps if isinstance(s, (*WAITING_STEPS, GotoStep))}
     # Depth-first search for a cycle in the graph without the stopping steps.
     state: dict[str, int] = {}
 

@@ -339,7 +339,9 @@ class WaitStep(_Step):
     def _one_kind(self) -> WaitStep:
         kinds = [self.duration, self.until, self.until_time, self.until_attribute]
         if sum(k is not None for k in kinds) != 1:
-            raise ValueError("a wait needs exactly one of duration, until, until_time or until_attribute")
+            raise ValueError(
+                "a wait needs exactly one of duration, until, until_time or until_attribute"
+            )
         if self.offset is not None and self.until_attribute is None:
             raise ValueError("`offset` goes with until_attribute")
         return self
@@ -600,11 +602,11 @@ class Journey(_Definition):
         if isinstance(step, ExitStep):
             return []
         following = self.next_of(step_id)
-        targets: list[str | None] = []
+        targets: list[str | None]
         if isinstance(step, WaitForEventStep):
             targets = [step.on_event or following, step.on_timeout or following]
         elif isinstance(step, BranchStep):
-            targets = [arm.next for arm in step.arms] + [step.otherwise or following]
+            targets = [*(arm.next for arm in step.arms), step.otherwise or following]
         elif isinstance(step, SplitStep):
             targets = [v.next or following for v in step.variants]
         elif isinstance(step, GotoStep):

@@ -29,6 +29,9 @@ CONTACT_COMMANDS = Topic(
 PROFILES = Topic("waypost.profiles.v1", "latest profile per contact", compacted=True)
 SEND_REQUESTS = Topic("waypost.send-requests.v1", "messages the dispatcher must deliver")
 TIMERS = Topic("waypost.timers.v1", "due orchestrator timers, fed back to the contact's partition")
+WEBHOOK_RESULTS = Topic(
+    "waypost.webhook-results.v1", "answers of webhook steps, fed back to the contact's partition"
+)
 JOURNEY_LOG = Topic("waypost.journey-log.v1", "journey instance history: entered, waiting, exited")
 DEFINITIONS = Topic(
     "waypost.definitions.v1",
@@ -50,6 +53,7 @@ ALL_TOPICS: tuple[Topic, ...] = (
     PROFILES,
     SEND_REQUESTS,
     TIMERS,
+    WEBHOOK_RESULTS,
     JOURNEY_LOG,
     DEFINITIONS,
     DEAD_LETTER,

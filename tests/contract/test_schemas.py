@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from shared.cli import load_journey_file
 from shared.contracts import (
+    ContactCommand,
     ContactEvent,
     DeadLetter,
     Event,
@@ -34,6 +35,8 @@ from shared.contracts import (
     Profile,
     SendRequest,
     TimerFired,
+    WebhookCall,
+    WebhookResult,
     WireModel,
 )
 from shared.journeys import JourneyFile, PublishedJourney
@@ -49,6 +52,9 @@ PINNED_MODELS: tuple[type[BaseModel], ...] = (
     ContactEvent,
     SendRequest,
     TimerFired,
+    ContactCommand,
+    WebhookCall,
+    WebhookResult,
     JourneyLogRecord,
     DeadLetter,
     PublishedJourney,
@@ -160,6 +166,36 @@ def _samples() -> dict[str, BaseModel]:
         ),
         TimerFired(
             contact_key="user-1", timer_id="t-1", instance_id="inst-1", due_at=T0, fired_at=T0
+        ),
+        ContactCommand(
+            command_id="c-1",
+            contact_key="user-1",
+            kind="add_tag",
+            tag="first order",
+            journey_id="welcome",
+            instance_id="inst-1",
+            step_id="tag",
+            at=T0,
+        ),
+        WebhookCall(
+            call_id="w-1",
+            contact_key="user-1",
+            instance_id="inst-1",
+            step_id="notify",
+            method="POST",
+            url="http://127.0.0.1:9/hook",
+            body={"contact": "user-1"},
+            timeout_seconds=5.0,
+            retries=2,
+        ),
+        WebhookResult(
+            call_id="w-1",
+            contact_key="user-1",
+            instance_id="inst-1",
+            ok=True,
+            status=200,
+            body={"score": 7},
+            at=T0,
         ),
         JourneyLogRecord(
             record_id="r-1",

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.orchestrator.domain.catalog import Catalog
-from services.orchestrator.domain.engine import TIMER_EARLY_TOLERANCE, decide
+from services.orchestrator.domain.engine import PAUSED_RECHECK, TIMER_EARLY_TOLERANCE, decide
 from services.orchestrator.domain.state import (
     AppendLog,
     ContactState,
@@ -460,15 +460,19 @@ def test_paused_journey_admits_no_new_entries() -> None:
     assert decision.state.instances == {}
 
 
-def test_paused_journey_still_runs_an_instance_that_entered_before() -> None:
+def test_paused_journey_holds_a_running_instance_and_sends_once_resumed() -> None:
     entered = enter(catalog_of(welcome()))
     paused = Catalog.of([published(welcome(), status="paused")])
     timer = only_timer(entered)
 
-    decision = decide(entered.state, fired(timer), paused, timer.due_at)
+    held = decide(entered.state, fired(timer), paused, timer.due_at)
 
-    assert [r.template_id for r in sends(decision)] == ["trial-reminder"]
-    assert logs(decision)[-1].kind == "exited"
+    assert sends(held) == []
+    recheck = only_timer(held)
+    assert recheck.due_at == timer.due_at + PAUSED_RECHECK
+    resumed = decide(held.state, fired(recheck), catalog_of(welcome()), recheck.due_at)
+    assert [r.template_id for r in sends(resumed)] == ["trial-reminder"]
+    assert logs(resumed)[-1].kind == "exited"
 
 
 def _welcome_v2() -> Journey:

@@ -22,6 +22,15 @@ class Catalog:
         published = self.published.get((journey_id, version))
         return published.journey if published is not None else None
 
+    def status(self, journey_id: str) -> str | None:
+        """The journey's lifecycle status: that of its newest published version."""
+        newest = max(
+            (p for (j, _v), p in self.published.items() if j == journey_id),
+            key=lambda p: p.journey.version,
+            default=None,
+        )
+        return newest.status if newest is not None else None
+
     def open_for_entry(self) -> list[Journey]:
         """The newest active version of each journey; paused and archived ones admit nobody."""
         newest: dict[str, PublishedJourney] = {}

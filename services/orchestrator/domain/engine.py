@@ -1,17 +1,22 @@
 """The journey engine: `decide(state, stimulus, catalog, now) -> Decision`.
 
-Pure: no I/O, no clock, no randomness. Ids derive from hashes of their inputs, so a replayed
-stimulus yields the same commands and consumers can de-duplicate on them.
+Pure: no I/O, no clock, no randomness. Ids, coupon codes, splits, owners and holdouts derive from
+hashes of their inputs, so a replayed stimulus yields the same commands and consumers can
+de-duplicate on them.
 """
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime, timedelta
 from typing import Any
 
 from services.orchestrator.domain.catalog import Catalog
 from services.orchestrator.domain.state import (
     AppendLog,
+    CallWebhook,
+    CancelTimer,
+    ChangeContact,
     Command,
     ContactState,
     Decision,
@@ -22,18 +27,97 @@ from services.orchestrator.domain.state import (
     ScheduleTimer,
     Stimulus,
     TimerDue,
+    TimerPurpose,
+    WebhookAnswered,
 )
-from shared.contracts import Event, JourneyLogKind, JourneyLogRecord, SendRequest
-from shared.ids import stable_id
-from shared.journeys import EventTrigger, ExitStep, Journey, SendStep, WaitStep
+from shared.conditions import (
+    Compare,
+    Condition,
+    as_datetime,
+    evaluate,
+    event_facts,
+    facts_of,
+)
+from shared.contracts import (
+    Channel,
+    ChannelTemplate,
+    ContactCommand,
+    ContactCommandKind,
+    Coupon,
+    Event,
+    JourneyLogKind,
+    JourneyLogRecord,
+    Profile,
+    SendRequest,
+    WebhookCall,
+)
+from shared.durations import (
+    contact_zone,
+    end_of_local_day,
+    in_window,
+    local_day,
+    next_time_of_day,
+    parse_duration,
+    parse_time_of_day,
+)
+from shared.ids import stable_fraction, stable_id
+from shared.journeys import (
+    ATTRIBUTE_CHANGED,
+    AUDIENCE_SELECTED,
+    SEGMENT_ENTERED,
+    SEGMENT_LEFT,
+    TAG_ADDED,
+    AnyStep,
+    AssignOwnerStep,
+    AttributeChangedTrigger,
+    AudienceTrigger,
+    BranchStep,
+    CaptureStep,
+    ChannelChoice,
+    CouponStep,
+    EventTrigger,
+    ExitStep,
+    GotoStep,
+    Journey,
+    ObjectEventTrigger,
+    SegmentTrigger,
+    SendStep,
+    SplitStep,
+    TagAddedTrigger,
+    UpdateContactStep,
+    ValueFrom,
+    WaitForEventStep,
+    WaitStep,
+    WebhookStep,
+)
 
 # A stimulus may run at most this many steps of one instance before it must wait; definitions
-# are checked for loops without waits, this is the engine's own backstop.
+# are checked for unbounded loops, this is the engine's own backstop.
 MAX_STEPS_PER_STIMULUS = 100
 # How many ended instance ids a contact remembers, to ignore replays of their trigger events.
 ENDED_REMEMBERED = 128
 # Timers may fire a little early when clocks of workers disagree; beyond this they are ignored.
 TIMER_EARLY_TOLERANCE = timedelta(seconds=2)
+# A paused journey's instances look again this often (resuming needs no other signal).
+PAUSED_RECHECK = timedelta(minutes=1)
+# Beyond a webhook's own attempts, how long the instance waits before it calls the call failed.
+WEBHOOK_GRACE = timedelta(seconds=30)
+_COUPON_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+# Where a channel's address lives on a profile (any one of the traits makes it reachable).
+CHANNEL_ADDRESSES: dict[Channel, tuple[str, ...]] = {
+    "email": ("email",),
+    "sms": ("phone",),
+    "push": ("push_tokens", "push_token"),
+    "wechat": ("wechat_openid", "wechat_unionid"),
+}
+
+
+class _Waits:
+    """Marker: the instance stopped at a step that resumes later."""
+
+
+_WAIT = _Waits()
+_END = None
 
 
 def decide(
@@ -41,159 +125,556 @@ def decide(
 ) -> Decision:
     """Apply one stimulus to one contact's journeys."""
     if isinstance(stimulus, EventArrived):
-        key = stimulus.contact_event.contact_key
-        current = state or ContactState(contact_key=key)
-        current = current.model_copy(update={"profile": stimulus.contact_event.profile})
-        return _on_event(current, stimulus.contact_event.event, catalog, now)
-    current = state or ContactState(contact_key=stimulus.timer.contact_key)
-    return _on_timer(current, stimulus, catalog, now)
+        contact_event = stimulus.contact_event
+        current = state or ContactState(contact_key=contact_event.contact_key)
+        current = current.model_copy(update={"profile": contact_event.profile})
+        turn = _Turn(current, catalog, now, contact_event.event)
+        turn.on_event(contact_event.event)
+    elif isinstance(stimulus, TimerDue):
+        turn = _Turn(state or ContactState(contact_key=stimulus.timer.contact_key), catalog, now)
+        turn.on_timer(stimulus)
+    else:
+        result = stimulus.result
+        turn = _Turn(state or ContactState(contact_key=result.contact_key), catalog, now)
+        turn.on_webhook(stimulus)
+    return turn.decision(state)
 
 
-def trigger_matches(trigger: EventTrigger, event: Event) -> bool:
-    """The event's name matches and every `where` property equals the given value."""
-    if event.label != trigger.event:
-        return False
-    return all(event.properties.get(name) == value for name, value in trigger.where.items())
+def trigger_matches(journey: Journey, event: Event, profile: Profile | None, now: datetime) -> bool:
+    """Whether this event (for this contact, now) enters the journey's trigger."""
+    trigger = journey.trigger
+    props = event.properties
+    label = event.label
+    if isinstance(trigger, EventTrigger | ObjectEventTrigger):
+        matched = label == trigger.event and _holds(trigger.where, profile, event, None, now)
+    elif isinstance(trigger, SegmentTrigger):
+        wanted = SEGMENT_ENTERED if trigger.on == "entered" else SEGMENT_LEFT
+        matched = label == wanted and props.get("segment") == trigger.segment
+    elif isinstance(trigger, TagAddedTrigger):
+        matched = label == TAG_ADDED and props.get("tag") == trigger.tag
+    elif isinstance(trigger, AttributeChangedTrigger):
+        matched = label == ATTRIBUTE_CHANGED and props.get("attribute") == trigger.attribute
+        if matched and trigger.to is not None:
+            to = Compare(field="event.properties.value", op="eq", value=trigger.to)
+            matched = _holds(to, profile, event, None, now)
+    else:
+        matched = _audience_matches(journey.id, trigger, event, now)
+    return matched and _holds(trigger.condition, profile, event, None, now)
 
 
-def _on_event(state: ContactState, event: Event, catalog: Catalog, now: datetime) -> Decision:
-    commands: list[Command] = []
-    for journey in sorted(catalog.open_for_entry(), key=lambda j: j.id):
-        if not trigger_matches(journey.trigger, event):
+def _audience_matches(
+    journey_id: str, trigger: AudienceTrigger, event: Event, now: datetime
+) -> bool:
+    if event.label == AUDIENCE_SELECTED:
+        return event.properties.get("journey_id") == journey_id
+    return (
+        trigger.mode == "ongoing"
+        and event.label == SEGMENT_ENTERED
+        and event.properties.get("segment") in trigger.segments
+        and trigger.start_at is not None
+        and now >= trigger.start_at
+    )
+
+
+def reachable_channels(
+    profile: Profile | None, choices: tuple[ChannelChoice, ...]
+) -> list[ChannelChoice]:
+    """The choices the contact can receive: an address is known and consent not withdrawn."""
+    if profile is None:
+        return []
+    found = []
+    for choice in choices:
+        if profile.consent.get(choice.channel) is False:
             continue
-        if not _may_enter(state, journey):
-            continue
-        instance_id = stable_id(journey.id, journey.version, state.contact_key, event.message_id)
-        if instance_id in state.instances or instance_id in state.ended:
-            continue
+        if any(profile.traits.get(name) for name in CHANNEL_ADDRESSES[choice.channel]):
+            found.append(choice)
+    return found
+
+
+def _holds(
+    condition: Condition | None,
+    profile: Profile | None,
+    event: Event | None,
+    context: dict[str, Any] | None,
+    now: datetime,
+) -> bool:
+    if condition is None:
+        return True
+    return evaluate(condition, facts_of(profile, event=event, context=context), now)
+
+
+class _Turn:
+    """One decision in progress: the contact's state and the commands so far (local, pure)."""
+
+    def __init__(
+        self, state: ContactState, catalog: Catalog, now: datetime, event: Event | None = None
+    ) -> None:
+        self.state = state
+        self.catalog = catalog
+        self.now = now
+        self.event = event
+        self.commands: list[Command] = []
+        self.scheduled: set[str] = set()
+
+    # --- stimuli ---------------------------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        for instance in sorted(self.state.instances.values(), key=lambda i: i.instance_id):
+            journey = self.catalog.version(instance.journey_id, instance.journey_version)
+            if journey is not None:
+                self._running_sees(instance, journey, event)
+        for journey in sorted(self.catalog.open_for_entry(), key=lambda j: j.id):
+            if trigger_matches(journey, event, self.state.profile, self.now):
+                self._enter(journey, event)
+
+    def on_timer(self, stimulus: TimerDue) -> None:
+        fired = stimulus.timer
+        instance = self.state.instances.get(fired.instance_id)
+        if instance is None or instance.timer is None or instance.timer.timer_id != fired.timer_id:
+            return  # already handled, or the instance moved on: a no-op
+        if instance.timer.due_at - TIMER_EARLY_TOLERANCE > self.now:
+            return
+        journey = self.catalog.version(instance.journey_id, instance.journey_version)
+        if journey is None:
+            return
+        timer = instance.timer
+        instance = instance.model_copy(update={"timer": None})
+        step = journey.step(timer.step_id)
+        if timer.purpose in ("quiet_hours", "paused"):
+            self._run(instance, journey)  # run the held step again
+        elif timer.purpose == "wait":
+            self._log(instance, "step_completed", step.id)
+            self._advance(instance, journey, journey.next_of(step.id))
+        elif timer.purpose == "timeout" and isinstance(step, WaitForEventStep):
+            self._log(instance, "step_completed", step.id, detail="timeout")
+            self._advance(instance, journey, step.on_timeout or journey.next_of(step.id))
+        elif isinstance(step, WebhookStep):
+            answer = {"ok": False, "status": None, "body": None, "error": "no answer in time"}
+            self._webhook_done(instance, journey, step, answer)
+
+    def on_webhook(self, stimulus: WebhookAnswered) -> None:
+        result = stimulus.result
+        instance = self.state.instances.get(result.instance_id)
+        if instance is None or instance.timer is None or instance.timer.purpose != "webhook":
+            return
+        journey = self.catalog.version(instance.journey_id, instance.journey_version)
+        if journey is None:
+            return
+        step = journey.step(instance.timer.step_id)
+        visit = instance.visits.get(step.id, 1) - 1
+        if not isinstance(step, WebhookStep) or result.call_id != _call_id(instance, step, visit):
+            return  # an answer to an earlier call of this step
+        answer = {"ok": result.ok, "status": result.status, "body": result.body}
+        if result.error:
+            answer["error"] = result.error
+        self._webhook_done(instance.model_copy(update={"timer": None}), journey, step, answer)
+
+    # --- entering --------------------------------------------------------------------------
+
+    def _enter(self, journey: Journey, event: Event) -> None:
+        rules = journey.entry
+        key_value: str | None = None
+        if rules.key is not None:
+            value = event.properties.get(rules.key)
+            if value is None:
+                return
+            key_value = str(value)
+        entry_key = journey.id if key_value is None else f"{journey.id}|{key_value}"
+        running = [
+            i
+            for i in self.state.instances.values()
+            if i.journey_id == journey.id and i.key == key_value
+        ]
+        entries = self.state.entries.get(entry_key, 0)
+        if rules.max_entries is not None and entries >= rules.max_entries:
+            return
+        if rules.reentry == "never" and entries > 0:
+            return
+        if running:
+            return
+        last = self.state.last_entered.get(entry_key)
+        if rules.reentry == "cooldown" and last is not None and not self._cooled(journey, last):
+            return
+        key = self.state.contact_key
+        instance_id = stable_id(journey.id, journey.version, key, event.message_id)
+        if instance_id in self.state.instances or instance_id in self.state.ended:
+            return
+        holdout = (
+            rules.holdout > 0 and stable_fraction(journey.id, "holdout", key) * 100 < rules.holdout
+        )
         instance = Instance(
             instance_id=instance_id,
             journey_id=journey.id,
             journey_version=journey.version,
-            contact_key=state.contact_key,
+            contact_key=key,
             step_id=journey.steps[0].id,
-            entered_at=now,
-            context={"trigger": _event_context(event)},
+            entered_at=self.now,
+            key=key_value,
+            holdout=holdout,
+            context={"trigger": event_facts(event), "entered_at": self.now.isoformat()},
         )
-        entries = {**state.entries, journey.id: state.entries.get(journey.id, 0) + 1}
-        state = state.model_copy(update={"entries": entries})
-        commands.append(_log(instance, "entered", now))
-        state, more = _run(state, instance, journey, now)
-        commands.extend(more)
-    return Decision(state, tuple(commands))
+        self.state = self.state.model_copy(
+            update={
+                "entries": {**self.state.entries, entry_key: entries + 1},
+                "last_entered": {**self.state.last_entered, entry_key: self.now},
+            }
+        )
+        self._log(instance, "entered", None, detail=key_value)
+        if holdout:
+            self._log(instance, "holdout", None)
+        self._run(instance, journey)
 
+    def _cooled(self, journey: Journey, last: datetime) -> bool:
+        cooldown = journey.entry.cooldown
+        if cooldown == "local_day":
+            tz = self._zone(journey)
+            return local_day(last, tz) != local_day(self.now, tz)
+        return self.now - last >= parse_duration(cooldown or "0s")
 
-def _may_enter(state: ContactState, journey: Journey) -> bool:
-    if journey.entry.reentry == "never":
-        return state.entries.get(journey.id, 0) == 0
-    return not any(i.journey_id == journey.id for i in state.instances.values())
+    # --- running instances -----------------------------------------------------------------
 
+    def _running_sees(self, instance: Instance, journey: Journey, event: Event) -> None:
+        """Exit rules, goals, and a wait-for-event, checked on every event at every step."""
+        profile = self.state.profile
+        for rule in journey.exit_rules:
+            if event.label == rule.event and _holds(
+                rule.where, profile, event, instance.context, self.now
+            ):
+                self._finish(instance, f"exit_rule:{rule.reason or rule.event}")
+                return
+        for goal in journey.goals:
+            if goal.id in instance.converted or event.label != goal.event:
+                continue
+            if goal.within is not None and self.now - instance.entered_at > parse_duration(
+                goal.within
+            ):
+                continue
+            if not _holds(goal.where, profile, event, instance.context, self.now):
+                continue
+            instance = instance.model_copy(update={"converted": (*instance.converted, goal.id)})
+            self._log(instance, "converted", None, detail=goal.id)
+            if goal.exit:
+                self._finish(instance, f"goal:{goal.id}")
+                return
+            self._store(instance)
+        timer = instance.timer
+        if timer is None or timer.purpose != "timeout":
+            return
+        step = journey.step(timer.step_id)
+        if not isinstance(step, WaitForEventStep) or event.label != step.event:
+            return
+        if not _holds(step.where, profile, event, instance.context, self.now):
+            return
+        context = {**instance.context, step.context_name: event_facts(event)}
+        instance = instance.model_copy(update={"timer": None, "context": context})
+        self._log(instance, "step_completed", step.id, detail="event")
+        self._advance(instance, journey, step.on_event or journey.next_of(step.id))
 
-def _on_timer(state: ContactState, stimulus: TimerDue, catalog: Catalog, now: datetime) -> Decision:
-    fired = stimulus.timer
-    instance = state.instances.get(fired.instance_id)
-    if instance is None or instance.timer is None or instance.timer.timer_id != fired.timer_id:
-        return Decision(state, ())  # already handled, or the instance moved on: a no-op
-    if instance.timer.due_at - TIMER_EARLY_TOLERANCE > now:
-        return Decision(state, ())
-    journey = catalog.version(instance.journey_id, instance.journey_version)
-    if journey is None:
-        return Decision(state, ())
-    following = journey.next_of(instance.timer.step_id)
-    commands: list[Command] = [
-        _log(instance, "step_completed", now, step_id=instance.timer.step_id)
-    ]
-    instance = instance.model_copy(update={"timer": None})
-    if following is None:
-        return _finish(state, instance, now, "completed", commands)
-    instance = instance.model_copy(update={"step_id": following})
-    state, more = _run(state, instance, journey, now)
-    return Decision(state, tuple(commands + more))
-
-
-def _run(
-    state: ContactState, instance: Instance, journey: Journey, now: datetime
-) -> tuple[ContactState, list[Command]]:
-    """Execute steps from the instance's current step until it waits or ends."""
-    commands: list[Command] = []
-    for _ in range(MAX_STEPS_PER_STIMULUS):
-        step = journey.step(instance.step_id)
-        visit = instance.visits.get(step.id, 0)
-        instance = instance.model_copy(update={"visits": {**instance.visits, step.id: visit + 1}})
-        if isinstance(step, ExitStep):
-            decision = _finish(state, instance, now, "exit_step", commands)
-            return decision.state, list(decision.commands)
-        if isinstance(step, SendStep):
-            commands.append(RequestSend(_send_request(state, instance, journey, step, visit, now)))
-            commands.append(_log(instance, "step_completed", now, step_id=step.id))
-        elif isinstance(step, WaitStep):
-            timer_id = stable_id(instance.instance_id, step.id, visit, "timer")
-            due = now + step.delta
-            instance = instance.model_copy(
-                update={"timer": PendingTimer(timer_id=timer_id, step_id=step.id, due_at=due)}
-            )
-            commands.append(ScheduleTimer(state.contact_key, instance.instance_id, timer_id, due))
-            commands.append(_log(instance, "waiting", now, step_id=step.id))
-            instances = {**state.instances, instance.instance_id: instance}
-            return state.model_copy(update={"instances": instances}), commands
-        following = journey.next_of(step.id)
+    def _advance(self, instance: Instance, journey: Journey, following: str | None) -> None:
         if following is None:
-            decision = _finish(state, instance, now, "completed", commands)
-            return decision.state, list(decision.commands)
-        instance = instance.model_copy(update={"step_id": following})
-    decision = _finish(state, instance, now, "step_limit", commands)
-    return decision.state, list(decision.commands)
+            self._finish(instance, "completed")
+            return
+        self._run(instance.model_copy(update={"step_id": following}), journey)
 
+    def _run(self, instance: Instance, journey: Journey) -> None:
+        """Execute steps from the instance's current step until it waits or ends."""
+        for _ in range(MAX_STEPS_PER_STIMULUS):
+            status = self.catalog.status(journey.id)
+            if status == "archived":
+                self._finish(instance, "journey_archived")
+                return
+            if status == "paused":
+                self._hold(instance, instance.step_id, self.now + PAUSED_RECHECK, "paused")
+                return
+            step = journey.step(instance.step_id)
+            visit = instance.visits.get(step.id, 0)
+            instance = instance.model_copy(
+                update={"visits": {**instance.visits, step.id: visit + 1}}
+            )
+            outcome = self._execute(instance, journey, step, visit)
+            if isinstance(outcome, _Waits):
+                return
+            instance, following = outcome
+            if following is _END:
+                self._finish(instance, "exit_step" if isinstance(step, ExitStep) else "completed")
+                return
+            instance = instance.model_copy(update={"step_id": following})
+        self._finish(instance, "step_limit")
 
-def _finish(
-    state: ContactState, instance: Instance, now: datetime, reason: str, commands: list[Command]
-) -> Decision:
-    instances = {k: v for k, v in state.instances.items() if k != instance.instance_id}
-    ended = (*state.ended, instance.instance_id)[-ENDED_REMEMBERED:]
-    log = _log(instance, "exited", now, step_id=instance.step_id, reason=reason)
-    return Decision(
-        state.model_copy(update={"instances": instances, "ended": ended}), (*commands, log)
-    )
+    def _execute(
+        self, instance: Instance, journey: Journey, step: AnyStep, visit: int
+    ) -> tuple[Instance, str | None] | _Waits:
+        """Run one step: where to go next (None ends the instance), or `_WAIT`."""
+        following = journey.next_of(step.id)
+        if isinstance(step, ExitStep):
+            return instance, _END
+        if isinstance(step, SendStep):
+            return self._send(instance, journey, step, visit)
+        if isinstance(step, WaitStep):
+            due = self._wait_until(instance, journey, step)
+            if due is None or due <= self.now:
+                self._log(instance, "step_completed", step.id, detail="due")
+                return instance, following
+            self._hold(instance, step.id, due, "wait")
+            return _WAIT
+        if isinstance(step, WaitForEventStep):
+            self._hold(instance, step.id, self.now + parse_duration(step.timeout), "timeout")
+            return _WAIT
+        if isinstance(step, BranchStep):
+            chosen, detail = step.otherwise or following, "else"
+            for index, arm in enumerate(step.arms):
+                if _holds(
+                    arm.condition, self.state.profile, self.event, instance.context, self.now
+                ):
+                    chosen, detail = arm.next, f"arm {index + 1}"
+                    break
+            self._log(instance, "step_completed", step.id, detail=detail)
+            return instance, chosen
+        if isinstance(step, SplitStep):
+            variant = _pick_variant(
+                step, stable_fraction(journey.id, step.id, instance.contact_key)
+            )
+            variants = {**instance.context.get("variant", {}), step.id: variant.name}
+            instance = instance.model_copy(
+                update={"context": {**instance.context, "variant": variants}}
+            )
+            self._log(instance, "step_completed", step.id, detail=variant.name)
+            return instance, variant.next or following
+        if isinstance(step, UpdateContactStep):
+            self._update_contact(instance, step, visit)
+            return instance, following
+        if isinstance(step, AssignOwnerStep):
+            index = int(
+                stable_fraction(journey.id, step.id, instance.contact_key) * len(step.group)
+            )
+            owner = step.group[index]
+            instance = self._with_context(instance, step.attribute, owner)
+            self._change(
+                instance, step.id, visit, "set_attribute", attribute=step.attribute, value=owner
+            )
+            self._log(instance, "step_completed", step.id, detail=owner)
+            return instance, following
+        if isinstance(step, CouponStep):
+            return self._coupon(instance, journey, step, visit), following
+        if isinstance(step, CaptureStep):
+            facts = facts_of(self.state.profile, event=self.event, context=instance.context)
+            for name, path in step.values.items():
+                instance = self._with_context(instance, name, facts.read(path)[1])
+            self._log(instance, "step_completed", step.id)
+            return instance, following
+        if isinstance(step, WebhookStep):
+            self._call_webhook(instance, step, visit)
+            return _WAIT
+        # A goto: jump while under its bound, then carry on.
+        assert isinstance(step, GotoStep)
+        jump = visit < step.max_times
+        self._log(instance, "step_completed", step.id, detail="jump" if jump else "bound reached")
+        return instance, step.to if jump else following
 
+    # --- steps -----------------------------------------------------------------------------
 
-def _send_request(
-    state: ContactState,
-    instance: Instance,
-    journey: Journey,
-    step: SendStep,
-    visit: int,
-    now: datetime,
-) -> SendRequest:
-    if state.profile is None:
-        raise ValueError(f"contact {state.contact_key} has no profile to send to")
-    return SendRequest(
-        message_id=stable_id(instance.instance_id, step.id, visit),
-        contact_key=state.contact_key,
-        channel=step.channel,
-        template_id=step.template,
-        journey_id=journey.id,
-        journey_version=journey.version,
-        instance_id=instance.instance_id,
-        step_id=step.id,
-        transactional=journey.transactional,
-        requested_at=now,
-        profile=state.profile,
-        context=instance.context,
-    )
+    def _send(
+        self, instance: Instance, journey: Journey, step: SendStep, visit: int
+    ) -> tuple[Instance, str | None] | _Waits:
+        following = journey.next_of(step.id)
+        if instance.holdout:
+            self._log(instance, "skipped", step.id, reason="holdout")
+            return instance, following
+        quiet = journey.settings.quiet_hours
+        if quiet is not None and step.quiet_hours == "journey" and not journey.transactional:
+            tz = self._zone(journey)
+            start, end = parse_time_of_day(quiet.start), parse_time_of_day(quiet.end)
+            if in_window(self.now, start, end, tz):
+                if quiet.action == "drop":
+                    self._log(instance, "skipped", step.id, reason="quiet_hours")
+                    return instance, following
+                # Not a visit: the message goes out when the window ends, with the same id.
+                held = instance.model_copy(update={"visits": {**instance.visits, step.id: visit}})
+                self._hold(held, step.id, next_time_of_day(self.now, end, tz), "quiet_hours")
+                return _WAIT
+        choices = reachable_channels(self.state.profile, step.choices)
+        if not choices:
+            self._log(instance, "skipped", step.id, reason="unreachable")
+            return instance, following
+        first, *rest = choices
+        assert self.state.profile is not None
+        request = SendRequest(
+            message_id=stable_id(instance.instance_id, step.id, visit),
+            contact_key=self.state.contact_key,
+            channel=first.channel,
+            template_id=first.template,
+            journey_id=journey.id,
+            journey_version=journey.version,
+            instance_id=instance.instance_id,
+            step_id=step.id,
+            transactional=journey.transactional,
+            requested_at=self.now,
+            profile=self.state.profile,
+            context=instance.context,
+            fallbacks=tuple(
+                ChannelTemplate(channel=c.channel, template_id=c.template) for c in rest
+            ),
+        )
+        self.commands.append(RequestSend(request))
+        self._log(instance, "step_completed", step.id, detail=first.channel)
+        return instance, following
 
+    def _wait_until(self, instance: Instance, journey: Journey, step: WaitStep) -> datetime | None:
+        if step.duration is not None:
+            return self.now + step.delta
+        if step.until is not None:
+            return step.until
+        if step.until_time is not None:
+            return next_time_of_day(
+                self.now, parse_time_of_day(step.until_time), self._zone(journey)
+            )
+        traits = self.state.profile.traits if self.state.profile else {}
+        moment = as_datetime(traits.get(step.until_attribute or ""))
+        if moment is None:
+            self._log(instance, "skipped", step.id, reason=f"no date in '{step.until_attribute}'")
+            return None
+        return moment + step.offset_delta
 
-def _log(
-    instance: Instance,
-    kind: JourneyLogKind,
-    now: datetime,
-    *,
-    step_id: str | None = None,
-    reason: str | None = None,
-) -> AppendLog:
-    visit = instance.visits.get(step_id or "", 0)
-    return AppendLog(
-        JourneyLogRecord(
-            record_id=stable_id(instance.instance_id, kind, step_id, visit),
+    def _coupon(
+        self, instance: Instance, journey: Journey, step: CouponStep, visit: int
+    ) -> Instance:
+        digest = base64.b32encode(
+            bytes.fromhex(stable_id(instance.instance_id, step.id, visit, length=64))
+        )
+        code = step.prefix + "".join(_COUPON_ALPHABET[c % 32] for c in digest[: step.length])
+        expires: datetime | None = None
+        if step.expires == "end_of_local_day":
+            expires = end_of_local_day(self.now, self._zone(journey))
+        elif step.expires is not None:
+            expires = self.now + parse_duration(step.expires)
+        coupon = Coupon(
+            code=code,
+            journey_id=journey.id,
+            instance_id=instance.instance_id,
+            issued_at=self.now,
+            expires_at=expires,
+        )
+        value = {"code": code, "expires_at": expires.isoformat() if expires else None}
+        instance = self._with_context(instance, step.save_as, value)
+        self._change(instance, step.id, visit, "store_coupon", coupon=coupon)
+        self._log(instance, "step_completed", step.id, detail=code)
+        return instance
+
+    def _update_contact(self, instance: Instance, step: UpdateContactStep, visit: int) -> None:
+        for tag in step.add_tags:
+            self._change(instance, step.id, visit, "add_tag", tag=tag)
+        for tag in step.remove_tags:
+            self._change(instance, step.id, visit, "remove_tag", tag=tag)
+        facts = facts_of(self.state.profile, event=self.event, context=instance.context)
+        for name, value in step.set_attributes.items():
+            resolved = facts.read(value.from_)[1] if isinstance(value, ValueFrom) else value
+            self._change(instance, step.id, visit, "set_attribute", attribute=name, value=resolved)
+        self._log(instance, "step_completed", step.id)
+
+    def _call_webhook(self, instance: Instance, step: WebhookStep, visit: int) -> None:
+        facts = facts_of(self.state.profile, event=self.event, context=instance.context)
+        body = {
+            name: facts.read(value.from_)[1] if isinstance(value, ValueFrom) else value
+            for name, value in step.body.items()
+        }
+        timeout = parse_duration(step.timeout)
+        call = WebhookCall(
+            call_id=_call_id(instance, step, visit),
+            contact_key=instance.contact_key,
+            instance_id=instance.instance_id,
+            step_id=step.id,
+            method=step.method,
+            url=step.url,
+            headers=step.headers,
+            body=body,
+            timeout_seconds=timeout.total_seconds(),
+            retries=step.retries,
+        )
+        self.commands.append(CallWebhook(call))
+        backstop = self.now + timeout * (step.retries + 1) + WEBHOOK_GRACE
+        self._hold(instance, step.id, backstop, "webhook")
+
+    def _webhook_done(
+        self, instance: Instance, journey: Journey, step: WebhookStep, answer: dict[str, Any]
+    ) -> None:
+        instance = self._with_context(instance, step.context_name, answer)
+        self._log(instance, "step_completed", step.id, detail="ok" if answer["ok"] else "failed")
+        following = journey.next_of(step.id)
+        self._advance(
+            instance, journey, following if answer["ok"] else step.on_failure or following
+        )
+
+    # --- bookkeeping -----------------------------------------------------------------------
+
+    def _hold(self, instance: Instance, step_id: str, due: datetime, purpose: TimerPurpose) -> None:
+        visit = instance.visits.get(step_id, 0)
+        timer_id = stable_id(instance.instance_id, step_id, visit, purpose, due.isoformat())
+        timer = PendingTimer(timer_id=timer_id, step_id=step_id, due_at=due, purpose=purpose)
+        instance = instance.model_copy(update={"timer": timer, "step_id": step_id})
+        self.commands.append(
+            ScheduleTimer(instance.contact_key, instance.instance_id, timer_id, due)
+        )
+        self.scheduled.add(instance.instance_id)
+        self._log(instance, "waiting", step_id, detail=purpose)
+        self._store(instance)
+
+    def _store(self, instance: Instance) -> None:
+        self.state = self.state.model_copy(
+            update={"instances": {**self.state.instances, instance.instance_id: instance}}
+        )
+
+    def _finish(self, instance: Instance, reason: str) -> None:
+        instances = {k: v for k, v in self.state.instances.items() if k != instance.instance_id}
+        ended = (*self.state.ended, instance.instance_id)[-ENDED_REMEMBERED:]
+        self.state = self.state.model_copy(update={"instances": instances, "ended": ended})
+        self._log(instance, "exited", instance.step_id, reason=reason)
+
+    def _with_context(self, instance: Instance, name: str, value: Any) -> Instance:
+        return instance.model_copy(update={"context": {**instance.context, name: value}})
+
+    def _zone(self, journey: Journey) -> Any:
+        traits = self.state.profile.traits if self.state.profile else {}
+        return contact_zone(traits.get("timezone"), journey.settings.timezone)
+
+    def _change(
+        self,
+        instance: Instance,
+        step_id: str,
+        visit: int,
+        kind: ContactCommandKind,
+        *,
+        tag: str | None = None,
+        attribute: str | None = None,
+        value: Any = None,
+        coupon: Coupon | None = None,
+    ) -> None:
+        command = ContactCommand(
+            command_id=stable_id(instance.instance_id, step_id, visit, kind, tag, attribute),
+            contact_key=instance.contact_key,
+            kind=kind,
+            tag=tag,
+            attribute=attribute,
+            value=value,
+            coupon=coupon,
+            journey_id=instance.journey_id,
+            instance_id=instance.instance_id,
+            step_id=step_id,
+            at=self.now,
+        )
+        self.commands.append(ChangeContact(command))
+
+    def _log(
+        self,
+        instance: Instance,
+        kind: JourneyLogKind,
+        step_id: str | None,
+        *,
+        reason: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        visit = instance.visits.get(step_id or "", 0)
+        record = JourneyLogRecord(
+            record_id=stable_id(instance.instance_id, kind, step_id, visit, reason, detail),
             kind=kind,
             journey_id=instance.journey_id,
             journey_version=instance.journey_version,
@@ -201,15 +682,31 @@ def _log(
             contact_key=instance.contact_key,
             step_id=step_id,
             reason=reason,
-            at=now,
+            at=self.now,
+            holdout=instance.holdout,
+            detail=detail,
         )
-    )
+        self.commands.append(AppendLog(record))
+
+    def decision(self, before: ContactState | None) -> Decision:
+        """The final state, plus CancelTimer for every instance that stopped waiting."""
+        had_timer = {i.instance_id for i, _t in before.timers()} if before else set()
+        for instance_id in sorted(had_timer | self.scheduled):
+            after = self.state.instances.get(instance_id)
+            if after is None or after.timer is None:
+                self.commands.append(CancelTimer(self.state.contact_key, instance_id))
+        return Decision(self.state, tuple(self.commands))
 
 
-def _event_context(event: Event) -> dict[str, Any]:
-    return {
-        "event": event.label,
-        "message_id": event.message_id,
-        "timestamp": event.timestamp.isoformat(),
-        "properties": dict(event.properties),
-    }
+def _pick_variant(step: SplitStep, fraction: float) -> Any:
+    total = sum(v.weight for v in step.variants)
+    point = fraction * total
+    for variant in step.variants:
+        if point < variant.weight:
+            return variant
+        point -= variant.weight
+    return step.variants[-1]
+
+
+def _call_id(instance: Instance, step: WebhookStep, visit: int) -> str:
+    return stable_id(instance.instance_id, step.id, visit, "webhook")

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from shared.contracts import ContactEvent, JourneyLogRecord, Profile, SendRequest, TimerFired
+from shared.contracts import (
+    ContactCommand,
+    ContactEvent,
+    JourneyLogRecord,
+    Profile,
+    SendRequest,
+    TimerFired,
+    WebhookCall,
+    WebhookResult,
+)
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
+
+
+# Why an instance waits on its timer: a wait step, the timeout of a wait-for-event, a send held
+# by quiet hours, a webhook's backstop, or a paused journey.
+TimerPurpose = Literal["wait", "timeout", "quiet_hours", "webhook", "paused"]
 
 
 class PendingTimer(_Frozen):
@@ -21,6 +35,7 @@ class PendingTimer(_Frozen):
     timer_id: str
     step_id: str
     due_at: AwareDatetime
+    purpose: TimerPurpose = "wait"
 
 
 class Instance(_Frozen):
@@ -32,6 +47,9 @@ class Instance(_Frozen):
     contact_key: str
     step_id: str
     entered_at: AwareDatetime
+    key: str | None = None
+    holdout: bool = False
+    converted: tuple[str, ...] = ()
     visits: dict[str, int] = Field(default_factory=dict)
     context: dict[str, Any] = Field(default_factory=dict)
     timer: PendingTimer | None = None
@@ -44,6 +62,7 @@ class ContactState(_Frozen):
     profile: Profile | None = None
     instances: dict[str, Instance] = Field(default_factory=dict)
     entries: dict[str, int] = Field(default_factory=dict)
+    last_entered: dict[str, AwareDatetime] = Field(default_factory=dict)
     # Ids of recently ended instances, newest last: a replayed trigger must not start them again.
     ended: tuple[str, ...] = ()
 
@@ -65,7 +84,14 @@ class TimerDue:
     timer: TimerFired
 
 
-Stimulus = EventArrived | TimerDue
+@dataclass(frozen=True)
+class WebhookAnswered:
+    """A webhook step's call finished (or gave up)."""
+
+    result: WebhookResult
+
+
+Stimulus = EventArrived | TimerDue | WebhookAnswered
 
 
 @dataclass(frozen=True)
@@ -90,11 +116,23 @@ class CancelTimer:
 
 
 @dataclass(frozen=True)
+class ChangeContact:
+    """A tag, attribute or coupon change for the segmenter to apply."""
+
+    command: ContactCommand
+
+
+@dataclass(frozen=True)
+class CallWebhook:
+    call: WebhookCall
+
+
+@dataclass(frozen=True)
 class AppendLog:
     record: JourneyLogRecord
 
 
-Command = RequestSend | ScheduleTimer | CancelTimer | AppendLog
+Command = RequestSend | ScheduleTimer | CancelTimer | ChangeContact | CallWebhook | AppendLog
 
 
 @dataclass(frozen=True)
