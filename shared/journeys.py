@@ -17,18 +17,16 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 from shared.conditions import Compare, Condition
 from shared.contracts import SCHEMA_VERSION, Channel
 from shared.durations import parse_duration, parse_time_of_day, zone
+from shared.profiles import ATTRIBUTE_CHANGED, TAG_ADDED, TAG_REMOVED
 
-__all__ = ["parse_duration"]
+__all__ = ["ATTRIBUTE_CHANGED", "TAG_ADDED", "TAG_REMOVED", "parse_duration"]
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 _CONDITION_KEYS = {"all", "any", "not", "field", "tag", "segment"}
 
-# Labels of the events the segmenter emits for contact changes; triggers match on them.
+# Labels of the events the segmenter emits for membership changes and audience runs.
 SEGMENT_ENTERED = "Segment Entered"
 SEGMENT_LEFT = "Segment Left"
-TAG_ADDED = "Tag Added"
-TAG_REMOVED = "Tag Removed"
-ATTRIBUTE_CHANGED = "Attribute Changed"
 AUDIENCE_SELECTED = "Audience Selected"
 
 

@@ -163,7 +163,7 @@ def main() -> int:
     print("[demo] starting the stack (Kafka, FerretDB, SMTP sandbox, five services) ...")
     stack.up()
     settings = CommonSettings(kafka_bootstrap=stack.bootstrap, mongo_url=stack.mongo_url)
-    publish(settings, [ROOT / "examples/journeys/welcome.yaml"])
+    publish(settings, [ROOT / "examples/journeys/s02-welcome.yaml"])
 
     before = admin_stats(stack)
     sent_before = before["messages"].get("sent", 0)

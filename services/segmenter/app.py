@@ -1,4 +1,7 @@
-"""Segmenter shell: fold each event into the contact's profile and publish the result.
+"""Segmenter shell: fold each event or contact command into the contact's profile, publish it.
+
+Events and contact commands go through one agent, so one contact's changes apply in order and a
+profile never sees two writers at once.
 
 The contact-event and profile records are acknowledged before the profile is stored, so a crash
 repeats an event at worst; the orchestrator and the dispatcher are idempotent on its ids.
@@ -10,20 +13,20 @@ import faust
 import structlog
 from pydantic import ValidationError
 
-from services.segmenter.domain.profile import apply_event
 from services.segmenter.settings import SegmenterSettings
 from shared.clock import Clock
-from shared.contracts import ContactEvent, Event, Profile
+from shared.contracts import ContactCommand, ContactEvent, Event, Profile
 from shared.deadletter import DeadLetters
 from shared.faust_app import record_of
 from shared.kafka import AsyncProducer
-from shared.topics import CONTACT_EVENTS, EVENTS, PROFILES
+from shared.profiles import apply_command, apply_event
+from shared.topics import CONTACT_COMMANDS, CONTACT_EVENTS, EVENTS, PROFILES
 
 log = structlog.get_logger(__name__)
 
 
 class Segmenter:
-    """One agent over `waypost.events.v1` with a RocksDB-backed profile table."""
+    """One agent over events and contact commands with a RocksDB-backed profile table."""
 
     def __init__(
         self,
@@ -42,20 +45,30 @@ class Segmenter:
             key_type=bytes,
             value_type=bytes,
         )
-        source = app.topic(EVENTS.name, key_serializer="raw", value_serializer="raw")
+        source = app.topic(
+            EVENTS.name, CONTACT_COMMANDS.name, key_serializer="raw", value_serializer="raw"
+        )
         app.agent(source, name="profiles")(self._process)
 
     async def _process(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             record = record_of(event)
             try:
-                incoming = Event.model_validate_json(record.value)
-                incoming.contact_key  # noqa: B018 - raises when the event has no contact key
+                if record.topic == CONTACT_COMMANDS.name:
+                    incoming: Event | ContactCommand = ContactCommand.model_validate_json(
+                        record.value
+                    )
+                else:
+                    incoming = Event.model_validate_json(record.value)
+                    incoming.contact_key  # noqa: B018 - raises when the event has no contact key
             except (ValidationError, ValueError) as exc:
-                await self.dead_letters.send(record, f"undecodable event: {exc}")
+                await self.dead_letters.send(record, f"undecodable: {exc}")
                 continue
             try:
-                await self.handle(incoming)
+                if isinstance(incoming, ContactCommand):
+                    await self.handle_command(incoming)
+                else:
+                    await self.handle(incoming)
             except Exception as exc:
                 log.exception("segmenter.event_failed", key=record.key)
                 await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
@@ -76,4 +89,24 @@ class Segmenter:
                 (PROFILES.name, profile.contact_key, profile.to_wire()),
             ]
         )
+        self.profiles[key] = profile.model_dump_json().encode()
+
+    async def handle_command(self, command: ContactCommand) -> None:
+        key = command.contact_key.encode()
+        raw = self.profiles.get(key)
+        current = Profile.model_validate_json(raw) if raw else None
+        changed = apply_command(current, command, self.clock.now())
+        if changed.profile == current:
+            return
+        profile = changed.profile
+        records = [
+            (
+                CONTACT_EVENTS.name,
+                profile.contact_key,
+                ContactEvent(contact_key=profile.contact_key, event=e, profile=profile).to_wire(),
+            )
+            for e in changed.events
+        ]
+        records.append((PROFILES.name, profile.contact_key, profile.to_wire()))
+        await self.producer.send_all(records)
         self.profiles[key] = profile.model_dump_json().encode()

@@ -146,7 +146,7 @@ def _profile() -> Profile:
 
 
 def _samples() -> dict[str, BaseModel]:
-    journey_file = load_journey_file(ROOT / "examples" / "journeys" / "welcome.yaml")
+    journey_file = load_journey_file(ROOT / "examples" / "journeys" / "s02-welcome.yaml")
     samples: list[BaseModel] = [
         _event(),
         _profile(),

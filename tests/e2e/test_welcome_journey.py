@@ -21,7 +21,7 @@ from tests.e2e.helpers import (
 
 pytestmark = pytest.mark.e2e
 
-WELCOME = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "welcome.yaml"
+WELCOME = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "s02-welcome.yaml"
 
 
 def _sign_up(stack: Any, user: str, email: str, name: str, message_id: str) -> None:

@@ -33,7 +33,7 @@ from shared.cli import load_journey_file
 from shared.contracts import ContactEvent, Event, JourneyLogRecord, Profile, SendRequest, TimerFired
 from shared.journeys import EntryRules, EventTrigger, Journey, PublishedJourney, SendStep
 
-WELCOME_FILE = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "welcome.yaml"
+WELCOME_FILE = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "s02-welcome.yaml"
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 CONTACT = "user-1"
 SIX_DAYS = timedelta(days=6)

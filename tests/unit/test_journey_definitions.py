@@ -16,7 +16,7 @@ from shared.durations import parse_duration
 from shared.journey_checks import DefinitionProblem, check_journey
 from shared.journeys import JourneyFile
 
-WELCOME_FILE = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "welcome.yaml"
+WELCOME_FILE = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "s02-welcome.yaml"
 
 # --- parse_duration -------------------------------------------------------------------------
 

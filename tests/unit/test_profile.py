@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from services.segmenter.domain.profile import RECENT_MESSAGE_IDS, apply_event
 from shared.contracts import Event, EventType, Profile
+from shared.profiles import RECENT_MESSAGE_IDS, apply_event
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 NOW = datetime(2025, 3, 3, 12, 0, tzinfo=UTC)

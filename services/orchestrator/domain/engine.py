@@ -336,12 +336,6 @@ class _Turn:
     def _running_sees(self, instance: Instance, journey: Journey, event: Event) -> None:
         """Exit rules, goals, and a wait-for-event, checked on every event at every step."""
         profile = self.state.profile
-        for rule in journey.exit_rules:
-            if event.label == rule.event and _holds(
-                rule.where, profile, event, instance.context, self.now
-            ):
-                self._finish(instance, f"exit_rule:{rule.reason or rule.event}")
-                return
         for goal in journey.goals:
             if goal.id in instance.converted or event.label != goal.event:
                 continue
@@ -357,6 +351,12 @@ class _Turn:
                 self._finish(instance, f"goal:{goal.id}")
                 return
             self._store(instance)
+        for rule in journey.exit_rules:
+            if event.label == rule.event and _holds(
+                rule.where, profile, event, instance.context, self.now
+            ):
+                self._finish(instance, f"exit_rule:{rule.reason or rule.event}")
+                return
         timer = instance.timer
         if timer is None or timer.purpose != "timeout":
             return

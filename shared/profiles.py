@@ -1,0 +1,133 @@
+"""Profile folding (pure): apply an event or a contact command to a contact's profile.
+
+The segmenter is the only writer of profiles in production; the journey simulator folds the same
+way, so a simulated contact evolves exactly like a real one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from shared.contracts import ContactCommand, Event, Profile
+from shared.ids import stable_id
+
+# Labels of the events that announce contact changes; journey triggers match on them.
+TAG_ADDED = "Tag Added"
+TAG_REMOVED = "Tag Removed"
+ATTRIBUTE_CHANGED = "Attribute Changed"
+
+# Message ids remembered per contact for de-duplication; bounded so a profile stays small.
+RECENT_MESSAGE_IDS = 256
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The profile after an event, and whether the event was new (not a duplicate)."""
+
+    profile: Profile
+    accepted: bool
+
+
+def apply_event(profile: Profile | None, event: Event, now: datetime) -> Applied:
+    """Fold an event into the profile; a repeated `messageId` changes nothing."""
+    if profile is not None and event.message_id in profile.recent_message_ids:
+        return Applied(profile, accepted=False)
+    if profile is None:
+        profile = Profile(
+            contact_key=event.contact_key,
+            first_seen=event.timestamp,
+            last_seen=event.timestamp,
+            updated_at=now,
+        )
+    traits = profile.traits
+    if event.traits and event.type in ("identify", "track", "page", "screen"):
+        traits = {**traits, **event.traits}
+    anonymous_ids = profile.anonymous_ids
+    if event.anonymous_id and event.anonymous_id not in anonymous_ids:
+        anonymous_ids = (*anonymous_ids, event.anonymous_id)
+    counts = {**profile.event_counts, event.label: profile.event_counts.get(event.label, 0) + 1}
+    recent = (*profile.recent_message_ids, event.message_id)[-RECENT_MESSAGE_IDS:]
+    updated = profile.model_copy(
+        update={
+            "user_id": event.user_id or profile.user_id,
+            "anonymous_ids": anonymous_ids,
+            "traits": traits,
+            "first_seen": min(profile.first_seen, event.timestamp),
+            "last_seen": max(profile.last_seen, event.timestamp),
+            "event_counts": counts,
+            "recent_message_ids": recent,
+            "updated_at": now,
+        }
+    )
+    return Applied(updated, accepted=True)
+
+
+@dataclass(frozen=True)
+class Changed:
+    """The profile after a contact command, and the events that announce the change."""
+
+    profile: Profile
+    events: tuple[Event, ...]
+
+
+def apply_command(profile: Profile | None, command: ContactCommand, now: datetime) -> Changed:
+    """Apply a tag, attribute or coupon change; a repeated command changes nothing.
+
+    Each real change yields an event (`Tag Added`, `Tag Removed`, `Attribute Changed`) with an id
+    derived from the command's, so journeys can trigger on it and replays stay idempotent.
+    """
+    if profile is None:
+        profile = Profile(
+            contact_key=command.contact_key,
+            first_seen=command.at,
+            last_seen=command.at,
+            updated_at=now,
+        )
+    update: dict[str, Any] = {}
+    label: str | None = None
+    properties: dict[str, Any] = {}
+    if command.kind == "add_tag" and command.tag and command.tag not in profile.tags:
+        update["tags"] = (*profile.tags, command.tag)
+        label, properties = TAG_ADDED, {"tag": command.tag}
+    elif command.kind == "remove_tag" and command.tag in profile.tags:
+        update["tags"] = tuple(t for t in profile.tags if t != command.tag)
+        label, properties = TAG_REMOVED, {"tag": command.tag}
+    elif command.kind == "set_attribute" and command.attribute:
+        previous = profile.traits.get(command.attribute)
+        if previous != command.value or command.attribute not in profile.traits:
+            update["traits"] = {**profile.traits, command.attribute: command.value}
+            label = ATTRIBUTE_CHANGED
+            properties = {
+                "attribute": command.attribute,
+                "value": command.value,
+                "previous": previous,
+            }
+    elif (
+        command.kind == "store_coupon"
+        and command.coupon is not None
+        and all(c.code != command.coupon.code for c in profile.coupons)
+    ):
+        update["coupons"] = (*profile.coupons, command.coupon)
+    if not update:
+        return Changed(profile, ())
+    changed = profile.model_copy(update={**update, "updated_at": now})
+    if label is None:
+        return Changed(changed, ())
+    event = Event(
+        type="track",
+        event=label,
+        user_id=changed.user_id,
+        anonymous_id=None if changed.user_id else changed.contact_key,
+        message_id=stable_id(command.command_id, "event"),
+        timestamp=command.at,
+        received_at=now,
+        properties={
+            **properties,
+            "journey_id": command.journey_id,
+            "instance_id": command.instance_id,
+        },
+        source="waypost",
+    )
+    return Changed(changed, (event,))
