@@ -13,7 +13,14 @@ from confluent_kafka import Consumer, TopicPartition
 
 from shared.cli import publish
 from shared.settings import CommonSettings
-from shared.topics import CONTACT_EVENTS, EVENTS, SEND_REQUESTS, TIMERS
+from shared.topics import (
+    CONTACT_COMMANDS,
+    CONTACT_EVENTS,
+    EVENTS,
+    SEND_REQUESTS,
+    TIMERS,
+    WEBHOOK_RESULTS,
+)
 
 T = TypeVar("T")
 WRITE_KEY = "wp_dev_write_key"
@@ -60,8 +67,8 @@ def publish_journey(stack: Any, path: Path) -> None:
 # Consumer groups and what they read: the pipeline is drained when each has committed
 # everything that is on its topics.
 PIPELINE = {
-    "waypost-segmenter": [EVENTS.name],
-    "waypost-orchestrator": [CONTACT_EVENTS.name, TIMERS.name],
+    "waypost-segmenter": [EVENTS.name, CONTACT_COMMANDS.name],
+    "waypost-orchestrator": [CONTACT_EVENTS.name, TIMERS.name, WEBHOOK_RESULTS.name],
     "waypost-dispatcher": [SEND_REQUESTS.name],
 }
 
