@@ -48,6 +48,33 @@ class JourneyLogStore:
             result.setdefault(row["_id"]["journey"], {})[row["_id"]["kind"]] = row["n"]
         return result
 
+    async def conversion_counts(self, journey_id: str) -> dict[tuple[bool, str], int]:
+        """Distinct instances that entered and that converted, split by holdout."""
+        cursor = await self._log.aggregate(
+            [
+                {"$match": {"journey_id": journey_id, "kind": {"$in": ["entered", "converted"]}}},
+                {
+                    "$group": {
+                        "_id": {
+                            "instance": "$instance_id",
+                            "kind": "$kind",
+                            "holdout": "$holdout",
+                        }
+                    }
+                },
+                {
+                    "$group": {
+                        "_id": {"kind": "$_id.kind", "holdout": "$_id.holdout"},
+                        "n": {"$sum": 1},
+                    }
+                },
+            ]
+        )
+        return {
+            (bool(row["_id"].get("holdout")), str(row["_id"]["kind"])): int(row["n"])
+            async for row in cursor
+        }
+
 
 async def message_states(db: AsyncDatabase[dict[str, Any]]) -> dict[str, int]:
     """How many ledger entries are in each state (the dispatcher's `messages` collection)."""
