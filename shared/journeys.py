@@ -541,13 +541,20 @@ AnyStep = (
 WAITING_STEPS = (WaitStep, WaitForEventStep, WebhookStep)
 
 
+TemplateStatus = Literal["draft", "ready"]
+
+
 class TemplateDefinition(_Definition):
-    """A channel template shipped with a journey file (Jinja2, rendered in a sandbox)."""
+    """A channel template shipped with a journey file (Jinja2, rendered in a sandbox).
+
+    A journey using a template in `draft` cannot be published until the template is `ready`.
+    """
 
     channel: Channel = "email"
     subject: str | None = None
     text: str
     html: str | None = None
+    status: TemplateStatus = "ready"
 
 
 class Journey(_Definition):
