@@ -20,9 +20,13 @@ class PublishedJourneys:
     def __init__(self, bootstrap: str) -> None:
         self._changed = threading.Event()
         self._changed.set()
-        self._view = CompactedTopicView(
-            bootstrap, DEFINITIONS.name, on_change=lambda _k, _v: self._changed.set()
-        )
+        self._seen = threading.Condition()
+        self._view = CompactedTopicView(bootstrap, DEFINITIONS.name, on_change=self._on_change)
+
+    def _on_change(self, _key: str, _value: bytes | None) -> None:
+        self._changed.set()
+        with self._seen:
+            self._seen.notify_all()
 
     def start(self, timeout: float | None = None) -> None:
         """Start following; with a timeout, block until the topic was read to its end."""
@@ -39,6 +43,14 @@ class PublishedJourneys:
             self._changed.clear()
             return True
         return False
+
+    def wait_for(self, record: PublishedJourney, timeout: float) -> bool:
+        """Block until this follower holds `record` (read-your-writes after producing it)."""
+        expected = record.model_dump_json().encode()
+        with self._seen:
+            return self._seen.wait_for(
+                lambda: self._view.snapshot().get(record.key) == expected, timeout
+            )
 
     def all(self) -> list[PublishedJourney]:
         journeys = []

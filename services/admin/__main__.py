@@ -13,11 +13,13 @@ from services.admin.adapters.analytics import (
     follow_journey_log,
     message_states,
 )
+from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
 from services.admin.app import create_app
 from services.admin.settings import AdminSettings
+from shared.clock import SystemClock
 from shared.definitions import PublishedJourneys
 from shared.docstore import connect, database
-from shared.kafka import ConsumerLoop, topic_record_count, wait_for_broker
+from shared.kafka import AsyncProducer, ConsumerLoop, topic_record_count, wait_for_broker
 from shared.logs import configure_logging
 from shared.topics import EVENTS, JOURNEY_LOG
 
@@ -27,6 +29,7 @@ async def serve(settings: AdminSettings) -> None:
     db = database(client, settings)
     journeys = PublishedJourneys(settings.kafka_bootstrap)
     journeys.start()
+    producer = AsyncProducer(settings.kafka_bootstrap, client_id="admin")
     store = JourneyLogStore(db)
     consumer = ConsumerLoop(
         settings.kafka_bootstrap,
@@ -40,6 +43,10 @@ async def serve(settings: AdminSettings) -> None:
         store,
         functools.partial(message_states, db),
         functools.partial(topic_record_count, settings.kafka_bootstrap, EVENTS.name),
+        drafts=JourneyDrafts(db),
+        templates=TemplateStore(db),
+        definitions=Definitions(producer, journeys),
+        clock=SystemClock(),
     )
     stop = asyncio.Event()
     follower = asyncio.create_task(follow_journey_log(consumer, store, stop))
@@ -55,6 +62,7 @@ async def serve(settings: AdminSettings) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(follower, timeout=5)
         consumer.close()
+        producer.close()
         journeys.stop()
         await client.close()
 

@@ -1,21 +1,38 @@
-"""Admin API: published journeys and live figures read from the system itself.
+"""Admin API: templates and journey drafts, the journey lifecycle (publish, pause, resume,
+archive), published journeys and live figures read from the system itself.
 
-It grows into the marketers' workspace (drafts, templates, segments) in later versions.
+Routes decode, call the rules in `shared.lifecycle` and `domain/`, and hand the result to adapters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, status
+from fastapi import Body, Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.admin.adapters.analytics import JourneyLogStore
+from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
+from services.admin.domain import templates as template_rules
+from services.admin.domain.templates import TemplateContent
 from services.admin.settings import AdminSettings
+from shared.clock import Clock
 from shared.definitions import PublishedJourneys
+from shared.journey_checks import DefinitionProblem
+from shared.journeys import journey_json_schema
+from shared.lifecycle import (
+    Refused,
+    StatusChange,
+    Unchanged,
+    decide_publish,
+    decide_status_change,
+    templates_used,
+    validate_draft,
+)
 
 # Module level: route annotations are resolved against module globals.
 _bearer = HTTPBearer(auto_error=False)
@@ -24,15 +41,40 @@ MessageCounts = Callable[[], Awaitable[dict[str, int]]]
 EventCount = Callable[[], int]
 
 
+class Problems(Exception):
+    """Answered as a 4xx whose `problems` each name the journey, the step and the rule."""
+
+    def __init__(self, code: int, summary: str, problems: Iterable[DefinitionProblem]) -> None:
+        self.code = code
+        self.problems = list(problems)
+        super().__init__(f"{summary}: " + "; ".join(str(p) for p in self.problems))
+
+
+async def _problems_answer(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Problems)
+    return JSONResponse(
+        status_code=exc.code,
+        content={"detail": str(exc), "problems": [p.model_dump() for p in exc.problems]},
+    )
+
+
 def create_app(
     settings: AdminSettings,
     journeys: PublishedJourneys,
     journey_log: JourneyLogStore,
     message_counts: MessageCounts,
     events_in_log: EventCount,
+    *,
+    drafts: JourneyDrafts,
+    templates: TemplateStore,
+    definitions: Definitions,
+    clock: Clock,
 ) -> FastAPI:
     app = FastAPI(title="Waypost admin", version="1")
+    app.add_exception_handler(Problems, _problems_answer)
     keys = settings.api_keys()
+    # One lifecycle change at a time: each decides on the versions the previous one wrote.
+    lifecycle = asyncio.Lock()
 
     def authorised(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -67,12 +109,114 @@ def create_app(
         ]
         return {"count": len(items), "journeys": items}
 
+    # Declared before /v1/journeys/{journey_id}, which would otherwise capture it.
+    @app.get("/v1/journeys/schema", dependencies=guarded, summary="JSON Schema of a definition")
+    async def journey_schema() -> dict[str, Any]:
+        return journey_json_schema()
+
     @app.get("/v1/journeys/{journey_id}", dependencies=guarded, summary="One journey's versions")
     async def get_journey(journey_id: str) -> dict[str, Any]:
         versions = [p.model_dump(mode="json") for p in journeys.all() if p.journey.id == journey_id]
         if not versions:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no published journey '{journey_id}'")
         return {"id": journey_id, "versions": versions}
+
+    # --- templates: draft -> ready ------------------------------------------------------------
+
+    async def _template(template_id: str) -> dict[str, Any]:
+        document = await templates.get(template_id)
+        if document is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no template '{template_id}'")
+        return document
+
+    @app.put("/v1/templates/{template_id}", dependencies=guarded, summary="Save as a draft")
+    async def put_template(template_id: str, content: TemplateContent) -> dict[str, Any]:
+        document = template_rules.edited(await templates.get(template_id), content, clock.now())
+        await templates.replace(template_id, document)
+        return template_rules.view(template_id, document)
+
+    @app.post("/v1/templates/{template_id}/ready", dependencies=guarded, summary="Mark ready")
+    async def ready_template(template_id: str) -> dict[str, Any]:
+        document = template_rules.readied(await _template(template_id), clock.now())
+        await templates.replace(template_id, document)
+        return template_rules.view(template_id, document)
+
+    @app.get("/v1/templates/{template_id}", dependencies=guarded, summary="One template")
+    async def get_template(template_id: str) -> dict[str, Any]:
+        return template_rules.view(template_id, await _template(template_id))
+
+    # --- journeys: draft -> published -> paused / active -> archived ----------------------
+
+    @app.put("/v1/journeys/{journey_id}/draft", dependencies=guarded, summary="Save a draft")
+    async def put_draft(journey_id: str, definition: Annotated[Any, Body()]) -> dict[str, Any]:
+        _parsed, problems = validate_draft(definition, await templates.ids(), journey_id)
+        if problems:
+            raise Problems(422, "the draft has problems", problems)
+        now = clock.now()
+        await drafts.put(journey_id, definition, now)
+        return {"id": journey_id, "definition": definition, "updated_at": now}
+
+    @app.get("/v1/journeys/{journey_id}/draft", dependencies=guarded, summary="The draft")
+    async def get_draft(journey_id: str) -> dict[str, Any]:
+        draft = await drafts.get(journey_id)
+        if draft is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no draft of journey '{journey_id}'")
+        return {"id": journey_id, **draft}
+
+    @app.post(
+        "/v1/journeys/{journey_id}/publish",
+        dependencies=guarded,
+        status_code=status.HTTP_201_CREATED,
+        summary="Publish the draft as a new, immutable version",
+    )
+    async def publish(journey_id: str, response: Response) -> dict[str, Any]:
+        draft = await drafts.get(journey_id)
+        if draft is None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                f"no draft of journey '{journey_id}': PUT /v1/journeys/{journey_id}/draft first",
+            )
+        async with lifecycle:
+            parsed, problems = validate_draft(
+                draft["definition"], await templates.ids(), journey_id
+            )
+            if parsed is None:
+                raise Problems(422, "the draft has problems", problems)
+            stored = await templates.statuses(templates_used(parsed))
+            decision = decide_publish(parsed, definitions.all(), stored, clock.now())
+            if isinstance(decision, Refused):
+                raise Problems(409, "not published", decision.problems)
+            if isinstance(decision, Unchanged):
+                response.status_code = status.HTTP_200_OK
+                return decision.record.model_dump(mode="json")
+            # Templates first, so the dispatcher finds them when the first instance sends.
+            await templates.write_shipped(decision.templates, decision.record.published_at)
+            await definitions.write(decision.record)
+            return decision.record.model_dump(mode="json")
+
+    async def change_status(journey_id: str, change: StatusChange) -> dict[str, Any]:
+        async with lifecycle:
+            decision = decide_status_change(journey_id, definitions.all(), change)
+            if isinstance(decision, Refused):
+                if "journey-published" in decision.rules():
+                    raise HTTPException(
+                        status.HTTP_404_NOT_FOUND, f"no published journey '{journey_id}'"
+                    )
+                raise Problems(409, f"not {change}d", decision.problems)
+            await definitions.write(decision)
+            return decision.model_dump(mode="json")
+
+    @app.post("/v1/journeys/{journey_id}/pause", dependencies=guarded, summary="Stop entries")
+    async def pause(journey_id: str) -> dict[str, Any]:
+        return await change_status(journey_id, "pause")
+
+    @app.post("/v1/journeys/{journey_id}/resume", dependencies=guarded, summary="Let them in")
+    async def resume(journey_id: str) -> dict[str, Any]:
+        return await change_status(journey_id, "resume")
+
+    @app.post("/v1/journeys/{journey_id}/archive", dependencies=guarded, summary="End it, finally")
+    async def archive(journey_id: str) -> dict[str, Any]:
+        return await change_status(journey_id, "archive")
 
     @app.get("/v1/stats", dependencies=guarded, summary="Figures read from Kafka and the store")
     async def stats() -> dict[str, Any]:
