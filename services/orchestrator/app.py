@@ -6,17 +6,18 @@ work (de-duplicated downstream by deterministic ids), never lose it.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import timedelta
 
 import faust
 import structlog
 from pydantic import ValidationError
 
 from services.orchestrator.adapters.definitions import DefinitionsCatalog
-from services.orchestrator.adapters.timers import DueTimer, TimerIndex
+from services.orchestrator.adapters.timers import TimerStore
 from services.orchestrator.domain.engine import decide
 from services.orchestrator.domain.state import (
     AppendLog,
+    CancelTimer,
     ContactState,
     EventArrived,
     RequestSend,
@@ -29,7 +30,7 @@ from shared.clock import Clock
 from shared.contracts import ContactEvent, TimerFired
 from shared.deadletter import DeadLetters
 from shared.faust_app import record_of
-from shared.kafka import AsyncProducer
+from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy
 from shared.topics import CONTACT_EVENTS, JOURNEY_LOG, SEND_REQUESTS, TIMERS
 
 log = structlog.get_logger(__name__)
@@ -52,19 +53,30 @@ class Orchestrator:
         self.catalog = catalog
         self.producer = producer
         self.dead_letters = dead_letters
-        self.timers = TimerIndex()
         self.contacts = app.Table(
             "contacts",
             partitions=settings.topic_partitions,
             key_type=bytes,
             value_type=bytes,
         )
+        # One compact row per waiting instance, on the same partitions as the contact's row.
+        self.timers = TimerStore(
+            app.Table(
+                "timers",
+                partitions=settings.topic_partitions,
+                key_type=bytes,
+                value_type=bytes,
+                on_recover=self._rebuild_timer_index,
+            ),
+            refire_after=timedelta(seconds=settings.timer_refire_seconds),
+            refire_max=timedelta(seconds=settings.timer_refire_max_seconds),
+        )
+        self.timer_fire_batch = settings.timer_fire_batch
         source = app.topic(
             CONTACT_EVENTS.name, TIMERS.name, key_serializer="raw", value_serializer="raw"
         )
         app.agent(source, name="journeys")(self._process)
         app.timer(interval=settings.timer_tick_seconds)(self._fire_due_timers)
-        self.contacts.on_recover(self._rebuild_timer_index)
 
     async def _process(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
@@ -96,31 +108,30 @@ class Orchestrator:
         await self.producer.send_all(records)
         self.contacts[key.encode()] = decision.state.model_dump_json().encode()
         for command in decision.commands:
-            if isinstance(command, ScheduleTimer):
-                self.timers.add(
-                    DueTimer(
-                        command.due_at, command.timer_id, command.contact_key, command.instance_id
-                    )
-                )
+            if isinstance(command, ScheduleTimer | CancelTimer):
+                self.timers.apply(command)
 
     async def _fire_due_timers(self) -> None:
-        now = self.clock.now()
-        due = self.timers.pop_due(now)
-        if not due:
-            return
-        await self.producer.send_all(
-            (TIMERS.name, t.contact_key, _timer_fired(t, now).to_wire()) for t in due
-        )
+        # Fired entries are re-armed, not dropped (see adapters/timers.py), so this loop ends, and
+        # a round whose publish fails is sent again at the re-arm time.
+        self.timers.compact_if_needed()
+        try:
+            while fired := self.timers.pop_due(self.clock.now(), self.timer_fire_batch):
+                await self.producer.send_all(
+                    (TIMERS.name, t.contact_key, t.to_wire()) for t in fired
+                )
+        except (DeliveryFailed, ProducerBusy) as exc:
+            log.warning("orchestrator.timers_publish_failed", error=str(exc))
 
     async def _rebuild_timer_index(self) -> None:
-        self.timers.clear()
-        for _key, raw in self.contacts.items():
-            state = ContactState.model_validate_json(raw)
-            for instance, timer in state.timers():
-                self.timers.add(
-                    DueTimer(timer.due_at, timer.timer_id, state.contact_key, instance.instance_id)
-                )
-        log.info("orchestrator.timers_recovered", pending=len(self.timers))
+        started = self.clock.now()
+        pending = self.timers.rebuild()
+        log.info(
+            "orchestrator.timers_recovered",
+            pending=pending,
+            seconds=round((self.clock.now() - started).total_seconds(), 3),
+            index_bytes=self.timers.index_bytes(),
+        )
 
 
 def _decode(topic: str, value: bytes) -> Stimulus:
@@ -133,13 +144,3 @@ def _contact_key(stimulus: Stimulus) -> str:
     if isinstance(stimulus, TimerDue):
         return stimulus.timer.contact_key
     return stimulus.contact_event.contact_key
-
-
-def _timer_fired(timer: DueTimer, now: datetime) -> TimerFired:
-    return TimerFired(
-        contact_key=timer.contact_key,
-        timer_id=timer.timer_id,
-        instance_id=timer.instance_id,
-        due_at=timer.due_at,
-        fired_at=now,
-    )
