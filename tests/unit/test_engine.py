@@ -18,7 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.orchestrator.domain.catalog import Catalog
-from services.orchestrator.domain.engine import PAUSED_RECHECK, TIMER_EARLY_TOLERANCE, decide
+from services.orchestrator.domain.engine import (
+    HANDLED_REMEMBERED,
+    PAUSED_RECHECK,
+    TIMER_EARLY_TOLERANCE,
+    decide,
+)
 from services.orchestrator.domain.state import (
     AppendLog,
     ContactState,
@@ -503,6 +508,61 @@ def test_new_entries_use_the_newest_published_version() -> None:
     decision = enter(both_versions)
 
     assert {r.journey_version for r in logs(decision)} == {2}
+
+
+# --- redelivered events and goals -----------------------------------------------------------
+
+
+def _second_registration_journey() -> Journey:
+    """Enter on `Registered`, wait for the next `Registered`, then send."""
+    return Journey.model_validate(
+        {
+            "id": "second-registration",
+            "name": "Second registration",
+            "trigger": {"event": "Registered"},
+            "steps": [
+                {
+                    "id": "next-one",
+                    "type": "wait_for_event",
+                    "event": "Registered",
+                    "timeout": "7d",
+                },
+                {"id": "tell", "type": "send", "template": "t"},
+            ],
+        }
+    )
+
+
+def test_a_redelivered_event_changes_nothing() -> None:
+    catalog = catalog_of(welcome())
+    first = enter(catalog)
+
+    again = decide(first.state, registered("m-1"), catalog, T0 + timedelta(minutes=5))
+
+    assert again.commands == ()
+    assert again.state == first.state
+
+
+def test_a_redelivered_trigger_does_not_satisfy_the_wait_that_follows_it() -> None:
+    catalog = catalog_of(_second_registration_journey())
+    first = enter(catalog)
+
+    redelivered = decide(first.state, registered("m-1"), catalog, T0 + timedelta(minutes=5))
+    assert sends(redelivered) == []
+    following = decide(redelivered.state, registered("m-2"), catalog, T0 + timedelta(hours=1))
+
+    assert [r.template_id for r in sends(following)] == ["t"]
+
+
+def test_a_contact_remembers_a_bounded_number_of_handled_events() -> None:
+    catalog = catalog_of(welcome())
+    state = enter(catalog).state
+    for n in range(HANDLED_REMEMBERED + 10):
+        event = registered(f"other-{n}", event="Page Viewed")
+        state = decide(state, event, catalog, T0).state
+
+    assert len(state.handled) == HANDLED_REMEMBERED
+    assert state.handled[-1] == f"other-{HANDLED_REMEMBERED + 9}"
 
 
 # --- properties -----------------------------------------------------------------------------

@@ -96,6 +96,9 @@ from shared.journeys import (
 MAX_STEPS_PER_STIMULUS = 100
 # How many ended instance ids a contact remembers, to ignore replays of their trigger events.
 ENDED_REMEMBERED = 128
+# How many handled event ids a contact remembers: a redelivered event must not act twice (it
+# would otherwise restart a wait, or satisfy the next wait-for-event a second time).
+HANDLED_REMEMBERED = 256
 # Timers may fire a little early when clocks of workers disagree; beyond this they are ignored.
 TIMER_EARLY_TOLERANCE = timedelta(seconds=2)
 # A paused journey's instances look again this often (resuming needs no other signal).
@@ -127,7 +130,11 @@ def decide(
     if isinstance(stimulus, EventArrived):
         contact_event = stimulus.contact_event
         current = state or ContactState(contact_key=contact_event.contact_key)
-        current = current.model_copy(update={"profile": contact_event.profile})
+        message_id = contact_event.event.message_id
+        if message_id in current.handled:
+            return Decision(current, ())
+        handled = (*current.handled, message_id)[-HANDLED_REMEMBERED:]
+        current = current.model_copy(update={"profile": contact_event.profile, "handled": handled})
         turn = _Turn(current, catalog, now, contact_event.event)
         turn.on_event(contact_event.event)
     elif isinstance(stimulus, TimerDue):
