@@ -207,6 +207,8 @@ def _step_in_unbounded_loop(journey: Journey) -> str | None:
 def _check_context_reads(journey: Journey, problem: Any) -> None:
     """Every `context.<name>` a condition or value reads must be written by some step."""
     written = set(BUILT_IN_CONTEXT)
+    if journey.goals:
+        written.add("goals")
     for step in journey.steps:
         if isinstance(step, WaitForEventStep | WebhookStep):
             written.add(step.context_name)

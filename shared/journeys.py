@@ -243,7 +243,11 @@ class ExitRule(_Definition):
 
 
 class Goal(_Definition):
-    """Marks an instance converted when the event happens within `within` of entering."""
+    """Marks an instance converted when the event happens within `within` of entering.
+
+    The event that reached the goal is kept in the context under `goals.<id>`, so a later branch
+    can ask "did the contact order since entering?" (`{field: context.goals.<id>, op: exists}`).
+    """
 
     id: str = "goal"
     event: str = Field(min_length=1)

@@ -520,6 +520,7 @@ def _second_registration_journey() -> Journey:
             "id": "second-registration",
             "name": "Second registration",
             "trigger": {"event": "Registered"},
+            "goals": [{"id": "ordered", "event": "Order Completed"}],
             "steps": [
                 {
                     "id": "next-one",
@@ -563,6 +564,23 @@ def test_a_contact_remembers_a_bounded_number_of_handled_events() -> None:
 
     assert len(state.handled) == HANDLED_REMEMBERED
     assert state.handled[-1] == f"other-{HANDLED_REMEMBERED + 9}"
+
+
+def test_a_reached_goal_is_kept_in_the_context_under_its_id() -> None:
+    catalog = catalog_of(_second_registration_journey())
+    first = enter(catalog)
+
+    ordered = decide(
+        first.state,
+        registered("o-1", event="Order Completed", properties={"order_id": "o-1"}),
+        catalog,
+        T0 + timedelta(days=1),
+    )
+
+    (instance,) = ordered.state.instances.values()
+    assert instance.converted == ("ordered",)
+    assert instance.context["goals"]["ordered"]["properties"] == {"order_id": "o-1"}
+    assert [r.kind for r in logs(ordered)] == ["converted"]
 
 
 # --- properties -----------------------------------------------------------------------------

@@ -352,7 +352,13 @@ class _Turn:
                 continue
             if not _holds(goal.where, profile, event, instance.context, self.now):
                 continue
-            instance = instance.model_copy(update={"converted": (*instance.converted, goal.id)})
+            goals = {**instance.context.get("goals", {}), goal.id: event_facts(event)}
+            instance = instance.model_copy(
+                update={
+                    "converted": (*instance.converted, goal.id),
+                    "context": {**instance.context, "goals": goals},
+                }
+            )
             self._log(instance, "converted", None, detail=goal.id)
             if goal.exit:
                 self._finish(instance, f"goal:{goal.id}")
