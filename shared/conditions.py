@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,6 +41,8 @@ Operator = Literal[
 ]
 _UNARY = {"exists", "not_exists"}
 _TIME = {"before", "after"}
+# The smallest step of time a datetime has.
+_RESOLUTION = timedelta(microseconds=1)
 
 
 class _Node(BaseModel):
@@ -196,7 +198,8 @@ def next_change(condition: Condition, facts: Facts, now: datetime) -> datetime |
     """The earliest instant after `now` at which a relative-time comparison flips, else None.
 
     Only time moves these instants; any other change arrives as an event. The segmenter arms one
-    timer per contact at this instant instead of scanning everyone periodically.
+    timer per contact at this instant instead of scanning everyone periodically. Evaluated at the
+    returned instant, the comparison already reads its new value.
     """
     instants: list[datetime] = []
     for compare in _relative_comparisons(condition):
@@ -205,6 +208,9 @@ def next_change(condition: Condition, facts: Facts, now: datetime) -> datetime |
         if moment is None or compare.ago is None:
             continue
         flips_at = moment + parse_duration(compare.ago)
+        if compare.op == "before":
+            # `moment < now - ago` holds only strictly after moment + ago.
+            flips_at += _RESOLUTION
         if flips_at > now:
             instants.append(flips_at)
     return min(instants, default=None)
