@@ -128,6 +128,7 @@ def check_journey(
     if looping is not None:
         problem(looping, "bounded-loops", "this step is in a loop with no wait and no goto bound")
     _check_context_reads(journey, problem)
+    _check_trigger_reads(journey, problem)
     return problems
 
 
@@ -229,23 +230,37 @@ def _check_context_reads(journey: Journey, problem: Any) -> None:
             )
 
 
-def _context_reads(journey: Journey) -> Iterator[tuple[str | None, str]]:
-    def of(condition: Condition | None) -> Iterator[str]:
-        if condition is not None:
-            yield from reads(condition)
+def _check_trigger_reads(journey: Journey, problem: Any) -> None:
+    """A trigger is checked before there is an instance, so it cannot read a context."""
+    trigger = journey.trigger
+    for condition in (trigger.condition, getattr(trigger, "where", None)):
+        for path in _of(condition):
+            if path.split(".")[0] == "context":
+                problem(
+                    None,
+                    "trigger-context",
+                    f"the trigger reads '{path}', but an instance's context exists only after "
+                    "it entered",
+                )
 
-    yield from ((None, p) for p in of(journey.trigger.condition))
+
+def _of(condition: Condition | None) -> Iterator[str]:
+    if condition is not None:
+        yield from reads(condition)
+
+
+def _context_reads(journey: Journey) -> Iterator[tuple[str | None, str]]:
     for rule in journey.exit_rules:
-        yield from ((None, p) for p in of(rule.where))
+        yield from ((None, p) for p in _of(rule.where))
     for goal in journey.goals:
-        yield from ((None, p) for p in of(goal.where))
+        yield from ((None, p) for p in _of(goal.where))
     for step in journey.steps:
         paths: list[str] = []
         if isinstance(step, WaitForEventStep):
-            paths.extend(of(step.where))
+            paths.extend(_of(step.where))
         elif isinstance(step, BranchStep):
             for arm in step.arms:
-                paths.extend(of(arm.condition))
+                paths.extend(_of(arm.condition))
         elif isinstance(step, CaptureStep):
             paths.extend(step.values.values())
         elif isinstance(step, UpdateContactStep | WebhookStep):
