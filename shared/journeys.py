@@ -77,6 +77,14 @@ class SegmentTrigger(_Trigger):
     segment: str = Field(min_length=1)
     on: Literal["entered", "left"] = "entered"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on_key(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `on:` key as the boolean true; take it for what was written.
+        if isinstance(value, dict) and True in value and "on" not in value:
+            return {("on" if key is True else key): item for key, item in value.items()}
+        return value
+
 
 class TagAddedTrigger(_Trigger):
     """Enter when a tag is added to the contact."""

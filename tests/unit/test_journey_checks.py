@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 
 from shared.journey_checks import DefinitionProblem, parse_journey_file
 
@@ -399,7 +400,26 @@ def test_steps_reading_unwritten_context_are_named(reader: dict[str, Any]) -> No
     assert (problem.step, problem.rule) == ("r", "context-written")
 
 
-# --- reports --------------------------------------------------------------------------------
+# --- YAML -----------------------------------------------------------------------------------
+
+
+def test_a_bare_on_key_in_yaml_reads_as_written() -> None:
+    text = """
+journey:
+  id: j
+  name: J
+  trigger:
+    type: segment
+    segment: churn-risk
+    on: left
+  steps:
+    - {id: a, type: exit}
+"""
+    parsed, found = parse_journey_file(yaml.safe_load(text))
+
+    assert found == []
+    assert parsed is not None
+    assert parsed.journey.trigger.model_dump()["on"] == "left"
 
 
 def test_a_problem_reads_as_one_sentence() -> None:
