@@ -49,11 +49,15 @@ SIX_DAYS = timedelta(days=6)
 
 @cache
 def _welcome_from_file() -> Journey:
-    return load_journey_file(WELCOME_FILE).journey
+    """The example welcome journey's first part: welcome, 6-day wait, reminder, exit."""
+    journey = load_journey_file(WELCOME_FILE).journey
+    kept = ("welcome-email", "wait-before-reminder", "trial-reminder", "done")
+    steps = tuple(journey.step(step_id) for step_id in kept)
+    return journey.model_copy(update={"steps": steps, "goals": ()})
 
 
 def welcome(**changes: Any) -> Journey:
-    """The example welcome journey, optionally with some fields replaced."""
+    """The welcome journey's first part, optionally with some fields replaced."""
     journey = _welcome_from_file()
     return journey.model_copy(update=changes) if changes else journey
 

@@ -173,6 +173,10 @@ def test_the_welcome_example_loads_clean() -> None:
         "welcome-email",
         "wait-before-reminder",
         "trial-reminder",
+        "wait-a-day",
+        "ordered-since-entering",
+        "tag-first-order",
+        "tag-trial-not-placed",
         "done",
     ]
     assert set(loaded.templates) == {"welcome", "trial-reminder"}
