@@ -31,6 +31,7 @@ from services.orchestrator.domain.state import (
 )
 from shared.contracts import (
     ContactCommand,
+    ContactCommandKind,
     ContactEvent,
     Event,
     EventType,
@@ -140,12 +141,21 @@ class Simulation:
         self.profiles[contact] = profile.model_copy(
             update={"segments": (*segments, segment) if entered else segments}
         )
-        self._system_event(contact, SEGMENT_ENTERED if entered else SEGMENT_LEFT, segment=segment)
+        self._sequence += 1
+        label = SEGMENT_ENTERED if entered else SEGMENT_LEFT
+        change_id = stable_id(contact, label, segment, self.now, self._sequence)
+        self._system_event(contact, label, change_id, segment=segment)
 
     def audience_run(self, journey_id: str, run_id: str, members: Iterable[str]) -> None:
-        """An audience journey's scheduled run selects these segment members."""
+        """An audience journey's scheduled run selects these segment members.
+
+        One selection per run and contact: a run played again is a replay, not a second run.
+        """
         for contact in members:
-            self._system_event(contact, AUDIENCE_SELECTED, journey_id=journey_id, run_id=run_id)
+            selection_id = stable_id(contact, AUDIENCE_SELECTED, journey_id, run_id)
+            self._system_event(
+                contact, AUDIENCE_SELECTED, selection_id, journey_id=journey_id, run_id=run_id
+            )
 
     def object_event(self, name: str, properties: dict[str, Any], related: Iterable[str]) -> None:
         """Fan-out: the segmenter hands one object event to every related contact."""
@@ -162,6 +172,14 @@ class Simulation:
                     properties=properties,
                 )
             )
+
+    def tag(self, contact: str, tag: str, *, added: bool = True) -> None:
+        """Someone outside the journeys (an import, an operator) adds or removes a tag."""
+        self._outside_change(contact, "add_tag" if added else "remove_tag", tag=tag)
+
+    def set_attribute(self, contact: str, attribute: str, value: Any) -> None:
+        """Someone outside the journeys sets an attribute (announced as `Attribute Changed`)."""
+        self._outside_change(contact, "set_attribute", attribute=attribute, value=value)
 
     def set_status(self, journey_id: str, status: JourneyStatus) -> None:
         """Pause, resume (active) or archive every version of a journey."""
@@ -219,13 +237,13 @@ class Simulation:
             updated_at=self.now,
         )
 
-    def _system_event(self, contact: str, label: str, **properties: Any) -> None:
+    def _system_event(self, contact: str, label: str, message_id: str, **properties: Any) -> None:
         self.profiles.setdefault(contact, self._profile(contact))
         event = Event(
             type="track",
             event=label,
             user_id=contact,
-            message_id=stable_id(contact, label, properties, self.now),
+            message_id=message_id,
             timestamp=self.now,
             received_at=self.now,
             properties=properties,
@@ -280,6 +298,21 @@ class Simulation:
         self.profiles[command.contact_key] = changed.profile
         for event in changed.events:
             self._contact_event(event)
+
+    def _outside_change(self, contact: str, kind: ContactCommandKind, **change: Any) -> None:
+        self._sequence += 1
+        command = ContactCommand(
+            command_id=stable_id(contact, kind, change, self.now, self._sequence),
+            contact_key=contact,
+            kind=kind,
+            journey_id="",
+            instance_id="",
+            step_id="",
+            at=self.now,
+            **change,
+        )
+        self.profiles.setdefault(contact, self._profile(contact))
+        self._apply_change(command)
 
     def _answer(self, call: WebhookCall) -> None:
         ok, status, body = self.webhooks(call)
