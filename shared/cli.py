@@ -1,4 +1,5 @@
-"""The `waypost` command: create topics, check and publish journey definition files."""
+"""The `waypost` command: create topics, check and publish journey definition files, and pause,
+resume or archive published journeys."""
 
 from __future__ import annotations
 
@@ -16,8 +17,19 @@ from pymongo import MongoClient
 from shared.clock import SystemClock
 from shared.definitions import PublishedJourneys
 from shared.journey_checks import parse_journey_file
-from shared.journeys import JourneyFile, PublishedJourney, definition_key
+from shared.journeys import JourneyFile, PublishedJourney
 from shared.kafka import ensure_topics, wait_for_broker
+from shared.lifecycle import (
+    Publish,
+    Refused,
+    StatusChange,
+    Unchanged,
+    decide_publish,
+    decide_status_change,
+    shipped_template_document,
+    template_status,
+    templates_used,
+)
 from shared.settings import CommonSettings
 from shared.topics import ALL_TOPICS, DEFINITIONS
 
@@ -42,49 +54,83 @@ def load_journey_file(path: Path, known_templates: Collection[str] = ()) -> Jour
     return parsed
 
 
-def publish(settings: CommonSettings, files: list[Path]) -> int:
-    """Write templates to the document store, then the journey versions to the definitions topic."""
-    parsed = [load_journey_file(path) for path in files]
+def _produce(settings: CommonSettings, records: list[PublishedJourney]) -> None:
+    producer = Producer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all"}
+    )
+    for record in records:
+        producer.produce(
+            DEFINITIONS.name, key=record.key.encode(), value=record.model_dump_json().encode()
+        )
+    if producer.flush(30) != 0:
+        raise TimeoutError("definitions were not acknowledged by Kafka")
+
+
+def _published(settings: CommonSettings) -> list[PublishedJourney]:
     wait_for_broker(settings.kafka_bootstrap)
     ensure_topics(settings.kafka_bootstrap, settings.topic_partitions, settings.topic_replication)
     followed = PublishedJourneys(settings.kafka_bootstrap)
     followed.start(timeout=60)
-    existing = {p.key: p for p in followed.all()}
-    followed.stop()
+    try:
+        return followed.all()
+    finally:
+        followed.stop()
 
+
+def publish(settings: CommonSettings, files: list[Path]) -> int:
+    """Publish definition files by the lifecycle rules: every file is decided before anything is
+    written; then its templates go to the document store and its version to the definitions topic.
+    """
     now = SystemClock().now()
     mongo: MongoClient[dict[str, Any]] = MongoClient(settings.mongo_url, tz_aware=True)
-    producer = Producer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all"}
-    )
     try:
         templates = mongo[settings.mongo_db]["templates"]
-        for journey_file in parsed:
-            journey = journey_file.journey
-            key = definition_key(journey.id, journey.version)
-            if key in existing:
-                if existing[key].journey != journey:
-                    raise DefinitionError(
-                        f"journey '{journey.id}' version {journey.version} is already published "
-                        "and published versions are immutable: raise `version` to change it"
+        known = {str(doc["_id"]) for doc in templates.find({}, {"_id": 1})}
+        parsed = [(path, load_journey_file(path, known)) for path in files]
+        published = _published(settings)
+        decisions: list[tuple[Path, Publish | Unchanged]] = []
+        for path, journey_file in parsed:
+            used = list(templates_used(journey_file))
+            stored = {
+                str(doc["_id"]): template_status(doc)
+                for doc in templates.find({"_id": {"$in": used}})
+            }
+            decision = decide_publish(journey_file, published, stored, now)
+            if isinstance(decision, Refused):
+                raise DefinitionError("\n".join(f"{path}: {p}" for p in decision.problems))
+            if isinstance(decision, Publish):
+                published.append(decision.record)
+            decisions.append((path, decision))
+        for _path, decision in decisions:
+            if isinstance(decision, Publish):
+                for template_id, template in decision.templates.items():
+                    templates.replace_one(
+                        {"_id": template_id},
+                        shipped_template_document(template, now),
+                        upsert=True,
                     )
-                print(f"unchanged  {journey.id} v{journey.version}")
-                continue
-            for template_id, template in journey_file.templates.items():
-                templates.replace_one(
-                    {"_id": template_id},
-                    {**template.model_dump(), "status": "ready", "updated_at": now},
-                    upsert=True,
-                )
-            record = PublishedJourney(journey=journey, published_at=now)
-            producer.produce(
-                DEFINITIONS.name, key=key.encode(), value=record.model_dump_json().encode()
-            )
-            print(f"published  {journey.id} v{journey.version} ({len(journey.steps)} steps)")
-        if producer.flush(30) != 0:
-            raise TimeoutError("definitions were not acknowledged by Kafka")
+        _produce(settings, [d.record for _p, d in decisions if isinstance(d, Publish)])
     finally:
         mongo.close()
+    for _path, decision in decisions:
+        journey = decision.record.journey
+        if isinstance(decision, Unchanged):
+            print(f"unchanged  {journey.id} v{journey.version}")
+        else:
+            print(
+                f"published  {journey.id} v{journey.version} ({len(journey.steps)} steps, "
+                f"{decision.record.status})"
+            )
+    return 0
+
+
+def change_status(settings: CommonSettings, journey_id: str, change: StatusChange) -> int:
+    """Pause, resume or archive a journey: rewrite its newest version with the new status."""
+    decision = decide_status_change(journey_id, _published(settings), change)
+    if isinstance(decision, Refused):
+        raise DefinitionError(str(decision))
+    _produce(settings, [decision])
+    print(f"{decision.status:10} {journey_id} v{decision.journey.version}")
     return 0
 
 
@@ -97,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("files", nargs="+", type=Path)
     pub = commands.add_parser("publish", help="publish journey definition files")
     pub.add_argument("files", nargs="+", type=Path)
+    for change, summary in (
+        ("pause", "stop entries; running instances hold before their next step"),
+        ("resume", "let entries in again; held instances continue"),
+        ("archive", "end the journey for good: no entries, running instances end"),
+    ):
+        status = commands.add_parser(change, help=summary)
+        status.add_argument("journey_id")
     args = parser.parse_args(argv)
 
     settings = CommonSettings()
@@ -118,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 load_journey_file(path)
                 print(f"ok  {path}")
             return 0
+        if args.command in ("pause", "resume", "archive"):
+            return change_status(settings, args.journey_id, args.command)
         return publish(settings, args.files)
     except DefinitionError as exc:
         print(exc, file=sys.stderr)
