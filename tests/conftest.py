@@ -15,24 +15,27 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
 import stack as local_stack  # noqa: E402
 
+# WAYPOST_TEST_PORT_OFFSET moves every test port (and the stack's folder), so a second test
+# session can run beside one that already uses the default ports.
+PORT_OFFSET = int(os.environ.get("WAYPOST_TEST_PORT_OFFSET", "0"))
 TEST_PORTS = local_stack.Ports(
-    kafka=19092,
-    kafka_controller=19093,
-    mongo=37017,
-    smtp=11025,
-    outbox=18025,
-    ingest=18000,
-    admin=18001,
+    kafka=19092 + PORT_OFFSET,
+    kafka_controller=19093 + PORT_OFFSET,
+    mongo=37017 + PORT_OFFSET,
+    smtp=11025 + PORT_OFFSET,
+    outbox=18025 + PORT_OFFSET,
+    ingest=18000 + PORT_OFFSET,
+    admin=18001 + PORT_OFFSET,
 )
+TEST_HOME = ROOT / ".local" / ("test-stack" if PORT_OFFSET == 0 else f"test-stack-{PORT_OFFSET}")
 
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[local_stack.Stack]:
     """Kafka, FerretDB, the SMTP sandbox and all five services, fresh for this session."""
-    home = ROOT / ".local" / "test-stack"
-    running = local_stack.Stack(home=home, ports=TEST_PORTS, partitions=3)
+    running = local_stack.Stack(home=TEST_HOME, ports=TEST_PORTS, partitions=3)
     running.down()
-    shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
     local_stack.setup()
     try:
         running.up()
