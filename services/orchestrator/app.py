@@ -14,30 +14,42 @@ from pydantic import ValidationError
 
 from services.orchestrator.adapters.definitions import DefinitionsCatalog
 from services.orchestrator.adapters.timers import TimerStore
+from services.orchestrator.adapters.webhooks import Webhooks
 from services.orchestrator.domain.engine import decide
 from services.orchestrator.domain.state import (
     AppendLog,
+    CallWebhook,
     CancelTimer,
+    ChangeContact,
     ContactState,
     EventArrived,
     RequestSend,
     ScheduleTimer,
     Stimulus,
     TimerDue,
+    WebhookAnswered,
 )
 from services.orchestrator.settings import OrchestratorSettings
 from shared.clock import Clock
-from shared.contracts import ContactEvent, TimerFired
+from shared.contracts import ContactEvent, TimerFired, WebhookResult
 from shared.deadletter import DeadLetters
 from shared.faust_app import record_of
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy
-from shared.topics import CONTACT_EVENTS, JOURNEY_LOG, SEND_REQUESTS, TIMERS
+from shared.topics import (
+    CONTACT_COMMANDS,
+    CONTACT_EVENTS,
+    JOURNEY_LOG,
+    SEND_REQUESTS,
+    TIMERS,
+    WEBHOOK_RESULTS,
+)
 
 log = structlog.get_logger(__name__)
 
 
 class Orchestrator:
-    """Wires the engine to Faust: one agent over contact events and timers, one timer ticker."""
+    """Wires the engine to Faust: one agent over contact events, timers and webhook answers
+    (so one contact's stimuli apply in order), and one timer ticker."""
 
     def __init__(
         self,
@@ -53,6 +65,7 @@ class Orchestrator:
         self.catalog = catalog
         self.producer = producer
         self.dead_letters = dead_letters
+        self.webhooks = Webhooks(producer, clock)
         self.contacts = app.Table(
             "contacts",
             partitions=settings.topic_partitions,
@@ -73,7 +86,11 @@ class Orchestrator:
         )
         self.timer_fire_batch = settings.timer_fire_batch
         source = app.topic(
-            CONTACT_EVENTS.name, TIMERS.name, key_serializer="raw", value_serializer="raw"
+            CONTACT_EVENTS.name,
+            TIMERS.name,
+            WEBHOOK_RESULTS.name,
+            key_serializer="raw",
+            value_serializer="raw",
         )
         app.agent(source, name="journeys")(self._process)
         app.timer(interval=settings.timer_tick_seconds)(self._fire_due_timers)
@@ -105,11 +122,15 @@ class Orchestrator:
                 records.append((SEND_REQUESTS.name, key, command.request.to_wire()))
             elif isinstance(command, AppendLog):
                 records.append((JOURNEY_LOG.name, key, command.record.to_wire()))
+            elif isinstance(command, ChangeContact):
+                records.append((CONTACT_COMMANDS.name, key, command.command.to_wire()))
         await self.producer.send_all(records)
         self.contacts[key.encode()] = decision.state.model_dump_json().encode()
         for command in decision.commands:
             if isinstance(command, ScheduleTimer | CancelTimer):
                 self.timers.apply(command)
+            elif isinstance(command, CallWebhook):
+                self.webhooks.start(command.call)
 
     async def _fire_due_timers(self) -> None:
         # Fired entries are re-armed, not dropped (see adapters/timers.py), so this loop ends, and
@@ -137,10 +158,14 @@ class Orchestrator:
 def _decode(topic: str, value: bytes) -> Stimulus:
     if topic == TIMERS.name:
         return TimerDue(TimerFired.model_validate_json(value))
+    if topic == WEBHOOK_RESULTS.name:
+        return WebhookAnswered(WebhookResult.model_validate_json(value))
     return EventArrived(ContactEvent.model_validate_json(value))
 
 
 def _contact_key(stimulus: Stimulus) -> str:
     if isinstance(stimulus, TimerDue):
         return stimulus.timer.contact_key
+    if isinstance(stimulus, WebhookAnswered):
+        return stimulus.result.contact_key
     return stimulus.contact_event.contact_key
