@@ -195,6 +195,7 @@ def scoring_service() -> Iterator[str]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{port}/score"
     server.shutdown()
+    server.server_close()
 
 
 def test_a_webhook_answer_lands_in_the_context_and_the_message(

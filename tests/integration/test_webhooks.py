@@ -71,6 +71,7 @@ def receiver() -> Iterator[str]:
     thread.start()
     yield f"http://127.0.0.1:{port}"
     server.shutdown()
+    server.server_close()
 
 
 def call(url: str, *, retries: int = 2, timeout: float = 5.0) -> WebhookCall:
