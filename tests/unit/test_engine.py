@@ -36,6 +36,7 @@ from services.orchestrator.domain.state import (
 )
 from shared.cli import load_journey_file
 from shared.contracts import ContactEvent, Event, JourneyLogRecord, Profile, SendRequest, TimerFired
+from shared.ids import stable_id
 from shared.journeys import EntryRules, EventTrigger, Journey, PublishedJourney, SendStep
 
 WELCOME_FILE = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "s02-welcome.yaml"
@@ -567,7 +568,7 @@ def test_a_contact_remembers_a_bounded_number_of_handled_events() -> None:
         state = decide(state, event, catalog, T0).state
 
     assert len(state.handled) == HANDLED_REMEMBERED
-    assert state.handled[-1] == f"other-{HANDLED_REMEMBERED + 9}"
+    assert state.handled[-1] == stable_id(f"other-{HANDLED_REMEMBERED + 9}", length=16)
 
 
 def test_a_reached_goal_is_kept_in_the_context_under_its_id() -> None:

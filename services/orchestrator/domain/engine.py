@@ -97,8 +97,10 @@ MAX_STEPS_PER_STIMULUS = 100
 # How many ended instance ids a contact remembers, to ignore replays of their trigger events.
 ENDED_REMEMBERED = 128
 # How many handled event ids a contact remembers: a redelivered event must not act twice (it
-# would otherwise restart a wait, or satisfy the next wait-for-event a second time).
-HANDLED_REMEMBERED = 256
+# would otherwise restart a wait, or satisfy the next wait-for-event a second time). Redelivery
+# only replays what was not committed yet (about a second of traffic), so a short memory of
+# 16-character digests (about 0.6 KB a contact) is enough; the segmenter de-duplicates the rest.
+HANDLED_REMEMBERED = 32
 # Timers may fire a little early when clocks of workers disagree; beyond this they are ignored.
 TIMER_EARLY_TOLERANCE = timedelta(seconds=2)
 # A paused journey's instances look again this often (resuming needs no other signal).
@@ -130,10 +132,10 @@ def decide(
     if isinstance(stimulus, EventArrived):
         contact_event = stimulus.contact_event
         current = state or ContactState(contact_key=contact_event.contact_key)
-        message_id = contact_event.event.message_id
-        if message_id in current.handled:
+        digest = stable_id(contact_event.event.message_id, length=16)
+        if digest in current.handled:
             return Decision(current, ())
-        handled = (*current.handled, message_id)[-HANDLED_REMEMBERED:]
+        handled = (*current.handled, digest)[-HANDLED_REMEMBERED:]
         current = current.model_copy(update={"profile": contact_event.profile, "handled": handled})
         turn = _Turn(current, catalog, now, contact_event.event)
         turn.on_event(contact_event.event)

@@ -65,7 +65,7 @@ class ContactState(_Frozen):
     last_entered: dict[str, AwareDatetime] = Field(default_factory=dict)
     # Ids of recently ended instances, newest last: a replayed trigger must not start them again.
     ended: tuple[str, ...] = ()
-    # Message ids of recently handled events, newest last: a redelivered event changes nothing.
+    # Digests of recently handled event ids, newest last: a redelivered event changes nothing.
     handled: tuple[str, ...] = ()
 
     def timers(self) -> list[tuple[Instance, PendingTimer]]:
