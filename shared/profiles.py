@@ -24,10 +24,12 @@ RECENT_MESSAGE_IDS = 256
 
 @dataclass(frozen=True)
 class Applied:
-    """The profile after an event, and whether the event was new (not a duplicate)."""
+    """The profile after an event, whether the event was new (not a duplicate), and the
+    `Attribute Changed` events announcing traits the event changed."""
 
     profile: Profile
     accepted: bool
+    announcements: tuple[Event, ...] = ()
 
 
 def apply_event(profile: Profile | None, event: Event, now: datetime) -> Applied:
@@ -61,7 +63,19 @@ def apply_event(profile: Profile | None, event: Event, now: datetime) -> Applied
             "updated_at": now,
         }
     )
-    return Applied(updated, accepted=True)
+    announcements = tuple(
+        _announce(
+            updated,
+            ATTRIBUTE_CHANGED,
+            {"attribute": name, "value": value, "previous": profile.traits.get(name)},
+            stable_id(event.message_id, "attribute", name),
+            event.timestamp,
+            now,
+        )
+        for name, value in traits.items()
+        if name not in profile.traits or profile.traits[name] != value
+    )
+    return Applied(updated, accepted=True, announcements=announcements)
 
 
 @dataclass(frozen=True)
@@ -115,19 +129,35 @@ def apply_command(profile: Profile | None, command: ContactCommand, now: datetim
     changed = profile.model_copy(update={**update, "updated_at": now})
     if label is None:
         return Changed(changed, ())
-    event = Event(
-        type="track",
-        event=label,
-        user_id=changed.user_id,
-        anonymous_id=None if changed.user_id else changed.contact_key,
-        message_id=stable_id(command.command_id, "event"),
-        timestamp=command.at,
-        received_at=now,
-        properties={
-            **properties,
-            "journey_id": command.journey_id,
-            "instance_id": command.instance_id,
-        },
-        source="waypost",
+    origin = {"journey_id": command.journey_id, "instance_id": command.instance_id}
+    event = _announce(
+        changed,
+        label,
+        {**properties, **origin},
+        stable_id(command.command_id, "event"),
+        command.at,
+        now,
     )
     return Changed(changed, (event,))
+
+
+def _announce(
+    profile: Profile,
+    label: str,
+    properties: dict[str, Any],
+    message_id: str,
+    at: datetime,
+    now: datetime,
+) -> Event:
+    """An event about a change to the contact, from Waypost itself (journeys trigger on it)."""
+    return Event(
+        type="track",
+        event=label,
+        user_id=profile.user_id,
+        anonymous_id=None if profile.user_id else profile.contact_key,
+        message_id=message_id,
+        timestamp=at,
+        received_at=now,
+        properties=properties,
+        source="waypost",
+    )

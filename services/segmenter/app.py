@@ -82,13 +82,17 @@ class Segmenter:
             log.debug("segmenter.duplicate", message_id=event.message_id)
             return
         profile = applied.profile
-        contact_event = ContactEvent(contact_key=profile.contact_key, event=event, profile=profile)
-        await self.producer.send_all(
-            [
-                (CONTACT_EVENTS.name, profile.contact_key, contact_event.to_wire()),
-                (PROFILES.name, profile.contact_key, profile.to_wire()),
-            ]
-        )
+        # The event first, then the attribute changes it caused, in the contact's order.
+        records = [
+            (
+                CONTACT_EVENTS.name,
+                profile.contact_key,
+                ContactEvent(contact_key=profile.contact_key, event=e, profile=profile).to_wire(),
+            )
+            for e in (event, *applied.announcements)
+        ]
+        records.append((PROFILES.name, profile.contact_key, profile.to_wire()))
+        await self.producer.send_all(records)
         self.profiles[key] = profile.model_dump_json().encode()
 
     async def handle_command(self, command: ContactCommand) -> None:

@@ -1,4 +1,4 @@
-"""Profile folding in the segmenter: `apply_event` builds and updates a contact's profile."""
+"""Profile folding: `apply_event` builds and updates a contact's profile and announces changes."""
 
 from __future__ import annotations
 
@@ -157,3 +157,36 @@ def test_a_message_id_forgotten_from_the_window_is_accepted_again() -> None:
 
     assert apply_event(profile, event("m-0"), NOW).accepted
     assert not apply_event(profile, event(ids[-1]), NOW).accepted
+
+
+# --- attribute changes announced -------------------------------------------------------------
+
+
+def test_an_identify_that_changes_a_trait_announces_it_once_per_changed_trait() -> None:
+    before = fold(event("m-1", type="identify", traits={"stage": "trial", "plan": "pro"}))
+
+    applied = apply_event(
+        before, event("m-2", type="identify", traits={"stage": "education", "plan": "pro"}), NOW
+    )
+
+    (announced,) = applied.announcements
+    assert announced.label == "Attribute Changed"
+    assert announced.properties == {"attribute": "stage", "value": "education", "previous": "trial"}
+    assert announced.contact_key == "user-1"
+    assert announced.source == "waypost"
+
+
+def test_the_same_identify_replayed_announces_the_same_ids() -> None:
+    change = event("m-9", type="identify", traits={"stage": "education"})
+
+    first = apply_event(None, change, NOW).announcements
+    again = apply_event(None, change, NOW).announcements
+
+    assert [e.message_id for e in first] == [e.message_id for e in again]
+
+
+def test_an_event_without_trait_changes_announces_nothing() -> None:
+    before = fold(event("m-1", type="identify", traits={"stage": "trial"}))
+
+    assert apply_event(before, event("m-2"), NOW).announcements == ()
+    assert apply_event(before, event("m-3", traits={"stage": "trial"}), NOW).announcements == ()

@@ -133,6 +133,8 @@ class Simulation:
             return
         self.profiles[event.contact_key] = applied.profile
         self._contact_event(event)
+        for announcement in applied.announcements:
+            self._contact_event(announcement)
 
     def segment_changed(self, contact: str, segment: str, *, entered: bool = True) -> None:
         """What the segmenter emits when the contact enters or leaves a segment."""
