@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from services.admin.adapters.analytics import JourneyLogStore
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
 from services.admin.domain import templates as template_rules
+from services.admin.domain.conversion import conversion_report
 from services.admin.domain.templates import TemplateContent
 from services.admin.settings import AdminSettings
 from shared.clock import Clock
@@ -217,6 +218,15 @@ def create_app(
     @app.post("/v1/journeys/{journey_id}/archive", dependencies=guarded, summary="End it, finally")
     async def archive(journey_id: str) -> dict[str, Any]:
         return await change_status(journey_id, "archive")
+
+    @app.get(
+        "/v1/journeys/{journey_id}/conversion",
+        dependencies=guarded,
+        summary="Conversion of treated contacts against the holdout group",
+    )
+    async def conversion(journey_id: str) -> dict[str, Any]:
+        report = conversion_report(await journey_log.conversion_counts(journey_id))
+        return {"id": journey_id, **report.as_dict()}
 
     @app.get("/v1/stats", dependencies=guarded, summary="Figures read from Kafka and the store")
     async def stats() -> dict[str, Any]:

@@ -122,6 +122,12 @@ def test_s5_an_order_ends_the_journey_at_once_in_either_wait(stack: Any, cart_jo
         what="two conversions in the journey log",
     )
     assert counts["converted"] == 2
+    report = httpx.get(
+        f"{stack.admin_url}/v1/journeys/{cart_journey}/conversion", headers=ADMIN, timeout=10
+    ).json()
+    assert report["treated"]["converted"] == 2
+    assert report["treated"]["entered"] >= 3
+    assert report["holdout"] == {"entered": 0, "converted": 0, "rate": None}
 
 
 def test_a_tag_set_by_one_journey_enters_another_through_the_segmenter(
