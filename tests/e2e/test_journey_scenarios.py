@@ -284,3 +284,60 @@ def test_sigkill_while_many_contacts_wait_loses_no_timer_and_duplicates_no_send(
     for user, email in contacts:
         subjects = sorted(m["subject"] for m in outbox(stack, to=email))
         assert subjects == [f"Again {user.split('-')[0]}", f"Hello {user.split('-')[0]}"]
+
+
+def test_s18_the_order_coupon_is_compared_with_the_code_this_instance_sent(
+    stack: Any, tmp_path: Path
+) -> None:
+    journey_id, path = shortened(tmp_path, "s18-coupon-used", {"wait-for-order": "20s"})
+    publish_journey(stack, path)
+    listener = unique("not-used")
+    (tmp_path / "listener.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "journey": {
+                    "id": listener,
+                    "name": "Coupon not used",
+                    "trigger": {"type": "tag_added", "tag": "coupon not used"},
+                    "steps": [{"id": "nudge", "type": "send", "template": f"{listener}-nudge"}],
+                },
+                "templates": {
+                    f"{listener}-nudge": {
+                        "subject": "Your code {{ contact.first_name }} is still waiting",
+                        "text": "nudge",
+                    }
+                },
+            }
+        )
+    )
+    publish_journey(stack, tmp_path / "listener.yaml")
+    keen, keen_email = shopper(stack, "gus")
+    other, other_email = shopper(stack, "hal")
+    for user in (keen, other):
+        track(stack, user, "Newsletter Subscribed")
+
+    sent = wait_for(lambda: outbox(stack, to=keen_email), what="the coupon email")
+    code = sent[0]["subject"].rsplit(" ", 1)[-1]
+    assert code.startswith("HELLO-")
+    wait_for(lambda: outbox(stack, to=other_email), what="the other coupon email")
+    track(stack, keen, "Order Completed", order_id="o-1", coupon=code)
+    track(stack, other, "Order Completed", order_id="o-2", coupon=code.replace("HELLO-", "OTHER-"))
+
+    thanks = wait_for(
+        lambda: outbox(stack, to=keen_email, subject_contains="Thanks for your order"),
+        what="the thank-you for using the code",
+    )
+    nudge = wait_for(
+        lambda: outbox(stack, to=other_email, subject_contains="still waiting"),
+        what="the nudge after the tag 'coupon not used'",
+    )
+    assert thanks[0]["subject"] == "Thanks for your order o-1"
+    assert code in thanks[0]["text"]
+    assert nudge[0]["subject"] == "Your code hal is still waiting"
+    wait_drained(stack)
+    assert len(outbox(stack, to=keen_email)) == 2
+    assert len(outbox(stack, to=other_email)) == 2
+    wait_for(
+        lambda: journey_counts(stack, journey_id).get("exited") == 2,
+        what="both instances exited in the journey log",
+    )
