@@ -36,7 +36,7 @@ down: ## Stop exactly what `make up` started
 status: ## Show which local processes run (pids)
 	@$(PY) deploy/local/stack.py status
 
-demo: setup ## The main job: start the stack, publish the welcome journey, drive a storefront, summarise
+demo: setup ## The main job: start the stack, publish the scenario journeys, drive a storefront, summarise
 	@$(PY) deploy/local/demo.py
 
 test: setup ## Every test: unit, contract and end-to-end on real servers (started by the tests)

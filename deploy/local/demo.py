@@ -1,4 +1,4 @@
-"""The demo: the whole local stack, the welcome journey, and a simulated storefront.
+"""The demo: the whole local stack, the scenario journeys, and a simulated storefront.
 
 `make demo` runs it. Every figure in the closing summary is read back from the system (the ingest
 metrics, Kafka, the admin API over the document store, the SMTP outbox), not from the simulator.
@@ -76,6 +76,8 @@ def shopper_calls(rng: random.Random, index: int) -> tuple[list[dict[str, Any]],
                 "properties": {"plan": rng.choice(["free", "pro"])},
             }
         )
+        if rng.random() < 0.3:
+            calls.append({"type": "track", "userId": user_id, "event": "Newsletter Subscribed"})
         if rng.random() < 0.4:
             sku, name, category, price = rng.choice(PRODUCTS)
             calls.append(
@@ -83,7 +85,13 @@ def shopper_calls(rng: random.Random, index: int) -> tuple[list[dict[str, Any]],
                     "type": "track",
                     "userId": user_id,
                     "event": "Product Added",
-                    "properties": {"product_id": sku, "name": name, "price": price, "quantity": 1},
+                    "properties": {
+                        "product_id": sku,
+                        "name": name,
+                        "category": category,
+                        "price": price,
+                        "quantity": 1,
+                    },
                 }
             )
             if rng.random() < 0.5:
@@ -163,7 +171,9 @@ def main() -> int:
     print("[demo] starting the stack (Kafka, FerretDB, SMTP sandbox, five services) ...")
     stack.up()
     settings = CommonSettings(kafka_bootstrap=stack.bootstrap, mongo_url=stack.mongo_url)
-    publish(settings, [ROOT / "examples/journeys/s02-welcome.yaml"])
+    journeys = sorted((ROOT / "examples" / "journeys").glob("*.yaml"))
+    print(f"[demo] publishing {len(journeys)} scenario journeys from examples/journeys ...")
+    publish(settings, journeys)
 
     before = admin_stats(stack)
     sent_before = before["messages"].get("sent", 0)
@@ -191,14 +201,18 @@ def main() -> int:
         print("\n[demo] timed out waiting for the pipeline; figures below are partial")
 
     outbox_count = httpx.get(f"{stack.outbox_url}/messages", timeout=10).json()["count"]
-    welcome = stats["journeys"].get("welcome", {})
     print()
     print("Waypost demo summary (read from the running system)")
-    print("-" * 56)
+    print("-" * 72)
     print(f"  events accepted by ingest (this run)  {ingest_accepted(stack) - accepted_before:>8}")
     print(f"  events in waypost.events.v1 (total)   {stats['events_in_log']:>8}")
-    print(f"  welcome journey: entered              {welcome.get('entered', 0):>8}")
-    print(f"                   waiting (6 days)     {welcome.get('waiting', 0):>8}")
+    print("  journey log (all runs)       entered  waiting  skipped converted  exited")
+    for journey_id, kinds in sorted(stats["journeys"].items()):
+        figures = "".join(
+            f"{kinds.get(kind, 0):>9}"
+            for kind in ("entered", "waiting", "skipped", "converted", "exited")
+        )
+        print(f"    {journey_id:<26}{figures}")
     print(
         f"  emails sent (ledger, this run)        "
         f"{stats['messages'].get('sent', 0) - sent_before:>8}"
@@ -207,7 +221,9 @@ def main() -> int:
         print(f"    ledger state {state:<22} {count:>8}")
     print(f"  messages in the SMTP outbox           {outbox_count:>8}")
     print(f"  wall time                             {time.monotonic() - started:>7.1f}s")
-    print("-" * 56)
+    print("-" * 72)
+    print("  waits run on the wall clock: cart reminders come after 1 hour, the trial email after")
+    print("  6 days; push, SMS and WeChat sends are skipped until those channels are delivered")
     print(
         f"  outbox: {stack.outbox_url}/messages   admin: {stack.admin_url}/docs "
         f"(Bearer {ADMIN_KEY})"
