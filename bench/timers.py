@@ -211,7 +211,9 @@ def raw_read(bootstrap: str, topic: str, partitions: int) -> tuple[int, float]:
             "group.id": "bench-timers-raw-read",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
-            "fetch.max.bytes": 52_428_800,
+            # Prefetch deep enough that the reader never waits on a fetch: with librdkafka's
+            # default (100k messages) reading 1M rows took 6x longer.
+            "queued.min.messages": 1_000_000,
         }
     )
     try:
