@@ -26,8 +26,10 @@ LATER = timedelta(days=3650)  # a refire delay that never comes due within a tes
 class CountingTable(dict[bytes, bytes]):
     """A dict that counts writes and deletes, to see what a command costs the table."""
 
-    writes = 0
-    deletes = 0
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.deletes = 0
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
         self.writes += 1
@@ -50,10 +52,16 @@ def cancel(instance: str) -> CancelTimer:
     return CancelTimer(f"contact-{instance}", instance)
 
 
-def store_of(*commands: ScheduleTimer | CancelTimer, **options: object) -> TimerStore:
+def store_of(
+    *commands: ScheduleTimer | CancelTimer,
+    refire_after: timedelta = LATER,
+    refire_max: timedelta = LATER,
+    compact_floor: int = 1024,
+) -> TimerStore:
     """A store over a fresh table; fired timers are not re-sent unless `refire_*` say so."""
-    options = {"refire_after": LATER, "refire_max": LATER, **options}
-    store = TimerStore(CountingTable(), **options)  # type: ignore[arg-type]
+    store = TimerStore(
+        {}, refire_after=refire_after, refire_max=refire_max, compact_floor=compact_floor
+    )
     for command in commands:
         store.apply(command)
     return store
