@@ -264,7 +264,7 @@ class Stack:
             classpath,
         ]
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = _cluster_id()
             subprocess.run(
                 [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
                 check=True,
@@ -396,6 +396,15 @@ class Stack:
 
     def status(self) -> dict[str, int | None]:
         return {name: self.pid(name) for name in (*SERVERS, *SERVICES)}
+
+
+def _cluster_id() -> str:
+    """A random KRaft cluster id. Like Kafka's own, never one starting with '-': the storage
+    tool would read it as an option (1 start in 64 failed)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _alive(pid: int) -> bool:
