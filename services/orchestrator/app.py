@@ -114,7 +114,8 @@ class Orchestrator:
         raw = self.contacts.get(key.encode())
         state = ContactState.model_validate_json(raw) if raw else None
         decision = decide(state, stimulus, self.catalog.current(), self.clock.now())
-        if not decision.commands and decision.state == state:
+        unchanged = decision.state == (state or ContactState(contact_key=key))
+        if not decision.commands and unchanged:
             return  # nothing to publish and nothing to store (a stale timer, an ignored event)
         records: list[tuple[str, str | None, bytes]] = []
         for command in decision.commands:
@@ -125,11 +126,15 @@ class Orchestrator:
             elif isinstance(command, ChangeContact):
                 records.append((CONTACT_COMMANDS.name, key, command.command.to_wire()))
         await self.producer.send_all(records)
-        self.contacts[key.encode()] = decision.state.model_dump_json().encode()
+        # Timer rows before the contact row: should a crash keep only the first writes, a timer
+        # without its instance is a harmless no-op when it fires, while the event that is then
+        # redelivered to the old contact row decides (and schedules) the same again.
         for command in decision.commands:
             if isinstance(command, ScheduleTimer | CancelTimer):
                 self.timers.apply(command)
-            elif isinstance(command, CallWebhook):
+        self.contacts[key.encode()] = decision.state.model_dump_json().encode()
+        for command in decision.commands:
+            if isinstance(command, CallWebhook):
                 self.webhooks.start(command.call)
 
     async def _fire_due_timers(self) -> None:
