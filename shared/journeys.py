@@ -520,21 +520,6 @@ class ExitStep(_Step):
     type: Literal["exit"]
 
 
-Step = Annotated[
-    SendStep
-    | WaitStep
-    | WaitForEventStep
-    | BranchStep
-    | SplitStep
-    | UpdateContactStep
-    | AssignOwnerStep
-    | CouponStep
-    | CaptureStep
-    | WebhookStep
-    | GotoStep
-    | ExitStep,
-    Field(discriminator="type"),
-]
 AnyStep = (
     SendStep
     | WaitStep
@@ -549,6 +534,7 @@ AnyStep = (
     | GotoStep
     | ExitStep
 )
+Step = Annotated[AnyStep, Field(discriminator="type")]
 # Steps where an instance stops and resumes later, on a timer or an event.
 WAITING_STEPS = (WaitStep, WaitForEventStep, WebhookStep)
 

@@ -37,7 +37,7 @@ def wait_for(
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(0.1)  # poll again; the deadline above bounds the whole wait
 
 
 def unique(prefix: str) -> str:
