@@ -232,7 +232,7 @@ class _Turn:
             journey = self.catalog.version(instance.journey_id, instance.journey_version)
             if journey is not None:
                 self._running_sees(instance, journey, event)
-        for journey in sorted(self.catalog.open_for_entry(), key=lambda j: j.id):
+        for journey in self.catalog.open_for_entry():
             if trigger_matches(journey, event, self.state.profile, self.now):
                 self._enter(journey, event)
 
