@@ -9,6 +9,8 @@ repeats an event at worst; the orchestrator and the dispatcher are idempotent on
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import faust
 import structlog
 from pydantic import ValidationError
@@ -74,43 +76,35 @@ class Segmenter:
                 await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
 
     async def handle(self, event: Event) -> None:
-        key = event.contact_key.encode()
-        raw = self.profiles.get(key)
-        current = Profile.model_validate_json(raw) if raw else None
+        current = self._load(event.contact_key)
         applied = apply_event(current, event, self.clock.now())
         if not applied.accepted:
             log.debug("segmenter.duplicate", message_id=event.message_id)
             return
-        profile = applied.profile
         # The event first, then the attribute changes it caused, in the contact's order.
-        records = [
-            (
-                CONTACT_EVENTS.name,
-                profile.contact_key,
-                ContactEvent(contact_key=profile.contact_key, event=e, profile=profile).to_wire(),
-            )
-            for e in (event, *applied.announcements)
-        ]
-        records.append((PROFILES.name, profile.contact_key, profile.to_wire()))
-        await self.producer.send_all(records)
-        self.profiles[key] = profile.model_dump_json().encode()
+        await self._publish(applied.profile, (event, *applied.announcements))
 
     async def handle_command(self, command: ContactCommand) -> None:
-        key = command.contact_key.encode()
-        raw = self.profiles.get(key)
-        current = Profile.model_validate_json(raw) if raw else None
+        current = self._load(command.contact_key)
         changed = apply_command(current, command, self.clock.now())
-        if changed.profile == current:
-            return
-        profile = changed.profile
+        if changed.profile != current:
+            await self._publish(changed.profile, changed.events)
+
+    def _load(self, contact_key: str) -> Profile | None:
+        raw = self.profiles.get(contact_key.encode())
+        return Profile.model_validate_json(raw) if raw else None
+
+    async def _publish(self, profile: Profile, events: Iterable[Event]) -> None:
+        """Each event with the profile after it, then the profile; stored once Kafka acked."""
+        key = profile.contact_key
         records = [
             (
                 CONTACT_EVENTS.name,
-                profile.contact_key,
-                ContactEvent(contact_key=profile.contact_key, event=e, profile=profile).to_wire(),
+                key,
+                ContactEvent(contact_key=key, event=e, profile=profile).to_wire(),
             )
-            for e in changed.events
+            for e in events
         ]
-        records.append((PROFILES.name, profile.contact_key, profile.to_wire()))
+        records.append((PROFILES.name, key, profile.to_wire()))
         await self.producer.send_all(records)
-        self.profiles[key] = profile.model_dump_json().encode()
+        self.profiles[key.encode()] = profile.model_dump_json().encode()
