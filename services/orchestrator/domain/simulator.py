@@ -163,17 +163,7 @@ class Simulation:
         """Fan-out: the segmenter hands one object event to every related contact."""
         origin = stable_id(name, properties, self.now)
         for contact in related:
-            self.deliver(
-                Event(
-                    type="track",
-                    event=name,
-                    user_id=contact,
-                    message_id=stable_id(origin, contact),
-                    timestamp=self.now,
-                    received_at=self.now,
-                    properties=properties,
-                )
-            )
+            self.deliver(self._event(contact, name, stable_id(origin, contact), properties))
 
     def tag(self, contact: str, tag: str, *, added: bool = True) -> None:
         """Someone outside the journeys (an import, an operator) adds or removes a tag."""
@@ -241,7 +231,18 @@ class Simulation:
 
     def _system_event(self, contact: str, label: str, message_id: str, **properties: Any) -> None:
         self.profiles.setdefault(contact, self._profile(contact))
-        event = Event(
+        self._contact_event(self._event(contact, label, message_id, properties, source="waypost"))
+
+    def _event(
+        self,
+        contact: str,
+        label: str,
+        message_id: str,
+        properties: dict[str, Any],
+        source: str | None = None,
+    ) -> Event:
+        """A track event of this contact, now."""
+        return Event(
             type="track",
             event=label,
             user_id=contact,
@@ -249,9 +250,8 @@ class Simulation:
             timestamp=self.now,
             received_at=self.now,
             properties=properties,
-            source="waypost",
+            source=source,
         )
-        self._contact_event(event)
 
     def _contact_event(self, event: Event) -> None:
         profile = self.profiles[event.contact_key]
