@@ -44,6 +44,25 @@ def shortened(tmp_path: Path, example: str, durations: dict[str, str]) -> tuple[
     return journey["id"], path
 
 
+def publish_inline(
+    stack: Any,
+    tmp_path: Path,
+    journey_id: str,
+    trigger: dict[str, Any],
+    steps: list[dict[str, Any]],
+    templates: dict[str, dict[str, str]] | None = None,
+) -> None:
+    """Write a small journey of the test's own to a file and publish it like any other."""
+    definition: dict[str, Any] = {
+        "journey": {"id": journey_id, "name": journey_id, "trigger": trigger, "steps": steps}
+    }
+    if templates:
+        definition["templates"] = templates
+    path = tmp_path / f"{journey_id}.yaml"
+    path.write_text(yaml.safe_dump(definition, sort_keys=False))
+    publish_journey(stack, path)
+
+
 def shopper(stack: Any, name: str) -> tuple[str, str]:
     user = unique(name)
     email = f"{user}@example.com"
@@ -136,38 +155,26 @@ def test_a_tag_set_by_one_journey_enters_another_through_the_segmenter(
     tag = unique("vip")
     event = unique("Loyalty Reached")
     tagger, listener = unique("tagger"), unique("welcome-vip")
-    (tmp_path / "tagger.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "journey": {
-                    "id": tagger,
-                    "name": "Tag VIPs",
-                    "trigger": {"type": "event", "event": event},
-                    "steps": [{"id": "tag", "type": "update_contact", "add_tags": [tag]}],
-                }
-            }
-        )
+    publish_inline(
+        stack,
+        tmp_path,
+        tagger,
+        {"type": "event", "event": event},
+        [{"id": "tag", "type": "update_contact", "add_tags": [tag]}],
     )
-    (tmp_path / "listener.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "journey": {
-                    "id": listener,
-                    "name": "Welcome VIPs",
-                    "trigger": {"type": "tag_added", "tag": tag},
-                    "steps": [{"id": "hello", "type": "send", "template": f"{listener}-hello"}],
-                },
-                "templates": {
-                    f"{listener}-hello": {
-                        "subject": "Welcome to the club, {{ contact.first_name }}",
-                        "text": "You are {{ context.trigger.properties.tag }} now.",
-                    }
-                },
+    publish_inline(
+        stack,
+        tmp_path,
+        listener,
+        {"type": "tag_added", "tag": tag},
+        [{"id": "hello", "type": "send", "template": f"{listener}-hello"}],
+        {
+            f"{listener}-hello": {
+                "subject": "Welcome to the club, {{ contact.first_name }}",
+                "text": "You are {{ context.trigger.properties.tag }} now.",
             }
-        )
+        },
     )
-    publish_journey(stack, tmp_path / "tagger.yaml")
-    publish_journey(stack, tmp_path / "listener.yaml")
     user, email = shopper(stack, "eli")
 
     track(stack, user, event)
@@ -208,35 +215,29 @@ def test_a_webhook_answer_lands_in_the_context_and_the_message(
     stack: Any, tmp_path: Path, scoring_service: str
 ) -> None:
     journey_id, event = unique("scored"), unique("Plan Chosen")
-    (tmp_path / "scored.yaml").write_text(
-        yaml.safe_dump(
+    publish_inline(
+        stack,
+        tmp_path,
+        journey_id,
+        {"type": "event", "event": event},
+        [
             {
-                "journey": {
-                    "id": journey_id,
-                    "name": "Scored welcome",
-                    "trigger": {"type": "event", "event": event},
-                    "steps": [
-                        {
-                            "id": "score",
-                            "type": "webhook",
-                            "url": scoring_service,
-                            "body": {"plan": {"from": "context.trigger.properties.plan"}},
-                            "timeout": "5s",
-                            "save_as": "score",
-                        },
-                        {"id": "tell", "type": "send", "template": f"{journey_id}-tier"},
-                    ],
-                },
-                "templates": {
-                    f"{journey_id}-tier": {
-                        "subject": "Your tier: {{ context.score.body.tier }}",
-                        "text": "Status {{ context.score.status }}",
-                    }
-                },
+                "id": "score",
+                "type": "webhook",
+                "url": scoring_service,
+                "body": {"plan": {"from": "context.trigger.properties.plan"}},
+                "timeout": "5s",
+                "save_as": "score",
+            },
+            {"id": "tell", "type": "send", "template": f"{journey_id}-tier"},
+        ],
+        {
+            f"{journey_id}-tier": {
+                "subject": "Your tier: {{ context.score.body.tier }}",
+                "text": "Status {{ context.score.status }}",
             }
-        )
+        },
     )
-    publish_journey(stack, tmp_path / "scored.yaml")
     user, email = shopper(stack, "fay")
 
     track(stack, user, event, plan="pro")
@@ -249,20 +250,22 @@ def test_a_webhook_answer_lands_in_the_context_and_the_message(
 def test_sigkill_while_many_contacts_wait_loses_no_timer_and_duplicates_no_send(
     stack: Any, tmp_path: Path
 ) -> None:
-    journey_id, path = shortened(tmp_path, "s02-welcome", {})
-    definition = yaml.safe_load(path.read_text())
-    definition["journey"]["steps"] = [
-        {"id": "welcome-email", "type": "send", "template": f"{journey_id}-hello"},
-        {"id": "pause", "type": "wait", "duration": "8s"},
-        {"id": "reminder", "type": "send", "template": f"{journey_id}-again"},
-    ]
-    definition["journey"]["trigger"] = {"type": "event", "event": f"Joined {journey_id}"}
-    definition["templates"] = {
-        f"{journey_id}-hello": {"subject": "Hello {{ contact.first_name }}", "text": "hello"},
-        f"{journey_id}-again": {"subject": "Again {{ contact.first_name }}", "text": "again"},
-    }
-    path.write_text(yaml.safe_dump(definition))
-    publish_journey(stack, path)
+    journey_id = unique("durable")
+    publish_inline(
+        stack,
+        tmp_path,
+        journey_id,
+        {"type": "event", "event": f"Joined {journey_id}"},
+        [
+            {"id": "welcome-email", "type": "send", "template": f"{journey_id}-hello"},
+            {"id": "pause", "type": "wait", "duration": "8s"},
+            {"id": "reminder", "type": "send", "template": f"{journey_id}-again"},
+        ],
+        {
+            f"{journey_id}-hello": {"subject": "Hello {{ contact.first_name }}", "text": "hello"},
+            f"{journey_id}-again": {"subject": "Again {{ contact.first_name }}", "text": "again"},
+        },
+    )
     contacts = [shopper(stack, f"w{n}") for n in range(24)]
     for user, _email in contacts:
         track(stack, user, f"Joined {journey_id}")
@@ -292,25 +295,19 @@ def test_s18_the_order_coupon_is_compared_with_the_code_this_instance_sent(
     journey_id, path = shortened(tmp_path, "s18-coupon-used", {"wait-for-order": "20s"})
     publish_journey(stack, path)
     listener = unique("not-used")
-    (tmp_path / "listener.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "journey": {
-                    "id": listener,
-                    "name": "Coupon not used",
-                    "trigger": {"type": "tag_added", "tag": "coupon not used"},
-                    "steps": [{"id": "nudge", "type": "send", "template": f"{listener}-nudge"}],
-                },
-                "templates": {
-                    f"{listener}-nudge": {
-                        "subject": "Your code {{ contact.first_name }} is still waiting",
-                        "text": "nudge",
-                    }
-                },
+    publish_inline(
+        stack,
+        tmp_path,
+        listener,
+        {"type": "tag_added", "tag": "coupon not used"},
+        [{"id": "nudge", "type": "send", "template": f"{listener}-nudge"}],
+        {
+            f"{listener}-nudge": {
+                "subject": "Your code {{ contact.first_name }} is still waiting",
+                "text": "nudge",
             }
-        )
+        },
     )
-    publish_journey(stack, tmp_path / "listener.yaml")
     keen, keen_email = shopper(stack, "gus")
     other, other_email = shopper(stack, "hal")
     for user in (keen, other):
