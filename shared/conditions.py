@@ -133,6 +133,21 @@ for _model in (All, AnyOf, Not):
     _model.model_rebuild()
 
 
+_CONDITION_KEYS = {"all", "any", "not", "field", "tag", "segment"}
+
+
+def where_shorthand(value: Any) -> Any:
+    """`where: {plan: pro}` means every named event property equals the given value."""
+    if isinstance(value, dict) and value and not (set(value) & _CONDITION_KEYS):
+        return {
+            "all": [
+                {"field": f"event.properties.{name}", "op": "eq", "value": expected}
+                for name, expected in value.items()
+            ]
+        }
+    return value
+
+
 def condition_from(spec: Any) -> Condition:
     """Validate a plain dict (from YAML/JSON) into a condition tree."""
     from pydantic import TypeAdapter

@@ -98,12 +98,29 @@ class Coupon(WireModel):
     expires_at: AwareDatetime | None = None
 
 
-ContactCommandKind = Literal["add_tag", "remove_tag", "set_attribute", "store_coupon"]
+ContactCommandKind = Literal[
+    "add_tag",
+    "remove_tag",
+    "set_attribute",
+    "store_coupon",
+    "forget",
+    "reevaluate",
+    "merge_into",
+    "absorb",
+]
 
 
 class ContactCommand(WireModel):
-    """A change the orchestrator asks of a contact; the segmenter, the profile's only writer,
-    applies it and emits `Tag Added`, `Tag Removed` or `Attribute Changed`."""
+    """A change asked of a contact; the segmenter, the profile's only writer, applies it.
+
+    Journeys (the orchestrator) add and remove tags, set attributes and store coupons; the
+    segmenter announces each change as `Tag Added`, `Tag Removed` or `Attribute Changed`.
+    The admin asks to `forget` a contact. `reevaluate` re-checks segment memberships: when time
+    alone may have changed them (a segment timer fired, `at` is its due time) or after a segment
+    definition changed (a backfill). `merge_into` (to an anonymous contact, `other_key` the known
+    one) and `absorb` (to the known contact, `other_key` the anonymous one, `state` its segmenter
+    state) re-key an anonymous history through Kafka.
+    """
 
     schema_version: int = SCHEMA_VERSION
     command_id: str
@@ -113,9 +130,14 @@ class ContactCommand(WireModel):
     attribute: str | None = None
     value: Any = None
     coupon: Coupon | None = None
-    journey_id: str
-    instance_id: str
-    step_id: str
+    journey_id: str | None = None
+    instance_id: str | None = None
+    step_id: str | None = None
+    other_key: str | None = None
+    # `absorb` only: the merged contact's state, opaque outside the segmenter.
+    state: dict[str, Any] | None = None
+    # Who or what asked, for the record ("time", "backfill", "admin", …).
+    reason: str | None = None
     at: AwareDatetime
 
 
@@ -216,6 +238,60 @@ class WebhookResult(WireModel):
     error: str | None = None
     attempts: int = 1
     at: AwareDatetime
+
+
+class SegmentTimerRequest(WireModel):
+    """The segmenter asks for one orchestrator timer per contact: the next instant at which time
+    alone may change the contact's segment memberships (a window slides, "90 days ago" passes).
+    A new request replaces the previous one; `due_at=None` cancels it. When it fires, the
+    orchestrator sends a `reevaluate` contact command back."""
+
+    schema_version: int = SCHEMA_VERSION
+    contact_key: str
+    due_at: AwareDatetime | None
+    requested_at: AwareDatetime
+
+
+class AudienceRequest(WireModel):
+    """One run of an audience journey: every segmenter partition emits `Audience Selected` for
+    each current member of any of `segments` (once per contact and run)."""
+
+    schema_version: int = SCHEMA_VERSION
+    journey_id: str
+    journey_version: int
+    run_id: str
+    segments: tuple[str, ...]
+    run_at: AwareDatetime
+    requested_at: AwareDatetime
+
+
+class SegmentCount(WireModel):
+    """The exact member count of one segment on one partition (compacted; the admin sums)."""
+
+    schema_version: int = SCHEMA_VERSION
+    segment_id: str
+    partition: int
+    members: int
+    at: AwareDatetime
+
+
+ObjectRelationKind = Literal["related", "fan_out"]
+
+
+class ObjectRelation(WireModel):
+    """A record of the object index, keyed by `object_key` (`<event>|<property>|<value>`).
+
+    `related`: `contact_key` did the relation's event on the object at `at`. `fan_out`: the
+    object event `event` must reach every contact related within `within`.
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    kind: ObjectRelationKind
+    object_key: str
+    at: AwareDatetime
+    contact_key: str | None = None
+    event: Event | None = None
+    within: str | None = None
 
 
 class DeadLetter(WireModel):

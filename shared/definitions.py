@@ -1,4 +1,5 @@
-"""Published journey versions, followed from the compacted definitions topic by every reader."""
+"""Published definitions (journey versions, segments, aggregates), followed from the compacted
+definitions topic by every reader."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ from pydantic import ValidationError
 
 from shared.journeys import PublishedJourney
 from shared.kafka import CompactedTopicView
+from shared.segments import (
+    AGGREGATE_PREFIX,
+    SEGMENT_PREFIX,
+    PublishedAggregate,
+    PublishedSegment,
+)
 from shared.topics import DEFINITIONS
 
 log = structlog.get_logger(__name__)
@@ -53,10 +60,35 @@ class PublishedJourneys:
             )
 
     def all(self) -> list[PublishedJourney]:
+        """Every published journey version, by id and version."""
         journeys = []
         for key, raw in self._view.snapshot().items():
+            if key.startswith((SEGMENT_PREFIX, AGGREGATE_PREFIX)):
+                continue
             try:
                 journeys.append(PublishedJourney.model_validate_json(raw))
             except ValidationError as exc:
                 log.error("definitions.invalid", key=key, error=str(exc))
         return sorted(journeys, key=lambda p: (p.journey.id, p.journey.version))
+
+    def segments(self) -> list[PublishedSegment]:
+        """Every published segment, by id (a deleted one is a tombstone, so absent)."""
+        found = []
+        for key, raw in self._view.snapshot().items():
+            if key.startswith(SEGMENT_PREFIX):
+                try:
+                    found.append(PublishedSegment.model_validate_json(raw))
+                except ValidationError as exc:
+                    log.error("definitions.invalid", key=key, error=str(exc))
+        return sorted(found, key=lambda p: p.segment.id)
+
+    def aggregates(self) -> list[PublishedAggregate]:
+        """Every published aggregate, by id."""
+        found = []
+        for key, raw in self._view.snapshot().items():
+            if key.startswith(AGGREGATE_PREFIX):
+                try:
+                    found.append(PublishedAggregate.model_validate_json(raw))
+                except ValidationError as exc:
+                    log.error("definitions.invalid", key=key, error=str(exc))
+        return sorted(found, key=lambda p: p.aggregate.id)

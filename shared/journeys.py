@@ -15,6 +15,7 @@ from croniter import croniter
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.conditions import Compare, Condition
+from shared.conditions import where_shorthand as _where_shorthand
 from shared.contracts import SCHEMA_VERSION, Channel
 from shared.durations import parse_duration, parse_time_of_day, zone
 from shared.profiles import ATTRIBUTE_CHANGED, TAG_ADDED, TAG_REMOVED
@@ -22,7 +23,6 @@ from shared.profiles import ATTRIBUTE_CHANGED, TAG_ADDED, TAG_REMOVED
 __all__ = ["ATTRIBUTE_CHANGED", "TAG_ADDED", "TAG_REMOVED", "parse_duration"]
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
-_CONDITION_KEYS = {"all", "any", "not", "field", "tag", "segment"}
 
 # Labels of the events the segmenter emits for membership changes and audience runs.
 SEGMENT_ENTERED = "Segment Entered"
@@ -37,18 +37,6 @@ class _Definition(BaseModel):
 def _duration(value: str | None) -> str | None:
     if value is not None and parse_duration(value) <= timedelta(0):
         raise ValueError("a duration must be longer than zero")
-    return value
-
-
-def _where_shorthand(value: Any) -> Any:
-    """`where: {plan: pro}` means every named event property equals the given value."""
-    if isinstance(value, dict) and value and not (set(value) & _CONDITION_KEYS):
-        return {
-            "all": [
-                {"field": f"event.properties.{name}", "op": "eq", "value": expected}
-                for name, expected in value.items()
-            ]
-        }
     return value
 
 

@@ -60,20 +60,25 @@ class AsyncProducer:
         while not self._stopping.is_set():
             self._producer.poll(0.05)
 
-    def produce(self, topic: str, key: str | None, value: bytes) -> asyncio.Future[None]:
-        """Queue one record; the future resolves on the broker's acknowledgement."""
+    def produce(
+        self, topic: str, key: str | None, value: bytes, partition: int | None = None
+    ) -> asyncio.Future[None]:
+        """Queue one record (to `partition`, else by key); the future resolves on the broker's
+        acknowledgement."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             loop.call_soon_threadsafe(_settle, future, err)
 
+        extra: dict[str, Any] = {} if partition is None else {"partition": partition}
         try:
             self._producer.produce(
                 topic,
                 value=value,
                 key=key.encode() if key is not None else None,
                 on_delivery=on_delivery,
+                **extra,
             )
         except BufferError as exc:
             raise ProducerBusy(str(exc)) from exc
@@ -87,6 +92,10 @@ class AsyncProducer:
         futures = [self.produce(topic, key, value) for topic, key, value in records]
         if futures:
             await asyncio.gather(*futures)
+
+    async def broadcast(self, topic: str, key: str | None, value: bytes, partitions: int) -> None:
+        """The same record to every partition of the topic (a request each worker must see)."""
+        await asyncio.gather(*(self.produce(topic, key, value, p) for p in range(partitions)))
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)

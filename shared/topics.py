@@ -33,9 +33,37 @@ WEBHOOK_RESULTS = Topic(
     "waypost.webhook-results.v1", "answers of webhook steps, fed back to the contact's partition"
 )
 JOURNEY_LOG = Topic("waypost.journey-log.v1", "journey instance history: entered, waiting, exited")
+SEGMENT_TIMERS = Topic(
+    "waypost.segment-timers.v1",
+    "when time alone may next change a contact's segments (segmenter asks orchestrator timers)",
+)
+AUDIENCE_REQUESTS = Topic(
+    "waypost.audience-requests.v1",
+    "audience journey runs, one record per partition, asking the segmenter for members",
+    keyed_by_contact=False,
+)
+AUDIENCE_RUNS = Topic(
+    "waypost.audience-runs.v1",
+    "the last run requested per audience journey (the schedule's durable progress)",
+    compacted=True,
+    keyed_by_contact=False,
+    single_partition=True,
+)
+SEGMENT_COUNTS = Topic(
+    "waypost.segment-counts.v1",
+    "exact member count per segment and partition, kept by the segmenter",
+    compacted=True,
+    keyed_by_contact=False,
+    single_partition=True,
+)
+OBJECT_RELATIONS = Topic(
+    "waypost.object-relations.v1",
+    "which contacts did what to which object (the fan-out index), keyed by object",
+    keyed_by_contact=False,
+)
 DEFINITIONS = Topic(
     "waypost.definitions.v1",
-    "published journey versions, keyed by journey id and version",
+    "published journey versions, segments and aggregates (keyed journey:/segment:/aggregate:)",
     compacted=True,
     keyed_by_contact=False,
     single_partition=True,
@@ -55,6 +83,11 @@ ALL_TOPICS: tuple[Topic, ...] = (
     TIMERS,
     WEBHOOK_RESULTS,
     JOURNEY_LOG,
+    SEGMENT_TIMERS,
+    AUDIENCE_REQUESTS,
+    AUDIENCE_RUNS,
+    SEGMENT_COUNTS,
+    OBJECT_RELATIONS,
     DEFINITIONS,
     DEAD_LETTER,
 )

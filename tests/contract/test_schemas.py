@@ -26,13 +26,18 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from shared.cli import load_journey_file
+from shared.conditions import condition_from
 from shared.contracts import (
+    AudienceRequest,
     ContactCommand,
     ContactEvent,
     DeadLetter,
     Event,
     JourneyLogRecord,
+    ObjectRelation,
     Profile,
+    SegmentCount,
+    SegmentTimerRequest,
     SendRequest,
     TimerFired,
     WebhookCall,
@@ -40,6 +45,13 @@ from shared.contracts import (
     WireModel,
 )
 from shared.journeys import JourneyFile, PublishedJourney
+from shared.segments import (
+    AggregateDefinition,
+    PublishedAggregate,
+    PublishedSegment,
+    SegmentDefinition,
+    SegmentFile,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOTS = Path(__file__).parent / "schemas"
@@ -59,6 +71,13 @@ PINNED_MODELS: tuple[type[BaseModel], ...] = (
     DeadLetter,
     PublishedJourney,
     JourneyFile,
+    SegmentTimerRequest,
+    AudienceRequest,
+    SegmentCount,
+    ObjectRelation,
+    PublishedSegment,
+    PublishedAggregate,
+    SegmentFile,
 )
 
 
@@ -147,6 +166,13 @@ def _profile() -> Profile:
 
 def _samples() -> dict[str, BaseModel]:
     journey_file = load_journey_file(ROOT / "examples" / "journeys" / "s02-welcome.yaml")
+    aggregate = AggregateDefinition(
+        id="views_7d", event="Product Viewed", window="7d", where=None, function="count"
+    )
+    segment = SegmentDefinition(
+        id="high-intent",
+        condition=condition_from({"field": "aggregates.views_7d", "op": "gte", "value": 2}),
+    )
     samples: list[BaseModel] = [
         _event(),
         _profile(),
@@ -220,6 +246,25 @@ def _samples() -> dict[str, BaseModel]:
         ),
         PublishedJourney(journey=journey_file.journey, published_at=T0),
         journey_file,
+        SegmentTimerRequest(contact_key="user-1", due_at=T0, requested_at=T0),
+        AudienceRequest(
+            journey_id="announcement",
+            journey_version=1,
+            run_id="run-1",
+            segments=("a", "b"),
+            run_at=T0,
+            requested_at=T0,
+        ),
+        SegmentCount(segment_id="high-intent", partition=3, members=42, at=T0),
+        ObjectRelation(
+            kind="related",
+            object_key="Product Viewed|product_id|sku-1",
+            contact_key="user-1",
+            at=T0,
+        ),
+        PublishedSegment(segment=segment, published_at=T0),
+        PublishedAggregate(aggregate=aggregate, published_at=T0),
+        SegmentFile(aggregates=(aggregate,), segments=(segment,)),
     ]
     return {type(sample).__name__: sample for sample in samples}
 
