@@ -17,6 +17,8 @@ from shared.ids import stable_id
 TAG_ADDED = "Tag Added"
 TAG_REMOVED = "Tag Removed"
 ATTRIBUTE_CHANGED = "Attribute Changed"
+# Emitted once when a contact is erased: readers drop every row they keep for the contact.
+CONTACT_FORGOTTEN = "Contact Forgotten"
 
 # Message ids remembered per contact for de-duplication; bounded so a profile stays small.
 RECENT_MESSAGE_IDS = 256
