@@ -10,7 +10,7 @@ of the wrong type makes a comparison false rather than raising.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -356,16 +356,22 @@ def facts_of(
     *,
     event: Event | None = None,
     context: Mapping[str, Any] | None = None,
+    aggregates: Mapping[str, Any] | None = None,
+    segments: Sequence[str] | None = None,
 ) -> Facts:
-    """The facts of a contact (its profile), the event at hand and an instance's context."""
+    """The facts of a contact (its profile), the event at hand and an instance's context.
+
+    `aggregates` and `segments` stand in for the profile's own while the segmenter works them
+    out (a segment that reads another sees the membership just computed).
+    """
     roots: dict[str, Any] = {}
     if profile is not None:
         roots.update(
             traits=profile.traits,
             tags=profile.tags,
-            segments=profile.segments,
+            segments=profile.segments if segments is None else segments,
             consent=profile.consent,
-            aggregates=profile.aggregates,
+            aggregates=profile.aggregates if aggregates is None else aggregates,
             contact={
                 "key": profile.contact_key,
                 "user_id": profile.user_id,

@@ -61,7 +61,7 @@ class AsyncProducer:
             self._producer.poll(0.05)
 
     def produce(
-        self, topic: str, key: str | None, value: bytes, partition: int | None = None
+        self, topic: str, key: str | None, value: bytes | None, partition: int | None = None
     ) -> asyncio.Future[None]:
         """Queue one record (to `partition`, else by key); the future resolves on the broker's
         acknowledgement."""
@@ -84,11 +84,11 @@ class AsyncProducer:
             raise ProducerBusy(str(exc)) from exc
         return future
 
-    async def send(self, topic: str, key: str | None, value: bytes) -> None:
+    async def send(self, topic: str, key: str | None, value: bytes | None) -> None:
         await self.produce(topic, key, value)
 
-    async def send_all(self, records: Iterable[tuple[str, str | None, bytes]]) -> None:
-        """Queue every record, then wait for all acknowledgements."""
+    async def send_all(self, records: Iterable[tuple[str, str | None, bytes | None]]) -> None:
+        """Queue every record (a None value is a tombstone), then wait for all acknowledgements."""
         futures = [self.produce(topic, key, value) for topic, key, value in records]
         if futures:
             await asyncio.gather(*futures)

@@ -39,7 +39,7 @@ def apply_event(profile: Profile | None, event: Event, now: datetime) -> Applied
     if profile is not None and event.message_id in profile.recent_message_ids:
         return Applied(profile, accepted=False)
     if profile is None:
-        profile = _first_profile(event.contact_key, event.timestamp, now)
+        profile = first_profile(event.contact_key, event.timestamp, now)
     traits = profile.traits
     if event.traits and event.type in ("identify", "track", "page", "screen"):
         traits = {**traits, **event.traits}
@@ -90,7 +90,7 @@ def apply_command(profile: Profile | None, command: ContactCommand, now: datetim
     derived from the command's, so journeys can trigger on it and replays stay idempotent.
     """
     if profile is None:
-        profile = _first_profile(command.contact_key, command.at, now)
+        profile = first_profile(command.contact_key, command.at, now)
     update: dict[str, Any] = {}
     label: str | None = None
     properties: dict[str, Any] = {}
@@ -133,7 +133,7 @@ def apply_command(profile: Profile | None, command: ContactCommand, now: datetim
     return Changed(changed, (event,))
 
 
-def _first_profile(contact_key: str, seen: datetime, now: datetime) -> Profile:
+def first_profile(contact_key: str, seen: datetime, now: datetime) -> Profile:
     return Profile(contact_key=contact_key, first_seen=seen, last_seen=seen, updated_at=now)
 
 

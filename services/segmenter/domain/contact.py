@@ -1,0 +1,318 @@
+"""One contact as the segmenter keeps it, and every change to it (pure).
+
+A `ContactRow` holds the profile, the state of each live aggregate (bucketed windows), the
+message ids seen in the last day, and the instant of the segment timer last asked for. Each
+function takes a row and returns an `Outcome`: the new row, the events to announce (the event
+itself, `Attribute Changed`, `Segment Entered` / `Segment Left`) and, when it moved, the next
+instant at which time alone may change a membership.
+
+Order does not matter for aggregates and memberships: folding the same events in any order, with
+duplicates, ends in the same state (a property test holds this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from services.segmenter.domain import aggregates
+from services.segmenter.domain.definitions import Definitions, state_key
+from shared.conditions import evaluate, facts_of, next_change
+from shared.contracts import ContactCommand, Event, Profile
+from shared.ids import stable_id
+from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
+from shared.profiles import apply_command, apply_event, first_profile
+
+# Message ids are remembered for at least this long (grouped by the hour they were seen).
+DEDUPE_WINDOW = timedelta(hours=24)
+_HOUR = 3600
+# Consent events: `Unsubscribed` withdraws the channel named in its properties, `Subscribed`
+# gives it back (absent means never withdrawn).
+UNSUBSCRIBED = "Unsubscribed"
+SUBSCRIBED = "Subscribed"
+_CHANNELS = ("email", "sms", "push", "wechat")
+
+
+class ContactRow(BaseModel):
+    """The segmenter's row for one contact (JSON in the `contacts` table)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    profile: Profile
+    # Aggregate states by `state_key` (id@digest), as `services.segmenter.domain.aggregates` keeps.
+    aggregates: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Message-id digests by the epoch hour they were first seen.
+    seen: dict[str, list[str]] = Field(default_factory=dict)
+    # The segment timer last asked of the orchestrator.
+    next_tick: AwareDatetime | None = None
+    # The definitions digest the memberships were last evaluated against.
+    evaluated: str = ""
+    # Anonymous contacts whose history was merged in (so a repeated merge adds nothing).
+    absorbed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A row after a change, what to announce, and the segment timer when it moved."""
+
+    row: ContactRow | None
+    events: tuple[Event, ...] = ()
+    # True when `next_tick` changed and the orchestrator's timer must follow.
+    retime: bool = False
+    duplicate: bool = False
+    # An anonymous key this event linked to the contact for the first time (to merge in).
+    linked: str | None = None
+
+    @property
+    def entered(self) -> frozenset[str]:
+        return _changed(self.events, SEGMENT_ENTERED)
+
+    @property
+    def left(self) -> frozenset[str]:
+        return _changed(self.events, SEGMENT_LEFT)
+
+
+def apply(row: ContactRow | None, event: Event, defs: Definitions, now: datetime) -> Outcome:
+    """Fold a behavioural event: de-duplicate, profile, consent, aggregates, memberships."""
+    digest = _message_digest(event.message_id)
+    if row is not None and any(digest in ids for ids in _pruned(row.seen, now).values()):
+        return Outcome(row, duplicate=True)
+    before = row.profile if row is not None else None
+    applied = apply_event(before, event, now)
+    if not applied.accepted:
+        # Also among the profile's most recent ids (kept beyond the day, up to a count).
+        return Outcome(row, duplicate=True)
+    profile = _with_consent(applied.profile, event)
+    link = event.previous_id if event.type == "alias" else event.anonymous_id
+    known = before.anonymous_ids if before is not None else ()
+    linked = None
+    if event.user_id and link and link != event.user_id and link not in known:
+        linked = link
+        if link not in profile.anonymous_ids:
+            profile = profile.model_copy(update={"anonymous_ids": (*profile.anonymous_ids, link)})
+    states = dict(row.aggregates) if row is not None else {}
+    for definition in defs.aggregates:
+        if aggregates.matches(definition, event, now):
+            key = state_key(definition)
+            folded = aggregates.fold(states.get(key), definition, event, now)
+            if folded is None:
+                states.pop(key, None)
+            else:
+                states[key] = folded
+    base = row or ContactRow(profile=profile)
+    updated = base.model_copy(
+        update={
+            "profile": profile,
+            "aggregates": states,
+            "seen": _remember(base.seen, digest, now),
+        }
+    )
+    outcome = _settle(updated, (event, *applied.announcements), event.message_id, defs, now)
+    return replace(outcome, linked=linked)
+
+
+def command(
+    row: ContactRow | None, change: ContactCommand, defs: Definitions, now: datetime
+) -> Outcome:
+    """Apply a journey's tag / attribute / coupon change, then re-check memberships."""
+    before = row.profile if row is not None else None
+    changed = apply_command(before, change, now)
+    if row is not None and changed.profile == before:
+        return Outcome(row)
+    base = row or ContactRow(profile=changed.profile)
+    updated = base.model_copy(update={"profile": changed.profile})
+    return _settle(updated, changed.events, change.command_id, defs, now)
+
+
+def reevaluate(row: ContactRow, origin: str, defs: Definitions, now: datetime) -> Outcome:
+    """Re-check memberships now: time passed (a window slid) or the definitions changed."""
+    return _settle(row, (), origin, defs, now)
+
+
+def absorb(
+    row: ContactRow | None,
+    contact_key: str,
+    other: ContactRow,
+    defs: Definitions,
+    now: datetime,
+    origin: str,
+) -> Outcome:
+    """Merge an anonymous contact's row into this (known) contact, once."""
+    other_key = other.profile.contact_key
+    if row is not None and other_key in row.absorbed:
+        return Outcome(row)
+    mine = row or ContactRow(profile=first_profile(contact_key, other.profile.first_seen, now))
+    theirs = other.profile
+    profile = mine.profile.model_copy(
+        update={
+            "anonymous_ids": _union(mine.profile.anonymous_ids, (other_key, *theirs.anonymous_ids)),
+            "traits": {**theirs.traits, **mine.profile.traits},
+            "tags": _union(mine.profile.tags, theirs.tags),
+            "consent": _merged_consent(mine.profile.consent, theirs.consent),
+            "coupons": (
+                *mine.profile.coupons,
+                *(c for c in theirs.coupons if c not in mine.profile.coupons),
+            ),
+            "event_counts": {
+                name: mine.profile.event_counts.get(name, 0) + theirs.event_counts.get(name, 0)
+                for name in {*mine.profile.event_counts, *theirs.event_counts}
+            },
+            "first_seen": min(mine.profile.first_seen, theirs.first_seen),
+            "last_seen": max(mine.profile.last_seen, theirs.last_seen),
+            "updated_at": now,
+        }
+    )
+    states = dict(mine.aggregates)
+    for definition in defs.aggregates:
+        key = state_key(definition)
+        merged = aggregates.merge(states.get(key), other.aggregates.get(key), definition)
+        if merged is None:
+            states.pop(key, None)
+        else:
+            states[key] = merged
+    seen = {h: list(ids) for h, ids in mine.seen.items()}
+    for hour, ids in other.seen.items():
+        seen[hour] = sorted({*seen.get(hour, ()), *ids})
+    updated = mine.model_copy(
+        update={
+            "profile": profile,
+            "aggregates": states,
+            "seen": _pruned(seen, now),
+            "absorbed": (*mine.absorbed, other_key),
+        }
+    )
+    return _settle(updated, (), origin, defs, now)
+
+
+def memberships(
+    profile: Profile, states: dict[str, dict[str, Any]], defs: Definitions, now: datetime
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The aggregate values and segment ids of a contact at `now` (segments in dependency order,
+    so a segment that reads another sees its fresh membership)."""
+    values = {d.id: aggregates.value(states.get(state_key(d)), d, now) for d in defs.aggregates}
+    member: list[str] = []
+    # The facts read `member` as it grows.
+    facts = facts_of(profile, aggregates=values, segments=member)
+    for segment in defs.segments:
+        if evaluate(segment.condition, facts, now):
+            member.append(segment.id)
+    return values, tuple(sorted(member))
+
+
+def next_tick(row: ContactRow, defs: Definitions, now: datetime) -> datetime | None:
+    """The earliest instant after `now` at which time alone may change a membership."""
+    instants: list[datetime] = []
+    for definition in defs.aggregates:
+        if definition.id not in defs.segment_aggregates:
+            continue  # journeys read the value as of the contact's last change
+        moment = aggregates.next_change(row.aggregates.get(state_key(definition)), definition, now)
+        if moment is not None:
+            instants.append(moment)
+    facts = facts_of(row.profile)
+    for segment in defs.segments:
+        moment = next_change(segment.condition, facts, now)
+        if moment is not None:
+            instants.append(moment)
+    return min(instants, default=None)
+
+
+def _settle(
+    row: ContactRow,
+    announcements: tuple[Event, ...],
+    origin: str,
+    defs: Definitions,
+    now: datetime,
+) -> Outcome:
+    """Prune, recompute aggregate values and memberships, and announce what changed."""
+    states = {}
+    for definition in defs.aggregates:
+        key = state_key(definition)
+        pruned = aggregates.prune(row.aggregates.get(key), definition, now)
+        if pruned is not None:
+            states[key] = pruned
+    values, member = memberships(row.profile, states, defs, now)
+    before = set(row.profile.segments)
+    # Segments no longer defined are dropped without an announcement.
+    before &= defs.segment_ids
+    profile = row.profile.model_copy(update={"aggregates": values, "segments": member})
+    changes = tuple(
+        _membership_event(profile, label, segment, origin, now)
+        for label, ids in (
+            (SEGMENT_LEFT, before - set(member)),
+            (SEGMENT_ENTERED, set(member) - before),
+        )
+        for segment in sorted(ids)
+    )
+    settled = row.model_copy(
+        update={
+            "profile": profile,
+            "aggregates": states,
+            "seen": _pruned(row.seen, now),
+            "evaluated": defs.digest,
+        }
+    )
+    tick = next_tick(settled, defs, now)
+    retime = tick != row.next_tick
+    if retime:
+        settled = settled.model_copy(update={"next_tick": tick})
+    # Every announcement carries the profile after the whole change.
+    return Outcome(settled, (*announcements, *changes), retime=retime)
+
+
+def _membership_event(
+    profile: Profile, label: str, segment: str, origin: str, now: datetime
+) -> Event:
+    return Event(
+        type="track",
+        event=label,
+        user_id=profile.user_id,
+        anonymous_id=None if profile.user_id else profile.contact_key,
+        message_id=stable_id(origin, label, segment),
+        timestamp=now,
+        received_at=now,
+        properties={"segment": segment},
+        source="waypost",
+    )
+
+
+def _with_consent(profile: Profile, event: Event) -> Profile:
+    if event.label not in (UNSUBSCRIBED, SUBSCRIBED):
+        return profile
+    channel = event.properties.get("channel", "email")
+    channels = _CHANNELS if channel == "all" else (channel,)
+    given = event.label == SUBSCRIBED
+    consent = {**profile.consent, **{c: given for c in channels if c in _CHANNELS}}
+    return profile.model_copy(update={"consent": consent})
+
+
+def _merged_consent(mine: dict[str, bool], theirs: dict[str, bool]) -> dict[str, bool]:
+    """A withdrawal on either side wins: never message someone who said no."""
+    return {c: mine.get(c, True) and theirs.get(c, True) for c in {*mine, *theirs}}
+
+
+def _message_digest(message_id: str) -> str:
+    return stable_id(message_id, length=16)
+
+
+def _remember(seen: dict[str, list[str]], digest: str, now: datetime) -> dict[str, list[str]]:
+    hour = str(int(now.timestamp()) // _HOUR * _HOUR)
+    kept = _pruned(seen, now)
+    kept[hour] = [*kept.get(hour, ()), digest]
+    return kept
+
+
+def _pruned(seen: dict[str, list[str]], now: datetime) -> dict[str, list[str]]:
+    """Hours older than the de-duplication window plus the current hour go."""
+    horizon = now.timestamp() - DEDUPE_WINDOW.total_seconds() - _HOUR
+    return {h: list(ids) for h, ids in seen.items() if int(h) >= horizon}
+
+
+def _union(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
+    return (*first, *(x for x in second if x not in first))
+
+
+def _changed(events: tuple[Event, ...], label: str) -> frozenset[str]:
+    return frozenset(str(e.properties["segment"]) for e in events if e.event == label)

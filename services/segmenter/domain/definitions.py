@@ -1,0 +1,120 @@
+"""What the segmenter computes: the live segments, the aggregates they (and journeys) read, and
+the object triggers whose relations it indexes. Pure; rebuilt when a definition is published."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.conditions import reads
+from shared.ids import stable_id
+from shared.journeys import Journey, ObjectEventTrigger
+from shared.segments import AggregateDefinition, SegmentDefinition
+
+_AGGREGATES = "aggregates."
+
+
+@dataclass(frozen=True)
+class Definitions:
+    """The live definitions, with segments in dependency order (a segment after those it reads)."""
+
+    aggregates: tuple[AggregateDefinition, ...] = ()
+    segments: tuple[SegmentDefinition, ...] = ()
+    object_triggers: tuple[ObjectEventTrigger, ...] = ()
+    # The aggregates segments read: only their windows sliding can change a membership.
+    segment_aggregates: frozenset[str] = frozenset()
+    # Changes whenever any segment's condition or any computed aggregate changes.
+    digest: str = field(default="")
+
+    @classmethod
+    def of(
+        cls,
+        aggregates: Iterable[AggregateDefinition],
+        segments: Iterable[SegmentDefinition],
+        journeys: Iterable[Journey] = (),
+        entering: Iterable[Journey] = (),
+    ) -> Definitions:
+        """Keep only the aggregates a segment or a journey reads (the rest cost nothing); index
+        the relations of the object triggers of the journeys open for `entering`."""
+        ordered = _in_dependency_order(list(segments))
+        wanted: set[str] = set()
+        for segment in ordered:
+            wanted.update(aggregate_ids(reads(segment.condition)))
+        by_segments = frozenset(wanted)
+        for journey in journeys:
+            wanted.update(aggregate_ids(_fields_in(journey.model_dump(by_alias=True))))
+        computed = tuple(sorted((a for a in aggregates if a.id in wanted), key=lambda a: a.id))
+        triggers = tuple(j.trigger for j in entering if isinstance(j.trigger, ObjectEventTrigger))
+        digest = stable_id(
+            [(a.id, a.digest) for a in computed], [(s.id, s.digest) for s in ordered], length=16
+        )
+        return cls(computed, ordered, triggers, by_segments, digest)
+
+    @property
+    def segment_ids(self) -> frozenset[str]:
+        return frozenset(s.id for s in self.segments)
+
+
+def state_key(aggregate: AggregateDefinition) -> str:
+    """Where an aggregate's state is kept: a changed computation starts from a fresh state."""
+    return f"{aggregate.id}@{aggregate.digest}"
+
+
+def aggregate_ids(paths: Iterable[str]) -> set[str]:
+    """The aggregate ids among field paths (`aggregates.<id>` or deeper)."""
+    return {p[len(_AGGREGATES) :].split(".")[0] for p in paths if p.startswith(_AGGREGATES)}
+
+
+def _fields_in(node: Any) -> Iterator[str]:
+    """Every condition field path in a dumped definition (`field` and `value_from` keys)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("field", "value_from") and isinstance(value, str):
+                yield value
+            else:
+                yield from _fields_in(value)
+    elif isinstance(node, list | tuple):
+        for item in node:
+            yield from _fields_in(item)
+
+
+def _in_dependency_order(segments: list[SegmentDefinition]) -> tuple[SegmentDefinition, ...]:
+    """Segments after the segments they read; a cycle (refused at publish) keeps file order."""
+    by_id = {s.id: s for s in segments}
+    ordered: list[SegmentDefinition] = []
+    state: dict[str, str] = {}
+
+    def visit(segment: SegmentDefinition) -> None:
+        if state.get(segment.id) is not None:
+            return
+        state[segment.id] = "visiting"
+        for other in sorted(_segments_read(segment)):
+            if other in by_id and state.get(other) is None:
+                visit(by_id[other])
+        state[segment.id] = "done"
+        ordered.append(segment)
+
+    for segment in sorted(segments, key=lambda s: s.id):
+        visit(segment)
+    return tuple(ordered)
+
+
+def _segments_read(segment: SegmentDefinition) -> set[str]:
+    found: set[str] = set()
+    for node in _nodes(segment.condition.model_dump(by_alias=True)):
+        if "segment" in node and isinstance(node["segment"], str):
+            found.add(node["segment"])
+        if node.get("field") == "segments" and isinstance(node.get("value"), str):
+            found.add(node["value"])
+    return found
+
+
+def _nodes(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _nodes(value)
+    elif isinstance(node, list | tuple):
+        for item in node:
+            yield from _nodes(item)

@@ -1,0 +1,324 @@
+"""The segmenter's contact fold: aggregates, memberships, time-driven changes, de-duplication,
+alias merges, consent; and the property that incremental equals a fold from scratch."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.segmenter.domain import contact
+from services.segmenter.domain.contact import ContactRow
+from services.segmenter.domain.definitions import Definitions
+from shared.conditions import condition_from
+from shared.contracts import ContactCommand, Event
+from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
+from shared.segments import AggregateDefinition, SegmentDefinition
+
+T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+def _aggregate(**spec: Any) -> AggregateDefinition:
+    return AggregateDefinition.model_validate(spec)
+
+
+def _segment(segment_id: str, condition: dict[str, Any]) -> SegmentDefinition:
+    return SegmentDefinition(id=segment_id, condition=condition_from(condition))
+
+
+S11 = Definitions.of(
+    [
+        _aggregate(id="product_views_7d", event="Product Viewed", window="7d"),
+        _aggregate(id="orders_7d", event="Order Completed", window="7d"),
+        _aggregate(id="lifetime_value", event="Order Completed", function="sum", property="total"),
+    ],
+    [
+        _segment(
+            "high-intent",
+            {
+                "all": [
+                    {"field": "aggregates.product_views_7d", "op": "gte", "value": 2},
+                    {"field": "aggregates.orders_7d", "op": "eq", "value": 0},
+                    {"field": "aggregates.lifetime_value", "op": "gt", "value": 100},
+                ]
+            },
+        )
+    ],
+)
+S9 = Definitions.of(
+    [
+        _aggregate(id="orders_total", event="Order Completed"),
+        _aggregate(id="last_order_at", event="Order Completed", function="last_at"),
+    ],
+    [
+        _segment(
+            "churn-risk",
+            {
+                "all": [
+                    {"field": "aggregates.orders_total", "op": "gte", "value": 1},
+                    {"field": "aggregates.last_order_at", "op": "before", "ago": "90d"},
+                ]
+            },
+        ),
+        # A segment that reads another one sees the membership just worked out.
+        _segment(
+            "churn-risk-vip",
+            {"all": [{"segment": "churn-risk"}, {"tag": "vip"}]},
+        ),
+    ],
+)
+
+
+def _event(
+    name: str,
+    at: datetime,
+    message_id: str,
+    *,
+    received: datetime | None = None,
+    user: str = "u-1",
+    anonymous: str | None = None,
+    **properties: Any,
+) -> Event:
+    return Event(
+        type="track",
+        event=name,
+        user_id=user,
+        anonymous_id=anonymous,
+        message_id=message_id,
+        timestamp=at,
+        received_at=received or at,
+        properties=properties,
+    )
+
+
+def _labels(outcome: contact.Outcome) -> list[tuple[str, Any]]:
+    return [
+        (e.event, e.properties.get("segment"))
+        for e in outcome.events
+        if e.event in (SEGMENT_ENTERED, SEGMENT_LEFT)
+    ]
+
+
+def _fold(events: list[Event], defs: Definitions, now: datetime) -> ContactRow:
+    row: ContactRow | None = None
+    for event in events:
+        outcome = contact.apply(row, event, defs, now)
+        row = outcome.row
+    assert row is not None
+    return row
+
+
+def test_s11_enters_on_the_second_view_and_leaves_when_the_window_slides() -> None:
+    now = T0
+    row = _fold(
+        [
+            _event("Order Completed", now - 10 * DAY, "o-1", received=now, total=150),
+            _event("Product Viewed", now - timedelta(hours=3), "v-1", received=now),
+        ],
+        S11,
+        now,
+    )
+    assert row.profile.segments == ()
+    outcome = contact.apply(row, _event("Product Viewed", now, "v-2"), S11, now)
+    assert _labels(outcome) == [(SEGMENT_ENTERED, "high-intent")]
+    assert outcome.row is not None
+    assert outcome.row.profile.aggregates == {
+        "lifetime_value": 150,
+        "orders_7d": 0,
+        "product_views_7d": 2,
+    }
+    # The first view's hourly bucket leaves the 7-day window first: the timer was armed for it
+    # by that view, and the second view did not move it.
+    first_bucket = (now - timedelta(hours=3)).replace(minute=0)
+    assert not outcome.retime
+    assert outcome.row.next_tick == first_bucket + 7 * DAY
+    # Time alone: at that instant the count drops to 1 and the contact leaves.
+    tick = outcome.row.next_tick
+    assert tick is not None
+    before = contact.reevaluate(outcome.row, "tick-1", S11, tick - timedelta(seconds=1))
+    assert _labels(before) == []
+    left = contact.reevaluate(outcome.row, "tick-1", S11, tick)
+    assert _labels(left) == [(SEGMENT_LEFT, "high-intent")]
+    assert left.row is not None
+    assert left.row.profile.aggregates["product_views_7d"] == 1
+
+
+def test_s11_an_order_in_the_window_takes_the_contact_out_at_once() -> None:
+    row = _fold(
+        [
+            _event("Order Completed", T0 - 10 * DAY, "o-1", received=T0, total=150),
+            _event("Product Viewed", T0, "v-1"),
+            _event("Product Viewed", T0, "v-2"),
+        ],
+        S11,
+        T0,
+    )
+    assert row.profile.segments == ("high-intent",)
+    outcome = contact.apply(row, _event("Order Completed", T0, "o-2", total=20), S11, T0)
+    assert _labels(outcome) == [(SEGMENT_LEFT, "high-intent")]
+
+
+def test_s9_enters_when_the_last_order_becomes_older_than_90_days() -> None:
+    row = _fold([_event("Order Completed", T0, "o-1")], S9, T0)
+    assert row.profile.segments == ()
+    tick = row.next_tick
+    assert (
+        tick is not None
+    )
+    assert (
+        tick > T0 + 90 * DAY
+    )
+    assert (
+        tick - (T0 + 90 * DAY) < timedelta(seconds=1)
+    )
+    entered = contact.reevaluate(row, "tick", S9, tick)
+    assert _labels(entered) == [(SEGMENT_ENTERED, "churn-risk")]
+    # A new order puts the contact back out and moves the timer 90 days on.
+    assert entered.row is not None
+    later = tick + 5 * DAY
+    back = contact.apply(entered.row, _event("Order Completed", later, "o-2"), S9, later)
+    assert _labels(back) == [(SEGMENT_LEFT, "churn-risk")]
+    assert back.row is not None
+    assert back.row.next_tick is not None
+    assert back.row.next_tick - later - 90 * DAY < timedelta(milliseconds=1)
+
+
+def test_a_segment_reading_another_follows_it_in_the_same_turn() -> None:
+    row = _fold([_event("Order Completed", T0 - 100 * DAY, "o-1", received=T0)], S9, T0)
+    assert row.profile.segments == ("churn-risk",)
+    tagged = contact.command(
+        row,
+        ContactCommand(command_id="c-1", contact_key="u-1", kind="add_tag", tag="vip", at=T0),
+        S9,
+        T0,
+    )
+    assert [e.event for e in tagged.events] == ["Tag Added", SEGMENT_ENTERED]
+    assert tagged.row is not None
+    assert tagged.row.profile.segments == ("churn-risk", "churn-risk-vip")
+
+
+def test_a_repeated_message_id_changes_nothing_for_a_day() -> None:
+    row = _fold([_event("Product Viewed", T0, "v-1")], S11, T0)
+    again = contact.apply(row, _event("Product Viewed", T0, "v-1"), S11, T0 + 23 * DAY / 24)
+    assert again.duplicate
+    assert again.row is row
+    # Ids are remembered for at least 24 hours, grouped by the hour, then let go: memory stays
+    # bounded by a day of traffic.
+    much_later = T0 + 2 * DAY
+    other = contact.apply(row, _event("Product Viewed", much_later, "v-2"), S11, much_later)
+    assert other.row is not None
+    assert sum(map(len, other.row.seen.values())) == 1
+
+
+def test_unsubscribed_withdraws_the_channel_and_subscribed_gives_it_back() -> None:
+    row = _fold([_event("Unsubscribed", T0, "u-1", channel="sms")], S11, T0)
+    assert row.profile.consent == {"sms": False}
+    row = _fold([_event("Subscribed", T0, "s-1", channel="sms")], S11, T0)
+    assert row.profile.consent == {"sms": True}
+
+
+def test_an_identified_event_links_the_anonymous_key_once() -> None:
+    first = contact.apply(
+        None, _event("Signed Up", T0, "e-1", user="u-7", anonymous="anon-7"), S11, T0
+    )
+    assert first.linked == "anon-7"
+    assert first.row is not None
+    second = contact.apply(
+        first.row, _event("Product Viewed", T0, "e-2", user="u-7", anonymous="anon-7"), S11, T0
+    )
+    assert second.linked is None
+
+
+def test_absorbing_an_anonymous_history_merges_counts_and_memberships() -> None:
+    anonymous = _fold(
+        [_event("Product Viewed", T0, f"a-{i}", user="", anonymous="anon-1") for i in range(2)]
+        + [
+            _event(
+                "Order Completed",
+                T0 - 20 * DAY,
+                "a-o",
+                received=T0,
+                user="",
+                anonymous="anon-1",
+                total=120,
+            )
+        ],
+        S11,
+        T0,
+    )
+    assert anonymous.profile.contact_key == "anon-1"
+    known = _fold([_event("Signed Up", T0, "k-1", user="u-1", anonymous="anon-1")], S11, T0)
+    merged = contact.absorb(known, "u-1", anonymous, S11, T0, "merge-1")
+    assert merged.row is not None
+    assert merged.row.profile.aggregates["product_views_7d"] == 2
+    assert merged.row.profile.aggregates["lifetime_value"] == 120
+    assert merged.row.profile.event_counts["Product Viewed"] == 2
+    assert _labels(merged) == [(SEGMENT_ENTERED, "high-intent")]
+    # A repeated hand-over adds nothing.
+    again = contact.absorb(merged.row, "u-1", anonymous, S11, T0, "merge-1")
+    assert again.row is merged.row
+    # The anonymous ids it saw are remembered: a replayed anonymous event is a duplicate.
+    replay = contact.apply(merged.row, _event("Product Viewed", T0, "a-0", user="u-1"), S11, T0)
+    assert replay.duplicate
+
+
+_NAMES = ("Product Viewed", "Order Completed")
+
+
+@st.composite
+def _histories(draw: st.DrawFn) -> tuple[list[Event], list[Event]]:
+    """Unique events within the last 6 days (the lateness bound inside the 7-day window), and
+    the same events as delivered: shuffled, with some sent twice."""
+    size = draw(st.integers(min_value=0, max_value=25))
+    events = [
+        _event(
+            draw(st.sampled_from(_NAMES)),
+            T0 - timedelta(minutes=draw(st.integers(min_value=0, max_value=6 * 24 * 60))),
+            f"m-{i}",
+            received=T0,
+            total=draw(st.integers(min_value=0, max_value=90)),
+        )
+        for i in range(size)
+    ]
+    repeats = draw(st.lists(st.sampled_from(events), max_size=8)) if events else []
+    delivered = draw(st.permutations(events + repeats))
+    return events, list(delivered)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_histories(), st.integers(min_value=0, max_value=8 * 24))
+def test_incremental_state_equals_a_fold_from_scratch(
+    histories: tuple[list[Event], list[Event]], hours_later: int
+) -> None:
+    events, delivered = histories
+    if not events:
+        return
+    scratch = _fold(sorted(events, key=lambda e: e.timestamp), S11, T0)
+    incremental = _fold(delivered, S11, T0)
+    assert incremental.aggregates == scratch.aggregates
+    assert incremental.profile.aggregates == scratch.profile.aggregates
+    assert incremental.profile.segments == scratch.profile.segments
+    assert incremental.next_tick == scratch.next_tick
+    # And both slide identically with time alone.
+    later = T0 + timedelta(hours=hours_later)
+    a = contact.reevaluate(incremental, "tick", S11, later).row
+    b = contact.reevaluate(scratch, "tick", S11, later).row
+    assert a is not None
+    assert b is not None
+    assert a.profile.aggregates == b.profile.aggregates
+    assert a.profile.segments == b.profile.segments
+
+
+def test_a_row_round_trips_through_its_stored_json() -> None:
+    row = _fold(
+        [
+            _event("Order Completed", T0 - 10 * DAY, "o-1", received=T0, total=150),
+            _event("Product Viewed", T0, "v-1"),
+        ],
+        S11,
+        T0,
+    )
+    assert ContactRow.model_validate_json(row.model_dump_json()) == row
