@@ -1,0 +1,184 @@
+"""The object index behind fan-out triggers (S8): who did what to which object, and lately.
+
+A contact's event that a live trigger relates to an object (`Product Viewed` by `product_id`)
+becomes a `related` record; an object event (`Price Dropped`) becomes a `fan_out` record; both
+are keyed by the object. The index entry of an object maps contact keys to the epoch
+milliseconds of their latest relation, and a fan-out hands one copy of the object event to each
+contact related recently enough.
+
+Bounded memory: an entry keeps only contacts related within `keep` (the longest `within` of the
+live triggers), pruned on every write, and at most `max_contacts` of them (the newest).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from shared.contracts import Event, ObjectRelation
+from shared.durations import parse_duration
+from shared.ids import stable_id
+from shared.journeys import ObjectEventTrigger
+
+FAN_OUT_MARK = "fan_out_of"
+# Where copies carry their mark: context["waypost"], set only by Waypost itself.
+CONTEXT_KEY = "waypost"
+COPY_SOURCE = "waypost"
+MAX_CONTACTS = 1_000_000
+
+# contact key -> epoch milliseconds of the contact's latest relation to the object (JSON-ready).
+RelationState = dict[str, int]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def epoch_ms(when: datetime) -> int:
+    return (when - _EPOCH) // _MS
+
+
+def object_key(event_name: str, prop: str, value: Any) -> str:
+    """`<event>|<property>|<value>`: strings as they are, anything else as canonical JSON.
+
+    So `7` and `"7"` name the same object: clients often send an id as a number in one event and
+    as a string in another.
+    """
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return f"{event_name}|{prop}|{text}"
+
+
+def is_fan_out_copy(event: Event) -> bool:
+    """Whether Waypost made this event by fanning out an object event (see `fan_out_copy`)."""
+    mark = event.context.get(CONTEXT_KEY)
+    return event.source == COPY_SOURCE and isinstance(mark, dict) and FAN_OUT_MARK in mark
+
+
+def _object_value(event: Event, prop: str) -> Any | None:
+    # An absent, null or empty value names no object.
+    value = event.properties.get(prop)
+    return None if value is None or value == "" else value
+
+
+def relation_records(
+    event: Event, contact_key: str, triggers: Sequence[ObjectEventTrigger], now: datetime
+) -> list[ObjectRelation]:
+    """One `related` record per object this contact's event relates to under the live triggers.
+
+    Copies of object events relate nobody (a fan-out never feeds the index), and neither does an
+    event already older than every window that could use it.
+    """
+    if is_fan_out_copy(event):
+        return []
+    windows: dict[str, timedelta] = {}
+    for trigger in triggers:
+        relation = trigger.related_by
+        value = _object_value(event, relation.property)
+        if relation.event != event.label or value is None:
+            continue
+        key = object_key(relation.event, relation.property, value)
+        windows[key] = max(windows.get(key, timedelta(0)), parse_duration(relation.within))
+    return [
+        ObjectRelation(kind="related", object_key=key, at=event.timestamp, contact_key=contact_key)
+        for key, window in windows.items()
+        if event.timestamp >= now - window
+    ]
+
+
+def fan_out_requests(
+    event: Event, triggers: Sequence[ObjectEventTrigger], now: datetime
+) -> list[ObjectRelation]:
+    """One `fan_out` record per object this object event is about, under the live triggers.
+
+    Triggers that share an object key share one record with the longest window; each journey's
+    trigger condition still filters the copies at entry. `now` is not needed today.
+    """
+    if is_fan_out_copy(event):
+        return []
+    windows: dict[str, tuple[timedelta, str]] = {}
+    for trigger in triggers:
+        value = _object_value(event, trigger.object_property)
+        if trigger.event != event.label or value is None:
+            continue
+        relation = trigger.related_by
+        key = object_key(relation.event, relation.property, value)
+        window = (parse_duration(relation.within), relation.within)
+        if key not in windows or window[0] > windows[key][0]:
+            windows[key] = window
+    return [
+        ObjectRelation(
+            kind="fan_out", object_key=key, at=event.timestamp, event=event, within=within
+        )
+        for key, (_span, within) in windows.items()
+    ]
+
+
+def longest_within(triggers: Sequence[ObjectEventTrigger]) -> timedelta | None:
+    """How long the index must remember a relation for these triggers (None: no trigger)."""
+    return max((parse_duration(t.related_by.within) for t in triggers), default=None)
+
+
+def add_relation(state: Mapping[str, int] | None, contact_key: str, at: datetime) -> RelationState:
+    """The entry with this contact related at `at` (its latest relation time is kept)."""
+    updated = dict(state or {})
+    at_ms = epoch_ms(at)
+    updated[contact_key] = max(updated.get(contact_key, at_ms), at_ms)
+    return updated
+
+
+def prune(
+    state: Mapping[str, int],
+    now: datetime,
+    keep: timedelta,
+    *,
+    max_contacts: int | None = MAX_CONTACTS,
+) -> RelationState | None:
+    """The contacts related within `keep` before `now`, capped as `cap` does; None when empty."""
+    oldest = epoch_ms(now - keep)
+    fresh = {contact: at for contact, at in state.items() if at >= oldest}
+    if max_contacts is not None:
+        fresh = cap(fresh, max_contacts)
+    return fresh or None
+
+
+def cap(state: Mapping[str, int], max_contacts: int) -> RelationState:
+    """At most `max_contacts` contacts, the most recently related (ties by contact key).
+
+    An entry over the cap is trimmed to 99% of it, so a hot object is trimmed (and logged) once
+    per hundredth of the cap in new contacts rather than on every write.
+    """
+    if len(state) <= max_contacts:
+        return dict(state)
+    target = max(1, max_contacts - max_contacts // 100)
+    newest = heapq.nlargest(target, state.items(), key=lambda item: (item[1], item[0]))
+    return dict(newest)
+
+
+def related_contacts(state: Mapping[str, int], at: datetime, within: timedelta) -> list[str]:
+    """The contacts whose latest relation is no earlier than `within` before `at`, sorted.
+
+    `at` is the object event's time. A relation recorded after it still counts: the contact did
+    the event on the object lately, and the index keeps only the latest time per contact.
+    """
+    oldest = epoch_ms(at - within)
+    return sorted(contact for contact, last in state.items() if last >= oldest)
+
+
+def fan_out_copy(origin: Event, contact_key: str, object_key: str) -> Event:
+    """The object event as an event of one related contact, with a message id stable per
+    (origin, contact): a repeated fan-out sends the same copies, which the segmenter drops."""
+    return Event(
+        type=origin.type,
+        event=origin.event,
+        name=origin.name,
+        user_id=contact_key,
+        anonymous_id=None,
+        message_id=stable_id(origin.message_id, contact_key),
+        timestamp=origin.timestamp,
+        received_at=origin.received_at,
+        properties=dict(origin.properties),
+        context={CONTEXT_KEY: {FAN_OUT_MARK: origin.message_id, "object_key": object_key}},
+        source=COPY_SOURCE,
+    )

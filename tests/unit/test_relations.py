@@ -1,0 +1,539 @@
+"""The object index behind fan-out triggers (S8): relation and fan-out records, the per-object
+entry, the copies of an object event, and the Faust shell run over dict-backed fakes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.segmenter.adapters.relations import RelationIndex
+from services.segmenter.domain.relations import (
+    FAN_OUT_MARK,
+    add_relation,
+    cap,
+    epoch_ms,
+    fan_out_copy,
+    fan_out_requests,
+    is_fan_out_copy,
+    longest_within,
+    object_key,
+    prune,
+    related_contacts,
+    relation_records,
+)
+from shared.cli import load_journey_file
+from shared.clock import ManualClock
+from shared.contracts import DeadLetter, Event, ObjectRelation
+from shared.deadletter import DeadLetters
+from shared.journeys import ObjectEventTrigger, Relation
+from shared.settings import CommonSettings
+from shared.topics import DEAD_LETTER, EVENTS, OBJECT_RELATIONS
+
+T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "journeys"
+
+
+def _example_trigger() -> ObjectEventTrigger:
+    """The trigger of the S8 example journey, as published."""
+    found = load_journey_file(EXAMPLES / "s08-price-drop.yaml").journey.trigger
+    assert isinstance(found, ObjectEventTrigger)
+    return found
+
+
+PRICE_DROP = _example_trigger()
+VIEWED_P7 = "Product Viewed|product_id|p-7"
+
+
+def trigger(
+    event: str = "Price Dropped",
+    object_property: str = "product_id",
+    related_event: str = "Product Viewed",
+    related_property: str = "product_id",
+    within: str = "30d",
+) -> ObjectEventTrigger:
+    return ObjectEventTrigger(
+        type="object_event",
+        event=event,
+        object_property=object_property,
+        related_by=Relation(event=related_event, property=related_property, within=within),
+    )
+
+
+def track(
+    name: str,
+    properties: dict[str, Any],
+    *,
+    user: str = "ada",
+    at: datetime = T0,
+    message_id: str = "m-1",
+) -> Event:
+    return Event(
+        type="track",
+        event=name,
+        user_id=user,
+        message_id=message_id,
+        timestamp=at,
+        received_at=at,
+        properties=properties,
+        context={"ip": "203.0.113.9"},
+        source="web",
+    )
+
+
+def drop(product: Any = "p-7", *, at: datetime = T0, message_id: str = "drop-1") -> Event:
+    props = {"product_id": product, "old_price": 129.0, "new_price": 99.0}
+    return track("Price Dropped", props, user="catalog", at=at, message_id=message_id)
+
+
+# --- object keys ------------------------------------------------------------------------------
+
+
+def test_object_key_names_the_relation_event_property_and_value() -> None:
+    assert object_key("Product Viewed", "product_id", "p-7") == VIEWED_P7
+
+
+def test_a_number_and_its_string_name_the_same_object() -> None:
+    assert object_key("E", "id", 7) == object_key("E", "id", "7") == "E|id|7"
+
+
+def test_non_string_values_are_canonical_json() -> None:
+    assert object_key("E", "sku", {"b": 1, "a": [True, None]}) == (
+        'E|sku|{"a": [true, null], "b": 1}'
+    )
+    assert object_key("E", "flag", True) == "E|flag|true"
+
+
+# --- relation records -------------------------------------------------------------------------
+
+
+def test_a_view_of_a_product_relates_the_contact_to_it() -> None:
+    view = track("Product Viewed", {"product_id": "p-7"}, at=T0)
+
+    records = relation_records(view, "ada", [PRICE_DROP], T0 + timedelta(minutes=1))
+
+    assert records == [
+        ObjectRelation(kind="related", object_key=VIEWED_P7, at=T0, contact_key="ada")
+    ]
+
+
+def test_triggers_sharing_a_relation_give_one_record() -> None:
+    view = track("Product Viewed", {"product_id": "p-7", "category": "lamps"})
+    triggers = [
+        trigger(within="30d"),
+        trigger(event="Back In Stock", within="7d"),
+        trigger(related_property="category", object_property="category"),
+    ]
+
+    records = relation_records(view, "ada", triggers, T0)
+
+    assert [r.object_key for r in records] == [VIEWED_P7, "Product Viewed|category|lamps"]
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        track("Product Added", {"product_id": "p-7"}),
+        track("Product Viewed", {"sku": "p-7"}),
+        track("Product Viewed", {"product_id": None}),
+        track("Product Viewed", {"product_id": ""}),
+    ],
+    ids=["other event", "no property", "null value", "empty value"],
+)
+def test_events_that_name_no_related_object_relate_nobody(view: Event) -> None:
+    assert relation_records(view, "ada", [PRICE_DROP], T0) == []
+
+
+def test_a_relation_older_than_every_window_is_not_recorded() -> None:
+    view = track("Product Viewed", {"product_id": "p-7"}, at=T0)
+    short, long = trigger(within="7d"), trigger(event="Back In Stock", within="30d")
+
+    assert relation_records(view, "ada", [short], T0 + 8 * DAY) == []
+    assert len(relation_records(view, "ada", [short, long], T0 + 8 * DAY)) == 1
+    assert relation_records(view, "ada", [], T0) == []
+
+
+# --- fan-out requests -------------------------------------------------------------------------
+
+
+def test_an_object_event_asks_for_a_fan_out_to_the_related_contacts() -> None:
+    event = drop(at=T0)
+
+    (record,) = fan_out_requests(event, [PRICE_DROP], T0)
+
+    assert record == ObjectRelation(
+        kind="fan_out", object_key=VIEWED_P7, at=T0, event=event, within="30d"
+    )
+
+
+def test_triggers_sharing_an_object_key_fan_out_once_with_the_longest_window() -> None:
+    triggers = [trigger(within="7d"), trigger(within="6w"), trigger(within="30d")]
+
+    records = fan_out_requests(drop(), triggers, T0)
+
+    assert [(r.object_key, r.within) for r in records] == [(VIEWED_P7, "6w")]
+
+
+def test_different_relations_fan_out_separately() -> None:
+    triggers = [trigger(), trigger(related_event="Product Added", within="3d")]
+
+    records = fan_out_requests(drop(), triggers, T0)
+
+    assert [(r.object_key, r.within) for r in records] == [
+        (VIEWED_P7, "30d"),
+        ("Product Added|product_id|p-7", "3d"),
+    ]
+
+
+def test_an_event_without_the_object_property_fans_out_nowhere() -> None:
+    no_product = track("Price Dropped", {"new_price": 99.0}, user="catalog")
+
+    assert fan_out_requests(no_product, [PRICE_DROP], T0) == []
+    assert fan_out_requests(drop(), [trigger(event="Back In Stock")], T0) == []
+
+
+def test_longest_within_is_how_long_the_index_remembers() -> None:
+    assert longest_within([trigger(within="7d"), trigger(within="2w")]) == 14 * DAY
+    assert longest_within([]) is None
+
+
+# --- the entry of one object ------------------------------------------------------------------
+
+
+def test_add_relation_keeps_each_contacts_latest_time() -> None:
+    state = add_relation(None, "ada", T0 + DAY)
+    state = add_relation(state, "ada", T0)
+    state = add_relation(state, "bob", T0)
+
+    assert state == {"ada": epoch_ms(T0 + DAY), "bob": epoch_ms(T0)}
+
+
+def test_add_relation_leaves_the_given_entry_alone() -> None:
+    state = {"ada": epoch_ms(T0)}
+
+    add_relation(state, "bob", T0)
+
+    assert state == {"ada": epoch_ms(T0)}
+
+
+def test_prune_drops_contacts_related_before_the_kept_span() -> None:
+    state = {"ada": epoch_ms(T0), "bob": epoch_ms(T0 + 10 * DAY)}
+
+    assert prune(state, T0 + 30 * DAY, 30 * DAY) == state
+    assert prune(state, T0 + 31 * DAY, 30 * DAY) == {"bob": epoch_ms(T0 + 10 * DAY)}
+    assert prune(state, T0 + 41 * DAY, 30 * DAY) is None
+
+
+def test_the_cap_keeps_the_most_recently_related_contacts() -> None:
+    state = {f"c{i:03d}": epoch_ms(T0 + i * timedelta(minutes=1)) for i in range(300)}
+
+    assert cap(state, 300) == state
+    kept = cap(state, 200)
+
+    # Trimmed to 99% of the cap, newest first, so a hot object is not trimmed on every write.
+    assert sorted(kept) == [f"c{i:03d}" for i in range(102, 300)]
+    assert prune(state, T0, 365 * DAY, max_contacts=200) == kept
+    assert prune(state, T0, 365 * DAY, max_contacts=None) == state
+
+
+def test_related_contacts_are_those_related_within_the_window_before_the_object_event() -> None:
+    state = {
+        "ada": epoch_ms(T0 - 30 * DAY),
+        "bob": epoch_ms(T0 - 30 * DAY - timedelta(milliseconds=1)),
+        "cyd": epoch_ms(T0 - DAY),
+        "dee": epoch_ms(T0 + timedelta(minutes=5)),  # recorded after the event's time
+    }
+
+    assert related_contacts(state, T0, 30 * DAY) == ["ada", "cyd", "dee"]
+    assert related_contacts(state, T0, 2 * DAY) == ["cyd", "dee"]
+    assert related_contacts({}, T0, 30 * DAY) == []
+
+
+# Operations on one entry: relate a contact at a minute, or prune at a minute.
+_CONTACTS = st.sampled_from(["ada", "bob", "cyd", "dee", "eve", "fay"])
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("relate"), _CONTACTS, st.integers(0, 200)),
+        st.tuples(st.just("prune"), st.just(""), st.integers(0, 300)),
+    ),
+    max_size=40,
+)
+
+
+def _brute_force(
+    relations: list[tuple[str, int]], now: int, keep: int, max_contacts: int
+) -> list[tuple[str, int]]:
+    """Prune the raw relation list: forget relations older than `keep`, then every relation of
+    the contacts beyond the cap (ranked by their latest relation, ties by key)."""
+    fresh = [(c, t) for c, t in relations if t >= now - keep]
+    latest: dict[str, int] = {}
+    for contact, at in fresh:
+        latest[contact] = max(latest.get(contact, at), at)
+    if len(latest) > max_contacts:
+        target = max(1, max_contacts - max_contacts // 100)
+        ranked = sorted(latest, key=lambda c: (latest[c], c), reverse=True)[:target]
+        fresh = [(c, t) for c, t in fresh if c in ranked]
+    return fresh
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=_OPS,
+    keep=st.integers(1, 120),
+    max_contacts=st.integers(1, 7),
+    at=st.integers(0, 300),
+    within=st.integers(0, 150),
+)
+def test_related_contacts_match_a_recomputation_over_the_raw_relations(
+    ops: list[tuple[str, str, int]], keep: int, max_contacts: int, at: int, within: int
+) -> None:
+    def minute(m: int) -> datetime:
+        return T0 + timedelta(minutes=m)
+
+    state: dict[str, int] | None = None
+    relations: list[tuple[str, int]] = []
+    for op, contact, when in ops:
+        if op == "relate":
+            state = add_relation(state, contact, minute(when))
+            relations.append((contact, when))
+        elif state is not None:
+            state = prune(state, minute(when), timedelta(minutes=keep), max_contacts=max_contacts)
+            relations = _brute_force(relations, when, keep, max_contacts)
+
+    found = related_contacts(state or {}, minute(at), timedelta(minutes=within))
+
+    assert found == sorted({c for c, t in relations if t >= at - within})
+    assert (state or {}) == {
+        c: epoch_ms(minute(max(t for d, t in relations if d == c))) for c, _ in relations
+    }
+
+
+# --- copies of an object event ----------------------------------------------------------------
+
+
+def test_a_copy_is_the_object_event_as_an_event_of_the_related_contact() -> None:
+    origin = drop(at=T0)
+
+    copy = fan_out_copy(origin, "ada", VIEWED_P7)
+
+    assert copy.contact_key == "ada"
+    assert (copy.user_id, copy.anonymous_id) == ("ada", None)
+    assert (copy.type, copy.label, copy.properties) == ("track", "Price Dropped", origin.properties)
+    assert (copy.timestamp, copy.received_at) == (origin.timestamp, origin.received_at)
+    assert copy.context == {"waypost": {FAN_OUT_MARK: "drop-1", "object_key": VIEWED_P7}}
+    assert copy.source == "waypost"
+    assert is_fan_out_copy(copy)
+    assert not is_fan_out_copy(origin)
+
+
+def test_a_client_cannot_pass_its_own_event_off_as_a_copy() -> None:
+    spoofed = track("Product Viewed", {"product_id": "p-7"}).model_copy(
+        update={"context": {"waypost": {FAN_OUT_MARK: "x"}}}
+    )
+
+    assert not is_fan_out_copy(spoofed)
+    assert len(relation_records(spoofed, "ada", [PRICE_DROP], T0)) == 1
+
+
+@given(contacts=st.sets(st.text(min_size=1, max_size=12), min_size=1, max_size=30))
+def test_copies_have_stable_message_ids_distinct_per_contact(contacts: set[str]) -> None:
+    origin = drop()
+
+    ids = [fan_out_copy(origin, c, VIEWED_P7).message_id for c in sorted(contacts)]
+
+    assert ids == [fan_out_copy(origin, c, VIEWED_P7).message_id for c in sorted(contacts)]
+    assert len(set(ids)) == len(contacts)
+    assert origin.message_id not in ids
+    other = drop(message_id="drop-2")
+    assert not set(ids) & {fan_out_copy(other, c, VIEWED_P7).message_id for c in contacts}
+
+
+def test_copies_never_feed_the_index() -> None:
+    # Even a trigger whose relation is the object event itself must not see its own copies.
+    loop = trigger(related_event="Price Dropped")
+    copy = fan_out_copy(drop(), "ada", VIEWED_P7)
+
+    assert relation_records(copy, "ada", [PRICE_DROP, loop], T0) == []
+    assert fan_out_requests(copy, [PRICE_DROP, loop], T0) == []
+    assert len(relation_records(drop(), "catalog", [loop], T0)) == 1
+
+
+# --- the Faust shell over fakes ---------------------------------------------------------------
+
+
+class FakeApp:
+    """What RelationIndex uses of a Faust app: a table (a dict here), a topic and an agent."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[bytes, bytes]] = {}
+        self.agents: dict[str, Callable[..., Any]] = {}
+
+    def Table(self, name: str, **_options: Any) -> dict[bytes, bytes]:  # Faust names it so
+        return self.tables.setdefault(name, {})
+
+    def topic(self, *names: str, **_options: Any) -> tuple[str, ...]:
+        return names
+
+    def agent(self, _channel: Any, *, name: str) -> Callable[[Callable[..., Any]], Any]:
+        def register(fn: Callable[..., Any]) -> Any:
+            self.agents[name] = fn
+            return fn
+
+        return register
+
+
+class FakeProducer:
+    """Records what would be produced, one list per `send_all` call."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, str | None, bytes | None]]] = []
+
+    async def send(self, topic: str, key: str | None, value: bytes | None) -> None:
+        self.batches.append([(topic, key, value)])
+
+    async def send_all(self, records: Iterable[tuple[str, str | None, bytes | None]]) -> None:
+        self.batches.append(list(records))
+
+
+def index_of(
+    *, keep: timedelta = 30 * DAY, shards: int = 8, batch: int = 2, max_contacts: int = 1000
+) -> tuple[RelationIndex, FakeApp, FakeProducer, ManualClock]:
+    app, producer, clock = FakeApp(), FakeProducer(), ManualClock(T0)
+    index = RelationIndex(
+        app,  # type: ignore[arg-type]
+        CommonSettings(),
+        producer,  # type: ignore[arg-type]
+        DeadLetters(producer, "segmenter", clock),  # type: ignore[arg-type]
+        clock,
+        lambda: keep,
+        shards=shards,
+        batch=batch,
+        max_contacts=max_contacts,
+    )
+    return index, app, producer, clock
+
+
+def related(contact: str, at: datetime, key: str = VIEWED_P7) -> ObjectRelation:
+    return ObjectRelation(kind="related", object_key=key, at=at, contact_key=contact)
+
+
+async def test_the_index_fans_an_object_event_out_to_related_contacts_in_batches() -> None:
+    index, app, producer, clock = index_of(batch=2)
+    assert "object-index" in app.agents
+    for contact in ["eve", "ada", "cyd", "bob", "dee"]:
+        await index.handle(related(contact, T0))
+    await index.handle(related("old", T0 - 40 * DAY))
+    await index.handle(related("fay", T0, key="Product Viewed|product_id|p-8"))
+    clock.advance(DAY)
+
+    (request,) = fan_out_requests(drop(at=T0 + DAY), [PRICE_DROP], T0 + DAY)
+    await index.handle(request)
+
+    assert [len(b) for b in producer.batches] == [2, 2, 1]
+    sent = [
+        (topic, key, Event.model_validate_json(value or b""))
+        for b in producer.batches
+        for topic, key, value in b
+    ]
+    assert [key for _topic, key, _event in sent] == ["ada", "bob", "cyd", "dee", "eve"]
+    assert {topic for topic, _key, _event in sent} == {EVENTS.name}
+    assert all(e.contact_key == key and is_fan_out_copy(e) for _t, key, e in sent)
+
+
+async def test_a_repeated_fan_out_sends_the_same_copies() -> None:
+    index, _app, producer, _clock = index_of()
+    await index.handle(related("ada", T0))
+    (request,) = fan_out_requests(drop(at=T0), [PRICE_DROP], T0)
+
+    await index.handle(request)
+    await index.handle(request)
+
+    first, second = producer.batches
+    assert first == second
+
+
+async def test_rows_forget_relations_older_than_keep_when_written() -> None:
+    index, app, producer, clock = index_of(keep=30 * DAY, shards=1)
+    await index.handle(related("ada", T0))
+    clock.advance(31 * DAY)
+    await index.handle(related("bob", T0 + 31 * DAY))
+
+    (row,) = app.tables["relations"].values()
+    assert list(json.loads(row)) == ["bob"]
+
+    clock.advance(31 * DAY)
+    (request,) = fan_out_requests(drop(at=T0 + 62 * DAY), [PRICE_DROP], T0 + 62 * DAY)
+    await index.handle(request)
+    assert producer.batches == []
+    assert app.tables["relations"] == {}  # the emptied row is deleted on the fan-out's read
+
+
+async def test_an_entry_is_capped_to_the_newest_contacts() -> None:
+    index, app, _producer, _clock = index_of(shards=1, max_contacts=3)
+    for minute, contact in enumerate(["ada", "bob", "cyd", "dee"]):
+        await index.handle(related(contact, T0 + timedelta(minutes=minute)))
+
+    (row,) = app.tables["relations"].values()
+    assert sorted(json.loads(row)) == ["bob", "cyd", "dee"]
+
+
+@dataclass
+class FakeMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+
+
+@dataclass
+class FakeStreamEvent:
+    message: FakeMessage
+    value: bytes
+
+
+class FakeStream:
+    """A Faust stream of raw records, as the agent reads it."""
+
+    def __init__(self, *values: bytes) -> None:
+        self.values = values
+
+    async def events(self) -> AsyncIterator[FakeStreamEvent]:
+        for offset, value in enumerate(self.values):
+            message = FakeMessage(OBJECT_RELATIONS.name, 0, offset, VIEWED_P7.encode())
+            yield FakeStreamEvent(message, value)
+
+
+async def test_undecodable_and_incomplete_records_go_to_dead_letters() -> None:
+    _index, app, producer, _clock = index_of()
+    incomplete = ObjectRelation(kind="fan_out", object_key=VIEWED_P7, at=T0)
+    stream = FakeStream(
+        b"not json", incomplete.to_wire(), related("ada", T0).to_wire(), b'{"kind": "other"}'
+    )
+
+    await app.agents["object-index"](stream)
+
+    letters = [
+        DeadLetter.model_validate_json(v or b"") for b in producer.batches for _t, _k, v in b
+    ]
+    assert [(letter.offset, letter.reason.split(":")[0]) for letter in letters] == [
+        (0, "undecodable"),
+        (1, "undecodable"),
+        (3, "undecodable"),
+    ]
+    assert {t for b in producer.batches for t, _k, _v in b} == {DEAD_LETTER.name}
+    assert len(app.tables["relations"]) == 1
+
+
+async def test_an_incomplete_record_is_refused_by_handle_too() -> None:
+    index, _app, _producer, _clock = index_of()
+
+    with pytest.raises(ValueError, match="incomplete related record"):
+        await index.handle(ObjectRelation(kind="related", object_key=VIEWED_P7, at=T0))
