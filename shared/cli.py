@@ -1,12 +1,13 @@
-"""The `waypost` command: create topics, check and publish journey definition files, and pause,
-resume or archive published journeys."""
+"""The `waypost` command: create topics, check and publish journey definition files, pause, resume
+or archive published journeys, and check, publish or delete segments and aggregates."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,20 @@ from shared.lifecycle import (
     template_status,
     templates_used,
 )
+from shared.segment_checks import (
+    SegmentFileProblems,
+    SegmentsRefused,
+    check_segments,
+    decide_segment_delete,
+    decide_segments_publish,
+    parse_segment_file,
+)
+from shared.segments import PublishedAggregate, PublishedSegment, SegmentFile
 from shared.settings import CommonSettings
 from shared.topics import ALL_TOPICS, DEFINITIONS
+
+# What the definitions topic carries: journey versions, segments, aggregates.
+Published = PublishedJourney | PublishedSegment | PublishedAggregate
 
 
 class DefinitionError(Exception):
@@ -54,7 +67,10 @@ def load_journey_file(path: Path, known_templates: Collection[str] = ()) -> Jour
     return parsed
 
 
-def _produce(settings: CommonSettings, records: list[PublishedJourney]) -> None:
+def _produce(
+    settings: CommonSettings, records: Sequence[Published], tombstones: Sequence[str] = ()
+) -> None:
+    """Write records (in order: one partition, one idempotent producer) and tombstones (keys)."""
     producer = Producer(
         {"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all"}
     )
@@ -62,19 +78,28 @@ def _produce(settings: CommonSettings, records: list[PublishedJourney]) -> None:
         producer.produce(
             DEFINITIONS.name, key=record.key.encode(), value=record.model_dump_json().encode()
         )
+    for key in tombstones:
+        producer.produce(DEFINITIONS.name, key=key.encode(), value=None)
     if producer.flush(30) != 0:
         raise TimeoutError("definitions were not acknowledged by Kafka")
 
 
-def _published(settings: CommonSettings) -> list[PublishedJourney]:
+@contextmanager
+def _following(settings: CommonSettings) -> Iterator[PublishedJourneys]:
+    """The definitions topic, read to its end."""
     wait_for_broker(settings.kafka_bootstrap)
     ensure_topics(settings.kafka_bootstrap, settings.topic_partitions, settings.topic_replication)
     followed = PublishedJourneys(settings.kafka_bootstrap)
     followed.start(timeout=60)
     try:
-        return followed.all()
+        yield followed
     finally:
         followed.stop()
+
+
+def _published(settings: CommonSettings) -> list[PublishedJourney]:
+    with _following(settings) as followed:
+        return followed.all()
 
 
 def publish(settings: CommonSettings, files: list[Path]) -> int:
@@ -134,6 +159,96 @@ def change_status(settings: CommonSettings, journey_id: str, change: StatusChang
     return 0
 
 
+def load_segment_files(files: Sequence[Path]) -> SegmentFile:
+    """Read segment files as one set (a file may read another's aggregates and segments)."""
+    problems: list[str] = []
+    parsed: list[SegmentFile] = []
+    for path in files:
+        try:
+            parsed.append(parse_segment_file(path))
+        except SegmentFileProblems as exc:
+            problems.append(str(exc))
+    if problems:
+        raise DefinitionError("\n".join(problems))
+    return SegmentFile(
+        aggregates=tuple(a for f in parsed for a in f.aggregates),
+        segments=tuple(s for f in parsed for s in f.segments),
+    )
+
+
+def _where_defined(files: Sequence[Path]) -> dict[tuple[str, str], Path]:
+    """(kind, id) -> the file that defines it (the first one), to point problems at files."""
+    found: dict[tuple[str, str], Path] = {}
+    for path in files:
+        definitions = parse_segment_file(path)
+        for aggregate in definitions.aggregates:
+            found.setdefault(("aggregate", aggregate.id), path)
+        for segment in definitions.segments:
+            found.setdefault(("segment", segment.id), path)
+    return found
+
+
+def _segment_refusal(files: Sequence[Path], refused: SegmentsRefused) -> DefinitionError:
+    defined = _where_defined(files)
+    lines = []
+    for problem in refused.problems:
+        if problem.segment is not None:
+            path = defined.get(("segment", problem.segment))
+        else:
+            path = defined.get(("aggregate", problem.aggregate or ""))
+        lines.append(f"{path}: {problem}" if path is not None else str(problem))
+    return DefinitionError("\n".join(lines))
+
+
+def check_segment_files(files: Sequence[Path]) -> int:
+    """Validate segment files on their own, as one set (nothing is read from Kafka)."""
+    problems = check_segments(load_segment_files(files))
+    if problems:
+        raise _segment_refusal(files, SegmentsRefused(tuple(problems)))
+    for path in files:
+        print(f"ok  {path}")
+    return 0
+
+
+def publish_segments(settings: CommonSettings, files: Sequence[Path]) -> int:
+    """Publish segment files: checked as one set against what is published, then every changed
+    aggregate and segment goes to the definitions topic (aggregates first). Unchanged ones are
+    not written again."""
+    definitions = load_segment_files(files)
+    with _following(settings) as followed:
+        decision = decide_segments_publish(
+            definitions, followed.aggregates(), followed.segments(), SystemClock().now()
+        )
+    if isinstance(decision, SegmentsRefused):
+        raise _segment_refusal(files, decision)
+    _produce(settings, decision.records)
+    for record in decision.unchanged:
+        print(f"unchanged  {_describe(record)}")
+    for record in decision.records:
+        print(f"published  {_describe(record)}")
+    return 0
+
+
+def delete_segment(settings: CommonSettings, segment_id: str) -> int:
+    """Delete a published segment (a tombstone on the definitions topic), unless another
+    published segment or a journey that is not archived refers to it."""
+    with _following(settings) as followed:
+        decision = decide_segment_delete(segment_id, followed.segments(), followed.all())
+    if isinstance(decision, SegmentsRefused):
+        raise DefinitionError(str(decision))
+    _produce(settings, [], tombstones=[decision.key])
+    print(f"deleted    segment {segment_id}")
+    return 0
+
+
+def _describe(record: PublishedSegment | PublishedAggregate) -> str:
+    if isinstance(record, PublishedSegment):
+        return f"segment {record.segment.id}"
+    aggregate = record.aggregate
+    window = f" over {aggregate.window}" if aggregate.window else ""
+    return f"aggregate {aggregate.id} ({aggregate.function} of {aggregate.event}{window})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="waypost", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     ):
         status = commands.add_parser(change, help=summary)
         status.add_argument("journey_id")
+    segments = commands.add_parser("segments", help="segment and aggregate definitions")
+    segment_commands = segments.add_subparsers(dest="segment_command", required=True)
+    segment_check = segment_commands.add_parser("check", help="validate segment files")
+    segment_check.add_argument("files", nargs="+", type=Path)
+    segment_publish = segment_commands.add_parser("publish", help="publish segment files")
+    segment_publish.add_argument("files", nargs="+", type=Path)
+    segment_delete = segment_commands.add_parser(
+        "delete", help="delete a segment nothing published refers to"
+    )
+    segment_delete.add_argument("segment_id")
     args = parser.parse_args(argv)
 
     settings = CommonSettings()
@@ -173,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("pause", "resume", "archive"):
             return change_status(settings, args.journey_id, args.command)
+        if args.command == "segments":
+            if args.segment_command == "check":
+                return check_segment_files(args.files)
+            if args.segment_command == "publish":
+                return publish_segments(settings, args.files)
+            return delete_segment(settings, args.segment_id)
         return publish(settings, args.files)
     except DefinitionError as exc:
         print(exc, file=sys.stderr)

@@ -225,7 +225,7 @@ def test_duplicate_ids_are_named() -> None:
 
 
 def test_definitions_may_be_given_as_a_list() -> None:
-    definitions = [
+    definitions: list[AggregateDefinition | SegmentDefinition] = [
         AggregateDefinition(id="views", event="Product Viewed"),
         SegmentDefinition(
             id="s", condition=condition_from({"field": "aggregates.views", "op": "gt", "value": 1})
