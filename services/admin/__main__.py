@@ -14,6 +14,12 @@ from services.admin.adapters.analytics import (
     message_states,
 )
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
+from services.admin.adapters.segments import (
+    ContactCommands,
+    Contacts,
+    SegmentCounts,
+    SegmentDefinitions,
+)
 from services.admin.app import create_app
 from services.admin.settings import AdminSettings
 from shared.clock import SystemClock
@@ -29,6 +35,8 @@ async def serve(settings: AdminSettings) -> None:
     db = database(client, settings)
     journeys = PublishedJourneys(settings.kafka_bootstrap)
     journeys.start()
+    segment_counts = SegmentCounts(settings.kafka_bootstrap)
+    segment_counts.start()
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="admin")
     store = JourneyLogStore(db)
     consumer = ConsumerLoop(
@@ -46,6 +54,10 @@ async def serve(settings: AdminSettings) -> None:
         drafts=JourneyDrafts(db),
         templates=TemplateStore(db),
         definitions=Definitions(producer, journeys),
+        segment_definitions=SegmentDefinitions(producer, journeys),
+        segment_counts=segment_counts,
+        contacts=Contacts(db),
+        contact_commands=ContactCommands(producer),
         clock=SystemClock(),
     )
     stop = asyncio.Event()
@@ -63,6 +75,7 @@ async def serve(settings: AdminSettings) -> None:
             await asyncio.wait_for(follower, timeout=5)
         consumer.close()
         producer.close()
+        segment_counts.stop()
         journeys.stop()
         await client.close()
 

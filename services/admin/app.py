@@ -1,5 +1,6 @@
 """Admin API: templates and journey drafts, the journey lifecycle (publish, pause, resume,
-archive), published journeys and live figures read from the system itself.
+archive), published journeys, segments and aggregates with live member counts, contacts (look up,
+forget), and live figures read from the system itself.
 
 Routes decode, call the rules in `shared.lifecycle` and `domain/`, and hand the result to adapters.
 """
@@ -11,12 +12,19 @@ import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.admin.adapters.analytics import JourneyLogStore
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
+from services.admin.adapters.segments import (
+    ContactCommands,
+    Contacts,
+    SegmentCounts,
+    SegmentDefinitions,
+)
+from services.admin.domain import segments as segment_views
 from services.admin.domain import templates as template_rules
 from services.admin.domain.conversion import conversion_report
 from services.admin.domain.templates import TemplateContent
@@ -34,6 +42,14 @@ from shared.lifecycle import (
     templates_used,
     validate_draft,
 )
+from shared.segment_checks import (
+    SegmentProblem,
+    SegmentsRefused,
+    decide_segment_delete,
+    decide_segments_publish,
+    segment_file_from,
+)
+from shared.segments import PublishedSegment
 
 # Module level: route annotations are resolved against module globals.
 _bearer = HTTPBearer(auto_error=False)
@@ -43,9 +59,12 @@ EventCount = Callable[[], int]
 
 
 class Problems(Exception):
-    """Answered as a 4xx whose `problems` each name the journey, the step and the rule."""
+    """Answered as a 4xx whose `problems` each name the journey and the step, or the segment or
+    aggregate, and the rule."""
 
-    def __init__(self, code: int, summary: str, problems: Iterable[DefinitionProblem]) -> None:
+    def __init__(
+        self, code: int, summary: str, problems: Iterable[DefinitionProblem | SegmentProblem]
+    ) -> None:
         self.code = code
         self.problems = list(problems)
         super().__init__(f"{summary}: " + "; ".join(str(p) for p in self.problems))
@@ -69,12 +88,16 @@ def create_app(
     drafts: JourneyDrafts,
     templates: TemplateStore,
     definitions: Definitions,
+    segment_definitions: SegmentDefinitions,
+    segment_counts: SegmentCounts,
+    contacts: Contacts,
+    contact_commands: ContactCommands,
     clock: Clock,
 ) -> FastAPI:
     app = FastAPI(title="Waypost admin", version="1")
     app.add_exception_handler(Problems, _problems_answer)
     keys = settings.api_keys()
-    # One lifecycle change at a time: each decides on the versions the previous one wrote.
+    # One definition change at a time: each decides on what the previous one wrote.
     lifecycle = asyncio.Lock()
 
     def authorised(
@@ -227,6 +250,112 @@ def create_app(
     async def conversion(journey_id: str) -> dict[str, Any]:
         report = conversion_report(await journey_log.conversion_counts(journey_id))
         return {"id": journey_id, **report.as_dict()}
+
+    # --- segments and aggregates ------------------------------------------------------------
+
+    def _published_segment(segment_id: str) -> PublishedSegment:
+        found = next((p for p in journeys.segments() if p.segment.id == segment_id), None)
+        if found is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no published segment '{segment_id}'")
+        return found
+
+    @app.get("/v1/segments", dependencies=guarded, summary="Published segments, live counts")
+    async def list_segments() -> dict[str, Any]:
+        totals = segment_views.segment_totals(segment_counts.latest())
+        items = [
+            segment_views.segment_view(p, totals.get(p.segment.id, segment_views.SegmentTotal()))
+            for p in journeys.segments()
+        ]
+        return {"count": len(items), "segments": items}
+
+    @app.put(
+        "/v1/segments",
+        dependencies=guarded,
+        status_code=status.HTTP_201_CREATED,
+        summary="Publish a segment file (aggregates and segments)",
+    )
+    async def put_segments(
+        definition: Annotated[Any, Body()], response: Response
+    ) -> dict[str, Any]:
+        parsed, problems = segment_file_from(definition)
+        if parsed is None:
+            raise Problems(422, "the segment file has problems", problems)
+        async with lifecycle:
+            decision = decide_segments_publish(
+                parsed, journeys.aggregates(), journeys.segments(), clock.now()
+            )
+            if isinstance(decision, SegmentsRefused):
+                raise Problems(422, "the segment file has problems", decision.problems)
+            await segment_definitions.publish(decision.records)
+        if not decision.records:
+            response.status_code = status.HTTP_200_OK
+        return {
+            "published": [r.key for r in decision.records],
+            "unchanged": [r.key for r in decision.unchanged],
+        }
+
+    @app.get("/v1/segments/{segment_id}", dependencies=guarded, summary="One segment")
+    async def get_segment(segment_id: str) -> dict[str, Any]:
+        published = _published_segment(segment_id)
+        totals = segment_views.segment_totals(segment_counts.latest())
+        return segment_views.segment_view(
+            published, totals.get(segment_id, segment_views.SegmentTotal())
+        )
+
+    @app.get(
+        "/v1/segments/{segment_id}/members",
+        dependencies=guarded,
+        summary="A sample of a segment's members, from the stored profiles",
+    )
+    async def segment_members(
+        segment_id: str, limit: Annotated[int, Query(ge=1, le=500)] = 20
+    ) -> dict[str, Any]:
+        _published_segment(segment_id)
+        documents = await contacts.in_segment(segment_id, limit)
+        return {
+            "id": segment_id,
+            "limit": limit,
+            "members": [segment_views.contact_view(d) for d in documents],
+        }
+
+    @app.delete("/v1/segments/{segment_id}", dependencies=guarded, summary="Delete a segment")
+    async def delete_segment(segment_id: str) -> dict[str, Any]:
+        async with lifecycle:
+            decision = decide_segment_delete(segment_id, journeys.segments(), journeys.all())
+            if isinstance(decision, SegmentsRefused):
+                if {p.rule for p in decision.problems} == {"segment-published"}:
+                    raise HTTPException(
+                        status.HTTP_404_NOT_FOUND, f"no published segment '{segment_id}'"
+                    )
+                raise Problems(409, "not deleted", decision.problems)
+            await segment_definitions.delete(decision)
+        return {"id": segment_id, "deleted": True}
+
+    @app.get("/v1/aggregates", dependencies=guarded, summary="Published aggregates")
+    async def list_aggregates() -> dict[str, Any]:
+        segments = journeys.segments()
+        items = [segment_views.aggregate_view(p, segments) for p in journeys.aggregates()]
+        return {"count": len(items), "aggregates": items}
+
+    # --- contacts -------------------------------------------------------------------------
+
+    @app.get("/v1/contacts/{contact_key:path}", dependencies=guarded, summary="A stored profile")
+    async def get_contact(contact_key: str) -> dict[str, Any]:
+        document = await contacts.get(contact_key)
+        if document is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stored profile '{contact_key}'")
+        return segment_views.contact_view(document)
+
+    @app.delete(
+        "/v1/contacts/{contact_key:path}",
+        dependencies=guarded,
+        status_code=status.HTTP_202_ACCEPTED,
+        summary="Forget a contact: the segmenter erases its profile and announces it",
+    )
+    async def forget_contact(contact_key: str) -> dict[str, Any]:
+        command = segment_views.forget_command(contact_key, clock.now())
+        await contact_commands.send(command)
+        return {"contact_key": contact_key, "command_id": command.command_id, "kind": "forget"}
 
     @app.get("/v1/stats", dependencies=guarded, summary="Figures read from Kafka and the store")
     async def stats() -> dict[str, Any]:
