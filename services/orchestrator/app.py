@@ -1,21 +1,25 @@
 """Orchestrator shell: decode a stimulus, load the contact's state, decide, publish, store.
 
 Outputs are acknowledged by Kafka before the new state is written, so a crash can only repeat
-work (de-duplicated downstream by deterministic ids), never lose it.
+work (de-duplicated downstream by deterministic ids), never lose it. The same agent keeps the
+segmenter's per-contact clock, in order with the contact's other stimuli.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, MutableMapping
 from datetime import timedelta
+from typing import Protocol
 
 import faust
 import structlog
 from pydantic import ValidationError
 
-from services.orchestrator.adapters.definitions import DefinitionsCatalog
+from services.orchestrator.adapters.definitions import CatalogSource, DefinitionsCatalog
 from services.orchestrator.adapters.timers import TimerStore
 from services.orchestrator.adapters.webhooks import Webhooks
 from services.orchestrator.domain.engine import decide
+from services.orchestrator.domain.segment_clock import SEGMENT_CLOCK, reevaluation, segment_timer
 from services.orchestrator.domain.state import (
     AppendLog,
     CallWebhook,
@@ -31,7 +35,7 @@ from services.orchestrator.domain.state import (
 )
 from services.orchestrator.settings import OrchestratorSettings
 from shared.clock import Clock
-from shared.contracts import ContactEvent, TimerFired, WebhookResult
+from shared.contracts import ContactEvent, SegmentTimerRequest, TimerFired, WebhookResult
 from shared.deadletter import DeadLetters
 from shared.faust_app import record_of
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy
@@ -39,6 +43,7 @@ from shared.topics import (
     CONTACT_COMMANDS,
     CONTACT_EVENTS,
     JOURNEY_LOG,
+    SEGMENT_TIMERS,
     SEND_REQUESTS,
     TIMERS,
     WEBHOOK_RESULTS,
@@ -46,70 +51,47 @@ from shared.topics import (
 
 log = structlog.get_logger(__name__)
 
+# What the agent handles: the engine's stimuli, and the segmenter's requests for its clock.
+Incoming = Stimulus | SegmentTimerRequest
 
-class Orchestrator:
-    """Wires the engine to Faust: one agent over contact events, timers and webhook answers
-    (so one contact's stimuli apply in order), and one timer ticker."""
+
+class Publisher(Protocol):
+    async def send_all(self, records: Iterable[tuple[str, str | None, bytes]]) -> None: ...
+
+
+class Journeys:
+    """One contact's stimulus at a time: load its row, decide, publish, then store.
+
+    `contacts` and the timers' table are any mutable mappings of bytes: Faust tables in the
+    worker, dicts in tests.
+    """
 
     def __init__(
         self,
-        app: faust.App,
-        settings: OrchestratorSettings,
+        contacts: MutableMapping[bytes, bytes],
+        timers: TimerStore,
+        catalog: CatalogSource,
+        producer: Publisher,
         clock: Clock,
-        catalog: DefinitionsCatalog,
-        producer: AsyncProducer,
-        dead_letters: DeadLetters,
+        webhooks: Webhooks,
     ) -> None:
-        self.app = app
-        self.clock = clock
+        self.contacts = contacts
+        self.timers = timers
         self.catalog = catalog
         self.producer = producer
-        self.dead_letters = dead_letters
-        self.webhooks = Webhooks(producer, clock)
-        self.contacts = app.Table(
-            "contacts",
-            partitions=settings.topic_partitions,
-            key_type=bytes,
-            value_type=bytes,
-        )
-        # One compact row per waiting instance, on the same partitions as the contact's row.
-        self.timers = TimerStore(
-            app.Table(
-                "timers",
-                partitions=settings.topic_partitions,
-                key_type=bytes,
-                value_type=bytes,
-                on_recover=self._rebuild_timer_index,
-            ),
-            refire_after=timedelta(seconds=settings.timer_refire_seconds),
-            refire_max=timedelta(seconds=settings.timer_refire_max_seconds),
-        )
-        self.timer_fire_batch = settings.timer_fire_batch
-        source = app.topic(
-            CONTACT_EVENTS.name,
-            TIMERS.name,
-            WEBHOOK_RESULTS.name,
-            key_serializer="raw",
-            value_serializer="raw",
-        )
-        app.agent(source, name="journeys")(self._process)
-        app.timer(interval=settings.timer_tick_seconds)(self._fire_due_timers)
+        self.clock = clock
+        self.webhooks = webhooks
 
-    async def _process(self, stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            record = record_of(event)
-            try:
-                stimulus = _decode(record.topic, record.value)
-            except ValidationError as exc:
-                await self.dead_letters.send(record, f"undecodable: {exc}")
-                continue
-            try:
-                await self.handle(stimulus)
-            except Exception as exc:
-                log.exception("orchestrator.stimulus_failed", key=record.key)
-                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+    async def handle(self, incoming: Incoming) -> None:
+        if isinstance(incoming, SegmentTimerRequest):
+            self.timers.apply(segment_timer(incoming))  # replaces the contact's row, or drops it
+            return
+        if isinstance(incoming, TimerDue) and incoming.timer.instance_id == SEGMENT_CLOCK:
+            await self._segment_clock_fired(incoming.timer)
+            return
+        await self._decide(incoming)
 
-    async def handle(self, stimulus: Stimulus) -> None:
+    async def _decide(self, stimulus: Stimulus) -> None:
         key = _contact_key(stimulus)
         raw = self.contacts.get(key.encode())
         state = ContactState.model_validate_json(raw) if raw else None
@@ -137,6 +119,82 @@ class Orchestrator:
             if isinstance(command, CallWebhook):
                 self.webhooks.start(command.call)
 
+    async def _segment_clock_fired(self, fired: TimerFired) -> None:
+        stored = self.timers.timer_id(fired.contact_key, SEGMENT_CLOCK)
+        command = reevaluation(fired, stored)
+        if command is None:
+            return  # stale: the row was replaced or cancelled since this firing
+        await self.producer.send_all(
+            [(CONTACT_COMMANDS.name, fired.contact_key, command.to_wire())]
+        )
+        # Only after the acknowledgement: a crash before this line fires it (and asks) again.
+        self.timers.apply(CancelTimer(fired.contact_key, SEGMENT_CLOCK))
+
+
+class Orchestrator:
+    """Wires the shell to Faust: one agent over contact events, timers, webhook answers and
+    segment timer requests (so one contact's stimuli apply in order), and one timer ticker."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: OrchestratorSettings,
+        clock: Clock,
+        catalog: DefinitionsCatalog,
+        producer: AsyncProducer,
+        dead_letters: DeadLetters,
+    ) -> None:
+        self.app = app
+        self.clock = clock
+        self.producer = producer
+        self.dead_letters = dead_letters
+        # One compact row per waiting instance, on the same partitions as the contact's row.
+        self.timers = TimerStore(
+            app.Table(
+                "timers",
+                partitions=settings.topic_partitions,
+                key_type=bytes,
+                value_type=bytes,
+                on_recover=self._rebuild_timer_index,
+            ),
+            refire_after=timedelta(seconds=settings.timer_refire_seconds),
+            refire_max=timedelta(seconds=settings.timer_refire_max_seconds),
+        )
+        contacts = app.Table(
+            "contacts",
+            partitions=settings.topic_partitions,
+            key_type=bytes,
+            value_type=bytes,
+        )
+        self.journeys = Journeys(
+            contacts, self.timers, catalog, producer, clock, Webhooks(producer, clock)
+        )
+        self.timer_fire_batch = settings.timer_fire_batch
+        source = app.topic(
+            CONTACT_EVENTS.name,
+            TIMERS.name,
+            WEBHOOK_RESULTS.name,
+            SEGMENT_TIMERS.name,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        app.agent(source, name="journeys")(self._process)
+        app.timer(interval=settings.timer_tick_seconds)(self._fire_due_timers)
+
+    async def _process(self, stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            record = record_of(event)
+            try:
+                incoming = _decode(record.topic, record.value)
+            except ValidationError as exc:
+                await self.dead_letters.send(record, f"undecodable: {exc}")
+                continue
+            try:
+                await self.journeys.handle(incoming)
+            except Exception as exc:
+                log.exception("orchestrator.stimulus_failed", key=record.key)
+                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+
     async def _fire_due_timers(self) -> None:
         # Fired entries are re-armed, not dropped (see adapters/timers.py), so this loop ends, and
         # a round whose publish fails is sent again at the re-arm time.
@@ -160,11 +218,13 @@ class Orchestrator:
         )
 
 
-def _decode(topic: str, value: bytes) -> Stimulus:
+def _decode(topic: str, value: bytes) -> Incoming:
     if topic == TIMERS.name:
         return TimerDue(TimerFired.model_validate_json(value))
     if topic == WEBHOOK_RESULTS.name:
         return WebhookAnswered(WebhookResult.model_validate_json(value))
+    if topic == SEGMENT_TIMERS.name:
+        return SegmentTimerRequest.model_validate_json(value)
     return EventArrived(ContactEvent.model_validate_json(value))
 
 

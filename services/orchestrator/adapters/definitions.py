@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from services.orchestrator.domain.catalog import Catalog
 from shared.definitions import PublishedJourneys
+
+
+class CatalogSource(Protocol):
+    """Where the shell gets the catalog as it stands now."""
+
+    def current(self) -> Catalog: ...
 
 
 class DefinitionsCatalog:

@@ -105,6 +105,11 @@ class TimerStore:
         entries = sys.getsizeof(b"") * len(heap) + sum(map(len, heap))
         return sys.getsizeof(heap) + entries + sys.getsizeof(self._fired)
 
+    def timer_id(self, contact_key: str, instance_id: str) -> str | None:
+        """The id of the timer stored for this instance, if it has a row."""
+        value = self._table.get(timer_key(contact_key, instance_id))
+        return value[8:].decode() if value is not None else None
+
     def apply(self, command: ScheduleTimer | CancelTimer) -> None:
         """Store the engine's timer command: schedule (or restart) overwrites, cancel deletes."""
         key = timer_key(command.contact_key, command.instance_id)
