@@ -95,6 +95,11 @@ class Journeys:
         key = _contact_key(stimulus)
         raw = self.contacts.get(key.encode())
         state = ContactState.model_validate_json(raw) if raw else None
+        if isinstance(stimulus, TimerDue) and (
+            state is None or stimulus.timer.instance_id not in state.instances
+        ):
+            self._drop_stray_timer(stimulus.timer)
+            return
         decision = decide(state, stimulus, self.catalog.current(), self.clock.now())
         unchanged = decision.state == (state or ContactState(contact_key=key))
         if not decision.commands and unchanged:
@@ -109,7 +114,7 @@ class Journeys:
                 records.append((CONTACT_COMMANDS.name, key, command.command.to_wire()))
         await self.producer.send_all(records)
         # Timer rows before the contact row: should a crash keep only the first writes, a timer
-        # without its instance is a harmless no-op when it fires, while the event that is then
+        # without its instance is dropped when it fires, while the event that is then
         # redelivered to the old contact row decides (and schedules) the same again.
         for command in decision.commands:
             if isinstance(command, ScheduleTimer | CancelTimer):
@@ -118,6 +123,14 @@ class Journeys:
         for command in decision.commands:
             if isinstance(command, CallWebhook):
                 self.webhooks.start(command.call)
+
+    def _drop_stray_timer(self, fired: TimerFired) -> None:
+        """A timer of an instance the contact does not have (its row outlived a crash between
+        the two writes): the engine would ignore it, so drop its row instead of letting it fire
+        again forever. If the instance comes back (the stimulus that scheduled it is
+        redelivered), it schedules the row again."""
+        if self.timers.timer_id(fired.contact_key, fired.instance_id) == fired.timer_id:
+            self.timers.apply(CancelTimer(fired.contact_key, fired.instance_id))
 
     async def _segment_clock_fired(self, fired: TimerFired) -> None:
         stored = self.timers.timer_id(fired.contact_key, SEGMENT_CLOCK)

@@ -1,6 +1,6 @@
-"""The orchestrator shell's own rows: the segmenter's clock, one timer per contact, answered with
-a `reevaluate` command. Dicts stand in for the Faust
-tables, a list for Kafka, a manual clock for time."""
+"""The orchestrator shell's own rows: the segmenter's clock (one timer per contact, answered with
+a `reevaluate` command) and stray timer rows. Dicts stand in for the Faust tables, a list for
+Kafka, a manual clock for time."""
 
 from __future__ import annotations
 
@@ -270,3 +270,39 @@ async def test_segment_and_journey_timers_of_one_contact_live_side_by_side() -> 
     (instance,) = state.instances.values()
     assert instance.timer is not None  # the journey's wait is untouched
     assert len(shell.timers) == 1
+
+
+# --- stray timer rows -----------------------------------------------------------------------
+
+
+async def test_a_timer_row_without_its_instance_is_dropped_when_it_fires() -> None:
+    # A crash between writing the timer row and the contact's row leaves such a row behind.
+    shell = Shell()
+    shell.timers.apply(ScheduleTimer(ADA, "0" * 32, "t-1", T0 + timedelta(hours=1)))
+    shell.clock.set(T0 + timedelta(hours=1))
+
+    (fired,) = await shell.fire_due()
+
+    assert fired.instance_id == "0" * 32
+    assert shell.table == {}
+    assert shell.contacts == {}
+    assert shell.outbox.records == []
+
+
+async def test_a_stale_firing_of_a_waiting_instance_keeps_its_current_row() -> None:
+    shell = Shell()
+    await shell.handle(tracked("Signed Up", "m-1"))
+    state = shell.state()
+    assert state is not None
+    ((instance, timer),) = state.timers()
+    stale = TimerFired(
+        contact_key=ADA,
+        timer_id="an-older-timer",
+        instance_id=instance.instance_id,
+        due_at=T0,
+        fired_at=T0,
+    )
+
+    await shell.handle(TimerDue(stale))
+
+    assert shell.timers.timer_id(ADA, instance.instance_id) == timer.timer_id
