@@ -2,7 +2,7 @@
 
 Outputs are acknowledged by Kafka before the new state is written, so a crash can only repeat
 work (de-duplicated downstream by deterministic ids), never lose it. The same agent keeps the
-segmenter's per-contact clock, in order with the contact's other stimuli.
+segmenter's per-contact clock and forgets contacts, in order with the contact's other stimuli.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from shared.contracts import ContactEvent, SegmentTimerRequest, TimerFired, Webh
 from shared.deadletter import DeadLetters
 from shared.faust_app import record_of
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy
+from shared.profiles import CONTACT_FORGOTTEN
 from shared.topics import (
     CONTACT_COMMANDS,
     CONTACT_EVENTS,
@@ -89,6 +90,11 @@ class Journeys:
         if isinstance(incoming, TimerDue) and incoming.timer.instance_id == SEGMENT_CLOCK:
             await self._segment_clock_fired(incoming.timer)
             return
+        if isinstance(incoming, EventArrived) and incoming.contact_event.event.label == (
+            CONTACT_FORGOTTEN
+        ):
+            self._forget(incoming.contact_event.contact_key)
+            return
         await self._decide(incoming)
 
     async def _decide(self, stimulus: Stimulus) -> None:
@@ -126,9 +132,9 @@ class Journeys:
 
     def _drop_stray_timer(self, fired: TimerFired) -> None:
         """A timer of an instance the contact does not have (its row outlived a crash between
-        the two writes): the engine would ignore it, so drop its row instead of letting it fire
-        again forever. If the instance comes back (the stimulus that scheduled it is
-        redelivered), it schedules the row again."""
+        the two writes, or its contact was forgotten): the engine would ignore it, so drop its
+        row instead of letting it fire again forever. If the instance comes back (the stimulus
+        that scheduled it is redelivered), it schedules the row again."""
         if self.timers.timer_id(fired.contact_key, fired.instance_id) == fired.timer_id:
             self.timers.apply(CancelTimer(fired.contact_key, fired.instance_id))
 
@@ -142,6 +148,17 @@ class Journeys:
         )
         # Only after the acknowledgement: a crash before this line fires it (and asks) again.
         self.timers.apply(CancelTimer(fired.contact_key, SEGMENT_CLOCK))
+
+    def _forget(self, contact_key: str) -> None:
+        """Drop every row the orchestrator keeps for the contact; nothing is decided or logged."""
+        raw = self.contacts.get(contact_key.encode())
+        if raw is not None:
+            state = ContactState.model_validate_json(raw)
+            for instance_id in state.instances:
+                self.timers.apply(CancelTimer(contact_key, instance_id))
+            del self.contacts[contact_key.encode()]
+        self.timers.apply(CancelTimer(contact_key, SEGMENT_CLOCK))
+        log.info("orchestrator.contact_forgotten", had_state=raw is not None)
 
 
 class Orchestrator:

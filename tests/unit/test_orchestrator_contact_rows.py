@@ -1,6 +1,6 @@
 """The orchestrator shell's own rows: the segmenter's clock (one timer per contact, answered with
-a `reevaluate` command) and stray timer rows. Dicts stand in for the Faust tables, a list for
-Kafka, a manual clock for time."""
+a `reevaluate` command), forgetting a contact, and stray timer rows. Dicts stand in for the Faust
+tables, a list for Kafka, a manual clock for time."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ from shared.contracts import (
 )
 from shared.ids import stable_id
 from shared.journeys import Journey, PublishedJourney
-from shared.topics import CONTACT_COMMANDS
+from shared.profiles import CONTACT_FORGOTTEN
+from shared.topics import CONTACT_COMMANDS, JOURNEY_LOG, SEND_REQUESTS
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 ADA = "ada"
@@ -270,6 +271,70 @@ async def test_segment_and_journey_timers_of_one_contact_live_side_by_side() -> 
     (instance,) = state.instances.values()
     assert instance.timer is not None  # the journey's wait is untouched
     assert len(shell.timers) == 1
+
+
+# --- forget ---------------------------------------------------------------------------------
+
+
+async def test_forgetting_drops_the_contact_row_and_every_timer_row_without_deciding() -> None:
+    shell = Shell()
+    await shell.handle(tracked("Signed Up", "m-1"))
+    await shell.handle(tracked("Signed Up", "m-1", contact="bob"))
+    await shell.handle(asks(T0 + timedelta(days=30)))
+    assert len(shell.timers) == 3
+    published = len(shell.outbox.records)
+
+    await shell.handle(tracked(CONTACT_FORGOTTEN, "m-forget"))
+
+    assert shell.state() is None
+    assert [k for k in shell.table if k.startswith(ADA.encode() + b"\x00")] == []
+    assert len(shell.timers) == 1  # bob's wait
+    assert shell.state("bob") is not None
+    assert len(shell.outbox.records) == published  # no journey records, no commands
+    shell.clock.set(T0 + timedelta(days=31))
+    fired = await shell.fire_due()
+    assert [t.contact_key for t in fired] == ["bob"]
+    assert shell.outbox.commands() == []
+
+
+async def test_after_forgetting_the_same_key_starts_from_nothing() -> None:
+    shell = Shell()
+    await shell.handle(tracked("Signed Up", "m-1"))
+    await shell.handle(tracked(CONTACT_FORGOTTEN, "m-forget"))
+    sends_before = len(shell.outbox.on(SEND_REQUESTS.name))
+
+    # The same message id again: the forgotten contact's handled-event memory is gone too.
+    await shell.handle(tracked("Signed Up", "m-1"))
+
+    state = shell.state()
+    assert state is not None
+    assert list(state.entries.values()) == [1]
+    assert len(shell.outbox.on(SEND_REQUESTS.name)) == sends_before + 1
+
+
+async def test_forgetting_an_unknown_contact_changes_nothing() -> None:
+    shell = Shell()
+
+    await shell.handle(tracked(CONTACT_FORGOTTEN, "m-forget", contact="nobody"))
+
+    assert shell.contacts == {}
+    assert shell.table == {}
+    assert shell.outbox.records == []
+
+
+async def test_a_forgotten_instance_timer_fired_before_the_forget_is_dropped_quietly() -> None:
+    shell = Shell()
+    await shell.handle(tracked("Signed Up", "m-1"))
+    shell.clock.set(T0 + timedelta(days=1))
+    (fired,) = shell.timers.pop_due(shell.clock.now())
+    await shell.handle(tracked(CONTACT_FORGOTTEN, "m-forget"))
+    logged = len(shell.outbox.on(JOURNEY_LOG.name))
+
+    await shell.handle(TimerDue(fired))
+
+    assert shell.contacts == {}
+    assert shell.table == {}
+    assert len(shell.outbox.on(JOURNEY_LOG.name)) == logged
 
 
 # --- stray timer rows -----------------------------------------------------------------------
