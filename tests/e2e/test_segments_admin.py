@@ -19,10 +19,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from services.segmenter.adapters.profile_view import ProfileView
 from shared.cli import DefinitionError, delete_segment, publish_segments
-from shared.contracts import ContactCommand, Profile
+from shared.contracts import ContactCommand, Profile, SegmentCount
 from shared.docstore import connect, database
 from shared.settings import CommonSettings
-from shared.topics import CONTACT_COMMANDS, PROFILES
+from shared.topics import CONTACT_COMMANDS, PROFILES, SEGMENT_COUNTS
 from tests.e2e.helpers import post, unique, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -408,3 +408,26 @@ def test_members_are_sampled_from_the_stored_profiles(stack: Any, profile_view: 
 
     assert sorted(wait_for(all_three, what="three members in the store")) == sorted(keys)
     assert len(sample(2)) == 2
+
+
+def test_counts_sum_the_latest_count_of_every_partition(stack: Any) -> None:
+    prefix = _prefix()
+    segment = f"{prefix}-tagged"
+    file = {"segments": [{"id": segment, "condition": {"tag": f"{prefix}-nobody-has-this"}}]}
+    assert _admin(stack, "PUT", "/v1/segments", file).status_code == 201
+    # Partitions the topics do not have, so no worker writes these keys.
+    first, second, newest = (datetime(2026, 3, 1, 9, minute, tzinfo=UTC) for minute in (0, 5, 9))
+    producer = Producer({"bootstrap.servers": stack.bootstrap, "enable.idempotence": True})
+    for partition, members, at in ((900, 3, first), (901, 4, newest), (900, 5, second)):
+        count = SegmentCount(segment_id=segment, partition=partition, members=members, at=at)
+        producer.produce(SEGMENT_COUNTS.name, key=f"{segment}/{partition}", value=count.to_wire())
+    assert producer.flush(10) == 0
+
+    def counted() -> dict[str, Any] | None:
+        answer: dict[str, Any] = _admin(stack, "GET", f"/v1/segments/{segment}").json()
+        return answer if answer["members"] == 9 else None
+
+    found = wait_for(counted, what="the counts of both partitions, the latest of each")
+    assert datetime.fromisoformat(found["counted_at"]) == newest
+    listed = {s["id"]: s for s in _admin(stack, "GET", "/v1/segments").json()["segments"]}
+    assert listed[segment]["members"] == 9
