@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
+
 from faust.worker import Worker
 
+from services.segmenter.adapters.definitions import LiveDefinitions
+from services.segmenter.adapters.profile_view import ProfileView
+from services.segmenter.adapters.relations import RelationIndex
 from services.segmenter.app import Segmenter
+from services.segmenter.domain.relations import longest_within
 from services.segmenter.settings import SegmenterSettings
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
+from shared.docstore import connect, database
 from shared.faust_app import build_faust_app
 from shared.kafka import AsyncProducer, wait_for_broker
 from shared.logs import configure_logging
@@ -19,13 +27,33 @@ def main() -> None:
     wait_for_broker(settings.kafka_bootstrap)
     clock = SystemClock()
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="segmenter")
+    definitions = LiveDefinitions(settings.kafka_bootstrap)
+    definitions.start()
     app = build_faust_app(settings.app_id, settings, data_dir=settings.data_dir / "segmenter")
-    Segmenter(app, settings, clock, producer, DeadLetters(producer, "segmenter", clock))
+    dead_letters = DeadLetters(producer, "segmenter", clock)
+    Segmenter(app, settings, clock, producer, dead_letters, definitions)
+
+    def relations_kept() -> timedelta:
+        return longest_within(definitions.current().object_triggers) or timedelta(0)
+
+    RelationIndex(app, settings, producer, dead_letters, clock, relations_kept)
+    stop_view = asyncio.Event()
+
+    async def profile_view() -> None:
+        """Profiles into the document store for the admin (its own consumer group)."""
+        client = connect(settings, "waypost-segmenter")
+        try:
+            await ProfileView(settings, database(client, settings)).run(stop_view)
+        finally:
+            await client.close()
+
+    app.task(profile_view)
     try:
         Worker(
             app, loglevel=settings.log_level.upper(), override_logging=False
         ).execute_from_commandline()
     finally:
+        definitions.stop()
         producer.close()
 
 

@@ -14,9 +14,12 @@ from confluent_kafka import Consumer, TopicPartition
 from shared.cli import publish
 from shared.settings import CommonSettings
 from shared.topics import (
+    AUDIENCE_REQUESTS,
     CONTACT_COMMANDS,
     CONTACT_EVENTS,
     EVENTS,
+    OBJECT_RELATIONS,
+    SEGMENT_TIMERS,
     SEND_REQUESTS,
     TIMERS,
     WEBHOOK_RESULTS,
@@ -67,8 +70,18 @@ def publish_journey(stack: Any, path: Path) -> None:
 # Consumer groups and what they read: the pipeline is drained when each has committed
 # everything that is on its topics.
 PIPELINE = {
-    "waypost-segmenter": [EVENTS.name, CONTACT_COMMANDS.name],
-    "waypost-orchestrator": [CONTACT_EVENTS.name, TIMERS.name, WEBHOOK_RESULTS.name],
+    "waypost-segmenter": [
+        EVENTS.name,
+        CONTACT_COMMANDS.name,
+        AUDIENCE_REQUESTS.name,
+        OBJECT_RELATIONS.name,
+    ],
+    "waypost-orchestrator": [
+        CONTACT_EVENTS.name,
+        TIMERS.name,
+        WEBHOOK_RESULTS.name,
+        SEGMENT_TIMERS.name,
+    ],
     "waypost-dispatcher": [SEND_REQUESTS.name],
 }
 
@@ -124,3 +137,29 @@ templates:
 """
     )
     return path
+
+
+def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes | None]]:
+    """Every record on the topic so far (key, value), partition by partition."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": unique("reader"), "enable.auto.commit": False}
+    )
+    records: list[tuple[str | None, bytes | None]] = []
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        for partition in metadata.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if high <= low:
+                continue
+            consumer.assign([TopicPartition(topic, partition, low)])
+            position = low
+            while position < high:
+                message = consumer.poll(5)
+                if message is None or message.error():
+                    continue
+                position = message.offset() + 1
+                key = message.key()
+                records.append((key.decode() if key is not None else None, message.value()))
+    finally:
+        consumer.close()
+    return records

@@ -1,0 +1,283 @@
+"""The segmenter on the real stack: S11 and S9 segments with live exact counts that follow
+posted events and slide with time alone (short windows), the anonymous-to-known merge, and
+SIGKILL of the segmenter mid-stream ending with exact counts and memberships."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from shared.contracts import ContactEvent, Profile, SegmentCount
+from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
+from shared.segments import (
+    AggregateDefinition,
+    PublishedAggregate,
+    PublishedSegment,
+    SegmentDefinition,
+)
+from shared.topics import CONTACT_EVENTS, DEFINITIONS, PROFILES, SEGMENT_COUNTS
+from tests.e2e.helpers import post, read_topic, unique, wait_drained, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def publish_segments(
+    stack: Any, aggregates: list[dict[str, Any]], segments: list[dict[str, Any]]
+) -> None:
+    """Put aggregate and segment definitions on the definitions topic, as publishing does."""
+    now = datetime.now(UTC)
+    producer = Producer({"bootstrap.servers": stack.bootstrap})
+    records: list[PublishedAggregate | PublishedSegment] = [
+        PublishedAggregate(aggregate=AggregateDefinition.model_validate(a), published_at=now)
+        for a in aggregates
+    ]
+    records += [
+        PublishedSegment(segment=SegmentDefinition.model_validate(s), published_at=now)
+        for s in segments
+    ]
+    for record in records:
+        producer.produce(DEFINITIONS.name, key=record.key, value=record.model_dump_json())
+    assert producer.flush(10) == 0
+
+
+def counts(stack: Any) -> dict[str, int]:
+    """The live member count of every segment: the latest count of each partition, summed."""
+    latest: dict[str, SegmentCount] = {}
+    for key, value in read_topic(stack.bootstrap, SEGMENT_COUNTS.name):
+        if key is not None and value is not None:
+            latest[key] = SegmentCount.model_validate_json(value)
+    totals: dict[str, int] = {}
+    for count in latest.values():
+        totals[count.segment_id] = totals.get(count.segment_id, 0) + count.members
+    return totals
+
+
+def wait_count(stack: Any, segment: str, expected: int, timeout: float = 90.0) -> None:
+    wait_for(
+        lambda: counts(stack).get(segment, -1) == expected,
+        timeout=timeout,
+        what=f"{segment} to count {expected} (now {counts(stack).get(segment)})",
+    )
+
+
+def profiles(stack: Any) -> dict[str, Profile | None]:
+    """The latest profile of every contact (None once erased or merged away)."""
+    found: dict[str, Profile | None] = {}
+    for key, value in read_topic(stack.bootstrap, PROFILES.name):
+        if key is not None:
+            found[key] = Profile.model_validate_json(value) if value is not None else None
+    return found
+
+
+def profile(stack: Any, key: str) -> Profile | None:
+    return profiles(stack).get(key)
+
+
+def all_membership_events(stack: Any) -> dict[str, list[tuple[str, str]]]:
+    """Per contact, (label, segment) of every distinct membership change announced."""
+    seen: dict[str, dict[str, tuple[str, str]]] = {}
+    for key, value in read_topic(stack.bootstrap, CONTACT_EVENTS.name):
+        if key is None or value is None:
+            continue
+        event = ContactEvent.model_validate_json(value).event
+        if event.event in (SEGMENT_ENTERED, SEGMENT_LEFT):
+            label = (str(event.event), str(event.properties["segment"]))
+            seen.setdefault(key, {})[event.message_id] = label
+    return {key: list(changes.values()) for key, changes in seen.items()}
+
+
+def membership_events(stack: Any, key: str) -> list[tuple[str, str]]:
+    return all_membership_events(stack).get(key, [])
+
+
+def track(stack: Any, body: dict[str, Any]) -> None:
+    answer = post(stack, "track", body)
+    assert answer.status_code == 200, answer.text
+
+
+def test_s11_count_follows_events_and_slides_with_time_alone(stack: Any) -> None:
+    tag = unique("s11")
+    views, orders, value, segment = f"{tag}-views", f"{tag}-orders", f"{tag}-ltv", f"{tag}-seg"
+    publish_segments(
+        stack,
+        [
+            {"id": views, "event": "Product Viewed", "window": "20s"},
+            {"id": orders, "event": "Order Completed", "window": "20s"},
+            {"id": value, "event": "Order Completed", "function": "sum", "property": "total"},
+        ],
+        [
+            {
+                "id": segment,
+                "condition": {
+                    "all": [
+                        {"field": f"aggregates.{views}", "op": "gte", "value": 2},
+                        {"field": f"aggregates.{orders}", "op": "eq", "value": 0},
+                        {"field": f"aggregates.{value}", "op": "gt", "value": 100},
+                    ]
+                },
+            }
+        ],
+    )
+    wait_count(stack, segment, 0)
+    buyer, browser = unique("buyer"), unique("browser")
+    long_ago = (datetime.now(UTC) - timedelta(minutes=2)).isoformat()
+    track(
+        stack,
+        {
+            "userId": buyer,
+            "event": "Order Completed",
+            "timestamp": long_ago,
+            "properties": {"total": 150},
+        },
+    )
+    for user in (buyer, buyer, browser, browser):
+        track(stack, {"userId": user, "event": "Product Viewed", "properties": {"sku": "p-1"}})
+    # The buyer: two views, no order in the window, lifetime value 150. The browser has no value.
+    wait_count(stack, segment, 1)
+    assert membership_events(stack, buyer) == [(SEGMENT_ENTERED, segment)]
+    assert membership_events(stack, browser) == []
+    # No new event: the views leave the 20-second window and the count drops by itself.
+    wait_count(stack, segment, 0, timeout=120)
+    wait_for(
+        lambda: (
+            membership_events(stack, buyer) == [(SEGMENT_ENTERED, segment), (SEGMENT_LEFT, segment)]
+        ),
+        what="the time-driven Segment Left",
+    )
+    buyer_profile = profile(stack, buyer)
+    assert buyer_profile is not None
+    assert buyer_profile.aggregates[views] == 0
+    assert buyer_profile.aggregates[value] == 150
+
+
+def test_s9_a_last_order_older_than_the_threshold_enters_without_a_new_event(stack: Any) -> None:
+    tag = unique("s9")
+    total, last, segment = f"{tag}-orders", f"{tag}-last", f"{tag}-seg"
+    publish_segments(
+        stack,
+        [
+            {"id": total, "event": "Order Completed"},
+            {"id": last, "event": "Order Completed", "function": "last_at"},
+        ],
+        [
+            {
+                "id": segment,
+                "condition": {
+                    "all": [
+                        {"field": f"aggregates.{total}", "op": "gte", "value": 1},
+                        {"field": f"aggregates.{last}", "op": "before", "ago": "8s"},
+                    ]
+                },
+            }
+        ],
+    )
+    wait_count(stack, segment, 0)
+    customer = unique("customer")
+    track(stack, {"userId": customer, "event": "Order Completed", "properties": {"total": 40}})
+    wait_for(lambda: profile(stack, customer), what="the customer's profile")
+    assert counts(stack).get(segment) == 0
+    wait_count(stack, segment, 1, timeout=120)
+    assert membership_events(stack, customer) == [(SEGMENT_ENTERED, segment)]
+    # A new order takes the customer out at once; time brings them back.
+    track(stack, {"userId": customer, "event": "Order Completed", "properties": {"total": 10}})
+    wait_count(stack, segment, 0)
+    wait_count(stack, segment, 1, timeout=120)
+
+
+def test_anonymous_browsing_then_sign_up_is_one_contact_with_merged_counts(stack: Any) -> None:
+    tag = unique("merge")
+    views = f"{tag}-views"
+    publish_segments(
+        stack,
+        [{"id": views, "event": "Product Viewed", "window": "1d"}],
+        [
+            {
+                "id": f"{tag}-seg",
+                "condition": {"field": f"aggregates.{views}", "op": "gte", "value": 3},
+            }
+        ],
+    )
+    wait_count(stack, f"{tag}-seg", 0)
+    anonymous, user = unique("anon"), unique("user")
+    for sku in ("a", "b"):
+        track(
+            stack, {"anonymousId": anonymous, "event": "Product Viewed", "properties": {"sku": sku}}
+        )
+    wait_for(lambda: profile(stack, anonymous), what="the anonymous profile")
+    answer = post(
+        stack,
+        "identify",
+        {"userId": user, "anonymousId": anonymous, "traits": {"email": f"{user}@example.com"}},
+    )
+    assert answer.status_code == 200, answer.text
+
+    def merged() -> Profile | None:
+        found = profile(stack, user)
+        return found if found is not None and found.aggregates.get(views) == 2 else None
+
+    known = wait_for(merged, what="the anonymous views merged into the known contact")
+    assert anonymous in known.anonymous_ids
+    assert known.event_counts["Product Viewed"] == 2
+    wait_for(lambda: profile(stack, anonymous) is None, what="the anonymous profile's tombstone")
+    # Later anonymous events (an old tab, a cached page) route to the known contact.
+    track(stack, {"anonymousId": anonymous, "event": "Product Viewed", "properties": {"sku": "c"}})
+    wait_count(stack, f"{tag}-seg", 1)
+    final = profile(stack, user)
+    assert final is not None
+    assert final.aggregates[views] == 3
+    assert final.event_counts["Product Viewed"] == 3
+
+
+def test_sigkill_of_the_segmenter_mid_stream_ends_with_exact_counts(stack: Any) -> None:
+    tag = unique("kill")
+    pings, segment = f"{tag}-pings", f"{tag}-seg"
+    name = f"Ping {tag}"
+    publish_segments(
+        stack,
+        [{"id": pings, "event": name}],
+        [{"id": segment, "condition": {"field": f"aggregates.{pings}", "op": "gte", "value": 3}}],
+    )
+    wait_count(stack, segment, 0)
+    sent = {unique(f"k{n}"): (n * 7) % 6 for n in range(60)}
+    expected_members = sorted(user for user, n in sent.items() if n >= 3)
+    calls = [
+        {"type": "track", "userId": user, "event": name, "messageId": f"{user}-{i}"}
+        for i in range(max(sent.values()))
+        for user, n in sent.items()
+        if i < n
+    ]
+
+    def send_all() -> None:
+        for start in range(0, len(calls), 10):
+            answer = post(stack, "batch", {"batch": calls[start : start + 10]})
+            assert answer.status_code == 200, answer.text
+
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    wait_for(lambda: counts(stack).get(segment, 0) > 0, what="the first members")
+    stack.stop("segmenter", signal.SIGKILL)
+    assert stack.pid("segmenter") is None
+    sender.join(timeout=120)
+    # Re-post a slice: the same message ids must not count twice.
+    post(stack, "batch", {"batch": calls[:30]})
+    stack.start_service("segmenter")
+    stack.wait_service("segmenter")
+    wait_count(stack, segment, len(expected_members), timeout=120)
+    wait_drained(stack, timeout=120)
+    assert counts(stack)[segment] == len(expected_members)
+    latest, changes = profiles(stack), all_membership_events(stack)
+    for user, n in sent.items():
+        found = latest.get(user)
+        if n == 0:
+            assert found is None  # no event, no contact
+            continue
+        assert found is not None, user
+        assert found.event_counts.get(name) == n, (user, found.event_counts)
+        assert found.aggregates[pings] == n
+        assert (segment in found.segments) == (n >= 3)
+        assert changes.get(user, []) == ([(SEGMENT_ENTERED, segment)] if n >= 3 else [])
