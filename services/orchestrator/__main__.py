@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from faust.worker import Worker
 
+from services.orchestrator.adapters.audience_schedule import AudienceProgress
 from services.orchestrator.adapters.definitions import DefinitionsCatalog
 from services.orchestrator.app import Orchestrator
 from services.orchestrator.settings import OrchestratorSettings
@@ -22,15 +23,24 @@ def main() -> None:
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="orchestrator")
     catalog = DefinitionsCatalog(settings.kafka_bootstrap)
     catalog.start()
+    audience_progress = AudienceProgress(settings.kafka_bootstrap)
+    audience_progress.start()
     app = build_faust_app(settings.app_id, settings, data_dir=settings.data_dir / "orchestrator")
     Orchestrator(
-        app, settings, clock, catalog, producer, DeadLetters(producer, "orchestrator", clock)
+        app,
+        settings,
+        clock,
+        catalog,
+        producer,
+        DeadLetters(producer, "orchestrator", clock),
+        audience_progress,
     )
     try:
         Worker(
             app, loglevel=settings.log_level.upper(), override_logging=False
         ).execute_from_commandline()
     finally:
+        audience_progress.stop()
         catalog.stop()
         producer.close()
 

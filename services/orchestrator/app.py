@@ -13,8 +13,11 @@ from typing import Protocol
 
 import faust
 import structlog
+from faust.exceptions import ConsumerNotStarted
+from faust.types import TP
 from pydantic import ValidationError
 
+from services.orchestrator.adapters.audience_schedule import AudienceSchedule, Progress
 from services.orchestrator.adapters.definitions import CatalogSource, DefinitionsCatalog
 from services.orchestrator.adapters.timers import TimerStore
 from services.orchestrator.adapters.webhooks import Webhooks
@@ -163,7 +166,8 @@ class Journeys:
 
 class Orchestrator:
     """Wires the shell to Faust: one agent over contact events, timers, webhook answers and
-    segment timer requests (so one contact's stimuli apply in order), and one timer ticker."""
+    segment timer requests (so one contact's stimuli apply in order), the timer ticker and the
+    audience schedule's ticker."""
 
     def __init__(
         self,
@@ -173,6 +177,7 @@ class Orchestrator:
         catalog: DefinitionsCatalog,
         producer: AsyncProducer,
         dead_letters: DeadLetters,
+        audience_progress: Progress,
     ) -> None:
         self.app = app
         self.clock = clock
@@ -210,6 +215,15 @@ class Orchestrator:
         )
         app.agent(source, name="journeys")(self._process)
         app.timer(interval=settings.timer_tick_seconds)(self._fire_due_timers)
+        self.audience_schedule = AudienceSchedule(
+            catalog=catalog,
+            progress=audience_progress,
+            producer=producer,
+            clock=clock,
+            partitions=settings.topic_partitions,
+            owns_schedule=self._owns_schedule,
+        )
+        app.timer(interval=settings.audience_tick_seconds)(self.audience_schedule.tick)
 
     async def _process(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
@@ -224,6 +238,14 @@ class Orchestrator:
             except Exception as exc:
                 log.exception("orchestrator.stimulus_failed", key=record.key)
                 await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+
+    def _owns_schedule(self) -> bool:
+        """Whether this worker holds partition 0 of the contact events: the schedule's owner."""
+        try:
+            assigned = self.app.consumer.assignment()
+        except ConsumerNotStarted:
+            return False
+        return TP(CONTACT_EVENTS.name, 0) in assigned
 
     async def _fire_due_timers(self) -> None:
         # Fired entries are re-armed, not dropped (see adapters/timers.py), so this loop ends, and

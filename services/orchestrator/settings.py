@@ -16,3 +16,5 @@ class OrchestratorSettings(CommonSettings):
     # delays up to the maximum (the record was lost, or the engine could not act on it yet).
     timer_refire_seconds: float = Field(default=30.0, gt=0)
     timer_refire_max_seconds: float = Field(default=900.0, gt=0)
+    # How often every worker checks the audience schedules (only partition 0's owner acts).
+    audience_tick_seconds: float = Field(default=1.0, gt=0)
