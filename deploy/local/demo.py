@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
 import stack as local_stack  # noqa: E402
 
-from shared.cli import publish  # noqa: E402
+from shared.cli import publish, publish_segments  # noqa: E402
 from shared.settings import CommonSettings  # noqa: E402
 
 WRITE_KEY = "wp_dev_write_key"
@@ -103,6 +103,7 @@ def shopper_calls(rng: random.Random, index: int) -> tuple[list[dict[str, Any]],
                         "properties": {
                             "order_id": f"order-{index:05d}",
                             "revenue": price,
+                            "total": price,
                             "currency": "EUR",
                         },
                     }
@@ -151,6 +152,17 @@ def admin_stats(stack: local_stack.Stack) -> dict[str, Any]:
     return stats
 
 
+def admin_segments(stack: local_stack.Stack) -> list[dict[str, Any]]:
+    answer = httpx.get(
+        f"{stack.admin_url}/v1/segments",
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=30,
+    )
+    answer.raise_for_status()
+    segments: list[dict[str, Any]] = answer.json()["segments"]
+    return segments
+
+
 def ingest_accepted(stack: local_stack.Stack) -> int:
     text = httpx.get(f"{stack.ingest_url}/metrics", timeout=10).text
     total = 0.0
@@ -171,6 +183,9 @@ def main() -> int:
     print("[demo] starting the stack (Kafka, FerretDB, SMTP sandbox, five services) ...")
     stack.up()
     settings = CommonSettings(kafka_bootstrap=stack.bootstrap, mongo_url=stack.mongo_url)
+    segments = sorted((ROOT / "examples" / "segments").glob("*.yaml"))
+    print(f"[demo] publishing aggregates and segments from {len(segments)} files ...")
+    publish_segments(settings, segments)
     journeys = sorted((ROOT / "examples" / "journeys").glob("*.yaml"))
     print(f"[demo] publishing {len(journeys)} scenario journeys from examples/journeys ...")
     publish(settings, journeys)
@@ -213,6 +228,9 @@ def main() -> int:
             for kind in ("entered", "waiting", "skipped", "converted", "exited")
         )
         print(f"    {journey_id:<26}{figures}")
+    print("  segments (live exact member counts)")
+    for segment in admin_segments(stack):
+        print(f"    {segment['id']:<34}{segment['members']:>8}")
     print(
         f"  emails sent (ledger, this run)        "
         f"{stats['messages'].get('sent', 0) - sent_before:>8}"

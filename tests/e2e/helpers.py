@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import yaml
 from confluent_kafka import Consumer, TopicPartition
 
 from shared.cli import publish
@@ -163,3 +164,32 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes | Non
     finally:
         consumer.close()
     return records
+
+
+def publish_inline(
+    stack: Any,
+    tmp_path: Path,
+    journey_id: str,
+    trigger: dict[str, Any],
+    steps: list[dict[str, Any]],
+    templates: dict[str, dict[str, str]] | None = None,
+) -> None:
+    """Write a small journey of the test's own to a file and publish it like any other."""
+    definition: dict[str, Any] = {
+        "journey": {"id": journey_id, "name": journey_id, "trigger": trigger, "steps": steps}
+    }
+    if templates:
+        definition["templates"] = templates
+    path = tmp_path / f"{journey_id}.yaml"
+    path.write_text(yaml.safe_dump(definition, sort_keys=False))
+    publish_journey(stack, path)
+
+
+def shopper(stack: Any, name: str) -> tuple[str, str]:
+    user = unique(name)
+    email = f"{user}@example.com"
+    answer = post(
+        stack, "identify", {"userId": user, "traits": {"email": email, "first_name": name}}
+    )
+    assert answer.status_code == 200, answer.text
+    return user, email

@@ -20,7 +20,16 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.helpers import outbox, post, publish_journey, unique, wait_drained, wait_for
+from tests.e2e.helpers import (
+    outbox,
+    post,
+    publish_inline,
+    publish_journey,
+    shopper,
+    unique,
+    wait_drained,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -42,35 +51,6 @@ def shortened(tmp_path: Path, example: str, durations: dict[str, str]) -> tuple[
     path = tmp_path / f"{journey['id']}.yaml"
     path.write_text(yaml.safe_dump(definition, sort_keys=False))
     return journey["id"], path
-
-
-def publish_inline(
-    stack: Any,
-    tmp_path: Path,
-    journey_id: str,
-    trigger: dict[str, Any],
-    steps: list[dict[str, Any]],
-    templates: dict[str, dict[str, str]] | None = None,
-) -> None:
-    """Write a small journey of the test's own to a file and publish it like any other."""
-    definition: dict[str, Any] = {
-        "journey": {"id": journey_id, "name": journey_id, "trigger": trigger, "steps": steps}
-    }
-    if templates:
-        definition["templates"] = templates
-    path = tmp_path / f"{journey_id}.yaml"
-    path.write_text(yaml.safe_dump(definition, sort_keys=False))
-    publish_journey(stack, path)
-
-
-def shopper(stack: Any, name: str) -> tuple[str, str]:
-    user = unique(name)
-    email = f"{user}@example.com"
-    answer = post(
-        stack, "identify", {"userId": user, "traits": {"email": email, "first_name": name}}
-    )
-    assert answer.status_code == 200, answer.text
-    return user, email
 
 
 def track(stack: Any, user: str, event: str, **properties: Any) -> None:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import signal
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from confluent_kafka import Producer
 
-from shared.contracts import ContactEvent, Profile, SegmentCount
+from shared.contracts import ContactEvent, ObjectRelation, Profile, SegmentCount
 from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
 from shared.segments import (
     AggregateDefinition,
@@ -20,10 +22,26 @@ from shared.segments import (
     PublishedSegment,
     SegmentDefinition,
 )
-from shared.topics import CONTACT_EVENTS, DEFINITIONS, PROFILES, SEGMENT_COUNTS
-from tests.e2e.helpers import post, read_topic, unique, wait_drained, wait_for
+from shared.topics import (
+    CONTACT_EVENTS,
+    DEFINITIONS,
+    OBJECT_RELATIONS,
+    PROFILES,
+    SEGMENT_COUNTS,
+)
+from tests.e2e.helpers import (
+    outbox,
+    post,
+    publish_inline,
+    read_topic,
+    shopper,
+    unique,
+    wait_drained,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
+ADMIN = {"Authorization": "Bearer wp_dev_admin_key"}
 
 
 def publish_segments(
@@ -281,3 +299,134 @@ def test_sigkill_of_the_segmenter_mid_stream_ends_with_exact_counts(stack: Any) 
         assert found.aggregates[pings] == n
         assert (segment in found.segments) == (n >= 3)
         assert changes.get(user, []) == ([(SEGMENT_ENTERED, segment)] if n >= 3 else [])
+
+
+def test_a_new_segment_is_backfilled_over_existing_contacts(stack: Any) -> None:
+    tag = unique("backfill")
+    name, visits = f"Visited {tag}", f"{tag}-visits"
+    # A live segment reads the aggregate, so the segmenter keeps it from now on.
+    publish_segments(
+        stack,
+        [{"id": visits, "event": name}],
+        [
+            {
+                "id": f"{tag}-any",
+                "condition": {"field": f"aggregates.{visits}", "op": "gte", "value": 1},
+            }
+        ],
+    )
+    wait_count(stack, f"{tag}-any", 0)
+    people = [unique("early") for _ in range(6)]
+    for n, user in enumerate(people):
+        for i in range(n):
+            track(stack, {"userId": user, "event": name, "messageId": f"{user}-{i}"})
+        post(stack, "identify", {"userId": user, "traits": {"plan": "pro" if n % 2 else "free"}})
+    wait_count(stack, f"{tag}-any", 5)
+    # Two segments published after the contacts acted: the backfill evaluates every one of them.
+    publish_segments(
+        stack,
+        [],
+        [
+            {
+                "id": f"{tag}-4",
+                "condition": {"field": f"aggregates.{visits}", "op": "gte", "value": 4},
+            },
+            {"id": f"{tag}-pro", "condition": {"field": "traits.plan", "op": "eq", "value": "pro"}},
+        ],
+    )
+    wait_count(stack, f"{tag}-4", 2)
+    wait_count(stack, f"{tag}-pro", 3)
+    assert membership_events(stack, people[4]) == [
+        (SEGMENT_ENTERED, f"{tag}-any"),
+        (SEGMENT_ENTERED, f"{tag}-4"),
+    ]
+
+
+def test_forget_erases_the_contact_and_later_events_do_not_bring_it_back(stack: Any) -> None:
+    tag = unique("forget")
+    seen, segment = f"{tag}-seen", f"{tag}-seg"
+    publish_segments(
+        stack,
+        [{"id": seen, "event": f"Seen {tag}"}],
+        [{"id": segment, "condition": {"field": f"aggregates.{seen}", "op": "gte", "value": 1}}],
+    )
+    wait_count(stack, segment, 0)
+    user = unique("leaver")
+    track(stack, {"userId": user, "event": f"Seen {tag}"})
+    wait_count(stack, segment, 1)
+    answer = httpx.delete(f"{stack.admin_url}/v1/contacts/{user}", headers=ADMIN, timeout=10)
+    assert answer.status_code == 202, answer.text
+    wait_count(stack, segment, 0)
+    wait_for(lambda: user in profiles(stack) and profile(stack, user) is None, what="tombstone")
+    wait_for(
+        lambda: (
+            httpx.get(
+                f"{stack.admin_url}/v1/contacts/{user}", headers=ADMIN, timeout=10
+            ).status_code
+            == 404
+        ),
+        what="the stored view erased",
+    )
+    # The suppression record keeps a returning event from rebuilding the profile.
+    track(stack, {"userId": user, "event": f"Seen {tag}"})
+    wait_drained(stack)
+    assert profile(stack, user) is None
+    assert counts(stack)[segment] == 0
+
+
+def test_s8_a_price_drop_reaches_everyone_who_viewed_the_product(
+    stack: Any, tmp_path: Path
+) -> None:
+    journey_id = unique("price-drop")
+    publish_inline(
+        stack,
+        tmp_path,
+        journey_id,
+        {
+            "type": "object_event",
+            "event": "Price Dropped",
+            "object_property": "product_id",
+            "related_by": {"event": "Product Viewed", "property": "product_id", "within": "30d"},
+        },
+        [{"id": "tell", "type": "send", "template": f"{journey_id}-mail"}],
+        {
+            f"{journey_id}-mail": {
+                "subject": "{{ event.name }} now {{ event.new_price }}",
+                "text": "Was {{ event.old_price }}, now {{ event.new_price }}.",
+            }
+        },
+    )
+    product, other = unique("sku"), unique("sku")
+    viewers = [shopper(stack, "viewer") for _ in range(3)]
+    bystander = shopper(stack, "bystander")
+
+    def indexed(user: str, sku: str) -> bool:
+        """View the product until the index holds the relation (the journey may still be on
+        its way to the segmenter's definitions)."""
+        track(stack, {"userId": user, "event": "Product Viewed", "properties": {"product_id": sku}})
+        return any(
+            value is not None and ObjectRelation.model_validate_json(value).contact_key == user
+            for key, value in read_topic(stack.bootstrap, OBJECT_RELATIONS.name)
+            if key == f"Product Viewed|product_id|{sku}"
+        )
+
+    for user, _email in viewers:
+        wait_for(lambda u=user: indexed(u, product), what="the view in the object index")
+    wait_for(lambda: indexed(bystander[0], other), what="the other product's view")
+    drop = {
+        "anonymousId": "catalog",
+        "event": "Price Dropped",
+        "messageId": unique("drop"),
+        "properties": {"product_id": product, "name": "Lamp", "old_price": 80, "new_price": 60},
+    }
+    track(stack, drop)
+    for _user, email in viewers:
+        wait_for(lambda e=email: outbox(stack, to=e), what="every viewer's message")
+    # The same drop again (a client retry) reaches nobody twice.
+    track(stack, drop)
+    wait_drained(stack)
+    for _user, email in viewers:
+        [message] = outbox(stack, to=email)
+        assert message["subject"] == "Lamp now 60"
+    assert outbox(stack, to=bystander[1]) == []
+    assert profile(stack, "catalog") is None

@@ -165,15 +165,9 @@ def test_s9_enters_when_the_last_order_becomes_older_than_90_days() -> None:
     row = _fold([_event("Order Completed", T0, "o-1")], S9, T0)
     assert row.profile.segments == ()
     tick = row.next_tick
-    assert (
-        tick is not None
-    )
-    assert (
-        tick > T0 + 90 * DAY
-    )
-    assert (
-        tick - (T0 + 90 * DAY) < timedelta(seconds=1)
-    )
+    assert tick is not None
+    assert tick > T0 + 90 * DAY
+    assert tick - (T0 + 90 * DAY) < timedelta(seconds=1)
     entered = contact.reevaluate(row, "tick", S9, tick)
     assert _labels(entered) == [(SEGMENT_ENTERED, "churn-risk")]
     # A new order puts the contact back out and moves the timer 90 days on.
