@@ -9,7 +9,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -415,8 +415,10 @@ def test_counts_sum_the_latest_count_of_every_partition(stack: Any) -> None:
     segment = f"{prefix}-tagged"
     file = {"segments": [{"id": segment, "condition": {"tag": f"{prefix}-nobody-has-this"}}]}
     assert _admin(stack, "PUT", "/v1/segments", file).status_code == 201
-    # Partitions the topics do not have, so no worker writes these keys.
-    first, second, newest = (datetime(2026, 3, 1, 9, minute, tzinfo=UTC) for minute in (0, 5, 9))
+    # Partitions the topics do not have, so no worker writes these keys. The workers publish the
+    # real partitions' zero counts as of now; these times lie ahead of theirs.
+    ahead = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
+    first, second, newest = (ahead + timedelta(minutes=minute) for minute in (0, 5, 9))
     producer = Producer({"bootstrap.servers": stack.bootstrap, "enable.idempotence": True})
     for partition, members, at in ((900, 3, first), (901, 4, newest), (900, 5, second)):
         count = SegmentCount(segment_id=segment, partition=partition, members=members, at=at)
