@@ -58,6 +58,7 @@ fmt: $(VENV)/.synced ## Format and autofix
 bench: setup ## Benchmarks (figures as ratios against a baseline measured in the same run)
 	@$(PY) -m bench.ingest
 	@$(PY) -m bench.timers
+	@$(PY) -m bench.segmenter
 
 clean: down ## Remove local state (keeps downloaded servers)
 	rm -rf .local/stack .local/test-stack
