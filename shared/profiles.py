@@ -61,7 +61,7 @@ def apply_event(profile: Profile | None, event: Event, now: datetime) -> Applied
         }
     )
     announcements = tuple(
-        _announce(
+        announce(
             updated,
             ATTRIBUTE_CHANGED,
             {"attribute": name, "value": value, "previous": profile.traits.get(name)},
@@ -122,7 +122,7 @@ def apply_command(profile: Profile | None, command: ContactCommand, now: datetim
     if label is None:
         return Changed(changed, ())
     origin = {"journey_id": command.journey_id, "instance_id": command.instance_id}
-    event = _announce(
+    event = announce(
         changed,
         label,
         {**properties, **origin},
@@ -137,7 +137,7 @@ def first_profile(contact_key: str, seen: datetime, now: datetime) -> Profile:
     return Profile(contact_key=contact_key, first_seen=seen, last_seen=seen, updated_at=now)
 
 
-def _announce(
+def announce(
     profile: Profile,
     label: str,
     properties: dict[str, Any],

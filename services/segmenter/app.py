@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import datetime
 
 import faust
 import structlog
@@ -48,7 +47,7 @@ from shared.faust_app import record_of
 from shared.ids import stable_id
 from shared.journeys import AUDIENCE_SELECTED
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy
-from shared.profiles import CONTACT_FORGOTTEN
+from shared.profiles import CONTACT_FORGOTTEN, announce
 from shared.topics import (
     AUDIENCE_REQUESTS,
     CONTACT_COMMANDS,
@@ -226,15 +225,16 @@ class Segmenter:
                 row = self._load(key)
                 if row is None:
                     continue
-                selected = _announcement(
+                selected = announce(
                     row.profile,
                     AUDIENCE_SELECTED,
-                    stable_id(request.run_id, key),
                     {
                         "journey_id": request.journey_id,
                         "run_id": request.run_id,
                         "segments": list(request.segments),
                     },
+                    stable_id(request.run_id, key),
+                    now,
                     now,
                 )
                 records.append(_contact_event(row.profile, selected))
@@ -296,8 +296,8 @@ class Segmenter:
             if row is not None
             else Profile(contact_key=key, first_seen=now, last_seen=now, updated_at=now)
         )
-        forgotten = _announcement(
-            profile, CONTACT_FORGOTTEN, stable_id(command.command_id, "forgotten"), {}, now
+        forgotten = announce(
+            profile, CONTACT_FORGOTTEN, {}, stable_id(command.command_id, "forgotten"), now, now
         )
         records: Records = [
             (
@@ -459,22 +459,6 @@ def _contact_event(profile: Profile, event: Event) -> tuple[str, str | None, byt
         CONTACT_EVENTS.name,
         key,
         ContactEvent(contact_key=key, event=event, profile=profile).to_wire(),
-    )
-
-
-def _announcement(
-    profile: Profile, label: str, message_id: str, properties: dict[str, object], now: datetime
-) -> Event:
-    return Event(
-        type="track",
-        event=label,
-        user_id=profile.user_id,
-        anonymous_id=None if profile.user_id else profile.contact_key,
-        message_id=message_id,
-        timestamp=now,
-        received_at=now,
-        properties=properties,
-        source="waypost",
     )
 
 

@@ -24,7 +24,7 @@ from shared.conditions import evaluate, facts_of, next_change
 from shared.contracts import ContactCommand, Event, Profile
 from shared.ids import stable_id
 from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
-from shared.profiles import apply_command, apply_event, first_profile
+from shared.profiles import announce, apply_command, apply_event, first_profile
 
 # Message ids are remembered for at least this long (grouped by the hour they were seen).
 DEDUPE_WINDOW = timedelta(hours=24)
@@ -239,7 +239,7 @@ def _settle(
     before &= defs.segment_ids
     profile = row.profile.model_copy(update={"aggregates": values, "segments": member})
     changes = tuple(
-        _membership_event(profile, label, segment, origin, now)
+        announce(profile, label, {"segment": segment}, stable_id(origin, label, segment), now, now)
         for label, ids in (
             (SEGMENT_LEFT, before - set(member)),
             (SEGMENT_ENTERED, set(member) - before),
@@ -260,22 +260,6 @@ def _settle(
         settled = settled.model_copy(update={"next_tick": tick})
     # Every announcement carries the profile after the whole change.
     return Outcome(settled, (*announcements, *changes), retime=retime)
-
-
-def _membership_event(
-    profile: Profile, label: str, segment: str, origin: str, now: datetime
-) -> Event:
-    return Event(
-        type="track",
-        event=label,
-        user_id=profile.user_id,
-        anonymous_id=None if profile.user_id else profile.contact_key,
-        message_id=stable_id(origin, label, segment),
-        timestamp=now,
-        received_at=now,
-        properties={"segment": segment},
-        source="waypost",
-    )
 
 
 def _with_consent(profile: Profile, event: Event) -> Profile:
