@@ -248,7 +248,8 @@ class SegmentTimerRequest(WireModel):
 
     schema_version: int = SCHEMA_VERSION
     contact_key: str
-    due_at: AwareDatetime | None
+    # None cancels (left out on the wire, like every empty optional field).
+    due_at: AwareDatetime | None = None
     requested_at: AwareDatetime
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import structlog
 from faust.worker import Worker
 
 from services.segmenter.adapters.definitions import LiveDefinitions
@@ -19,6 +20,10 @@ from shared.docstore import connect, database
 from shared.faust_app import build_faust_app
 from shared.kafka import AsyncProducer, wait_for_broker
 from shared.logs import configure_logging
+
+log = structlog.get_logger(__name__)
+# How long the profile view waits before it starts again after a failure.
+PROFILE_VIEW_RESTART_SECONDS = 5.0
 
 
 def main() -> None:
@@ -40,12 +45,17 @@ def main() -> None:
     stop_view = asyncio.Event()
 
     async def profile_view() -> None:
-        """Profiles into the document store for the admin (its own consumer group)."""
-        client = connect(settings, "waypost-segmenter")
-        try:
-            await ProfileView(settings, database(client, settings)).run(stop_view)
-        finally:
-            await client.close()
+        """Profiles into the document store for the admin (its own consumer group). A failure
+        restarts the view after a pause instead of stopping the worker."""
+        while not stop_view.is_set():
+            client = connect(settings, "waypost-segmenter")
+            try:
+                await ProfileView(settings, database(client, settings)).run(stop_view)
+            except Exception:
+                log.exception("segmenter.profile_view_failed")
+                await asyncio.sleep(PROFILE_VIEW_RESTART_SECONDS)
+            finally:
+                await client.close()
 
     app.task(profile_view)
     try:

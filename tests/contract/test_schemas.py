@@ -359,3 +359,9 @@ def test_an_event_without_a_timezone_is_refused() -> None:
             timestamp=datetime(2025, 3, 3, 9, 0),  # naive on purpose
             received_at=T0,
         )
+
+
+def test_a_cancelling_segment_timer_request_round_trips() -> None:
+    cancel = SegmentTimerRequest(contact_key="user-1", due_at=None, requested_at=T0)
+    assert b"due_at" not in cancel.to_wire()
+    assert SegmentTimerRequest.model_validate_json(cancel.to_wire()) == cancel
