@@ -4,6 +4,8 @@ definitions topic by every reader."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import structlog
 from pydantic import ValidationError
@@ -19,6 +21,7 @@ from shared.segments import (
 from shared.topics import DEFINITIONS
 
 log = structlog.get_logger(__name__)
+_Record = TypeVar("_Record", PublishedJourney, PublishedSegment, PublishedAggregate)
 
 
 class PublishedJourneys:
@@ -61,34 +64,26 @@ class PublishedJourneys:
 
     def all(self) -> list[PublishedJourney]:
         """Every published journey version, by id and version."""
-        journeys = []
-        for key, raw in self._view.snapshot().items():
-            if key.startswith((SEGMENT_PREFIX, AGGREGATE_PREFIX)):
-                continue
-            try:
-                journeys.append(PublishedJourney.model_validate_json(raw))
-            except ValidationError as exc:
-                log.error("definitions.invalid", key=key, error=str(exc))
+        journeys = self._decoded(PublishedJourney, lambda key: key.startswith("journey:"))
         return sorted(journeys, key=lambda p: (p.journey.id, p.journey.version))
 
     def segments(self) -> list[PublishedSegment]:
         """Every published segment, by id (a deleted one is a tombstone, so absent)."""
-        found = []
-        for key, raw in self._view.snapshot().items():
-            if key.startswith(SEGMENT_PREFIX):
-                try:
-                    found.append(PublishedSegment.model_validate_json(raw))
-                except ValidationError as exc:
-                    log.error("definitions.invalid", key=key, error=str(exc))
+        found = self._decoded(PublishedSegment, lambda key: key.startswith(SEGMENT_PREFIX))
         return sorted(found, key=lambda p: p.segment.id)
 
     def aggregates(self) -> list[PublishedAggregate]:
         """Every published aggregate, by id."""
+        found = self._decoded(PublishedAggregate, lambda key: key.startswith(AGGREGATE_PREFIX))
+        return sorted(found, key=lambda p: p.aggregate.id)
+
+    def _decoded(self, model: type[_Record], wanted: Callable[[str], bool]) -> list[_Record]:
+        """The records under the wanted keys; an undecodable one is logged and left out."""
         found = []
         for key, raw in self._view.snapshot().items():
-            if key.startswith(AGGREGATE_PREFIX):
+            if wanted(key):
                 try:
-                    found.append(PublishedAggregate.model_validate_json(raw))
+                    found.append(model.model_validate_json(raw))
                 except ValidationError as exc:
                     log.error("definitions.invalid", key=key, error=str(exc))
-        return sorted(found, key=lambda p: p.aggregate.id)
+        return found

@@ -7,9 +7,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.conditions import reads
 from shared.ids import stable_id
 from shared.journeys import Journey, ObjectEventTrigger
+from shared.segment_checks import aggregates_read, segments_read
 from shared.segments import AggregateDefinition, SegmentDefinition
 
 _AGGREGATES = "aggregates."
@@ -40,7 +40,7 @@ class Definitions:
         ordered = _in_dependency_order(list(segments))
         wanted: set[str] = set()
         for segment in ordered:
-            wanted.update(aggregate_ids(reads(segment.condition)))
+            wanted.update(aggregates_read(segment.condition))
         by_segments = frozenset(wanted)
         for journey in journeys:
             wanted.update(aggregate_ids(_fields_in(journey.model_dump(by_alias=True))))
@@ -89,7 +89,7 @@ def _in_dependency_order(segments: list[SegmentDefinition]) -> tuple[SegmentDefi
         if state.get(segment.id) is not None:
             return
         state[segment.id] = "visiting"
-        for other in sorted(_segments_read(segment)):
+        for other in sorted(segments_read(segment.condition)):
             if other in by_id and state.get(other) is None:
                 visit(by_id[other])
         state[segment.id] = "done"
@@ -98,23 +98,3 @@ def _in_dependency_order(segments: list[SegmentDefinition]) -> tuple[SegmentDefi
     for segment in sorted(segments, key=lambda s: s.id):
         visit(segment)
     return tuple(ordered)
-
-
-def _segments_read(segment: SegmentDefinition) -> set[str]:
-    found: set[str] = set()
-    for node in _nodes(segment.condition.model_dump(by_alias=True)):
-        if "segment" in node and isinstance(node["segment"], str):
-            found.add(node["segment"])
-        if node.get("field") == "segments" and isinstance(node.get("value"), str):
-            found.add(node["value"])
-    return found
-
-
-def _nodes(node: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _nodes(value)
-    elif isinstance(node, list | tuple):
-        for item in node:
-            yield from _nodes(item)
