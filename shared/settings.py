@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +24,10 @@ class CommonSettings(BaseSettings):
     log_level: str = "info"
     log_format: str = "console"
     data_dir: Path = Path(".local/data")
+    # Where contacts reach the ingest service (unsubscribe, open pixel, click and SMS status
+    # links), and the secret that signs those links; set both in production.
+    public_url: str = "http://127.0.0.1:8000"
+    link_secret: SecretStr = SecretStr("waypost-dev-link-secret")
 
     @field_validator("log_level")
     @classmethod

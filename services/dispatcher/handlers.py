@@ -78,7 +78,11 @@ class Dispatcher:
                 await self._finish(request, Outcome("skipped", "unknown_after_crash"), "unknown")
                 return
         outcome = await self._deliver(request)
-        await self._finish(request, outcome, outcome.kind)
+        await self._finish(
+            request,
+            outcome,
+            {"recipient": "failed", "config": "failed"}.get(outcome.kind, outcome.kind),
+        )
 
     async def _deliver(self, request: SendRequest) -> Outcome:
         if request.channel != "email":
@@ -100,7 +104,7 @@ class Dispatcher:
             if outcome.kind != "retry":
                 return outcome
             await asyncio.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))  # noqa: S311
-        return Outcome("failed", f"retries_exhausted: {outcome.reason}")
+        return Outcome("recipient", f"retries_exhausted: {outcome.reason}")
 
     async def _finish(self, request: SendRequest, outcome: Outcome, state: str) -> None:
         now = self.clock.now()

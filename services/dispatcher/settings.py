@@ -1,14 +1,44 @@
-"""Dispatcher settings."""
+"""Dispatcher settings: providers, delivery policy, retries (all from `WAYPOST_*`)."""
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
 
 from shared.settings import CommonSettings
 
 
+class FrequencyCap(BaseModel):
+    """At most `per_day` sends per calendar day in the contact's time zone, and at most
+    `per_window` sends in any rolling `window` (a duration such as `7d`), per channel."""
+
+    per_day: int | None = Field(default=None, ge=0)
+    per_window: int | None = Field(default=None, ge=0)
+    window: str | None = None
+
+
 class DispatcherSettings(CommonSettings):
     group_id: str = "waypost-dispatcher"
+    max_in_flight: int = Field(default=64, ge=1)
+    send_attempts: int = Field(default=5, ge=1)
+    # Retry delay classes (seconds): one retry topic each; attempt n waits in class min(n, 3).
+    retry_short_seconds: float = Field(default=5.0, gt=0)
+    retry_medium_seconds: float = Field(default=60.0, gt=0)
+    retry_long_seconds: float = Field(default=900.0, gt=0)
+    # How long a configuration error (bad credentials, bad template id) pauses its channel.
+    provider_pause_seconds: float = Field(default=60.0, gt=0)
+    provider_timeout_seconds: float = Field(default=15.0, gt=0)
+    # Provider rate limits, messages per second per worker (0 = unlimited).
+    rate_email: float = Field(default=0.0, ge=0)
+    rate_sms: float = Field(default=0.0, ge=0)
+    rate_push: float = Field(default=0.0, ge=0)
+    rate_wechat: float = Field(default=0.0, ge=0)
+    # Caps by channel, JSON: {"email": {"per_day": 3, "per_window": 9, "window": "7d"}}
+    frequency_caps: dict[str, FrequencyCap] = Field(default_factory=dict)
+    default_timezone: str = "UTC"
+
+    # Email over SMTP
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
     smtp_username: str | None = None
@@ -18,5 +48,21 @@ class DispatcherSettings(CommonSettings):
     smtp_timeout_seconds: float = Field(default=30.0, gt=0)
     email_from: str = "Waypost <hello@waypost.local>"
     message_id_domain: str = "waypost.local"
-    max_in_flight: int = Field(default=32, ge=1)
-    send_attempts: int = Field(default=4, ge=1)
+    track_opens: bool = True
+    track_clicks: bool = True
+
+    # SMS through a Twilio-style REST API
+    sms_base_url: str = "http://127.0.0.1:8025"
+    sms_account_sid: str = "ACwaypostsandbox"
+    sms_auth_token: SecretStr = SecretStr("waypost-sandbox-sms-token")
+    sms_from: str = "+15005550006"
+    sms_messaging_service_sid: str | None = None
+
+    # Push through FCM HTTP v1; the service-account file names its token endpoint (token_uri).
+    fcm_base_url: str = "http://127.0.0.1:8025"
+    fcm_service_account_file: Path | None = None
+
+    # WeChat Official Account
+    wechat_base_url: str = "http://127.0.0.1:8025"
+    wechat_app_id: str = "wxwaypostsandbox"
+    wechat_app_secret: SecretStr = SecretStr("waypost-sandbox-wechat-secret")

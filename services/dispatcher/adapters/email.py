@@ -60,4 +60,4 @@ class SmtpSender:
 def _by_code(code: int, message: str) -> Outcome:
     if 400 <= code < 500:
         return Outcome("retry", f"smtp {code}: {message}")
-    return Outcome("failed", f"smtp {code}: {message}")
+    return Outcome("recipient", f"smtp {code}: {message}", code=str(code))

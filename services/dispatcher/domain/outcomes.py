@@ -1,14 +1,32 @@
-"""Delivery outcomes and the ledger's state machine (pure)."""
+"""Delivery outcomes and the ledger's state machine (pure).
+
+Every provider call ends in one outcome class (see docs/delivery.md): sent, retry, permanent for
+the recipient, permanent for the configuration, or unknown (it may have arrived).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-LedgerState = Literal["requested", "sending", "sent", "failed", "skipped", "unknown"]
-FINAL_STATES: frozenset[str] = frozenset({"sent", "failed", "skipped", "unknown"})
+LedgerState = Literal[
+    "requested",
+    "sending",
+    "retrying",
+    "sent",
+    "failed",
+    "skipped",
+    "unknown",
+    "delivered",
+    "opened",
+    "clicked",
+]
+# States after which a replayed request must not reach the provider again.
+FINAL_STATES: frozenset[str] = frozenset(
+    {"sent", "failed", "skipped", "unknown", "delivered", "opened", "clicked"}
+)
 
-OutcomeKind = Literal["sent", "failed", "skipped", "retry"]
+OutcomeKind = Literal["sent", "retry", "recipient", "config", "unknown", "skipped"]
 
 EVENT_NAMES: dict[str, str] = {
     "sent": "Message Sent",
@@ -20,11 +38,21 @@ EVENT_NAMES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one provider call (or the decision not to call) came to."""
+    """What one provider call (or the decision not to call) came to.
+
+    `retry_after` (seconds) is the provider's wish for `retry`, or how long to hold the channel
+    for `config` (a daily quota that resets). `address_invalid` asks to remove the address or
+    token from the profile; `withdrew_consent` means the recipient opted out at the provider
+    (an SMS STOP), so the channel's consent flips.
+    """
 
     kind: OutcomeKind
     reason: str | None = None
     provider_id: str | None = None
+    code: str | None = None
+    retry_after: float | None = None
+    address_invalid: bool = False
+    withdrew_consent: bool = False
 
 
 def resume_action(state: str, transactional: bool) -> Literal["done", "send", "unknown"]:
@@ -32,8 +60,9 @@ def resume_action(state: str, transactional: bool) -> Literal["done", "send", "u
 
     `sending` means a worker died during the provider call: it may have arrived. Marketing
     messages are not resent (a duplicate is worse than a miss); transactional ones are.
+    `retrying` belongs to the retry topics, so a replay of the original request is done.
     """
-    if state in FINAL_STATES:
+    if state in FINAL_STATES or state == "retrying":
         return "done"
     if state == "sending" and not transactional:
         return "unknown"
