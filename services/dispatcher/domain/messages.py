@@ -22,6 +22,8 @@ class EmailContent:
 @dataclass(frozen=True)
 class SmsContent:
     body: str
+    # Where the provider reports delivery (a signed ingest URL); None asks for no reports.
+    status_callback: str | None = None
 
 
 @dataclass(frozen=True)

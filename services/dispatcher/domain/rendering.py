@@ -47,6 +47,14 @@ def render_variables(request: SendRequest) -> dict[str, Any]:
     }
 
 
+def render_text(source: str, variables: dict[str, Any], *, html: bool = False) -> str:
+    """Render one template source (HTML-escaped when `html`); RenderError says why it failed."""
+    try:
+        return (_HTML_ENV if html else _ENV).from_string(source).render(variables)
+    except TemplateError as exc:
+        raise RenderError(str(exc)) from exc
+
+
 def render_email(template: EmailTemplate, variables: dict[str, Any]) -> RenderedEmail:
     try:
         subject = _ENV.from_string(template.subject).render(variables).strip()
