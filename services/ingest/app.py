@@ -1,29 +1,44 @@
 """Ingest HTTP API, compatible with Segment's HTTP Tracking API (and so with its SDKs).
 
 Routes decode and authenticate, the domain normalises, the publisher writes to Kafka; a 200 is
-returned only after the broker acknowledged (acks=all, idempotent producer).
+returned only after the broker acknowledged (acks=all, idempotent producer). Signed links
+(unsubscribe, open pixel, click) and SMS status callbacks arrive here too.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import html
 import json
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import structlog
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from services.ingest.adapters.publisher import EventPublisher
 from services.ingest.domain.calls import Batch, Call, to_event
+from services.ingest.domain.tracking import (
+    UnknownSmsStatus,
+    email_link_clicked,
+    email_opened,
+    sms_status_changed,
+    unsubscribed,
+)
 from services.ingest.settings import IngestSettings
 from shared.clock import Clock
 from shared.contracts import Event
 from shared.kafka import DeliveryFailed, ProducerBusy
+from shared.links import InvalidLink, LinkClaims, LinkKind, LinkSigner, twilio_signature_valid
+
+log = structlog.get_logger(__name__)
 
 CALL_TYPES = ("track", "identify", "page", "screen", "alias", "group")
 
@@ -65,6 +80,14 @@ def create_app(
         ["status"],
         registry=registry,
     )
+    unrecorded = Counter(
+        "waypost_ingest_unrecorded_tracking_events",
+        "Opens and clicks answered without their event because publishing failed, by event",
+        ["event"],
+        registry=registry,
+    )
+    signer = LinkSigner(settings.link_secret.get_secret_value(), settings.public_url)
+    sms_auth_token = settings.sms_auth_token.get_secret_value()
 
     @app.exception_handler(Rejected)
     async def _rejected(_request: Request, exc: Rejected) -> JSONResponse:
@@ -192,6 +215,127 @@ def create_app(
         await publish(events)
         return {"success": True}
 
+    def read_link(token: str, kind: LinkKind, now: datetime) -> LinkClaims:
+        try:
+            return signer.read(token, kind, now)
+        except InvalidLink as exc:
+            raise Rejected(400, f"token: {exc}", field="token") from exc
+
+    async def publish_best_effort(event: Event) -> None:
+        # The reader must see the image or reach the page even when the event log is down.
+        try:
+            await publish([event])
+        except Rejected as exc:
+            unrecorded.labels(event.event or event.type).inc()
+            log.warning(
+                "tracking event not published",
+                name=event.event,
+                message_id=event.message_id,
+                error=exc.message,
+            )
+
+    @app.get(
+        "/u/{token}",
+        summary="Unsubscribe page: asks to confirm, changes nothing",
+        response_class=HTMLResponse,
+        responses=_LINK_RESPONSES,
+    )
+    async def unsubscribe_page(token: str) -> HTMLResponse:
+        # Link scanners follow GET links, so only the form's POST unsubscribes.
+        read_link(token, "unsubscribe", clock.now())
+        return HTMLResponse(_confirmation_page(f"{signer.public_url}/u/{token}"))
+
+    @app.post(
+        "/u/{token}",
+        summary="Unsubscribe (RFC 8058 one-click, or the confirmation page's form)",
+        response_class=HTMLResponse,
+        responses=_LINK_RESPONSES,
+    )
+    async def unsubscribe(token: str, request: Request) -> HTMLResponse:
+        now = clock.now()
+        claims = read_link(token, "unsubscribe", now)
+        method = _unsubscribe_method(await request.body())
+        await publish([unsubscribed(claims, now, method)])
+        return HTMLResponse(_UNSUBSCRIBED_PAGE)
+
+    @app.get(
+        "/o/{token}.gif",
+        summary="Open pixel: records Email Opened",
+        response_class=Response,
+        responses={200: {"content": {"image/gif": {}}}, **_LINK_RESPONSES},
+    )
+    async def open_pixel(token: str, request: Request) -> Response:
+        now = clock.now()
+        claims = read_link(token, "open", now)
+        await publish_best_effort(email_opened(claims, now, request.headers.get("user-agent")))
+        return Response(_PIXEL, media_type="image/gif", headers=_NO_STORE)
+
+    @app.get(
+        "/c/{token}",
+        summary="Tracked link: records Email Link Clicked and redirects to its destination",
+        response_class=RedirectResponse,
+        status_code=302,
+        responses=_LINK_RESPONSES,
+    )
+    async def click(token: str, request: Request) -> RedirectResponse:
+        now = clock.now()
+        claims = read_link(token, "click", now)
+        if not claims.url or not _is_web_url(claims.url):
+            raise Rejected(400, "token: the link has no http(s) destination", field="token")
+        await publish_best_effort(
+            email_link_clicked(claims, now, request.headers.get("user-agent"))
+        )
+        return RedirectResponse(claims.url, status_code=302, headers=_NO_STORE)
+
+    @app.post(
+        "/v1/sms/status/{token}",
+        summary="SMS status callback (Twilio-compatible, signed with X-Twilio-Signature)",
+        status_code=204,
+        response_class=Response,
+        responses={
+            **_LINK_RESPONSES,
+            403: {"description": "Missing or wrong X-Twilio-Signature"},
+        },
+    )
+    async def sms_status(token: str, request: Request) -> Response:
+        raw = await request.body()
+        if len(raw) > settings.max_event_bytes:
+            raise Rejected(
+                413,
+                f"request body is {len(raw)} bytes; the limit is {settings.max_event_bytes} bytes",
+            )
+        form = await request.form()
+        params = {name: value for name, value in form.multi_items() if isinstance(value, str)}
+        # The provider signed the URL it was given, which the dispatcher built on public_url.
+        seen_url = signer.public_url + request.url.path
+        if request.url.query:
+            seen_url += f"?{request.url.query}"
+        signature = request.headers.get("x-twilio-signature", "")
+        if not twilio_signature_valid(seen_url, params, sms_auth_token, signature):
+            raise Rejected(
+                403,
+                "X-Twilio-Signature is missing or does not match",
+                field="X-Twilio-Signature",
+            )
+        now = clock.now()
+        claims = read_link(token, "sms_status", now)
+        status = params.get("MessageStatus")
+        if not status:
+            raise Rejected(400, "MessageStatus is required", field="MessageStatus")
+        try:
+            event = sms_status_changed(
+                claims,
+                now,
+                status=status,
+                provider_id=params.get("MessageSid"),
+                error_code=params.get("ErrorCode"),
+            )
+        except UnknownSmsStatus as exc:
+            raise Rejected(400, f"MessageStatus: {exc}", field="MessageStatus") from exc
+        if event is not None:
+            await publish([event])
+        return Response(status_code=204)
+
     @app.get("/health", summary="Liveness")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -209,6 +353,54 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"description": "Event over 32 KB or batch over 500 KB"},
     503: {"description": "Event log unavailable or over capacity; honour Retry-After"},
 }
+
+_LINK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Malformed, tampered, expired or other-kind token (`field` is `token`)"},
+    503: {"description": "Event log unavailable or over capacity; honour Retry-After"},
+}
+
+# A 1x1 transparent GIF.
+_PIXEL = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
+    b"!\xf9\x04\x01\x00\x00\x00\x00"
+    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+# Every open and click should reach us, not a cache.
+_NO_STORE = {"Cache-Control": "no-store, max-age=0"}
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex"><title>{title}</title></head>
+<body><main><h1>{title}</h1>{content}</main></body></html>
+"""
+_UNSUBSCRIBED_PAGE = _PAGE.format(
+    title="You are unsubscribed",
+    content="<p>You will no longer receive these messages.</p>",
+)
+
+
+def _confirmation_page(action: str) -> str:
+    form = (
+        f'<form method="post" action="{html.escape(action, quote=True)}">'
+        '<input type="hidden" name="via" value="page">'
+        '<button type="submit">Unsubscribe</button></form>'
+    )
+    return _PAGE.format(
+        title="Unsubscribe?",
+        content=f"<p>Confirm to stop receiving these messages.</p>{form}",
+    )
+
+
+def _unsubscribe_method(body: bytes) -> str:
+    """How the contact unsubscribed: our confirmation form, else one-click (any body, RFC 8058)."""
+    fields = parse_qs(body.decode("utf-8", errors="replace")) if len(body) <= 1024 else {}
+    return "page" if fields.get("via") == ["page"] else "one_click"
+
+
+def _is_web_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:

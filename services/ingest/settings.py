@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from shared.settings import CommonSettings
 
@@ -17,6 +17,9 @@ class IngestSettings(CommonSettings):
     ingest_write_keys: str = f"dev:{DEV_WRITE_KEY}"
     max_event_bytes: int = Field(default=32 * 1024, gt=0)
     max_batch_bytes: int = Field(default=500 * 1024, gt=0)
+    # The SMS provider's auth token, which signs its status callbacks (X-Twilio-Signature);
+    # the default matches the local provider sandbox.
+    sms_auth_token: SecretStr = SecretStr("waypost-sandbox-sms-token")
 
     def write_keys(self) -> dict[str, str]:
         """Key -> source name."""
