@@ -1,5 +1,8 @@
 # Local delivery sandbox: a catch-all SMTP server plus an HTTP "outbox" API, in one process,
-# so dev runs and tests can send real mail and then inspect what was delivered.
+# so dev runs and tests can send real mail and then inspect what was delivered. The same HTTP
+# port also speaks the SMS (Twilio style), FCM HTTP v1 and WeChat Official Account APIs
+# (sandbox_providers.py), storing what they accept in the same outbox, with failures injected
+# per recipient through /control/failures.
 # Run: python deploy/local/sandbox.py --host 127.0.0.1 --smtp-port 1025 --http-port 8025
 from __future__ import annotations
 
@@ -19,12 +22,25 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
+from sandbox_providers import (
+    DEFAULT_SMS_ACCOUNT_SID,
+    DEFAULT_SMS_AUTH_TOKEN,
+    DEFAULT_WECHAT_APP_ID,
+    DEFAULT_WECHAT_APP_SECRET,
+    DEFAULT_WECHAT_TEMPLATES,
+    FailureRules,
+    ProviderConfig,
+    Providers,
+    is_smtp_code,
+    parse_templates,
+)
 
 log = logging.getLogger("waypost.sandbox")
 
@@ -158,12 +174,34 @@ def email_record(raw: bytes, mail_from: str, rcpt_tos: Sequence[str]) -> Record:
     }
 
 
+# Reply texts for refusals injected through /control/failures (channel "email").
+SMTP_REPLIES = {
+    421: "4.7.0 Service not available, try again later",
+    450: "4.2.1 Mailbox unavailable, try again later",
+    451: "4.3.0 Local error in processing, try again later",
+    452: "4.2.2 Insufficient storage, try again later",
+    550: "5.1.1 Mailbox unavailable: no such user",
+    551: "5.1.6 User not local",
+    552: "5.2.2 Mailbox full",
+    553: "5.1.3 Mailbox name not allowed",
+    554: "5.7.1 Transaction failed: rejected by policy",
+}
+
+
+def smtp_reply(code: int) -> str:
+    default = "4.0.0 Temporary failure" if code < 500 else "5.0.0 Permanent failure"
+    return f"{code} {SMTP_REPLIES.get(code, default)}"
+
+
 class OutboxSmtpHandler:
     """aiosmtpd handler: accepts every message (bar refused recipients) into the outbox."""
 
-    def __init__(self, outbox: Outbox, refusals: RecipientRefusals) -> None:
+    def __init__(
+        self, outbox: Outbox, refusals: RecipientRefusals, failures: FailureRules | None = None
+    ) -> None:
         self._outbox = outbox
         self._refusals = refusals
+        self._failures = failures or FailureRules()
 
     async def handle_RCPT(
         self,
@@ -177,6 +215,12 @@ class OutboxSmtpHandler:
         if rule is not None:
             log.info("refusing RCPT TO %s with %d", address, rule.code)
             return f"{rule.code} {rule.message}"
+        # Failure rules answer refusal codes at RCPT; their timeouts wait for DATA.
+        failure = self._failures.take("email", address, when=is_smtp_code)
+        if failure is not None:
+            await asyncio.sleep(failure.hold)
+            log.info("refusing RCPT TO %s with %s (failure rule)", address, failure.error)
+            return smtp_reply(int(failure.error))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
@@ -187,11 +231,25 @@ class OutboxSmtpHandler:
         sender = "" if sender == "<>" else sender  # null reverse-path (bounces)
         record = self._outbox.add(email_record(raw, sender, envelope.rcpt_tos))
         log.info("stored email id=%s to=%s", record["id"], ",".join(record["to"]))
+        # "timeout" / "slow" rules: the message is stored (it arrived), the answer is late.
+        holds = [
+            rule.hold
+            for address in envelope.rcpt_tos
+            if (rule := self._failures.take("email", address, when=HOLDS.__contains__))
+        ]
+        if holds:
+            await asyncio.sleep(max(holds))
         return "250 Message accepted for delivery"
 
 
-def create_app(outbox: Outbox, refusals: RecipientRefusals) -> FastAPI:
+HOLDS = ("timeout", "slow")
+
+
+def create_app(
+    outbox: Outbox, refusals: RecipientRefusals, providers: Providers | None = None
+) -> FastAPI:
     app = FastAPI(title="Waypost sandbox outbox", docs_url=None, redoc_url=None)
+    providers = providers or Providers(ProviderConfig(), outbox)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -223,6 +281,13 @@ def create_app(outbox: Outbox, refusals: RecipientRefusals) -> FastAPI:
     async def clear_refusals() -> dict[str, int]:
         return {"cleared": refusals.clear()}
 
+    @app.post("/control/reset")
+    async def reset() -> dict[str, int]:
+        """Empty outbox, no failure rules or refusals, default latency, no issued tokens."""
+        await providers.reset()
+        return {"deleted": outbox.clear(), "refusals_cleared": refusals.clear()}
+
+    providers.routes(app)
     return app
 
 
@@ -250,11 +315,18 @@ async def _serve_http(server: HttpServer) -> None:
         raise RuntimeError(f"HTTP listener failed to start (exit {exc.code})") from exc
 
 
-async def run(host: str, smtp_port: int, http_port: int, log_level: str) -> int:
+async def run(
+    host: str,
+    smtp_port: int,
+    http_port: int,
+    log_level: str,
+    provider_config: ProviderConfig | None = None,
+) -> int:
     loop = asyncio.get_running_loop()
     outbox = Outbox()
     refusals = RecipientRefusals()
-    handler = OutboxSmtpHandler(outbox, refusals)
+    providers = Providers(provider_config or ProviderConfig(), outbox)
+    handler = OutboxSmtpHandler(outbox, refusals, providers.rules)
     connections: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
     def smtp_protocol() -> SMTP:
@@ -269,7 +341,7 @@ async def run(host: str, smtp_port: int, http_port: int, log_level: str) -> int:
         return 1
 
     config = uvicorn.Config(
-        create_app(outbox, refusals),
+        create_app(outbox, refusals, providers),
         host=host,
         port=http_port,
         log_level=log_level,
@@ -302,6 +374,12 @@ async def run(host: str, smtp_port: int, http_port: int, log_level: str) -> int:
             raise RuntimeError("HTTP listener stopped before it was ready")
         smtp_bound = smtp_server.sockets[0].getsockname()[1]
         http_bound = http_server.servers[0].sockets[0].getsockname()[1]
+        # The service account's token_uri names the bound port, so it is written only now.
+        try:
+            account = providers.configure_fcm(f"http://{host}:{http_bound}")
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(str(exc)) from exc
+        log.info("FCM project %s, service account %s", account.project_id, account.client_email)
         if not stop.is_set():
             print(
                 f"waypost sandbox ready: smtp={host}:{smtp_bound} http=http://{host}:{http_bound}",
@@ -317,6 +395,7 @@ async def run(host: str, smtp_port: int, http_port: int, log_level: str) -> int:
         http_server.should_exit = True
         with contextlib.suppress(RuntimeError):
             await http_task
+        await providers.aclose()
         smtp_server.close()
         for protocol in list(connections):
             if protocol.transport is not None:
@@ -329,7 +408,8 @@ async def run(host: str, smtp_port: int, http_port: int, log_level: str) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Waypost local delivery sandbox: catch-all SMTP server + HTTP outbox API."
+        description="Waypost local delivery sandbox: catch-all SMTP server + HTTP outbox API, "
+        "plus sandbox SMS (Twilio style), FCM HTTP v1 and WeChat Official Account APIs."
     )
     parser.add_argument(
         "--host",
@@ -355,7 +435,103 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=str.lower,
         help="logging level (default info; debug also logs SMTP dialogue and HTTP access)",
     )
-    return parser.parse_args(argv)
+    providers = parser.add_argument_group("provider APIs (SMS, FCM, WeChat)")
+    providers.add_argument(
+        "--sms-account-sid",
+        default=os.environ.get("WAYPOST_SMS_ACCOUNT_SID", DEFAULT_SMS_ACCOUNT_SID),
+        help=f"SMS account sid (env WAYPOST_SMS_ACCOUNT_SID, default {DEFAULT_SMS_ACCOUNT_SID})",
+    )
+    providers.add_argument(
+        "--sms-auth-token",
+        default=os.environ.get("WAYPOST_SMS_AUTH_TOKEN", DEFAULT_SMS_AUTH_TOKEN),
+        help="SMS auth token: Basic auth password and callback signing key "
+        "(env WAYPOST_SMS_AUTH_TOKEN)",
+    )
+    providers.add_argument(
+        "--sms-callback-delay",
+        type=float,
+        default=float(os.environ.get("WAYPOST_SMS_CALLBACK_DELAY", "0.2")),
+        help="seconds before status callbacks (env WAYPOST_SMS_CALLBACK_DELAY, default 0.2)",
+    )
+    providers.add_argument(
+        "--fcm-service-account",
+        type=Path,
+        default=_env_path("WAYPOST_FCM_SERVICE_ACCOUNT_FILE"),
+        help="service-account JSON the FCM token endpoint trusts; created when missing "
+        "(env WAYPOST_FCM_SERVICE_ACCOUNT_FILE; default: an in-memory key only)",
+    )
+    providers.add_argument(
+        "--fcm-token-ttl",
+        type=int,
+        default=int(os.environ.get("WAYPOST_FCM_TOKEN_TTL", "3600")),
+        help="FCM access token lifetime in seconds (env WAYPOST_FCM_TOKEN_TTL, default 3600)",
+    )
+    providers.add_argument(
+        "--wechat-app-id",
+        default=os.environ.get("WAYPOST_WECHAT_APP_ID", DEFAULT_WECHAT_APP_ID),
+        help=f"WeChat appid (env WAYPOST_WECHAT_APP_ID, default {DEFAULT_WECHAT_APP_ID})",
+    )
+    providers.add_argument(
+        "--wechat-app-secret",
+        default=os.environ.get("WAYPOST_WECHAT_APP_SECRET", DEFAULT_WECHAT_APP_SECRET),
+        help="WeChat appsecret (env WAYPOST_WECHAT_APP_SECRET)",
+    )
+    providers.add_argument(
+        "--wechat-token-ttl",
+        type=int,
+        default=int(os.environ.get("WAYPOST_WECHAT_TOKEN_TTL", "7200")),
+        help="WeChat access token lifetime in seconds (env WAYPOST_WECHAT_TOKEN_TTL, default 7200)",
+    )
+    providers.add_argument(
+        "--wechat-token-overlap",
+        type=float,
+        default=float(os.environ.get("WAYPOST_WECHAT_TOKEN_OVERLAP", "300")),
+        help="seconds a WeChat token stays valid after a newer one is issued "
+        "(env WAYPOST_WECHAT_TOKEN_OVERLAP, default 300)",
+    )
+    providers.add_argument(
+        "--wechat-templates",
+        default=os.environ.get("WAYPOST_WECHAT_TEMPLATES", DEFAULT_WECHAT_TEMPLATES),
+        help="registered template ids, comma separated (env WAYPOST_WECHAT_TEMPLATES, "
+        f"default {DEFAULT_WECHAT_TEMPLATES})",
+    )
+    providers.add_argument(
+        "--latency-ms",
+        type=float,
+        default=float(os.environ.get("WAYPOST_SANDBOX_LATENCY_MS", "0")),
+        help="milliseconds added to every provider API answer (env WAYPOST_SANDBOX_LATENCY_MS, "
+        "default 0; POST /control/latency changes it at run time)",
+    )
+    args = parser.parse_args(argv)
+    for name in ("sms_callback_delay", "fcm_token_ttl", "wechat_token_ttl"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.wechat_token_overlap < 0 or args.latency_ms < 0:
+        parser.error("--wechat-token-overlap and --latency-ms must not be negative")
+    if not parse_templates(args.wechat_templates):
+        parser.error("--wechat-templates needs at least one template id")
+    return args
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def provider_config(args: argparse.Namespace) -> ProviderConfig:
+    return ProviderConfig(
+        sms_account_sid=args.sms_account_sid,
+        sms_auth_token=args.sms_auth_token,
+        sms_callback_delay=args.sms_callback_delay,
+        fcm_service_account_file=args.fcm_service_account,
+        fcm_token_ttl=args.fcm_token_ttl,
+        wechat_app_id=args.wechat_app_id,
+        wechat_app_secret=args.wechat_app_secret,
+        wechat_token_ttl=args.wechat_token_ttl,
+        wechat_token_overlap=args.wechat_token_overlap,
+        wechat_templates=parse_templates(args.wechat_templates),
+        latency=args.latency_ms / 1000,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -365,7 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # aiosmtpd logs every SMTP command at INFO on "mail.log"; keep that for debug only.
     mail_level = level if level == logging.DEBUG else max(level, logging.WARNING)
     logging.getLogger("mail.log").setLevel(mail_level)
-    return asyncio.run(run(args.host, args.smtp_port, args.http_port, args.log_level))
+    return asyncio.run(
+        run(args.host, args.smtp_port, args.http_port, args.log_level, provider_config(args))
+    )
 
 
 if __name__ == "__main__":
