@@ -175,6 +175,20 @@ class ChannelTemplate(WireModel):
     template_id: str
 
 
+class SendRetry(WireModel):
+    """A send request waiting for its next attempt on a retry topic (one topic per delay class).
+
+    `attempt` is the attempt this record will make; the ledger holds the same number, so a
+    replayed retry record is recognised and dropped.
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    request: SendRequest
+    attempt: int = Field(ge=1)
+    due_at: AwareDatetime
+    reason: str
+
+
 class TimerFired(WireModel):
     """A durable orchestrator timer that came due, routed back to its contact's partition."""
 

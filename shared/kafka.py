@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from shared.offsets import OffsetTracker
 from shared.topics import ALL_TOPICS, Topic
 
 log = structlog.get_logger(__name__)
@@ -244,9 +245,81 @@ class ConsumerLoop:
                 asynchronous=False,
             )
 
+    def commit_offsets(self, offsets: Mapping[tuple[str, int], int]) -> bool:
+        """Commit explicit next offsets; False (logged) when the group moved on meanwhile."""
+        try:
+            self._consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                asynchronous=False,
+            )
+        except KafkaException as exc:
+            log.warning("kafka.commit_failed", error=str(exc))
+            return False
+        return True
+
+    def pause(self) -> None:
+        """Stop fetching (the group membership stays alive while `records()` keeps polling)."""
+        self._consumer.pause(self._consumer.assignment())
+
+    def resume(self) -> None:
+        self._consumer.resume(self._consumer.assignment())
+
     def close(self) -> None:
         self._closed = True
         self._consumer.close()
+
+
+async def run_pipelined(
+    consumer: ConsumerLoop,
+    process: Callable[[Record], Coroutine[Any, Any, None]],
+    stop: asyncio.Event,
+    *,
+    limit: int,
+) -> None:
+    """Process records concurrently (at most `limit` unfinished), committing each partition's
+    offset only past records that finished along with every record before them.
+
+    `process` must not raise: a record it cannot handle goes to the dead-letter topic.
+    """
+    tracker = OffsetTracker()
+    running: set[asyncio.Task[None]] = set()
+    paused = False
+
+    def finished(record: Record) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            tracker.finished(record.topic, record.partition, record.offset)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("pipeline.record_failed", error=repr(task.exception()))
+
+        return done
+
+    try:
+        async for batch in consumer.records(timeout=0.2):
+            for record in batch:
+                tracker.started(record.topic, record.partition, record.offset)
+                task = asyncio.create_task(process(record))
+                running.add(task)
+                task.add_done_callback(finished(record))
+            offsets = tracker.committable()
+            if offsets and consumer.commit_offsets(offsets):
+                tracker.mark_committed(offsets)
+            if len(running) >= limit and not paused:
+                consumer.pause()
+                paused = True
+            elif len(running) < limit and paused:
+                consumer.resume()
+                paused = False
+            if stop.is_set():
+                break
+        if running:  # a graceful stop lets started work finish, then commits behind it
+            await asyncio.wait(running, timeout=30)
+            offsets = tracker.committable()
+            if offsets:
+                consumer.commit_offsets(offsets)
+    finally:
+        for task in running:
+            task.cancel()
 
 
 class CompactedTopicView:

@@ -68,6 +68,15 @@ DEFINITIONS = Topic(
     keyed_by_contact=False,
     single_partition=True,
 )
+# Send requests waiting for another attempt, one topic per delay class (records wait in order).
+SEND_RETRIES_SHORT = Topic("waypost.send-retries-short.v1", "send retries, short delay class")
+SEND_RETRIES_MEDIUM = Topic("waypost.send-retries-medium.v1", "send retries, medium delay class")
+SEND_RETRIES_LONG = Topic("waypost.send-retries-long.v1", "send retries, long delay class")
+SEND_RETRIES: dict[str, Topic] = {
+    "short": SEND_RETRIES_SHORT,
+    "medium": SEND_RETRIES_MEDIUM,
+    "long": SEND_RETRIES_LONG,
+}
 DEAD_LETTER = Topic(
     "waypost.dead-letter.v1",
     "records no consumer could process, with the reason",
@@ -80,6 +89,9 @@ ALL_TOPICS: tuple[Topic, ...] = (
     CONTACT_COMMANDS,
     PROFILES,
     SEND_REQUESTS,
+    SEND_RETRIES_SHORT,
+    SEND_RETRIES_MEDIUM,
+    SEND_RETRIES_LONG,
     TIMERS,
     WEBHOOK_RESULTS,
     JOURNEY_LOG,

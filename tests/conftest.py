@@ -26,14 +26,27 @@ TEST_PORTS = local_stack.Ports(
     outbox=18025 + PORT_OFFSET,
     ingest=18000 + PORT_OFFSET,
     admin=18001 + PORT_OFFSET,
+    dispatcher_metrics=19464 + PORT_OFFSET,
 )
+# Delivery timing scaled down so retries, pauses and timeouts play out within a test.
+TEST_DELIVERY_ENV = {
+    "WAYPOST_RETRY_SHORT_SECONDS": "1",
+    "WAYPOST_RETRY_MEDIUM_SECONDS": "2",
+    "WAYPOST_RETRY_LONG_SECONDS": "3",
+    "WAYPOST_PROVIDER_PAUSE_SECONDS": "3",
+    "WAYPOST_PROVIDER_TIMEOUT_SECONDS": "2",
+    "WAYPOST_SMTP_TIMEOUT_SECONDS": "2",
+    "WAYPOST_FREQUENCY_CAPS": '{"sms": {"per_day": 1}}',
+}
 TEST_HOME = ROOT / ".local" / ("test-stack" if PORT_OFFSET == 0 else f"test-stack-{PORT_OFFSET}")
 
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[local_stack.Stack]:
     """Kafka, FerretDB, the SMTP sandbox and all five services, fresh for this session."""
-    running = local_stack.Stack(home=TEST_HOME, ports=TEST_PORTS, partitions=3)
+    running = local_stack.Stack(
+        home=TEST_HOME, ports=TEST_PORTS, partitions=3, extra_env=TEST_DELIVERY_ENV
+    )
     running.down()
     shutil.rmtree(TEST_HOME, ignore_errors=True)
     local_stack.setup()

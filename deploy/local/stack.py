@@ -103,6 +103,7 @@ class Ports:
     outbox: int = 8025
     ingest: int = 8000
     admin: int = 8001
+    dispatcher_metrics: int = 9464
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -143,6 +144,11 @@ class Stack:
         return f"http://127.0.0.1:{self.ports.admin}"
 
     @property
+    def fcm_service_account(self) -> Path:
+        """Written by the sandbox (a generated key), read by the dispatcher."""
+        return self.home / "fcm-service-account.json"
+
+    @property
     def outbox_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.outbox}"
 
@@ -158,6 +164,14 @@ class Stack:
             "WAYPOST_SMTP_PORT": str(self.ports.smtp),
             "WAYPOST_INGEST_PORT": str(self.ports.ingest),
             "WAYPOST_ADMIN_PORT": str(self.ports.admin),
+            # Links in messages lead back to this stack's ingest; the sandbox plays every
+            # HTTP provider (SMS, FCM, WeChat) on the outbox port.
+            "WAYPOST_PUBLIC_URL": self.ingest_url,
+            "WAYPOST_SMS_BASE_URL": self.outbox_url,
+            "WAYPOST_FCM_BASE_URL": self.outbox_url,
+            "WAYPOST_WECHAT_BASE_URL": self.outbox_url,
+            "WAYPOST_FCM_SERVICE_ACCOUNT_FILE": str(self.fcm_service_account),
+            "WAYPOST_METRICS_PORT": str(self.ports.dispatcher_metrics),
             "PYTHONPATH": str(ROOT),
         }
         env.update(self.extra_env)
@@ -294,6 +308,8 @@ class Stack:
                 str(self.ports.smtp),
                 "--http-port",
                 str(self.ports.outbox),
+                "--fcm-service-account",
+                str(self.fcm_service_account),
             ],
         )
 

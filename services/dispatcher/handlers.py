@@ -1,29 +1,83 @@
 """Dispatcher shell: claim the ledger entry, check, render, send, record, report.
 
-Offsets are committed only after every request of a batch reached a final ledger state (or the
-dead-letter topic), so a crash repeats requests and the ledger turns repeats into no-ops.
+Three streams feed it: send requests, the retry topics (one per delay class) and the delivery
+reports that come back on the events topic. Many records are in flight at once; offsets are
+committed only behind finished work (`run_pipelined`), so a crash repeats requests and the
+ledger turns repeats into no-ops. One contact's sends run one at a time, which keeps the
+frequency-cap check and the count it guards together.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
 
-from services.dispatcher.adapters.email import SmtpSender
-from services.dispatcher.adapters.store import Ledger, Templates
+from services.dispatcher.adapters.metrics import DispatchMetrics
+from services.dispatcher.adapters.store import Caps, Consent, Ledger, Suppressions, Templates
+from services.dispatcher.domain.channels import render_push, render_sms, render_wechat
+from services.dispatcher.domain.messages import Content, Delivery, EmailContent, Provider
 from services.dispatcher.domain.outcomes import EVENT_NAMES, Outcome, resume_action
-from services.dispatcher.domain.rendering import RenderError, render_email, render_variables
+from services.dispatcher.domain.policy import (
+    CapRule,
+    TokenBucket,
+    address_of,
+    cap_refusal,
+    consent_refusal,
+    fallback_of,
+    falls_back,
+    kept_sends,
+    plan_retry,
+)
+from services.dispatcher.domain.rendering import (
+    EmailTemplate,
+    RenderError,
+    render_email,
+    render_variables,
+)
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import Clock
-from shared.contracts import Event, SendRequest
+from shared.contracts import Channel, ContactEvent, Event, SendRequest, SendRetry
 from shared.deadletter import DeadLetters
-from shared.kafka import AsyncProducer, ConsumerLoop, Record
-from shared.topics import EVENTS
+from shared.durations import parse_duration, zone
+from shared.kafka import AsyncProducer, Record
+from shared.links import LinkClaims, LinkSigner, track_email
+from shared.profiles import CONTACT_FORGOTTEN
+from shared.topics import EVENTS, SEND_RETRIES
 
 log = structlog.get_logger(__name__)
+
+CHANNELS: tuple[Channel, ...] = ("email", "sms", "push", "wechat")
+# Delivery reports that move a ledger entry forward, by event name.
+TRACKED = {
+    "Message Delivered": "delivered",
+    "Email Opened": "opened",
+    "Email Link Clicked": "clicked",
+}
+_REPORT_MARKERS = (
+    b'"event":"Message Delivered"',
+    b'"event":"Message Undelivered"',
+    b'"event":"Email Opened"',
+    b'"event":"Email Link Clicked"',
+    b'"event":"Unsubscribed"',
+    b'"event":"Subscribed"',
+)
+_FORGOTTEN_MARKER = f'"event":"{CONTACT_FORGOTTEN}"'.encode()
+
+
+@dataclass(frozen=True)
+class Stores:
+    ledger: Ledger
+    templates: Templates
+    caps: Caps
+    consent: Consent
+    suppressions: Suppressions
 
 
 class Dispatcher:
@@ -31,107 +85,446 @@ class Dispatcher:
         self,
         settings: DispatcherSettings,
         clock: Clock,
-        ledger: Ledger,
-        templates: Templates,
-        email: SmtpSender,
+        stores: Stores,
+        providers: Mapping[Channel, Provider],
+        links: LinkSigner,
         producer: AsyncProducer,
         dead_letters: DeadLetters,
+        metrics: DispatchMetrics,
+        monotonic: Callable[[], float],
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.ledger = ledger
-        self.templates = templates
-        self.email = email
+        self.stores = stores
+        self.ledger = stores.ledger
+        self.providers = providers
+        self.links = links
         self.producer = producer
         self.dead_letters = dead_letters
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self.metrics = metrics
+        self._monotonic = monotonic
+        self._buckets = {
+            "email": TokenBucket(settings.rate_email),
+            "sms": TokenBucket(settings.rate_sms),
+            "push": TokenBucket(settings.rate_push),
+            "wechat": TokenBucket(settings.rate_wechat),
+        }
+        self._caps = {
+            channel: CapRule(
+                per_day=cap.per_day,
+                per_window=cap.per_window,
+                window=parse_duration(cap.window) if cap.window else None,
+            )
+            for channel, cap in settings.frequency_caps.items()
+        }
+        self._paused_until: dict[str, datetime] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: dict[str, int] = {}
+        self._delays = {
+            "short": settings.retry_short_seconds,
+            "medium": settings.retry_medium_seconds,
+            "long": settings.retry_long_seconds,
+        }
 
-    async def run(self, consumer: ConsumerLoop, stop: asyncio.Event) -> None:
-        async for batch in consumer.records():
-            if batch:
-                await asyncio.gather(*(self._process(record) for record in batch))
-                consumer.commit(batch)
-            if stop.is_set():
+    # --- the three streams -------------------------------------------------------------------
+
+    async def on_request(self, record: Record) -> None:
+        try:
+            request = SendRequest.model_validate_json(record.value)
+        except ValidationError as exc:
+            await self.dead_letters.send(record, f"undecodable send request: {exc}")
+            return
+        await self._guarded(record, self.handle(request, record), request.message_id)
+
+    async def on_retry(self, record: Record) -> None:
+        try:
+            retry = SendRetry.model_validate_json(record.value)
+        except ValidationError as exc:
+            await self.dead_letters.send(record, f"undecodable send retry: {exc}")
+            return
+        wait = (retry.due_at - self.clock.now()).total_seconds()
+        if wait > 0:
+            await asyncio.sleep(wait)  # records of one class are due in arrival order
+        await self._guarded(record, self.handle_retry(retry, record), retry.request.message_id)
+
+    async def on_report(self, record: Record) -> None:
+        """Delivery reports, (un)subscribes and erasures from the events topics."""
+        value = record.value
+        try:
+            if _FORGOTTEN_MARKER in value:
+                contact_event = ContactEvent.model_validate_json(value)
+                if contact_event.event.label == CONTACT_FORGOTTEN:
+                    await self._forget(contact_event.contact_key)
                 return
-
-    async def _process(self, record: Record) -> None:
-        async with self._slots:
-            try:
-                request = SendRequest.model_validate_json(record.value)
-            except ValidationError as exc:
-                await self.dead_letters.send(record, f"undecodable send request: {exc}")
+            if not any(marker in value for marker in _REPORT_MARKERS):
                 return
-            try:
-                await self.handle(request)
-            except Exception as exc:
-                log.exception("dispatcher.failed", message_id=request.message_id)
-                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+            await self.on_event(Event.model_validate_json(value))
+        except ValidationError:
+            return  # not ours to judge: the segmenter dead-letters undecodable events
+        except Exception as exc:
+            log.exception("dispatcher.report_failed", offset=record.offset)
+            await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
 
-    async def handle(self, request: SendRequest) -> None:
+    async def _guarded(self, record: Record, work: Any, message_id: str) -> None:
+        try:
+            await work
+        except Exception as exc:
+            log.exception("dispatcher.failed", message_id=message_id)
+            await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+
+    # --- requests and retries ----------------------------------------------------------------
+
+    async def handle(self, request: SendRequest, record: Record) -> None:
         """Deliver one request at most once (marketing) or at least once (transactional)."""
-        new, state = await self.ledger.claim(request, self.clock.now())
-        if not new:
-            action = resume_action(state, request.transactional)
-            if action == "done":
-                return
-            if action == "unknown":
-                await self._finish(request, Outcome("skipped", "unknown_after_crash"), "unknown")
-                return
-        outcome = await self._deliver(request)
-        await self._finish(
-            request,
-            outcome,
-            {"recipient": "failed", "config": "failed"}.get(outcome.kind, outcome.kind),
-        )
+        async with self._contact(request.contact_key):
+            await self._claimed(request, record)
 
-    async def _deliver(self, request: SendRequest) -> Outcome:
-        if request.channel != "email":
-            return Outcome("skipped", f"channel_not_supported: {request.channel}")
-        address = request.profile.traits.get("email")
-        if not isinstance(address, str) or "@" not in address:
-            return Outcome("skipped", "no_email_address")
-        template = await self.templates.email(request.template_id)
+    async def _claimed(self, request: SendRequest, record: Record) -> None:
+        claim = await self.ledger.claim(request, self.clock.now())
+        if claim.new:
+            await self._attempt(request, 1, record)
+            return
+        if claim.state == "retrying":
+            # The retry record may not have been written before a crash: write it again; the
+            # ledger's attempt number lets only one copy through.
+            entry = await self.ledger.get(request.message_id) or {}
+            due = entry.get("due_at") or self.clock.now()
+            await self._enqueue(request, claim.attempt, due, str(entry.get("reason") or "retry"))
+            return
+        await self._resume(request, claim.state, claim.attempt, record)
+
+    async def handle_retry(self, retry: SendRetry, record: Record) -> None:
+        request = retry.request
+        async with self._contact(request.contact_key):
+            entry = await self.ledger.get(request.message_id)
+            if entry is None or int(entry.get("attempt", 1)) != retry.attempt:
+                return  # a stale copy: another attempt owns the message now
+            await self._resume(request, str(entry["state"]), retry.attempt, record)
+
+    async def _resume(self, request: SendRequest, state: str, attempt: int, record: Record) -> None:
+        if state == "retrying":
+            await self._attempt(request, attempt, record)
+            return
+        action = resume_action(state, request.transactional)
+        if action == "unknown":
+            reason = "a worker stopped during the provider call; not resent (marketing)"
+            await self._conclude(request, Outcome("unknown", reason), attempt, record, None)
+        elif action == "send":
+            await self._attempt(request, attempt, record)
+
+    async def _attempt(self, request: SendRequest, attempt: int, record: Record) -> None:
+        prepared = await self._prepare(request)
+        if isinstance(prepared, Outcome):
+            await self._conclude(request, prepared, attempt, record, None)
+            return
+        channel = request.channel
+        now = self.clock.now()
+        paused = self._paused_until.get(channel)
+        if paused is not None and paused > now:
+            await self._hold(request, attempt, paused, f"{channel} paused by a configuration error")
+            return
+        wait = self._buckets[channel].reserve(self._monotonic())
+        if wait > 0:
+            await asyncio.sleep(wait)
+        leaving = ("requested", "retrying", "sending")
+        began = await self.ledger.move(
+            request.message_id, "sending", self.clock.now(), leaving=leaving, attempt=attempt
+        )
+        if not began:
+            return  # the entry moved on meanwhile (another copy of this attempt won)
+        outcome = await self.providers[channel].send(prepared)
+        await self._conclude(request, outcome, attempt, record, prepared)
+
+    async def _prepare(self, request: SendRequest) -> Delivery | Outcome:
+        """Checks at send time, then rendering; an Outcome("skipped") says why not."""
+        channel = request.channel
+        profile = request.profile
+        if channel not in self.providers:
+            return Outcome("skipped", f"channel_not_configured: {channel}")
+        recorded = await self.stores.consent.get(request.contact_key, channel)
+        refusal = consent_refusal(channel, profile, recorded)
+        if refusal:
+            return Outcome("skipped", refusal)
+        address = address_of(channel, profile)
+        if address is None:
+            return Outcome("skipped", f"no_address: {channel}")
+        suppressed = await self.stores.suppressions.reason(channel, address)
+        if suppressed is not None:
+            return Outcome("skipped", f"suppressed: {suppressed}")
+        rule = self._caps.get(channel)
+        if rule is not None and not request.transactional:
+            sends = await self.stores.caps.sends(request.contact_key, channel)
+            tz = zone(str(profile.traits.get("timezone") or self.settings.default_timezone))
+            capped = cap_refusal(rule, sends, self.clock.now(), tz)
+            if capped:
+                return Outcome("skipped", capped)
+        template = await self.stores.templates.ready(request.template_id, channel)
         if template is None:
             return Outcome("skipped", f"template_not_ready: {request.template_id}")
         try:
-            rendered = render_email(template, render_variables(request))
+            content = self._render(request, template)
         except RenderError as exc:
             return Outcome("skipped", f"template_error: {exc}")
-        await self.ledger.move(request.message_id, "sending", self.clock.now())
-        outcome = Outcome("retry")
-        for attempt in range(self.settings.send_attempts):
-            outcome = await self.email.send(request.message_id, address, rendered)
-            if outcome.kind != "retry":
-                return outcome
-            await asyncio.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))  # noqa: S311
-        return Outcome("recipient", f"retries_exhausted: {outcome.reason}")
+        return Delivery(request.message_id, request.contact_key, channel, address, content)
 
-    async def _finish(self, request: SendRequest, outcome: Outcome, state: str) -> None:
-        now = self.clock.now()
-        await self.ledger.move(request.message_id, state, now, reason=outcome.reason)
-        properties = {
-            "message_id": request.message_id,
-            "channel": request.channel,
-            "template_id": request.template_id,
-            "journey_id": request.journey_id,
-            "journey_version": request.journey_version,
-            "step_id": request.step_id,
-        }
-        if outcome.reason:
-            properties["reason"] = outcome.reason
-        profile = request.profile
-        event = Event(
-            type="track",
-            event=EVENT_NAMES[state],
-            user_id=profile.user_id,
-            anonymous_id=None if profile.user_id else request.contact_key,
-            message_id=f"{request.message_id}:{state}",
-            timestamp=now,
-            received_at=now,
-            properties=properties,
-            source="waypost-dispatcher",
+    def _render(self, request: SendRequest, template: Mapping[str, Any]) -> Content:
+        variables = render_variables(request)
+        claims = LinkClaims(
+            kind="unsubscribe",
+            message_id=request.message_id,
+            contact_key=request.contact_key,
+            is_user=request.profile.user_id == request.contact_key,
+            channel=request.channel,
+            template_id=request.template_id,
+            journey_id=request.journey_id,
+            step_id=request.step_id,
+            issued_at=int(request.requested_at.timestamp()),
         )
-        await self.producer.send(EVENTS.name, event.contact_key, event.to_wire())
+        if request.channel == "sms":
+            callback = self.links.sms_status_url(replace(claims, kind="sms_status"))
+            return render_sms(template, variables, callback)
+        if request.channel == "push":
+            return render_push(template, variables)
+        if request.channel == "wechat":
+            return render_wechat(template, variables)
+        rendered = render_email(
+            EmailTemplate(
+                subject=template.get("subject") or "",
+                text=template.get("text") or "",
+                html=template.get("html"),
+            ),
+            variables,
+        )
+        html, text = track_email(
+            rendered.html,
+            rendered.text,
+            self.links,
+            claims,
+            opens=self.settings.track_opens,
+            clicks=self.settings.track_clicks,
+        )
+        # Transactional mail (receipts, resets) is not list mail: no unsubscribe header.
+        unsubscribe = None if request.transactional else self.links.unsubscribe_url(claims)
+        return EmailContent(rendered.subject, text, html, unsubscribe)
+
+    # --- outcomes ------------------------------------------------------------------------------
+
+    async def _conclude(
+        self,
+        request: SendRequest,
+        outcome: Outcome,
+        attempt: int,
+        record: Record,
+        delivery: Delivery | None,
+    ) -> None:
+        channel = request.channel
+        now = self.clock.now()
+        self.metrics.outcome(channel, outcome.kind)
+        exhausted = False
+        if outcome.kind == "retry" or (outcome.kind == "unknown" and request.transactional):
+            plan = plan_retry(
+                request.message_id,
+                attempt,
+                self.settings.send_attempts,
+                self._delays,
+                now,
+                outcome.retry_after,
+            )
+            if plan is not None:
+                await self._enqueue(request, attempt + 1, plan.due_at, outcome.reason or "retry")
+                return
+            reason = f"retries_exhausted after {attempt} attempts: {outcome.reason}"
+            await self.dead_letters.send(record, reason)
+            outcome = Outcome("recipient", reason, code=outcome.code)
+            exhausted = True
+        if outcome.kind == "config":
+            hold = outcome.retry_after or self.settings.provider_pause_seconds
+            until = now + timedelta(seconds=hold)
+            self._pause(channel, until, outcome.reason)
+            await self._hold(request, attempt, until, outcome.reason or "configuration error")
+            return
+        state = {"recipient": "failed", "sent": "sent", "skipped": "skipped"}.get(
+            outcome.kind, "unknown"
+        )
+        moved = await self.ledger.move(
+            request.message_id,
+            state,
+            now,
+            leaving=("requested", "sending", "retrying"),
+            reason=outcome.reason,
+            code=outcome.code,
+            provider_id=outcome.provider_id,
+        )
+        if not moved:
+            return  # already concluded by another copy
+        if state == "sent" and not request.transactional and channel in self._caps:
+            sends = await self.stores.caps.sends(request.contact_key, channel)
+            kept = kept_sends(self._caps[channel], [*sends, now], now)
+            await self.stores.caps.store(request.contact_key, channel, kept)
+        if state == "failed" and delivery is not None and not exhausted:
+            await self._after_recipient_failure(request, outcome, delivery, now)
+        await self._announce(request, state, outcome, now, delivery)
+        reachable_elsewhere = (state == "failed" and not exhausted) or (
+            state == "skipped" and falls_back(outcome.reason)
+        )
+        following = fallback_of(request) if reachable_elsewhere else None
+        if following is not None:
+            await self._claimed(following, record)
+
+    async def _after_recipient_failure(
+        self, request: SendRequest, outcome: Outcome, delivery: Delivery, now: datetime
+    ) -> None:
+        channel = request.channel
+        if outcome.withdrew_consent:
+            await self.stores.consent.record(request.contact_key, channel, False, now)
+            await self._emit(
+                request,
+                "Unsubscribed",
+                f"{request.message_id}:provider-opt-out",
+                {"channel": channel, "method": "provider", "reason": outcome.reason},
+                now,
+            )
+        elif outcome.address_invalid:
+            await self.stores.suppressions.add(channel, delivery.address, outcome.reason or "", now)
+
+    async def _enqueue(
+        self, request: SendRequest, attempt: int, due: datetime, reason: str
+    ) -> None:
+        """Hand the request to the retry topic of its delay class, then mark the ledger."""
+        delay = (due - self.clock.now()).total_seconds()
+        delay_class = next(
+            (c for c in ("short", "medium", "long") if self._delays[c] >= delay), "long"
+        )
+        retry = SendRetry(request=request, attempt=attempt, due_at=due, reason=reason)
+        await self.producer.send(
+            SEND_RETRIES[delay_class].name, request.contact_key, retry.to_wire()
+        )
+        await self.ledger.move(
+            request.message_id,
+            "retrying",
+            self.clock.now(),
+            leaving=("requested", "sending", "retrying"),
+            attempt=attempt,
+            due_at=due,
+            reason=reason,
+        )
+        log.info("dispatcher.retry", message_id=request.message_id, attempt=attempt, due=due)
+
+    async def _hold(self, request: SendRequest, attempt: int, until: datetime, reason: str) -> None:
+        """Keep a request whose channel is paused: it waits on a retry topic, attempt unspent."""
+        await self._enqueue(request, attempt, until, reason)
+
+    def _pause(self, channel: str, until: datetime, reason: str | None) -> None:
+        if self._paused_until.get(channel, until) <= until or channel not in self._paused_until:
+            self._paused_until[channel] = until
+        self.metrics.paused(channel, until, reason)
+        log.error("dispatcher.provider_paused", channel=channel, until=until, reason=reason)
+
+    async def _announce(
+        self,
+        request: SendRequest,
+        state: str,
+        outcome: Outcome,
+        now: datetime,
+        delivery: Delivery | None,
+    ) -> None:
+        properties: dict[str, Any] = {
+            "channel": request.channel,
+            "transactional": request.transactional,
+        }
+        for name, value in (
+            ("reason", outcome.reason),
+            ("code", outcome.code),
+            ("provider_id", outcome.provider_id),
+        ):
+            if value:
+                properties[name] = value
+        if state == "failed" and outcome.address_invalid and delivery is not None:
+            properties["address_invalid"] = True
+            if request.channel == "push":  # the segmenter removes the dead token
+                properties["address"] = delivery.address
+        await self._emit(
+            request, EVENT_NAMES[state], f"{request.message_id}:{state}", properties, now
+        )
         log.info(
             "dispatcher.outcome", message_id=request.message_id, state=state, reason=outcome.reason
         )
+
+    async def _emit(
+        self,
+        request: SendRequest,
+        name: str,
+        event_id: str,
+        properties: dict[str, Any],
+        now: datetime,
+    ) -> None:
+        profile = request.profile
+        event = Event(
+            type="track",
+            event=name,
+            user_id=profile.user_id,
+            anonymous_id=None if profile.user_id else request.contact_key,
+            message_id=event_id,
+            timestamp=now,
+            received_at=now,
+            properties={
+                "message_id": request.message_id,
+                "template_id": request.template_id,
+                "journey_id": request.journey_id,
+                "journey_version": request.journey_version,
+                "step_id": request.step_id,
+                **properties,
+            },
+            source="waypost-dispatcher",
+        )
+        await self.producer.send(EVENTS.name, event.contact_key, event.to_wire())
+
+    # --- reports -------------------------------------------------------------------------------
+
+    async def on_event(self, event: Event) -> None:
+        label = event.label
+        props = event.properties
+        if label in ("Unsubscribed", "Subscribed"):
+            channel = str(props.get("channel", "email"))
+            for one in CHANNELS if channel == "all" else (channel,):
+                if one in CHANNELS:
+                    given = label == "Subscribed"
+                    await self.stores.consent.record(event.contact_key, one, given, event.timestamp)
+            return
+        message_id = props.get("message_id")
+        if not isinstance(message_id, str):
+            return
+        if label == "Message Undelivered":
+            reason = f"undelivered: {props.get('status')} {props.get('error_code')}"
+            await self.ledger.move(
+                message_id,
+                "failed",
+                event.timestamp,
+                leaving=("sent",),
+                reason=reason,
+                code=str(props.get("error_code")),
+            )
+            return
+        state = TRACKED.get(label)
+        if state is not None:
+            await self.ledger.track(message_id, state, event.timestamp)
+
+    async def _forget(self, contact_key: str) -> None:
+        await self.stores.caps.forget(contact_key)
+        await self.stores.consent.forget(contact_key)
+        await self.ledger.forget(contact_key)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _contact(self, contact_key: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(contact_key, asyncio.Lock())
+        self._lock_users[contact_key] = self._lock_users.get(contact_key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[contact_key] -= 1
+            if self._lock_users[contact_key] == 0:
+                del self._lock_users[contact_key]
+                del self._locks[contact_key]

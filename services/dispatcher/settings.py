@@ -37,6 +37,9 @@ class DispatcherSettings(CommonSettings):
     # Caps by channel, JSON: {"email": {"per_day": 3, "per_window": 9, "window": "7d"}}
     frequency_caps: dict[str, FrequencyCap] = Field(default_factory=dict)
     default_timezone: str = "UTC"
+    # Prometheus metrics (0 = not served).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=0, ge=0)
 
     # Email over SMTP
     smtp_host: str = "127.0.0.1"

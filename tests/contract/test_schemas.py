@@ -29,6 +29,7 @@ from shared.cli import load_journey_file
 from shared.conditions import condition_from
 from shared.contracts import (
     AudienceRequest,
+    ChannelTemplate,
     ContactCommand,
     ContactEvent,
     DeadLetter,
@@ -39,6 +40,7 @@ from shared.contracts import (
     SegmentCount,
     SegmentTimerRequest,
     SendRequest,
+    SendRetry,
     TimerFired,
     WebhookCall,
     WebhookResult,
@@ -63,6 +65,7 @@ PINNED_MODELS: tuple[type[BaseModel], ...] = (
     Profile,
     ContactEvent,
     SendRequest,
+    SendRetry,
     TimerFired,
     ContactCommand,
     WebhookCall,
@@ -189,6 +192,24 @@ def _samples() -> dict[str, BaseModel]:
             requested_at=T0,
             profile=_profile(),
             context={"trigger": {"event": "Registered"}},
+        ),
+        SendRetry(
+            request=SendRequest(
+                message_id="send-1",
+                contact_key="user-1",
+                channel="sms",
+                template_id="reminder",
+                journey_id="welcome",
+                journey_version=1,
+                instance_id="inst-1",
+                step_id="reminder",
+                requested_at=T0,
+                profile=_profile(),
+                fallbacks=(ChannelTemplate(channel="email", template_id="reminder-email"),),
+            ),
+            attempt=2,
+            due_at=T0,
+            reason="sms 503",
         ),
         TimerFired(
             contact_key="user-1", timer_id="t-1", instance_id="inst-1", due_at=T0, fired_at=T0

@@ -214,6 +214,28 @@ def test_unsubscribed_withdraws_the_channel_and_subscribed_gives_it_back() -> No
     assert row.profile.consent == {"sms": True}
 
 
+def test_a_push_token_the_provider_called_unregistered_leaves_the_profile() -> None:
+    identify = Event(
+        type="identify",
+        user_id="u-1",
+        message_id="i-1",
+        timestamp=T0,
+        received_at=T0,
+        traits={"push_tokens": ["old", "dead", "new"], "push_token": "dead"},
+    )
+    failed = _event(
+        "Message Failed", T0, "f-1", channel="push", address_invalid=True, address="dead"
+    )
+    row = _fold([identify, failed], S11, T0)
+    assert row.profile.traits["push_tokens"] == ["old", "new"]
+    assert "push_token" not in row.profile.traits
+    # A failure that does not condemn the token (a retry exhausted, say) keeps it.
+    kept = _fold(
+        [identify, _event("Message Failed", T0, "f-2", channel="push", address="new")], S11, T0
+    )
+    assert kept.profile.traits["push_tokens"] == ["old", "dead", "new"]
+
+
 def test_an_identified_event_links_the_anonymous_key_once() -> None:
     first = contact.apply(
         None, _event("Signed Up", T0, "e-1", user="u-7", anonymous="anon-7"), S11, T0

@@ -1,33 +1,57 @@
-"""The message ledger and the templates, in the document store.
+"""The dispatcher's documents: the message ledger, templates, caps, consent and suppressions.
 
 The ledger's `_id` is the deterministic message id: the insert that claims a send is the unique
-index that keeps a replayed request from reaching the provider twice.
+index that keeps a replayed request from reaching the provider twice. Every later move names the
+states it may leave, so a stale worker cannot overwrite a newer state.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from services.dispatcher.domain.rendering import EmailTemplate
+from services.dispatcher.domain.policy import ConsentRecord
 from shared.contracts import SendRequest
 
 MESSAGES = "messages"
 TEMPLATES = "templates"
+CAPS = "frequency_caps"
+CONSENT = "consent"
+SUPPRESSIONS = "suppressions"
+
+# After a send, what delivery reports may move the entry to, in order.
+_TRACKING_ORDER = ("sent", "delivered", "opened", "clicked")
+
+
+async def ensure_indexes(db: AsyncDatabase[dict[str, Any]]) -> None:
+    """The lookups the dispatcher makes besides `_id` (erasure by contact)."""
+    for name in (MESSAGES, CAPS, CONSENT):
+        await db[name].create_index("contact_key")
+
+
+@dataclass(frozen=True)
+class Claim:
+    new: bool
+    state: str
+    attempt: int
 
 
 class Ledger:
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
         self._messages = db[MESSAGES]
 
-    async def claim(self, request: SendRequest, now: datetime) -> tuple[bool, str]:
-        """Insert the entry as `requested`; returns (new, current state)."""
+    async def claim(self, request: SendRequest, now: datetime) -> Claim:
+        """Insert the entry as `requested`, or report the state a previous delivery left."""
         doc = {
             "_id": request.message_id,
             "state": "requested",
+            "attempt": 1,
             "contact_key": request.contact_key,
             "channel": request.channel,
             "template_id": request.template_id,
@@ -35,34 +59,132 @@ class Ledger:
             "journey_version": request.journey_version,
             "instance_id": request.instance_id,
             "step_id": request.step_id,
+            "transactional": request.transactional,
             "requested_at": request.requested_at,
             "history": [{"state": "requested", "at": now}],
         }
         try:
             await self._messages.insert_one(doc)
-            return True, "requested"
+            return Claim(True, "requested", 1)
         except DuplicateKeyError:
-            existing = await self._messages.find_one({"_id": request.message_id}, {"state": 1})
-            return False, str(existing["state"]) if existing else "requested"
+            found = await self._messages.find_one(
+                {"_id": request.message_id}, {"state": 1, "attempt": 1}
+            )
+            if found is None:  # deleted in between (a forgotten contact): nothing to resume
+                return Claim(False, "skipped", 1)
+            return Claim(False, str(found["state"]), int(found.get("attempt", 1)))
 
-    async def move(self, message_id: str, state: str, now: datetime, **fields: str | None) -> None:
-        await self._messages.update_one(
-            {"_id": message_id},
-            {
-                "$set": {"state": state, f"{state}_at": now, **fields},
-                "$push": {"history": {"state": state, "at": now, **fields}},
-            },
+    async def get(self, message_id: str) -> dict[str, Any] | None:
+        return await self._messages.find_one({"_id": message_id})
+
+    async def move(
+        self,
+        message_id: str,
+        state: str,
+        now: datetime,
+        *,
+        leaving: Iterable[str] | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Set `state` (and `fields`), only from one of `leaving` when given; True if moved."""
+        query: dict[str, Any] = {"_id": message_id}
+        if leaving is not None:
+            query["state"] = {"$in": list(leaving)}
+        entry = {"state": state, "at": now, **{k: v for k, v in fields.items() if v is not None}}
+        result = await self._messages.update_one(
+            query,
+            {"$set": {"state": state, f"{state}_at": now, **fields}, "$push": {"history": entry}},
         )
+        return result.modified_count == 1
+
+    async def forget(self, contact_key: str) -> None:
+        """An erased contact's entries keep their ids (replays stay no-ops), not the key."""
+        await self._messages.update_many(
+            {"contact_key": contact_key},
+            {"$set": {"contact_key": "forgotten"}, "$unset": {"history": ""}},
+        )
+
+    async def track(self, message_id: str, state: str, now: datetime, **fields: Any) -> bool:
+        """A delivery report: moves forward only (sent → delivered → opened → clicked)."""
+        earlier = _TRACKING_ORDER[: _TRACKING_ORDER.index(state)]
+        return await self.move(message_id, state, now, leaving=earlier, **fields)
 
 
 class Templates:
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
         self._templates = db[TEMPLATES]
 
-    async def email(self, template_id: str) -> EmailTemplate | None:
-        doc = await self._templates.find_one({"_id": template_id, "channel": "email"})
-        if doc is None or doc.get("status") != "ready":
+    async def ready(self, template_id: str, channel: str) -> Mapping[str, Any] | None:
+        """The live content of a ready template for the channel, else None."""
+        doc = await self._templates.find_one({"_id": template_id})
+        if doc is None or doc.get("status") != "ready" or doc.get("channel", "email") != channel:
             return None
-        return EmailTemplate(
-            subject=doc.get("subject") or "", text=doc["text"], html=doc.get("html")
+        return doc
+
+
+class Caps:
+    """Provider-accepted sends per contact and channel, for frequency caps."""
+
+    def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
+        self._caps = db[CAPS]
+
+    async def sends(self, contact_key: str, channel: str) -> list[datetime]:
+        doc = await self._caps.find_one({"_id": f"{channel}|{contact_key}"})
+        return list(doc.get("sends", [])) if doc else []
+
+    async def store(self, contact_key: str, channel: str, sends: list[datetime]) -> None:
+        await self._caps.replace_one(
+            {"_id": f"{channel}|{contact_key}"},
+            {"contact_key": contact_key, "channel": channel, "sends": sends},
+            upsert=True,
         )
+
+    async def forget(self, contact_key: str) -> None:
+        await self._caps.delete_many({"contact_key": contact_key})
+
+
+class Consent:
+    """(Un)subscribes the dispatcher saw on the events topic: fresher than a request's profile."""
+
+    def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
+        self._consent = db[CONSENT]
+
+    async def get(self, contact_key: str, channel: str) -> ConsentRecord | None:
+        doc = await self._consent.find_one({"_id": f"{channel}|{contact_key}"})
+        return ConsentRecord(bool(doc["given"]), doc["at"]) if doc else None
+
+    async def record(self, contact_key: str, channel: str, given: bool, at: datetime) -> None:
+        """Keep the newest word per channel (an older, late event changes nothing)."""
+        key = f"{channel}|{contact_key}"
+        # A newer record makes the filter miss and the upsert's insert collide: keep it.
+        with contextlib.suppress(DuplicateKeyError):
+            await self._consent.update_one(
+                {"_id": key, "at": {"$lt": at}},
+                {"$set": {"contact_key": contact_key, "given": given, "at": at}},
+                upsert=True,
+            )
+
+    async def forget(self, contact_key: str) -> None:
+        await self._consent.delete_many({"contact_key": contact_key})
+
+
+class Suppressions:
+    """Addresses a provider called permanently bad (a hard bounce, an unknown number or openid)."""
+
+    def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
+        self._suppressions = db[SUPPRESSIONS]
+
+    @staticmethod
+    def _key(channel: str, address: str) -> str:
+        return f"{channel}:{address.strip().casefold()}"
+
+    async def add(self, channel: str, address: str, reason: str, now: datetime) -> None:
+        await self._suppressions.replace_one(
+            {"_id": self._key(channel, address)},
+            {"channel": channel, "reason": reason, "at": now},
+            upsert=True,
+        )
+
+    async def reason(self, channel: str, address: str) -> str | None:
+        doc = await self._suppressions.find_one({"_id": self._key(channel, address)})
+        return str(doc.get("reason")) if doc else None

@@ -33,6 +33,8 @@ _HOUR = 3600
 # gives it back (absent means never withdrawn).
 UNSUBSCRIBED = "Unsubscribed"
 SUBSCRIBED = "Subscribed"
+# The dispatcher reports a push token the provider called unregistered; it leaves the profile.
+MESSAGE_FAILED = "Message Failed"
 _CHANNELS = ("email", "sms", "push", "wechat")
 
 
@@ -85,7 +87,7 @@ def apply(row: ContactRow | None, event: Event, defs: Definitions, now: datetime
     if not applied.accepted:
         # Also among the profile's most recent ids (kept beyond the day, up to a count).
         return Outcome(row, duplicate=True)
-    profile = _with_consent(applied.profile, event)
+    profile = _without_dead_token(_with_consent(applied.profile, event), event)
     link = event.previous_id if event.type == "alias" else event.anonymous_id
     known = before.anonymous_ids if before is not None else ()
     linked = None
@@ -270,6 +272,27 @@ def _with_consent(profile: Profile, event: Event) -> Profile:
     given = event.label == SUBSCRIBED
     consent = {**profile.consent, **{c: given for c in channels if c in _CHANNELS}}
     return profile.model_copy(update={"consent": consent})
+
+
+def _without_dead_token(profile: Profile, event: Event) -> Profile:
+    props = event.properties
+    if not (
+        event.label == MESSAGE_FAILED
+        and props.get("channel") == "push"
+        and props.get("address_invalid") is True
+        and isinstance(props.get("address"), str)
+    ):
+        return profile
+    dead = props["address"]
+    traits = dict(profile.traits)
+    tokens = traits.get("push_tokens")
+    if isinstance(tokens, list) and dead in tokens:
+        traits["push_tokens"] = [t for t in tokens if t != dead]
+    if traits.get("push_token") == dead:
+        del traits["push_token"]
+    if traits == profile.traits:
+        return profile
+    return profile.model_copy(update={"traits": traits})
 
 
 def _merged_consent(mine: dict[str, bool], theirs: dict[str, bool]) -> dict[str, bool]:

@@ -1,0 +1,39 @@
+"""Dispatcher metrics (Prometheus): outcomes per channel, and the alert that a channel is paused."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class DispatchMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._outcomes = Counter(
+            "waypost_dispatcher_outcomes",
+            "Provider calls and decisions not to call, by channel and outcome class",
+            ["channel", "outcome"],
+            registry=self.registry,
+        )
+        self._config_errors = Counter(
+            "waypost_dispatcher_configuration_errors",
+            "Configuration errors (bad credentials, template ids); each pauses the channel",
+            ["channel"],
+            registry=self.registry,
+        )
+        # Alert on this: a paused channel keeps its requests on the retry topics.
+        self._paused_until = Gauge(
+            "waypost_dispatcher_channel_paused_until_seconds",
+            "Unix time until which a channel is paused by a configuration error (0 = running)",
+            ["channel"],
+            registry=self.registry,
+        )
+
+    def outcome(self, channel: str, kind: str) -> None:
+        self._outcomes.labels(channel, kind).inc()
+        if kind == "config":
+            self._config_errors.labels(channel).inc()
+
+    def paused(self, channel: str, until: datetime, reason: str | None) -> None:
+        self._paused_until.labels(channel).set(until.timestamp())

@@ -1,0 +1,167 @@
+"""Delivery policy (pure): where a message goes, whether it may go now, what follows an outcome.
+
+Time comes in as arguments and randomness from hashes of the message id, so a replayed request
+is decided exactly like the first one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from shared.contracts import Channel, Profile, SendRequest
+from shared.ids import stable_fraction, stable_id
+
+# Skip reasons after which the next channel of a priority list is tried (the contact cannot be
+# reached on this one); a frequency cap or a template problem does not move to another channel.
+UNREACHABLE = ("unsubscribed", "no_address", "suppressed")
+
+# Retry topics, one per delay class: attempt 1 waits in "short", 2 in "medium", later in "long".
+RETRY_CLASSES: tuple[str, ...] = ("short", "medium", "long")
+JITTER = 0.25  # up to +25% on every delay, so retries of one burst spread out
+
+
+def address_of(channel: Channel, profile: Profile) -> str | None:
+    """The contact's address on a channel: email, phone, newest push token, WeChat openid."""
+    traits = profile.traits
+    if channel == "email":
+        value = traits.get("email")
+        return value.strip() if isinstance(value, str) and "@" in value else None
+    if channel == "sms":
+        value = traits.get("phone")
+        return value.strip() if isinstance(value, str) and value.strip() else None
+    if channel == "push":
+        tokens = traits.get("push_tokens")
+        if isinstance(tokens, list):
+            usable = [t for t in tokens if isinstance(t, str) and t]
+            if usable:
+                return usable[-1]
+        value = traits.get("push_token")
+        return value if isinstance(value, str) and value else None
+    # A unionid names the person across the company's apps, but only an openid can be sent to.
+    value = traits.get("wechat_openid")
+    return value if isinstance(value, str) and value else None
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    """The dispatcher's own record of an (un)subscribe it saw, newer than some profiles."""
+
+    given: bool
+    at: datetime
+
+
+def consent_refusal(
+    channel: Channel, profile: Profile, recorded: ConsentRecord | None
+) -> str | None:
+    """`unsubscribed` when the freshest word on this channel is a withdrawal."""
+    if recorded is not None and recorded.at >= profile.updated_at:
+        given = recorded.given
+    else:
+        given = profile.consent.get(channel, True)
+    return None if given else f"unsubscribed: {channel}"
+
+
+@dataclass(frozen=True)
+class CapRule:
+    per_day: int | None = None
+    per_window: int | None = None
+    window: timedelta | None = None
+
+
+def cap_refusal(
+    rule: CapRule, sends: Sequence[datetime], now: datetime, tz: ZoneInfo
+) -> str | None:
+    """`frequency_capped: …` when one more send would break the day or the rolling window."""
+    if rule.per_day is not None:
+        today = now.astimezone(tz).date()
+        count = sum(1 for s in sends if s.astimezone(tz).date() == today)
+        if count >= rule.per_day:
+            return f"frequency_capped: {count} today (limit {rule.per_day} per day)"
+    if rule.per_window is not None and rule.window is not None:
+        since = now - rule.window
+        count = sum(1 for s in sends if s > since)
+        if count >= rule.per_window:
+            return f"frequency_capped: {count} in {rule.window} (limit {rule.per_window})"
+    return None
+
+
+def kept_sends(rule: CapRule, sends: Iterable[datetime], now: datetime) -> list[datetime]:
+    """The sends a cap can still count (the longest of a window and two calendar days)."""
+    horizon = max(rule.window or timedelta(0), timedelta(days=2))
+    return sorted(s for s in sends if s > now - horizon)
+
+
+@dataclass(frozen=True)
+class RetryPlan:
+    delay_class: str
+    due_at: datetime
+
+
+def plan_retry(
+    message_id: str,
+    attempt: int,
+    max_attempts: int,
+    delays: Mapping[str, float],
+    now: datetime,
+    retry_after: float | None = None,
+) -> RetryPlan | None:
+    """When and through which retry topic attempt `attempt + 1` goes; None when exhausted.
+
+    The class delay grows with the attempt; a provider's `Retry-After` is a floor. Jitter is a
+    stable fraction of the message id and attempt.
+    """
+    if attempt >= max_attempts:
+        return None
+    delay_class = RETRY_CLASSES[min(attempt, len(RETRY_CLASSES)) - 1]
+    delay = delays[delay_class]
+    if retry_after is not None and retry_after > delay:
+        delay = retry_after
+        delay_class = next((c for c in RETRY_CLASSES if delays[c] >= retry_after), "long")
+    jitter = 1 + JITTER * stable_fraction(message_id, attempt)
+    return RetryPlan(delay_class, now + timedelta(seconds=delay * jitter))
+
+
+def fallback_of(request: SendRequest) -> SendRequest | None:
+    """The same message on the next channel of the priority list, with its own ledger id."""
+    if not request.fallbacks:
+        return None
+    following, *rest = request.fallbacks
+    return request.model_copy(
+        update={
+            "message_id": stable_id(request.message_id, "fallback", following.channel),
+            "channel": following.channel,
+            "template_id": following.template_id,
+            "fallbacks": tuple(rest),
+        }
+    )
+
+
+def falls_back(reason: str | None) -> bool:
+    return reason is not None and reason.startswith(UNREACHABLE)
+
+
+def next_midnight(now: datetime, tz: ZoneInfo) -> datetime:
+    """The start of the next calendar day in `tz` (quotas that reset daily)."""
+    local = now.astimezone(tz)
+    tomorrow = (local + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return tomorrow.astimezone(now.tzinfo)
+
+
+class TokenBucket:
+    """A provider's rate limit: `rate` sends per second with a one-second burst."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._next_free = 0.0
+
+    def reserve(self, now: float) -> float:
+        """Take one slot; returns how long to wait before using it (0 when unlimited)."""
+        if self.rate <= 0:
+            return 0.0
+        interval = 1.0 / self.rate
+        start = max(now - 1.0 + interval, self._next_free)  # allow a burst of one second's worth
+        self._next_free = start + interval
+        return max(0.0, start - now)
