@@ -17,7 +17,7 @@ from shared.clock import Clock
 from shared.contracts import Channel
 
 # Long headers stay on one line: folding List-Unsubscribe breaks DKIM in some clients.
-_UNFOLDED = email.policy.SMTP.clone(max_line_length=0)
+_UNFOLDED = email.policy.SMTP.clone(max_line_length=998)  # the RFC 5322 line limit
 
 
 class SmtpSender:
@@ -47,11 +47,15 @@ class SmtpSender:
             msg.add_alternative(content.html, subtype="html")
         return msg
 
+    def wire(self, message: EmailMessage) -> bytes:
+        """The bytes sent in DATA."""
+        return message.as_bytes(policy=_UNFOLDED)
+
     async def send(self, delivery: Delivery) -> Outcome:
         settings = self._settings
         password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
         message = self.compose(delivery)
-        raw = message.as_bytes(policy=_UNFOLDED)
+        raw = self.wire(message)
         sender = parseaddr(settings.email_from)[1]
         client = aiosmtplib.SMTP(
             hostname=settings.smtp_host,

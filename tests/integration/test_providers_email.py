@@ -1,0 +1,165 @@
+"""Email over real SMTP: the sandbox's aiosmtpd server, and a second one that demands AUTH."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import socket
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from email.message import EmailMessage
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from services.dispatcher.adapters.email import SmtpSender
+from services.dispatcher.domain.messages import Delivery, EmailContent
+from services.dispatcher.settings import DispatcherSettings
+from shared.clock import ManualClock
+from shared.links import LinkClaims, LinkSigner, track_email
+from tests.integration.conftest import SandboxInfo
+
+NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+SIGNER = LinkSigner("test-secret", "https://links.example.com")
+
+
+def _settings(port: int, **overrides: object) -> DispatcherSettings:
+    return DispatcherSettings(
+        smtp_host="127.0.0.1", smtp_port=port, smtp_timeout_seconds=1.0, **overrides
+    )
+
+
+def _delivery(to: str, message_id: str = "msg-1") -> Delivery:
+    claims = LinkClaims(
+        kind="unsubscribe",
+        message_id=message_id,
+        contact_key="u-1",
+        is_user=True,
+        channel="email",
+        template_id="welcome",
+        journey_id="welcome",
+        step_id="hello",
+        issued_at=int(NOW.timestamp()),
+    )
+    html, text = track_email(
+        '<html><body><p>Hi</p><a href="https://shop.example.com/spring">Spring</a></body></html>',
+        "Hi, see https://shop.example.com/spring",
+        SIGNER,
+        claims,
+        opens=True,
+        clicks=True,
+    )
+    content = EmailContent("Spring is here", text, html, SIGNER.unsubscribe_url(claims))
+    return Delivery(message_id, "u-1", "email", to, content)
+
+
+def _parsed(record: dict[str, object]) -> dict[str, str]:
+    headers = record["headers"]
+    assert isinstance(headers, dict)
+    return {str(k): str(v) for k, v in headers.items()}
+
+
+async def test_a_sent_message_carries_every_header_and_part(clean_sandbox: SandboxInfo) -> None:
+    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ManualClock(NOW))
+    outcome = await sender.send(_delivery("ada@example.com"))
+    assert outcome.kind == "sent"
+    assert outcome.provider_id == "<msg-1@waypost.local>"
+    (record,) = clean_sandbox.wait_messages("email", "ada@example.com")
+    headers = _parsed(record)
+    assert headers["Message-ID"] == "<msg-1@waypost.local>"  # deterministic per message id
+    unsubscribe = headers["List-Unsubscribe"]
+    assert unsubscribe.startswith("<https://links.example.com/u/")
+    assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert record["subject"] == "Spring is here"
+    html, text = str(record["html"]), str(record["text"])
+    assert "https://links.example.com/c/" in html and "https://links.example.com/o/" in html
+    assert "https://shop.example.com/spring" not in html  # every link goes through tracking
+    assert "https://links.example.com/c/" in text
+
+
+async def test_the_unsubscribe_header_is_not_folded(clean_sandbox: SandboxInfo) -> None:
+    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ManualClock(NOW))
+    raw = sender.wire(sender.compose(_delivery("ada@example.com")))
+    line = next(x for x in raw.split(b"\r\n") if x.startswith(b"List-Unsubscribe:"))
+    assert len(line) > 78  # longer than a folded line could be, and still one line
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    assert parsed["List-Unsubscribe"] == line.split(b": ", 1)[1].decode()
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"), [(550, "recipient"), (553, "recipient"), (451, "retry"), (452, "retry")]
+)
+async def test_refused_recipients_are_classified(
+    clean_sandbox: SandboxInfo, code: int, kind: str
+) -> None:
+    clean_sandbox.fail(channel="email", recipient="gone@example.com", error=str(code))
+    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ManualClock(NOW))
+    outcome = await sender.send(_delivery("gone@example.com"))
+    assert outcome.kind == kind
+    assert outcome.code == str(code)
+    assert outcome.address_invalid == (kind == "recipient")
+    assert clean_sandbox.messages("email", "gone@example.com") == []
+
+
+async def test_a_timeout_after_data_is_unknown_and_the_message_arrived(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    clean_sandbox.fail(channel="email", recipient="slow@example.com", error="timeout", seconds=3)
+    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ManualClock(NOW))
+    outcome = await sender.send(_delivery("slow@example.com"))
+    assert outcome.kind == "unknown"
+    clean_sandbox.wait_messages("email", "slow@example.com")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_nobody_listening_is_retryable() -> None:
+    sender = SmtpSender(_settings(_free_port()), ManualClock(NOW))
+    outcome = await sender.send(_delivery("ada@example.com"))
+    assert outcome.kind == "retry"
+
+
+class _Sink:
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        return "250 OK"
+
+
+def _refuse_everyone(
+    server: object, session: object, envelope: object, mechanism: str, auth_data: object
+) -> AuthResult:
+    assert isinstance(auth_data, LoginPassword)
+    return AuthResult(success=False, handled=False)
+
+
+@pytest.fixture
+def auth_server() -> Iterator[int]:
+    """A real SMTP server that demands AUTH and accepts no credentials."""
+    controller = Controller(
+        _Sink(),
+        hostname="127.0.0.1",
+        port=_free_port(),
+        server_hostname="auth-sink",
+        auth_required=True,
+        auth_require_tls=False,
+        authenticator=_refuse_everyone,
+    )
+    controller.start()
+    try:
+        yield controller.port
+    finally:
+        controller.stop()
+
+
+# A test server on 127.0.0.1 without TLS: the warning is about production set-ups.
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+async def test_bad_credentials_are_a_configuration_error(auth_server: int) -> None:
+    settings = _settings(auth_server, smtp_username="waypost", smtp_password="wrong")
+    outcome = await SmtpSender(settings, ManualClock(NOW)).send(_delivery("ada@example.com"))
+    assert outcome.kind == "config"
+    assert outcome.code == "535"
