@@ -10,12 +10,14 @@ import pytest
 
 from services.dispatcher.domain.channels import (
     FCM_MAX_MESSAGE_BYTES,
+    answer_object,
     classify_fcm,
     classify_http_failure,
     classify_oauth_failure,
     classify_sms,
     classify_wechat,
     classify_wechat_token_failure,
+    describe_error,
     fcm_error_code,
     fcm_jwt_claims,
     fcm_needs_new_token,
@@ -739,3 +741,22 @@ def test_token_refresh_times() -> None:
     assert refresh_at(1000.0, 60.0, 300.0) == 1030.0
     assert wechat_refresh_margin(7200.0) == 720.0
     assert wechat_refresh_margin(1200.0) == 300.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"sid": "SM1"}', {"sid": "SM1"}),
+        (b"<html>Bad gateway</html>", None),
+        (b"[1, 2]", None),
+        (b"", None),
+        (b"\xff\xfe", None),
+    ],
+)
+def test_answer_object_reads_only_a_json_object(raw: bytes, expected: Any) -> None:
+    assert answer_object(raw) == expected
+
+
+def test_describe_error_names_the_exception() -> None:
+    assert describe_error(TimeoutError("timed out")) == "TimeoutError: timed out"
+    assert describe_error(TimeoutError()) == "TimeoutError"

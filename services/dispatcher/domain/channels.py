@@ -40,6 +40,14 @@ _URL_IN_TEXT = re.compile(r"https?://[^\s<>\"']+", re.IGNORECASE)
 _TRAILING_PUNCTUATION = ".,;:!?"
 
 
+class AccessTokenError(Exception):
+    """No access token could be had for a provider; `outcome` says retry or configuration."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
 class MonotonicClock(Clock, Protocol):
     """A clock that also measures durations (token lifetimes) immune to wall-clock steps."""
 
@@ -266,6 +274,19 @@ def wechat_refresh_margin(expires_in: float) -> float:
 
 
 # ------------------------------------------------------------------------------ classification
+
+
+def answer_object(raw: bytes) -> dict[str, Any] | None:
+    """A provider answer's JSON object, or None when it has none (an HTML error page, say)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def retry_after_seconds(header: str | None) -> float | None:

@@ -1,0 +1,69 @@
+"""SMS through a Twilio-style REST API: one form POST per message, the answer classified.
+
+Twilio has no idempotency key, so a POST that got no answer may have been delivered ("unknown").
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import httpx
+
+from services.dispatcher.domain.channels import (
+    answer_object,
+    classify_sms,
+    describe_error,
+    retry_after_seconds,
+    sms_form,
+    transport_failure,
+)
+from services.dispatcher.domain.messages import Delivery, SmsContent
+from services.dispatcher.domain.outcomes import Outcome
+from services.dispatcher.settings import DispatcherSettings
+from shared.contracts import Channel
+
+
+class SmsSender:
+    """Sends one SMS per call with the account's Basic credentials."""
+
+    channel: Channel = "sms"
+
+    def __init__(self, settings: DispatcherSettings, client: httpx.AsyncClient) -> None:
+        self._settings = settings
+        self._client = client
+        base = settings.sms_base_url.rstrip("/")
+        account = quote(settings.sms_account_sid, safe="")
+        self._url = f"{base}/2010-04-01/Accounts/{account}/Messages.json"
+        self._auth = httpx.BasicAuth(
+            settings.sms_account_sid, settings.sms_auth_token.get_secret_value()
+        )
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        content = delivery.content
+        if not isinstance(content, SmsContent):
+            raise TypeError(f"SmsSender was handed {type(content).__name__}")
+        form = sms_form(
+            delivery.address,
+            content,
+            self._settings.sms_from,
+            self._settings.sms_messaging_service_sid,
+        )
+        try:
+            response = await self._client.post(
+                self._url,
+                data=form,
+                auth=self._auth,
+                headers={"Accept": "application/json"},
+                timeout=self._settings.provider_timeout_seconds,
+            )
+        except httpx.UnsupportedProtocol as exc:
+            return Outcome("config", f"sms base URL: {exc}")
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            return transport_failure("sms", describe_error(exc), request_sent=False)
+        except httpx.TransportError as exc:
+            return transport_failure("sms", describe_error(exc), request_sent=True)
+        return classify_sms(
+            response.status_code,
+            answer_object(response.content),
+            retry_after_seconds(response.headers.get("Retry-After")),
+        )
