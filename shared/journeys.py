@@ -540,6 +540,12 @@ class TemplateDefinition(_Definition):
     subject: str | None = None
     text: str
     html: str | None = None
+    # Push and WeChat: the link to open and an image; WeChat template messages name the
+    # Official Account's template and fill its keys from `data` (push: the data payload).
+    url: str | None = None
+    image_url: str | None = None
+    wechat_template_id: str | None = None
+    data: dict[str, str] | None = None
     status: TemplateStatus = "ready"
 
 

@@ -5,16 +5,31 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from services.dispatcher.adapters.email import SmtpSender
-from services.dispatcher.adapters.store import Ledger, Templates
-from services.dispatcher.handlers import Dispatcher
+import httpx
+import structlog
+from prometheus_client import start_http_server
+
+from services.dispatcher.adapters.metrics import DispatchMetrics
+from services.dispatcher.adapters.providers import build_providers
+from services.dispatcher.adapters.store import (
+    Caps,
+    Consent,
+    Ledger,
+    Suppressions,
+    Templates,
+    ensure_indexes,
+)
+from services.dispatcher.handlers import Dispatcher, Stores
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
 from shared.docstore import connect, database
-from shared.kafka import AsyncProducer, ConsumerLoop, wait_for_broker
+from shared.kafka import AsyncProducer, ConsumerLoop, run_pipelined, wait_for_broker
+from shared.links import LinkSigner
 from shared.logs import configure_logging
-from shared.topics import SEND_REQUESTS
+from shared.topics import CONTACT_EVENTS, EVENTS, SEND_REQUESTS, SEND_RETRIES
+
+log = structlog.get_logger(__name__)
 
 
 async def serve(settings: DispatcherSettings) -> None:
@@ -22,30 +37,58 @@ async def serve(settings: DispatcherSettings) -> None:
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="dispatcher")
     client = connect(settings, "waypost-dispatcher")
     db = database(client, settings)
+    await ensure_indexes(db)
+    metrics = DispatchMetrics()
+    if settings.metrics_port:
+        start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+        )
+    http = httpx.AsyncClient(timeout=settings.provider_timeout_seconds)
+    providers = build_providers(settings, clock, http)
     dispatcher = Dispatcher(
         settings,
         clock,
-        Ledger(db),
-        Templates(db),
-        SmtpSender(settings),
+        Stores(Ledger(db), Templates(db), Caps(db), Consent(db), Suppressions(db)),
+        providers,
+        LinkSigner(settings.link_secret.get_secret_value(), settings.public_url),
         producer,
         DeadLetters(producer, "dispatcher", clock),
+        metrics,
+        clock.monotonic,
     )
-    consumer = ConsumerLoop(
-        settings.kafka_bootstrap,
-        group_id=settings.group_id,
-        topics=[SEND_REQUESTS.name],
-        client_id="dispatcher",
+
+    def consumer(group: str, topics: list[str], client_id: str) -> ConsumerLoop:
+        return ConsumerLoop(
+            settings.kafka_bootstrap, group_id=group, topics=topics, client_id=client_id
+        )
+
+    requests = consumer(settings.group_id, [SEND_REQUESTS.name], "dispatcher")
+    retries = consumer(
+        f"{settings.group_id}-retries",
+        [t.name for t in SEND_RETRIES.values()],
+        "dispatcher-retries",
+    )
+    reports = consumer(
+        f"{settings.group_id}-reports", [EVENTS.name, CONTACT_EVENTS.name], "dispatcher-reports"
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    limit = settings.max_in_flight
+    log.info("dispatcher.started", channels=sorted(providers), max_in_flight=limit)
     try:
-        await dispatcher.run(consumer, stop)
+        await asyncio.gather(
+            run_pipelined(requests, dispatcher.on_request, stop, limit=limit),
+            # Waiting retries hold no provider slot; the bound only caps memory.
+            run_pipelined(retries, dispatcher.on_retry, stop, limit=limit * 16),
+            run_pipelined(reports, dispatcher.on_report, stop, limit=limit),
+        )
     finally:
-        consumer.close()
+        for loop_ in (requests, retries, reports):
+            loop_.close()
         producer.close()
+        await http.aclose()
         await client.close()
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shared.contracts import Channel
 from shared.lifecycle import template_status
 
-_CONTENT = ("channel", "subject", "text", "html")
+_CONTENT = ("channel", "subject", "text", "html", "url", "image_url", "wechat_template_id", "data")
 _SYNTAX = SandboxedEnvironment()
 
 
@@ -32,16 +32,31 @@ class TemplateContent(BaseModel):
     subject: str | None = None
     text: str = Field(min_length=1)
     html: str | None = None
+    url: str | None = None
+    image_url: str | None = None
+    wechat_template_id: str | None = None
+    data: dict[str, str] | None = None
 
-    @field_validator("subject", "text", "html")
+    @field_validator("subject", "text", "html", "url", "image_url")
     @classmethod
     def _jinja_syntax(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                _SYNTAX.parse(value)
-            except TemplateSyntaxError as exc:
-                raise ValueError(f"template syntax, line {exc.lineno}: {exc.message}") from exc
+            _parse(value)
         return value
+
+    @field_validator("data")
+    @classmethod
+    def _data_syntax(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for source in (value or {}).values():
+            _parse(source)
+        return value
+
+
+def _parse(source: str) -> None:
+    try:
+        _SYNTAX.parse(source)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"template syntax, line {exc.lineno}: {exc.message}") from exc
 
 
 def _content(document: Mapping[str, Any]) -> dict[str, Any]:

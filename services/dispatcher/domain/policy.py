@@ -16,7 +16,7 @@ from shared.ids import stable_fraction, stable_id
 
 # Skip reasons after which the next channel of a priority list is tried (the contact cannot be
 # reached on this one); a frequency cap or a template problem does not move to another channel.
-UNREACHABLE = ("unsubscribed", "no_address", "suppressed")
+UNREACHABLE = ("unsubscribed", "no_address", "suppressed", "channel_not_configured")
 
 # Retry topics, one per delay class: attempt 1 waits in "short", 2 in "medium", later in "long".
 RETRY_CLASSES: tuple[str, ...] = ("short", "medium", "long")
