@@ -218,7 +218,7 @@ class OutboxSmtpHandler:
         # Failure rules answer refusal codes at RCPT; their timeouts wait for DATA.
         failure = self._failures.take("email", address, when=is_smtp_code)
         if failure is not None:
-            await asyncio.sleep(failure.hold)
+            await self._failures.hold(failure.hold)
             log.info("refusing RCPT TO %s with %s (failure rule)", address, failure.error)
             return smtp_reply(int(failure.error))
         envelope.rcpt_tos.append(address)
@@ -238,7 +238,7 @@ class OutboxSmtpHandler:
             if (rule := self._failures.take("email", address, when=HOLDS.__contains__))
         ]
         if holds:
-            await asyncio.sleep(max(holds))
+            await self._failures.hold(max(holds))
         return "250 Message accepted for delivery"
 
 
@@ -359,6 +359,7 @@ async def run(
             http_server.force_exit = True
         log.info("received %s, shutting down", signum.name)
         http_server.should_exit = True
+        providers.stop()
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -541,6 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # aiosmtpd logs every SMTP command at INFO on "mail.log"; keep that for debug only.
     mail_level = level if level == logging.DEBUG else max(level, logging.WARNING)
     logging.getLogger("mail.log").setLevel(mail_level)
+    # httpx logs every status callback at INFO; under benchmark load that is noise.
+    logging.getLogger("httpx").setLevel(mail_level)
     return asyncio.run(
         run(args.host, args.smtp_port, args.http_port, args.log_level, provider_config(args))
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import email.utils
 import hashlib
 import hmac
@@ -92,16 +93,32 @@ class ProviderConfig:
     latency: float = 0.0
 
 
+class Pauses:
+    """Sleeps that end early once the sandbox stops, so a held answer never delays shutdown."""
+
+    def __init__(self) -> None:
+        self._stopping = asyncio.Event()
+
+    async def wait(self, seconds: float) -> None:
+        if seconds <= 0 or self._stopping.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def release(self) -> None:
+        self._stopping.set()
+
+
 class Latency:
     """Extra delay before every provider API answer, to make benchmarks see a network."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, pauses: Pauses) -> None:
         self.default = seconds
         self.seconds = seconds
+        self._pauses = pauses
 
     async def wait(self) -> None:
-        if self.seconds > 0:
-            await asyncio.sleep(self.seconds)
+        await self._pauses.wait(self.seconds)
 
     def reset(self) -> None:
         self.seconds = self.default
@@ -199,8 +216,8 @@ class FailureRuleIn(BaseModel):
         channel = info.data.get("channel")
         if channel is None:  # the channel itself was invalid; that error is reported already
             return value
-        if channel == "push":
-            value = value.upper()
+        if channel == "push" and value.upper() in FCM_ERRORS:
+            value = value.upper()  # FCM codes are upper case; accept "unregistered" too
         if channel == "email":
             if value in HOLD_ERRORS or is_smtp_code(value):
                 return value
@@ -250,9 +267,14 @@ def _recipient_key(channel: str, recipient: str) -> str:
 class FailureRules:
     """Ordered failure rules; the oldest rule for a recipient answers first and is used up."""
 
-    def __init__(self) -> None:
+    def __init__(self, pauses: Pauses | None = None) -> None:
         self._rules: list[FailureRule] = []
         self._ids = itertools.count(1)
+        self._pauses = pauses or Pauses()
+
+    async def hold(self, seconds: float) -> None:
+        """Hold an answer (a rule's `hold`), ending early if the sandbox stops."""
+        await self._pauses.wait(seconds)
 
     def add(self, rule: FailureRuleIn) -> FailureRule:
         stored = FailureRule(
@@ -509,7 +531,7 @@ class SmsProvider:
             if rule.error in SMS_CALLBACK_FAILURES:
                 final, error_code = SMS_CALLBACK_FAILURES[rule.error], int(rule.error)
             else:  # rejected outright: never processed, nothing stored
-                await asyncio.sleep(rule.hold)
+                await self._rules.hold(rule.hold)
                 if rule.error == "21211":
                     return twilio_error(
                         400, 21211, f"The 'To' number {to} is not a valid phone number."
@@ -543,7 +565,7 @@ class SmsProvider:
         self._background.spawn(self._progress(record, final, error_code))
         answer = self._resource(record)
         if rule is not None and rule.error in HOLD_ERRORS:
-            await asyncio.sleep(rule.hold)  # it arrived; the answer is late (or never seen)
+            await self._rules.hold(rule.hold)  # it arrived; the answer is late (or never seen)
         return JSONResponse(answer, status_code=201)
 
     async def _progress(self, record: Record, final: str, error_code: int | None) -> None:
@@ -893,17 +915,16 @@ class FcmProvider:
         if problem is not None or message is None:
             return fcm_error("INVALID_ARGUMENT", problem)
         device = message["token"]
-        validate_only = bool(payload.get("validate_only", False))
+        if payload.get("validate_only") or payload.get("validateOnly"):
+            # A dry run: validated like a send, stored nowhere, failure rules left alone.
+            return JSONResponse({"name": f"projects/{project}/messages/fake_message_id"})
 
         rule = self._rules.take("push", device)
         if rule is not None and rule.error not in HOLD_ERRORS:
-            await asyncio.sleep(rule.hold)
+            await self._rules.hold(rule.hold)
             code = FCM_RULE_CODES.get(rule.error, rule.error)
             headers = retry_after_header(rule.retry_after) if code in FCM_RULE_RETRYABLE else {}
             return fcm_error(code, headers=headers)
-        if validate_only:  # a dry run: checked like a send, delivered nowhere
-            return JSONResponse({"name": f"projects/{project}/messages/fake_message_id"})
-
         name = f"projects/{project}/messages/0:{time.time_ns() // 1000}%{secrets.token_hex(8)}"
         notification = message.get("notification") or {}
         self._outbox.add(
@@ -923,7 +944,7 @@ class FcmProvider:
         )
         log.info("stored push name=%s", name)
         if rule is not None:  # timeout / slow: it arrived, the answer is late
-            await asyncio.sleep(rule.hold)
+            await self._rules.hold(rule.hold)
         return JSONResponse({"name": name})
 
 
@@ -947,8 +968,9 @@ def validate_fcm_request(payload: Any) -> tuple[str | None, dict[str, Any] | Non
     if unknown:
         name = sorted(unknown)[0]
         return f"Invalid JSON payload received. Unknown name \"{name}\" at 'message'.", None
-    if "validate_only" in payload and not isinstance(payload["validate_only"], bool):
-        return "Invalid value at 'validate_only' (TYPE_BOOL).", None
+    for name in ("validate_only", "validateOnly"):
+        if name in payload and not isinstance(payload[name], bool):
+            return f"Invalid value at '{name}' (TYPE_BOOL).", None
     token = message.get("token")
     if not isinstance(token, str) or not token:
         return "Recipient of the message is not set.", None
@@ -1131,7 +1153,7 @@ class WeChatProvider:
         rule = self._rules.take("wechat", openid)
         if rule is None or rule.error in HOLD_ERRORS:
             return None, rule
-        await asyncio.sleep(rule.hold)
+        await self._rules.hold(rule.hold)
         errcode = -1 if rule.error in ("429", "500", "503") else int(rule.error)
         return wechat(errcode), rule
 
@@ -1183,7 +1205,7 @@ class WeChatProvider:
         )
         log.info("stored wechat template msgid=%d to=%s", msgid, openid)
         if rule is not None:
-            await asyncio.sleep(rule.hold)
+            await self._rules.hold(rule.hold)
         return wechat(0, "ok", msgid=msgid)
 
     async def _custom_send(self, request: Request) -> Response:
@@ -1227,7 +1249,7 @@ class WeChatProvider:
         self._outbox.add(record)
         log.info("stored wechat %s to=%s", msgtype, openid)
         if rule is not None:
-            await asyncio.sleep(rule.hold)
+            await self._rules.hold(rule.hold)
         return wechat(0, "ok")
 
 
@@ -1262,8 +1284,9 @@ class Providers:
 
     def __init__(self, config: ProviderConfig, outbox: OutboxStore) -> None:
         self.config = config
-        self.rules = FailureRules()
-        self.latency = Latency(config.latency)
+        self.pauses = Pauses()
+        self.rules = FailureRules(self.pauses)
+        self.latency = Latency(config.latency, self.pauses)
         self.background = Background()
         self._client: httpx.AsyncClient | None = None
         self.sms = SmsProvider(
@@ -1292,6 +1315,10 @@ class Providers:
         self.sms.reset()
         self.fcm.reset()
         self.wechat.reset()
+
+    def stop(self) -> None:
+        """Let held answers go now: the server is shutting down."""
+        self.pauses.release()
 
     async def aclose(self) -> None:
         await self.background.cancel_all()

@@ -52,7 +52,12 @@ class SandboxInfo:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         response = httpx.request(method, f"{self.http_url}{path}", timeout=10.0, **kwargs)
-        response.raise_for_status()
+        if response.is_error:  # say what the sandbox objected to, not just the status
+            raise httpx.HTTPStatusError(
+                f"{method} {path} -> {response.status_code}: {response.text}",
+                request=response.request,
+                response=response,
+            )
         return response
 
     def messages(self, channel: str | None = None, to: str | None = None) -> list[dict[str, Any]]:
