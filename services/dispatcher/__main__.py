@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 
 import httpx
@@ -95,6 +96,8 @@ async def serve(settings: DispatcherSettings) -> None:
 def main() -> None:
     settings = DispatcherSettings()
     configure_logging("dispatcher", settings.log_level, settings.log_format)
+    # One line per provider request drowns the outcomes; failures are logged as outcomes.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     wait_for_broker(settings.kafka_bootstrap)
     asyncio.run(serve(settings))
 

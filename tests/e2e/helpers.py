@@ -22,6 +22,7 @@ from shared.topics import (
     OBJECT_RELATIONS,
     SEGMENT_TIMERS,
     SEND_REQUESTS,
+    SEND_RETRIES,
     TIMERS,
     WEBHOOK_RESULTS,
 )
@@ -84,6 +85,8 @@ PIPELINE = {
         SEGMENT_TIMERS.name,
     ],
     "waypost-dispatcher": [SEND_REQUESTS.name],
+    "waypost-dispatcher-retries": [t.name for t in SEND_RETRIES.values()],
+    "waypost-dispatcher-reports": [EVENTS.name, CONTACT_EVENTS.name],
 }
 
 
