@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from shared.settings import CommonSettings
 
@@ -69,3 +69,8 @@ class DispatcherSettings(CommonSettings):
     wechat_base_url: str = "http://127.0.0.1:8025"
     wechat_app_id: str = "wxwaypostsandbox"
     wechat_app_secret: SecretStr = SecretStr("waypost-sandbox-wechat-secret")
+
+    @field_validator("fcm_service_account_file", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        return None if value == "" else value

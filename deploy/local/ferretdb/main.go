@@ -42,7 +42,9 @@ func main() {
 		Listener:  ferretdb.ListenerConfig{TCP: *listen},
 		Logger:    logger,
 		Handler:   "sqlite",
-		SQLiteURL: "file:" + dir + "/",
+		// Writers take SQLite's write lock when their transaction begins: a read transaction
+		// that upgrades later fails at once with SQLITE_BUSY when several clients write.
+		SQLiteURL: "file:" + dir + "/?_txlock=immediate",
 	})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "start: %s\n", err)

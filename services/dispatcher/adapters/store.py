@@ -14,7 +14,8 @@ from datetime import datetime
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import AutoReconnect, DuplicateKeyError, OperationFailure
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from services.dispatcher.domain.policy import ConsentRecord
 from shared.contracts import SendRequest
@@ -24,6 +25,33 @@ TEMPLATES = "templates"
 CAPS = "frequency_caps"
 CONSENT = "consent"
 SUPPRESSIONS = "suppressions"
+
+# Server codes that mean "try again": a primary stepping down or shutting down, an interrupted
+# operation, and InternalError (1), which is how a locked SQLite under FerretDB answers.
+_TRANSIENT_CODES = frozenset({1, 91, 189, 10107, 11600, 11602, 13435, 13436})
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, DuplicateKeyError):
+        return False  # the unique index speaking: an answer, not a hiccup
+    if isinstance(exc, AutoReconnect):
+        return True
+    return isinstance(exc, OperationFailure) and (
+        exc.code in _TRANSIENT_CODES
+        or exc.has_error_label("RetryableWriteError")
+        or exc.has_error_label("TransientTransactionError")
+    )
+
+
+# Every store call rides out short outages (a failover, a busy lock) instead of failing the
+# send: the calls are idempotent, and a ledger step lost to a hiccup would turn a good send
+# into an unknown one.
+_retried = retry(
+    retry=retry_if_exception(_transient),
+    wait=wait_random_exponential(multiplier=0.05, max=2.0),
+    stop=stop_after_delay(60),
+    reraise=True,
+)
 
 # After a send, what delivery reports may move the entry to, in order.
 _TRACKING_ORDER = ("sent", "delivered", "opened", "clicked")
@@ -46,6 +74,7 @@ class Ledger:
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
         self._messages = db[MESSAGES]
 
+    @_retried
     async def claim(self, request: SendRequest, now: datetime) -> Claim:
         """Insert the entry as `requested`, or report the state a previous delivery left."""
         doc = {
@@ -74,9 +103,11 @@ class Ledger:
                 return Claim(False, "skipped", 1)
             return Claim(False, str(found["state"]), int(found.get("attempt", 1)))
 
+    @_retried
     async def get(self, message_id: str) -> dict[str, Any] | None:
         return await self._messages.find_one({"_id": message_id})
 
+    @_retried
     async def move(
         self,
         message_id: str,
@@ -97,6 +128,7 @@ class Ledger:
         )
         return result.modified_count == 1
 
+    @_retried
     async def forget(self, contact_key: str) -> None:
         """An erased contact's entries keep their ids (replays stay no-ops), not the key."""
         await self._messages.update_many(
@@ -104,6 +136,7 @@ class Ledger:
             {"$set": {"contact_key": "forgotten"}, "$unset": {"history": ""}},
         )
 
+    @_retried
     async def track(self, message_id: str, state: str, now: datetime, **fields: Any) -> bool:
         """A delivery report: moves forward only (sent → delivered → opened → clicked)."""
         earlier = _TRACKING_ORDER[: _TRACKING_ORDER.index(state)]
@@ -114,6 +147,7 @@ class Templates:
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
         self._templates = db[TEMPLATES]
 
+    @_retried
     async def ready(self, template_id: str, channel: str) -> Mapping[str, Any] | None:
         """The live content of a ready template for the channel, else None."""
         doc = await self._templates.find_one({"_id": template_id})
@@ -128,10 +162,12 @@ class Caps:
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
         self._caps = db[CAPS]
 
+    @_retried
     async def sends(self, contact_key: str, channel: str) -> list[datetime]:
         doc = await self._caps.find_one({"_id": f"{channel}|{contact_key}"})
         return list(doc.get("sends", [])) if doc else []
 
+    @_retried
     async def store(self, contact_key: str, channel: str, sends: list[datetime]) -> None:
         await self._caps.replace_one(
             {"_id": f"{channel}|{contact_key}"},
@@ -139,6 +175,7 @@ class Caps:
             upsert=True,
         )
 
+    @_retried
     async def forget(self, contact_key: str) -> None:
         await self._caps.delete_many({"contact_key": contact_key})
 
@@ -149,10 +186,12 @@ class Consent:
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
         self._consent = db[CONSENT]
 
+    @_retried
     async def get(self, contact_key: str, channel: str) -> ConsentRecord | None:
         doc = await self._consent.find_one({"_id": f"{channel}|{contact_key}"})
         return ConsentRecord(bool(doc["given"]), doc["at"]) if doc else None
 
+    @_retried
     async def record(self, contact_key: str, channel: str, given: bool, at: datetime) -> None:
         """Keep the newest word per channel (an older, late event changes nothing)."""
         key = f"{channel}|{contact_key}"
@@ -164,6 +203,7 @@ class Consent:
                 upsert=True,
             )
 
+    @_retried
     async def forget(self, contact_key: str) -> None:
         await self._consent.delete_many({"contact_key": contact_key})
 
@@ -178,6 +218,7 @@ class Suppressions:
     def _key(channel: str, address: str) -> str:
         return f"{channel}:{address.strip().casefold()}"
 
+    @_retried
     async def add(self, channel: str, address: str, reason: str, now: datetime) -> None:
         await self._suppressions.replace_one(
             {"_id": self._key(channel, address)},
@@ -185,6 +226,7 @@ class Suppressions:
             upsert=True,
         )
 
+    @_retried
     async def reason(self, channel: str, address: str) -> str | None:
         doc = await self._suppressions.find_one({"_id": self._key(channel, address)})
         return str(doc.get("reason")) if doc else None
