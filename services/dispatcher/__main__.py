@@ -49,7 +49,7 @@ async def serve(settings: DispatcherSettings) -> None:
     dispatcher = Dispatcher(
         settings,
         clock,
-        Stores(Ledger(db), Templates(db), Caps(db), Consent(db), Suppressions(db)),
+        Stores(Ledger(db), Templates(db, clock.monotonic), Caps(db), Consent(db), Suppressions(db)),
         providers,
         LinkSigner(settings.link_secret.get_secret_value(), settings.public_url),
         producer,

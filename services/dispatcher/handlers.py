@@ -182,7 +182,7 @@ class Dispatcher:
     async def _claimed(self, request: SendRequest, record: Record) -> None:
         claim = await self.ledger.claim(request, self.clock.now())
         if claim.new:
-            await self._attempt(request, 1, record)
+            await self._attempt(request, 1, "first", record)
             return
         if claim.state == "retrying":
             # The retry record may not have been written before a crash: write it again; the
@@ -199,20 +199,33 @@ class Dispatcher:
             entry = await self.ledger.get(request.message_id)
             if entry is None or int(entry.get("attempt", 1)) != retry.attempt:
                 return  # a stale copy: another attempt owns the message now
-            await self._resume(request, str(entry["state"]), retry.attempt, record)
+            try_name = retry.due_at.isoformat()
+            await self._resume(request, str(entry["state"]), retry.attempt, record, try_name)
 
-    async def _resume(self, request: SendRequest, state: str, attempt: int, record: Record) -> None:
-        if state == "retrying":
-            await self._attempt(request, attempt, record)
+    async def _resume(
+        self,
+        request: SendRequest,
+        state: str,
+        attempt: int,
+        record: Record,
+        try_name: str = "first",
+    ) -> None:
+        """Go on from where a ledger entry stands (after a crash, a replay or a retry record)."""
+        if state in ("requested", "retrying"):
+            await self._attempt(request, attempt, try_name, record)
             return
         action = resume_action(state, request.transactional)
         if action == "unknown":
             reason = "a worker stopped during the provider call; not resent (marketing)"
             await self._conclude(request, Outcome("unknown", reason), attempt, record, None)
-        elif action == "send":
-            await self._attempt(request, attempt, record)
+        elif action == "send":  # transactional: a new attempt, the last one may have arrived
+            await self._attempt(request, attempt + 1, "resumed", record)
 
-    async def _attempt(self, request: SendRequest, attempt: int, record: Record) -> None:
+    async def _attempt(
+        self, request: SendRequest, attempt: int, try_name: str, record: Record
+    ) -> None:
+        """One try at the provider. `try_name` names the try (the first, a retry record's due
+        time, a resumption), so copies of the same try meet at the same ledger marker."""
         prepared = await self._prepare(request)
         if isinstance(prepared, Outcome):
             await self._conclude(request, prepared, attempt, record, None)
@@ -226,14 +239,22 @@ class Dispatcher:
         wait = self._buckets[channel].reserve(self._monotonic())
         if wait > 0:
             await asyncio.sleep(wait)
-        leaving = ("requested", "retrying", "sending")
-        began = await self.ledger.move(
-            request.message_id, "sending", self.clock.now(), leaving=leaving, attempt=attempt
-        )
-        if not began:
-            return  # the entry moved on meanwhile (another copy of this attempt won)
+        if not await self.ledger.begin(
+            request.message_id, f"{attempt}:{try_name}", attempt, self.clock.now()
+        ):
+            await self._after_lost_begin(request, attempt, record)
+            return
         outcome = await self.providers[channel].send(prepared)
         await self._conclude(request, outcome, attempt, record, prepared)
+
+    async def _after_lost_begin(self, request: SendRequest, attempt: int, record: Record) -> None:
+        """Another copy holds this try. If the entry never reached `sending`, that copy died
+        between its marker and its entry update: finish as if it died in the provider call."""
+        entry = await self.ledger.get(request.message_id)
+        if entry is None or int(entry.get("attempt", 1)) != attempt:
+            return
+        if entry.get("state") in ("requested", "retrying"):
+            await self._resume(request, "sending", attempt, record)
 
     async def _prepare(self, request: SendRequest) -> Delivery | Outcome:
         """Checks at send time, then rendering; an Outcome("skipped") says why not."""
@@ -346,16 +367,15 @@ class Dispatcher:
         state = {"recipient": "failed", "sent": "sent", "skipped": "skipped"}.get(
             outcome.kind, "unknown"
         )
-        moved = await self.ledger.move(
+        first = await self.ledger.conclude(
             request.message_id,
             state,
             now,
-            leaving=("requested", "sending", "retrying"),
             reason=outcome.reason,
             code=outcome.code,
             provider_id=outcome.provider_id,
         )
-        if not moved:
+        if not first:
             return  # already concluded by another copy
         if state == "sent" and not request.transactional and channel in self._caps:
             sends = await self.stores.caps.sends(request.contact_key, channel)
@@ -399,15 +419,7 @@ class Dispatcher:
         await self.producer.send(
             SEND_RETRIES[delay_class].name, request.contact_key, retry.to_wire()
         )
-        await self.ledger.move(
-            request.message_id,
-            "retrying",
-            self.clock.now(),
-            leaving=("requested", "sending", "retrying"),
-            attempt=attempt,
-            due_at=due,
-            reason=reason,
-        )
+        await self.ledger.retrying(request.message_id, attempt, due, reason, self.clock.now())
         log.info("dispatcher.retry", message_id=request.message_id, attempt=attempt, due=due)
 
     async def _hold(self, request: SendRequest, attempt: int, until: datetime, reason: str) -> None:
@@ -496,13 +508,8 @@ class Dispatcher:
             return
         if label == "Message Undelivered":
             reason = f"undelivered: {props.get('status')} {props.get('error_code')}"
-            await self.ledger.move(
-                message_id,
-                "failed",
-                event.timestamp,
-                leaving=("sent",),
-                reason=reason,
-                code=str(props.get("error_code")),
+            await self.ledger.undelivered(
+                message_id, event.timestamp, reason=reason, code=str(props.get("error_code"))
             )
             return
         state = TRACKED.get(label)

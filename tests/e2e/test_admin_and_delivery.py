@@ -99,8 +99,8 @@ def test_transient_smtp_refusal_is_retried_until_it_is_sent(
     assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
 
     wait_for(
-        lambda: ledger.find_one({"contact_key": user, "state": "sending"}),
-        what="the first, refused attempt",
+        lambda: ledger.find_one({"contact_key": user, "state": "retrying"}),
+        what="the first, refused attempt waiting on a retry topic",
     )
     httpx.delete(f"{stack.outbox_url}/control/smtp/refuse", timeout=10).raise_for_status()
 
@@ -109,4 +109,8 @@ def test_transient_smtp_refusal_is_retried_until_it_is_sent(
         lambda: ledger.find_one({"contact_key": user, "state": "sent"}),
         what="the sent ledger entry",
     )
-    assert [h["state"] for h in entry["history"]] == ["requested", "sending", "sent"]
+    states = [h["state"] for h in entry["history"]]
+    assert states[:3] == ["requested", "sending", "retrying"]
+    assert states[-2:] == ["sending", "sent"]
+    assert entry["attempt"] >= 2
+    assert len(outbox(stack, to=email)) == 1

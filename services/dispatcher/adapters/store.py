@@ -7,8 +7,7 @@ states it may leave, so a stale worker cannot overwrite a newer state.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,6 +20,7 @@ from services.dispatcher.domain.policy import ConsentRecord
 from shared.contracts import SendRequest
 
 MESSAGES = "messages"
+STEPS = "message_steps"
 TEMPLATES = "templates"
 CAPS = "frequency_caps"
 CONSENT = "consent"
@@ -71,8 +71,17 @@ class Claim:
 
 
 class Ledger:
+    """One entry per message in `messages`; decisive steps are claimed by inserting a marker
+    with a unique `_id` into `message_steps` (`<id>#<attempt>` before a provider call,
+    `<id>#final` for the outcome), so of two competing copies exactly one goes on.
+
+    Every read and write names one `_id` only: the unique index decides races, and the store
+    finds each document by its key (FerretDB only pushes `_id`-only filters down to SQLite).
+    """
+
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
         self._messages = db[MESSAGES]
+        self._steps = db[STEPS]
 
     @_retried
     async def claim(self, request: SendRequest, now: datetime) -> Claim:
@@ -96,9 +105,7 @@ class Ledger:
             await self._messages.insert_one(doc)
             return Claim(True, "requested", 1)
         except DuplicateKeyError:
-            found = await self._messages.find_one(
-                {"_id": request.message_id}, {"state": 1, "attempt": 1}
-            )
+            found = await self._messages.find_one({"_id": request.message_id})
             if found is None:  # deleted in between (a forgotten contact): nothing to resume
                 return Claim(False, "skipped", 1)
             return Claim(False, str(found["state"]), int(found.get("attempt", 1)))
@@ -107,26 +114,59 @@ class Ledger:
     async def get(self, message_id: str) -> dict[str, Any] | None:
         return await self._messages.find_one({"_id": message_id})
 
-    @_retried
-    async def move(
-        self,
-        message_id: str,
-        state: str,
-        now: datetime,
-        *,
-        leaving: Iterable[str] | None = None,
-        **fields: Any,
-    ) -> bool:
-        """Set `state` (and `fields`), only from one of `leaving` when given; True if moved."""
-        query: dict[str, Any] = {"_id": message_id}
-        if leaving is not None:
-            query["state"] = {"$in": list(leaving)}
-        entry = {"state": state, "at": now, **{k: v for k, v in fields.items() if v is not None}}
-        result = await self._messages.update_one(
-            query,
-            {"$set": {"state": state, f"{state}_at": now, **fields}, "$push": {"history": entry}},
-        )
-        return result.modified_count == 1
+    async def begin(self, message_id: str, try_id: str, attempt: int, now: datetime) -> bool:
+        """Claim one try (only one caller ever gets True for a `try_id`); mark it `sending`."""
+        if not await self._mark(f"{message_id}#{try_id}", {"at": now}):
+            return False
+        await self._set(message_id, "sending", now, attempt=attempt)
+        return True
+
+    async def conclude(self, message_id: str, state: str, now: datetime, **fields: Any) -> bool:
+        """Record the outcome once; True for the caller that should announce it.
+
+        A worker that died between the marker and the entry update left the entry behind:
+        the next caller copies the recorded outcome over and announces it again (its event id
+        is the same, so readers de-duplicate it).
+        """
+        recorded = {"state": state, "at": now, **fields}
+        if await self._mark(f"{message_id}#final", recorded):
+            await self._set(message_id, state, now, **fields)
+            return True
+        marker = await self._find_step(f"{message_id}#final") or recorded
+        entry = await self.get(message_id)
+        if entry is None or entry.get("state") not in ("requested", "sending", "retrying"):
+            return False
+        extra = {k: v for k, v in marker.items() if k not in ("_id", "state", "at")}
+        await self._set(message_id, str(marker["state"]), marker["at"], **extra)
+        return True
+
+    async def retrying(
+        self, message_id: str, attempt: int, due_at: datetime, reason: str, now: datetime
+    ) -> None:
+        """The request waits on a retry topic for attempt `attempt`."""
+        await self._set(message_id, "retrying", now, attempt=attempt, due_at=due_at, reason=reason)
+
+    async def track(self, message_id: str, state: str, now: datetime, **fields: Any) -> bool:
+        """A delivery report: moves forward only (sent → delivered → opened → clicked).
+
+        Reports of one message arrive in order on its contact's partition, so reading and then
+        writing by key is safe here.
+        """
+        entry = await self.get(message_id)
+        if entry is None or entry.get("state") not in _TRACKING_ORDER:
+            return False
+        if _TRACKING_ORDER.index(str(entry["state"])) >= _TRACKING_ORDER.index(state):
+            return False
+        await self._set(message_id, state, now, **fields)
+        return True
+
+    async def undelivered(self, message_id: str, now: datetime, **fields: Any) -> bool:
+        """A delivery report that the accepted message never arrived."""
+        entry = await self.get(message_id)
+        if entry is None or entry.get("state") not in ("sent", "delivered"):
+            return False
+        await self._set(message_id, "failed", now, **fields)
+        return True
 
     @_retried
     async def forget(self, contact_key: str) -> None:
@@ -137,23 +177,57 @@ class Ledger:
         )
 
     @_retried
-    async def track(self, message_id: str, state: str, now: datetime, **fields: Any) -> bool:
-        """A delivery report: moves forward only (sent → delivered → opened → clicked)."""
-        earlier = _TRACKING_ORDER[: _TRACKING_ORDER.index(state)]
-        return await self.move(message_id, state, now, leaving=earlier, **fields)
+    async def _mark(self, step_id: str, fields: dict[str, Any]) -> bool:
+        try:
+            await self._steps.insert_one({"_id": step_id, **fields})
+        except DuplicateKeyError:
+            return False
+        return True
+
+    @_retried
+    async def _find_step(self, step_id: str) -> dict[str, Any] | None:
+        return await self._steps.find_one({"_id": step_id})
+
+    @_retried
+    async def _set(self, message_id: str, state: str, now: datetime, **fields: Any) -> None:
+        entry = {"state": state, "at": now, **{k: v for k, v in fields.items() if v is not None}}
+        await self._messages.update_one(
+            {"_id": message_id},
+            {"$set": {"state": state, f"{state}_at": now, **fields}, "$push": {"history": entry}},
+        )
 
 
 class Templates:
-    def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
-        self._templates = db[TEMPLATES]
+    """Ready templates, each read at most once per `ttl` seconds: a campaign renders the same
+    template for every contact, and an edit marked ready is live within `ttl`."""
 
-    @_retried
+    def __init__(
+        self,
+        db: AsyncDatabase[dict[str, Any]],
+        monotonic: Callable[[], float],
+        ttl: float = 5.0,
+    ) -> None:
+        self._templates = db[TEMPLATES]
+        self._monotonic = monotonic
+        self._ttl = ttl
+        self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
     async def ready(self, template_id: str, channel: str) -> Mapping[str, Any] | None:
         """The live content of a ready template for the channel, else None."""
-        doc = await self._templates.find_one({"_id": template_id})
+        now = self._monotonic()
+        cached = self._cache.get(template_id)
+        if cached is not None and cached[0] > now:
+            doc = cached[1]
+        else:
+            doc = await self._read(template_id)
+            self._cache[template_id] = (now + self._ttl, doc)
         if doc is None or doc.get("status") != "ready" or doc.get("channel", "email") != channel:
             return None
         return doc
+
+    @_retried
+    async def _read(self, template_id: str) -> dict[str, Any] | None:
+        return await self._templates.find_one({"_id": template_id})
 
 
 class Caps:
@@ -193,15 +267,18 @@ class Consent:
 
     @_retried
     async def record(self, contact_key: str, channel: str, given: bool, at: datetime) -> None:
-        """Keep the newest word per channel (an older, late event changes nothing)."""
+        """Keep the newest word per channel (an older, late event changes nothing).
+
+        One contact's reports arrive in order on one partition, so read-then-write by key is
+        safe; the key-only filter keeps the lookup on the primary key.
+        """
         key = f"{channel}|{contact_key}"
-        # A newer record makes the filter miss and the upsert's insert collide: keep it.
-        with contextlib.suppress(DuplicateKeyError):
-            await self._consent.update_one(
-                {"_id": key, "at": {"$lt": at}},
-                {"$set": {"contact_key": contact_key, "given": given, "at": at}},
-                upsert=True,
-            )
+        current = await self._consent.find_one({"_id": key})
+        if current is not None and current["at"] >= at:
+            return
+        await self._consent.replace_one(
+            {"_id": key}, {"contact_key": contact_key, "given": given, "at": at}, upsert=True
+        )
 
     @_retried
     async def forget(self, contact_key: str) -> None:
