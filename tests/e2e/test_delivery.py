@@ -13,9 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from pymongo import MongoClient
 
-from tests.e2e.helpers import outbox, post, publish_inline, unique, wait_for
+from tests.e2e.helpers import outbox, post, publish_inline, publish_journey, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 ADMIN = {"Authorization": "Bearer wp_dev_admin_key"}
@@ -347,3 +348,45 @@ def test_a_marketing_send_in_the_unknown_window_is_not_repeated(
     (entry,) = wait_for(lambda: _entries(ledger, user, state="unknown"), what="unknown")
     assert "timed out" in entry["reason"] or "timeout" in entry["reason"].lower()
     assert len(outbox(stack, channel="sms", to=phone)) == 1
+
+
+def test_a_transactional_send_in_the_unknown_window_is_sent_again(
+    stack: Any, tmp_path: Path, ledger: Any
+) -> None:
+    tag = unique("receipt")
+    trigger = f"Enter {tag}"
+    path = tmp_path / f"{tag}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "journey": {
+                    "id": tag,
+                    "name": tag,
+                    "transactional": True,
+                    "trigger": {"type": "event", "event": trigger},
+                    "steps": [
+                        {
+                            "id": "receipt",
+                            "type": "send",
+                            "channel": "sms",
+                            "template": f"{tag}-sms",
+                        },
+                        {"id": "done", "type": "exit"},
+                    ],
+                },
+                "templates": {f"{tag}-sms": _templates(tag)[f"{tag}-sms"]},
+            },
+            sort_keys=False,
+        )
+    )
+    publish_journey(stack, path)
+    user = unique("buyer")
+    phone = "+4850050" + str(abs(hash(user)) % 10000).zfill(4)
+    _identify(stack, user, phone=phone)
+    _fail(stack, channel="sms", recipient=phone, error="timeout", seconds=5, times=1)
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+
+    (entry,) = wait_for(lambda: _entries(ledger, user, state="sent"), what="the resent receipt")
+    assert entry["attempt"] == 2
+    # At least once: the first copy had reached the provider before the call timed out.
+    assert len(outbox(stack, channel="sms", to=phone)) == 2
