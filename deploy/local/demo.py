@@ -61,13 +61,16 @@ def shopper_calls(rng: random.Random, index: int) -> tuple[list[dict[str, Any]],
     registers = rng.random() < 0.7
     if registers:
         name = rng.choice(FIRST_NAMES)
-        calls.append(
-            {
-                "type": "identify",
-                "userId": user_id,
-                "traits": {"email": f"{user_id}@shop.example", "first_name": name},
-            }
-        )
+        traits: dict[str, Any] = {"email": f"{user_id}@shop.example", "first_name": name}
+        # Some shoppers also have the app (a push token), a phone, or follow the WeChat account.
+        if rng.random() < 0.4:
+            traits["push_tokens"] = [f"fcm-{user_id}"]
+        if rng.random() < 0.4:
+            traits["phone"] = f"+4860{rng.randrange(10**7):07d}"
+        if rng.random() < 0.2:
+            traits["wechat_openid"] = f"o-{user_id}"
+            traits["wechat_unionid"] = f"u-{user_id}"
+        calls.append({"type": "identify", "userId": user_id, "traits": traits})
         calls.append(
             {
                 "type": "track",
@@ -215,7 +218,12 @@ def main() -> int:
     else:
         print("\n[demo] timed out waiting for the pipeline; figures below are partial")
 
-    outbox_count = httpx.get(f"{stack.outbox_url}/messages", timeout=10).json()["count"]
+    delivered = {
+        channel: httpx.get(
+            f"{stack.outbox_url}/messages", params={"channel": channel}, timeout=10
+        ).json()["count"]
+        for channel in ("email", "sms", "push", "wechat")
+    }
     print()
     print("Waypost demo summary (read from the running system)")
     print("-" * 72)
@@ -232,16 +240,17 @@ def main() -> int:
     for segment in admin_segments(stack):
         print(f"    {segment['id']:<34}{segment['members']:>8}")
     print(
-        f"  emails sent (ledger, this run)        "
+        f"  messages sent (ledger, this run)      "
         f"{stats['messages'].get('sent', 0) - sent_before:>8}"
     )
     for state, count in sorted(stats["messages"].items()):
         print(f"    ledger state {state:<22} {count:>8}")
-    print(f"  messages in the SMTP outbox           {outbox_count:>8}")
+    for channel, count in delivered.items():
+        print(f"  {channel + ' messages in the sandbox outbox':<38}{count:>8}")
     print(f"  wall time                             {time.monotonic() - started:>7.1f}s")
     print("-" * 72)
     print("  waits run on the wall clock: cart reminders come after 1 hour, the trial email after")
-    print("  6 days; push, SMS and WeChat sends are skipped until those channels are delivered")
+    print("  6 days; every channel goes to the local sandbox (SMTP, SMS, FCM and WeChat APIs)")
     print(
         f"  outbox: {stack.outbox_url}/messages   admin: {stack.admin_url}/docs "
         f"(Bearer {ADMIN_KEY})"
