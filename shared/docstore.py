@@ -10,9 +10,16 @@ from pymongo.asynchronous.database import AsyncDatabase
 from shared.settings import CommonSettings
 
 
-def connect(settings: CommonSettings, app_name: str) -> AsyncMongoClient[dict[str, Any]]:
+def connect(
+    settings: CommonSettings, app_name: str, *, max_connections: int = 100
+) -> AsyncMongoClient[dict[str, Any]]:
+    """`max_connections` bounds the operations in flight; the rest wait their turn in order."""
     return AsyncMongoClient(
-        settings.mongo_url, appname=app_name, tz_aware=True, serverSelectionTimeoutMS=10_000
+        settings.mongo_url,
+        appname=app_name,
+        tz_aware=True,
+        serverSelectionTimeoutMS=10_000,
+        maxPoolSize=max_connections,
     )
 
 

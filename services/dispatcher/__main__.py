@@ -36,7 +36,7 @@ log = structlog.get_logger(__name__)
 async def serve(settings: DispatcherSettings) -> None:
     clock = SystemClock()
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="dispatcher")
-    client = connect(settings, "waypost-dispatcher")
+    client = connect(settings, "waypost-dispatcher", max_connections=settings.store_connections)
     db = database(client, settings)
     await ensure_indexes(db)
     metrics = DispatchMetrics()
