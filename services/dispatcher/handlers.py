@@ -29,6 +29,7 @@ from services.dispatcher.domain.policy import (
     TokenBucket,
     address_of,
     cap_refusal,
+    class_for_delay,
     consent_refusal,
     fallback_of,
     falls_back,
@@ -234,7 +235,9 @@ class Dispatcher:
         now = self.clock.now()
         paused = self._paused_until.get(channel)
         if paused is not None and paused > now:
-            await self._hold(request, attempt, paused, f"{channel} paused by a configuration error")
+            await self._enqueue(
+                request, attempt, paused, f"{channel} paused by a configuration error"
+            )
             return
         wait = self._buckets[channel].reserve(self._monotonic())
         if wait > 0:
@@ -352,7 +355,9 @@ class Dispatcher:
                 outcome.retry_after,
             )
             if plan is not None:
-                await self._enqueue(request, attempt + 1, plan.due_at, outcome.reason or "retry")
+                await self._enqueue(
+                    request, attempt + 1, plan.due_at, outcome.reason or "retry", plan.delay_class
+                )
                 return
             reason = f"retries_exhausted after {attempt} attempts: {outcome.reason}"
             await self.dead_letters.send(record, reason)
@@ -362,7 +367,7 @@ class Dispatcher:
             hold = outcome.retry_after or self.settings.provider_pause_seconds
             until = now + timedelta(seconds=hold)
             self._pause(channel, until, outcome.reason)
-            await self._hold(request, attempt, until, outcome.reason or "configuration error")
+            await self._enqueue(request, attempt, until, outcome.reason or "configuration error")
             return
         state = {"recipient": "failed", "sent": "sent", "skipped": "skipped"}.get(
             outcome.kind, "unknown"
@@ -408,23 +413,24 @@ class Dispatcher:
             await self.stores.suppressions.add(channel, delivery.address, outcome.reason or "", now)
 
     async def _enqueue(
-        self, request: SendRequest, attempt: int, due: datetime, reason: str
+        self,
+        request: SendRequest,
+        attempt: int,
+        due: datetime,
+        reason: str,
+        delay_class: str | None = None,
     ) -> None:
-        """Hand the request to the retry topic of its delay class, then mark the ledger."""
-        delay = (due - self.clock.now()).total_seconds()
-        delay_class = next(
-            (c for c in ("short", "medium", "long") if self._delays[c] >= delay), "long"
-        )
+        """Hand the request to a retry topic, then mark the ledger. Holds (a paused channel)
+        come here too: they wait for `due` without spending an attempt."""
+        if delay_class is None:
+            delay = (due - self.clock.now()).total_seconds()
+            delay_class = class_for_delay(delay, self._delays)
         retry = SendRetry(request=request, attempt=attempt, due_at=due, reason=reason)
         await self.producer.send(
             SEND_RETRIES[delay_class].name, request.contact_key, retry.to_wire()
         )
         await self.ledger.retrying(request.message_id, attempt, due, reason, self.clock.now())
         log.info("dispatcher.retry", message_id=request.message_id, attempt=attempt, due=due)
-
-    async def _hold(self, request: SendRequest, attempt: int, until: datetime, reason: str) -> None:
-        """Keep a request whose channel is paused: it waits on a retry topic, attempt unspent."""
-        await self._enqueue(request, attempt, until, reason)
 
     def _pause(self, channel: str, until: datetime, reason: str | None) -> None:
         if self._paused_until.get(channel, until) <= until or channel not in self._paused_until:

@@ -18,7 +18,6 @@ from services.dispatcher.domain.policy import (
     fallback_of,
     falls_back,
     kept_sends,
-    next_midnight,
     plan_retry,
 )
 from shared.contracts import ChannelTemplate, Profile, SendRequest
@@ -166,12 +165,6 @@ def test_resume_after_a_crash() -> None:
     assert resume_action("sending", False) == "unknown"
     assert resume_action("sending", True) == "send"
     assert resume_action("requested", False) == "send"
-
-
-def test_next_midnight_in_a_zone() -> None:
-    shanghai = ZoneInfo("Asia/Shanghai")
-    reset = next_midnight(T0, shanghai)  # 06:30 on 3 March in Shanghai
-    assert reset == datetime(2026, 3, 3, 16, 0, tzinfo=UTC)
 
 
 def test_token_bucket_allows_a_second_of_burst_then_paces() -> None:

@@ -9,18 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-LedgerState = Literal[
-    "requested",
-    "sending",
-    "retrying",
-    "sent",
-    "failed",
-    "skipped",
-    "unknown",
-    "delivered",
-    "opened",
-    "clicked",
-]
 # States after which a replayed request must not reach the provider again.
 FINAL_STATES: frozenset[str] = frozenset(
     {"sent", "failed", "skipped", "unknown", "delivered", "opened", "clicked"}

@@ -119,9 +119,17 @@ def plan_retry(
     delay = delays[delay_class]
     if retry_after is not None and retry_after > delay:
         delay = retry_after
-        delay_class = next((c for c in RETRY_CLASSES if delays[c] >= retry_after), "long")
+        delay_class = class_for_delay(retry_after, delays)
     jitter = 1 + JITTER * stable_fraction(message_id, attempt)
     return RetryPlan(delay_class, now + timedelta(seconds=delay * jitter))
+
+
+def class_for_delay(seconds: float, delays: Mapping[str, float]) -> str:
+    """The shortest retry class whose delay, with jitter, covers `seconds` (a hold, a
+    `Retry-After`)."""
+    return next(
+        (c for c in RETRY_CLASSES if delays[c] * (1 + JITTER) >= seconds), RETRY_CLASSES[-1]
+    )
 
 
 def fallback_of(request: SendRequest) -> SendRequest | None:
@@ -141,13 +149,6 @@ def fallback_of(request: SendRequest) -> SendRequest | None:
 
 def falls_back(reason: str | None) -> bool:
     return reason is not None and reason.startswith(UNREACHABLE)
-
-
-def next_midnight(now: datetime, tz: ZoneInfo) -> datetime:
-    """The start of the next calendar day in `tz` (quotas that reset daily)."""
-    local = now.astimezone(tz)
-    tomorrow = (local + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return tomorrow.astimezone(now.tzinfo)
 
 
 class TokenBucket:
