@@ -56,3 +56,9 @@ def stack() -> Iterator[local_stack.Stack]:
     finally:
         if os.environ.get("WAYPOST_KEEP_TEST_STACK") != "1":
             running.down()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Chaos tests go last: the thousands of contacts and messages they leave behind would
+    slow the stack under the tests that come after them."""
+    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)

@@ -20,7 +20,7 @@ from shared.contracts import Profile, SendRequest
 from shared.topics import SEND_REQUESTS
 from tests.e2e.helpers import outbox, unique, wait_drained, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 EMAILS, TEXTS, KILLS = 1500, 500, 4
 
 
