@@ -50,6 +50,7 @@ import asyncio
 import email.policy
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -843,6 +844,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "WAYPOST_SMS_CALLBACK_DELAY": str(SMS_CALLBACK_DELAY),  # read by the sandbox
         },
     )
+    # A SIGTERM ends the run like Ctrl-C does: through the finally below, which stops the stack.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     results: list[RunResult] = []
     began = time.perf_counter()
     client: MongoClient[dict[str, Any]] = MongoClient(bench.mongo_url, tz_aware=True)
