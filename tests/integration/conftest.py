@@ -13,13 +13,15 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.integration.providers import RequestLog
 
 ROOT = Path(__file__).resolve().parents[2]
 SANDBOX_SCRIPT = ROOT / "deploy" / "local" / "sandbox.py"
@@ -223,3 +225,14 @@ def clean_sandbox(sandbox: SandboxInfo) -> SandboxInfo:
     """The session sandbox, emptied: no messages, failure rules, latency or issued tokens."""
     sandbox.reset()
     return sandbox
+
+
+@pytest.fixture
+def requests() -> RequestLog:
+    return RequestLog()
+
+
+@pytest.fixture
+async def http(requests: RequestLog) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(event_hooks={"request": [requests]}) as client:
+        yield client

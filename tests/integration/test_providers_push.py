@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,46 +19,9 @@ from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import SystemClock
 from tests.integration.conftest import SandboxInfo
+from tests.integration.providers import RequestLog, ShiftedClock, closed_port
 
 DEVICE = "device-token-ada"
-
-
-class RequestLog:
-    """Paths of every request the client makes (an httpx event hook): token endpoint hits."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-
-    async def __call__(self, request: httpx.Request) -> None:
-        self.paths.append(request.url.path)
-
-    def count(self, path: str) -> int:
-        return self.paths.count(path)
-
-
-class ShiftedClock:
-    """Wall time as it is, monotonic time moved ahead on demand (token lifetimes)."""
-
-    def __init__(self) -> None:
-        self._system = SystemClock()
-        self.ahead = 0.0
-
-    def now(self) -> datetime:
-        return self._system.now()
-
-    def monotonic(self) -> float:
-        return self._system.monotonic() + self.ahead
-
-
-@pytest.fixture
-def requests() -> RequestLog:
-    return RequestLog()
-
-
-@pytest.fixture
-async def http(requests: RequestLog) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(event_hooks={"request": [requests]}) as client:
-        yield client
 
 
 def settings(sandbox: SandboxInfo, **overrides: Any) -> DispatcherSettings:
@@ -102,13 +62,6 @@ def foreign_key() -> str:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 async def test_a_sent_push_is_in_the_outbox_with_its_data(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -15,14 +13,9 @@ from services.dispatcher.domain.messages import Delivery, SmsContent
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
 from tests.integration.conftest import SandboxInfo
+from tests.integration.providers import closed_port
 
 NUMBER = "+15557770001"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
 
 
 def settings(sandbox: SandboxInfo, **overrides: Any) -> DispatcherSettings:
@@ -52,13 +45,6 @@ async def send(
     sandbox: SandboxInfo, http: httpx.AsyncClient, item: Delivery, **overrides: Any
 ) -> Outcome:
     return await SmsSender(settings(sandbox, **overrides), http).send(item)
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 async def test_a_sent_sms_is_in_the_outbox_under_its_sid(

@@ -4,9 +4,6 @@ token, its replacement after a refusal, client_msg_id de-duplication, every outc
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
 import httpx
@@ -19,47 +16,10 @@ from services.dispatcher.domain.messages import Delivery, WechatContent
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import SystemClock
 from tests.integration.conftest import SandboxInfo
+from tests.integration.providers import RequestLog, ShiftedClock, closed_port
 
 OPENID = "openid-ada"
 TOKEN_PATH = "/cgi-bin/stable_token"
-
-
-class RequestLog:
-    """Paths of every request the client makes (an httpx event hook): token endpoint hits."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-
-    async def __call__(self, request: httpx.Request) -> None:
-        self.paths.append(request.url.path)
-
-    def count(self, path: str) -> int:
-        return self.paths.count(path)
-
-
-class ShiftedClock:
-    """Wall time as it is, monotonic time moved ahead on demand (token lifetimes)."""
-
-    def __init__(self) -> None:
-        self._system = SystemClock()
-        self.ahead = 0.0
-
-    def now(self) -> datetime:
-        return self._system.now()
-
-    def monotonic(self) -> float:
-        return self._system.monotonic() + self.ahead
-
-
-@pytest.fixture
-def requests() -> RequestLog:
-    return RequestLog()
-
-
-@pytest.fixture
-async def http(requests: RequestLog) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(event_hooks={"request": [requests]}) as client:
-        yield client
 
 
 def settings(sandbox: SandboxInfo, **overrides: Any) -> DispatcherSettings:
@@ -112,13 +72,6 @@ def news(openid: str = OPENID, message_id: str = "msg-news") -> Delivery:
 def tokens_issued(sandbox: SandboxInfo) -> int:
     issued: int = sandbox.wechat_status()["tokens_issued"]
     return issued
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 async def test_a_sent_template_message_is_in_the_outbox(
