@@ -6,6 +6,7 @@ Build them once in a service's `__main__` and pass them down; never at import ti
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,7 +23,8 @@ class CommonSettings(BaseSettings):
     mongo_url: str = "mongodb://127.0.0.1:27017"
     mongo_db: str = "waypost"
     log_level: str = "info"
-    log_format: str = "console"
+    # JSON lines for operators; "console" for a person at a terminal.
+    log_format: Literal["json", "console"] = "json"
     data_dir: Path = Path(".local/data")
     # Where contacts reach the ingest service (unsubscribe, open pixel, click and SMS status
     # links), and the secret that signs those links; set both in production.
