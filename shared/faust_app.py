@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust.worker import Worker
 
-from shared.kafka import Record
+from shared.kafka import Record, prepare_topics
 from shared.settings import CommonSettings
+from shared.topics import Topic
 
 
 def build_faust_app(app_id: str, settings: CommonSettings, *, data_dir: Path) -> faust.App:
@@ -34,6 +36,26 @@ def build_faust_app(app_id: str, settings: CommonSettings, *, data_dir: Path) ->
         table_cleanup_interval=30.0,
         autodiscover=False,
     )
+
+
+def table_changelogs(app: faust.App) -> list[Topic]:
+    """The compacted changelog topic of every table the app declared."""
+    return [
+        Topic(table.changelog_topic_name, f"changelog of the {name} table", compacted=True)
+        for name, table in app.tables.items()
+    ]
+
+
+def run_worker(app: faust.App, settings: CommonSettings) -> None:
+    """Run the worker once its tables' changelogs exist with the right partitions.
+
+    Faust would create them itself, but lazily: a record processed before the topic shows up
+    in metadata fails its table's partition check (on a brand-new stack, every one did).
+    """
+    prepare_topics(settings, table_changelogs(app))
+    Worker(
+        app, loglevel=settings.log_level.upper(), override_logging=False
+    ).execute_from_commandline()
 
 
 def record_of(event: Any) -> Record:

@@ -25,6 +25,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from shared.offsets import OffsetTracker
+from shared.settings import CommonSettings
 from shared.topics import ALL_TOPICS, Topic
 
 log = structlog.get_logger(__name__)
@@ -35,7 +36,28 @@ class ProducerBusy(Exception):
 
 
 class DeliveryFailed(Exception):
-    """The broker did not acknowledge a record."""
+    """The broker did not acknowledge a record.
+
+    `refused` says the record itself was refused (too large, invalid): sending it again cannot
+    help. Anything else (a timeout, a broker that is down) is an outage to wait out.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+# Broker answers about the record itself, not about the broker's health.
+_REFUSED_RECORD = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError._BAD_MSG,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+    }
+)
 
 
 class AsyncProducer:
@@ -110,7 +132,7 @@ def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
     if err is None:
         future.set_result(None)
     else:
-        future.set_exception(DeliveryFailed(str(err)))
+        future.set_exception(DeliveryFailed(str(err), refused=err.code() in _REFUSED_RECORD))
 
 
 def admin_client(bootstrap: str, *, quiet: bool = False) -> AdminClient:
@@ -136,36 +158,85 @@ def wait_for_broker(bootstrap: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"Kafka at {bootstrap} not ready after {timeout}s: {last}")
 
 
+class TopicMismatch(Exception):
+    """An existing topic has another partition count than the settings ask for."""
+
+
 def ensure_topics(
-    bootstrap: str, partitions: int, replication: int = 1, topics: Iterable[Topic] = ALL_TOPICS
+    bootstrap: str,
+    partitions: int,
+    replication: int = 1,
+    topics: Iterable[Topic] = ALL_TOPICS,
+    *,
+    timeout: float = 60.0,
 ) -> list[str]:
-    """Create missing topics from the registry; returns the names created. Idempotent."""
+    """Create missing topics from the registry and return once the broker's metadata lists
+    every one with its partitions; returns the names created. Idempotent.
+
+    A consumer that starts before a new topic shows up in metadata sees it as missing (Faust
+    then refuses the table's records), so creation alone is not enough: we wait for metadata.
+    """
     admin = admin_client(bootstrap)
-    existing = set(admin.list_topics(timeout=10).topics)
-    wanted = []
-    for topic in topics:
-        if topic.name in existing:
-            continue
-        config = {"cleanup.policy": "compact"} if topic.compacted else {}
-        wanted.append(
-            NewTopic(
-                topic.name,
-                num_partitions=1 if topic.single_partition else partitions,
-                replication_factor=replication,
-                config=config,
+    expected = {t.name: 1 if t.single_partition else partitions for t in topics}
+    existing = admin.list_topics(timeout=10).topics
+    wanted = [
+        NewTopic(
+            topic.name,
+            num_partitions=expected[topic.name],
+            replication_factor=replication,
+            config={"cleanup.policy": "compact"} if topic.compacted else {},
+        )
+        for topic in topics
+        if topic.name not in existing
+    ]
+    created = []
+    if wanted:
+        for name, future in admin.create_topics(wanted, operation_timeout=30).items():
+            try:
+                future.result()
+                created.append(name)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = admin.list_topics(timeout=10).topics
+        missing = [
+            name
+            for name in expected
+            if name not in listed or listed[name].error is not None or not listed[name].partitions
+        ]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics not in the broker's metadata after {timeout}s: {missing}")
+        time.sleep(0.1)
+    wrong = {
+        name: len(listed[name].partitions)
+        for name, count in expected.items()
+        # Contact-keyed topics and table changelogs are co-partitioned: counts must agree
+        # (scaling out changes `WAYPOST_TOPIC_PARTITIONS` and the topics together).
+        if len(listed[name].partitions) != count
+    }
+    if wrong:
+        raise TopicMismatch(
+            "; ".join(
+                f"{name} has {n} partitions, {expected[name]} expected" for name, n in wrong.items()
             )
         )
-    if not wanted:
-        return []
-    created = []
-    for name, future in admin.create_topics(wanted, operation_timeout=30).items():
-        try:
-            future.result()
-            created.append(name)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
     return created
+
+
+def prepare_topics(settings: CommonSettings, extra: Iterable[Topic] = ()) -> list[str]:
+    """What a service does before it reads or writes a record: wait for the broker, then make
+    sure every registry topic (and `extra`, such as its tables' changelogs) is there."""
+    wait_for_broker(settings.kafka_bootstrap)
+    return ensure_topics(
+        settings.kafka_bootstrap,
+        settings.topic_partitions,
+        settings.topic_replication,
+        [*ALL_TOPICS, *extra],
+    )
 
 
 def topic_record_count(bootstrap: str, topic: str) -> int:

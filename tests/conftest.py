@@ -59,6 +59,13 @@ def stack() -> Iterator[local_stack.Stack]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Chaos tests go last: the thousands of contacts and messages they leave behind would
-    slow the stack under the tests that come after them."""
-    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
+    """First-start tests go first, on the brand-new stack they check. Chaos tests go last: the
+    thousands of contacts and messages they leave behind would slow the stack under the tests
+    that come after them."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("first_start") is not None:
+            return 0
+        return 2 if item.get_closest_marker("chaos") is not None else 1
+
+    items.sort(key=rank)

@@ -25,7 +25,7 @@ from services.admin.settings import AdminSettings
 from shared.clock import SystemClock
 from shared.definitions import PublishedJourneys
 from shared.docstore import connect, database
-from shared.kafka import AsyncProducer, ConsumerLoop, topic_record_count, wait_for_broker
+from shared.kafka import AsyncProducer, ConsumerLoop, prepare_topics, topic_record_count
 from shared.logs import configure_logging
 from shared.topics import EVENTS, JOURNEY_LOG
 
@@ -83,7 +83,7 @@ async def serve(settings: AdminSettings) -> None:
 def main() -> None:
     settings = AdminSettings()
     configure_logging("admin", settings.log_level, settings.log_format)
-    wait_for_broker(settings.kafka_bootstrap)
+    prepare_topics(settings)
     asyncio.run(serve(settings))
 
 

@@ -25,7 +25,7 @@ from services.dispatcher.settings import DispatcherSettings
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
 from shared.docstore import connect, database
-from shared.kafka import AsyncProducer, ConsumerLoop, run_pipelined, wait_for_broker
+from shared.kafka import AsyncProducer, ConsumerLoop, prepare_topics, run_pipelined
 from shared.links import LinkSigner
 from shared.logs import configure_logging
 from shared.topics import CONTACT_EVENTS, EVENTS, SEND_REQUESTS, SEND_RETRIES
@@ -98,7 +98,7 @@ def main() -> None:
     configure_logging("dispatcher", settings.log_level, settings.log_format)
     # One line per provider request drowns the outcomes; failures are logged as outcomes.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    wait_for_broker(settings.kafka_bootstrap)
+    prepare_topics(settings)
     asyncio.run(serve(settings))
 
 

@@ -8,14 +8,14 @@ from services.ingest.adapters.publisher import KafkaEventPublisher
 from services.ingest.app import create_app
 from services.ingest.settings import IngestSettings
 from shared.clock import SystemClock
-from shared.kafka import AsyncProducer, wait_for_broker
+from shared.kafka import AsyncProducer, prepare_topics
 from shared.logs import configure_logging
 
 
 def main() -> None:
     settings = IngestSettings()
     configure_logging("ingest", settings.log_level, settings.log_format)
-    wait_for_broker(settings.kafka_bootstrap)
+    prepare_topics(settings)
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="ingest")
     app = create_app(settings, KafkaEventPublisher(producer), SystemClock())
     try:

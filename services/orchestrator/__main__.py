@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from faust.worker import Worker
-
 from services.orchestrator.adapters.audience_schedule import AudienceProgress
 from services.orchestrator.adapters.definitions import DefinitionsCatalog
 from services.orchestrator.app import Orchestrator
 from services.orchestrator.settings import OrchestratorSettings
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
-from shared.faust_app import build_faust_app
-from shared.kafka import AsyncProducer, wait_for_broker
+from shared.faust_app import build_faust_app, run_worker
+from shared.kafka import AsyncProducer, prepare_topics
 from shared.logs import configure_logging
 
 
 def main() -> None:
     settings = OrchestratorSettings()
     configure_logging("orchestrator", settings.log_level, settings.log_format)
-    wait_for_broker(settings.kafka_bootstrap)
+    prepare_topics(settings)
     clock = SystemClock()
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="orchestrator")
     catalog = DefinitionsCatalog(settings.kafka_bootstrap)
@@ -36,9 +34,7 @@ def main() -> None:
         audience_progress,
     )
     try:
-        Worker(
-            app, loglevel=settings.log_level.upper(), override_logging=False
-        ).execute_from_commandline()
+        run_worker(app, settings)
     finally:
         audience_progress.stop()
         catalog.stop()

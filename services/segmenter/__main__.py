@@ -6,7 +6,6 @@ import asyncio
 from datetime import timedelta
 
 import structlog
-from faust.worker import Worker
 
 from services.segmenter.adapters.definitions import LiveDefinitions
 from services.segmenter.adapters.profile_view import ProfileView
@@ -17,8 +16,8 @@ from services.segmenter.settings import SegmenterSettings
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
 from shared.docstore import connect, database
-from shared.faust_app import build_faust_app
-from shared.kafka import AsyncProducer, wait_for_broker
+from shared.faust_app import build_faust_app, run_worker
+from shared.kafka import AsyncProducer, prepare_topics
 from shared.logs import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -29,7 +28,7 @@ PROFILE_VIEW_RESTART_SECONDS = 5.0
 def main() -> None:
     settings = SegmenterSettings()
     configure_logging("segmenter", settings.log_level, settings.log_format)
-    wait_for_broker(settings.kafka_bootstrap)
+    prepare_topics(settings)
     clock = SystemClock()
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="segmenter")
     definitions = LiveDefinitions(settings.kafka_bootstrap)
@@ -59,9 +58,7 @@ def main() -> None:
 
     app.task(profile_view)
     try:
-        Worker(
-            app, loglevel=settings.log_level.upper(), override_logging=False
-        ).execute_from_commandline()
+        run_worker(app, settings)
     finally:
         definitions.stop()
         producer.close()

@@ -13,8 +13,10 @@ from typing import Any
 import httpx
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from shared.contracts import ContactEvent, ObjectRelation, Profile, SegmentCount
+from shared.deadletter import read_dead_letters
 from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
 from shared.segments import (
     AggregateDefinition,
@@ -23,6 +25,7 @@ from shared.segments import (
     SegmentDefinition,
 )
 from shared.topics import (
+    ALL_TOPICS,
     CONTACT_EVENTS,
     DEFINITIONS,
     OBJECT_RELATIONS,
@@ -374,6 +377,7 @@ def test_forget_erases_the_contact_and_later_events_do_not_bring_it_back(stack: 
     assert counts(stack)[segment] == 0
 
 
+@pytest.mark.first_start
 def test_s8_a_price_drop_reaches_everyone_who_viewed_the_product(
     stack: Any, tmp_path: Path
 ) -> None:
@@ -430,3 +434,27 @@ def test_s8_a_price_drop_reaches_everyone_who_viewed_the_product(
         assert message["subject"] == "Lamp now 60"
     assert outbox(stack, to=bystander[1]) == []
     assert profile(stack, "catalog") is None
+
+
+@pytest.mark.first_start
+def test_a_new_stack_had_every_topic_before_its_first_record(stack: Any) -> None:
+    """Runs right after the price drop above, on the session's brand-new stack: every topic of
+    the registry and every table's changelog existed with the stack's partitions, so nothing
+    (the object index's first records above included) went to the dead-letter topic."""
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
+    listed = admin.list_topics(timeout=10).topics
+    changelogs = {
+        f"waypost-{service}-{table}-changelog"
+        for service, tables in (
+            ("segmenter", ("contacts", "memberships", "links", "relations")),
+            ("orchestrator", ("contacts", "timers")),
+        )
+        for table in tables
+    }
+    for name in changelogs:
+        assert len(listed[name].partitions) == stack.partitions, name
+    for topic in ALL_TOPICS:
+        assert len(listed[topic.name].partitions) == (
+            1 if topic.single_partition else stack.partitions
+        ), topic.name
+    assert [stored.letter for stored in read_dead_letters(stack.bootstrap)] == []
