@@ -1,19 +1,98 @@
-"""Poison records go to the dead-letter topic with the reason; the stream moves on."""
+"""Poison records go to the dead-letter topic with the reason; outages are waited out.
+
+A record that can never be processed (undecodable, refused by a rule, a bug it alone triggers)
+is written to `waypost.dead-letter.v1` and the stream moves on. An outage (a broker or document
+store that is down, a producer timeout, a missing topic) is not the record's fault: the work is
+retried with backoff for as long as it lasts, the consumer waits on that record, and its offset
+is never committed past it. The dead-letter write itself is retried the same way.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
 import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from pydantic import ValidationError
+from pymongo.errors import (
+    ConnectionFailure,
+    ExecutionTimeout,
+    OperationFailure,
+    PyMongoError,
+    WTimeoutError,
+)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from shared.clock import Clock
 from shared.contracts import DeadLetter
-from shared.kafka import AsyncProducer, Record
+from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record, TopicMismatch
 from shared.topics import DEAD_LETTER
 
 log = structlog.get_logger(__name__)
 
+# Longest pause between two tries during an outage.
+OUTAGE_BACKOFF_MAX_SECONDS = 10.0
+# Faust's "the table's changelog is not (yet) in metadata" check, by name: shared code does
+# not import the stream framework for one exception class.
+_INFRASTRUCTURE_NAMES = frozenset(
+    {"PartitionsMismatch", "KafkaTimeoutError", "KafkaConnectionError"}
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a failure belongs to the infrastructure (retry) rather than to the record."""
+    if isinstance(exc, DeliveryFailed):
+        return not exc.refused
+    if isinstance(exc, ProducerBusy | KafkaException | TopicMismatch | TimeoutError | OSError):
+        return True
+    if isinstance(exc, ConnectionFailure | ExecutionTimeout | WTimeoutError):
+        return True
+    if isinstance(exc, OperationFailure) and (
+        exc.has_error_label("RetryableWriteError")
+        or exc.has_error_label("TransientTransactionError")
+    ):
+        return True
+    if isinstance(exc, PyMongoError) and exc.timeout:
+        return True
+    return type(exc).__name__ in _INFRASTRUCTURE_NAMES
+
+
+def _log_outage(what: str, record: Record | None) -> Callable[[RetryCallState], None]:
+    def before_sleep(state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "outage.retrying",
+            work=what,
+            topic=record.topic if record else None,
+            partition=record.partition if record else None,
+            offset=record.offset if record else None,
+            attempt=state.attempt_number,
+            retry_in=round(state.upcoming_sleep, 2),
+            error=f"{type(failure).__name__}: {failure}",
+        )
+
+    return before_sleep
+
+
+async def through_outages(
+    work: Callable[[], Awaitable[None]], *, what: str, record: Record | None = None
+) -> None:
+    """Run `work`, again and again with backoff while it fails for an outage; any other
+    failure is raised at once. There is no give-up: an outage ends, a record is never lost."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception(is_outage),
+        wait=wait_random_exponential(multiplier=0.2, max=OUTAGE_BACKOFF_MAX_SECONDS),
+        before_sleep=_log_outage(what, record),
+        reraise=True,
+    ):
+        with attempt:
+            await work()
+
 
 class DeadLetters:
-    """Writes `DeadLetter` records for one service."""
+    """Writes `DeadLetter` records for one service, and guards the work done per record."""
 
     def __init__(self, producer: AsyncProducer, service: str, clock: Clock) -> None:
         self._producer = producer
@@ -21,6 +100,7 @@ class DeadLetters:
         self._clock = clock
 
     async def send(self, record: Record, reason: str) -> None:
+        """Dead-letter `record`; returns only once the broker acknowledged the letter."""
         letter = DeadLetter(
             service=self._service,
             topic=record.topic,
@@ -36,6 +116,101 @@ class DeadLetters:
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
-            reason=reason,
+            reason=reason[:500],
         )
-        await self._producer.send(DEAD_LETTER.name, record.key, letter.to_wire())
+
+        async def write() -> None:
+            await self._producer.send(DEAD_LETTER.name, record.key, letter.to_wire())
+
+        await through_outages(write, what="dead-letter write", record=record)
+
+    async def guard(self, record: Record, work: Callable[[], Awaitable[None]], what: str) -> None:
+        """Process one record: outages are retried until they pass; a record that fails for
+        any other reason is dead-lettered with it, and the stream goes on."""
+        try:
+            await through_outages(work, what=what, record=record)
+        except (ValidationError, ValueError) as exc:
+            await self.send(record, f"undecodable: {exc}")
+        except Exception as exc:
+            log.exception(f"{what}.record_failed", key=record.key, topic=record.topic)
+            await self.send(record, f"{type(exc).__name__}: {exc}")
+
+
+# --- reading and replaying (the `waypost dead-letters` command) ------------------------------
+
+
+@dataclass(frozen=True)
+class StoredLetter:
+    """A dead letter and where it sits in the dead-letter topic."""
+
+    partition: int
+    offset: int
+    letter: DeadLetter
+
+    @property
+    def position(self) -> str:
+        return f"{self.partition}:{self.offset}"
+
+
+def read_dead_letters(bootstrap: str, *, timeout: float = 30.0) -> list[StoredLetter]:
+    """Every letter the topic holds now, oldest first per partition (read to the end once)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "waypost-dead-letter-reader",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        metadata = consumer.list_topics(DEAD_LETTER.name, timeout=timeout)
+        partitions = [
+            TopicPartition(DEAD_LETTER.name, p, OFFSET_BEGINNING)
+            for p in sorted(metadata.topics[DEAD_LETTER.name].partitions)
+        ]
+        ends = {
+            tp.partition: consumer.get_watermark_offsets(tp, timeout=timeout)[1]
+            for tp in partitions
+        }
+        consumer.assign(partitions)
+        letters: list[StoredLetter] = []
+        left = {p: end for p, end in ends.items() if end > 0}
+        deadline = time.monotonic() + timeout
+        while left:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{DEAD_LETTER.name} not read to its end in {timeout}s")
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error() is not None:
+                continue
+            partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
+            try:
+                letter = DeadLetter.model_validate_json(msg.value() or b"")
+            except ValidationError:
+                log.warning("dead_letter.unreadable", partition=partition, offset=offset)
+            else:
+                letters.append(StoredLetter(partition, offset, letter))
+            if offset + 1 >= left.get(partition, 0):
+                left.pop(partition, None)
+        return letters
+    finally:
+        consumer.close()
+
+
+def replay_dead_letters(bootstrap: str, letters: Iterable[StoredLetter]) -> int:
+    """Write each letter's record back to the topic it came from, under its key, in order.
+
+    Consumers are idempotent on message ids, so replaying a letter twice does no harm; a
+    record that fails again is dead-lettered again, with its new reason.
+    """
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+    count = 0
+    for stored in letters:
+        letter = stored.letter
+        producer.produce(
+            letter.topic,
+            key=letter.key.encode() if letter.key is not None else None,
+            value=letter.value.encode(),
+        )
+        count += 1
+    if producer.flush(30) != 0:
+        raise TimeoutError("replayed records were not acknowledged by Kafka")
+    return count

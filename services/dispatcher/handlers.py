@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import structlog
@@ -135,7 +136,9 @@ class Dispatcher:
         except ValidationError as exc:
             await self.dead_letters.send(record, f"undecodable send request: {exc}")
             return
-        await self._guarded(record, self.handle(request, record), request.message_id)
+        await self.dead_letters.guard(
+            record, lambda: self.handle(request, record), "dispatcher.request"
+        )
 
     async def on_retry(self, record: Record) -> None:
         try:
@@ -146,7 +149,9 @@ class Dispatcher:
         wait = (retry.due_at - self.clock.now()).total_seconds()
         if wait > 0:
             await asyncio.sleep(wait)  # records of one class are due in arrival order
-        await self._guarded(record, self.handle_retry(retry, record), retry.request.message_id)
+        await self.dead_letters.guard(
+            record, lambda: self.handle_retry(retry, record), "dispatcher.retry"
+        )
 
     async def on_report(self, record: Record) -> None:
         """Delivery reports, (un)subscribes and erasures from the events topics."""
@@ -154,24 +159,16 @@ class Dispatcher:
         try:
             if _FORGOTTEN_MARKER in value:
                 contact_event = ContactEvent.model_validate_json(value)
-                if contact_event.event.label == CONTACT_FORGOTTEN:
-                    await self._forget(contact_event.contact_key)
+                if contact_event.event.label != CONTACT_FORGOTTEN:
+                    return
+                work = partial(self._forget, contact_event.contact_key)
+            elif any(marker in value for marker in _REPORT_MARKERS):
+                work = partial(self.on_event, Event.model_validate_json(value))
+            else:
                 return
-            if not any(marker in value for marker in _REPORT_MARKERS):
-                return
-            await self.on_event(Event.model_validate_json(value))
         except ValidationError:
             return  # not ours to judge: the segmenter dead-letters undecodable events
-        except Exception as exc:
-            log.exception("dispatcher.report_failed", offset=record.offset)
-            await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
-
-    async def _guarded(self, record: Record, work: Any, message_id: str) -> None:
-        try:
-            await work
-        except Exception as exc:
-            log.exception("dispatcher.failed", message_id=message_id)
-            await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+        await self.dead_letters.guard(record, work, "dispatcher.report")
 
     # --- requests and retries ----------------------------------------------------------------
 

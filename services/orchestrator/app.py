@@ -15,7 +15,6 @@ import faust
 import structlog
 from faust.exceptions import ConsumerNotStarted
 from faust.types import TP
-from pydantic import ValidationError
 
 from services.orchestrator.adapters.audience_schedule import AudienceSchedule, Progress
 from services.orchestrator.adapters.definitions import CatalogSource, DefinitionsCatalog
@@ -228,16 +227,11 @@ class Orchestrator:
     async def _process(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             record = record_of(event)
-            try:
-                incoming = _decode(record.topic, record.value)
-            except ValidationError as exc:
-                await self.dead_letters.send(record, f"undecodable: {exc}")
-                continue
-            try:
-                await self.journeys.handle(incoming)
-            except Exception as exc:
-                log.exception("orchestrator.stimulus_failed", key=record.key)
-                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+            await self.dead_letters.guard(
+                record,
+                lambda record=record: self.journeys.handle(_decode(record.topic, record.value)),
+                "orchestrator",
+            )
 
     def _owns_schedule(self) -> bool:
         """Whether this worker holds partition 0 of the contact events: the schedule's owner."""

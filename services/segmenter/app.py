@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Iterable
 import faust
 import structlog
 from faust.types import TableT
-from pydantic import ValidationError
 
 from services.segmenter.adapters.definitions import LiveDefinitions
 from services.segmenter.adapters.members import MemberIndex, membership_row, read_membership
@@ -46,7 +45,7 @@ from shared.deadletter import DeadLetters
 from shared.faust_app import record_of
 from shared.ids import stable_id
 from shared.journeys import AUDIENCE_SELECTED
-from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy
+from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
 from shared.profiles import CONTACT_FORGOTTEN, announce
 from shared.topics import (
     AUDIENCE_REQUESTS,
@@ -121,24 +120,24 @@ class Segmenter:
     async def _process(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             record = record_of(event)
-            try:
-                if record.topic == CONTACT_COMMANDS.name:
-                    await self.handle_command(
-                        ContactCommand.model_validate_json(record.value), record.partition
-                    )
-                elif record.topic == AUDIENCE_REQUESTS.name:
-                    await self.handle_audience(
-                        AudienceRequest.model_validate_json(record.value), record.partition
-                    )
-                else:
-                    incoming = Event.model_validate_json(record.value)
-                    incoming.contact_key  # noqa: B018 - raises when the event has no contact key
-                    await self.handle(incoming, record.partition)
-            except (ValidationError, ValueError) as exc:
-                await self.dead_letters.send(record, f"undecodable: {exc}")
-            except Exception as exc:
-                log.exception("segmenter.record_failed", key=record.key, topic=record.topic)
-                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+            await self.dead_letters.guard(
+                record, lambda record=record: self.take(record), "segmenter"
+            )
+
+    async def take(self, record: Record) -> None:
+        """Decode one record of the agent's topics and apply it."""
+        if record.topic == CONTACT_COMMANDS.name:
+            await self.handle_command(
+                ContactCommand.model_validate_json(record.value), record.partition
+            )
+        elif record.topic == AUDIENCE_REQUESTS.name:
+            await self.handle_audience(
+                AudienceRequest.model_validate_json(record.value), record.partition
+            )
+        else:
+            incoming = Event.model_validate_json(record.value)
+            incoming.contact_key  # noqa: B018 - raises when the event has no contact key
+            await self.handle(incoming, record.partition)
 
     async def handle(self, event: Event, partition: int) -> None:
         defs = self.definitions.current()

@@ -14,7 +14,6 @@ from datetime import datetime, timedelta
 
 import faust
 import structlog
-from pydantic import ValidationError
 
 from services.segmenter.domain.relations import (
     MAX_CONTACTS,
@@ -93,16 +92,9 @@ class RelationIndex:
     async def _process(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             record = record_of(event)
-            try:
-                relation = _decode(record.value)
-            except (ValidationError, ValueError) as exc:
-                await self.dead_letters.send(record, f"undecodable: {exc}")
-                continue
-            try:
-                await self.handle(relation)
-            except Exception as exc:
-                log.exception("relations.record_failed", key=record.key)
-                await self.dead_letters.send(record, f"{type(exc).__name__}: {exc}")
+            await self.dead_letters.guard(
+                record, lambda value=record.value: self.handle(_decode(value)), "relations"
+            )
 
     async def handle(self, relation: ObjectRelation) -> None:
         """Apply one record; must run inside the agent, where table writes are allowed."""
