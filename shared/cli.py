@@ -1,12 +1,13 @@
 """The `waypost` command: create topics, check and publish journey definition files, pause, resume
-or archive published journeys, and check, publish or delete segments and aggregates."""
+or archive published journeys, check, publish or delete segments and aggregates, and list or
+replay dead letters."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from confluent_kafka import Producer
 from pymongo import MongoClient
 
 from shared.clock import SystemClock
+from shared.deadletter import StoredLetter, read_dead_letters, replay_dead_letters
 from shared.definitions import PublishedJourneys
 from shared.journey_checks import parse_journey_file
 from shared.journeys import JourneyFile, PublishedJourney
@@ -249,6 +251,50 @@ def _describe(record: PublishedSegment | PublishedAggregate) -> str:
     return f"aggregate {aggregate.id} ({aggregate.function} of {aggregate.event}{window})"
 
 
+def _matching(letters: Iterable[StoredLetter], args: argparse.Namespace) -> list[StoredLetter]:
+    """The letters that pass every filter given on the command line."""
+    positions = set(args.position or ())
+    return [
+        stored
+        for stored in letters
+        if (not args.service or stored.letter.service == args.service)
+        and (not args.topic or stored.letter.topic == args.topic)
+        and (not args.key or stored.letter.key == args.key)
+        and (not args.reason or args.reason in stored.letter.reason)
+        and (not positions or stored.position in positions)
+    ]
+
+
+def dead_letters(settings: CommonSettings, args: argparse.Namespace) -> int:
+    """`list` prints the letters (one line each, or JSON lines); `replay` writes their records
+    back to the topics they came from. Replay needs a filter or `--all`."""
+    wait_for_broker(settings.kafka_bootstrap)
+    chosen = _matching(read_dead_letters(settings.kafka_bootstrap), args)
+    if args.dead_letter_command == "list":
+        for stored in chosen:
+            letter = stored.letter
+            if args.json:
+                print(json.dumps({"position": stored.position, **letter.model_dump(mode="json")}))
+            else:
+                print(
+                    f"{stored.position:>8}  {letter.at:%Y-%m-%d %H:%M:%S}  {letter.service:12} "
+                    f"{letter.topic}[{letter.partition}]@{letter.offset}  key={letter.key}  "
+                    f"{letter.reason.splitlines()[0][:160] if letter.reason else ''}"
+                )
+        print(f"{len(chosen)} dead letters", file=sys.stderr)
+        return 0
+    filtered = any((args.service, args.topic, args.key, args.reason, args.position))
+    if not (filtered or args.all):
+        print(
+            "replay needs a filter (--service, --topic, --key, --reason, --position) or --all",
+            file=sys.stderr,
+        )
+        return 2
+    replayed = replay_dead_letters(settings.kafka_bootstrap, chosen)
+    print(f"replayed {replayed} dead letters")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="waypost", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -275,6 +321,26 @@ def main(argv: list[str] | None = None) -> int:
         "delete", help="delete a segment nothing published refers to"
     )
     segment_delete.add_argument("segment_id")
+    letters = commands.add_parser("dead-letters", help="records no consumer could process")
+    letter_commands = letters.add_subparsers(dest="dead_letter_command", required=True)
+    for action, summary in (
+        ("list", "print the dead letters (position, time, service, source, key, reason)"),
+        ("replay", "write the chosen letters' records back to the topics they came from"),
+    ):
+        letter_command = letter_commands.add_parser(action, help=summary)
+        letter_command.add_argument("--service", help="only letters written by this service")
+        letter_command.add_argument("--topic", help="only records that came from this topic")
+        letter_command.add_argument("--key", help="only records with this key (a contact key)")
+        letter_command.add_argument("--reason", help="only letters whose reason contains this")
+        letter_command.add_argument(
+            "--position", action="append", help="a letter's position, partition:offset (repeat)"
+        )
+        if action == "list":
+            letter_command.add_argument("--json", action="store_true", help="JSON lines")
+        else:
+            letter_command.add_argument(
+                "--all", action="store_true", help="replay every letter (no filter)"
+            )
     args = parser.parse_args(argv)
 
     settings = CommonSettings()
@@ -291,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"topics ready ({len(created)} created)")
             return 0
+        if args.command == "dead-letters":
+            return dead_letters(settings, args)
         if args.command == "check":
             for path in args.files:
                 load_journey_file(path)

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
-from shared.contracts import DeadLetter
+from shared.cli import main as waypost
+from shared.contracts import DeadLetter, Event
+from shared.deadletter import read_dead_letters
 from shared.topics import DEAD_LETTER, EVENTS
 from tests.e2e.helpers import outbox, post, publish_journey, unique, wait_for, write_journey
 
@@ -17,33 +19,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _dead_letters(bootstrap: str) -> list[DeadLetter]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": unique("dlq-reader"),
-            "enable.auto.commit": False,
-        }
-    )
-    try:
-        metadata = consumer.list_topics(DEAD_LETTER.name, timeout=10)
-        partitions = [
-            TopicPartition(DEAD_LETTER.name, p, OFFSET_BEGINNING)
-            for p in metadata.topics[DEAD_LETTER.name].partitions
-        ]
-        consumer.assign(partitions)
-        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in partitions}
-        records: list[DeadLetter] = []
-        done = {p for p, end in ends.items() if end == 0}
-        while len(done) < len(ends):
-            msg = consumer.poll(1.0)
-            if msg is None or msg.error():
-                continue
-            records.append(DeadLetter.model_validate_json(msg.value() or b""))
-            if (msg.offset() or 0) + 1 >= ends[msg.partition() or 0]:
-                done.add(msg.partition() or 0)
-        return records
-    finally:
-        consumer.close()
+    return [stored.letter for stored in read_dead_letters(bootstrap)]
 
 
 def test_poison_event_is_dead_lettered_and_the_contact_still_flows(
@@ -73,3 +49,57 @@ def test_poison_event_is_dead_lettered_and_the_contact_still_flows(
     assert all(d.topic == EVENTS.name for d in letters)
     assert any("messageId" in d.reason or "message_id" in d.reason for d in letters)
     assert any("undecodable" in d.reason for d in letters)
+
+
+def test_dead_letters_are_listed_and_replayed_into_their_topic(
+    stack: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A letter left by an earlier failure (written here as a service would have written it)
+    is listed by `waypost dead-letters list` and, once replayed, processed like any event."""
+    user = unique("replayed")
+    journey = unique("after-replay")
+    trigger = f"Replay Check {journey}"
+    publish_journey(stack, write_journey(tmp_path, journey, trigger, "1h"))
+    email = f"{user}@example.com"
+    post(stack, "identify", {"userId": user, "traits": {"email": email, "first_name": "Rae"}})
+    event = Event.model_validate(
+        {
+            "type": "track",
+            "event": trigger,
+            "userId": user,
+            "messageId": unique("msg"),
+            "timestamp": "2026-01-01T00:00:00Z",
+            "receivedAt": "2026-01-01T00:00:00Z",
+        }
+    )
+    letter = DeadLetter(
+        service="segmenter",
+        topic=EVENTS.name,
+        partition=0,
+        offset=0,
+        key=user,
+        value=event.to_wire().decode(),
+        reason="DeliveryFailed: broker unreachable (written by an older version)",
+        at=event.timestamp,
+    )
+    producer = Producer({"bootstrap.servers": stack.bootstrap})
+    producer.produce(DEAD_LETTER.name, key=user.encode(), value=letter.to_wire())
+    assert producer.flush(10) == 0
+    monkeypatch.setenv("WAYPOST_KAFKA_BOOTSTRAP", stack.bootstrap)
+
+    def listed() -> list[dict[str, Any]] | None:
+        capsys.readouterr()
+        assert waypost(["dead-letters", "list", "--key", user, "--json"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        return rows or None
+
+    (row,) = wait_for(listed, what="the letter in `waypost dead-letters list`")
+    assert row["reason"].startswith("DeliveryFailed")
+    assert row["topic"] == EVENTS.name
+    assert outbox(stack, to=email) == []
+
+    assert waypost(["dead-letters", "replay"]) == 2, "replay without a filter is refused"
+    assert waypost(["dead-letters", "replay", "--position", row["position"]]) == 0
+    assert "replayed 1 dead letters" in capsys.readouterr().out
+    sent = wait_for(lambda: outbox(stack, to=email), what="the email of the replayed event")
+    assert len(sent) == 1
