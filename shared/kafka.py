@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import structlog
@@ -265,7 +266,13 @@ class Record:
 
 
 class ConsumerLoop:
-    """A consumer-group member read from asyncio; offsets are committed only when told."""
+    """A consumer-group member read from asyncio; offsets are committed only when told.
+
+    Commits never block: a commit that waits for a group coordinator (the broker just came
+    back) would stall the event loop, starve every other consumer of the process of its polls,
+    and get them all thrown out of their groups. Commits are sent asynchronously; their results
+    arrive with the next poll, and `failed_commits()` names the partitions to commit again.
+    """
 
     def __init__(self, bootstrap: str, *, group_id: str, topics: list[str], client_id: str):
         self._consumer = Consumer(
@@ -279,10 +286,31 @@ class ConsumerLoop:
                 # A killed worker's partitions move on after 10 s rather than Kafka's 45 s.
                 "session.timeout.ms": 10_000,
                 "heartbeat.interval.ms": 2_000,
+                "on_commit": self._committed,
             }
         )
         self._consumer.subscribe(topics)
         self._closed = False
+        self._failed: set[tuple[str, int]] = set()
+        self._failed_lock = threading.Lock()
+
+    def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """Called from a poll with a commit's result."""
+        failed = {
+            (str(tp.topic), int(tp.partition))
+            for tp in partitions
+            if err is not None or tp.error is not None
+        }
+        if failed:
+            log.warning("kafka.commit_failed", error=str(err), partitions=sorted(failed))
+            with self._failed_lock:
+                self._failed |= failed
+
+    def failed_commits(self) -> set[tuple[str, int]]:
+        """Partitions whose last commit failed since the previous call (commit them again)."""
+        with self._failed_lock:
+            failed, self._failed = self._failed, set()
+        return failed
 
     async def records(self, batch: int = 100, timeout: float = 0.5) -> AsyncIterator[list[Record]]:
         """Yield batches of records (possibly empty, so callers can notice shutdown)."""
@@ -314,18 +342,17 @@ class ConsumerLoop:
             tp = (record.topic, record.partition)
             highest[tp] = max(highest.get(tp, -1), record.offset)
         if highest:
-            self._consumer.commit(
-                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in highest.items()],
-                asynchronous=False,
-            )
+            self.commit_offsets({tp: offset + 1 for tp, offset in highest.items()})
 
-    def commit_offsets(self, offsets: Mapping[tuple[str, int], int]) -> bool:
-        """Commit explicit next offsets; False (logged) when the group moved on meanwhile."""
+    def commit_offsets(self, offsets: Mapping[tuple[str, int], int], *, wait: bool = False) -> bool:
+        """Send a commit of explicit next offsets, without waiting for it unless `wait` (a last
+        commit before closing); False (logged) when it cannot be sent (no longer assigned)."""
+        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
-            self._consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                asynchronous=False,
-            )
+            if wait:
+                self._consumer.commit(offsets=partitions, asynchronous=False)
+            else:
+                self._consumer.commit(offsets=partitions, asynchronous=True)
         except KafkaException as exc:
             log.warning("kafka.commit_failed", error=str(exc))
             return False
@@ -370,6 +397,8 @@ async def run_pipelined(
 
     try:
         async for batch in consumer.records(timeout=0.2):
+            for tp in consumer.failed_commits():
+                tracker.forget_commit(tp)
             for record in batch:
                 tracker.started(record.topic, record.partition, record.offset)
                 task = asyncio.create_task(process(record))
@@ -390,7 +419,7 @@ async def run_pipelined(
             await asyncio.wait(running, timeout=30)
             offsets = tracker.committable()
             if offsets:
-                consumer.commit_offsets(offsets)
+                await asyncio.to_thread(partial(consumer.commit_offsets, offsets, wait=True))
     finally:
         for task in running:
             task.cancel()

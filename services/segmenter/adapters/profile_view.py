@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import structlog
-from confluent_kafka import KafkaException
 from pydantic import ValidationError
 from pymongo import DeleteOne, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
@@ -82,12 +81,9 @@ class ProfileView:
                     write = functools.partial(self._write, profile_writes(batch))
                     if not await self._retrying(write, stop):
                         return  # stopped before the batch was stored: not committed
-                    try:
-                        await asyncio.to_thread(consumer.commit, batch)
-                    except KafkaException as exc:
-                        # The group rebalanced: the new owner of these partitions writes the same
-                        # records again, and the upserts are idempotent.
-                        log.warning("profile_view.commit_failed", error=str(exc))
+                    # A commit lost to a rebalance is harmless: the new owner of these
+                    # partitions writes the same records again, and the upserts are idempotent.
+                    consumer.commit(batch)
                 if stop.is_set():
                     return
         finally:
