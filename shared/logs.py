@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from typing import Literal
 
 import structlog
@@ -17,6 +19,9 @@ from structlog.tracebacks import ExceptionDictTransformer
 LogFormat = Literal["json", "console"]
 # Frames kept per exception: where it was raised and how it got there, not the whole stack.
 TRACEBACK_FRAMES = 6
+# A library's repeated message is logged once per window, with how many were held back.
+REPEAT_WINDOW_SECONDS = 10.0
+REPEAT_KEYS_KEPT = 10_000
 
 
 def renderers(fmt: LogFormat) -> list[structlog.types.Processor]:
@@ -35,11 +40,44 @@ def renderers(fmt: LogFormat) -> list[structlog.types.Processor]:
     ]
 
 
+class RepeatFilter(logging.Filter):
+    """Lets one line of a repeated library message through per `window` seconds, with the
+    count of those it held back. A client that cannot reach the broker logs the same line
+    thousands of times a second; an operator needs to see it once in a while."""
+
+    def __init__(
+        self,
+        window: float = REPEAT_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._window = window
+        self._clock = clock
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str):
+            return True  # our own structured events: each one counts
+        key = (record.name, record.msg)
+        now = self._clock()
+        first, held = self._seen.get(key, (now - self._window, 0))
+        if now - first < self._window:
+            self._seen[key] = (first, held + 1)
+            return False
+        if len(self._seen) > REPEAT_KEYS_KEPT:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if held:
+            record.repeated = held
+        return True
+
+
 def configure_logging(service: str, level: str = "info", fmt: LogFormat = "json") -> None:
     """Route stdlib and structlog output to stderr as JSON lines (or console lines)."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     shared_processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        structlog.stdlib.ExtraAdder(allow=("repeated",)),
         structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -51,6 +89,7 @@ def configure_logging(service: str, level: str = "info", fmt: LogFormat = "json"
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatFilter())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,8 @@ SCRIPT = textwrap.dedent(
     except RuntimeError:
         log.exception("probe.failed", key="contact-1")
     logging.getLogger("aiokafka").warning("foreign %s", "line")
+    for _ in range(500):
+        logging.getLogger("aiokafka").error("Unable connect to node with id %s", 1)
     """
 )
 
@@ -47,7 +50,12 @@ def _run(fmt: str) -> str:
 def test_json_lines_one_per_event_with_a_short_traceback_and_no_locals() -> None:
     lines = _run("json").strip().splitlines()
     events = [json.loads(line) for line in lines]
-    assert [e["event"] for e in events] == ["probe.started", "probe.failed", "foreign line"]
+    assert [e["event"] for e in events] == [
+        "probe.started",
+        "probe.failed",
+        "foreign line",
+        "Unable connect to node with id 1",
+    ]
     assert all(e["service"] == "probe" for e in events)
     assert events[0]["records"] == 3
     failure = events[1]
@@ -62,6 +70,26 @@ def test_json_lines_one_per_event_with_a_short_traceback_and_no_locals() -> None
     assert "s3cr3t-local-value" not in "\n".join(lines)
     assert events[2]["logger"] == "aiokafka"
     assert events[2]["level"] == "warning"
+    assert "repeated" not in events[3], "the first of a repeated library line goes out at once"
+
+
+def test_a_repeated_library_line_goes_out_once_per_window_with_its_count() -> None:
+    from shared.logs import RepeatFilter
+
+    now = [0.0]
+    repeats = RepeatFilter(window=10.0, clock=lambda: now[0])
+
+    def line(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("aiokafka", logging.ERROR, __file__, 1, msg, (1,), None)
+
+    passed = []
+    for at in (0.0, 1.0, 2.0, 9.0, 10.5, 11.0):
+        now[0] = at
+        record = line("Unable connect to node with id %s")
+        if repeats.filter(record):
+            passed.append((at, getattr(record, "repeated", 0)))
+    assert passed == [(0.0, 0), (10.5, 3)]
+    assert repeats.filter(line("another message")), "other messages are counted apart"
 
 
 def test_console_format_is_for_terminals_and_shows_no_locals() -> None:
