@@ -66,14 +66,15 @@ import aiosmtplib
 import httpx
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as Partition
-from pymongo import MongoClient
 
 from bench.ingest import CpuMeter, log_tail
 from bench.segmenter import producer
 from bench.timers import Progress, percentile, port_in_use, say, table
 from shared.contracts import Channel, Profile, SendRequest
+from shared.docstore import connect_blocking
 from shared.kafka import ensure_topics, topic_record_count
 from shared.links import LinkClaims, LinkSigner, track_email
+from shared.settings import CommonSettings
 from shared.topics import SEND_REQUESTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,7 @@ HOME = ROOT / ".local" / "bench-dispatch"
 PORTS = stack.Ports(
     kafka=29392,
     kafka_controller=29393,
+    postgres=25392,
     mongo=37392,
     smtp=21325,
     outbox=28325,
@@ -615,7 +617,14 @@ def start_stack(bench: stack.Stack) -> None:
     bench.down()  # a previous run that was killed may have left its processes behind
     shutil.rmtree(bench.home, ignore_errors=True)
     ports = PORTS
-    wanted = (ports.kafka, ports.kafka_controller, ports.mongo, ports.smtp, ports.outbox)
+    wanted = (
+        ports.kafka,
+        ports.kafka_controller,
+        ports.postgres,
+        ports.mongo,
+        ports.smtp,
+        ports.outbox,
+    )
     busy = [p for p in (*wanted, ports.ingest, ports.dispatcher_metrics) if port_in_use(p)]
     if busy:
         raise RuntimeError(f"ports {busy} are already in use; the bench needs them free")
@@ -848,7 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     results: list[RunResult] = []
     began = time.perf_counter()
-    client: MongoClient[dict[str, Any]] = MongoClient(bench.mongo_url, tz_aware=True)
+    client = connect_blocking(CommonSettings(mongo_url=bench.mongo_url), "waypost-bench")
     try:
         start_stack(bench)
         db = client[DATABASE]

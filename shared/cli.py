@@ -19,6 +19,7 @@ from pymongo import MongoClient
 from shared.clock import SystemClock
 from shared.deadletter import StoredLetter, read_dead_letters, replay_dead_letters
 from shared.definitions import PublishedJourneys
+from shared.docstore import connect_or_exit
 from shared.journey_checks import parse_journey_file
 from shared.journeys import JourneyFile, PublishedJourney
 from shared.kafka import ensure_topics, wait_for_broker
@@ -109,7 +110,7 @@ def publish(settings: CommonSettings, files: list[Path]) -> int:
     written; then its templates go to the document store and its version to the definitions topic.
     """
     now = SystemClock().now()
-    mongo: MongoClient[dict[str, Any]] = MongoClient(settings.mongo_url, tz_aware=True)
+    mongo: MongoClient[dict[str, Any]] = connect_or_exit(settings, "waypost-cli")
     try:
         templates = mongo[settings.mongo_db]["templates"]
         known = {str(doc["_id"]) for doc in templates.find({}, {"_id": 1})}

@@ -1,13 +1,35 @@
-"""The document store client (MongoDB wire protocol: MongoDB in production, FerretDB locally)."""
+"""The document store client (MongoDB wire protocol: MongoDB in production, FerretDB locally).
+
+Every client gets one deadline (`WAYPOST_MONGO_TIMEOUT_SECONDS`): a call that gets no answer in
+time fails with a timeout error (an outage to retry) instead of hanging its caller.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from shared.settings import CommonSettings
+
+
+def client_options(settings: CommonSettings, app_name: str) -> dict[str, Any]:
+    """The options every client of ours gets, blocking or async."""
+    deadline_ms = int(settings.mongo_timeout_seconds * 1000)
+    return {
+        "appname": app_name,
+        "tz_aware": True,
+        # Client-side operation timeout: covers choosing the server, waiting for a pooled
+        # connection, the round trip and any retry, and is sent to the server as maxTimeMS.
+        "timeoutMS": deadline_ms,
+        # The same bound where an older code path reads the classic timeouts instead.
+        "serverSelectionTimeoutMS": deadline_ms,
+        "connectTimeoutMS": deadline_ms,
+        "socketTimeoutMS": deadline_ms,
+        "waitQueueTimeoutMS": deadline_ms,
+    }
 
 
 def connect(
@@ -15,12 +37,30 @@ def connect(
 ) -> AsyncMongoClient[dict[str, Any]]:
     """`max_connections` bounds the operations in flight; the rest wait their turn in order."""
     return AsyncMongoClient(
-        settings.mongo_url,
-        appname=app_name,
-        tz_aware=True,
-        serverSelectionTimeoutMS=10_000,
-        maxPoolSize=max_connections,
+        settings.mongo_url, maxPoolSize=max_connections, **client_options(settings, app_name)
     )
+
+
+def connect_blocking(settings: CommonSettings, app_name: str) -> MongoClient[dict[str, Any]]:
+    """A blocking client with the same deadline, for scripts and benchmarks."""
+    return MongoClient(settings.mongo_url, **client_options(settings, app_name))
+
+
+def connect_or_exit(settings: CommonSettings, app_name: str) -> MongoClient[dict[str, Any]]:
+    """For a command: a blocking client, once the store has answered a ping; when it does not
+    answer within the deadline, the command exits with one line naming the store."""
+    client = connect_blocking(settings, app_name)
+    try:
+        client.admin.command("ping")
+    except PyMongoError as exc:
+        client.close()
+        # pymongo's message goes on with the timeouts and the whole topology: keep its cause
+        reason = str(exc).split(" (configured timeouts")[0].split(", Timeout:")[0]
+        raise SystemExit(
+            f"waypost: the document store at {settings.mongo_url} did not answer within "
+            f"{settings.mongo_timeout_seconds:g}s ({reason or type(exc).__name__})"
+        ) from exc
+    return client
 
 
 def database(

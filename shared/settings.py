@@ -22,6 +22,8 @@ class CommonSettings(BaseSettings):
     topic_replication: int = Field(default=1, ge=1)
     mongo_url: str = "mongodb://127.0.0.1:27017"
     mongo_db: str = "waypost"
+    # The deadline of every document-store call: past it the call fails instead of hanging.
+    mongo_timeout_seconds: float = Field(default=10.0, gt=0)
     log_level: str = "info"
     # JSON lines for operators; "console" for a person at a terminal.
     log_format: Literal["json", "console"] = "json"

@@ -21,6 +21,7 @@ PORT_OFFSET = int(os.environ.get("WAYPOST_TEST_PORT_OFFSET", "0"))
 TEST_PORTS = local_stack.Ports(
     kafka=19092 + PORT_OFFSET,
     kafka_controller=19093 + PORT_OFFSET,
+    postgres=15432 + PORT_OFFSET,
     mongo=37017 + PORT_OFFSET,
     smtp=11025 + PORT_OFFSET,
     outbox=18025 + PORT_OFFSET,

