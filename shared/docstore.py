@@ -6,11 +6,13 @@ time fails with a timeout error (an outage to retry) instead of hanging its call
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pymongo import AsyncMongoClient, MongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from shared.settings import CommonSettings
 
@@ -67,3 +69,36 @@ def database(
     client: AsyncMongoClient[dict[str, Any]], settings: CommonSettings
 ) -> AsyncDatabase[dict[str, Any]]:
     return client[settings.mongo_db]
+
+
+# FerretDB 1.24 keeps a backend connection open for every statement of an `update` command
+# until the whole command ends (each statement's query iterator is closed by a `defer` in the
+# command's loop). A bulk update with more statements than its pool holds (80 locally) waits
+# for itself forever, and the store stops answering everyone: the wedge seen after the demo.
+# Bulk writes therefore go out as commands of at most this many statements; MongoDB does not
+# care either way.
+STATEMENTS_PER_COMMAND = 16
+
+
+async def bulk_write_unordered(
+    collection: AsyncCollection[dict[str, Any]], operations: Sequence[Any]
+) -> None:
+    """`collection.bulk_write(operations, ordered=False)` in commands the store can finish.
+
+    Raises `BulkWriteError` once every command ran when some documents were refused, with
+    each error's `index` into `operations`, as one bulk write would."""
+    write_errors: list[dict[str, Any]] = []
+    concern_errors: list[dict[str, Any]] = []
+    for start in range(0, len(operations), STATEMENTS_PER_COMMAND):
+        try:
+            await collection.bulk_write(
+                list(operations[start : start + STATEMENTS_PER_COMMAND]), ordered=False
+            )
+        except BulkWriteError as exc:
+            write_errors += [
+                {**error, "index": error["index"] + start}
+                for error in exc.details.get("writeErrors", [])
+            ]
+            concern_errors += exc.details.get("writeConcernErrors", [])
+    if write_errors or concern_errors:
+        raise BulkWriteError({"writeErrors": write_errors, "writeConcernErrors": concern_errors})

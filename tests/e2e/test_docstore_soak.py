@@ -1,7 +1,9 @@
 """Soak: the local document store (FerretDB on PostgreSQL) under the abuse its users give it.
 
 It runs its own PostgreSQL and FerretDB, on its own ports and folder, so the session stack is left
-alone. Many async writers and readers work throughout. Meanwhile cursors are left open and
+alone. Many async writers and readers work throughout, and bulk upserts three times the size of
+FerretDB's connection pool (which, sent as one command each, wedge FerretDB 1.24 for good: see
+`shared.docstore.STATEMENTS_PER_COMMAND`). Meanwhile cursors are left open and
 abandoned, client processes are SIGKILLed mid-query, and FerretDB and then PostgreSQL are
 SIGKILLed and restarted on their data (PostgreSQL's stale postmaster.pid naming a live process).
 A probe (a write, then a read, bounded by the client deadline) runs every 50 ms. The test checks
@@ -26,10 +28,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from pymongo import ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from shared.docstore import connect
+from shared.docstore import bulk_write_unordered, connect
 from shared.settings import CommonSettings
 from tests.conftest import PORT_OFFSET, TEST_HOME, local_stack
 
@@ -45,6 +48,7 @@ HUNG = DEADLINE + 3.0  # a call still unanswered by then ignored its deadline
 SLACK = 1.0  # how far past the deadline an answer may come (a busy event loop, two cores)
 GRACE = 2.0  # after a restart: pgx pings connections idle over 1 s, so dead ones are gone by then
 WRITERS, READERS = 12, 6
+BULK_UPSERTS = 3 * local_stack.FERRETDB_POOL  # statements per bulk write of the upserter
 BULK = 2000  # documents that cursors walk through, two at a time
 # An open cursor holds one of FerretDB's PostgreSQL connections. The killed clients together
 # leave more cursors open than the pool has connections: unless a dead client's cursors are
@@ -146,6 +150,22 @@ async def _writer(db: AsyncDatabase[dict[str, Any]], soak: Soak, w: int) -> None
         except (PyMongoError, TimeoutError):
             soak.failures += 1
             await soak.pause(0.1)
+
+
+async def _bulk_upserter(db: AsyncDatabase[dict[str, Any]], soak: Soak) -> None:
+    """Upserts in bulks far larger than FerretDB's pool, as the profile view writes them: in one
+    command each, such a bulk would hold a connection per statement and never finish."""
+    r = 0
+    while not soak.stop.is_set():
+        r += 1
+        keys = [f"bulk{r}-{i}" for i in range(BULK_UPSERTS)]
+        writes = [ReplaceOne({"_id": k}, {"w": -1, "round": r}, upsert=True) for k in keys]
+        try:
+            await soak.call("bulk upsert", bulk_write_unordered(db.writes, writes))
+            soak.acked.update(keys)
+        except (PyMongoError, TimeoutError):
+            soak.failures += 1
+        await soak.pause(0.2)
 
 
 async def _reader(db: AsyncDatabase[dict[str, Any]], soak: Soak) -> None:
@@ -259,6 +279,7 @@ async def test_the_document_store_answers_through_abuse(store: local_stack.Stack
             *(asyncio.create_task(_reader(db, soak)) for _ in range(READERS)),
             asyncio.create_task(_prober(db, soak)),
             asyncio.create_task(_abandoner(settings, soak)),
+            asyncio.create_task(_bulk_upserter(db, soak)),
         ]
         for _ in range(KILLED_CLIENTS):
             await _kill_client_mid_query(store.mongo_url, soak)

@@ -11,6 +11,7 @@ from pymongo import UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from shared.contracts import JourneyLogRecord
+from shared.docstore import bulk_write_unordered
 from shared.kafka import ConsumerLoop
 
 log = structlog.get_logger(__name__)
@@ -26,7 +27,8 @@ class JourneyLogStore:
         """Idempotent on `record_id`: replays leave one document per record."""
         if not records:
             return
-        await self._log.bulk_write(
+        await bulk_write_unordered(
+            self._log,
             [
                 UpdateOne(
                     {"_id": r.record_id},
@@ -35,7 +37,6 @@ class JourneyLogStore:
                 )
                 for r in records
             ],
-            ordered=False,
         )
 
     async def counts(self) -> dict[str, dict[str, int]]:

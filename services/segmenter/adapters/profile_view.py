@@ -29,6 +29,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from shared.contracts import Profile
+from shared.docstore import bulk_write_unordered
 from shared.kafka import ConsumerLoop, Record
 from shared.settings import CommonSettings
 from shared.topics import PROFILES
@@ -97,7 +98,7 @@ class ProfileView:
         if not writes:
             return
         try:
-            await self._profiles.bulk_write([w for _key, w in writes], ordered=False)
+            await bulk_write_unordered(self._profiles, [w for _key, w in writes])
         except BulkWriteError as exc:
             if exc.details.get("writeConcernErrors"):
                 raise
