@@ -39,8 +39,8 @@ what the sandbox's latency setting added. The worker, the sandbox, FerretDB, Kaf
 share this machine's cores (and whatever else runs on it: the "other" CPU column), so figures
 are relative to this machine and moment. Every send costs the worker a handful of document
 operations (ledger insert and moves, template, consent, suppression reads); on the local stack
-FerretDB runs on SQLite, one writer at a time, and its column in the CPU table shows how much of
-the gap is the document store rather than the worker.
+FerretDB (on PostgreSQL) has a column of its own in the CPU table, which shows how much of the
+gap is the document store rather than the worker.
 """
 
 from __future__ import annotations
@@ -596,8 +596,8 @@ def dispatcher(bench: stack.Stack, db: Any, run: Run, args: argparse.Namespace) 
         bench.stop("dispatcher")
         result.worker_log = log_notes(logfile, offset)
     if result.stalled is not None:
-        # Seen with FerretDB on SQLite: every update waiting in a transaction that never
-        # begins. Its data survives a restart; the next runs need a store that answers.
+        # A store that stopped answering: its data survives a restart, and the next runs need
+        # a store that answers.
         say("  restarting FerretDB (see its log for the operations that were waiting)")
         bench.stop("ferretdb")
         bench.start_ferretdb()

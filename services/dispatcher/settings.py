@@ -21,9 +21,8 @@ class FrequencyCap(BaseModel):
 class DispatcherSettings(CommonSettings):
     group_id: str = "waypost-dispatcher"
     max_in_flight: int = Field(default=64, ge=1)
-    # Document-store operations in flight per worker. Many sends share a few connections: a
-    # store that serialises writes (SQLite under FerretDB) hands its lock over faster than
-    # dozens of writers can poll for it.
+    # Document-store operations in flight per worker: many sends share a few connections, and
+    # the rest wait in the client, not in the store.
     store_connections: int = Field(default=8, ge=1)
     send_attempts: int = Field(default=5, ge=1)
     # Retry delay classes (seconds): one retry topic each; attempt n waits in class min(n, 3).

@@ -9,6 +9,8 @@ import httpx
 import pytest
 from pymongo import MongoClient
 
+from shared.docstore import connect_blocking
+from shared.settings import CommonSettings
 from tests.e2e.helpers import outbox, post, publish_journey, unique, wait_for, write_journey
 
 pytestmark = pytest.mark.e2e
@@ -17,7 +19,9 @@ ADMIN = {"Authorization": "Bearer wp_dev_admin_key"}
 
 @pytest.fixture(scope="module")
 def ledger(stack: Any) -> Any:
-    client: MongoClient[dict[str, Any]] = MongoClient(stack.mongo_url, tz_aware=True)
+    client: MongoClient[dict[str, Any]] = connect_blocking(
+        CommonSettings(mongo_url=stack.mongo_url), "tests"
+    )
     yield client["waypost"]["messages"]
     client.close()
 

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from pymongo import MongoClient
 
+from shared.docstore import connect_blocking
+from shared.settings import CommonSettings
 from tests.e2e.helpers import outbox, post, publish_inline, publish_journey, unique, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -24,7 +26,9 @@ ADMIN = {"Authorization": "Bearer wp_dev_admin_key"}
 
 @pytest.fixture(scope="module")
 def ledger(stack: Any) -> Any:
-    client: MongoClient[dict[str, Any]] = MongoClient(stack.mongo_url, tz_aware=True)
+    client: MongoClient[dict[str, Any]] = connect_blocking(
+        CommonSettings(mongo_url=stack.mongo_url), "tests"
+    )
     yield client["waypost"]["messages"]
     client.close()
 

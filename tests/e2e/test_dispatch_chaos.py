@@ -17,6 +17,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from pymongo import MongoClient
 
 from shared.contracts import Profile, SendRequest
+from shared.docstore import connect_blocking
+from shared.settings import CommonSettings
 from shared.topics import SEND_REQUESTS
 from tests.e2e.helpers import outbox, unique, wait_drained, wait_for
 
@@ -60,7 +62,9 @@ def _committed(bootstrap: str) -> int:
 
 def test_repeated_sigkill_loses_nothing_and_sends_nothing_twice(stack: Any) -> None:
     run = unique("chaos")
-    client: MongoClient[dict[str, Any]] = MongoClient(stack.mongo_url, tz_aware=True)
+    client: MongoClient[dict[str, Any]] = connect_blocking(
+        CommonSettings(mongo_url=stack.mongo_url), "tests"
+    )
     db = client["waypost"]
     now = datetime.now(UTC)
     db["templates"].insert_many(

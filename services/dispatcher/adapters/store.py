@@ -27,7 +27,7 @@ CONSENT = "consent"
 SUPPRESSIONS = "suppressions"
 
 # Server codes that mean "try again": a primary stepping down or shutting down, an interrupted
-# operation, and InternalError (1), which is how a locked SQLite under FerretDB answers.
+# operation, and InternalError (1), which is how FerretDB answers when its backend is away.
 _TRANSIENT_CODES = frozenset({1, 91, 189, 10107, 11600, 11602, 13435, 13436})
 
 
@@ -43,9 +43,9 @@ def _transient(exc: BaseException) -> bool:
     )
 
 
-# Every store call rides out short outages (a failover, a busy lock) instead of failing the
+# Every store call rides out short outages (a failover, a restart) instead of failing the
 # send: the calls are idempotent, and a ledger step lost to a hiccup would turn a good send
-# into an unknown one.
+# into an unknown one. A longer outage reaches the record's guard, which waits it out.
 _retried = retry(
     retry=retry_if_exception(_transient),
     wait=wait_random_exponential(multiplier=0.05, max=2.0),
@@ -76,7 +76,7 @@ class Ledger:
     `<id>#final` for the outcome), so of two competing copies exactly one goes on.
 
     Every read and write names one `_id` only: the unique index decides races, and the store
-    finds each document by its key (FerretDB only pushes `_id`-only filters down to SQLite).
+    finds each document by its key (FerretDB pushes only `_id` filters down to its backend).
     """
 
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
