@@ -1,0 +1,177 @@
+"""Outages lose nothing: the broker, then the document store, goes away for longer than the
+clients' timeouts while shoppers keep posting, and every acknowledged shopper still gets exactly
+one email, with nothing dead-lettered.
+
+The traffic behaves like a client SDK: it posts one shopper at a time and repeats a call that was
+not acknowledged (a 503 while the broker is away, a refused connection) until it is.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.deadletter import read_dead_letters
+from tests.e2e.helpers import WRITE_KEY, outbox, publish_inline, unique, wait_drained, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
+ADMIN = {"Authorization": "Bearer wp_dev_admin_key"}
+
+# Longer than every client deadline in the pipeline: the producers' 30 s message timeout and the
+# document store's 10 s operation deadline.
+BROKER_DOWN_SECONDS = 40.0
+STORE_DOWN_SECONDS = 25.0
+
+
+class Traffic(threading.Thread):
+    """Shoppers who identify and then track `trigger`, one after the other, until stopped."""
+
+    def __init__(self, stack: Any, run: str, trigger: str) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.run_id, self.trigger = stack, run, trigger
+        self.acknowledged: list[str] = []
+        self.refused = 0
+        self.stopping = threading.Event()
+
+    def _post(self, client: httpx.Client, call: str, body: dict[str, Any]) -> None:
+        while not self.stopping.is_set():
+            try:
+                if client.post(f"/v1/{call}", json=body).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            self.refused += 1
+            self.stopping.wait(0.5)  # an SDK's pause before it repeats the call
+
+    def run(self) -> None:
+        with httpx.Client(
+            base_url=self.stack.ingest_url, auth=(WRITE_KEY, ""), timeout=45
+        ) as client:
+            n = 0
+            while not self.stopping.is_set():
+                user = f"{self.run_id}-{n}"
+                email = f"{user}@outage.example.com"
+                identify = {"userId": user, "traits": {"email": email, "first_name": "Oti"}}
+                self._post(client, "identify", identify)
+                self._post(client, "track", {"userId": user, "event": self.trigger})
+                if not self.stopping.is_set():
+                    self.acknowledged.append(email)
+                n += 1
+
+
+def _outage(
+    stack: Any,
+    tmp_path: Path,
+    name: str,
+    take_down: Callable[[], None],
+    bring_back: Callable[[], None],
+    down_for: float,
+    noticed: Callable[[Traffic], bool],
+) -> None:
+    run = unique(name)
+    trigger = f"Outage Check {run}"
+    publish_inline(
+        stack,
+        tmp_path,
+        run,
+        {"type": "event", "event": trigger},
+        [{"id": "hello", "type": "send", "template": f"{run}-mail"}],
+        {f"{run}-mail": {"subject": f"Hello {run}", "text": "Hello {{ contact.first_name }}"}},
+    )
+
+    def arrived() -> Counter[str]:
+        return Counter(
+            address
+            for message in outbox(stack, channel="email", subject_contains=f"Hello {run}")
+            for address in message["to"]
+        )
+
+    traffic = Traffic(stack, run, trigger)
+    traffic.start()
+    down = False
+    try:
+        wait_for(lambda: len(arrived()) >= 10, timeout=120, what="emails flowing before")
+        take_down()
+        down = True
+        went_down = time.monotonic()
+        # The outage lasts longer than the clients' deadlines, and the clients notice it.
+        wait_for(lambda: noticed(traffic), timeout=down_for + 60, what="clients noticing")
+        wait_for(
+            lambda: time.monotonic() - went_down >= down_for,
+            timeout=down_for + 60,
+            what="the outage to outlast the client deadlines",
+        )
+        bring_back()
+        down = False
+        during = len(traffic.acknowledged)
+        wait_for(
+            lambda: len(traffic.acknowledged) >= during + 10,
+            timeout=180,
+            what="shoppers acknowledged again after the outage",
+        )
+    finally:
+        traffic.stopping.set()
+        traffic.join(timeout=60)
+        if down:
+            bring_back()  # the stack outlives this test
+    expected = set(traffic.acknowledged)
+    wait_for(
+        lambda: expected <= set(arrived()),
+        timeout=300,
+        what=f"an email for each of the {len(expected)} acknowledged shoppers",
+    )
+    wait_drained(stack, timeout=300)
+    copies = arrived()
+    assert {a: n for a, n in copies.items() if n > 1} == {}, "nobody gets an email twice"
+    letters = [s.letter for s in read_dead_letters(stack.bootstrap)]
+    assert [d for d in letters if d.key and d.key.startswith(run)] == []
+    print(
+        f"\n{name}: {len(expected)} shoppers acknowledged, {traffic.refused} calls repeated "
+        f"during the outage, every email delivered once"
+    )
+
+
+def test_a_broker_outage_loses_nothing_and_sends_nothing_twice(stack: Any, tmp_path: Path) -> None:
+    def take_down() -> None:
+        stack.stop("kafka")
+
+    def bring_back() -> None:
+        stack.start_kafka()
+        stack.wait_kafka()
+
+    def noticed(traffic: Traffic) -> bool:
+        """The ingest API refused a call it could not get acknowledged (a 503)."""
+        return traffic.refused > 0
+
+    _outage(stack, tmp_path, "broker-outage", take_down, bring_back, BROKER_DOWN_SECONDS, noticed)
+    for name in ("segmenter", "orchestrator", "dispatcher", "ingest", "admin"):
+        assert stack.pid(name) is not None, f"{name} outlived the broker outage"
+
+
+def test_a_document_store_outage_loses_nothing_and_sends_nothing_twice(
+    stack: Any, tmp_path: Path
+) -> None:
+    def take_down() -> None:
+        stack.stop("ferretdb")
+
+    def bring_back() -> None:
+        stack.start_ferretdb()
+        stack.wait_mongo()
+
+    def noticed(_traffic: Traffic) -> bool:
+        """The admin API answers, within its deadline, that the store is unavailable."""
+        started = time.monotonic()
+        answer = httpx.get(f"{stack.admin_url}/v1/stats", headers=ADMIN, timeout=30)
+        assert time.monotonic() - started < 20, "a store call hung past its deadline"
+        return answer.status_code >= 500
+
+    _outage(stack, tmp_path, "store-outage", take_down, bring_back, STORE_DOWN_SECONDS, noticed)
+    for name in ("segmenter", "orchestrator", "dispatcher", "ingest", "admin"):
+        assert stack.pid(name) is not None, f"{name} outlived the store outage"
