@@ -130,20 +130,20 @@ def publish(settings: CommonSettings, files: list[Path]) -> int:
                 published.append(decision.record)
             decisions.append((path, decision))
         for _path, decision in decisions:
-            if isinstance(decision, Publish):
-                for template_id, template in decision.templates.items():
-                    templates.replace_one(
-                        {"_id": template_id},
-                        shipped_template_document(template, now),
-                        upsert=True,
-                    )
+            for template_id, template in decision.templates.items():
+                templates.replace_one(
+                    {"_id": template_id},
+                    shipped_template_document(template, now),
+                    upsert=True,
+                )
         _produce(settings, [d.record for _p, d in decisions if isinstance(d, Publish)])
     finally:
         mongo.close()
     for _path, decision in decisions:
         journey = decision.record.journey
         if isinstance(decision, Unchanged):
-            print(f"unchanged  {journey.id} v{journey.version}")
+            restored = "".join(f", template {t} restored" for t in sorted(decision.templates))
+            print(f"unchanged  {journey.id} v{journey.version}{restored}")
         else:
             print(
                 f"published  {journey.id} v{journey.version} ({len(journey.steps)} steps, "

@@ -54,9 +54,12 @@ class Publish:
 
 @dataclass(frozen=True)
 class Unchanged:
-    """The same version with the same content is already published: nothing to write."""
+    """The same version with the same content is already published: nothing to write but
+    `templates`, the ready templates the file ships that the store has lost (a store rebuilt
+    from scratch while the broker kept the definitions)."""
 
     record: PublishedJourney
+    templates: Mapping[str, TemplateDefinition] = field(default_factory=dict)
 
 
 PublishDecision = Publish | Unchanged | Refused
@@ -139,15 +142,21 @@ def decide_publish(
     """Publish a validated definition as a new, immutable version, or say why not.
 
     Versions are explicit: a new one must be greater than every published version of the
-    journey (no number is assigned). Re-publishing a version with the same content is a no-op;
-    with other content it is refused. A new version keeps the journey's status (a paused
-    journey stays paused until resumed); an archived journey takes no new versions.
+    journey (no number is assigned). Re-publishing a version with the same content only puts
+    back the shipped templates the store lost; with other content it is refused. A new version
+    keeps the journey's status (a paused journey stays paused until resumed); an archived
+    journey takes no new versions.
     """
     journey = journey_file.journey
     versions = versions_of(journey.id, published)
     same = next((p for p in versions if p.journey.version == journey.version), None)
     if same is not None and same.journey == journey:
-        return Unchanged(same)
+        missing = {
+            tid: t
+            for tid, t in journey_file.templates.items()
+            if t.status == "ready" and tid not in stored_templates
+        }
+        return Unchanged(same, missing)
 
     def problem(rule: str, message: str) -> DefinitionProblem:
         return DefinitionProblem(journey=journey.id, step=None, rule=rule, message=message)

@@ -212,6 +212,7 @@ def create_app(
                 raise Problems(409, "not published", decision.problems)
             if isinstance(decision, Unchanged):
                 response.status_code = status.HTTP_200_OK
+                await templates.write_shipped(decision.templates, clock.now())
                 return decision.record.model_dump(mode="json")
             # Templates first, so the dispatcher finds them when the first instance sends.
             await templates.write_shipped(decision.templates, decision.record.published_at)

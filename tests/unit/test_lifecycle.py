@@ -147,10 +147,21 @@ def test_a_shipped_draft_template_that_no_step_uses_is_not_written() -> None:
 
 def test_republishing_the_same_content_changes_nothing() -> None:
     published = [_published(1, "paused")]
+    stored: dict[str, TemplateStatus] = {**READY, "announcement": "ready"}
+
+    decision = decide_publish(_file(1), published, stored, LATER)
+
+    assert decision == Unchanged(published[0])
+
+
+def test_republishing_puts_back_shipped_templates_the_store_lost() -> None:
+    published = [_published(1)]
 
     decision = decide_publish(_file(1), published, READY, LATER)
 
-    assert decision == Unchanged(published[0])
+    assert isinstance(decision, Unchanged)
+    assert decision.record == published[0]
+    assert set(decision.templates) == {"announcement"}
 
 
 def test_a_published_version_cannot_be_changed() -> None:
