@@ -128,6 +128,14 @@ def _outage(
         what=f"an email for each of the {len(expected)} acknowledged shoppers",
     )
     wait_drained(stack, timeout=300)
+
+    def entered() -> int:
+        answer = httpx.get(f"{stack.admin_url}/v1/stats", headers=ADMIN, timeout=30)
+        journeys: dict[str, dict[str, int]] = answer.json()["journeys"]
+        return journeys.get(run, {}).get("entered", 0)
+
+    # The admin's journey-log view followed through the outage too.
+    wait_for(lambda: entered() == len(expected), timeout=120, what="the journey log complete")
     copies = arrived()
     assert {a: n for a, n in copies.items() if n > 1} == {}, "nobody gets an email twice"
     letters = [s.letter for s in read_dead_letters(stack.bootstrap)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import structlog
@@ -11,6 +12,7 @@ from pymongo import UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from shared.contracts import JourneyLogRecord
+from shared.deadletter import through_outages
 from shared.docstore import bulk_write_unordered
 from shared.kafka import ConsumerLoop
 
@@ -93,7 +95,8 @@ async def follow_journey_log(
                 records.append(JourneyLogRecord.model_validate_json(record.value))
             except ValidationError as exc:
                 log.error("admin.bad_journey_log", offset=record.offset, error=str(exc))
-        await store.write(records)
+        # A store outage holds the view (the offsets wait) until the store answers again.
+        await through_outages(partial(store.write, records), what="journey-log view")
         if batch:
             consumer.commit(batch)
         if stop.is_set():
