@@ -40,15 +40,17 @@ class Traffic(threading.Thread):
         self.refused = 0
         self.stopping = threading.Event()
 
-    def _post(self, client: httpx.Client, call: str, body: dict[str, Any]) -> None:
+    def _post(self, client: httpx.Client, call: str, body: dict[str, Any]) -> bool:
+        """Whether the call was acknowledged before the traffic stopped."""
         while not self.stopping.is_set():
             try:
                 if client.post(f"/v1/{call}", json=body).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
                 pass
             self.refused += 1
             self.stopping.wait(0.5)  # an SDK's pause before it repeats the call
+        return False
 
     def run(self) -> None:
         with httpx.Client(
@@ -59,9 +61,9 @@ class Traffic(threading.Thread):
                 user = f"{self.run_id}-{n}"
                 email = f"{user}@outage.example.com"
                 identify = {"userId": user, "traits": {"email": email, "first_name": "Oti"}}
-                self._post(client, "identify", identify)
-                self._post(client, "track", {"userId": user, "event": self.trigger})
-                if not self.stopping.is_set():
+                if self._post(client, "identify", identify) and self._post(
+                    client, "track", {"userId": user, "event": self.trigger}
+                ):
                     self.acknowledged.append(email)
                 n += 1
 
