@@ -60,10 +60,15 @@ class Traffic(threading.Thread):
             while not self.stopping.is_set():
                 user = f"{self.run_id}-{n}"
                 email = f"{user}@outage.example.com"
-                identify = {"userId": user, "traits": {"email": email, "first_name": "Oti"}}
-                if self._post(client, "identify", identify) and self._post(
-                    client, "track", {"userId": user, "event": self.trigger}
-                ):
+                # Like an SDK, each call keeps its messageId when repeated: a repeat of a call
+                # whose answer was lost folds into the first.
+                identify = {
+                    "userId": user,
+                    "messageId": f"{user}-identify",
+                    "traits": {"email": email, "first_name": "Oti"},
+                }
+                track = {"userId": user, "messageId": f"{user}-track", "event": self.trigger}
+                if self._post(client, "identify", identify) and self._post(client, "track", track):
                     self.acknowledged.append(email)
                 n += 1
 
