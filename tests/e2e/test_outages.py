@@ -147,6 +147,8 @@ def _outage(
     assert {a: n for a, n in copies.items() if n > 1} == {}, "nobody gets an email twice"
     letters = [s.letter for s in read_dead_letters(stack.bootstrap)]
     assert [d for d in letters if d.key and d.key.startswith(run)] == []
+    for service in ("segmenter", "orchestrator", "dispatcher", "ingest", "admin"):
+        assert stack.pid(service) is not None, f"{service} did not outlive the {name}"
     print(
         f"\n{name}: {len(expected)} shoppers acknowledged, {traffic.refused} calls repeated "
         f"during the outage, every email delivered once"
@@ -166,8 +168,6 @@ def test_a_broker_outage_loses_nothing_and_sends_nothing_twice(stack: Any, tmp_p
         return traffic.refused > 0
 
     _outage(stack, tmp_path, "broker-outage", take_down, bring_back, BROKER_DOWN_SECONDS, noticed)
-    for name in ("segmenter", "orchestrator", "dispatcher", "ingest", "admin"):
-        assert stack.pid(name) is not None, f"{name} outlived the broker outage"
 
 
 def test_a_document_store_outage_loses_nothing_and_sends_nothing_twice(
@@ -188,5 +188,3 @@ def test_a_document_store_outage_loses_nothing_and_sends_nothing_twice(
         return answer.status_code >= 500
 
     _outage(stack, tmp_path, "store-outage", take_down, bring_back, STORE_DOWN_SECONDS, noticed)
-    for name in ("segmenter", "orchestrator", "dispatcher", "ingest", "admin"):
-        assert stack.pid(name) is not None, f"{name} outlived the store outage"
