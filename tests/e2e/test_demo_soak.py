@@ -94,8 +94,9 @@ def _abuse(stack: Any, probes: Probes) -> None:
         probes.stop.wait(0.5)
         querier.send_signal(signal.SIGKILL)
         querier.wait()
+        querier.stdout.close()
         # Cut off mid-call, as a closed browser tab would be.
-        with contextlib.suppress(httpx.TimeoutException):
+        with contextlib.suppress(httpx.TransportError):
             httpx.get(
                 f"{stack.admin_url}/v1/stats",
                 headers={"Authorization": "Bearer wp_dev_admin_key"},
