@@ -129,8 +129,10 @@ class DeadLetters:
         any other reason is dead-lettered with it, and the stream goes on."""
         try:
             await through_outages(work, what=what, record=record)
-        except (ValidationError, ValueError) as exc:
+        except ValidationError as exc:
             await self.send(record, f"undecodable: {exc}")
+        except ValueError as exc:
+            await self.send(record, f"refused: {exc}")
         except Exception as exc:
             log.exception(f"{what}.record_failed", key=record.key, topic=record.topic)
             await self.send(record, f"{type(exc).__name__}: {exc}")

@@ -19,15 +19,19 @@ from shared.conditions import where_shorthand as _where_shorthand
 from shared.contracts import SCHEMA_VERSION, Channel
 from shared.durations import parse_duration, parse_time_of_day, zone
 from shared.profiles import ATTRIBUTE_CHANGED, TAG_ADDED, TAG_REMOVED
+from shared.system_events import AUDIENCE_SELECTED, SEGMENT_ENTERED, SEGMENT_LEFT
 
-__all__ = ["ATTRIBUTE_CHANGED", "TAG_ADDED", "TAG_REMOVED", "parse_duration"]
+__all__ = [
+    "ATTRIBUTE_CHANGED",
+    "AUDIENCE_SELECTED",
+    "SEGMENT_ENTERED",
+    "SEGMENT_LEFT",
+    "TAG_ADDED",
+    "TAG_REMOVED",
+    "parse_duration",
+]
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
-
-# Labels of the events the segmenter emits for membership changes and audience runs.
-SEGMENT_ENTERED = "Segment Entered"
-SEGMENT_LEFT = "Segment Left"
-AUDIENCE_SELECTED = "Audience Selected"
 
 
 class _Definition(BaseModel):

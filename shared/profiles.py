@@ -12,13 +12,17 @@ from typing import Any
 
 from shared.contracts import ContactCommand, Event, Profile
 from shared.ids import stable_id
+from shared.system_events import (
+    ATTRIBUTE_CHANGED,
+    CONTACT_FORGOTTEN,
+    TAG_ADDED,
+    TAG_REMOVED,
+    WAYPOST_SOURCE,
+)
 
-# Labels of the events that announce contact changes; journey triggers match on them.
-TAG_ADDED = "Tag Added"
-TAG_REMOVED = "Tag Removed"
-ATTRIBUTE_CHANGED = "Attribute Changed"
-# Emitted once when a contact is erased: readers drop every row they keep for the contact.
-CONTACT_FORGOTTEN = "Contact Forgotten"
+# Labels of the events that announce contact changes (journey triggers match on them), and the
+# one emitted when a contact is erased (readers drop every row they keep for the contact).
+__all__ = ["ATTRIBUTE_CHANGED", "CONTACT_FORGOTTEN", "TAG_ADDED", "TAG_REMOVED"]
 
 # Message ids remembered per contact for de-duplication; bounded so a profile stays small.
 RECENT_MESSAGE_IDS = 256
@@ -155,5 +159,5 @@ def announce(
         timestamp=at,
         received_at=now,
         properties=properties,
-        source="waypost",
+        source=WAYPOST_SOURCE,
     )

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict
 
 from services.admin.adapters.analytics import JourneyLogStore
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
@@ -76,6 +77,15 @@ async def _problems_answer(_request: Request, exc: Exception) -> JSONResponse:
         status_code=exc.code,
         content={"detail": str(exc), "problems": [p.model_dump() for p in exc.problems]},
     )
+
+
+class ConsentChange(BaseModel):
+    """`PUT /v1/contacts/{key}/consent`: give or withdraw consent to one channel, or all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: segment_views.ConsentChannel
+    subscribed: bool
 
 
 def create_app(
@@ -357,6 +367,21 @@ def create_app(
         command = segment_views.forget_command(contact_key, clock.now())
         await contact_commands.send(command)
         return {"contact_key": contact_key, "command_id": command.command_id, "kind": "forget"}
+
+    @app.put(
+        "/v1/contacts/{contact_key:path}/consent",
+        dependencies=guarded,
+        summary="Record a contact's consent to a channel (the only way besides signed links)",
+    )
+    async def set_consent(contact_key: str, change: ConsentChange) -> dict[str, Any]:
+        document = await contacts.get(contact_key)
+        if document is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stored profile '{contact_key}'")
+        event = segment_views.consent_event(
+            document, change.channel, change.subscribed, clock.now()
+        )
+        await contact_commands.record(event)
+        return {"contact_key": contact_key, "event": event.event, "channel": change.channel}
 
     @app.get("/v1/stats", dependencies=guarded, summary="Figures read from Kafka and the store")
     async def stats() -> dict[str, Any]:

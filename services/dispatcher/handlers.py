@@ -51,6 +51,15 @@ from shared.durations import parse_duration, zone
 from shared.kafka import AsyncProducer, Record
 from shared.links import LinkClaims, LinkSigner, track_email
 from shared.profiles import CONTACT_FORGOTTEN
+from shared.system_events import (
+    EMAIL_LINK_CLICKED,
+    EMAIL_OPENED,
+    MESSAGE_DELIVERED,
+    MESSAGE_UNDELIVERED,
+    SUBSCRIBED,
+    UNSUBSCRIBED,
+    forged,
+)
 from shared.topics import EVENTS, SEND_RETRIES
 
 log = structlog.get_logger(__name__)
@@ -58,17 +67,13 @@ log = structlog.get_logger(__name__)
 CHANNELS: tuple[Channel, ...] = ("email", "sms", "push", "wechat")
 # Delivery reports that move a ledger entry forward, by event name.
 TRACKED = {
-    "Message Delivered": "delivered",
-    "Email Opened": "opened",
-    "Email Link Clicked": "clicked",
+    MESSAGE_DELIVERED: "delivered",
+    EMAIL_OPENED: "opened",
+    EMAIL_LINK_CLICKED: "clicked",
 }
-_REPORT_MARKERS = (
-    b'"event":"Message Delivered"',
-    b'"event":"Message Undelivered"',
-    b'"event":"Email Opened"',
-    b'"event":"Email Link Clicked"',
-    b'"event":"Unsubscribed"',
-    b'"event":"Subscribed"',
+_REPORT_MARKERS = tuple(
+    f'"event":"{name}"'.encode()
+    for name in (*TRACKED, MESSAGE_UNDELIVERED, UNSUBSCRIBED, SUBSCRIBED)
 )
 _FORGOTTEN_MARKER = f'"event":"{CONTACT_FORGOTTEN}"'.encode()
 
@@ -159,11 +164,17 @@ class Dispatcher:
         try:
             if _FORGOTTEN_MARKER in value:
                 contact_event = ContactEvent.model_validate_json(value)
-                if contact_event.event.label != CONTACT_FORGOTTEN:
+                if contact_event.event.label != CONTACT_FORGOTTEN or forged(contact_event.event):
                     return
                 work = partial(self._forget, contact_event.contact_key)
             elif any(marker in value for marker in _REPORT_MARKERS):
-                work = partial(self.on_event, Event.model_validate_json(value))
+                event = Event.model_validate_json(value)
+                if forged(event):
+                    # A client cannot move a ledger entry or change consent: ingest refuses
+                    # these names, and the segmenter dead-letters any that get through.
+                    log.warning("dispatcher.forged_report", name=event.event, source=event.source)
+                    return
+                work = partial(self.on_event, event)
             else:
                 return
         except ValidationError:
@@ -401,7 +412,7 @@ class Dispatcher:
             await self.stores.consent.record(request.contact_key, channel, False, now)
             await self._emit(
                 request,
-                "Unsubscribed",
+                UNSUBSCRIBED,
                 f"{request.message_id}:provider-opt-out",
                 {"channel": channel, "method": "provider", "reason": outcome.reason},
                 now,
@@ -499,17 +510,17 @@ class Dispatcher:
     async def on_event(self, event: Event) -> None:
         label = event.label
         props = event.properties
-        if label in ("Unsubscribed", "Subscribed"):
+        if label in (UNSUBSCRIBED, SUBSCRIBED):
             channel = str(props.get("channel", "email"))
             for one in CHANNELS if channel == "all" else (channel,):
                 if one in CHANNELS:
-                    given = label == "Subscribed"
+                    given = label == SUBSCRIBED
                     await self.stores.consent.record(event.contact_key, one, given, event.timestamp)
             return
         message_id = props.get("message_id")
         if not isinstance(message_id, str):
             return
-        if label == "Message Undelivered":
+        if label == MESSAGE_UNDELIVERED:
             reason = f"undelivered: {props.get('status')} {props.get('error_code')}"
             await self.ledger.undelivered(
                 message_id, event.timestamp, reason=reason, code=str(props.get("error_code"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 
 from shared.settings import CommonSettings
+from shared.system_events import is_waypost_source
 
 # The write key of the local stack and the demo; never configure it in production.
 DEV_WRITE_KEY = "wp_dev_write_key"
@@ -29,5 +30,11 @@ class IngestSettings(CommonSettings):
             if not pair:
                 continue
             source, sep, key = pair.partition(":")
-            keys[key if sep else source] = source if sep else "default"
+            name = source if sep else "default"
+            if is_waypost_source(name):
+                raise ValueError(
+                    f"ingest_write_keys: the source name '{name}' is reserved for Waypost's own "
+                    "events; name the write key's source otherwise"
+                )
+            keys[key if sep else source] = name
         return keys

@@ -47,6 +47,7 @@ from shared.ids import stable_id
 from shared.journeys import AUDIENCE_SELECTED
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
 from shared.profiles import CONTACT_FORGOTTEN, announce
+from shared.system_events import forged
 from shared.topics import (
     AUDIENCE_REQUESTS,
     CONTACT_COMMANDS,
@@ -137,6 +138,11 @@ class Segmenter:
         else:
             incoming = Event.model_validate_json(record.value)
             incoming.contact_key  # noqa: B018 - raises when the event has no contact key
+            if forged(incoming):
+                raise ValueError(
+                    f"event: '{incoming.event}' from source '{incoming.source}' is an event "
+                    "only Waypost emits"
+                )
             await self.handle(incoming, record.partition)
 
     async def handle(self, event: Event, partition: int) -> None:

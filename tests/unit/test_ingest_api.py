@@ -497,3 +497,63 @@ async def test_the_clock_dates_each_call(
     await client.post("/v1/track", json=MINIMAL_CALLS["track"], headers=basic("k1"))
 
     assert [e.received_at for e in publisher.events] == [NOW, NOW + timedelta(minutes=3)]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Contact Forgotten",
+        "Subscribed",
+        "Unsubscribed",
+        "Segment Entered",
+        "Tag Added",
+        "Attribute Changed",
+        "Audience Selected",
+        "Message Delivered",
+        "Email Opened",
+        "Email Link Clicked",
+        "message sent",  # any letter case
+        " Unsubscribed ",
+    ],
+)
+async def test_a_write_key_cannot_send_the_events_waypost_emits(
+    client: httpx.AsyncClient, publisher: RecordingPublisher, name: str
+) -> None:
+    body = {"userId": "user-1", "event": name, "properties": {"channel": "all"}}
+
+    response = await client.post("/v1/track", json=body, headers=basic("k1"))
+
+    assert response.status_code == 400
+    assert response.json()["field"] == "event"
+    assert "Waypost emits itself" in response.json()["error"]
+    assert publisher.events == []
+
+
+async def test_a_batch_naming_a_system_event_is_refused_whole(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    good = {"type": "track", **MINIMAL_CALLS["track"]}
+    forged = {"type": "track", "userId": "user-1", "event": "Message Delivered"}
+
+    response = await client.post("/v1/batch", json={"batch": [good, forged]}, headers=basic("k1"))
+
+    assert response.status_code == 400
+    assert response.json()["field"] == "batch[1].event"
+    assert publisher.events == []
+
+
+async def test_behaviour_that_merely_resembles_a_system_event_is_accepted(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    body = {"userId": "user-1", "event": "Newsletter Subscribed"}
+
+    response = await client.post("/v1/track", json=body, headers=basic("k1"))
+
+    assert response.status_code == 200
+    assert [e.event for e in publisher.events] == ["Newsletter Subscribed"]
+    assert publisher.events[0].source == "dev"
+
+
+def test_a_write_key_may_not_be_named_like_a_waypost_source() -> None:
+    with pytest.raises(ValueError, match="reserved for Waypost"):
+        IngestSettings(ingest_write_keys="waypost-links:k3").write_keys()

@@ -525,7 +525,7 @@ async def test_undecodable_and_incomplete_records_go_to_dead_letters() -> None:
     ]
     assert [(letter.offset, letter.reason.split(":")[0]) for letter in letters] == [
         (0, "undecodable"),
-        (1, "undecodable"),
+        (1, "refused"),
         (3, "undecodable"),
     ]
     assert {t for b in producer.batches for t, _k, _v in b} == {DEAD_LETTER.name}

@@ -12,11 +12,11 @@ import structlog
 from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 
-from shared.contracts import ContactCommand, SegmentCount
+from shared.contracts import ContactCommand, Event, SegmentCount
 from shared.definitions import PublishedJourneys
 from shared.kafka import AsyncProducer, CompactedTopicView
 from shared.segments import PublishedAggregate, PublishedSegment
-from shared.topics import CONTACT_COMMANDS, DEFINITIONS, SEGMENT_COUNTS
+from shared.topics import CONTACT_COMMANDS, DEFINITIONS, EVENTS, SEGMENT_COUNTS
 
 log = structlog.get_logger(__name__)
 
@@ -112,7 +112,8 @@ class Contacts:
 
 
 class ContactCommands:
-    """Sends contact commands to the segmenter, keyed by contact (in order with its events)."""
+    """Sends contact commands to the segmenter, keyed by contact (in order with its events), and
+    records the consent changes an operator makes as events of Waypost's own."""
 
     def __init__(self, producer: AsyncProducer) -> None:
         self._producer = producer
@@ -120,3 +121,7 @@ class ContactCommands:
     async def send(self, command: ContactCommand) -> None:
         """Returns once Kafka acknowledged the command (acks=all)."""
         await self._producer.send(CONTACT_COMMANDS.name, command.contact_key, command.to_wire())
+
+    async def record(self, event: Event) -> None:
+        """Returns once Kafka acknowledged the event on the events topic."""
+        await self._producer.send(EVENTS.name, event.contact_key, event.to_wire())

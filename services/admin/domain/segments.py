@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from shared.contracts import ContactCommand, SegmentCount
+from shared.contracts import ContactCommand, Event, SegmentCount
 from shared.ids import stable_id
 from shared.segment_checks import aggregates_read, segments_read
 from shared.segments import PublishedAggregate, PublishedSegment
+from shared.system_events import SUBSCRIBED, UNSUBSCRIBED
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,33 @@ def forget_command(contact_key: str, now: datetime) -> ContactCommand:
         kind="forget",
         reason="admin",
         at=now,
+    )
+
+
+ConsentChannel = Literal["email", "sms", "push", "wechat", "all"]
+# The source of consent changes made through the admin API (a Waypost source: see
+# shared/system_events.py).
+ADMIN_SOURCE = "waypost-admin"
+
+
+def consent_event(
+    profile: Mapping[str, Any], channel: ConsentChannel, subscribed: bool, now: datetime
+) -> Event:
+    """`Subscribed` or `Unsubscribed` for a stored contact, as an operator recorded it."""
+    contact_key = str(profile["_id"])
+    user_id = profile.get("user_id")
+    is_user = isinstance(user_id, str) and user_id == contact_key
+    name = SUBSCRIBED if subscribed else UNSUBSCRIBED
+    return Event(
+        type="track",
+        event=name,
+        user_id=contact_key if is_user else None,
+        anonymous_id=None if is_user else contact_key,
+        message_id=stable_id("consent", contact_key, channel, name, now.isoformat()),
+        timestamp=now,
+        received_at=now,
+        properties={"channel": channel, "method": "admin"},
+        source=ADMIN_SOURCE,
     )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from shared.system_events import MESSAGE_FAILED, MESSAGE_SENT, MESSAGE_SKIPPED, MESSAGE_UNKNOWN
+
 # States after which a replayed request must not reach the provider again.
 FINAL_STATES: frozenset[str] = frozenset(
     {"sent", "failed", "skipped", "unknown", "delivered", "opened", "clicked"}
@@ -17,10 +19,10 @@ FINAL_STATES: frozenset[str] = frozenset(
 OutcomeKind = Literal["sent", "retry", "recipient", "config", "unknown", "skipped"]
 
 EVENT_NAMES: dict[str, str] = {
-    "sent": "Message Sent",
-    "failed": "Message Failed",
-    "skipped": "Message Skipped",
-    "unknown": "Message Unknown",
+    "sent": MESSAGE_SENT,
+    "failed": MESSAGE_FAILED,
+    "skipped": MESSAGE_SKIPPED,
+    "unknown": MESSAGE_UNKNOWN,
 }
 
 

@@ -10,6 +10,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 from shared.contracts import Event, EventType
+from shared.system_events import is_system_event
 
 # Client clocks drift; a `sentAt` lets us correct `timestamp` the way Segment does, within reason.
 MAX_CLOCK_SKEW_CORRECTION = timedelta(days=1)
@@ -57,6 +58,13 @@ class Call(BaseModel):
             raise _missing("userId", "userId or anonymousId is required")
         if self.type == "track" and not self.event:
             raise _missing("event", "event is required for track calls")
+        if is_system_event(self.event):
+            raise PydanticCustomError(
+                "system_event",
+                "'{name}' is an event Waypost emits itself; a write key can only report "
+                "behaviour (consent changes go through signed unsubscribe links or the admin API)",
+                {"field": "event", "name": self.event},
+            )
         if self.type == "alias" and not self.previous_id:
             raise _missing("previousId", "previousId is required for alias calls")
         if self.type == "group" and not self.group_id:

@@ -11,15 +11,17 @@ from typing import Any
 
 from shared.contracts import Event
 from shared.links import LinkClaims
+from shared.system_events import (
+    EMAIL_LINK_CLICKED,
+    EMAIL_OPENED,
+    MESSAGE_DELIVERED,
+    MESSAGE_UNDELIVERED,
+    UNSUBSCRIBED,
+)
 
 LINKS_SOURCE = "waypost-links"
 SMS_SOURCE = "waypost-sms"
 
-UNSUBSCRIBED = "Unsubscribed"
-EMAIL_OPENED = "Email Opened"
-EMAIL_LINK_CLICKED = "Email Link Clicked"
-MESSAGE_DELIVERED = "Message Delivered"
-MESSAGE_UNDELIVERED = "Message Undelivered"
 
 # Twilio's message statuses: the final ones become events, the interim ones are acknowledged.
 SMS_DELIVERED = frozenset({"delivered"})

@@ -25,16 +25,14 @@ from shared.contracts import ContactCommand, Event, Profile
 from shared.ids import stable_id
 from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
 from shared.profiles import announce, apply_command, apply_event, first_profile
+from shared.system_events import MESSAGE_FAILED, SUBSCRIBED, UNSUBSCRIBED
 
 # Message ids are remembered for at least this long (grouped by the hour they were seen).
 DEDUPE_WINDOW = timedelta(hours=24)
 _HOUR = 3600
 # Consent events: `Unsubscribed` withdraws the channel named in its properties, `Subscribed`
-# gives it back (absent means never withdrawn).
-UNSUBSCRIBED = "Unsubscribed"
-SUBSCRIBED = "Subscribed"
-# The dispatcher reports a push token the provider called unregistered; it leaves the profile.
-MESSAGE_FAILED = "Message Failed"
+# gives it back (absent means never withdrawn). A `Message Failed` that calls a push token
+# unregistered takes the token off the profile.
 _CHANNELS = ("email", "sms", "push", "wechat")
 
 
