@@ -62,11 +62,14 @@ def stack() -> Iterator[local_stack.Stack]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """First-start tests go first, on the brand-new stack they check. Chaos tests go last: the
     thousands of contacts and messages they leave behind would slow the stack under the tests
-    that come after them."""
+    that come after them. The soak goes after them all: the demo's journeys it publishes keep
+    working on the stack (audiences, waits) and would slow even the chaos tests."""
 
     def rank(item: pytest.Item) -> int:
         if item.get_closest_marker("first_start") is not None:
             return 0
+        if item.get_closest_marker("soak") is not None:
+            return 3
         return 2 if item.get_closest_marker("chaos") is not None else 1
 
     items.sort(key=rank)

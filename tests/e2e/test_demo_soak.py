@@ -34,7 +34,7 @@ from shared.settings import CommonSettings
 from tests.conftest import ROOT
 from tests.e2e.helpers import unique, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
+pytestmark = [pytest.mark.e2e, pytest.mark.soak]
 
 DEADLINE = 5.0  # the probe's client deadline, seconds
 SHOPPERS = 300
