@@ -1,18 +1,20 @@
 """Soak: the demo's traffic twice against the same data while clients die mid-call, and the
 document store answers throughout.
 
-The demo's journeys and segments are published on the session stack, and its storefront (300
-shoppers) runs twice, each run with shoppers of its own, as two `make demo` runs would. Meanwhile
-client processes are SIGKILLed in the middle of store queries, admin calls are cut off mid-way,
-and a probe (a read and a write, bounded by the client deadline) asks the store every 200 ms.
-Every registered shopper of both runs gets their welcome email; no probe fails or outlives the
-deadline.
+It runs on a fresh stack of its own (other ports, its own folder), as `make demo` does, so the
+backlog the chaos tests leave on the session stack does not set its pace. The demo's journeys
+and segments are published, and its storefront (300 shoppers) runs twice, each run with shoppers
+of its own, as two `make demo` runs would. Meanwhile client processes are SIGKILLed in the
+middle of store queries, admin calls are cut off mid-way, and a probe (a read and a write,
+bounded by the client deadline) asks the store every 200 ms. Every registered shopper of both
+runs gets their welcome email; no probe fails or outlives the deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +33,13 @@ from pymongo.errors import PyMongoError
 from shared.cli import publish, publish_segments
 from shared.docstore import connect_blocking
 from shared.settings import CommonSettings
-from tests.conftest import ROOT
+from tests.conftest import (
+    PORT_OFFSET,
+    ROOT,
+    TEST_DELIVERY_ENV,
+    TEST_HOME,
+    local_stack,
+)
 from tests.e2e.helpers import unique, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.soak]
@@ -53,6 +61,38 @@ while True:
     list(db.messages.find({"state": "sent"}).limit(200))
     list(db.journey_log.aggregate([{"$group": {"_id": "$kind", "n": {"$sum": 1}}}]))
 """
+
+
+# The session stack's ports moved by 300 (see tests/conftest.py).
+SOAK_OFFSET = PORT_OFFSET + 300
+SOAK_PORTS = local_stack.Ports(
+    kafka=19092 + SOAK_OFFSET,
+    kafka_controller=19093 + SOAK_OFFSET,
+    postgres=15432 + SOAK_OFFSET,
+    mongo=37017 + SOAK_OFFSET,
+    smtp=11025 + SOAK_OFFSET,
+    outbox=18025 + SOAK_OFFSET,
+    ingest=18000 + SOAK_OFFSET,
+    admin=18001 + SOAK_OFFSET,
+    dispatcher_metrics=19464 + SOAK_OFFSET,
+)
+SOAK_HOME = TEST_HOME.with_name(TEST_HOME.name + "-demo-soak")
+
+
+@pytest.fixture
+def demo_stack() -> Iterator[local_stack.Stack]:
+    """The whole stack, fresh, for this soak alone."""
+    running = local_stack.Stack(
+        home=SOAK_HOME, ports=SOAK_PORTS, partitions=3, extra_env=TEST_DELIVERY_ENV
+    )
+    running.down()
+    shutil.rmtree(SOAK_HOME, ignore_errors=True)
+    local_stack.setup()
+    try:
+        running.up()
+        yield running
+    finally:
+        running.down()
 
 
 @dataclass
@@ -122,7 +162,8 @@ def _abused_and_probed(stack: Any) -> Iterator[Probes]:
             thread.join(timeout=30)
 
 
-def test_the_demo_twice_while_clients_die_mid_call(stack: Any) -> None:
+def test_the_demo_twice_while_clients_die_mid_call(demo_stack: local_stack.Stack) -> None:
+    stack = demo_stack
     settings = CommonSettings(
         kafka_bootstrap=stack.bootstrap, mongo_url=stack.mongo_url, topic_partitions=3
     )
