@@ -18,17 +18,24 @@ import stack as local_stack  # noqa: E402
 # WAYPOST_TEST_PORT_OFFSET moves every test port (and the stack's folder), so a second test
 # session can run beside one that already uses the default ports.
 PORT_OFFSET = int(os.environ.get("WAYPOST_TEST_PORT_OFFSET", "0"))
-TEST_PORTS = local_stack.Ports(
-    kafka=19092 + PORT_OFFSET,
-    kafka_controller=19093 + PORT_OFFSET,
-    postgres=15432 + PORT_OFFSET,
-    mongo=37017 + PORT_OFFSET,
-    smtp=11025 + PORT_OFFSET,
-    outbox=18025 + PORT_OFFSET,
-    ingest=18000 + PORT_OFFSET,
-    admin=18001 + PORT_OFFSET,
-    dispatcher_metrics=19464 + PORT_OFFSET,
-)
+
+
+def ports_at(offset: int) -> local_stack.Ports:
+    """A test stack's ports, all moved by `offset`."""
+    return local_stack.Ports(
+        kafka=19092 + offset,
+        kafka_controller=19093 + offset,
+        postgres=15432 + offset,
+        mongo=37017 + offset,
+        smtp=11025 + offset,
+        outbox=18025 + offset,
+        ingest=18000 + offset,
+        admin=18001 + offset,
+        dispatcher_metrics=19464 + offset,
+    )
+
+
+TEST_PORTS = ports_at(PORT_OFFSET)
 # Delivery timing scaled down so retries, pauses and timeouts play out within a test.
 TEST_DELIVERY_ENV = {
     "WAYPOST_RETRY_SHORT_SECONDS": "1",

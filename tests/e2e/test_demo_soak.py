@@ -39,6 +39,7 @@ from tests.conftest import (
     TEST_DELIVERY_ENV,
     TEST_HOME,
     local_stack,
+    ports_at,
 )
 from tests.e2e.helpers import unique, wait_for
 
@@ -65,17 +66,7 @@ while True:
 
 # The session stack's ports moved by 300 (see tests/conftest.py).
 SOAK_OFFSET = PORT_OFFSET + 300
-SOAK_PORTS = local_stack.Ports(
-    kafka=19092 + SOAK_OFFSET,
-    kafka_controller=19093 + SOAK_OFFSET,
-    postgres=15432 + SOAK_OFFSET,
-    mongo=37017 + SOAK_OFFSET,
-    smtp=11025 + SOAK_OFFSET,
-    outbox=18025 + SOAK_OFFSET,
-    ingest=18000 + SOAK_OFFSET,
-    admin=18001 + SOAK_OFFSET,
-    dispatcher_metrics=19464 + SOAK_OFFSET,
-)
+SOAK_PORTS = ports_at(SOAK_OFFSET)
 SOAK_HOME = TEST_HOME.with_name(TEST_HOME.name + "-demo-soak")
 
 
