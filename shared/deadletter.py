@@ -99,8 +99,8 @@ class DeadLetters:
         self._service = service
         self._clock = clock
 
-    async def send(self, record: Record, reason: str) -> None:
-        """Dead-letter `record`; returns only once the broker acknowledged the letter."""
+    def letter(self, record: Record, reason: str) -> tuple[str, str | None, bytes]:
+        """The dead-letter record for `record` (logged here; the caller produces it)."""
         letter = DeadLetter(
             service=self._service,
             topic=record.topic,
@@ -118,9 +118,14 @@ class DeadLetters:
             offset=record.offset,
             reason=reason[:500],
         )
+        return DEAD_LETTER.name, record.key, letter.to_wire()
+
+    async def send(self, record: Record, reason: str) -> None:
+        """Dead-letter `record`; returns only once the broker acknowledged the letter."""
+        topic, key, value = self.letter(record, reason)
 
         async def write() -> None:
-            await self._producer.send(DEAD_LETTER.name, record.key, letter.to_wire())
+            await self._producer.send(topic, key, value)
 
         await through_outages(write, what="dead-letter write", record=record)
 
@@ -129,13 +134,19 @@ class DeadLetters:
         any other reason is dead-lettered with it, and the stream goes on."""
         try:
             await through_outages(work, what=what, record=record)
-        except ValidationError as exc:
-            await self.send(record, f"undecodable: {exc}")
-        except ValueError as exc:
-            await self.send(record, f"refused: {exc}")
-        except Exception as exc:
-            log.exception(f"{what}.record_failed", key=record.key, topic=record.topic)
-            await self.send(record, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a failure of its own is dead-lettered
+            await self.send(record, failure_reason(exc, record, what))
+
+
+def failure_reason(exc: Exception, record: Record, what: str) -> str:
+    """Why a record is dead-lettered: undecodable, refused by a rule, or a failure it alone
+    triggers (logged with its traceback, since that is a defect to fix)."""
+    if isinstance(exc, ValidationError):
+        return f"undecodable: {exc}"
+    if isinstance(exc, ValueError):
+        return f"refused: {exc}"
+    log.exception(f"{what}.record_failed", key=record.key, topic=record.topic)
+    return f"{type(exc).__name__}: {exc}"
 
 
 # --- reading and replaying (the `waypost dead-letters` command) ------------------------------

@@ -61,6 +61,10 @@ _REFUSED_RECORD = frozenset(
 )
 
 
+# How long `send_all` waits for room in a full local queue before it calls the producer busy.
+QUEUE_FULL_WAIT_SECONDS = 30.0
+
+
 class AsyncProducer:
     """An idempotent, acks=all producer whose `send` returns once the broker acknowledged."""
 
@@ -112,10 +116,51 @@ class AsyncProducer:
         await self.produce(topic, key, value)
 
     async def send_all(self, records: Iterable[tuple[str, str | None, bytes | None]]) -> None:
-        """Queue every record (a None value is a tombstone), then wait for all acknowledgements."""
-        futures = [self.produce(topic, key, value) for topic, key, value in records]
-        if futures:
-            await asyncio.gather(*futures)
+        """Queue every record (a None value is a tombstone), then wait for all acknowledgements.
+
+        One wait for the whole lot: the delivery reports are counted on the poll thread and the
+        event loop is woken once, when the last one arrives (a failure is raised then). A full
+        local queue is waited out while the broker acknowledges, not failed at once.
+        """
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+        tally = _Tally()
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if tally.report(err):
+                loop.call_soon_threadsafe(_settle, finished, tally.error)
+
+        produced = 0
+        for topic, key, value in records:
+            await self._produce_waiting(topic, key, value, on_delivery)
+            produced += 1
+        if tally.expect(produced):
+            _settle(finished, tally.error)
+        await finished
+
+    async def _produce_waiting(
+        self,
+        topic: str,
+        key: str | None,
+        value: bytes | None,
+        on_delivery: Callable[[KafkaError | None, Message], None],
+    ) -> None:
+        deadline: float | None = None
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key.encode() if key is not None else None,
+                    on_delivery=on_delivery,
+                )
+                return
+            except BufferError as exc:
+                now = time.monotonic()
+                deadline = deadline or now + QUEUE_FULL_WAIT_SECONDS
+                if now > deadline:
+                    raise ProducerBusy(str(exc)) from exc
+                await asyncio.sleep(0.005)
 
     async def broadcast(self, topic: str, key: str | None, value: bytes, partitions: int) -> None:
         """The same record to every partition of the topic (a request each worker must see)."""
@@ -125,6 +170,30 @@ class AsyncProducer:
         self._producer.flush(timeout)
         self._stopping.set()
         self._poller.join(timeout=1)
+
+
+class _Tally:
+    """Delivery reports of one `send_all`, counted on the poll thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reported = 0
+        self._expected: int | None = None
+        self.error: KafkaError | None = None
+
+    def report(self, err: KafkaError | None) -> bool:
+        """Count one report; True when it was the last one expected."""
+        with self._lock:
+            self._reported += 1
+            if err is not None and self.error is None:
+                self.error = err
+            return self._reported == self._expected
+
+    def expect(self, produced: int) -> bool:
+        """Every record is queued; True when all their reports are already in."""
+        with self._lock:
+            self._expected = produced
+            return self._reported == produced
 
 
 def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:

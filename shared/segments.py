@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from functools import cached_property
 from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,6 +25,7 @@ from shared.ids import stable_id
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 _PROPERTY = re.compile(r"^[^.\s]+(\.[^.\s]+)*$")
+_MICROSECOND = timedelta(microseconds=1)
 
 # Windows span an hour to a year (plus a day, for "the last 365 days" read generously).
 MIN_WINDOW = timedelta(seconds=1)
@@ -88,11 +90,22 @@ class AggregateDefinition(_Definition):
             raise ValueError(f"'{self.function}' reads no property; remove `property`")
         return self
 
-    @property
+    @cached_property
     def window_span(self) -> timedelta | None:
         return parse_duration(self.window) if self.window is not None else None
 
-    @property
+    @cached_property
+    def window_micros(self) -> int | None:
+        """The window in whole microseconds: bucket arithmetic runs on integers."""
+        span = self.window_span
+        return span // _MICROSECOND if span is not None else None
+
+    @cached_property
+    def state_key(self) -> str:
+        """Where the aggregate's state is kept: a changed computation starts afresh."""
+        return f"{self.id}@{self.digest}"
+
+    @cached_property
     def digest(self) -> str:
         """Changes whenever the computation changes (not the name): kept state is keyed by it."""
         return stable_id(

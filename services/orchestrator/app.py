@@ -7,8 +7,9 @@ segmenter's per-contact clock and forgets contacts, in order with the contact's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping, Sequence
 from datetime import timedelta
+from functools import partial
 from typing import Protocol
 
 import faust
@@ -18,7 +19,7 @@ from faust.types import TP
 
 from services.orchestrator.adapters.audience_schedule import AudienceSchedule, Progress
 from services.orchestrator.adapters.definitions import CatalogSource, DefinitionsCatalog
-from services.orchestrator.adapters.timers import TimerStore
+from services.orchestrator.adapters.timers import TimerStore, timer_key
 from services.orchestrator.adapters.webhooks import Webhooks
 from services.orchestrator.domain.engine import decide
 from services.orchestrator.domain.segment_clock import SEGMENT_CLOCK, reevaluation, segment_timer
@@ -36,11 +37,12 @@ from services.orchestrator.domain.state import (
     WebhookAnswered,
 )
 from services.orchestrator.settings import OrchestratorSettings
+from shared.batching import Overlay
 from shared.clock import Clock
 from shared.contracts import ContactEvent, SegmentTimerRequest, TimerFired, WebhookResult
-from shared.deadletter import DeadLetters
-from shared.faust_app import record_of
-from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy
+from shared.deadletter import DeadLetters, failure_reason, through_outages
+from shared.faust_batches import Focus, record_batches
+from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
 from shared.profiles import CONTACT_FORGOTTEN
 from shared.topics import (
     CONTACT_COMMANDS,
@@ -59,14 +61,22 @@ Incoming = Stimulus | SegmentTimerRequest
 
 
 class Publisher(Protocol):
-    async def send_all(self, records: Iterable[tuple[str, str | None, bytes]]) -> None: ...
+    async def send_all(self, records: Iterable[tuple[str, str | None, bytes | None]]) -> None: ...
+
+
+CONTACTS, TIMERS_TABLE = "contacts", "timers"
 
 
 class Journeys:
-    """One contact's stimulus at a time: load its row, decide, publish, then store.
+    """Folds batches of stimuli: load each contact's row, decide, publish, then store.
 
-    `contacts` and the timers' table are any mutable mappings of bytes: Faust tables in the
-    worker, dicts in tests.
+    A batch is folded in offset order against an `Overlay` (a later stimulus of a contact sees
+    the earlier one's state and timers); its outputs are produced without a wait per stimulus
+    and acknowledged once; then timer rows are stored, then contact rows, then webhook calls
+    start. A stimulus that fails on its own is dead-lettered and leaves nothing in the batch; a
+    batch whose publish fails for another reason than an outage is folded again one stimulus
+    at a time. `contacts` and the timers' table are any mutable mappings of bytes: Faust tables
+    in the worker, dicts in tests.
     """
 
     def __init__(
@@ -77,6 +87,7 @@ class Journeys:
         producer: Publisher,
         clock: Clock,
         webhooks: Webhooks,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.contacts = contacts
         self.timers = timers
@@ -84,83 +95,175 @@ class Journeys:
         self.producer = producer
         self.clock = clock
         self.webhooks = webhooks
+        self.dead_letters = dead_letters
+        self._batch = Overlay()
+        self._focus: Focus = _anywhere
 
-    async def handle(self, incoming: Incoming) -> None:
+    async def process(self, records: Sequence[Record], focus: Focus | None = None) -> None:
+        """Handle a batch of records (offset order per partition); returns once their outputs
+        are acknowledged and their rows stored."""
+        self._focus = focus or _anywhere
+        if records:
+            await self._run(list(records))
+
+    async def handle(self, incoming: Incoming, partition: int = 0) -> None:
+        """One decoded stimulus as a batch of its own (failures are raised, not dead-lettered)."""
+        try:
+            self._fold(incoming, partition)
+        except Exception:
+            self._batch.discard()
+            raise
+        self._batch.keep()
+        await self.producer.send_all(self._batch.outputs)
+        self._store()
+
+    async def _run(self, chunk: list[Record]) -> None:
+        batch = self._batch
+        for record in chunk:
+            self._focus(record.partition)
+            try:
+                self._fold(_decode(record.topic, record.value), record.partition)
+            except Exception as exc:
+                batch.discard()
+                if self.dead_letters is None:
+                    raise
+                batch.emit(
+                    self.dead_letters.letter(record, failure_reason(exc, record, "orchestrator"))
+                )
+            batch.keep()
+        try:
+            await through_outages(
+                lambda: self.producer.send_all(batch.outputs),
+                what="orchestrator",
+                record=chunk[0],
+            )
+        except Exception as exc:
+            batch.abandon()
+            if len(chunk) > 1:
+                for record in chunk:
+                    await self._run([record])
+                return
+            if self.dead_letters is None:
+                raise
+            await self.dead_letters.send(chunk[0], failure_reason(exc, chunk[0], "orchestrator"))
+            return
+        self._store()
+
+    def _store(self) -> None:
+        """Timer rows before contact rows: should a crash keep only the first writes, a timer
+        without its instance is dropped when it fires, while the stimulus that is then
+        redelivered to the old contact row decides (and schedules) the same again."""
+        batch = self._batch
+        writes = list(batch.writes())
+        for write in writes:
+            if write.table == TIMERS_TABLE:
+                self._focus(write.partition)
+                self.timers.apply(write.value)
+        for write in writes:
+            if write.table == CONTACTS:
+                self._focus(write.partition)
+                if write.value is None:
+                    self.contacts.pop(write.key, None)
+                else:
+                    self.contacts[write.key] = write.value.model_dump_json().encode()
+        batch.stored()
+
+    # --- deciding one stimulus into the batch ----------------------------------------------
+
+    def _fold(self, incoming: Incoming, partition: int) -> None:
         if isinstance(incoming, SegmentTimerRequest):
-            self.timers.apply(segment_timer(incoming))  # replaces the contact's row, or drops it
+            self._timer(
+                partition, segment_timer(incoming)
+            )  # replaces the contact's row or drops it
             return
         if isinstance(incoming, TimerDue) and incoming.timer.instance_id == SEGMENT_CLOCK:
-            await self._segment_clock_fired(incoming.timer)
+            self._segment_clock_fired(incoming.timer, partition)
             return
         if isinstance(incoming, EventArrived) and incoming.contact_event.event.label == (
             CONTACT_FORGOTTEN
         ):
-            self._forget(incoming.contact_event.contact_key)
+            self._forget(incoming.contact_event.contact_key, partition)
             return
-        await self._decide(incoming)
+        self._decide(incoming, partition)
 
-    async def _decide(self, stimulus: Stimulus) -> None:
+    def _decide(self, stimulus: Stimulus, partition: int) -> None:
         key = _contact_key(stimulus)
-        raw = self.contacts.get(key.encode())
-        state = ContactState.model_validate_json(raw) if raw else None
+        state = self._state(key)
         if isinstance(stimulus, TimerDue) and (
             state is None or stimulus.timer.instance_id not in state.instances
         ):
-            self._drop_stray_timer(stimulus.timer)
+            self._drop_stray_timer(stimulus.timer, partition)
             return
         decision = decide(state, stimulus, self.catalog.current(), self.clock.now())
         unchanged = decision.state == (state or ContactState(contact_key=key))
         if not decision.commands and unchanged:
             return  # nothing to publish and nothing to store (a stale timer, an ignored event)
-        records: list[tuple[str, str | None, bytes]] = []
+        batch = self._batch
         for command in decision.commands:
             if isinstance(command, RequestSend):
-                records.append((SEND_REQUESTS.name, key, command.request.to_wire()))
+                batch.emit((SEND_REQUESTS.name, key, command.request.to_wire()))
             elif isinstance(command, AppendLog):
-                records.append((JOURNEY_LOG.name, key, command.record.to_wire()))
+                batch.emit((JOURNEY_LOG.name, key, command.record.to_wire()))
             elif isinstance(command, ChangeContact):
-                records.append((CONTACT_COMMANDS.name, key, command.command.to_wire()))
-        await self.producer.send_all(records)
-        # Timer rows before the contact row: should a crash keep only the first writes, a timer
-        # without its instance is dropped when it fires, while the event that is then
-        # redelivered to the old contact row decides (and schedules) the same again.
-        for command in decision.commands:
-            if isinstance(command, ScheduleTimer | CancelTimer):
-                self.timers.apply(command)
-        self.contacts[key.encode()] = decision.state.model_dump_json().encode()
-        for command in decision.commands:
-            if isinstance(command, CallWebhook):
-                self.webhooks.start(command.call)
+                batch.emit((CONTACT_COMMANDS.name, key, command.command.to_wire()))
+            elif isinstance(command, ScheduleTimer | CancelTimer):
+                self._timer(partition, command)
+            elif isinstance(command, CallWebhook):
+                batch.after_store(partial(self.webhooks.start, command.call))
+        batch.put(CONTACTS, key.encode(), partition, decision.state)
 
-    def _drop_stray_timer(self, fired: TimerFired) -> None:
+    def _drop_stray_timer(self, fired: TimerFired, partition: int) -> None:
         """A timer of an instance the contact does not have (its row outlived a crash between
         the two writes, or its contact was forgotten): the engine would ignore it, so drop its
         row instead of letting it fire again forever. If the instance comes back (the stimulus
         that scheduled it is redelivered), it schedules the row again."""
-        if self.timers.timer_id(fired.contact_key, fired.instance_id) == fired.timer_id:
-            self.timers.apply(CancelTimer(fired.contact_key, fired.instance_id))
+        if self._timer_id(fired.contact_key, fired.instance_id) == fired.timer_id:
+            self._timer(partition, CancelTimer(fired.contact_key, fired.instance_id))
 
-    async def _segment_clock_fired(self, fired: TimerFired) -> None:
-        stored = self.timers.timer_id(fired.contact_key, SEGMENT_CLOCK)
+    def _segment_clock_fired(self, fired: TimerFired, partition: int) -> None:
+        stored = self._timer_id(fired.contact_key, SEGMENT_CLOCK)
         command = reevaluation(fired, stored)
         if command is None:
             return  # stale: the row was replaced or cancelled since this firing
-        await self.producer.send_all(
-            [(CONTACT_COMMANDS.name, fired.contact_key, command.to_wire())]
-        )
-        # Only after the acknowledgement: a crash before this line fires it (and asks) again.
-        self.timers.apply(CancelTimer(fired.contact_key, SEGMENT_CLOCK))
+        self._batch.emit((CONTACT_COMMANDS.name, fired.contact_key, command.to_wire()))
+        # Stored only after the acknowledgement: a crash before it fires (and asks) again.
+        self._timer(partition, CancelTimer(fired.contact_key, SEGMENT_CLOCK))
 
-    def _forget(self, contact_key: str) -> None:
+    def _forget(self, contact_key: str, partition: int) -> None:
         """Drop every row the orchestrator keeps for the contact; nothing is decided or logged."""
-        raw = self.contacts.get(contact_key.encode())
-        if raw is not None:
-            state = ContactState.model_validate_json(raw)
+        state = self._state(contact_key)
+        if state is not None:
             for instance_id in state.instances:
-                self.timers.apply(CancelTimer(contact_key, instance_id))
-            del self.contacts[contact_key.encode()]
-        self.timers.apply(CancelTimer(contact_key, SEGMENT_CLOCK))
-        log.info("orchestrator.contact_forgotten", had_state=raw is not None)
+                self._timer(partition, CancelTimer(contact_key, instance_id))
+            self._batch.delete(CONTACTS, contact_key.encode(), partition)
+        self._timer(partition, CancelTimer(contact_key, SEGMENT_CLOCK))
+        log.info("orchestrator.contact_forgotten", had_state=state is not None)
+
+    # --- the batch's view of the tables ----------------------------------------------------
+
+    def _state(self, key: str) -> ContactState | None:
+        raw_key = key.encode()
+
+        def stored() -> ContactState | None:
+            raw = self.contacts.get(raw_key)
+            return ContactState.model_validate_json(raw) if raw else None
+
+        state: ContactState | None = self._batch.get(CONTACTS, raw_key, stored)
+        return state
+
+    def _timer(self, partition: int, command: ScheduleTimer | CancelTimer) -> None:
+        slot = timer_key(command.contact_key, command.instance_id)
+        self._batch.put(TIMERS_TABLE, slot, partition, command)
+
+    def _timer_id(self, contact_key: str, instance_id: str) -> str | None:
+        def stored() -> ScheduleTimer | CancelTimer | None:
+            timer_id = self.timers.timer_id(contact_key, instance_id)
+            if timer_id is None:
+                return None
+            return ScheduleTimer(contact_key, instance_id, timer_id, self.clock.now())
+
+        pending = self._batch.get(TIMERS_TABLE, timer_key(contact_key, instance_id), stored)
+        return pending.timer_id if isinstance(pending, ScheduleTimer) else None
 
 
 class Orchestrator:
@@ -201,8 +304,16 @@ class Orchestrator:
             value_type=bytes,
         )
         self.journeys = Journeys(
-            contacts, self.timers, catalog, producer, clock, Webhooks(producer, clock)
+            contacts,
+            self.timers,
+            catalog,
+            producer,
+            clock,
+            Webhooks(producer, clock),
+            dead_letters,
         )
+        self.batch_max = settings.batch_max_records
+        self.batch_seconds = settings.batch_max_ms / 1000
         self.timer_fire_batch = settings.timer_fire_batch
         source = app.topic(
             CONTACT_EVENTS.name,
@@ -225,13 +336,8 @@ class Orchestrator:
         app.timer(interval=settings.audience_tick_seconds)(self.audience_schedule.tick)
 
     async def _process(self, stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            record = record_of(event)
-            await self.dead_letters.guard(
-                record,
-                lambda record=record: self.journeys.handle(_decode(record.topic, record.value)),
-                "orchestrator",
-            )
+        async for records, focus in record_batches(stream, self.batch_max, self.batch_seconds):
+            await self.journeys.process(records, focus)
 
     def _owns_schedule(self) -> bool:
         """Whether this worker holds partition 0 of the contact events: the schedule's owner."""
@@ -272,6 +378,10 @@ def _decode(topic: str, value: bytes) -> Incoming:
     if topic == SEGMENT_TIMERS.name:
         return SegmentTimerRequest.model_validate_json(value)
     return EventArrived(ContactEvent.model_validate_json(value))
+
+
+def _anywhere(_partition: int) -> None:
+    """Tables that are not split by partition (dicts in tests) need no focus."""
 
 
 def _contact_key(stimulus: Stimulus) -> str:

@@ -18,3 +18,7 @@ class OrchestratorSettings(CommonSettings):
     timer_refire_max_seconds: float = Field(default=900.0, gt=0)
     # How often every worker checks the audience schedules (only partition 0's owner acts).
     audience_tick_seconds: float = Field(default=1.0, gt=0)
+    # A batch is up to this many stimuli, or what arrived within this many milliseconds: its
+    # outputs are acknowledged once, then its rows stored, then its offsets committed.
+    batch_max_records: int = 500
+    batch_max_ms: float = 20.0

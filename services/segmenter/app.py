@@ -15,7 +15,8 @@ anonymous events are forwarded to the known contact. Each contact still lives on
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from typing import Protocol
 
 import faust
 import structlog
@@ -25,12 +26,14 @@ from services.segmenter.adapters.definitions import LiveDefinitions
 from services.segmenter.adapters.members import MemberIndex, membership_row, read_membership
 from services.segmenter.domain import contact
 from services.segmenter.domain.contact import ContactRow, Outcome
+from services.segmenter.domain.definitions import Definitions
 from services.segmenter.domain.relations import (
     fan_out_requests,
     is_fan_out_copy,
     relation_records,
 )
 from services.segmenter.settings import SegmenterSettings
+from shared.batching import Output, Overlay
 from shared.clock import Clock
 from shared.contracts import (
     AudienceRequest,
@@ -41,8 +44,8 @@ from shared.contracts import (
     SegmentCount,
     SegmentTimerRequest,
 )
-from shared.deadletter import DeadLetters
-from shared.faust_app import record_of
+from shared.deadletter import DeadLetters, failure_reason, through_outages
+from shared.faust_batches import Focus, record_batches
 from shared.ids import stable_id
 from shared.journeys import AUDIENCE_SELECTED
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
@@ -61,80 +64,117 @@ from shared.topics import (
 
 log = structlog.get_logger(__name__)
 
-Records = list[tuple[str, str | None, bytes | None]]
+Records = list[Output]
 # Audience members are announced in rounds of this many, each acknowledged before the next.
 AUDIENCE_ROUND = 1000
 _ALIAS = b"alias:"
 _FORGOTTEN = b"forgotten:"
+CONTACTS, MEMBERSHIPS, LINKS = "contacts", "memberships", "links"
 
 
-class Segmenter:
-    """Wires `domain.contact` to Faust: tables `contacts`, `memberships` and `links`."""
+class DefinitionsSource(Protocol):
+    def current(self) -> Definitions: ...
+
+
+class Contacts:
+    """Folds batches of records into the contacts' rows: decide, publish, then store.
+
+    `tables` are the three tables by name (`contacts`, `memberships`, `links`): Faust tables in
+    the worker, dicts in tests. A batch is folded in offset order against an `Overlay` (a later
+    record of a contact sees the earlier one's result); every output is produced without a
+    wait per record, acknowledged once for the batch, and only then are the rows stored (and
+    the caller commits). A record that fails on its own is dead-lettered and leaves nothing in
+    the batch. A batch whose publish fails for a reason other than an outage is folded again
+    one record at a time, so only the record at fault is dead-lettered.
+    """
 
     def __init__(
         self,
-        app: faust.App,
-        settings: SegmenterSettings,
-        clock: Clock,
+        tables: Mapping[str, MutableMapping[bytes, bytes]],
         producer: AsyncProducer,
         dead_letters: DeadLetters,
-        definitions: LiveDefinitions,
+        definitions: DefinitionsSource,
+        clock: Clock,
+        index: MemberIndex,
     ) -> None:
-        self.app = app
-        self.clock = clock
+        self.contacts = tables[CONTACTS]
+        self.memberships = tables[MEMBERSHIPS]
+        self.links = tables[LINKS]
+        self._tables = tables
         self.producer = producer
         self.dead_letters = dead_letters
         self.definitions = definitions
-        self.partitions = settings.topic_partitions
-        self.index = MemberIndex()
-        self._ready = False
-        self._backfilled = ""
+        self.clock = clock
+        self.index = index
+        self._batch = Overlay()
+        self._focus: Focus = _anywhere
 
-        def table(
-            name: str, on_recover: Callable[[], Awaitable[None]] | None = None
-        ) -> TableT[bytes, bytes]:
-            return app.Table(
-                name,
-                partitions=settings.topic_partitions,
-                key_type=bytes,
-                value_type=bytes,
-                on_recover=on_recover,
+    async def process(self, records: Sequence[Record], focus: Focus | None = None) -> None:
+        """Handle `records` (in offset order per partition); returns once their outputs are
+        acknowledged and their rows stored. An audience request reads the member index, so
+        what precedes it is stored first and it runs alone."""
+        self._focus = focus or _anywhere
+        chunk: list[Record] = []
+        for record in records:
+            if record.topic == AUDIENCE_REQUESTS.name:
+                if chunk:
+                    await self._run(chunk)
+                    chunk = []
+                await self._run([record])
+            else:
+                chunk.append(record)
+        if chunk:
+            await self._run(chunk)
+
+    async def _run(self, chunk: list[Record]) -> None:
+        batch = self._batch
+        for record in chunk:
+            self._focus(record.partition)
+            try:
+                if record.topic == AUDIENCE_REQUESTS.name:
+                    await through_outages(
+                        lambda record=record: self._audience(record),
+                        what="segmenter",
+                        record=record,
+                    )
+                else:
+                    self.take(record)
+            except Exception as exc:  # noqa: BLE001 - a failure of its own is dead-lettered
+                batch.discard()
+                batch.emit(
+                    self.dead_letters.letter(record, failure_reason(exc, record, "segmenter"))
+                )
+            batch.keep()
+        try:
+            await through_outages(
+                lambda: self.producer.send_all(batch.outputs), what="segmenter", record=chunk[0]
             )
+        except Exception as exc:  # noqa: BLE001 - a failure of its own is dead-lettered
+            batch.abandon()
+            if len(chunk) == 1:
+                await self.dead_letters.send(chunk[0], failure_reason(exc, chunk[0], "segmenter"))
+                return
+            for record in chunk:
+                await self._run([record])
+            return
+        self._store(batch)
 
-        self.contacts = table("contacts")
-        self.memberships = table("memberships", self._recovered)
-        # `alias:<anonymous key>` -> the known contact; `forgotten:<sha256>` -> when erased.
-        self.links = table("links")
-        source = app.topic(
-            EVENTS.name,
-            CONTACT_COMMANDS.name,
-            AUDIENCE_REQUESTS.name,
-            key_serializer="raw",
-            value_serializer="raw",
-        )
-        app.agent(source, name="contacts")(self._process)
-        app.timer(interval=settings.count_interval_seconds)(self._publish_counts)
-        app.timer(interval=settings.backfill_check_seconds)(self._backfill)
+    def _store(self, batch: Overlay) -> None:
+        for write in batch.writes():
+            self._focus(write.partition)
+            table = self._tables[write.table]
+            if write.value is None:
+                table.pop(write.key, None)
+            elif isinstance(write.value, ContactRow):
+                table[write.key] = write.value.model_dump_json().encode()
+            else:
+                table[write.key] = write.value
+        batch.stored()
 
-    # --- the agent -------------------------------------------------------------------------
-
-    async def _process(self, stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            record = record_of(event)
-            await self.dead_letters.guard(
-                record, lambda record=record: self.take(record), "segmenter"
-            )
-
-    async def take(self, record: Record) -> None:
-        """Decode one record of the agent's topics and apply it."""
+    def take(self, record: Record) -> None:
+        """Decode one record of the agent's topics and fold it into the batch."""
         if record.topic == CONTACT_COMMANDS.name:
-            await self.handle_command(
-                ContactCommand.model_validate_json(record.value), record.partition
-            )
-        elif record.topic == AUDIENCE_REQUESTS.name:
-            await self.handle_audience(
-                AudienceRequest.model_validate_json(record.value), record.partition
-            )
+            self.handle_command(ContactCommand.model_validate_json(record.value), record.partition)
         else:
             incoming = Event.model_validate_json(record.value)
             incoming.contact_key  # noqa: B018 - raises when the event has no contact key
@@ -143,29 +183,28 @@ class Segmenter:
                     f"event: '{incoming.event}' from source '{incoming.source}' is an event "
                     "only Waypost emits"
                 )
-            await self.handle(incoming, record.partition)
+            self.handle(incoming, record.partition)
 
-    async def handle(self, event: Event, partition: int) -> None:
+    def handle(self, event: Event, partition: int) -> None:
         defs = self.definitions.current()
         now = self.clock.now()
         copy = is_fan_out_copy(event)
+        batch = self._batch
         if not copy:
             requests = fan_out_requests(event, defs.object_triggers, now)
             if requests:
                 # An event about an object reaches the related contacts, not its poster.
-                await self.producer.send_all(
-                    (OBJECT_RELATIONS.name, r.object_key, r.to_wire()) for r in requests
-                )
+                batch.emit(*((OBJECT_RELATIONS.name, r.object_key, r.to_wire()) for r in requests))
                 return
         key = event.contact_key
         if self._forgotten(key):
             log.info("segmenter.suppressed_event", message_id=event.message_id)
             return
-        target = self.links.get(_ALIAS + key.encode())
+        target = self._link(_ALIAS + key.encode())
         if target is not None and (not event.user_id or (copy and event.user_id == key)):
             # A merged anonymous contact: its events belong to the known contact now.
             forwarded = event.model_copy(update={"user_id": target.decode()})
-            await self.producer.send(EVENTS.name, target.decode(), forwarded.to_wire())
+            batch.emit((EVENTS.name, target.decode(), forwarded.to_wire()))
             return
         row = self._load(key)
         if copy and row is not None and row.profile.user_id is None:
@@ -190,19 +229,19 @@ class Segmenter:
                 at=now,
             )
             extra.append((CONTACT_COMMANDS.name, outcome.linked, merge.to_wire()))
-        await self._commit(key, partition, row, outcome, extra)
+        self._commit(key, partition, row, outcome, extra)
 
-    async def handle_command(self, command: ContactCommand, partition: int) -> None:
+    def handle_command(self, command: ContactCommand, partition: int) -> None:
         defs = self.definitions.current()
         now = self.clock.now()
         key = command.contact_key
         if self._forgotten(key) and command.kind != "forget":
             return
         if command.kind == "forget":
-            await self._forget(key, command, partition)
+            self._forget(key, command, partition)
             return
         if command.kind == "merge_into":
-            await self._hand_over(key, command, partition)
+            self._hand_over(key, command, partition)
             return
         row = self._load(key)
         if command.kind == "absorb":
@@ -218,10 +257,13 @@ class Segmenter:
             outcome = contact.command(row, command, defs, now)
         if outcome.row is row:
             return
-        await self._commit(key, partition, row, outcome, [])
+        self._commit(key, partition, row, outcome, [])
 
-    async def handle_audience(self, request: AudienceRequest, partition: int) -> None:
-        """Announce `Audience Selected` to this partition's members of the requested segments."""
+    async def _audience(self, record: Record) -> None:
+        """Announce `Audience Selected` to this partition's members of the requested segments
+        (in acknowledged rounds: an audience can be far larger than a batch)."""
+        request = AudienceRequest.model_validate_json(record.value)
+        partition = record.partition
         members = self.index.members(partition, request.segments)
         now = self.clock.now()
         for start in range(0, len(members), AUDIENCE_ROUND):
@@ -252,9 +294,9 @@ class Segmenter:
             members=len(members),
         )
 
-    # --- writing ---------------------------------------------------------------------------
+    # --- the batch's view of the tables ----------------------------------------------------
 
-    async def _commit(
+    def _commit(
         self,
         key: str,
         partition: int,
@@ -262,37 +304,33 @@ class Segmenter:
         outcome: Outcome,
         extra: Records,
     ) -> None:
-        """Publish the outcome, then store the rows (a crash in between repeats, never loses)."""
+        """Emit the outcome and hold the new rows; they are stored once it is acknowledged."""
         row = outcome.row
         assert row is not None
-        records: Records = [_contact_event(row.profile, e) for e in outcome.events]
-        records.append((PROFILES.name, key, row.profile.to_wire()))
+        batch = self._batch
+        batch.emit(*(_contact_event(row.profile, e) for e in outcome.events))
+        batch.emit((PROFILES.name, key, row.profile.to_wire()))
         if outcome.retime:
             request = SegmentTimerRequest(
                 contact_key=key, due_at=row.next_tick, requested_at=self.clock.now()
             )
-            records.append((SEGMENT_TIMERS.name, key, request.to_wire()))
-        records.extend(extra)
-        await self.producer.send_all(records)
-        self.contacts[key.encode()] = row.model_dump_json().encode()
-        self._store_membership(
-            key, partition, before.profile.segments if before else (), row, outcome
-        )
-
-    def _store_membership(
-        self,
-        key: str,
-        partition: int,
-        before: Iterable[str],
-        row: ContactRow,
-        outcome: Outcome,
-    ) -> None:
+            batch.emit((SEGMENT_TIMERS.name, key, request.to_wire()))
+        batch.emit(*extra)
+        raw_key = key.encode()
+        batch.put(CONTACTS, raw_key, partition, row)
+        # The membership row is written with the contact's row, so the one stored is the
+        # previous row's (none for a new contact).
         value = membership_row(partition, row.evaluated, row.profile.segments)
-        if self.memberships.get(key.encode()) != value:
-            self.memberships[key.encode()] = value
-        self.index.update(key, partition, before, row.profile.segments)
+        if before is None or value != membership_row(
+            partition, before.evaluated, before.profile.segments
+        ):
+            batch.put(MEMBERSHIPS, raw_key, partition, value)
+        was = before.profile.segments if before else ()
+        now_in = row.profile.segments
+        if set(was) != set(now_in):
+            batch.after_store(lambda: self.index.update(key, partition, was, now_in))
 
-    async def _forget(self, key: str, command: ContactCommand, partition: int) -> None:
+    def _forget(self, key: str, command: ContactCommand, partition: int) -> None:
         """Erase every row kept for the contact; keep only a hashed suppression record."""
         row = self._load(key)
         now = self.clock.now()
@@ -304,7 +342,8 @@ class Segmenter:
         forgotten = announce(
             profile, CONTACT_FORGOTTEN, {}, stable_id(command.command_id, "forgotten"), now, now
         )
-        records: Records = [
+        batch = self._batch
+        batch.emit(
             (
                 CONTACT_EVENTS.name,
                 key,
@@ -315,40 +354,39 @@ class Segmenter:
                 ).to_wire(),
             ),
             (PROFILES.name, key, None),
-        ]
+        )
         if row is not None and row.next_tick is not None:
             cancel = SegmentTimerRequest(contact_key=key, due_at=None, requested_at=now)
-            records.append((SEGMENT_TIMERS.name, key, cancel.to_wire()))
+            batch.emit((SEGMENT_TIMERS.name, key, cancel.to_wire()))
         # Anonymous histories merged into the contact are erased on their own partitions too.
         for other in profile.anonymous_ids:
             again = command.model_copy(
                 update={"command_id": stable_id(command.command_id, other), "contact_key": other}
             )
-            records.append((CONTACT_COMMANDS.name, other, again.to_wire()))
-        await self.producer.send_all(records)
+            batch.emit((CONTACT_COMMANDS.name, other, again.to_wire()))
         raw_key = key.encode()
-        self.links[_FORGOTTEN + _digest(key)] = now.isoformat().encode()
-        for table in (self.contacts, self.memberships):
-            if raw_key in table:
-                del table[raw_key]
-        if _ALIAS + raw_key in self.links:
-            del self.links[_ALIAS + raw_key]
-        self.index.update(key, partition, profile.segments, ())
+        batch.put(LINKS, _FORGOTTEN + _digest(key), partition, now.isoformat().encode())
+        batch.delete(CONTACTS, raw_key, partition)
+        batch.delete(MEMBERSHIPS, raw_key, partition)
+        batch.delete(LINKS, _ALIAS + raw_key, partition)
+        segments = profile.segments
+        batch.after_store(lambda: self.index.update(key, partition, segments, ()))
         log.info("segmenter.contact_forgotten", reason=command.reason)
 
-    async def _hand_over(self, key: str, command: ContactCommand, partition: int) -> None:
+    def _hand_over(self, key: str, command: ContactCommand, partition: int) -> None:
         """This anonymous contact merges into `other_key`: hand the row over, leave a link."""
         target = command.other_key
         if not target or target == key:
             raise ValueError("merge_into needs another contact in `other_key`")
-        existing = self.links.get(_ALIAS + key.encode())
+        existing = self._link(_ALIAS + key.encode())
         if existing is not None:
             if existing.decode() != target:
                 log.warning("segmenter.already_merged", into=existing.decode(), asked=target)
             return
         row = self._load(key)
         now = self.clock.now()
-        records: Records = []
+        batch = self._batch
+        raw_key = key.encode()
         if row is not None:
             absorb = ContactCommand(
                 command_id=stable_id(command.command_id, "absorb"),
@@ -359,26 +397,95 @@ class Segmenter:
                 reason=command.reason,
                 at=now,
             )
-            records.append((CONTACT_COMMANDS.name, target, absorb.to_wire()))
-            records.append((PROFILES.name, key, None))
+            batch.emit(
+                (CONTACT_COMMANDS.name, target, absorb.to_wire()), (PROFILES.name, key, None)
+            )
             if row.next_tick is not None:
                 cancel = SegmentTimerRequest(contact_key=key, due_at=None, requested_at=now)
-                records.append((SEGMENT_TIMERS.name, key, cancel.to_wire()))
-        await self.producer.send_all(records)
-        self.links[_ALIAS + key.encode()] = target.encode()
-        if row is not None:
-            del self.contacts[key.encode()]
-            if key.encode() in self.memberships:
-                del self.memberships[key.encode()]
-            self.index.update(key, partition, row.profile.segments, ())
+                batch.emit((SEGMENT_TIMERS.name, key, cancel.to_wire()))
+            batch.delete(CONTACTS, raw_key, partition)
+            batch.delete(MEMBERSHIPS, raw_key, partition)
+            segments = row.profile.segments
+            batch.after_store(lambda: self.index.update(key, partition, segments, ()))
+        batch.put(LINKS, _ALIAS + raw_key, partition, target.encode())
         log.info("segmenter.merged", into=target, had_history=row is not None)
 
     def _load(self, key: str) -> ContactRow | None:
-        raw = self.contacts.get(key.encode())
-        return ContactRow.model_validate_json(raw) if raw else None
+        raw_key = key.encode()
+
+        def stored() -> ContactRow | None:
+            raw = self.contacts.get(raw_key)
+            return ContactRow.model_validate_json(raw) if raw else None
+
+        row: ContactRow | None = self._batch.get(CONTACTS, raw_key, stored)
+        return row
+
+    def _link(self, raw_key: bytes) -> bytes | None:
+        def stored() -> bytes | None:
+            # Most contacts have no link: a membership test (a bloom filter in RocksDB) is far
+            # cheaper than a read that misses.
+            return self.links[raw_key] if raw_key in self.links else None  # noqa: SIM401
+
+        value: bytes | None = self._batch.get(LINKS, raw_key, stored)
+        return value
 
     def _forgotten(self, key: str) -> bool:
-        return self.links.get(_FORGOTTEN + _digest(key)) is not None
+        return self._link(_FORGOTTEN + _digest(key)) is not None
+
+
+class Segmenter:
+    """Wires `Contacts` to Faust: tables `contacts`, `memberships` and `links`, one agent taking
+    batches, and the timers that publish counts and start backfills."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: SegmenterSettings,
+        clock: Clock,
+        producer: AsyncProducer,
+        dead_letters: DeadLetters,
+        definitions: LiveDefinitions,
+    ) -> None:
+        self.app = app
+        self.clock = clock
+        self.producer = producer
+        self.definitions = definitions
+        self.partitions = settings.topic_partitions
+        self.batch_max = settings.batch_max_records
+        self.batch_seconds = settings.batch_max_ms / 1000
+        self.index = MemberIndex()
+        self._ready = False
+        self._backfilled = ""
+
+        def table(
+            name: str, on_recover: Callable[[], Awaitable[None]] | None = None
+        ) -> TableT[bytes, bytes]:
+            return app.Table(
+                name,
+                partitions=settings.topic_partitions,
+                key_type=bytes,
+                value_type=bytes,
+                on_recover=on_recover,
+            )
+
+        self.memberships = table(MEMBERSHIPS, self._recovered)
+        # `alias:<anonymous key>` -> the known contact; `forgotten:<sha256>` -> when erased.
+        tables = {CONTACTS: table(CONTACTS), MEMBERSHIPS: self.memberships, LINKS: table(LINKS)}
+        self.contacts = Contacts(tables, producer, dead_letters, definitions, clock, self.index)
+        source = app.topic(
+            EVENTS.name,
+            CONTACT_COMMANDS.name,
+            AUDIENCE_REQUESTS.name,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        app.agent(source, name="contacts")(self._process)
+        app.timer(interval=settings.count_interval_seconds)(self._publish_counts)
+        app.timer(interval=settings.backfill_check_seconds)(self._backfill)
+
+    async def _process(self, stream: faust.StreamT[bytes]) -> None:
+        async for records, focus in record_batches(stream, self.batch_max, self.batch_seconds):
+            await self.contacts.process(records, focus)
 
     # --- background work -------------------------------------------------------------------
 
@@ -456,6 +563,10 @@ class Segmenter:
             log.warning("segmenter.backfill_publish_failed", error=str(exc))
         records.clear()
         return count
+
+
+def _anywhere(_partition: int) -> None:
+    """Tables that are not split by partition (dicts in tests) need no focus."""
 
 
 def _contact_event(profile: Profile, event: Event) -> tuple[str, str | None, bytes | None]:

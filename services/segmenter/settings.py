@@ -11,3 +11,7 @@ class SegmenterSettings(CommonSettings):
     count_interval_seconds: float = 0.5
     # How often the worker looks for contacts evaluated against older segment definitions.
     backfill_check_seconds: float = 2.0
+    # A batch is up to this many records, or what arrived within this many milliseconds: its
+    # outputs are acknowledged once, then its rows stored, then its offsets committed.
+    batch_max_records: int = 500
+    batch_max_ms: float = 20.0

@@ -44,6 +44,8 @@ MAX_PAST = timedelta(days=5 * 365)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
+_MICROSECOND = timedelta(microseconds=1)
+_SECOND_MICROS = 1_000_000
 _BUCKET_SIZES = (timedelta(days=1), timedelta(hours=1), timedelta(minutes=1), timedelta(seconds=1))
 # Enough buckets that a window slides smoothly (1 hour steps for 7 days, 1 day for 30).
 _MIN_BUCKETS = 24
@@ -92,7 +94,7 @@ def fold(
         total = contribution if state is None else _combine(definition, state["all"], contribution)
         return {"all": total}
     start = _bucket_start(min(at, now), bucket_size(window))
-    if _expiry(start, window) <= now:
+    if _expiry_micros(start, definition) <= _micros(now):
         return state
     kept = prune(state, definition, now)
     buckets = dict(kept["buckets"]) if kept is not None else {}
@@ -110,7 +112,7 @@ def value(state: dict[str, Any] | None, definition: AggregateDefinition, now: da
     elif definition.window_span is None:
         accumulators = [state["all"]]
     else:
-        accumulators = list(_in_window(state, definition.window_span, now).values())
+        accumulators = list(_in_window(state, definition, now).values())
     total = None
     for accumulator in accumulators:
         total = accumulator if total is None else _combine(definition, total, accumulator)
@@ -123,11 +125,12 @@ def next_change(
     """The earliest instant after `now` at which time alone can change `value`: when the oldest
     stored bucket leaves the window. (The value may stay, say a max held by a newer bucket; a
     re-evaluation that finds nothing changed is cheaper than working that out here.)"""
-    window = definition.window_span
-    if state is None or window is None:
+    if state is None or definition.window_span is None:
         return None
-    expiries = (_expiry(int(key), window) for key in state["buckets"])
-    return min((instant for instant in expiries if instant > now), default=None)
+    now_micros = _micros(now)
+    expiries = (_expiry_micros(int(key), definition) for key in state["buckets"])
+    earliest = min((instant for instant in expiries if instant > now_micros), default=None)
+    return None if earliest is None else _EPOCH + earliest * _MICROSECOND
 
 
 def prune(
@@ -135,10 +138,9 @@ def prune(
 ) -> dict[str, Any] | None:
     """Drop buckets outside the window at `now`; None when nothing is left, the same object when
     nothing was dropped."""
-    window = definition.window_span
-    if state is None or window is None:
+    if state is None or definition.window_span is None:
         return state
-    kept = _in_window(state, window, now)
+    kept = _in_window(state, definition, now)
     if len(kept) == len(state["buckets"]):
         return state
     return {"buckets": kept} if kept else None
@@ -168,12 +170,29 @@ def _bucket_start(moment: datetime, size: timedelta) -> int:
     return (moment - _EPOCH) // size * int(size.total_seconds())
 
 
-def _expiry(start: int, window: timedelta) -> datetime:
-    return _EPOCH + timedelta(seconds=start) + window
+def _micros(moment: datetime) -> int:
+    """Microseconds since the epoch: window arithmetic is exact on integers, and cheap."""
+    return (moment - _EPOCH) // _MICROSECOND
 
 
-def _in_window(state: dict[str, Any], window: timedelta, now: datetime) -> dict[str, Any]:
-    return {key: acc for key, acc in state["buckets"].items() if _expiry(int(key), window) > now}
+def _expiry_micros(start: int, definition: AggregateDefinition) -> int:
+    """When the bucket starting at `start` (epoch seconds) leaves the window, in microseconds."""
+    window = definition.window_micros
+    assert window is not None
+    return start * _SECOND_MICROS + window
+
+
+def _in_window(
+    state: dict[str, Any], definition: AggregateDefinition, now: datetime
+) -> dict[str, Any]:
+    now_micros = _micros(now)
+    window = definition.window_micros
+    assert window is not None
+    return {
+        key: acc
+        for key, acc in state["buckets"].items()
+        if int(key) * _SECOND_MICROS + window > now_micros
+    }
 
 
 def _contribution(definition: AggregateDefinition, event: Event, at: datetime) -> Any:

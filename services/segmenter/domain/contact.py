@@ -192,7 +192,7 @@ def memberships(
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The aggregate values and segment ids of a contact at `now` (segments in dependency order,
     so a segment that reads another sees its fresh membership)."""
-    values = {d.id: aggregates.value(states.get(state_key(d)), d, now) for d in defs.aggregates}
+    values = {d.id: aggregates.value(states.get(d.state_key), d, now) for d in defs.aggregates}
     member: list[str] = []
     # The facts read `member` as it grows.
     facts = facts_of(profile, aggregates=values, segments=member)

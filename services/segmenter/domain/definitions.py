@@ -58,7 +58,7 @@ class Definitions:
 
 def state_key(aggregate: AggregateDefinition) -> str:
     """Where an aggregate's state is kept: a changed computation starts from a fresh state."""
-    return f"{aggregate.id}@{aggregate.digest}"
+    return aggregate.state_key
 
 
 def aggregate_ids(paths: Iterable[str]) -> set[str]:
