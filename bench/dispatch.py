@@ -877,7 +877,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in found:
         say(f"PROBLEM: {line}")
     say(f"bench run time {time.perf_counter() - began:.0f}s")
+    print(result_line(results), flush=True)
     return 1 if found else 0
+
+
+def result_line(results: Sequence[RunResult]) -> str:
+    """One machine-readable line: each run's messages/s, its baseline's, and their ratio."""
+    pairs: list[str] = []
+    for r in results:
+        name = r.run.tag.replace("-", "_").replace(".", "_")
+        base, disp = r.baseline.rate, r.dispatcher.rate
+        pairs += [
+            f"{name}_dispatcher_per_s={disp or 0:.1f}",
+            f"{name}_baseline_per_s={base or 0:.1f}",
+            f"{name}_ratio={(disp / base) if disp and base else 0:.3f}",
+        ]
+    return "RESULT " + " ".join(pairs)
 
 
 if __name__ == "__main__":

@@ -504,6 +504,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     report(args.events, raw_seconds, seg, latency)
     if missing:
         say(f"MISSING: {missing} latency records never arrived")
+    segmenter_rate, raw_rate = seg.counted / seg.seconds, args.events / raw_seconds
+    first = latency[args.rate[0]][SEGMENTER] if args.rate else []
+    p99 = percentile(first, 99) if first else None
+    print(
+        f"RESULT segmenter_events_per_s={segmenter_rate:.1f} "
+        f"raw_consumer_events_per_s={raw_rate:.1f} ratio={segmenter_rate / raw_rate:.5f} "
+        f"p99_entered_ms={p99 if p99 is not None else -1:.1f} latency_rate={args.rate[0]:g}",
+        flush=True,
+    )
     return 1 if missing else 0
 
 

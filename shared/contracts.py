@@ -65,6 +65,10 @@ class Event(WireModel):
         return self.event if self.type == "track" and self.event else self.type
 
 
+# Profile fields the segmenter keeps in its row but does not publish.
+_SEGMENTER_ONLY = {"recent_message_ids"}
+
+
 class Profile(WireModel):
     """A contact's profile as the segmenter keeps it; the segmenter is its only writer."""
 
@@ -86,6 +90,13 @@ class Profile(WireModel):
     # Values of the aggregates live definitions need, by aggregate id.
     aggregates: dict[str, Any] = Field(default_factory=dict)
     coupons: tuple[Coupon, ...] = ()
+
+    def to_wire(self) -> bytes:
+        """Without `recent_message_ids`: they de-duplicate inside the segmenter's own row, and
+        would otherwise ride along with every profile and contact event it publishes."""
+        return self.model_dump_json(
+            by_alias=True, exclude_none=True, exclude=_SEGMENTER_ONLY
+        ).encode()
 
 
 class Coupon(WireModel):
@@ -148,6 +159,11 @@ class ContactEvent(WireModel):
     contact_key: str
     event: Event
     profile: Profile
+
+    def to_wire(self) -> bytes:
+        return self.model_dump_json(
+            by_alias=True, exclude_none=True, exclude={"profile": _SEGMENTER_ONLY}
+        ).encode()
 
 
 class SendRequest(WireModel):
