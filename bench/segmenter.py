@@ -30,6 +30,7 @@ import argparse
 import os
 import random
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -481,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rng.shuffle(records)
 
     bench = stack.Stack(home=HOME, ports=PORTS, partitions=args.partitions)
+    # A SIGTERM ends the run like Ctrl-C does: through the finally below, which stops the stack.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     latency: dict[float, dict[str, list[float]]] = {}
     missing = 0
     try:

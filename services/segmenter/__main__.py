@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from datetime import timedelta
 
 import structlog
@@ -41,27 +43,46 @@ def main() -> None:
         return longest_within(definitions.current().object_triggers) or timedelta(0)
 
     RelationIndex(app, settings, producer, dead_letters, clock, relations_kept)
-    stop_view = asyncio.Event()
-
-    async def profile_view() -> None:
-        """Profiles into the document store for the admin (its own consumer group). A failure
-        restarts the view after a pause instead of stopping the worker."""
-        while not stop_view.is_set():
-            client = connect(settings, "waypost-segmenter")
-            try:
-                await ProfileView(settings, database(client, settings)).run(stop_view)
-            except Exception:
-                log.exception("segmenter.profile_view_failed")
-                await asyncio.sleep(PROFILE_VIEW_RESTART_SECONDS)
-            finally:
-                await client.close()
-
-    app.task(profile_view)
+    stop_view = threading.Event()
+    view = threading.Thread(
+        target=asyncio.run, args=(profile_view(settings, stop_view),), name="profile-view"
+    )
+    view.daemon = True  # never holds the process up once the worker has stopped
+    view.start()
     try:
         run_worker(app, settings)
     finally:
+        stop_view.set()
+        view.join(timeout=5)
         definitions.stop()
         producer.close()
+
+
+async def profile_view(settings: SegmenterSettings, stop: threading.Event) -> None:
+    """Profiles into the document store for the admin (its own consumer group), on a thread
+    and event loop of its own so it never takes time from the worker's. A failure restarts the
+    view after a pause instead of stopping the worker."""
+    stopped = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        stopped.set()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        while not stopped.is_set():
+            client = connect(settings, "waypost-segmenter")
+            try:
+                await ProfileView(settings, database(client, settings)).run(stopped)
+            except Exception:
+                log.exception("segmenter.profile_view_failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopped.wait(), PROFILE_VIEW_RESTART_SECONDS)
+            finally:
+                await client.close()
+    finally:
+        watcher.cancel()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Materialises the compacted profiles topic into the document store's `profiles` collection, so
 the admin can look a contact up and sample a segment's members without asking the workers.
 
-The segmenter process starts it next to its Faust worker, on the worker's event loop, and stops
-it on shutdown:
+The segmenter process runs it next to its Faust worker, on a thread and event loop of its own
+(`services/segmenter/__main__.py`), and stops it on shutdown:
 
     view = ProfileView(settings, database(connect(settings, "waypost-profile-view"), settings))
-    task = asyncio.ensure_future(view.run(stop))  # e.g. from a Faust app task or service
+    task = asyncio.ensure_future(view.run(stop))
     ...
     stop.set(); await task                         # returns within ~200 ms; closes its consumer
 
