@@ -1,33 +1,69 @@
-"""Start the ingest API: `python -m services.ingest`."""
+"""Start the ingest API: `python -m services.ingest`.
+
+The parent process checks the topics once and hands the socket to `WAYPOST_INGEST_WORKERS`
+worker processes (uvicorn's supervisor restarts any that dies); each worker builds its own app
+and producer in `worker_app`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
 import uvicorn
+from fastapi import FastAPI
 
 from services.ingest.adapters.publisher import KafkaEventPublisher
 from services.ingest.app import create_app
+from services.ingest.fastpath import ASGIApp
 from services.ingest.settings import IngestSettings
 from shared.clock import SystemClock
-from shared.kafka import AsyncProducer, prepare_topics
+from shared.kafka import prepare_topics
 from shared.logs import configure_logging
+
+log = structlog.get_logger(__name__)
+
+
+def worker_app() -> ASGIApp:
+    """One worker's app, built in the worker process (a producer does not survive a fork)."""
+    settings = IngestSettings()
+    configure_logging("ingest", settings.log_level, settings.log_format)
+    publisher = KafkaEventPublisher(
+        settings.kafka_bootstrap, client_id="ingest", linger_ms=settings.ingest_linger_ms
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            undelivered = publisher.close()
+            if undelivered:
+                log.warning("ingest.undelivered_at_shutdown", records=undelivered)
+
+    return create_app(settings, publisher, SystemClock(), lifespan=lifespan)
 
 
 def main() -> None:
     settings = IngestSettings()
     configure_logging("ingest", settings.log_level, settings.log_format)
     prepare_topics(settings)
-    producer = AsyncProducer(settings.kafka_bootstrap, client_id="ingest")
-    app = create_app(settings, KafkaEventPublisher(producer), SystemClock())
-    try:
-        uvicorn.run(
-            app,
-            host=settings.ingest_host,
-            port=settings.ingest_port,
-            log_level=settings.log_level,
-            access_log=False,
-        )
-    finally:
-        producer.close()
+    workers = settings.worker_count()
+    log.info("ingest.starting", port=settings.ingest_port, workers=workers)
+    uvicorn.run(
+        "services.ingest.__main__:worker_app",
+        factory=True,
+        workers=workers,
+        host=settings.ingest_host,
+        port=settings.ingest_port,
+        log_level=settings.log_level,
+        log_config=None,  # every line goes through the service's own logging
+        access_log=False,
+        # Nothing in ingest reads the client's address: no X-Forwarded-* rewriting per request.
+        proxy_headers=False,
+        server_header=False,
+    )
 
 
 if __name__ == "__main__":

@@ -1,30 +1,30 @@
 """Ingest HTTP API, compatible with Segment's HTTP Tracking API (and so with its SDKs).
 
-Routes decode and authenticate, the domain normalises, the publisher writes to Kafka; a 200 is
-returned only after the broker acknowledged (acks=all, idempotent producer). Signed links
-(unsubscribe, open pixel, click) and SMS status callbacks arrive here too.
+The tracking calls go through `CallIntake` (decode, authenticate, validate, publish), served
+straight from ASGI by `TrackingCalls` and declared on the FastAPI app too; a 200 is returned only
+after the broker acknowledged (acks=all, idempotent producer). Signed links (unsubscribe, open
+pixel, click) and SMS status callbacks arrive here too.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import html
-import json
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.telemetry import TelemetryConfig
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from services.ingest.adapters.publisher import EventPublisher
-from services.ingest.domain.calls import Batch, Call, to_event
+from services.ingest.domain.calls import Batch, Call, encode
 from services.ingest.domain.tracking import (
     UnknownSmsStatus,
     email_link_clicked,
@@ -32,25 +32,25 @@ from services.ingest.domain.tracking import (
     sms_status_changed,
     unsubscribed,
 )
+from services.ingest.fastpath import ASGIApp, TrackingCalls
+from services.ingest.intake import (
+    CALL_TYPES,
+    SUCCESS,
+    CallIntake,
+    IngestMetrics,
+    Rejected,
+    refusal,
+)
 from services.ingest.settings import IngestSettings
 from shared.clock import Clock
 from shared.contracts import Event
-from shared.kafka import DeliveryFailed, ProducerBusy
 from shared.links import InvalidLink, LinkClaims, LinkKind, LinkSigner, twilio_signature_valid
 
 log = structlog.get_logger(__name__)
 
-CALL_TYPES = ("track", "identify", "page", "screen", "alias", "group")
-
-
-class Rejected(Exception):
-    """A request we refuse, with the status and a message that names the field."""
-
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
+# Waypost exports Prometheus metrics; FastAPI's built-in OpenTelemetry hooks would look up the
+# global providers (reading the environment) on every request for nothing.
+_NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(
@@ -58,107 +58,48 @@ def create_app(
     publisher: EventPublisher,
     clock: Clock,
     new_message_id: Callable[[], str] = lambda: str(uuid.uuid4()),
-) -> FastAPI:
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+) -> ASGIApp:
     """Build the ingest app around its collaborators (composition happens in `__main__`)."""
     app = FastAPI(
         title="Waypost ingest",
         version="1",
         description="Segment-compatible HTTP tracking API. Authenticate with the write key as "
         "the HTTP Basic user name (empty password) or as `writeKey` in the body.",
+        telemetry=_NO_TELEMETRY,
+        lifespan=lifespan,
     )
-    write_keys = settings.write_keys()
-    registry = CollectorRegistry()
-    accepted = Counter(
-        "waypost_ingest_events",
-        "Events acknowledged by Kafka, by source and call type",
-        ["source", "type"],
-        registry=registry,
-    )
-    rejected = Counter(
-        "waypost_ingest_rejected_requests",
-        "Requests refused, by HTTP status",
-        ["status"],
-        registry=registry,
-    )
-    unrecorded = Counter(
-        "waypost_ingest_unrecorded_tracking_events",
-        "Opens and clicks answered without their event because publishing failed, by event",
-        ["event"],
-        registry=registry,
-    )
+    metrics = IngestMetrics()
+    intake = CallIntake(settings, publisher, clock, metrics, new_message_id)
     signer = LinkSigner(settings.link_secret.get_secret_value(), settings.public_url)
     sms_auth_token = settings.sms_auth_token.get_secret_value()
 
     @app.exception_handler(Rejected)
-    async def _rejected(_request: Request, exc: Rejected) -> JSONResponse:
-        rejected.labels(str(exc.status)).inc()
-        body: dict[str, Any] = {"success": False, "error": exc.message}
-        if exc.field:
-            body["field"] = exc.field
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        if exc.status == 401:
-            headers = {"WWW-Authenticate": 'Basic realm="waypost"'}
-        return JSONResponse(body, status_code=exc.status, headers=headers)
-
-    async def read_json(request: Request, limit: int) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > limit:
-            raise Rejected(413, f"request body is {len(raw)} bytes; the limit is {limit} bytes")
-        try:
-            payload = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise Rejected(400, f"body is not valid JSON: {exc}") from exc
-        if not isinstance(payload, dict):
-            raise Rejected(400, "body must be a JSON object")
-        return payload
-
-    def source_of(request: Request, body_key: object) -> str:
-        key = _basic_user(request.headers.get("authorization")) or (
-            body_key if isinstance(body_key, str) else None
+    async def _rejected(_request: Request, exc: Rejected) -> Response:
+        metrics.rejected(exc.status)
+        answer = refusal(exc)
+        return Response(
+            answer.body,
+            status_code=answer.status,
+            headers=dict(answer.headers),
+            media_type="application/json",
         )
-        if key is None:
-            raise Rejected(401, "missing write key (HTTP Basic user name or writeKey)")
-        source = write_keys.get(key)
-        if source is None:
-            raise Rejected(401, "unknown write key")
-        return source
 
     async def publish(events: list[Event]) -> None:
-        try:
-            await publisher.publish(events)
-        except ProducerBusy as exc:
-            raise Rejected(503, "ingest is over capacity, retry shortly") from exc
-        except DeliveryFailed as exc:
-            raise Rejected(503, f"event log unavailable: {exc}") from exc
-        for event in events:
-            accepted.labels(event.source or "default", event.type).inc()
-
-    def parse_call(payload: dict[str, Any], call_type: str, prefix: str = "") -> Call:
-        try:
-            return Call.model_validate({**payload, "type": call_type})
-        except ValidationError as exc:
-            raise _validation_rejection(exc, prefix) from exc
+        await intake.publish([encode(event) for event in events])
 
     def add_call_route(call_type: str) -> None:
-        async def route(request: Request) -> dict[str, bool]:
-            payload = await read_json(request, settings.max_event_bytes)
-            source = source_of(request, payload.get("writeKey"))
-            call = parse_call(payload, call_type)
-            event = to_event(
-                call,
-                message_id=call.message_id or new_message_id(),
-                received_at=clock.now(),
-                source=source,
-            )
-            await publish([event])
-            return {"success": True}
+        async def route(request: Request) -> Response:
+            body = await request.body()
+            await intake.call(call_type, body, request.headers.get("authorization"))
+            return Response(SUCCESS, media_type="application/json")
 
         app.post(
             f"/v1/{call_type}",
             name=call_type,
             summary=f"Record a {call_type} call",
             openapi_extra=_body_schema(Call),
-            responses=_ERROR_RESPONSES,
+            responses=_SUCCESS_RESPONSE | _ERROR_RESPONSES,
         )(route)
 
     for call_type in CALL_TYPES:
@@ -168,52 +109,12 @@ def create_app(
         "/v1/batch",
         summary="Record many calls at once",
         openapi_extra=_body_schema(Batch),
-        responses=_ERROR_RESPONSES,
+        responses=_SUCCESS_RESPONSE | _ERROR_RESPONSES,
     )
-    async def batch(request: Request) -> dict[str, bool]:
-        payload = await read_json(request, settings.max_batch_bytes)
-        source = source_of(request, payload.get("writeKey"))
-        try:
-            parsed = Batch.model_validate(payload)
-        except ValidationError as exc:
-            raise _validation_rejection(exc) from exc
-        received_at = clock.now()
-        events = []
-        for index, item in enumerate(parsed.batch):
-            size = len(json.dumps(item, separators=(",", ":")))
-            if size > settings.max_event_bytes:
-                raise Rejected(
-                    413,
-                    f"batch[{index}] is {size} bytes; the limit per event is "
-                    f"{settings.max_event_bytes} bytes",
-                    field=f"batch[{index}]",
-                )
-            call_type = item.get("type")
-            if call_type not in CALL_TYPES:
-                raise Rejected(
-                    400,
-                    f"batch[{index}].type must be one of {', '.join(CALL_TYPES)}",
-                    field=f"batch[{index}].type",
-                )
-            item_context = item.get("context") or {}
-            if not isinstance(item_context, dict):
-                raise Rejected(
-                    400,
-                    f"batch[{index}].context must be an object",
-                    field=f"batch[{index}].context",
-                )
-            merged = {**item, "context": {**parsed.context, **item_context}}
-            call = parse_call(merged, str(call_type), prefix=f"batch[{index}].")
-            events.append(
-                to_event(
-                    call,
-                    message_id=call.message_id or new_message_id(),
-                    received_at=received_at,
-                    source=source,
-                )
-            )
-        await publish(events)
-        return {"success": True}
+    async def batch(request: Request) -> Response:
+        body = await request.body()
+        await intake.batch(body, request.headers.get("authorization"))
+        return Response(SUCCESS, media_type="application/json")
 
     def read_link(token: str, kind: LinkKind, now: datetime) -> LinkClaims:
         try:
@@ -226,7 +127,7 @@ def create_app(
         try:
             await publish([event])
         except Rejected as exc:
-            unrecorded.labels(event.event or event.type).inc()
+            metrics.unrecorded.labels(event.event or event.type).inc()
             log.warning(
                 "tracking event not published",
                 name=event.event,
@@ -341,16 +242,22 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return TrackingCalls(intake, metrics, fallback=app)
 
 
+_SUCCESS_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Kafka acknowledged every event of the call",
+        "content": {"application/json": {"example": {"success": True}}},
+    }
+}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid call; `field` names the offending field"},
     401: {"description": "Missing or unknown write key"},
-    413: {"description": "Event over 32 KB or batch over 500 KB"},
+    413: {"description": "Event over 32 KB as written, or body over 32 KB (call) / 500 KB (batch)"},
     503: {"description": "Event log unavailable or over capacity; honour Retry-After"},
 }
 
@@ -410,25 +317,3 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
             "content": {"application/json": {"schema": model.model_json_schema(by_alias=True)}},
         }
     }
-
-
-def _validation_rejection(exc: ValidationError, prefix: str = "") -> Rejected:
-    first = exc.errors()[0]
-    loc = [str(part) for part in first["loc"] if part != "type" or len(first["loc"]) > 1]
-    named = (first.get("ctx") or {}).get("field")
-    if not loc and isinstance(named, str):
-        loc = [named]
-    field = prefix + ".".join(loc) if loc else prefix.rstrip(".") or None
-    message = first["msg"].removeprefix("Value error, ")
-    return Rejected(400, f"{field}: {message}" if field else message, field=field)
-
-
-def _basic_user(header: str | None) -> str | None:
-    if not header or not header.lower().startswith("basic "):
-        return None
-    try:
-        decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    user, _sep, _password = decoded.partition(":")
-    return user or None

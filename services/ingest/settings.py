@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pydantic import Field, SecretStr
 
 from shared.settings import CommonSettings
@@ -18,9 +20,19 @@ class IngestSettings(CommonSettings):
     ingest_write_keys: str = f"dev:{DEV_WRITE_KEY}"
     max_event_bytes: int = Field(default=32 * 1024, gt=0)
     max_batch_bytes: int = Field(default=500 * 1024, gt=0)
+    # Worker processes serving the API, each with its own producer; 0 means one per CPU core
+    # this process may run on. Set it explicitly where the core count is not the CPU budget
+    # (a container with a CPU limit).
+    ingest_workers: int = Field(default=0, ge=0)
+    # How long the producer waits to fill a batch: latency against broker work per event.
+    ingest_linger_ms: float = Field(default=2.0, ge=0)
     # The SMS provider's auth token, which signs its status callbacks (X-Twilio-Signature);
     # the default matches the local provider sandbox.
     sms_auth_token: SecretStr = SecretStr("waypost-sandbox-sms-token")
+
+    def worker_count(self) -> int:
+        """`ingest_workers`, or the number of cores available when it is 0."""
+        return self.ingest_workers or len(os.sched_getaffinity(0))
 
     def write_keys(self) -> dict[str, str]:
         """Key -> source name."""

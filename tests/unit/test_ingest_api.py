@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from services.ingest.app import create_app
+from services.ingest.domain.calls import EncodedEvent
 from services.ingest.settings import IngestSettings
 from shared.clock import ManualClock
 from shared.contracts import Event
@@ -30,8 +31,8 @@ class RecordingPublisher:
     def __init__(self) -> None:
         self.events: list[Event] = []
 
-    async def publish(self, events: Sequence[Event]) -> None:
-        self.events.extend(events)
+    async def publish(self, events: Sequence[EncodedEvent]) -> None:
+        self.events.extend(Event.model_validate_json(e.value) for e in events)
 
 
 class RefusingPublisher:
@@ -40,7 +41,7 @@ class RefusingPublisher:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    async def publish(self, events: Sequence[Event]) -> None:
+    async def publish(self, events: Sequence[EncodedEvent]) -> None:
         raise self.error
 
 

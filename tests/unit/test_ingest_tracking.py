@@ -17,6 +17,7 @@ import pytest
 from pydantic import SecretStr
 
 from services.ingest.app import create_app
+from services.ingest.domain.calls import EncodedEvent
 from services.ingest.settings import IngestSettings
 from shared.clock import ManualClock
 from shared.contracts import Event
@@ -50,15 +51,15 @@ class RecordingPublisher:
     def __init__(self) -> None:
         self.events: list[Event] = []
 
-    async def publish(self, events: Sequence[Event]) -> None:
-        self.events.extend(events)
+    async def publish(self, events: Sequence[EncodedEvent]) -> None:
+        self.events.extend(Event.model_validate_json(e.value) for e in events)
 
 
 class RefusingPublisher:
     def __init__(self) -> None:
         self.attempts = 0
 
-    async def publish(self, events: Sequence[Event]) -> None:
+    async def publish(self, events: Sequence[EncodedEvent]) -> None:
         self.attempts += 1
         raise DeliveryFailed("broker down")
 
