@@ -255,7 +255,13 @@ class Stack:
             return None
         return pid
 
-    def _spawn(self, name: str, argv: list[str], cwd: Path | None = None) -> None:
+    def _spawn(
+        self,
+        name: str,
+        argv: list[str],
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         if self.pid(name) is not None:
             return
         for folder in ("run", "logs"):
@@ -265,7 +271,7 @@ class Stack:
             proc = subprocess.Popen(
                 argv,
                 cwd=cwd or ROOT,
-                env=self.env(),
+                env={**self.env(), **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -480,8 +486,23 @@ class Stack:
             ],
         )
 
-    def start_service(self, name: str) -> None:
-        self._spawn(name, [PYTHON, "-m", f"services.{name}"])
+    def start_service(self, name: str, worker: int = 1) -> None:
+        """Start a service; `worker` 2, 3, ... starts one more worker of it (process name
+        `<service>-<n>`, its own local state folder), as ops scale a stream worker out."""
+        if worker == 1:
+            self._spawn(name, [PYTHON, "-m", f"services.{name}"])
+            return
+        self._spawn(
+            f"{name}-{worker}",
+            [PYTHON, "-m", f"services.{name}"],
+            env={"WAYPOST_DATA_DIR": str(self.home / f"data-{worker}")},
+        )
+
+    def extra_workers(self) -> list[str]:
+        """The process names of workers started beyond the first of their service."""
+        run = self.home / "run"
+        names = [p.stem for p in run.glob("*-*.pid")] if run.is_dir() else []
+        return sorted(n for n in names if n.rsplit("-", 1)[0] in SERVICES)
 
     # -- readiness (conditions, never sleeps standing in for them) -------------------------
 
@@ -620,7 +641,7 @@ class Stack:
         )
 
     def down(self) -> None:
-        for name in (*reversed(SERVICES), *reversed(SERVERS)):
+        for name in (*self.extra_workers(), *reversed(SERVICES), *reversed(SERVERS)):
             if self.pid(name) is not None:
                 say(f"stopping {name}")
             self.stop(name)
