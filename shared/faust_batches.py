@@ -24,16 +24,7 @@ async def record_batches(
     stream: Any, max_records: int, within_seconds: float
 ) -> AsyncIterator[tuple[list[Record], Focus]]:
     """Up to `max_records` records at a time (fewer after `within_seconds`), in offset order
-    per partition, with the `focus` function for their partitions. With `max_records` 1 the
-    stream is read one event at a time (Faust acknowledges each when the next is taken)."""
-    if max_records <= 1:
-        async for event in stream.events():
-
-            def focus_one(_partition: int, event: Any = event) -> None:
-                _current_event.set(weakref.ref(event))
-
-            yield [record_of(event)], focus_one
-        return
+    per partition, with the `focus` function for their partitions."""
     async for events in stream.take_events(max_records, within_seconds):
         latest = {event.message.partition: event for event in events}
 

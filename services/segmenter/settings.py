@@ -12,8 +12,6 @@ class SegmenterSettings(CommonSettings):
     # How often the worker looks for contacts evaluated against older segment definitions.
     backfill_check_seconds: float = 2.0
     # A batch is up to this many records, or what arrived within this many milliseconds: its
-    # outputs are acknowledged once, then its rows stored, then its offsets committed. 1 (one
-    # record at a time) until records in hand survive a partition move: see
-    # docs/stream-processing.md.
-    batch_max_records: int = 1
+    # outputs are acknowledged once, then its rows stored, then its offsets committed.
+    batch_max_records: int = 500
     batch_max_ms: float = 20.0
