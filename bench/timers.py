@@ -5,30 +5,37 @@
 for 0 timers (the baseline) and then each requested size N, runs one orchestrator worker
 (`python -m services.orchestrator`, its own app id, so its own topics and consumer group):
 
-1. load: N waiting instances are written straight into the worker's `timers` changelog with a raw
-   producer, in the row format of `services/orchestrator/adapters/timers.py`, each on its
-   contact's partition, due 1 to 60 days from now.
-2. raw read (the baseline for recovery): a raw confluent-kafka consumer reads that changelog to
-   its end.
-3. cold start: the worker starts with an empty data folder (a new machine, or a partition move)
-   and restores the changelog into RocksDB, then rebuilds its index. Measured: start to the log
-   line `orchestrator.timers_recovered`, and the worker's RSS (VmRSS) once recovered. RSS minus
-   the RSS of the 0-timer worker, divided by N, is what a waiting timer costs the whole worker
-   (index and RocksDB's memtables); the index's own size is logged by the worker.
+1. load: N waiting instances are written straight into the worker's changelogs with a raw
+   producer, each on its contact's partition, due 1 to 60 days from now: the `timers` row in the
+   format of `services/orchestrator/adapters/timers.py`, and the contact's `contacts` row, a
+   `ContactState` (`services/orchestrator/domain/state.py`) with its profile and the one instance
+   waiting on that timer (same instance id, timer id and due time; about 1.4 KB of JSON).
+2. raw read (the baseline for recovery): a raw confluent-kafka consumer reads both changelogs to
+   their end.
+3. cold start: the worker starts with an empty data folder (a new machine, or a partition move),
+   restores both tables (the bulk restore of `shared/restore.py`, then Faust's own recovery of
+   whatever is left) and rebuilds its index. Measured: start to the log line
+   `orchestrator.timers_recovered`, the bulk restore's own time (its log line), and the worker's
+   RSS (VmRSS) once recovered and its peak before (VmHWM). RSS minus the RSS of the 0-timer
+   worker, divided by N, is what a waiting instance costs the whole worker (index and RocksDB's
+   memtables); the index's own size is logged by the worker.
 4. warm restart and firing: the worker is stopped (SIGTERM), a slice of timers due a few seconds
-   after it will have recovered is added to the changelog (some spread over a window, some all
-   due at the same millisecond), and the worker restarts on its local RocksDB. The bench reads
-   `waypost.timers.v1` and measures lateness per timer: `fired_at - due_at` from the record, and
-   the time the bench received it minus `due_at`. Timers that came due before the worker had
-   recovered are left out of the lateness figures (and counted).
+   after it will have recovered is added to the timers changelog (some spread over a window, some
+   all due at the same millisecond; timer rows only, so they fire as stray rows), and the worker
+   restarts on its local RocksDB. The bench reads `waypost.timers.v1` and measures lateness per
+   timer: `fired_at - due_at` from the record, and the time the bench received it minus
+   `due_at`. Timers that came due before the worker had recovered are left out of the lateness
+   figures (and counted).
 
 Before that, S12 in-process (no Kafka): random timers among the first size's N are restarted to
 later due times through `TimerStore.apply` over a RocksDB table, against a raw RocksDB get and
 put of the same rows; the index must not grow.
 
-Ratios are against figures of the same run: recovery against the raw read of the same topic,
+Ratios are against figures of the same run: recovery against the raw read of the same topics,
 memory against the 0-timer worker, lateness against the 0-timer worker's firing of the same
-slice. The worker, Kafka and the bench share this machine's cores, so figures are relative.
+slice. The worker, Kafka and the bench share this machine's cores, so figures are relative. The
+last line is `RESULT timers=N cold_recovery_s=… warm_recovery_s=… rss_mb=…` for the largest N
+(rss_mb: the cold worker's RSS once recovered).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -52,17 +60,25 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer
 from confluent_kafka import TopicPartition as KafkaPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from pydantic import AwareDatetime, TypeAdapter
 from rocksdict import Options as RocksOptions
 from rocksdict import Rdict
 
-from services.orchestrator.adapters.timers import TimerStore, epoch_ms, timer_key, timer_value
-from services.orchestrator.domain.state import ScheduleTimer
-from shared.contracts import TimerFired
+from services.orchestrator.adapters.timers import (
+    TimerStore,
+    epoch_ms,
+    from_epoch_ms,
+    timer_key,
+    timer_value,
+)
+from services.orchestrator.domain.state import ContactState, Instance, PendingTimer, ScheduleTimer
+from shared.contracts import Profile, TimerFired
+from shared.ids import stable_id
 from shared.kafka import ensure_topics
 from shared.topics import TIMERS
 
@@ -83,6 +99,7 @@ PORTS = stack.Ports(
 )
 PROGRESS_EVERY = 2.0  # seconds between progress lines
 RECOVERED = "orchestrator.timers_recovered"
+RESTORED = "worker.tables_restored"  # the bulk restore before Faust starts (shared/restore.py)
 
 
 def say(message: str) -> None:
@@ -115,15 +132,134 @@ def future_due(rng: random.Random, low: int, high: int) -> Iterator[int]:
         yield rng.randrange(low, high)
 
 
+# The journey the loaded instances wait in: a welcome email, then a wait of days.
+JOURNEY_ID = "bench-welcome"
+_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
+
+
+def contact_state(row: Row, entered: datetime) -> ContactState:
+    """The orchestrator's `contacts` row of a contact whose one instance waits on `row`'s timer,
+    as the engine leaves it after a `Signed Up` event: its profile, the instance with its context
+    and pending timer, the entry counts and the handled event id."""
+    key = row.contact_key
+    signup = f"{key}-signup"
+    trigger = {
+        "name": "Signed Up",
+        "type": "track",
+        "message_id": signup,
+        "timestamp": entered.isoformat(),
+        "properties": {"plan": "trial", "source": "landing"},
+        "traits": {},
+    }
+    profile = Profile(
+        contact_key=key,
+        user_id=key,
+        traits={"email": f"{key}@example.com", "first_name": "Ann", "timezone": "Europe/Paris"},
+        first_seen=entered,
+        last_seen=entered,
+        event_counts={"Signed Up": 1},
+        recent_message_ids=(signup,),
+        updated_at=entered,
+    )
+    instance = Instance(
+        instance_id=row.instance_id,
+        journey_id=JOURNEY_ID,
+        journey_version=1,
+        contact_key=key,
+        step_id="wait-a-while",
+        entered_at=entered,
+        visits={"hello": 1, "wait-a-while": 1},
+        context={"trigger": trigger, "entered_at": entered.isoformat()},
+        timer=PendingTimer(
+            timer_id=row.timer_id, step_id="wait-a-while", due_at=from_epoch_ms(row.due_ms)
+        ),
+    )
+    return ContactState(
+        contact_key=key,
+        profile=profile,
+        instances={row.instance_id: instance},
+        entries={JOURNEY_ID: 1},
+        last_entered={JOURNEY_ID: entered},
+        handled=(stable_id(signup, length=16),),
+    )
+
+
+class ContactRows:
+    """`contact_state(row).model_dump_json()` for many rows, fast: the JSON of one state built
+    with marker values, cut at the markers, and joined again around each row's own values.
+    `check` compares a row against the model's own serialisation."""
+
+    _MARKERS: ClassVar[dict[str, str]] = {
+        "key": "zzcontactzz",
+        "instance": "zzinstancezz",
+        "timer": "zztimerzz",
+        "handled": "zzhandledzz",
+    }
+    _DUE_MARKER = 32_503_680_000_123  # 3000-01-01T00:00:00.123Z: no loaded timer is due then
+
+    def __init__(self, entered: datetime) -> None:
+        self.entered = entered
+        marks = self._MARKERS
+        marked = contact_state(
+            Row(marks["key"], marks["instance"], marks["timer"], self._DUE_MARKER), entered
+        )
+        text = marked.model_copy(update={"handled": (marks["handled"],)}).model_dump_json()
+        due = self._due(self._DUE_MARKER).decode()
+        names = {value: name for name, value in marks.items()} | {due: "due"}
+        pattern = "(" + "|".join(re.escape(m) for m in sorted(names, key=len, reverse=True)) + ")"
+        parts = re.split(pattern, text)
+        self._pieces = [p.encode() for p in parts[0::2]]
+        self._fields = [names[m] for m in parts[1::2]]
+
+    @staticmethod
+    def _due(due_ms: int) -> bytes:
+        return _DATETIME.dump_json(from_epoch_ms(due_ms))[1:-1]
+
+    def value(self, row: Row) -> bytes:
+        values = {
+            "key": row.contact_key.encode(),
+            "instance": row.instance_id.encode(),
+            "timer": row.timer_id.encode(),
+            "handled": stable_id(f"{row.contact_key}-signup", length=16).encode(),
+            "due": self._due(row.due_ms),
+        }
+        out = [self._pieces[0]]
+        for name, piece in zip(self._fields, self._pieces[1:], strict=True):
+            out.append(values[name])
+            out.append(piece)
+        return b"".join(out)
+
+    def check(self, row: Row) -> None:
+        """The fast row is byte for byte the model's JSON, and its timer is the timer row's."""
+        value = self.value(row)
+        expected = contact_state(row, self.entered).model_dump_json().encode()
+        if value != expected:
+            raise AssertionError(f"contact row differs from ContactState:\n{value!r}\n{expected!r}")
+        state = ContactState.model_validate_json(value)
+        timer = state.instances[row.instance_id].timer
+        assert timer is not None
+        assert timer.timer_id == row.timer_id
+        assert timer_value(epoch_ms(timer.due_at), timer.timer_id) == timer_value(
+            row.due_ms, row.timer_id
+        )
+
+
 def partition_of(contact_key: str, partitions: int) -> int:
     """The partition the services' producers pick for a contact (librdkafka: CRC32 of the key)."""
     return zlib.crc32(contact_key.encode()) % partitions
 
 
 def produce_rows(
-    bootstrap: str, topic: str, batch: Iterator[Row], total: int, partitions: int
+    bootstrap: str,
+    app_id: str,
+    batch: Iterator[Row],
+    total: int,
+    partitions: int,
+    contacts: ContactRows | None = None,
 ) -> int:
-    """Write timer rows into a changelog, as the worker's table would; returns rows acked."""
+    """Write each row's timer into the worker's `timers` changelog and, with `contacts`, its
+    contact row into the `contacts` changelog, as the worker's tables would (timer row first,
+    both on the contact's partition); returns the records acknowledged."""
     producer = Producer(
         {
             "bootstrap.servers": bootstrap,
@@ -144,26 +280,34 @@ def produce_rows(
         else:
             failed.append(str(err))
 
-    progress = Progress(f"load {topic}", total, "rows acknowledged")
-    for row in batch:
-        key = timer_key(row.contact_key, row.instance_id)
-        value = timer_value(row.due_ms, row.timer_id)
-        partition = partition_of(row.contact_key, partitions)
+    def produce(topic: str, key: bytes, value: bytes, partition: int) -> None:
         while True:
             try:
                 producer.produce(
                     topic, value=value, key=key, partition=partition, on_delivery=on_delivery
                 )
-                break
+                return
             except BufferError:
                 producer.poll(0.05)
+
+    timers_topic, contacts_topic = changelog(app_id, "timers"), changelog(app_id, "contacts")
+    records = total * (2 if contacts else 1)
+    progress = Progress(f"load {app_id}", records, "records acknowledged")
+    for n, row in enumerate(batch):
+        partition = partition_of(row.contact_key, partitions)
+        key = timer_key(row.contact_key, row.instance_id)
+        produce(timers_topic, key, timer_value(row.due_ms, row.timer_id), partition)
+        if contacts is not None:
+            if n % 100_000 == 0:
+                contacts.check(row)
+            produce(contacts_topic, row.contact_key.encode(), contacts.value(row), partition)
         producer.poll(0)
         progress.tick(acked)
     while producer.flush(1.0) > 0:
         progress.tick(acked)
     progress.tick(acked, force=True)
     if failed:
-        raise RuntimeError(f"{len(failed)} rows not acknowledged, first: {failed[0]}")
+        raise RuntimeError(f"{len(failed)} records not acknowledged, first: {failed[0]}")
     return acked
 
 
@@ -195,16 +339,17 @@ def percentile(values: Sequence[float], p: float) -> float | None:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """The process's resident memory now, or with `VmHWM` its peak since it started."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
-def raw_read(bootstrap: str, topic: str, partitions: int) -> tuple[int, float]:
-    """Read a topic from the beginning to its current end; returns (records, seconds)."""
+def raw_read(bootstrap: str, topics: Sequence[str], partitions: int) -> tuple[int, float]:
+    """Read topics from the beginning to their current end; returns (records, seconds)."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -218,15 +363,17 @@ def raw_read(bootstrap: str, topic: str, partitions: int) -> tuple[int, float]:
     )
     try:
         ends = {}
-        for p in range(partitions):
-            low, high = consumer.get_watermark_offsets(KafkaPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
+        for topic in topics:
+            for p in range(partitions):
+                tp = KafkaPartition(topic, p)
+                low, high = consumer.get_watermark_offsets(tp, timeout=10)
+                if high > low:
+                    ends[(topic, p)] = high
         started = time.perf_counter()
-        consumer.assign([KafkaPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        consumer.assign([KafkaPartition(t, p, OFFSET_BEGINNING) for t, p in ends])
         records = 0
         pending = set(ends)
-        progress = Progress(f"raw read {topic}", sum(ends.values()), "records")
+        progress = Progress("raw read", sum(ends.values()), "records")
         while pending:
             for msg in consumer.consume(5000, 0.02):
                 error = msg.error()
@@ -235,9 +382,9 @@ def raw_read(bootstrap: str, topic: str, partitions: int) -> tuple[int, float]:
                         raise RuntimeError(f"raw read failed: {error}")
                     continue
                 records += 1
-                partition = int(msg.partition() or 0)
-                if (msg.offset() or 0) + 1 >= ends[partition]:
-                    pending.discard(partition)
+                tp = (str(msg.topic()), int(msg.partition() or 0))
+                if (msg.offset() or 0) + 1 >= ends[tp]:
+                    pending.discard(tp)
             progress.tick(records)
         return records, time.perf_counter() - started
     finally:
@@ -310,6 +457,8 @@ class Worker:
     log: Path
     process: subprocess.Popen[bytes] | None = None
     started_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # The last bulk restore line of the current run, if the worker logged one.
+    restored: dict[str, Any] | None = None
     _read: int = 0
 
     def start(self) -> None:
@@ -322,6 +471,7 @@ class Worker:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._read = self.log.stat().st_size if self.log.exists() else 0
         self.started_wall = datetime.now(UTC)
+        self.restored = None
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [stack.PYTHON, "-m", "services.orchestrator"],
@@ -360,6 +510,8 @@ class Worker:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.tail()}")
             for line in self.lines():
+                if line.get("event") == RESTORED:
+                    self.restored = line
                 if line.get("event") == RECOVERED:
                     if line.get("pending") == expected:
                         at = datetime.fromisoformat(line["timestamp"])
@@ -404,12 +556,16 @@ class SizeResult:
     raw_records: int = 0
     raw_seconds: float = 0.0
     cold_seconds: float = 0.0
+    cold_restore_seconds: float | None = None
     cold_rebuild_seconds: float = 0.0
     cold_rss: int = 0
+    cold_peak_rss: int = 0
     index_bytes: int = 0
     warm_seconds: float = 0.0
+    warm_restore_seconds: float | None = None
     warm_rebuild_seconds: float = 0.0
     warm_rss: int = 0
+    warm_peak_rss: int = 0
     slice_total: int = 0
     slice_fired: int = 0
     early: int = 0
@@ -417,28 +573,47 @@ class SizeResult:
     lateness: dict[str, list[float]] = field(default_factory=dict)
 
 
-def create_changelog(bootstrap: str, topic: str, partitions: int) -> None:
-    """The changelog as Faust declares it: compacted, one partition per source partition."""
+def restore_seconds(line: dict[str, Any] | None) -> float | None:
+    return float(line.get("seconds", 0.0)) if line is not None else None
+
+
+def seconds(value: float | None) -> str:
+    return f"{value:.2f}s" if value is not None else "-"
+
+
+def changelog(app_id: str, table: str) -> str:
+    """The changelog topic of a worker's table, as Faust names it."""
+    return f"{app_id}-{table}-changelog"
+
+
+def create_changelogs(bootstrap: str, app_id: str, partitions: int) -> None:
+    """The orchestrator's changelogs as Faust declares them: compacted, one partition per source
+    partition."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    new = NewTopic(topic, partitions, 1, config={"cleanup.policy": "compact"})
-    for future in admin.create_topics([new], operation_timeout=30).values():
+    new = [
+        NewTopic(changelog(app_id, table), partitions, 1, config={"cleanup.policy": "compact"})
+        for table in ("timers", "contacts")
+    ]
+    for future in admin.create_topics(new, operation_timeout=30).values():
         future.result()
 
 
 def run_size(bench: stack.Stack, args: argparse.Namespace, timers: int) -> SizeResult:
     result = SizeResult(timers)
     app_id = f"bench-timers-{timers}"
-    changelog = f"{app_id}-timers-changelog"
     rng = random.Random(args.seed + timers)
-    create_changelog(bench.bootstrap, changelog, args.partitions)
+    create_changelogs(bench.bootstrap, app_id, args.partitions)
 
     now = epoch_ms(datetime.now(UTC))
     day = 86_400_000
     if timers:
         bulk = rows(rng, f"c{timers}", timers, future_due(rng, now + day, now + 60 * day))
-        produce_rows(bench.bootstrap, changelog, bulk, timers, args.partitions)
+        contacts = ContactRows(from_epoch_ms(now))
+        produce_rows(bench.bootstrap, app_id, bulk, timers, args.partitions, contacts)
         result.raw_records, result.raw_seconds = raw_read(
-            bench.bootstrap, changelog, args.partitions
+            bench.bootstrap,
+            [changelog(app_id, "timers"), changelog(app_id, "contacts")],
+            args.partitions,
         )
         say(f"  raw read: {result.raw_records} records in {result.raw_seconds:.2f}s")
 
@@ -448,13 +623,16 @@ def run_size(bench: stack.Stack, args: argparse.Namespace, timers: int) -> SizeR
     try:
         line, result.cold_seconds = worker.wait_recovered(timers, args.timeout)
         result.cold_rebuild_seconds = float(line.get("seconds", 0.0))
+        result.cold_restore_seconds = restore_seconds(worker.restored)
         result.index_bytes = int(line.get("index_bytes", 0))
         settle_until = time.monotonic() + args.settle
         while time.monotonic() < settle_until:
             time.sleep(0.1)  # let the worker finish starting up before reading its memory
         result.cold_rss = rss_bytes(worker.pid)
+        result.cold_peak_rss = rss_bytes(worker.pid, "VmHWM")
         say(
-            f"  recovered {timers} timers in {result.cold_seconds:.2f}s (index rebuild "
+            f"  recovered {timers} timers in {result.cold_seconds:.2f}s (bulk restore "
+            f"{seconds(result.cold_restore_seconds)}, index rebuild "
             f"{result.cold_rebuild_seconds:.2f}s), RSS {result.cold_rss / 2**20:.0f} MiB"
         )
     finally:
@@ -476,7 +654,7 @@ def run_size(bench: stack.Stack, args: argparse.Namespace, timers: int) -> SizeR
     )
     kinds = {r.instance_id: "spread" for r in spread} | {r.instance_id: "burst" for r in burst}
     result.slice_total = len(kinds)
-    produce_rows(bench.bootstrap, changelog, iter(spread + burst), len(kinds), args.partitions)
+    produce_rows(bench.bootstrap, app_id, iter(spread + burst), len(kinds), args.partitions)
 
     fired = FiredTimers(bench.bootstrap, args.partitions, set(kinds))
     fired.start()
@@ -489,10 +667,13 @@ def run_size(bench: stack.Stack, args: argparse.Namespace, timers: int) -> SizeR
         line, result.warm_seconds = worker.wait_recovered(timers + len(kinds), args.timeout)
         recovered_at = worker.started_wall + timedelta(seconds=result.warm_seconds)
         result.warm_rebuild_seconds = float(line.get("seconds", 0.0))
+        result.warm_restore_seconds = restore_seconds(worker.restored)
         result.warm_rss = rss_bytes(worker.pid)
+        result.warm_peak_rss = rss_bytes(worker.pid, "VmHWM")
         say(
             f"  recovered {timers + len(kinds)} timers in {result.warm_seconds:.2f}s "
-            f"(index rebuild {result.warm_rebuild_seconds:.2f}s), "
+            f"(bulk restore {seconds(result.warm_restore_seconds)}, "
+            f"index rebuild {result.warm_rebuild_seconds:.2f}s), "
             f"RSS {result.warm_rss / 2**20:.0f} MiB"
         )
         last_due = max((r.due_ms for r in spread + burst), default=due0)
@@ -638,7 +819,10 @@ def ratio(value: float, base: float) -> str:
 
 
 def report(base: SizeResult, results: Sequence[SizeResult], s12: RestartResult) -> None:
-    say("recovery: worker start to `timers_recovered`, against a raw read of the same changelog")
+    say(
+        "recovery: worker start to `timers_recovered`, against a raw read of the same "
+        "changelogs (timers and contacts)"
+    )
     rows_: list[list[str]] = [
         [
             "timers",
@@ -647,13 +831,17 @@ def report(base: SizeResult, results: Sequence[SizeResult], s12: RestartResult) 
             "vs raw",
             "cold - empty s",
             "vs raw",
+            "restore s",
+            "vs raw",
             "rebuild s",
             "warm start s",
+            "restore s",
             "rebuild s",
         ]
     ]
     for r in [base, *results]:
         work = r.cold_seconds - base.cold_seconds
+        restore = r.cold_restore_seconds
         rows_.append(
             [
                 f"{r.timers:,}",
@@ -662,16 +850,32 @@ def report(base: SizeResult, results: Sequence[SizeResult], s12: RestartResult) 
                 ratio(r.cold_seconds, r.raw_seconds) if r.timers else "-",
                 f"{work:.2f}" if r.timers else "-",
                 ratio(work, r.raw_seconds) if r.timers else "-",
+                f"{restore:.2f}" if restore is not None else "-",
+                ratio(restore, r.raw_seconds) if r.timers and restore is not None else "-",
                 f"{r.cold_rebuild_seconds:.3f}",
                 f"{r.warm_seconds:.2f}",
+                f"{r.warm_restore_seconds:.2f}" if r.warm_restore_seconds is not None else "-",
                 f"{r.warm_rebuild_seconds:.3f}",
             ]
         )
     table(rows_)
     print(flush=True)
-    say("memory: worker RSS once recovered, against the worker with 0 timers")
+    say(
+        "memory: worker RSS once recovered, against the worker with 0 timers; "
+        "peak: the highest RSS before that (VmHWM)"
+    )
     rows_ = [
-        ["timers", "cold MiB", "vs empty", "bytes/timer", "warm MiB", "bytes/timer", "index b/t"]
+        [
+            "timers",
+            "cold MiB",
+            "vs empty",
+            "bytes/timer",
+            "cold peak MiB",
+            "warm MiB",
+            "bytes/timer",
+            "warm peak MiB",
+            "index b/t",
+        ]
     ]
     for r in [base, *results]:
         cold, warm = r.cold_rss - base.cold_rss, r.warm_rss - base.warm_rss
@@ -681,8 +885,10 @@ def report(base: SizeResult, results: Sequence[SizeResult], s12: RestartResult) 
                 f"{r.cold_rss / 2**20:.0f}",
                 ratio(r.cold_rss, base.cold_rss),
                 f"{cold / r.timers:.0f}" if r.timers else "-",
+                f"{r.cold_peak_rss / 2**20:.0f}",
                 f"{r.warm_rss / 2**20:.0f}",
                 f"{warm / r.timers:.0f}" if r.timers else "-",
+                f"{r.warm_peak_rss / 2**20:.0f}",
                 f"{r.index_bytes / r.timers:.0f}" if r.timers else "-",
             ]
         )
@@ -802,6 +1008,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     if not status:
         say("every slice timer fired")
+    largest = max(results, key=lambda r: r.timers)
+    print(
+        f"RESULT timers={largest.timers} cold_recovery_s={largest.cold_seconds:.2f} "
+        f"warm_recovery_s={largest.warm_seconds:.2f} rss_mb={largest.cold_rss / 2**20:.0f}",
+        flush=True,
+    )
     return status
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import heapq
 import struct
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from datetime import UTC, datetime, timedelta
 
 import structlog
+from faust.stores.base import SerializedStore
 
 from services.orchestrator.domain.state import CancelTimer, ScheduleTimer
 from shared.contracts import TimerFired
@@ -181,23 +182,44 @@ class TimerStore:
         """Index every row of the table; returns how many. Run after each recovery.
 
         A Faust table iterates only the partitions this worker owns. The scan holds the event
-        loop (about 2.5 us a row): Faust's Kafka consumer runs in its own thread and keeps
-        heartbeating, and rebalances, which run on the loop, cannot change the table under it.
-        Unanswered fired timers keep their re-arm time instead of firing again at once.
+        loop (about 2.5 us a row, see `stored_rows`): Faust's Kafka consumer runs in its own
+        thread and keeps heartbeating, and rebalances, which run on the loop, cannot change the
+        table under it. Unanswered fired timers keep their re-arm time instead of firing again.
         """
         self._heap = []  # let the old index go before the new one is built
         fired = self._fired
         still_fired: dict[bytes, tuple[bytes, int]] = {}
-        heap: list[bytes] = []
-        for key, value in self._table.items():
-            armed = fired.get(key)
-            if armed is None:
-                heap.append(value[:8] + key)
-            else:
-                heap.append(armed[0])
-                still_fired[key] = armed
+        rows = stored_rows(self._table)
+        if not fired:
+            heap = [value[:8] + key for key, value in rows]
+        else:
+            heap = []
+            for key, value in rows:
+                armed = fired.get(key)
+                if armed is None:
+                    heap.append(value[:8] + key)
+                else:
+                    heap.append(armed[0])
+                    still_fired[key] = armed
         heapq.heapify(heap)
         self._heap = heap
         self._fired = still_fired
         self._live = len(heap)
         return self._live
+
+
+def stored_rows(table: MutableMapping[bytes, bytes]) -> Iterable[tuple[bytes, bytes]]:
+    """The table's rows as stored. A Faust table's `items()` passes every key and value through
+    its serializer registry, which returns these raw bytes unchanged at five times the cost of
+    the RocksDB scan itself; its store's undecoded scan yields the same pairs, over the same
+    (active) partitions."""
+    store = getattr(table, "data", None)
+    if (
+        isinstance(store, SerializedStore)
+        and store.key_type is bytes
+        and store.value_type is bytes
+        and store.key_serializer == "raw"
+        and store.value_serializer == "raw"
+    ):
+        return store._iteritems()
+    return table.items()
