@@ -97,7 +97,9 @@ def test_every_acknowledged_event_is_on_the_topic_exactly_once(stack: Any) -> No
     on_topic: Counter[str] = Counter()
     keys_match = True
     for key, value in read_topic(stack.bootstrap, EVENTS.name):
-        record = json.loads(value or b"{}")
+        if value is None or run.encode() not in value:
+            continue  # other tests' records (some deliberately undecodable poison)
+        record = json.loads(value)
         if str(record.get("messageId", "")).startswith(run):
             on_topic[record["messageId"]] += 1
             keys_match = keys_match and key == record["userId"]

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from services.segmenter.adapters.members import MemberIndex
@@ -77,10 +77,18 @@ class Tables(dict[bytes, bytes]):
     crash_on_write = False
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
+        self._crash_if_told()
+        super().__setitem__(key, value)
+
+    def pop(self, key: bytes, default: Any = None) -> Any:
+        self._crash_if_told()
+        return super().pop(key, default)
+
+    @staticmethod
+    def _crash_if_told() -> None:
         if Tables.crash_on_write:
             Tables.crash_on_write = False
             raise Crash("before the rows are stored")
-        super().__setitem__(key, value)
 
 
 class Fixed:
@@ -183,6 +191,7 @@ def test_any_batch_boundaries_give_what_one_record_at_a_time_gives(
     cuts=st.lists(st.integers(0, 30)),
     at=st.integers(0, 30),
 )
+@example(steps=[("ada", "view", 0), ("ada", "view", 1), ("ada", "forget", 0)], cuts=[1], at=1)
 def test_a_crash_between_the_steps_of_a_batch_loses_nothing(
     where: str, steps: list[tuple[str, str, int]], cuts: list[int], at: int
 ) -> None:
