@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import shutil
 import signal
@@ -32,7 +33,7 @@ from pymongo import ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from shared.docstore import bulk_write_unordered, connect
+from shared.docstore import STATEMENTS_PER_COMMAND, bulk_write_unordered, connect
 from shared.settings import CommonSettings
 from tests.conftest import PORT_OFFSET, TEST_HOME, local_stack
 
@@ -100,10 +101,11 @@ class Soak:
     reads: int = 0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def call(self, what: str, operation: Awaitable[Any]) -> Any:
-        """One client call; a call that outlives its deadline by far is recorded as hung."""
+    async def call(self, what: str, operation: Awaitable[Any], commands: int = 1) -> Any:
+        """One client call of `commands` store commands, each with its own deadline; a call that
+        outlives them by far is recorded as hung."""
         try:
-            return await asyncio.wait_for(operation, HUNG)
+            return await asyncio.wait_for(operation, HUNG + (commands - 1) * DEADLINE)
         except TimeoutError:
             self.hung.append(what)
             raise
@@ -161,7 +163,8 @@ async def _bulk_upserter(db: AsyncDatabase[dict[str, Any]], soak: Soak) -> None:
         keys = [f"bulk{r}-{i}" for i in range(BULK_UPSERTS)]
         writes = [ReplaceOne({"_id": k}, {"w": -1, "round": r}, upsert=True) for k in keys]
         try:
-            await soak.call("bulk upsert", bulk_write_unordered(db.writes, writes))
+            commands = math.ceil(len(writes) / STATEMENTS_PER_COMMAND)
+            await soak.call("bulk upsert", bulk_write_unordered(db.writes, writes), commands)
             soak.acked.update(keys)
         except (PyMongoError, TimeoutError):
             soak.failures += 1
