@@ -1,6 +1,6 @@
 """Kafka helpers on confluent-kafka: an awaitable idempotent producer, a consumer loop, topic admin.
 
-Faust workers (segmenter, orchestrator) use their own client; everything else uses these.
+Every service uses these; the stream workers (segmenter, orchestrator) through `shared.streams`.
 """
 
 from __future__ import annotations
@@ -99,15 +99,8 @@ class AsyncProducer:
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             loop.call_soon_threadsafe(_settle, future, err)
 
-        extra: dict[str, Any] = {} if partition is None else {"partition": partition}
         try:
-            self._producer.produce(
-                topic,
-                value=value,
-                key=key.encode() if key is not None else None,
-                on_delivery=on_delivery,
-                **extra,
-            )
+            self._enqueue(topic, _encoded(key), value, partition, on_delivery)
         except BufferError as exc:
             raise ProducerBusy(str(exc)) from exc
         return future
@@ -122,38 +115,69 @@ class AsyncProducer:
         event loop is woken once, when the last one arrives (a failure is raised then). A full
         local queue is waited out while the broker acknowledges, not failed at once.
         """
+        await self._send(((topic, None, _encoded(key), value) for topic, key, value in records))
+
+    async def send_to_partitions(
+        self, records: Iterable[tuple[str, int, bytes, bytes | None]]
+    ) -> dict[tuple[str, int], int]:
+        """Like `send_all`, for records addressed to a partition each (topic, partition, key,
+        value): returns the highest offset acknowledged per topic partition."""
+        offsets: dict[tuple[str, int], int] = {}
+        await self._send(records, offsets)
+        return offsets
+
+    async def _send(
+        self,
+        records: Iterable[tuple[str, int | None, bytes | None, bytes | None]],
+        offsets: dict[tuple[str, int], int] | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
         tally = _Tally()
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if offsets is not None and err is None:
+                where = (str(msg.topic()), int(msg.partition() or 0))
+                offsets[where] = max(offsets.get(where, -1), int(msg.offset() or 0))
             if tally.report(err):
                 loop.call_soon_threadsafe(_settle, finished, tally.error)
 
         produced = 0
-        for topic, key, value in records:
-            await self._produce_waiting(topic, key, value, on_delivery)
+        for topic, partition, key, value in records:
+            await self._enqueue_waiting(topic, key, value, partition, on_delivery)
             produced += 1
         if tally.expect(produced):
             _settle(finished, tally.error)
         await finished
 
-    async def _produce_waiting(
+    def _enqueue(
         self,
         topic: str,
-        key: str | None,
+        key: bytes | None,
         value: bytes | None,
+        partition: int | None,
         on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> None:
+        if partition is None:
+            self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+        else:
+            self._producer.produce(
+                topic, value=value, key=key, partition=partition, on_delivery=on_delivery
+            )
+
+    async def _enqueue_waiting(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        on_delivery: Callable[[KafkaError | None, Message], None],
+    ) -> None:
+        """Queue one record, waiting (up to QUEUE_FULL_WAIT_SECONDS) while the queue is full."""
         deadline: float | None = None
         while True:
             try:
-                self._producer.produce(
-                    topic,
-                    value=value,
-                    key=key.encode() if key is not None else None,
-                    on_delivery=on_delivery,
-                )
+                self._enqueue(topic, key, value, partition, on_delivery)
                 return
             except BufferError as exc:
                 now = time.monotonic()
@@ -194,6 +218,10 @@ class _Tally:
         with self._lock:
             self._expected = produced
             return self._reported == produced
+
+
+def _encoded(key: str | None) -> bytes | None:
+    return key.encode() if key is not None else None
 
 
 def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:

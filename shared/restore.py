@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -141,9 +141,11 @@ def restore(
     read_committed: bool = False,
     window: int = WINDOW,
     idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+    partitions: Collection[int] | None = None,
 ) -> Restored:
-    """Bring every partition database of `stores` up to the end of its changelog, reading with a
-    consumer of its own that joins no group and commits nothing."""
+    """Bring the partition databases of `stores` (those numbered in `partitions`, else all) up
+    to the end of their changelogs, reading with a consumer of its own that joins no group and
+    commits nothing."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -166,7 +168,9 @@ def restore(
         }
     )
     try:
-        return restore_from(consumer, stores, window=window, idle_timeout=idle_timeout)
+        return restore_from(
+            consumer, stores, window=window, idle_timeout=idle_timeout, partitions=partitions
+        )
     finally:
         consumer.close()
         release_freed_memory()
@@ -189,6 +193,7 @@ def restore_from(
     *,
     window: int = WINDOW,
     idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+    partitions: Collection[int] | None = None,
 ) -> Restored:
     """The restore over a given consumer, `window` partitions at a time: a partition's database
     is opened, and the partition assigned, when it enters the window, and closed at its end.
@@ -210,6 +215,7 @@ def restore_from(
             .topics[store.changelog]
             .partitions
         )
+        if partitions is None or partition in partitions
     )
     active: dict[tuple[str, int], PartitionWriter] = {}
     try:

@@ -8,24 +8,28 @@ from services.orchestrator.app import Orchestrator
 from services.orchestrator.settings import OrchestratorSettings
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
-from shared.faust_app import build_faust_app, run_worker
 from shared.kafka import AsyncProducer, prepare_topics
 from shared.logs import configure_logging
+from shared.streams import StreamWorker, run_stream_worker
 
 
 def main() -> None:
     settings = OrchestratorSettings()
     configure_logging("orchestrator", settings.log_level, settings.log_format)
-    prepare_topics(settings)
     clock = SystemClock()
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="orchestrator")
     catalog = DefinitionsCatalog(settings.kafka_bootstrap)
-    catalog.start()
     audience_progress = AudienceProgress(settings.kafka_bootstrap)
-    audience_progress.start()
-    app = build_faust_app(settings.app_id, settings, data_dir=settings.data_dir / "orchestrator")
+    worker = StreamWorker(
+        settings.app_id,
+        settings,
+        producer,
+        data_dir=settings.data_dir / "orchestrator",
+        batch_max_records=settings.batch_max_records,
+        batch_max_seconds=settings.batch_max_ms / 1000,
+    )
     Orchestrator(
-        app,
+        worker,
         settings,
         clock,
         catalog,
@@ -33,8 +37,11 @@ def main() -> None:
         DeadLetters(producer, "orchestrator", clock),
         audience_progress,
     )
+    prepare_topics(settings, worker.changelogs())
+    catalog.start()
+    audience_progress.start()
     try:
-        run_worker(app, settings)
+        run_stream_worker(worker)
     finally:
         audience_progress.stop()
         catalog.stop()

@@ -7,15 +7,12 @@ segmenter's per-contact clock and forgets contacts, in order with the contact's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from datetime import timedelta
 from functools import partial
 from typing import Protocol
 
-import faust
 import structlog
-from faust.exceptions import ConsumerNotStarted
-from faust.types import TP
 
 from services.orchestrator.adapters.audience_schedule import AudienceSchedule, Progress
 from services.orchestrator.adapters.definitions import CatalogSource, DefinitionsCatalog
@@ -41,9 +38,9 @@ from shared.batching import Overlay
 from shared.clock import Clock
 from shared.contracts import ContactEvent, SegmentTimerRequest, TimerFired, WebhookResult
 from shared.deadletter import DeadLetters, failure_reason, through_outages
-from shared.faust_batches import Focus, record_batches
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
 from shared.profiles import CONTACT_FORGOTTEN
+from shared.streams import StreamWorker, focus
 from shared.topics import (
     CONTACT_COMMANDS,
     CONTACT_EVENTS,
@@ -65,6 +62,7 @@ class Publisher(Protocol):
 
 
 CONTACTS, TIMERS_TABLE = "contacts", "timers"
+Focus = Callable[[int], None]
 
 
 class Journeys:
@@ -75,8 +73,8 @@ class Journeys:
     and acknowledged once; then timer rows are stored, then contact rows, then webhook calls
     start. A stimulus that fails on its own is dead-lettered and leaves nothing in the batch; a
     batch whose publish fails for another reason than an outage is folded again one stimulus
-    at a time. `contacts` and the timers' table are any mutable mappings of bytes: Faust tables
-    in the worker, dicts in tests.
+    at a time. `contacts` and the timers' table are any mutable mappings of bytes: the worker's
+    tables (addressed by the stimulus's partition through `focus`), dicts in tests.
     """
 
     def __init__(
@@ -267,13 +265,13 @@ class Journeys:
 
 
 class Orchestrator:
-    """Wires the shell to Faust: one agent over contact events, timers, webhook answers and
-    segment timer requests (so one contact's stimuli apply in order), the timer ticker and the
-    audience schedule's ticker."""
+    """Wires the shell to its stream worker: one processor over contact events, timers, webhook
+    answers and segment timer requests (so one contact's stimuli apply in order), the timer
+    ticker and the audience schedule's ticker."""
 
     def __init__(
         self,
-        app: faust.App,
+        worker: StreamWorker,
         settings: OrchestratorSettings,
         clock: Clock,
         catalog: DefinitionsCatalog,
@@ -281,30 +279,18 @@ class Orchestrator:
         dead_letters: DeadLetters,
         audience_progress: Progress,
     ) -> None:
-        self.app = app
+        self.worker = worker
         self.clock = clock
         self.producer = producer
         self.dead_letters = dead_letters
         # One compact row per waiting instance, on the same partitions as the contact's row.
         self.timers = TimerStore(
-            app.Table(
-                "timers",
-                partitions=settings.topic_partitions,
-                key_type=bytes,
-                value_type=bytes,
-                on_recover=self._rebuild_timer_index,
-            ),
+            worker.table(TIMERS_TABLE),
             refire_after=timedelta(seconds=settings.timer_refire_seconds),
             refire_max=timedelta(seconds=settings.timer_refire_max_seconds),
         )
-        contacts = app.Table(
-            "contacts",
-            partitions=settings.topic_partitions,
-            key_type=bytes,
-            value_type=bytes,
-        )
         self.journeys = Journeys(
-            contacts,
+            worker.table(CONTACTS),
             self.timers,
             catalog,
             producer,
@@ -312,19 +298,13 @@ class Orchestrator:
             Webhooks(producer, clock),
             dead_letters,
         )
-        self.batch_max = settings.batch_max_records
-        self.batch_seconds = settings.batch_max_ms / 1000
         self.timer_fire_batch = settings.timer_fire_batch
-        source = app.topic(
-            CONTACT_EVENTS.name,
-            TIMERS.name,
-            WEBHOOK_RESULTS.name,
-            SEGMENT_TIMERS.name,
-            key_serializer="raw",
-            value_serializer="raw",
+        worker.consume(
+            [CONTACT_EVENTS.name, TIMERS.name, WEBHOOK_RESULTS.name, SEGMENT_TIMERS.name],
+            self._process,
         )
-        app.agent(source, name="journeys")(self._process)
-        app.timer(interval=settings.timer_tick_seconds)(self._fire_due_timers)
+        worker.on_assigned(self._rebuild_timer_index)
+        worker.every(settings.timer_tick_seconds, self._fire_due_timers)
         self.audience_schedule = AudienceSchedule(
             catalog=catalog,
             progress=audience_progress,
@@ -333,19 +313,14 @@ class Orchestrator:
             partitions=settings.topic_partitions,
             owns_schedule=self._owns_schedule,
         )
-        app.timer(interval=settings.audience_tick_seconds)(self.audience_schedule.tick)
+        worker.every(settings.audience_tick_seconds, self.audience_schedule.tick)
 
-    async def _process(self, stream: faust.StreamT[bytes]) -> None:
-        async for records, focus in record_batches(stream, self.batch_max, self.batch_seconds):
-            await self.journeys.process(records, focus)
+    async def _process(self, records: list[Record]) -> None:
+        await self.journeys.process(records, focus)
 
     def _owns_schedule(self) -> bool:
         """Whether this worker holds partition 0 of the contact events: the schedule's owner."""
-        try:
-            assigned = self.app.consumer.assignment()
-        except ConsumerNotStarted:
-            return False
-        return TP(CONTACT_EVENTS.name, 0) in assigned
+        return 0 in self.worker.owned()
 
     async def _fire_due_timers(self) -> None:
         # Fired entries are re-armed, not dropped (see adapters/timers.py), so this loop ends, and
@@ -359,7 +334,7 @@ class Orchestrator:
         except (DeliveryFailed, ProducerBusy) as exc:
             log.warning("orchestrator.timers_publish_failed", error=str(exc))
 
-    async def _rebuild_timer_index(self) -> None:
+    def _rebuild_timer_index(self, _owned: frozenset[int]) -> None:
         started = self.clock.now()
         pending = self.timers.rebuild()
         log.info(

@@ -20,5 +20,5 @@ class OrchestratorSettings(CommonSettings):
     audience_tick_seconds: float = Field(default=1.0, gt=0)
     # A batch is up to this many stimuli, or what arrived within this many milliseconds: its
     # outputs are acknowledged once, then its rows stored, then its offsets committed.
-    batch_max_records: int = 1
+    batch_max_records: int = 500
     batch_max_ms: float = 20.0

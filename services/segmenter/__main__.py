@@ -18,9 +18,9 @@ from services.segmenter.settings import SegmenterSettings
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
 from shared.docstore import connect, database
-from shared.faust_app import build_faust_app, run_worker
 from shared.kafka import AsyncProducer, prepare_topics
 from shared.logs import configure_logging
+from shared.streams import StreamWorker, run_stream_worker
 
 log = structlog.get_logger(__name__)
 # How long the profile view waits before it starts again after a failure.
@@ -30,19 +30,26 @@ PROFILE_VIEW_RESTART_SECONDS = 5.0
 def main() -> None:
     settings = SegmenterSettings()
     configure_logging("segmenter", settings.log_level, settings.log_format)
-    prepare_topics(settings)
     clock = SystemClock()
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="segmenter")
     definitions = LiveDefinitions(settings.kafka_bootstrap)
-    definitions.start()
-    app = build_faust_app(settings.app_id, settings, data_dir=settings.data_dir / "segmenter")
+    worker = StreamWorker(
+        settings.app_id,
+        settings,
+        producer,
+        data_dir=settings.data_dir / "segmenter",
+        batch_max_records=settings.batch_max_records,
+        batch_max_seconds=settings.batch_max_ms / 1000,
+    )
     dead_letters = DeadLetters(producer, "segmenter", clock)
-    Segmenter(app, settings, clock, producer, dead_letters, definitions)
+    Segmenter(worker, settings, clock, producer, dead_letters, definitions)
 
     def relations_kept() -> timedelta:
         return longest_within(definitions.current().object_triggers) or timedelta(0)
 
-    RelationIndex(app, settings, producer, dead_letters, clock, relations_kept)
+    RelationIndex(worker, producer, dead_letters, clock, relations_kept)
+    prepare_topics(settings, worker.changelogs())
+    definitions.start()
     stop_view = threading.Event()
     view = threading.Thread(
         target=asyncio.run, args=(profile_view(settings, stop_view),), name="profile-view"
@@ -50,7 +57,7 @@ def main() -> None:
     view.daemon = True  # never holds the process up once the worker has stopped
     view.start()
     try:
-        run_worker(app, settings)
+        run_stream_worker(worker)
     finally:
         stop_view.set()
         view.join(timeout=5)

@@ -1,6 +1,6 @@
 """Segmenter shell: the single writer of every contact's profile, aggregates and memberships.
 
-One agent reads events, contact commands and audience requests, so one contact's changes apply
+One processor reads events, contact commands and audience requests, so one contact's changes apply
 in order. For each it loads the contact's row, lets `domain.contact` decide, publishes what
 changed (contact events, the profile, a segment timer request, relation records), and only then
 stores the row: a crash repeats work, which the de-duplication by message id absorbs, and never
@@ -15,12 +15,10 @@ anonymous events are forwarded to the known contact. Each contact still lives on
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Protocol
 
-import faust
 import structlog
-from faust.types import TableT
 
 from services.segmenter.adapters.definitions import LiveDefinitions
 from services.segmenter.adapters.members import MemberIndex, membership_row, read_membership
@@ -45,11 +43,11 @@ from shared.contracts import (
     SegmentTimerRequest,
 )
 from shared.deadletter import DeadLetters, failure_reason, through_outages
-from shared.faust_batches import Focus, record_batches
 from shared.ids import stable_id
 from shared.journeys import AUDIENCE_SELECTED
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
 from shared.profiles import CONTACT_FORGOTTEN, announce
+from shared.streams import StreamWorker, focus
 from shared.system_events import forged
 from shared.topics import (
     AUDIENCE_REQUESTS,
@@ -70,6 +68,7 @@ AUDIENCE_ROUND = 1000
 _ALIAS = b"alias:"
 _FORGOTTEN = b"forgotten:"
 CONTACTS, MEMBERSHIPS, LINKS = "contacts", "memberships", "links"
+Focus = Callable[[int], None]
 
 
 class DefinitionsSource(Protocol):
@@ -79,13 +78,14 @@ class DefinitionsSource(Protocol):
 class Contacts:
     """Folds batches of records into the contacts' rows: decide, publish, then store.
 
-    `tables` are the three tables by name (`contacts`, `memberships`, `links`): Faust tables in
-    the worker, dicts in tests. A batch is folded in offset order against an `Overlay` (a later
-    record of a contact sees the earlier one's result); every output is produced without a
-    wait per record, acknowledged once for the batch, and only then are the rows stored (and
-    the caller commits). A record that fails on its own is dead-lettered and leaves nothing in
-    the batch. A batch whose publish fails for a reason other than an outage is folded again
-    one record at a time, so only the record at fault is dead-lettered.
+    `tables` are the three tables by name (`contacts`, `memberships`, `links`): the worker's
+    tables (addressed by the record's partition through `focus`), dicts in tests. A batch is
+    folded in offset order against an `Overlay` (a later record of a contact sees the earlier
+    one's result); every output is produced without a wait per record, acknowledged once for
+    the batch, and only then are the rows stored (and the caller commits). A record that fails
+    on its own is dead-lettered and leaves nothing in the batch. A batch whose publish fails
+    for a reason other than an outage is folded again one record at a time, so only the record
+    at fault is dead-lettered.
     """
 
     def __init__(
@@ -434,66 +434,48 @@ class Contacts:
 
 
 class Segmenter:
-    """Wires `Contacts` to Faust: tables `contacts`, `memberships` and `links`, one agent taking
-    batches, and the timers that publish counts and start backfills."""
+    """Wires `Contacts` to its stream worker: tables `contacts`, `memberships` and `links`, one
+    processor taking batches, and the jobs that publish counts and start backfills."""
 
     def __init__(
         self,
-        app: faust.App,
+        worker: StreamWorker,
         settings: SegmenterSettings,
         clock: Clock,
         producer: AsyncProducer,
         dead_letters: DeadLetters,
         definitions: LiveDefinitions,
     ) -> None:
-        self.app = app
+        self.worker = worker
         self.clock = clock
         self.producer = producer
         self.definitions = definitions
-        self.partitions = settings.topic_partitions
-        self.batch_max = settings.batch_max_records
-        self.batch_seconds = settings.batch_max_ms / 1000
         self.index = MemberIndex()
         self._ready = False
         self._backfilled = ""
-
-        def table(
-            name: str, on_recover: Callable[[], Awaitable[None]] | None = None
-        ) -> TableT[bytes, bytes]:
-            return app.Table(
-                name,
-                partitions=settings.topic_partitions,
-                key_type=bytes,
-                value_type=bytes,
-                on_recover=on_recover,
-            )
-
-        self.memberships = table(MEMBERSHIPS, self._recovered)
+        self.memberships = worker.table(MEMBERSHIPS)
         # `alias:<anonymous key>` -> the known contact; `forgotten:<sha256>` -> when erased.
-        tables = {CONTACTS: table(CONTACTS), MEMBERSHIPS: self.memberships, LINKS: table(LINKS)}
+        tables = {
+            CONTACTS: worker.table(CONTACTS),
+            MEMBERSHIPS: self.memberships,
+            LINKS: worker.table(LINKS),
+        }
         self.contacts = Contacts(tables, producer, dead_letters, definitions, clock, self.index)
-        source = app.topic(
-            EVENTS.name,
-            CONTACT_COMMANDS.name,
-            AUDIENCE_REQUESTS.name,
-            key_serializer="raw",
-            value_serializer="raw",
-        )
-        app.agent(source, name="contacts")(self._process)
-        app.timer(interval=settings.count_interval_seconds)(self._publish_counts)
-        app.timer(interval=settings.backfill_check_seconds)(self._backfill)
+        worker.consume([EVENTS.name, CONTACT_COMMANDS.name, AUDIENCE_REQUESTS.name], self._process)
+        worker.on_assigned(self._recovered)
+        worker.every(settings.count_interval_seconds, self._publish_counts)
+        worker.every(settings.backfill_check_seconds, self._backfill)
 
-    async def _process(self, stream: faust.StreamT[bytes]) -> None:
-        async for records, focus in record_batches(stream, self.batch_max, self.batch_seconds):
-            await self.contacts.process(records, focus)
+    async def _process(self, records: list[Record]) -> None:
+        await self.contacts.process(records, focus)
 
     # --- background work -------------------------------------------------------------------
 
-    async def _recovered(self) -> None:
-        """After every recovery: recount from the memberships table, republish every count."""
+    def _recovered(self, owned: frozenset[int]) -> None:
+        """After every change of the assignment: recount from the memberships table, republish
+        every count."""
         started = self.clock.now()
-        owned = self._owned_partitions()
-        rows = self.index.rebuild(self.memberships.items(), owned)
+        rows = self.index.rebuild(self.memberships.rows(), owned)
         self.index.announce(self.definitions.current().segment_ids, owned)
         self._ready = True
         self._backfilled = ""
@@ -503,10 +485,6 @@ class Segmenter:
             partitions=sorted(owned),
             seconds=round((self.clock.now() - started).total_seconds(), 3),
         )
-
-    def _owned_partitions(self) -> set[int]:
-        assignment = self.app.consumer.assignment()
-        return {tp.partition for tp in assignment if tp.topic == EVENTS.name}
 
     async def _publish_counts(self) -> None:
         if not self._ready:
@@ -531,11 +509,11 @@ class Segmenter:
         if not self._ready or defs.digest == self._backfilled:
             return
         self._backfilled = defs.digest
-        self.index.announce(defs.segment_ids, self._owned_partitions())
+        self.index.announce(defs.segment_ids, self.worker.owned())
         now = self.clock.now()
         stale: Records = []
         sent = 0
-        for raw_key, value in list(self.memberships.items()):
+        for raw_key, value in list(self.memberships.rows()):
             _partition, digest, _segments = read_membership(value)
             if digest == defs.digest:
                 continue

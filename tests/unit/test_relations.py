@@ -4,8 +4,7 @@ entry, the copies of an object event, and the Faust shell run over dict-backed f
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from shared.clock import ManualClock
 from shared.contracts import DeadLetter, Event, ObjectRelation
 from shared.deadletter import DeadLetters
 from shared.journeys import ObjectEventTrigger, Relation
-from shared.settings import CommonSettings
+from shared.kafka import Record
 from shared.topics import DEAD_LETTER, EVENTS, OBJECT_RELATIONS
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
@@ -369,25 +368,19 @@ def test_copies_never_feed_the_index() -> None:
 # --- the Faust shell over fakes ---------------------------------------------------------------
 
 
-class FakeApp:
-    """What RelationIndex uses of a Faust app: a table (a dict here), a topic and an agent."""
+class FakeWorker:
+    """What RelationIndex uses of a stream worker: a table (a dict here) and a processor."""
 
     def __init__(self) -> None:
         self.tables: dict[str, dict[bytes, bytes]] = {}
-        self.agents: dict[str, Callable[..., Any]] = {}
+        self.processors: dict[str, Callable[[list[Record]], Any]] = {}
 
-    def Table(self, name: str, **_options: Any) -> dict[bytes, bytes]:  # Faust names it so
+    def table(self, name: str) -> dict[bytes, bytes]:
         return self.tables.setdefault(name, {})
 
-    def topic(self, *names: str, **_options: Any) -> tuple[str, ...]:
-        return names
-
-    def agent(self, _channel: Any, *, name: str) -> Callable[[Callable[..., Any]], Any]:
-        def register(fn: Callable[..., Any]) -> Any:
-            self.agents[name] = fn
-            return fn
-
-        return register
+    def consume(self, topics: list[str], process: Callable[[list[Record]], Any]) -> None:
+        for topic in topics:
+            self.processors[topic] = process
 
 
 class FakeProducer:
@@ -405,11 +398,10 @@ class FakeProducer:
 
 def index_of(
     *, keep: timedelta = 30 * DAY, shards: int = 8, batch: int = 2, max_contacts: int = 1000
-) -> tuple[RelationIndex, FakeApp, FakeProducer, ManualClock]:
-    app, producer, clock = FakeApp(), FakeProducer(), ManualClock(T0)
+) -> tuple[RelationIndex, FakeWorker, FakeProducer, ManualClock]:
+    app, producer, clock = FakeWorker(), FakeProducer(), ManualClock(T0)
     index = RelationIndex(
         app,  # type: ignore[arg-type]
-        CommonSettings(),
         producer,  # type: ignore[arg-type]
         DeadLetters(producer, "segmenter", clock),  # type: ignore[arg-type]
         clock,
@@ -427,7 +419,7 @@ def related(contact: str, at: datetime, key: str = VIEWED_P7) -> ObjectRelation:
 
 async def test_the_index_fans_an_object_event_out_to_related_contacts_in_batches() -> None:
     index, app, producer, clock = index_of(batch=2)
-    assert "object-index" in app.agents
+    assert OBJECT_RELATIONS.name in app.processors
     for contact in ["eve", "ada", "cyd", "bob", "dee"]:
         await index.handle(related(contact, T0))
     await index.handle(related("old", T0 - 40 * DAY))
@@ -485,40 +477,21 @@ async def test_an_entry_is_capped_to_the_newest_contacts() -> None:
     assert sorted(json.loads(row)) == ["bob", "cyd", "dee"]
 
 
-@dataclass
-class FakeMessage:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-
-
-@dataclass
-class FakeStreamEvent:
-    message: FakeMessage
-    value: bytes
-
-
-class FakeStream:
-    """A Faust stream of raw records, as the agent reads it."""
-
-    def __init__(self, *values: bytes) -> None:
-        self.values = values
-
-    async def events(self) -> AsyncIterator[FakeStreamEvent]:
-        for offset, value in enumerate(self.values):
-            message = FakeMessage(OBJECT_RELATIONS.name, 0, offset, VIEWED_P7.encode())
-            yield FakeStreamEvent(message, value)
-
-
 async def test_undecodable_and_incomplete_records_go_to_dead_letters() -> None:
     _index, app, producer, _clock = index_of()
     incomplete = ObjectRelation(kind="fan_out", object_key=VIEWED_P7, at=T0)
-    stream = FakeStream(
-        b"not json", incomplete.to_wire(), related("ada", T0).to_wire(), b'{"kind": "other"}'
-    )
+    values = [
+        b"not json",
+        incomplete.to_wire(),
+        related("ada", T0).to_wire(),
+        b'{"kind": "other"}',
+    ]
+    records = [
+        Record(OBJECT_RELATIONS.name, 0, offset, VIEWED_P7, value)
+        for offset, value in enumerate(values)
+    ]
 
-    await app.agents["object-index"](stream)
+    await app.processors[OBJECT_RELATIONS.name](records)
 
     letters = [
         DeadLetter.model_validate_json(v or b"") for b in producer.batches for _t, _k, v in b

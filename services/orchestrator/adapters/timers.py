@@ -1,6 +1,6 @@
 """Durable orchestrator timers: one compact table row per waiting instance, and a due-time index.
 
-The table (Faust `timers`, RocksDB restored from its changelog, co-partitioned with `contacts`) is
+The table (`timers`, RocksDB restored from its changelog, co-partitioned with `contacts`) is
 the truth. The in-memory heap is only an index over it, rebuilt from the table after every
 recovery; see docs/timers.md for the costs and what happens on crashes and partition moves.
 """
@@ -14,10 +14,10 @@ from collections.abc import Iterable, MutableMapping
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from faust.stores.base import SerializedStore
 
 from services.orchestrator.domain.state import CancelTimer, ScheduleTimer
 from shared.contracts import TimerFired
+from shared.streams import Table
 
 log = structlog.get_logger(__name__)
 
@@ -64,8 +64,8 @@ def timer_fired(key: bytes, value: bytes, now: datetime) -> TimerFired:
 class TimerStore:
     """The waiting instances' timers on this worker's partitions.
 
-    `table` is any mutable mapping of bytes to bytes: the Faust table in the worker, a dict in
-    tests. Writes happen only in `apply` (called from the agent, as Faust requires); firing reads.
+    `table` is any mutable mapping of bytes to bytes: the worker's table, a dict in
+    tests. Writes happen only in `apply` (called while a record is handled); firing reads.
 
     The index is a heap of `due + key` byte strings with lazy deletion: an entry is checked
     against the table when it reaches the top, and dropped if its instance was cancelled or now
@@ -181,10 +181,10 @@ class TimerStore:
     def rebuild(self) -> int:
         """Index every row of the table; returns how many. Run after each recovery.
 
-        A Faust table iterates only the partitions this worker owns. The scan holds the event
-        loop (about 2.5 us a row, see `stored_rows`): Faust's Kafka consumer runs in its own
-        thread and keeps heartbeating, and rebalances, which run on the loop, cannot change the
-        table under it. Unanswered fired timers keep their re-arm time instead of firing again.
+        A worker's table iterates only the partitions this worker owns. The scan holds the event
+        loop (under 1 us a row): the consumer heartbeats on its own thread, and rebalances are
+        applied by the loop between batches, so they cannot change the table under it.
+        Unanswered fired timers keep their re-arm time instead of firing again.
         """
         self._heap = []  # let the old index go before the new one is built
         fired = self._fired
@@ -209,17 +209,8 @@ class TimerStore:
 
 
 def stored_rows(table: MutableMapping[bytes, bytes]) -> Iterable[tuple[bytes, bytes]]:
-    """The table's rows as stored. A Faust table's `items()` passes every key and value through
-    its serializer registry, which returns these raw bytes unchanged at five times the cost of
-    the RocksDB scan itself; its store's undecoded scan yields the same pairs, over the same
-    (active) partitions."""
-    store = getattr(table, "data", None)
-    if (
-        isinstance(store, SerializedStore)
-        and store.key_type is bytes
-        and store.value_type is bytes
-        and store.key_serializer == "raw"
-        and store.value_serializer == "raw"
-    ):
-        return store._iteritems()
+    """The table's rows as stored: a worker's table scans its partitions' databases undecoded;
+    any other mapping (a dict in tests) gives its items."""
+    if isinstance(table, Table):
+        return table.rows()
     return table.items()

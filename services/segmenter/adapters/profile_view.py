@@ -1,7 +1,7 @@
 """Materialises the compacted profiles topic into the document store's `profiles` collection, so
 the admin can look a contact up and sample a segment's members without asking the workers.
 
-The segmenter process runs it next to its Faust worker, on a thread and event loop of its own
+The segmenter process runs it next to its stream worker, on a thread and event loop of its own
 (`services/segmenter/__main__.py`), and stops it on shutdown:
 
     view = ProfileView(settings, database(connect(settings, "waypost-profile-view"), settings))

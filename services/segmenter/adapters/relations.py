@@ -2,8 +2,8 @@
 events out to the related contacts as copies on the events topic.
 
 Records on the object-relations topic are keyed by object, so one agent sees an object's
-relations and fan-outs in order, and its table rows live on that record's partition (Faust
-writes a table change to the changelog partition of the record being processed).
+relations and fan-outs in order, and its table rows live on that record's partition (a table
+change goes to the changelog partition of the record being handled).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-import faust
 import structlog
 
 from services.segmenter.domain.relations import (
@@ -28,10 +27,9 @@ from shared.clock import Clock
 from shared.contracts import Event, ObjectRelation
 from shared.deadletter import DeadLetters
 from shared.durations import parse_duration
-from shared.faust_app import record_of
 from shared.ids import stable_id
-from shared.kafka import AsyncProducer
-from shared.settings import CommonSettings
+from shared.kafka import AsyncProducer, Record
+from shared.streams import StreamWorker, focus
 from shared.topics import EVENTS, OBJECT_RELATIONS
 
 log = structlog.get_logger(__name__)
@@ -44,7 +42,7 @@ FAN_OUT_BATCH = 1_000
 
 
 class RelationIndex:
-    """The `relations` table (object key and shard -> JSON entry) and one agent over the
+    """The `relations` table (object key and shard -> JSON entry) and the processor of the
     object-relations topic: `related` records are added to the entry, `fan_out` records send one
     copy of the object event per related contact to the events topic, keyed by that contact.
 
@@ -62,8 +60,7 @@ class RelationIndex:
 
     def __init__(
         self,
-        app: faust.App,
-        settings: CommonSettings,
+        worker: StreamWorker,
         producer: AsyncProducer,
         dead_letters: DeadLetters,
         clock: Clock,
@@ -80,24 +77,19 @@ class RelationIndex:
         self.shards = shards
         self.row_cap = max(1, -(-max_contacts // shards))
         self.batch = batch
-        self.relations = app.Table(
-            "relations",
-            partitions=settings.topic_partitions,
-            key_type=bytes,
-            value_type=bytes,
-        )
-        source = app.topic(OBJECT_RELATIONS.name, key_serializer="raw", value_serializer="raw")
-        app.agent(source, name="object-index")(self._process)
+        self.relations = worker.table("relations")
+        worker.consume([OBJECT_RELATIONS.name], self.process)
 
-    async def _process(self, stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            record = record_of(event)
+    async def process(self, records: list[Record]) -> None:
+        """Apply records one at a time, in order (a fan-out waits for its copies' acks)."""
+        for record in records:
+            focus(record.partition)
             await self.dead_letters.guard(
                 record, lambda value=record.value: self.handle(_decode(value)), "relations"
             )
 
     async def handle(self, relation: ObjectRelation) -> None:
-        """Apply one record; must run inside the agent, where table writes are allowed."""
+        """Apply one record; runs while the record is handled (its partition in focus)."""
         if relation.kind == "related" and relation.contact_key:
             self.relate(relation.object_key, relation.contact_key, relation.at)
         elif relation.kind == "fan_out" and relation.event is not None and relation.within:

@@ -1,0 +1,559 @@
+"""A stream worker on confluent-kafka and RocksDB: batches, tables and partitions that move.
+
+The segmenter and the orchestrator run on this. A worker joins its consumer group on its input
+topics (all keyed by contact, all with the same partition count) with the range assignor, so
+partition `p` of every input topic and of every table lands on the same worker. Per batch of
+records it:
+
+1. hands each processor its records (a processor folds them, produces its outputs and waits
+   for their acknowledgement, then writes its tables);
+2. produces every table write of the batch to the table's compacted changelog, coalesced per
+   key, and waits once for the acknowledgements;
+3. applies the writes to the partitions' RocksDB databases, each write batch carrying the
+   offset of the changelog it reaches;
+4. commits the input offsets past the batch.
+
+A crash anywhere repeats the batch from its first record, never skips one (consumers
+de-duplicate by the ids outputs carry). Offsets are committed only by this loop, only past
+handled records, and synchronously when partitions are revoked. A partition assigned to the
+worker is restored from its changelog to the end (in bulk, `shared.restore`) before any of its
+records is handled; records fetched before a rebalance are dropped unless the worker still owns
+their partition, and a record is never handled twice by one owner (`Positions`).
+
+Tables address the partition of the record being handled: `focus(partition)` sets it for the
+running task (a context variable, so periodic jobs on the same event loop are not affected).
+Outside a record (a periodic job), a read looks in every owned partition. docs/stream-processing.md
+has the design, its guarantees and the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, WriteBatch
+
+from shared.deadletter import through_outages
+from shared.kafka import AsyncProducer, Record
+from shared.restore import OFFSET_KEY, TableStore, encode_offset, restore
+from shared.settings import CommonSettings
+from shared.topics import Topic
+
+log = structlog.get_logger(__name__)
+
+_PARTITION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "waypost_table_partition", default=None
+)
+# How long a restore that could not finish (the broker gone) waits before it tries again.
+RESTORE_RETRY_SECONDS = 2.0
+# A block cache shared by every table database of the process.
+_BLOCK_CACHE_BYTES = 128 * 2**20
+_block_cache: Cache | None = None
+
+
+def focus(partition: int | None) -> None:
+    """Make `partition` the one tables read and write in the running task (None: none)."""
+    _PARTITION.set(partition)
+
+
+def focused() -> int | None:
+    return _PARTITION.get()
+
+
+class NotOwned(KeyError):
+    """A table was addressed in a partition this worker does not hold."""
+
+
+def table_options() -> Options:
+    """RocksDB options of every table database: raw bytes, bloom filters for the misses most
+    reads are, 64 MiB write buffers, one block cache for the process."""
+    global _block_cache
+    if _block_cache is None:
+        _block_cache = Cache(_BLOCK_CACHE_BYTES)
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.set_write_buffer_size(64 * 2**20)
+    options.set_max_write_buffer_number(3)
+    options.set_target_file_size_base(64 * 2**20)
+    blocks = BlockBasedOptions()
+    blocks.set_bloom_filter(10, False)
+    blocks.set_block_cache(_block_cache)
+    options.set_block_based_table_factory(blocks)
+    return options
+
+
+class Table(MutableMapping[bytes, bytes]):
+    """A table of bytes split by partition: one RocksDB database per owned partition, backed by
+    a compacted changelog topic. Writes are staged per partition until the worker has produced
+    them to the changelog; reads see the staged writes first."""
+
+    def __init__(self, name: str, changelog: str, folder: Path) -> None:
+        self.name = name
+        self.changelog = changelog
+        self.folder = folder
+        self._dbs: dict[int, Rdict] = {}
+        self._staged: dict[int, dict[bytes, bytes | None]] = {}
+
+    # --- where partitions live --------------------------------------------------------------
+
+    def path_of(self, partition: int) -> Path:
+        return self.folder / f"{self.name}-{partition}.db"
+
+    def store(self) -> TableStore:
+        return TableStore(changelog=self.changelog, path_of=self.path_of, options=table_options)
+
+    def open(self, partition: int) -> None:
+        if partition not in self._dbs:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._dbs[partition] = Rdict(
+                str(self.path_of(partition)),
+                options=table_options(),
+                access_type=AccessType.read_write(),
+            )
+
+    def close(self, partition: int) -> None:
+        self._staged.pop(partition, None)
+        db = self._dbs.pop(partition, None)
+        if db is not None:
+            db.close()
+
+    @property
+    def partitions(self) -> frozenset[int]:
+        return frozenset(self._dbs)
+
+    # --- the mapping ------------------------------------------------------------------------
+
+    def _db(self, partition: int) -> Rdict:
+        db = self._dbs.get(partition)
+        if db is None:
+            raise NotOwned(f"table {self.name}: partition {partition} is not held here")
+        return db
+
+    def _read(self, partition: int, key: bytes) -> bytes | None:
+        staged = self._staged.get(partition)
+        if staged is not None and key in staged:
+            return staged[key]
+        value: bytes | None = self._db(partition).get(key)
+        return value
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        partition = _PARTITION.get()
+        if partition is not None:
+            value = self._read(partition, key)
+            return default if value is None else value
+        for held in list(self._dbs):
+            value = self._read(held, key)
+            if value is not None:
+                return value
+        return default
+
+    def __getitem__(self, key: bytes) -> bytes:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        result: bytes = value
+        return result
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self.get(key) is not None
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self._stage(key, value)
+
+    def __delitem__(self, key: bytes) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._stage(key, None)
+
+    def _stage(self, key: bytes, value: bytes | None) -> None:
+        partition = _PARTITION.get()
+        if partition is None:
+            raise NotOwned(f"table {self.name}: a write outside a record's partition")
+        self._db(partition)
+        self._staged.setdefault(partition, {})[key] = value
+
+    def rows(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every stored row of the owned partitions, undecoded (staged writes not included)."""
+        for partition in sorted(self._dbs):
+            for key, value in self._dbs[partition].items():
+                if key != OFFSET_KEY:
+                    yield key, value  # type: ignore[misc]  # raw mode: bytes, whatever the stubs say
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (key for key, _value in self.rows())
+
+    def __len__(self) -> int:
+        return sum(1 for _row in self.rows())
+
+    # --- what the worker stores -------------------------------------------------------------
+
+    def staged(self) -> Iterator[tuple[int, bytes, bytes | None]]:
+        for partition, writes in self._staged.items():
+            for key, value in writes.items():
+                yield partition, key, value
+
+    def apply(self, partition: int, through: int | None) -> None:
+        """Write the partition's staged writes, with `through`, the changelog offset they reach."""
+        writes = self._staged.pop(partition, None)
+        if not writes:
+            return
+        batch = WriteBatch(raw_mode=True)
+        for key, value in writes.items():
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        if through is not None:
+            batch.put(OFFSET_KEY, encode_offset(through))
+        self._db(partition).write(batch)
+
+    def discard_staged(self) -> None:
+        self._staged.clear()
+
+
+Process = Callable[[list[Record]], Awaitable[None]]
+Hook = Callable[[frozenset[int]], None]
+Job = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Positions:
+    """The next offset this owner handles per topic partition. Records below it were handled
+    (they come again when fetched before a rebalance and once more after it) and are dropped."""
+
+    next: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def start(self, topic: str, partition: int, committed: int) -> None:
+        if committed >= 0:
+            self.next[(topic, partition)] = committed
+        else:
+            self.next.pop((topic, partition), None)
+
+    def forget(self, topic: str, partition: int) -> None:
+        self.next.pop((topic, partition), None)
+
+    def fresh(self, record: Record) -> bool:
+        return record.offset >= self.next.get((record.topic, record.partition), -1)
+
+    def handled(self, records: list[Record]) -> dict[tuple[str, int], int]:
+        """Advance past `records`; returns the offsets to commit (next offset per partition)."""
+        moved: dict[tuple[str, int], int] = {}
+        for record in records:
+            where = (record.topic, record.partition)
+            moved[where] = max(moved.get(where, 0), record.offset + 1)
+        self.next.update(moved)
+        return moved
+
+
+class StreamWorker:
+    """One worker of a stream service: its consumer group, tables, processors, periodic jobs.
+
+    Declare tables (`table`), processors (`consume`), hooks run after every change of the
+    assignment once the tables are restored (`on_assigned`), and periodic jobs (`every`, run
+    only while the worker holds a settled assignment); then `run` until `stop` is set.
+    """
+
+    def __init__(
+        self,
+        app_id: str,
+        settings: CommonSettings,
+        producer: AsyncProducer,
+        *,
+        data_dir: Path,
+        batch_max_records: int,
+        batch_max_seconds: float,
+    ) -> None:
+        self.app_id = app_id
+        self.settings = settings
+        self.producer = producer
+        self.folder = data_dir / "v1" / "tables"
+        self.batch_max_records = max(1, batch_max_records)
+        self.batch_max_seconds = batch_max_seconds
+        self.tables: dict[str, Table] = {}
+        self._processors: dict[str, Process] = {}
+        self._hooks: list[Hook] = []
+        self._jobs: list[tuple[float, Job]] = []
+        self._assigned: set[tuple[str, int]] = set()
+        self._owned: frozenset[int] = frozenset()
+        self._changes: list[tuple[str, list[tuple[str, int]]]] = []
+        self._positions = Positions()
+        self._ready = False
+        self._consumer: Consumer | None = None
+
+    # --- declaring --------------------------------------------------------------------------
+
+    def table(self, name: str) -> Table:
+        table = Table(name, f"{self.app_id}-{name}-changelog", self.folder)
+        self.tables[name] = table
+        return table
+
+    def changelogs(self) -> list[Topic]:
+        return [
+            Topic(table.changelog, f"changelog of the {name} table", compacted=True)
+            for name, table in self.tables.items()
+        ]
+
+    def consume(self, topics: list[str], process: Process) -> None:
+        """`process` gets each batch's records of `topics`, in offset order per partition."""
+        for topic in topics:
+            self._processors[topic] = process
+
+    def on_assigned(self, hook: Hook) -> None:
+        self._hooks.append(hook)
+
+    def every(self, seconds: float, job: Job) -> None:
+        self._jobs.append((seconds, job))
+
+    # --- state ------------------------------------------------------------------------------
+
+    def owned(self) -> frozenset[int]:
+        """The partition numbers this worker holds (the same for every input topic)."""
+        return self._owned
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap,
+                "group.id": self.app_id,
+                "client.id": self.app_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                # Partition p of every input topic on one worker, with table partition p.
+                "partition.assignment.strategy": "range",
+                # A killed worker's partitions move after 10 s rather than Kafka's 45 s.
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 2_000,
+                # A restore of a large table happens between two polls.
+                "max.poll.interval.ms": 900_000,
+            }
+        )
+        self._consumer = consumer
+        consumer.subscribe(
+            sorted(self._processors),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        jobs = [asyncio.create_task(self._every(seconds, job)) for seconds, job in self._jobs]
+        try:
+            while not stop.is_set():
+                messages = await asyncio.to_thread(
+                    consumer.consume, self.batch_max_records, self.batch_max_seconds
+                )
+                if self._changes:
+                    await self._settle(consumer)
+                records = self._records(messages)
+                if records:
+                    await self._handle(consumer, records)
+        finally:
+            for job in jobs:
+                job.cancel()
+            self._ready = False
+            try:
+                consumer.close()  # leaves the group: the partitions move at once
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("stream.close_failed", error=str(exc))
+            for table in self.tables.values():
+                for partition in table.partitions:
+                    table.close(partition)
+
+    def _records(self, messages: list[Message]) -> list[Record]:
+        records = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("stream.consume_error", error=str(error))
+                continue
+            topic, partition = str(message.topic()), int(message.partition() or 0)
+            if (topic, partition) not in self._assigned:
+                continue  # fetched before its partition was revoked
+            key = message.key()
+            record = Record(
+                topic=topic,
+                partition=partition,
+                offset=int(message.offset() or 0),
+                key=key.decode() if key is not None else None,
+                value=message.value() or b"",
+            )
+            if self._positions.fresh(record):
+                records.append(record)
+        return records
+
+    async def _handle(self, consumer: Consumer, records: list[Record]) -> None:
+        by_processor: dict[int, tuple[Process, list[Record]]] = {}
+        for record in records:
+            process = self._processors[record.topic]
+            by_processor.setdefault(id(process), (process, []))[1].append(record)
+        try:
+            for process, mine in by_processor.values():
+                await process(mine)
+                focus(None)
+            await through_outages(self._store, what=self.app_id)
+        except BaseException:
+            for table in self.tables.values():
+                table.discard_staged()
+            raise
+        offsets = self._positions.handled(records)
+        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            consumer.commit(offsets=partitions, asynchronous=True)
+        except KafkaException as exc:  # no longer assigned: the next owner repeats the batch
+            log.warning("stream.commit_failed", error=str(exc))
+
+    async def _store(self) -> None:
+        """Every staged write to its changelog (one wait), then into the databases."""
+        staged = [
+            (table, partition, key, value)
+            for table in self.tables.values()
+            for partition, key, value in table.staged()
+        ]
+        if not staged:
+            return
+        reached = await self.producer.send_to_partitions(
+            (table.changelog, partition, key, value) for table, partition, key, value in staged
+        )
+        for table in self.tables.values():
+            for partition in {p for t, p, _k, _v in staged if t is table}:
+                table.apply(partition, reached.get((table.changelog, partition)))
+
+    # --- partitions that move ---------------------------------------------------------------
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._changes.append(("assign", [(str(tp.topic), int(tp.partition)) for tp in partitions]))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Called inside `consume`, between batches: what was handled is committed before the
+        partitions go, so the next owner starts right after it."""
+        self._ready = False
+        gone = [(str(tp.topic), int(tp.partition)) for tp in partitions]
+        handled = [
+            TopicPartition(topic, partition, self._positions.next[(topic, partition)])
+            for topic, partition in gone
+            if (topic, partition) in self._positions.next
+        ]
+        if handled:
+            try:
+                consumer.commit(offsets=handled, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("stream.commit_on_revoke_failed", error=str(exc))
+        self._changes.append(("revoke", gone))
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._ready = False
+        self._changes.append(("revoke", [(str(tp.topic), int(tp.partition)) for tp in partitions]))
+
+    async def _settle(self, consumer: Consumer) -> None:
+        """Apply the assignment changes seen in the last poll: close what was revoked, restore
+        and open what was assigned, start each new partition at its committed offset, run the
+        hooks."""
+        started = time.perf_counter()
+        changes, self._changes = self._changes, []
+        interrupted: set[int] = set()
+        added: set[tuple[str, int]] = set()
+        for kind, partitions in changes:
+            if kind == "assign":
+                self._assigned.update(partitions)
+                added.update(partitions)
+            else:
+                self._assigned.difference_update(partitions)
+                added.difference_update(partitions)
+                interrupted.update(p for _t, p in partitions)
+                for topic, partition in partitions:
+                    self._positions.forget(topic, partition)
+        owned = frozenset(p for _t, p in self._assigned)
+        by_topic: dict[str, set[int]] = {}
+        for topic, partition in self._assigned:
+            by_topic.setdefault(topic, set()).add(partition)
+        if any(held != owned for held in by_topic.values()):
+            log.error(
+                "stream.not_copartitioned", assignment={t: sorted(p) for t, p in by_topic.items()}
+            )
+        for table in self.tables.values():
+            for partition in table.partitions:
+                if partition in interrupted or partition not in owned:
+                    table.close(partition)
+        fresh = sorted(p for p in owned if any(p not in t.partitions for t in self.tables.values()))
+        if fresh:
+            await self._restore(fresh)
+            for table in self.tables.values():
+                for partition in fresh:
+                    table.open(partition)
+        if added:
+            tps = [TopicPartition(t, p) for t, p in sorted(added)]
+            committed = await asyncio.to_thread(consumer.committed, tps, 30.0)
+            for tp in committed:
+                self._positions.start(str(tp.topic), int(tp.partition), int(tp.offset))
+        self._owned = owned
+        for hook in self._hooks:
+            hook(owned)
+        self._ready = bool(owned)
+        log.info(
+            "stream.assigned",
+            partitions=sorted(owned),
+            restored=fresh,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+    async def _restore(self, partitions: list[int]) -> None:
+        """The tables' partitions up to the end of their changelogs, however long the broker
+        takes: a partition is never handled on a partial table."""
+        stores = [table.store() for table in self.tables.values()]
+        while True:
+            done = await asyncio.to_thread(
+                restore,
+                self.settings.kafka_bootstrap,
+                stores,
+                client_id=f"{self.app_id}-restore",
+                partitions=partitions,
+            )
+            log.info(
+                "stream.tables_restored",
+                partitions=partitions,
+                read=done.partitions,
+                records=done.records,
+                megabytes=round(done.bytes / 2**20, 1),
+                seconds=round(done.seconds, 3),
+                complete=done.complete,
+                locked=done.locked,
+            )
+            if done.complete and not done.locked:
+                return
+            await asyncio.sleep(RESTORE_RETRY_SECONDS)
+
+    async def _every(self, seconds: float, job: Job) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            if not self._ready:
+                continue
+            try:
+                await job()
+            except Exception:
+                log.exception("stream.job_failed", job=getattr(job, "__qualname__", repr(job)))
+
+
+def run_stream_worker(worker: StreamWorker) -> None:
+    """Run `worker` until SIGTERM or SIGINT; the current batch finishes first."""
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await worker.run(stop)
+
+    asyncio.run(main())
