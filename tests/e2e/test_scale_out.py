@@ -1,14 +1,9 @@
 """Scale-out on the real stack: two workers of the segmenter and of the orchestrator share the
 partitions; one of each is SIGKILLed mid-stream. Its partitions move to the survivor, counts end
-exact, nothing is lost, and every journey step sends one message.
-
-Today it fails: faust-streaming loses records in hand during the rebalance (see
-docs/stream-processing.md). It runs only with WAYPOST_SCALE_OUT=1 until the stream shells leave
-that behaviour behind."""
+exact, nothing is lost, and every journey step sends one message (docs/stream-processing.md)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
@@ -20,15 +15,7 @@ from confluent_kafka.admin import AdminClient
 from tests.e2e.helpers import outbox, post, publish_journey, unique, wait_drained, wait_for
 from tests.e2e.test_segmenter import counts, profiles, publish_segments, wait_count
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.chaos,
-    pytest.mark.skipif(
-        os.environ.get("WAYPOST_SCALE_OUT") != "1",
-        reason="reproduces records lost when partitions move under faust-streaming "
-        "(docs/stream-processing.md); run with WAYPOST_SCALE_OUT=1",
-    ),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 
 WELCOME = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "s02-welcome.yaml"
 SHOPPERS = 80
