@@ -271,8 +271,8 @@ def ensure_topics(
     """Create missing topics from the registry and return once the broker's metadata lists
     every one with its partitions; returns the names created. Idempotent.
 
-    A consumer that starts before a new topic shows up in metadata sees it as missing (Faust
-    then refuses the table's records), so creation alone is not enough: we wait for metadata.
+    A consumer that starts before a new topic shows up in metadata sees it as missing (and a
+    table's changelog write fails), so creation alone is not enough: we wait for metadata.
     """
     admin = admin_client(bootstrap)
     expected = {t.name: 1 if t.single_partition else partitions for t in topics}

@@ -1,0 +1,73 @@
+"""A minimal stream worker for the end-to-end tests of `shared.streams`, run as a process:
+`python -m tests.e2e.stream_worker APP_ID INPUT OUTPUT` with `WAYPOST_*` settings.
+
+It counts records per key in a table, the way the services' shells work: decide against the
+stored row, publish and wait for the acknowledgement, then write the row. A row keeps the count
+and the offset of the last record counted, so a batch repeated after a crash is not counted
+twice; a record whose value is `forget` deletes the key's row. Each counted record is published
+on OUTPUT as `{"key", "offset", "count"}`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from shared.kafka import AsyncProducer, Record, prepare_topics
+from shared.logs import configure_logging
+from shared.settings import CommonSettings
+from shared.streams import StreamWorker, focus, run_stream_worker
+
+
+def main(app_id: str, source: str, output: str) -> None:
+    settings = CommonSettings()
+    configure_logging("stream-worker", settings.log_level, settings.log_format)
+    producer = AsyncProducer(settings.kafka_bootstrap, client_id=app_id)
+    worker = StreamWorker(
+        app_id,
+        settings,
+        producer,
+        data_dir=settings.data_dir,
+        batch_max_records=200,
+        batch_max_seconds=0.02,
+    )
+    counts = worker.table("counts")
+
+    async def process(records: list[Record]) -> None:
+        rows: dict[tuple[int, bytes], dict[str, int] | None] = {}
+        outputs = []
+        for record in records:
+            focus(record.partition)
+            key = (record.key or "").encode()
+            slot = (record.partition, key)
+            if slot not in rows:
+                stored = counts.get(key)
+                rows[slot] = json.loads(stored) if stored else None
+            row = rows[slot]
+            if row is not None and record.offset <= row["last"]:
+                continue  # counted before a crash
+            if record.value == b"forget":
+                rows[slot] = None
+                continue
+            count = (row["count"] if row else 0) + 1
+            rows[slot] = {"count": count, "last": record.offset}
+            value = {"key": record.key, "offset": record.offset, "count": count}
+            outputs.append((output, record.key, json.dumps(value).encode()))
+        await producer.send_all(outputs)
+        for (partition, key), row in rows.items():
+            focus(partition)
+            if row is None:
+                counts.pop(key, None)
+            else:
+                counts[key] = json.dumps(row).encode()
+
+    worker.consume([source], process)
+    prepare_topics(settings, worker.changelogs())
+    try:
+        run_stream_worker(worker)
+    finally:
+        producer.close()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
