@@ -13,12 +13,12 @@ for 0 timers (the baseline) and then each requested size N, runs one orchestrato
 2. raw read (the baseline for recovery): a raw confluent-kafka consumer reads both changelogs to
    their end.
 3. cold start: the worker starts with an empty data folder (a new machine, or a partition move),
-   restores both tables (the bulk restore of `shared/restore.py`, then Faust's own recovery of
-   whatever is left) and rebuilds its index. Measured: start to the log line
-   `orchestrator.timers_recovered`, the bulk restore's own time (its log line), and the worker's
-   RSS (VmRSS) once recovered and its peak before (VmHWM). RSS minus the RSS of the 0-timer
-   worker, divided by N, is what a waiting instance costs the whole worker (index and RocksDB's
-   memtables); the index's own size is logged by the worker.
+   restores both tables when its partitions are assigned (the bulk restore of
+   `shared/restore.py`, in `shared/streams.py`) and rebuilds its index. Measured: start to the
+   log line `orchestrator.timers_recovered`, the bulk restore's own time (its log line), and the
+   worker's RSS (VmRSS) once recovered and its peak before (VmHWM). RSS minus the RSS of the
+   0-timer worker, divided by N, is what a waiting instance costs the whole worker (index and
+   RocksDB's memtables); the index's own size is logged by the worker.
 4. warm restart and firing: the worker is stopped (SIGTERM), a slice of timers due a few seconds
    after it will have recovered is added to the timers changelog (some spread over a window, some
    all due at the same millisecond; timer rows only, so they fire as stray rows), and the worker
@@ -99,7 +99,7 @@ PORTS = stack.Ports(
 )
 PROGRESS_EVERY = 2.0  # seconds between progress lines
 RECOVERED = "orchestrator.timers_recovered"
-RESTORED = "worker.tables_restored"  # the bulk restore before Faust starts (shared/restore.py)
+RESTORED = "stream.tables_restored"  # the bulk restore on assignment (shared/streams.py)
 
 
 def say(message: str) -> None:
@@ -582,13 +582,13 @@ def seconds(value: float | None) -> str:
 
 
 def changelog(app_id: str, table: str) -> str:
-    """The changelog topic of a worker's table, as Faust names it."""
+    """The changelog topic of a worker's table, as `shared.streams.StreamWorker` names it."""
     return f"{app_id}-{table}-changelog"
 
 
 def create_changelogs(bootstrap: str, app_id: str, partitions: int) -> None:
-    """The orchestrator's changelogs as Faust declares them: compacted, one partition per source
-    partition."""
+    """The orchestrator's changelogs as the worker declares them: compacted, one partition per
+    source partition."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     new = [
         NewTopic(changelog(app_id, table), partitions, 1, config={"cleanup.policy": "compact"})

@@ -34,11 +34,6 @@ log = structlog.get_logger(__name__)
 
 # Longest pause between two tries during an outage.
 OUTAGE_BACKOFF_MAX_SECONDS = 10.0
-# Faust's "the table's changelog is not (yet) in metadata" check, by name: shared code does
-# not import the stream framework for one exception class.
-_INFRASTRUCTURE_NAMES = frozenset(
-    {"PartitionsMismatch", "KafkaTimeoutError", "KafkaConnectionError"}
-)
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -54,9 +49,7 @@ def is_outage(exc: BaseException) -> bool:
         or exc.has_error_label("TransientTransactionError")
     ):
         return True
-    if isinstance(exc, PyMongoError) and exc.timeout:
-        return True
-    return type(exc).__name__ in _INFRASTRUCTURE_NAMES
+    return isinstance(exc, PyMongoError) and exc.timeout
 
 
 def _log_outage(what: str, record: Record | None) -> Callable[[RetryCallState], None]:

@@ -1,10 +1,10 @@
-"""Bulk restore of a stream worker's RocksDB tables from their changelogs, before Faust starts.
+"""Bulk restore of a stream worker's RocksDB tables from their changelogs.
 
-Faust restores a table one changelog record at a time (about 11,000 a second). This reads every
-partition of each table's changelog with one plain consumer, from the offset its local database
-already holds to the end, and writes the records in RocksDB write batches that carry the offset
-Faust keeps in the same database. Faust then finds its tables current and reads only the tail.
-docs/stream-processing.md ("Recovery") has the design and the figures.
+`shared.streams` calls it for the partitions a worker is assigned, before it handles any of
+their records. It reads each partition of each table's changelog with one plain consumer, from
+the offset its local database already holds to the end, and writes the records in RocksDB write
+batches that carry that offset in the same database. docs/stream-processing.md ("Recovery") has
+the design and the figures.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 log = structlog.get_logger(__name__)
 
-# Where Faust's RocksDB store keeps, in each partition's database, the offset of the last
-# changelog record applied there: ASCII decimal under this key (faust/stores/rocksdb.py).
+# Where each partition's database keeps the offset of the last changelog record applied there:
+# ASCII decimal under this key (the key Faust used, so databases written before stay valid).
 OFFSET_KEY = b"__faust\x00offset__"
 # Records taken from the consumer per call; each call ends with one write batch per partition.
 CONSUME_BATCH = 20_000
@@ -33,14 +33,14 @@ CONSUME_BATCH = 20_000
 CONSUME_WAIT_SECONDS = 0.05
 # Partitions restored at once (see `restore_from`).
 WINDOW = 2
-# A restore that receives nothing for this long stops; Faust then restores the rest itself.
+# A restore that receives nothing for this long stops; the worker tries again later.
 IDLE_TIMEOUT_SECONDS = 30.0
 # Broker answers the restore waits for before it starts reading (metadata, watermarks).
 REQUEST_TIMEOUT_SECONDS = 10.0
 
 
 def persisted_offset(raw: bytes | None) -> int | None:
-    """The offset a partition's database holds records up to, as Faust stored it."""
+    """The offset a partition's database holds records up to."""
     return int(raw) if raw is not None else None
 
 
@@ -52,15 +52,15 @@ def start_offset(persisted: int | None, low: int, high: int) -> int | None:
     """The first changelog offset to read for a database that holds records up to `persisted`
     (None: nothing yet), given the partition's low and high watermarks. None when there is
     nothing to read, also when the database claims offsets the topic does not have (a recreated
-    topic): that is Faust's to report, so the database is left as it is."""
+    topic): the database is left as it is."""
     start = low if persisted is None else max(persisted + 1, low)
     return start if start < high else None
 
 
 @dataclass(frozen=True)
 class TableStore:
-    """A table's changelog topic, where Faust keeps each of its partitions on disk, and how it
-    opens them (its RocksDB options and access type)."""
+    """A table's changelog topic, where each of its partitions lives on disk, and how it is
+    opened (RocksDB options and access type)."""
 
     changelog: str
     path_of: Callable[[int], Path]
@@ -89,7 +89,7 @@ class PartitionWriter:
 
     Every batch carries the offset of its last record under `OFFSET_KEY`, so whenever the
     restore stops (a crash, the broker gone) the database is a prefix of the changelog that says
-    how far it goes, exactly what Faust's own recovery leaves and resumes from.
+    how far it goes, which the next restore resumes from.
     """
 
     def __init__(self, topic: str, db: Rdict) -> None:
@@ -203,7 +203,7 @@ def restore_from(
     contacts and their timers (12 partitions, 1.4 GB): all partitions at once peaked at 860-930
     MiB of RSS, four at a time at 730-760 MiB, two at 510 MiB, one at 430-440 MiB; two were as
     fast as all at once (19-21 s against 20-23 s), one took 29-30 s. Should reading stall (the
-    broker gone), the restore stops and Faust does the rest.
+    broker gone), the restore stops and says so (`complete` False).
     """
     started = time.perf_counter()
     result = Restored()
@@ -249,7 +249,7 @@ def _enter(
     except Exception as exc:  # rocksdict raises bare Exceptions
         if "lock" not in str(exc).lower():
             raise
-        result.locked.append(path.name)  # Faust waits for the lock, then recovers it itself
+        result.locked.append(path.name)  # the caller tries again once the holder let go
         return
     writer = PartitionWriter(store.changelog, db)
     try:

@@ -1,6 +1,6 @@
 """The orchestrator shell folds batches: any batch boundaries give what one stimulus at a time
 gives (outputs, contact rows, timer rows), including a segment clock fired in the same batch as
-the request that replaced it. Dicts stand in for the Faust tables, a list for Kafka."""
+the request that replaced it. Dicts stand in for the worker's tables, a list for Kafka."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The orchestrator shell's own rows: the segmenter's clock (one timer per contact, answered with
-a `reevaluate` command), forgetting a contact, and stray timer rows. Dicts stand in for the Faust
+a `reevaluate` command), forgetting a contact, and stray timer rows. Dicts stand in for the worker's
 tables, a list for Kafka, a manual clock for time."""
 
 from __future__ import annotations

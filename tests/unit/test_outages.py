@@ -30,10 +30,6 @@ def _validation_error() -> ValidationError:
     raise AssertionError("expected a validation error")
 
 
-class PartitionsMismatch(Exception):
-    """Stands for Faust's exception of that name (matched by name)."""
-
-
 @pytest.mark.parametrize(
     "exc",
     [
@@ -49,7 +45,6 @@ class PartitionsMismatch(Exception):
         OperationFailure(
             "stepped down", code=189, details={"errorLabels": ["RetryableWriteError"]}
         ),
-        PartitionsMismatch("changelog not in metadata"),
     ],
 )
 def test_infrastructure_failures_are_outages(exc: BaseException) -> None:

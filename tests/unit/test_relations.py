@@ -1,5 +1,5 @@
 """The object index behind fan-out triggers (S8): relation and fan-out records, the per-object
-entry, the copies of an object event, and the Faust shell run over dict-backed fakes."""
+entry, the copies of an object event, and the shell run over dict-backed fakes."""
 
 from __future__ import annotations
 
@@ -365,7 +365,7 @@ def test_copies_never_feed_the_index() -> None:
     assert len(relation_records(drop(), "catalog", [loop], T0)) == 1
 
 
-# --- the Faust shell over fakes ---------------------------------------------------------------
+# --- the shell over fakes ---------------------------------------------------------------------
 
 
 class FakeWorker:

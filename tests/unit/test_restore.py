@@ -1,5 +1,5 @@
 """The bulk restore of the workers' tables (shared/restore.py): where reading starts, how
-records and tombstones land in a partition's RocksDB database with Faust's offset, and the
+records and tombstones land in a partition's RocksDB database with the offset they reach, and the
 reading loop over an in-memory changelog standing in for the broker's."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def contents(path: Path) -> dict[bytes, bytes]:
 # -- where reading starts --------------------------------------------------------------------
 
 
-def test_offsets_are_stored_as_faust_stores_them() -> None:
+def test_offsets_are_stored_under_the_key_databases_already_use() -> None:
     assert encode_offset(41) == b"41"
     assert persisted_offset(b"41") == 41
     assert persisted_offset(None) is None
@@ -57,7 +57,7 @@ def test_offsets_are_stored_as_faust_stores_them() -> None:
         (9, 0, 10, None),  # current: nothing to read
         (None, 0, 0, None),  # an empty partition
         (None, 7, 7, None),  # a partition whose records were all deleted
-        (25, 0, 10, None),  # the database claims more than the topic has: Faust's to report
+        (25, 0, 10, None),  # the database claims more than the topic has: left as it is
     ],
 )
 def test_reading_starts_after_what_the_database_holds(
@@ -226,7 +226,7 @@ def test_a_restored_partition_holds_the_changelogs_last_values(tmp_path: Path) -
         b"a": b"2",
         b"c": b"1",
         b"d": b"2",
-        OFFSET_KEY: b"9",  # the partition's end, as Faust's recovery counts it
+        OFFSET_KEY: b"9",  # the partition's end minus one: nothing left to read
     }
     assert contents(tmp_path / "things-1.db") == {b"x": b"9", OFFSET_KEY: b"0"}
     assert not (tmp_path / "things-2.db").exists() or contents(tmp_path / "things-2.db") == {}
@@ -247,7 +247,7 @@ def test_a_second_restore_reads_only_what_came_since(tmp_path: Path) -> None:
 
 
 def test_a_database_someone_holds_open_is_left_alone(tmp_path: Path) -> None:
-    held = open_db(tmp_path / "things-0.db")  # as Faust's own store would hold it
+    held = open_db(tmp_path / "things-0.db")  # as another worker process would hold it
     try:
         consumer = FakeConsumer(
             {(TOPIC, 0): [(0, b"a", b"1")], (TOPIC, 1): [(0, b"b", b"1")]},
@@ -282,7 +282,7 @@ def test_a_stalled_restore_stops_and_keeps_a_consistent_prefix(tmp_path: Path) -
         b"k2": b"v2",
         OFFSET_KEY: b"3",
     }
-    # Faust, or the next restore, goes on from offset 4.
+    # The next restore goes on from offset 4.
     done = restore_from(FakeConsumer({(TOPIC, 0): log}, {(TOPIC, 0): 7}), [store_at(tmp_path)])
     assert done.records == 3
     assert contents(tmp_path / "things-0.db")[OFFSET_KEY] == b"6"

@@ -2,7 +2,7 @@
 and a crash between producing, acknowledging, storing and committing loses nothing and, after
 the restart, repeats only outputs with the ids they had (which consumers de-duplicate).
 
-Dicts stand in for the Faust tables and a list for Kafka; the clock is fixed."""
+Dicts stand in for the worker's tables and a list for Kafka; the clock is fixed."""
 
 from __future__ import annotations
 

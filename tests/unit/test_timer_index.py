@@ -1,5 +1,5 @@
 """The orchestrator's durable timers: table rows plus an in-memory due index (a dict stands in
-for the Faust table, which is a mutable mapping of bytes to bytes too)."""
+for the worker's table, which is a mutable mapping of bytes to bytes too)."""
 
 from __future__ import annotations
 
