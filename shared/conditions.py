@@ -10,7 +10,7 @@ of the wrong type makes a comparison false rather than raising.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -239,6 +239,240 @@ def _relative_comparisons(condition: Condition) -> Iterator[Compare]:
         yield from _relative_comparisons(condition.not_)
     elif isinstance(condition, Compare) and condition.ago is not None:
         yield condition
+
+
+# -- compiled conditions ----------------------------------------------------------------------
+# A condition checked for every contact on every event (a live segment, an aggregate's `where`)
+# is worked out once into closures: field paths split, durations parsed, operands classified.
+# They answer exactly as `evaluate` and `next_change`, which stay the reference (a test holds it).
+
+Check = Callable[[Facts, datetime], bool]
+Flip = Callable[[Facts, datetime], datetime | None]
+_Roots = Mapping[str, Any]
+_Read = Callable[[_Roots], Any]
+_Test = Callable[[_Roots, datetime], bool]
+_ABSENT_WINS = frozenset({"ne", "not_in", "not_contains"})
+_ORDER = {"gt", "gte", "lt", "lte"}
+
+
+def compile_condition(condition: Condition) -> Check:
+    """`evaluate` of this condition, with its structure worked out once."""
+    node = _compiled(condition)
+
+    def check(facts: Facts, now: datetime) -> bool:
+        return node(facts._roots, now)
+
+    return check
+
+
+def compile_next_change(condition: Condition) -> Flip | None:
+    """`next_change` of this condition worked out once; None when it has no relative time."""
+    flips = [
+        (_reader(c.field), parse_duration(c.ago), c.op == "before")
+        for c in _relative_comparisons(condition)
+        if c.ago is not None
+    ]
+    if not flips:
+        return None
+
+    def flip(facts: Facts, now: datetime) -> datetime | None:
+        earliest: datetime | None = None
+        for read, ago, before in flips:
+            moment = as_datetime(read(facts._roots))
+            if moment is None:
+                continue
+            flips_at = moment + ago
+            if before:
+                flips_at += _RESOLUTION
+            # Strictly earlier: of equal instants the first stays, as `min` keeps it.
+            if flips_at > now and (earliest is None or flips_at < earliest):
+                earliest = flips_at
+        return earliest
+
+    return flip
+
+
+def _reader(path: str) -> _Read:
+    """`Facts.read` of one path, as the value (None when absent: `read` finds no None)."""
+    head, *rest = path.split(".")
+    if not rest:
+        return lambda roots: roots.get(head)
+    if len(rest) == 1:
+        (part,) = rest
+        if not part.isdigit():
+
+            def read_one(roots: _Roots) -> Any:
+                if head not in roots:
+                    return None
+                value = roots[head]
+                if type(value) is dict or isinstance(value, Mapping):
+                    return value.get(part)
+                return None
+
+            return read_one
+    parts = tuple(rest)
+
+    def read(roots: _Roots) -> Any:
+        if head not in roots:
+            return None
+        value = roots[head]
+        for part in parts:
+            if isinstance(value, Mapping) and part in value:
+                value = value[part]
+            elif isinstance(value, list | tuple) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                return None
+        return value
+
+    return read
+
+
+def _compiled(condition: Condition) -> _Test:
+    if isinstance(condition, All | AnyOf):
+        children = tuple(
+            _compiled(c) for c in (condition.all if isinstance(condition, All) else condition.any)
+        )
+        return _all(children) if isinstance(condition, All) else _any(children)
+    if isinstance(condition, Not):
+        inner = _compiled(condition.not_)
+        return lambda roots, now: not inner(roots, now)
+    if isinstance(condition, HasTag | InSegment):
+        root, item = (
+            ("tags", condition.tag)
+            if isinstance(condition, HasTag)
+            else ("segments", condition.segment)
+        )
+        return _contains_item(root, item)
+    return _compiled_compare(condition)
+
+
+def _all(children: tuple[_Test, ...]) -> _Test:
+    if len(children) == 1:
+        return children[0]
+    if len(children) == 2:
+        first, second = children
+        return lambda roots, now: first(roots, now) and second(roots, now)
+    return lambda roots, now: all(c(roots, now) for c in children)
+
+
+def _any(children: tuple[_Test, ...]) -> _Test:
+    if len(children) == 1:
+        return children[0]
+    if len(children) == 2:
+        first, second = children
+        return lambda roots, now: first(roots, now) or second(roots, now)
+    return lambda roots, now: any(c(roots, now) for c in children)
+
+
+def _contains_item(root: str, item: str) -> _Test:
+    """`tags` / `segments` contains a string: a tuple or list of strings, in the common case."""
+    plain = as_datetime(item) is None
+
+    def check(roots: _Roots, now: datetime) -> bool:
+        container: Any = roots.get(root)
+        if plain and type(container) in (tuple, list):
+            # Only an equal string can match a string that reads as no time (see `_same`).
+            return item in container and _contains(container, item)
+        return _contains(container, item)
+
+    return check
+
+
+def _compiled_compare(compare: Compare) -> _Test:
+    read, op = _reader(compare.field), compare.op
+    if op == "exists":
+        return lambda roots, now: read(roots) is not None
+    if op == "not_exists":
+        return lambda roots, now: read(roots) is None
+    absent = op in _ABSENT_WINS
+    if compare.ago is not None:
+        ago = parse_duration(compare.ago)
+
+        def relative(roots: _Roots, now: datetime) -> bool:
+            left, right = read(roots), now - ago
+            if left is None:
+                return absent
+            return _apply(op, left, right)
+
+        return relative
+    if compare.value_from is not None:
+        read_right = _reader(compare.value_from)
+
+        def between(roots: _Roots, now: datetime) -> bool:
+            left = read(roots)
+            right = read_right(roots)
+            if right is None:
+                return absent and left is not None
+            if left is None:
+                return absent
+            return _apply(op, left, right)
+
+        return between
+    right = compare.value
+    if _is_number(right) and op in _ORDER:
+        return _number_order(read, op, right)
+    if op == "eq" and _is_number(right):
+        return _equals_number(read, right)
+    if op == "eq" and isinstance(right, str) and as_datetime(right) is None:
+        return _equals_text(read, right)
+
+    def generic(roots: _Roots, now: datetime) -> bool:
+        left = read(roots)
+        if left is None:
+            return absent
+        return _apply(op, left, right)
+
+    return generic
+
+
+def _equals_number(read: _Read, right: int | float) -> _Test:
+    """`eq` a number (typed, see `_same`): a number equals it by value, bool never."""
+
+    def check(roots: _Roots, now: datetime) -> bool:
+        left = read(roots)
+        t = type(left)
+        if t is int or t is float:
+            return bool(left == right)
+        return left is not None and _same(left, right)
+
+    return check
+
+
+def _equals_text(read: _Read, right: str) -> _Test:
+    """`eq` a string that reads as no time: only an equal string matches (see `_same`)."""
+
+    def check(roots: _Roots, now: datetime) -> bool:
+        left = read(roots)
+        t = type(left)
+        if t is str:
+            return bool(left == right)
+        if t is int or t is float or left is None:
+            return False
+        return _same(left, right)
+
+    return check
+
+
+def _number_order(read: _Read, op: str, right: int | float) -> _Test:
+    """gt / gte / lt / lte with a number: a number compares, anything else goes to `_order`."""
+    compare: Callable[[Any, Any], bool] = {
+        "gt": lambda a, b: a > b,
+        "gte": lambda a, b: a >= b,
+        "lt": lambda a, b: a < b,
+        "lte": lambda a, b: a <= b,
+    }[op]
+
+    def check(roots: _Roots, now: datetime) -> bool:
+        left = read(roots)
+        t = type(left)
+        if t is int or t is float:
+            return bool(compare(left, right))
+        if left is None:
+            return False
+        return _order(op, left, right)
+
+    return check
 
 
 def _compare(compare: Compare, facts: Facts, now: datetime) -> bool:

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 from shared.conditions import Facts, evaluate, facts_of
@@ -62,6 +64,7 @@ def clamp_event_time(timestamp: datetime, received_at: datetime) -> datetime:
     return max(timestamp, received_at - MAX_PAST)
 
 
+@lru_cache(maxsize=256)
 def bucket_size(window: timedelta) -> timedelta:
     """The largest of 1 day, 1 hour, 1 minute, 1 second that divides the window exactly and
     leaves at least 24 buckets; 1 second when none does (a 20 s window has 20 buckets)."""
@@ -85,6 +88,13 @@ def fold(
     `where` fails, no usable property value, or its bucket has already left the window)."""
     if not matches(definition, event, now):
         return state
+    return fold_matching(state, definition, event, now)
+
+
+def fold_matching(
+    state: dict[str, Any] | None, definition: AggregateDefinition, event: Event, now: datetime
+) -> dict[str, Any] | None:
+    """`fold` of an event already known to match the definition (its event, its `where`)."""
     at = clamp_event_time(event.timestamp, event.received_at)
     contribution = _contribution(definition, event, at)
     if contribution is None:
@@ -113,10 +123,7 @@ def value(state: dict[str, Any] | None, definition: AggregateDefinition, now: da
         accumulators = [state["all"]]
     else:
         accumulators = list(_in_window(state, definition, now).values())
-    total = None
-    for accumulator in accumulators:
-        total = accumulator if total is None else _combine(definition, total, accumulator)
-    return _result(definition, total)
+    return _total(definition, accumulators)
 
 
 def next_change(
@@ -131,6 +138,62 @@ def next_change(
     expiries = (_expiry_micros(int(key), definition) for key in state["buckets"])
     earliest = min((instant for instant in expiries if instant > now_micros), default=None)
     return None if earliest is None else _EPOCH + earliest * _MICROSECOND
+
+
+def settle(
+    state: dict[str, Any] | None, definition: AggregateDefinition, now_micros: int
+) -> tuple[dict[str, Any] | None, Any, int | None]:
+    """`prune`, `value` and `next_change` at once (one pass over the buckets), `now` given in
+    epoch microseconds (`epoch_micros`) and the next change returned in them too."""
+    if state is None:
+        return None, _result(definition, None), None
+    window = definition.window_micros
+    if window is None:
+        return state, _result(definition, state["all"]), None
+    buckets: dict[str, Any] = state["buckets"]
+    kept = {
+        key: acc for key, acc in buckets.items() if int(key) * _SECOND_MICROS + window > now_micros
+    }
+    if len(kept) == len(buckets):
+        pruned: dict[str, Any] | None = state
+    else:
+        pruned = {"buckets": kept} if kept else None
+    expiry = min(map(int, kept)) * _SECOND_MICROS + window if kept else None
+    return pruned, _total(definition, kept.values()), expiry
+
+
+def _total(definition: AggregateDefinition, accumulators: Iterable[Any]) -> Any:
+    """`_result` of the accumulators combined in order; a sum of fractions adds them exactly as
+    `Fraction`s rather than through their text (the same value, parsed once)."""
+    function = definition.function
+    total: Any = None
+    exact: Fraction | None = None
+    for accumulator in accumulators:
+        if total is None:
+            total = accumulator
+        elif function == "count":
+            total = total + accumulator
+        elif function != "sum":
+            total = _combine(definition, total, accumulator)
+        elif exact is not None:
+            exact += Fraction(accumulator)
+        elif isinstance(total, int) and isinstance(accumulator, int):
+            total = total + accumulator
+        else:
+            exact = Fraction(total) + Fraction(accumulator)
+    if exact is not None:
+        return _as_float(exact)
+    return _result(definition, total)
+
+
+def epoch_micros(moment: datetime) -> int:
+    """Microseconds since the epoch, as `settle` takes and returns instants."""
+    return _micros(moment)
+
+
+def from_epoch_micros(micros: int) -> datetime:
+    """The instant (UTC) of `epoch_micros`, as `next_change` returns it."""
+    return _EPOCH + micros * _MICROSECOND
 
 
 def prune(

@@ -12,7 +12,7 @@ duplicates, ends in the same state (a property test holds this).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,7 +20,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from services.segmenter.domain import aggregates
 from services.segmenter.domain.definitions import Definitions, state_key
-from shared.conditions import evaluate, facts_of, next_change
+from shared.conditions import Facts, facts_of
 from shared.contracts import ContactCommand, Event, Profile
 from shared.ids import stable_id
 from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
@@ -78,7 +78,7 @@ class Outcome:
 def apply(row: ContactRow | None, event: Event, defs: Definitions, now: datetime) -> Outcome:
     """Fold a behavioural event: de-duplicate, profile, consent, aggregates, memberships."""
     digest = _message_digest(event.message_id)
-    if row is not None and any(digest in ids for ids in _pruned(row.seen, now).values()):
+    if row is not None and _seen(row.seen, digest, now):
         return Outcome(row, duplicate=True)
     before = row.profile if row is not None else None
     applied = apply_event(before, event, now)
@@ -94,24 +94,32 @@ def apply(row: ContactRow | None, event: Event, defs: Definitions, now: datetime
         if link not in profile.anonymous_ids:
             profile = profile.model_copy(update={"anonymous_ids": (*profile.anonymous_ids, link)})
     states = dict(row.aggregates) if row is not None else {}
-    for definition in defs.aggregates:
-        if aggregates.matches(definition, event, now):
-            key = state_key(definition)
-            folded = aggregates.fold(states.get(key), definition, event, now)
-            if folded is None:
-                states.pop(key, None)
-            else:
-                states[key] = folded
+    counting = defs.compiled.by_event.get(event.label, ())
+    facts: Facts | None = None
+    for definition, where in counting:
+        if where is not None:
+            if facts is None:
+                facts = facts_of(None, event=event)
+            if not where(facts, now):
+                continue
+        key = definition.state_key
+        folded = aggregates.fold_matching(states.get(key), definition, event, now)
+        if folded is None:
+            states.pop(key, None)
+        else:
+            states[key] = folded
     base = row or ContactRow(profile=profile)
-    updated = base.model_copy(
-        update={
-            "profile": profile,
-            "aggregates": states,
-            "seen": _remember(base.seen, digest, now),
-        }
+    return _settle(
+        base,
+        (event, *applied.announcements),
+        event.message_id,
+        defs,
+        now,
+        profile=profile,
+        states=states,
+        seen=_remember(base.seen, digest, now),
+        linked=linked,
     )
-    outcome = _settle(updated, (event, *applied.announcements), event.message_id, defs, now)
-    return replace(outcome, linked=linked)
 
 
 def command(
@@ -123,8 +131,7 @@ def command(
     if row is not None and changed.profile == before:
         return Outcome(row)
     base = row or ContactRow(profile=changed.profile)
-    updated = base.model_copy(update={"profile": changed.profile})
-    return _settle(updated, changed.events, change.command_id, defs, now)
+    return _settle(base, changed.events, change.command_id, defs, now, profile=changed.profile)
 
 
 def reevaluate(row: ContactRow, origin: str, defs: Definitions, now: datetime) -> Outcome:
@@ -193,13 +200,7 @@ def memberships(
     """The aggregate values and segment ids of a contact at `now` (segments in dependency order,
     so a segment that reads another sees its fresh membership)."""
     values = {d.id: aggregates.value(states.get(d.state_key), d, now) for d in defs.aggregates}
-    member: list[str] = []
-    # The facts read `member` as it grows.
-    facts = facts_of(profile, aggregates=values, segments=member)
-    for segment in defs.segments:
-        if evaluate(segment.condition, facts, now):
-            member.append(segment.id)
-    return values, tuple(sorted(member))
+    return values, _members(profile, values, defs, now)
 
 
 def next_tick(row: ContactRow, defs: Definitions, now: datetime) -> datetime | None:
@@ -211,11 +212,33 @@ def next_tick(row: ContactRow, defs: Definitions, now: datetime) -> datetime | N
         moment = aggregates.next_change(row.aggregates.get(state_key(definition)), definition, now)
         if moment is not None:
             instants.append(moment)
-    facts = facts_of(row.profile)
-    for segment in defs.segments:
-        moment = next_change(segment.condition, facts, now)
-        if moment is not None:
-            instants.append(moment)
+    return _earliest(instants, row.profile, defs, now)
+
+
+def _members(
+    profile: Profile, values: dict[str, Any], defs: Definitions, now: datetime
+) -> tuple[str, ...]:
+    member: list[str] = []
+    # The facts read `member` as it grows.
+    facts = facts_of(profile, aggregates=values, segments=member)
+    for segment_id, holds in defs.compiled.segments:
+        if holds(facts, now):
+            member.append(segment_id)
+    return tuple(sorted(member))
+
+
+def _earliest(
+    instants: list[datetime], profile: Profile, defs: Definitions, now: datetime
+) -> datetime | None:
+    """The earliest of the aggregates' `instants` and the segments' relative-time flips (the
+    first of equal instants, aggregates before segments)."""
+    flips = defs.compiled.flips
+    if flips:
+        facts = facts_of(profile)
+        for flip in flips:
+            moment = flip(facts, now)
+            if moment is not None:
+                instants.append(moment)
     return min(instants, default=None)
 
 
@@ -225,19 +248,39 @@ def _settle(
     origin: str,
     defs: Definitions,
     now: datetime,
+    *,
+    profile: Profile | None = None,
+    states: dict[str, dict[str, Any]] | None = None,
+    seen: dict[str, list[str]] | None = None,
+    linked: str | None = None,
 ) -> Outcome:
-    """Prune, recompute aggregate values and memberships, and announce what changed."""
-    states = {}
+    """Prune, recompute aggregate values and memberships, and announce what changed.
+
+    `profile`, `states` and `seen` (already pruned at `now`) stand in for the row's own: a change
+    not yet in a row."""
+    profile = row.profile if profile is None else profile
+    states = row.aggregates if states is None else states
+    seen = _pruned(row.seen, now) if seen is None else seen
+    now_micros = aggregates.epoch_micros(now)
+    kept: dict[str, dict[str, Any]] = {}
+    values: dict[str, Any] = {}
+    expiry: int | None = None
+    timed = defs.segment_aggregates
     for definition in defs.aggregates:
-        key = state_key(definition)
-        pruned = aggregates.prune(row.aggregates.get(key), definition, now)
+        key = definition.state_key
+        pruned, values[definition.id], expires = aggregates.settle(
+            states.get(key), definition, now_micros
+        )
         if pruned is not None:
-            states[key] = pruned
-    values, member = memberships(row.profile, states, defs, now)
-    before = set(row.profile.segments)
+            kept[key] = pruned
+        # Journeys read other aggregates as of the contact's last change: no timer for them.
+        if expires is not None and definition.id in timed and (expiry is None or expires < expiry):
+            expiry = expires
+    member = _members(profile, values, defs, now)
+    before = set(profile.segments)
     # Segments no longer defined are dropped without an announcement.
     before &= defs.segment_ids
-    profile = row.profile.model_copy(update={"aggregates": values, "segments": member})
+    profile = profile.model_copy(update={"aggregates": values, "segments": member})
     changes = tuple(
         announce(profile, label, {"segment": segment}, stable_id(origin, label, segment), now, now)
         for label, ids in (
@@ -246,20 +289,20 @@ def _settle(
         )
         for segment in sorted(ids)
     )
-    settled = row.model_copy(
-        update={
-            "profile": profile,
-            "aggregates": states,
-            "seen": _pruned(row.seen, now),
-            "evaluated": defs.digest,
-        }
-    )
-    tick = next_tick(settled, defs, now)
+    instants = [] if expiry is None else [aggregates.from_epoch_micros(expiry)]
+    tick = _earliest(instants, profile, defs, now)
+    update: dict[str, Any] = {
+        "profile": profile,
+        "aggregates": kept,
+        "seen": seen,
+        "evaluated": defs.digest,
+    }
     retime = tick != row.next_tick
     if retime:
-        settled = settled.model_copy(update={"next_tick": tick})
+        update["next_tick"] = tick
     # Every announcement carries the profile after the whole change.
-    return Outcome(settled, (*announcements, *changes), retime=retime)
+    settled = row.model_copy(update=update)
+    return Outcome(settled, (*announcements, *changes), retime=retime, linked=linked)
 
 
 def _with_consent(profile: Profile, event: Event) -> Profile:
@@ -302,6 +345,12 @@ def _message_digest(message_id: str) -> str:
     return stable_id(message_id, length=16)
 
 
+def _seen(seen: dict[str, list[str]], digest: str, now: datetime) -> bool:
+    """The digest is among the ids of the hours `_pruned` keeps."""
+    horizon = _horizon(now)
+    return any(digest in ids for h, ids in seen.items() if int(h) >= horizon)
+
+
 def _remember(seen: dict[str, list[str]], digest: str, now: datetime) -> dict[str, list[str]]:
     hour = str(int(now.timestamp()) // _HOUR * _HOUR)
     kept = _pruned(seen, now)
@@ -311,8 +360,12 @@ def _remember(seen: dict[str, list[str]], digest: str, now: datetime) -> dict[st
 
 def _pruned(seen: dict[str, list[str]], now: datetime) -> dict[str, list[str]]:
     """Hours older than the de-duplication window plus the current hour go."""
-    horizon = now.timestamp() - DEDUPE_WINDOW.total_seconds() - _HOUR
+    horizon = _horizon(now)
     return {h: list(ids) for h, ids in seen.items() if int(h) >= horizon}
+
+
+def _horizon(now: datetime) -> float:
+    return now.timestamp() - DEDUPE_WINDOW.total_seconds() - _HOUR
 
 
 def _union(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:

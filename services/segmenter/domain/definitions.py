@@ -3,10 +3,12 @@ the object triggers whose relations it indexes. Pure; rebuilt when a definition 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
+from shared.conditions import Check, Flip, compile_condition, compile_next_change
 from shared.ids import stable_id
 from shared.journeys import Journey, ObjectEventTrigger
 from shared.segment_checks import aggregates_read, segments_read
@@ -51,9 +53,34 @@ class Definitions:
         )
         return cls(computed, ordered, triggers, by_segments, digest)
 
-    @property
+    @cached_property
     def segment_ids(self) -> frozenset[str]:
         return frozenset(s.id for s in self.segments)
+
+    @cached_property
+    def compiled(self) -> Compiled:
+        """The conditions worked out once per definitions set (every event reads them)."""
+        by_event: dict[str, list[tuple[AggregateDefinition, Check | None]]] = {}
+        for aggregate in self.aggregates:
+            where = compile_condition(aggregate.where) if aggregate.where is not None else None
+            by_event.setdefault(aggregate.event, []).append((aggregate, where))
+        flips = (compile_next_change(s.condition) for s in self.segments)
+        return Compiled(
+            segments=tuple((s.id, compile_condition(s.condition)) for s in self.segments),
+            flips=tuple(flip for flip in flips if flip is not None),
+            by_event={name: tuple(matching) for name, matching in by_event.items()},
+        )
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """`Definitions` as the fold runs them: segment conditions as checks (in dependency order),
+    the relative-time flips of those that have any, and the aggregates by the event they count
+    (in definition order) with their `where` as a check."""
+
+    segments: tuple[tuple[str, Check], ...]
+    flips: tuple[Flip, ...]
+    by_event: Mapping[str, tuple[tuple[AggregateDefinition, Check | None], ...]]
 
 
 def state_key(aggregate: AggregateDefinition) -> str:
