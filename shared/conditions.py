@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -414,6 +415,8 @@ def _compiled_compare(compare: Compare) -> _Test:
         return _number_order(read, op, right)
     if op == "eq" and _is_number(right):
         return _equals_number(read, right)
+    if op in ("in", "not_in") and isinstance(right, list | tuple) and all(map(_plain, right)):
+        return _among_texts(read, frozenset(right), op == "in")
     if op == "eq" and isinstance(right, str) and as_datetime(right) is None:
         return _equals_text(read, right)
 
@@ -450,6 +453,24 @@ def _equals_text(read: _Read, right: str) -> _Test:
         if t is int or t is float or left is None:
             return False
         return _same(left, right)
+
+    return check
+
+
+def _plain(value: Any) -> bool:
+    """A string that reads as no time: `_same` finds it equal to an equal string only."""
+    return type(value) is str and as_datetime(value) is None
+
+
+def _among_texts(read: _Read, texts: frozenset[str], among: bool) -> _Test:
+    """`in` / `not_in` a list of plain strings: a string is among them when one equals it; no
+    other value equals any of them (see `_same`)."""
+
+    def check(roots: _Roots, now: datetime) -> bool:
+        left = read(roots)
+        if left is None:
+            return not among
+        return (type(left) is str and left in texts) is among
 
     return check
 
@@ -576,11 +597,18 @@ def as_datetime(value: Any) -> datetime | None:
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, str) and len(value) >= 10 and value[4] == "-":
-        try:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
+        return _parsed_time(value)
     else:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@lru_cache(maxsize=4096)
+def _parsed_time(value: str) -> datetime | None:
+    """An ISO-8601 string as `as_datetime` reads it (kept: segments re-read the same instants)."""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
         return None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 

@@ -112,7 +112,8 @@ def comparisons(draw: st.DrawFn) -> dict[str, Any]:
     elif operand == "value_from":
         spec["value_from"] = draw(st.sampled_from(FIELDS))
     elif op in ("in", "not_in"):
-        spec["value"] = draw(st.lists(scalars.filter(lambda v: v is not None), max_size=3))
+        present = scalars.filter(lambda v: v is not None)
+        spec["value"] = draw(st.lists(st.sampled_from(TEXTS) | present, max_size=3))
     else:
         spec["value"] = draw(scalars.filter(lambda v: v is not None))
     return spec
@@ -171,7 +172,7 @@ def same_instant(a: tuple[str, Any], b: tuple[str, Any]) -> bool:
     return not isinstance(first, datetime) or first.utcoffset() == second.utcoffset()
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(spec=specs, facts=roots, at=st.sampled_from([NOW, NOW - 30 * DAY, NOW + 30 * DAY]))
 def test_a_compiled_condition_answers_as_evaluate(
     spec: dict[str, Any], facts: dict[str, Any], at: datetime
@@ -191,6 +192,75 @@ def test_a_compiled_next_change_answers_as_next_change(
     expected = outcome(lambda: next_change(tree, Facts(facts), at))
     got = outcome(lambda: flip(Facts(facts), at) if flip is not None else None)
     assert same_instant(got, expected)
+
+
+# Every operator with every kind of operand, against every kind of field value (each shortcut of
+# the compiled form, and what falls through it).
+ABSENT = object()
+LEFTS: list[Any] = [
+    ABSENT,
+    None,
+    True,
+    False,
+    0,
+    1,
+    1.0,
+    -0.0,
+    2.5,
+    float("nan"),
+    float("inf"),
+    *TEXTS,
+    "2026-03-02T09:00:00Z",
+    "2026-03-02T10:00:00+01:00",
+    NOW,
+    NOW.replace(tzinfo=None),
+    ["pro"],
+    ("pro", 1),
+    [],
+    {"pro": True},
+    frozenset({"pro"}),
+]
+RIGHTS: list[Any] = [
+    "pro",
+    "",
+    "1",
+    "2026-03-02T09:00:00Z",
+    0,
+    1,
+    1.0,
+    2.5,
+    True,
+    NOW,
+    ["pro", "DE"],
+    ["pro", 1],
+    ["2026-03-02T09:00:00Z"],
+    [],
+]
+TABLE = [
+    *({"field": "traits.x", "op": op} for op in ("exists", "not_exists")),
+    *({"field": "traits.x", "op": op, "value": right} for op in OPS for right in RIGHTS),
+    *({"field": "traits.x", "op": op, "value_from": "traits.y"} for op in OPS),
+    *({"field": "traits.x", "op": op, "ago": "1d"} for op in ("before", "after")),
+    *({"tag": tag} for tag in ("pro", "1", "2026-03-02T09:00:00Z")),
+]
+
+
+def test_every_operator_and_operand_kind_answers_as_evaluate() -> None:
+    checked = 0
+    for spec in TABLE:
+        try:
+            tree = condition_from(spec)
+        except ValidationError:
+            continue
+        compiled = compile_condition(tree)
+        for left in LEFTS:
+            for other in (ABSENT, "pro", 1, NOW) if "value_from" in spec else (ABSENT,):
+                traits = {k: v for k, v in (("x", left), ("y", other)) if v is not ABSENT}
+                facts = Facts({"traits": traits, "tags": [left, "1"] if left is not ABSENT else ()})
+                expected = outcome(lambda: evaluate(tree, facts, NOW))  # noqa: B023
+                assert outcome(lambda: compiled(facts, NOW)) == expected, (spec, left, other)  # noqa: B023
+                checked += 1
+    assert checked > 5_000
 
 
 def test_equal_instants_in_other_offsets_keep_the_first_as_min_does() -> None:

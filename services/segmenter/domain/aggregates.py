@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+import operator
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
-from functools import lru_cache
+from functools import lru_cache, reduce
 from typing import Any
 
 from shared.conditions import Facts, evaluate, facts_of
@@ -151,39 +151,73 @@ def settle(
     if window is None:
         return state, _result(definition, state["all"]), None
     buckets: dict[str, Any] = state["buckets"]
-    kept = {
-        key: acc for key, acc in buckets.items() if int(key) * _SECOND_MICROS + window > now_micros
-    }
-    if len(kept) == len(buckets):
+    kept, oldest = _window_of(buckets, window, now_micros)
+    if kept is buckets:
         pruned: dict[str, Any] | None = state
     else:
         pruned = {"buckets": kept} if kept else None
-    expiry = min(map(int, kept)) * _SECOND_MICROS + window if kept else None
-    return pruned, _total(definition, kept.values()), expiry
+    expiry = None if oldest is None else oldest * _SECOND_MICROS + window
+    return pruned, _total(definition, list(kept.values())), expiry
 
 
-def _total(definition: AggregateDefinition, accumulators: Iterable[Any]) -> Any:
-    """`_result` of the accumulators combined in order; a sum of fractions adds them exactly as
-    `Fraction`s rather than through their text (the same value, parsed once)."""
+def _total(definition: AggregateDefinition, accumulators: list[Any]) -> Any:
+    """`_result` of the accumulators combined in order, as `_combine` pairs them: the first
+    of equal ones wins, as with the built-in `min` and `max`; a sum of fractions adds them as
+    `Fraction`s rather than through their text (the same exact value, each parsed once)."""
+    if not accumulators:
+        return _result(definition, None)
     function = definition.function
-    total: Any = None
-    exact: Fraction | None = None
-    for accumulator in accumulators:
-        if total is None:
-            total = accumulator
-        elif function == "count":
-            total = total + accumulator
-        elif function != "sum":
-            total = _combine(definition, total, accumulator)
-        elif exact is not None:
-            exact += Fraction(accumulator)
+    if function == "count":
+        total = reduce(operator.add, accumulators)
+    elif function == "sum":
+        return _sum(accumulators)
+    elif function in ("min", "max"):
+        total = (min if function == "min" else max)(accumulators, key=_number_order)
+    elif function == "last":
+        total = max(accumulators, key=_last_order)
+    else:
+        total = min(accumulators) if function == "first_at" else max(accumulators)
+    return _result(definition, total)
+
+
+def _sum(accumulators: list[Any]) -> Any:
+    total, exact = accumulators[0], None
+    for accumulator in accumulators[1:]:
+        if exact is not None:
+            exact += _fraction(accumulator)
         elif isinstance(total, int) and isinstance(accumulator, int):
             total = total + accumulator
         else:
-            exact = Fraction(total) + Fraction(accumulator)
+            exact = _fraction(total) + _fraction(accumulator)
     if exact is not None:
         return _as_float(exact)
-    return _result(definition, total)
+    return total if isinstance(total, int) else _as_float(_fraction(total))
+
+
+def _fraction(accumulator: Any) -> Fraction:
+    """A sum's accumulator as a `Fraction` (its text parsed once: every re-evaluation reads it)."""
+    return _parsed(accumulator) if isinstance(accumulator, str) else Fraction(accumulator)
+
+
+@lru_cache(maxsize=4096)
+def _parsed(text: str) -> Fraction:
+    return Fraction(text)
+
+
+def _window_of(
+    buckets: dict[str, Any], window: int, now_micros: int
+) -> tuple[dict[str, Any], int | None]:
+    """The buckets in the window at `now` (the same dict when none left it) and the start of the
+    oldest of them."""
+    if not buckets:
+        return buckets, None
+    # A bucket starting at s is in while s * 1e6 + window > now, that is s > limit (integers).
+    limit = (now_micros - window) // _SECOND_MICROS
+    oldest = min(map(int, buckets))
+    if oldest > limit:
+        return buckets, oldest
+    kept = {key: acc for key, acc in buckets.items() if int(key) > limit}
+    return kept, (min(map(int, kept)) if kept else None)
 
 
 def epoch_micros(moment: datetime) -> int:
@@ -203,8 +237,10 @@ def prune(
     nothing was dropped."""
     if state is None or definition.window_span is None:
         return state
-    kept = _in_window(state, definition, now)
-    if len(kept) == len(state["buckets"]):
+    window = definition.window_micros
+    assert window is not None
+    kept, _ = _window_of(state["buckets"], window, _micros(now))
+    if kept is state["buckets"]:
         return state
     return {"buckets": kept} if kept else None
 
@@ -248,14 +284,9 @@ def _expiry_micros(start: int, definition: AggregateDefinition) -> int:
 def _in_window(
     state: dict[str, Any], definition: AggregateDefinition, now: datetime
 ) -> dict[str, Any]:
-    now_micros = _micros(now)
     window = definition.window_micros
     assert window is not None
-    return {
-        key: acc
-        for key, acc in state["buckets"].items()
-        if int(key) * _SECOND_MICROS + window > now_micros
-    }
+    return _window_of(state["buckets"], window, _micros(now))[0]
 
 
 def _contribution(definition: AggregateDefinition, event: Event, at: datetime) -> Any:
