@@ -350,7 +350,13 @@ def _result(definition: AggregateDefinition, total: Any) -> Any:
         return total if isinstance(total, int) else _as_float(Fraction(total))
     if function == "last":
         return total[2]
-    return (_EPOCH + total * _MS).isoformat()
+    return _instant_text(total)
+
+
+@lru_cache(maxsize=4096)
+def _instant_text(millis: int) -> str:
+    """A first_at / last_at value (kept: every re-evaluation reads the same few instants)."""
+    return (_EPOCH + millis * _MS).isoformat()
 
 
 def _as_float(exact: Fraction) -> float:
