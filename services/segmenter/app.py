@@ -422,9 +422,8 @@ class Contacts:
 
     def _link(self, raw_key: bytes) -> bytes | None:
         def stored() -> bytes | None:
-            # Most contacts have no link: a membership test (a bloom filter in RocksDB) is far
-            # cheaper than a read that misses.
-            return self.links[raw_key] if raw_key in self.links else None  # noqa: SIM401
+            # Most contacts have no link: the read misses, which RocksDB's bloom filter answers.
+            return self.links.get(raw_key)
 
         value: bytes | None = self._batch.get(LINKS, raw_key, stored)
         return value
