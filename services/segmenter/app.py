@@ -1,10 +1,10 @@
 """Segmenter shell: the single writer of every contact's profile, aggregates and memberships.
 
 One processor reads events, contact commands and audience requests, so one contact's changes apply
-in order. For each it loads the contact's row, lets `domain.contact` decide, publishes what
-changed (contact events, the profile, a segment timer request, relation records), and only then
-stores the row: a crash repeats work, which the de-duplication by message id absorbs, and never
-loses it.
+in order. For each it decodes the record, lets `domain.decide` decide against the contact's rows
+as the batch sees them (fan-out, suppression, forwarding, forget, merge, and the change itself),
+and hands the commands to the batch: outputs are published, and only then are the rows stored. A
+crash repeats work, which the de-duplication by message id absorbs, and never loses it.
 
 Re-keying: an event that carries a userId and an anonymousId (or an `alias` call) links them.
 The known contact asks the anonymous one to merge (`merge_into`, through Kafka to the anonymous
@@ -16,20 +16,34 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from typing import Protocol
+from functools import partial
+from typing import Protocol, assert_never
 
 import structlog
 
 from services.segmenter.adapters.definitions import LiveDefinitions
 from services.segmenter.adapters.members import MemberIndex, membership_row, read_membership
-from services.segmenter.domain import contact
-from services.segmenter.domain.contact import ContactRow, Outcome
-from services.segmenter.domain.definitions import Definitions
-from services.segmenter.domain.relations import (
-    fan_out_requests,
-    is_fan_out_copy,
-    relation_records,
+from services.segmenter.domain.contact import ContactRow
+from services.segmenter.domain.decide import (
+    Announce,
+    Decision,
+    DeleteAlias,
+    DeleteMembership,
+    DeleteRow,
+    Forward,
+    IndexObject,
+    LinkAlias,
+    Log,
+    PublishProfile,
+    RequestTimer,
+    SendCommand,
+    StoreMembership,
+    StoreRow,
+    Suppress,
+    UpdateMembers,
+    decide,
 )
+from services.segmenter.domain.definitions import Definitions
 from services.segmenter.settings import SegmenterSettings
 from shared.batching import Output, Overlay
 from shared.clock import Clock
@@ -40,15 +54,13 @@ from shared.contracts import (
     Event,
     Profile,
     SegmentCount,
-    SegmentTimerRequest,
 )
 from shared.deadletter import DeadLetters, failure_reason, through_outages
 from shared.ids import stable_id
 from shared.journeys import AUDIENCE_SELECTED
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
-from shared.profiles import CONTACT_FORGOTTEN, announce
+from shared.profiles import announce
 from shared.streams import StreamWorker, focus
-from shared.system_events import forged
 from shared.topics import (
     AUDIENCE_REQUESTS,
     CONTACT_COMMANDS,
@@ -76,7 +88,7 @@ class DefinitionsSource(Protocol):
 
 
 class Contacts:
-    """Folds batches of records into the contacts' rows: decide, publish, then store.
+    """Folds batches of records into the contacts' rows: decode, decide, publish, then store.
 
     `tables` are the three tables by name (`contacts`, `memberships`, `links`): the worker's
     tables (addressed by the record's partition through `focus`), dicts in tests. A batch is
@@ -172,92 +184,56 @@ class Contacts:
         batch.stored()
 
     def take(self, record: Record) -> None:
-        """Decode one record of the agent's topics and fold it into the batch."""
+        """Decode one record of the agent's topics, decide it, and hand the commands to the
+        batch."""
+        incoming: Event | ContactCommand
         if record.topic == CONTACT_COMMANDS.name:
-            self.handle_command(ContactCommand.model_validate_json(record.value), record.partition)
+            incoming = ContactCommand.model_validate_json(record.value)
         else:
             incoming = Event.model_validate_json(record.value)
-            incoming.contact_key  # noqa: B018 - raises when the event has no contact key
-            if forged(incoming):
-                raise ValueError(
-                    f"event: '{incoming.event}' from source '{incoming.source}' is an event "
-                    "only Waypost emits"
-                )
-            self.handle(incoming, record.partition)
+        key = incoming.contact_key  # an event without one is refused here
+        decision = decide(_View(self, key), incoming, self.definitions.current(), self.clock.now())
+        self._apply(decision, record.partition)
 
-    def handle(self, event: Event, partition: int) -> None:
-        defs = self.definitions.current()
-        now = self.clock.now()
-        copy = is_fan_out_copy(event)
+    def _apply(self, decision: Decision, partition: int) -> None:
+        """Queue the decision's outputs and hold its rows in the batch, in the order decided;
+        they are stored once every output of the batch is acknowledged."""
         batch = self._batch
-        if not copy:
-            requests = fan_out_requests(event, defs.object_triggers, now)
-            if requests:
-                # An event about an object reaches the related contacts, not its poster.
-                batch.emit(*((OBJECT_RELATIONS.name, r.object_key, r.to_wire()) for r in requests))
-                return
-        key = event.contact_key
-        if self._forgotten(key):
-            log.info("segmenter.suppressed_event", message_id=event.message_id)
-            return
-        target = self._link(_ALIAS + key.encode())
-        if target is not None and (not event.user_id or (copy and event.user_id == key)):
-            # A merged anonymous contact: its events belong to the known contact now.
-            forwarded = event.model_copy(update={"user_id": target.decode()})
-            batch.emit((EVENTS.name, target.decode(), forwarded.to_wire()))
-            return
-        row = self._load(key)
-        if copy and row is not None and row.profile.user_id is None:
-            event = event.model_copy(update={"user_id": None, "anonymous_id": key})
-        outcome = contact.apply(row, event, defs, now)
-        if outcome.duplicate:
-            log.debug("segmenter.duplicate", message_id=event.message_id)
-            return
-        extra: Records = []
-        if not copy:
-            extra.extend(
-                (OBJECT_RELATIONS.name, r.object_key, r.to_wire())
-                for r in relation_records(event, key, defs.object_triggers, now)
-            )
-        if outcome.linked is not None:
-            merge = ContactCommand(
-                command_id=stable_id(event.message_id, "merge", outcome.linked),
-                contact_key=outcome.linked,
-                kind="merge_into",
-                other_key=key,
-                reason="identified",
-                at=now,
-            )
-            extra.append((CONTACT_COMMANDS.name, outcome.linked, merge.to_wire()))
-        self._commit(key, partition, row, outcome, extra)
-
-    def handle_command(self, command: ContactCommand, partition: int) -> None:
-        defs = self.definitions.current()
-        now = self.clock.now()
-        key = command.contact_key
-        if self._forgotten(key) and command.kind != "forget":
-            return
-        if command.kind == "forget":
-            self._forget(key, command, partition)
-            return
-        if command.kind == "merge_into":
-            self._hand_over(key, command, partition)
-            return
-        row = self._load(key)
-        if command.kind == "absorb":
-            if command.state is None or command.other_key is None:
-                raise ValueError("absorb needs `state` and `other_key`")
-            other = ContactRow.model_validate(command.state)
-            outcome = contact.absorb(row, key, other, defs, now, command.command_id)
-        elif command.kind == "reevaluate":
-            if row is None:
-                return
-            outcome = contact.reevaluate(row, command.command_id, defs, now)
-        else:
-            outcome = contact.command(row, command, defs, now)
-        if outcome.row is row:
-            return
-        self._commit(key, partition, row, outcome, [])
+        for command in decision.commands:
+            match command:
+                case Announce(contact_event=announced):
+                    batch.emit((CONTACT_EVENTS.name, announced.contact_key, announced.to_wire()))
+                case PublishProfile(contact_key=key, profile=profile):
+                    batch.emit((PROFILES.name, key, None if profile is None else profile.to_wire()))
+                case RequestTimer(request=request):
+                    batch.emit((SEGMENT_TIMERS.name, request.contact_key, request.to_wire()))
+                case SendCommand(command=sent):
+                    batch.emit((CONTACT_COMMANDS.name, sent.contact_key, sent.to_wire()))
+                case Forward(contact_key=key, event=forwarded):
+                    batch.emit((EVENTS.name, key, forwarded.to_wire()))
+                case IndexObject(relation=relation):
+                    batch.emit((OBJECT_RELATIONS.name, relation.object_key, relation.to_wire()))
+                case StoreRow(contact_key=key, row=row):
+                    batch.put(CONTACTS, key.encode(), partition, row)
+                case DeleteRow(contact_key=key):
+                    batch.delete(CONTACTS, key.encode(), partition)
+                case StoreMembership(contact_key=key, evaluated=digest, segments=segments):
+                    row_value = membership_row(partition, digest, segments)
+                    batch.put(MEMBERSHIPS, key.encode(), partition, row_value)
+                case DeleteMembership(contact_key=key):
+                    batch.delete(MEMBERSHIPS, key.encode(), partition)
+                case LinkAlias(contact_key=key, into=target):
+                    batch.put(LINKS, _ALIAS + key.encode(), partition, target.encode())
+                case DeleteAlias(contact_key=key):
+                    batch.delete(LINKS, _ALIAS + key.encode(), partition)
+                case Suppress(contact_key=key, at=at):
+                    batch.put(LINKS, _FORGOTTEN + _digest(key), partition, at.isoformat().encode())
+                case UpdateMembers(contact_key=key, was=was, now=now):
+                    batch.after_store(partial(self.index.update, key, partition, was, now))
+                case Log(level=level, event=line, fields=fields):
+                    getattr(log, level)(line, **fields)
+                case _:
+                    assert_never(command)
 
     async def _audience(self, record: Record) -> None:
         """Announce `Audience Selected` to this partition's members of the requested segments
@@ -296,120 +272,6 @@ class Contacts:
 
     # --- the batch's view of the tables ----------------------------------------------------
 
-    def _commit(
-        self,
-        key: str,
-        partition: int,
-        before: ContactRow | None,
-        outcome: Outcome,
-        extra: Records,
-    ) -> None:
-        """Emit the outcome and hold the new rows; they are stored once it is acknowledged."""
-        row = outcome.row
-        assert row is not None
-        batch = self._batch
-        batch.emit(*(_contact_event(row.profile, e) for e in outcome.events))
-        batch.emit((PROFILES.name, key, row.profile.to_wire()))
-        if outcome.retime:
-            request = SegmentTimerRequest(
-                contact_key=key, due_at=row.next_tick, requested_at=self.clock.now()
-            )
-            batch.emit((SEGMENT_TIMERS.name, key, request.to_wire()))
-        batch.emit(*extra)
-        raw_key = key.encode()
-        batch.put(CONTACTS, raw_key, partition, row)
-        # The membership row is written with the contact's row, so the one stored is the
-        # previous row's (none for a new contact).
-        value = membership_row(partition, row.evaluated, row.profile.segments)
-        if before is None or value != membership_row(
-            partition, before.evaluated, before.profile.segments
-        ):
-            batch.put(MEMBERSHIPS, raw_key, partition, value)
-        was = before.profile.segments if before else ()
-        now_in = row.profile.segments
-        if set(was) != set(now_in):
-            batch.after_store(lambda: self.index.update(key, partition, was, now_in))
-
-    def _forget(self, key: str, command: ContactCommand, partition: int) -> None:
-        """Erase every row kept for the contact; keep only a hashed suppression record."""
-        row = self._load(key)
-        now = self.clock.now()
-        profile = (
-            row.profile
-            if row is not None
-            else Profile(contact_key=key, first_seen=now, last_seen=now, updated_at=now)
-        )
-        forgotten = announce(
-            profile, CONTACT_FORGOTTEN, {}, stable_id(command.command_id, "forgotten"), now, now
-        )
-        batch = self._batch
-        batch.emit(
-            (
-                CONTACT_EVENTS.name,
-                key,
-                ContactEvent(
-                    contact_key=key,
-                    event=forgotten,
-                    profile=Profile(contact_key=key, first_seen=now, last_seen=now, updated_at=now),
-                ).to_wire(),
-            ),
-            (PROFILES.name, key, None),
-        )
-        if row is not None and row.next_tick is not None:
-            cancel = SegmentTimerRequest(contact_key=key, due_at=None, requested_at=now)
-            batch.emit((SEGMENT_TIMERS.name, key, cancel.to_wire()))
-        # Anonymous histories merged into the contact are erased on their own partitions too.
-        for other in profile.anonymous_ids:
-            again = command.model_copy(
-                update={"command_id": stable_id(command.command_id, other), "contact_key": other}
-            )
-            batch.emit((CONTACT_COMMANDS.name, other, again.to_wire()))
-        raw_key = key.encode()
-        batch.put(LINKS, _FORGOTTEN + _digest(key), partition, now.isoformat().encode())
-        batch.delete(CONTACTS, raw_key, partition)
-        batch.delete(MEMBERSHIPS, raw_key, partition)
-        batch.delete(LINKS, _ALIAS + raw_key, partition)
-        segments = profile.segments
-        batch.after_store(lambda: self.index.update(key, partition, segments, ()))
-        log.info("segmenter.contact_forgotten", reason=command.reason)
-
-    def _hand_over(self, key: str, command: ContactCommand, partition: int) -> None:
-        """This anonymous contact merges into `other_key`: hand the row over, leave a link."""
-        target = command.other_key
-        if not target or target == key:
-            raise ValueError("merge_into needs another contact in `other_key`")
-        existing = self._link(_ALIAS + key.encode())
-        if existing is not None:
-            if existing.decode() != target:
-                log.warning("segmenter.already_merged", into=existing.decode(), asked=target)
-            return
-        row = self._load(key)
-        now = self.clock.now()
-        batch = self._batch
-        raw_key = key.encode()
-        if row is not None:
-            absorb = ContactCommand(
-                command_id=stable_id(command.command_id, "absorb"),
-                contact_key=target,
-                kind="absorb",
-                other_key=key,
-                state=row.model_dump(mode="json"),
-                reason=command.reason,
-                at=now,
-            )
-            batch.emit(
-                (CONTACT_COMMANDS.name, target, absorb.to_wire()), (PROFILES.name, key, None)
-            )
-            if row.next_tick is not None:
-                cancel = SegmentTimerRequest(contact_key=key, due_at=None, requested_at=now)
-                batch.emit((SEGMENT_TIMERS.name, key, cancel.to_wire()))
-            batch.delete(CONTACTS, raw_key, partition)
-            batch.delete(MEMBERSHIPS, raw_key, partition)
-            segments = row.profile.segments
-            batch.after_store(lambda: self.index.update(key, partition, segments, ()))
-        batch.put(LINKS, _ALIAS + raw_key, partition, target.encode())
-        log.info("segmenter.merged", into=target, had_history=row is not None)
-
     def _load(self, key: str) -> ContactRow | None:
         raw_key = key.encode()
 
@@ -430,6 +292,25 @@ class Contacts:
 
     def _forgotten(self, key: str) -> bool:
         return self._link(_FORGOTTEN + _digest(key)) is not None
+
+
+class _View:
+    """One contact's rows as the batch sees them (`domain.decide.ContactView`), each read only
+    when the decision asks (an object event reads none, a forwarded event no row)."""
+
+    def __init__(self, contacts: Contacts, key: str) -> None:
+        self._contacts = contacts
+        self._key = key
+
+    def row(self) -> ContactRow | None:
+        return self._contacts._load(self._key)
+
+    def merged_into(self) -> str | None:
+        target = self._contacts._link(_ALIAS + self._key.encode())
+        return None if target is None else target.decode()
+
+    def forgotten(self) -> bool:
+        return self._contacts._forgotten(self._key)
 
 
 class Segmenter:
