@@ -158,12 +158,20 @@ class AsyncProducer:
         partition: int | None,
         on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> None:
-        if partition is None:
-            self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-        else:
-            self._producer.produce(
-                topic, value=value, key=key, partition=partition, on_delivery=on_delivery
-            )
+        try:
+            if partition is None:
+                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+            else:
+                self._producer.produce(
+                    topic, value=value, key=key, partition=partition, on_delivery=on_delivery
+                )
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.code() in _REFUSED_RECORD:
+                # Refused before it was queued (too large, say): the record's fault, not an
+                # outage, so it is never retried as one.
+                raise DeliveryFailed(str(error), refused=True) from exc
+            raise
 
     async def _enqueue_waiting(
         self,

@@ -27,6 +27,12 @@ log = structlog.get_logger(__name__)
 # Where each partition's database keeps the offset of the last changelog record applied there:
 # ASCII decimal under this key (the key Faust used, so databases written before stay valid).
 OFFSET_KEY = b"__faust\x00offset__"
+# When the database was last known current with its changelog (epoch seconds, ASCII). Compaction
+# drops a changelog's tombstones a day after they were written (`delete.retention.ms`), so a
+# database older than that cannot catch up by reading on: it is rebuilt (`shared.streams`).
+CURRENT_KEY = b"__waypost\x00current__"
+# Keys that are bookkeeping, not rows.
+META_KEYS = frozenset({OFFSET_KEY, CURRENT_KEY})
 # Records taken from the consumer per call; each call ends with one write batch per partition.
 CONSUME_BATCH = 20_000
 # How long a call waits for a full batch: at a partition's end, a batch is never full.
@@ -115,6 +121,7 @@ class PartitionWriter:
         if offset is None:
             return
         self.batch.put(OFFSET_KEY, encode_offset(offset))
+        self.batch.put(CURRENT_KEY, encode_offset(int(time.time())))
         self.db.write(self.batch)
         self.batch = WriteBatch(raw_mode=True)
         self.offset = None
@@ -207,16 +214,19 @@ def restore_from(
     """
     started = time.perf_counter()
     result = Restored()
-    pending = deque(
-        (store, partition)
-        for store in stores
-        for partition in sorted(
-            consumer.list_topics(store.changelog, timeout=REQUEST_TIMEOUT_SECONDS)
-            .topics[store.changelog]
-            .partitions
+    pending: deque[tuple[TableStore, int]] = deque()
+    for store in stores:
+        topic = consumer.list_topics(store.changelog, timeout=REQUEST_TIMEOUT_SECONDS).topics.get(
+            store.changelog
         )
-        if partitions is None or partition in partitions
-    )
+        known = set(topic.partitions) if topic is not None and topic.error is None else set()
+        wanted = known if partitions is None else set(partitions)
+        if not wanted <= known:
+            # The changelog's metadata lacks a partition asked for: nothing can say how far it
+            # goes, so the restore is not complete (the caller tries again).
+            log.warning("worker.restore_metadata_incomplete", changelog=store.changelog)
+            result.complete = False
+        pending.extend((store, partition) for partition in sorted(wanted & known))
     active: dict[tuple[str, int], PartitionWriter] = {}
     try:
         while pending or active:

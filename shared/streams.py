@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
@@ -42,7 +43,14 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 
 from shared.deadletter import through_outages
 from shared.kafka import AsyncProducer, Record
-from shared.restore import OFFSET_KEY, TableStore, encode_offset, restore
+from shared.restore import (
+    CURRENT_KEY,
+    META_KEYS,
+    OFFSET_KEY,
+    TableStore,
+    encode_offset,
+    restore,
+)
 from shared.settings import CommonSettings
 from shared.topics import Topic
 
@@ -53,6 +61,10 @@ _PARTITION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 )
 # How long a restore that could not finish (the broker gone) waits before it tries again.
 RESTORE_RETRY_SECONDS = 2.0
+# A partition's database last current longer ago than this is rebuilt from its changelog rather
+# than read on: compaction drops tombstones a day (`delete.retention.ms`) after they were
+# written, so reading on from an older offset could miss deletions.
+STALE_AFTER_SECONDS = 12 * 3600.0
 # A block cache shared by every table database of the process.
 _BLOCK_CACHE_BYTES = 128 * 2**20
 _block_cache: Cache | None = None
@@ -94,10 +106,13 @@ class Table(MutableMapping[bytes, bytes]):
     a compacted changelog topic. Writes are staged per partition until the worker has produced
     them to the changelog; reads see the staged writes first."""
 
-    def __init__(self, name: str, changelog: str, folder: Path) -> None:
+    def __init__(self, name: str, changelog: str, folder: Path, *, primary: bool = False) -> None:
         self.name = name
         self.changelog = changelog
         self.folder = folder
+        # The table whose rows say a record was handled (the shell's de-duplication state): its
+        # changelog is written after every other table's, never before.
+        self.primary = primary
         self._dbs: dict[int, Rdict] = {}
         self._staged: dict[int, dict[bytes, bytes | None]] = {}
 
@@ -123,6 +138,25 @@ class Table(MutableMapping[bytes, bytes]):
         db = self._dbs.pop(partition, None)
         if db is not None:
             db.close()
+
+    def drop_if_stale(self, partition: int, now: float, max_age: float) -> bool:
+        """Delete the partition's closed database if it was last current with its changelog
+        longer than `max_age` seconds ago (or never said when): it is restored from the start."""
+        path = self.path_of(partition)
+        if partition in self._dbs or not path.exists():
+            return False
+        try:
+            db = Rdict(str(path), options=table_options(), access_type=AccessType.read_only())
+        except Exception:  # noqa: BLE001 - rocksdict raises bare Exceptions; the restore decides
+            return False
+        try:
+            raw = db.get(CURRENT_KEY)
+        finally:
+            db.close()
+        if raw is not None and now - int(raw) <= max_age:
+            return False
+        shutil.rmtree(path)
+        return True
 
     @property
     def partitions(self) -> frozenset[int]:
@@ -180,11 +214,16 @@ class Table(MutableMapping[bytes, bytes]):
         self._staged.setdefault(partition, {})[key] = value
 
     def rows(self) -> Iterator[tuple[bytes, bytes]]:
-        """Every stored row of the owned partitions, undecoded (staged writes not included)."""
+        """Every row of the owned partitions, undecoded, staged writes included (a scan during
+        a batch's changelog wait sees what the batch wrote)."""
         for partition in sorted(self._dbs):
+            staged = self._staged.get(partition, {})
             for key, value in self._dbs[partition].items():
-                if key != OFFSET_KEY:
+                if key not in META_KEYS and key not in staged:
                     yield key, value  # type: ignore[misc]  # raw mode: bytes, whatever the stubs say
+            for key, staged_value in list(staged.items()):
+                if staged_value is not None:
+                    yield key, staged_value
 
     def __iter__(self) -> Iterator[bytes]:
         return (key for key, _value in self.rows())
@@ -212,6 +251,7 @@ class Table(MutableMapping[bytes, bytes]):
                 batch.put(key, value)
         if through is not None:
             batch.put(OFFSET_KEY, encode_offset(through))
+            batch.put(CURRENT_KEY, encode_offset(int(time.time())))
         self._db(partition).write(batch)
 
     def discard_staged(self) -> None:
@@ -289,8 +329,10 @@ class StreamWorker:
 
     # --- declaring --------------------------------------------------------------------------
 
-    def table(self, name: str) -> Table:
-        table = Table(name, f"{self.app_id}-{name}-changelog", self.folder)
+    def table(self, name: str, *, primary: bool = False) -> Table:
+        """A table; `primary` for the one whose rows record what was handled (written to its
+        changelog after the others, so a crash between them repeats the record's work)."""
+        table = Table(name, f"{self.app_id}-{name}-changelog", self.folder, primary=primary)
         self.tables[name] = table
         return table
 
@@ -372,6 +414,9 @@ class StreamWorker:
 
     def _records(self, messages: list[Message]) -> list[Record]:
         records = []
+        # Offsets taken in this call: a record fetched both before and after a rebalance
+        # inside one poll is taken once.
+        taken: dict[tuple[str, int], int] = {}
         for message in messages:
             error = message.error()
             if error is not None:
@@ -379,17 +424,19 @@ class StreamWorker:
                     log.warning("stream.consume_error", error=str(error))
                 continue
             topic, partition = str(message.topic()), int(message.partition() or 0)
-            if (topic, partition) not in self._assigned:
-                continue  # fetched before its partition was revoked
+            if (topic, partition) not in self._assigned or partition not in self._owned:
+                continue  # fetched before its partition was revoked, or not co-partitioned
             key = message.key()
             record = Record(
                 topic=topic,
                 partition=partition,
                 offset=int(message.offset() or 0),
-                key=key.decode() if key is not None else None,
+                key=key.decode(errors="replace") if key is not None else None,
                 value=message.value() or b"",
             )
-            if self._positions.fresh(record):
+            where = (topic, partition)
+            if self._positions.fresh(record) and record.offset >= taken.get(where, -1):
+                taken[where] = record.offset + 1
                 records.append(record)
         return records
 
@@ -415,19 +462,22 @@ class StreamWorker:
             log.warning("stream.commit_failed", error=str(exc))
 
     async def _store(self) -> None:
-        """Every staged write to its changelog (one wait), then into the databases."""
-        staged = [
-            (table, partition, key, value)
-            for table in self.tables.values()
-            for partition, key, value in table.staged()
-        ]
-        if not staged:
-            return
-        reached = await self.producer.send_to_partitions(
-            (table.changelog, partition, key, value) for table, partition, key, value in staged
-        )
+        """Every staged write to its changelog, then into the databases. The primary tables'
+        changelogs are written only once every other table's are acknowledged: a crash between
+        two changelogs then leaves the record unhandled by the primary row, so it is handled
+        again, rather than a primary row saying "handled" beside rows that never landed."""
+        reached: dict[tuple[str, int], int] = {}
+        for primary in (False, True):
+            staged = [
+                (table.changelog, partition, key, value)
+                for table in self.tables.values()
+                if table.primary is primary
+                for partition, key, value in table.staged()
+            ]
+            if staged:
+                reached.update(await self.producer.send_to_partitions(staged))
         for table in self.tables.values():
-            for partition in {p for t, p, _k, _v in staged if t is table}:
+            for partition in {p for p, _k, _v in table.staged()}:
                 table.apply(partition, reached.get((table.changelog, partition)))
 
     # --- partitions that move ---------------------------------------------------------------
@@ -474,27 +524,35 @@ class StreamWorker:
                 interrupted.update(p for _t, p in partitions)
                 for topic, partition in partitions:
                     self._positions.forget(topic, partition)
-        owned = frozenset(p for _t, p in self._assigned)
-        by_topic: dict[str, set[int]] = {}
+        by_topic: dict[str, set[int]] = {topic: set() for topic in self._processors}
         for topic, partition in self._assigned:
             by_topic.setdefault(topic, set()).add(partition)
+        # Only partition numbers held for every input topic are handled (and their tables
+        # opened): two workers must never write one table partition.
+        owned = frozenset(set.intersection(*by_topic.values())) if by_topic else frozenset()
         if any(held != owned for held in by_topic.values()):
-            log.error(
-                "stream.not_copartitioned", assignment={t: sorted(p) for t, p in by_topic.items()}
-            )
+            assignment = {t: sorted(p) for t, p in by_topic.items()}
+            log.error("stream.not_copartitioned", assignment=assignment)
         for table in self.tables.values():
             for partition in table.partitions:
                 if partition in interrupted or partition not in owned:
                     table.close(partition)
         fresh = sorted(p for p in owned if any(p not in t.partitions for t in self.tables.values()))
         if fresh:
+            for table in self.tables.values():
+                for partition in fresh:
+                    table.close(partition)
+                    if table.drop_if_stale(partition, time.time(), STALE_AFTER_SECONDS):
+                        log.info(
+                            "stream.stale_table_dropped", table=table.name, partition=partition
+                        )
             await self._restore(fresh)
             for table in self.tables.values():
                 for partition in fresh:
                     table.open(partition)
         if added:
             tps = [TopicPartition(t, p) for t, p in sorted(added)]
-            committed = await asyncio.to_thread(consumer.committed, tps, 30.0)
+            committed = await self._committed(consumer, tps)
             for tp in committed:
                 self._positions.start(str(tp.topic), int(tp.partition), int(tp.offset))
         self._owned = owned
@@ -508,18 +566,37 @@ class StreamWorker:
             seconds=round(time.perf_counter() - started, 3),
         )
 
+    async def _committed(
+        self, consumer: Consumer, partitions: list[TopicPartition]
+    ) -> list[TopicPartition]:
+        """The group's committed offsets, asked again while the broker does not answer."""
+        while True:
+            try:
+                committed: list[TopicPartition] = await asyncio.to_thread(
+                    consumer.committed, partitions, 30.0
+                )
+                return committed
+            except KafkaException as exc:
+                log.warning("stream.committed_unavailable", error=str(exc))
+                await asyncio.sleep(RESTORE_RETRY_SECONDS)
+
     async def _restore(self, partitions: list[int]) -> None:
         """The tables' partitions up to the end of their changelogs, however long the broker
         takes: a partition is never handled on a partial table."""
         stores = [table.store() for table in self.tables.values()]
         while True:
-            done = await asyncio.to_thread(
-                restore,
-                self.settings.kafka_bootstrap,
-                stores,
-                client_id=f"{self.app_id}-restore",
-                partitions=partitions,
-            )
+            try:
+                done = await asyncio.to_thread(
+                    restore,
+                    self.settings.kafka_bootstrap,
+                    stores,
+                    client_id=f"{self.app_id}-restore",
+                    partitions=partitions,
+                )
+            except KafkaException as exc:  # the broker gone before the reading started
+                log.warning("stream.restore_failed", partitions=partitions, error=str(exc))
+                await asyncio.sleep(RESTORE_RETRY_SECONDS)
+                continue
             log.info(
                 "stream.tables_restored",
                 partitions=partitions,

@@ -148,8 +148,9 @@ class Journeys:
         self._store()
 
     def _store(self) -> None:
-        """Timer rows before contact rows: should a crash keep only the first writes, a timer
-        without its instance is dropped when it fires, while the stimulus that is then
+        """Timer rows before contact rows (the worker's `contacts` table is its primary one, so
+        its changelog is written after the timers'): should a crash keep only the first writes,
+        a timer without its instance is dropped when it fires, while the stimulus that is then
         redelivered to the old contact row decides (and schedules) the same again."""
         batch = self._batch
         writes = list(batch.writes())
@@ -290,7 +291,7 @@ class Orchestrator:
             refire_max=timedelta(seconds=settings.timer_refire_max_seconds),
         )
         self.journeys = Journeys(
-            worker.table(CONTACTS),
+            worker.table(CONTACTS, primary=True),
             self.timers,
             catalog,
             producer,

@@ -336,7 +336,7 @@ class Segmenter:
         self.memberships = worker.table(MEMBERSHIPS)
         # `alias:<anonymous key>` -> the known contact; `forgotten:<sha256>` -> when erased.
         tables = {
-            CONTACTS: worker.table(CONTACTS),
+            CONTACTS: worker.table(CONTACTS, primary=True),
             MEMBERSHIPS: self.memberships,
             LINKS: worker.table(LINKS),
         }
@@ -379,7 +379,10 @@ class Segmenter:
                 (SEGMENT_COUNTS.name, f"{c.segment_id}/{c.partition}", c.to_wire()) for c in counts
             )
         except (DeliveryFailed, ProducerBusy) as exc:
-            self.index.dirty.update((c.segment_id, c.partition) for c in counts)
+            owned = self.worker.owned()  # a partition that moved meanwhile is the new owner's
+            self.index.dirty.update(
+                (c.segment_id, c.partition) for c in counts if c.partition in owned
+            )
             log.warning("segmenter.counts_publish_failed", error=str(exc))
 
     async def _backfill(self) -> None:

@@ -4,6 +4,7 @@ reading loop over an in-memory changelog standing in for the broker's."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from confluent_kafka import KafkaError, TopicPartition
 from rocksdict import Options, Rdict
 
 from shared.restore import (
+    CURRENT_KEY,
     OFFSET_KEY,
     PartitionWriter,
     TableStore,
@@ -30,9 +32,19 @@ def open_db(path: Path) -> Rdict:
 
 
 def contents(path: Path) -> dict[bytes, bytes]:
+    """The rows and the offset; the time it was last current is checked on its own."""
     db = open_db(path)
     try:
-        return {bytes(k): bytes(v) for k, v in db.items()}
+        return {bytes(k): bytes(v) for k, v in db.items() if k != CURRENT_KEY}
+    finally:
+        db.close()
+
+
+def current_at(path: Path) -> int | None:
+    db = open_db(path)
+    try:
+        raw = db.get(CURRENT_KEY)
+        return int(raw) if raw is not None else None
     finally:
         db.close()
 
@@ -81,6 +93,9 @@ def test_a_batch_lands_with_the_offset_of_its_last_record(tmp_path: Path) -> Non
     writer.close()
     assert contents(path) == {b"a": b"3", OFFSET_KEY: b"3"}
     assert writer.records == 4
+    # Each batch also says when the database was last current with its changelog.
+    written = current_at(path)
+    assert written is not None and abs(written - time.time()) < 60
 
 
 def test_the_end_of_a_partition_is_recorded_even_past_its_last_record(tmp_path: Path) -> None:
@@ -138,6 +153,7 @@ class Message:
 @dataclass
 class Metadata:
     partitions: dict[int, object]
+    error: object = None
 
 
 @dataclass
@@ -307,3 +323,13 @@ def test_errors_alone_are_no_progress(tmp_path: Path) -> None:
     done = restore_from(consumer, [store_at(tmp_path)], idle_timeout=0.0)
     assert not done.complete
     assert done.records == 0
+
+
+def test_a_partition_missing_from_the_changelogs_metadata_leaves_the_restore_incomplete(
+    tmp_path: Path,
+) -> None:
+    consumer = FakeConsumer({(TOPIC, 0): [(0, b"a", b"1")]}, {(TOPIC, 0): 1})
+    done = restore_from(consumer, [store_at(tmp_path)], partitions=[0, 1])
+
+    assert done.complete is False  # partition 1 is unknown: nothing says how far it goes
+    assert contents(tmp_path / "things-0.db") == {b"a": b"1", OFFSET_KEY: b"0"}

@@ -4,15 +4,17 @@ with the changelog offset they reach; a position drops what its owner handled al
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from rocksdict import AccessType, Options, Rdict
 
-from shared.kafka import Record
+from shared.kafka import AsyncProducer, DeliveryFailed, Record
 from shared.restore import OFFSET_KEY
-from shared.streams import NotOwned, Positions, Table, focus
+from shared.settings import CommonSettings
+from shared.streams import NotOwned, Positions, StreamWorker, Table, focus
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def test_writes_go_to_the_partition_in_focus_and_are_staged_until_applied(table:
     assert b"a" not in table  # partition 1 has no `a`
     assert table[b"b"] == b"2"  # staged writes are read first
     assert sorted(table.staged()) == [(0, b"a", b"1"), (1, b"b", b"2")]
-    assert list(table.rows()) == []  # nothing stored yet
+    assert dict(table.rows()) == {b"a": b"1", b"b": b"2"}  # a scan sees them too
 
     table.apply(0, through=7)
     table.apply(1, through=None)
@@ -122,3 +124,99 @@ def test_positions_drop_records_below_the_next_offset_and_advance_past_handled_o
     assert positions.fresh(record("t", 0, 13))
     positions.forget("t", 0)
     assert positions.fresh(record("t", 0, 0))
+
+
+def test_a_scan_sees_the_staged_writes_of_the_batch_in_hand(table: Table) -> None:
+    focus(0)
+    table[b"kept"] = b"1"
+    table[b"gone"] = b"1"
+    table.apply(0, through=1)
+    table[b"new"] = b"2"
+    del table[b"gone"]
+    assert dict(table.rows()) == {b"kept": b"1", b"new": b"2"}
+
+
+def test_a_database_last_current_too_long_ago_is_dropped_to_be_restored_whole(
+    table: Table,
+) -> None:
+    focus(0)
+    table[b"a"] = b"1"
+    table.apply(0, through=0)
+    written = time.time()
+    table.close(0)
+    table.close(1)
+    assert not table.drop_if_stale(0, written + 60, max_age=3600)  # current enough: read on
+    assert table.path_of(0).exists()
+    assert table.drop_if_stale(0, written + 7200, max_age=3600)
+    assert not table.path_of(0).exists()
+    # A database that never said when it was current (written before the marker) is dropped.
+    table.open(1)
+    focus(1)
+    table[b"b"] = b"1"
+    table.apply(1, through=None)
+    table.close(1)
+    assert table.drop_if_stale(1, written, max_age=3600)
+    assert not table.drop_if_stale(5, written, max_age=3600)  # nothing there
+
+
+class Producer:
+    """Records each changelog send, in order, and acknowledges at growing offsets."""
+
+    def __init__(self) -> None:
+        self.sends: list[list[tuple[str, int, bytes, bytes | None]]] = []
+
+    async def send_to_partitions(
+        self, records: list[tuple[str, int, bytes, bytes | None]]
+    ) -> dict[tuple[str, int], int]:
+        self.sends.append(list(records))
+        return {(topic, partition): 100 + len(self.sends) for topic, partition, _k, _v in records}
+
+
+async def test_the_primary_tables_changelog_is_written_after_the_others(tmp_path: Path) -> None:
+    producer = Producer()
+    worker = StreamWorker(
+        "app",
+        CommonSettings(),
+        producer,  # type: ignore[arg-type]
+        data_dir=tmp_path,
+        batch_max_records=10,
+        batch_max_seconds=0.01,
+    )
+    timers, contacts = worker.table("timers"), worker.table("contacts", primary=True)
+    for t in (timers, contacts):
+        t.open(0)
+    focus(0)
+    contacts[b"c"] = b"state"
+    timers[b"c\x00i"] = b"due"
+
+    await worker._store()
+
+    assert producer.sends == [
+        [("app-timers-changelog", 0, b"c\x00i", b"due")],
+        [("app-contacts-changelog", 0, b"c", b"state")],
+    ]
+    assert dict(contacts.rows()) == {b"c": b"state"}
+    assert list(contacts.staged()) == []
+    for t in (timers, contacts):
+        t.close(0)
+    db = Rdict(
+        str(contacts.path_of(0)),
+        options=Options(raw_mode=True),
+        access_type=AccessType.read_only(),
+    )
+    try:
+        assert db[OFFSET_KEY] == b"102"  # the offset its changelog write was acknowledged at
+    finally:
+        db.close()
+
+
+async def test_a_record_too_large_for_the_producer_is_refused_not_an_outage() -> None:
+    producer = AsyncProducer(
+        "127.0.0.1:1", client_id="test", extra={"message.max.bytes": 1000}
+    )  # never contacted: the size is checked before the record is queued
+    try:
+        with pytest.raises(DeliveryFailed) as refused:
+            await producer.send_all([("t", "k", b"x" * 5000)])
+        assert refused.value.refused
+    finally:
+        producer.close(timeout=0)
