@@ -391,9 +391,10 @@ class Dispatcher:
         if not first:
             return  # already concluded by another copy
         if state == "sent" and not request.transactional and channel in self._caps:
-            sends = await self.stores.caps.sends(request.contact_key, channel)
-            kept = kept_sends(self._caps[channel], [*sends, now], now)
-            await self.stores.caps.store(request.contact_key, channel, kept)
+            rule = self._caps[channel]
+            await self.stores.caps.count(
+                request.contact_key, channel, now, lambda sends: kept_sends(rule, sends, now)
+            )
         if state == "failed" and delivery is not None and not exhausted:
             await self._after_recipient_failure(request, outcome, delivery, now)
         await self._announce(request, state, outcome, now, delivery)
@@ -512,10 +513,15 @@ class Dispatcher:
         props = event.properties
         if label in (UNSUBSCRIBED, SUBSCRIBED):
             channel = str(props.get("channel", "email"))
-            for one in CHANNELS if channel == "all" else (channel,):
-                if one in CHANNELS:
-                    given = label == SUBSCRIBED
-                    await self.stores.consent.record(event.contact_key, one, given, event.timestamp)
+            # Reports are handled concurrently: the contact's lock keeps two words, and a
+            # provider opt-out met by a send, from interleaving their reads and writes.
+            async with self._contact(event.contact_key):
+                for one in CHANNELS if channel == "all" else (channel,):
+                    if one in CHANNELS:
+                        given = label == SUBSCRIBED
+                        await self.stores.consent.record(
+                            event.contact_key, one, given, event.timestamp
+                        )
             return
         message_id = props.get("message_id")
         if not isinstance(message_id, str):

@@ -7,14 +7,22 @@ states it may leave, so a stale worker cannot overwrite a newer state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
 
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import AutoReconnect, DuplicateKeyError, OperationFailure
-from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
+from tenacity import (
+    retry,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from services.dispatcher.domain.policy import ConsentRecord
 from shared.contracts import SendRequest
@@ -52,6 +60,46 @@ _retried = retry(
     stop=stop_after_delay(60),
     reraise=True,
 )
+
+# An upsert whose filter is one `_id` can lose a race: two writers both find no document and
+# both insert, and the second insert answers DuplicateKeyError (FerretDB always; MongoDB retries
+# it on the server). Running the read-modify-write again finds the winner's document and
+# updates it, so a lost race costs one more round trip, not the record.
+RACE_ATTEMPTS = 5
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _race_retried(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Re-run an upsert (with the reads it decides on) when it lost a race for its `_id`.
+
+    Still losing after RACE_ATTEMPTS runs, the error leaves labelled retryable, so the record's
+    guard waits it out like an outage (`shared.deadletter.is_outage`): a race is never poison.
+    """
+    retried = retry(
+        retry=retry_if_exception_type(DuplicateKeyError),
+        stop=stop_after_attempt(RACE_ATTEMPTS),
+        wait=wait_random_exponential(multiplier=0.01, max=0.2),
+        reraise=True,
+    )(fn)
+
+    @wraps(fn)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await retried(*args, **kwargs)
+        except DuplicateKeyError as exc:
+            raise lost_race(exc) from exc
+
+    return run
+
+
+def lost_race(exc: DuplicateKeyError) -> DuplicateKeyError:
+    """The same error, labelled `RetryableWriteError`: a lost race, not a refusal."""
+    details = dict(exc.details or {})
+    details["errorLabels"] = [*details.get("errorLabels", []), "RetryableWriteError"]
+    return DuplicateKeyError(str(details.get("errmsg") or exc), exc.code, details)
+
 
 # After a send, what delivery reports may move the entry to, in order.
 _TRACKING_ORDER = ("sent", "delivered", "opened", "clicked")
@@ -242,10 +290,24 @@ class Caps:
         return list(doc.get("sends", [])) if doc else []
 
     @_retried
-    async def store(self, contact_key: str, channel: str, sends: list[datetime]) -> None:
+    @_race_retried
+    async def count(
+        self,
+        contact_key: str,
+        channel: str,
+        at: datetime,
+        keep: Callable[[list[datetime]], list[datetime]],
+    ) -> None:
+        """Count one accepted send at `at`; `keep` drops the sends no cap can count any more.
+
+        Read and write run again together when the write lost a race for the document.
+        """
+        key = f"{channel}|{contact_key}"
+        doc = await self._caps.find_one({"_id": key})
+        sends = list(doc.get("sends", [])) if doc else []
         await self._caps.replace_one(
-            {"_id": f"{channel}|{contact_key}"},
-            {"contact_key": contact_key, "channel": channel, "sends": sends},
+            {"_id": key},
+            {"contact_key": contact_key, "channel": channel, "sends": keep([*sends, at])},
             upsert=True,
         )
 
@@ -266,18 +328,23 @@ class Consent:
         return ConsentRecord(bool(doc["given"]), doc["at"]) if doc else None
 
     @_retried
+    @_race_retried
     async def record(self, contact_key: str, channel: str, given: bool, at: datetime) -> None:
         """Keep the newest word per channel (an older, late event changes nothing).
 
-        One contact's reports arrive in order on one partition, so read-then-write by key is
-        safe; the key-only filter keeps the lookup on the primary key.
+        Reports are handled concurrently, and a provider opt-out is recorded by the send that
+        met it, so two writers can race. The write replaces only an older word; when a newer
+        one landed since the read, the filter misses, the upsert's insert meets the key and
+        raises DuplicateKeyError, and the run again reads the newer word and stops.
         """
         key = f"{channel}|{contact_key}"
         current = await self._consent.find_one({"_id": key})
         if current is not None and current["at"] >= at:
             return
         await self._consent.replace_one(
-            {"_id": key}, {"contact_key": contact_key, "given": given, "at": at}, upsert=True
+            {"_id": key, "at": {"$lt": at}},
+            {"contact_key": contact_key, "given": given, "at": at},
+            upsert=True,
         )
 
     @_retried
@@ -296,7 +363,9 @@ class Suppressions:
         return f"{channel}:{address.strip().casefold()}"
 
     @_retried
+    @_race_retried
     async def add(self, channel: str, address: str, reason: str, now: datetime) -> None:
+        """Two contacts can share an address, so two sends can suppress it at once."""
         await self._suppressions.replace_one(
             {"_id": self._key(channel, address)},
             {"channel": channel, "reason": reason, "at": now},
