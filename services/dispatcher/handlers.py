@@ -33,9 +33,10 @@ from services.dispatcher.domain.policy import (
     class_for_delay,
     consent_refusal,
     fallback_of,
-    falls_back,
     kept_sends,
+    line_break_refusal,
     plan_retry,
+    tries_next_channel,
 )
 from services.dispatcher.domain.rendering import (
     EmailTemplate,
@@ -255,7 +256,12 @@ class Dispatcher:
         ):
             await self._after_lost_begin(request, attempt, record)
             return
-        outcome = await self.providers[channel].send(prepared)
+        try:
+            outcome = await self.providers[channel].send(prepared)
+        except ValueError as exc:
+            # The content or address cannot be written as this provider's request (a header
+            # the email library refuses, text it cannot encode): it never left, and never will.
+            outcome = Outcome("skipped", f"unsendable: {channel}: {type(exc).__name__}: {exc}")
         await self._conclude(request, outcome, attempt, record, prepared)
 
     async def _after_lost_begin(self, request: SendRequest, attempt: int, record: Record) -> None:
@@ -280,6 +286,9 @@ class Dispatcher:
         address = address_of(channel, profile)
         if address is None:
             return Outcome("skipped", f"no_address: {channel}")
+        broken = line_break_refusal(channel, address)
+        if broken:
+            return Outcome("skipped", broken)
         suppressed = await self.stores.suppressions.reason(channel, address)
         if suppressed is not None:
             return Outcome("skipped", f"suppressed: {suppressed}")
@@ -295,8 +304,8 @@ class Dispatcher:
             return Outcome("skipped", f"template_not_ready: {request.template_id}")
         try:
             content = self._render(request, template)
-        except RenderError as exc:
-            return Outcome("skipped", f"template_error: {exc}")
+        except (RenderError, ValueError) as exc:  # ValueError: content the builders refuse
+            return Outcome("skipped", f"template_error: {request.template_id}: {exc}")
         return Delivery(request.message_id, request.contact_key, channel, address, content)
 
     def _render(self, request: SendRequest, template: Mapping[str, Any]) -> Content:
@@ -399,7 +408,7 @@ class Dispatcher:
             await self._after_recipient_failure(request, outcome, delivery, now)
         await self._announce(request, state, outcome, now, delivery)
         reachable_elsewhere = (state == "failed" and not exhausted) or (
-            state == "skipped" and falls_back(outcome.reason)
+            state == "skipped" and tries_next_channel(outcome.reason)
         )
         following = fallback_of(request) if reachable_elsewhere else None
         if following is not None:

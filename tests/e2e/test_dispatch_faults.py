@@ -1,19 +1,22 @@
 """Faults that are nobody's poison, on the real stack: upserts of one key racing on the real
-document server."""
+document server, and templates that fail for one contact (each such send is skipped and the
+next channel of the step is tried; nothing is dead-lettered or left `sending`)."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pymongo.errors import DuplicateKeyError
 
-from services.dispatcher.adapters.store import CONSENT, Consent, Suppressions
-from shared.docstore import connect
+from services.dispatcher.adapters.store import CONSENT, MESSAGES, Consent, Suppressions
+from shared.docstore import connect, connect_blocking
 from shared.settings import CommonSettings
-from tests.e2e.helpers import unique
+from shared.topics import DEAD_LETTER
+from tests.e2e.helpers import outbox, post, publish_inline, read_topic, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
@@ -60,3 +63,82 @@ async def test_upserts_of_one_key_racing_on_the_document_server_all_land(stack: 
     finally:
         await client.drop_database(db.name)
         await client.close()
+
+
+def test_a_template_that_fails_for_a_contact_skips_its_channel_and_the_next_one_sends(
+    stack: Any, tmp_path: Path
+) -> None:
+    tag = unique("faults")
+    trigger = f"Enter {tag}"
+    publish_inline(
+        stack,
+        tmp_path,
+        tag,
+        {"type": "event", "event": trigger},
+        [
+            {
+                "id": "announce",
+                "type": "send",
+                "channels": [
+                    {"channel": "email", "template": f"{tag}-email"},
+                    {"channel": "sms", "template": f"{tag}-sms"},
+                ],
+            },
+            {"id": "done", "type": "exit"},
+        ],
+        {
+            f"{tag}-email": {
+                "channel": "email",
+                "subject": "Your points",
+                "text": "{{ 100 // contact.orders }} points {{ '*' * contact.stars }}",
+            },
+            f"{tag}-sms": {"channel": "sms", "text": "Acme: your points are waiting."},
+        },
+    )
+    contacts = {
+        # contact: (traits, what the email's skip reason names)
+        "zero": (
+            {"orders": 0, "stars": 1},
+            f"template_error: {tag}-email: text: ZeroDivisionError",
+        ),
+        "type": ({"orders": "many", "stars": 1}, f"template_error: {tag}-email: text: TypeError"),
+        "huge": ({"orders": 1, "stars": 10**9}, f"template_error: {tag}-email: text: Overflow"),
+        "crlf": ({"orders": 1, "stars": 1}, "no_address: email: the address holds a line break"),
+    }
+    users = {name: unique(name) for name in contacts}
+    phones = {name: f"+4850020{n:04d}" for n, name in enumerate(contacts)}
+    for name, (traits, _) in contacts.items():
+        email = f"{users[name]}@ex.com"
+        if name == "crlf":
+            email += "\r\nBcc: someone-else@ex.com"
+        answer = post(
+            stack,
+            "identify",
+            {"userId": users[name], "traits": {**traits, "email": email, "phone": phones[name]}},
+        )
+        assert answer.status_code == 200, answer.text
+    for user in users.values():
+        assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+
+    client = connect_blocking(CommonSettings(mongo_url=stack.mongo_url), "tests")
+    try:
+        ledger = client["waypost"][MESSAGES]
+        for name, (_, reason) in contacts.items():
+            texts = wait_for(
+                lambda name=name: outbox(stack, channel="sms", to=phones[name]), what=name
+            )
+            assert len(texts) == 1
+
+            def concluded(name: str = name) -> dict[str, Any] | None:
+                entries = {e["channel"]: e for e in ledger.find({"contact_key": users[name]})}
+                sms = entries.get("sms", {})
+                return entries if sms.get("state") in ("sent", "delivered") else None
+
+            entries = wait_for(concluded, what=f"{name}'s SMS in the ledger")
+            assert entries["email"]["state"] == "skipped"
+            assert entries["email"]["reason"].startswith(reason)
+        assert outbox(stack, channel="email", to=f"{users['zero']}@ex.com") == []
+    finally:
+        client.close()
+    letters = [key for key, _ in read_topic(stack.bootstrap, DEAD_LETTER.name)]
+    assert not set(letters) & set(users.values())

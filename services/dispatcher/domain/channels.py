@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 from services.dispatcher.domain.messages import PushContent, SmsContent, WechatContent
 from services.dispatcher.domain.outcomes import Outcome
-from services.dispatcher.domain.rendering import RenderError, render_text
+from services.dispatcher.domain.rendering import RenderError, breaks_line, render_text
 from shared.clock import Clock
 
 # A stored template document: channel, subject, text, html, and optionally url, image_url,
@@ -150,7 +150,7 @@ def _single_line(name: str, value: str | None) -> str:
     value = (value or "").strip()
     if not value:
         raise RenderError(f"{name}: renders empty")
-    if "\n" in value or "\r" in value:
+    if breaks_line(value):
         raise RenderError(f"{name}: renders to more than one line")
     return value
 

@@ -14,9 +14,12 @@ from zoneinfo import ZoneInfo
 from shared.contracts import Channel, Profile, SendRequest
 from shared.ids import stable_fraction, stable_id
 
-# Skip reasons after which the next channel of a priority list is tried (the contact cannot be
-# reached on this one); a frequency cap or a template problem does not move to another channel.
+# Skip reasons after which the next channel of a priority list is tried: the contact cannot be
+# reached on this one, or this channel's message cannot be made for them (its template fails for
+# this contact, or its content cannot be written as a provider request). A frequency cap or a
+# template that is not ready does not move to another channel.
 UNREACHABLE = ("unsubscribed", "no_address", "suppressed", "channel_not_configured")
+UNSENDABLE = ("template_error", "unsendable")
 
 # Retry topics, one per delay class: attempt 1 waits in "short", 2 in "medium", later in "long".
 RETRY_CLASSES: tuple[str, ...] = ("short", "medium", "long")
@@ -148,7 +151,21 @@ def fallback_of(request: SendRequest) -> SendRequest | None:
 
 
 def falls_back(reason: str | None) -> bool:
+    """Whether a skip says the contact cannot be reached on the channel."""
     return reason is not None and reason.startswith(UNREACHABLE)
+
+
+def tries_next_channel(reason: str | None) -> bool:
+    """Whether a skip moves the message on to the next channel of the priority list."""
+    return falls_back(reason) or (reason is not None and reason.startswith(UNSENDABLE))
+
+
+def line_break_refusal(channel: Channel, address: str) -> str | None:
+    """`no_address: …` for an address holding a line break: in a header or a request it would
+    smuggle in lines of its own, so the contact has no usable address on the channel."""
+    if address.splitlines() == [address]:
+        return None
+    return f"no_address: {channel}: the address holds a line break"
 
 
 class TokenBucket:

@@ -1,7 +1,8 @@
 """Template rendering in a Jinja2 sandbox with strict undefined variables (pure).
 
-A template that reads a variable the contact lacks is an error, so the send is skipped with a
-reason instead of going out as "Hello ,".
+Whatever goes wrong while rendering for a contact (a variable the contact lacks, a division by
+zero, a value of the wrong type, a result over the size bound) is a RenderError: the send is
+skipped with the reason instead of going out as "Hello ," or stopping the stream.
 """
 
 from __future__ import annotations
@@ -10,12 +11,51 @@ from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError
+from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
 from shared.contracts import SendRequest
 
-_ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
-_HTML_ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=True)
+# The most one rendered template field may hold, in UTF-8 bytes. Email parts (subject, text,
+# HTML) get 1 MiB each, far above any real mail; SMS, push and WeChat fields get 64 KiB, above
+# anything their providers accept (1,600 SMS characters, a 4 KB FCM message), whose own limits
+# are checked after rendering. Output is measured as it is produced, so a runaway loop stops
+# at the bound instead of filling the worker's memory.
+EMAIL_RENDER_LIMIT = 1 << 20
+FIELD_RENDER_LIMIT = 64 << 10
+# Integer powers up to this many bits; `2 ** 10000000000` would fill the worker's memory.
+MAX_POWER_BITS = 4096
+
+
+class _BoundedEnvironment(SandboxedEnvironment):
+    """The sandbox, with `*` and `**` refused before they build a value over the bound."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for sequence, times in ((left, right), (right, left)):
+                if (
+                    isinstance(sequence, str | bytes | list | tuple)
+                    and isinstance(times, int)
+                    and len(sequence) * times > EMAIL_RENDER_LIMIT
+                ):
+                    raise OverflowError(
+                        f"repeating {len(sequence)} items {times} times is over the "
+                        f"render bound of {EMAIL_RENDER_LIMIT} bytes"
+                    )
+        elif (
+            isinstance(left, int)
+            and isinstance(right, int)
+            and abs(left) > 1
+            and right * abs(left).bit_length() > MAX_POWER_BITS
+        ):
+            raise OverflowError(f"{left} ** {right} is over {MAX_POWER_BITS} bits")
+        return super().call_binop(context, operator, left, right)
+
+
+_ENV = _BoundedEnvironment(undefined=StrictUndefined, autoescape=False)
+_HTML_ENV = _BoundedEnvironment(undefined=StrictUndefined, autoescape=True)
 
 
 @dataclass(frozen=True)
@@ -47,21 +87,57 @@ def render_variables(request: SendRequest) -> dict[str, Any]:
     }
 
 
-def render_text(source: str, variables: dict[str, Any], *, html: bool = False) -> str:
-    """Render one template source (HTML-escaped when `html`); RenderError says why it failed."""
+def render_text(
+    source: str,
+    variables: dict[str, Any],
+    *,
+    html: bool = False,
+    limit: int = FIELD_RENDER_LIMIT,
+) -> str:
+    """Render one template source (HTML-escaped when `html`) to at most `limit` UTF-8 bytes.
+
+    Any failure of the template for these variables is a RenderError naming the error; only a
+    MemoryError, which is the worker's, goes through.
+    """
     try:
-        return (_HTML_ENV if html else _ENV).from_string(source).render(variables)
+        template = (_HTML_ENV if html else _ENV).from_string(source)
+        parts: list[str] = []
+        size = 0
+        for part in template.generate(variables):
+            size += len(part.encode("utf-8"))  # also refuses lone surrogates, as SMTP would
+            if size > limit:
+                raise RenderError(f"renders to more than {limit} bytes")
+            parts.append(part)
+        return "".join(parts)
+    except (RenderError, MemoryError):
+        raise
     except TemplateError as exc:
         raise RenderError(str(exc)) from exc
+    except Exception as exc:  # a template's runtime fault is the recipient's, not the worker's
+        raise RenderError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def breaks_line(value: str) -> bool:
+    """Whether `value` holds a line break of any kind (CR, LF, U+2028, …): a header or an
+    address that does would smuggle in lines of its own."""
+    return value.splitlines() != [value] and value != ""
 
 
 def render_email(template: EmailTemplate, variables: dict[str, Any]) -> RenderedEmail:
-    try:
-        subject = _ENV.from_string(template.subject).render(variables).strip()
-        text = _ENV.from_string(template.text).render(variables)
-        html = _HTML_ENV.from_string(template.html).render(variables) if template.html else None
-    except TemplateError as exc:
-        raise RenderError(str(exc)) from exc
-    if "\n" in subject or "\r" in subject:
+    """Subject (one line), text and HTML parts, each within EMAIL_RENDER_LIMIT."""
+    parts: dict[str, str] = {}
+    for name, source in (("subject", template.subject), ("text", template.text)):
+        try:
+            parts[name] = render_text(source, variables, limit=EMAIL_RENDER_LIMIT)
+        except RenderError as exc:
+            raise RenderError(f"{name}: {exc}") from exc
+    html = None
+    if template.html:
+        try:
+            html = render_text(template.html, variables, html=True, limit=EMAIL_RENDER_LIMIT)
+        except RenderError as exc:
+            raise RenderError(f"html: {exc}") from exc
+    subject = parts["subject"].strip()
+    if breaks_line(subject):
         raise RenderError("subject renders to more than one line")
-    return RenderedEmail(subject=subject, text=text, html=html)
+    return RenderedEmail(subject=subject, text=parts["text"], html=html)
