@@ -98,9 +98,10 @@ class PartitionWriter:
     how far it goes, which the next restore resumes from.
     """
 
-    def __init__(self, topic: str, db: Rdict) -> None:
+    def __init__(self, topic: str, db: Rdict, current_at: int | None = None) -> None:
         self.topic = topic
         self.db = db
+        self.current_at = current_at  # when the restore started (epoch seconds), if told
         self.batch = WriteBatch(raw_mode=True)
         self.offset: int | None = None  # the last offset in `batch`
         self.records = 0
@@ -121,7 +122,8 @@ class PartitionWriter:
         if offset is None:
             return
         self.batch.put(OFFSET_KEY, encode_offset(offset))
-        self.batch.put(CURRENT_KEY, encode_offset(int(time.time())))
+        if self.current_at is not None:
+            self.batch.put(CURRENT_KEY, encode_offset(self.current_at))
         self.db.write(self.batch)
         self.batch = WriteBatch(raw_mode=True)
         self.offset = None
@@ -149,6 +151,7 @@ def restore(
     window: int = WINDOW,
     idle_timeout: float = IDLE_TIMEOUT_SECONDS,
     partitions: Collection[int] | None = None,
+    current_at: int | None = None,
 ) -> Restored:
     """Bring the partition databases of `stores` (those numbered in `partitions`, else all) up
     to the end of their changelogs, reading with a consumer of its own that joins no group and
@@ -176,7 +179,12 @@ def restore(
     )
     try:
         return restore_from(
-            consumer, stores, window=window, idle_timeout=idle_timeout, partitions=partitions
+            consumer,
+            stores,
+            window=window,
+            idle_timeout=idle_timeout,
+            partitions=partitions,
+            current_at=current_at,
         )
     finally:
         consumer.close()
@@ -201,6 +209,7 @@ def restore_from(
     window: int = WINDOW,
     idle_timeout: float = IDLE_TIMEOUT_SECONDS,
     partitions: Collection[int] | None = None,
+    current_at: int | None = None,
 ) -> Restored:
     """The restore over a given consumer, `window` partitions at a time: a partition's database
     is opened, and the partition assigned, when it enters the window, and closed at its end.
@@ -232,7 +241,7 @@ def restore_from(
         while pending or active:
             while pending and len(active) < max(1, window):
                 store, partition = pending.popleft()
-                _enter(consumer, store, partition, active, result)
+                _enter(consumer, store, partition, active, result, current_at)
             if active and not _read(consumer, active, result, idle_timeout):
                 result.complete = False
                 return result
@@ -250,6 +259,7 @@ def _enter(
     partition: int,
     active: dict[tuple[str, int], PartitionWriter],
     result: Restored,
+    current_at: int | None,
 ) -> None:
     """Open a partition's database and assign the partition from where the database ends,
     unless it is current. A database another owner holds open is left alone."""
@@ -261,7 +271,7 @@ def _enter(
             raise
         result.locked.append(path.name)  # the caller tries again once the holder let go
         return
-    writer = PartitionWriter(store.changelog, db)
+    writer = PartitionWriter(store.changelog, db, current_at)
     try:
         tp = TopicPartition(store.changelog, partition)
         low, high = consumer.get_watermark_offsets(tp, timeout=REQUEST_TIMEOUT_SECONDS)

@@ -37,3 +37,12 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.lower()
+
+
+class StreamSettings(CommonSettings):
+    """What a stream worker (segmenter, orchestrator) adds: its batches."""
+
+    # A batch is up to this many records, or what arrived within this many milliseconds: its
+    # outputs are acknowledged once, then its rows stored, then its offsets committed.
+    batch_max_records: int = Field(default=500, ge=1)
+    batch_max_ms: float = Field(default=20.0, gt=0)

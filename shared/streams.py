@@ -41,6 +41,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
+from shared.clock import Clock
 from shared.deadletter import through_outages
 from shared.kafka import AsyncProducer, Record
 from shared.restore import (
@@ -51,7 +52,7 @@ from shared.restore import (
     encode_offset,
     restore,
 )
-from shared.settings import CommonSettings
+from shared.settings import StreamSettings
 from shared.topics import Topic
 
 log = structlog.get_logger(__name__)
@@ -139,7 +140,7 @@ class Table(MutableMapping[bytes, bytes]):
         if db is not None:
             db.close()
 
-    def drop_if_stale(self, partition: int, now: float, max_age: float) -> bool:
+    def drop_if_stale(self, partition: int, now: int, max_age: float) -> bool:
         """Delete the partition's closed database if it was last current with its changelog
         longer than `max_age` seconds ago (or never said when): it is restored from the start."""
         path = self.path_of(partition)
@@ -238,8 +239,9 @@ class Table(MutableMapping[bytes, bytes]):
             for key, value in writes.items():
                 yield partition, key, value
 
-    def apply(self, partition: int, through: int | None) -> None:
-        """Write the partition's staged writes, with `through`, the changelog offset they reach."""
+    def apply(self, partition: int, through: int | None, current_at: int | None = None) -> None:
+        """Write the partition's staged writes, with `through`, the changelog offset they reach,
+        and `current_at`, when that was (epoch seconds)."""
         writes = self._staged.pop(partition, None)
         if not writes:
             return
@@ -251,7 +253,8 @@ class Table(MutableMapping[bytes, bytes]):
                 batch.put(key, value)
         if through is not None:
             batch.put(OFFSET_KEY, encode_offset(through))
-            batch.put(CURRENT_KEY, encode_offset(int(time.time())))
+            if current_at is not None:
+                batch.put(CURRENT_KEY, encode_offset(current_at))
         self._db(partition).write(batch)
 
     def discard_staged(self) -> None:
@@ -303,19 +306,20 @@ class StreamWorker:
     def __init__(
         self,
         app_id: str,
-        settings: CommonSettings,
+        settings: StreamSettings,
         producer: AsyncProducer,
+        clock: Clock,
         *,
-        data_dir: Path,
-        batch_max_records: int,
-        batch_max_seconds: float,
+        service: str,
     ) -> None:
         self.app_id = app_id
         self.settings = settings
         self.producer = producer
-        self.folder = data_dir / "v1" / "tables"
-        self.batch_max_records = max(1, batch_max_records)
-        self.batch_max_seconds = batch_max_seconds
+        self.clock = clock
+        # `<data dir>/<service>/v1/tables/<table>-<partition>.db`
+        self.folder = settings.data_dir / service / "v1" / "tables"
+        self.batch_max_records = settings.batch_max_records
+        self.batch_max_seconds = settings.batch_max_ms / 1000
         self.tables: dict[str, Table] = {}
         self._processors: dict[str, Process] = {}
         self._hooks: list[Hook] = []
@@ -476,9 +480,10 @@ class StreamWorker:
             ]
             if staged:
                 reached.update(await self.producer.send_to_partitions(staged))
+        current_at = self._epoch_seconds()
         for table in self.tables.values():
             for partition in {p for p, _k, _v in table.staged()}:
-                table.apply(partition, reached.get((table.changelog, partition)))
+                table.apply(partition, reached.get((table.changelog, partition)), current_at)
 
     # --- partitions that move ---------------------------------------------------------------
 
@@ -542,7 +547,7 @@ class StreamWorker:
             for table in self.tables.values():
                 for partition in fresh:
                     table.close(partition)
-                    if table.drop_if_stale(partition, time.time(), STALE_AFTER_SECONDS):
+                    if table.drop_if_stale(partition, self._epoch_seconds(), STALE_AFTER_SECONDS):
                         log.info(
                             "stream.stale_table_dropped", table=table.name, partition=partition
                         )
@@ -592,6 +597,7 @@ class StreamWorker:
                     stores,
                     client_id=f"{self.app_id}-restore",
                     partitions=partitions,
+                    current_at=self._epoch_seconds(),
                 )
             except KafkaException as exc:  # the broker gone before the reading started
                 log.warning("stream.restore_failed", partitions=partitions, error=str(exc))
@@ -610,6 +616,9 @@ class StreamWorker:
             if done.complete and not done.locked:
                 return
             await asyncio.sleep(RESTORE_RETRY_SECONDS)
+
+    def _epoch_seconds(self) -> int:
+        return int(self.clock.now().timestamp())
 
     async def _every(self, seconds: float, job: Job) -> None:
         while True:

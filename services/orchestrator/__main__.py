@@ -20,14 +20,7 @@ def main() -> None:
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="orchestrator")
     catalog = DefinitionsCatalog(settings.kafka_bootstrap)
     audience_progress = AudienceProgress(settings.kafka_bootstrap)
-    worker = StreamWorker(
-        settings.app_id,
-        settings,
-        producer,
-        data_dir=settings.data_dir / "orchestrator",
-        batch_max_records=settings.batch_max_records,
-        batch_max_seconds=settings.batch_max_ms / 1000,
-    )
+    worker = StreamWorker(settings.app_id, settings, producer, clock, service="orchestrator")
     Orchestrator(
         worker,
         settings,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from shared.settings import CommonSettings
+from shared.settings import StreamSettings
 
 
-class OrchestratorSettings(CommonSettings):
+class OrchestratorSettings(StreamSettings):
     app_id: str = "waypost-orchestrator"
     timer_tick_seconds: float = Field(default=0.2, gt=0)
     # Fired timers per publish round; each round waits for Kafka's acknowledgements.
@@ -18,7 +18,3 @@ class OrchestratorSettings(CommonSettings):
     timer_refire_max_seconds: float = Field(default=900.0, gt=0)
     # How often every worker checks the audience schedules (only partition 0's owner acts).
     audience_tick_seconds: float = Field(default=1.0, gt=0)
-    # A batch is up to this many stimuli, or what arrived within this many milliseconds: its
-    # outputs are acknowledged once, then its rows stored, then its offsets committed.
-    batch_max_records: int = 500
-    batch_max_ms: float = 20.0

@@ -33,14 +33,7 @@ def main() -> None:
     clock = SystemClock()
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="segmenter")
     definitions = LiveDefinitions(settings.kafka_bootstrap)
-    worker = StreamWorker(
-        settings.app_id,
-        settings,
-        producer,
-        data_dir=settings.data_dir / "segmenter",
-        batch_max_records=settings.batch_max_records,
-        batch_max_seconds=settings.batch_max_ms / 1000,
-    )
+    worker = StreamWorker(settings.app_id, settings, producer, clock, service="segmenter")
     dead_letters = DeadLetters(producer, "segmenter", clock)
     Segmenter(worker, settings, clock, producer, dead_letters, definitions)
 

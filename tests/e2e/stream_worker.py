@@ -13,24 +13,18 @@ from __future__ import annotations
 import json
 import sys
 
+from shared.clock import SystemClock
 from shared.kafka import AsyncProducer, Record, prepare_topics
 from shared.logs import configure_logging
-from shared.settings import CommonSettings
+from shared.settings import StreamSettings
 from shared.streams import StreamWorker, focus, run_stream_worker
 
 
 def main(app_id: str, source: str, output: str) -> None:
-    settings = CommonSettings()
+    settings = StreamSettings(batch_max_records=200)
     configure_logging("stream-worker", settings.log_level, settings.log_format)
     producer = AsyncProducer(settings.kafka_bootstrap, client_id=app_id)
-    worker = StreamWorker(
-        app_id,
-        settings,
-        producer,
-        data_dir=settings.data_dir,
-        batch_max_records=200,
-        batch_max_seconds=0.02,
-    )
+    worker = StreamWorker(app_id, settings, producer, SystemClock(), service="counts")
     counts = worker.table("counts")
 
     async def process(records: list[Record]) -> None:

@@ -4,16 +4,17 @@ with the changelog offset they reach; a position drops what its owner handled al
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from rocksdict import AccessType, Options, Rdict
 
+from shared.clock import ManualClock
 from shared.kafka import AsyncProducer, DeliveryFailed, Record
-from shared.restore import OFFSET_KEY
-from shared.settings import CommonSettings
+from shared.restore import CURRENT_KEY, OFFSET_KEY
+from shared.settings import StreamSettings
 from shared.streams import NotOwned, Positions, StreamWorker, Table, focus
 
 
@@ -140,9 +141,9 @@ def test_a_database_last_current_too_long_ago_is_dropped_to_be_restored_whole(
     table: Table,
 ) -> None:
     focus(0)
+    written = 1_800_000_000
     table[b"a"] = b"1"
-    table.apply(0, through=0)
-    written = time.time()
+    table.apply(0, through=0, current_at=written)
     table.close(0)
     table.close(1)
     assert not table.drop_if_stale(0, written + 60, max_age=3600)  # current enough: read on
@@ -176,11 +177,10 @@ async def test_the_primary_tables_changelog_is_written_after_the_others(tmp_path
     producer = Producer()
     worker = StreamWorker(
         "app",
-        CommonSettings(),
+        StreamSettings(data_dir=tmp_path),
         producer,  # type: ignore[arg-type]
-        data_dir=tmp_path,
-        batch_max_records=10,
-        batch_max_seconds=0.01,
+        ManualClock(datetime(2026, 12, 2, tzinfo=UTC)),
+        service="test",
     )
     timers, contacts = worker.table("timers"), worker.table("contacts", primary=True)
     for t in (timers, contacts):
@@ -206,6 +206,7 @@ async def test_the_primary_tables_changelog_is_written_after_the_others(tmp_path
     )
     try:
         assert db[OFFSET_KEY] == b"102"  # the offset its changelog write was acknowledged at
+        assert db[CURRENT_KEY] == str(int(datetime(2026, 12, 2, tzinfo=UTC).timestamp())).encode()
     finally:
         db.close()
 
