@@ -116,7 +116,7 @@ class SandboxInfo:
                     f"outbox: wanted {count} {channel or 'any'} message(s) to {to or 'anyone'} "
                     f"within {timeout}s; have {json.dumps(found)[:2000]}"
                 )
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll again; the deadline above bounds the whole wait
 
 
 def _output(log_file: Path) -> str:
@@ -197,7 +197,7 @@ def running_sandbox(
                 )
             if time.monotonic() >= deadline:
                 pytest.fail(f"sandbox not ready within {START_TIMEOUT}s:\n{_output(log_file)}")
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll again; the deadline above bounds the whole wait
         account = json.loads(account_file.read_text())
         yield SandboxInfo(
             http_url=found["http"].rstrip("/"),

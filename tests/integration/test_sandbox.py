@@ -28,6 +28,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.e2e.helpers import wait_for as poll
 from tests.integration.conftest import SandboxInfo, running_sandbox
 
 T = TypeVar("T")
@@ -36,15 +37,8 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
 
 def wait_for(condition: Callable[[], T | None], *, timeout: float = 10.0, what: str = "") -> T:
-    """Poll `condition` until it returns something truthy, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.05)
+    """The end-to-end tests' poll with a deadline, with this file's shorter default."""
+    return poll(condition, timeout=timeout, what=what or "condition")
 
 
 # -- a status-callback receiver ---------------------------------------------------------------
