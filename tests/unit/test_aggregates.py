@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -194,6 +195,9 @@ def test_each_function_reads_its_value(window: str | None) -> None:
     assert read("sum", 10, 20, 12) == 42
     assert isinstance(read("sum", 10, 20, 12), int)
     assert read("sum", 10, 2.5) == 12.5
+    # Past the float range a float sum is infinite, as float addition is; it does not raise.
+    assert read("sum", 1e308, 1e308) == math.inf
+    assert read("sum", -1e308, -1e308, 0.5) == -math.inf
     assert isinstance(read("sum", 1.5, 2.5), float)
     assert read("min", 10, -2.5, 3) == -2.5
     assert read("max", 10, -2.5, 3) == 10

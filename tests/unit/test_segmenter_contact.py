@@ -281,6 +281,18 @@ def test_absorbing_an_anonymous_history_merges_counts_and_memberships() -> None:
     assert replay.duplicate
 
 
+def test_absorbing_before_the_known_contact_linked_the_id_lists_it_once() -> None:
+    anonymous = _fold([_event("Product Viewed", T0, "a-0", user="", anonymous="anon-2")], S11, T0)
+    assert "anon-2" in anonymous.profile.anonymous_ids  # it lists its own key
+    known = _fold([_event("Signed Up", T0, "k-1", user="u-2")], S11, T0)
+    assert "anon-2" not in known.profile.anonymous_ids
+
+    merged = contact.absorb(known, "u-2", anonymous, S11, T0, "merge-2")
+
+    assert merged.row is not None
+    assert merged.row.profile.anonymous_ids.count("anon-2") == 1
+
+
 _NAMES = ("Product Viewed", "Order Completed")
 
 

@@ -364,4 +364,5 @@ def _as_float(exact: Fraction) -> float:
     try:
         return float(exact)
     except OverflowError:
-        return math.copysign(math.inf, exact)
+        # Not `copysign(inf, exact)`: that converts the fraction to a float again, and raises.
+        return math.inf if exact > 0 else -math.inf

@@ -369,7 +369,8 @@ def _horizon(now: datetime) -> float:
 
 
 def _union(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
-    return (*first, *(x for x in second if x not in first))
+    """Each item once, in the order first seen (`second` may repeat an item of its own)."""
+    return tuple(dict.fromkeys((*first, *second)))
 
 
 def _changed(events: tuple[Event, ...], label: str) -> frozenset[str]:
