@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Output = tuple[str, str | None, bytes | None]
+# Makes a partition the one the tables address (`shared.streams.focus` in a worker).
+Focus = Callable[[int], None]
 # A table name and a key in it.
 Slot = tuple[str, bytes]
 
@@ -102,3 +104,7 @@ class Overlay:
         self.outputs.clear()
         self._effects.clear()
         self.discard()
+
+
+def no_focus(_partition: int) -> None:
+    """Tables that are not split by partition (dicts in tests) need no focus."""

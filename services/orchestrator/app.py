@@ -7,7 +7,7 @@ segmenter's per-contact clock and forgets contacts, in order with the contact's 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from datetime import timedelta
 from functools import partial
 from typing import Protocol
@@ -34,7 +34,7 @@ from services.orchestrator.domain.state import (
     WebhookAnswered,
 )
 from services.orchestrator.settings import OrchestratorSettings
-from shared.batching import Overlay
+from shared.batching import Focus, Overlay, no_focus
 from shared.clock import Clock
 from shared.contracts import ContactEvent, SegmentTimerRequest, TimerFired, WebhookResult
 from shared.deadletter import DeadLetters, failure_reason, through_outages
@@ -62,7 +62,6 @@ class Publisher(Protocol):
 
 
 CONTACTS, TIMERS_TABLE = "contacts", "timers"
-Focus = Callable[[int], None]
 
 
 class Journeys:
@@ -95,12 +94,12 @@ class Journeys:
         self.webhooks = webhooks
         self.dead_letters = dead_letters
         self._batch = Overlay()
-        self._focus: Focus = _anywhere
+        self._focus: Focus = no_focus
 
     async def process(self, records: Sequence[Record], focus: Focus | None = None) -> None:
         """Handle a batch of records (offset order per partition); returns once their outputs
         are acknowledged and their rows stored."""
-        self._focus = focus or _anywhere
+        self._focus = focus or no_focus
         if records:
             await self._run(list(records))
 
@@ -354,10 +353,6 @@ def _decode(topic: str, value: bytes) -> Incoming:
     if topic == SEGMENT_TIMERS.name:
         return SegmentTimerRequest.model_validate_json(value)
     return EventArrived(ContactEvent.model_validate_json(value))
-
-
-def _anywhere(_partition: int) -> None:
-    """Tables that are not split by partition (dicts in tests) need no focus."""
 
 
 def _contact_key(stimulus: Stimulus) -> str:

@@ -15,7 +15,7 @@ anonymous events are forwarded to the known contact. Each contact still lives on
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from functools import partial
 from typing import Protocol, assert_never
 
@@ -45,7 +45,7 @@ from services.segmenter.domain.decide import (
 )
 from services.segmenter.domain.definitions import Definitions
 from services.segmenter.settings import SegmenterSettings
-from shared.batching import Output, Overlay
+from shared.batching import Focus, Output, Overlay, no_focus
 from shared.clock import Clock
 from shared.contracts import (
     AudienceRequest,
@@ -80,7 +80,6 @@ AUDIENCE_ROUND = 1000
 _ALIAS = b"alias:"
 _FORGOTTEN = b"forgotten:"
 CONTACTS, MEMBERSHIPS, LINKS = "contacts", "memberships", "links"
-Focus = Callable[[int], None]
 
 
 class DefinitionsSource(Protocol):
@@ -119,13 +118,13 @@ class Contacts:
         self.clock = clock
         self.index = index
         self._batch = Overlay()
-        self._focus: Focus = _anywhere
+        self._focus: Focus = no_focus
 
     async def process(self, records: Sequence[Record], focus: Focus | None = None) -> None:
         """Handle `records` (in offset order per partition); returns once their outputs are
         acknowledged and their rows stored. An audience request reads the member index, so
         what precedes it is stored first and it runs alone."""
-        self._focus = focus or _anywhere
+        self._focus = focus or no_focus
         chunk: list[Record] = []
         for record in records:
             if record.topic == AUDIENCE_REQUESTS.name:
@@ -331,7 +330,6 @@ class Segmenter:
         self.producer = producer
         self.definitions = definitions
         self.index = MemberIndex()
-        self._ready = False
         self._backfilled = ""
         self.memberships = worker.table(MEMBERSHIPS)
         # `alias:<anonymous key>` -> the known contact; `forgotten:<sha256>` -> when erased.
@@ -357,7 +355,6 @@ class Segmenter:
         started = self.clock.now()
         rows = self.index.rebuild(self.memberships.rows(), owned)
         self.index.announce(self.definitions.current().segment_ids, owned)
-        self._ready = True
         self._backfilled = ""
         log.info(
             "segmenter.members_recounted",
@@ -367,8 +364,6 @@ class Segmenter:
         )
 
     async def _publish_counts(self) -> None:
-        if not self._ready:
-            return
         now = self.clock.now()
         counts = [
             SegmentCount(segment_id=segment, partition=partition, members=members, at=now)
@@ -389,7 +384,7 @@ class Segmenter:
         """A new or changed segment: re-evaluate every contact evaluated against older
         definitions, through the stream (a `reevaluate` command each), without stopping it."""
         defs = self.definitions.current()
-        if not self._ready or defs.digest == self._backfilled:
+        if defs.digest == self._backfilled:
             return
         self._backfilled = defs.digest
         self.index.announce(defs.segment_ids, self.worker.owned())
@@ -424,10 +419,6 @@ class Segmenter:
             log.warning("segmenter.backfill_publish_failed", error=str(exc))
         records.clear()
         return count
-
-
-def _anywhere(_partition: int) -> None:
-    """Tables that are not split by partition (dicts in tests) need no focus."""
 
 
 def _contact_event(profile: Profile, event: Event) -> tuple[str, str | None, bytes | None]:
