@@ -345,8 +345,10 @@ def entered(value: bytes) -> bool:
     """A `Segment Entered` for the latency segment (cheap test first: most records are not)."""
     if SEGMENT_ENTERED.encode() not in value:
         return False
-    event = ContactEvent.model_validate_json(value).event
-    return event.event == SEGMENT_ENTERED and event.properties.get("segment") == LATENCY_SEGMENT
+    return any(
+        event.event == SEGMENT_ENTERED and event.properties.get("segment") == LATENCY_SEGMENT
+        for event in ContactEvent.model_validate_json(value).events
+    )
 
 
 def paced(

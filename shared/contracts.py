@@ -6,6 +6,7 @@ Fields are added, never repurposed; `schema_version` changes only with a new top
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Literal
 
@@ -153,17 +154,43 @@ class ContactCommand(WireModel):
 
 
 class ContactEvent(WireModel):
-    """An accepted (de-duplicated) event with the profile as it stands after applying it."""
+    """One change of a contact, with one snapshot of the profile as it stands after it.
+
+    `event` is what caused the change (an accepted, de-duplicated event; for a contact command,
+    the first event it announces); `announcements` are the events the same change announces, in
+    order (`Segment Entered`, `Segment Left`, `Tag Added`, `Attribute Changed`, …). All of
+    them share `profile`, so a change that announces several events carries the profile once.
+    Records written before `announcements` existed hold one event each and decode unchanged.
+    """
 
     schema_version: int = SCHEMA_VERSION
     contact_key: str
     event: Event
+    announcements: tuple[Event, ...] = ()
     profile: Profile
 
+    @property
+    def events(self) -> tuple[Event, ...]:
+        """The cause, then what it announced, in the order they happened."""
+        return (self.event, *self.announcements)
+
+    def each(self) -> Iterator[ContactEvent]:
+        """One `ContactEvent` per event, each with the shared profile: for consumers that take
+        events one at a time (a journey trigger matches one event)."""
+        if not self.announcements:
+            yield self
+            return
+        for event in self.events:
+            yield ContactEvent(contact_key=self.contact_key, event=event, profile=self.profile)
+
     def to_wire(self) -> bytes:
-        return self.model_dump_json(
-            by_alias=True, exclude_none=True, exclude={"profile": _SEGMENTER_ONLY}
-        ).encode()
+        return self.to_wire_with(self.profile.to_wire())
+
+    def to_wire_with(self, profile_wire: bytes) -> bytes:
+        """The record with `profile_wire` (this profile's `to_wire()`, encoded once by a writer
+        that also publishes the profile on its own) as its profile."""
+        head = self.model_dump_json(by_alias=True, exclude_none=True, exclude={"profile"})
+        return b"".join((head[:-1].encode(), b',"profile":', profile_wire, b"}"))
 
 
 class SendRequest(WireModel):

@@ -119,7 +119,8 @@ class Journeys:
         for record in chunk:
             self._focus(record.partition)
             try:
-                self._fold(_decode(record.topic, record.value), record.partition)
+                for incoming in _decode(record.topic, record.value):
+                    self._fold(incoming, record.partition)
             except Exception as exc:
                 batch.discard()
                 if self.dead_letters is None:
@@ -345,14 +346,16 @@ class Orchestrator:
         )
 
 
-def _decode(topic: str, value: bytes) -> Incoming:
+def _decode(topic: str, value: bytes) -> list[Incoming]:
+    """The stimuli of one record: a contact event holds a change and everything it announced,
+    each a stimulus of its own (in order, all with the change's profile)."""
     if topic == TIMERS.name:
-        return TimerDue(TimerFired.model_validate_json(value))
+        return [TimerDue(TimerFired.model_validate_json(value))]
     if topic == WEBHOOK_RESULTS.name:
-        return WebhookAnswered(WebhookResult.model_validate_json(value))
+        return [WebhookAnswered(WebhookResult.model_validate_json(value))]
     if topic == SEGMENT_TIMERS.name:
-        return SegmentTimerRequest.model_validate_json(value)
-    return EventArrived(ContactEvent.model_validate_json(value))
+        return [SegmentTimerRequest.model_validate_json(value)]
+    return [EventArrived(single) for single in ContactEvent.model_validate_json(value).each()]
 
 
 def _contact_key(stimulus: Stimulus) -> str:

@@ -119,6 +119,7 @@ class Contacts:
         self.index = index
         self._batch = Overlay()
         self._focus: Focus = no_focus
+        self._encoded: tuple[Profile, bytes] | None = None
 
     async def process(self, records: Sequence[Record], focus: Focus | None = None) -> None:
         """Handle `records` (in offset order per partition); returns once their outputs are
@@ -201,9 +202,11 @@ class Contacts:
         for command in decision.commands:
             match command:
                 case Announce(contact_event=announced):
-                    batch.emit((CONTACT_EVENTS.name, announced.contact_key, announced.to_wire()))
+                    wire = announced.to_wire_with(self._profile_wire(announced.profile))
+                    batch.emit((CONTACT_EVENTS.name, announced.contact_key, wire))
                 case PublishProfile(contact_key=key, profile=profile):
-                    batch.emit((PROFILES.name, key, None if profile is None else profile.to_wire()))
+                    wire_profile = None if profile is None else self._profile_wire(profile)
+                    batch.emit((PROFILES.name, key, wire_profile))
                 case RequestTimer(request=request):
                     batch.emit((SEGMENT_TIMERS.name, request.contact_key, request.to_wire()))
                 case SendCommand(command=sent):
@@ -233,6 +236,15 @@ class Contacts:
                     getattr(log, level)(line, **fields)
                 case _:
                     assert_never(command)
+
+    def _profile_wire(self, profile: Profile) -> bytes:
+        """The profile's bytes, encoded once for the contact event and the profiles topic."""
+        last = self._encoded
+        if last is not None and last[0] is profile:
+            return last[1]
+        wire = profile.to_wire()
+        self._encoded = (profile, wire)
+        return wire
 
     async def _audience(self, record: Record) -> None:
         """Announce `Audience Selected` to this partition's members of the requested segments

@@ -179,7 +179,21 @@ def _samples() -> dict[str, BaseModel]:
     samples: list[BaseModel] = [
         _event(),
         _profile(),
-        ContactEvent(contact_key="user-1", event=_event(), profile=_profile()),
+        ContactEvent(
+            contact_key="user-1",
+            event=_event(),
+            announcements=(
+                _event().model_copy(
+                    update={
+                        "event": "Segment Entered",
+                        "message_id": "msg-2",
+                        "properties": {"segment": "high-intent"},
+                        "source": "waypost-segmenter",
+                    }
+                ),
+            ),
+            profile=_profile(),
+        ),
         SendRequest(
             message_id="send-1",
             contact_key="user-1",
@@ -377,6 +391,19 @@ def test_internal_wire_models_travel_in_snake_case() -> None:
     wire = json.loads(_profile().to_wire())
 
     assert {"contact_key", "first_seen"} <= set(wire)
+
+
+def test_a_contact_event_written_before_announcements_existed_decodes_as_one_event() -> None:
+    profile = _profile()
+    older = json.loads(
+        ContactEvent(contact_key="user-1", event=_event(), profile=profile).to_wire()
+    )
+    del older["announcements"]
+
+    decoded = ContactEvent.model_validate(older)
+
+    assert decoded.events == (_event(),)
+    assert list(decoded.each()) == [decoded]
 
 
 def test_recent_message_ids_stay_in_the_segmenters_row() -> None:

@@ -105,10 +105,10 @@ def all_membership_events(stack: Any) -> dict[str, list[tuple[str, str]]]:
     for key, value in read_topic(stack.bootstrap, CONTACT_EVENTS.name):
         if key is None or value is None:
             continue
-        event = ContactEvent.model_validate_json(value).event
-        if event.event in (SEGMENT_ENTERED, SEGMENT_LEFT):
-            label = (str(event.event), str(event.properties["segment"]))
-            seen.setdefault(key, {})[event.message_id] = label
+        for event in ContactEvent.model_validate_json(value).events:
+            if event.event in (SEGMENT_ENTERED, SEGMENT_LEFT):
+                label = (str(event.event), str(event.properties["segment"]))
+                seen.setdefault(key, {})[event.message_id] = label
     return {key: list(changes.values()) for key, changes in seen.items()}
 
 

@@ -96,3 +96,23 @@ def test_any_batch_boundaries_give_what_one_stimulus_at_a_time_gives(
     bounds = sorted({c % (len(records) + 1) for c in cuts} | {0, len(records)})
     batches = [records[a:b] for a, b in itertools.pairwise(bounds) if b > a]
     assert run(batches) == run([[r] for r in records])
+
+
+def test_a_change_announcing_several_events_is_one_stimulus_per_event_in_order() -> None:
+    """A contact event holds a change and what it announced, with one profile: the shell takes
+    each event as if it had come in a record of its own."""
+    viewed = tracked("Product Viewed", "m-1").contact_event
+    signed_up = tracked("Signed Up", "m-2").contact_event
+    together = viewed.model_copy(update={"announcements": (signed_up.event,)})
+    one = [Record(CONTACT_EVENTS.name, 0, 0, "ada", together.to_wire())]
+    apart = [
+        Record(CONTACT_EVENTS.name, 0, n, "ada", c.to_wire())
+        for n, c in enumerate((viewed, signed_up))
+    ]
+
+    contacts, timers, outputs = run([one])
+
+    assert (contacts, timers, outputs) == run([apart])
+    sends = [value for topic, _key, value in outputs if topic == "waypost.send-requests.v1"]
+    assert len(sends) == 1
+    assert b'"template_id":"hello"' in sends[0]

@@ -133,13 +133,14 @@ def row_after(*events: Event, key: str = "ada") -> ContactRow:
 
 
 def published(key: str, outcome: contact.Outcome) -> list[Command]:
-    """What a changed contact publishes first: its events, then its profile."""
+    """What a changed contact publishes first: one contact event holding its events, then its
+    profile."""
     assert outcome.row is not None
     profile = outcome.row.profile
+    first, *rest = outcome.events
     return [
-        *(
-            Announce(ContactEvent(contact_key=key, event=e, profile=profile))
-            for e in outcome.events
+        Announce(
+            ContactEvent(contact_key=key, event=first, announcements=tuple(rest), profile=profile)
         ),
         PublishProfile(key, profile),
     ]
@@ -186,7 +187,24 @@ def test_entering_a_segment_stores_the_memberships_row_and_updates_the_member_in
         StoreMembership("ada", DEFS.digest, ("browsers",)),
         UpdateMembers("ada", (), ("browsers",)),
     )
-    assert commands[: len(outcome.events) + 1] == tuple(published("ada", outcome))
+    assert commands[:2] == tuple(published("ada", outcome))
+
+
+def test_one_change_is_one_contact_event_with_one_profile_snapshot() -> None:
+    """The event and the segments it makes the contact enter travel as one record."""
+    event = viewed("m-2")
+    commands = decide(Rows(row_after(viewed("m-1"))), event, DEFS, NOW).commands
+
+    announced = [c.contact_event for c in commands if isinstance(c, Announce)]
+    assert len(announced) == 1
+    (change,) = announced
+    assert change.event == event
+    assert [(e.event, e.properties) for e in change.announcements] == [
+        ("Segment Entered", {"segment": "browsers"})
+    ]
+    assert change.profile.segments == ("browsers",)
+    assert [single.event for single in change.each()] == [event, *change.announcements]
+    assert all(single.profile is change.profile for single in change.each())
 
 
 def test_a_duplicate_does_nothing_but_say_so() -> None:

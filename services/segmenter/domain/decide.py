@@ -56,7 +56,8 @@ class ContactView(Protocol):
 
 @dataclass(frozen=True)
 class Announce:
-    """A contact event (the event itself, a segment entered, a contact forgotten…)."""
+    """A contact event: one change with everything it announces (the event itself, segments
+    entered, a tag added…) and the profile after it, or a contact forgotten."""
 
     contact_event: ContactEvent
 
@@ -269,13 +270,18 @@ def _changed(
     row = outcome.row
     assert row is not None
     profile = row.profile
-    out: list[Command] = [
-        *(
-            Announce(ContactEvent(contact_key=key, event=e, profile=profile))
-            for e in outcome.events
-        ),
-        PublishProfile(key, profile),
-    ]
+    out: list[Command] = []
+    if outcome.events:
+        # One record for the whole change: its events share one snapshot of the profile.
+        first, *rest = outcome.events
+        out.append(
+            Announce(
+                ContactEvent(
+                    contact_key=key, event=first, announcements=tuple(rest), profile=profile
+                )
+            )
+        )
+    out.append(PublishProfile(key, profile))
     if outcome.retime:
         out.append(
             RequestTimer(
