@@ -56,18 +56,7 @@ from bench.segmenter import Arrivals, any_record, producer
 from bench.timers import Progress, percentile, port_in_use, say, table
 from shared.cli import publish, publish_segments
 from shared.settings import CommonSettings
-from shared.topics import (
-    AUDIENCE_REQUESTS,
-    CONTACT_COMMANDS,
-    CONTACT_EVENTS,
-    EVENTS,
-    OBJECT_RELATIONS,
-    SEGMENT_TIMERS,
-    SEND_REQUESTS,
-    SEND_RETRIES,
-    TIMERS,
-    WEBHOOK_RESULTS,
-)
+from shared.topics import READERS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
@@ -92,26 +81,7 @@ SERVICES = ("ingest", "segmenter", "orchestrator", "dispatcher", "admin")
 SERVERS = ("kafka", "postgres", "ferretdb", "sandbox")
 # Each stage's consumer groups and the topics they read (the services' own group ids; the
 # dispatcher's suffixes are those of services/dispatcher/__main__.py).
-DISPATCHER = stack.Stack.GROUPS["dispatcher"]
-STAGES: dict[str, list[tuple[str, list[str]]]] = {
-    "segmenter": [
-        (
-            stack.Stack.GROUPS["segmenter"],
-            [EVENTS.name, CONTACT_COMMANDS.name, AUDIENCE_REQUESTS.name, OBJECT_RELATIONS.name],
-        )
-    ],
-    "orchestrator": [
-        (
-            stack.Stack.GROUPS["orchestrator"],
-            [CONTACT_EVENTS.name, TIMERS.name, WEBHOOK_RESULTS.name, SEGMENT_TIMERS.name],
-        )
-    ],
-    "dispatcher": [
-        (DISPATCHER, [SEND_REQUESTS.name]),
-        (f"{DISPATCHER}-retries", [t.name for t in SEND_RETRIES.values()]),
-        (f"{DISPATCHER}-reports", [EVENTS.name, CONTACT_EVENTS.name]),
-    ],
-}
+STAGES = READERS
 # The rule for a sustained rate, judged on the second half of the hold (the first half lets
 # queues settle), one lag sample per PROBE_SECONDS.
 PROBE_SECONDS = 1.0

@@ -54,6 +54,20 @@ SYSTEM_EVENTS: frozenset[str] = frozenset(
         EMAIL_LINK_CLICKED,
     }
 )
+# What the dispatcher acts on (its ledger, consent records and erasures). The segmenter passes
+# each on to `waypost.delivery-reports.v1` once it accepted it (de-duplicated, from a Waypost
+# source, of a contact not forgotten), so the dispatcher reads these alone, not every event.
+DELIVERY_REPORTS: frozenset[str] = frozenset(
+    {
+        MESSAGE_DELIVERED,
+        MESSAGE_UNDELIVERED,
+        EMAIL_OPENED,
+        EMAIL_LINK_CLICKED,
+        SUBSCRIBED,
+        UNSUBSCRIBED,
+        CONTACT_FORGOTTEN,
+    }
+)
 _FOLDED = frozenset(name.casefold() for name in SYSTEM_EVENTS)
 
 WAYPOST_SOURCE = "waypost"

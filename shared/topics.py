@@ -21,7 +21,13 @@ class Topic:
 
 EVENTS = Topic("waypost.events.v1", "behavioural and delivery events, keyed by contact key")
 CONTACT_EVENTS = Topic(
-    "waypost.contact-events.v1", "each event with the contact's profile snapshot (segmenter output)"
+    "waypost.contact-events.v1",
+    "each change of a contact with what it announced and one profile snapshot (segmenter output)",
+)
+DELIVERY_REPORTS = Topic(
+    "waypost.delivery-reports.v1",
+    "what the dispatcher follows, as the segmenter accepted it: delivery reports, opens, clicks,"
+    " (un)subscribes and erasures",
 )
 CONTACT_COMMANDS = Topic(
     "waypost.contact-commands.v1", "changes the orchestrator asks the segmenter to apply"
@@ -86,6 +92,7 @@ DEAD_LETTER = Topic(
 ALL_TOPICS: tuple[Topic, ...] = (
     EVENTS,
     CONTACT_EVENTS,
+    DELIVERY_REPORTS,
     CONTACT_COMMANDS,
     PROFILES,
     SEND_REQUESTS,
@@ -103,3 +110,25 @@ ALL_TOPICS: tuple[Topic, ...] = (
     DEFINITIONS,
     DEAD_LETTER,
 )
+
+# What each service's consumer groups read (default group ids; the dispatcher has three). Tools
+# that wait for the pipeline to drain, the tests and `bench/pipeline.py`, read this map.
+READERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "segmenter": (
+        (
+            "waypost-segmenter",
+            (EVENTS.name, CONTACT_COMMANDS.name, AUDIENCE_REQUESTS.name, OBJECT_RELATIONS.name),
+        ),
+    ),
+    "orchestrator": (
+        (
+            "waypost-orchestrator",
+            (CONTACT_EVENTS.name, TIMERS.name, WEBHOOK_RESULTS.name, SEGMENT_TIMERS.name),
+        ),
+    ),
+    "dispatcher": (
+        ("waypost-dispatcher", (SEND_REQUESTS.name,)),
+        ("waypost-dispatcher-retries", tuple(t.name for t in SEND_RETRIES.values())),
+        ("waypost-dispatcher-reports", (DELIVERY_REPORTS.name,)),
+    ),
+}

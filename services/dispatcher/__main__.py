@@ -28,7 +28,7 @@ from shared.docstore import connect, database
 from shared.kafka import AsyncProducer, ConsumerLoop, prepare_topics, run_pipelined
 from shared.links import LinkSigner
 from shared.logs import configure_logging
-from shared.topics import CONTACT_EVENTS, EVENTS, SEND_REQUESTS, SEND_RETRIES
+from shared.topics import DELIVERY_REPORTS, SEND_REQUESTS, SEND_RETRIES
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +70,7 @@ async def serve(settings: DispatcherSettings) -> None:
         "dispatcher-retries",
     )
     reports = consumer(
-        f"{settings.group_id}-reports", [EVENTS.name, CONTACT_EVENTS.name], "dispatcher-reports"
+        f"{settings.group_id}-reports", [DELIVERY_REPORTS.name], "dispatcher-reports"
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

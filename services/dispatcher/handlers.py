@@ -46,7 +46,7 @@ from services.dispatcher.domain.rendering import (
 )
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import Clock
-from shared.contracts import Channel, ContactEvent, Event, SendRequest, SendRetry
+from shared.contracts import Channel, Event, SendRequest, SendRetry
 from shared.deadletter import DeadLetters
 from shared.durations import parse_duration, zone
 from shared.kafka import AsyncProducer, Record
@@ -72,11 +72,6 @@ TRACKED = {
     EMAIL_OPENED: "opened",
     EMAIL_LINK_CLICKED: "clicked",
 }
-_REPORT_MARKERS = tuple(
-    f'"event":"{name}"'.encode()
-    for name in (*TRACKED, MESSAGE_UNDELIVERED, UNSUBSCRIBED, SUBSCRIBED)
-)
-_FORGOTTEN_MARKER = f'"event":"{CONTACT_FORGOTTEN}"'.encode()
 
 
 @dataclass(frozen=True)
@@ -160,26 +155,22 @@ class Dispatcher:
         )
 
     async def on_report(self, record: Record) -> None:
-        """Delivery reports, (un)subscribes and erasures from the events topics."""
-        value = record.value
+        """Delivery reports, opens, clicks, (un)subscribes and erasures, as the segmenter
+        accepted them (`waypost.delivery-reports.v1`)."""
         try:
-            if _FORGOTTEN_MARKER in value:
-                contact_event = ContactEvent.model_validate_json(value)
-                if contact_event.event.label != CONTACT_FORGOTTEN or forged(contact_event.event):
-                    return
-                work = partial(self._forget, contact_event.contact_key)
-            elif any(marker in value for marker in _REPORT_MARKERS):
-                event = Event.model_validate_json(value)
-                if forged(event):
-                    # A client cannot move a ledger entry or change consent: ingest refuses
-                    # these names, and the segmenter dead-letters any that get through.
-                    log.warning("dispatcher.forged_report", name=event.event, source=event.source)
-                    return
-                work = partial(self.on_event, event)
-            else:
-                return
-        except ValidationError:
-            return  # not ours to judge: the segmenter dead-letters undecodable events
+            event = Event.model_validate_json(record.value)
+        except ValidationError as exc:
+            await self.dead_letters.send(record, f"undecodable delivery report: {exc}")
+            return
+        if forged(event):
+            # A client cannot move a ledger entry or change consent: ingest refuses these
+            # names, and the segmenter dead-letters any that get through.
+            log.warning("dispatcher.forged_report", name=event.event, source=event.source)
+            return
+        if event.label == CONTACT_FORGOTTEN:
+            work = partial(self._forget, event.contact_key)
+        else:
+            work = partial(self.on_event, event)
         await self.dead_letters.guard(record, work, "dispatcher.report")
 
     # --- requests and retries ----------------------------------------------------------------

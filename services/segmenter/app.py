@@ -35,6 +35,7 @@ from services.segmenter.domain.decide import (
     LinkAlias,
     Log,
     PublishProfile,
+    Report,
     RequestTimer,
     SendCommand,
     StoreMembership,
@@ -65,6 +66,7 @@ from shared.topics import (
     AUDIENCE_REQUESTS,
     CONTACT_COMMANDS,
     CONTACT_EVENTS,
+    DELIVERY_REPORTS,
     EVENTS,
     OBJECT_RELATIONS,
     PROFILES,
@@ -213,6 +215,8 @@ class Contacts:
                     batch.emit((CONTACT_COMMANDS.name, sent.contact_key, sent.to_wire()))
                 case Forward(contact_key=key, event=forwarded):
                     batch.emit((EVENTS.name, key, forwarded.to_wire()))
+                case Report(contact_key=key, event=reported):
+                    batch.emit((DELIVERY_REPORTS.name, key, reported.to_wire()))
                 case IndexObject(relation=relation):
                     batch.emit((OBJECT_RELATIONS.name, relation.object_key, relation.to_wire()))
                 case StoreRow(contact_key=key, row=row):

@@ -14,18 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from shared.cli import publish
 from shared.settings import CommonSettings
-from shared.topics import (
-    AUDIENCE_REQUESTS,
-    CONTACT_COMMANDS,
-    CONTACT_EVENTS,
-    EVENTS,
-    OBJECT_RELATIONS,
-    SEGMENT_TIMERS,
-    SEND_REQUESTS,
-    SEND_RETRIES,
-    TIMERS,
-    WEBHOOK_RESULTS,
-)
+from shared.topics import READERS
 
 T = TypeVar("T")
 WRITE_KEY = "wp_dev_write_key"
@@ -71,23 +60,7 @@ def publish_journey(stack: Any, path: Path) -> None:
 
 # Consumer groups and what they read: the pipeline is drained when each has committed
 # everything that is on its topics.
-PIPELINE = {
-    "waypost-segmenter": [
-        EVENTS.name,
-        CONTACT_COMMANDS.name,
-        AUDIENCE_REQUESTS.name,
-        OBJECT_RELATIONS.name,
-    ],
-    "waypost-orchestrator": [
-        CONTACT_EVENTS.name,
-        TIMERS.name,
-        WEBHOOK_RESULTS.name,
-        SEGMENT_TIMERS.name,
-    ],
-    "waypost-dispatcher": [SEND_REQUESTS.name],
-    "waypost-dispatcher-retries": [t.name for t in SEND_RETRIES.values()],
-    "waypost-dispatcher-reports": [EVENTS.name, CONTACT_EVENTS.name],
-}
+PIPELINE = {group: topics for groups in READERS.values() for group, topics in groups}
 
 
 def pipeline_lag(bootstrap: str) -> int:

@@ -27,7 +27,7 @@ from shared.contracts import ContactCommand, Event
 from shared.deadletter import DeadLetters
 from shared.kafka import Record
 from shared.segments import AggregateDefinition, SegmentDefinition
-from shared.topics import CONTACT_COMMANDS, DEAD_LETTER, EVENTS
+from shared.topics import CONTACT_COMMANDS, DEAD_LETTER, DELIVERY_REPORTS, EVENTS
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 KEYS = ("ada", "bob", "cy")
@@ -229,5 +229,7 @@ def identity(output: Output) -> tuple[str, str | None, str]:
     if topic == DEAD_LETTER.name or value is None:
         return topic, key, "" if value is None else "letter"
     body = json.loads(value)
+    if topic == DELIVERY_REPORTS.name:  # the accepted event itself
+        return topic, key, str(body["messageId"])
     found = body.get("event", {}).get("messageId") or body.get("command_id")
     return topic, key, str(found) if found else value.decode()

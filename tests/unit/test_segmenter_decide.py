@@ -22,6 +22,7 @@ from services.segmenter.domain.decide import (
     LinkAlias,
     Log,
     PublishProfile,
+    Report,
     RequestTimer,
     SendCommand,
     StoreMembership,
@@ -207,6 +208,26 @@ def test_one_change_is_one_contact_event_with_one_profile_snapshot() -> None:
     assert all(single.profile is change.profile for single in change.each())
 
 
+@pytest.mark.parametrize(
+    "name", ["Message Delivered", "Email Opened", "Email Link Clicked", "Unsubscribed"]
+)
+def test_what_the_dispatcher_follows_is_passed_on_to_its_topic_once(name: str) -> None:
+    report = track(name, "r-1", {"message_id": "msg-9", "channel": "email"}, userId="ada")
+    report = report.model_copy(update={"source": "waypost-ingest"})
+    before = row_after(viewed("m-1"))
+
+    commands = decide(Rows(before), report, DEFS, NOW).commands
+
+    assert [c for c in commands if isinstance(c, Report)] == [Report("ada", report)]
+    again = decide(Rows(contact.apply(before, report, DEFS, NOW).row), report, DEFS, NOW)
+    assert not [c for c in again.commands if isinstance(c, Report)]
+
+
+def test_behaviour_is_not_passed_on_to_the_dispatcher() -> None:
+    commands = decide(Rows(row_after(viewed("m-1"))), viewed("m-2"), DEFS, NOW).commands
+    assert not [c for c in commands if isinstance(c, Report)]
+
+
 def test_a_duplicate_does_nothing_but_say_so() -> None:
     event = viewed("m-1")
     decision = decide(Rows(row_after(event)), event, DEFS, NOW)
@@ -369,6 +390,7 @@ def test_forget_erases_every_row_keeps_a_suppression_and_forgets_merged_ids_agai
     assert decision.commands == (
         Announce(ContactEvent(contact_key="ada", event=forgotten, profile=blank)),
         PublishProfile("ada", None),
+        Report("ada", forgotten),
         cancel("ada"),
         SendCommand(
             forget.model_copy(
@@ -398,6 +420,7 @@ def test_forgetting_an_unknown_or_forgotten_contact_erases_again() -> None:
         assert decide(rows, forget, DEFS, NOW).commands == (
             Announce(ContactEvent(contact_key="zed", event=forgotten, profile=blank)),
             PublishProfile("zed", None),
+            Report("zed", forgotten),
             Suppress("zed", NOW),
             DeleteRow("zed"),
             DeleteMembership("zed"),

@@ -31,7 +31,7 @@ from shared.contracts import (
 )
 from shared.ids import stable_id
 from shared.profiles import CONTACT_FORGOTTEN, announce
-from shared.system_events import forged
+from shared.system_events import DELIVERY_REPORTS, forged
 
 
 class ContactView(Protocol):
@@ -87,6 +87,15 @@ class SendCommand:
 @dataclass(frozen=True)
 class Forward:
     """An event of a merged anonymous contact, re-sent as the known contact's."""
+
+    contact_key: str
+    event: Event
+
+
+@dataclass(frozen=True)
+class Report:
+    """An accepted event the dispatcher acts on (a delivery report, an open or click, an
+    (un)subscribe, an erasure), passed on to its own topic."""
 
     contact_key: str
     event: Event
@@ -166,7 +175,7 @@ class Log:
     fields: Mapping[str, Any] = field(default_factory=dict)
 
 
-Output = Announce | PublishProfile | RequestTimer | SendCommand | Forward | IndexObject
+Output = Announce | PublishProfile | RequestTimer | SendCommand | Forward | IndexObject | Report
 Write = (
     StoreRow | DeleteRow | StoreMembership | DeleteMembership | LinkAlias | DeleteAlias | Suppress
 )
@@ -219,6 +228,8 @@ def _on_event(view: ContactView, event: Event, defs: Definitions, now: datetime)
     if outcome.duplicate:
         return [Log("debug", "segmenter.duplicate", {"message_id": event.message_id})]
     then: list[Command] = []
+    if event.label in DELIVERY_REPORTS:
+        then.append(Report(key, event))
     if not copy:
         then.extend(IndexObject(r) for r in relation_records(event, key, defs.object_triggers, now))
     if outcome.linked is not None:
@@ -314,6 +325,7 @@ def _forget(view: ContactView, key: str, command: ContactCommand, now: datetime)
     out: list[Command] = [
         Announce(ContactEvent(contact_key=key, event=forgotten, profile=blank)),
         PublishProfile(key, None),
+        Report(key, forgotten),
     ]
     if row is not None and row.next_tick is not None:
         out.append(
