@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
@@ -29,6 +30,8 @@ from shared.clock import Clock
 from shared.contracts import DeadLetter
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record, TopicMismatch
 from shared.topics import DEAD_LETTER
+
+T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
@@ -70,10 +73,11 @@ def _log_outage(what: str, record: Record | None) -> Callable[[RetryCallState], 
 
 
 async def through_outages(
-    work: Callable[[], Awaitable[None]], *, what: str, record: Record | None = None
-) -> None:
-    """Run `work`, again and again with backoff while it fails for an outage; any other
-    failure is raised at once. There is no give-up: an outage ends, a record is never lost."""
+    work: Callable[[], Awaitable[T]], *, what: str, record: Record | None = None
+) -> T:
+    """Run `work`, again and again with backoff while it fails for an outage, and return what
+    it returns; any other failure is raised at once. There is no give-up: an outage ends, a
+    record is never lost."""
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(is_outage),
         wait=wait_random_exponential(multiplier=0.2, max=OUTAGE_BACKOFF_MAX_SECONDS),
@@ -81,7 +85,8 @@ async def through_outages(
         reraise=True,
     ):
         with attempt:
-            await work()
+            return await work()
+    raise AssertionError("unreachable: the retries end by returning or raising")
 
 
 class DeadLetters:

@@ -198,10 +198,67 @@ class AsyncProducer:
         """The same record to every partition of the topic (a request each worker must see)."""
         await asyncio.gather(*(self.produce(topic, key, value, p) for p in range(partitions)))
 
+    # --- transactions (a producer built with a `transactional.id`) ---------------------------
+
+    async def init_transactions(self) -> None:
+        """Register the transactional id; aborts what a predecessor with the same id left open.
+        Asked again while the broker does not answer."""
+        await _transactional(lambda: self._producer.init_transactions(TRANSACTION_CALL_SECONDS))
+
+    def begin_transaction(self) -> None:
+        self._producer.begin_transaction()
+
+    async def commit_transaction(self, offsets: list[TopicPartition], group: Any) -> None:
+        """Commit what was produced since `begin_transaction`, with the consumer group's
+        `offsets`: atomically, and only while `group` (the consumer's group metadata: its
+        generation) is still current. Raises `TransactionAborted` when the transaction had to be
+        aborted (the group moved on: this worker is a zombie; or the broker refused it)."""
+
+        def commit() -> None:
+            if offsets:
+                self._producer.send_offsets_to_transaction(offsets, group, TRANSACTION_CALL_SECONDS)
+            self._producer.commit_transaction(TRANSACTION_CALL_SECONDS)
+
+        try:
+            await _transactional(commit)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.txn_requires_abort():
+                await self.abort_transaction()
+                raise TransactionAborted(str(error)) from exc
+            raise
+
+    async def abort_transaction(self) -> None:
+        await _transactional(lambda: self._producer.abort_transaction(TRANSACTION_CALL_SECONDS))
+
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)
         self._stopping.set()
         self._poller.join(timeout=1)
+
+
+# How long one transactional call (init, send offsets, commit, abort) may block its thread.
+TRANSACTION_CALL_SECONDS = 30.0
+
+
+class TransactionAborted(Exception):
+    """A transaction was aborted instead of committed: nothing it produced is visible, and the
+    offsets it carried were not committed."""
+
+
+async def _transactional(call: Callable[[], None]) -> None:
+    """Run a blocking transactional call in a thread, again while the error is retriable."""
+    while True:
+        try:
+            await asyncio.to_thread(call)
+            return
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.retriable():
+                log.warning("kafka.transaction_retry", error=str(error))
+                await asyncio.sleep(0.2)
+                continue
+            raise
 
 
 class _Tally:

@@ -46,3 +46,8 @@ class StreamSettings(CommonSettings):
     # outputs are acknowledged once, then its rows stored, then its offsets committed.
     batch_max_records: int = Field(default=500, ge=1)
     batch_max_ms: float = Field(default=20.0, gt=0)
+    # Transactional workers only: a stable name per replica (a StatefulSet's pod name, say)
+    # lets a restarted worker abort what it left open at once; empty: host and process id.
+    worker_id: str = ""
+    # How long a transaction a crashed worker left open holds up its partitions' readers.
+    transaction_timeout_ms: int = Field(default=20_000, ge=1_000)

@@ -29,8 +29,11 @@ has the design, its guarantees and the figures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import os
 import shutil
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
@@ -43,7 +46,7 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 
 from shared.clock import Clock
 from shared.deadletter import through_outages
-from shared.kafka import AsyncProducer, Record
+from shared.kafka import AsyncProducer, Record, TransactionAborted
 from shared.restore import (
     CURRENT_KEY,
     META_KEYS,
@@ -71,6 +74,20 @@ _BLOCK_CACHE_BYTES = 128 * 2**20
 _block_cache: Cache | None = None
 
 
+def transactional_config(app_id: str, settings: StreamSettings) -> dict[str, Any]:
+    """Producer settings of a transactional worker. The id names the worker (`worker_id`, else
+    host and process): a worker restarted under the same id aborts at once what its
+    predecessor left open; otherwise that transaction is aborted after `transaction_timeout_ms`,
+    and until then readers of its partitions wait."""
+    worker = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    return {
+        "transactional.id": f"{app_id}-{worker}",
+        "transaction.timeout.ms": settings.transaction_timeout_ms,
+        # librdkafka: a record may not wait longer than the transaction it belongs to.
+        "message.timeout.ms": settings.transaction_timeout_ms,
+    }
+
+
 def focus(partition: int | None) -> None:
     """Make `partition` the one tables read and write in the running task (None: none)."""
     _PARTITION.set(partition)
@@ -82,6 +99,13 @@ def focused() -> int | None:
 
 class NotOwned(KeyError):
     """A table was addressed in a partition this worker does not hold."""
+
+
+class Fenced(BaseException):
+    """This worker may no longer act for the batch's partitions: the group moved them on (the
+    worker was stopped or cut off past its session), or the broker aborted the transaction.
+    Nothing of the batch after its last checkpoint is kept, and nothing more may be done for
+    it. A BaseException, so that no record handler takes it for a record's own failure."""
 
 
 def table_options() -> Options:
@@ -311,8 +335,13 @@ class StreamWorker:
         clock: Clock,
         *,
         service: str,
+        transactional: bool = False,
     ) -> None:
         self.app_id = app_id
+        # Each batch is a Kafka transaction: outputs, changelogs and input offsets commit
+        # together, only while the group's generation is this worker's (`checkpoint`). The
+        # producer must carry a `transactional.id` (`transactional_config`).
+        self.transactional = transactional
         self.settings = settings
         self.producer = producer
         self.clock = clock
@@ -330,6 +359,9 @@ class StreamWorker:
         self._positions = Positions()
         self._ready = False
         self._consumer: Consumer | None = None
+        # The batch being handled, and where each of its partitions started (transactional).
+        self._batch_start: dict[tuple[str, int], int] = {}
+        self._group: Any = None
 
     # --- declaring --------------------------------------------------------------------------
 
@@ -355,6 +387,9 @@ class StreamWorker:
         self._hooks.append(hook)
 
     def every(self, seconds: float, job: Job) -> None:
+        if self.transactional:
+            # A job would produce outside the batches' transactions.
+            raise ValueError("periodic jobs are not supported on a transactional worker")
         self._jobs.append((seconds, job))
 
     # --- state ------------------------------------------------------------------------------
@@ -387,6 +422,8 @@ class StreamWorker:
             }
         )
         self._consumer = consumer
+        if self.transactional:
+            await self.producer.init_transactions()
         consumer.subscribe(
             sorted(self._processors),
             on_assign=self._on_assign,
@@ -445,14 +482,11 @@ class StreamWorker:
         return records
 
     async def _handle(self, consumer: Consumer, records: list[Record]) -> None:
-        by_processor: dict[int, tuple[Process, list[Record]]] = {}
-        for record in records:
-            process = self._processors[record.topic]
-            by_processor.setdefault(id(process), (process, []))[1].append(record)
+        if self.transactional:
+            await self._handle_transaction(consumer, records)
+            return
         try:
-            for process, mine in by_processor.values():
-                await process(mine)
-                focus(None)
+            await self._process(records)
             await through_outages(self._store, what=self.app_id)
         except BaseException:
             for table in self.tables.values():
@@ -465,11 +499,90 @@ class StreamWorker:
         except KafkaException as exc:  # no longer assigned: the next owner repeats the batch
             log.warning("stream.commit_failed", error=str(exc))
 
+    async def _process(self, records: list[Record]) -> None:
+        by_processor: dict[int, tuple[Process, list[Record]]] = {}
+        for record in records:
+            process = self._processors[record.topic]
+            by_processor.setdefault(id(process), (process, []))[1].append(record)
+        for process, mine in by_processor.values():
+            await process(mine)
+            focus(None)
+
+    async def _handle_transaction(self, consumer: Consumer, records: list[Record]) -> None:
+        """The batch as one transaction (more than one when a processor checkpoints): outputs,
+        changelogs and the offsets past the batch commit together, and only then are the
+        writes applied to the databases. A fenced batch keeps nothing after its last
+        checkpoint, and its partitions are read again from where it started."""
+        start: dict[tuple[str, int], int] = {}
+        for record in records:
+            start.setdefault((record.topic, record.partition), record.offset)
+        self._batch_start = start
+        # The generation the batch was fetched in: every commit of the batch names it, so a
+        # worker that was cut off meanwhile cannot commit it even after it rejoined the group.
+        self._group = consumer.consumer_group_metadata()
+        self.producer.begin_transaction()
+        try:
+            await self._process(records)
+            reached = await through_outages(self._produce_changelogs, what=self.app_id)
+            ends = {(r.topic, r.partition): r.offset + 1 for r in records}
+            await self._commit(consumer, ends)
+        except Fenced as exc:
+            self._abandon(consumer, start, str(exc))
+            return
+        except BaseException:
+            for table in self.tables.values():
+                table.discard_staged()
+            with contextlib.suppress(KafkaException, TransactionAborted):
+                await self.producer.abort_transaction()
+            raise
+        finally:
+            self._batch_start = {}
+        self._apply(reached)
+        self._positions.handled(records)
+
+    async def checkpoint(self) -> None:
+        """Commit the batch so far (a transactional worker, inside a processor): its outputs and
+        table writes become durable and visible, and the commit proves the group still counts
+        this worker as the owner of the batch's partitions. Raises `Fenced` when it does not:
+        the caller must then do nothing more for the batch (call no provider, say)."""
+        if not self.transactional or self._consumer is None:
+            raise RuntimeError("checkpoint needs a transactional worker inside a batch")
+        reached = await through_outages(self._produce_changelogs, what=self.app_id)
+        await self._commit(self._consumer, self._batch_start)
+        self._apply(reached)
+        self.producer.begin_transaction()
+
+    async def _commit(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit the open transaction with `offsets` as the group's committed offsets."""
+        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            await self.producer.commit_transaction(partitions, self._group)
+        except TransactionAborted as exc:
+            raise Fenced(str(exc)) from exc
+
+    def _abandon(self, consumer: Consumer, start: dict[tuple[str, int], int], why: str) -> None:
+        """After a fenced batch: drop its staged writes and read its partitions again from the
+        batch's first records (a zombie's next commit fails again, until its group has moved
+        its partitions and the assignment is settled anew)."""
+        for table in self.tables.values():
+            table.discard_staged()
+        log.warning("stream.fenced", partitions=sorted({p for _t, p in start}), reason=why)
+        for (topic, partition), offset in start.items():
+            try:
+                consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # no longer assigned: the next owner reads it
+                log.info("stream.seek_skipped", topic=topic, partition=partition, error=str(exc))
+
     async def _store(self) -> None:
-        """Every staged write to its changelog, then into the databases. The primary tables'
-        changelogs are written only once every other table's are acknowledged: a crash between
-        two changelogs then leaves the record unhandled by the primary row, so it is handled
-        again, rather than a primary row saying "handled" beside rows that never landed."""
+        """Every staged write to its changelog, then into the databases."""
+        self._apply(await self._produce_changelogs())
+
+    async def _produce_changelogs(self) -> dict[tuple[str, int], int]:
+        """Every staged write to its changelog; the highest offset reached per changelog
+        partition. The primary tables' changelogs are written only once every other table's
+        are acknowledged: a crash between two changelogs then leaves the record unhandled by
+        the primary row, so it is handled again, rather than a primary row saying "handled"
+        beside rows that never landed."""
         reached: dict[tuple[str, int], int] = {}
         for primary in (False, True):
             staged = [
@@ -480,6 +593,11 @@ class StreamWorker:
             ]
             if staged:
                 reached.update(await self.producer.send_to_partitions(staged))
+        return reached
+
+    def _apply(self, reached: dict[tuple[str, int], int]) -> None:
+        """The staged writes into the partitions' databases, with the changelog offsets they
+        reach."""
         current_at = self._epoch_seconds()
         for table in self.tables.values():
             for partition in {p for p, _k, _v in table.staged()}:
@@ -495,6 +613,9 @@ class StreamWorker:
         partitions go, so the next owner starts right after it."""
         self._ready = False
         gone = [(str(tp.topic), int(tp.partition)) for tp in partitions]
+        if self.transactional:  # its batches committed their offsets themselves
+            self._changes.append(("revoke", gone))
+            return
         handled = [
             TopicPartition(topic, partition, self._positions.next[(topic, partition)])
             for topic, partition in gone
@@ -596,6 +717,8 @@ class StreamWorker:
                     self.settings.kafka_bootstrap,
                     stores,
                     client_id=f"{self.app_id}-restore",
+                    # A transactional worker's changelogs hold aborted writes: never restored.
+                    read_committed=self.transactional,
                     partitions=partitions,
                     current_at=self._epoch_seconds(),
                 )

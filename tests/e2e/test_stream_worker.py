@@ -5,6 +5,10 @@
   deletions included, before it handles a record: the counts go on exactly.
 - Two workers share the partitions; one is SIGKILLed mid-stream: its partitions move to the
   survivor, every record is counted, and no count is off by a record lost or counted twice.
+- Transactional workers: one is stopped (SIGSTOP) holding a batch it has not checkpointed,
+  past its session; the other takes every partition over and handles the batch. Resumed, the
+  first one's checkpoint is refused (fenced), so it never performs the batch's side effect:
+  every record's effect happens exactly once, and the outputs a reader sees, exactly once.
 """
 
 from __future__ import annotations
@@ -35,7 +39,14 @@ KEYS = [f"k{n:02d}" for n in range(24)]
 class Worker:
     """One worker process with its own data folder and log."""
 
-    def __init__(self, stack: Any, app_id: str, topics: tuple[str, str], folder: Path) -> None:
+    def __init__(
+        self,
+        stack: Any,
+        app_id: str,
+        topics: tuple[str, str],
+        folder: Path,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.log = folder / "worker.log"
         env = {
@@ -44,6 +55,7 @@ class Worker:
             "WAYPOST_TOPIC_PARTITIONS": str(stack.partitions),
             "WAYPOST_DATA_DIR": str(folder / "data"),
             "WAYPOST_LOG_LEVEL": "info",
+            **(extra or {}),
         }
         argv = [sys.executable, "-m", "tests.e2e.stream_worker", app_id, *topics]
         with self.log.open("wb") as output:
@@ -216,3 +228,55 @@ def test_two_workers_lose_one_to_sigkill_and_every_record_is_counted_once(
     # A record repeated after the kill (its batch's outputs were acknowledged, its row not
     # stored) carries the count it had the first time.
     assert len({(o["key"], o["offset"], o["count"]) for o in seen}) == total
+
+
+def test_a_worker_cut_off_past_its_session_is_fenced_before_its_side_effects(
+    stack: Any, topics: tuple[str, str, Outputs], tmp_path: Path
+) -> None:
+    source, output, outputs = topics
+    app_id = unique("fenced")
+    effects, hold = tmp_path / "effects.txt", tmp_path / "hold"
+    env = {
+        "WAYPOST_TEST_TRANSACTIONAL": "1",
+        "WAYPOST_TEST_EFFECTS": str(effects),
+        "WAYPOST_TEST_HOLD": str(hold),
+    }
+    first = [(key, b"x") for _round in range(4) for key in KEYS]
+    produce(stack.bootstrap, source, first)
+    hold.touch()
+    one = Worker(stack, app_id, (source, output), tmp_path / "one", env)
+    two: Worker | None = None
+    try:
+        wait_for(lambda: one.lines("stream_test.holding"), timeout=120, what="a batch held")
+        one.process.send_signal(signal.SIGSTOP)
+        hold.unlink()  # resumed, it goes straight on to its checkpoint
+        two = Worker(stack, app_id, (source, output), tmp_path / "two", env)
+        wait_for(
+            lambda: len(done(effects)) >= len(first), timeout=180, what="the first records' effects"
+        )
+        one.process.send_signal(signal.SIGCONT)
+        wait_for(lambda: one.lines("stream.fenced"), timeout=120, what="the resumed worker fenced")
+        second = [(key, b"x") for _round in range(2) for key in KEYS]
+        produce(stack.bootstrap, source, second)
+        total = len(first) + len(second)
+        wait_for(lambda: len(done(effects)) >= total, timeout=180, what="every record's effect")
+        seen = counted(outputs, total)
+    finally:
+        one.process.send_signal(signal.SIGCONT)
+        one.stop()
+        if two is not None:
+            two.stop()
+    lines = effects.read_text().splitlines()
+    assert len(lines) == len(set(lines)) == total  # no effect twice, none missing
+    # A reader (read_committed) sees each record's output once: the fenced batch's were aborted.
+    assert len(seen) == len({(o["key"], o["offset"]) for o in seen}) == total
+    by_key: dict[str, list[int]] = {}
+    for o in seen:
+        by_key.setdefault(o["key"], []).append(o["count"])
+    assert {key: sorted(c) for key, c in by_key.items()} == {
+        key: [1, 2, 3, 4, 5, 6] for key in KEYS
+    }
+
+
+def done(effects: Path) -> set[str]:
+    return set(effects.read_text().splitlines()) if effects.exists() else set()
