@@ -1,4 +1,5 @@
-"""Channel rules (`shared.channels`): addresses, reachability, consent events and dead addresses."""
+"""Channel rules (`shared.channels`): addresses, reachability, consent events and dead addresses,
+and the simulator folding consent like the segmenter."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, get_args
 import pytest
 
 from services.admin.domain.segments import ConsentChannel
+from services.orchestrator.domain.simulator import Simulation
 from shared.channels import (
     CHANNELS,
     address_of,
@@ -20,6 +22,7 @@ from shared.channels import (
     without_dead_address,
 )
 from shared.contracts import Channel, Event, Profile
+from shared.journeys import Journey
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
@@ -138,3 +141,31 @@ def test_a_dead_push_token_leaves_the_profile_and_other_addresses_stay() -> None
     assert without_dead_address(profile, _event("Message Failed", **bounced)) is profile
     skipped = {**failed, "address_invalid": False}
     assert without_dead_address(profile, _event("Message Failed", **skipped)) is profile
+
+
+def test_the_simulator_folds_consent_like_the_segmenter() -> None:
+    journey = Journey.model_validate(
+        {
+            "id": "reach",
+            "name": "Reach",
+            "trigger": {"event": "Go"},
+            "steps": [
+                {
+                    "id": "announce",
+                    "type": "send",
+                    "channels": [
+                        {"channel": "email", "template": "t-email"},
+                        {"channel": "sms", "template": "t-sms"},
+                    ],
+                }
+            ],
+        }
+    )
+    sim = Simulation([journey], T0)
+    sim.identify("ada", email="ada@example.com", phone="+48500100200")
+
+    sim.track("ada", "Unsubscribed", {"channel": "email", "method": "one_click"})
+    sim.track("ada", "Go")
+
+    assert sim.profile("ada").consent == {"email": False}
+    assert [(s.channel, s.fallbacks) for s in sim.sent("ada")] == [("sms", ())]

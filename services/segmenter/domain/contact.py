@@ -20,7 +20,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from services.segmenter.domain import aggregates
 from services.segmenter.domain.definitions import Definitions, state_key
-from shared.channels import merged_consent, with_consent, without_dead_address
+from shared.channels import merged_consent
 from shared.conditions import Facts, facts_of
 from shared.contracts import ContactCommand, Event, Profile
 from shared.ids import stable_id
@@ -72,8 +72,7 @@ class Outcome:
 
 
 def apply(row: ContactRow | None, event: Event, defs: Definitions, now: datetime) -> Outcome:
-    """Fold a behavioural event: de-duplicate, profile, consent and dead addresses (by
-    `shared.channels`), aggregates, memberships."""
+    """Fold a behavioural event: de-duplicate, profile (with consent), aggregates, memberships."""
     digest = _message_digest(event.message_id)
     if row is not None and _seen(row.seen, digest, now):
         return Outcome(row, duplicate=True)
@@ -82,7 +81,7 @@ def apply(row: ContactRow | None, event: Event, defs: Definitions, now: datetime
     if not applied.accepted:
         # Also among the profile's most recent ids (kept beyond the day, up to a count).
         return Outcome(row, duplicate=True)
-    profile = without_dead_address(with_consent(applied.profile, event), event)
+    profile = applied.profile
     link = event.previous_id if event.type == "alias" else event.anonymous_id
     known = before.anonymous_ids if before is not None else ()
     linked = None
