@@ -282,7 +282,8 @@ class ChannelChoice(_Definition):
 class SendStep(_Step):
     """Send one message: on `channel`, or on the first reachable of `channels` (a priority list).
 
-    Reachable: the profile holds the channel's address and has not withdrawn consent for it.
+    Reachable: `shared.channels.reachable`, the rule the dispatcher sends by (an address it can
+    send to, consent not withdrawn).
     """
 
     type: Literal["send"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from shared.channels import with_consent, without_dead_address
 from shared.contracts import ContactCommand, Event, Profile
 from shared.ids import stable_id
 from shared.system_events import (
@@ -39,7 +40,8 @@ class Applied:
 
 
 def apply_event(profile: Profile | None, event: Event, now: datetime) -> Applied:
-    """Fold an event into the profile; a repeated `messageId` changes nothing."""
+    """Fold an event into the profile (traits, identities, counts, consent, dead push tokens);
+    a repeated `messageId` changes nothing."""
     if profile is not None and event.message_id in profile.recent_message_ids:
         return Applied(profile, accepted=False)
     if profile is None:
@@ -76,6 +78,8 @@ def apply_event(profile: Profile | None, event: Event, now: datetime) -> Applied
         for name, value in traits.items()
         if name not in profile.traits or profile.traits[name] != value
     )
+    # Consent events and dead push tokens change the profile by the channels' own rules.
+    updated = without_dead_address(with_consent(updated, event), event)
     return Applied(updated, accepted=True, announcements=announcements)
 
 

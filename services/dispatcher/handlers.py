@@ -28,7 +28,6 @@ from services.dispatcher.domain.outcomes import EVENT_NAMES, Outcome, resume_act
 from services.dispatcher.domain.policy import (
     CapRule,
     TokenBucket,
-    address_of,
     cap_refusal,
     class_for_delay,
     consent_refusal,
@@ -45,6 +44,7 @@ from services.dispatcher.domain.rendering import (
     render_variables,
 )
 from services.dispatcher.settings import DispatcherSettings
+from shared.channels import address_of, consent_changes
 from shared.clock import Clock
 from shared.contracts import Channel, Event, SendRequest, SendRetry
 from shared.deadletter import DeadLetters
@@ -65,7 +65,6 @@ from shared.topics import EVENTS, SEND_RETRIES
 
 log = structlog.get_logger(__name__)
 
-CHANNELS: tuple[Channel, ...] = ("email", "sms", "push", "wechat")
 # Delivery reports that move a ledger entry forward, by event name.
 TRACKED = {
     MESSAGE_DELIVERED: "delivered",
@@ -512,16 +511,13 @@ class Dispatcher:
         label = event.label
         props = event.properties
         if label in (UNSUBSCRIBED, SUBSCRIBED):
-            channel = str(props.get("channel", "email"))
             # Reports are handled concurrently: the contact's lock keeps two words, and a
             # provider opt-out met by a send, from interleaving their reads and writes.
             async with self._contact(event.contact_key):
-                for one in CHANNELS if channel == "all" else (channel,):
-                    if one in CHANNELS:
-                        given = label == SUBSCRIBED
-                        await self.stores.consent.record(
-                            event.contact_key, one, given, event.timestamp
-                        )
+                for channel, given in consent_changes(event).items():
+                    await self.stores.consent.record(
+                        event.contact_key, channel, given, event.timestamp
+                    )
             return
         message_id = props.get("message_id")
         if not isinstance(message_id, str):

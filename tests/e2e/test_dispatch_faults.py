@@ -103,7 +103,8 @@ def test_a_template_that_fails_for_a_contact_skips_its_channel_and_the_next_one_
         ),
         "type": ({"orders": "many", "stars": 1}, f"template_error: {tag}-email: text: TypeError"),
         "huge": ({"orders": 1, "stars": 10**9}, f"template_error: {tag}-email: text: Overflow"),
-        "crlf": ({"orders": 1, "stars": 1}, "no_address: email: the address holds a line break"),
+        # An address with a line break is none: the orchestrator picks the SMS at once.
+        "crlf": ({"orders": 1, "stars": 1}, None),
     }
     users = {name: unique(name) for name in contacts}
     phones = {name: f"+4850020{n:04d}" for n, name in enumerate(contacts)}
@@ -135,6 +136,9 @@ def test_a_template_that_fails_for_a_contact_skips_its_channel_and_the_next_one_
                 return entries if sms.get("state") in ("sent", "delivered") else None
 
             entries = wait_for(concluded, what=f"{name}'s SMS in the ledger")
+            if reason is None:
+                assert "email" not in entries
+                continue
             assert entries["email"]["state"] == "skipped"
             assert entries["email"]["reason"].startswith(reason)
         assert outbox(stack, channel="email", to=f"{users['zero']}@ex.com") == []

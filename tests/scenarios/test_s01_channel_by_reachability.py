@@ -12,7 +12,12 @@ JOURNEY = FILE.journey
 
 
 def audience(sim: Simulation) -> None:
-    sim.identify("wei", wechat_unionid="o6_bmasdasdsad6_2sgVt7hMZOPfL", email="wei@example.com")
+    sim.identify(
+        "wei",
+        wechat_openid="oWx_account_openid_wei",
+        wechat_unionid="o6_bmasdasdsad6_2sgVt7hMZOPfL",
+        email="wei@example.com",
+    )
     sim.identify("eva", email="eva@example.com", phone="+48600100200")
     sim.identify("sam", phone="+48600100300")
     sim.identify("nia", first_name="Nia")
@@ -61,6 +66,18 @@ def test_the_rest_of_the_priority_list_travels_as_fallbacks() -> None:
     (email,) = sim.sent("eva")
     assert [f.channel for f in wechat.fallbacks] == ["email"]
     assert [f.channel for f in email.fallbacks] == ["sms"]
+
+
+def test_a_unionid_alone_is_no_wechat_address_and_the_email_goes_out() -> None:
+    # Only the Official Account's openid can be sent to; the dispatcher would skip a unionid-only
+    # WeChat send, so the orchestrator does not pick it either (shared/channels.py).
+    sim = Simulation([JOURNEY], T0)
+    sim.identify("uma", wechat_unionid="o6_bmasdasdsad6_uma", email="uma@example.com")
+
+    sim.audience_run(JOURNEY.id, "run-1", ["uma"])
+
+    ((channel, fallbacks),) = [(s.channel, s.fallbacks) for s in sim.sent("uma")]
+    assert (channel, fallbacks) == ("email", ())
 
 
 def test_withdrawn_consent_makes_a_channel_unreachable() -> None:

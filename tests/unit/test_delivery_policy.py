@@ -1,4 +1,5 @@
-"""Delivery policy: addresses, consent, frequency caps, retry plans, fallbacks, rate limits."""
+"""Delivery policy: consent, frequency caps, retry plans, fallbacks, rate limits (addresses are
+`shared.channels`'s: tests/unit/test_channel_rules.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from services.dispatcher.domain.policy import (
     CapRule,
     ConsentRecord,
     TokenBucket,
-    address_of,
     cap_refusal,
     consent_refusal,
     fallback_of,
@@ -50,23 +50,6 @@ def _request(**update: object) -> SendRequest:
         ),
     )
     return base.model_copy(update=update)
-
-
-def test_addresses_per_channel() -> None:
-    profile = _profile(
-        email=" ada@example.com ",
-        phone="+48500100200",
-        push_tokens=["old", "new"],
-        wechat_unionid="union-1",
-    )
-    assert address_of("email", profile) == "ada@example.com"
-    assert address_of("sms", profile) == "+48500100200"
-    assert address_of("push", profile) == "new"  # the newest registered device
-    # A unionid alone cannot be sent to: WeChat needs the account's openid.
-    assert address_of("wechat", profile) is None
-    assert address_of("wechat", _profile(wechat_openid="o-1")) == "o-1"
-    assert address_of("email", _profile(email="not-an-address")) is None
-    assert address_of("push", _profile(push_token="only")) == "only"
 
 
 def test_the_freshest_word_on_consent_wins() -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
+from shared.channels import ConsentScope
 from shared.contracts import ContactCommand, Event, SegmentCount
 from shared.ids import stable_id
 from shared.segment_checks import aggregates_read, segments_read
@@ -78,7 +79,8 @@ def forget_command(contact_key: str, now: datetime) -> ContactCommand:
     )
 
 
-ConsentChannel = Literal["email", "sms", "push", "wechat", "all"]
+# One channel or every channel (`shared.channels` says what each means).
+ConsentChannel = ConsentScope
 # The source of consent changes made through the admin API (a Waypost source: see
 # shared/system_events.py).
 ADMIN_SOURCE = "waypost-admin"

@@ -1,4 +1,6 @@
-"""Delivery policy (pure): where a message goes, whether it may go now, what follows an outcome.
+"""Delivery policy (pure): whether a message may go now, and what follows an outcome.
+
+Where it goes (a channel's address) and what consent means are `shared.channels`'s rules.
 
 Time comes in as arguments and randomness from hashes of the message id, so a replayed request
 is decided exactly like the first one.
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from shared.channels import consented
 from shared.contracts import Channel, Profile, SendRequest
 from shared.ids import stable_fraction, stable_id
 
@@ -24,28 +27,6 @@ UNSENDABLE = ("template_error", "unsendable")
 # Retry topics, one per delay class: attempt 1 waits in "short", 2 in "medium", later in "long".
 RETRY_CLASSES: tuple[str, ...] = ("short", "medium", "long")
 JITTER = 0.25  # up to +25% on every delay, so retries of one burst spread out
-
-
-def address_of(channel: Channel, profile: Profile) -> str | None:
-    """The contact's address on a channel: email, phone, newest push token, WeChat openid."""
-    traits = profile.traits
-    if channel == "email":
-        value = traits.get("email")
-        return value.strip() if isinstance(value, str) and "@" in value else None
-    if channel == "sms":
-        value = traits.get("phone")
-        return value.strip() if isinstance(value, str) and value.strip() else None
-    if channel == "push":
-        tokens = traits.get("push_tokens")
-        if isinstance(tokens, list):
-            usable = [t for t in tokens if isinstance(t, str) and t]
-            if usable:
-                return usable[-1]
-        value = traits.get("push_token")
-        return value if isinstance(value, str) and value else None
-    # A unionid names the person across the company's apps, but only an openid can be sent to.
-    value = traits.get("wechat_openid")
-    return value if isinstance(value, str) and value else None
 
 
 @dataclass(frozen=True)
@@ -63,7 +44,7 @@ def consent_refusal(
     if recorded is not None and recorded.at >= profile.updated_at:
         given = recorded.given
     else:
-        given = profile.consent.get(channel, True)
+        given = consented(channel, profile)
     return None if given else f"unsubscribed: {channel}"
 
 

@@ -30,6 +30,7 @@ from services.orchestrator.domain.state import (
     TimerPurpose,
     WebhookAnswered,
 )
+from shared.channels import reachable
 from shared.conditions import (
     Compare,
     Condition,
@@ -39,7 +40,6 @@ from shared.conditions import (
     facts_of,
 )
 from shared.contracts import (
-    Channel,
     ChannelTemplate,
     ContactCommand,
     ContactCommandKind,
@@ -108,13 +108,6 @@ PAUSED_RECHECK = timedelta(minutes=1)
 # Beyond a webhook's own attempts, how long the instance waits before it calls the call failed.
 WEBHOOK_GRACE = timedelta(seconds=30)
 _COUPON_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
-# Where a channel's address lives on a profile (any one of the traits makes it reachable).
-CHANNEL_ADDRESSES: dict[Channel, tuple[str, ...]] = {
-    "email": ("email",),
-    "sms": ("phone",),
-    "push": ("push_tokens", "push_token"),
-    "wechat": ("wechat_openid", "wechat_unionid"),
-}
 
 
 class _Waits:
@@ -188,16 +181,11 @@ def _audience_matches(
 def reachable_channels(
     profile: Profile | None, choices: tuple[ChannelChoice, ...]
 ) -> list[ChannelChoice]:
-    """The choices the contact can receive: an address is known and consent not withdrawn."""
+    """The choices the contact can receive, by the rules the dispatcher sends with
+    (`shared.channels.reachable`): consent not withdrawn and an address it can send to."""
     if profile is None:
         return []
-    found = []
-    for choice in choices:
-        if profile.consent.get(choice.channel) is False:
-            continue
-        if any(profile.traits.get(name) for name in CHANNEL_ADDRESSES[choice.channel]):
-            found.append(choice)
-    return found
+    return [choice for choice in choices if reachable(choice.channel, profile)]
 
 
 def _holds(

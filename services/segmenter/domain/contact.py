@@ -20,20 +20,16 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from services.segmenter.domain import aggregates
 from services.segmenter.domain.definitions import Definitions, state_key
+from shared.channels import merged_consent
 from shared.conditions import Facts, facts_of
 from shared.contracts import ContactCommand, Event, Profile
 from shared.ids import stable_id
 from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
 from shared.profiles import announce, apply_command, apply_event, first_profile
-from shared.system_events import MESSAGE_FAILED, SUBSCRIBED, UNSUBSCRIBED
 
 # Message ids are remembered for at least this long (grouped by the hour they were seen).
 DEDUPE_WINDOW = timedelta(hours=24)
 _HOUR = 3600
-# Consent events: `Unsubscribed` withdraws the channel named in its properties, `Subscribed`
-# gives it back (absent means never withdrawn). A `Message Failed` that calls a push token
-# unregistered takes the token off the profile.
-_CHANNELS = ("email", "sms", "push", "wechat")
 
 
 class ContactRow(BaseModel):
@@ -76,7 +72,7 @@ class Outcome:
 
 
 def apply(row: ContactRow | None, event: Event, defs: Definitions, now: datetime) -> Outcome:
-    """Fold a behavioural event: de-duplicate, profile, consent, aggregates, memberships."""
+    """Fold a behavioural event: de-duplicate, profile (with consent), aggregates, memberships."""
     digest = _message_digest(event.message_id)
     if row is not None and _seen(row.seen, digest, now):
         return Outcome(row, duplicate=True)
@@ -85,7 +81,7 @@ def apply(row: ContactRow | None, event: Event, defs: Definitions, now: datetime
     if not applied.accepted:
         # Also among the profile's most recent ids (kept beyond the day, up to a count).
         return Outcome(row, duplicate=True)
-    profile = _without_dead_token(_with_consent(applied.profile, event), event)
+    profile = applied.profile
     link = event.previous_id if event.type == "alias" else event.anonymous_id
     known = before.anonymous_ids if before is not None else ()
     linked = None
@@ -158,7 +154,7 @@ def absorb(
             "anonymous_ids": _union(mine.profile.anonymous_ids, (other_key, *theirs.anonymous_ids)),
             "traits": {**theirs.traits, **mine.profile.traits},
             "tags": _union(mine.profile.tags, theirs.tags),
-            "consent": _merged_consent(mine.profile.consent, theirs.consent),
+            "consent": merged_consent(mine.profile.consent, theirs.consent),
             "coupons": (
                 *mine.profile.coupons,
                 *(c for c in theirs.coupons if c not in mine.profile.coupons),
@@ -303,42 +299,6 @@ def _settle(
     # Every announcement carries the profile after the whole change.
     settled = row.model_copy(update=update)
     return Outcome(settled, (*announcements, *changes), retime=retime, linked=linked)
-
-
-def _with_consent(profile: Profile, event: Event) -> Profile:
-    if event.label not in (UNSUBSCRIBED, SUBSCRIBED):
-        return profile
-    channel = event.properties.get("channel", "email")
-    channels = _CHANNELS if channel == "all" else (channel,)
-    given = event.label == SUBSCRIBED
-    consent = {**profile.consent, **{c: given for c in channels if c in _CHANNELS}}
-    return profile.model_copy(update={"consent": consent})
-
-
-def _without_dead_token(profile: Profile, event: Event) -> Profile:
-    props = event.properties
-    if not (
-        event.label == MESSAGE_FAILED
-        and props.get("channel") == "push"
-        and props.get("address_invalid") is True
-        and isinstance(props.get("address"), str)
-    ):
-        return profile
-    dead = props["address"]
-    traits = dict(profile.traits)
-    tokens = traits.get("push_tokens")
-    if isinstance(tokens, list) and dead in tokens:
-        traits["push_tokens"] = [t for t in tokens if t != dead]
-    if traits.get("push_token") == dead:
-        del traits["push_token"]
-    if traits == profile.traits:
-        return profile
-    return profile.model_copy(update={"traits": traits})
-
-
-def _merged_consent(mine: dict[str, bool], theirs: dict[str, bool]) -> dict[str, bool]:
-    """A withdrawal on either side wins: never message someone who said no."""
-    return {c: mine.get(c, True) and theirs.get(c, True) for c in {*mine, *theirs}}
 
 
 def _message_digest(message_id: str) -> str:
