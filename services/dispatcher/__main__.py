@@ -13,6 +13,7 @@ from prometheus_client import start_http_server
 from services.dispatcher.adapters.email import SmtpSender
 from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.providers import build_providers
+from services.dispatcher.adapters.sms import SmsSender
 from services.dispatcher.adapters.store import (
     Caps,
     Consent,
@@ -66,6 +67,7 @@ async def serve(settings: DispatcherSettings) -> None:
         DeadLetters(producer, "dispatcher", clock),
         metrics,
         clock.monotonic,
+        sms_history=sms if isinstance(sms := providers["sms"], SmsSender) else None,
     )
 
     def consumer(group: str, topics: list[str], client_id: str) -> ConsumerLoop:

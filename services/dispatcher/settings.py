@@ -72,6 +72,10 @@ class DispatcherSettings(CommonSettings):
     sms_auth_token: SecretStr = SecretStr("waypost-sandbox-sms-token")
     sms_from: str = "+15005550006"
     sms_messaging_service_sid: str | None = None
+    # An SMS without an answer is looked up in the provider's listing of its number; only a try
+    # at least this old counts as never arrived when it is not listed (a request still on its
+    # way would not be listed yet), so a younger one waits the rest before asking.
+    sms_reconcile_settle_seconds: float = Field(default=10.0, ge=0)
 
     # Push through FCM HTTP v1; the service-account file names its token endpoint (token_uri).
     fcm_base_url: str = "http://127.0.0.1:8025"
