@@ -10,8 +10,10 @@ import httpx
 import structlog
 from prometheus_client import start_http_server
 
+from services.dispatcher.adapters.email import SmtpSender
 from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.providers import build_providers
+from services.dispatcher.adapters.sms import SmsSender
 from services.dispatcher.adapters.store import (
     Caps,
     Consent,
@@ -44,8 +46,17 @@ async def serve(settings: DispatcherSettings) -> None:
         start_http_server(
             settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
         )
-    http = httpx.AsyncClient(timeout=settings.provider_timeout_seconds)
+    # A connection per send in flight, all kept alive: SMS, push and WeChat sends neither
+    # queue for a connection nor open one per request (httpx keeps 20 alive by default).
+    # Retries due at once call providers beside the requests' sends, hence the second share.
+    limits = httpx.Limits(
+        max_connections=2 * settings.max_in_flight,
+        max_keepalive_connections=settings.max_in_flight,
+        keepalive_expiry=settings.http_keepalive_seconds,
+    )
+    http = httpx.AsyncClient(timeout=settings.provider_timeout_seconds, limits=limits)
     providers = build_providers(settings, clock, http)
+    smtp = providers["email"]
     dispatcher = Dispatcher(
         settings,
         clock,
@@ -56,6 +67,7 @@ async def serve(settings: DispatcherSettings) -> None:
         DeadLetters(producer, "dispatcher", clock),
         metrics,
         clock.monotonic,
+        sms_history=sms if isinstance(sms := providers["sms"], SmsSender) else None,
     )
 
     def consumer(group: str, topics: list[str], client_id: str) -> ConsumerLoop:
@@ -89,6 +101,8 @@ async def serve(settings: DispatcherSettings) -> None:
         for loop_ in (requests, retries, reports):
             loop_.close()
         producer.close()
+        if isinstance(smtp, SmtpSender):
+            await smtp.aclose()  # QUIT the pooled SMTP sessions
         await http.aclose()
         await client.close()
 

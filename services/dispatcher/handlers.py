@@ -23,7 +23,13 @@ from pydantic import ValidationError
 from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.store import Caps, Consent, Ledger, Suppressions, Templates
 from services.dispatcher.domain.channels import render_push, render_sms, render_wechat
-from services.dispatcher.domain.messages import Content, Delivery, EmailContent, Provider
+from services.dispatcher.domain.messages import (
+    Content,
+    Delivery,
+    EmailContent,
+    Provider,
+    SmsContent,
+)
 from services.dispatcher.domain.outcomes import EVENT_NAMES, Outcome, resume_action
 from services.dispatcher.domain.policy import (
     CapRule,
@@ -37,6 +43,7 @@ from services.dispatcher.domain.policy import (
     plan_retry,
     tries_next_channel,
 )
+from services.dispatcher.domain.reconcile import SmsHistory, SmsTry, reconcile_sms
 from services.dispatcher.domain.rendering import (
     EmailTemplate,
     RenderError,
@@ -94,6 +101,7 @@ class Dispatcher:
         dead_letters: DeadLetters,
         metrics: DispatchMetrics,
         monotonic: Callable[[], float],
+        sms_history: SmsHistory | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -105,6 +113,7 @@ class Dispatcher:
         self.dead_letters = dead_letters
         self.metrics = metrics
         self._monotonic = monotonic
+        self.sms_history = sms_history
         self._buckets = {
             "email": TokenBucket(settings.rate_email),
             "sms": TokenBucket(settings.rate_sms),
@@ -215,6 +224,17 @@ class Dispatcher:
             await self._attempt(request, attempt, try_name, record)
             return
         action = resume_action(state, request.transactional)
+        if state == "sending" and self._can_reconcile(request):
+            # Ask the provider first: found, it is sent; proven absent, a new try is safe.
+            entry = await self.ledger.get(request.message_id) or {}
+            began = entry.get("sending_at") if entry.get("state") == "sending" else None
+            stopped = Outcome("unknown", "a worker stopped during the provider call")
+            outcome, delivery = await self._reconciled(
+                request, stopped, None, began or request.requested_at
+            )
+            if outcome.kind == "sent" or action == "unknown":
+                await self._conclude(request, outcome, attempt, record, delivery)
+                return
         if action == "unknown":
             reason = "a worker stopped during the provider call; not resent (marketing)"
             await self._conclude(request, Outcome("unknown", reason), attempt, record, None)
@@ -241,9 +261,8 @@ class Dispatcher:
         wait = self._buckets[channel].reserve(self._monotonic())
         if wait > 0:
             await asyncio.sleep(wait)
-        if not await self.ledger.begin(
-            request.message_id, f"{attempt}:{try_name}", attempt, self.clock.now()
-        ):
+        began = self.clock.now()
+        if not await self.ledger.begin(request.message_id, f"{attempt}:{try_name}", attempt, began):
             await self._after_lost_begin(request, attempt, record)
             return
         try:
@@ -252,6 +271,8 @@ class Dispatcher:
             # The content or address cannot be written as this provider's request (a header
             # the email library refuses, text it cannot encode): it never left, and never will.
             outcome = Outcome("skipped", f"unsendable: {channel}: {type(exc).__name__}: {exc}")
+        if outcome.kind == "unknown" and self._can_reconcile(request):
+            outcome, _ = await self._reconciled(request, outcome, prepared, began)
         await self._conclude(request, outcome, attempt, record, prepared)
 
     async def _after_lost_begin(self, request: SendRequest, attempt: int, record: Record) -> None:
@@ -262,6 +283,51 @@ class Dispatcher:
             return
         if entry.get("state") in ("requested", "retrying"):
             await self._resume(request, "sending", attempt, record)
+
+    def _can_reconcile(self, request: SendRequest) -> bool:
+        return request.channel == "sms" and self.sms_history is not None
+
+    async def _reconciled(
+        self,
+        request: SendRequest,
+        unanswered: Outcome,
+        delivery: Delivery | None,
+        began: datetime,
+    ) -> tuple[Outcome, Delivery | None]:
+        """What an SMS without an answer came to, by the provider's listing of the number:
+        `sent`, `retry` (it never arrived) or `unanswered` with the reason it stays unknown."""
+        assert self.sms_history is not None
+        if delivery is None:  # a resumed try: rendered again, the same request gives the same body
+            prepared = await self._prepare(request)
+            if isinstance(prepared, Outcome):
+                return replace(unanswered, reason=f"{unanswered.reason}; {prepared.reason}"), None
+            delivery = prepared
+        content = delivery.content
+        if not isinstance(content, SmsContent):
+            return unanswered, delivery
+        settle = timedelta(seconds=self.settings.sms_reconcile_settle_seconds)
+        wait = (began + settle - self.clock.now()).total_seconds()
+        if wait > 0:
+            await asyncio.sleep(wait)  # a request still on its way would not be listed yet
+        listing = await self.sms_history.sent_to(delivery.address)
+        service = self.settings.sms_messaging_service_sid
+        sent = SmsTry(
+            to=delivery.address,
+            body=content.body,
+            sender=None if service else self.settings.sms_from,
+            messaging_service_sid=service,
+            began=began,
+        )
+        found = reconcile_sms(listing, sent, self.clock.now(), settle)
+        log.info(
+            "dispatcher.sms_reconciled",
+            message_id=request.message_id,
+            outcome=found.kind,
+            reason=found.reason,
+        )
+        if found.kind == "unknown":
+            return replace(unanswered, reason=f"{unanswered.reason}; {found.reason}"), delivery
+        return found, delivery
 
     async def _prepare(self, request: SendRequest) -> Delivery | Outcome:
         """Checks at send time, then rendering; an Outcome("skipped") says why not."""

@@ -32,6 +32,8 @@ class DispatcherSettings(CommonSettings):
     # How long a configuration error (bad credentials, bad template id) pauses its channel.
     provider_pause_seconds: float = Field(default=60.0, gt=0)
     provider_timeout_seconds: float = Field(default=15.0, gt=0)
+    # Idle HTTP connections to the providers (SMS, push, WeChat) are closed after this long.
+    http_keepalive_seconds: float = Field(default=30.0, gt=0)
     # Provider rate limits, messages per second per worker (0 = unlimited).
     rate_email: float = Field(default=0.0, ge=0)
     rate_sms: float = Field(default=0.0, ge=0)
@@ -52,6 +54,13 @@ class DispatcherSettings(CommonSettings):
     smtp_starttls: bool = False
     smtp_use_tls: bool = False
     smtp_timeout_seconds: float = Field(default=30.0, gt=0)
+    # SMTP sessions kept open and reused (unset: one per send in flight, `max_in_flight`).
+    # They open on demand, so a quiet worker holds few; a provider that limits concurrent
+    # connections per client wants this at or below its limit.
+    smtp_connections: int | None = Field(default=None, ge=1)
+    # An idle session older than this is closed rather than reused: servers drop idle clients
+    # (Postfix after 300 s, many providers sooner), and a dropped one costs a failed command.
+    smtp_idle_seconds: float = Field(default=10.0, gt=0)
     email_from: str = "Waypost <hello@waypost.local>"
     message_id_domain: str = "waypost.local"
     track_opens: bool = True
@@ -63,6 +72,10 @@ class DispatcherSettings(CommonSettings):
     sms_auth_token: SecretStr = SecretStr("waypost-sandbox-sms-token")
     sms_from: str = "+15005550006"
     sms_messaging_service_sid: str | None = None
+    # An SMS without an answer is looked up in the provider's listing of its number; only a try
+    # at least this old counts as never arrived when it is not listed (a request still on its
+    # way would not be listed yet), so a younger one waits the rest before asking.
+    sms_reconcile_settle_seconds: float = Field(default=10.0, ge=0)
 
     # Push through FCM HTTP v1; the service-account file names its token endpoint (token_uri).
     fcm_base_url: str = "http://127.0.0.1:8025"
@@ -73,7 +86,7 @@ class DispatcherSettings(CommonSettings):
     wechat_app_id: str = "wxwaypostsandbox"
     wechat_app_secret: SecretStr = SecretStr("waypost-sandbox-wechat-secret")
 
-    @field_validator("fcm_service_account_file", mode="before")
+    @field_validator("fcm_service_account_file", "smtp_connections", mode="before")
     @classmethod
     def _unset_when_empty(cls, value: object) -> object:
         return None if value == "" else value

@@ -51,6 +51,18 @@ def _entries(ledger: Any, user: str, **query: Any) -> list[dict[str, Any]]:
     return list(ledger.find({"contact_key": user, **query}))
 
 
+def _another_message_during_the_try(stack: Any, ledger: Any, user: str, phone: str) -> None:
+    """Once the user's SMS is at the provider (`sending`), another message to the number."""
+    wait_for(lambda: _entries(ledger, user, state="sending"), what="the try under way")
+    other = httpx.post(
+        f"{stack.outbox_url}/2010-04-01/Accounts/ACwaypostsandbox/Messages.json",
+        data={"To": phone, "From": "+15005550006", "Body": "Another message"},
+        auth=("ACwaypostsandbox", "waypost-sandbox-sms-token"),
+        timeout=10,
+    )
+    assert other.status_code == 201, other.text
+
+
 def _templates(tag: str) -> dict[str, dict[str, str]]:
     return {
         f"{tag}-wechat": {
@@ -339,7 +351,7 @@ def test_reports_and_tracked_links_move_the_ledger(stack: Any, tmp_path: Path, l
     wait_for(lambda: _entries(ledger, texter, state="delivered"), what="delivered")
 
 
-def test_a_marketing_send_in_the_unknown_window_is_not_repeated(
+def test_an_unanswered_sms_the_provider_lists_is_sent_not_unknown(
     stack: Any, tmp_path: Path, ledger: Any
 ) -> None:
     tag = unique("unknown")
@@ -347,12 +359,49 @@ def test_a_marketing_send_in_the_unknown_window_is_not_repeated(
     user = unique("limbo")
     phone = "+4850040" + str(abs(hash(user)) % 10000).zfill(4)
     _identify(stack, user, phone=phone)
-    # The provider takes the message and never answers in time.
+    # The provider takes the message and never answers in time; its listing shows it.
     _fail(stack, channel="sms", recipient=phone, error="timeout", seconds=5)
     assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+    (entry,) = wait_for(lambda: _entries(ledger, user, state="sent"), what="reconciled")
+    (text,) = outbox(stack, channel="sms", to=phone)
+    assert entry["provider_id"] == text["sid"]
+    assert entry["reason"].startswith("reconciled")
+    assert entry["attempt"] == 1
+
+
+def test_an_unanswered_sms_the_provider_never_stored_is_sent_once(
+    stack: Any, tmp_path: Path, ledger: Any
+) -> None:
+    tag = unique("unstored")
+    trigger = _priority_journey(stack, tmp_path, tag, ["sms"])
+    user = unique("limbo")
+    phone = "+4850060" + str(abs(hash(user)) % 10000).zfill(4)
+    _identify(stack, user, phone=phone)
+    # The provider holds the request past the client's timeout, then refuses it unstored.
+    _fail(stack, channel="sms", recipient=phone, error="503", seconds=5, times=1)
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+    (entry,) = wait_for(lambda: _entries(ledger, user, state="sent"), what="the send after")
+    assert entry["attempt"] == 2
+    assert len(outbox(stack, channel="sms", to=phone)) == 1  # marketing: still at most once
+
+
+def test_a_marketing_send_the_provider_cannot_tell_about_is_not_repeated(
+    stack: Any, tmp_path: Path, ledger: Any
+) -> None:
+    tag = unique("unknown")
+    trigger = _priority_journey(stack, tmp_path, tag, ["sms"])
+    user = unique("limbo")
+    phone = "+4850070" + str(abs(hash(user)) % 10000).zfill(4)
+    _identify(stack, user, phone=phone)
+    # The provider holds the request past the client's timeout and refuses it unstored, while
+    # another message reaches the number: the listing cannot tell whether ours arrived.
+    _fail(stack, channel="sms", recipient=phone, error="503", seconds=5, times=1)
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+    _another_message_during_the_try(stack, ledger, user, phone)
     (entry,) = wait_for(lambda: _entries(ledger, user, state="unknown"), what="unknown")
     assert "timed out" in entry["reason"] or "timeout" in entry["reason"].lower()
-    assert len(outbox(stack, channel="sms", to=phone)) == 1
+    assert "not reconciled" in entry["reason"]
+    assert len(outbox(stack, channel="sms", to=phone)) == 1  # the other one; ours not resent
 
 
 def test_a_transactional_send_in_the_unknown_window_is_sent_again(
@@ -388,10 +437,53 @@ def test_a_transactional_send_in_the_unknown_window_is_sent_again(
     user = unique("buyer")
     phone = "+4850050" + str(abs(hash(user)) % 10000).zfill(4)
     _identify(stack, user, phone=phone)
-    _fail(stack, channel="sms", recipient=phone, error="timeout", seconds=5, times=1)
+    # No answer, and another message to the number meanwhile: the listing cannot tell.
+    _fail(stack, channel="sms", recipient=phone, error="503", seconds=5, times=1)
     assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+    _another_message_during_the_try(stack, ledger, user, phone)
 
     (entry,) = wait_for(lambda: _entries(ledger, user, state="sent"), what="the resent receipt")
     assert entry["attempt"] == 2
-    # At least once: the first copy had reached the provider before the call timed out.
-    assert len(outbox(stack, channel="sms", to=phone)) == 2
+    # At least once: an unknown receipt is sent again.
+    assert len(outbox(stack, channel="sms", to=phone)) == 2  # the other one, and ours
+
+
+def test_a_transactional_send_the_provider_lists_is_not_sent_again(
+    stack: Any, tmp_path: Path, ledger: Any
+) -> None:
+    tag = unique("receipt")
+    trigger = f"Enter {tag}"
+    path = tmp_path / f"{tag}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "journey": {
+                    "id": tag,
+                    "name": tag,
+                    "transactional": True,
+                    "trigger": {"type": "event", "event": trigger},
+                    "steps": [
+                        {
+                            "id": "receipt",
+                            "type": "send",
+                            "channel": "sms",
+                            "template": f"{tag}-sms",
+                        },
+                        {"id": "done", "type": "exit"},
+                    ],
+                },
+                "templates": {f"{tag}-sms": _templates(tag)[f"{tag}-sms"]},
+            },
+            sort_keys=False,
+        )
+    )
+    publish_journey(stack, path)
+    user = unique("buyer")
+    phone = "+4850080" + str(abs(hash(user)) % 10000).zfill(4)
+    _identify(stack, user, phone=phone)
+    _fail(stack, channel="sms", recipient=phone, error="timeout", seconds=5, times=1)
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+
+    (entry,) = wait_for(lambda: _entries(ledger, user, state="sent"), what="the receipt")
+    assert entry["attempt"] == 1
+    assert len(outbox(stack, channel="sms", to=phone)) == 1

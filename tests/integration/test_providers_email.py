@@ -16,9 +16,9 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from services.dispatcher.adapters.email import SmtpSender
 from services.dispatcher.domain.messages import Delivery, EmailContent
 from services.dispatcher.settings import DispatcherSettings
-from shared.clock import ManualClock
 from shared.links import LinkClaims, LinkSigner, track_email
 from tests.integration.conftest import SandboxInfo
+from tests.integration.providers import ShiftedClock
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 SIGNER = LinkSigner("test-secret", "https://links.example.com")
@@ -61,7 +61,7 @@ def _parsed(record: dict[str, object]) -> dict[str, str]:
 
 
 async def test_a_sent_message_carries_every_header_and_part(clean_sandbox: SandboxInfo) -> None:
-    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ManualClock(NOW))
+    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ShiftedClock())
     outcome = await sender.send(_delivery("ada@example.com"))
     assert outcome.kind == "sent"
     assert outcome.provider_id == "<msg-1@waypost.local>"
@@ -80,7 +80,7 @@ async def test_a_sent_message_carries_every_header_and_part(clean_sandbox: Sandb
 
 
 async def test_the_unsubscribe_header_is_not_folded(clean_sandbox: SandboxInfo) -> None:
-    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ManualClock(NOW))
+    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ShiftedClock())
     raw = sender.wire(sender.compose(_delivery("ada@example.com")))
     line = next(x for x in raw.split(b"\r\n") if x.startswith(b"List-Unsubscribe:"))
     assert len(line) > 78  # longer than a folded line could be, and still one line
@@ -96,7 +96,7 @@ async def test_refused_recipients_are_classified(
     clean_sandbox: SandboxInfo, code: int, kind: str
 ) -> None:
     clean_sandbox.fail(channel="email", recipient="gone@example.com", error=str(code))
-    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ManualClock(NOW))
+    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ShiftedClock())
     outcome = await sender.send(_delivery("gone@example.com"))
     assert outcome.kind == kind
     assert outcome.code == str(code)
@@ -108,7 +108,7 @@ async def test_a_timeout_after_data_is_unknown_and_the_message_arrived(
     clean_sandbox: SandboxInfo,
 ) -> None:
     clean_sandbox.fail(channel="email", recipient="slow@example.com", error="timeout", seconds=3)
-    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ManualClock(NOW))
+    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ShiftedClock())
     outcome = await sender.send(_delivery("slow@example.com"))
     assert outcome.kind == "unknown"
     clean_sandbox.wait_messages("email", "slow@example.com")
@@ -121,7 +121,7 @@ def _free_port() -> int:
 
 
 async def test_nobody_listening_is_retryable() -> None:
-    sender = SmtpSender(_settings(_free_port()), ManualClock(NOW))
+    sender = SmtpSender(_settings(_free_port()), ShiftedClock())
     outcome = await sender.send(_delivery("ada@example.com"))
     assert outcome.kind == "retry"
 
@@ -161,6 +161,6 @@ def auth_server() -> Iterator[int]:
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 async def test_bad_credentials_are_a_configuration_error(auth_server: int) -> None:
     settings = _settings(auth_server, smtp_username="waypost", smtp_password="wrong")
-    outcome = await SmtpSender(settings, ManualClock(NOW)).send(_delivery("ada@example.com"))
+    outcome = await SmtpSender(settings, ShiftedClock()).send(_delivery("ada@example.com"))
     assert outcome.kind == "config"
     assert outcome.code == "535"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -11,6 +12,7 @@ from pydantic import SecretStr
 from services.dispatcher.adapters.sms import SmsSender
 from services.dispatcher.domain.messages import Delivery, SmsContent
 from services.dispatcher.domain.outcomes import Outcome
+from services.dispatcher.domain.reconcile import SmsTry, reconcile_sms
 from services.dispatcher.settings import DispatcherSettings
 from tests.integration.conftest import SandboxInfo
 from tests.integration.providers import closed_port
@@ -210,3 +212,73 @@ async def test_a_refused_connection_is_retried(
 
     assert outcome.kind == "retry"
     assert str(outcome.reason).startswith("sms connect: ConnectError")
+
+
+# -- reconciling a send without an answer: the sandbox lists messages by number -------------
+
+
+async def _reconcile(
+    sandbox: SandboxInfo, http: httpx.AsyncClient, item: Delivery, began: datetime, **overrides: Any
+) -> Outcome:
+    sender = SmsSender(settings(sandbox, **overrides), http)
+    assert isinstance(item.content, SmsContent)
+    attempt = SmsTry(item.address, item.content.body, "+15005550006", None, began)
+    listing = await sender.sent_to(item.address)
+    return reconcile_sms(listing, attempt, datetime.now(UTC), timedelta(0))
+
+
+async def test_an_unanswered_sms_that_arrived_is_found_under_its_sid(
+    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+) -> None:
+    clean_sandbox.fail(channel="sms", recipient=NUMBER, error="timeout", seconds=3)
+    began = datetime.now(UTC)
+    outcome = await send(clean_sandbox, http, delivery(), provider_timeout_seconds=1.0)
+    assert outcome.kind == "unknown"
+
+    found = await _reconcile(clean_sandbox, http, delivery(), began)
+
+    [record] = clean_sandbox.messages("sms", NUMBER)
+    assert (found.kind, found.provider_id) == ("sent", record["sid"])
+
+
+async def test_an_unanswered_sms_the_provider_never_stored_is_proven_absent(
+    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+) -> None:
+    # A POST held, then refused (never stored), past the client's timeout.
+    clean_sandbox.fail(channel="sms", recipient=NUMBER, error="503", seconds=3, times=1)
+    began = datetime.now(UTC)
+    outcome = await send(clean_sandbox, http, delivery(), provider_timeout_seconds=1.0)
+    assert outcome.kind == "unknown"
+
+    found = await _reconcile(clean_sandbox, http, delivery(), began)
+
+    assert found.kind == "retry"
+    assert clean_sandbox.messages("sms", NUMBER) == []
+
+
+async def test_another_recent_message_to_the_number_leaves_it_unknown(
+    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+) -> None:
+    began = datetime.now(UTC)
+    await send(clean_sandbox, http, delivery(body="Something else"))
+
+    found = await _reconcile(clean_sandbox, http, delivery(), began)
+
+    assert found.kind == "unknown"
+
+
+async def test_a_listing_the_provider_cannot_give_leaves_it_unknown_with_the_reason(
+    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+) -> None:
+    began = datetime.now(UTC)
+    refused = await _reconcile(
+        clean_sandbox, http, delivery(), began, sms_auth_token=SecretStr("wrong")
+    )
+    assert refused.kind == "unknown"
+    assert "HTTP 401" in str(refused.reason)
+
+    nobody = await _reconcile(
+        clean_sandbox, http, delivery(), began, sms_base_url=f"http://127.0.0.1:{closed_port()}"
+    )
+    assert nobody.kind == "unknown"
+    assert "ConnectError" in str(nobody.reason)

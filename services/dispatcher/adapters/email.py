@@ -1,33 +1,134 @@
 """Email over SMTP (aiosmtplib): MIME text + HTML, deterministic Message-ID, one-click
-unsubscribe headers (RFC 8058), and replies classified into outcome classes."""
+unsubscribe headers (RFC 8058), replies classified into outcome classes, and a pool of
+sessions reused across messages (a connection, TLS and AUTH per message cost more than the send).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.policy
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
+from typing import Literal
 
 import aiosmtplib
+import structlog
 
+from services.dispatcher.domain.channels import MonotonicClock
 from services.dispatcher.domain.messages import Delivery, EmailContent
 from services.dispatcher.domain.outcomes import Outcome, OutcomeKind
 from services.dispatcher.settings import DispatcherSettings
-from shared.clock import Clock
 from shared.contracts import Channel
+
+log = structlog.get_logger(__name__)
 
 # Long headers stay on one line: folding List-Unsubscribe breaks DKIM in some clients.
 _UNFOLDED = email.policy.SMTP.clone(max_line_length=998)  # the RFC 5322 line limit
+# How long a QUIT may take when the pool closes its sessions.
+_QUIT_SECONDS = 2.0
+
+# After a transaction, what the session is good for: another message as it is ("clean", the
+# server resets itself after a completed DATA), another message after RSET ("dirty", a refused
+# MAIL, RCPT or DATA), or nothing ("broken").
+SessionState = Literal["clean", "dirty", "broken"]
+
+
+@dataclass(frozen=True)
+class _Transaction:
+    outcome: Outcome
+    session: SessionState
+    # Lost before DATA went out on a session that had served before: the server had closed it
+    # (idle clients are dropped), so the message never reached it and a fresh session may try.
+    stale: bool = False
+
+
+class SmtpSessions:
+    """Up to `size` open SMTP sessions, reused across messages.
+
+    A send holds one session for its transaction only. Idle sessions wait most recent last and
+    are closed once idle longer than `idle_seconds` (servers drop idle clients, and a session
+    they dropped costs a failed command before it is replaced). Sessions open on demand, so a
+    quiet worker holds few.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[aiosmtplib.SMTP]],
+        size: int,
+        idle_seconds: float,
+        monotonic: Callable[[], float],
+    ) -> None:
+        self._connect = connect
+        self._slots = asyncio.Semaphore(size)
+        self._idle_seconds = idle_seconds
+        self._monotonic = monotonic
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # (session, idle since)
+        self._closed = False
+        self.opened = 0  # sessions opened so far (a figure for tests and logs)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One send's right to a session; bounds the sessions open at once to `size`."""
+        async with self._slots:
+            yield
+
+    def take_idle(self) -> aiosmtplib.SMTP | None:
+        """The most recently used idle session still open and fresh enough, if any."""
+        now = self._monotonic()
+        while self._idle:
+            session, since = self._idle.pop()
+            if session.is_connected and now - since <= self._idle_seconds:
+                return session
+            session.close()
+        return None
+
+    async def open(self) -> aiosmtplib.SMTP:
+        """A new session: connected, with STARTTLS/TLS and AUTH as configured (may raise)."""
+        session = await self._connect()
+        self.opened += 1
+        return session
+
+    def put_back(self, session: aiosmtplib.SMTP) -> None:
+        if self._closed or not session.is_connected:
+            session.close()
+            return
+        now = self._monotonic()
+        self._idle.append((session, now))
+        # Sessions that waited too long behind newer ones go now (the oldest sit first).
+        while self._idle and now - self._idle[0][1] > self._idle_seconds:
+            expired, _ = self._idle.pop(0)
+            expired.close()
+
+    async def aclose(self) -> None:
+        """QUIT every idle session; sessions still in use close when they are handed back."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(_quit(session) for session, _ in idle))
+
+
+async def _quit(session: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+        if session.is_connected:
+            await session.quit(timeout=_QUIT_SECONDS)
+    session.close()
 
 
 class SmtpSender:
-    """One SMTP submission per message; a fresh connection keeps failures contained."""
+    """One SMTP transaction per message, on a session from the pool."""
 
     channel: Channel = "email"
 
-    def __init__(self, settings: DispatcherSettings, clock: Clock) -> None:
+    def __init__(self, settings: DispatcherSettings, clock: MonotonicClock) -> None:
         self._settings = settings
         self._clock = clock
+        self._sender = parseaddr(settings.email_from)[1]
+        size = settings.smtp_connections or settings.max_in_flight
+        self.sessions = SmtpSessions(
+            self._connect, size, settings.smtp_idle_seconds, clock.monotonic
+        )
 
     def compose(self, delivery: Delivery) -> EmailMessage:
         content = delivery.content
@@ -52,12 +153,43 @@ class SmtpSender:
         return message.as_bytes(policy=_UNFOLDED)
 
     async def send(self, delivery: Delivery) -> Outcome:
-        settings = self._settings
-        password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
         message = self.compose(delivery)
         raw = self.wire(message)
-        sender = parseaddr(settings.email_from)[1]
-        client = aiosmtplib.SMTP(
+        sessions = self.sessions
+        async with sessions.slot():
+            session = sessions.take_idle()
+            reused = session is not None
+            if session is None:
+                opened = await self._open()
+                if isinstance(opened, Outcome):
+                    return opened
+                session = opened
+            try:
+                done = await self._transaction(session, delivery.address, raw, reused)
+                if done.stale:
+                    # The server had dropped the idle session: one more try on a new one.
+                    log.debug("smtp.stale_session", message_id=delivery.message_id)
+                    session.close()
+                    opened = await self._open()
+                    if isinstance(opened, Outcome):
+                        return opened
+                    session = opened
+                    done = await self._transaction(session, delivery.address, raw, reused=False)
+            except BaseException:
+                session.close()  # an address the library cannot encode, a cancellation
+                raise
+            await self._hand_back(session, done.session)
+        if done.outcome.kind == "sent":
+            return Outcome("sent", provider_id=message["Message-ID"])
+        return done.outcome
+
+    async def aclose(self) -> None:
+        await self.sessions.aclose()
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        settings = self._settings
+        password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
+        session = aiosmtplib.SMTP(
             hostname=settings.smtp_host,
             port=settings.smtp_port,
             username=settings.smtp_username,
@@ -66,33 +198,67 @@ class SmtpSender:
             use_tls=settings.smtp_use_tls,
             timeout=settings.smtp_timeout_seconds,
         )
-        data_sent = False
         try:
-            await client.connect()
-            await client.mail(sender)
-            await client.rcpt(delivery.address)
-            data_sent = True
-            await client.data(raw)
+            await session.connect()
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    async def _open(self) -> aiosmtplib.SMTP | Outcome:
+        """A new session, or the outcome of failing to get one (nothing was sent)."""
+        try:
+            return await self.sessions.open()
         except aiosmtplib.SMTPAuthenticationError as exc:
             return Outcome("config", f"smtp authentication: {exc.message}", code=str(exc.code))
-        except aiosmtplib.SMTPSenderRefused as exc:
-            # The server refuses our envelope sender: our configuration, not the recipient.
-            if 400 <= exc.code < 500:
-                return Outcome("retry", f"smtp {exc.code}: {exc.message}", code=str(exc.code))
-            return Outcome("config", f"smtp sender {exc.code}: {exc.message}", code=str(exc.code))
-        except aiosmtplib.SMTPResponseException as exc:  # RCPT and DATA refusals among them
-            return _by_code(exc.code, exc.message)
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
-            # Only once DATA went out may the message have arrived.
-            kind: OutcomeKind = "unknown" if data_sent else "retry"
-            return Outcome(kind, f"smtp connection lost: {exc}")
         except (aiosmtplib.SMTPException, OSError) as exc:
             return Outcome("retry", f"smtp connect: {exc}")
-        finally:
-            if client.is_connected:
-                with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                    await client.quit()
-        return Outcome("sent", provider_id=message["Message-ID"])
+
+    async def _transaction(
+        self, session: aiosmtplib.SMTP, to: str, raw: bytes, reused: bool
+    ) -> _Transaction:
+        data_sent = False
+        try:
+            await session.mail(self._sender)
+            await session.rcpt(to)
+            data_sent = True
+            await session.data(raw)
+        except aiosmtplib.SMTPResponseException as exc:  # refusals of MAIL, RCPT and DATA
+            # A reply, even to DATA, means the server did not take the message.
+            if exc.code == 421:  # "closing the channel": the session is over either way
+                stale = reused and not data_sent
+                return _Transaction(_by_code(exc.code, exc.message), "broken", stale)
+            if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+                # The server refuses our envelope sender: our configuration, not the recipient.
+                return _Transaction(_sender_refused(exc.code, exc.message), "dirty")
+            return _Transaction(_by_code(exc.code, exc.message), "dirty")
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            if data_sent:  # only once DATA went out may the message have arrived
+                return _Transaction(Outcome("unknown", f"smtp connection lost: {exc}"), "broken")
+            stale = reused  # never reached the server's DATA: safe to try on a fresh session
+            return _Transaction(Outcome("retry", f"smtp connection lost: {exc}"), "broken", stale)
+        except aiosmtplib.SMTPException as exc:
+            kind: OutcomeKind = "unknown" if data_sent else "retry"
+            return _Transaction(Outcome(kind, f"smtp: {exc}"), "broken")
+        return _Transaction(Outcome("sent"), "clean")
+
+    async def _hand_back(self, session: aiosmtplib.SMTP, state: SessionState) -> None:
+        if state == "dirty":
+            # A refused transaction may leave the envelope half open: RSET before reuse.
+            try:
+                await session.rset()
+            except (aiosmtplib.SMTPException, OSError):
+                state = "broken"
+        if state == "broken":
+            session.close()
+            return
+        self.sessions.put_back(session)
+
+
+def _sender_refused(code: int, message: str) -> Outcome:
+    if 400 <= code < 500:
+        return Outcome("retry", f"smtp {code}: {message}", code=str(code))
+    return Outcome("config", f"smtp sender {code}: {message}", code=str(code))
 
 
 def _by_code(code: int, message: str) -> Outcome:

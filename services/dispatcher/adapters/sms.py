@@ -1,6 +1,7 @@
 """SMS through a Twilio-style REST API: one form POST per message, the answer classified.
 
-Twilio has no idempotency key, so a POST that got no answer may have been delivered ("unknown").
+Twilio has no idempotency key, so a POST that got no answer may have been delivered ("unknown");
+the messages listed for the number (`sent_to`) tell the dispatcher which it was.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from services.dispatcher.domain.channels import (
 )
 from services.dispatcher.domain.messages import Delivery, SmsContent
 from services.dispatcher.domain.outcomes import Outcome
+from services.dispatcher.domain.reconcile import SmsListing, parse_sms_listing
 from services.dispatcher.settings import DispatcherSettings
 from shared.contracts import Channel
 
@@ -67,3 +69,17 @@ class SmsSender:
             answer_object(response.content),
             retry_after_seconds(response.headers.get("Retry-After")),
         )
+
+    async def sent_to(self, to: str) -> SmsListing | str:
+        """The provider's newest messages to `to`, or why it could not list them."""
+        try:
+            response = await self._client.get(
+                self._url,
+                params={"To": to, "PageSize": "100"},
+                auth=self._auth,
+                headers={"Accept": "application/json"},
+                timeout=self._settings.provider_timeout_seconds,
+            )
+        except httpx.HTTPError as exc:
+            return f"sms listing: {describe_error(exc)}"
+        return parse_sms_listing(response.status_code, answer_object(response.content))

@@ -1,0 +1,244 @@
+"""The SMTP session pool against a real aiosmtpd server that counts its connections: sessions
+are reused, survive a refused recipient (RSET), are replaced when the server dropped them, and a
+connection lost after DATA is `unknown`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from services.dispatcher.adapters.email import SmtpSender
+from services.dispatcher.domain.messages import Delivery, EmailContent
+from services.dispatcher.settings import DispatcherSettings
+from tests.integration.providers import ShiftedClock, closed_port
+
+WAIT_SECONDS = 10.0
+
+
+@dataclass
+class Server:
+    """What the server saw; written from the server's thread, read by the test."""
+
+    port: int = 0
+    connections: int = 0
+    lost: int = 0
+    resets: int = 0
+    quits: int = 0
+    delivered: list[str] = field(default_factory=list)
+    refuse: set[str] = field(default_factory=set)
+    # Drop the connection, unanswered, at the next MAIL of a connection that already delivered.
+    drop_reused_at_mail: bool = False
+    # Drop the connection, unanswered, once the message's data has arrived.
+    drop_after_data: bool = False
+
+
+class _Handler:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    async def handle_MAIL(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.server.drop_reused_at_mail and getattr(smtp, "transactions", 0) > 0:
+            self.server.drop_reused_at_mail = False
+            assert smtp.transport is not None
+            smtp.transport.abort()  # as a server that had dropped the idle client looks
+            return "421 gone"
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address in self.server.refuse:
+            return "550 5.1.1 no such mailbox"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
+        self.server.delivered.extend(envelope.rcpt_tos)
+        smtp.transactions = getattr(smtp, "transactions", 0) + 1
+        if self.server.drop_after_data:
+            self.server.drop_after_data = False
+            assert smtp.transport is not None
+            smtp.transport.abort()
+        return "250 OK"
+
+
+class _CountingSmtp(SMTP):
+    def __init__(self, seen: Server, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen = seen
+
+    def connection_made(self, transport: Any) -> None:
+        self.seen.connections += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.seen.lost += 1
+        super().connection_lost(error)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        self.seen.resets += 1
+        await super().smtp_RSET(arg)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        self.seen.quits += 1
+        await super().smtp_QUIT(arg)
+
+
+class _CountingController(Controller):
+    def __init__(self, seen: Server, **kwargs: Any) -> None:
+        self.seen = seen
+        super().__init__(_Handler(seen), **kwargs)
+
+    def factory(self) -> SMTP:
+        return _CountingSmtp(self.seen, self.handler, **self.SMTP_kwargs)
+
+
+def _serve(server: Server, **smtp: Any) -> Iterator[Server]:
+    controller = _CountingController(
+        server, hostname="127.0.0.1", port=closed_port(), server_hostname="pool-test", **smtp
+    )
+    controller.start()
+    server.port = controller.port
+    # start() proves the server up with a connection of its own: wait for it to end, uncount it.
+    deadline = time.monotonic() + WAIT_SECONDS
+    while server.lost < server.connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.connections = server.lost = 0
+    try:
+        yield server
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    yield from _serve(Server())
+
+
+@pytest.fixture
+def idle_dropping_server() -> Iterator[Server]:
+    """A server that closes a client's connection after 0.3 s without a command."""
+    yield from _serve(Server(), timeout=0.3)
+
+
+def _sender(port: int, clock: ShiftedClock | None = None, **overrides: Any) -> SmtpSender:
+    settings = DispatcherSettings(
+        smtp_host="127.0.0.1", smtp_port=port, smtp_timeout_seconds=2.0, **overrides
+    )
+    return SmtpSender(settings, clock or ShiftedClock())
+
+
+def _delivery(to: str) -> Delivery:
+    content = EmailContent("Hello", "Hi there", None, None)
+    return Delivery(f"m-{to}", "c-1", "email", to, content)
+
+
+async def _until(check: Callable[[], bool], what: str) -> None:
+    """Wait (without blocking the loop the pool runs on) until `check()` holds."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {WAIT_SECONDS}s: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_sequential_sends_share_one_connection(server: Server) -> None:
+    sender = _sender(server.port)
+    for n in range(5):
+        assert (await sender.send(_delivery(f"u{n}@example.com"))).kind == "sent"
+    assert server.connections == 1
+    assert server.delivered == [f"u{n}@example.com" for n in range(5)]
+    assert server.resets == 0  # a completed DATA resets the transaction on the server's side
+    await sender.aclose()
+    await _until(lambda: server.lost == 1, "the pooled session closed")
+    assert server.quits == 1
+
+
+async def test_concurrent_sends_open_at_most_the_pool_size(server: Server) -> None:
+    sender = _sender(server.port, smtp_connections=3)
+    addresses = [f"c{n}@example.com" for n in range(30)]
+    outcomes = await asyncio.gather(*(sender.send(_delivery(a)) for a in addresses))
+    assert {o.kind for o in outcomes} == {"sent"}
+    assert sorted(server.delivered) == sorted(addresses)
+    assert 1 <= server.connections <= 3
+    await sender.aclose()
+    await _until(lambda: server.lost == server.connections, "every session closed")
+
+
+async def test_a_refused_recipient_resets_the_session_and_keeps_it(server: Server) -> None:
+    server.refuse.add("gone@example.com")
+    sender = _sender(server.port)
+    refused = await sender.send(_delivery("gone@example.com"))
+    assert (refused.kind, refused.code, refused.address_invalid) == ("recipient", "550", True)
+    assert server.resets == 1
+    assert (await sender.send(_delivery("ada@example.com"))).kind == "sent"
+    assert server.connections == 1
+    assert server.delivered == ["ada@example.com"]
+    await sender.aclose()
+
+
+async def test_a_session_the_server_dropped_is_replaced_before_data_once(server: Server) -> None:
+    sender = _sender(server.port)
+    assert (await sender.send(_delivery("first@example.com"))).kind == "sent"
+    server.drop_reused_at_mail = True  # seen by the client only when it sends MAIL
+    outcome = await sender.send(_delivery("second@example.com"))
+    assert outcome.kind == "sent"
+    assert server.connections == 2
+    assert server.delivered == ["first@example.com", "second@example.com"]  # once each
+    await sender.aclose()
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused(
+    idle_dropping_server: Server,
+) -> None:
+    server = idle_dropping_server
+    sender = _sender(server.port)
+    assert (await sender.send(_delivery("first@example.com"))).kind == "sent"
+    await _until(lambda: server.lost == 1, "the server dropping the idle client")
+    assert (await sender.send(_delivery("second@example.com"))).kind == "sent"
+    assert server.connections == 2
+    assert server.delivered == ["first@example.com", "second@example.com"]
+    await sender.aclose()
+
+
+async def test_sessions_idle_too_long_are_closed_by_the_pool(server: Server) -> None:
+    clock = ShiftedClock()
+    sender = _sender(server.port, clock, smtp_idle_seconds=10.0)
+    assert (await sender.send(_delivery("first@example.com"))).kind == "sent"
+    clock.ahead += 11.0  # longer than the idle limit
+    assert (await sender.send(_delivery("second@example.com"))).kind == "sent"
+    assert server.connections == 2
+    await _until(lambda: server.lost == 1, "the expired session closed")
+    await sender.aclose()
+
+
+async def test_a_connection_lost_after_data_is_unknown_and_not_resent(server: Server) -> None:
+    sender = _sender(server.port)
+    assert (await sender.send(_delivery("first@example.com"))).kind == "sent"
+    server.drop_after_data = True
+    outcome = await sender.send(_delivery("maybe@example.com"))
+    assert outcome.kind == "unknown"
+    assert server.delivered == ["first@example.com", "maybe@example.com"]  # it did arrive
+    # The broken session is gone; the next send opens a new one.
+    assert (await sender.send(_delivery("third@example.com"))).kind == "sent"
+    assert server.connections == 2
+    assert server.delivered.count("maybe@example.com") == 1
+    await sender.aclose()
+
+
+async def test_nobody_listening_is_retryable_and_leaves_no_session() -> None:
+    sender = _sender(closed_port())
+    outcome = await sender.send(_delivery("ada@example.com"))
+    assert outcome.kind == "retry"
+    assert sender.sessions.take_idle() is None
+    await sender.aclose()
