@@ -5,7 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 
@@ -54,14 +54,34 @@ def _delivery(to: str, message_id: str = "msg-1") -> Delivery:
     return Delivery(message_id, "u-1", "email", to, content)
 
 
+Senders = Callable[[DispatcherSettings], SmtpSender]
+
+
+@pytest.fixture
+async def senders() -> AsyncIterator[Senders]:
+    """Makes senders, and closes their pooled SMTP sessions after the test."""
+    made: list[SmtpSender] = []
+
+    def make(settings: DispatcherSettings) -> SmtpSender:
+        sender = SmtpSender(settings, ShiftedClock())
+        made.append(sender)
+        return sender
+
+    yield make
+    for sender in made:
+        await sender.aclose()
+
+
 def _parsed(record: dict[str, object]) -> dict[str, str]:
     headers = record["headers"]
     assert isinstance(headers, dict)
     return {str(k): str(v) for k, v in headers.items()}
 
 
-async def test_a_sent_message_carries_every_header_and_part(clean_sandbox: SandboxInfo) -> None:
-    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ShiftedClock())
+async def test_a_sent_message_carries_every_header_and_part(
+    clean_sandbox: SandboxInfo, senders: Senders
+) -> None:
+    sender = senders(_settings(clean_sandbox.smtp_port))
     outcome = await sender.send(_delivery("ada@example.com"))
     assert outcome.kind == "sent"
     assert outcome.provider_id == "<msg-1@waypost.local>"
@@ -79,8 +99,10 @@ async def test_a_sent_message_carries_every_header_and_part(clean_sandbox: Sandb
     assert "https://links.example.com/c/" in text
 
 
-async def test_the_unsubscribe_header_is_not_folded(clean_sandbox: SandboxInfo) -> None:
-    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ShiftedClock())
+async def test_the_unsubscribe_header_is_not_folded(
+    clean_sandbox: SandboxInfo, senders: Senders
+) -> None:
+    sender = senders(_settings(clean_sandbox.smtp_port))
     raw = sender.wire(sender.compose(_delivery("ada@example.com")))
     line = next(x for x in raw.split(b"\r\n") if x.startswith(b"List-Unsubscribe:"))
     assert len(line) > 78  # longer than a folded line could be, and still one line
@@ -93,10 +115,10 @@ async def test_the_unsubscribe_header_is_not_folded(clean_sandbox: SandboxInfo) 
     ("code", "kind"), [(550, "recipient"), (553, "recipient"), (451, "retry"), (452, "retry")]
 )
 async def test_refused_recipients_are_classified(
-    clean_sandbox: SandboxInfo, code: int, kind: str
+    clean_sandbox: SandboxInfo, senders: Senders, code: int, kind: str
 ) -> None:
     clean_sandbox.fail(channel="email", recipient="gone@example.com", error=str(code))
-    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ShiftedClock())
+    sender = senders(_settings(clean_sandbox.smtp_port))
     outcome = await sender.send(_delivery("gone@example.com"))
     assert outcome.kind == kind
     assert outcome.code == str(code)
@@ -105,10 +127,10 @@ async def test_refused_recipients_are_classified(
 
 
 async def test_a_timeout_after_data_is_unknown_and_the_message_arrived(
-    clean_sandbox: SandboxInfo,
+    clean_sandbox: SandboxInfo, senders: Senders
 ) -> None:
     clean_sandbox.fail(channel="email", recipient="slow@example.com", error="timeout", seconds=3)
-    sender = SmtpSender(_settings(clean_sandbox.smtp_port), ShiftedClock())
+    sender = senders(_settings(clean_sandbox.smtp_port))
     outcome = await sender.send(_delivery("slow@example.com"))
     assert outcome.kind == "unknown"
     clean_sandbox.wait_messages("email", "slow@example.com")
@@ -120,8 +142,8 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def test_nobody_listening_is_retryable() -> None:
-    sender = SmtpSender(_settings(_free_port()), ShiftedClock())
+async def test_nobody_listening_is_retryable(senders: Senders) -> None:
+    sender = senders(_settings(_free_port()))
     outcome = await sender.send(_delivery("ada@example.com"))
     assert outcome.kind == "retry"
 
@@ -159,8 +181,10 @@ def auth_server() -> Iterator[int]:
 
 # A test server on 127.0.0.1 without TLS: the warning is about production set-ups.
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
-async def test_bad_credentials_are_a_configuration_error(auth_server: int) -> None:
+async def test_bad_credentials_are_a_configuration_error(
+    auth_server: int, senders: Senders
+) -> None:
     settings = _settings(auth_server, smtp_username="waypost", smtp_password="wrong")
-    outcome = await SmtpSender(settings, ShiftedClock()).send(_delivery("ada@example.com"))
+    outcome = await senders(settings).send(_delivery("ada@example.com"))
     assert outcome.kind == "config"
     assert outcome.code == "535"
