@@ -8,9 +8,10 @@ skipped with the reason instead of going out as "Hello ," or stopping the stream
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import StrictUndefined, Template, TemplateError
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -23,6 +24,8 @@ from shared.contracts import SendRequest
 # at the bound instead of filling the worker's memory.
 EMAIL_RENDER_LIMIT = 1 << 20
 FIELD_RENDER_LIMIT = 64 << 10
+# Compiled template sources kept (per escaping mode): a few per live template and channel.
+COMPILED_TEMPLATES = 512
 # Integer powers up to this many bits; `2 ** 10000000000` would fill the worker's memory.
 MAX_POWER_BITS = 4096
 
@@ -100,7 +103,7 @@ def render_text(
     MemoryError, which is the worker's, goes through.
     """
     try:
-        template = (_HTML_ENV if html else _ENV).from_string(source)
+        template = _compiled(source, html)
         parts: list[str] = []
         size = 0
         for part in template.generate(variables):
@@ -115,6 +118,13 @@ def render_text(
         raise RenderError(str(exc)) from exc
     except Exception as exc:  # a template's runtime fault is the recipient's, not the worker's
         raise RenderError(f"{type(exc).__name__}: {exc}") from exc
+
+
+@lru_cache(maxsize=COMPILED_TEMPLATES)
+def _compiled(source: str, html: bool) -> Template:
+    """A template source compiled once: a campaign renders the same few sources for every
+    contact, and compiling costs more than rendering (a syntax error is raised each time)."""
+    return (_HTML_ENV if html else _ENV).from_string(source)
 
 
 def breaks_line(value: str) -> bool:
