@@ -12,8 +12,9 @@ templates are ready documents in the `templates` collection. Runs: email (SMTP),
 every provider answer (`POST /control/latency`; SMTP has none). Each run, on a reset sandbox:
 
 1. baseline: the client library alone sends N messages at the same concurrency (an asyncio
-   semaphore of C): aiosmtplib, one connection per message as the worker does, a MIME message
-   of the worker's shape (text + tracked HTML, List-Unsubscribe), built before the clock starts;
+   semaphore of C): aiosmtplib over reused connections (at most C, as the worker's session
+   pool), a MIME message of the worker's shape (text + tracked HTML, List-Unsubscribe), built
+   before the clock starts;
    httpx, one client with the worker's pool settings, posting the worker's form (To, From, Body,
    a signed StatusCallback) with Basic auth. 20 sequential sends come first (a warm-up; their
    median is the "idle" provider latency, one call at a time). The sandbox holds its SMS status
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import email.policy
 import os
 import shutil
@@ -395,19 +397,30 @@ async def baseline(
     signer = LinkSigner(LINK_SECRET, bench.ingest_url)
     phase = Phase()
     client: httpx.AsyncClient | None = None
+    # SMTP sessions reused across messages, as the worker's pool does: at most one per send in
+    # flight, opened when first needed.
+    idle: list[aiosmtplib.SMTP] = []
+    opened: list[aiosmtplib.SMTP] = []
     if run.channel == "email":
         sender = "hello@waypost.local"
 
-        def mail(to: str, raw: bytes) -> Send:
-            return lambda: aiosmtplib.send(
-                raw,
-                sender=sender,
-                recipients=[to],
-                hostname="127.0.0.1",
-                port=bench.ports.smtp,
-                start_tls=False,
-                timeout=30,
+        async def session() -> aiosmtplib.SMTP:
+            if idle:
+                return idle.pop()
+            smtp = aiosmtplib.SMTP(
+                hostname="127.0.0.1", port=bench.ports.smtp, start_tls=False, timeout=30
             )
+            await smtp.connect()
+            opened.append(smtp)
+            return smtp
+
+        def mail(to: str, raw: bytes) -> Send:
+            async def send() -> None:
+                smtp = await session()
+                await smtp.sendmail(sender, [to], raw)
+                idle.append(smtp)  # a session that failed is not used again
+
+            return send
 
         probes = [mail(*mime_message(signer, run, n, "idle")) for n in range(PROBES)]
         built = [mime_message(signer, run, n, "base") for n in range(messages)]
@@ -443,6 +456,10 @@ async def baseline(
     finally:
         if client is not None:
             await client.aclose()
+        for smtp in opened:
+            if smtp.is_connected:
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                    await smtp.quit()
     if len(done_at) > 1:
         phase.counted, phase.seconds = len(done_at) - 1, max(done_at) - min(done_at)
     return phase, latencies, idle
