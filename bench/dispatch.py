@@ -399,14 +399,14 @@ async def baseline(
     client: httpx.AsyncClient | None = None
     # SMTP sessions reused across messages, as the worker's pool does: at most one per send in
     # flight, opened when first needed.
-    idle: list[aiosmtplib.SMTP] = []
+    parked: list[aiosmtplib.SMTP] = []
     opened: list[aiosmtplib.SMTP] = []
     if run.channel == "email":
         sender = "hello@waypost.local"
 
         async def session() -> aiosmtplib.SMTP:
-            if idle:
-                return idle.pop()
+            if parked:
+                return parked.pop()
             smtp = aiosmtplib.SMTP(
                 hostname="127.0.0.1", port=bench.ports.smtp, start_tls=False, timeout=30
             )
@@ -418,7 +418,7 @@ async def baseline(
             async def send() -> None:
                 smtp = await session()
                 await smtp.sendmail(sender, [to], raw)
-                idle.append(smtp)  # a session that failed is not used again
+                parked.append(smtp)  # a session that failed is not used again
 
             return send
 
