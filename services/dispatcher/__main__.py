@@ -10,10 +10,7 @@ import httpx
 import structlog
 from prometheus_client import start_http_server
 
-from services.dispatcher.adapters.email import SmtpSender
 from services.dispatcher.adapters.metrics import DispatchMetrics
-from services.dispatcher.adapters.providers import build_providers
-from services.dispatcher.adapters.sms import SmsSender
 from services.dispatcher.adapters.store import (
     Caps,
     Consent,
@@ -22,6 +19,9 @@ from services.dispatcher.adapters.store import (
     Templates,
     ensure_indexes,
 )
+from services.dispatcher.channels import build_providers
+from services.dispatcher.channels.email.adapter import SmtpSender
+from services.dispatcher.channels.sms.adapter import SmsSender
 from services.dispatcher.handlers import Dispatcher, Stores
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import SystemClock

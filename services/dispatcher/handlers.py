@@ -1,10 +1,12 @@
 """Dispatcher shell: claim the ledger entry, check, render, send, record, report.
 
 Three streams feed it: send requests, the retry topics (one per delay class) and the delivery
-reports that come back on the events topic. Many records are in flight at once; offsets are
-committed only behind finished work (`run_pipelined`), so a crash repeats requests and the
-ledger turns repeats into no-ops. One contact's sends run one at a time, which keeps the
-frequency-cap check and the count it guards together.
+reports the segmenter passes on (`waypost.delivery-reports.v1`). Many records are in flight at
+once; offsets are committed only behind finished work (`run_pipelined`), so a crash repeats
+requests and the ledger turns repeats into no-ops. One contact's sends run one at a time, which
+keeps the frequency-cap check and the count it guards together. Channels are rendered and sent
+through their kits (`services/dispatcher/channels`); what an outcome comes to is decided by
+`domain.conclude` and carried out here.
 """
 
 from __future__ import annotations
@@ -15,21 +17,29 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, assert_never
 
 import structlog
 from pydantic import ValidationError
 
 from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.store import Caps, Consent, Ledger, Suppressions, Templates
-from services.dispatcher.domain.channels import render_push, render_sms, render_wechat
-from services.dispatcher.domain.messages import (
-    Content,
-    Delivery,
-    EmailContent,
-    Provider,
-    SmsContent,
+from services.dispatcher.channels import kits
+from services.dispatcher.channels.sms.domain import SmsContent
+from services.dispatcher.channels.sms.reconcile import SmsHistory, SmsTry, reconcile_sms
+from services.dispatcher.domain.conclude import (
+    Announce,
+    ConcludePolicy,
+    CountSend,
+    DeadLetter,
+    FallBack,
+    PauseChannel,
+    SuppressAddress,
+    Wait,
+    WithdrawConsent,
+    conclude,
 )
+from services.dispatcher.domain.messages import Delivery, MessageContent, Provider, RenderContext
 from services.dispatcher.domain.outcomes import EVENT_NAMES, Outcome, resume_action
 from services.dispatcher.domain.policy import (
     CapRule,
@@ -37,27 +47,21 @@ from services.dispatcher.domain.policy import (
     cap_refusal,
     class_for_delay,
     consent_refusal,
-    fallback_of,
     kept_sends,
     line_break_refusal,
-    plan_retry,
-    tries_next_channel,
 )
-from services.dispatcher.domain.reconcile import SmsHistory, SmsTry, reconcile_sms
 from services.dispatcher.domain.rendering import (
-    EmailTemplate,
     RenderError,
-    render_email,
     render_variables,
 )
 from services.dispatcher.settings import DispatcherSettings
-from shared.channels import address_of, consent_changes
+from shared.channels import CHANNELS, address_of, consent_changes
 from shared.clock import Clock
 from shared.contracts import Channel, Event, SendRequest, SendRetry
 from shared.deadletter import DeadLetters
 from shared.durations import parse_duration, zone
 from shared.kafka import AsyncProducer, Record
-from shared.links import LinkClaims, LinkSigner, track_email
+from shared.links import LinkClaims, LinkSigner
 from shared.profiles import CONTACT_FORGOTTEN
 from shared.system_events import (
     EMAIL_LINK_CLICKED,
@@ -109,16 +113,15 @@ class Dispatcher:
         self.ledger = stores.ledger
         self.providers = providers
         self.links = links
+        self._kits = kits()
         self.producer = producer
         self.dead_letters = dead_letters
         self.metrics = metrics
         self._monotonic = monotonic
         self.sms_history = sms_history
         self._buckets = {
-            "email": TokenBucket(settings.rate_email),
-            "sms": TokenBucket(settings.rate_sms),
-            "push": TokenBucket(settings.rate_push),
-            "wechat": TokenBucket(settings.rate_wechat),
+            channel: TokenBucket(float(getattr(settings, f"rate_{channel}")))
+            for channel in CHANNELS
         }
         self._caps = {
             channel: CapRule(
@@ -136,6 +139,12 @@ class Dispatcher:
             "medium": settings.retry_medium_seconds,
             "long": settings.retry_long_seconds,
         }
+        self._policy = ConcludePolicy(
+            attempts=settings.send_attempts,
+            delays=self._delays,
+            pause_seconds=settings.provider_pause_seconds,
+            caps=self._caps,
+        )
 
     # --- the three streams -------------------------------------------------------------------
 
@@ -364,8 +373,7 @@ class Dispatcher:
             return Outcome("skipped", f"template_error: {request.template_id}: {exc}")
         return Delivery(request.message_id, request.contact_key, channel, address, content)
 
-    def _render(self, request: SendRequest, template: Mapping[str, Any]) -> Content:
-        variables = render_variables(request)
+    def _render(self, request: SendRequest, template: Mapping[str, Any]) -> MessageContent:
         claims = LinkClaims(
             kind="unsubscribe",
             message_id=request.message_id,
@@ -377,32 +385,14 @@ class Dispatcher:
             step_id=request.step_id,
             issued_at=int(request.requested_at.timestamp()),
         )
-        if request.channel == "sms":
-            callback = self.links.sms_status_url(replace(claims, kind="sms_status"))
-            return render_sms(template, variables, callback)
-        if request.channel == "push":
-            return render_push(template, variables)
-        if request.channel == "wechat":
-            return render_wechat(template, variables)
-        rendered = render_email(
-            EmailTemplate(
-                subject=template.get("subject") or "",
-                text=template.get("text") or "",
-                html=template.get("html"),
-            ),
-            variables,
-        )
-        html, text = track_email(
-            rendered.html,
-            rendered.text,
+        context = RenderContext(
             self.links,
             claims,
-            opens=self.settings.track_opens,
-            clicks=self.settings.track_clicks,
+            request.transactional,
+            track_opens=self.settings.track_opens,
+            track_clicks=self.settings.track_clicks,
         )
-        # Transactional mail (receipts, resets) is not list mail: no unsubscribe header.
-        unsubscribe = None if request.transactional else self.links.unsubscribe_url(claims)
-        return EmailContent(rendered.subject, text, html, unsubscribe)
+        return self._kits[request.channel].render(template, render_variables(request), context)
 
     # --- outcomes ------------------------------------------------------------------------------
 
@@ -414,77 +404,61 @@ class Dispatcher:
         record: Record,
         delivery: Delivery | None,
     ) -> None:
+        """Carry out what the outcome comes to (`domain.conclude`)."""
         channel = request.channel
         now = self.clock.now()
         self.metrics.outcome(channel, outcome.kind)
-        exhausted = False
-        if outcome.kind == "retry" or (outcome.kind == "unknown" and request.transactional):
-            plan = plan_retry(
-                request.message_id,
-                attempt,
-                self.settings.send_attempts,
-                self._delays,
-                now,
-                outcome.retry_after,
-            )
-            if plan is not None:
-                await self._enqueue(
-                    request, attempt + 1, plan.due_at, outcome.reason or "retry", plan.delay_class
-                )
-                return
-            reason = f"retries_exhausted after {attempt} attempts: {outcome.reason}"
-            await self.dead_letters.send(record, reason)
-            outcome = Outcome("recipient", reason, code=outcome.code)
-            exhausted = True
-        if outcome.kind == "config":
-            hold = outcome.retry_after or self.settings.provider_pause_seconds
-            until = now + timedelta(seconds=hold)
-            self._pause(channel, until, outcome.reason)
-            await self._enqueue(request, attempt, until, outcome.reason or "configuration error")
-            return
-        state = {"recipient": "failed", "sent": "sent", "skipped": "skipped"}.get(
-            outcome.kind, "unknown"
-        )
+        address = delivery.address if delivery is not None else None
+        plan = conclude(request, outcome, attempt, address, self._policy, now)
+        for waiting in plan.before:
+            match waiting:
+                case DeadLetter(reason=reason):
+                    await self.dead_letters.send(record, reason)
+                case PauseChannel(until=until, reason=reason):
+                    self._pause(channel, until, reason)
+                case Wait(attempt=next_attempt, due=due, reason=reason, delay_class=delay_class):
+                    await self._enqueue(request, next_attempt, due, reason, delay_class)
+                case _:
+                    assert_never(waiting)
+        if plan.state is None or plan.outcome is None:
+            return  # the request waits on a retry topic
+        final = plan.outcome
         first = await self.ledger.conclude(
             request.message_id,
-            state,
+            plan.state,
             now,
-            reason=outcome.reason,
-            code=outcome.code,
-            provider_id=outcome.provider_id,
+            reason=final.reason,
+            code=final.code,
+            provider_id=final.provider_id,
         )
         if not first:
             return  # already concluded by another copy
-        if state == "sent" and not request.transactional and channel in self._caps:
-            rule = self._caps[channel]
-            await self.stores.caps.count(
-                request.contact_key, channel, now, lambda sends: kept_sends(rule, sends, now)
-            )
-        if state == "failed" and delivery is not None and not exhausted:
-            await self._after_recipient_failure(request, outcome, delivery, now)
-        await self._announce(request, state, outcome, now, delivery)
-        reachable_elsewhere = (state == "failed" and not exhausted) or (
-            state == "skipped" and tries_next_channel(outcome.reason)
-        )
-        following = fallback_of(request) if reachable_elsewhere else None
-        if following is not None:
-            await self._claimed(following, record)
-
-    async def _after_recipient_failure(
-        self, request: SendRequest, outcome: Outcome, delivery: Delivery, now: datetime
-    ) -> None:
-        channel = request.channel
-        if outcome.withdrew_consent:
-            await self.stores.consent.record(request.contact_key, channel, False, now)
-            await self._emit(
-                request,
-                UNSUBSCRIBED,
-                f"{request.message_id}:provider-opt-out",
-                {"channel": channel, "method": "provider", "reason": outcome.reason},
-                now,
-            )
-        elif outcome.address_invalid:
-            await self.stores.suppressions.add(channel, delivery.address, outcome.reason or "", now)
+        for step in plan.after:
+            match step:
+                case CountSend(rule=rule):
+                    await self.stores.caps.count(
+                        request.contact_key,
+                        channel,
+                        now,
+                        lambda sends, rule=rule: kept_sends(rule, sends, now),
+                    )
+                case WithdrawConsent():
+                    await self.stores.consent.record(request.contact_key, channel, False, now)
+                    await self._emit(
+                        request,
+                        UNSUBSCRIBED,
+                        f"{request.message_id}:provider-opt-out",
+                        {"channel": channel, "method": "provider", "reason": final.reason},
+                        now,
+                    )
+                case SuppressAddress(address=bad):
+                    await self.stores.suppressions.add(channel, bad, final.reason or "", now)
+                case Announce():
+                    await self._announce(request, step, now)
+                case FallBack(request=following):
+                    await self._claimed(following, record)
+                case _:
+                    assert_never(step)
 
     async def _enqueue(
         self,
@@ -512,14 +486,8 @@ class Dispatcher:
         self.metrics.paused(channel, until, reason)
         log.error("dispatcher.provider_paused", channel=channel, until=until, reason=reason)
 
-    async def _announce(
-        self,
-        request: SendRequest,
-        state: str,
-        outcome: Outcome,
-        now: datetime,
-        delivery: Delivery | None,
-    ) -> None:
+    async def _announce(self, request: SendRequest, announce: Announce, now: datetime) -> None:
+        state, outcome = announce.state, announce.outcome
         properties: dict[str, Any] = {
             "channel": request.channel,
             "transactional": request.transactional,
@@ -531,10 +499,10 @@ class Dispatcher:
         ):
             if value:
                 properties[name] = value
-        if state == "failed" and outcome.address_invalid and delivery is not None:
+        if announce.address_invalid:
             properties["address_invalid"] = True
-            if request.channel == "push":  # the segmenter removes the dead token
-                properties["address"] = delivery.address
+        if announce.address is not None:  # the segmenter takes it off the profile
+            properties["address"] = announce.address
         await self._emit(
             request, EVENT_NAMES[state], f"{request.message_id}:{state}", properties, now
         )

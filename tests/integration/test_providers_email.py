@@ -13,8 +13,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from services.dispatcher.adapters.email import SmtpSender
-from services.dispatcher.domain.messages import Delivery, EmailContent
+from services.dispatcher.channels.email.adapter import SmtpSender
+from services.dispatcher.channels.email.domain import EmailContent
+from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.settings import DispatcherSettings
 from shared.links import LinkClaims, LinkSigner, track_email
 from tests.integration.conftest import SandboxInfo

@@ -13,8 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from services.dispatcher.adapters.push import PushSender
-from services.dispatcher.domain.messages import Delivery, PushContent
+from services.dispatcher.channels.push.adapter import PushSender
+from services.dispatcher.channels.push.domain import PushContent
+from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import SystemClock

@@ -9,10 +9,11 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from services.dispatcher.adapters.sms import SmsSender
-from services.dispatcher.domain.messages import Delivery, SmsContent
+from services.dispatcher.channels.sms.adapter import SmsSender
+from services.dispatcher.channels.sms.domain import SmsContent
+from services.dispatcher.channels.sms.reconcile import SmsTry, reconcile_sms
+from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
-from services.dispatcher.domain.reconcile import SmsTry, reconcile_sms
 from services.dispatcher.settings import DispatcherSettings
 from tests.integration.conftest import SandboxInfo
 from tests.integration.providers import closed_port

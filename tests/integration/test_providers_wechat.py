@@ -10,9 +10,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from services.dispatcher.adapters.wechat import WechatSender
-from services.dispatcher.domain.channels import seconds_until_quota_reset
-from services.dispatcher.domain.messages import Delivery, WechatContent
+from services.dispatcher.channels.wechat.adapter import WechatSender
+from services.dispatcher.channels.wechat.domain import WechatContent, seconds_until_quota_reset
+from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import SystemClock
 from tests.integration.conftest import SandboxInfo

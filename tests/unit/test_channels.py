@@ -8,34 +8,37 @@ from typing import Any
 
 import pytest
 
-from services.dispatcher.domain.channels import (
-    FCM_MAX_MESSAGE_BYTES,
+from services.dispatcher.channels.common import (
     answer_object,
-    classify_fcm,
     classify_http_failure,
-    classify_oauth_failure,
-    classify_sms,
-    classify_wechat,
-    classify_wechat_token_failure,
     describe_error,
+    refresh_at,
+    retry_after_seconds,
+    take_first_url,
+    transport_failure,
+)
+from services.dispatcher.channels.push.domain import (
+    FCM_MAX_MESSAGE_BYTES,
+    PushContent,
+    classify_fcm,
+    classify_oauth_failure,
     fcm_error_code,
     fcm_jwt_claims,
     fcm_needs_new_token,
     fcm_request_body,
-    refresh_at,
     render_push,
-    render_sms,
+)
+from services.dispatcher.channels.sms.domain import SmsContent, classify_sms, render_sms, sms_form
+from services.dispatcher.channels.wechat.domain import (
+    WechatContent,
+    classify_wechat,
+    classify_wechat_token_failure,
     render_wechat,
-    retry_after_seconds,
     seconds_until_quota_reset,
-    sms_form,
-    take_first_url,
-    transport_failure,
     wechat_refresh_margin,
     wechat_request_body,
     wechat_send_path,
 )
-from services.dispatcher.domain.messages import PushContent, SmsContent, WechatContent
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.domain.rendering import RenderError
 

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from services.dispatcher.domain.channels import render_push, render_sms, render_wechat
+from services.dispatcher.channels.push.domain import render_push
+from services.dispatcher.channels.sms.domain import render_sms
+from services.dispatcher.channels.wechat.domain import render_wechat
 from services.dispatcher.domain.policy import (
     falls_back,
     line_break_refusal,

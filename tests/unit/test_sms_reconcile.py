@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.dispatcher.domain.reconcile import (
+from services.dispatcher.channels.sms.reconcile import (
     CLOCK_ALLOWANCE,
     ListedSms,
     SmsListing,

@@ -2,52 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from services.dispatcher.domain.outcomes import Outcome
 from shared.contracts import Channel
+from shared.links import LinkClaims, LinkSigner
 
 
 @dataclass(frozen=True)
-class EmailContent:
-    subject: str
-    text: str
-    html: str | None = None
-    # Signed links the message carries (List-Unsubscribe; None leaves the headers out).
-    unsubscribe_url: str | None = None
-
-
-@dataclass(frozen=True)
-class SmsContent:
-    body: str
-    # Where the provider reports delivery (a signed ingest URL); None asks for no reports.
-    status_callback: str | None = None
-
-
-@dataclass(frozen=True)
-class PushContent:
-    title: str
-    body: str
-    data: Mapping[str, str] = field(default_factory=dict)
-    image_url: str | None = None
-
-
-@dataclass(frozen=True)
-class WechatContent:
-    """A template message (`template_id` + `data`) or a customer-service news/text message."""
-
-    kind: Literal["template", "news", "text"]
-    title: str = ""
-    description: str = ""
-    url: str | None = None
-    image_url: str | None = None
-    template_id: str | None = None
-    data: Mapping[str, str] = field(default_factory=dict)
-
-
-Content = EmailContent | SmsContent | PushContent | WechatContent
+class MessageContent:
+    """A rendered message of one channel (each channel's package defines its own)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +23,20 @@ class Delivery:
     contact_key: str
     channel: Channel
     address: str
-    content: Content
+    content: MessageContent
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    """What rendering a send needs besides the template and the variables: the link signer and
+    this send's link claims (unsubscribe, tracking, status callbacks), and whether it is list
+    mail."""
+
+    links: LinkSigner
+    claims: LinkClaims
+    transactional: bool
+    track_opens: bool = True
+    track_clicks: bool = True
 
 
 class Provider(Protocol):

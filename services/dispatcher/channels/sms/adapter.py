@@ -10,17 +10,16 @@ from urllib.parse import quote
 
 import httpx
 
-from services.dispatcher.domain.channels import (
+from services.dispatcher.channels.common import (
     answer_object,
-    classify_sms,
     describe_error,
     retry_after_seconds,
-    sms_form,
     transport_failure,
 )
-from services.dispatcher.domain.messages import Delivery, SmsContent
+from services.dispatcher.channels.sms.domain import SmsContent, classify_sms, sms_form
+from services.dispatcher.channels.sms.reconcile import SmsListing, parse_sms_listing
+from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
-from services.dispatcher.domain.reconcile import SmsListing, parse_sms_listing
 from services.dispatcher.settings import DispatcherSettings
 from shared.contracts import Channel
 

@@ -17,8 +17,9 @@ from typing import Literal
 import aiosmtplib
 import structlog
 
-from services.dispatcher.domain.channels import MonotonicClock
-from services.dispatcher.domain.messages import Delivery, EmailContent
+from services.dispatcher.channels.common import MonotonicClock
+from services.dispatcher.channels.email.domain import EmailContent, reply_outcome, sender_refused
+from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome, OutcomeKind
 from services.dispatcher.settings import DispatcherSettings
 from shared.contracts import Channel
@@ -227,11 +228,11 @@ class SmtpSender:
             # A reply, even to DATA, means the server did not take the message.
             if exc.code == 421:  # "closing the channel": the session is over either way
                 stale = reused and not data_sent
-                return _Transaction(_by_code(exc.code, exc.message), "broken", stale)
+                return _Transaction(reply_outcome(exc.code, exc.message), "broken", stale)
             if isinstance(exc, aiosmtplib.SMTPSenderRefused):
                 # The server refuses our envelope sender: our configuration, not the recipient.
-                return _Transaction(_sender_refused(exc.code, exc.message), "dirty")
-            return _Transaction(_by_code(exc.code, exc.message), "dirty")
+                return _Transaction(sender_refused(exc.code, exc.message), "dirty")
+            return _Transaction(reply_outcome(exc.code, exc.message), "dirty")
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
             if data_sent:  # only once DATA went out may the message have arrived
                 return _Transaction(Outcome("unknown", f"smtp connection lost: {exc}"), "broken")
@@ -253,15 +254,3 @@ class SmtpSender:
             session.close()
             return
         self.sessions.put_back(session)
-
-
-def _sender_refused(code: int, message: str) -> Outcome:
-    if 400 <= code < 500:
-        return Outcome("retry", f"smtp {code}: {message}", code=str(code))
-    return Outcome("config", f"smtp sender {code}: {message}", code=str(code))
-
-
-def _by_code(code: int, message: str) -> Outcome:
-    if 400 <= code < 500:
-        return Outcome("retry", f"smtp {code}: {message}", code=str(code))
-    return Outcome("recipient", f"smtp {code}: {message}", code=str(code), address_invalid=True)

@@ -10,23 +10,26 @@ from typing import Any
 
 import httpx
 
-from services.dispatcher.domain.channels import (
-    WECHAT_TOKEN_ERRCODES,
+from services.dispatcher.channels.common import (
     AccessTokenError,
     MonotonicClock,
     answer_object,
     classify_http_failure,
-    classify_wechat,
-    classify_wechat_token_failure,
     describe_error,
     refresh_at,
     retry_after_seconds,
     transport_failure,
+)
+from services.dispatcher.channels.wechat.domain import (
+    WECHAT_TOKEN_ERRCODES,
+    WechatContent,
+    classify_wechat,
+    classify_wechat_token_failure,
     wechat_refresh_margin,
     wechat_request_body,
     wechat_send_path,
 )
-from services.dispatcher.domain.messages import Delivery, WechatContent
+from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
 from shared.contracts import Channel

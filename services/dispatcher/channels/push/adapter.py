@@ -13,23 +13,26 @@ from urllib.parse import quote
 import httpx
 import jwt
 
-from services.dispatcher.domain.channels import (
-    FCM_MAX_MESSAGE_BYTES,
-    FCM_REFRESH_MARGIN,
+from services.dispatcher.channels.common import (
     AccessTokenError,
     MonotonicClock,
     answer_object,
-    classify_fcm,
-    classify_oauth_failure,
     describe_error,
-    fcm_jwt_claims,
-    fcm_needs_new_token,
-    fcm_request_body,
     refresh_at,
     retry_after_seconds,
     transport_failure,
 )
-from services.dispatcher.domain.messages import Delivery, PushContent
+from services.dispatcher.channels.push.domain import (
+    FCM_MAX_MESSAGE_BYTES,
+    FCM_REFRESH_MARGIN,
+    PushContent,
+    classify_fcm,
+    classify_oauth_failure,
+    fcm_jwt_claims,
+    fcm_needs_new_token,
+    fcm_request_body,
+)
+from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
 from shared.contracts import Channel
