@@ -271,7 +271,11 @@ _SUCCESS_RESPONSE: dict[int | str, dict[str, Any]] = {
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid call; `field` names the offending field"},
     401: {"description": "Missing or unknown write key"},
-    413: {"description": "Event over 32 KB as written, or body over 32 KB (call) / 500 KB (batch)"},
+    413: {
+        "description": "Event over 32 KB as written, or body over 32 KB (call) / 500 KB (batch), "
+        "as sent or once gzip-inflated"
+    },
+    415: {"description": "A Content-Encoding other than gzip"},
     503: {"description": "Event log unavailable or over capacity; honour Retry-After"},
 }
 

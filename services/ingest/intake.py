@@ -129,8 +129,6 @@ class CallIntake:
         """One `POST /v1/<call_type>`; raises `Rejected` for what it refuses."""
         payload = _read_json(body, self.max_event_bytes)
         source = self._source(authorization, payload.get("writeKey"))
-        if not few_containers(body):
-            check_depth(payload)
         payload["type"] = call_type  # the route decides the type, whatever the body says
         received_at = self._clock.now()
         call = _parse_call(payload, CallContext(received_at, self._limits))
@@ -140,12 +138,12 @@ class CallIntake:
         """One `POST /v1/batch`: every call is accepted, or none is."""
         payload = _read_json(body, self.max_batch_bytes)
         source = self._source(authorization, payload.get("writeKey"))
-        if not few_containers(body):
-            _check_batch_depth(payload)
         try:
             parsed = Batch.model_validate(payload)
         except ValidationError as exc:
             raise validation_rejection(exc) from exc
+        if parsed.model_extra:
+            check_depth(parsed.model_extra)
         shared_context = parsed.context
         received_at = self._clock.now()
         context = CallContext(received_at, self._limits)
@@ -191,6 +189,11 @@ class CallIntake:
             received_at=received_at,
             source=source,
         )
+        # No field may nest past the limit. The record holds every field that is kept; when it
+        # has too few brackets to nest that deep (nearly always), only the rest need a look.
+        if not few_containers(event.value) or call.model_extra:
+            kept = {"properties": call.properties, "traits": call.traits, "context": call.context}
+            check_depth({**kept, **(call.model_extra or {})}, f"{field}." if field else "")
         if len(event.value) > self.max_event_bytes:
             where = field or "the event"
             raise Rejected(
@@ -229,16 +232,6 @@ def _read_json(body: bytes, limit: int) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise Rejected(400, "body must be a JSON object")
     return payload
-
-
-def _check_batch_depth(payload: dict[str, Any]) -> None:
-    """Each call of a batch, and the batch's own fields, nest no deeper than the limit."""
-    check_depth({name: value for name, value in payload.items() if name != "batch"})
-    items = payload.get("batch")
-    if isinstance(items, list):
-        for index, item in enumerate(items):
-            if isinstance(item, dict):
-                check_depth(item, prefix=f"batch[{index}].")
 
 
 def _parse_call(payload: dict[str, Any], context: CallContext, prefix: str = "") -> Call:

@@ -26,11 +26,6 @@ MAX_CLOCK_SKEW_CORRECTION = timedelta(days=1)
 # and a clock a day ahead is broken, not skewed (README, "Timestamps").
 EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_TIMESTAMP_AHEAD = timedelta(days=1)
-_TIMESTAMPS = (
-    ("timestamp", "timestamp"),
-    ("sent_at", "sentAt"),
-    ("original_timestamp", "originalTimestamp"),
-)
 
 
 class CallContext:
@@ -40,6 +35,7 @@ class CallContext:
     def __init__(self, received_at: datetime, limits: ProfileLimits = DEFAULT_LIMITS) -> None:
         self.received_at = received_at
         self.limits = limits
+        self.latest = received_at + MAX_TIMESTAMP_AHEAD
 
 
 class Call(BaseModel):
@@ -102,9 +98,12 @@ class Call(BaseModel):
 
     def _within(self, context: CallContext) -> None:
         """The call's timestamps are in the window, and its traits within the profile limits."""
-        latest = context.received_at + MAX_TIMESTAMP_AHEAD
-        for name, wire in _TIMESTAMPS:
-            value: datetime | None = getattr(self, name)
+        latest = context.latest
+        for value, wire in (
+            (self.timestamp, "timestamp"),
+            (self.sent_at, "sentAt"),
+            (self.original_timestamp, "originalTimestamp"),
+        ):
             if value is not None and not EARLIEST_TIMESTAMP <= value <= latest:
                 raise PydanticCustomError(
                     "timestamp_window",
