@@ -45,6 +45,9 @@ _FIELDS = {short: name for name, short in _KEYS.items()}
 _REQUIRED_TEXT = ("message_id", "contact_key", "channel")
 _OPTIONAL_TEXT = ("template_id", "journey_id", "step_id", "link_id", "url")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+# Far above any token we sign (a click token carries its destination URL), far below a URL
+# that costs anything to check.
+MAX_TOKEN_CHARS = 8192
 
 
 @dataclass(frozen=True)
@@ -83,15 +86,27 @@ class LinkSigner:
         return f"{payload}.{self._signature(claims.kind, payload)}"
 
     def read(self, token: str, kind: LinkKind, now: datetime) -> LinkClaims:
-        """The claims of a token of `kind`, or `InvalidLink` saying why not."""
+        """The claims of a token of `kind`, or `InvalidLink` saying why not.
+
+        The signature is checked before anything of the payload is decoded: only tokens we
+        signed are ever parsed."""
+        if len(token) > MAX_TOKEN_CHARS:
+            raise InvalidLink(f"malformed token: longer than {MAX_TOKEN_CHARS} characters")
         payload, sep, signature = token.partition(".")
         if not sep or not _BASE64URL.fullmatch(payload) or not _BASE64URL.fullmatch(signature):
             raise InvalidLink("malformed token")
+        # The signature covers the kind it was issued for: a token that verifies for another
+        # kind is intact but in the wrong place, one that verifies for none was tampered with.
+        if not hmac.compare_digest(signature, self._signature(kind, payload)):
+            others = (k for k in LINK_KINDS if k != kind)
+            issued_as = next(
+                (k for k in others if hmac.compare_digest(signature, self._signature(k, payload))),
+                None,
+            )
+            if issued_as is None:
+                raise InvalidLink("bad signature")
+            raise InvalidLink(f"wrong kind: a {issued_as} link, not {kind}")
         claims = _claims_from_json(_b64decode(payload))
-        # The signature covers the kind it was issued for, so checking it against the kind the
-        # payload claims tells a tampered token from an intact one of another kind.
-        if not hmac.compare_digest(signature, self._signature(claims.kind, payload)):
-            raise InvalidLink("bad signature")
         if claims.kind != kind:
             raise InvalidLink(f"wrong kind: a {claims.kind} link, not {kind}")
         if (
@@ -188,7 +203,7 @@ def _claims_json(claims: LinkClaims) -> bytes:
 def _claims_from_json(raw: bytes) -> LinkClaims:
     try:
         decoded = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidLink("malformed token") from exc
     if not isinstance(decoded, dict) or not set(decoded) <= set(_FIELDS):
         raise InvalidLink("malformed token")

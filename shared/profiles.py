@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic_core import to_json
+
 from shared.channels import with_consent, without_dead_address
 from shared.contracts import ContactCommand, Event, Profile
 from shared.ids import stable_id
@@ -30,29 +32,121 @@ RECENT_MESSAGE_IDS = 256
 
 
 @dataclass(frozen=True)
+class ProfileLimits:
+    """Bounds that keep every profile (and the contact event carrying it) well under the
+    broker's message size (docs/segments.md, "Profile limits"): at most `max_traits` traits,
+    each at most `max_trait_bytes` as JSON (name and value), and at most `max_event_names`
+    distinct event names counted. Ingest refuses a call that alone passes them; the segmenter
+    drops what would take a profile past them."""
+
+    max_traits: int = 256
+    max_trait_bytes: int = 1024
+    max_event_names: int = 512
+
+
+DEFAULT_LIMITS = ProfileLimits()
+
+
+def trait_size(name: str, value: Any) -> int:
+    """A trait's size as JSON: its name and its value (`"name":value` without the quotes)."""
+    return len(name.encode("utf-8", "surrogatepass")) + len(to_json(value, inf_nan_mode="null"))
+
+
+def oversized_traits(traits: dict[str, Any], limits: ProfileLimits) -> list[str]:
+    """The names of `traits` whose size passes the limit."""
+    if len(to_json(traits, inf_nan_mode="null")) <= limits.max_trait_bytes:
+        return []  # all of them together fit: each one does
+    limit = limits.max_trait_bytes
+    return [name for name, value in traits.items() if trait_size(name, value) > limit]
+
+
+def capped_traits(
+    traits: dict[str, Any], incoming: dict[str, Any], limits: ProfileLimits
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """`traits` updated with `incoming` within the limits, and why anything was left out: an
+    oversized value is dropped, and so is a new trait once the profile holds `max_traits`."""
+    too_big = set(oversized_traits(incoming, limits))
+    fits = not too_big and len(traits) + len(incoming) <= limits.max_traits
+    if fits:
+        return {**traits, **incoming}, ()
+    merged = dict(traits)
+    dropped: list[str] = []
+    for name, value in incoming.items():
+        if name in too_big:
+            dropped.append(
+                f"trait '{name}': {trait_size(name, value)} bytes as JSON, over the limit of "
+                f"{limits.max_trait_bytes}"
+            )
+        elif name not in merged and len(merged) >= limits.max_traits:
+            dropped.append(f"trait '{name}': the profile already holds {limits.max_traits} traits")
+        else:
+            merged[name] = value
+    return merged, tuple(dropped)
+
+
+def merged_counts(
+    mine: dict[str, int], theirs: dict[str, int], limits: ProfileLimits
+) -> tuple[dict[str, int], tuple[str, ...]]:
+    """Two contacts' event counts added up; names new to `mine` only up to `max_event_names`."""
+    merged = dict(mine)
+    left_out = 0
+    for name, count in theirs.items():
+        if name in merged:
+            merged[name] += count
+        elif len(merged) < limits.max_event_names:
+            merged[name] = count
+        else:
+            left_out += 1
+    if not left_out:
+        return merged, ()
+    return merged, (
+        f"{left_out} event names of the merged contact not counted: the profile already counts "
+        f"{limits.max_event_names} distinct event names",
+    )
+
+
+def counted(
+    counts: dict[str, int], label: str, limits: ProfileLimits
+) -> tuple[dict[str, int], tuple[str, ...]]:
+    """`counts` with one more `label`, unless it is a new name past `max_event_names`."""
+    if label not in counts and len(counts) >= limits.max_event_names:
+        return counts, (
+            f"event '{label}' not counted: the profile already counts "
+            f"{limits.max_event_names} distinct event names",
+        )
+    return {**counts, label: counts.get(label, 0) + 1}, ()
+
+
+@dataclass(frozen=True)
 class Applied:
-    """The profile after an event, whether the event was new (not a duplicate), and the
-    `Attribute Changed` events announcing traits the event changed."""
+    """The profile after an event, whether the event was new (not a duplicate), the
+    `Attribute Changed` events announcing traits the event changed, and what the profile's
+    limits left out (one reason each)."""
 
     profile: Profile
     accepted: bool
     announcements: tuple[Event, ...] = ()
+    dropped: tuple[str, ...] = ()
 
 
-def apply_event(profile: Profile | None, event: Event, now: datetime) -> Applied:
+def apply_event(
+    profile: Profile | None, event: Event, now: datetime, limits: ProfileLimits = DEFAULT_LIMITS
+) -> Applied:
     """Fold an event into the profile (traits, identities, counts, consent, dead push tokens);
-    a repeated `messageId` changes nothing."""
+    a repeated `messageId` changes nothing. Traits and event names past `limits` are left out
+    (`Applied.dropped` says which); the event itself still counts for everything else."""
     if profile is not None and event.message_id in profile.recent_message_ids:
         return Applied(profile, accepted=False)
     if profile is None:
         profile = first_profile(event.contact_key, event.timestamp, now)
     traits = profile.traits
+    dropped: tuple[str, ...] = ()
     if event.traits and event.type in ("identify", "track", "page", "screen"):
-        traits = {**traits, **event.traits}
+        traits, dropped = capped_traits(traits, event.traits, limits)
     anonymous_ids = profile.anonymous_ids
     if event.anonymous_id and event.anonymous_id not in anonymous_ids:
         anonymous_ids = (*anonymous_ids, event.anonymous_id)
-    counts = {**profile.event_counts, event.label: profile.event_counts.get(event.label, 0) + 1}
+    counts, uncounted = counted(profile.event_counts, event.label, limits)
     recent = (*profile.recent_message_ids, event.message_id)[-RECENT_MESSAGE_IDS:]
     updated = profile.model_copy(
         update={
@@ -80,19 +174,27 @@ def apply_event(profile: Profile | None, event: Event, now: datetime) -> Applied
     )
     # Consent events and dead push tokens change the profile by the channels' own rules.
     updated = without_dead_address(with_consent(updated, event), event)
-    return Applied(updated, accepted=True, announcements=announcements)
+    return Applied(updated, accepted=True, announcements=announcements, dropped=dropped + uncounted)
 
 
 @dataclass(frozen=True)
 class Changed:
-    """The profile after a contact command, and the events that announce the change."""
+    """The profile after a contact command, the events that announce the change, and what the
+    profile's limits left out."""
 
     profile: Profile
     events: tuple[Event, ...]
+    dropped: tuple[str, ...] = ()
 
 
-def apply_command(profile: Profile | None, command: ContactCommand, now: datetime) -> Changed:
-    """Apply a tag, attribute or coupon change; a repeated command changes nothing.
+def apply_command(
+    profile: Profile | None,
+    command: ContactCommand,
+    now: datetime,
+    limits: ProfileLimits = DEFAULT_LIMITS,
+) -> Changed:
+    """Apply a tag, attribute or coupon change; a repeated command changes nothing, and so does
+    an attribute past the profile's `limits` (`Changed.dropped` says why).
 
     Each real change yields an event (`Tag Added`, `Tag Removed`, `Attribute Changed`) with an id
     derived from the command's, so journeys can trigger on it and replays stay idempotent.
@@ -111,7 +213,12 @@ def apply_command(profile: Profile | None, command: ContactCommand, now: datetim
     elif command.kind == "set_attribute" and command.attribute:
         previous = profile.traits.get(command.attribute)
         if previous != command.value or command.attribute not in profile.traits:
-            update["traits"] = {**profile.traits, command.attribute: command.value}
+            traits, dropped = capped_traits(
+                profile.traits, {command.attribute: command.value}, limits
+            )
+            if dropped:
+                return Changed(profile, (), dropped)
+            update["traits"] = traits
             label = ATTRIBUTE_CHANGED
             properties = {
                 "attribute": command.attribute,

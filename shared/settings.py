@@ -11,6 +11,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.profiles import ProfileLimits
+
+_LIMITS = ProfileLimits()
+
 
 class CommonSettings(BaseSettings):
     """Kafka, document store and logging: what every service needs."""
@@ -32,6 +36,18 @@ class CommonSettings(BaseSettings):
     # links), and the secret that signs those links; set both in production.
     public_url: str = "http://127.0.0.1:8000"
     link_secret: SecretStr = SecretStr("waypost-dev-link-secret")
+    # What a profile may hold (docs/segments.md, "Profile limits"): ingest refuses a call that
+    # alone passes them, the segmenter leaves out what would take a profile past them.
+    profile_max_traits: int = Field(default=_LIMITS.max_traits, ge=1)
+    profile_max_trait_bytes: int = Field(default=_LIMITS.max_trait_bytes, ge=16)
+    profile_max_event_names: int = Field(default=_LIMITS.max_event_names, ge=1)
+
+    def profile_limits(self) -> ProfileLimits:
+        return ProfileLimits(
+            max_traits=self.profile_max_traits,
+            max_trait_bytes=self.profile_max_trait_bytes,
+            max_event_names=self.profile_max_event_names,
+        )
 
     @field_validator("log_level")
     @classmethod

@@ -30,6 +30,7 @@ from services.admin.domain import templates as template_rules
 from services.admin.domain.conversion import conversion_report
 from services.admin.domain.templates import TemplateContent
 from services.admin.settings import AdminSettings
+from shared.bodies import BadInput, BodyReader, check_depth, parse_json
 from shared.clock import Clock
 from shared.definitions import PublishedJourneys
 from shared.journey_checks import DefinitionProblem
@@ -106,14 +107,16 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="Waypost admin", version="1")
     app.add_exception_handler(Problems, _problems_answer)
-    keys = settings.api_keys()
+    app.add_middleware(JsonBodies, limit=settings.admin_max_body_bytes)
+    keys = [key.encode() for key in settings.api_keys()]
     # One definition change at a time: each decides on what the previous one wrote.
     lifecycle = asyncio.Lock()
 
     def authorised(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:
-        presented = credentials.credentials if credentials else ""
+        # As bytes: compare_digest refuses str that is not ASCII, and a header may hold any.
+        presented = (credentials.credentials if credentials else "").encode("utf-8", "replace")
         if not any(secrets.compare_digest(presented, key) for key in keys):
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
@@ -394,3 +397,59 @@ def create_app(
         }
 
     return app
+
+
+class JsonBodies:
+    """ASGI middleware: a request body is read under a byte cap as it streams (413 past it), and
+    a JSON body must parse (no lone surrogates) and nest no deeper than 32 levels (400 naming
+    the field), before any route sees it. Every refusal is `{"detail": …, "field": …}`."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        try:
+            reader = BodyReader(
+                self.limit, headers.get(b"content-length"), headers.get(b"content-encoding")
+            )
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                reader.feed(message.get("body", b""))
+                more = message.get("more_body", False)
+            body = reader.body()
+            if body and b"json" in headers.get(b"content-type", b"").lower():
+                value = parse_json(body)
+                check_depth(value if isinstance(value, dict) else {"body": value})
+        except BadInput as exc:
+            answer = JSONResponse(
+                status_code=exc.status, content={"detail": exc.message, "field": exc.field}
+            )
+            await answer(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # the app waits for a disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        if reader.compressed:  # the app reads the body decompressed
+            scope = {**scope, "headers": _without(scope["headers"], _BODY_FRAMING)}
+        await self.app(scope, replay, send)
+
+
+_BODY_FRAMING = (b"content-encoding", b"content-length")
+
+
+def _without(headers: list[tuple[bytes, bytes]], names: tuple[bytes, ...]) -> list[Any]:
+    return [(name, value) for name, value in headers if name not in names]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from shared.settings import CommonSettings
 
 # The admin key of the local stack and the demo; never configure it in production.
@@ -14,6 +16,8 @@ class AdminSettings(CommonSettings):
     # Comma-separated bearer keys; separate from ingest write keys, never accepted there.
     admin_api_keys: str = DEV_ADMIN_KEY
     group_id: str = "waypost-admin"
+    # A request body's cap, as sent and decompressed: a journey draft with its templates fits.
+    admin_max_body_bytes: int = Field(default=2 * 1024 * 1024, gt=0)
 
     def api_keys(self) -> set[str]:
         return {k.strip() for k in self.admin_api_keys.split(",") if k.strip()}

@@ -32,7 +32,7 @@ from services.ingest.domain.tracking import (
     sms_status_changed,
     unsubscribed,
 )
-from services.ingest.fastpath import ASGIApp, TrackingCalls
+from services.ingest.fastpath import ASGIApp, ClientGone, TrackingCalls, read_body
 from services.ingest.intake import (
     CALL_TYPES,
     SUCCESS,
@@ -42,6 +42,7 @@ from services.ingest.intake import (
     refusal,
 )
 from services.ingest.settings import IngestSettings
+from shared.bodies import BadInput
 from shared.clock import Clock
 from shared.contracts import Event
 from shared.links import InvalidLink, LinkClaims, LinkKind, LinkSigner, twilio_signature_valid
@@ -74,8 +75,8 @@ def create_app(
     signer = LinkSigner(settings.link_secret.get_secret_value(), settings.public_url)
     sms_auth_token = settings.sms_auth_token.get_secret_value()
 
-    @app.exception_handler(Rejected)
-    async def _rejected(_request: Request, exc: Rejected) -> Response:
+    @app.exception_handler(BadInput)
+    async def _rejected(_request: Request, exc: BadInput) -> Response:
         metrics.rejected(exc.status)
         answer = refusal(exc)
         return Response(
@@ -88,9 +89,22 @@ def create_app(
     async def publish(events: list[Event]) -> None:
         await intake.publish([encode(event) for event in events])
 
+    async def body_of(request: Request, limit: int) -> bytes:
+        headers = request.headers
+        length, encoding = headers.get("content-length"), headers.get("content-encoding")
+        try:
+            return await read_body(
+                request.receive,
+                limit,
+                None if length is None else length.encode("latin-1"),
+                None if encoding is None else encoding.encode("latin-1"),
+            )
+        except ClientGone:
+            return b""
+
     def add_call_route(call_type: str) -> None:
         async def route(request: Request) -> Response:
-            body = await request.body()
+            body = await body_of(request, intake.max_event_bytes)
             await intake.call(call_type, body, request.headers.get("authorization"))
             return Response(SUCCESS, media_type="application/json")
 
@@ -112,7 +126,7 @@ def create_app(
         responses=_SUCCESS_RESPONSE | _ERROR_RESPONSES,
     )
     async def batch(request: Request) -> Response:
-        body = await request.body()
+        body = await body_of(request, intake.max_batch_bytes)
         await intake.batch(body, request.headers.get("authorization"))
         return Response(SUCCESS, media_type="application/json")
 
@@ -257,7 +271,11 @@ _SUCCESS_RESPONSE: dict[int | str, dict[str, Any]] = {
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid call; `field` names the offending field"},
     401: {"description": "Missing or unknown write key"},
-    413: {"description": "Event over 32 KB as written, or body over 32 KB (call) / 500 KB (batch)"},
+    413: {
+        "description": "Event over 32 KB as written, or body over 32 KB (call) / 500 KB (batch), "
+        "as sent or once gzip-inflated"
+    },
+    415: {"description": "A Content-Encoding other than gzip"},
     503: {"description": "Event log unavailable or over capacity; honour Retry-After"},
 }
 

@@ -21,6 +21,7 @@ from services.ingest.intake import (
     Rejected,
     refusal,
 )
+from shared.bodies import BadInput, BodyReader, capped_receive
 
 log = structlog.get_logger(__name__)
 
@@ -45,39 +46,47 @@ class TrackingCalls:
         self._routes = {f"/v1/{call}": call for call in (*CALL_TYPES, BATCH)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            route = self._routes.get(scope["path"])
-            if route is not None:
-                await self._serve(route, scope, receive, send)
-                return
+        if scope["type"] == "http":
+            if scope["method"] == "POST":
+                route = self._routes.get(scope["path"])
+                if route is not None:
+                    await self._serve(route, scope, receive, send)
+                    return
+            # Every other body (unsubscribe forms, SMS callbacks) is capped too: by its
+            # Content-Length here, then as it streams (the app's handler answers that 413).
+            limit = self._intake.max_event_bytes
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    try:
+                        BodyReader(limit, value, None)
+                    except BadInput as exc:
+                        await self._refuse(send, exc)
+                        return
+            receive = capped_receive(receive, limit, _rejected)
         await self.fallback(scope, receive, send)
 
     async def _serve(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
         authorization = None
         content_length = None
+        encoding = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
             elif name == b"content-length":
                 content_length = value
+            elif name == b"content-encoding":
+                encoding = value
         limit = self._intake.max_batch_bytes if route == BATCH else self._intake.max_event_bytes
         try:
-            body = await _read_body(receive, limit, content_length)
+            body = await read_body(receive, limit, content_length, encoding)
             if route == BATCH:
                 await self._intake.batch(body, authorization)
             else:
                 await self._intake.call(route, body, authorization)
-        except _ClientGone:
+        except ClientGone:
             return
-        except Rejected as exc:
-            self._metrics.rejected(exc.status)
-            answer = refusal(exc)
-            headers = [
-                _JSON,
-                (b"content-length", str(len(answer.body)).encode()),
-                *((k.lower().encode(), v.encode("latin-1")) for k, v in answer.headers),
-            ]
-            await _answer(send, answer.status, headers, answer.body)
+        except BadInput as exc:
+            await self._refuse(send, exc)
             return
         except Exception:
             log.exception("ingest.call_failed", path=scope["path"])
@@ -88,35 +97,62 @@ class TrackingCalls:
             return
         await _answer(send, 200, _SUCCESS_HEADERS, SUCCESS)
 
+    async def _refuse(self, send: Send, exc: BadInput) -> None:
+        self._metrics.rejected(exc.status)
+        answer = refusal(exc)
+        headers = [
+            _JSON,
+            (b"content-length", str(len(answer.body)).encode()),
+            *((k.lower().encode(), v.encode("latin-1")) for k, v in answer.headers),
+        ]
+        await _answer(send, answer.status, headers, answer.body)
 
-class _ClientGone(Exception):
+
+class ClientGone(Exception):
     """The client disconnected before its body arrived: there is no one to answer."""
 
 
-async def _read_body(receive: Receive, limit: int, content_length: bytes | None) -> bytes:
-    """The request body, refused with a 413 as soon as it is known to pass `limit`."""
-    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
-        raise Rejected(
-            413, f"request body is {int(content_length)} bytes; the limit is {limit} bytes"
-        )
+def _rejected(exc: BadInput) -> Exception:
+    return Rejected(exc.status, exc.message, exc.field)
+
+
+async def read_body(
+    receive: Receive, limit: int, content_length: bytes | None, encoding: bytes | None
+) -> bytes:
+    """The request body, decompressed, refused (413) as soon as it is known to pass `limit`:
+    by its `Content-Length`, by the bytes received, or by the bytes decompressed (`BadInput`;
+    `ClientGone` when the client left first). The FastAPI routes read their bodies with it too.
+    """
+    if encoding is None and content_length is not None and content_length.isdigit():
+        # The common case, checked here without building a reader.
+        if int(content_length) > limit:
+            BodyReader(limit, content_length, None)  # raises the 413
+    else:
+        reader = BodyReader(limit, content_length, encoding)
+        if reader.compressed:
+            return await _read_into(reader, receive)
     message = await receive()
     if message["type"] == "http.disconnect":
-        raise _ClientGone
+        raise ClientGone
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
+        if len(body) > limit:
+            BodyReader(limit, None, None).feed(body)  # raises the 413
         return body
-    chunks = [body]
-    size = len(body)
-    while message.get("more_body", False):
+    reader = BodyReader(limit, None, None)
+    reader.feed(body)
+    return await _read_into(reader, receive)
+
+
+async def _read_into(reader: BodyReader, receive: Receive) -> bytes:
+    more = True
+    while more:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise Rejected(413, f"request body is over {limit} bytes; the limit is {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise ClientGone
+        reader.feed(message.get("body", b""))
+        more = message.get("more_body", False)
+    return reader.body()
 
 
 async def _answer(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

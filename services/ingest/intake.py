@@ -18,11 +18,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
-from pydantic_core import from_json
 
 from services.ingest.adapters.publisher import EventPublisher
-from services.ingest.domain.calls import Batch, Call, EncodedEvent, encode_call
+from services.ingest.domain.calls import Batch, Call, CallContext, EncodedEvent, encode_call
 from services.ingest.settings import IngestSettings
+from shared.bodies import BadInput, check_depth, few_containers, parse_json
 from shared.clock import Clock
 from shared.kafka import DeliveryFailed, ProducerBusy
 
@@ -32,14 +32,8 @@ SUCCESS = b'{"success":true}'
 MAX_REMEMBERED_HEADERS = 1024
 
 
-class Rejected(Exception):
+class Rejected(BadInput):
     """A request we refuse, with the status and a message that names the field."""
-
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -51,7 +45,7 @@ class Refusal:
     headers: tuple[tuple[str, str], ...]
 
 
-def refusal(exc: Rejected) -> Refusal:
+def refusal(exc: BadInput) -> Refusal:
     body: dict[str, Any] = {"success": False, "error": exc.message}
     if exc.field:
         body["field"] = exc.field
@@ -123,6 +117,7 @@ class CallIntake:
     ) -> None:
         self.max_event_bytes = settings.max_event_bytes
         self.max_batch_bytes = settings.max_batch_bytes
+        self._limits = settings.profile_limits()
         self._write_keys = settings.write_keys()
         self._sources_by_header: dict[str, str] = {}
         self._publisher = publisher
@@ -135,8 +130,9 @@ class CallIntake:
         payload = _read_json(body, self.max_event_bytes)
         source = self._source(authorization, payload.get("writeKey"))
         payload["type"] = call_type  # the route decides the type, whatever the body says
-        event = self._event(_parse_call(payload), source, self._clock.now())
-        await self.publish([event])
+        received_at = self._clock.now()
+        call = _parse_call(payload, CallContext(received_at, self._limits))
+        await self.publish([self._event(call, source, received_at)])
 
     async def batch(self, body: bytes, authorization: str | None) -> None:
         """One `POST /v1/batch`: every call is accepted, or none is."""
@@ -146,8 +142,11 @@ class CallIntake:
             parsed = Batch.model_validate(payload)
         except ValidationError as exc:
             raise validation_rejection(exc) from exc
+        if parsed.model_extra:
+            check_depth(parsed.model_extra)
         shared_context = parsed.context
         received_at = self._clock.now()
+        context = CallContext(received_at, self._limits)
         events = []
         for index, item in enumerate(parsed.batch):
             call_type = item.get("type")
@@ -167,7 +166,7 @@ class CallIntake:
                 )
             if shared_context or item_context is not given_context:
                 item = {**item, "context": {**shared_context, **item_context}}
-            call = _parse_call(item, prefix=f"batch[{index}].")
+            call = _parse_call(item, context, prefix=f"batch[{index}].")
             events.append(self._event(call, source, received_at, field=f"batch[{index}]"))
         await self.publish(events)
 
@@ -190,6 +189,11 @@ class CallIntake:
             received_at=received_at,
             source=source,
         )
+        # No field may nest past the limit. The record holds every field that is kept; when it
+        # has too few brackets to nest that deep (nearly always), only the rest need a look.
+        if not few_containers(event.value) or call.model_extra:
+            kept = {"properties": call.properties, "traits": call.traits, "context": call.context}
+            check_depth({**kept, **(call.model_extra or {})}, f"{field}." if field else "")
         if len(event.value) > self.max_event_bytes:
             where = field or "the event"
             raise Rejected(
@@ -222,19 +226,17 @@ class CallIntake:
 def _read_json(body: bytes, limit: int) -> dict[str, Any]:
     if len(body) > limit:
         raise Rejected(413, f"request body is {len(body)} bytes; the limit is {limit} bytes")
-    try:
-        # pydantic-core's parser: about three times as fast as the json module's.
-        payload = from_json(body or b"null")
-    except ValueError as exc:
-        raise Rejected(400, f"body is not valid JSON: {exc}") from exc
+    # pydantic-core's parser (about three times as fast as the json module's); it refuses lone
+    # surrogates, and a refusal names the field where the body went wrong.
+    payload = parse_json(body or b"null")
     if not isinstance(payload, dict):
         raise Rejected(400, "body must be a JSON object")
     return payload
 
 
-def _parse_call(payload: dict[str, Any], prefix: str = "") -> Call:
+def _parse_call(payload: dict[str, Any], context: CallContext, prefix: str = "") -> Call:
     try:
-        return Call.model_validate(payload)
+        return Call.model_validate(payload, context=context)
     except ValidationError as exc:
         raise validation_rejection(exc, prefix) from exc
 
@@ -256,8 +258,9 @@ def basic_user(header: str | None) -> str | None:
     if not header or not header.lower().startswith("basic "):
         return None
     try:
+        # A header that is not ASCII cannot be base64 (b64decode raises ValueError for it).
         decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):
         return None
     user, _sep, _password = decoded.partition(":")
     return user or None

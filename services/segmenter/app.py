@@ -32,6 +32,7 @@ from services.segmenter.domain.decide import (
     DeleteRow,
     Forward,
     IndexObject,
+    LimitReached,
     LinkAlias,
     Log,
     PublishProfile,
@@ -60,7 +61,7 @@ from shared.deadletter import DeadLetters, failure_reason, through_outages
 from shared.ids import stable_id
 from shared.journeys import AUDIENCE_SELECTED
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
-from shared.profiles import announce
+from shared.profiles import DEFAULT_LIMITS, ProfileLimits, announce
 from shared.streams import StreamWorker, focus
 from shared.topics import (
     AUDIENCE_REQUESTS,
@@ -109,6 +110,7 @@ class Contacts:
         definitions: DefinitionsSource,
         clock: Clock,
         index: MemberIndex,
+        limits: ProfileLimits = DEFAULT_LIMITS,
     ) -> None:
         self.contacts = tables[CONTACTS]
         self.memberships = tables[MEMBERSHIPS]
@@ -119,6 +121,9 @@ class Contacts:
         self.definitions = definitions
         self.clock = clock
         self.index = index
+        self.limits = limits
+        # Traits and event names the profile limits left out since the start (see the log).
+        self.left_out = 0
         self._batch = Overlay()
         self._focus: Focus = no_focus
         self._encoded: tuple[Profile, bytes] | None = None
@@ -194,7 +199,9 @@ class Contacts:
         else:
             incoming = Event.model_validate_json(record.value)
         key = incoming.contact_key  # an event without one is refused here
-        decision = decide(_View(self, key), incoming, self.definitions.current(), self.clock.now())
+        decision = decide(
+            _View(self, key), incoming, self.definitions.current(), self.clock.now(), self.limits
+        )
         self._apply(decision, record.partition)
 
     def _apply(self, decision: Decision, partition: int) -> None:
@@ -238,6 +245,14 @@ class Contacts:
                     batch.after_store(partial(self.index.update, key, partition, was, now))
                 case Log(level=level, event=line, fields=fields):
                     getattr(log, level)(line, **fields)
+                case LimitReached(origin=origin, reasons=reasons):
+                    self.left_out += len(reasons)
+                    log.warning(
+                        "segmenter.profile_limit_reached",
+                        origin=origin,
+                        left_out=list(reasons),
+                        left_out_total=self.left_out,
+                    )
                 case _:
                     assert_never(command)
 
@@ -354,7 +369,15 @@ class Segmenter:
             MEMBERSHIPS: self.memberships,
             LINKS: worker.table(LINKS),
         }
-        self.contacts = Contacts(tables, producer, dead_letters, definitions, clock, self.index)
+        self.contacts = Contacts(
+            tables,
+            producer,
+            dead_letters,
+            definitions,
+            clock,
+            self.index,
+            settings.profile_limits(),
+        )
         worker.consume([EVENTS.name, CONTACT_COMMANDS.name, AUDIENCE_REQUESTS.name], self._process)
         worker.on_assigned(self._recovered)
         worker.every(settings.count_interval_seconds, self._publish_counts)

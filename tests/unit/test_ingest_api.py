@@ -6,7 +6,9 @@ A recording publisher stands in for Kafka and a manual clock for time; no server
 from __future__ import annotations
 
 import base64
+import gzip
 import itertools
+import json
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from services.ingest.app import create_app
 from services.ingest.domain.calls import EncodedEvent
 from services.ingest.settings import IngestSettings
+from shared.bodies import MAX_JSON_DEPTH
 from shared.clock import ManualClock
 from shared.contracts import Event
 from shared.kafka import DeliveryFailed, ProducerBusy
@@ -558,3 +561,259 @@ async def test_behaviour_that_merely_resembles_a_system_event_is_accepted(
 def test_a_write_key_may_not_be_named_like_a_waypost_source() -> None:
     with pytest.raises(ValueError, match="reserved for Waypost"):
         IngestSettings(ingest_write_keys="waypost-links:k3").write_keys()
+
+
+# --- input that must not break anything --------------------------------------------------------
+
+
+def nested(levels: int) -> object:
+    value: object = "leaf"
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+async def test_properties_nested_to_the_limit_are_accepted(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    body = {**MINIMAL_CALLS["track"], "properties": nested(MAX_JSON_DEPTH)}
+
+    response = await client.post("/v1/track", json=body, headers=basic("k1"))
+
+    assert response.status_code == 200
+    assert len(publisher.events) == 1
+
+
+@pytest.mark.parametrize("levels", [MAX_JSON_DEPTH + 1, 199, 250, 1000])
+@pytest.mark.parametrize("field", ["properties", "traits", "context"])
+async def test_nesting_past_the_limit_is_a_bad_request_naming_the_field(
+    client: httpx.AsyncClient, publisher: RecordingPublisher, field: str, levels: int
+) -> None:
+    value = '{"a":' * levels + "1" + "}" * levels
+    body = '{"userId":"user-1","' + field + '":' + value + "}"
+
+    response = await client.post("/v1/identify", content=body.encode(), headers=basic("k1"))
+
+    assert response.status_code == 400
+    # A deep trait is also over the trait size limit, which may be named first (traits.a).
+    assert response.json()["field"] in (field, f"{field}.a")
+    assert publisher.events == []
+
+
+async def test_a_batch_item_nested_too_deep_is_named_and_nothing_is_published(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    good = {**MINIMAL_CALLS["track"], "type": "track"}
+    deep = {**good, "properties": nested(40)}
+
+    response = await client.post("/v1/batch", json={"batch": [good, deep]}, headers=basic("k1"))
+
+    assert response.status_code == 400
+    assert response.json()["field"] == "batch[1].properties"
+    assert publisher.events == []
+
+
+async def test_a_gzipped_call_is_accepted(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    body = gzip.compress(
+        json.dumps({"batch": [{**MINIMAL_CALLS["track"], "type": "track"}]}).encode()
+    )
+
+    response = await client.post(
+        "/v1/batch", content=body, headers={**basic("k1"), "Content-Encoding": "gzip"}
+    )
+
+    assert response.status_code == 200, response.text
+    assert [e.event for e in publisher.events] == ["Registered"]
+
+
+async def test_a_gzip_bomb_is_too_large_once_decompressed(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    padding = " " * (10 * 1024 * 1024)
+    bomb = gzip.compress(('{"userId":"u","event":"E"' + padding + "}").encode())
+
+    response = await client.post(
+        "/v1/track", content=bomb, headers={**basic("k1"), "Content-Encoding": "gzip"}
+    )
+
+    assert response.status_code == 413
+    assert "decompressed" in response.json()["error"]
+    assert publisher.events == []
+
+
+async def test_an_unknown_content_encoding_is_unsupported(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/track",
+        content=json.dumps(MINIMAL_CALLS["track"]).encode(),
+        headers={**basic("k1"), "Content-Encoding": "br"},
+    )
+
+    assert response.status_code == 415
+    assert response.json()["field"] == "Content-Encoding"
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_the_body(
+    client: httpx.AsyncClient,
+) -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        yield b'{"userId":"u",'
+        raise AssertionError("the body was read past its declared length")
+
+    response = await client.post(
+        "/v1/track",
+        content=endless(),
+        headers={**basic("k1"), "Content-Length": str(64 * 1024)},
+    )
+
+    assert response.status_code == 413
+    assert response.json()["field"] == "Content-Length"
+
+
+async def test_a_streamed_body_is_cut_off_at_the_limit(client: httpx.AsyncClient) -> None:
+    sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(1000):
+            sent += 1
+            yield b" " * 1024
+
+    response = await client.post("/v1/track", content=chunks(), headers=basic("k1"))
+
+    assert response.status_code == 413
+    assert sent < 100
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("timestamp", "1999-12-31T23:59:59Z"),
+        ("timestamp", "0001-01-01T00:00:00Z"),
+        ("timestamp", (NOW + timedelta(days=1, seconds=1)).isoformat()),
+        ("sentAt", "9999-12-31T23:59:59Z"),
+        ("originalTimestamp", "1970-01-01T00:00:00Z"),
+    ],
+)
+async def test_a_timestamp_outside_the_window_is_a_bad_request_naming_it(
+    client: httpx.AsyncClient, publisher: RecordingPublisher, field: str, value: str
+) -> None:
+    body = {**MINIMAL_CALLS["track"], field: value}
+
+    response = await client.post("/v1/track", json=body, headers=basic("k1"))
+
+    assert response.status_code == 400
+    assert response.json()["field"] == field
+    assert publisher.events == []
+
+
+async def test_timestamps_at_the_edges_of_the_window_are_accepted(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    for value in ("2000-01-01T00:00:00Z", (NOW + timedelta(days=1)).isoformat()):
+        body = {**MINIMAL_CALLS["track"], "timestamp": value}
+        response = await client.post("/v1/track", json=body, headers=basic("k1"))
+        assert response.status_code == 200, response.text
+
+    assert len(publisher.events) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (rb'{"userId":"u","event":"Viewed \ud800"}', "event"),
+        (rb'{"userId":"u","event":"E","properties":{"sku":"\udfff"}}', "properties.sku"),
+        (rb'{"userId":"\ud83d","event":"E"}', "userId"),
+    ],
+)
+async def test_a_lone_surrogate_is_a_bad_request_naming_the_field(
+    client: httpx.AsyncClient, body: bytes, field: str
+) -> None:
+    response = await client.post("/v1/track", content=body, headers=basic("k1"))
+
+    assert response.status_code == 400
+    assert response.json()["field"] == field
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Basic \xc3\xa9\xc3\xa9",
+        b"Basic \xff\xfe",
+        "Basic " + base64.b64encode("é:".encode()).decode(),
+    ],
+)
+async def test_a_write_key_that_is_not_ascii_is_unauthorized(
+    client: httpx.AsyncClient, header: bytes | str
+) -> None:
+    raw = header if isinstance(header, bytes) else header.encode()
+
+    response = await client.post(
+        "/v1/track",
+        content=json.dumps(MINIMAL_CALLS["track"]).encode(),
+        headers=[(b"authorization", raw)],
+    )
+
+    assert response.status_code == 401
+
+
+async def test_more_traits_than_a_profile_holds_is_a_bad_request(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    traits = {f"t{n}": n for n in range(257)}
+
+    response = await client.post(
+        "/v1/identify", json={"userId": "u", "traits": traits}, headers=basic("k1")
+    )
+
+    assert response.status_code == 400
+    assert response.json()["field"] == "traits"
+    assert publisher.events == []
+
+
+async def test_a_trait_over_its_size_limit_is_a_bad_request_naming_it(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    traits = {"plan": "pro", "bio": "x" * 1100}
+
+    response = await client.post(
+        "/v1/identify", json={"userId": "u", "traits": traits}, headers=basic("k1")
+    )
+
+    assert response.status_code == 400
+    assert response.json()["field"] == "traits.bio"
+    assert publisher.events == []
+
+
+@pytest.mark.parametrize("route", ["/u/{}", "/o/{}.gif", "/c/{}"])
+@pytest.mark.parametrize(
+    "token",
+    [
+        base64.urlsafe_b64encode(b"[" * 3000).rstrip(b"=").decode() + ".abc",
+        "e30.abc",
+        "a" * 9000 + ".b",
+        "%C3%A9.abc",
+        "abc.%00",
+    ],
+    ids=["deep", "empty-claims", "long", "non-ascii", "nul"],
+)
+async def test_a_malformed_link_token_is_a_bad_request(
+    client: httpx.AsyncClient, route: str, token: str
+) -> None:
+    response = await client.get(route.format(token))
+
+    assert response.status_code == 400
+    assert response.json()["field"] == "token"
+
+
+async def test_a_form_body_over_the_limit_is_refused_as_it_streams(
+    client: httpx.AsyncClient,
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(100):
+            yield b"x" * 1024
+
+    response = await client.post("/v1/sms/status/abc.def", content=chunks())
+
+    assert response.status_code == 413

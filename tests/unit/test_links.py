@@ -123,6 +123,27 @@ def test_a_malformed_token_is_refused(token: str) -> None:
         SIGNER.read(token, "open", ISSUED)
 
 
+def test_the_signature_is_checked_before_the_payload_is_decoded() -> None:
+    # A payload that would take a JSON parser thousands of levels down, unsigned.
+    deep = base64.urlsafe_b64encode(b"[" * 5000).rstrip(b"=").decode()
+
+    with pytest.raises(InvalidLink, match="bad signature"):
+        SIGNER.read(f"{deep}.abc", "unsubscribe", ISSUED)
+
+
+def test_a_deeply_nested_payload_signed_by_us_is_malformed_not_a_crash() -> None:
+    deep = base64.urlsafe_b64encode(b"[" * 3000 + b"]" * 3000).rstrip(b"=").decode()
+    token = f"{deep}.{SIGNER._signature('open', deep)}"
+
+    with pytest.raises(InvalidLink, match="malformed"):
+        SIGNER.read(token, "open", ISSUED)
+
+
+def test_a_token_longer_than_any_we_sign_is_refused_unread() -> None:
+    with pytest.raises(InvalidLink, match="longer than"):
+        SIGNER.read("a" * 10_000 + ".abc", "open", ISSUED)
+
+
 @pytest.mark.parametrize("kind", ["open", "click"])
 def test_tracking_links_expire_400_days_after_issue(kind: LinkKind) -> None:
     token = SIGNER.token(claims(kind, link_id="x", url="https://a.example/"))

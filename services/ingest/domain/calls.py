@@ -5,15 +5,37 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError, to_json
 
 from shared.contracts import Event, EventType
+from shared.profiles import DEFAULT_LIMITS, ProfileLimits, oversized_traits
 from shared.system_events import is_system_event
 
 # Client clocks drift; a `sentAt` lets us correct `timestamp` the way Segment does, within reason.
 MAX_CLOCK_SKEW_CORRECTION = timedelta(days=1)
+# The window a client's timestamps must fall in: nothing Waypost tracks happened before 2000,
+# and a clock a day ahead is broken, not skewed (README, "Timestamps").
+EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_TIMESTAMP_AHEAD = timedelta(days=1)
+
+
+class CallContext:
+    """What validating a call needs besides the call: when it was received, and the profile
+    limits a single call may not pass (given as pydantic's validation `context`)."""
+
+    def __init__(self, received_at: datetime, limits: ProfileLimits = DEFAULT_LIMITS) -> None:
+        self.received_at = received_at
+        self.limits = limits
+        self.latest = received_at + MAX_TIMESTAMP_AHEAD
 
 
 class Call(BaseModel):
@@ -53,7 +75,10 @@ class Call(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _shape(self) -> Call:
+    def _shape(self, info: ValidationInfo) -> Call:
+        context = info.context
+        if isinstance(context, CallContext):
+            self._within(context)
         if not (self.user_id or self.anonymous_id):
             raise _missing("userId", "userId or anonymousId is required")
         if self.type == "track" and not self.event:
@@ -70,6 +95,38 @@ class Call(BaseModel):
         if self.type == "group" and not self.group_id:
             raise _missing("groupId", "groupId is required for group calls")
         return self
+
+    def _within(self, context: CallContext) -> None:
+        """The call's timestamps are in the window, and its traits within the profile limits."""
+        latest = context.latest
+        for value, wire in (
+            (self.timestamp, "timestamp"),
+            (self.sent_at, "sentAt"),
+            (self.original_timestamp, "originalTimestamp"),
+        ):
+            if value is not None and not EARLIEST_TIMESTAMP <= value <= latest:
+                raise PydanticCustomError(
+                    "timestamp_window",
+                    "{value} is outside the accepted window: from 2000-01-01T00:00:00Z "
+                    "to a day after the call is received",
+                    {"field": wire, "value": value.isoformat()},
+                )
+        limits = context.limits
+        if not self.traits:
+            return
+        if len(self.traits) > limits.max_traits:
+            raise PydanticCustomError(
+                "too_many_traits",
+                "{count} traits in one call; a profile holds at most {limit}",
+                {"field": "traits", "count": len(self.traits), "limit": limits.max_traits},
+            )
+        oversized = oversized_traits(self.traits, limits)
+        if oversized:
+            raise PydanticCustomError(
+                "trait_too_large",
+                "the trait is over {limit} bytes as JSON (name and value)",
+                {"field": f"traits.{oversized[0]}", "limit": limits.max_trait_bytes},
+            )
 
 
 def _missing(field: str, message: str) -> PydanticCustomError:

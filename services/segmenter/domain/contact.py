@@ -12,7 +12,7 @@ duplicates, ends in the same state (a property test holds this).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,7 +25,16 @@ from shared.conditions import Facts, facts_of
 from shared.contracts import ContactCommand, Event, Profile
 from shared.ids import stable_id
 from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
-from shared.profiles import announce, apply_command, apply_event, first_profile
+from shared.profiles import (
+    DEFAULT_LIMITS,
+    ProfileLimits,
+    announce,
+    apply_command,
+    apply_event,
+    capped_traits,
+    first_profile,
+    merged_counts,
+)
 
 # Message ids are remembered for at least this long (grouped by the hour they were seen).
 DEDUPE_WINDOW = timedelta(hours=24)
@@ -61,6 +70,8 @@ class Outcome:
     duplicate: bool = False
     # An anonymous key this event linked to the contact for the first time (to merge in).
     linked: str | None = None
+    # What the profile's limits left out of the change, one reason each (logged, counted).
+    dropped: tuple[str, ...] = ()
 
     @property
     def entered(self) -> frozenset[str]:
@@ -71,13 +82,19 @@ class Outcome:
         return _changed(self.events, SEGMENT_LEFT)
 
 
-def apply(row: ContactRow | None, event: Event, defs: Definitions, now: datetime) -> Outcome:
+def apply(
+    row: ContactRow | None,
+    event: Event,
+    defs: Definitions,
+    now: datetime,
+    limits: ProfileLimits = DEFAULT_LIMITS,
+) -> Outcome:
     """Fold a behavioural event: de-duplicate, profile (with consent), aggregates, memberships."""
     digest = _message_digest(event.message_id)
     if row is not None and _seen(row.seen, digest, now):
         return Outcome(row, duplicate=True)
     before = row.profile if row is not None else None
-    applied = apply_event(before, event, now)
+    applied = apply_event(before, event, now, limits)
     if not applied.accepted:
         # Also among the profile's most recent ids (kept beyond the day, up to a count).
         return Outcome(row, duplicate=True)
@@ -105,7 +122,7 @@ def apply(row: ContactRow | None, event: Event, defs: Definitions, now: datetime
         else:
             states[key] = folded
     base = row or ContactRow(profile=profile)
-    return _settle(
+    settled = _settle(
         base,
         (event, *applied.announcements),
         event.message_id,
@@ -116,18 +133,24 @@ def apply(row: ContactRow | None, event: Event, defs: Definitions, now: datetime
         seen=_remember(base.seen, digest, now),
         linked=linked,
     )
+    return _with_dropped(settled, applied.dropped)
 
 
 def command(
-    row: ContactRow | None, change: ContactCommand, defs: Definitions, now: datetime
+    row: ContactRow | None,
+    change: ContactCommand,
+    defs: Definitions,
+    now: datetime,
+    limits: ProfileLimits = DEFAULT_LIMITS,
 ) -> Outcome:
     """Apply a journey's tag / attribute / coupon change, then re-check memberships."""
     before = row.profile if row is not None else None
-    changed = apply_command(before, change, now)
+    changed = apply_command(before, change, now, limits)
     if row is not None and changed.profile == before:
-        return Outcome(row)
+        return Outcome(row, dropped=changed.dropped)
     base = row or ContactRow(profile=changed.profile)
-    return _settle(base, changed.events, change.command_id, defs, now, profile=changed.profile)
+    settled = _settle(base, changed.events, change.command_id, defs, now, profile=changed.profile)
+    return _with_dropped(settled, changed.dropped)
 
 
 def reevaluate(row: ContactRow, origin: str, defs: Definitions, now: datetime) -> Outcome:
@@ -142,27 +165,29 @@ def absorb(
     defs: Definitions,
     now: datetime,
     origin: str,
+    limits: ProfileLimits = DEFAULT_LIMITS,
 ) -> Outcome:
-    """Merge an anonymous contact's row into this (known) contact, once."""
+    """Merge an anonymous contact's row into this (known) contact, once; the known contact's
+    traits win, and the merged profile stays within `limits`."""
     other_key = other.profile.contact_key
     if row is not None and other_key in row.absorbed:
         return Outcome(row)
     mine = row or ContactRow(profile=first_profile(contact_key, other.profile.first_seen, now))
     theirs = other.profile
+    new_traits = {k: v for k, v in theirs.traits.items() if k not in mine.profile.traits}
+    traits, dropped_traits = capped_traits(mine.profile.traits, new_traits, limits)
+    counts, dropped_counts = merged_counts(mine.profile.event_counts, theirs.event_counts, limits)
     profile = mine.profile.model_copy(
         update={
             "anonymous_ids": _union(mine.profile.anonymous_ids, (other_key, *theirs.anonymous_ids)),
-            "traits": {**theirs.traits, **mine.profile.traits},
+            "traits": traits,
             "tags": _union(mine.profile.tags, theirs.tags),
             "consent": merged_consent(mine.profile.consent, theirs.consent),
             "coupons": (
                 *mine.profile.coupons,
                 *(c for c in theirs.coupons if c not in mine.profile.coupons),
             ),
-            "event_counts": {
-                name: mine.profile.event_counts.get(name, 0) + theirs.event_counts.get(name, 0)
-                for name in {*mine.profile.event_counts, *theirs.event_counts}
-            },
+            "event_counts": counts,
             "first_seen": min(mine.profile.first_seen, theirs.first_seen),
             "last_seen": max(mine.profile.last_seen, theirs.last_seen),
             "updated_at": now,
@@ -187,7 +212,7 @@ def absorb(
             "absorbed": (*mine.absorbed, other_key),
         }
     )
-    return _settle(updated, (), origin, defs, now)
+    return _with_dropped(_settle(updated, (), origin, defs, now), dropped_traits + dropped_counts)
 
 
 def memberships(
@@ -299,6 +324,10 @@ def _settle(
     # Every announcement carries the profile after the whole change.
     settled = row.model_copy(update=update)
     return Outcome(settled, (*announcements, *changes), retime=retime, linked=linked)
+
+
+def _with_dropped(outcome: Outcome, dropped: tuple[str, ...]) -> Outcome:
+    return replace(outcome, dropped=dropped) if dropped else outcome
 
 
 def _message_digest(message_id: str) -> str:

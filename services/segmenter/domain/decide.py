@@ -21,6 +21,7 @@ from services.segmenter.domain.relations import (
     is_fan_out_copy,
     relation_records,
 )
+from shared.bodies import MAX_JSON_DEPTH, too_deep
 from shared.contracts import (
     ContactCommand,
     ContactEvent,
@@ -30,7 +31,7 @@ from shared.contracts import (
     SegmentTimerRequest,
 )
 from shared.ids import stable_id
-from shared.profiles import CONTACT_FORGOTTEN, announce
+from shared.profiles import CONTACT_FORGOTTEN, DEFAULT_LIMITS, ProfileLimits, announce
 from shared.system_events import DELIVERY_REPORTS, forged
 
 
@@ -175,11 +176,19 @@ class Log:
     fields: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LimitReached:
+    """The profile's limits left something out of a change (logged with the reasons, counted)."""
+
+    origin: str
+    reasons: tuple[str, ...]
+
+
 Output = Announce | PublishProfile | RequestTimer | SendCommand | Forward | IndexObject | Report
 Write = (
     StoreRow | DeleteRow | StoreMembership | DeleteMembership | LinkAlias | DeleteAlias | Suppress
 )
-Command = Output | Write | UpdateMembers | Log
+Command = Output | Write | UpdateMembers | Log | LimitReached
 
 
 @dataclass(frozen=True)
@@ -191,18 +200,41 @@ class Decision:
 
 
 def decide(
-    view: ContactView, incoming: Event | ContactCommand, defs: Definitions, now: datetime
+    view: ContactView,
+    incoming: Event | ContactCommand,
+    defs: Definitions,
+    now: datetime,
+    limits: ProfileLimits = DEFAULT_LIMITS,
 ) -> Decision:
-    """Decide one event or contact command for the contact it is about.
+    """Decide one event or contact command for the contact it is about; the profile stays
+    within `limits` (what they leave out is reported with `LimitReached`).
 
-    Raises `ValueError` for a record refused by a rule (an event only Waypost may emit, a
-    command missing what its kind needs); the shell dead-letters it."""
+    Raises `ValueError` for a record refused by a rule (an event only Waypost may emit, one
+    nested deeper than ingest allows, a command missing what its kind needs); the shell
+    dead-letters it."""
     if isinstance(incoming, ContactCommand):
-        return Decision(tuple(_on_command(view, incoming, defs, now)))
-    return Decision(tuple(_on_event(view, incoming, defs, now)))
+        _refuse_deep({"value": incoming.value}, "command")
+        return Decision(tuple(_on_command(view, incoming, defs, now, limits)))
+    _refuse_deep(
+        {"properties": incoming.properties, "traits": incoming.traits, "context": incoming.context},
+        "event",
+    )
+    return Decision(tuple(_on_event(view, incoming, defs, now, limits)))
 
 
-def _on_event(view: ContactView, event: Event, defs: Definitions, now: datetime) -> list[Command]:
+def _refuse_deep(fields: dict[str, Any], what: str) -> None:
+    """Ingest refuses such nesting; one that reaches a topic by another route would make the
+    contact's row unreadable once stored (the JSON parser stops at 200 levels)."""
+    path = too_deep(fields, MAX_JSON_DEPTH)
+    if path is not None:
+        raise ValueError(
+            f"{what}: {path[0]} is nested deeper than {MAX_JSON_DEPTH} levels of objects and arrays"
+        )
+
+
+def _on_event(
+    view: ContactView, event: Event, defs: Definitions, now: datetime, limits: ProfileLimits
+) -> list[Command]:
     key = event.contact_key  # raises when the event has no contact key
     if forged(event):
         raise ValueError(
@@ -224,7 +256,7 @@ def _on_event(view: ContactView, event: Event, defs: Definitions, now: datetime)
     if copy and row is not None and row.profile.user_id is None:
         # A copy fanned out to an anonymous contact stays that contact's.
         event = event.model_copy(update={"user_id": None, "anonymous_id": key})
-    outcome = contact.apply(row, event, defs, now)
+    outcome = contact.apply(row, event, defs, now, limits)
     if outcome.duplicate:
         return [Log("debug", "segmenter.duplicate", {"message_id": event.message_id})]
     then: list[Command] = []
@@ -243,11 +275,17 @@ def _on_event(view: ContactView, event: Event, defs: Definitions, now: datetime)
             at=now,
         )
         then.append(SendCommand(merge))
+    if outcome.dropped:
+        then.append(LimitReached(event.message_id, outcome.dropped))
     return _changed(key, row, outcome, now, then)
 
 
 def _on_command(
-    view: ContactView, command: ContactCommand, defs: Definitions, now: datetime
+    view: ContactView,
+    command: ContactCommand,
+    defs: Definitions,
+    now: datetime,
+    limits: ProfileLimits,
 ) -> list[Command]:
     key = command.contact_key
     if command.kind == "forget":
@@ -261,16 +299,19 @@ def _on_command(
         if command.state is None or command.other_key is None:
             raise ValueError("absorb needs `state` and `other_key`")
         other = ContactRow.model_validate(command.state)
-        outcome = contact.absorb(row, key, other, defs, now, command.command_id)
+        outcome = contact.absorb(row, key, other, defs, now, command.command_id, limits)
     elif command.kind == "reevaluate":
         if row is None:
             return []
         outcome = contact.reevaluate(row, command.command_id, defs, now)
     else:
-        outcome = contact.command(row, command, defs, now)
+        outcome = contact.command(row, command, defs, now, limits)
+    then: list[Command] = []
+    if outcome.dropped:
+        then.append(LimitReached(command.command_id, outcome.dropped))
     if outcome.row is row:
-        return []
-    return _changed(key, row, outcome, now, [])
+        return then
+    return _changed(key, row, outcome, now, then)
 
 
 def _changed(
