@@ -323,7 +323,9 @@ def test_a_new_segment_is_backfilled_over_existing_contacts(stack: Any) -> None:
     for n, user in enumerate(people):
         for i in range(n):
             track(stack, {"userId": user, "event": name, "messageId": f"{user}-{i}"})
-        post(stack, "identify", {"userId": user, "traits": {"plan": "pro" if n % 2 else "free"}})
+        # Plan names of this test alone: other tests' contacts share the stack.
+        plan = f"{tag}-pro" if n % 2 else f"{tag}-free"
+        post(stack, "identify", {"userId": user, "traits": {"plan": plan}})
     wait_count(stack, f"{tag}-any", 5)
     # Two segments published after the contacts acted: the backfill evaluates every one of them.
     publish_segments(
@@ -334,7 +336,10 @@ def test_a_new_segment_is_backfilled_over_existing_contacts(stack: Any) -> None:
                 "id": f"{tag}-4",
                 "condition": {"field": f"aggregates.{visits}", "op": "gte", "value": 4},
             },
-            {"id": f"{tag}-pro", "condition": {"field": "traits.plan", "op": "eq", "value": "pro"}},
+            {
+                "id": f"{tag}-pro",
+                "condition": {"field": "traits.plan", "op": "eq", "value": f"{tag}-pro"},
+            },
         ],
     )
     wait_count(stack, f"{tag}-4", 2)
