@@ -79,20 +79,14 @@ class AsyncProducer:
             "message.timeout.ms": 30_000,
         }
         config.update(extra or {})
-        config["error_cb"] = _log_client_error
         self._producer = Producer(config)
         self._stopping = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"{client_id}-poll", daemon=True)
         self._poller.start()
 
     def _poll(self) -> None:
-        """Serve delivery reports until closed. A report handler that fails is logged and the
-        thread goes on: without it, every wait for an acknowledgement would hang for good."""
         while not self._stopping.is_set():
-            try:
-                self._producer.poll(0.05)
-            except Exception:
-                log.exception("kafka.producer_poll_failed")
+            self._producer.poll(0.05)
 
     def produce(
         self, topic: str, key: str | None, value: bytes | None, partition: int | None = None
@@ -289,15 +283,6 @@ class _Tally:
         with self._lock:
             self._expected = produced
             return self._reported == produced
-
-
-def _log_client_error(err: KafkaError) -> None:
-    """librdkafka's client-level errors (a broker down, a fatal idempotence error) as log lines
-    operators can read; a fatal one means the producer can send nothing more."""
-    if err.fatal():
-        log.error("kafka.client_fatal", error=str(err))
-    else:
-        log.warning("kafka.client_error", error=str(err))
 
 
 def _encoded(key: str | None) -> bytes | None:
@@ -677,9 +662,6 @@ class CompactedTopicView:
                     else:
                         self._values[key] = value
                 if self._on_change is not None:
-                    try:
-                        self._on_change(key, value)
-                    except Exception:  # one bad record must not end the view for good
-                        log.exception("kafka.view_change_failed", topic=self._topic, key=key)
+                    self._on_change(key, value)
         finally:
             consumer.close()
