@@ -25,6 +25,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from shared.membership import Membership
 from shared.offsets import OffsetTracker
 from shared.settings import CommonSettings
 from shared.topics import ALL_TOPICS, Topic
@@ -61,6 +62,8 @@ _REFUSED_RECORD = frozenset(
 )
 
 
+# How long closing a consumer may take before its owner goes on without it.
+CLOSE_SECONDS = 30.0
 # How long `send_all` waits for room in a full local queue before it calls the producer busy.
 QUEUE_FULL_WAIT_SECONDS = 30.0
 
@@ -437,24 +440,43 @@ class ConsumerLoop:
     """
 
     def __init__(self, bootstrap: str, *, group_id: str, topics: list[str], client_id: str):
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group_id,
-                "client.id": client_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                # A killed worker's partitions move on after 10 s rather than Kafka's 45 s.
-                "session.timeout.ms": 10_000,
-                "heartbeat.interval.ms": 2_000,
-                "on_commit": self._committed,
-            }
-        )
-        self._consumer.subscribe(topics)
+        self._config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "client.id": client_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            # A killed worker's partitions move on after 10 s rather than Kafka's 45 s.
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 2_000,
+            "on_commit": self._committed,
+        }
+        self._topics = topics
+        self._consumer = self._subscribe()
         self._closed = False
+        self.paused = False
         self._failed: set[tuple[str, int]] = set()
         self._failed_lock = threading.Lock()
+
+    def _subscribe(self) -> Consumer:
+        self._membership = Membership(str(self._config["group.id"]))
+        consumer = Consumer({**self._config, **self._membership.config()})
+        consumer.subscribe(self._topics)
+        return consumer
+
+    async def _check_membership(self) -> None:
+        """Join afresh when the group's coordinator no longer counts this member
+        (`shared.membership`). Records handed out and not yet committed are read again by
+        whoever gets their partitions: at least once, as after any rebalance."""
+        if not self._membership.lost():
+            return
+        old, self._consumer = self._consumer, self._subscribe()
+        self.paused = False
+        try:
+            await asyncio.wait_for(asyncio.to_thread(old.close), CLOSE_SECONDS)
+        except (KafkaException, RuntimeError, TimeoutError) as exc:
+            log.warning("kafka.close_failed", error=str(exc) or type(exc).__name__)
 
     def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """Called from a poll with a commit's result."""
@@ -496,6 +518,7 @@ class ConsumerLoop:
                     )
                 )
             yield out
+            await self._check_membership()
 
     def commit(self, records: list[Record]) -> None:
         """Commit past the given records (the highest offset per partition)."""
@@ -523,9 +546,11 @@ class ConsumerLoop:
     def pause(self) -> None:
         """Stop fetching (the group membership stays alive while `records()` keeps polling)."""
         self._consumer.pause(self._consumer.assignment())
+        self.paused = True
 
     def resume(self) -> None:
         self._consumer.resume(self._consumer.assignment())
+        self.paused = False
 
     def close(self) -> None:
         self._closed = True
@@ -546,7 +571,6 @@ async def run_pipelined(
     """
     tracker = OffsetTracker()
     running: set[asyncio.Task[None]] = set()
-    paused = False
 
     def finished(record: Record) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
@@ -569,12 +593,10 @@ async def run_pipelined(
             offsets = tracker.committable()
             if offsets and consumer.commit_offsets(offsets):
                 tracker.mark_committed(offsets)
-            if len(running) >= limit and not paused:
+            if len(running) >= limit and not consumer.paused:
                 consumer.pause()
-                paused = True
-            elif len(running) < limit and paused:
+            elif len(running) < limit and consumer.paused:
                 consumer.resume()
-                paused = False
             if stop.is_set():
                 break
         if running:  # a graceful stop lets started work finish, then commits behind it

@@ -47,6 +47,7 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 from shared.clock import Clock
 from shared.deadletter import through_outages
 from shared.kafka import AsyncProducer, Record, TransactionAborted
+from shared.membership import Membership
 from shared.restore import (
     CURRENT_KEY,
     META_KEYS,
@@ -65,6 +66,8 @@ _PARTITION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 )
 # How long a restore that could not finish (the broker gone) waits before it tries again.
 RESTORE_RETRY_SECONDS = 2.0
+# How long closing a consumer may take before the worker goes on without it.
+CLOSE_SECONDS = 30.0
 # A partition's database last current longer ago than this is rebuilt from its changelog rather
 # than read on: compaction drops tombstones a day (`delete.retention.ms`) after they were
 # written, so reading on from an older offset could miss deletions.
@@ -405,6 +408,34 @@ class StreamWorker:
     # --- running ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        if self.transactional:
+            await self.producer.init_transactions()
+        consumer = self._subscribe()
+        jobs = [asyncio.create_task(self._every(seconds, job)) for seconds, job in self._jobs]
+        try:
+            while not stop.is_set():
+                messages = await asyncio.to_thread(
+                    consumer.consume, self.batch_max_records, self.batch_max_seconds
+                )
+                if self._changes:
+                    await self._settle(consumer)
+                records = self._records(messages)
+                if records:
+                    await self._handle(consumer, records)
+                if self._membership.lost():
+                    consumer = await self._rejoin(consumer)
+        finally:
+            for job in jobs:
+                job.cancel()
+            self._ready = False
+            await self._close(consumer)
+            for table in self.tables.values():
+                for partition in table.partitions:
+                    table.close(partition)
+
+    def _subscribe(self) -> Consumer:
+        """A new member of the worker's group, subscribed to its input topics."""
+        self._membership = Membership(self.app_id)
         consumer = Consumer(
             {
                 "bootstrap.servers": self.settings.kafka_bootstrap,
@@ -419,39 +450,36 @@ class StreamWorker:
                 "heartbeat.interval.ms": 2_000,
                 # A restore of a large table happens between two polls.
                 "max.poll.interval.ms": 900_000,
+                **self._membership.config(),
             }
         )
         self._consumer = consumer
-        if self.transactional:
-            await self.producer.init_transactions()
         consumer.subscribe(
             sorted(self._processors),
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        jobs = [asyncio.create_task(self._every(seconds, job)) for seconds, job in self._jobs]
+        return consumer
+
+    async def _rejoin(self, consumer: Consumer) -> Consumer:
+        """Leave the group with the consumer its coordinator forgot, and join with a new one
+        (`shared.membership`): what the old one held is revoked first, like any rebalance."""
+        await self._close(consumer)
+        # Whatever its closing did not revoke (it may have given up) is revoked here.
+        self._changes.append(("revoke", sorted(self._assigned)))
+        fresh = self._subscribe()
+        if self._changes:
+            await self._settle(fresh)
+        return fresh
+
+    async def _close(self, consumer: Consumer) -> None:
+        """Close a consumer (it leaves the group: its partitions move at once), within a
+        deadline: a consumer stuck outside its group must not hold the worker."""
         try:
-            while not stop.is_set():
-                messages = await asyncio.to_thread(
-                    consumer.consume, self.batch_max_records, self.batch_max_seconds
-                )
-                if self._changes:
-                    await self._settle(consumer)
-                records = self._records(messages)
-                if records:
-                    await self._handle(consumer, records)
-        finally:
-            for job in jobs:
-                job.cancel()
-            self._ready = False
-            try:
-                consumer.close()  # leaves the group: the partitions move at once
-            except (KafkaException, RuntimeError) as exc:
-                log.warning("stream.close_failed", error=str(exc))
-            for table in self.tables.values():
-                for partition in table.partitions:
-                    table.close(partition)
+            await asyncio.wait_for(asyncio.to_thread(consumer.close), CLOSE_SECONDS)
+        except (KafkaException, RuntimeError, TimeoutError) as exc:
+            log.warning("stream.close_failed", error=str(exc) or type(exc).__name__)
 
     def _records(self, messages: list[Message]) -> list[Record]:
         records = []
