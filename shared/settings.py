@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.profiles import ProfileLimits
+from shared.secrets import Secret
 
 _LIMITS = ProfileLimits()
 
@@ -20,6 +21,10 @@ class CommonSettings(BaseSettings):
     """Kafka, document store and logging: what every service needs."""
 
     model_config = SettingsConfigDict(env_prefix="WAYPOST_", extra="ignore")
+
+    # "dev" (the local stack, the demo, the tests) lets a service start with weak or published
+    # secrets, which it only logs; anything else refuses them (`shared.secrets`).
+    env: Literal["production", "dev"] = "production"
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     topic_partitions: int = Field(default=6, ge=1)
@@ -41,6 +46,10 @@ class CommonSettings(BaseSettings):
     profile_max_traits: int = Field(default=_LIMITS.max_traits, ge=1)
     profile_max_trait_bytes: int = Field(default=_LIMITS.max_trait_bytes, ge=16)
     profile_max_event_names: int = Field(default=_LIMITS.max_event_names, ge=1)
+
+    def secrets(self) -> list[Secret]:
+        """The secrets this service uses (checked at its start); none for the stream workers."""
+        return []
 
     def profile_limits(self) -> ProfileLimits:
         return ProfileLimits(

@@ -30,6 +30,10 @@ from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / ".local"
+# The provider sandbox's published credentials (sandbox_providers.py), which the local stack's
+# services use; outside WAYPOST_ENV=dev a service refuses them.
+SANDBOX_SMS_AUTH_TOKEN = "waypost-sandbox-sms-token"  # noqa: S105
+SANDBOX_WECHAT_APP_SECRET = "waypost-sandbox-wechat-secret"  # noqa: S105
 KAFKA_LIBS = LOCAL / "kafka" / "libs"
 FERRETDB_BIN = LOCAL / "bin" / "waypost-ferretdb"
 PYTHON = sys.executable
@@ -230,7 +234,12 @@ class Stack:
             "WAYPOST_FCM_BASE_URL": self.outbox_url,
             "WAYPOST_WECHAT_BASE_URL": self.outbox_url,
             "WAYPOST_FCM_SERVICE_ACCOUNT_FILE": str(self.fcm_service_account),
+            "WAYPOST_SMS_AUTH_TOKEN": SANDBOX_SMS_AUTH_TOKEN,
+            "WAYPOST_WECHAT_APP_SECRET": SANDBOX_WECHAT_APP_SECRET,
             "WAYPOST_METRICS_PORT": str(self.ports.dispatcher_metrics),
+            # A local stack runs on the published dev keys and sandbox credentials, which a
+            # service refuses anywhere else (shared/secrets.py).
+            "WAYPOST_ENV": os.environ.get("WAYPOST_ENV", "dev"),
             "PYTHONPATH": str(ROOT),
         }
         env.update(self.extra_env)

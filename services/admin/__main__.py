@@ -27,6 +27,7 @@ from shared.definitions import PublishedJourneys
 from shared.docstore import connect, database
 from shared.kafka import AsyncProducer, ConsumerLoop, prepare_topics, topic_record_count
 from shared.logs import configure_logging
+from shared.secrets import enforce
 from shared.topics import EVENTS, JOURNEY_LOG
 
 
@@ -83,6 +84,7 @@ async def serve(settings: AdminSettings) -> None:
 def main() -> None:
     settings = AdminSettings()
     configure_logging("admin", settings.log_level, settings.log_format)
+    enforce(settings.env, settings.secrets())
     prepare_topics(settings)
     asyncio.run(serve(settings))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from shared.secrets import Secret
 from shared.settings import CommonSettings
 
 # The admin key of the local stack and the demo; never configure it in production.
@@ -18,6 +19,10 @@ class AdminSettings(CommonSettings):
     group_id: str = "waypost-admin"
     # A request body's cap, as sent and decompressed: a journey draft with its templates fits.
     admin_max_body_bytes: int = Field(default=2 * 1024 * 1024, gt=0)
+
+    def secrets(self) -> list[Secret]:
+        keys = sorted(self.api_keys()) or [""]
+        return [Secret("WAYPOST_ADMIN_API_KEYS", key) for key in keys]
 
     def api_keys(self) -> set[str]:
         return {k.strip() for k in self.admin_api_keys.split(",") if k.strip()}

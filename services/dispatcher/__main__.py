@@ -30,6 +30,7 @@ from shared.docstore import connect, database
 from shared.kafka import AsyncProducer, ConsumerLoop, prepare_topics, run_pipelined
 from shared.links import LinkSigner
 from shared.logs import configure_logging
+from shared.secrets import enforce
 from shared.topics import DELIVERY_REPORTS, SEND_REQUESTS, SEND_RETRIES
 
 log = structlog.get_logger(__name__)
@@ -110,6 +111,7 @@ async def serve(settings: DispatcherSettings) -> None:
 def main() -> None:
     settings = DispatcherSettings()
     configure_logging("dispatcher", settings.log_level, settings.log_format)
+    enforce(settings.env, settings.secrets())
     # One line per provider request drowns the outcomes; failures are logged as outcomes.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     prepare_topics(settings)

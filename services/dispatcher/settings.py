@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from shared.secrets import Secret, provider_credential
 from shared.settings import CommonSettings
 
 
@@ -69,7 +70,7 @@ class DispatcherSettings(CommonSettings):
     # SMS through a Twilio-style REST API
     sms_base_url: str = "http://127.0.0.1:8025"
     sms_account_sid: str = "ACwaypostsandbox"
-    sms_auth_token: SecretStr = SecretStr("waypost-sandbox-sms-token")
+    sms_auth_token: SecretStr = SecretStr("")
     sms_from: str = "+15005550006"
     sms_messaging_service_sid: str | None = None
     # An SMS without an answer is looked up in the provider's listing of its number; only a try
@@ -84,7 +85,20 @@ class DispatcherSettings(CommonSettings):
     # WeChat Official Account
     wechat_base_url: str = "http://127.0.0.1:8025"
     wechat_app_id: str = "wxwaypostsandbox"
-    wechat_app_secret: SecretStr = SecretStr("waypost-sandbox-wechat-secret")
+    wechat_app_secret: SecretStr = SecretStr("")
+
+    def secrets(self) -> list[Secret]:
+        used = [
+            Secret("WAYPOST_LINK_SECRET", self.link_secret.get_secret_value()),
+            provider_credential("WAYPOST_SMS_AUTH_TOKEN", self.sms_auth_token.get_secret_value()),
+            provider_credential(
+                "WAYPOST_WECHAT_APP_SECRET", self.wechat_app_secret.get_secret_value()
+            ),
+        ]
+        if self.smtp_username:
+            password = self.smtp_password.get_secret_value() if self.smtp_password else None
+            used.append(provider_credential("WAYPOST_SMTP_PASSWORD", password))
+        return used
 
     @field_validator("fcm_service_account_file", "smtp_connections", mode="before")
     @classmethod

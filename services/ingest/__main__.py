@@ -21,6 +21,7 @@ from services.ingest.settings import IngestSettings
 from shared.clock import SystemClock
 from shared.kafka import prepare_topics
 from shared.logs import configure_logging
+from shared.secrets import enforce
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +49,7 @@ def worker_app() -> ASGIApp:
 def main() -> None:
     settings = IngestSettings()
     configure_logging("ingest", settings.log_level, settings.log_format)
+    enforce(settings.env, settings.secrets())
     prepare_topics(settings)
     workers = settings.worker_count()
     log.info("ingest.starting", port=settings.ingest_port, workers=workers)

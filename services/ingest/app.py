@@ -226,6 +226,12 @@ def create_app(
         if request.url.query:
             seen_url += f"?{request.url.query}"
         signature = request.headers.get("x-twilio-signature", "")
+        if not sms_auth_token:  # SMS is off: nothing can vouch for a callback
+            raise Rejected(
+                403,
+                "SMS status callbacks are off (WAYPOST_SMS_AUTH_TOKEN is not set)",
+                field="X-Twilio-Signature",
+            )
         if not twilio_signature_valid(seen_url, params, sms_auth_token, signature):
             raise Rejected(
                 403,

@@ -6,6 +6,7 @@ import os
 
 from pydantic import Field, SecretStr
 
+from shared.secrets import Secret, provider_credential
 from shared.settings import CommonSettings
 from shared.system_events import is_waypost_source
 
@@ -27,8 +28,16 @@ class IngestSettings(CommonSettings):
     # How long the producer waits to fill a batch: latency against broker work per event.
     ingest_linger_ms: float = Field(default=2.0, ge=0)
     # The SMS provider's auth token, which signs its status callbacks (X-Twilio-Signature);
-    # the default matches the local provider sandbox.
-    sms_auth_token: SecretStr = SecretStr("waypost-sandbox-sms-token")
+    # empty (the default): SMS is off and every status callback is refused.
+    sms_auth_token: SecretStr = SecretStr("")
+
+    def secrets(self) -> list[Secret]:
+        keys = sorted(self.write_keys()) or [""]
+        return [
+            Secret("WAYPOST_LINK_SECRET", self.link_secret.get_secret_value()),
+            *(Secret("WAYPOST_INGEST_WRITE_KEYS", key) for key in keys),
+            provider_credential("WAYPOST_SMS_AUTH_TOKEN", self.sms_auth_token.get_secret_value()),
+        ]
 
     def worker_count(self) -> int:
         """`ingest_workers`, or the number of cores available when it is 0."""

@@ -10,12 +10,14 @@ from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
 from shared.kafka import AsyncProducer, prepare_topics
 from shared.logs import configure_logging
+from shared.secrets import enforce
 from shared.streams import StreamWorker, run_stream_worker
 
 
 def main() -> None:
     settings = OrchestratorSettings()
     configure_logging("orchestrator", settings.log_level, settings.log_format)
+    enforce(settings.env, settings.secrets())
     clock = SystemClock()
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="orchestrator")
     catalog = DefinitionsCatalog(settings.kafka_bootstrap)

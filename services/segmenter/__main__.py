@@ -20,6 +20,7 @@ from shared.deadletter import DeadLetters
 from shared.docstore import connect, database
 from shared.kafka import AsyncProducer, prepare_topics
 from shared.logs import configure_logging
+from shared.secrets import enforce
 from shared.streams import StreamWorker, run_stream_worker
 
 log = structlog.get_logger(__name__)
@@ -30,6 +31,7 @@ PROFILE_VIEW_RESTART_SECONDS = 5.0
 def main() -> None:
     settings = SegmenterSettings()
     configure_logging("segmenter", settings.log_level, settings.log_format)
+    enforce(settings.env, settings.secrets())
     clock = SystemClock()
     producer = AsyncProducer(settings.kafka_bootstrap, client_id="segmenter")
     definitions = LiveDefinitions(settings.kafka_bootstrap)

@@ -420,6 +420,26 @@ async def test_a_callback_with_a_wrong_signature_is_forbidden(
     assert publisher.events == []
 
 
+async def test_with_sms_off_every_callback_is_forbidden_even_one_signed_with_no_key(
+    publisher: RecordingPublisher,
+) -> None:
+    """Without an auth token nothing can vouch for a callback: one signed with the empty key
+    (which anyone can compute) is refused like any other."""
+    off = SETTINGS.model_copy(update={"sms_auth_token": SecretStr("")})
+    app = create_app(off, publisher, ManualClock(NOW))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC) as c:
+        params = callback("delivered")
+        signature = twilio_signature(SMS_URL, params, "")
+        response = await c.post(
+            path_of(SMS_URL), data=params, headers={"X-Twilio-Signature": signature}
+        )
+
+    assert response.status_code == 403
+    assert response.json()["field"] == "X-Twilio-Signature"
+    assert "WAYPOST_SMS_AUTH_TOKEN" in response.json()["error"]
+    assert publisher.events == []
+
+
 async def test_a_callback_without_a_signature_is_forbidden(
     client: httpx.AsyncClient, publisher: RecordingPublisher
 ) -> None:
