@@ -39,13 +39,15 @@ def connect(
 ) -> AsyncMongoClient[dict[str, Any]]:
     """`max_connections` bounds the operations in flight; the rest wait their turn in order."""
     return AsyncMongoClient(
-        settings.mongo_url, maxPoolSize=max_connections, **client_options(settings, app_name)
+        settings.mongo_url.get_secret_value(),
+        maxPoolSize=max_connections,
+        **client_options(settings, app_name),
     )
 
 
 def connect_blocking(settings: CommonSettings, app_name: str) -> MongoClient[dict[str, Any]]:
     """A blocking client with the same deadline, for scripts and benchmarks."""
-    return MongoClient(settings.mongo_url, **client_options(settings, app_name))
+    return MongoClient(settings.mongo_url.get_secret_value(), **client_options(settings, app_name))
 
 
 def connect_or_exit(settings: CommonSettings, app_name: str) -> MongoClient[dict[str, Any]]:
@@ -59,7 +61,7 @@ def connect_or_exit(settings: CommonSettings, app_name: str) -> MongoClient[dict
         # pymongo's message goes on with the timeouts and the whole topology: keep its cause
         reason = str(exc).split(" (configured timeouts")[0].split(", Timeout:")[0]
         raise SystemExit(
-            f"waypost: the document store at {settings.mongo_url} did not answer within "
+            f"waypost: the document store at {settings.redacted_mongo_url()} did not answer within "
             f"{settings.mongo_timeout_seconds:g}s ({reason or type(exc).__name__})"
         ) from exc
     return client

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,7 +30,8 @@ class CommonSettings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     topic_partitions: int = Field(default=6, ge=1)
     topic_replication: int = Field(default=1, ge=1)
-    mongo_url: str = "mongodb://127.0.0.1:27017"
+    # May carry the store's credentials: kept out of logs and reprs (`redacted_mongo_url`).
+    mongo_url: SecretStr = SecretStr("mongodb://127.0.0.1:27017")
     mongo_db: str = "waypost"
     # The deadline of every document-store call: past it the call fails instead of hanging.
     mongo_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -46,6 +48,12 @@ class CommonSettings(BaseSettings):
     profile_max_traits: int = Field(default=_LIMITS.max_traits, ge=1)
     profile_max_trait_bytes: int = Field(default=_LIMITS.max_trait_bytes, ge=16)
     profile_max_event_names: int = Field(default=_LIMITS.max_event_names, ge=1)
+
+    def redacted_mongo_url(self) -> str:
+        """The document store's URL without its user information, for messages."""
+        parts = urlsplit(self.mongo_url.get_secret_value())
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
     def secrets(self) -> list[Secret]:
         """The secrets this service uses (checked at its start); none for the stream workers."""

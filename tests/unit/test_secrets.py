@@ -116,3 +116,12 @@ def test_a_service_started_on_published_defaults_exits_before_it_serves(service:
     assert done.returncode == 2, done.stderr[-2000:]
     assert '"event": "secrets.refused"' in done.stdout + done.stderr
     assert "refusing to start" in done.stdout + done.stderr
+
+
+def test_the_document_store_url_keeps_its_credentials_out_of_messages() -> None:
+    from shared.settings import CommonSettings
+
+    settings = CommonSettings(mongo_url="mongodb://waypost:hunter2@mongo.internal:27017/?tls=true")
+    assert "hunter2" not in repr(settings)
+    assert settings.redacted_mongo_url() == "mongodb://mongo.internal:27017/"
+    assert settings.mongo_url.get_secret_value().endswith("?tls=true")
