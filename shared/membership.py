@@ -71,17 +71,24 @@ class MembershipWatch:
 
     stuck_seconds: float = STUCK_SECONDS
     unsettled_for: float = field(default=0.0, init=False)
+    # When the last report came, if it too found the member unsettled with a broker up.
     last: float | None = field(default=None, init=False)
 
     def observe(self, now: float, group: GroupState | None) -> bool:
         """Whether the member has been unsettled, with a broker up, for `stuck_seconds` (then
-        the count starts again)."""
-        previous, self.last = self.last, now
+        the count starts again). Only the time between two such reports counts: not an outage,
+        and not a gap between reports (the worker busy restoring tables between two polls)
+        that began while it was settled."""
+        previous = self.last
         if group is None or group.settled:
-            self.unsettled_for = 0.0
+            self.unsettled_for, self.last = 0.0, None
             return False
-        if not group.broker_up or previous is None:
-            return False  # an outage: waited out, and not counted
+        if not group.broker_up:
+            self.last = None  # an outage: waited out, and not counted
+            return False
+        self.last = now
+        if previous is None:
+            return False
         self.unsettled_for += now - previous
         if self.unsettled_for < self.stuck_seconds:
             return False

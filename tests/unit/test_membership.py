@@ -33,17 +33,25 @@ def test_an_unsettled_coordinator_counts_like_an_unsettled_join() -> None:
 
 def test_settling_starts_the_count_again() -> None:
     watch = MembershipWatch(stuck_seconds=20)
-    reports = [(0, JOINING), (15, JOINING), (16, STEADY), (30, JOINING)]
-    assert feed(watch, reports) == [False] * 4  # 15 s, then settled, then 14 s
-    assert watch.observe(36, JOINING) is True  # 20 s since it last settled
+    reports = [(0, JOINING), (15, JOINING), (16, STEADY), (30, JOINING), (45, JOINING)]
+    assert feed(watch, reports) == [False] * 5  # 15 s, then settled, then 15 s
+    assert watch.observe(50, JOINING) is True  # 20 s unsettled since it last settled
+
+
+def test_a_gap_between_reports_that_began_settled_does_not_count() -> None:
+    """A worker restoring tables does not poll, so no report comes: a rebalance found after
+    the restore counts from then, not from the last report before it."""
+    watch = MembershipWatch(stuck_seconds=20)
+    assert feed(watch, [(0, STEADY), (300, JOINING), (315, JOINING)]) == [False] * 3
+    assert watch.observe(320, JOINING) is True
 
 
 def test_time_without_a_broker_does_not_count() -> None:
     watch = MembershipWatch(stuck_seconds=20)
     reports = [(0, JOINING), (10, JOINING), (20, OUTAGE), (500, OUTAGE), (505, JOINING)]
-    # 10 s before the outage, none during it, 5 s after it.
+    # 10 s before the outage, none during it, and the count goes on after it.
     assert feed(watch, reports) == [False] * 5
-    assert watch.observe(510, JOINING) is True  # 20 s unsettled with a broker up
+    assert watch.observe(515, JOINING) is True  # 20 s unsettled with a broker up
 
 
 def test_a_member_holding_nothing_but_steady_is_well() -> None:
