@@ -466,17 +466,14 @@ class ConsumerLoop:
         return consumer
 
     async def _check_membership(self) -> None:
-        """Join afresh when the group's coordinator no longer counts this member
+        """Join afresh with a new consumer when this one has been stuck outside its group
         (`shared.membership`). Records handed out and not yet committed are read again by
         whoever gets their partitions: at least once, as after any rebalance."""
         if not self._membership.lost():
             return
-        old, self._consumer = self._consumer, self._subscribe()
+        await close_within(self._consumer)
+        self._consumer = self._subscribe()
         self.paused = False
-        try:
-            await asyncio.wait_for(asyncio.to_thread(old.close), CLOSE_SECONDS)
-        except (KafkaException, RuntimeError, TimeoutError) as exc:
-            log.warning("kafka.close_failed", error=str(exc) or type(exc).__name__)
 
     def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """Called from a poll with a commit's result."""
@@ -555,6 +552,15 @@ class ConsumerLoop:
     def close(self) -> None:
         self._closed = True
         self._consumer.close()
+
+
+async def close_within(consumer: Consumer, seconds: float = CLOSE_SECONDS) -> None:
+    """Close a consumer (it leaves its group: its partitions move at once) within a deadline: a
+    consumer stuck outside its group must not hold its owner."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(consumer.close), seconds)
+    except (KafkaException, RuntimeError, TimeoutError) as exc:
+        log.warning("kafka.close_failed", error=str(exc) or type(exc).__name__)
 
 
 async def run_pipelined(

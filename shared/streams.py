@@ -46,7 +46,7 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 
 from shared.clock import Clock
 from shared.deadletter import through_outages
-from shared.kafka import AsyncProducer, Record, TransactionAborted
+from shared.kafka import AsyncProducer, Record, TransactionAborted, close_within
 from shared.membership import Membership
 from shared.restore import (
     CURRENT_KEY,
@@ -66,8 +66,6 @@ _PARTITION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 )
 # How long a restore that could not finish (the broker gone) waits before it tries again.
 RESTORE_RETRY_SECONDS = 2.0
-# How long closing a consumer may take before the worker goes on without it.
-CLOSE_SECONDS = 30.0
 # A partition's database last current longer ago than this is rebuilt from its changelog rather
 # than read on: compaction drops tombstones a day (`delete.retention.ms`) after they were
 # written, so reading on from an older offset could miss deletions.
@@ -428,7 +426,7 @@ class StreamWorker:
             for job in jobs:
                 job.cancel()
             self._ready = False
-            await self._close(consumer)
+            await close_within(consumer)
             for table in self.tables.values():
                 for partition in table.partitions:
                     table.close(partition)
@@ -463,23 +461,15 @@ class StreamWorker:
         return consumer
 
     async def _rejoin(self, consumer: Consumer) -> Consumer:
-        """Leave the group with the consumer its coordinator forgot, and join with a new one
+        """Leave the group with the consumer stuck outside it, and join with a new one
         (`shared.membership`): what the old one held is revoked first, like any rebalance."""
-        await self._close(consumer)
+        await close_within(consumer)
         # Whatever its closing did not revoke (it may have given up) is revoked here.
         self._changes.append(("revoke", sorted(self._assigned)))
         fresh = self._subscribe()
         if self._changes:
             await self._settle(fresh)
         return fresh
-
-    async def _close(self, consumer: Consumer) -> None:
-        """Close a consumer (it leaves the group: its partitions move at once), within a
-        deadline: a consumer stuck outside its group must not hold the worker."""
-        try:
-            await asyncio.wait_for(asyncio.to_thread(consumer.close), CLOSE_SECONDS)
-        except (KafkaException, RuntimeError, TimeoutError) as exc:
-            log.warning("stream.close_failed", error=str(exc) or type(exc).__name__)
 
     def _records(self, messages: list[Message]) -> list[Record]:
         records = []
