@@ -81,3 +81,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return 2 if item.get_closest_marker("chaos") is not None else 1
 
     items.sort(key=rank)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that ran on the stack reports where the stack stood: processes, consumer
+    groups and each service's last warnings (tests/e2e/diagnose.py). The process and group lines
+    also go into the failure's one-line summary, which survives any truncation of the output."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    running = getattr(item, "funcargs", {}).get("stack")
+    if report.when != "call" or not report.failed or running is None:
+        return
+    from tests.e2e.diagnose import stack_report, summary
+
+    try:
+        text = stack_report(running)
+    except Exception as exc:  # noqa: BLE001 (the diagnosis must never hide the failure)
+        text = f"no stack report: {exc!r}"
+    report.sections.append(("stack when the test failed", text))
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if crash is not None:
+        crash.message = f"{crash.message} [stack: {summary(text)}]"
