@@ -25,7 +25,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from shared.membership import Membership
+from shared.membership import PROGRESS_CHECK_SECONDS, STALL_SECONDS, Membership, Progress
 from shared.offsets import OffsetTracker
 from shared.settings import CommonSettings
 from shared.topics import ALL_TOPICS, Topic
@@ -62,10 +62,69 @@ _REFUSED_RECORD = frozenset(
 )
 
 
+# How long a view waits before it reads again after its consumer failed.
+VIEW_RETRY_SECONDS = 1.0
 # How long closing a consumer may take before its owner goes on without it.
 CLOSE_SECONDS = 30.0
 # How long `send_all` waits for room in a full local queue before it calls the producer busy.
 QUEUE_FULL_WAIT_SECONDS = 30.0
+
+
+class RenewableProducer:
+    """A librdkafka producer, replaced by a new one after a fatal error.
+
+    librdkafka reports some failures of an idempotent producer as fatal (its sequence numbers
+    can no longer be reconciled with the broker's, say after the broker restarted): that
+    instance never sends again. Its replacement starts a new producer id; what the old one
+    still held is purged, which fails it back to its senders, whose outage retries send it
+    again (consumers de-duplicate). A transactional producer is not replaced: its owner must
+    register a new one and fence the old (`init_transactions`), so its fatal error is raised.
+    """
+
+    def __init__(self, config: Mapping[str, Any], name: str) -> None:
+        self._config = {**config, "error_cb": self._on_error}
+        self._name = name
+        self._failed = threading.Event()
+        self._retired: list[Producer] = []
+        self.current = Producer(self._config)
+
+    @property
+    def transactional(self) -> bool:
+        return "transactional.id" in self._config
+
+    def _on_error(self, err: KafkaError) -> None:
+        """librdkafka's global errors, from a poll; the others it recovers from by itself."""
+        if err.fatal():
+            log.error("kafka.producer_failed", producer=self._name, error=str(err))
+            self._failed.set()
+
+    def noticed(self, exc: KafkaException) -> None:
+        """A call raised `exc`: remember when it says the producer failed for good."""
+        error = exc.args[0] if exc.args else None
+        if isinstance(error, KafkaError) and error.fatal():
+            self._failed.set()
+
+    def usable(self) -> Producer:
+        """The producer to send with: a new one if the current one failed for good."""
+        if self._failed.is_set() and not self.transactional:
+            old, self.current = self.current, Producer(self._config)
+            self._failed.clear()
+            old.purge()
+            self._retired.append(old)
+            log.warning("kafka.producer_renewed", producer=self._name)
+        return self.current
+
+    @property
+    def retiring(self) -> bool:
+        """Whether a replaced producer still has reports to serve."""
+        return bool(self._retired)
+
+    def poll_retired(self) -> None:
+        """Serve the delivery reports of replaced producers (each fails what it held)."""
+        for old in list(self._retired):
+            old.poll(0)
+            if len(old) == 0:
+                self._retired.remove(old)
 
 
 class AsyncProducer:
@@ -82,14 +141,19 @@ class AsyncProducer:
             "message.timeout.ms": 30_000,
         }
         config.update(extra or {})
-        self._producer = Producer(config)
+        self._renewable = RenewableProducer(config, client_id)
         self._stopping = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"{client_id}-poll", daemon=True)
         self._poller.start()
 
+    @property
+    def _producer(self) -> Producer:
+        return self._renewable.current
+
     def _poll(self) -> None:
         while not self._stopping.is_set():
             self._producer.poll(0.05)
+            self._renewable.poll_retired()
 
     def produce(
         self, topic: str, key: str | None, value: bytes | None, partition: int | None = None
@@ -161,14 +225,16 @@ class AsyncProducer:
         partition: int | None,
         on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> None:
+        producer = self._renewable.usable()
         try:
             if partition is None:
-                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
             else:
-                self._producer.produce(
+                producer.produce(
                     topic, value=value, key=key, partition=partition, on_delivery=on_delivery
                 )
         except KafkaException as exc:
+            self._renewable.noticed(exc)
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.code() in _REFUSED_RECORD:
                 # Refused before it was queued (too large, say): the record's fault, not an
@@ -439,7 +505,15 @@ class ConsumerLoop:
     arrive with the next poll, and `failed_commits()` names the partitions to commit again.
     """
 
-    def __init__(self, bootstrap: str, *, group_id: str, topics: list[str], client_id: str):
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        group_id: str,
+        topics: list[str],
+        client_id: str,
+        stall_seconds: float = STALL_SECONDS,
+    ):
         self._config: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
             "group.id": group_id,
@@ -453,23 +527,41 @@ class ConsumerLoop:
             "on_commit": self._committed,
         }
         self._topics = topics
+        self._stall_seconds = stall_seconds
         self._consumer = self._subscribe()
         self._closed = False
         self.paused = False
         self._failed: set[tuple[str, int]] = set()
         self._failed_lock = threading.Lock()
+        # The offsets last sent for commit: where a partition stands before it yields anything.
+        self._committed_at: dict[tuple[str, int], int] = {}
 
     def _subscribe(self) -> Consumer:
-        self._membership = Membership(str(self._config["group.id"]))
+        group = str(self._config["group.id"])
+        self._membership = Membership(group)
+        self._progress = Progress(
+            group,
+            stall_seconds=self._stall_seconds,
+            check_seconds=min(PROGRESS_CHECK_SECONDS, self._stall_seconds / 4),
+        )
         consumer = Consumer({**self._config, **self._membership.config()})
         consumer.subscribe(self._topics)
         return consumer
 
     async def _check_membership(self) -> None:
-        """Join afresh with a new consumer when this one has been stuck outside its group
-        (`shared.membership`). Records handed out and not yet committed are read again by
-        whoever gets their partitions: at least once, as after any rebalance."""
-        if not self._membership.lost():
+        """Join afresh with a new consumer when this one has been stuck outside its group, or
+        has stopped fetching records its partitions hold (`shared.membership`). Records handed
+        out and not yet committed are read again by whoever gets their partitions: at least
+        once, as after any rebalance."""
+        lost = self._membership.lost()
+        if not lost and self.paused:
+            self._progress.pause()
+        elif not lost and self._progress.due():
+            assigned = [(str(tp.topic), int(tp.partition)) for tp in self._consumer.assignment()]
+            lost = await asyncio.to_thread(
+                self._progress.stalled, self._consumer, assigned, dict(self._committed_at)
+            )
+        if not lost:
             return
         await close_within(self._consumer)
         self._consumer = self._subscribe()
@@ -530,6 +622,7 @@ class ConsumerLoop:
         """Send a commit of explicit next offsets, without waiting for it unless `wait` (a last
         commit before closing); False (logged) when it cannot be sent (no longer assigned)."""
         partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        self._committed_at.update(offsets)
         try:
             if wait:
                 self._consumer.commit(offsets=partitions, asynchronous=False)
@@ -653,6 +746,20 @@ class CompactedTopicView:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        """Follow the topic for as long as the view runs. Reading starts again with a new
+        consumer, where the last one stopped, when the old one failed (the broker away at
+        its start, say) or stopped fetching what the topic holds (`shared.membership`)."""
+        positions: dict[int, int] = {}
+        while not self._stopping.is_set():
+            try:
+                self._follow(positions)
+            except KafkaException as exc:
+                log.warning("kafka.view_restarting", topic=self._topic, error=str(exc))
+                self._stopping.wait(VIEW_RETRY_SECONDS)
+
+    def _follow(self, positions: dict[int, int]) -> None:
+        """Read with one consumer, from `positions` (next offset per partition, updated as
+        records come), until the view stops or the consumer stops fetching."""
         consumer = Consumer(
             {
                 "bootstrap.servers": self._bootstrap,
@@ -661,12 +768,26 @@ class CompactedTopicView:
                 "enable.partition.eof": True,
             }
         )
+        progress = Progress(f"view {self._topic}")
         try:
             metadata = consumer.list_topics(self._topic, timeout=30)
-            partitions = list(metadata.topics[self._topic].partitions)
-            consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
+            topic = metadata.topics[self._topic]
+            if topic.error is not None:
+                raise KafkaException(topic.error)
+            partitions = sorted(topic.partitions)
+            consumer.assign(
+                [
+                    TopicPartition(self._topic, p, positions.get(p, OFFSET_BEGINNING))
+                    for p in partitions
+                ]
+            )
             at_end: set[int] = set()
             while not self._stopping.is_set():
+                if progress.due():
+                    watched = [(self._topic, p) for p in partitions]
+                    known = {(self._topic, p): positions.get(p, 0) for p in partitions}
+                    if progress.stalled(consumer, watched, known):
+                        return
                 msg = consumer.poll(0.2)
                 if msg is None:
                     continue
@@ -679,6 +800,7 @@ class CompactedTopicView:
                     else:
                         log.warning("kafka.view_error", topic=self._topic, error=str(error))
                     continue
+                positions[int(msg.partition() or 0)] = int(msg.offset() or 0) + 1
                 raw_key = msg.key()
                 if raw_key is None:
                     continue

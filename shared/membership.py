@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
+from confluent_kafka import KafkaException, TopicPartition
 
 log = structlog.get_logger(__name__)
 
@@ -154,3 +156,134 @@ class Membership:
                 join_state=state.join_state if state else None,
             )
         return lost
+
+
+# How long a partition may hold records past the consumer's position, none of them reaching it
+# while it polls, before the consumer is replaced (a fetcher left stuck by a broker restart).
+STALL_SECONDS = 60.0
+# How often a consumer's positions are compared with the broker's end offsets.
+PROGRESS_CHECK_SECONDS = 15.0
+# A longer gap between two checks (the owner busy, or the broker away) is not counted.
+PROGRESS_MAX_GAP_SECONDS = 2 * PROGRESS_CHECK_SECONDS + 5
+# The deadline of one end-offset query.
+END_OFFSETS_TIMEOUT_SECONDS = 5.0
+
+TopicPartitionKey = tuple[str, int]
+
+
+@dataclass
+class StallWatch:
+    """The decision alone: fed, at each check, every watched partition's position and the
+    broker's end offset; names the partitions that held records past an unmoving position for
+    `stall_seconds` of consecutive checks."""
+
+    stall_seconds: float = STALL_SECONDS
+    max_gap: float = PROGRESS_MAX_GAP_SECONDS
+    # Per partition behind its end: the position last seen, and for how long it has not moved.
+    behind: dict[TopicPartitionKey, tuple[int, float]] = field(default_factory=dict, init=False)
+    last: float | None = field(default=None, init=False)
+
+    def observe(
+        self, now: float, offsets: dict[TopicPartitionKey, tuple[int, int]]
+    ) -> list[TopicPartitionKey]:
+        """`offsets`: (position, end offset) per partition. Partitions at their end are not
+        tracked; a position that moved starts its count again."""
+        gap = None if self.last is None else now - self.last
+        self.last = now
+        counted = gap if gap is not None and gap <= self.max_gap else 0.0
+        behind: dict[TopicPartitionKey, tuple[int, float]] = {}
+        stalled = []
+        for where, (position, end) in offsets.items():
+            if end <= position:
+                continue
+            before = self.behind.get(where)
+            still = before[1] + counted if before is not None and before[0] == position else 0.0
+            behind[where] = (position, still)
+            if still >= self.stall_seconds:
+                stalled.append(where)
+        self.behind = behind
+        return sorted(stalled)
+
+    def reset(self) -> None:
+        self.behind, self.last = {}, None
+
+
+class Progress:
+    """Whether a consumer still fetches: every `PROGRESS_CHECK_SECONDS` its positions are
+    compared with the partitions' end offsets, asked of the broker. A partition that keeps
+    records past a position that does not move for `STALL_SECONDS` of polling means the
+    consumer's fetching is stuck (after a broker restart a librdkafka consumer was seen to
+    stop fetching, in or out of a group, with its membership settled): its owner replaces it
+    with a new consumer. The owner asks only while it polls, and never while it paused its
+    partitions on purpose."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        stall_seconds: float = STALL_SECONDS,
+        check_seconds: float = PROGRESS_CHECK_SECONDS,
+        query_timeout: float = END_OFFSETS_TIMEOUT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._query_timeout = query_timeout
+        self._watch = StallWatch(stall_seconds, max_gap=2 * check_seconds + 5)
+        self._check_seconds = check_seconds
+        self._clock = clock
+        self._next_check = clock() + check_seconds
+
+    def due(self) -> bool:
+        return self._clock() >= self._next_check
+
+    def pause(self) -> None:
+        """The owner stopped fetching on purpose: nothing counts until it fetches again."""
+        self._watch.reset()
+
+    def stalled(
+        self,
+        consumer: Any,
+        partitions: list[TopicPartitionKey],
+        known: Mapping[TopicPartitionKey, int],
+    ) -> bool:
+        """Check now (blocking: one end-offset query per partition). A partition's position is
+        the consumer's, else `known` (where it was assigned or last committed); a partition
+        with neither is not watched."""
+        self._next_check = self._clock() + self._check_seconds
+        if not partitions:
+            self._watch.reset()
+            return False
+        try:
+            positions = consumer.position([TopicPartition(t, p) for t, p in partitions])
+            offsets: dict[TopicPartitionKey, tuple[int, int]] = {}
+            for tp in positions:
+                where = (str(tp.topic), int(tp.partition))
+                position = int(tp.offset) if tp.offset >= 0 else known.get(where, -1)
+                if position < 0:
+                    continue
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(*where), timeout=self._query_timeout, cached=False
+                )
+                offsets[where] = (max(position, low), high)
+        except KafkaException:  # the broker is away: an outage is waited out, not counted
+            self._watch.reset()
+            return False
+        stalled = self._watch.observe(self._clock(), offsets)
+        if not stalled:
+            return False
+        log.warning(
+            "kafka.fetch_stalled",
+            consumer=self.name,
+            partitions=[
+                {
+                    "topic": t,
+                    "partition": p,
+                    "position": offsets[(t, p)][0],
+                    "end": offsets[(t, p)][1],
+                }
+                for t, p in stalled
+            ],
+            seconds=self._watch.stall_seconds,
+        )
+        self._watch.reset()
+        return True

@@ -47,7 +47,7 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 from shared.clock import Clock
 from shared.deadletter import through_outages
 from shared.kafka import AsyncProducer, Record, TransactionAborted, close_within
-from shared.membership import Membership
+from shared.membership import Membership, Progress
 from shared.restore import (
     CURRENT_KEY,
     META_KEYS,
@@ -420,7 +420,7 @@ class StreamWorker:
                 records = self._records(messages)
                 if records:
                     await self._handle(consumer, records)
-                if self._membership.lost():
+                if self._membership.lost() or await self._fetch_stalled(consumer):
                     consumer = await self._rejoin(consumer)
         finally:
             for job in jobs:
@@ -434,6 +434,7 @@ class StreamWorker:
     def _subscribe(self) -> Consumer:
         """A new member of the worker's group, subscribed to its input topics."""
         self._membership = Membership(self.app_id)
+        self._progress = Progress(self.app_id)
         consumer = Consumer(
             {
                 "bootstrap.servers": self.settings.kafka_bootstrap,
@@ -459,6 +460,15 @@ class StreamWorker:
             on_lost=self._on_lost,
         )
         return consumer
+
+    async def _fetch_stalled(self, consumer: Consumer) -> bool:
+        """Whether an owned partition has records this consumer stopped fetching
+        (`shared.membership.Progress`); checked every few seconds."""
+        if not self._progress.due():
+            return False
+        watched = sorted(where for where in self._assigned if where[1] in self._owned)
+        known = dict(self._positions.next)
+        return await asyncio.to_thread(self._progress.stalled, consumer, watched, known)
 
     async def _rejoin(self, consumer: Consumer) -> Consumer:
         """Leave the group with the consumer stuck outside it, and join with a new one

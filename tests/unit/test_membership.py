@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import json
 
-from shared.membership import GroupState, Membership, MembershipWatch, group_state
+from confluent_kafka import Consumer, TopicPartition
+
+from shared.membership import (
+    GroupState,
+    Membership,
+    MembershipWatch,
+    Progress,
+    StallWatch,
+    group_state,
+)
 
 STEADY = GroupState("up", "steady", broker_up=True)
 JOINING = GroupState("up", "wait-join", broker_up=True)
@@ -107,3 +116,63 @@ def test_an_unreadable_report_is_logged_and_ignored() -> None:
     membership.report("not json")
     assert membership.lost() is False
     assert membership.config()["statistics.interval.ms"] == 5_000
+
+
+# --- fetching that stopped -------------------------------------------------------------------
+
+A, B = ("waypost.events.v1", 0), ("waypost.events.v1", 1)
+
+
+def test_a_partition_behind_an_unmoving_position_for_long_enough_has_stalled() -> None:
+    watch = StallWatch(stall_seconds=60, max_gap=35)
+    assert watch.observe(0, {A: (10, 20)}) == []
+    assert watch.observe(15, {A: (10, 20)}) == []
+    assert watch.observe(30, {A: (10, 25)}) == []
+    assert watch.observe(45, {A: (10, 25)}) == []
+    assert watch.observe(60, {A: (10, 25)}) == [A]
+
+
+def test_a_position_that_moves_or_reaches_the_end_starts_the_count_again() -> None:
+    watch = StallWatch(stall_seconds=30, max_gap=35)
+    watch.observe(0, {A: (10, 20), B: (5, 9)})
+    watch.observe(20, {A: (11, 20), B: (9, 9)})  # A moved; B caught up
+    assert watch.observe(40, {A: (11, 20), B: (9, 12)}) == []
+    assert watch.observe(70, {A: (11, 20), B: (9, 12)}) == [A, B]
+
+
+def test_a_long_gap_between_checks_is_not_counted() -> None:
+    """The owner was busy (or the broker away) between two checks: the time does not count."""
+    watch = StallWatch(stall_seconds=60, max_gap=35)
+    watch.observe(0, {A: (10, 20)})
+    assert watch.observe(120, {A: (10, 20)}) == []
+    assert watch.observe(150, {A: (10, 20)}) == []
+    assert watch.observe(180, {A: (10, 20)}) == [A]
+
+
+def test_a_reset_forgets_what_was_counted() -> None:
+    watch = StallWatch(stall_seconds=30, max_gap=35)
+    watch.observe(0, {A: (10, 20)})
+    watch.observe(20, {A: (10, 20)})
+    watch.reset()
+    assert watch.observe(40, {A: (10, 20)}) == []
+    assert watch.observe(60, {A: (10, 20)}) == []
+    assert watch.observe(75, {A: (10, 20)}) == [A]
+
+
+def test_progress_without_a_broker_never_calls_a_consumer_stalled() -> None:
+    """End offsets cannot be asked: an outage is waited out, never acted on."""
+    now = [0.0]
+    progress = Progress(
+        "test", stall_seconds=1, check_seconds=1, query_timeout=0.2, clock=lambda: now[0]
+    )
+    consumer = Consumer(
+        {"bootstrap.servers": "127.0.0.1:1", "group.id": "test-progress", "log_level": 0}
+    )
+    try:
+        consumer.assign([TopicPartition(*A, 10)])
+        for _ in range(4):
+            now[0] += 1.0
+            assert progress.due()
+            assert not progress.stalled(consumer, [A], {A: 10})
+    finally:
+        consumer.close()

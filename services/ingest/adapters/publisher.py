@@ -14,10 +14,10 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from services.ingest.domain.calls import EncodedEvent
-from shared.kafka import DeliveryFailed, ProducerBusy
+from shared.kafka import DeliveryFailed, ProducerBusy, RenewableProducer
 from shared.topics import EVENTS
 
 # How often delivery reports are served while records are in flight: the most it adds to an
@@ -83,19 +83,21 @@ class KafkaEventPublisher:
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         config = producer_config(bootstrap, client_id, linger_ms, extra)
-        self._producer = Producer(config)
+        # Replaced by a new producer after a fatal error (shared.kafka.RenewableProducer).
+        self._renewable = RenewableProducer(config, client_id)
         self._queue_limit = int(config["queue.buffering.max.messages"])
         self._serving: asyncio.TimerHandle | None = None
 
     async def publish(self, events: Sequence[EncodedEvent]) -> None:
         if not events:
             return
-        if len(self._producer) + len(events) > self._queue_limit:
+        producer = self._renewable.usable()
+        if len(producer) + len(events) > self._queue_limit:
             # Refuse the request whole rather than queue part of it and fail on the rest.
-            raise ProducerBusy(f"{len(self._producer)} records already queued")
+            raise ProducerBusy(f"{len(producer)} records already queued")
         loop = asyncio.get_running_loop()
         acks = Acknowledgements(loop.create_future(), len(events))
-        produce = self._producer.produce
+        produce = producer.produce
         topic = EVENTS.name
         try:
             for event in events:
@@ -105,6 +107,10 @@ class KafkaEventPublisher:
             # call, and consumers de-duplicate on messageId.
             acks.future.cancel()
             raise ProducerBusy(str(exc)) from exc
+        except KafkaException as exc:
+            acks.future.cancel()
+            self._renewable.noticed(exc)
+            raise DeliveryFailed(str(exc)) from exc
         finally:
             self._serve_soon(loop)
         await acks.future
@@ -115,13 +121,15 @@ class KafkaEventPublisher:
 
     def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
         self._serving = None
-        self._producer.poll(0)
-        if len(self._producer) > 0:  # records queued, in flight, or reports not yet served
-            self._serve_soon(loop)
+        producer = self._renewable.current
+        producer.poll(0)
+        self._renewable.poll_retired()
+        if len(producer) > 0 or self._renewable.retiring:  # records queued, in flight, or
+            self._serve_soon(loop)  # reports not yet served
 
     def close(self, timeout: float = 10.0) -> int:
         """Wait (blocking) for what is still in flight; returns the records left undelivered."""
         if self._serving is not None:
             self._serving.cancel()
             self._serving = None
-        return int(self._producer.flush(timeout))
+        return int(self._renewable.current.flush(timeout))
