@@ -95,6 +95,7 @@ PORTS = stack.Ports(
     ingest=28300,  # nothing listens: the SMS status callbacks it would get are held back
     admin=28301,
     dispatcher_metrics=29465,
+    kafka_sasl=29394,
 )
 GROUP = "waypost-dispatcher"
 DATABASE = "waypost"

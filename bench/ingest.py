@@ -83,6 +83,7 @@ PORTS = stack.Ports(
     outbox=28025,
     ingest=28000,
     admin=28001,
+    kafka_sasl=29094,
 )
 BATCH_SIZE = 100
 USERS = 10_000

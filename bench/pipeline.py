@@ -75,6 +75,7 @@ PORTS = stack.Ports(
     ingest=38500,
     admin=38501,
     dispatcher_metrics=39564,
+    kafka_sasl=39594,
 )
 SCRATCH = "bench.pipeline.round-trip"
 SERVICES = ("ingest", "segmenter", "orchestrator", "dispatcher", "admin")

@@ -67,7 +67,16 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))
 import stack  # noqa: E402  (a script, not a package: importable once its folder is on the path)
 
 HOME = ROOT / ".local" / "bench-segmenter"
-PORTS = stack.Ports(29292, 29293, mongo=37292, smtp=21225, outbox=28225, ingest=28200, admin=28201)
+PORTS = stack.Ports(
+    29292,
+    29293,
+    mongo=37292,
+    smtp=21225,
+    outbox=28225,
+    ingest=28200,
+    admin=28201,
+    kafka_sasl=29294,
+)
 GROUP = "waypost-segmenter"
 ROUND_TRIP = "bench.segmenter.round-trip"
 LATENCY_SEGMENT = "browsers"

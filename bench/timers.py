@@ -96,6 +96,7 @@ PORTS = stack.Ports(
     outbox=28125,
     ingest=28100,
     admin=28101,
+    kafka_sasl=29194,
 )
 PROGRESS_EVERY = 2.0  # seconds between progress lines
 RECOVERED = "orchestrator.timers_recovered"

@@ -23,6 +23,7 @@ from shared.docstore import connect_or_exit
 from shared.journey_checks import parse_journey_file
 from shared.journeys import JourneyFile, PublishedJourney
 from shared.kafka import ensure_topics, wait_for_broker
+from shared.kafka_connection import client_config
 from shared.lifecycle import (
     Publish,
     Refused,
@@ -75,7 +76,7 @@ def _produce(
 ) -> None:
     """Write records (in order: one partition, one idempotent producer) and tombstones (keys)."""
     producer = Producer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all"}
+        {**client_config(settings.kafka()), "enable.idempotence": True, "acks": "all"}
     )
     for record in records:
         producer.produce(
@@ -90,9 +91,10 @@ def _produce(
 @contextmanager
 def _following(settings: CommonSettings) -> Iterator[PublishedJourneys]:
     """The definitions topic, read to its end."""
-    wait_for_broker(settings.kafka_bootstrap)
-    ensure_topics(settings.kafka_bootstrap, settings.topic_partitions, settings.topic_replication)
-    followed = PublishedJourneys(settings.kafka_bootstrap)
+    kafka = settings.kafka()
+    wait_for_broker(kafka)
+    ensure_topics(kafka, settings.topic_partitions, settings.topic_replication)
+    followed = PublishedJourneys(kafka)
     followed.start(timeout=60)
     try:
         yield followed
@@ -269,8 +271,8 @@ def _matching(letters: Iterable[StoredLetter], args: argparse.Namespace) -> list
 def dead_letters(settings: CommonSettings, args: argparse.Namespace) -> int:
     """`list` prints the letters (one line each, or JSON lines); `replay` writes their records
     back to the topics they came from. Replay needs a filter or `--all`."""
-    wait_for_broker(settings.kafka_bootstrap)
-    chosen = _matching(read_dead_letters(settings.kafka_bootstrap), args)
+    wait_for_broker(settings.kafka())
+    chosen = _matching(read_dead_letters(settings.kafka()), args)
     if args.dead_letter_command == "list":
         for stored in chosen:
             letter = stored.letter
@@ -291,7 +293,7 @@ def dead_letters(settings: CommonSettings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    replayed = replay_dead_letters(settings.kafka_bootstrap, chosen)
+    replayed = replay_dead_letters(settings.kafka(), chosen)
     print(f"replayed {replayed} dead letters")
     return 0
 
@@ -352,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                     policy = "compacted " if topic.compacted else ""
                     print(f"{topic.name:32} {policy}{topic.description}")
                 return 0
-            wait_for_broker(settings.kafka_bootstrap)
+            wait_for_broker(settings.kafka())
             created = ensure_topics(
-                settings.kafka_bootstrap, settings.topic_partitions, settings.topic_replication
+                settings.kafka(), settings.topic_partitions, settings.topic_replication
             )
             print(f"topics ready ({len(created)} created)")
             return 0

@@ -29,6 +29,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_ran
 from shared.clock import Clock
 from shared.contracts import DeadLetter
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record, TopicMismatch
+from shared.kafka_connection import KafkaConnection, client_config
 from shared.topics import DEAD_LETTER
 
 T = TypeVar("T")
@@ -163,11 +164,11 @@ class StoredLetter:
         return f"{self.partition}:{self.offset}"
 
 
-def read_dead_letters(bootstrap: str, *, timeout: float = 30.0) -> list[StoredLetter]:
+def read_dead_letters(kafka: KafkaConnection | str, *, timeout: float = 30.0) -> list[StoredLetter]:
     """Every letter the topic holds now, oldest first per partition (read to the end once)."""
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **client_config(kafka),
             "group.id": "waypost-dead-letter-reader",
             "enable.auto.commit": False,
         }
@@ -206,13 +207,13 @@ def read_dead_letters(bootstrap: str, *, timeout: float = 30.0) -> list[StoredLe
         consumer.close()
 
 
-def replay_dead_letters(bootstrap: str, letters: Iterable[StoredLetter]) -> int:
+def replay_dead_letters(kafka: KafkaConnection | str, letters: Iterable[StoredLetter]) -> int:
     """Write each letter's record back to the topic it came from, under its key, in order.
 
     Consumers are idempotent on message ids, so replaying a letter twice does no harm; a
     record that fails again is dead-lettered again, with its new reason.
     """
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+    producer = Producer({**client_config(kafka), "enable.idempotence": True, "acks": "all"})
     count = 0
     for stored in letters:
         letter = stored.letter

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from shared.journeys import PublishedJourney
 from shared.kafka import CompactedTopicView
+from shared.kafka_connection import KafkaConnection
 from shared.segments import (
     AGGREGATE_PREFIX,
     SEGMENT_PREFIX,
@@ -27,11 +28,11 @@ _Record = TypeVar("_Record", PublishedJourney, PublishedSegment, PublishedAggreg
 class PublishedJourneys:
     """Every published version, decoded; `changed()` says when to rebuild what is derived."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, kafka: KafkaConnection | str) -> None:
         self._changed = threading.Event()
         self._changed.set()
         self._seen = threading.Condition()
-        self._view = CompactedTopicView(bootstrap, DEFINITIONS.name, on_change=self._on_change)
+        self._view = CompactedTopicView(kafka, DEFINITIONS.name, on_change=self._on_change)
 
     def _on_change(self, _key: str, _value: bytes | None) -> None:
         self._changed.set()

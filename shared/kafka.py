@@ -25,6 +25,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from shared.kafka_connection import KafkaConnection, as_connection, client_config
 from shared.membership import PROGRESS_CHECK_SECONDS, STALL_SECONDS, Membership, Progress
 from shared.offsets import OffsetTracker
 from shared.settings import CommonSettings
@@ -130,9 +131,15 @@ class RenewableProducer:
 class AsyncProducer:
     """An idempotent, acks=all producer whose `send` returns once the broker acknowledged."""
 
-    def __init__(self, bootstrap: str, *, client_id: str, extra: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        kafka: KafkaConnection | str,
+        *,
+        client_id: str,
+        extra: Mapping[str, Any] | None = None,
+    ):
         config: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
+            **client_config(kafka),
             "client.id": client_id,
             "enable.idempotence": True,
             "acks": "all",
@@ -367,17 +374,36 @@ def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
         future.set_exception(DeliveryFailed(str(err), refused=err.code() in _REFUSED_RECORD))
 
 
-def admin_client(bootstrap: str, *, quiet: bool = False) -> AdminClient:
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap}
+def admin_client(
+    kafka: KafkaConnection | str,
+    *,
+    quiet: bool = False,
+    on_error: Callable[[KafkaError], None] | None = None,
+) -> AdminClient:
+    config: dict[str, Any] = client_config(kafka)
     if quiet:
         config["log_level"] = 0  # readiness polling: refused connections are expected
+    if on_error is not None:
+        config["error_cb"] = on_error  # served by `poll`
     return AdminClient(config)
 
 
-def wait_for_broker(bootstrap: str, timeout: float = 60.0) -> None:
-    """Block until a metadata request succeeds (readiness, not a sleep)."""
+class KafkaAuthenticationFailed(Exception):
+    """The cluster refused the client's credentials: waiting will not help, the settings must
+    change."""
+
+
+def wait_for_broker(kafka: KafkaConnection | str, timeout: float = 60.0) -> None:
+    """Block until a metadata request succeeds (readiness, not a sleep). Credentials the cluster
+    refuses raise `KafkaAuthenticationFailed` at once rather than waiting out `timeout`."""
     deadline = time.monotonic() + timeout
-    admin = admin_client(bootstrap, quiet=True)
+    refusals: list[KafkaError] = []
+
+    def on_error(error: KafkaError) -> None:
+        if error.code() == KafkaError._AUTHENTICATION:
+            refusals.append(error)
+
+    admin = admin_client(kafka, quiet=True, on_error=on_error)
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
@@ -386,8 +412,13 @@ def wait_for_broker(bootstrap: str, timeout: float = 60.0) -> None:
                 return
         except KafkaException as exc:
             last = exc
+        admin.poll(0)
+        if refusals:
+            raise KafkaAuthenticationFailed(
+                f"Kafka at {as_connection(kafka)} refused the credentials: {refusals[0].str()}"
+            )
         time.sleep(0.2)
-    raise TimeoutError(f"Kafka at {bootstrap} not ready after {timeout}s: {last}")
+    raise TimeoutError(f"Kafka at {as_connection(kafka)} not ready after {timeout}s: {last}")
 
 
 class TopicMismatch(Exception):
@@ -395,7 +426,7 @@ class TopicMismatch(Exception):
 
 
 def ensure_topics(
-    bootstrap: str,
+    kafka: KafkaConnection | str,
     partitions: int,
     replication: int = 1,
     topics: Iterable[Topic] = ALL_TOPICS,
@@ -408,7 +439,7 @@ def ensure_topics(
     A consumer that starts before a new topic shows up in metadata sees it as missing (and a
     table's changelog write fails), so creation alone is not enough: we wait for metadata.
     """
-    admin = admin_client(bootstrap)
+    admin = admin_client(kafka)
     expected = {t.name: 1 if t.single_partition else partitions for t in topics}
     existing = admin.list_topics(timeout=10).topics
     wanted = [
@@ -462,18 +493,18 @@ def ensure_topics(
 def prepare_topics(settings: CommonSettings, extra: Iterable[Topic] = ()) -> list[str]:
     """What a service does before it reads or writes a record: wait for the broker, then make
     sure every registry topic (and `extra`, such as its tables' changelogs) is there."""
-    wait_for_broker(settings.kafka_bootstrap)
+    wait_for_broker(settings.kafka())
     return ensure_topics(
-        settings.kafka_bootstrap,
+        settings.kafka(),
         settings.topic_partitions,
         settings.topic_replication,
         [*ALL_TOPICS, *extra],
     )
 
 
-def topic_record_count(bootstrap: str, topic: str) -> int:
+def topic_record_count(kafka: KafkaConnection | str, topic: str) -> int:
     """Records currently retained in a topic (sum of high minus low watermarks)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "waypost-watermarks"})
+    consumer = Consumer({**client_config(kafka), "group.id": "waypost-watermarks"})
     try:
         metadata = consumer.list_topics(topic, timeout=10)
         total = 0
@@ -507,7 +538,7 @@ class ConsumerLoop:
 
     def __init__(
         self,
-        bootstrap: str,
+        kafka: KafkaConnection | str,
         *,
         group_id: str,
         topics: list[str],
@@ -515,7 +546,7 @@ class ConsumerLoop:
         stall_seconds: float = STALL_SECONDS,
     ):
         self._config: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
+            **client_config(kafka),
             "group.id": group_id,
             "client.id": client_id,
             "enable.auto.commit": False,
@@ -716,12 +747,12 @@ class CompactedTopicView:
 
     def __init__(
         self,
-        bootstrap: str,
+        kafka: KafkaConnection | str,
         topic: str,
         *,
         on_change: Callable[[str, bytes | None], None] | None = None,
     ) -> None:
-        self._bootstrap = bootstrap
+        self._kafka = kafka
         self._topic = topic
         self._on_change = on_change
         self._values: dict[str, bytes] = {}
@@ -762,7 +793,7 @@ class CompactedTopicView:
         records come), until the view stops or the consumer stops fetching."""
         consumer = Consumer(
             {
-                "bootstrap.servers": self._bootstrap,
+                **client_config(self._kafka),
                 "group.id": "waypost-compacted-view",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,

@@ -22,6 +22,8 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
+from shared.kafka_connection import KafkaConnection, client_config
+
 log = structlog.get_logger(__name__)
 
 # Where each partition's database keeps the offset of the last changelog record applied there:
@@ -143,7 +145,7 @@ class ChangelogConsumer(Protocol):
 
 
 def restore(
-    bootstrap: str,
+    kafka: KafkaConnection | str,
     stores: Sequence[TableStore],
     *,
     client_id: str,
@@ -158,7 +160,7 @@ def restore(
     commits nothing."""
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **client_config(kafka),
             "client.id": client_id,
             # Required by the client, though only assigned partitions are read, never committed.
             "group.id": f"{client_id}-unused",

@@ -34,6 +34,7 @@ PUBLISHED = frozenset(
         "dev-write-key",
         "waypost-sandbox-sms-token",
         "waypost-sandbox-wechat-secret",
+        "waypost-dev-kafka-password",
     }
 )
 PLACEHOLDER = re.compile(

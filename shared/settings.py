@@ -9,9 +9,15 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.kafka_connection import (
+    SASL_PROTOCOLS,
+    KafkaConnection,
+    SaslMechanism,
+    SecurityProtocol,
+)
 from shared.profiles import ProfileLimits
 from shared.secrets import Secret
 
@@ -21,13 +27,27 @@ _LIMITS = ProfileLimits()
 class CommonSettings(BaseSettings):
     """Kafka, document store and logging: what every service needs."""
 
-    model_config = SettingsConfigDict(env_prefix="WAYPOST_", extra="ignore")
+    # A value that fails validation is left out of the error: it may be a password or a URL
+    # with credentials, and the error ends up in the service's log.
+    model_config = SettingsConfigDict(
+        env_prefix="WAYPOST_", extra="ignore", hide_input_in_errors=True
+    )
 
     # "dev" (the local stack, the demo, the tests) lets a service start with weak or published
     # secrets, which it only logs; anything else refuses them (`shared.secrets`).
     env: Literal["production", "dev"] = "production"
 
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # A secured cluster: TLS (SSL), SASL, or both (SASL_SSL). Checked at start, every problem
+    # named by its variable; every Kafka client is built from `kafka()`.
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: Path | None = None
+    kafka_ssl_certificate_location: Path | None = None
+    kafka_ssl_key_location: Path | None = None
+    kafka_ssl_key_password: SecretStr | None = None
     topic_partitions: int = Field(default=6, ge=1)
     topic_replication: int = Field(default=1, ge=1)
     # May carry the store's credentials: kept out of logs and reprs (`redacted_mongo_url`).
@@ -55,9 +75,44 @@ class CommonSettings(BaseSettings):
         host = parts.netloc.rpartition("@")[2]
         return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
+    def kafka(self) -> KafkaConnection:
+        """How this service's Kafka clients reach the cluster."""
+        return KafkaConnection(
+            bootstrap=self.kafka_bootstrap,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=self.kafka_sasl_password,
+            ssl_ca_location=self.kafka_ssl_ca_location,
+            ssl_certificate_location=self.kafka_ssl_certificate_location,
+            ssl_key_location=self.kafka_ssl_key_location,
+            ssl_key_password=self.kafka_ssl_key_password,
+        )
+
     def secrets(self) -> list[Secret]:
-        """The secrets this service uses (checked at its start); none for the stream workers."""
-        return []
+        """The secrets this service uses (checked at its start): here Kafka's credentials, when
+        the cluster asks for them; each service adds its own."""
+        # Their length is the cluster's business, like a provider's credential; but never empty
+        # or a placeholder.
+        used: list[Secret] = []
+        if self.kafka_security_protocol in SASL_PROTOCOLS:
+            password = self.kafka_sasl_password
+            used.append(
+                Secret(
+                    "WAYPOST_KAFKA_SASL_PASSWORD",
+                    password.get_secret_value() if password else None,
+                    min_bytes=0,
+                )
+            )
+        if self.kafka_ssl_key_password is not None:
+            used.append(
+                Secret(
+                    "WAYPOST_KAFKA_SSL_KEY_PASSWORD",
+                    self.kafka_ssl_key_password.get_secret_value(),
+                    min_bytes=0,
+                )
+            )
+        return used
 
     def profile_limits(self) -> ProfileLimits:
         return ProfileLimits(
@@ -70,6 +125,31 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.lower()
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator(
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_ca_location",
+        "kafka_ssl_certificate_location",
+        "kafka_ssl_key_location",
+        "kafka_ssl_key_password",
+        mode="before",
+    )
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        # An empty variable (a manifest's optional secret left blank) means not set.
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _kafka_connects(self) -> CommonSettings:
+        self.kafka()  # raises, naming every WAYPOST_KAFKA_* variable at fault
+        return self
 
 
 class StreamSettings(CommonSettings):

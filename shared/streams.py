@@ -47,6 +47,7 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 from shared.clock import Clock
 from shared.deadletter import through_outages
 from shared.kafka import AsyncProducer, Record, TransactionAborted, close_within
+from shared.kafka_connection import client_config
 from shared.membership import Membership, Progress
 from shared.restore import (
     CURRENT_KEY,
@@ -437,7 +438,7 @@ class StreamWorker:
         self._progress = Progress(self.app_id)
         consumer = Consumer(
             {
-                "bootstrap.servers": self.settings.kafka_bootstrap,
+                **client_config(self.settings.kafka()),
                 "group.id": self.app_id,
                 "client.id": self.app_id,
                 "enable.auto.commit": False,
@@ -742,7 +743,7 @@ class StreamWorker:
             try:
                 done = await asyncio.to_thread(
                     restore,
-                    self.settings.kafka_bootstrap,
+                    self.settings.kafka(),
                     stores,
                     client_id=f"{self.app_id}-restore",
                     # A transactional worker's changelogs hold aborted writes: never restored.

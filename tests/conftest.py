@@ -32,6 +32,7 @@ def ports_at(offset: int) -> local_stack.Ports:
         ingest=18000 + offset,
         admin=18001 + offset,
         dispatcher_metrics=19464 + offset,
+        kafka_sasl=19094 + offset,
     )
 
 

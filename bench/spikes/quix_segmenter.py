@@ -90,7 +90,16 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))
 import stack  # noqa: E402  (a script, not a package: importable once its folder is on the path)
 
 HOME = ROOT / ".local" / "bench-quix"
-PORTS = stack.Ports(39392, 39393, mongo=47392, smtp=31225, outbox=38225, ingest=38200, admin=38201)
+PORTS = stack.Ports(
+    39392,
+    39393,
+    mongo=47392,
+    smtp=31225,
+    outbox=38225,
+    ingest=38200,
+    admin=38201,
+    kafka_sasl=39394,
+)
 ALO_GROUP, EOS_GROUP = "bench-quix-segmenter", "bench-quix-segmenter-eos"
 # State keys under each contact's prefix (the segmenter's three tables, for one contact).
 ROW, MEMBERSHIP, ALIAS, FORGOTTEN = "row", "membership", "alias", "forgotten"

@@ -34,6 +34,10 @@ LOCAL = ROOT / ".local"
 # services use; outside WAYPOST_ENV=dev a service refuses them.
 SANDBOX_SMS_AUTH_TOKEN = "waypost-sandbox-sms-token"  # noqa: S105
 SANDBOX_WECHAT_APP_SECRET = "waypost-sandbox-wechat-secret"  # noqa: S105
+# The one login of Kafka's second listener, SASL_PLAINTEXT with mechanism PLAIN, where a client
+# can be tried against a cluster that asks for credentials. Published, so refused outside dev.
+KAFKA_SASL_USERNAME = "waypost"
+KAFKA_SASL_PASSWORD = "waypost-dev-kafka-password"  # noqa: S105
 KAFKA_LIBS = LOCAL / "kafka" / "libs"
 FERRETDB_BIN = LOCAL / "bin" / "waypost-ferretdb"
 PYTHON = sys.executable
@@ -162,6 +166,8 @@ class Ports:
     ingest: int = 8000
     admin: int = 8001
     dispatcher_metrics: int = 9464
+    # Kafka's second listener, SASL_PLAINTEXT (PLAIN); the services use the first, PLAINTEXT.
+    kafka_sasl: int = 9094
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -188,6 +194,21 @@ class Stack:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.ports.kafka}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        """Kafka's SASL_PLAINTEXT listener (user `KAFKA_SASL_USERNAME`, mechanism PLAIN)."""
+        return f"127.0.0.1:{self.ports.kafka_sasl}"
+
+    def sasl_env(self, password: str = KAFKA_SASL_PASSWORD) -> dict[str, str]:
+        """The settings that point a service at the SASL listener instead."""
+        return {
+            "WAYPOST_KAFKA_BOOTSTRAP": self.sasl_bootstrap,
+            "WAYPOST_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "WAYPOST_KAFKA_SASL_MECHANISM": "PLAIN",
+            "WAYPOST_KAFKA_SASL_USERNAME": KAFKA_SASL_USERNAME,
+            "WAYPOST_KAFKA_SASL_PASSWORD": password,
+        }
 
     @property
     def mongo_url(self) -> str:
@@ -327,17 +348,29 @@ class Stack:
         config = self.home / "kafka.properties"
         config.parent.mkdir(parents=True, exist_ok=True)
         p = self.ports
+        # Brokers and services talk PLAINTEXT; the SASL listener is for clients that must
+        # authenticate (tests of a secured cluster). Its one user is in the JAAS line.
+        jaas = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{KAFKA_SASL_USERNAME}="{KAFKA_SASL_PASSWORD}";'
+        )
         config.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@127.0.0.1:{p.kafka_controller}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{p.kafka},CONTROLLER://127.0.0.1:{p.kafka_controller}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{p.kafka}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{p.kafka},"
+                    f"CONTROLLER://127.0.0.1:{p.kafka_controller},"
+                    f"SASL_PLAINTEXT://127.0.0.1:{p.kafka_sasl}",
+                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{p.kafka},"
+                    f"SASL_PLAINTEXT://127.0.0.1:{p.kafka_sasl}",
                     "controller.listener.names=CONTROLLER",
                     "inter.broker.listener.name=PLAINTEXT",
-                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    "listener.security.protocol.map="
+                    "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+                    "listener.name.sasl_plaintext.sasl.enabled.mechanisms=PLAIN",
+                    f"listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}",
                     f"log.dirs={data}",
                     f"num.partitions={self.partitions}",
                     "offsets.topic.replication.factor=1",
@@ -495,16 +528,17 @@ class Stack:
             ],
         )
 
-    def start_service(self, name: str, worker: int = 1) -> None:
+    def start_service(self, name: str, worker: int = 1, env: dict[str, str] | None = None) -> None:
         """Start a service; `worker` 2, 3, ... starts one more worker of it (process name
-        `<service>-<n>`, its own local state folder), as ops scale a stream worker out."""
+        `<service>-<n>`, its own local state folder), as ops scale a stream worker out. `env`
+        adds to or overrides the stack's settings for this process."""
         if worker == 1:
-            self._spawn(name, [PYTHON, "-m", f"services.{name}"])
+            self._spawn(name, [PYTHON, "-m", f"services.{name}"], env=env)
             return
         self._spawn(
             f"{name}-{worker}",
             [PYTHON, "-m", f"services.{name}"],
-            env={"WAYPOST_DATA_DIR": str(self.home / f"data-{worker}")},
+            env={"WAYPOST_DATA_DIR": str(self.home / f"data-{worker}"), **(env or {})},
         )
 
     def extra_workers(self) -> list[str]:

@@ -33,15 +33,16 @@ from shared.topics import EVENTS, JOURNEY_LOG
 
 async def serve(settings: AdminSettings) -> None:
     client = connect(settings, "waypost-admin")
+    kafka = settings.kafka()
     db = database(client, settings)
-    journeys = PublishedJourneys(settings.kafka_bootstrap)
+    journeys = PublishedJourneys(kafka)
     journeys.start()
-    segment_counts = SegmentCounts(settings.kafka_bootstrap)
+    segment_counts = SegmentCounts(kafka)
     segment_counts.start()
-    producer = AsyncProducer(settings.kafka_bootstrap, client_id="admin")
+    producer = AsyncProducer(kafka, client_id="admin")
     store = JourneyLogStore(db)
     consumer = ConsumerLoop(
-        settings.kafka_bootstrap,
+        kafka,
         group_id=f"{settings.group_id}-journey-log",
         topics=[JOURNEY_LOG.name],
         client_id="admin",
@@ -51,7 +52,7 @@ async def serve(settings: AdminSettings) -> None:
         journeys,
         store,
         functools.partial(message_states, db),
-        functools.partial(topic_record_count, settings.kafka_bootstrap, EVENTS.name),
+        functools.partial(topic_record_count, kafka, EVENTS.name),
         drafts=JourneyDrafts(db),
         templates=TemplateStore(db),
         definitions=Definitions(producer, journeys),

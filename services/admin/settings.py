@@ -22,7 +22,7 @@ class AdminSettings(CommonSettings):
 
     def secrets(self) -> list[Secret]:
         keys = sorted(self.api_keys()) or [""]
-        return [Secret("WAYPOST_ADMIN_API_KEYS", key) for key in keys]
+        return [*super().secrets(), *(Secret("WAYPOST_ADMIN_API_KEYS", key) for key in keys)]
 
     def api_keys(self) -> set[str]:
         return {k.strip() for k in self.admin_api_keys.split(",") if k.strip()}

@@ -38,7 +38,8 @@ log = structlog.get_logger(__name__)
 
 async def serve(settings: DispatcherSettings) -> None:
     clock = SystemClock()
-    producer = AsyncProducer(settings.kafka_bootstrap, client_id="dispatcher")
+    kafka = settings.kafka()
+    producer = AsyncProducer(kafka, client_id="dispatcher")
     client = connect(settings, "waypost-dispatcher", max_connections=settings.store_connections)
     db = database(client, settings)
     await ensure_indexes(db)
@@ -72,9 +73,7 @@ async def serve(settings: DispatcherSettings) -> None:
     )
 
     def consumer(group: str, topics: list[str], client_id: str) -> ConsumerLoop:
-        return ConsumerLoop(
-            settings.kafka_bootstrap, group_id=group, topics=topics, client_id=client_id
-        )
+        return ConsumerLoop(kafka, group_id=group, topics=topics, client_id=client_id)
 
     requests = consumer(settings.group_id, [SEND_REQUESTS.name], "dispatcher")
     retries = consumer(

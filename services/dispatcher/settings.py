@@ -89,6 +89,7 @@ class DispatcherSettings(CommonSettings):
 
     def secrets(self) -> list[Secret]:
         used = [
+            *super().secrets(),
             Secret("WAYPOST_LINK_SECRET", self.link_secret.get_secret_value()),
             provider_credential("WAYPOST_SMS_AUTH_TOKEN", self.sms_auth_token.get_secret_value()),
             provider_credential(

@@ -31,7 +31,7 @@ def worker_app() -> ASGIApp:
     settings = IngestSettings()
     configure_logging("ingest", settings.log_level, settings.log_format)
     publisher = KafkaEventPublisher(
-        settings.kafka_bootstrap, client_id="ingest", linger_ms=settings.ingest_linger_ms
+        settings.kafka(), client_id="ingest", linger_ms=settings.ingest_linger_ms
     )
 
     @asynccontextmanager

@@ -34,6 +34,7 @@ class IngestSettings(CommonSettings):
     def secrets(self) -> list[Secret]:
         keys = sorted(self.write_keys()) or [""]
         return [
+            *super().secrets(),
             Secret("WAYPOST_LINK_SECRET", self.link_secret.get_secret_value()),
             *(Secret("WAYPOST_INGEST_WRITE_KEYS", key) for key in keys),
             provider_credential("WAYPOST_SMS_AUTH_TOKEN", self.sms_auth_token.get_secret_value()),

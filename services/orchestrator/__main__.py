@@ -19,9 +19,10 @@ def main() -> None:
     configure_logging("orchestrator", settings.log_level, settings.log_format)
     enforce(settings.env, settings.secrets())
     clock = SystemClock()
-    producer = AsyncProducer(settings.kafka_bootstrap, client_id="orchestrator")
-    catalog = DefinitionsCatalog(settings.kafka_bootstrap)
-    audience_progress = AudienceProgress(settings.kafka_bootstrap)
+    kafka = settings.kafka()
+    producer = AsyncProducer(kafka, client_id="orchestrator")
+    catalog = DefinitionsCatalog(kafka)
+    audience_progress = AudienceProgress(kafka)
     worker = StreamWorker(settings.app_id, settings, producer, clock, service="orchestrator")
     Orchestrator(
         worker,

@@ -15,6 +15,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from shared.contracts import ContactCommand, Event, SegmentCount
 from shared.definitions import PublishedJourneys
 from shared.kafka import AsyncProducer, CompactedTopicView
+from shared.kafka_connection import KafkaConnection
 from shared.segments import PublishedAggregate, PublishedSegment
 from shared.topics import CONTACT_COMMANDS, DEFINITIONS, EVENTS, SEGMENT_COUNTS
 
@@ -27,8 +28,8 @@ class SegmentCounts:
     """The latest count of every segment on every partition, followed from the compacted
     `waypost.segment-counts.v1`."""
 
-    def __init__(self, bootstrap: str) -> None:
-        self._view = CompactedTopicView(bootstrap, SEGMENT_COUNTS.name)
+    def __init__(self, kafka: KafkaConnection | str) -> None:
+        self._view = CompactedTopicView(kafka, SEGMENT_COUNTS.name)
 
     def start(self) -> None:
         self._view.start()

@@ -18,6 +18,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 
 from services.ingest.domain.calls import EncodedEvent
 from shared.kafka import DeliveryFailed, ProducerBusy, RenewableProducer
+from shared.kafka_connection import KafkaConnection, client_config
 from shared.topics import EVENTS
 
 # How often delivery reports are served while records are in flight: the most it adds to an
@@ -26,11 +27,14 @@ POLL_INTERVAL_SECONDS = 0.001
 
 
 def producer_config(
-    bootstrap: str, client_id: str, linger_ms: float, extra: Mapping[str, Any] | None = None
+    kafka: KafkaConnection | str,
+    client_id: str,
+    linger_ms: float,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The producer settings of ingest (the benchmark's raw producer uses them too)."""
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+        **client_config(kafka),
         "client.id": client_id,
         "enable.idempotence": True,
         "acks": "all",
@@ -76,13 +80,13 @@ class KafkaEventPublisher:
 
     def __init__(
         self,
-        bootstrap: str,
+        kafka: KafkaConnection | str,
         *,
         client_id: str = "ingest",
         linger_ms: float = 2.0,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        config = producer_config(bootstrap, client_id, linger_ms, extra)
+        config = producer_config(kafka, client_id, linger_ms, extra)
         # Replaced by a new producer after a fatal error (shared.kafka.RenewableProducer).
         self._renewable = RenewableProducer(config, client_id)
         self._queue_limit = int(config["queue.buffering.max.messages"])

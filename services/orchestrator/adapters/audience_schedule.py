@@ -23,6 +23,7 @@ from shared.clock import Clock
 from shared.contracts import AudienceRequest
 from shared.journeys import AudienceTrigger, Journey
 from shared.kafka import CompactedTopicView, DeliveryFailed, ProducerBusy
+from shared.kafka_connection import KafkaConnection
 from shared.topics import AUDIENCE_REQUESTS, AUDIENCE_RUNS
 
 log = structlog.get_logger(__name__)
@@ -47,8 +48,8 @@ class RunPublisher(Protocol):
 class AudienceProgress:
     """Follows `waypost.audience-runs.v1` (compacted, keyed by journey id) from the beginning."""
 
-    def __init__(self, bootstrap: str) -> None:
-        self._view = CompactedTopicView(bootstrap, AUDIENCE_RUNS.name)
+    def __init__(self, kafka: KafkaConnection | str) -> None:
+        self._view = CompactedTopicView(kafka, AUDIENCE_RUNS.name)
         # Decoded values by key, with the raw bytes they came from, so a tick parses only changes.
         self._decoded: dict[str, tuple[bytes, datetime]] = {}
 

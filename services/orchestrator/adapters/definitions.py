@@ -6,6 +6,7 @@ from typing import Protocol
 
 from services.orchestrator.domain.catalog import Catalog
 from shared.definitions import PublishedJourneys
+from shared.kafka_connection import KafkaConnection
 
 
 class CatalogSource(Protocol):
@@ -17,8 +18,8 @@ class CatalogSource(Protocol):
 class DefinitionsCatalog:
     """Rebuilds the `Catalog` only when a version was published or changed status."""
 
-    def __init__(self, bootstrap: str) -> None:
-        self._journeys = PublishedJourneys(bootstrap)
+    def __init__(self, kafka: KafkaConnection | str) -> None:
+        self._journeys = PublishedJourneys(kafka)
         self._catalog = Catalog()
 
     def start(self, timeout: float = 60.0) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from services.segmenter.domain.definitions import Definitions
 from shared.definitions import PublishedJourneys
 from shared.journeys import PublishedJourney
+from shared.kafka_connection import KafkaConnection
 
 
 class LiveDefinitions:
     """Rebuilds `Definitions` only when something was published, deleted or changed status."""
 
-    def __init__(self, bootstrap: str) -> None:
-        self._published = PublishedJourneys(bootstrap)
+    def __init__(self, kafka: KafkaConnection | str) -> None:
+        self._published = PublishedJourneys(kafka)
         self._current = Definitions()
 
     def start(self, timeout: float = 60.0) -> None:

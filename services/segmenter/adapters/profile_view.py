@@ -71,7 +71,7 @@ class ProfileView:
         if not await self._retrying(self._create_indexes, stop):
             return
         consumer = ConsumerLoop(
-            self._settings.kafka_bootstrap,
+            self._settings.kafka(),
             group_id=self._group_id,
             topics=[PROFILES.name],
             client_id="profile-view",
