@@ -5,10 +5,10 @@ and calls `require_strong` before it serves. Outside `WAYPOST_ENV=dev` (what the
 the demo and the tests set) a weak secret stops the start with a message naming every variable
 at fault; in dev it is only logged.
 
-Waypost's own secrets (the link-signing secret, admin and write keys) must hold at least 32
-bytes. A provider's credential (an SMS auth token, a WeChat app secret, an SMTP password) has
-the length its provider gives it, and may be left empty to turn its channel off: only published
-defaults (the local sandbox's) and placeholders count against it.
+Waypost's own secrets (the link-signing and coupon secrets, admin and write keys) must hold at
+least 32 bytes. A provider's credential (an SMS auth token, a WeChat app secret, an SMTP
+password) has the length its provider gives it, and may be left empty to turn its channel off:
+only published defaults (the local sandbox's) and placeholders count against it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ PUBLISHED = frozenset(
     {
         "waypost-dev-link-secret",
         "change-me-dev-link-secret",
+        "waypost-dev-coupon-secret",
+        "change-me-dev-coupon-secret",
         "wp_dev_admin_key",
         "wp_dev_write_key",
         "dev-admin-key",

@@ -32,6 +32,7 @@ def main() -> None:
         producer,
         DeadLetters(producer, "orchestrator", clock),
         audience_progress,
+        coupon_key=settings.coupon_key(),
     )
     prepare_topics(settings, worker.changelogs())
     catalog.start()

@@ -85,6 +85,8 @@ class Journeys:
         clock: Clock,
         webhooks: Webhooks,
         dead_letters: DeadLetters | None = None,
+        *,
+        coupon_key: bytes,
     ) -> None:
         self.contacts = contacts
         self.timers = timers
@@ -93,6 +95,7 @@ class Journeys:
         self.clock = clock
         self.webhooks = webhooks
         self.dead_letters = dead_letters
+        self.coupon_key = coupon_key
         self._batch = Overlay()
         self._focus: Focus = no_focus
 
@@ -193,7 +196,9 @@ class Journeys:
         ):
             self._drop_stray_timer(stimulus.timer, partition)
             return
-        decision = decide(state, stimulus, self.catalog.current(), self.clock.now())
+        decision = decide(
+            state, stimulus, self.catalog.current(), self.clock.now(), coupon_key=self.coupon_key
+        )
         unchanged = decision.state == (state or ContactState(contact_key=key))
         if not decision.commands and unchanged:
             return  # nothing to publish and nothing to store (a stale timer, an ignored event)
@@ -279,6 +284,8 @@ class Orchestrator:
         producer: AsyncProducer,
         dead_letters: DeadLetters,
         audience_progress: Progress,
+        *,
+        coupon_key: bytes,
     ) -> None:
         self.worker = worker
         self.clock = clock
@@ -298,6 +305,7 @@ class Orchestrator:
             clock,
             Webhooks(producer, clock),
             dead_letters,
+            coupon_key=coupon_key,
         )
         self.timer_fire_batch = settings.timer_fire_batch
         worker.consume(

@@ -135,7 +135,9 @@ def test_a_restart_schedules_exactly_one_timer_command_and_cancels_none() -> Non
         properties={},
     )
     stimulus = EventArrived(ContactEvent(contact_key="ada", event=view, profile=sim.profile("ada")))
-    decision = decide(sim.states["ada"], stimulus, sim.catalog, T0 + timedelta(days=1))
+    decision = decide(
+        sim.states["ada"], stimulus, sim.catalog, T0 + timedelta(days=1), coupon_key=sim.coupon_key
+    )
 
     timers = [c for c in decision.commands if isinstance(c, ScheduleTimer)]
     assert [t.due_at for t in timers] == [T0 + timedelta(days=61)]

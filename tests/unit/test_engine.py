@@ -1,7 +1,7 @@
 """The orchestrator's pure journey engine, driven in virtual time with the welcome journey.
 
-`decide(state, stimulus, catalog, now)` is called directly: no Kafka, no clock, no sleeps. Time is a
-plain datetime that the tests move forward themselves.
+`decide(state, stimulus, catalog, now)` is called directly (with a test coupon key): no Kafka, no
+clock, no sleeps. Time is a plain datetime that the tests move forward themselves.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.orchestrator.domain import engine
 from services.orchestrator.domain.catalog import Catalog
 from services.orchestrator.domain.engine import (
     HANDLED_REMEMBERED,
     PAUSED_RECHECK,
     TIMER_EARLY_TOLERANCE,
-    decide,
 )
 from services.orchestrator.domain.state import (
     AppendLog,
@@ -46,6 +46,15 @@ SIX_DAYS = timedelta(days=6)
 
 
 # --- builders -------------------------------------------------------------------------------
+
+COUPON_KEY = b"unit-test-coupon-key"
+
+
+def decide(
+    state: ContactState | None, stimulus: Stimulus, catalog: Catalog, now: datetime
+) -> Decision:
+    """The engine's `decide`, with the tests' coupon key."""
+    return engine.decide(state, stimulus, catalog, now, coupon_key=COUPON_KEY)
 
 
 @cache

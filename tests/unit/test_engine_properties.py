@@ -181,7 +181,13 @@ def test_a_redelivered_event_changes_nothing(actions: list[Action]) -> None:
         again = ContactEvent(contact_key=contact, event=event, profile=sim.profile(contact))
         state = sim.states[contact]
 
-        decision = decide(state, EventArrived(again), sim.catalog, sim.now + timedelta(minutes=1))
+        decision = decide(
+            state,
+            EventArrived(again),
+            sim.catalog,
+            sim.now + timedelta(minutes=1),
+            coupon_key=sim.coupon_key,
+        )
 
         assert decision.commands == ()
         assert decision.state == state

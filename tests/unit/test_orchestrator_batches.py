@@ -80,6 +80,7 @@ def run(batches: list[list[Record]]) -> tuple[dict[bytes, bytes], dict[bytes, by
         clock,
         Webhooks(outbox, clock),  # type: ignore[arg-type]
         DeadLetters(outbox, "orchestrator", clock),  # type: ignore[arg-type]
+        coupon_key=b"test-coupon-key",
     )
     for batch in batches:
         asyncio.run(journeys.process(batch))

@@ -103,6 +103,7 @@ class Shell:
             self.outbox,
             self.clock,
             Webhooks(self.outbox, self.clock),  # type: ignore[arg-type]
+            coupon_key=b"test-coupon-key",
         )
 
     async def handle(self, incoming: Incoming) -> None:

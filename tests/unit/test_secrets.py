@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from services.admin.settings import AdminSettings
 from services.dispatcher.settings import DispatcherSettings
 from services.ingest.settings import IngestSettings
+from services.orchestrator.settings import OrchestratorSettings
 from shared.secrets import Secret, WeakSecrets, provider_credential, require_strong, weakness
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,15 +89,40 @@ def test_each_service_names_the_secrets_it_uses() -> None:
         "WAYPOST_SMTP_PASSWORD",
     ]
     require_strong("production", dispatcher.secrets())  # unset providers: channels off
+    orchestrator = OrchestratorSettings(coupon_secret=SecretStr(STRONG))
+    assert [s.variable for s in orchestrator.secrets()] == ["WAYPOST_COUPON_SECRET"]
+    require_strong("production", orchestrator.secrets())
 
 
 def test_the_defaults_are_refused_in_production() -> None:
-    for settings in (IngestSettings(), AdminSettings(), DispatcherSettings()):
+    for settings in (
+        IngestSettings(),
+        AdminSettings(),
+        DispatcherSettings(),
+        OrchestratorSettings(),
+    ):
         with pytest.raises(WeakSecrets):
             require_strong("production", settings.secrets())
 
 
-@pytest.mark.parametrize("service", ["ingest", "admin", "dispatcher"])
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (None, "is a default published with Waypost"),  # the setting's own default
+        ("change-me-dev-coupon-secret", "is a default published with Waypost"),  # compose's
+        ("9f1c2b7e4d5a6c8b0e3f", "is shorter than 32 bytes"),
+    ],
+)
+def test_the_orchestrator_refuses_a_weak_coupon_secret(value: str | None, why: str) -> None:
+    settings = (
+        OrchestratorSettings() if value is None else OrchestratorSettings(coupon_secret=value)
+    )
+    with pytest.raises(WeakSecrets, match=f"WAYPOST_COUPON_SECRET {why}"):
+        require_strong("production", settings.secrets())
+    require_strong("dev", settings.secrets())  # the local stack and the tests run on it
+
+
+@pytest.mark.parametrize("service", ["ingest", "admin", "dispatcher", "orchestrator"])
 def test_a_service_started_on_published_defaults_exits_before_it_serves(service: str) -> None:
     env = {
         key: value

@@ -1,13 +1,13 @@
-"""The journey engine: `decide(state, stimulus, catalog, now) -> Decision`.
+"""The journey engine: `decide(state, stimulus, catalog, now, coupon_key=...) -> Decision`.
 
 Pure: no I/O, no clock, no randomness. Ids, coupon codes, splits, owners and holdouts derive from
 hashes of their inputs, so a replayed stimulus yields the same commands and consumers can
-de-duplicate on them.
+de-duplicate on them. Coupon codes are keyed with a server secret the caller passes in, so
+knowing a contact's key and the journey is not enough to work out their code.
 """
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -60,7 +60,7 @@ from shared.durations import (
     parse_duration,
     parse_time_of_day,
 )
-from shared.ids import stable_fraction, stable_id
+from shared.ids import keyed_digest, stable_fraction, stable_id
 from shared.journeys import (
     ATTRIBUTE_CHANGED,
     AUDIENCE_SELECTED,
@@ -119,9 +119,15 @@ _END = None
 
 
 def decide(
-    state: ContactState | None, stimulus: Stimulus, catalog: Catalog, now: datetime
+    state: ContactState | None,
+    stimulus: Stimulus,
+    catalog: Catalog,
+    now: datetime,
+    *,
+    coupon_key: bytes,
 ) -> Decision:
-    """Apply one stimulus to one contact's journeys."""
+    """Apply one stimulus to one contact's journeys; `coupon_key` keys the coupon codes issued
+    (the orchestrator's `WAYPOST_COUPON_SECRET`)."""
     if isinstance(stimulus, EventArrived):
         contact_event = stimulus.contact_event
         current = state or ContactState(contact_key=contact_event.contact_key)
@@ -130,14 +136,18 @@ def decide(
             return Decision(current, ())
         handled = (*current.handled, digest)[-HANDLED_REMEMBERED:]
         current = current.model_copy(update={"profile": contact_event.profile, "handled": handled})
-        turn = _Turn(current, catalog, now, contact_event.event)
+        turn = _Turn(current, catalog, now, coupon_key, contact_event.event)
         turn.on_event(contact_event.event)
     elif isinstance(stimulus, TimerDue):
-        turn = _Turn(state or ContactState(contact_key=stimulus.timer.contact_key), catalog, now)
+        turn = _Turn(
+            state or ContactState(contact_key=stimulus.timer.contact_key), catalog, now, coupon_key
+        )
         turn.on_timer(stimulus)
     else:
         result = stimulus.result
-        turn = _Turn(state or ContactState(contact_key=result.contact_key), catalog, now)
+        turn = _Turn(
+            state or ContactState(contact_key=result.contact_key), catalog, now, coupon_key
+        )
         turn.on_webhook(stimulus)
     return turn.decision(state)
 
@@ -204,11 +214,17 @@ class _Turn:
     """One decision in progress: the contact's state and the commands so far (local, pure)."""
 
     def __init__(
-        self, state: ContactState, catalog: Catalog, now: datetime, event: Event | None = None
+        self,
+        state: ContactState,
+        catalog: Catalog,
+        now: datetime,
+        coupon_key: bytes,
+        event: Event | None = None,
     ) -> None:
         self.state = state
         self.catalog = catalog
         self.now = now
+        self.coupon_key = coupon_key
         self.event = event
         self.commands: list[Command] = []
         self.scheduled: set[str] = set()
@@ -541,10 +557,7 @@ class _Turn:
     def _coupon(
         self, instance: Instance, journey: Journey, step: CouponStep, visit: int
     ) -> Instance:
-        digest = base64.b32encode(
-            bytes.fromhex(stable_id(instance.instance_id, step.id, visit, length=64))
-        )
-        code = step.prefix + "".join(_COUPON_ALPHABET[c % 32] for c in digest[: step.length])
+        code = coupon_code(self.coupon_key, instance.instance_id, step.id, visit, step)
         expires: datetime | None = None
         if step.expires == "end_of_local_day":
             expires = end_of_local_day(self.now, self._zone(journey))
@@ -699,6 +712,15 @@ class _Turn:
             if after is None or after.timer is None:
                 self.commands.append(CancelTimer(self.state.contact_key, instance_id))
         return Decision(self.state, tuple(self.commands))
+
+
+def coupon_code(key: bytes, instance_id: str, step_id: str, visit: int, step: CouponStep) -> str:
+    """The code a coupon step issues on this visit of this instance: the step's prefix, then
+    `step.length` characters of an HMAC under the server's coupon key. The same inputs and key
+    give the same code (a replay issues the same coupon); without the key it can't be derived."""
+    digest = keyed_digest(key, "coupon", instance_id, step_id, visit)
+    # 32 digest bytes cover the longest code; 256 is a multiple of 32, so characters are uniform.
+    return step.prefix + "".join(_COUPON_ALPHABET[b % 32] for b in digest[: step.length])
 
 
 def _pick_variant(step: SplitStep, fraction: float) -> Any:

@@ -53,6 +53,11 @@ from shared.journeys import (
 )
 from shared.profiles import apply_command, apply_event
 
+# Simulated runs (dry runs, scenario tests) key coupon codes with this fixed, published key, never
+# the orchestrator's secret: the codes they show are realistic in shape but are not the codes a
+# real run issues, so a dry run reveals nothing about real coupons.
+DRY_RUN_COUPON_KEY = b"waypost-dry-run-coupon-key"
+
 # A webhook answer: (ok, HTTP status, JSON body).
 WebhookAnswer = tuple[bool, int | None, Any]
 
@@ -79,8 +84,10 @@ class Simulation:
         start: datetime,
         *,
         webhooks: Callable[[WebhookCall], WebhookAnswer] = _always_ok,
+        coupon_key: bytes = DRY_RUN_COUPON_KEY,
     ) -> None:
         self.now = start
+        self.coupon_key = coupon_key
         self.published = {
             (j.id, j.version): PublishedJourney(journey=j, published_at=start) for j in journeys
         }
@@ -259,7 +266,9 @@ class Simulation:
         self._stimulate(event.contact_key, EventArrived(contact_event))
 
     def _stimulate(self, contact: str, stimulus: Stimulus) -> None:
-        decision = decide(self.states.get(contact), stimulus, self.catalog, self.now)
+        decision = decide(
+            self.states.get(contact), stimulus, self.catalog, self.now, coupon_key=self.coupon_key
+        )
         self.states[contact] = decision.state
         changes: list[ContactCommand] = []
         calls: list[WebhookCall] = []
