@@ -75,7 +75,7 @@ from bench.timers import Progress, percentile, port_in_use, say, table
 from shared.contracts import Channel, Profile, SendRequest
 from shared.docstore import connect_blocking
 from shared.kafka import ensure_topics, topic_record_count
-from shared.links import LinkClaims, LinkSigner, track_email
+from shared.links import LinkClaims, LinkSigner, track_email, urls_written_in
 from shared.settings import CommonSettings
 from shared.topics import SEND_REQUESTS
 
@@ -208,6 +208,7 @@ def mime_message(signer: LinkSigner, run: Run, n: int, kind: str) -> tuple[str, 
         base,
         opens=True,
         clicks=True,
+        template_urls=urls_written_in(template["text"], template["html"]),
     )
     msg = EmailMessage(policy=UNFOLDED)
     msg["From"] = EMAIL_FROM

@@ -13,9 +13,10 @@ import hmac
 import html
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from html.parser import HTMLParser
 from typing import Any, Literal, get_args
 
@@ -138,6 +139,29 @@ def link_id_of(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:10]
 
 
+def urls_written_in(*sources: str | None) -> frozenset[str]:
+    """The web URLs written literally in template sources (before rendering): the only ones
+    `track_email` may rewrite. A URL that comes from data, or is put together from a literal
+    and data (`https://shop.example/p/{{ id }}`), is not among them."""
+    found: set[str] = set()
+    for source in sources:
+        if source:
+            found |= _urls_in(source)
+    return frozenset(found)
+
+
+@lru_cache(maxsize=256)
+def _urls_in(source: str) -> frozenset[str]:
+    # Every form a written URL can take once rendered and read back: as written, with its
+    # entities decoded (an href's `&amp;`), and without the trailing punctuation that the text
+    # rewriting leaves out. Each is a string of the source, so data can never add one.
+    found: set[str] = set()
+    for match in _TEXT_URL.finditer(source):
+        for url in (match.group(0), html.unescape(match.group(0))):
+            found.update((url, url.strip(), _trim_url(url)[0]))
+    return frozenset(found)
+
+
 def track_email(
     html: str | None,
     text: str,
@@ -146,17 +170,21 @@ def track_email(
     *,
     opens: bool,
     clicks: bool,
+    template_urls: Collection[str],
 ) -> tuple[str | None, str]:
     """Rewrite http(s) links for click tracking and add the open pixel (HTML only).
 
-    Links to the unsubscribe page (and to tracking itself) are left alone, as are mailto: and
-    tel:. An anchor's `data-link-id` names its link, else `link_id_of(url)`. The same input
-    gives the same output: `issued_at` comes from `base`.
+    Only links in `template_urls` (`urls_written_in` the template's sources) are tracked: a
+    URL that arrived in profile or event data stays as it is, or tracking would turn it into a
+    signed redirect through our domain (an open redirect). Links to the unsubscribe page (and
+    to tracking itself) are left alone, as are mailto: and tel:. An anchor's `data-link-id`
+    names its link, else `link_id_of(url)`. The same input gives the same output: `issued_at`
+    comes from `base`.
     """
     untracked = tuple(f"{signer.public_url}/{route}/" for route in ("u", "c", "o"))
 
     def tracked(url: str, link_id: str | None) -> str | None:
-        if not _is_web_url(url) or url.startswith(untracked):
+        if not _is_web_url(url) or url.startswith(untracked) or url not in template_urls:
             return None
         claims = dataclasses.replace(
             base, kind="click", link_id=link_id or link_id_of(url), url=url

@@ -50,6 +50,7 @@ def _delivery(to: str, message_id: str = "msg-1") -> Delivery:
         claims,
         opens=True,
         clicks=True,
+        template_urls={"https://shop.example.com/spring"},
     )
     content = EmailContent("Spring is here", text, html, SIGNER.unsubscribe_url(claims))
     return Delivery(message_id, "u-1", "email", to, content)

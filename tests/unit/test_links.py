@@ -19,6 +19,7 @@ from shared.links import (
     track_email,
     twilio_signature,
     twilio_signature_valid,
+    urls_written_in,
 )
 
 PUBLIC = "https://go.example.com"
@@ -188,6 +189,29 @@ def test_link_ids_are_stable_short_hex() -> None:
 
 # --- email rewriting -------------------------------------------------------------------------
 
+
+def track(
+    html: str | None,
+    text: str,
+    signer: LinkSigner,
+    base: LinkClaims,
+    *,
+    opens: bool,
+    clicks: bool,
+) -> tuple[str | None, str]:
+    """`track_email` of a message rendered from a template without variables: every URL in it
+    was written in the template."""
+    return track_email(
+        html,
+        text,
+        signer,
+        base,
+        opens=opens,
+        clicks=clicks,
+        template_urls=urls_written_in(html, text),
+    )
+
+
 UNSUBSCRIBE = SIGNER.unsubscribe_url(BASE)
 HTML = f"""<html><body>
 <p>Hello <a class=cta href="https://shop.example/sale?a=1&amp;b=2">the sale</a>.</p>
@@ -204,7 +228,7 @@ TEXT = (
 
 
 def test_html_links_are_rewritten_to_signed_click_links() -> None:
-    html, _text = track_email(HTML, TEXT, SIGNER, BASE, opens=False, clicks=True)
+    html, _text = track(HTML, TEXT, SIGNER, BASE, opens=False, clicks=True)
 
     assert html is not None
     sale, blog = clicked(html)
@@ -224,7 +248,7 @@ def test_html_links_are_rewritten_to_signed_click_links() -> None:
 
 
 def test_mailto_tel_unsubscribe_and_script_content_are_left_alone() -> None:
-    html, _text = track_email(HTML, TEXT, SIGNER, BASE, opens=False, clicks=True)
+    html, _text = track(HTML, TEXT, SIGNER, BASE, opens=False, clicks=True)
 
     assert html is not None
     assert '<a href="mailto:help@example.com">' in html
@@ -237,7 +261,7 @@ def test_mailto_tel_unsubscribe_and_script_content_are_left_alone() -> None:
 def test_the_new_href_is_entity_escaped() -> None:
     signer = LinkSigner("test-secret", "https://go.example.com/t?x=1&y=2")
 
-    html, _text = track_email(
+    html, _text = track(
         '<a href="https://a.example/">a</a>', "", signer, BASE, opens=False, clicks=True
     )
 
@@ -247,14 +271,14 @@ def test_the_new_href_is_entity_escaped() -> None:
 
 
 def test_the_pixel_goes_right_before_the_closing_body_tag() -> None:
-    html, _text = track_email(HTML, TEXT, SIGNER, BASE, opens=True, clicks=False)
+    html, _text = track(HTML, TEXT, SIGNER, BASE, opens=True, clicks=False)
 
     pixel = f'<img src="{SIGNER.open_url(BASE)}" width="1" height="1" alt="" style="display:none">'
     assert html == HTML.replace("</body>", pixel + "</body>")
 
 
 def test_the_pixel_goes_at_the_end_without_a_body_tag() -> None:
-    html, _text = track_email("<p>Hi</p>", "Hi", SIGNER, BASE, opens=True, clicks=False)
+    html, _text = track("<p>Hi</p>", "Hi", SIGNER, BASE, opens=True, clicks=False)
 
     assert html is not None
     assert html.startswith("<p>Hi</p><img ")
@@ -262,7 +286,7 @@ def test_the_pixel_goes_at_the_end_without_a_body_tag() -> None:
 
 
 def test_the_pixel_token_is_an_open_token() -> None:
-    html, _text = track_email("<p>Hi</p>", "Hi", SIGNER, BASE, opens=True, clicks=False)
+    html, _text = track("<p>Hi</p>", "Hi", SIGNER, BASE, opens=True, clicks=False)
 
     assert html is not None
     token = re.search(r"/o/([A-Za-z0-9_.-]+)\.gif", html)
@@ -271,7 +295,7 @@ def test_the_pixel_token_is_an_open_token() -> None:
 
 
 def test_text_urls_are_rewritten_without_their_trailing_punctuation() -> None:
-    _html, text = track_email(None, TEXT, SIGNER, BASE, opens=True, clicks=True)
+    _html, text = track(None, TEXT, SIGNER, BASE, opens=True, clicks=True)
 
     sale, wiki = clicked(text)
     assert sale.url == "https://shop.example/sale?a=1&b=2"
@@ -284,19 +308,19 @@ def test_text_urls_are_rewritten_without_their_trailing_punctuation() -> None:
 
 
 def test_without_an_html_part_only_the_text_is_tracked() -> None:
-    html, text = track_email(None, "Go: https://a.example/", SIGNER, BASE, opens=True, clicks=True)
+    html, text = track(None, "Go: https://a.example/", SIGNER, BASE, opens=True, clicks=True)
 
     assert html is None
     assert [c.url for c in clicked(text)] == ["https://a.example/"]
 
 
 def test_nothing_changes_when_tracking_is_off() -> None:
-    assert track_email(HTML, TEXT, SIGNER, BASE, opens=False, clicks=False) == (HTML, TEXT)
+    assert track(HTML, TEXT, SIGNER, BASE, opens=False, clicks=False) == (HTML, TEXT)
 
 
 def test_the_same_link_gets_the_same_id_in_both_parts_and_every_run() -> None:
-    first = track_email(HTML, TEXT, SIGNER, BASE, opens=True, clicks=True)
-    second = track_email(HTML, TEXT, SIGNER, BASE, opens=True, clicks=True)
+    first = track(HTML, TEXT, SIGNER, BASE, opens=True, clicks=True)
+    second = track(HTML, TEXT, SIGNER, BASE, opens=True, clicks=True)
 
     assert first == second
     html, text = first
@@ -305,9 +329,9 @@ def test_the_same_link_gets_the_same_id_in_both_parts_and_every_run() -> None:
 
 
 def test_already_tracked_links_are_not_wrapped_again() -> None:
-    once = track_email(HTML, TEXT, SIGNER, BASE, opens=False, clicks=True)
+    once = track(HTML, TEXT, SIGNER, BASE, opens=False, clicks=True)
 
-    assert track_email(*once, SIGNER, BASE, opens=False, clicks=True) == once
+    assert track(*once, SIGNER, BASE, opens=False, clicks=True) == once
 
 
 # --- Twilio signatures -----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from services.dispatcher.channels.common import TemplateDocument
 from services.dispatcher.domain.messages import MessageContent, RenderContext
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.domain.rendering import EmailTemplate, render_email
-from shared.links import track_email
+from shared.links import track_email, urls_written_in
 
 
 @dataclass(frozen=True)
@@ -24,16 +24,15 @@ class EmailContent(MessageContent):
 def render(
     template: TemplateDocument, variables: dict[str, object], context: RenderContext
 ) -> EmailContent:
-    """Subject, text and HTML; links rewritten for tracking; list mail gets its unsubscribe
-    link (transactional mail, such as receipts and resets, is not list mail)."""
-    rendered = render_email(
-        EmailTemplate(
-            subject=template.get("subject") or "",
-            text=template.get("text") or "",
-            html=template.get("html"),
-        ),
-        dict(variables),
+    """Subject, text and HTML; the links written in the template rewritten for tracking (not
+    those that came from data); list mail gets its unsubscribe link (transactional mail, such
+    as receipts and resets, is not list mail)."""
+    source = EmailTemplate(
+        subject=template.get("subject") or "",
+        text=template.get("text") or "",
+        html=template.get("html"),
     )
+    rendered = render_email(source, dict(variables))
     html, text = track_email(
         rendered.html,
         rendered.text,
@@ -41,6 +40,7 @@ def render(
         context.claims,
         opens=context.track_opens,
         clicks=context.track_clicks,
+        template_urls=urls_written_in(source.text, source.html),
     )
     links = context.links
     unsubscribe = None if context.transactional else links.unsubscribe_url(context.claims)
