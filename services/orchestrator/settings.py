@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from services.orchestrator.domain.destinations import DestinationPolicy
 from shared.settings import StreamSettings
 
 
@@ -18,3 +19,23 @@ class OrchestratorSettings(StreamSettings):
     timer_refire_max_seconds: float = Field(default=900.0, gt=0)
     # How often every worker checks the audience schedules (only partition 0's owner acts).
     audience_tick_seconds: float = Field(default=1.0, gt=0)
+    # Webhook steps reach public internet addresses only; these open more, comma-separated:
+    # CIDRs (`10.20.0.0/16,::1/128`) and host names (`crm.internal`, `.svc.cluster.local`).
+    webhook_allowed_networks: str = ""
+    webhook_allowed_hosts: str = ""
+    # One webhook call, its retries and its wait for a free slot included, ends within this.
+    webhook_deadline_seconds: float = Field(default=60.0, gt=0)
+    # Webhook calls in flight at once per worker; more wait for a turn.
+    webhook_max_in_flight: int = Field(default=32, ge=1)
+
+    def webhook_destinations(self) -> DestinationPolicy:
+        """What webhook steps may reach besides the public internet."""
+        return DestinationPolicy.parse(
+            self.webhook_allowed_networks.split(","), self.webhook_allowed_hosts.split(",")
+        )
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        DestinationPolicy.parse(value.split(","), ())  # a bad CIDR stops the start, named
+        return value
