@@ -258,6 +258,9 @@ class Stack:
             "WAYPOST_SMS_AUTH_TOKEN": SANDBOX_SMS_AUTH_TOKEN,
             "WAYPOST_WECHAT_APP_SECRET": SANDBOX_WECHAT_APP_SECRET,
             "WAYPOST_METRICS_PORT": str(self.ports.dispatcher_metrics),
+            # The end-to-end tests' webhook receivers listen on this machine, which a
+            # webhook step may not reach by default (docs/journeys.md, "Webhook destinations").
+            "WAYPOST_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
             # A local stack runs on the published dev keys and sandbox credentials, which a
             # service refuses anywhere else (shared/secrets.py).
             "WAYPOST_ENV": os.environ.get("WAYPOST_ENV", "dev"),

@@ -303,7 +303,13 @@ class Orchestrator:
             catalog,
             producer,
             clock,
-            Webhooks(producer, clock),
+            Webhooks(
+                producer,
+                clock,
+                settings.webhook_destinations(),
+                deadline_seconds=settings.webhook_deadline_seconds,
+                max_in_flight=settings.webhook_max_in_flight,
+            ),
             dead_letters,
             coupon_key=coupon_key,
         )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
+from services.orchestrator.domain.destinations import DestinationPolicy
 from shared.secrets import Secret
 from shared.settings import StreamSettings
 
@@ -36,3 +37,24 @@ class OrchestratorSettings(StreamSettings):
     def coupon_key(self) -> bytes:
         """The key the engine issues coupon codes with."""
         return self.coupon_secret.get_secret_value().encode()
+
+    # Webhook steps reach public internet addresses only; these open more, comma-separated:
+    # CIDRs (`10.20.0.0/16,::1/128`) and host names (`crm.internal`, `.svc.cluster.local`).
+    webhook_allowed_networks: str = ""
+    webhook_allowed_hosts: str = ""
+    # One webhook call, its retries and its wait for a free slot included, ends within this.
+    webhook_deadline_seconds: float = Field(default=60.0, gt=0)
+    # Webhook calls in flight at once per worker; more wait for a turn.
+    webhook_max_in_flight: int = Field(default=32, ge=1)
+
+    def webhook_destinations(self) -> DestinationPolicy:
+        """What webhook steps may reach besides the public internet."""
+        return DestinationPolicy.parse(
+            self.webhook_allowed_networks.split(","), self.webhook_allowed_hosts.split(",")
+        )
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        DestinationPolicy.parse(value.split(","), ())  # a bad CIDR stops the start, named
+        return value

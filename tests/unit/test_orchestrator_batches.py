@@ -15,6 +15,7 @@ from services.orchestrator.adapters.timers import TimerStore
 from services.orchestrator.adapters.webhooks import Webhooks
 from services.orchestrator.app import Journeys
 from services.orchestrator.domain.catalog import Catalog
+from services.orchestrator.domain.destinations import DestinationPolicy
 from services.orchestrator.domain.segment_clock import SEGMENT_CLOCK, segment_timer_id
 from shared.clock import ManualClock
 from shared.contracts import SegmentTimerRequest, TimerFired
@@ -78,7 +79,7 @@ def run(batches: list[list[Record]]) -> tuple[dict[bytes, bytes], dict[bytes, by
         FixedCatalog(Catalog.of([PublishedJourney(journey=WELCOME, published_at=T0)])),
         outbox,
         clock,
-        Webhooks(outbox, clock),  # type: ignore[arg-type]
+        Webhooks(outbox, clock, DestinationPolicy(), deadline_seconds=60, max_in_flight=4),  # type: ignore[arg-type]
         DeadLetters(outbox, "orchestrator", clock),  # type: ignore[arg-type]
         coupon_key=b"test-coupon-key",
     )

@@ -12,6 +12,7 @@ from services.orchestrator.adapters.timers import TimerStore, timer_key
 from services.orchestrator.adapters.webhooks import Webhooks
 from services.orchestrator.app import Incoming, Journeys
 from services.orchestrator.domain.catalog import Catalog
+from services.orchestrator.domain.destinations import DestinationPolicy
 from services.orchestrator.domain.segment_clock import (
     SEGMENT_CLOCK,
     reevaluation,
@@ -102,7 +103,9 @@ class Shell:
             catalog,
             self.outbox,
             self.clock,
-            Webhooks(self.outbox, self.clock),  # type: ignore[arg-type]
+            Webhooks(  # type: ignore[arg-type]
+                self.outbox, self.clock, DestinationPolicy(), deadline_seconds=60, max_in_flight=4
+            ),
             coupon_key=b"test-coupon-key",
         )
 
