@@ -97,7 +97,7 @@ class RoleRequirement:
     def __repr__(self) -> str:
         return f"RoleRequirement({self.role!r})"
 
-    def __call__(
+    async def __call__(
         self,
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
