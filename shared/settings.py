@@ -6,10 +6,10 @@ Build them once in a service's `__main__` and pass them down; never at import ti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.kafka_connection import (
@@ -22,6 +22,15 @@ from shared.profiles import ProfileLimits
 from shared.secrets import Secret
 
 _LIMITS = ProfileLimits()
+
+
+def _blank_is_unset(value: object) -> object:
+    return None if value == "" else value  # a manifest's optional setting left blank
+
+
+# A switch that may be left unset (None: the service decides, e.g. by `WAYPOST_ENV`); an empty
+# value counts as unset.
+OptionalSwitch = Annotated[bool | None, BeforeValidator(_blank_is_unset)]
 
 
 class CommonSettings(BaseSettings):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from services.admin.domain.roles import AdminKey, parse_admin_keys
 from shared.secrets import Secret
-from shared.settings import CommonSettings
+from shared.settings import CommonSettings, OptionalSwitch
 
 # The admin key of the local stack and the demo; never configure it in production.
 DEV_ADMIN_KEY = "wp_dev_admin_key"
@@ -20,7 +20,7 @@ class AdminSettings(CommonSettings):
     # write keys, never accepted there.
     admin_api_keys: SecretStr = SecretStr(DEV_ADMIN_KEY)
     # /docs, /redoc and /openapi.json; unset: served only with WAYPOST_ENV=dev.
-    admin_api_docs: bool | None = None
+    admin_api_docs: OptionalSwitch = None
     group_id: str = "waypost-admin"
     # A request body's cap, as sent and decompressed: a journey draft with its templates fits.
     admin_max_body_bytes: int = Field(default=2 * 1024 * 1024, gt=0)
@@ -39,11 +39,6 @@ class AdminSettings(CommonSettings):
 
     def serves_api_docs(self) -> bool:
         return self.api_docs_on(self.admin_api_docs)
-
-    @field_validator("admin_api_docs", mode="before")
-    @classmethod
-    def _docs_unset_when_empty(cls, value: object) -> object:
-        return None if value == "" else value  # a manifest's optional setting left blank
 
     @model_validator(mode="after")
     def _keys_parse(self) -> AdminSettings:

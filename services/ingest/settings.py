@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr
 
 from shared.secrets import Secret, provider_credential
-from shared.settings import CommonSettings
+from shared.settings import CommonSettings, OptionalSwitch
 from shared.system_events import is_waypost_source
 
 # The write key of the local stack and the demo; never configure it in production.
@@ -20,7 +20,7 @@ class IngestSettings(CommonSettings):
     # "source:key" pairs, comma-separated; several keys per source allow rotation.
     ingest_write_keys: str = f"dev:{DEV_WRITE_KEY}"
     # /docs, /redoc and /openapi.json; unset: served only with WAYPOST_ENV=dev.
-    ingest_api_docs: bool | None = None
+    ingest_api_docs: OptionalSwitch = None
     max_event_bytes: int = Field(default=32 * 1024, gt=0)
     max_batch_bytes: int = Field(default=500 * 1024, gt=0)
     # Worker processes serving the API, each with its own producer; 0 means one per CPU core
@@ -44,11 +44,6 @@ class IngestSettings(CommonSettings):
 
     def serves_api_docs(self) -> bool:
         return self.api_docs_on(self.ingest_api_docs)
-
-    @field_validator("ingest_api_docs", mode="before")
-    @classmethod
-    def _docs_unset_when_empty(cls, value: object) -> object:
-        return None if value == "" else value  # a manifest's optional setting left blank
 
     def worker_count(self) -> int:
         """`ingest_workers`, or the number of cores available when it is 0."""
