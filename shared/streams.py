@@ -37,6 +37,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -240,12 +241,12 @@ class Table(MutableMapping[bytes, bytes]):
         self._db(partition)
         self._staged.setdefault(partition, {})[key] = value
 
-    def rows(self) -> Iterator[tuple[bytes, bytes]]:
-        """Every row of the owned partitions, undecoded, staged writes included (a scan during
-        a batch's changelog wait sees what the batch wrote)."""
-        for partition in sorted(self._dbs):
-            staged = self._staged.get(partition, {})
-            for key, value in self._dbs[partition].items():
+    def rows(self, partition: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Every row of the owned partitions (or of `partition` alone), undecoded, staged writes
+        included (a scan during a batch's changelog wait sees what the batch wrote)."""
+        for held in sorted(self._dbs) if partition is None else [partition]:
+            staged = self._staged.get(held, {})
+            for key, value in self._db(held).items():
                 if key not in META_KEYS and key not in staged:
                     yield key, value  # type: ignore[misc]  # raw mode: bytes, whatever the stubs say
             for key, staged_value in list(staged.items()):
@@ -288,6 +289,9 @@ class Table(MutableMapping[bytes, bytes]):
 
 
 Process = Callable[[list[Record]], Awaitable[None]]
+# When a record may be handled (None: now). A record of a topic consumed with one is held, with
+# every later record of its partition, until that time (`StreamWorker.consume`).
+Due = Callable[[Record], datetime | None]
 Hook = Callable[[frozenset[int]], None]
 Job = Callable[[], Awaitable[None]]
 
@@ -353,6 +357,9 @@ class StreamWorker:
         self.batch_max_seconds = settings.batch_max_ms / 1000
         self.tables: dict[str, Table] = {}
         self._processors: dict[str, Process] = {}
+        self._due: dict[str, Due] = {}
+        # Partitions of delayed topics held until a time: (offset to read on from, until).
+        self._held: dict[tuple[str, int], tuple[int, datetime]] = {}
         self._hooks: list[Hook] = []
         self._jobs: list[tuple[float, Job]] = []
         self._assigned: set[tuple[str, int]] = set()
@@ -380,10 +387,17 @@ class StreamWorker:
             for name, table in self.tables.items()
         ]
 
-    def consume(self, topics: list[str], process: Process) -> None:
-        """`process` gets each batch's records of `topics`, in offset order per partition."""
+    def consume(self, topics: list[str], process: Process, *, due: Due | None = None) -> None:
+        """`process` gets each batch's records of `topics`, in offset order per partition.
+
+        With `due` the topics are delayed queues (records of a partition due in offset order,
+        such as retries of one delay class): a record not yet due is not handed over; its
+        partition is paused and read again from that record once it is due. Nothing waits in
+        a batch, and the offsets committed never pass a held record."""
         for topic in topics:
             self._processors[topic] = process
+            if due is not None:
+                self._due[topic] = due
 
     def on_assigned(self, hook: Hook) -> None:
         self._hooks.append(hook)
@@ -418,7 +432,8 @@ class StreamWorker:
                 )
                 if self._changes:
                     await self._settle(consumer)
-                records = self._records(messages)
+                self._release_holds(consumer)
+                records = self._records(consumer, messages)
                 if records:
                     await self._handle(consumer, records)
                 if self._membership.lost() or await self._fetch_stalled(consumer):
@@ -467,7 +482,11 @@ class StreamWorker:
         (`shared.membership.Progress`); checked every few seconds."""
         if not self._progress.due():
             return False
-        watched = sorted(where for where in self._assigned if where[1] in self._owned)
+        watched = sorted(
+            where
+            for where in self._assigned
+            if where[1] in self._owned and where not in self._held  # held: paused on purpose
+        )
         known = dict(self._positions.next)
         return await asyncio.to_thread(self._progress.stalled, consumer, watched, known)
 
@@ -482,8 +501,9 @@ class StreamWorker:
             await self._settle(fresh)
         return fresh
 
-    def _records(self, messages: list[Message]) -> list[Record]:
+    def _records(self, consumer: Consumer, messages: list[Message]) -> list[Record]:
         records = []
+        now = self.clock.now() if self._due else None
         # Offsets taken in this call: a record fetched both before and after a rebalance
         # inside one poll is taken once.
         taken: dict[tuple[str, int], int] = {}
@@ -505,10 +525,47 @@ class StreamWorker:
                 value=message.value() or b"",
             )
             where = (topic, partition)
+            if where in self._held:
+                continue  # read again from the held record once it is due
             if self._positions.fresh(record) and record.offset >= taken.get(where, -1):
+                due = self._due.get(topic)
+                until = due(record) if due is not None else None
+                if until is not None and now is not None and until > now:
+                    self._hold(consumer, where, record.offset, until)
+                    continue
                 taken[where] = record.offset + 1
                 records.append(record)
         return records
+
+    def _hold(
+        self, consumer: Consumer, where: tuple[str, int], offset: int, until: datetime
+    ) -> None:
+        """Pause a delayed topic's partition at `offset` until `until`."""
+        tp = TopicPartition(where[0], where[1], offset)
+        try:
+            consumer.pause([TopicPartition(*where)])
+            consumer.seek(tp)  # what was fetched past it is dropped, and fetched again later
+        except KafkaException as exc:  # no longer assigned: the next owner reads it
+            log.info("stream.hold_skipped", topic=where[0], partition=where[1], error=str(exc))
+            return
+        self._held[where] = (offset, until)
+
+    def _release_holds(self, consumer: Consumer) -> None:
+        """Resume the held partitions whose record is due."""
+        if not self._held:
+            return
+        now = self.clock.now()
+        for where, (offset, until) in list(self._held.items()):
+            if until > now:
+                continue
+            del self._held[where]
+            try:
+                consumer.seek(TopicPartition(where[0], where[1], offset))
+                consumer.resume([TopicPartition(*where)])
+            except KafkaException as exc:
+                log.info(
+                    "stream.release_skipped", topic=where[0], partition=where[1], error=str(exc)
+                )
 
     async def _handle(self, consumer: Consumer, records: list[Record]) -> None:
         if self.transactional:
@@ -679,6 +736,7 @@ class StreamWorker:
                 interrupted.update(p for _t, p in partitions)
                 for topic, partition in partitions:
                     self._positions.forget(topic, partition)
+                    self._held.pop((topic, partition), None)
         by_topic: dict[str, set[int]] = {topic: set() for topic in self._processors}
         for topic, partition in self._assigned:
             by_topic.setdefault(topic, set()).add(partition)
@@ -707,6 +765,10 @@ class StreamWorker:
                     table.open(partition)
         if added:
             tps = [TopicPartition(t, p) for t, p in sorted(added)]
+            delayed = [tp for tp in tps if tp.topic in self._due]
+            if delayed:  # a partition held by a previous owner of this consumer starts unpaused
+                with contextlib.suppress(KafkaException):
+                    consumer.resume(delayed)
             committed = await self._committed(consumer, tps)
             for tp in committed:
                 self._positions.start(str(tp.topic), int(tp.partition), int(tp.offset))

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from shared.secrets import Secret, provider_credential
-from shared.settings import CommonSettings
+from shared.settings import StreamSettings
 
 
 class FrequencyCap(BaseModel):
@@ -19,9 +19,16 @@ class FrequencyCap(BaseModel):
     window: str | None = None
 
 
-class DispatcherSettings(CommonSettings):
-    group_id: str = "waypost-dispatcher"
+class DispatcherSettings(StreamSettings):
+    # The worker's consumer group, and the prefix of its tables' changelogs.
+    app_id: str = "waypost-dispatcher"
+    # Provider calls in flight per worker (a batch's tries beyond it queue for a slot): size it
+    # to the rate wanted times the provider's latency, 1,000/s at 50 ms needs 50.
     max_in_flight: int = Field(default=64, ge=1)
+    # A batch's transaction stays open while its tries call the providers, so it must outlast
+    # a batch of slow calls; a worker restarted under the same `worker_id` aborts what its
+    # predecessor left open at once, otherwise readers of its outputs wait up to this long.
+    transaction_timeout_ms: int = Field(default=60_000, ge=1_000)
     # Document-store operations in flight per worker: many sends share a few connections, and
     # the rest wait in the client, not in the store.
     store_connections: int = Field(default=8, ge=1)

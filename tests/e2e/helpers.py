@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import httpx
 import yaml
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from shared.cli import publish
 from shared.settings import CommonSettings
@@ -117,9 +117,16 @@ templates:
 
 
 def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes | None]]:
-    """Every record on the topic so far (key, value), partition by partition."""
+    """Every record on the topic so far (key, value), partition by partition; of a topic
+    written in transactions, the committed ones (the end offset counts commit markers too, so
+    the partition's end is what the consumer reports as such)."""
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": unique("reader"), "enable.auto.commit": False}
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": unique("reader"),
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
     )
     records: list[tuple[str | None, bytes | None]] = []
     try:
@@ -132,7 +139,12 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes | Non
             position = low
             while position < high:
                 message = consumer.poll(5)
-                if message is None or message.error():
+                if message is None:
+                    continue
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        break
                     continue
                 position = message.offset() + 1
                 key = message.key()

@@ -1,8 +1,9 @@
-"""A dispatcher upsert that lost a race for its `_id` runs again; it is never poison."""
+"""A dispatcher upsert that lost a race for its `_id` runs again; it is never poison. (Caps and
+consent live in the worker's tables now, where one contact's writes cannot race.)"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -10,8 +11,6 @@ from pymongo.errors import DuplicateKeyError
 
 from services.dispatcher.adapters.store import (
     RACE_ATTEMPTS,
-    Caps,
-    Consent,
     Suppressions,
     lost_race,
 )
@@ -57,35 +56,6 @@ def store(cls: Any, collection: RacingCollection) -> Any:
     return cls(OneCollection(collection))
 
 
-async def test_a_consent_record_that_lost_its_insert_reads_again_and_keeps_its_word() -> None:
-    older = {"contact_key": "c1", "given": True, "at": T0}
-    consent = RacingCollection(races=1, winner=older)
-
-    await store(Consent, consent).record("c1", "email", False, T0 + timedelta(seconds=1))
-
-    assert consent.upserts == 2
-    assert consent.docs["email|c1"]["given"] is False
-    assert consent.docs["email|c1"]["at"] == T0 + timedelta(seconds=1)
-
-
-async def test_a_consent_record_that_lost_to_a_newer_word_leaves_it() -> None:
-    newer = {"contact_key": "c1", "given": True, "at": T0 + timedelta(seconds=5)}
-    consent = RacingCollection(races=1, winner=newer)
-
-    await store(Consent, consent).record("c1", "email", False, T0)
-
-    assert consent.upserts == 1
-    assert consent.docs["email|c1"]["given"] is True
-
-
-async def test_a_counted_send_that_lost_its_insert_keeps_the_other_writers_send() -> None:
-    caps = RacingCollection(races=1, winner={"contact_key": "c1", "sends": [T0]})
-
-    await store(Caps, caps).count("c1", "email", T0 + timedelta(hours=1), sorted)
-
-    assert caps.docs["email|c1"]["sends"] == [T0, T0 + timedelta(hours=1)]
-
-
 async def test_a_suppression_that_lost_its_insert_is_written() -> None:
     suppressions = RacingCollection(races=1, winner={"channel": "email", "reason": "bounce"})
 
@@ -95,12 +65,12 @@ async def test_a_suppression_that_lost_its_insert_is_written() -> None:
 
 
 async def test_a_race_lost_every_time_leaves_as_an_outage_not_as_poison() -> None:
-    consent = RacingCollection(races=RACE_ATTEMPTS, winner={"given": True, "at": T0})
+    taken = RacingCollection(races=RACE_ATTEMPTS, winner={"channel": "email", "reason": "bounce"})
 
     with pytest.raises(DuplicateKeyError) as raised:
-        await store(Consent, consent).record("c1", "email", False, T0 + timedelta(seconds=1))
+        await store(Suppressions, taken).add("email", "a@example.com", "smtp 550", T0)
 
-    assert consent.upserts == RACE_ATTEMPTS
+    assert taken.upserts == RACE_ATTEMPTS
     assert is_outage(raised.value)
 
 
