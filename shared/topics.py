@@ -127,8 +127,13 @@ READERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ),
     ),
     "dispatcher": (
-        ("waypost-dispatcher", (SEND_REQUESTS.name,)),
-        ("waypost-dispatcher-retries", tuple(t.name for t in SEND_RETRIES.values())),
-        ("waypost-dispatcher-reports", (DELIVERY_REPORTS.name,)),
+        (
+            "waypost-dispatcher",
+            (
+                SEND_REQUESTS.name,
+                DELIVERY_REPORTS.name,
+                *(t.name for t in SEND_RETRIES.values()),
+            ),
+        ),
     ),
 }
