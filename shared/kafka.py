@@ -304,6 +304,23 @@ class AsyncProducer:
                 raise TransactionAborted(str(error)) from exc
             raise
 
+    async def prove_offsets(self, offsets: list[TopicPartition], group: Any) -> None:
+        """Add `offsets` to the open transaction: the group coordinator accepts them only from
+        the member `group` names, in its current generation. Raises `TransactionAborted` (the
+        transaction aborted) when it does not: this worker is no longer the owner."""
+        try:
+            await _transactional(
+                lambda: self._producer.send_offsets_to_transaction(
+                    offsets, group, TRANSACTION_CALL_SECONDS
+                )
+            )
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.txn_requires_abort():
+                await self.abort_transaction()
+                raise TransactionAborted(str(error)) from exc
+            raise
+
     async def abort_transaction(self) -> None:
         await _transactional(lambda: self._producer.abort_transaction(TRANSACTION_CALL_SECONDS))
 

@@ -66,6 +66,8 @@ log = structlog.get_logger(__name__)
 _PARTITION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "waypost_table_partition", default=None
 )
+# A worker that stops heartbeating loses its partitions after this long (Kafka's default: 45 s).
+SESSION_TIMEOUT_MS = 10_000
 # How long a restore that could not finish (the broker gone) waits before it tries again.
 RESTORE_RETRY_SECONDS = 2.0
 # A partition's database last current longer ago than this is rebuilt from its changelog rather
@@ -354,6 +356,8 @@ class StreamWorker:
         # `<data dir>/<service>/v1/tables/<table>-<partition>.db`
         self.folder = settings.data_dir / service / "v1" / "tables"
         self.batch_max_records = settings.batch_max_records
+        # How long a proof of ownership holds (`prove_owner`): a third of the session timeout.
+        self.owner_lease_seconds = SESSION_TIMEOUT_MS / 1000 / 3
         self.batch_max_seconds = settings.batch_max_ms / 1000
         self.tables: dict[str, Table] = {}
         self._processors: dict[str, Process] = {}
@@ -371,6 +375,10 @@ class StreamWorker:
         # The batch being handled, and where each of its partitions started (transactional).
         self._batch_start: dict[tuple[str, int], int] = {}
         self._group: Any = None
+        # When ownership of the batch's partitions was last proven (monotonic seconds, taken
+        # before the proof was asked for), and the lock that makes one proof serve many.
+        self._proven_at = float("-inf")
+        self._proving = asyncio.Lock()
 
     # --- declaring --------------------------------------------------------------------------
 
@@ -461,7 +469,7 @@ class StreamWorker:
                 # Partition p of every input topic on one worker, with table partition p.
                 "partition.assignment.strategy": "range",
                 # A killed worker's partitions move after 10 s rather than Kafka's 45 s.
-                "session.timeout.ms": 10_000,
+                "session.timeout.ms": SESSION_TIMEOUT_MS,
                 "heartbeat.interval.ms": 2_000,
                 # A restore of a large table happens between two polls.
                 "max.poll.interval.ms": 900_000,
@@ -603,6 +611,7 @@ class StreamWorker:
         for record in records:
             start.setdefault((record.topic, record.partition), record.offset)
         self._batch_start = start
+        self._proven_at = float("-inf")
         # The generation the batch was fetched in: every commit of the batch names it, so a
         # worker that was cut off meanwhile cannot commit it even after it rejoined the group.
         self._group = consumer.consumer_group_metadata()
@@ -634,9 +643,36 @@ class StreamWorker:
         if not self.transactional or self._consumer is None:
             raise RuntimeError("checkpoint needs a transactional worker inside a batch")
         reached = await through_outages(self._produce_changelogs, what=self.app_id)
+        asked_at = time.monotonic()
         await self._commit(self._consumer, self._batch_start)
+        self._proven_at = asked_at
         self._apply(reached)
         self.producer.begin_transaction()
+
+    async def prove_owner(self) -> None:
+        """Make sure, just before an irreversible effect (a provider call), that the group still
+        counts this worker as the owner of the batch's partitions: within `owner_lease_seconds`
+        of the last proof (a checkpoint, or an earlier call of this) that is taken as given;
+        after it, the group coordinator is asked again (the batch's start offsets added to the
+        open transaction). Raises `Fenced` when it no longer is, as `checkpoint` does.
+
+        A worker stopped (SIGSTOP, a long pause) after a checkpoint and resumed after the
+        group moved its partitions on would otherwise call providers for records another
+        worker now handles. The lease is well inside the session timeout: a worker that was
+        running heartbeated within the last few seconds, so its partitions cannot move
+        before the lease ends."""
+        if not self.transactional or self._consumer is None:
+            raise RuntimeError("prove_owner needs a transactional worker inside a batch")
+        async with self._proving:
+            if time.monotonic() - self._proven_at < self.owner_lease_seconds:
+                return
+            asked_at = time.monotonic()
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self._batch_start.items()]
+            try:
+                await self.producer.prove_offsets(offsets, self._group)
+            except TransactionAborted as exc:
+                raise Fenced(str(exc)) from exc
+            self._proven_at = asked_at
 
     async def _commit(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
         """Commit the open transaction with `offsets` as the group's committed offsets."""

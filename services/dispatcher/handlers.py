@@ -143,6 +143,7 @@ class Dispatcher:
         self._retry_topics = frozenset(topic.name for topic in SEND_RETRIES.values())
         # Provider calls in flight; a batch's other tries wait for a slot.
         self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._prove_owner: Callable[[], Awaitable[None]] = _outside_a_batch
         self._delays = {
             "short": settings.retry_short_seconds,
             "medium": settings.retry_medium_seconds,
@@ -158,10 +159,17 @@ class Dispatcher:
     # --- a batch ------------------------------------------------------------------------------
 
     async def process(
-        self, records: list[Record], checkpoint: Callable[[], Awaitable[None]]
+        self,
+        records: list[Record],
+        checkpoint: Callable[[], Awaitable[None]],
+        prove_owner: Callable[[], Awaitable[None]],
     ) -> None:
         """Handle a batch: one task per contact, a contact's records in offset order, and one
-        `checkpoint` per round of tries (every task parked before its provider call or done)."""
+        `checkpoint` per round of tries (every task parked before its provider call or done).
+        `prove_owner` is awaited right before each provider call (`StreamWorker.prove_owner`):
+        a worker that was stopped past its lease asks the group again, and calls nothing once
+        its partitions have moved on."""
+        self._prove_owner = prove_owner
         contacts: dict[tuple[int, str], list[Record]] = {}
         for record in records:
             key = record.key if record.key is not None else f"#{record.offset}"
@@ -307,6 +315,7 @@ class Dispatcher:
             return
         try:
             async with self._slots:
+                await self._prove_owner()
                 outcome = await self.providers[channel].send(prepared)
         except ValueError as exc:
             # The content or address cannot be written as this provider's request (a header
@@ -597,6 +606,10 @@ class Dispatcher:
         await self.stores.caps.forget(contact_key)
         await self.stores.consent.forget(contact_key)
         await self.ledger.forget(contact_key)
+
+
+async def _outside_a_batch() -> None:
+    raise RuntimeError("a provider call outside a batch")
 
 
 def retry_due(record: Record) -> datetime | None:
