@@ -788,6 +788,11 @@ class CompactedTopicView:
         with self._lock:
             return dict(self._values)
 
+    def get(self, key: str) -> bytes | None:
+        """The latest value of one key (None: none, or deleted)."""
+        with self._lock:
+            return self._values.get(key)
+
     def stop(self) -> None:
         self._stopping.set()
         if self._thread.is_alive():

@@ -83,6 +83,13 @@ SEND_RETRIES: dict[str, Topic] = {
     "medium": SEND_RETRIES_MEDIUM,
     "long": SEND_RETRIES_LONG,
 }
+SUPPRESSIONS = Topic(
+    "waypost.suppressions.v1",
+    "addresses a provider called permanently bad, keyed by a keyed hash of channel and address"
+    " (never the address itself); every dispatcher worker reads all of it",
+    compacted=True,
+    keyed_by_contact=False,
+)
 DEAD_LETTER = Topic(
     "waypost.dead-letter.v1",
     "records no consumer could process, with the reason",
@@ -108,6 +115,7 @@ ALL_TOPICS: tuple[Topic, ...] = (
     SEGMENT_COUNTS,
     OBJECT_RELATIONS,
     DEFINITIONS,
+    SUPPRESSIONS,
     DEAD_LETTER,
 )
 

@@ -12,7 +12,8 @@ from prometheus_client import start_http_server
 
 from services.dispatcher.adapters.ledger_view import ledger_view
 from services.dispatcher.adapters.metrics import DispatchMetrics
-from services.dispatcher.adapters.store import Suppressions, Templates
+from services.dispatcher.adapters.store import Templates
+from services.dispatcher.adapters.suppressions import SuppressionList, move_legacy_suppressions
 from services.dispatcher.adapters.tables import CAPS, CONSENT, LEDGER, Caps, Consent, Ledger
 from services.dispatcher.channels import build_providers
 from services.dispatcher.channels.email.adapter import SmtpSender
@@ -23,12 +24,12 @@ from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
 from shared.docstore import connect, database
 from shared.document_view import run_view_thread
-from shared.kafka import AsyncProducer, Record, prepare_topics
+from shared.kafka import AsyncProducer, CompactedTopicView, Record, prepare_topics
 from shared.links import LinkSigner
 from shared.logs import configure_logging
 from shared.secrets import enforce
 from shared.streams import StreamWorker, transactional_config
-from shared.topics import DELIVERY_REPORTS, SEND_REQUESTS, SEND_RETRIES
+from shared.topics import DELIVERY_REPORTS, SEND_REQUESTS, SEND_RETRIES, SUPPRESSIONS
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +54,19 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
     providers = build_providers(settings, clock, http)
     smtp = providers["email"]
 
+    # Every worker reads the whole suppression list; the sends wait until it is read.
+    suppressed = CompactedTopicView(settings.kafka(), SUPPRESSIONS.name)
+    suppressed.start()
+    key = settings.suppression_secret.get_secret_value().encode()
+    legacy = AsyncProducer(settings.kafka(), client_id="dispatcher-suppressions")
+    try:
+        await move_legacy_suppressions(db, SuppressionList(suppressed, legacy, key), legacy)
+    finally:
+        legacy.close()
+    while not await asyncio.to_thread(suppressed.wait_caught_up, 5.0):
+        log.info("dispatcher.waiting_for_suppressions")
+    suppressions = SuppressionList(suppressed, producer, key)
+
     async def no_batch() -> None:
         raise RuntimeError("a try began outside a batch")
 
@@ -64,7 +78,7 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
             Templates(db, clock.monotonic),
             Caps(worker.tables[CAPS]),
             Consent(worker.tables[CONSENT]),
-            Suppressions(db),
+            suppressions,
         ),
         providers,
         LinkSigner(settings.link_secret.get_secret_value(), settings.public_url),
@@ -92,6 +106,7 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
             await smtp.aclose()  # QUIT the pooled SMTP sessions
         await http.aclose()
         await client.close()
+        suppressed.stop()
 
 
 def main() -> None:

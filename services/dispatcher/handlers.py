@@ -28,7 +28,8 @@ import structlog
 from pydantic import ValidationError
 
 from services.dispatcher.adapters.metrics import DispatchMetrics
-from services.dispatcher.adapters.store import Suppressions, Templates
+from services.dispatcher.adapters.store import Templates
+from services.dispatcher.adapters.suppressions import SuppressionList
 from services.dispatcher.adapters.tables import Caps, Consent, Ledger
 from services.dispatcher.channels import kits
 from services.dispatcher.channels.sms.domain import SmsContent
@@ -98,7 +99,7 @@ class Stores:
     templates: Templates
     caps: Caps
     consent: Consent
-    suppressions: Suppressions
+    suppressions: SuppressionList
 
 
 class Dispatcher:

@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from shared.secrets import Secret, provider_credential
 from shared.settings import StreamSettings
 
+DEV_SUPPRESSION_SECRET = "waypost-dev-suppression-secret"  # noqa: S105
+
 
 class FrequencyCap(BaseModel):
     """At most `per_day` sends per calendar day in the contact's time zone, and at most
@@ -50,6 +52,9 @@ class DispatcherSettings(StreamSettings):
     # Caps by channel, JSON: {"email": {"per_day": 3, "per_window": 9, "window": "7d"}}
     frequency_caps: dict[str, FrequencyCap] = Field(default_factory=dict)
     default_timezone: str = "UTC"
+    # Keys the suppression list (an HMAC of channel and address, never the address itself);
+    # the same in every replica, and kept: a new secret starts an empty list.
+    suppression_secret: SecretStr = SecretStr(DEV_SUPPRESSION_SECRET)
     # Prometheus metrics (0 = not served).
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0)
@@ -98,6 +103,7 @@ class DispatcherSettings(StreamSettings):
         used = [
             *super().secrets(),
             Secret("WAYPOST_LINK_SECRET", self.link_secret.get_secret_value()),
+            Secret("WAYPOST_SUPPRESSION_SECRET", self.suppression_secret.get_secret_value()),
             provider_credential("WAYPOST_SMS_AUTH_TOKEN", self.sms_auth_token.get_secret_value()),
             provider_credential(
                 "WAYPOST_WECHAT_APP_SECRET", self.wechat_app_secret.get_secret_value()

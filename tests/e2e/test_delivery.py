@@ -19,6 +19,7 @@ from pymongo import MongoClient
 
 from shared.docstore import connect_blocking
 from shared.settings import CommonSettings
+from shared.topics import SUPPRESSIONS
 from tests.e2e.helpers import (
     outbox,
     post,
@@ -173,6 +174,38 @@ def test_s1_channel_priority_takes_the_first_reachable_channel_and_falls_back(
     assert failed[0]["code"] == "550"
     unfollow = wait_for(lambda: _entries(ledger, unfollowed, state="failed"), what="43004")
     assert unfollow[0]["code"] == "43004"
+
+
+def test_a_hard_bounce_suppresses_the_address_for_every_contact_without_storing_it(
+    stack: Any, tmp_path: Path, ledger: Any
+) -> None:
+    tag = unique("bounce")
+    trigger = _priority_journey(stack, tmp_path, tag, ["email"])
+    first, second = unique("first"), unique("second")
+    shared = f"{tag}@ex.com"
+    httpx.post(
+        f"{stack.outbox_url}/control/smtp/refuse",
+        json={"address": shared, "code": 550},
+        timeout=10,
+    ).raise_for_status()
+    _identify(stack, first, email=shared, first_name="Fi")
+    assert post(stack, "track", {"userId": first, "event": trigger}).status_code == 200
+    failed = wait_for(lambda: _entries(ledger, first, state="failed"), what="the bounce")
+    assert failed[0]["code"] == "550"
+
+    # Another contact with the same address (in another case) is not sent to at all.
+    _identify(stack, second, email=shared.upper(), first_name="Se")
+    assert post(stack, "track", {"userId": second, "event": trigger}).status_code == 200
+    skipped = wait_for(lambda: _entries(ledger, second, state="skipped"), what="the skip")
+    assert skipped[0]["reason"].startswith("suppressed: ")
+    assert outbox(stack, channel="email", to=shared) == []
+
+    # The list holds a keyed hash and the reason, never the address.
+    records = read_topic(stack.bootstrap, SUPPRESSIONS.name)
+    assert records
+    for key, value in records:
+        assert shared.split("@")[0] not in (key or "")
+        assert shared.split("@")[0].encode() not in (value or b"")
 
 
 def test_one_click_unsubscribe_stops_the_next_send(stack: Any, tmp_path: Path, ledger: Any) -> None:

@@ -1,20 +1,17 @@
-"""Faults that are nobody's poison, on the real stack: upserts of one key racing on the real
-document server, and templates that fail for one contact (each such send is skipped and the
-next channel of the step is tried; nothing is dead-lettered or left `sending`)."""
+"""Faults that are nobody's poison, on the real stack: templates that fail for one contact (each
+such send is skipped and the next channel of the step is tried; nothing is dead-lettered or left
+`sending`)."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo.errors import DuplicateKeyError
 
 from services.dispatcher.adapters.ledger_view import COLLECTION as MESSAGES
-from services.dispatcher.adapters.store import SUPPRESSIONS, Suppressions
-from shared.docstore import connect, connect_blocking
+from shared.docstore import connect_blocking
 from shared.settings import CommonSettings
 from shared.topics import DEAD_LETTER
 from tests.e2e.helpers import outbox, post, publish_inline, read_topic, unique, wait_for
@@ -23,42 +20,6 @@ pytestmark = pytest.mark.e2e
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 RACERS = 16
 ROUNDS = 5
-
-
-async def test_upserts_of_one_key_racing_on_the_document_server_all_land(stack: Any) -> None:
-    client = connect(CommonSettings(mongo_url=stack.mongo_url), "tests", max_connections=RACERS)
-    db = client[unique("races").replace("-", "_")]
-    try:
-        # The race itself: plain upserts of one new key, all at once. Some lose it.
-        lost = 0
-
-        async def plain(key: str, n: int) -> None:
-            nonlocal lost
-            try:
-                await db[SUPPRESSIONS].replace_one({"_id": key}, {"n": n}, upsert=True)
-            except DuplicateKeyError:
-                lost += 1
-
-        for round_ in range(ROUNDS):
-            await asyncio.gather(*(plain(f"plain-{round_}", n) for n in range(RACERS)))
-        assert lost > 0, "no upsert lost the race: this server cannot show the fault"
-
-        # The same race through the dispatcher's stores: every write lands, none raises.
-        suppressions = Suppressions(db)
-        for round_ in range(ROUNDS):
-            contact = f"racer-{round_}"
-            await asyncio.gather(
-                *(
-                    suppressions.add("email", f"{contact}@example.com", f"smtp 550 #{n}", T0)
-                    for n in range(RACERS)
-                ),
-            )
-            reason = await suppressions.reason("email", f"{contact}@example.com")
-            assert reason is not None
-            assert reason.startswith("smtp 550 #")
-    finally:
-        await client.drop_database(db.name)
-        await client.close()
 
 
 def test_a_template_that_fails_for_a_contact_skips_its_channel_and_the_next_one_sends(

@@ -1,30 +1,25 @@
-"""The dispatcher's documents: templates (read, cached) and suppressions (shared by every
-contact with the address, so not partitioned by contact like the worker's tables).
+"""The dispatcher's documents: templates (read, cached).
 
 The ledger, caps and consent live in the worker's tables (`adapters/tables.py`); the ledger's
-`messages` collection is a view of them (`adapters/ledger_view.py`).
+`messages` collection is a view of them (`adapters/ledger_view.py`); suppressions are a
+compacted topic (`adapters/suppressions.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime
-from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import AutoReconnect, DuplicateKeyError, OperationFailure
 from tenacity import (
     retry,
     retry_if_exception,
-    retry_if_exception_type,
-    stop_after_attempt,
     stop_after_delay,
     wait_random_exponential,
 )
 
 TEMPLATES = "templates"
-SUPPRESSIONS = "suppressions"
 
 # Server codes that mean "try again": a primary stepping down or shutting down, an interrupted
 # operation, and InternalError (1), which is how FerretDB answers when its backend is away.
@@ -52,45 +47,6 @@ _retried = retry(
     stop=stop_after_delay(60),
     reraise=True,
 )
-
-# An upsert whose filter is one `_id` can lose a race: two writers both find no document and
-# both insert, and the second insert answers DuplicateKeyError (FerretDB always; MongoDB retries
-# it on the server). Running the read-modify-write again finds the winner's document and
-# updates it, so a lost race costs one more round trip, not the record.
-RACE_ATTEMPTS = 5
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _race_retried(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Re-run an upsert (with the reads it decides on) when it lost a race for its `_id`.
-
-    Still losing after RACE_ATTEMPTS runs, the error leaves labelled retryable, so the record's
-    guard waits it out like an outage (`shared.deadletter.is_outage`): a race is never poison.
-    """
-    retried = retry(
-        retry=retry_if_exception_type(DuplicateKeyError),
-        stop=stop_after_attempt(RACE_ATTEMPTS),
-        wait=wait_random_exponential(multiplier=0.01, max=0.2),
-        reraise=True,
-    )(fn)
-
-    @wraps(fn)
-    async def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await retried(*args, **kwargs)
-        except DuplicateKeyError as exc:
-            raise lost_race(exc) from exc
-
-    return run
-
-
-def lost_race(exc: DuplicateKeyError) -> DuplicateKeyError:
-    """The same error, labelled `RetryableWriteError`: a lost race, not a refusal."""
-    details = dict(exc.details or {})
-    details["errorLabels"] = [*details.get("errorLabels", []), "RetryableWriteError"]
-    return DuplicateKeyError(str(details.get("errmsg") or exc), exc.code, details)
 
 
 class Templates:
@@ -124,29 +80,3 @@ class Templates:
     @_retried
     async def _read(self, template_id: str) -> dict[str, Any] | None:
         return await self._templates.find_one({"_id": template_id})
-
-
-class Suppressions:
-    """Addresses a provider called permanently bad (a hard bounce, an unknown number or openid)."""
-
-    def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
-        self._suppressions = db[SUPPRESSIONS]
-
-    @staticmethod
-    def _key(channel: str, address: str) -> str:
-        return f"{channel}:{address.strip().casefold()}"
-
-    @_retried
-    @_race_retried
-    async def add(self, channel: str, address: str, reason: str, now: datetime) -> None:
-        """Two contacts can share an address, so two sends can suppress it at once."""
-        await self._suppressions.replace_one(
-            {"_id": self._key(channel, address)},
-            {"channel": channel, "reason": reason, "at": now},
-            upsert=True,
-        )
-
-    @_retried
-    async def reason(self, channel: str, address: str) -> str | None:
-        doc = await self._suppressions.find_one({"_id": self._key(channel, address)})
-        return str(doc.get("reason")) if doc else None
