@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
-from pymongo import DeleteOne, ReplaceOne
+from pymongo import DeleteOne, InsertOne, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, PyMongoError
@@ -38,7 +38,9 @@ RETRY_MAX = 5.0
 # How long a view that failed waits before it starts again.
 RESTART_SECONDS = 5.0
 
-Write = ReplaceOne[dict[str, Any]] | DeleteOne
+DUPLICATE_KEY = 11000
+
+Write = ReplaceOne[dict[str, Any]] | DeleteOne | InsertOne[dict[str, Any]]
 # A batch of records as writes, one per document key (the batch's last word on it).
 Writes = Callable[[Iterable[Record]], list[tuple[str, Write]]]
 
@@ -96,18 +98,32 @@ class DocumentView:
             await self._collection.create_index(field)
 
     async def _write(self, writes: list[tuple[str, Write]]) -> None:
-        if not writes:
+        await self._bulk([w for _key, w in writes], keys=[key for key, _w in writes])
+
+    async def _bulk(
+        self,
+        operations: list[Any],
+        *,
+        keys: list[str] | None = None,
+        quiet_codes: frozenset[int] | set[int] = frozenset(),
+    ) -> None:
+        """The operations as unordered bulk writes. A document the store refuses would be
+        refused again: it is logged (unless its error code is one of `quiet_codes`, answers
+        the caller expects) and the batch goes on."""
+        if not operations:
             return
         try:
-            await bulk_write_unordered(self._collection, [w for _key, w in writes])
+            await bulk_write_unordered(self._collection, operations)
         except BulkWriteError as exc:
             if exc.details.get("writeConcernErrors"):
                 raise
-            # The store refused some documents; the same document would be refused again.
             for error in exc.details.get("writeErrors", []):
+                if error.get("code") in quiet_codes:
+                    continue
+                index = error["index"]
                 log.error(
                     f"{self._name}.document_refused",
-                    key=writes[error["index"]][0],
+                    key=keys[index] if keys is not None else index,
                     error=error.get("errmsg"),
                 )
 

@@ -121,6 +121,9 @@ ALL_TOPICS: tuple[Topic, ...] = (
 
 # What each service's consumer groups read (default group ids; the dispatcher has three). Tools
 # that wait for the pipeline to drain, the tests and `bench/pipeline.py`, read this map.
+# The dispatcher's ledger table's changelog (`shared.streams`: `<app id>-<table>-changelog`).
+DISPATCHER_LEDGER_CHANGELOG = "waypost-dispatcher-ledger-changelog"
+
 READERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "segmenter": (
         (
@@ -135,6 +138,8 @@ READERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ),
     ),
     "dispatcher": (
+        # The admin's view of the ledger, from the ledger table's changelog (a moment behind).
+        ("waypost-ledger-view", (DISPATCHER_LEDGER_CHANGELOG,)),
         (
             "waypost-dispatcher",
             (

@@ -29,7 +29,7 @@ from tests.e2e.helpers import outbox, unique, wait_drained, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 EMAILS, TEXTS, KILLS = 1500, 500, 4
-ZOMBIE_TEXTS = 1500
+ZOMBIE_TEXTS = 3000
 
 
 def _request(run: str, n: int, channel: str, template: str, now: datetime) -> SendRequest:
@@ -167,11 +167,16 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
     db["templates"].insert_one(
         {"_id": template, "channel": "sms", "text": "Hello from Acme", "status": "ready"}
     )
-    requests = [_request(run, n, "sms", template, now) for n in range(ZOMBIE_TEXTS)]
+    # Numbers of their own: the SIGKILL test above texts +4860000nnnn for n below 2,000.
+    requests = [
+        _request(run, n, "sms", template, now) for n in range(10_000, 10_000 + ZOMBIE_TEXTS)
+    ]
     # The first worker serves the metrics port.
     stack.start_service("dispatcher", worker=2, env={"WAYPOST_METRICS_PORT": "0"})
-    # Each provider answer takes a while, so the stop lands with tries in flight.
-    httpx.post(f"{stack.outbox_url}/control/latency", json={"seconds": 0.1}, timeout=30)
+    # Each provider answer takes a while, so a worker's batch of tries lasts a second or two and
+    # a worker has several batches to go: the stop lands mid-batch, with tries in flight or
+    # waiting for a slot (short of the provider timeout, so no try of its own goes unknown).
+    httpx.post(f"{stack.outbox_url}/control/latency", json={"seconds": 0.2}, timeout=30)
     try:
         wait_for(lambda: _members(stack, "waypost-dispatcher") == 2, timeout=120, what="2 workers")
         before = _committed(stack.bootstrap)
@@ -194,7 +199,8 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
                 seen[0] = _committed(stack.bootstrap) - before
             return seen[0]
 
-        wait_for(lambda: finished() >= ZOMBIE_TEXTS // 10, timeout=120, what="sends under way")
+        # The first batch is done (its offsets are the first committed): the next is under way.
+        wait_for(lambda: finished() > 0, timeout=120, what="sends under way")
         os.kill(stopped, signal.SIGSTOP)
         try:
             # The survivor takes the stopped worker's partitions once its session ends.
@@ -215,17 +221,31 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
             return Counter(doc["state"] for doc in ledger.find({"journey_id": run}, {"state": 1}))
 
         final = {"sent", "unknown", "delivered"}
-        wait_for(
-            lambda: sum(concluded().values()) == len(requests) and set(concluded()) <= final,
-            timeout=120,
-            what="every message concluded",
+
+        def all_concluded() -> bool:
+            states = concluded()
+            return sum(states.values()) == len(requests) and set(states) <= final
+
+        try:
+            wait_for(all_concluded, timeout=120, what="every message concluded")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {dict(concluded())}") from exc
+        numbers = {r.profile.traits.get("phone"): r.message_id for r in requests}
+        texts = Counter(
+            numbers[m["to"][0]] for m in outbox(stack, channel="sms") if m["to"][0] in numbers
         )
-        numbers = {r.profile.traits.get("phone") for r in requests}
-        texts = Counter(m["to"][0] for m in outbox(stack, channel="sms") if m["to"][0] in numbers)
         assert texts, "nothing was sent"
         assert max(texts.values()) == 1, [n for n, c in texts.items() if c > 1]
+        by_state = {
+            doc["_id"]: doc["state"] for doc in ledger.find({"journey_id": run}, {"state": 1})
+        }
+        # Sent means arrived; an unknown one may have (the provider and its listing did not
+        # answer in time on this loaded machine); nothing arrived that the ledger denies.
+        for message_id, state in by_state.items():
+            if state in ("sent", "delivered"):
+                assert texts[message_id] == 1, (message_id, state)
+        assert set(texts) <= set(by_state)
         states = concluded()
-        assert states["sent"] + states["delivered"] == len(texts)
         print(
             f"\n{len(requests)} sends, one worker stopped past its session: "
             f"{states.get('unknown', 0)} unknown, no duplicate"

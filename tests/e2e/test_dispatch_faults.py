@@ -4,6 +4,7 @@ such send is skipped and the next channel of the step is tried; nothing is dead-
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ from typing import Any
 import pytest
 
 from services.dispatcher.adapters.ledger_view import COLLECTION as MESSAGES
-from shared.docstore import connect_blocking
+from services.dispatcher.adapters.ledger_view import ledger_view, ledger_writes
+from shared.docstore import connect, connect_blocking
+from shared.kafka import Record
 from shared.settings import CommonSettings
 from shared.topics import DEAD_LETTER
 from tests.e2e.helpers import outbox, post, publish_inline, read_topic, unique, wait_for
@@ -103,3 +106,31 @@ def test_a_template_that_fails_for_a_contact_skips_its_channel_and_the_next_one_
         client.close()
     letters = [key for key, _ in read_topic(stack.bootstrap, DEAD_LETTER.name)]
     assert not set(letters) & set(users.values())
+
+
+async def test_the_ledger_view_never_takes_an_older_entry_over_a_newer_one(stack: Any) -> None:
+    """A view consumer that writes a batch late (its process was paused while its partitions
+    moved on) leaves the newer document as it is, on the real document server."""
+    client = connect(CommonSettings(mongo_url=stack.mongo_url), "tests")
+    db = client[unique("view").replace("-", "_")]
+    view = ledger_view(CommonSettings(mongo_url=stack.mongo_url), db, "waypost-dispatcher")
+    key = unique("m")
+
+    def record(rev: int, state: str) -> Record:
+        entry = {"state": state, "rev": rev, "contact_key": "c1", f"{state}_at": T0.isoformat()}
+        return Record("ledger", 0, rev, key, json.dumps(entry).encode())
+
+    try:
+        await view._write(ledger_writes([record(1, "requested")]))
+        await view._write(ledger_writes([record(3, "sent")]))
+        await view._write(ledger_writes([record(2, "sending")]))  # late, from a paused worker
+        stored = await db[MESSAGES].find_one({"_id": key})
+        assert stored is not None
+        assert (stored["state"], stored["rev"]) == ("sent", 3)
+        await view._write(ledger_writes([record(4, "delivered")]))
+        stored = await db[MESSAGES].find_one({"_id": key})
+        assert stored is not None
+        assert (stored["state"], stored["rev"]) == ("delivered", 4)
+    finally:
+        await client.drop_database(db.name)
+        await client.close()

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from services.dispatcher.adapters.ledger_view import ledger_writes
+from services.dispatcher.adapters.ledger_view import ledger_changelog, ledger_writes
 from services.dispatcher.adapters.tables import Caps, Consent, Ledger
 from shared.contracts import Profile, SendRequest
 from shared.kafka import Record
 from shared.streams import Table, focus
+from shared.topics import DISPATCHER_LEDGER_CHANGELOG
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 
@@ -155,9 +156,16 @@ async def test_the_view_stores_the_last_entry_of_each_message_with_dates(table: 
         Record("ledger-changelog", 0, 0, "m1", staged[b"m1"]),
         Record("ledger-changelog", 0, 1, "m2", b""),
     ]
-    writes = dict(ledger_writes(records))
-    stored = writes["m1"]._doc  # type: ignore[union-attr]
+    writes = ledger_writes(records)
+    kinds = [(key, type(write).__name__) for key, write in writes]
+    assert kinds == [("m1", "InsertOne"), ("m1", "ReplaceOne"), ("m2", "DeleteOne")]
+    stored = writes[0][1]._doc  # type: ignore[union-attr]
     assert stored["_id"] == "m1"
     assert stored["requested_at"] == T0
     assert stored["history"][0]["at"] == T0
-    assert writes["m2"]._filter == {"_id": "m2"}
+    # The replacement applies only over an older revision of the entry.
+    assert writes[1][1]._filter["$or"][0] == {"rev": {"$lt": 1}}  # type: ignore[union-attr]
+
+
+def test_the_view_follows_the_changelog_the_pipeline_checks_name() -> None:
+    assert ledger_changelog("waypost-dispatcher") == DISPATCHER_LEDGER_CHANGELOG

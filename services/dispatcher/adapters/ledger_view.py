@@ -3,7 +3,11 @@ document store's `messages` collection (one document per message id, its times a
 bulk and off the dispatcher's hot path (`shared.document_view`).
 
 Only committed transactions are read, so the view never shows a try that a fenced or crashed
-worker abandoned.
+worker abandoned. Each entry carries `rev`, the count of its changes, and a document is replaced
+only by a higher one: a view consumer that was stopped with a batch in hand (its process paused,
+its partitions moved on) and writes it late cannot put an older state over a newer one. A batch
+is written in two passes: the entries not stored yet are inserted (an insert that meets a stored
+one is skipped), then stored ones older than the batch's are replaced.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import structlog
-from pymongo import DeleteOne, ReplaceOne
+from pymongo import DeleteOne, InsertOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.dispatcher.adapters.tables import LEDGER, entry_times
-from shared.document_view import DocumentView, Write
+from shared.document_view import DUPLICATE_KEY, DocumentView, Write
 from shared.kafka import Record
 from shared.settings import CommonSettings
 
@@ -32,11 +36,20 @@ def ledger_changelog(app_id: str) -> str:
     return f"{app_id}-{LEDGER}-changelog"
 
 
+class LedgerView(DocumentView):
+    async def _write(self, writes: list[tuple[str, Write]]) -> None:
+        """The inserts first (inserting what is stored already is refused as a "duplicate
+        key", and skipped), then the replacements and deletions."""
+        inserts = [write for _key, write in writes if isinstance(write, InsertOne)]
+        await self._bulk(inserts, quiet_codes={DUPLICATE_KEY})
+        await super()._write([(k, w) for k, w in writes if not isinstance(w, InsertOne)])
+
+
 def ledger_view(
     settings: CommonSettings, database: AsyncDatabase[dict[str, Any]], app_id: str
 ) -> DocumentView:
     """Erasure looks entries up by contact, hence the index."""
-    return DocumentView(
+    return LedgerView(
         settings,
         database,
         topic=ledger_changelog(app_id),
@@ -61,12 +74,15 @@ def ledger_writes(batch: Iterable[Record]) -> list[tuple[str, Write]]:
             latest[record.key] = entry_times(json.loads(record.value))
         except (ValueError, TypeError) as exc:
             log.error("ledger_view.undecodable", key=record.key, error=str(exc))
-    return [
-        (
-            key,
-            DeleteOne({"_id": key})
-            if entry is None
-            else ReplaceOne({"_id": key}, {"_id": key, **entry}, upsert=True),
+    writes: list[tuple[str, Write]] = []
+    for key, entry in latest.items():
+        if entry is None:
+            writes.append((key, DeleteOne({"_id": key})))
+            continue
+        document = {"_id": key, **entry}
+        newer = {"rev": {"$lt": int(entry.get("rev", 0))}}
+        writes.append((key, InsertOne(document)))
+        writes.append(
+            (key, ReplaceOne({"_id": key, "$or": [newer, {"rev": {"$exists": False}}]}, document))
         )
-        for key, entry in latest.items()
-    ]
+    return writes

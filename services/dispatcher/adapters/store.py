@@ -7,6 +7,7 @@ compacted topic (`adapters/suppressions.py`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -51,7 +52,9 @@ _retried = retry(
 
 class Templates:
     """Ready templates, each read at most once per `ttl` seconds: a campaign renders the same
-    template for every contact, and an edit marked ready is live within `ttl`."""
+    template for every contact, and an edit marked ready is live within `ttl`. A batch's sends
+    that find the entry expired share one read (hundreds of reads of one document at once
+    would queue for the store's few connections)."""
 
     def __init__(
         self,
@@ -63,6 +66,7 @@ class Templates:
         self._monotonic = monotonic
         self._ttl = ttl
         self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._reading: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
 
     async def ready(self, template_id: str, channel: str) -> Mapping[str, Any] | None:
         """The live content of a ready template for the channel, else None."""
@@ -71,11 +75,20 @@ class Templates:
         if cached is not None and cached[0] > now:
             doc = cached[1]
         else:
-            doc = await self._read(template_id)
+            doc = await self._shared_read(template_id)
             self._cache[template_id] = (now + self._ttl, doc)
         if doc is None or doc.get("status") != "ready" or doc.get("channel", "email") != channel:
             return None
         return doc
+
+    async def _shared_read(self, template_id: str) -> dict[str, Any] | None:
+        reading = self._reading.get(template_id)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read(template_id))
+            self._reading[template_id] = reading
+            reading.add_done_callback(lambda _done: self._reading.pop(template_id, None))
+        # A waiter cancelled (its batch fenced) must not cancel the read the others share.
+        return await asyncio.shield(reading)
 
     @_retried
     async def _read(self, template_id: str) -> dict[str, Any] | None:

@@ -104,6 +104,9 @@ class Ledger:
                 "transactional": request.transactional,
                 "requested_at": request.requested_at,
                 "history": [{"state": "requested", "at": now}],
+                # Counts the entry's changes: the admin's view never takes an older one over a
+                # newer one (`ledger_view`).
+                "rev": 1,
             },
         )
         return Claim(True, "requested", 1)
@@ -171,6 +174,7 @@ class Ledger:
                 continue
             entry["contact_key"] = "forgotten"
             entry.pop("history", None)
+            entry["rev"] = int(entry.get("rev", 0)) + 1
             self._table[key] = _encode(entry)
 
     def _move(
@@ -178,6 +182,7 @@ class Ledger:
     ) -> None:
         kept = {k: v for k, v in fields.items() if v is not None}
         entry.update(kept)
+        entry["rev"] = int(entry.get("rev", 0)) + 1
         entry["state"] = state
         entry[f"{state}_at"] = now
         history = entry.setdefault("history", [])
