@@ -75,6 +75,11 @@ class CommonSettings(BaseSettings):
         host = parts.netloc.rpartition("@")[2]
         return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
+    def api_docs_on(self, choice: bool | None) -> bool:
+        """Whether an HTTP service serves its interactive docs and OpenAPI document: as set, or
+        when unset only in dev (they map every route for whoever reaches the port)."""
+        return self.env == "dev" if choice is None else choice
+
     def kafka(self) -> KafkaConnection:
         """How this service's Kafka clients reach the cluster."""
         return KafkaConnection(
@@ -150,6 +155,16 @@ class CommonSettings(BaseSettings):
     def _kafka_connects(self) -> CommonSettings:
         self.kafka()  # raises, naming every WAYPOST_KAFKA_* variable at fault
         return self
+
+
+def api_docs_urls(on: bool) -> dict[str, str | None]:
+    """FastAPI's arguments for `/openapi.json`, `/docs` and `/redoc`: all served, or none."""
+    urls: dict[str, str | None] = {
+        "openapi_url": "/openapi.json",
+        "docs_url": "/docs",
+        "redoc_url": "/redoc",
+    }
+    return urls if on else dict.fromkeys(urls)
 
 
 class StreamSettings(CommonSettings):

@@ -13,6 +13,7 @@ from services.admin.adapters.analytics import (
     follow_journey_log,
     message_states,
 )
+from services.admin.adapters.audit import AuditLog
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
 from services.admin.adapters.segments import (
     ContactCommands,
@@ -60,6 +61,7 @@ async def serve(settings: AdminSettings) -> None:
         segment_counts=segment_counts,
         contacts=Contacts(db),
         contact_commands=ContactCommands(producer),
+        audit_trail=AuditLog(db),
         clock=SystemClock(),
     )
     stop = asyncio.Event()

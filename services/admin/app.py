@@ -1,23 +1,25 @@
 """Admin API: templates and journey drafts, the journey lifecycle (publish, pause, resume,
 archive), published journeys, segments and aggregates with live member counts, contacts (look up,
-forget), and live figures read from the system itself.
+forget), live figures read from the system itself, and the audit log of changes.
 
 Routes decode, call the rules in `shared.lifecycle` and `domain/`, and hand the result to adapters.
+Each route names the role it needs (`viewer`, `editor`, `publisher`; `access.py`): viewers read,
+editors also save drafts, publishers also change what is sent or erased.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict
 
+from services.admin.access import AdminKeys, AuditedChanges, RoleRefused, role_refused_answer
 from services.admin.adapters.analytics import JourneyLogStore
+from services.admin.adapters.audit import AuditTrail
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
 from services.admin.adapters.segments import (
     ContactCommands,
@@ -52,9 +54,7 @@ from shared.segment_checks import (
     segment_file_from,
 )
 from shared.segments import PublishedSegment
-
-# Module level: route annotations are resolved against module globals.
-_bearer = HTTPBearer(auto_error=False)
+from shared.settings import api_docs_urls
 
 MessageCounts = Callable[[], Awaitable[dict[str, int]]]
 EventCount = Callable[[], int]
@@ -103,34 +103,27 @@ def create_app(
     segment_counts: SegmentCounts,
     contacts: Contacts,
     contact_commands: ContactCommands,
+    audit_trail: AuditTrail,
     clock: Clock,
 ) -> FastAPI:
-    app = FastAPI(title="Waypost admin", version="1")
+    app = FastAPI(title="Waypost admin", version="1", **api_docs_urls(settings.serves_api_docs()))
     app.add_exception_handler(Problems, _problems_answer)
+    app.add_exception_handler(RoleRefused, role_refused_answer)
     app.add_middleware(JsonBodies, limit=settings.admin_max_body_bytes)
-    keys = [key.encode() for key in settings.api_keys()]
+    app.add_middleware(AuditedChanges, trail=audit_trail, clock=clock)
+    keys = AdminKeys(settings.admin_keys())
+    # The role each route needs, in its decorator: reads, draft edits, what sends or erases.
+    viewer = [Depends(keys.require("viewer"))]
+    editor = [Depends(keys.require("editor"))]
+    publisher = [Depends(keys.require("publisher"))]
     # One definition change at a time: each decides on what the previous one wrote.
     lifecycle = asyncio.Lock()
-
-    def authorised(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> None:
-        # As bytes: compare_digest refuses str that is not ASCII, and a header may hold any.
-        presented = (credentials.credentials if credentials else "").encode("utf-8", "replace")
-        if not any(secrets.compare_digest(presented, key) for key in keys):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "missing or unknown admin API key (Authorization: Bearer <key>)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    guarded = [Depends(authorised)]
 
     @app.get("/health", summary="Liveness")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/journeys", dependencies=guarded, summary="Published journey versions")
+    @app.get("/v1/journeys", dependencies=viewer, summary="Published journey versions")
     async def list_journeys() -> dict[str, Any]:
         items = [
             {
@@ -147,11 +140,11 @@ def create_app(
         return {"count": len(items), "journeys": items}
 
     # Declared before /v1/journeys/{journey_id}, which would otherwise capture it.
-    @app.get("/v1/journeys/schema", dependencies=guarded, summary="JSON Schema of a definition")
+    @app.get("/v1/journeys/schema", dependencies=viewer, summary="JSON Schema of a definition")
     async def journey_schema() -> dict[str, Any]:
         return journey_json_schema()
 
-    @app.get("/v1/journeys/{journey_id}", dependencies=guarded, summary="One journey's versions")
+    @app.get("/v1/journeys/{journey_id}", dependencies=viewer, summary="One journey's versions")
     async def get_journey(journey_id: str) -> dict[str, Any]:
         versions = [p.model_dump(mode="json") for p in journeys.all() if p.journey.id == journey_id]
         if not versions:
@@ -166,25 +159,25 @@ def create_app(
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no template '{template_id}'")
         return document
 
-    @app.put("/v1/templates/{template_id}", dependencies=guarded, summary="Save as a draft")
+    @app.put("/v1/templates/{template_id}", dependencies=editor, summary="Save as a draft")
     async def put_template(template_id: str, content: TemplateContent) -> dict[str, Any]:
         document = template_rules.edited(await templates.get(template_id), content, clock.now())
         await templates.replace(template_id, document)
         return template_rules.view(template_id, document)
 
-    @app.post("/v1/templates/{template_id}/ready", dependencies=guarded, summary="Mark ready")
+    @app.post("/v1/templates/{template_id}/ready", dependencies=publisher, summary="Mark ready")
     async def ready_template(template_id: str) -> dict[str, Any]:
         document = template_rules.readied(await _template(template_id), clock.now())
         await templates.replace(template_id, document)
         return template_rules.view(template_id, document)
 
-    @app.get("/v1/templates/{template_id}", dependencies=guarded, summary="One template")
+    @app.get("/v1/templates/{template_id}", dependencies=viewer, summary="One template")
     async def get_template(template_id: str) -> dict[str, Any]:
         return template_rules.view(template_id, await _template(template_id))
 
     # --- journeys: draft -> published -> paused / active -> archived ----------------------
 
-    @app.put("/v1/journeys/{journey_id}/draft", dependencies=guarded, summary="Save a draft")
+    @app.put("/v1/journeys/{journey_id}/draft", dependencies=editor, summary="Save a draft")
     async def put_draft(journey_id: str, definition: Annotated[Any, Body()]) -> dict[str, Any]:
         _parsed, problems = validate_draft(definition, await templates.ids(), journey_id)
         if problems:
@@ -193,7 +186,7 @@ def create_app(
         await drafts.put(journey_id, definition, now)
         return {"id": journey_id, "definition": definition, "updated_at": now}
 
-    @app.get("/v1/journeys/{journey_id}/draft", dependencies=guarded, summary="The draft")
+    @app.get("/v1/journeys/{journey_id}/draft", dependencies=viewer, summary="The draft")
     async def get_draft(journey_id: str) -> dict[str, Any]:
         draft = await drafts.get(journey_id)
         if draft is None:
@@ -202,7 +195,7 @@ def create_app(
 
     @app.post(
         "/v1/journeys/{journey_id}/publish",
-        dependencies=guarded,
+        dependencies=publisher,
         status_code=status.HTTP_201_CREATED,
         summary="Publish the draft as a new, immutable version",
     )
@@ -244,21 +237,23 @@ def create_app(
             await definitions.write(decision)
             return decision.model_dump(mode="json")
 
-    @app.post("/v1/journeys/{journey_id}/pause", dependencies=guarded, summary="Stop entries")
+    @app.post("/v1/journeys/{journey_id}/pause", dependencies=publisher, summary="Stop entries")
     async def pause(journey_id: str) -> dict[str, Any]:
         return await change_status(journey_id, "pause")
 
-    @app.post("/v1/journeys/{journey_id}/resume", dependencies=guarded, summary="Let them in")
+    @app.post("/v1/journeys/{journey_id}/resume", dependencies=publisher, summary="Let them in")
     async def resume(journey_id: str) -> dict[str, Any]:
         return await change_status(journey_id, "resume")
 
-    @app.post("/v1/journeys/{journey_id}/archive", dependencies=guarded, summary="End it, finally")
+    @app.post(
+        "/v1/journeys/{journey_id}/archive", dependencies=publisher, summary="End it, finally"
+    )
     async def archive(journey_id: str) -> dict[str, Any]:
         return await change_status(journey_id, "archive")
 
     @app.get(
         "/v1/journeys/{journey_id}/conversion",
-        dependencies=guarded,
+        dependencies=viewer,
         summary="Conversion of treated contacts against the holdout group",
     )
     async def conversion(journey_id: str) -> dict[str, Any]:
@@ -273,7 +268,7 @@ def create_app(
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no published segment '{segment_id}'")
         return found
 
-    @app.get("/v1/segments", dependencies=guarded, summary="Published segments, live counts")
+    @app.get("/v1/segments", dependencies=viewer, summary="Published segments, live counts")
     async def list_segments() -> dict[str, Any]:
         totals = segment_views.segment_totals(segment_counts.latest())
         items = [
@@ -284,7 +279,7 @@ def create_app(
 
     @app.put(
         "/v1/segments",
-        dependencies=guarded,
+        dependencies=publisher,
         status_code=status.HTTP_201_CREATED,
         summary="Publish a segment file (aggregates and segments)",
     )
@@ -308,7 +303,7 @@ def create_app(
             "unchanged": [r.key for r in decision.unchanged],
         }
 
-    @app.get("/v1/segments/{segment_id}", dependencies=guarded, summary="One segment")
+    @app.get("/v1/segments/{segment_id}", dependencies=viewer, summary="One segment")
     async def get_segment(segment_id: str) -> dict[str, Any]:
         published = _published_segment(segment_id)
         totals = segment_views.segment_totals(segment_counts.latest())
@@ -318,7 +313,7 @@ def create_app(
 
     @app.get(
         "/v1/segments/{segment_id}/members",
-        dependencies=guarded,
+        dependencies=viewer,
         summary="A sample of a segment's members, from the stored profiles",
     )
     async def segment_members(
@@ -332,7 +327,7 @@ def create_app(
             "members": [segment_views.contact_view(d) for d in documents],
         }
 
-    @app.delete("/v1/segments/{segment_id}", dependencies=guarded, summary="Delete a segment")
+    @app.delete("/v1/segments/{segment_id}", dependencies=publisher, summary="Delete a segment")
     async def delete_segment(segment_id: str) -> dict[str, Any]:
         async with lifecycle:
             decision = decide_segment_delete(segment_id, journeys.segments(), journeys.all())
@@ -345,7 +340,7 @@ def create_app(
             await segment_definitions.delete(decision)
         return {"id": segment_id, "deleted": True}
 
-    @app.get("/v1/aggregates", dependencies=guarded, summary="Published aggregates")
+    @app.get("/v1/aggregates", dependencies=viewer, summary="Published aggregates")
     async def list_aggregates() -> dict[str, Any]:
         segments = journeys.segments()
         items = [segment_views.aggregate_view(p, segments) for p in journeys.aggregates()]
@@ -353,7 +348,7 @@ def create_app(
 
     # --- contacts -------------------------------------------------------------------------
 
-    @app.get("/v1/contacts/{contact_key:path}", dependencies=guarded, summary="A stored profile")
+    @app.get("/v1/contacts/{contact_key:path}", dependencies=viewer, summary="A stored profile")
     async def get_contact(contact_key: str) -> dict[str, Any]:
         document = await contacts.get(contact_key)
         if document is None:
@@ -362,7 +357,7 @@ def create_app(
 
     @app.delete(
         "/v1/contacts/{contact_key:path}",
-        dependencies=guarded,
+        dependencies=publisher,
         status_code=status.HTTP_202_ACCEPTED,
         summary="Forget a contact: the segmenter erases its profile and announces it",
     )
@@ -373,7 +368,7 @@ def create_app(
 
     @app.put(
         "/v1/contacts/{contact_key:path}/consent",
-        dependencies=guarded,
+        dependencies=publisher,
         summary="Record a contact's consent to a channel (the only way besides signed links)",
     )
     async def set_consent(contact_key: str, change: ConsentChange) -> dict[str, Any]:
@@ -386,7 +381,7 @@ def create_app(
         await contact_commands.record(event)
         return {"contact_key": contact_key, "event": event.event, "channel": change.channel}
 
-    @app.get("/v1/stats", dependencies=guarded, summary="Figures read from Kafka and the store")
+    @app.get("/v1/stats", dependencies=viewer, summary="Figures read from Kafka and the store")
     async def stats() -> dict[str, Any]:
         by_journey = await journey_log.counts()
         return {
@@ -394,6 +389,24 @@ def create_app(
             "journeys": by_journey,
             "journeys_entered": sum(kinds.get("entered", 0) for kinds in by_journey.values()),
             "messages": await message_counts(),
+        }
+
+    # --- the audit log ----------------------------------------------------------------------
+
+    # Publishers only: the log shows what every key did, and the contact keys of erasures.
+    @app.get("/v1/audit", dependencies=publisher, summary="Changes asked of the API, newest first")
+    async def audit(
+        key: Annotated[str | None, Query(max_length=64, description="a key's name")] = None,
+        since: Annotated[AwareDatetime | None, Query(description="entries at or after")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    ) -> dict[str, Any]:
+        found = await audit_trail.page(key=key, since=since, limit=limit + 1, offset=offset)
+        entries = found[:limit]
+        return {
+            "count": len(entries),
+            "entries": entries,
+            "next_offset": offset + limit if len(found) > limit else None,
         }
 
     return app

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 
+from services.admin.domain.roles import AdminKey, parse_admin_keys
 from shared.secrets import Secret
 from shared.settings import CommonSettings
 
@@ -14,15 +15,37 @@ DEV_ADMIN_KEY = "wp_dev_admin_key"
 class AdminSettings(CommonSettings):
     admin_host: str = "127.0.0.1"
     admin_port: int = 8001
-    # Comma-separated bearer keys; separate from ingest write keys, never accepted there.
-    admin_api_keys: str = DEV_ADMIN_KEY
+    # Comma-separated `name:role:key` entries (role: viewer, editor or publisher); a bare key is
+    # a publisher named key-1, key-2, … (services/admin/domain/roles.py). Separate from ingest
+    # write keys, never accepted there.
+    admin_api_keys: SecretStr = SecretStr(DEV_ADMIN_KEY)
+    # /docs, /redoc and /openapi.json; unset: served only with WAYPOST_ENV=dev.
+    admin_api_docs: bool | None = None
     group_id: str = "waypost-admin"
     # A request body's cap, as sent and decompressed: a journey draft with its templates fits.
     admin_max_body_bytes: int = Field(default=2 * 1024 * 1024, gt=0)
 
     def secrets(self) -> list[Secret]:
-        keys = sorted(self.api_keys()) or [""]
-        return [*super().secrets(), *(Secret("WAYPOST_ADMIN_API_KEYS", key) for key in keys)]
+        keys = self.admin_keys()
+        if not keys:
+            return [*super().secrets(), Secret("WAYPOST_ADMIN_API_KEYS", "")]
+        return [
+            *super().secrets(),
+            *(Secret(f"WAYPOST_ADMIN_API_KEYS ({key.name})", key.secret) for key in keys),
+        ]
 
-    def api_keys(self) -> set[str]:
-        return {k.strip() for k in self.admin_api_keys.split(",") if k.strip()}
+    def admin_keys(self) -> tuple[AdminKey, ...]:
+        return parse_admin_keys(self.admin_api_keys.get_secret_value())
+
+    def serves_api_docs(self) -> bool:
+        return self.api_docs_on(self.admin_api_docs)
+
+    @field_validator("admin_api_docs", mode="before")
+    @classmethod
+    def _docs_unset_when_empty(cls, value: object) -> object:
+        return None if value == "" else value  # a manifest's optional setting left blank
+
+    @model_validator(mode="after")
+    def _keys_parse(self) -> AdminSettings:
+        self.admin_keys()  # raises, naming each entry at fault by position and name
+        return self

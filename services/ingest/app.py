@@ -46,6 +46,7 @@ from shared.bodies import BadInput
 from shared.clock import Clock
 from shared.contracts import Event
 from shared.links import InvalidLink, LinkClaims, LinkKind, LinkSigner, twilio_signature_valid
+from shared.settings import api_docs_urls
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +70,7 @@ def create_app(
         "the HTTP Basic user name (empty password) or as `writeKey` in the body.",
         telemetry=_NO_TELEMETRY,
         lifespan=lifespan,
+        **api_docs_urls(settings.serves_api_docs()),
     )
     metrics = IngestMetrics()
     intake = CallIntake(settings, publisher, clock, metrics, new_message_id)

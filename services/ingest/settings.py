@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from shared.secrets import Secret, provider_credential
 from shared.settings import CommonSettings
@@ -19,6 +19,8 @@ class IngestSettings(CommonSettings):
     ingest_port: int = 8000
     # "source:key" pairs, comma-separated; several keys per source allow rotation.
     ingest_write_keys: str = f"dev:{DEV_WRITE_KEY}"
+    # /docs, /redoc and /openapi.json; unset: served only with WAYPOST_ENV=dev.
+    ingest_api_docs: bool | None = None
     max_event_bytes: int = Field(default=32 * 1024, gt=0)
     max_batch_bytes: int = Field(default=500 * 1024, gt=0)
     # Worker processes serving the API, each with its own producer; 0 means one per CPU core
@@ -39,6 +41,14 @@ class IngestSettings(CommonSettings):
             *(Secret("WAYPOST_INGEST_WRITE_KEYS", key) for key in keys),
             provider_credential("WAYPOST_SMS_AUTH_TOKEN", self.sms_auth_token.get_secret_value()),
         ]
+
+    def serves_api_docs(self) -> bool:
+        return self.api_docs_on(self.ingest_api_docs)
+
+    @field_validator("ingest_api_docs", mode="before")
+    @classmethod
+    def _docs_unset_when_empty(cls, value: object) -> object:
+        return None if value == "" else value  # a manifest's optional setting left blank
 
     def worker_count(self) -> int:
         """`ingest_workers`, or the number of cores available when it is 0."""

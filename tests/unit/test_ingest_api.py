@@ -25,7 +25,7 @@ from shared.contracts import Event
 from shared.kafka import DeliveryFailed, ProducerBusy
 
 NOW = datetime(2025, 3, 3, 12, 0, tzinfo=UTC)
-SETTINGS = IngestSettings(ingest_write_keys="dev:k1,web:k2")
+SETTINGS = IngestSettings(ingest_write_keys="dev:k1,web:k2", ingest_api_docs=True)
 
 
 class RecordingPublisher:
@@ -491,6 +491,27 @@ async def test_the_openapi_document_lists_the_tracking_routes(client: httpx.Asyn
     assert "/v1/batch" in paths
     body_schema = paths["/v1/track"]["post"]["requestBody"]["content"]["application/json"]
     assert "userId" in body_schema["schema"]["properties"]
+
+
+@pytest.mark.parametrize(
+    ("env", "choice", "served"),
+    [("production", None, False), ("dev", None, True), ("production", True, True)],
+)
+async def test_the_api_docs_are_served_only_in_dev_unless_set(
+    publisher: RecordingPublisher, env: str, choice: bool | None, served: bool
+) -> None:
+    settings = IngestSettings(ingest_write_keys="dev:k1", env=env, ingest_api_docs=choice)
+    app = create_app(settings, publisher, ManualClock(NOW))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as client:
+        answers = [(await client.get(path)).status_code for path in DOCS_PATHS]
+        track = await client.post("/v1/track", json=MINIMAL_CALLS["track"], headers=basic("k1"))
+
+    assert answers == ([200, 200, 200] if served else [404, 404, 404])
+    assert track.status_code == 200
+
+
+DOCS_PATHS = ("/openapi.json", "/docs", "/redoc")
 
 
 async def test_the_clock_dates_each_call(

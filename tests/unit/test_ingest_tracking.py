@@ -30,6 +30,7 @@ SETTINGS = IngestSettings(
     public_url=PUBLIC,
     link_secret=SecretStr("test-link-secret"),
     sms_auth_token=SecretStr("test-sms-token"),
+    ingest_api_docs=True,
 )
 SIGNER = LinkSigner("test-link-secret", PUBLIC)
 CLAIMS = LinkClaims(

@@ -1,0 +1,187 @@
+"""The admin API's door: which key calls (401 without a known one), whether its role may make
+the call (403 naming the role needed and the key), and the audit entry of every change.
+
+Each route names the role it needs with one dependency, `Depends(keys.require(role))`; a unit
+test walks every route of the app and fails on one without it (tests/unit/test_admin_access.py).
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the annotations of
+# `RoleRequirement.__call__` at runtime, and an instance has no module globals to resolve
+# annotations written as strings against.
+
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import structlog
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from services.admin.adapters.audit import AuditTrail
+from services.admin.domain.audit import AuditEntry, audit_entry
+from services.admin.domain.roles import AdminKey, Role, allows
+from shared.clock import Clock
+
+log = structlog.get_logger(__name__)
+
+_bearer = HTTPBearer(auto_error=False)
+# Reads are not audited; every other method asks for a change.
+READS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Where a change being made keeps what the audit entry needs, from the role check to the answer.
+AUDIT_SCOPE = "waypost.audited_call"
+
+
+@dataclass
+class AuditedCall:
+    """Filled in by the role check: who calls, which route, what it needed."""
+
+    key: AdminKey | None = None
+    required_role: Role | None = None
+    route: str = ""
+    action: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+    refused_for_role: bool = False
+
+
+class RoleRefused(Exception):
+    """A known key whose role is below what the call needs."""
+
+    def __init__(self, key: AdminKey, needed: Role) -> None:
+        self.key = key
+        self.needed = needed
+        super().__init__(f"key {key.name} ({key.role}) needs {needed}")
+
+
+async def role_refused_answer(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RoleRefused)
+    return JSONResponse(
+        status_code=status.HTTP_403_FORBIDDEN,
+        content={
+            "detail": f"this call needs the {exc.needed} role; the key '{exc.key.name}' has "
+            f"the {exc.key.role} role",
+            "required_role": exc.needed,
+            "key": exc.key.name,
+            "role": exc.key.role,
+        },
+    )
+
+
+class AdminKeys:
+    """The configured keys, found by comparing in constant time."""
+
+    def __init__(self, keys: Iterable[AdminKey]) -> None:
+        self._keys = [(key.secret.encode(), key) for key in keys]
+
+    def find(self, presented: str) -> AdminKey | None:
+        # As bytes: compare_digest refuses str that is not ASCII, and a header may hold any.
+        candidate = presented.encode("utf-8", "replace")
+        found = None
+        for secret, key in self._keys:  # every key is compared: no early way out
+            if secrets.compare_digest(candidate, secret):
+                found = key
+        return found
+
+    def require(self, role: Role) -> "RoleRequirement":
+        return RoleRequirement(role, self)
+
+
+class RoleRequirement:
+    """A route's dependency: the call needs a known key of at least `role`."""
+
+    def __init__(self, role: Role, keys: AdminKeys) -> None:
+        self.role = role
+        self._keys = keys
+
+    def __repr__(self) -> str:
+        return f"RoleRequirement({self.role!r})"
+
+    async def __call__(
+        self,
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> AdminKey:
+        key = self._keys.find(credentials.credentials if credentials else "")
+        if key is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "missing or unknown admin API key (Authorization: Bearer <key>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        call = request.scope.get(AUDIT_SCOPE)
+        if isinstance(call, AuditedCall):
+            route = request.scope.get("route")
+            call.key = key
+            call.required_role = self.role
+            call.route = getattr(route, "path", request.url.path)
+            call.action = getattr(route, "summary", None) or getattr(route, "name", "")
+            call.params = {name: str(value) for name, value in request.path_params.items()}
+        if not allows(key.role, self.role):
+            if isinstance(call, AuditedCall):
+                call.refused_for_role = True
+            raise RoleRefused(key, self.role)
+        return key
+
+
+class AuditedChanges:
+    """ASGI middleware: every change asked by a known key (any method but GET, HEAD, OPTIONS),
+    done or refused, is written to the audit trail once its status is known and before its
+    answer goes out. A call refused before its key was known (401, a body refused at the door)
+    names nobody and is not written.
+
+    When the entry cannot be written, the answer stands (the change was made or refused
+    already; turning it into an error would invite a retry of what is done) and the entry is
+    logged whole, as JSON, at error level (`admin.audit_unwritten`)."""
+
+    def __init__(self, app: Any, trail: AuditTrail, clock: Clock) -> None:
+        self.app = app
+        self._trail = trail
+        self._clock = clock
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in READS:
+            await self.app(scope, receive, send)
+            return
+        call = AuditedCall()
+        scope = {**scope, AUDIT_SCOPE: call}
+        answered = False
+
+        async def audited(message: Any) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+                await self._record(call, scope["method"], message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, audited)
+        except Exception:
+            if not answered:  # the server answers 500
+                await self._record(call, scope["method"], status.HTTP_500_INTERNAL_SERVER_ERROR)
+            raise
+
+    async def _record(self, call: AuditedCall, method: str, code: int) -> None:
+        if call.key is None or call.required_role is None:
+            return
+        entry = audit_entry(
+            at=self._clock.now(),
+            key=call.key.name,
+            role=call.key.role,
+            required_role=call.required_role,
+            method=method,
+            route=call.route,
+            action=call.action,
+            params=call.params,
+            status=code,
+            refused_for_role=call.refused_for_role,
+        )
+        try:
+            await self._trail.write(entry)
+        except Exception:
+            log.exception("admin.audit_unwritten", entry=_as_json(entry))
+
+
+def _as_json(entry: AuditEntry) -> dict[str, Any]:
+    """The entry as the JSON log line holds it: the time as ISO 8601."""
+    return {**entry.as_document(), "at": entry.at.isoformat()}

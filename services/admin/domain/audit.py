@@ -1,0 +1,83 @@
+"""What the audit log keeps of one change asked of the admin API: who (the key's name and role),
+what (method, route template, path parameters), when, and how it ended. Never a key's secret,
+never a request body: a body may hold a contact's personal data, an id may not."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from services.admin.domain.roles import Role
+
+# A path parameter is an id (a journey, a template, a contact key); kept whole up to this.
+MAX_PARAM_CHARS = 200
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One change asked by an authenticated key, done or refused."""
+
+    at: datetime
+    key: str
+    role: Role
+    method: str
+    route: str
+    params: Mapping[str, str]
+    status: int
+    required_role: Role
+    summary: str
+
+    def as_document(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "key": self.key,
+            "role": self.role,
+            "method": self.method,
+            "route": self.route,
+            "params": dict(self.params),
+            "status": self.status,
+            "required_role": self.required_role,
+            "summary": self.summary,
+        }
+
+
+def audit_entry(
+    *,
+    at: datetime,
+    key: str,
+    role: Role,
+    required_role: Role,
+    method: str,
+    route: str,
+    action: str,
+    params: Mapping[str, Any],
+    status: int,
+    refused_for_role: bool,
+) -> AuditEntry:
+    """The entry of one call; `action` is the route's own short description."""
+    kept = {name: _clipped(str(value)) for name, value in params.items()}
+    target = ", ".join(f"{name}={value}" for name, value in kept.items())
+    if refused_for_role:
+        outcome = f"refused: needs the {required_role} role"
+    elif 200 <= status < 300:
+        outcome = "done"
+    else:
+        outcome = f"not done ({status})"
+    summary = f"{action} ({target}): {outcome}" if target else f"{action}: {outcome}"
+    return AuditEntry(
+        at=at,
+        key=key,
+        role=role,
+        method=method,
+        route=route,
+        params=kept,
+        status=status,
+        required_role=required_role,
+        summary=summary,
+    )
+
+
+def _clipped(value: str) -> str:
+    return value if len(value) <= MAX_PARAM_CHARS else value[: MAX_PARAM_CHARS - 1] + "…"

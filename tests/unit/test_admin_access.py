@@ -1,0 +1,232 @@
+"""Every admin route names the role it needs, and the door answers and audits as documented.
+
+The app is built with only its settings, clock and an in-memory audit trail: the calls here are
+all answered by the role check, before any route reaches a store or the broker (the rest is in
+tests/e2e/test_admin_roles.py, on the real stack)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from structlog.testing import capture_logs
+
+from services.admin.access import RoleRequirement
+from services.admin.app import create_app
+from services.admin.domain.audit import AuditEntry
+from services.admin.settings import AdminSettings
+from shared.clock import ManualClock
+
+NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+OPS = "9f1c2b7e4d5a6c8b0e3f1a2d4c6b8e0f9a1c3e5b"
+ANA = "1b3d5f7a9c2e4b6d8f0a1c3e5b7d9f2a4c6e8b0d"
+ED = "e0d8b6f4a2c9e7d5b3f1a8c6e4d2b0f9a7c5e3d1"
+KEYS = f"ops:publisher:{OPS},ana:viewer:{ANA},ed:editor:{ED}"
+
+# Deliberately open to anyone who reaches the port: liveness, and the API's own description
+# when the docs are on (WAYPOST_ADMIN_API_DOCS; off by default outside dev).
+PUBLIC = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+
+# The role of every route. A new route, or a changed role, shows here.
+ROLE_OF = {
+    ("GET", "/v1/journeys"): "viewer",
+    ("GET", "/v1/journeys/schema"): "viewer",
+    ("GET", "/v1/journeys/{journey_id}"): "viewer",
+    ("GET", "/v1/journeys/{journey_id}/draft"): "viewer",
+    ("GET", "/v1/journeys/{journey_id}/conversion"): "viewer",
+    ("GET", "/v1/templates/{template_id}"): "viewer",
+    ("GET", "/v1/segments"): "viewer",
+    ("GET", "/v1/segments/{segment_id}"): "viewer",
+    ("GET", "/v1/segments/{segment_id}/members"): "viewer",
+    ("GET", "/v1/aggregates"): "viewer",
+    ("GET", "/v1/contacts/{contact_key:path}"): "viewer",
+    ("GET", "/v1/stats"): "viewer",
+    ("PUT", "/v1/templates/{template_id}"): "editor",
+    ("PUT", "/v1/journeys/{journey_id}/draft"): "editor",
+    # Marking a template ready puts its content on the air for every journey that uses it.
+    ("POST", "/v1/templates/{template_id}/ready"): "publisher",
+    ("POST", "/v1/journeys/{journey_id}/publish"): "publisher",
+    ("POST", "/v1/journeys/{journey_id}/pause"): "publisher",
+    ("POST", "/v1/journeys/{journey_id}/resume"): "publisher",
+    ("POST", "/v1/journeys/{journey_id}/archive"): "publisher",
+    ("PUT", "/v1/segments"): "publisher",
+    ("DELETE", "/v1/segments/{segment_id}"): "publisher",
+    ("DELETE", "/v1/contacts/{contact_key:path}"): "publisher",
+    ("PUT", "/v1/contacts/{contact_key:path}/consent"): "publisher",
+    ("GET", "/v1/audit"): "publisher",
+}
+
+
+class MemoryTrail:
+    """The audit trail in a list; `broken` makes every write fail as an unreachable store."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.entries: list[AuditEntry] = []
+        self.broken = broken
+
+    async def write(self, entry: AuditEntry) -> None:
+        if self.broken:
+            raise ConnectionError("the document store did not answer")
+        self.entries.append(entry)
+
+    async def page(
+        self, *, key: str | None, since: datetime | None, limit: int, offset: int
+    ) -> list[dict[str, Any]]:
+        raise AssertionError("not read in these tests")
+
+
+def build(trail: MemoryTrail, **settings: Any) -> FastAPI:
+    # Every other collaborator stays unset: nothing here gets past the role check to use one.
+    unused: Any = None
+    return create_app(
+        AdminSettings(admin_api_keys=KEYS, **settings),
+        unused,
+        unused,
+        unused,
+        unused,
+        drafts=unused,
+        templates=unused,
+        definitions=unused,
+        segment_definitions=unused,
+        segment_counts=unused,
+        contacts=unused,
+        contact_commands=unused,
+        audit_trail=trail,
+        clock=ManualClock(NOW),
+    )
+
+
+@pytest.fixture
+def trail() -> MemoryTrail:
+    return MemoryTrail()
+
+
+@pytest.fixture
+async def client(trail: MemoryTrail) -> AsyncIterator[httpx.AsyncClient]:
+    app = build(trail, admin_api_docs=True)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+        yield client
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_every_route_declares_the_role_it_needs_or_is_deliberately_public() -> None:
+    app = build(MemoryTrail(), admin_api_docs=True)
+    found: dict[tuple[str, str], str] = {}
+    unguarded: list[str] = []
+    for route in app.routes:
+        path = getattr(route, "path", "")
+        if not isinstance(route, APIRoute):
+            if path not in PUBLIC:
+                unguarded.append(path)
+            continue
+        roles = [
+            d.call.role for d in route.dependant.dependencies if isinstance(d.call, RoleRequirement)
+        ]
+        if path in PUBLIC:
+            assert roles == [], f"{path} is listed as public but asks for {roles}"
+            continue
+        if len(roles) != 1:
+            unguarded.append(f"{sorted(route.methods)} {path}: {roles}")
+            continue
+        for method in route.methods:
+            found[(method, path)] = roles[0]
+
+    assert unguarded == []
+    assert found == ROLE_OF
+
+
+def test_the_public_routes_are_served_without_a_key_docs_only_when_on(
+    trail: MemoryTrail,
+) -> None:
+    on = {getattr(r, "path", "") for r in build(trail, admin_api_docs=True).routes}
+    off = {getattr(r, "path", "") for r in build(trail, admin_api_docs=False).routes}
+
+    assert on >= PUBLIC
+    assert not (off & (PUBLIC - {"/health"}))
+
+
+async def test_a_call_without_a_known_key_is_refused_and_names_nobody_in_the_audit(
+    client: httpx.AsyncClient, trail: MemoryTrail
+) -> None:
+    missing = await client.put("/v1/templates/t1", json={"text": "Hi"})
+    unknown = await client.put("/v1/templates/t1", json={"text": "Hi"}, headers=bearer("nope"))
+    foreign = await client.get("/v1/stats", headers=[(b"authorization", b"Bearer \xc3\xa9")])
+
+    assert [missing.status_code, unknown.status_code, foreign.status_code] == [401, 401, 401]
+    assert unknown.headers["www-authenticate"] == "Bearer"
+    assert trail.entries == []
+
+
+async def test_a_role_below_the_call_is_refused_naming_the_role_and_the_key(
+    client: httpx.AsyncClient, trail: MemoryTrail
+) -> None:
+    viewer_edits = await client.put("/v1/templates/t1", json={"text": "Hi"}, headers=bearer(ANA))
+    editor_publishes = await client.post("/v1/journeys/j1/publish", headers=bearer(ED))
+    editor_reads_audit = await client.get("/v1/audit", headers=bearer(ED))
+
+    assert viewer_edits.status_code == 403
+    assert viewer_edits.json() == {
+        "detail": "this call needs the editor role; the key 'ana' has the viewer role",
+        "required_role": "editor",
+        "key": "ana",
+        "role": "viewer",
+    }
+    assert editor_publishes.status_code == 403
+    assert editor_publishes.json()["required_role"] == "publisher"
+    assert editor_publishes.json()["key"] == "ed"
+    assert editor_reads_audit.status_code == 403
+    # Changes refused for their role are audited; reads are not.
+    assert [(e.key, e.method, e.route, e.status) for e in trail.entries] == [
+        ("ana", "PUT", "/v1/templates/{template_id}", 403),
+        ("ed", "POST", "/v1/journeys/{journey_id}/publish", 403),
+    ]
+    first = trail.entries[0]
+    assert first.at == NOW
+    assert first.role == "viewer"
+    assert first.required_role == "editor"
+    assert first.params == {"template_id": "t1"}
+    assert first.summary == "Save as a draft (template_id=t1): refused: needs the editor role"
+
+
+async def test_an_audit_entry_holds_no_secret_and_no_body(
+    client: httpx.AsyncClient, trail: MemoryTrail
+) -> None:
+    await client.put(
+        "/v1/contacts/ann@example.com/consent",
+        json={"channel": "email", "subscribed": False, "note": "private body"},
+        headers=bearer(ED),
+    )
+
+    (entry,) = trail.entries
+    text = repr(entry.as_document())
+    assert entry.params == {"contact_key": "ann@example.com"}
+    for secret in (OPS, ANA, ED, "private body"):
+        assert secret not in text
+
+
+async def test_an_audit_entry_that_cannot_be_written_is_logged_whole_and_the_answer_stands() -> (
+    None
+):
+    trail = MemoryTrail(broken=True)
+    transport = httpx.ASGITransport(app=build(trail))
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+        with capture_logs() as logs:
+            answer = await client.delete("/v1/segments/s1", headers=bearer(ANA))
+
+    assert answer.status_code == 403
+    (line,) = [entry for entry in logs if entry["event"] == "admin.audit_unwritten"]
+    assert line["log_level"] == "error"
+    assert line["entry"]["key"] == "ana"
+    assert line["entry"]["route"] == "/v1/segments/{segment_id}"
+    assert line["entry"]["status"] == 403
+    assert line["entry"]["at"] == NOW.isoformat()
+    assert ANA not in repr(line)
