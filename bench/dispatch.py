@@ -33,15 +33,14 @@ every provider answer (`POST /control/latency`; SMTP has none). Each run, on a r
 
 Messages/s in both is the messages concluded after the first one, divided by the time from the
 first to the last conclusion. "ratio" is dispatcher/baseline: 1.00 would mean the worker adds
-nothing to the provider round trips (Kafka, the ledger's document writes, rendering, link
-signing, its events); 0.2 means it sustains a fifth of what the client library alone pushes to
-the same sandbox. The baseline's median call latency (client side, under load, and idle) shows
-what the sandbox's latency setting added. The worker, the sandbox, FerretDB, Kafka and the bench
-share this machine's cores (and whatever else runs on it: the "other" CPU column), so figures
-are relative to this machine and moment. Every send costs the worker a handful of document
-operations (ledger insert and moves, template, consent, suppression reads); on the local stack
-FerretDB (on PostgreSQL) has a column of its own in the CPU table, which shows how much of the
-gap is the document store rather than the worker.
+nothing to the provider round trips (Kafka transactions, its RocksDB ledger, rendering and MIME
+building, link signing, its events); 0.2 means it sustains a fifth of what the client library
+alone pushes to the same sandbox. The baseline's median call latency (client side, under load,
+and idle) shows what the sandbox's latency setting added. The worker, the sandbox, FerretDB,
+Kafka and the bench share this machine's cores (and whatever else runs on it: the "other" CPU
+column), so figures are relative to this machine and moment. The worker's ledger is a table of
+its own; the `messages` collection the bench reads is its view, written in bulk a moment later,
+and the bench waits for it to show every message.
 """
 
 from __future__ import annotations
