@@ -290,13 +290,18 @@ class AsyncProducer:
         generation) is still current. Raises `TransactionAborted` when the transaction had to be
         aborted (the group moved on: this worker is a zombie; or the broker refused it)."""
 
-        def commit() -> None:
-            if offsets:
-                self._producer.send_offsets_to_transaction(offsets, group, TRANSACTION_CALL_SECONDS)
-            self._producer.commit_transaction(TRANSACTION_CALL_SECONDS)
-
+        # Two calls, each retried on its own: a call that timed out is resumed by calling it
+        # again, and any other transactional call made meanwhile conflicts with it.
         try:
-            await _transactional(commit)
+            if offsets:
+                await _transactional(
+                    lambda: self._producer.send_offsets_to_transaction(
+                        offsets, group, TRANSACTION_CALL_SECONDS
+                    )
+                )
+            await _transactional(
+                lambda: self._producer.commit_transaction(TRANSACTION_CALL_SECONDS)
+            )
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.txn_requires_abort():

@@ -35,14 +35,14 @@ class Rendezvous:
         tasks = [asyncio.ensure_future(self._tracked(work)) for work in works]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            failed = next((t for t in done if not t.cancelled() and t.exception()), None)
-            if failed is not None:
+            # Every finished task's outcome is taken (several may carry the same failure).
+            failures = [t.exception() for t in done if not t.cancelled()]
+            failure = next((exc for exc in failures if exc is not None), None)
+            if failure is not None:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
-                exc = failed.exception()
-                assert exc is not None
-                raise exc
+                raise failure
         except asyncio.CancelledError:
             for task in tasks:
                 task.cancel()
