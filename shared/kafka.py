@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -36,6 +36,13 @@ log = structlog.get_logger(__name__)
 
 class ProducerBusy(Exception):
     """The local produce queue is full: callers should shed load (HTTP 503 + Retry-After)."""
+
+
+class TransactionDoomed(BaseException):
+    """A record of the open transaction was not delivered (the broker away past the record's
+    timeout, say): the transaction can only be aborted, and whatever the batch produced into it
+    is lost. A BaseException, so that no record handler or outage retry takes it for a record's
+    own failure: the worker aborts the batch and reads it again."""
 
 
 class DeliveryFailed(Exception):
@@ -180,7 +187,17 @@ class AsyncProducer:
         return future
 
     async def send(self, topic: str, key: str | None, value: bytes | None) -> None:
-        await self.produce(topic, key, value)
+        delivered = self.produce(topic, key, value)
+        await self._delivery(delivered)
+
+    async def _delivery(self, delivered: Awaitable[None]) -> None:
+        """Wait for acknowledgements; inside a transaction a failure dooms the transaction."""
+        try:
+            await delivered
+        except DeliveryFailed as exc:
+            if self._renewable.transactional:
+                raise TransactionDoomed(str(exc)) from exc
+            raise
 
     async def send_all(self, records: Iterable[tuple[str, str | None, bytes | None]]) -> None:
         """Queue every record (a None value is a tombstone), then wait for all acknowledgements.
@@ -222,7 +239,7 @@ class AsyncProducer:
             produced += 1
         if tally.expect(produced):
             _settle(finished, tally.error)
-        await finished
+        await self._delivery(finished)
 
     def _enqueue(
         self,
@@ -247,6 +264,10 @@ class AsyncProducer:
                 # Refused before it was queued (too large, say): the record's fault, not an
                 # outage, so it is never retried as one.
                 raise DeliveryFailed(str(error), refused=True) from exc
+            if self._renewable.transactional and isinstance(error, KafkaError):
+                if error.txn_requires_abort() or error.code() == KafkaError._STATE:
+                    # The open transaction failed before: nothing more can join it.
+                    raise TransactionDoomed(str(error)) from exc
             raise
 
     async def _enqueue_waiting(

@@ -47,7 +47,13 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 
 from shared.clock import Clock
 from shared.deadletter import through_outages
-from shared.kafka import AsyncProducer, Record, TransactionAborted, close_within
+from shared.kafka import (
+    AsyncProducer,
+    Record,
+    TransactionAborted,
+    TransactionDoomed,
+    close_within,
+)
 from shared.kafka_connection import client_config
 from shared.membership import Membership, Progress
 from shared.restore import (
@@ -618,11 +624,17 @@ class StreamWorker:
         self.producer.begin_transaction()
         try:
             await self._process(records)
-            reached = await through_outages(self._produce_changelogs, what=self.app_id)
+            # Inside a transaction an undelivered record cannot be sent again: the transaction
+            # is doomed, so the batch is aborted and read again, not retried in place.
+            reached = await self._produce_changelogs()
             ends = {(r.topic, r.partition): r.offset + 1 for r in records}
             await self._commit(consumer, ends)
         except Fenced as exc:
             self._abandon(consumer, start, str(exc))
+            return
+        except TransactionDoomed as exc:
+            await self._abort_doomed()
+            self._abandon(consumer, start, f"transaction doomed: {exc}")
             return
         except BaseException:
             for table in self.tables.values():
@@ -642,7 +654,7 @@ class StreamWorker:
         the caller must then do nothing more for the batch (call no provider, say)."""
         if not self.transactional or self._consumer is None:
             raise RuntimeError("checkpoint needs a transactional worker inside a batch")
-        reached = await through_outages(self._produce_changelogs, what=self.app_id)
+        reached = await self._produce_changelogs()  # TransactionDoomed: the batch is aborted
         asked_at = time.monotonic()
         await self._commit(self._consumer, self._batch_start)
         self._proven_at = asked_at
@@ -673,6 +685,18 @@ class StreamWorker:
             except TransactionAborted as exc:
                 raise Fenced(str(exc)) from exc
             self._proven_at = asked_at
+
+    async def _abort_doomed(self) -> None:
+        """Abort a doomed transaction, asking again while the broker is away (the next batch
+        cannot begin before it), then give the broker a moment before the batch is read again."""
+        while True:
+            try:
+                await self.producer.abort_transaction()
+                break
+            except KafkaException as exc:
+                log.warning("stream.abort_retry", error=str(exc))
+                await asyncio.sleep(RESTORE_RETRY_SECONDS)
+        await asyncio.sleep(RESTORE_RETRY_SECONDS)
 
     async def _commit(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
         """Commit the open transaction with `offsets` as the group's committed offsets."""
