@@ -264,10 +264,12 @@ class AsyncProducer:
                 # Refused before it was queued (too large, say): the record's fault, not an
                 # outage, so it is never retried as one.
                 raise DeliveryFailed(str(error), refused=True) from exc
-            if self._renewable.transactional and isinstance(error, KafkaError):
-                if error.txn_requires_abort() or error.code() == KafkaError._STATE:
-                    # The open transaction failed before: nothing more can join it.
-                    raise TransactionDoomed(str(error)) from exc
+            doomed = isinstance(error, KafkaError) and (
+                error.txn_requires_abort() or error.code() == KafkaError._STATE
+            )
+            if self._renewable.transactional and doomed:
+                # The open transaction failed before: nothing more can join it.
+                raise TransactionDoomed(str(error)) from exc
             raise
 
     async def _enqueue_waiting(
