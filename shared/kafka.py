@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -36,6 +36,13 @@ log = structlog.get_logger(__name__)
 
 class ProducerBusy(Exception):
     """The local produce queue is full: callers should shed load (HTTP 503 + Retry-After)."""
+
+
+class TransactionDoomed(BaseException):
+    """A record of the open transaction was not delivered (the broker away past the record's
+    timeout, say): the transaction can only be aborted, and whatever the batch produced into it
+    is lost. A BaseException, so that no record handler or outage retry takes it for a record's
+    own failure: the worker aborts the batch and reads it again."""
 
 
 class DeliveryFailed(Exception):
@@ -180,7 +187,17 @@ class AsyncProducer:
         return future
 
     async def send(self, topic: str, key: str | None, value: bytes | None) -> None:
-        await self.produce(topic, key, value)
+        delivered = self.produce(topic, key, value)
+        await self._delivery(delivered)
+
+    async def _delivery(self, delivered: Awaitable[None]) -> None:
+        """Wait for acknowledgements; inside a transaction a failure dooms the transaction."""
+        try:
+            await delivered
+        except DeliveryFailed as exc:
+            if self._renewable.transactional:
+                raise TransactionDoomed(str(exc)) from exc
+            raise
 
     async def send_all(self, records: Iterable[tuple[str, str | None, bytes | None]]) -> None:
         """Queue every record (a None value is a tombstone), then wait for all acknowledgements.
@@ -222,7 +239,7 @@ class AsyncProducer:
             produced += 1
         if tally.expect(produced):
             _settle(finished, tally.error)
-        await finished
+        await self._delivery(finished)
 
     def _enqueue(
         self,
@@ -247,6 +264,12 @@ class AsyncProducer:
                 # Refused before it was queued (too large, say): the record's fault, not an
                 # outage, so it is never retried as one.
                 raise DeliveryFailed(str(error), refused=True) from exc
+            doomed = isinstance(error, KafkaError) and (
+                error.txn_requires_abort() or error.code() == KafkaError._STATE
+            )
+            if self._renewable.transactional and doomed:
+                # The open transaction failed before: nothing more can join it.
+                raise TransactionDoomed(str(error)) from exc
             raise
 
     async def _enqueue_waiting(
@@ -290,13 +313,35 @@ class AsyncProducer:
         generation) is still current. Raises `TransactionAborted` when the transaction had to be
         aborted (the group moved on: this worker is a zombie; or the broker refused it)."""
 
-        def commit() -> None:
-            if offsets:
-                self._producer.send_offsets_to_transaction(offsets, group, TRANSACTION_CALL_SECONDS)
-            self._producer.commit_transaction(TRANSACTION_CALL_SECONDS)
-
+        # Two calls, each retried on its own: a call that timed out is resumed by calling it
+        # again, and any other transactional call made meanwhile conflicts with it.
         try:
-            await _transactional(commit)
+            if offsets:
+                await _transactional(
+                    lambda: self._producer.send_offsets_to_transaction(
+                        offsets, group, TRANSACTION_CALL_SECONDS
+                    )
+                )
+            await _transactional(
+                lambda: self._producer.commit_transaction(TRANSACTION_CALL_SECONDS)
+            )
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.txn_requires_abort():
+                await self.abort_transaction()
+                raise TransactionAborted(str(error)) from exc
+            raise
+
+    async def prove_offsets(self, offsets: list[TopicPartition], group: Any) -> None:
+        """Add `offsets` to the open transaction: the group coordinator accepts them only from
+        the member `group` names, in its current generation. Raises `TransactionAborted` (the
+        transaction aborted) when it does not: this worker is no longer the owner."""
+        try:
+            await _transactional(
+                lambda: self._producer.send_offsets_to_transaction(
+                    offsets, group, TRANSACTION_CALL_SECONDS
+                )
+            )
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.txn_requires_abort():
@@ -770,6 +815,11 @@ class CompactedTopicView:
     def snapshot(self) -> dict[str, bytes]:
         with self._lock:
             return dict(self._values)
+
+    def get(self, key: str) -> bytes | None:
+        """The latest value of one key (None: none, or deleted)."""
+        with self._lock:
+            return self._values.get(key)
 
     def stop(self) -> None:
         self._stopping.set()

@@ -30,6 +30,8 @@ PUBLISHED = frozenset(
         "change-me-dev-link-secret",
         "waypost-dev-coupon-secret",
         "change-me-dev-coupon-secret",
+        "waypost-dev-suppression-secret",
+        "change-me-dev-suppression-secret",
         "wp_dev_admin_key",
         "wp_dev_write_key",
         "dev-admin-key",

@@ -37,6 +37,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,13 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 
 from shared.clock import Clock
 from shared.deadletter import through_outages
-from shared.kafka import AsyncProducer, Record, TransactionAborted, close_within
+from shared.kafka import (
+    AsyncProducer,
+    Record,
+    TransactionAborted,
+    TransactionDoomed,
+    close_within,
+)
 from shared.kafka_connection import client_config
 from shared.membership import Membership, Progress
 from shared.restore import (
@@ -65,6 +72,8 @@ log = structlog.get_logger(__name__)
 _PARTITION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "waypost_table_partition", default=None
 )
+# A worker that stops heartbeating loses its partitions after this long (Kafka's default: 45 s).
+SESSION_TIMEOUT_MS = 10_000
 # How long a restore that could not finish (the broker gone) waits before it tries again.
 RESTORE_RETRY_SECONDS = 2.0
 # A partition's database last current longer ago than this is rebuilt from its changelog rather
@@ -240,12 +249,12 @@ class Table(MutableMapping[bytes, bytes]):
         self._db(partition)
         self._staged.setdefault(partition, {})[key] = value
 
-    def rows(self) -> Iterator[tuple[bytes, bytes]]:
-        """Every row of the owned partitions, undecoded, staged writes included (a scan during
-        a batch's changelog wait sees what the batch wrote)."""
-        for partition in sorted(self._dbs):
-            staged = self._staged.get(partition, {})
-            for key, value in self._dbs[partition].items():
+    def rows(self, partition: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Every row of the owned partitions (or of `partition` alone), undecoded, staged writes
+        included (a scan during a batch's changelog wait sees what the batch wrote)."""
+        for held in sorted(self._dbs) if partition is None else [partition]:
+            staged = self._staged.get(held, {})
+            for key, value in self._db(held).items():
                 if key not in META_KEYS and key not in staged:
                     yield key, value  # type: ignore[misc]  # raw mode: bytes, whatever the stubs say
             for key, staged_value in list(staged.items()):
@@ -288,6 +297,9 @@ class Table(MutableMapping[bytes, bytes]):
 
 
 Process = Callable[[list[Record]], Awaitable[None]]
+# When a record may be handled (None: now). A record of a topic consumed with one is held, with
+# every later record of its partition, until that time (`StreamWorker.consume`).
+Due = Callable[[Record], datetime | None]
 Hook = Callable[[frozenset[int]], None]
 Job = Callable[[], Awaitable[None]]
 
@@ -350,9 +362,14 @@ class StreamWorker:
         # `<data dir>/<service>/v1/tables/<table>-<partition>.db`
         self.folder = settings.data_dir / service / "v1" / "tables"
         self.batch_max_records = settings.batch_max_records
+        # How long a proof of ownership holds (`prove_owner`): a third of the session timeout.
+        self.owner_lease_seconds = SESSION_TIMEOUT_MS / 1000 / 3
         self.batch_max_seconds = settings.batch_max_ms / 1000
         self.tables: dict[str, Table] = {}
         self._processors: dict[str, Process] = {}
+        self._due: dict[str, Due] = {}
+        # Partitions of delayed topics held until a time: (offset to read on from, until).
+        self._held: dict[tuple[str, int], tuple[int, datetime]] = {}
         self._hooks: list[Hook] = []
         self._jobs: list[tuple[float, Job]] = []
         self._assigned: set[tuple[str, int]] = set()
@@ -364,6 +381,10 @@ class StreamWorker:
         # The batch being handled, and where each of its partitions started (transactional).
         self._batch_start: dict[tuple[str, int], int] = {}
         self._group: Any = None
+        # When ownership of the batch's partitions was last proven (monotonic seconds, taken
+        # before the proof was asked for), and the lock that makes one proof serve many.
+        self._proven_at = float("-inf")
+        self._proving = asyncio.Lock()
 
     # --- declaring --------------------------------------------------------------------------
 
@@ -380,10 +401,17 @@ class StreamWorker:
             for name, table in self.tables.items()
         ]
 
-    def consume(self, topics: list[str], process: Process) -> None:
-        """`process` gets each batch's records of `topics`, in offset order per partition."""
+    def consume(self, topics: list[str], process: Process, *, due: Due | None = None) -> None:
+        """`process` gets each batch's records of `topics`, in offset order per partition.
+
+        With `due` the topics are delayed queues (records of a partition due in offset order,
+        such as retries of one delay class): a record not yet due is not handed over; its
+        partition is paused and read again from that record once it is due. Nothing waits in
+        a batch, and the offsets committed never pass a held record."""
         for topic in topics:
             self._processors[topic] = process
+            if due is not None:
+                self._due[topic] = due
 
     def on_assigned(self, hook: Hook) -> None:
         self._hooks.append(hook)
@@ -418,7 +446,8 @@ class StreamWorker:
                 )
                 if self._changes:
                     await self._settle(consumer)
-                records = self._records(messages)
+                self._release_holds(consumer)
+                records = self._records(consumer, messages)
                 if records:
                     await self._handle(consumer, records)
                 if self._membership.lost() or await self._fetch_stalled(consumer):
@@ -446,7 +475,7 @@ class StreamWorker:
                 # Partition p of every input topic on one worker, with table partition p.
                 "partition.assignment.strategy": "range",
                 # A killed worker's partitions move after 10 s rather than Kafka's 45 s.
-                "session.timeout.ms": 10_000,
+                "session.timeout.ms": SESSION_TIMEOUT_MS,
                 "heartbeat.interval.ms": 2_000,
                 # A restore of a large table happens between two polls.
                 "max.poll.interval.ms": 900_000,
@@ -467,7 +496,11 @@ class StreamWorker:
         (`shared.membership.Progress`); checked every few seconds."""
         if not self._progress.due():
             return False
-        watched = sorted(where for where in self._assigned if where[1] in self._owned)
+        watched = sorted(
+            where
+            for where in self._assigned
+            if where[1] in self._owned and where not in self._held  # held: paused on purpose
+        )
         known = dict(self._positions.next)
         return await asyncio.to_thread(self._progress.stalled, consumer, watched, known)
 
@@ -482,8 +515,9 @@ class StreamWorker:
             await self._settle(fresh)
         return fresh
 
-    def _records(self, messages: list[Message]) -> list[Record]:
+    def _records(self, consumer: Consumer, messages: list[Message]) -> list[Record]:
         records = []
+        now = self.clock.now() if self._due else None
         # Offsets taken in this call: a record fetched both before and after a rebalance
         # inside one poll is taken once.
         taken: dict[tuple[str, int], int] = {}
@@ -505,10 +539,47 @@ class StreamWorker:
                 value=message.value() or b"",
             )
             where = (topic, partition)
+            if where in self._held:
+                continue  # read again from the held record once it is due
             if self._positions.fresh(record) and record.offset >= taken.get(where, -1):
+                due = self._due.get(topic)
+                until = due(record) if due is not None else None
+                if until is not None and now is not None and until > now:
+                    self._hold(consumer, where, record.offset, until)
+                    continue
                 taken[where] = record.offset + 1
                 records.append(record)
         return records
+
+    def _hold(
+        self, consumer: Consumer, where: tuple[str, int], offset: int, until: datetime
+    ) -> None:
+        """Pause a delayed topic's partition at `offset` until `until`."""
+        tp = TopicPartition(where[0], where[1], offset)
+        try:
+            consumer.pause([TopicPartition(*where)])
+            consumer.seek(tp)  # what was fetched past it is dropped, and fetched again later
+        except KafkaException as exc:  # no longer assigned: the next owner reads it
+            log.info("stream.hold_skipped", topic=where[0], partition=where[1], error=str(exc))
+            return
+        self._held[where] = (offset, until)
+
+    def _release_holds(self, consumer: Consumer) -> None:
+        """Resume the held partitions whose record is due."""
+        if not self._held:
+            return
+        now = self.clock.now()
+        for where, (offset, until) in list(self._held.items()):
+            if until > now:
+                continue
+            del self._held[where]
+            try:
+                consumer.seek(TopicPartition(where[0], where[1], offset))
+                consumer.resume([TopicPartition(*where)])
+            except KafkaException as exc:
+                log.info(
+                    "stream.release_skipped", topic=where[0], partition=where[1], error=str(exc)
+                )
 
     async def _handle(self, consumer: Consumer, records: list[Record]) -> None:
         if self.transactional:
@@ -546,17 +617,24 @@ class StreamWorker:
         for record in records:
             start.setdefault((record.topic, record.partition), record.offset)
         self._batch_start = start
+        self._proven_at = float("-inf")
         # The generation the batch was fetched in: every commit of the batch names it, so a
         # worker that was cut off meanwhile cannot commit it even after it rejoined the group.
         self._group = consumer.consumer_group_metadata()
         self.producer.begin_transaction()
         try:
             await self._process(records)
-            reached = await through_outages(self._produce_changelogs, what=self.app_id)
+            # Inside a transaction an undelivered record cannot be sent again: the transaction
+            # is doomed, so the batch is aborted and read again, not retried in place.
+            reached = await self._produce_changelogs()
             ends = {(r.topic, r.partition): r.offset + 1 for r in records}
             await self._commit(consumer, ends)
         except Fenced as exc:
             self._abandon(consumer, start, str(exc))
+            return
+        except TransactionDoomed as exc:
+            await self._abort_doomed()
+            self._abandon(consumer, start, f"transaction doomed: {exc}")
             return
         except BaseException:
             for table in self.tables.values():
@@ -576,10 +654,49 @@ class StreamWorker:
         the caller must then do nothing more for the batch (call no provider, say)."""
         if not self.transactional or self._consumer is None:
             raise RuntimeError("checkpoint needs a transactional worker inside a batch")
-        reached = await through_outages(self._produce_changelogs, what=self.app_id)
+        reached = await self._produce_changelogs()  # TransactionDoomed: the batch is aborted
+        asked_at = time.monotonic()
         await self._commit(self._consumer, self._batch_start)
+        self._proven_at = asked_at
         self._apply(reached)
         self.producer.begin_transaction()
+
+    async def prove_owner(self) -> None:
+        """Make sure, just before an irreversible effect (a provider call), that the group still
+        counts this worker as the owner of the batch's partitions: within `owner_lease_seconds`
+        of the last proof (a checkpoint, or an earlier call of this) that is taken as given;
+        after it, the group coordinator is asked again (the batch's start offsets added to the
+        open transaction). Raises `Fenced` when it no longer is, as `checkpoint` does.
+
+        A worker stopped (SIGSTOP, a long pause) after a checkpoint and resumed after the
+        group moved its partitions on would otherwise call providers for records another
+        worker now handles. The lease is well inside the session timeout: a worker that was
+        running heartbeated within the last few seconds, so its partitions cannot move
+        before the lease ends."""
+        if not self.transactional or self._consumer is None:
+            raise RuntimeError("prove_owner needs a transactional worker inside a batch")
+        async with self._proving:
+            if time.monotonic() - self._proven_at < self.owner_lease_seconds:
+                return
+            asked_at = time.monotonic()
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self._batch_start.items()]
+            try:
+                await self.producer.prove_offsets(offsets, self._group)
+            except TransactionAborted as exc:
+                raise Fenced(str(exc)) from exc
+            self._proven_at = asked_at
+
+    async def _abort_doomed(self) -> None:
+        """Abort a doomed transaction, asking again while the broker is away (the next batch
+        cannot begin before it), then give the broker a moment before the batch is read again."""
+        while True:
+            try:
+                await self.producer.abort_transaction()
+                break
+            except KafkaException as exc:
+                log.warning("stream.abort_retry", error=str(exc))
+                await asyncio.sleep(RESTORE_RETRY_SECONDS)
+        await asyncio.sleep(RESTORE_RETRY_SECONDS)
 
     async def _commit(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
         """Commit the open transaction with `offsets` as the group's committed offsets."""
@@ -679,6 +796,7 @@ class StreamWorker:
                 interrupted.update(p for _t, p in partitions)
                 for topic, partition in partitions:
                     self._positions.forget(topic, partition)
+                    self._held.pop((topic, partition), None)
         by_topic: dict[str, set[int]] = {topic: set() for topic in self._processors}
         for topic, partition in self._assigned:
             by_topic.setdefault(topic, set()).add(partition)
@@ -707,6 +825,10 @@ class StreamWorker:
                     table.open(partition)
         if added:
             tps = [TopicPartition(t, p) for t, p in sorted(added)]
+            delayed = [tp for tp in tps if tp.topic in self._due]
+            if delayed:  # a partition held by a previous owner of this consumer starts unpaused
+                with contextlib.suppress(KafkaException):
+                    consumer.resume(delayed)
             committed = await self._committed(consumer, tps)
             for tp in committed:
                 self._positions.start(str(tp.topic), int(tp.partition), int(tp.offset))

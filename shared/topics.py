@@ -83,6 +83,13 @@ SEND_RETRIES: dict[str, Topic] = {
     "medium": SEND_RETRIES_MEDIUM,
     "long": SEND_RETRIES_LONG,
 }
+SUPPRESSIONS = Topic(
+    "waypost.suppressions.v1",
+    "addresses a provider called permanently bad, keyed by a keyed hash of channel and address"
+    " (never the address itself); every dispatcher worker reads all of it",
+    compacted=True,
+    keyed_by_contact=False,
+)
 DEAD_LETTER = Topic(
     "waypost.dead-letter.v1",
     "records no consumer could process, with the reason",
@@ -108,11 +115,15 @@ ALL_TOPICS: tuple[Topic, ...] = (
     SEGMENT_COUNTS,
     OBJECT_RELATIONS,
     DEFINITIONS,
+    SUPPRESSIONS,
     DEAD_LETTER,
 )
 
 # What each service's consumer groups read (default group ids; the dispatcher has three). Tools
 # that wait for the pipeline to drain, the tests and `bench/pipeline.py`, read this map.
+# The dispatcher's ledger table's changelog (`shared.streams`: `<app id>-<table>-changelog`).
+DISPATCHER_LEDGER_CHANGELOG = "waypost-dispatcher-ledger-changelog"
+
 READERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "segmenter": (
         (
@@ -127,8 +138,15 @@ READERS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ),
     ),
     "dispatcher": (
-        ("waypost-dispatcher", (SEND_REQUESTS.name,)),
-        ("waypost-dispatcher-retries", tuple(t.name for t in SEND_RETRIES.values())),
-        ("waypost-dispatcher-reports", (DELIVERY_REPORTS.name,)),
+        # The admin's view of the ledger, from the ledger table's changelog (a moment behind).
+        ("waypost-ledger-view", (DISPATCHER_LEDGER_CHANGELOG,)),
+        (
+            "waypost-dispatcher",
+            (
+                SEND_REQUESTS.name,
+                DELIVERY_REPORTS.name,
+                *(t.name for t in SEND_RETRIES.values()),
+            ),
+        ),
     ),
 }

@@ -535,13 +535,23 @@ class Stack:
         """Start a service; `worker` 2, 3, ... starts one more worker of it (process name
         `<service>-<n>`, its own local state folder), as ops scale a stream worker out. `env`
         adds to or overrides the stack's settings for this process."""
+        # A stable name per worker: a restarted transactional worker (the dispatcher) aborts
+        # what its killed predecessor left open at once, rather than after its timeout.
         if worker == 1:
-            self._spawn(name, [PYTHON, "-m", f"services.{name}"], env=env)
+            self._spawn(
+                name,
+                [PYTHON, "-m", f"services.{name}"],
+                env={"WAYPOST_WORKER_ID": name, **(env or {})},
+            )
             return
         self._spawn(
             f"{name}-{worker}",
             [PYTHON, "-m", f"services.{name}"],
-            env={"WAYPOST_DATA_DIR": str(self.home / f"data-{worker}"), **(env or {})},
+            env={
+                "WAYPOST_DATA_DIR": str(self.home / f"data-{worker}"),
+                "WAYPOST_WORKER_ID": f"{name}-{worker}",
+                **(env or {}),
+            },
         )
 
     def extra_workers(self) -> list[str]:

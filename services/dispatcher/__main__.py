@@ -10,39 +10,34 @@ import httpx
 import structlog
 from prometheus_client import start_http_server
 
+from services.dispatcher.adapters.ledger_view import ledger_view
 from services.dispatcher.adapters.metrics import DispatchMetrics
-from services.dispatcher.adapters.store import (
-    Caps,
-    Consent,
-    Ledger,
-    Suppressions,
-    Templates,
-    ensure_indexes,
-)
+from services.dispatcher.adapters.store import Templates
+from services.dispatcher.adapters.suppressions import SuppressionList, move_legacy_suppressions
+from services.dispatcher.adapters.tables import CAPS, CONSENT, LEDGER, Caps, Consent, Ledger
 from services.dispatcher.channels import build_providers
 from services.dispatcher.channels.email.adapter import SmtpSender
 from services.dispatcher.channels.sms.adapter import SmsSender
-from services.dispatcher.handlers import Dispatcher, Stores
+from services.dispatcher.handlers import Dispatcher, Stores, retry_due
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
 from shared.docstore import connect, database
-from shared.kafka import AsyncProducer, ConsumerLoop, prepare_topics, run_pipelined
+from shared.document_view import run_view_thread
+from shared.kafka import AsyncProducer, CompactedTopicView, Record, prepare_topics
 from shared.links import LinkSigner
 from shared.logs import configure_logging
 from shared.secrets import enforce
-from shared.topics import DELIVERY_REPORTS, SEND_REQUESTS, SEND_RETRIES
+from shared.streams import StreamWorker, transactional_config
+from shared.topics import DELIVERY_REPORTS, SEND_REQUESTS, SEND_RETRIES, SUPPRESSIONS
 
 log = structlog.get_logger(__name__)
 
 
-async def serve(settings: DispatcherSettings) -> None:
-    clock = SystemClock()
-    kafka = settings.kafka()
-    producer = AsyncProducer(kafka, client_id="dispatcher")
+async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: SystemClock) -> None:
+    producer = worker.producer
     client = connect(settings, "waypost-dispatcher", max_connections=settings.store_connections)
     db = database(client, settings)
-    await ensure_indexes(db)
     metrics = DispatchMetrics()
     if settings.metrics_port:
         start_http_server(
@@ -50,19 +45,41 @@ async def serve(settings: DispatcherSettings) -> None:
         )
     # A connection per send in flight, all kept alive: SMS, push and WeChat sends neither
     # queue for a connection nor open one per request (httpx keeps 20 alive by default).
-    # Retries due at once call providers beside the requests' sends, hence the second share.
     limits = httpx.Limits(
-        max_connections=2 * settings.max_in_flight,
+        max_connections=settings.max_in_flight,
         max_keepalive_connections=settings.max_in_flight,
         keepalive_expiry=settings.http_keepalive_seconds,
     )
     http = httpx.AsyncClient(timeout=settings.provider_timeout_seconds, limits=limits)
     providers = build_providers(settings, clock, http)
     smtp = providers["email"]
+
+    # Every worker reads the whole suppression list; the sends wait until it is read.
+    suppressed = CompactedTopicView(settings.kafka(), SUPPRESSIONS.name)
+    suppressed.start()
+    key = settings.suppression_secret.get_secret_value().encode()
+    legacy = AsyncProducer(settings.kafka(), client_id="dispatcher-suppressions")
+    try:
+        await move_legacy_suppressions(db, SuppressionList(suppressed, legacy, key), legacy)
+    finally:
+        legacy.close()
+    while not await asyncio.to_thread(suppressed.wait_caught_up, 5.0):
+        log.info("dispatcher.waiting_for_suppressions")
+    suppressions = SuppressionList(suppressed, producer, key)
+
+    async def no_batch() -> None:
+        raise RuntimeError("a try began outside a batch")
+
     dispatcher = Dispatcher(
         settings,
         clock,
-        Stores(Ledger(db), Templates(db, clock.monotonic), Caps(db), Consent(db), Suppressions(db)),
+        Stores(
+            Ledger(worker.tables[LEDGER], no_batch),
+            Templates(db, clock.monotonic),
+            Caps(worker.tables[CAPS]),
+            Consent(worker.tables[CONSENT]),
+            suppressions,
+        ),
         providers,
         LinkSigner(settings.link_secret.get_secret_value(), settings.public_url),
         producer,
@@ -72,39 +89,24 @@ async def serve(settings: DispatcherSettings) -> None:
         sms_history=sms if isinstance(sms := providers["sms"], SmsSender) else None,
     )
 
-    def consumer(group: str, topics: list[str], client_id: str) -> ConsumerLoop:
-        return ConsumerLoop(kafka, group_id=group, topics=topics, client_id=client_id)
+    async def process(records: list[Record]) -> None:
+        await dispatcher.process(records, worker.checkpoint, worker.prove_owner)
 
-    requests = consumer(settings.group_id, [SEND_REQUESTS.name], "dispatcher")
-    retries = consumer(
-        f"{settings.group_id}-retries",
-        [t.name for t in SEND_RETRIES.values()],
-        "dispatcher-retries",
-    )
-    reports = consumer(
-        f"{settings.group_id}-reports", [DELIVERY_REPORTS.name], "dispatcher-reports"
-    )
+    worker.consume([SEND_REQUESTS.name, DELIVERY_REPORTS.name], process)
+    worker.consume([t.name for t in SEND_RETRIES.values()], process, due=retry_due)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    limit = settings.max_in_flight
-    log.info("dispatcher.started", channels=sorted(providers), max_in_flight=limit)
+    log.info("dispatcher.started", channels=sorted(providers), max_in_flight=settings.max_in_flight)
     try:
-        await asyncio.gather(
-            run_pipelined(requests, dispatcher.on_request, stop, limit=limit),
-            # Waiting retries hold no provider slot; the bound only caps memory.
-            run_pipelined(retries, dispatcher.on_retry, stop, limit=limit * 16),
-            run_pipelined(reports, dispatcher.on_report, stop, limit=limit),
-        )
+        await worker.run(stop)
     finally:
-        for loop_ in (requests, retries, reports):
-            loop_.close()
-        producer.close()
         if isinstance(smtp, SmtpSender):
             await smtp.aclose()  # QUIT the pooled SMTP sessions
         await http.aclose()
         await client.close()
+        suppressed.stop()
 
 
 def main() -> None:
@@ -113,8 +115,27 @@ def main() -> None:
     enforce(settings.env, settings.secrets())
     # One line per provider request drowns the outcomes; failures are logged as outcomes.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    prepare_topics(settings)
-    asyncio.run(serve(settings))
+    clock = SystemClock()
+    producer = AsyncProducer(
+        settings.kafka(),
+        client_id="dispatcher",
+        extra=transactional_config(settings.app_id, settings),
+    )
+    worker = StreamWorker(
+        settings.app_id, settings, producer, clock, service="dispatcher", transactional=True
+    )
+    worker.table(CAPS)
+    worker.table(CONSENT)
+    worker.table(LEDGER, primary=True)
+    prepare_topics(settings, worker.changelogs())
+    stop_view = run_view_thread(
+        settings, "waypost-ledger-view", lambda db: ledger_view(settings, db, settings.app_id)
+    )
+    try:
+        asyncio.run(serve(settings, worker, clock))
+    finally:
+        stop_view()
+        producer.close()
 
 
 if __name__ == "__main__":

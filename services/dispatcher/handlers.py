@@ -1,19 +1,24 @@
 """Dispatcher shell: claim the ledger entry, check, render, send, record, report.
 
-Three streams feed it: send requests, the retry topics (one per delay class) and the delivery
-reports the segmenter passes on (`waypost.delivery-reports.v1`). Many records are in flight at
-once; offsets are committed only behind finished work (`run_pipelined`), so a crash repeats
-requests and the ledger turns repeats into no-ops. One contact's sends run one at a time, which
-keeps the frequency-cap check and the count it guards together. Channels are rendered and sent
-through their kits (`services/dispatcher/channels`); what an outcome comes to is decided by
-`domain.conclude` and carried out here.
+A transactional stream worker (`shared.streams`) feeds it batches from three streams: send
+requests, the retry topics (one per delay class, each record held back until it is due) and the
+delivery reports the segmenter passes on (`waypost.delivery-reports.v1`). The ledger, caps and
+consent live in the worker's tables (`adapters/tables.py`). A batch runs one task per contact,
+all at once; a contact's records run one after another, which keeps the frequency-cap check and
+the count it guards together. Every try is marked `sending` and made durable in one group
+commit for the whole batch (`shared.rendezvous`: the worker's checkpoint, which also proves the
+worker still owns the partitions) before any provider is called; outcomes, events and retries
+are committed with the batch's offsets at its end. A crash repeats the batch, and the ledger
+turns repeats into no-ops (a try left `sending` is reconciled or ends `unknown`).
+
+Channels are rendered and sent through their kits (`services/dispatcher/channels`); what an
+outcome comes to is decided by `domain.conclude` and carried out here.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -23,7 +28,9 @@ import structlog
 from pydantic import ValidationError
 
 from services.dispatcher.adapters.metrics import DispatchMetrics
-from services.dispatcher.adapters.store import Caps, Consent, Ledger, Suppressions, Templates
+from services.dispatcher.adapters.store import Templates
+from services.dispatcher.adapters.suppressions import SuppressionList
+from services.dispatcher.adapters.tables import Caps, Consent, Ledger
 from services.dispatcher.channels import kits
 from services.dispatcher.channels.sms.domain import SmsContent
 from services.dispatcher.channels.sms.reconcile import SmsHistory, SmsTry, reconcile_sms
@@ -63,6 +70,8 @@ from shared.durations import parse_duration, zone
 from shared.kafka import AsyncProducer, Record
 from shared.links import LinkClaims, LinkSigner
 from shared.profiles import CONTACT_FORGOTTEN
+from shared.rendezvous import Rendezvous
+from shared.streams import focus
 from shared.system_events import (
     EMAIL_LINK_CLICKED,
     EMAIL_OPENED,
@@ -72,7 +81,7 @@ from shared.system_events import (
     UNSUBSCRIBED,
     forged,
 )
-from shared.topics import EVENTS, SEND_RETRIES
+from shared.topics import EVENTS, SEND_REQUESTS, SEND_RETRIES
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +99,7 @@ class Stores:
     templates: Templates
     caps: Caps
     consent: Consent
-    suppressions: Suppressions
+    suppressions: SuppressionList
 
 
 class Dispatcher:
@@ -132,8 +141,10 @@ class Dispatcher:
             for channel, cap in settings.frequency_caps.items()
         }
         self._paused_until: dict[str, datetime] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._lock_users: dict[str, int] = {}
+        self._retry_topics = frozenset(topic.name for topic in SEND_RETRIES.values())
+        # Provider calls in flight; a batch's other tries wait for a slot.
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._prove_owner: Callable[[], Awaitable[None]] = _outside_a_batch
         self._delays = {
             "short": settings.retry_short_seconds,
             "medium": settings.retry_medium_seconds,
@@ -145,6 +156,39 @@ class Dispatcher:
             pause_seconds=settings.provider_pause_seconds,
             caps=self._caps,
         )
+
+    # --- a batch ------------------------------------------------------------------------------
+
+    async def process(
+        self,
+        records: list[Record],
+        checkpoint: Callable[[], Awaitable[None]],
+        prove_owner: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Handle a batch: one task per contact, a contact's records in offset order, and one
+        `checkpoint` per round of tries (every task parked before its provider call or done).
+        `prove_owner` is awaited right before each provider call (`StreamWorker.prove_owner`):
+        a worker that was stopped past its lease asks the group again, and calls nothing once
+        its partitions have moved on."""
+        self._prove_owner = prove_owner
+        contacts: dict[tuple[int, str], list[Record]] = {}
+        for record in records:
+            key = record.key if record.key is not None else f"#{record.offset}"
+            contacts.setdefault((record.partition, key), []).append(record)
+        rendezvous = Rendezvous(checkpoint)
+        self.ledger.use_gate(rendezvous.gate)
+        await rendezvous.run([partial(self._contact_records, mine) for mine in contacts.values()])
+        self.metrics.rounds(rendezvous.rounds)
+
+    async def _contact_records(self, records: list[Record]) -> None:
+        for record in records:
+            focus(record.partition)
+            if record.topic == SEND_REQUESTS.name:
+                await self.on_request(record)
+            elif record.topic in self._retry_topics:
+                await self.on_retry(record)
+            else:
+                await self.on_report(record)
 
     # --- the three streams -------------------------------------------------------------------
 
@@ -164,9 +208,7 @@ class Dispatcher:
         except ValidationError as exc:
             await self.dead_letters.send(record, f"undecodable send retry: {exc}")
             return
-        wait = (retry.due_at - self.clock.now()).total_seconds()
-        if wait > 0:
-            await asyncio.sleep(wait)  # records of one class are due in arrival order
+        # The worker hands a retry over once it is due (`retry_due`).
         await self.dead_letters.guard(
             record, lambda: self.handle_retry(retry, record), "dispatcher.retry"
         )
@@ -194,8 +236,7 @@ class Dispatcher:
 
     async def handle(self, request: SendRequest, record: Record) -> None:
         """Deliver one request at most once (marketing) or at least once (transactional)."""
-        async with self._contact(request.contact_key):
-            await self._claimed(request, record)
+        await self._claimed(request, record)
 
     async def _claimed(self, request: SendRequest, record: Record) -> None:
         claim = await self.ledger.claim(request, self.clock.now())
@@ -213,12 +254,11 @@ class Dispatcher:
 
     async def handle_retry(self, retry: SendRetry, record: Record) -> None:
         request = retry.request
-        async with self._contact(request.contact_key):
-            entry = await self.ledger.get(request.message_id)
-            if entry is None or int(entry.get("attempt", 1)) != retry.attempt:
-                return  # a stale copy: another attempt owns the message now
-            try_name = retry.due_at.isoformat()
-            await self._resume(request, str(entry["state"]), retry.attempt, record, try_name)
+        entry = await self.ledger.get(request.message_id)
+        if entry is None or int(entry.get("attempt", 1)) != retry.attempt:
+            return  # a stale copy: another attempt owns the message now
+        try_name = retry.due_at.isoformat()
+        await self._resume(request, str(entry["state"]), retry.attempt, record, try_name)
 
     async def _resume(
         self,
@@ -275,7 +315,9 @@ class Dispatcher:
             await self._after_lost_begin(request, attempt, record)
             return
         try:
-            outcome = await self.providers[channel].send(prepared)
+            async with self._slots:
+                await self._prove_owner()
+                outcome = await self.providers[channel].send(prepared)
         except ValueError as exc:
             # The content or address cannot be written as this provider's request (a header
             # the email library refuses, text it cannot encode): it never left, and never will.
@@ -440,7 +482,7 @@ class Dispatcher:
                         request.contact_key,
                         channel,
                         now,
-                        lambda sends, rule=rule: kept_sends(rule, sends, now),
+                        lambda sends: kept_sends(rule, sends, now),
                     )
                 case WithdrawConsent():
                     await self.stores.consent.record(request.contact_key, channel, False, now)
@@ -545,13 +587,8 @@ class Dispatcher:
         label = event.label
         props = event.properties
         if label in (UNSUBSCRIBED, SUBSCRIBED):
-            # Reports are handled concurrently: the contact's lock keeps two words, and a
-            # provider opt-out met by a send, from interleaving their reads and writes.
-            async with self._contact(event.contact_key):
-                for channel, given in consent_changes(event).items():
-                    await self.stores.consent.record(
-                        event.contact_key, channel, given, event.timestamp
-                    )
+            for channel, given in consent_changes(event).items():
+                await self.stores.consent.record(event.contact_key, channel, given, event.timestamp)
             return
         message_id = props.get("message_id")
         if not isinstance(message_id, str):
@@ -571,17 +608,15 @@ class Dispatcher:
         await self.stores.consent.forget(contact_key)
         await self.ledger.forget(contact_key)
 
-    # --- helpers -------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _contact(self, contact_key: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(contact_key, asyncio.Lock())
-        self._lock_users[contact_key] = self._lock_users.get(contact_key, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._lock_users[contact_key] -= 1
-            if self._lock_users[contact_key] == 0:
-                del self._lock_users[contact_key]
-                del self._locks[contact_key]
+async def _outside_a_batch() -> None:
+    raise RuntimeError("a provider call outside a batch")
+
+
+def retry_due(record: Record) -> datetime | None:
+    """When a retry record is due (None, handled at once, when it cannot be read: then it is
+    dead-lettered with the reason)."""
+    try:
+        return SendRetry.model_validate_json(record.value).due_at
+    except ValidationError:
+        return None

@@ -7,7 +7,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from shared.secrets import Secret, provider_credential
-from shared.settings import CommonSettings
+from shared.settings import StreamSettings
+
+DEV_SUPPRESSION_SECRET = "waypost-dev-suppression-secret"  # noqa: S105
 
 
 class FrequencyCap(BaseModel):
@@ -19,9 +21,16 @@ class FrequencyCap(BaseModel):
     window: str | None = None
 
 
-class DispatcherSettings(CommonSettings):
-    group_id: str = "waypost-dispatcher"
+class DispatcherSettings(StreamSettings):
+    # The worker's consumer group, and the prefix of its tables' changelogs.
+    app_id: str = "waypost-dispatcher"
+    # Provider calls in flight per worker (a batch's tries beyond it queue for a slot): size it
+    # to the rate wanted times the provider's latency, 1,000/s at 50 ms needs 50.
     max_in_flight: int = Field(default=64, ge=1)
+    # A batch's transaction stays open while its tries call the providers, so it must outlast
+    # a batch of slow calls; a worker restarted under the same `worker_id` aborts what its
+    # predecessor left open at once, otherwise readers of its outputs wait up to this long.
+    transaction_timeout_ms: int = Field(default=60_000, ge=1_000)
     # Document-store operations in flight per worker: many sends share a few connections, and
     # the rest wait in the client, not in the store.
     store_connections: int = Field(default=8, ge=1)
@@ -43,6 +52,9 @@ class DispatcherSettings(CommonSettings):
     # Caps by channel, JSON: {"email": {"per_day": 3, "per_window": 9, "window": "7d"}}
     frequency_caps: dict[str, FrequencyCap] = Field(default_factory=dict)
     default_timezone: str = "UTC"
+    # Keys the suppression list (an HMAC of channel and address, never the address itself);
+    # the same in every replica, and kept: a new secret starts an empty list.
+    suppression_secret: SecretStr = SecretStr(DEV_SUPPRESSION_SECRET)
     # Prometheus metrics (0 = not served).
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0)
@@ -91,6 +103,7 @@ class DispatcherSettings(CommonSettings):
         used = [
             *super().secrets(),
             Secret("WAYPOST_LINK_SECRET", self.link_secret.get_secret_value()),
+            Secret("WAYPOST_SUPPRESSION_SECRET", self.suppression_secret.get_secret_value()),
             provider_credential("WAYPOST_SMS_AUTH_TOKEN", self.sms_auth_token.get_secret_value()),
             provider_credential(
                 "WAYPOST_WECHAT_APP_SECRET", self.wechat_app_secret.get_secret_value()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
 from datetime import timedelta
 
 import structlog
@@ -17,7 +14,7 @@ from services.segmenter.domain.relations import longest_within
 from services.segmenter.settings import SegmenterSettings
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
-from shared.docstore import connect, database
+from shared.document_view import run_view_thread
 from shared.kafka import AsyncProducer, prepare_topics
 from shared.logs import configure_logging
 from shared.secrets import enforce
@@ -46,46 +43,13 @@ def main() -> None:
     RelationIndex(worker, producer, dead_letters, clock, relations_kept)
     prepare_topics(settings, worker.changelogs())
     definitions.start()
-    stop_view = threading.Event()
-    view = threading.Thread(
-        target=asyncio.run, args=(profile_view(settings, stop_view),), name="profile-view"
-    )
-    view.daemon = True  # never holds the process up once the worker has stopped
-    view.start()
+    stop_view = run_view_thread(settings, "waypost-segmenter", lambda db: ProfileView(settings, db))
     try:
         run_stream_worker(worker)
     finally:
-        stop_view.set()
-        view.join(timeout=5)
+        stop_view()
         definitions.stop()
         producer.close()
-
-
-async def profile_view(settings: SegmenterSettings, stop: threading.Event) -> None:
-    """Profiles into the document store for the admin (its own consumer group), on a thread
-    and event loop of its own so it never takes time from the worker's. A failure restarts the
-    view after a pause instead of stopping the worker."""
-    stopped = asyncio.Event()
-
-    async def watch() -> None:
-        while not stop.is_set():
-            await asyncio.sleep(0.2)
-        stopped.set()
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        while not stopped.is_set():
-            client = connect(settings, "waypost-segmenter")
-            try:
-                await ProfileView(settings, database(client, settings)).run(stopped)
-            except Exception:
-                log.exception("segmenter.profile_view_failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopped.wait(), PROFILE_VIEW_RESTART_SECONDS)
-            finally:
-                await client.close()
-    finally:
-        watcher.cancel()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Chaos: the dispatcher is SIGKILLed again and again while thousands of sends flow.
+"""Chaos: the dispatcher is SIGKILLed again and again while thousands of sends flow; and one of
+two workers is stopped past its session while the other takes over, then resumed.
 
 Afterwards every message has a final ledger state; every `sent` message is in the outbox exactly
 once; a message reaches the outbox at most once; and the marketing messages a worker died on
@@ -7,13 +8,17 @@ mid-call (`unknown`) are counted: the unknown window, measured.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from pymongo import MongoClient
 
 from shared.contracts import Profile, SendRequest
@@ -24,6 +29,7 @@ from tests.e2e.helpers import outbox, unique, wait_drained, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 EMAILS, TEXTS, KILLS = 1500, 500, 4
+ZOMBIE_TEXTS = 3000
 
 
 def _request(run: str, n: int, channel: str, template: str, now: datetime) -> SendRequest:
@@ -138,3 +144,113 @@ def test_repeated_sigkill_loses_nothing_and_sends_nothing_twice(stack: Any) -> N
         f"window ({arrived_unknown} of them had reached the provider), no duplicate"
     )
     client.close()
+
+
+def _members(stack: Any, group: str) -> int:
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
+    described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    return len(described.members) if str(described.state).endswith("STABLE") else 0
+
+
+def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack: Any) -> None:
+    """Two workers share the requests; one is SIGSTOPped mid-batch, past its session timeout,
+    while the other takes its partitions over and finishes everything; then it is resumed.
+    The stopped worker's batch is fenced: it calls no provider for it, so no number gets an SMS
+    twice, and every message ends in a final state."""
+    run = unique("zombie")
+    client: MongoClient[dict[str, Any]] = connect_blocking(
+        CommonSettings(mongo_url=stack.mongo_url), "tests"
+    )
+    db = client["waypost"]
+    now = datetime.now(UTC)
+    template = f"{run}-sms"
+    db["templates"].insert_one(
+        {"_id": template, "channel": "sms", "text": "Hello from Acme", "status": "ready"}
+    )
+    # Numbers of their own: the SIGKILL test above texts +4860000nnnn for n below 2,000.
+    requests = [
+        _request(run, n, "sms", template, now) for n in range(10_000, 10_000 + ZOMBIE_TEXTS)
+    ]
+    # The first worker serves the metrics port.
+    stack.start_service("dispatcher", worker=2, env={"WAYPOST_METRICS_PORT": "0"})
+    # Each provider answer takes a while, so a worker's batch of tries lasts a second or two and
+    # a worker has several batches to go: the stop lands mid-batch, with tries in flight or
+    # waiting for a slot (short of the provider timeout, so no try of its own goes unknown).
+    httpx.post(f"{stack.outbox_url}/control/latency", json={"seconds": 0.2}, timeout=30)
+    try:
+        wait_for(lambda: _members(stack, "waypost-dispatcher") == 2, timeout=120, what="2 workers")
+        before = _committed(stack.bootstrap)
+        stopped = stack.pid("dispatcher")
+        assert stopped is not None
+        log = stack.logfile("dispatcher")
+        log_start = log.stat().st_size
+        producer = Producer({"bootstrap.servers": stack.bootstrap, "enable.idempotence": True})
+        for request in requests:
+            producer.produce(SEND_REQUESTS.name, key=request.contact_key, value=request.to_wire())
+            producer.poll(0)
+        assert producer.flush(30) == 0
+
+        seen = [0]
+
+        def finished() -> int:
+            # While the stopped worker's transaction holds offsets, the group's committed
+            # offsets cannot be read (Kafka answers "unstable" until it ends): the last count.
+            with contextlib.suppress(KafkaException):
+                seen[0] = _committed(stack.bootstrap) - before
+            return seen[0]
+
+        # The first batch is done (its offsets are the first committed): the next is under way.
+        wait_for(lambda: finished() > 0, timeout=120, what="sends under way")
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            # The survivor takes the stopped worker's partitions once its session ends.
+            wait_for(lambda: finished() == len(requests), timeout=300, what="all committed")
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        # Resumed, the stopped worker finds its batch fenced and drops it.
+        wait_for(
+            lambda: "stream.fenced" in log.read_bytes()[log_start:].decode(errors="replace"),
+            timeout=120,
+            what="the resumed worker's batch fenced",
+        )
+        wait_drained(stack, timeout=300)
+
+        ledger = db["messages"]
+
+        def concluded() -> Counter[str]:
+            return Counter(doc["state"] for doc in ledger.find({"journey_id": run}, {"state": 1}))
+
+        final = {"sent", "unknown", "delivered"}
+
+        def all_concluded() -> bool:
+            states = concluded()
+            return sum(states.values()) == len(requests) and set(states) <= final
+
+        try:
+            wait_for(all_concluded, timeout=120, what="every message concluded")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {dict(concluded())}") from exc
+        numbers = {r.profile.traits.get("phone"): r.message_id for r in requests}
+        texts = Counter(
+            numbers[m["to"][0]] for m in outbox(stack, channel="sms") if m["to"][0] in numbers
+        )
+        assert texts, "nothing was sent"
+        assert max(texts.values()) == 1, [n for n, c in texts.items() if c > 1]
+        by_state = {
+            doc["_id"]: doc["state"] for doc in ledger.find({"journey_id": run}, {"state": 1})
+        }
+        # Sent means arrived; an unknown one may have (the provider and its listing did not
+        # answer in time on this loaded machine); nothing arrived that the ledger denies.
+        for message_id, state in by_state.items():
+            if state in ("sent", "delivered"):
+                assert texts[message_id] == 1, (message_id, state)
+        assert set(texts) <= set(by_state)
+        states = concluded()
+        print(
+            f"\n{len(requests)} sends, one worker stopped past its session: "
+            f"{states.get('unknown', 0)} unknown, no duplicate"
+        )
+    finally:
+        httpx.post(f"{stack.outbox_url}/control/latency", json={"seconds": 0}, timeout=30)
+        stack.stop("dispatcher-2")
+        client.close()

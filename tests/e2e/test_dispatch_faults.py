@@ -1,19 +1,20 @@
-"""Faults that are nobody's poison, on the real stack: upserts of one key racing on the real
-document server, and templates that fail for one contact (each such send is skipped and the
-next channel of the step is tried; nothing is dead-lettered or left `sending`)."""
+"""Faults that are nobody's poison, on the real stack: templates that fail for one contact (each
+such send is skipped and the next channel of the step is tried; nothing is dead-lettered or left
+`sending`)."""
 
 from __future__ import annotations
 
-import asyncio
-from datetime import UTC, datetime, timedelta
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo.errors import DuplicateKeyError
 
-from services.dispatcher.adapters.store import CONSENT, MESSAGES, Consent, Suppressions
+from services.dispatcher.adapters.ledger_view import COLLECTION as MESSAGES
+from services.dispatcher.adapters.ledger_view import ledger_view, ledger_writes
 from shared.docstore import connect, connect_blocking
+from shared.kafka import Record
 from shared.settings import CommonSettings
 from shared.topics import DEAD_LETTER
 from tests.e2e.helpers import outbox, post, publish_inline, read_topic, unique, wait_for
@@ -22,47 +23,6 @@ pytestmark = pytest.mark.e2e
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 RACERS = 16
 ROUNDS = 5
-
-
-async def test_upserts_of_one_key_racing_on_the_document_server_all_land(stack: Any) -> None:
-    client = connect(CommonSettings(mongo_url=stack.mongo_url), "tests", max_connections=RACERS)
-    db = client[unique("races").replace("-", "_")]
-    try:
-        # The race itself: plain upserts of one new key, all at once. Some lose it.
-        lost = 0
-
-        async def plain(key: str, n: int) -> None:
-            nonlocal lost
-            try:
-                await db[CONSENT].replace_one({"_id": key}, {"n": n}, upsert=True)
-            except DuplicateKeyError:
-                lost += 1
-
-        for round_ in range(ROUNDS):
-            await asyncio.gather(*(plain(f"plain-{round_}", n) for n in range(RACERS)))
-        assert lost > 0, "no upsert lost the race: this server cannot show the fault"
-
-        # The same race through the dispatcher's stores: every write lands, none raises.
-        consent, suppressions = Consent(db), Suppressions(db)
-        words = {T0 + timedelta(seconds=n): n % 2 == 0 for n in range(RACERS)}
-        for round_ in range(ROUNDS):
-            contact = f"racer-{round_}"
-            await asyncio.gather(
-                *(consent.record(contact, "email", given, at) for at, given in words.items()),
-                *(
-                    suppressions.add("email", f"{contact}@example.com", f"smtp 550 #{n}", T0)
-                    for n in range(RACERS)
-                ),
-            )
-            kept = await consent.get(contact, "email")
-            assert kept is not None
-            assert words[kept.at] == kept.given
-            reason = await suppressions.reason("email", f"{contact}@example.com")
-            assert reason is not None
-            assert reason.startswith("smtp 550 #")
-    finally:
-        await client.drop_database(db.name)
-        await client.close()
 
 
 def test_a_template_that_fails_for_a_contact_skips_its_channel_and_the_next_one_sends(
@@ -146,3 +106,31 @@ def test_a_template_that_fails_for_a_contact_skips_its_channel_and_the_next_one_
         client.close()
     letters = [key for key, _ in read_topic(stack.bootstrap, DEAD_LETTER.name)]
     assert not set(letters) & set(users.values())
+
+
+async def test_the_ledger_view_never_takes_an_older_entry_over_a_newer_one(stack: Any) -> None:
+    """A view consumer that writes a batch late (its process was paused while its partitions
+    moved on) leaves the newer document as it is, on the real document server."""
+    client = connect(CommonSettings(mongo_url=stack.mongo_url), "tests")
+    db = client[unique("view").replace("-", "_")]
+    view = ledger_view(CommonSettings(mongo_url=stack.mongo_url), db, "waypost-dispatcher")
+    key = unique("m")
+
+    def record(rev: int, state: str) -> Record:
+        entry = {"state": state, "rev": rev, "contact_key": "c1", f"{state}_at": T0.isoformat()}
+        return Record("ledger", 0, rev, key, json.dumps(entry).encode())
+
+    try:
+        await view._write(ledger_writes([record(1, "requested")]))
+        await view._write(ledger_writes([record(3, "sent")]))
+        await view._write(ledger_writes([record(2, "sending")]))  # late, from a paused worker
+        stored = await db[MESSAGES].find_one({"_id": key})
+        assert stored is not None
+        assert (stored["state"], stored["rev"]) == ("sent", 3)
+        await view._write(ledger_writes([record(4, "delivered")]))
+        stored = await db[MESSAGES].find_one({"_id": key})
+        assert stored is not None
+        assert (stored["state"], stored["rev"]) == ("delivered", 4)
+    finally:
+        await client.drop_database(db.name)
+        await client.close()

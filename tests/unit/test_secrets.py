@@ -81,9 +81,14 @@ def test_each_service_names_the_secrets_it_uses() -> None:
     assert [s.value for s in admin.secrets()] == [STRONG]
     require_strong("production", admin.secrets())
     assert [s.value for s in AdminSettings(admin_api_keys=" , ").secrets()] == [""]
-    dispatcher = DispatcherSettings(link_secret=SecretStr(STRONG), smtp_username="mailer")
+    dispatcher = DispatcherSettings(
+        link_secret=SecretStr(STRONG),
+        suppression_secret=SecretStr(STRONG),
+        smtp_username="mailer",
+    )
     assert [s.variable for s in dispatcher.secrets()] == [
         "WAYPOST_LINK_SECRET",
+        "WAYPOST_SUPPRESSION_SECRET",
         "WAYPOST_SMS_AUTH_TOKEN",
         "WAYPOST_WECHAT_APP_SECRET",
         "WAYPOST_SMTP_PASSWORD",

@@ -30,6 +30,19 @@ class DispatchMetrics:
             registry=self.registry,
         )
 
+        self._batches = Counter(
+            "waypost_dispatcher_batches", "Batches of records handled", registry=self.registry
+        )
+        self._rounds = Counter(
+            "waypost_dispatcher_checkpoints",
+            "Group commits before provider calls (one per round of tries in a batch)",
+            registry=self.registry,
+        )
+
+    def rounds(self, rounds: int) -> None:
+        self._batches.inc()
+        self._rounds.inc(rounds)
+
     def outcome(self, channel: str, kind: str) -> None:
         self._outcomes.labels(channel, kind).inc()
         if kind == "config":

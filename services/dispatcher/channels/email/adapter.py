@@ -10,8 +10,11 @@ import contextlib
 import email.policy
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.utils import format_datetime, parseaddr
+from email.header import Header
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.utils import format_datetime, formataddr, parseaddr
 from typing import Literal
 
 import aiosmtplib
@@ -26,8 +29,13 @@ from shared.contracts import Channel
 
 log = structlog.get_logger(__name__)
 
-# Long headers stay on one line: folding List-Unsubscribe breaks DKIM in some clients.
-_UNFOLDED = email.policy.SMTP.clone(max_line_length=998)  # the RFC 5322 line limit
+# Messages are built with the library's compat32 classes (`email.mime`): about four times
+# cheaper than `EmailMessage` with a modern policy, whose header registry parses every value it
+# is given, and at a few hundred messages a second that parsing was half of a worker's time.
+# Lines end in CRLF, as SMTP wants them; long headers stay on one line, since folding
+# List-Unsubscribe breaks DKIM in some clients (998 is the RFC 5322 line limit).
+_WIRE = email.policy.compat32.clone(linesep="\r\n", max_line_length=998)
+_LINE_BREAKS = ("\r", "\n")
 # How long a QUIT may take when the pool closes its sessions.
 _QUIT_SECONDS = 2.0
 
@@ -117,6 +125,17 @@ async def _quit(session: aiosmtplib.SMTP) -> None:
     session.close()
 
 
+def _header(name: str, value: str) -> str:
+    """A header value as given when it is one line of ASCII, else as RFC 2047 encoded words;
+    a line break is refused (it would start a header of the value's choosing)."""
+    if any(mark in value for mark in _LINE_BREAKS):
+        raise ValueError(f"Header values may not contain linefeed or carriage return ({name})")
+    if value.isascii():
+        return value
+    # Encoded words of at most 75 characters each (RFC 2047), on one line.
+    return Header(value, "utf-8", header_name=name).encode(splitchars=" ", linesep=" ")
+
+
 class SmtpSender:
     """One SMTP transaction per message, on a session from the pool."""
 
@@ -125,33 +144,42 @@ class SmtpSender:
     def __init__(self, settings: DispatcherSettings, clock: MonotonicClock) -> None:
         self._settings = settings
         self._clock = clock
-        self._sender = parseaddr(settings.email_from)[1]
+        name, self._sender = parseaddr(settings.email_from)
+        # Encoded once: a display name outside ASCII becomes an RFC 2047 encoded word.
+        self._from = formataddr((name, self._sender), charset="utf-8")
         size = settings.smtp_connections or settings.max_in_flight
         self.sessions = SmtpSessions(
             self._connect, size, settings.smtp_idle_seconds, clock.monotonic
         )
 
-    def compose(self, delivery: Delivery) -> EmailMessage:
+    def compose(self, delivery: Delivery) -> Message:
+        """The MIME message: text (and HTML as its alternative), in UTF-8. Raises ValueError
+        for what cannot be written as a header (a line break, an address outside ASCII)."""
         content = delivery.content
         assert isinstance(content, EmailContent)
-        msg = EmailMessage(policy=_UNFOLDED)
-        msg["From"] = self._settings.email_from
-        msg["To"] = delivery.address
-        msg["Subject"] = content.subject
+        address = delivery.address
+        if not address.isascii():
+            raise ValueError("an address outside ASCII needs SMTPUTF8, which is not used")
+        if content.html:
+            msg: Message = MIMEMultipart("alternative", policy=_WIRE)
+            msg.attach(MIMEText(content.text, "plain", "utf-8", policy=_WIRE))
+            msg.attach(MIMEText(content.html, "html", "utf-8", policy=_WIRE))
+        else:
+            msg = MIMEText(content.text, "plain", "utf-8", policy=_WIRE)
+        msg["From"] = self._from
+        msg["To"] = _header("To", address)
+        msg["Subject"] = _header("Subject", content.subject)
         msg["Date"] = format_datetime(self._clock.now())
         msg["Message-ID"] = f"<{delivery.message_id}@{self._settings.message_id_domain}>"
-        msg["X-Waypost-Message-Id"] = delivery.message_id
+        msg["X-Waypost-Message-Id"] = _header("X-Waypost-Message-Id", delivery.message_id)
         if content.unsubscribe_url:
-            msg["List-Unsubscribe"] = f"<{content.unsubscribe_url}>"
+            msg["List-Unsubscribe"] = _header("List-Unsubscribe", f"<{content.unsubscribe_url}>")
             msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        msg.set_content(content.text)
-        if content.html:
-            msg.add_alternative(content.html, subtype="html")
         return msg
 
-    def wire(self, message: EmailMessage) -> bytes:
+    def wire(self, message: Message) -> bytes:
         """The bytes sent in DATA."""
-        return message.as_bytes(policy=_UNFOLDED)
+        return message.as_bytes(policy=_WIRE)
 
     async def send(self, delivery: Delivery) -> Outcome:
         message = self.compose(delivery)

@@ -1,0 +1,252 @@
+"""The dispatcher's decisive state, kept where its partition is processed: the message ledger,
+frequency-cap counts and consent words in the worker's RocksDB tables (`shared.streams`), each
+backed by a compacted changelog written in the batch's Kafka transaction.
+
+Every table is co-partitioned with the send requests (all keyed by contact), and one contact's
+records are handled one after another, so a read-modify-write needs no lock and cannot race.
+Writes are staged in the batch and become durable together at the next checkpoint: the group
+commit that comes before any provider call (`Ledger.begin`), or the end of the batch. The
+document store's `messages` collection is a view of the ledger for the admin
+(`adapters/ledger_view.py`), written in bulk off the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from services.dispatcher.domain.policy import ConsentRecord
+from shared.channels import CHANNELS
+from shared.contracts import SendRequest
+from shared.streams import Table, focused
+
+LEDGER = "ledger"
+CAPS = "caps"
+CONSENT = "consent"
+
+# After a send, what delivery reports may move the entry to, in order.
+_TRACKING_ORDER = ("sent", "delivered", "opened", "clicked")
+# States a conclusion may leave: the entry has not reached its final state yet.
+_OPEN_STATES = frozenset({"requested", "sending", "retrying"})
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), default=_when).encode()
+
+
+def _when(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not stored")
+
+
+def is_time_field(name: str) -> bool:
+    """Entry fields that hold a time (stored as ISO 8601 text)."""
+    return name.endswith("_at") or name == "at"
+
+
+def entry_times(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry as read back: its times as datetimes again (history included)."""
+    out = {k: datetime.fromisoformat(v) if is_time_field(k) and v else v for k, v in entry.items()}
+    history = out.get("history")
+    if isinstance(history, list):
+        out["history"] = [entry_times(item) for item in history]
+    return out
+
+
+@dataclass(frozen=True)
+class Claim:
+    new: bool
+    state: str
+    attempt: int
+
+
+class Ledger:
+    """One entry per message id. The entry's state moves requested → sending → a final state
+    (or retrying, and back); `history` lists every move with its time. `gate` is the batch's
+    group commit (`shared.rendezvous`): `begin` waits for it, so a try is durable as `sending`
+    before its provider call, and a worker whose partitions moved on never makes the call."""
+
+    def __init__(self, table: Table, gate: Callable[[], Awaitable[None]]) -> None:
+        self._table = table
+        self._gate = gate
+
+    def use_gate(self, gate: Callable[[], Awaitable[None]]) -> None:
+        self._gate = gate
+
+    def _read(self, message_id: str) -> dict[str, Any] | None:
+        raw = self._table.get(message_id.encode())
+        return None if raw is None else dict(json.loads(raw))
+
+    def _write(self, message_id: str, entry: dict[str, Any]) -> None:
+        self._table[message_id.encode()] = _encode(entry)
+
+    async def claim(self, request: SendRequest, now: datetime) -> Claim:
+        """Record the entry as `requested`, or report the state a previous delivery left."""
+        found = self._read(request.message_id)
+        if found is not None:
+            return Claim(False, str(found["state"]), int(found.get("attempt", 1)))
+        self._write(
+            request.message_id,
+            {
+                "state": "requested",
+                "attempt": 1,
+                "contact_key": request.contact_key,
+                "channel": request.channel,
+                "template_id": request.template_id,
+                "journey_id": request.journey_id,
+                "journey_version": request.journey_version,
+                "instance_id": request.instance_id,
+                "step_id": request.step_id,
+                "transactional": request.transactional,
+                "requested_at": request.requested_at,
+                "history": [{"state": "requested", "at": now}],
+                # Counts the entry's changes: the admin's view never takes an older one over a
+                # newer one (`ledger_view`).
+                "rev": 1,
+            },
+        )
+        return Claim(True, "requested", 1)
+
+    async def get(self, message_id: str) -> dict[str, Any] | None:
+        found = self._read(message_id)
+        return None if found is None else entry_times(found)
+
+    async def begin(self, message_id: str, try_id: str, attempt: int, now: datetime) -> bool:
+        """Mark the try `sending` and wait for the group commit; False when this try began
+        before (a replay: what it came to is the entry's state)."""
+        entry = self._read(message_id)
+        if entry is None or entry.get("try") == try_id:
+            return False
+        self._move(message_id, entry, "sending", now, attempt=attempt, **{"try": try_id})
+        await self._gate()
+        return True
+
+    async def conclude(self, message_id: str, state: str, now: datetime, **fields: Any) -> bool:
+        """Record the outcome once; True for the caller that should carry out what follows."""
+        entry = self._read(message_id)
+        if entry is None or entry.get("state") not in _OPEN_STATES:
+            return False
+        self._move(message_id, entry, state, now, **fields)
+        return True
+
+    async def retrying(
+        self, message_id: str, attempt: int, due_at: datetime, reason: str, now: datetime
+    ) -> None:
+        """The request waits on a retry topic for attempt `attempt`."""
+        entry = self._read(message_id)
+        if entry is None:
+            return
+        self._move(
+            message_id, entry, "retrying", now, attempt=attempt, due_at=due_at, reason=reason
+        )
+
+    async def track(self, message_id: str, state: str, now: datetime, **fields: Any) -> bool:
+        """A delivery report: moves forward only (sent → delivered → opened → clicked)."""
+        entry = self._read(message_id)
+        if entry is None or entry.get("state") not in _TRACKING_ORDER:
+            return False
+        if _TRACKING_ORDER.index(str(entry["state"])) >= _TRACKING_ORDER.index(state):
+            return False
+        self._move(message_id, entry, state, now, **fields)
+        return True
+
+    async def undelivered(self, message_id: str, now: datetime, **fields: Any) -> bool:
+        """A delivery report that the accepted message never arrived."""
+        entry = self._read(message_id)
+        if entry is None or entry.get("state") not in ("sent", "delivered"):
+            return False
+        self._move(message_id, entry, "failed", now, **fields)
+        return True
+
+    async def forget(self, contact_key: str) -> None:
+        """An erased contact's entries keep their ids (replays stay no-ops), not the key."""
+        partition = focused()
+        needle = json.dumps(contact_key).encode()
+        for key, raw in list(self._table.rows(partition)):
+            if needle not in raw:
+                continue  # most entries: not this contact's, without decoding them
+            entry = json.loads(raw)
+            if entry.get("contact_key") != contact_key:
+                continue
+            entry["contact_key"] = "forgotten"
+            entry.pop("history", None)
+            entry["rev"] = int(entry.get("rev", 0)) + 1
+            self._table[key] = _encode(entry)
+
+    def _move(
+        self, message_id: str, entry: dict[str, Any], state: str, now: datetime, **fields: Any
+    ) -> None:
+        kept = {k: v for k, v in fields.items() if v is not None}
+        entry.update(kept)
+        entry["rev"] = int(entry.get("rev", 0)) + 1
+        entry["state"] = state
+        entry[f"{state}_at"] = now
+        history = entry.setdefault("history", [])
+        history.append({"state": state, "at": now, **{k: v for k, v in kept.items() if k != "try"}})
+        self._write(message_id, entry)
+
+
+class Caps:
+    """Provider-accepted sends per contact and channel, for frequency caps."""
+
+    def __init__(self, table: Table) -> None:
+        self._table = table
+
+    @staticmethod
+    def _key(contact_key: str, channel: str) -> bytes:
+        return f"{channel}|{contact_key}".encode()
+
+    async def sends(self, contact_key: str, channel: str) -> list[datetime]:
+        raw = self._table.get(self._key(contact_key, channel))
+        return [datetime.fromisoformat(at) for at in json.loads(raw)] if raw else []
+
+    async def count(
+        self,
+        contact_key: str,
+        channel: str,
+        at: datetime,
+        keep: Callable[[list[datetime]], list[datetime]],
+    ) -> None:
+        """Count one accepted send at `at`; `keep` drops the sends no cap can count any more."""
+        sends = await self.sends(contact_key, channel)
+        self._table[self._key(contact_key, channel)] = _encode(keep([*sends, at]))
+
+    async def forget(self, contact_key: str) -> None:
+        _delete(self._table, (self._key(contact_key, channel) for channel in CHANNELS))
+
+
+class Consent:
+    """(Un)subscribes the dispatcher saw in the delivery reports: fresher than a request's
+    profile. The newest word per channel is kept (an older, late event changes nothing)."""
+
+    def __init__(self, table: Table) -> None:
+        self._table = table
+
+    @staticmethod
+    def _key(contact_key: str, channel: str) -> bytes:
+        return f"{channel}|{contact_key}".encode()
+
+    async def get(self, contact_key: str, channel: str) -> ConsentRecord | None:
+        raw = self._table.get(self._key(contact_key, channel))
+        if raw is None:
+            return None
+        word = json.loads(raw)
+        return ConsentRecord(bool(word["given"]), datetime.fromisoformat(word["at"]))
+
+    async def record(self, contact_key: str, channel: str, given: bool, at: datetime) -> None:
+        current = await self.get(contact_key, channel)
+        if current is not None and current.at >= at:
+            return
+        self._table[self._key(contact_key, channel)] = _encode({"given": given, "at": at})
+
+    async def forget(self, contact_key: str) -> None:
+        _delete(self._table, (self._key(contact_key, channel) for channel in CHANNELS))
+
+
+def _delete(table: Table, keys: Iterable[bytes]) -> None:
+    for key in keys:
+        table.pop(key, None)

@@ -1,0 +1,195 @@
+"""A topic materialised into a document-store collection for the admin, written in bulk.
+
+The segmenter keeps `profiles` this way (from `waypost.profiles.v1`) and the dispatcher keeps
+`messages` (from its ledger table's changelog). A view is a consumer group of its own, so it
+keeps up independently of the workers, and no worker's hot path waits on the store. Offsets are
+committed only after a batch's writes succeeded, so a crash repeats writes at worst, and writes
+are idempotent (whole documents by `_id`). A service runs its view on a thread and event loop of
+its own (`run_view_thread`), so the view never takes time from the worker's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import structlog
+from pymongo import DeleteOne, InsertOne, ReplaceOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, PyMongoError
+
+from shared.docstore import bulk_write_unordered, connect, database
+from shared.kafka import ConsumerLoop, Record
+from shared.settings import CommonSettings
+
+log = structlog.get_logger(__name__)
+
+# One bulk write per batch: up to this many records, or what arrived within this many seconds.
+BATCH_RECORDS = 500
+BATCH_SECONDS = 0.2
+# Backoff between retries of a failed store write.
+RETRY_FIRST = 0.2
+RETRY_MAX = 5.0
+# How long a view that failed waits before it starts again.
+RESTART_SECONDS = 5.0
+
+DUPLICATE_KEY = 11000
+
+Write = ReplaceOne[dict[str, Any]] | DeleteOne | InsertOne[dict[str, Any]]
+# A batch of records as writes, one per document key (the batch's last word on it).
+Writes = Callable[[Iterable[Record]], list[tuple[str, Write]]]
+
+
+class DocumentView:
+    """Keeps `collection` in step with `topic`: `writes` turns each batch into one write per
+    document; `indexes` are created once before the first batch."""
+
+    def __init__(
+        self,
+        settings: CommonSettings,
+        database: AsyncDatabase[dict[str, Any]],
+        *,
+        topic: str,
+        collection: str,
+        group_id: str,
+        writes: Writes,
+        indexes: Iterable[str] = (),
+        name: str = "view",
+    ) -> None:
+        self._settings = settings
+        self._collection: AsyncCollection[dict[str, Any]] = database[collection]
+        self._topic = topic
+        self._group_id = group_id
+        self._writes = writes
+        self._indexes = tuple(indexes)
+        self._name = name
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follow the topic until `stop` is set."""
+        if not await self._retrying(self._create_indexes, stop):
+            return
+        consumer = ConsumerLoop(
+            self._settings.kafka(),
+            group_id=self._group_id,
+            topics=[self._topic],
+            client_id=self._name,
+        )
+        try:
+            async for batch in consumer.records(batch=BATCH_RECORDS, timeout=BATCH_SECONDS):
+                if batch:
+                    write = functools.partial(self._write, self._writes(batch))
+                    if not await self._retrying(write, stop):
+                        return  # stopped before the batch was stored: not committed
+                    # A commit lost to a rebalance is harmless: the new owner of these
+                    # partitions writes the same records again, and the writes are idempotent.
+                    consumer.commit(batch)
+                if stop.is_set():
+                    return
+        finally:
+            consumer.close()
+
+    async def _create_indexes(self) -> None:
+        for field in self._indexes:
+            await self._collection.create_index(field)
+
+    async def _write(self, writes: list[tuple[str, Write]]) -> None:
+        await self._bulk([w for _key, w in writes], keys=[key for key, _w in writes])
+
+    async def _bulk(
+        self,
+        operations: list[Any],
+        *,
+        keys: list[str] | None = None,
+        quiet_codes: frozenset[int] | set[int] = frozenset(),
+    ) -> None:
+        """The operations as unordered bulk writes. A document the store refuses would be
+        refused again: it is logged (unless its error code is one of `quiet_codes`, answers
+        the caller expects) and the batch goes on."""
+        if not operations:
+            return
+        try:
+            await bulk_write_unordered(self._collection, operations)
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise
+            for error in exc.details.get("writeErrors", []):
+                if error.get("code") in quiet_codes:
+                    continue
+                index = error["index"]
+                log.error(
+                    f"{self._name}.document_refused",
+                    key=keys[index] if keys is not None else index,
+                    error=error.get("errmsg"),
+                )
+
+    async def _retrying(
+        self, operation: Callable[[], Awaitable[None]], stop: asyncio.Event
+    ) -> bool:
+        """Run `operation` until it succeeds (True) or `stop` is set first (False), backing off
+        exponentially between store errors."""
+        delay = RETRY_FIRST
+        while True:
+            try:
+                await operation()
+                return True
+            except PyMongoError as exc:
+                log.warning(f"{self._name}.store_error", error=str(exc), retry_in=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            if stop.is_set():
+                return False
+            delay = min(delay * 2, RETRY_MAX)
+
+
+ViewFactory = Callable[[AsyncDatabase[dict[str, Any]]], DocumentView]
+
+
+def run_view_thread(
+    settings: CommonSettings, app_name: str, view: ViewFactory
+) -> Callable[[], None]:
+    """Start the view on a daemon thread with its own event loop; returns `stop`, which ends it
+    (waiting up to 5 s). A failure restarts the view after a pause instead of stopping the
+    service."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=asyncio.run, args=(_keep_running(settings, app_name, view, stop),), name=app_name
+    )
+    thread.daemon = True  # never holds the process up once the worker has stopped
+    thread.start()
+
+    def stopper() -> None:
+        stop.set()
+        thread.join(timeout=5)
+
+    return stopper
+
+
+async def _keep_running(
+    settings: CommonSettings, app_name: str, view: ViewFactory, stop: threading.Event
+) -> None:
+    stopped = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        stopped.set()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        while not stopped.is_set():
+            client = connect(settings, app_name)
+            try:
+                await view(database(client, settings)).run(stopped)
+            except Exception:
+                log.exception("view.failed", view=app_name)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopped.wait(), RESTART_SECONDS)
+            finally:
+                await client.close()
+    finally:
+        watcher.cancel()

@@ -1,0 +1,89 @@
+"""Group commit for a batch of concurrent tasks: one durable step for all of them.
+
+A transactional stream worker that calls providers must make its decision durable before the
+call (`StreamWorker.checkpoint`), and one checkpoint per send would cost a broker round trip
+each. `Rendezvous.run` starts one task per unit of work (the dispatcher: one per contact of the
+batch); a task that reaches `gate()` parks there. When every task still running is parked, the
+action (the checkpoint) runs once, and all parked tasks go on together. A task that parks again
+later (a second send of the same contact, a fallback channel) waits for the next round.
+
+Should the action fail, every parked task gets its exception, and `run` cancels the others and
+raises it: a fenced worker does nothing more for the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+
+
+class Rendezvous:
+    def __init__(self, action: Callable[[], Awaitable[None]]) -> None:
+        self._action = action
+        self._live = 0
+        self._parked: list[asyncio.Future[None]] = []
+        self._firing = False
+        self._firings: set[asyncio.Future[None]] = set()
+        self.rounds = 0
+
+    async def run(self, works: Sequence[Callable[[], Awaitable[None]]]) -> None:
+        """Run every work concurrently until all finished; the first failure is raised (the
+        others are cancelled)."""
+        if not works:
+            return
+        self._live = len(works)
+        tasks = [asyncio.ensure_future(self._tracked(work)) for work in works]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            # Every finished task's outcome is taken (several may carry the same failure).
+            failures = [t.exception() for t in done if not t.cancelled()]
+            failure = next((exc for exc in failures if exc is not None), None)
+            if failure is not None:
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                raise failure
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def gate(self) -> None:
+        """Park until every running task is parked or finished and the action has run."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._parked.append(waiter)
+        self._maybe_fire()
+        await waiter
+
+    async def _tracked(self, work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await work()
+        finally:
+            self._live -= 1
+            self._maybe_fire()
+
+    def _maybe_fire(self) -> None:
+        if self._firing or not self._parked or len(self._parked) < self._live:
+            return
+        self._firing = True
+        waiters, self._parked = self._parked, []
+        firing = asyncio.ensure_future(self._fire(waiters))
+        self._firings.add(firing)
+        firing.add_done_callback(self._firings.discard)
+
+    async def _fire(self, waiters: list[asyncio.Future[None]]) -> None:
+        self.rounds += 1
+        try:
+            await self._action()
+        except BaseException as exc:  # noqa: BLE001 - every parked task gets it
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+        else:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        finally:
+            self._firing = False
+            self._maybe_fire()
