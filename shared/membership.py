@@ -46,6 +46,8 @@ class GroupState:
     state: str
     join_state: str
     broker_up: bool
+    # Partitions the member holds (`cgrp.assignment_size`).
+    assigned: int = 0
 
     @property
     def settled(self) -> bool:
@@ -64,7 +66,8 @@ def group_state(stats_json: str) -> GroupState | None:
         for b in brokers.values()
         if isinstance(b, dict)
     )
-    return GroupState(str(cgrp.get("state")), str(cgrp.get("join_state")), up)
+    assigned = int(cgrp.get("assignment_size") or 0)
+    return GroupState(str(cgrp.get("state")), str(cgrp.get("join_state")), up, assigned)
 
 
 @dataclass
@@ -127,11 +130,25 @@ class Membership:
             log.warning("kafka.stats_unreadable", group=self.group_id, error=str(exc))
             return
         with self._lock:
-            self._state = state
+            previous, self._state = self._state, state
             before = self._watch.unsettled_for
             if self._watch.observe(self._clock(), state):
                 self._lost = True
             warn = before < WARN_SECONDS <= self._watch.unsettled_for
+        if state is not None and (
+            previous is None
+            or (previous.state, previous.join_state, previous.assigned)
+            != (state.state, state.join_state, state.assigned)
+        ):
+            # Each change of the membership, for the operator reading how a group settled.
+            log.info(
+                "kafka.group_state",
+                group=self.group_id,
+                state=state.state,
+                join_state=state.join_state,
+                assigned=state.assigned,
+                broker_up=state.broker_up,
+            )
         if warn and state is not None:
             log.warning(
                 "kafka.group_unsettled",
@@ -282,6 +299,90 @@ class Progress:
                     "end": offsets[(t, p)][1],
                 }
                 for t, p in stalled
+            ],
+            seconds=self._watch.stall_seconds,
+        )
+        self._watch.reset()
+        return True
+
+
+# How long a worker that holds no partition may see records of its inputs that nobody takes (the
+# group's committed offsets not moving below the partitions' ends) before it joins again with a
+# new consumer. Longer than the slowest join of a peer that restores large tables first.
+ORPHAN_SECONDS = 120.0
+ORPHAN_CHECK_SECONDS = 20.0
+
+
+class Orphan:
+    """Whether a member that holds nothing is outside a group that needs it.
+
+    After a broker restart a librdkafka consumer was seen to stay out of its group for good
+    while its own statistics said nothing was wrong: the coordinator listed the group empty and
+    the inputs' records waited, consumed by no one. Only a member holding no partition checks:
+    every `ORPHAN_CHECK_SECONDS` it compares the group's committed offsets with the partitions'
+    ends. Records below an end that no committed offset moves toward for `ORPHAN_SECONDS` mean
+    no member consumes them: this one joins again. A peer that holds them and works moves its
+    committed offsets; an idle spare member sees no lag and stays as it is. Delayed queues
+    (records held until they are due) are not checked: waiting is what they are for."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        orphan_seconds: float = ORPHAN_SECONDS,
+        check_seconds: float = ORPHAN_CHECK_SECONDS,
+        query_timeout: float = END_OFFSETS_TIMEOUT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._query_timeout = query_timeout
+        self._watch = StallWatch(orphan_seconds, max_gap=2 * check_seconds + 5)
+        self._check_seconds = check_seconds
+        self._clock = clock
+        self._next_check = clock() + check_seconds
+
+    def due(self) -> bool:
+        return self._clock() >= self._next_check
+
+    def holding(self) -> None:
+        """The member holds partitions: nothing counts until it holds none again."""
+        self._watch.reset()
+        self._next_check = self._clock() + self._check_seconds
+
+    def orphaned(self, consumer: Any, topics: list[str]) -> bool:
+        """Check now (blocking: the topics' metadata, the group's committed offsets and one
+        end-offset query per partition)."""
+        self._next_check = self._clock() + self._check_seconds
+        try:
+            offsets: dict[TopicPartitionKey, tuple[int, int]] = {}
+            metadata = consumer.list_topics(timeout=self._query_timeout)
+            partitions = [
+                TopicPartition(topic, partition)
+                for topic in topics
+                if topic in metadata.topics
+                for partition in sorted(metadata.topics[topic].partitions)
+            ]
+            if not partitions:
+                self._watch.reset()
+                return False
+            for tp in consumer.committed(partitions, timeout=self._query_timeout):
+                where = (str(tp.topic), int(tp.partition))
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(*where), timeout=self._query_timeout, cached=False
+                )
+                committed = int(tp.offset) if tp.offset >= 0 else low
+                offsets[where] = (max(committed, low), high)
+        except KafkaException:  # the broker is away: an outage is waited out, not counted
+            self._watch.reset()
+            return False
+        waiting = self._watch.observe(self._clock(), offsets)
+        if not waiting:
+            return False
+        log.warning(
+            "kafka.group_orphaned",
+            consumer=self.name,
+            partitions=[
+                {"topic": t, "partition": p, "committed": offsets[(t, p)][0]} for t, p in waiting
             ],
             seconds=self._watch.stall_seconds,
         )

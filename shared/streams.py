@@ -55,7 +55,13 @@ from shared.kafka import (
     close_within,
 )
 from shared.kafka_connection import client_config
-from shared.membership import Membership, Progress
+from shared.membership import (
+    ORPHAN_CHECK_SECONDS,
+    ORPHAN_SECONDS,
+    Membership,
+    Orphan,
+    Progress,
+)
 from shared.restore import (
     CURRENT_KEY,
     META_KEYS,
@@ -365,6 +371,10 @@ class StreamWorker:
         # How long a proof of ownership holds (`prove_owner`): a third of the session timeout.
         self.owner_lease_seconds = SESSION_TIMEOUT_MS / 1000 / 3
         self.batch_max_seconds = settings.batch_max_ms / 1000
+        # A worker holding no partition while its inputs wait for a consumer joins again
+        # (`shared.membership.Orphan`).
+        self.orphan_seconds = ORPHAN_SECONDS
+        self.orphan_check_seconds = ORPHAN_CHECK_SECONDS
         self.tables: dict[str, Table] = {}
         self._processors: dict[str, Process] = {}
         self._due: dict[str, Due] = {}
@@ -450,7 +460,11 @@ class StreamWorker:
                 records = self._records(consumer, messages)
                 if records:
                     await self._handle(consumer, records)
-                if self._membership.lost() or await self._fetch_stalled(consumer):
+                if (
+                    self._membership.lost()
+                    or await self._fetch_stalled(consumer)
+                    or await self._orphaned(consumer)
+                ):
                     consumer = await self._rejoin(consumer)
         finally:
             for job in jobs:
@@ -465,6 +479,9 @@ class StreamWorker:
         """A new member of the worker's group, subscribed to its input topics."""
         self._membership = Membership(self.app_id)
         self._progress = Progress(self.app_id)
+        self._orphan = Orphan(
+            self.app_id, orphan_seconds=self.orphan_seconds, check_seconds=self.orphan_check_seconds
+        )
         consumer = Consumer(
             {
                 **client_config(self.settings.kafka()),
@@ -503,6 +520,17 @@ class StreamWorker:
         )
         known = dict(self._positions.next)
         return await asyncio.to_thread(self._progress.stalled, consumer, watched, known)
+
+    async def _orphaned(self, consumer: Consumer) -> bool:
+        """Whether this worker, holding no partition, is outside a group whose inputs wait
+        for a consumer (`shared.membership.Orphan`)."""
+        if self._owned:
+            self._orphan.holding()
+            return False
+        if not self._orphan.due():
+            return False
+        topics = sorted(topic for topic in self._processors if topic not in self._due)
+        return await asyncio.to_thread(self._orphan.orphaned, consumer, topics)
 
     async def _rejoin(self, consumer: Consumer) -> Consumer:
         """Leave the group with the consumer stuck outside it, and join with a new one

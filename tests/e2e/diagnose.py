@@ -1,5 +1,6 @@
 """What the stack looked like when an end-to-end test failed: which processes are alive, where
-each consumer group stands (state, members, lag) and the last warnings each service logged.
+each consumer group stands (state, members, lag), the last warnings each service logged, and
+where each stream service's threads stood (py-spy, when it may attach).
 
 Attached to every failed end-to-end test's report (tests/conftest.py), so a failure on a machine
 whose logs are gone still says which stage stopped and why.
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,9 @@ from shared.topics import READERS
 
 SERVICES = ("ingest", "segmenter", "orchestrator", "dispatcher", "admin")
 SERVERS = ("kafka", "ferretdb")
+# The services whose threads are dumped: a stage that stops is a loop waiting somewhere.
+STREAM_SERVICES = ("segmenter", "orchestrator", "dispatcher")
+DUMP_SECONDS = 20.0
 # Groups beyond the stream services' readers.
 EXTRA_GROUPS = {"waypost-admin-journey-log": ("waypost.journey-log.v1",)}
 LOG_TAIL_BYTES = 400_000
@@ -119,6 +126,32 @@ def log_lines(path: Path) -> list[str]:
     return list(kept)
 
 
+def thread_dump(pid: int) -> list[str]:
+    """Where each thread of one process stands (py-spy from the test environment)."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        return ["no py-spy"]
+    try:
+        done = subprocess.run(
+            [spy, "dump", "--pid", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=DUMP_SECONDS,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"no dump: {exc}"]
+    if done.returncode != 0:
+        reason = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        return [f"no dump: {reason[0][:LINE_CHARS]}"]
+    # Frames in the interpreter's own modules say nothing a thread's first frames don't.
+    return [
+        line[:LINE_CHARS]
+        for line in done.stdout.splitlines()
+        if line.strip() and "/threading.py" not in line and "<frozen" not in line
+    ]
+
+
 def stack_report(stack: Any) -> str:
     """The whole report, for a failed test's output."""
     out = [
@@ -132,6 +165,11 @@ def stack_report(stack: Any) -> str:
     for name in SERVICES:
         out.append(f"-- {name}: last warnings")
         out += [f"   {line}" for line in log_lines(stack.logfile(name))]
+    for name in STREAM_SERVICES:
+        pid = stack.pid(name)
+        if pid:
+            out.append(f"-- {name}: threads")
+            out += [f"   {line}" for line in thread_dump(pid)]
     return "\n".join(out)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from confluent_kafka import Consumer, TopicPartition
+from structlog.testing import capture_logs
 
 from shared.membership import (
     GroupState,
@@ -69,8 +70,11 @@ def test_a_member_holding_nothing_but_steady_is_well() -> None:
     assert feed(watch, [(t, STEADY) for t in range(0, 100, 5)]) == [False] * 20
 
 
-def stats(state: str, join_state: str, brokers: dict[str, dict[str, object]]) -> str:
-    return json.dumps({"cgrp": {"state": state, "join_state": join_state}, "brokers": brokers})
+def stats(
+    state: str, join_state: str, brokers: dict[str, dict[str, object]], assigned: int = 0
+) -> str:
+    group = {"state": state, "join_state": join_state, "assignment_size": assigned}
+    return json.dumps({"cgrp": group, "brokers": brokers})
 
 
 def test_the_state_is_read_from_librdkafka_statistics() -> None:
@@ -109,6 +113,22 @@ def test_membership_says_lost_once_then_starts_afresh() -> None:
     clock.now = 30
     membership.report(joining)  # a new count begins with the new consumer
     assert membership.lost() is False
+
+
+def test_each_change_of_the_membership_is_logged_once() -> None:
+    up = {"b/1": {"state": "UP", "nodeid": 1}}
+    membership = Membership("waypost-orchestrator", stuck_seconds=90, clock=Clock())
+    with capture_logs() as logs:
+        membership.report(stats("up", "steady", up, assigned=3))
+        membership.report(stats("up", "steady", up, assigned=3))
+        membership.report(stats("up", "wait-join", up))
+        membership.report(stats("up", "steady", up, assigned=0))
+    changes = [
+        (entry["join_state"], entry["assigned"])
+        for entry in logs
+        if entry["event"] == "kafka.group_state"
+    ]
+    assert changes == [("steady", 3), ("wait-join", 0), ("steady", 0)]
 
 
 def test_an_unreadable_report_is_logged_and_ignored() -> None:
