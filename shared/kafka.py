@@ -45,6 +45,14 @@ class TransactionDoomed(BaseException):
     own failure: the worker aborts the batch and reads it again."""
 
 
+class ProducerWedged(TransactionDoomed):
+    """A transactional call blocked past its own timeout and the margin after it: librdkafka
+    2.16 can wait forever for a group coordinator that went away (confluentinc/librdkafka
+    #5456, #5511). The producer is replaced (`AsyncProducer.renew`); whether the open
+    transaction committed is unknown until the new producer's `init_transactions` has
+    completed or aborted it, so the worker reads its state and offsets again from the broker."""
+
+
 class DeliveryFailed(Exception):
     """The broker did not acknowledge a record.
 
@@ -94,6 +102,8 @@ class RenewableProducer:
         self._name = name
         self._failed = threading.Event()
         self._retired: list[Producer] = []
+        # Replaced while a call of theirs still blocks a thread: kept, never touched again.
+        self._wedged: list[Producer] = []
         self.current = Producer(self._config)
 
     @property
@@ -121,6 +131,13 @@ class RenewableProducer:
             self._retired.append(old)
             log.warning("kafka.producer_renewed", producer=self._name)
         return self.current
+
+    def replace_wedged(self) -> None:
+        """A new producer in place of one whose call never returned (`ProducerWedged`)."""
+        self._wedged.append(self.current)
+        self.current = Producer(self._config)
+        self._failed.clear()
+        log.warning("kafka.producer_renewed", producer=self._name, reason="wedged")
 
     @property
     def retiring(self) -> bool:
@@ -352,6 +369,12 @@ class AsyncProducer:
     async def abort_transaction(self) -> None:
         await _transactional(lambda: self._producer.abort_transaction(TRANSACTION_CALL_SECONDS))
 
+    def renew(self) -> None:
+        """Replace a wedged transactional producer with a new one of the same transactional id:
+        `init_transactions` must be awaited next, which fences the old one and settles the
+        transaction it left open."""
+        self._renewable.replace_wedged()
+
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)
         self._stopping.set()
@@ -367,11 +390,49 @@ class TransactionAborted(Exception):
     offsets it carried were not committed."""
 
 
-async def _transactional(call: Callable[[], None]) -> None:
-    """Run a blocking transactional call in a thread, again while the error is retriable."""
+# How long past its own timeout a transactional call may block before its producer is taken
+# for wedged (`ProducerWedged`).
+WEDGED_AFTER_SECONDS = TRANSACTION_CALL_SECONDS + 30.0
+
+
+async def _blocking(call: Callable[[], None], deadline: float) -> None:
+    """Run `call` on a thread of its own; `ProducerWedged` when it has not returned after
+    `deadline` seconds. A call that never returns keeps only its own thread, not one of the
+    event loop's executor threads that every other blocking call shares."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finish(error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            loop.call_soon_threadsafe(finish, exc)
+        else:
+            loop.call_soon_threadsafe(finish, None)
+
+    threading.Thread(target=run, name="kafka-transactional-call", daemon=True).start()
+    try:
+        await asyncio.wait_for(asyncio.shield(done), deadline)
+    except TimeoutError:
+        raise ProducerWedged(
+            f"a transactional call blocked for more than {deadline:.0f} s"
+        ) from None
+
+
+async def _transactional(call: Callable[[], None], deadline: float | None = None) -> None:
+    """Run a blocking transactional call on its own thread, again while the error is
+    retriable; `ProducerWedged` when one attempt blocks past `deadline`."""
     while True:
         try:
-            await asyncio.to_thread(call)
+            await _blocking(call, WEDGED_AFTER_SECONDS if deadline is None else deadline)
             return
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None

@@ -49,6 +49,7 @@ from shared.clock import Clock
 from shared.deadletter import through_outages
 from shared.kafka import (
     AsyncProducer,
+    ProducerWedged,
     Record,
     TransactionAborted,
     TransactionDoomed,
@@ -390,6 +391,8 @@ class StreamWorker:
         self._consumer: Consumer | None = None
         # The batch being handled, and where each of its partitions started (transactional).
         self._batch_start: dict[tuple[str, int], int] = {}
+        # Set when nothing local can be trusted (a wedged producer): join the group again.
+        self._reread = False
         self._group: Any = None
         # When ownership of the batch's partitions was last proven (monotonic seconds, taken
         # before the proof was asked for), and the lock that makes one proof serve many.
@@ -446,7 +449,7 @@ class StreamWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         if self.transactional:
-            await self.producer.init_transactions()
+            await self._init_transactions()
         consumer = self._subscribe()
         jobs = [asyncio.create_task(self._every(seconds, job)) for seconds, job in self._jobs]
         try:
@@ -461,7 +464,8 @@ class StreamWorker:
                 if records:
                     await self._handle(consumer, records)
                 if (
-                    self._membership.lost()
+                    self._reread
+                    or self._membership.lost()
                     or await self._fetch_stalled(consumer)
                     or await self._orphaned(consumer)
                 ):
@@ -535,6 +539,7 @@ class StreamWorker:
     async def _rejoin(self, consumer: Consumer) -> Consumer:
         """Leave the group with the consumer stuck outside it, and join with a new one
         (`shared.membership`): what the old one held is revoked first, like any rebalance."""
+        self._reread = False
         await close_within(consumer)
         # Whatever its closing did not revoke (it may have given up) is revoked here.
         self._changes.append(("revoke", sorted(self._assigned)))
@@ -660,6 +665,9 @@ class StreamWorker:
         except Fenced as exc:
             self._abandon(consumer, start, str(exc))
             return
+        except ProducerWedged as exc:
+            await self._after_wedged(str(exc))
+            return
         except TransactionDoomed as exc:
             await self._abort_doomed()
             self._abandon(consumer, start, f"transaction doomed: {exc}")
@@ -714,6 +722,29 @@ class StreamWorker:
                 raise Fenced(str(exc)) from exc
             self._proven_at = asked_at
 
+    async def _init_transactions(self) -> None:
+        """Register the producer's transactional id (a new producer when the call wedges)."""
+        while True:
+            try:
+                await self.producer.init_transactions()
+                return
+            except ProducerWedged as exc:
+                log.error("stream.producer_wedged", error=str(exc))
+                self.producer.renew()
+
+    async def _after_wedged(self, why: str) -> None:
+        """A transactional call never returned: a new producer fences the old one and settles
+        the transaction it left open, which may have committed or not. So nothing local is
+        trusted: the staged writes are dropped, and the worker joins its group again, which
+        restores its tables to their changelogs' ends and reads on from the committed offsets,
+        as after a restart."""
+        for table in self.tables.values():
+            table.discard_staged()
+        log.error("stream.producer_wedged", error=why)
+        self.producer.renew()
+        await self._init_transactions()
+        self._reread = True
+
     async def _abort_doomed(self) -> None:
         """Abort a doomed transaction, asking again while the broker is away (the next batch
         cannot begin before it), then give the broker a moment before the batch is read again."""
@@ -721,6 +752,9 @@ class StreamWorker:
             try:
                 await self.producer.abort_transaction()
                 break
+            except ProducerWedged as exc:
+                await self._after_wedged(str(exc))
+                return
             except KafkaException as exc:
                 log.warning("stream.abort_retry", error=str(exc))
                 await asyncio.sleep(RESTORE_RETRY_SECONDS)

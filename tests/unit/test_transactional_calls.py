@@ -1,0 +1,48 @@
+"""A transactional call that never returns is reported as a wedged producer, on a thread of its
+own; one that returns or raises is awaited as it is."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from shared.kafka import ProducerWedged, TransactionDoomed, _blocking, _transactional
+
+
+async def test_a_call_blocked_past_its_deadline_is_a_wedged_producer() -> None:
+    release = threading.Event()
+    try:
+        with pytest.raises(ProducerWedged) as raised:
+            await _blocking(lambda: release.wait(30) and None, deadline=0.2)
+        # A worker that catches a doomed transaction catches this too.
+        assert isinstance(raised.value, TransactionDoomed)
+    finally:
+        release.set()
+
+
+async def test_the_call_runs_on_a_thread_of_its_own() -> None:
+    seen: list[str] = []
+    await _blocking(lambda: seen.append(threading.current_thread().name), deadline=5)
+    assert seen == ["kafka-transactional-call"]
+
+
+async def test_what_the_call_raises_reaches_the_caller() -> None:
+    def refuse() -> None:
+        raise KafkaException(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
+
+    with pytest.raises(KafkaException):
+        await _blocking(refuse, deadline=5)
+
+
+async def test_a_retriable_error_is_asked_again_then_the_call_returns() -> None:
+    calls: list[int] = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "timed out", retriable=True))
+
+    await _transactional(flaky, deadline=5)
+    assert len(calls) == 3
