@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from pydantic import ValidationError
 from pymongo.errors import (
     ConnectionFailure,
@@ -165,12 +172,19 @@ class StoredLetter:
 
 
 def read_dead_letters(kafka: KafkaConnection | str, *, timeout: float = 30.0) -> list[StoredLetter]:
-    """Every letter the topic holds now, oldest first per partition (read to the end once)."""
+    """Every letter the topic holds now, oldest first per partition (read to the end once).
+
+    A partition's end is the consumer's end-of-partition event, not its high watermark: the
+    dispatcher dead-letters inside its Kafka transactions, and a transaction's commit marker
+    takes an offset no record is ever read at (an open transaction's records are not read
+    either, until it commits)."""
     consumer = Consumer(
         {
             **client_config(kafka),
             "group.id": "waypost-dead-letter-reader",
             "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed",
         }
     )
     try:
@@ -183,25 +197,29 @@ def read_dead_letters(kafka: KafkaConnection | str, *, timeout: float = 30.0) ->
             tp.partition: consumer.get_watermark_offsets(tp, timeout=timeout)[1]
             for tp in partitions
         }
-        consumer.assign(partitions)
+        consumer.assign([tp for tp in partitions if ends[tp.partition] > 0])
         letters: list[StoredLetter] = []
-        left = {p: end for p, end in ends.items() if end > 0}
+        left = {p for p, end in ends.items() if end > 0}
         deadline = time.monotonic() + timeout
         while left:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{DEAD_LETTER.name} not read to its end in {timeout}s")
             msg = consumer.poll(0.5)
-            if msg is None or msg.error() is not None:
+            if msg is None:
                 continue
-            partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
+            partition = int(msg.partition() or 0)
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    left.discard(partition)
+                continue
+            offset = int(msg.offset() or 0)
             try:
                 letter = DeadLetter.model_validate_json(msg.value() or b"")
             except ValidationError:
                 log.warning("dead_letter.unreadable", partition=partition, offset=offset)
             else:
                 letters.append(StoredLetter(partition, offset, letter))
-            if offset + 1 >= left.get(partition, 0):
-                left.pop(partition, None)
         return letters
     finally:
         consumer.close()

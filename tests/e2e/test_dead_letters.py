@@ -103,3 +103,39 @@ def test_dead_letters_are_listed_and_replayed_into_their_topic(
     assert "replayed 1 dead letters" in capsys.readouterr().out
     sent = wait_for(lambda: outbox(stack, to=email), what="the email of the replayed event")
     assert len(sent) == 1
+
+
+def test_letters_written_in_a_transaction_are_read_to_the_partitions_end(stack: Any) -> None:
+    """The dispatcher dead-letters inside its Kafka transactions: the commit marker after the
+    letter takes an offset no record is read at, and an open transaction's letters are not
+    readable yet. Listing reads to each partition's end all the same."""
+    user = unique("in-transaction")
+    letter = DeadLetter(
+        service="dispatcher",
+        topic=EVENTS.name,
+        partition=0,
+        offset=0,
+        key=user,
+        value="{}",
+        reason="retries_exhausted after 5 attempts: a test letter",
+        at="2026-01-01T00:00:00Z",
+    )
+    committed = Producer(
+        {"bootstrap.servers": stack.bootstrap, "transactional.id": unique("dl-committed")}
+    )
+    committed.init_transactions(30)
+    committed.begin_transaction()
+    committed.produce(DEAD_LETTER.name, key=user.encode(), value=letter.to_wire())
+    committed.commit_transaction(30)
+    # Another transaction left open on the same partition (the same key) while the list is read.
+    held = Producer({"bootstrap.servers": stack.bootstrap, "transactional.id": unique("dl-open")})
+    held.init_transactions(30)
+    held.begin_transaction()
+    pending = letter.model_copy(update={"reason": "not committed yet"})
+    held.produce(DEAD_LETTER.name, key=user.encode(), value=pending.to_wire())
+    assert held.flush(10) == 0
+    try:
+        mine = [d for d in _dead_letters(stack.bootstrap) if d.key == user]
+        assert [d.reason for d in mine] == [letter.reason]
+    finally:
+        held.abort_transaction(30)
