@@ -15,8 +15,9 @@ every provider answer (`POST /control/latency`; SMTP has none). Each run, on a r
    semaphore of C): aiosmtplib over reused connections (at most C, as the worker's session
    pool), a MIME message of the worker's shape (text + tracked HTML, List-Unsubscribe), built
    before the clock starts;
-   httpx, one client with the worker's pool settings, posting the worker's form (To, From, Body,
-   a signed StatusCallback) with Basic auth. 20 sequential sends come first (a warm-up; their
+   the worker's provider client (`services.dispatcher.channels.http.ProviderClient`, aiohttp,
+   a connection per send in flight), posting the worker's form (To, From, Body, a signed
+   StatusCallback) with Basic auth. 20 sequential sends come first (a warm-up; their
    median is the "idle" provider latency, one call at a time). The sandbox holds its SMS status
    callbacks back for an hour in both phases (`WAYPOST_SMS_CALLBACK_DELAY`): sending thousands
    of them made the sandbox itself the limit of the baseline.
@@ -71,6 +72,7 @@ from confluent_kafka import TopicPartition as Partition
 from bench.ingest import CpuMeter, log_tail
 from bench.segmenter import producer
 from bench.timers import Progress, percentile, port_in_use, say, table
+from services.dispatcher.channels.http import ProviderClient, basic_auth
 from shared.contracts import Channel, Profile, SendRequest
 from shared.docstore import connect_blocking
 from shared.kafka import ensure_topics, topic_record_count
@@ -397,7 +399,7 @@ async def baseline(
     """The probes, then N sends through the client library alone, timed."""
     signer = LinkSigner(LINK_SECRET, bench.ingest_url)
     phase = Phase()
-    client: httpx.AsyncClient | None = None
+    client: ProviderClient | None = None
     # SMTP sessions reused across messages, as the worker's pool does: at most one per send in
     # flight, opened when first needed.
     parked: list[aiosmtplib.SMTP] = []
@@ -428,19 +430,20 @@ async def baseline(
         say(f"  {len(built[0][1]):,} bytes per message in DATA")
         sends = [mail(to, raw) for to, raw in built]
     else:
-        # The worker's client: httpx defaults (100 connections, 20 kept alive), 15 s timeout.
-        client = httpx.AsyncClient(timeout=15.0)
+        # The worker's client and pool: a connection per send in flight, all kept alive.
+        client = ProviderClient(max_connections=in_flight, timeout=15.0)
         url = f"{bench.outbox_url}/2010-04-01/Accounts/{SMS_ACCOUNT}/Messages.json"
-        auth = httpx.BasicAuth(SMS_ACCOUNT, SMS_TOKEN)
+        headers = {
+            "Accept": "application/json",
+            "Authorization": basic_auth(SMS_ACCOUNT, SMS_TOKEN),
+        }
         http = client
 
         def post(form: dict[str, str]) -> Send:
             async def send() -> None:
-                answer = await http.post(
-                    url, data=form, auth=auth, headers={"Accept": "application/json"}
-                )
+                answer = await http.post(url, data=form, headers=headers)
                 if answer.status_code != 201:
-                    raise RuntimeError(f"HTTP {answer.status_code}: {answer.text[:120]}")
+                    raise RuntimeError(f"HTTP {answer.status_code}: {answer.content[:120]!r}")
 
             return send
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 
-import httpx
 import structlog
 from prometheus_client import start_http_server
 
@@ -17,6 +15,7 @@ from services.dispatcher.adapters.suppressions import SuppressionList, move_lega
 from services.dispatcher.adapters.tables import CAPS, CONSENT, LEDGER, Caps, Consent, Ledger
 from services.dispatcher.channels import build_providers
 from services.dispatcher.channels.email.adapter import SmtpSender
+from services.dispatcher.channels.http import ProviderClient
 from services.dispatcher.channels.sms.adapter import SmsSender
 from services.dispatcher.handlers import Dispatcher, Stores, retry_due
 from services.dispatcher.settings import DispatcherSettings
@@ -44,13 +43,12 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
             settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
         )
     # A connection per send in flight, all kept alive: SMS, push and WeChat sends neither
-    # queue for a connection nor open one per request (httpx keeps 20 alive by default).
-    limits = httpx.Limits(
+    # queue for a connection nor open one per request.
+    http = ProviderClient(
         max_connections=settings.max_in_flight,
-        max_keepalive_connections=settings.max_in_flight,
-        keepalive_expiry=settings.http_keepalive_seconds,
+        timeout=settings.provider_timeout_seconds,
+        keepalive_seconds=settings.http_keepalive_seconds,
     )
-    http = httpx.AsyncClient(timeout=settings.provider_timeout_seconds, limits=limits)
     providers = build_providers(settings, clock, http)
     smtp = providers["email"]
 
@@ -113,8 +111,6 @@ def main() -> None:
     settings = DispatcherSettings()
     configure_logging("dispatcher", settings.log_level, settings.log_format)
     enforce(settings.env, settings.secrets())
-    # One line per provider request drowns the outcomes; failures are logged as outcomes.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     clock = SystemClock()
     producer = AsyncProducer(
         settings.kafka(),

@@ -148,7 +148,7 @@ def thread_dump(pid: int) -> list[str]:
     return [
         line[:LINE_CHARS]
         for line in done.stdout.splitlines()
-        if line.strip() and "/threading.py" not in line and "<frozen" not in line
+        if line.strip() and "threading.py:" not in line and "<frozen" not in line
     ]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from services.dispatcher.channels.http import ProviderClient
 from tests.integration.providers import RequestLog
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,6 +234,10 @@ def requests() -> RequestLog:
 
 
 @pytest.fixture
-async def http(requests: RequestLog) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(event_hooks={"request": [requests]}) as client:
+async def http(requests: RequestLog) -> AsyncIterator[ProviderClient]:
+    """The dispatcher's provider client, logging every request's path."""
+    client = ProviderClient(max_connections=16, timeout=10.0, trace_configs=[requests.trace])
+    try:
         yield client
+    finally:
+        await client.aclose()

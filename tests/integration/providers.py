@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import socket
 from datetime import datetime
+from types import SimpleNamespace
 
-import httpx
+import aiohttp
 
 from shared.clock import SystemClock
 
 
 class RequestLog:
-    """Paths of every request the client makes (an httpx event hook): token endpoint hits."""
+    """Paths of every request the client makes (an aiohttp trace hook): token endpoint hits."""
 
     def __init__(self) -> None:
         self.paths: list[str] = []
+        self.trace = aiohttp.TraceConfig()
+        self.trace.on_request_start.append(self._started)
 
-    async def __call__(self, request: httpx.Request) -> None:
-        self.paths.append(request.url.path)
+    async def _started(
+        self, _session: aiohttp.ClientSession, _context: SimpleNamespace, params: object
+    ) -> None:
+        url = getattr(params, "url", None)
+        self.paths.append(url.path if url is not None else "")
 
     def count(self, path: str) -> int:
         return self.paths.count(path)

@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from services.dispatcher.channels.http import ProviderClient
 from services.dispatcher.channels.push.adapter import PushSender
 from services.dispatcher.channels.push.domain import PushContent
 from services.dispatcher.domain.messages import Delivery
@@ -34,7 +35,7 @@ def settings(sandbox: SandboxInfo, **overrides: Any) -> DispatcherSettings:
     return DispatcherSettings(**(values | overrides))
 
 
-def sender(sandbox: SandboxInfo, http: httpx.AsyncClient, **overrides: Any) -> PushSender:
+def sender(sandbox: SandboxInfo, http: ProviderClient, **overrides: Any) -> PushSender:
     return PushSender(settings(sandbox, **overrides), http, SystemClock())
 
 
@@ -66,7 +67,7 @@ def foreign_key() -> str:
 
 
 async def test_a_sent_push_is_in_the_outbox_with_its_data(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, requests: RequestLog
+    clean_sandbox: SandboxInfo, http: ProviderClient, requests: RequestLog
 ) -> None:
     push = sender(clean_sandbox, http)
 
@@ -87,7 +88,7 @@ async def test_a_sent_push_is_in_the_outbox_with_its_data(
 
 
 async def test_the_access_token_is_cached_between_sends(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, requests: RequestLog
+    clean_sandbox: SandboxInfo, http: ProviderClient, requests: RequestLog
 ) -> None:
     push = sender(clean_sandbox, http)
 
@@ -99,7 +100,7 @@ async def test_the_access_token_is_cached_between_sends(
 
 
 async def test_concurrent_senders_share_one_token_fetch(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, requests: RequestLog
+    clean_sandbox: SandboxInfo, http: ProviderClient, requests: RequestLog
 ) -> None:
     push = sender(clean_sandbox, http)
 
@@ -113,7 +114,7 @@ async def test_concurrent_senders_share_one_token_fetch(
 
 
 async def test_a_revoked_token_is_replaced_and_the_message_sent_once(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, requests: RequestLog
+    clean_sandbox: SandboxInfo, http: ProviderClient, requests: RequestLog
 ) -> None:
     push = sender(clean_sandbox, http)
     assert (await push.send(delivery(message_id="msg-before"))).kind == "sent"
@@ -128,7 +129,7 @@ async def test_a_revoked_token_is_replaced_and_the_message_sent_once(
 
 
 async def test_the_token_is_replaced_five_minutes_before_it_expires(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, requests: RequestLog
+    clean_sandbox: SandboxInfo, http: ProviderClient, requests: RequestLog
 ) -> None:
     clock = ShiftedClock()
     push = PushSender(settings(clean_sandbox), http, clock)
@@ -154,7 +155,7 @@ async def test_the_token_is_replaced_five_minutes_before_it_expires(
 )
 async def test_permanent_errors(
     clean_sandbox: SandboxInfo,
-    http: httpx.AsyncClient,
+    http: ProviderClient,
     error: str,
     kind: str,
     address_invalid: bool,
@@ -181,7 +182,7 @@ async def test_permanent_errors(
 )
 async def test_retryable_errors(
     clean_sandbox: SandboxInfo,
-    http: httpx.AsyncClient,
+    http: ProviderClient,
     error: str,
     retry_after: float | None,
     expected_code: str,
@@ -200,7 +201,7 @@ async def test_retryable_errors(
 
 
 async def test_a_message_over_4096_bytes_is_refused_without_a_call(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, requests: RequestLog
+    clean_sandbox: SandboxInfo, http: ProviderClient, requests: RequestLog
 ) -> None:
     outcome = await sender(clean_sandbox, http).send(delivery(body="x" * 4000, data={"k": "v"}))
 
@@ -211,7 +212,7 @@ async def test_a_message_over_4096_bytes_is_refused_without_a_call(
 
 
 async def test_no_service_account_is_configuration(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, requests: RequestLog
+    clean_sandbox: SandboxInfo, http: ProviderClient, requests: RequestLog
 ) -> None:
     outcome = await sender(clean_sandbox, http, fcm_service_account_file=None).send(delivery())
 
@@ -220,7 +221,7 @@ async def test_no_service_account_is_configuration(
 
 
 async def test_an_unreadable_service_account_file_is_configuration(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, tmp_path: Path
+    clean_sandbox: SandboxInfo, http: ProviderClient, tmp_path: Path
 ) -> None:
     missing = await sender(
         clean_sandbox, http, fcm_service_account_file=tmp_path / "absent.json"
@@ -238,7 +239,7 @@ async def test_an_unreadable_service_account_file_is_configuration(
 
 
 async def test_a_key_the_token_endpoint_does_not_trust_is_configuration(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, tmp_path: Path
+    clean_sandbox: SandboxInfo, http: ProviderClient, tmp_path: Path
 ) -> None:
     path = account_file(clean_sandbox, tmp_path, private_key=foreign_key())
 
@@ -249,7 +250,7 @@ async def test_a_key_the_token_endpoint_does_not_trust_is_configuration(
 
 
 async def test_a_project_the_account_may_not_use_is_configuration(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, tmp_path: Path
+    clean_sandbox: SandboxInfo, http: ProviderClient, tmp_path: Path
 ) -> None:
     path = account_file(clean_sandbox, tmp_path, project_id="someone-elses-project")
 
@@ -263,7 +264,7 @@ async def test_a_project_the_account_may_not_use_is_configuration(
 
 
 async def test_an_unreachable_token_endpoint_is_retried(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, tmp_path: Path
+    clean_sandbox: SandboxInfo, http: ProviderClient, tmp_path: Path
 ) -> None:
     path = account_file(
         clean_sandbox, tmp_path, token_uri=f"http://127.0.0.1:{closed_port()}/token"
@@ -272,11 +273,11 @@ async def test_an_unreachable_token_endpoint_is_retried(
     outcome = await sender(clean_sandbox, http, fcm_service_account_file=path).send(delivery())
 
     assert outcome.kind == "retry"
-    assert str(outcome.reason).startswith("fcm token: ConnectError")
+    assert str(outcome.reason).startswith("fcm token: ClientConnectorError")
 
 
 async def test_a_refused_connection_is_retried(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     push = sender(clean_sandbox, http)
     await push.token.get()  # the token endpoint works; only the send endpoint is away
@@ -290,11 +291,11 @@ async def test_a_refused_connection_is_retried(
     outcome = await push_elsewhere.send(delivery())
 
     assert outcome.kind == "retry"
-    assert str(outcome.reason).startswith("fcm connect: ConnectError")
+    assert str(outcome.reason).startswith("fcm connect: ClientConnectorError")
 
 
 async def test_no_answer_after_the_request_left_is_unknown(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     clean_sandbox.fail(channel="push", recipient=DEVICE, error="timeout", seconds=3)
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx
 import pytest
 from pydantic import SecretStr
 
+from services.dispatcher.channels.http import ProviderClient
 from services.dispatcher.channels.wechat.adapter import WechatSender
 from services.dispatcher.channels.wechat.domain import WechatContent, seconds_until_quota_reset
 from services.dispatcher.domain.messages import Delivery
@@ -32,7 +32,7 @@ def settings(sandbox: SandboxInfo, **overrides: Any) -> DispatcherSettings:
     return DispatcherSettings(**(values | overrides))
 
 
-def sender(sandbox: SandboxInfo, http: httpx.AsyncClient, **overrides: Any) -> WechatSender:
+def sender(sandbox: SandboxInfo, http: ProviderClient, **overrides: Any) -> WechatSender:
     return WechatSender(settings(sandbox, **overrides), http, SystemClock())
 
 
@@ -75,7 +75,7 @@ def tokens_issued(sandbox: SandboxInfo) -> int:
 
 
 async def test_a_sent_template_message_is_in_the_outbox(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     outcome = await sender(clean_sandbox, http).send(template())
 
@@ -90,7 +90,7 @@ async def test_a_sent_template_message_is_in_the_outbox(
 
 
 async def test_a_sent_news_message_is_in_the_outbox(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     outcome = await sender(clean_sandbox, http).send(news())
 
@@ -104,7 +104,7 @@ async def test_a_sent_news_message_is_in_the_outbox(
 
 
 async def test_a_sent_text_message_is_in_the_outbox(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     text = Delivery(
         message_id="msg-text",
@@ -120,7 +120,7 @@ async def test_a_sent_text_message_is_in_the_outbox(
 
 
 async def test_the_same_template_delivery_twice_arrives_once(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     wechat = sender(clean_sandbox, http)
 
@@ -133,7 +133,7 @@ async def test_the_same_template_delivery_twice_arrives_once(
 
 
 async def test_concurrent_senders_share_one_token(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, requests: RequestLog
+    clean_sandbox: SandboxInfo, http: ProviderClient, requests: RequestLog
 ) -> None:
     wechat = sender(clean_sandbox, http)
     before = tokens_issued(clean_sandbox)
@@ -149,7 +149,7 @@ async def test_concurrent_senders_share_one_token(
 
 
 async def test_the_token_is_replaced_early(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, requests: RequestLog
+    clean_sandbox: SandboxInfo, http: ProviderClient, requests: RequestLog
 ) -> None:
     clock = ShiftedClock()
     wechat = WechatSender(settings(clean_sandbox), http, clock)
@@ -168,7 +168,7 @@ async def test_the_token_is_replaced_early(
 
 @pytest.mark.parametrize("error", ["40001", "42001"])
 async def test_a_refused_token_is_replaced_and_the_message_sent_once_more(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, error: str
+    clean_sandbox: SandboxInfo, http: ProviderClient, error: str
 ) -> None:
     wechat = sender(clean_sandbox, http)
     await wechat.token.get()
@@ -183,7 +183,7 @@ async def test_a_refused_token_is_replaced_and_the_message_sent_once_more(
 
 
 async def test_a_token_refused_twice_is_retried_later(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     clean_sandbox.fail(channel="wechat", recipient=OPENID, error="40001", times=2)
 
@@ -194,7 +194,7 @@ async def test_a_token_refused_twice_is_retried_later(
 
 
 async def test_a_token_revoked_by_the_platform_is_fetched_again(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     wechat = sender(clean_sandbox, http)
     assert (await wechat.send(template(message_id="msg-1"))).kind == "sent"
@@ -208,7 +208,7 @@ async def test_a_token_revoked_by_the_platform_is_fetched_again(
 
 @pytest.mark.parametrize("error", ["-1", "503"])
 async def test_busy_is_retried(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, error: str
+    clean_sandbox: SandboxInfo, http: ProviderClient, error: str
 ) -> None:
     clean_sandbox.fail(channel="wechat", recipient=OPENID, error=error)
 
@@ -222,7 +222,7 @@ async def test_busy_is_retried(
     ("error", "address_invalid"), [("40003", True), ("43004", True), ("45015", False)]
 )
 async def test_permanent_errors_for_the_recipient(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, error: str, address_invalid: bool
+    clean_sandbox: SandboxInfo, http: ProviderClient, error: str, address_invalid: bool
 ) -> None:
     clean_sandbox.fail(channel="wechat", recipient=OPENID, error=error)
 
@@ -238,7 +238,7 @@ async def test_permanent_errors_for_the_recipient(
 
 @pytest.mark.parametrize("error", ["40037", "47003"])
 async def test_configuration_errors(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, error: str
+    clean_sandbox: SandboxInfo, http: ProviderClient, error: str
 ) -> None:
     clean_sandbox.fail(channel="wechat", recipient=OPENID, error=error)
 
@@ -248,7 +248,7 @@ async def test_configuration_errors(
 
 
 async def test_an_unknown_template_id_is_configuration(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     outcome = await sender(clean_sandbox, http).send(template(template_id="tpl-nobody-made"))
 
@@ -257,7 +257,7 @@ async def test_an_unknown_template_id_is_configuration(
 
 
 async def test_the_daily_quota_holds_the_channel_until_midnight_in_china(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     clean_sandbox.fail(channel="wechat", recipient=OPENID, error="45009")
     clock = SystemClock()
@@ -279,7 +279,7 @@ async def test_the_daily_quota_holds_the_channel_until_midnight_in_china(
     ],
 )
 async def test_bad_credentials_are_configuration(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient, overrides: dict[str, Any], code: str
+    clean_sandbox: SandboxInfo, http: ProviderClient, overrides: dict[str, Any], code: str
 ) -> None:
     outcome = await sender(clean_sandbox, http, **overrides).send(template())
 
@@ -288,7 +288,7 @@ async def test_bad_credentials_are_configuration(
 
 
 async def test_no_answer_to_a_news_message_is_unknown(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     clean_sandbox.fail(channel="wechat", recipient=OPENID, error="timeout", seconds=3)
 
@@ -299,7 +299,7 @@ async def test_no_answer_to_a_news_message_is_unknown(
 
 
 async def test_no_answer_to_a_template_message_is_retried_without_a_duplicate(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     clean_sandbox.fail(channel="wechat", recipient=OPENID, error="timeout", seconds=3, times=1)
     wechat = sender(clean_sandbox, http, provider_timeout_seconds=1.0)
@@ -314,18 +314,18 @@ async def test_no_answer_to_a_template_message_is_retried_without_a_duplicate(
 
 
 async def test_an_unreachable_platform_is_retried(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     outcome = await sender(
         clean_sandbox, http, wechat_base_url=f"http://127.0.0.1:{closed_port()}"
     ).send(news())
 
     assert outcome.kind == "retry"
-    assert str(outcome.reason).startswith("wechat token: ConnectError")
+    assert str(outcome.reason).startswith("wechat token: ClientConnectorError")
 
 
 async def test_a_refused_send_connection_is_retried(
-    clean_sandbox: SandboxInfo, http: httpx.AsyncClient
+    clean_sandbox: SandboxInfo, http: ProviderClient
 ) -> None:
     wechat = sender(clean_sandbox, http)
     await wechat.token.get()
@@ -339,4 +339,4 @@ async def test_a_refused_send_connection_is_retried(
     outcome = await elsewhere.send(news())
 
     assert outcome.kind == "retry"
-    assert str(outcome.reason).startswith("wechat connect: ConnectError")
+    assert str(outcome.reason).startswith("wechat connect: ClientConnectorError")

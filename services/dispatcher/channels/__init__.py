@@ -13,15 +13,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from services.dispatcher.channels.common import MonotonicClock, TemplateDocument
+from services.dispatcher.channels.http import ProviderClient
 from services.dispatcher.domain.messages import MessageContent, Provider, RenderContext
 from services.dispatcher.settings import DispatcherSettings
 from shared.contracts import Channel
 
 Render = Callable[[TemplateDocument, dict[str, Any], RenderContext], MessageContent]
-BuildProvider = Callable[[DispatcherSettings, MonotonicClock, httpx.AsyncClient], Provider | None]
+BuildProvider = Callable[[DispatcherSettings, MonotonicClock, ProviderClient], Provider | None]
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ def kits() -> Mapping[Channel, ChannelKit]:
 
 
 def build_providers(
-    settings: DispatcherSettings, clock: MonotonicClock, http: httpx.AsyncClient
+    settings: DispatcherSettings, clock: MonotonicClock, http: ProviderClient
 ) -> dict[Channel, Provider]:
     """The configured channels' providers (a channel without its settings is left out, and its
     sends are skipped with a reason so the step's next channel is tried)."""

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-import httpx
 import jwt
 
 from services.dispatcher.channels.common import (
@@ -21,6 +20,14 @@ from services.dispatcher.channels.common import (
     refresh_at,
     retry_after_seconds,
     transport_failure,
+)
+from services.dispatcher.channels.http import (
+    Answer,
+    ProviderClient,
+    ProviderHttpError,
+    ProviderUrlError,
+    RequestMaybeSent,
+    RequestNotSent,
 )
 from services.dispatcher.channels.push.domain import (
     FCM_MAX_MESSAGE_BYTES,
@@ -82,7 +89,7 @@ class FcmAccessToken:
     rejects it, fetched by one caller at a time while the others wait for it."""
 
     def __init__(
-        self, settings: DispatcherSettings, client: httpx.AsyncClient, clock: MonotonicClock
+        self, settings: DispatcherSettings, client: ProviderClient, clock: MonotonicClock
     ) -> None:
         self._settings = settings
         self._client = client
@@ -141,11 +148,11 @@ class FcmAccessToken:
                 data={"grant_type": JWT_BEARER_GRANT, "assertion": assertion},
                 timeout=self._settings.provider_timeout_seconds,
             )
-        except httpx.UnsupportedProtocol as exc:
+        except ProviderUrlError as exc:
             raise AccessTokenError(Outcome("config", f"fcm token_uri: {exc}")) from exc
-        except httpx.HTTPError as exc:
+        except ProviderHttpError as exc:
             # No message was sent yet, so any failure here is safe to retry.
-            raise AccessTokenError(Outcome("retry", f"fcm token: {describe_error(exc)}")) from exc
+            raise AccessTokenError(Outcome("retry", f"fcm token: {exc}")) from exc
         body = answer_object(response.content)
         if response.status_code != 200:
             raise AccessTokenError(
@@ -173,7 +180,7 @@ class PushSender:
     def __init__(
         self,
         settings: DispatcherSettings,
-        client: httpx.AsyncClient,
+        client: ProviderClient,
         clock: MonotonicClock,
         token: FcmAccessToken | None = None,
     ) -> None:
@@ -196,7 +203,7 @@ class PushSender:
         try:
             token = await self.token.get()
             answer = await self._post(token, body)
-            if isinstance(answer, httpx.Response) and fcm_needs_new_token(
+            if isinstance(answer, Answer) and fcm_needs_new_token(
                 answer.status_code, answer_object(answer.content)
             ):
                 # The token was revoked or expired early: one new token, one more attempt; a
@@ -213,22 +220,22 @@ class PushSender:
             retry_after_seconds(answer.headers.get("Retry-After")),
         )
 
-    async def _post(self, token: str, body: bytes) -> httpx.Response | Outcome:
+    async def _post(self, token: str, body: bytes) -> Answer | Outcome:
         base = self._settings.fcm_base_url.rstrip("/")
         project = quote(self.token.account().project_id, safe="")
         try:
             return await self._client.post(
                 f"{base}/v1/projects/{project}/messages:send",
-                content=body,
+                data=body,
                 headers={
                     "Authorization": f"Bearer {token}",
                     "Content-Type": "application/json; charset=UTF-8",
                 },
                 timeout=self._settings.provider_timeout_seconds,
             )
-        except httpx.UnsupportedProtocol as exc:
+        except ProviderUrlError as exc:
             return Outcome("config", f"fcm base URL: {exc}")
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return transport_failure("fcm", describe_error(exc), request_sent=False)
-        except httpx.TransportError as exc:
-            return transport_failure("fcm", describe_error(exc), request_sent=True)
+        except RequestNotSent as exc:
+            return transport_failure("fcm", str(exc), request_sent=False)
+        except RequestMaybeSent as exc:
+            return transport_failure("fcm", str(exc), request_sent=True)

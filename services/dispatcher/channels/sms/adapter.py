@@ -8,13 +8,18 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-import httpx
-
 from services.dispatcher.channels.common import (
     answer_object,
-    describe_error,
     retry_after_seconds,
     transport_failure,
+)
+from services.dispatcher.channels.http import (
+    ProviderClient,
+    ProviderHttpError,
+    ProviderUrlError,
+    RequestMaybeSent,
+    RequestNotSent,
+    basic_auth,
 )
 from services.dispatcher.channels.sms.domain import SmsContent, classify_sms, sms_form
 from services.dispatcher.channels.sms.reconcile import SmsListing, parse_sms_listing
@@ -29,15 +34,18 @@ class SmsSender:
 
     channel: Channel = "sms"
 
-    def __init__(self, settings: DispatcherSettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: DispatcherSettings, client: ProviderClient) -> None:
         self._settings = settings
         self._client = client
         base = settings.sms_base_url.rstrip("/")
         account = quote(settings.sms_account_sid, safe="")
         self._url = f"{base}/2010-04-01/Accounts/{account}/Messages.json"
-        self._auth = httpx.BasicAuth(
-            settings.sms_account_sid, settings.sms_auth_token.get_secret_value()
-        )
+        self._headers = {
+            "Accept": "application/json",
+            "Authorization": basic_auth(
+                settings.sms_account_sid, settings.sms_auth_token.get_secret_value()
+            ),
+        }
 
     async def send(self, delivery: Delivery) -> Outcome:
         content = delivery.content
@@ -53,16 +61,15 @@ class SmsSender:
             response = await self._client.post(
                 self._url,
                 data=form,
-                auth=self._auth,
-                headers={"Accept": "application/json"},
+                headers=self._headers,
                 timeout=self._settings.provider_timeout_seconds,
             )
-        except httpx.UnsupportedProtocol as exc:
+        except ProviderUrlError as exc:
             return Outcome("config", f"sms base URL: {exc}")
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return transport_failure("sms", describe_error(exc), request_sent=False)
-        except httpx.TransportError as exc:
-            return transport_failure("sms", describe_error(exc), request_sent=True)
+        except RequestNotSent as exc:
+            return transport_failure("sms", str(exc), request_sent=False)
+        except RequestMaybeSent as exc:
+            return transport_failure("sms", str(exc), request_sent=True)
         return classify_sms(
             response.status_code,
             answer_object(response.content),
@@ -75,10 +82,9 @@ class SmsSender:
             response = await self._client.get(
                 self._url,
                 params={"To": to, "PageSize": "100"},
-                auth=self._auth,
-                headers={"Accept": "application/json"},
+                headers=self._headers,
                 timeout=self._settings.provider_timeout_seconds,
             )
-        except httpx.HTTPError as exc:
-            return f"sms listing: {describe_error(exc)}"
+        except ProviderHttpError as exc:
+            return f"sms listing: {exc}"
         return parse_sms_listing(response.status_code, answer_object(response.content))

@@ -8,17 +8,21 @@ import asyncio
 import json
 from typing import Any
 
-import httpx
-
 from services.dispatcher.channels.common import (
     AccessTokenError,
     MonotonicClock,
     answer_object,
     classify_http_failure,
-    describe_error,
     refresh_at,
     retry_after_seconds,
     transport_failure,
+)
+from services.dispatcher.channels.http import (
+    ProviderClient,
+    ProviderHttpError,
+    ProviderUrlError,
+    RequestMaybeSent,
+    RequestNotSent,
 )
 from services.dispatcher.channels.wechat.domain import (
     WECHAT_TOKEN_ERRCODES,
@@ -52,7 +56,7 @@ class WechatAccessToken:
     time while the others wait for it."""
 
     def __init__(
-        self, settings: DispatcherSettings, client: httpx.AsyncClient, clock: MonotonicClock
+        self, settings: DispatcherSettings, client: ProviderClient, clock: MonotonicClock
     ) -> None:
         self._settings = settings
         self._client = client
@@ -103,17 +107,15 @@ class WechatAccessToken:
         try:
             response = await self._client.post(
                 f"{settings.wechat_base_url.rstrip('/')}/cgi-bin/stable_token",
-                content=_encode(body),
+                data=_encode(body),
                 headers={"Content-Type": "application/json"},
                 timeout=settings.provider_timeout_seconds,
             )
-        except httpx.UnsupportedProtocol as exc:
+        except ProviderUrlError as exc:
             raise AccessTokenError(Outcome("config", f"wechat base URL: {exc}")) from exc
-        except httpx.HTTPError as exc:
+        except ProviderHttpError as exc:
             # No message was sent yet, so any failure here is safe to retry.
-            raise AccessTokenError(
-                Outcome("retry", f"wechat token: {describe_error(exc)}")
-            ) from exc
+            raise AccessTokenError(Outcome("retry", f"wechat token: {exc}")) from exc
         retry_after = retry_after_seconds(response.headers.get("Retry-After"))
         if response.status_code != 200:
             raise AccessTokenError(
@@ -141,7 +143,7 @@ class WechatSender:
     def __init__(
         self,
         settings: DispatcherSettings,
-        client: httpx.AsyncClient,
+        client: ProviderClient,
         clock: MonotonicClock,
         token: WechatAccessToken | None = None,
     ) -> None:
@@ -184,18 +186,16 @@ class WechatSender:
             response = await self._client.post(
                 f"{base}{wechat_send_path(content)}",
                 params={"access_token": token},
-                content=body,
+                data=body,
                 headers={"Content-Type": "application/json"},
                 timeout=self._settings.provider_timeout_seconds,
             )
-        except httpx.UnsupportedProtocol as exc:
+        except ProviderUrlError as exc:
             return Outcome("config", f"wechat base URL: {exc}")
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return transport_failure("wechat", describe_error(exc), request_sent=False)
-        except httpx.TransportError as exc:
-            return transport_failure(
-                "wechat", describe_error(exc), request_sent=True, resend_safe=resend_safe
-            )
+        except RequestNotSent as exc:
+            return transport_failure("wechat", str(exc), request_sent=False)
+        except RequestMaybeSent as exc:
+            return transport_failure("wechat", str(exc), request_sent=True, resend_safe=resend_safe)
         if response.status_code != 200:
             retry_after = retry_after_seconds(response.headers.get("Retry-After"))
             return classify_http_failure("wechat", response.status_code, retry_after)
