@@ -225,7 +225,58 @@ class StallWatch:
         self.behind, self.last = {}, None
 
 
-class Progress:
+class _OffsetCheck:
+    """A periodic check of a consumer against the broker's end offsets: `due` every
+    `check_seconds`; `_verdict` feeds the offsets seen to a `StallWatch` and logs `event` with
+    the partitions that kept records past an unmoving offset for `seconds`."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        seconds: float,
+        check_seconds: float,
+        query_timeout: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.name = name
+        self._query_timeout = query_timeout
+        self._watch = StallWatch(seconds, max_gap=2 * check_seconds + 5)
+        self._check_seconds = check_seconds
+        self._clock = clock
+        self._next_check = clock() + check_seconds
+
+    def due(self) -> bool:
+        return self._clock() >= self._next_check
+
+    def _checked(self) -> None:
+        self._next_check = self._clock() + self._check_seconds
+
+    def _verdict(
+        self, offsets: dict[TopicPartitionKey, tuple[int, int]], event: str, offset_name: str
+    ) -> bool:
+        behind = self._watch.observe(self._clock(), offsets)
+        if not behind:
+            return False
+        log.warning(
+            event,
+            consumer=self.name,
+            partitions=[
+                {
+                    "topic": t,
+                    "partition": p,
+                    offset_name: offsets[(t, p)][0],
+                    "end": offsets[(t, p)][1],
+                }
+                for t, p in behind
+            ],
+            seconds=self._watch.stall_seconds,
+        )
+        self._watch.reset()
+        return True
+
+
+class Progress(_OffsetCheck):
     """Whether a consumer still fetches: every `PROGRESS_CHECK_SECONDS` its positions are
     compared with the partitions' end offsets, asked of the broker. A partition that keeps
     records past a position that does not move for `STALL_SECONDS` of polling means the
@@ -243,15 +294,13 @@ class Progress:
         query_timeout: float = END_OFFSETS_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.name = name
-        self._query_timeout = query_timeout
-        self._watch = StallWatch(stall_seconds, max_gap=2 * check_seconds + 5)
-        self._check_seconds = check_seconds
-        self._clock = clock
-        self._next_check = clock() + check_seconds
-
-    def due(self) -> bool:
-        return self._clock() >= self._next_check
+        super().__init__(
+            name,
+            seconds=stall_seconds,
+            check_seconds=check_seconds,
+            query_timeout=query_timeout,
+            clock=clock,
+        )
 
     def pause(self) -> None:
         """The owner stopped fetching on purpose: nothing counts until it fetches again."""
@@ -266,7 +315,7 @@ class Progress:
         """Check now (blocking: one end-offset query per partition). A partition's position is
         the consumer's, else `known` (where it was assigned or last committed); a partition
         with neither is not watched."""
-        self._next_check = self._clock() + self._check_seconds
+        self._checked()
         if not partitions:
             self._watch.reset()
             return False
@@ -285,25 +334,7 @@ class Progress:
         except KafkaException:  # the broker is away: an outage is waited out, not counted
             self._watch.reset()
             return False
-        stalled = self._watch.observe(self._clock(), offsets)
-        if not stalled:
-            return False
-        log.warning(
-            "kafka.fetch_stalled",
-            consumer=self.name,
-            partitions=[
-                {
-                    "topic": t,
-                    "partition": p,
-                    "position": offsets[(t, p)][0],
-                    "end": offsets[(t, p)][1],
-                }
-                for t, p in stalled
-            ],
-            seconds=self._watch.stall_seconds,
-        )
-        self._watch.reset()
-        return True
+        return self._verdict(offsets, "kafka.fetch_stalled", "position")
 
 
 # How long a worker that holds no partition may see records of its inputs that nobody takes (the
@@ -313,7 +344,7 @@ ORPHAN_SECONDS = 120.0
 ORPHAN_CHECK_SECONDS = 20.0
 
 
-class Orphan:
+class Orphan(_OffsetCheck):
     """Whether a member that holds nothing is outside a group that needs it.
 
     After a broker restart a librdkafka consumer was seen to stay out of its group for good
@@ -334,25 +365,23 @@ class Orphan:
         query_timeout: float = END_OFFSETS_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.name = name
-        self._query_timeout = query_timeout
-        self._watch = StallWatch(orphan_seconds, max_gap=2 * check_seconds + 5)
-        self._check_seconds = check_seconds
-        self._clock = clock
-        self._next_check = clock() + check_seconds
-
-    def due(self) -> bool:
-        return self._clock() >= self._next_check
+        super().__init__(
+            name,
+            seconds=orphan_seconds,
+            check_seconds=check_seconds,
+            query_timeout=query_timeout,
+            clock=clock,
+        )
 
     def holding(self) -> None:
         """The member holds partitions: nothing counts until it holds none again."""
         self._watch.reset()
-        self._next_check = self._clock() + self._check_seconds
+        self._checked()
 
     def orphaned(self, consumer: Any, topics: list[str]) -> bool:
         """Check now (blocking: the topics' metadata, the group's committed offsets and one
         end-offset query per partition)."""
-        self._next_check = self._clock() + self._check_seconds
+        self._checked()
         try:
             offsets: dict[TopicPartitionKey, tuple[int, int]] = {}
             metadata = consumer.list_topics(timeout=self._query_timeout)
@@ -375,16 +404,4 @@ class Orphan:
         except KafkaException:  # the broker is away: an outage is waited out, not counted
             self._watch.reset()
             return False
-        waiting = self._watch.observe(self._clock(), offsets)
-        if not waiting:
-            return False
-        log.warning(
-            "kafka.group_orphaned",
-            consumer=self.name,
-            partitions=[
-                {"topic": t, "partition": p, "committed": offsets[(t, p)][0]} for t, p in waiting
-            ],
-            seconds=self._watch.stall_seconds,
-        )
-        self._watch.reset()
-        return True
+        return self._verdict(offsets, "kafka.group_orphaned", "committed")
