@@ -393,6 +393,8 @@ class TransactionAborted(Exception):
 # How long past its own timeout a transactional call may block before its producer is taken
 # for wedged (`ProducerWedged`).
 WEDGED_AFTER_SECONDS = TRANSACTION_CALL_SECONDS + 30.0
+# The running time a call gets past its deadline before it counts as wedged.
+WEDGE_GRACE_SECONDS = 10.0
 
 
 async def _blocking(call: Callable[[], None], deadline: float) -> None:
@@ -421,6 +423,14 @@ async def _blocking(call: Callable[[], None], deadline: float) -> None:
     threading.Thread(target=run, name="kafka-transactional-call", daemon=True).start()
     try:
         await asyncio.wait_for(asyncio.shield(done), deadline)
+        return
+    except TimeoutError:
+        pass
+    # A process that was stopped (SIGSTOP, a frozen VM) wakes with the deadline already past
+    # while its call had no time to run: the call gets a grace period of running time before
+    # its producer counts as wedged (it then ends as the broker says: fenced, say).
+    try:
+        await asyncio.wait_for(asyncio.shield(done), WEDGE_GRACE_SECONDS)
     except TimeoutError:
         raise ProducerWedged(
             f"a transactional call blocked for more than {deadline:.0f} s"

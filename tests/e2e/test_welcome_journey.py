@@ -125,7 +125,9 @@ def test_orchestrator_killed_while_waiting_still_sends_the_reminder_once(
 def test_a_waiting_instance_sends_with_the_latest_profile(stack: Any, tmp_path: Path) -> None:
     journey = unique("fresh-profile")
     trigger = f"Trial Started {journey}"
-    publish_journey(stack, write_journey(tmp_path, journey, trigger, "6s"))
+    # The rename below must reach the instance before its wait ends, and it is posted only once
+    # the welcome email is in the outbox, which on a loaded machine took more than 6 s.
+    publish_journey(stack, write_journey(tmp_path, journey, trigger, "20s"))
     user = unique("eve")
     email = f"{user}@example.com"
     post(stack, "identify", {"userId": user, "traits": {"email": email, "first_name": "Eve"}})

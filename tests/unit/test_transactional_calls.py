@@ -8,10 +8,14 @@ import threading
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+from shared import kafka
 from shared.kafka import ProducerWedged, TransactionDoomed, _blocking, _transactional
 
 
-async def test_a_call_blocked_past_its_deadline_is_a_wedged_producer() -> None:
+async def test_a_call_blocked_past_its_deadline_is_a_wedged_producer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kafka, "WEDGE_GRACE_SECONDS", 0.2)
     release = threading.Event()
     try:
         with pytest.raises(ProducerWedged) as raised:
@@ -20,6 +24,17 @@ async def test_a_call_blocked_past_its_deadline_is_a_wedged_producer() -> None:
         assert isinstance(raised.value, TransactionDoomed)
     finally:
         release.set()
+
+
+async def test_a_call_that_ends_soon_after_its_deadline_is_not_wedged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process stopped past a call's deadline (SIGSTOP) wakes with the deadline gone: the
+    call gets a grace period of running time, and what it then answers counts."""
+    monkeypatch.setattr(kafka, "WEDGE_GRACE_SECONDS", 5.0)
+    finished: list[bool] = []
+    await _blocking(lambda: finished.append(not threading.Event().wait(0.5)), deadline=0.1)
+    assert finished == [True]
 
 
 async def test_the_call_runs_on_a_thread_of_its_own() -> None:
