@@ -391,16 +391,46 @@ class TransactionAborted(Exception):
 
 
 # How long past its own timeout a transactional call may block before its producer is taken
-# for wedged (`ProducerWedged`).
+# for wedged (`ProducerWedged`), counted in the process's running time (`_running_wait`).
 WEDGED_AFTER_SECONDS = TRANSACTION_CALL_SECONDS + 30.0
-# The running time a call gets past its deadline before it counts as wedged.
-WEDGE_GRACE_SECONDS = 10.0
+# Running time is counted in steps of this length; a step that took more than twice as long
+# counts as two steps.
+RUNNING_STEP_SECONDS = 1.0
 
 
-async def _blocking(call: Callable[[], None], deadline: float) -> None:
+async def _running_wait(
+    done: asyncio.Future[None],
+    seconds: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    step: float | None = None,
+) -> None:
+    """Wait for `done` for `seconds` of the process's running time, else `TimeoutError`.
+
+    A process that was stopped (SIGSTOP, a frozen VM) wakes with every deadline of the wall
+    clock gone, while a call it was waiting for had no time to run: the wait goes by steps, and
+    a step that took far longer than asked counts as two steps, not as the time it took. So a
+    call gets its own timeout of running time after a resume, and ends as the broker says
+    (fenced, say) rather than being taken for wedged."""
+    step = RUNNING_STEP_SECONDS if step is None else step
+    counted = 0.0
+    while counted < seconds:
+        wait = min(step, seconds - counted)
+        began = clock()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), wait)
+            return
+        except TimeoutError:
+            counted += min(clock() - began, 2 * wait)
+    raise TimeoutError
+
+
+async def _blocking(
+    call: Callable[[], None], deadline: float, *, clock: Callable[[], float] = time.monotonic
+) -> None:
     """Run `call` on a thread of its own; `ProducerWedged` when it has not returned after
-    `deadline` seconds. A call that never returns keeps only its own thread, not one of the
-    event loop's executor threads that every other blocking call shares."""
+    `deadline` seconds of running time. A call that never returns keeps only its own thread,
+    not one of the event loop's executor threads that every other blocking call shares."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
@@ -422,15 +452,7 @@ async def _blocking(call: Callable[[], None], deadline: float) -> None:
 
     threading.Thread(target=run, name="kafka-transactional-call", daemon=True).start()
     try:
-        await asyncio.wait_for(asyncio.shield(done), deadline)
-        return
-    except TimeoutError:
-        pass
-    # A process that was stopped (SIGSTOP, a frozen VM) wakes with the deadline already past
-    # while its call had no time to run: the call gets a grace period of running time before
-    # its producer counts as wedged (it then ends as the broker says: fenced, say).
-    try:
-        await asyncio.wait_for(asyncio.shield(done), WEDGE_GRACE_SECONDS)
+        await _running_wait(done, deadline, clock=clock)
     except TimeoutError:
         raise ProducerWedged(
             f"a transactional call blocked for more than {deadline:.0f} s"

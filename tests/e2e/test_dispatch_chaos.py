@@ -9,10 +9,12 @@ mid-call (`unknown`) are counted: the unknown window, measured.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -146,6 +148,27 @@ def test_repeated_sigkill_loses_nothing_and_sends_nothing_twice(stack: Any) -> N
     client.close()
 
 
+def _log_events(log: Path, start: int, end: int | None) -> list[str]:
+    """A worker's log lines between two positions, each as its event and what says most of it
+    (runs of one event counted), for a failure message."""
+    text = log.read_bytes()[start:end].decode(errors="replace")
+    runs: list[list[Any]] = []  # [event, times in a row]
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = {"event": line[:120]}
+        if not isinstance(entry, dict):
+            continue
+        detail = entry.get("reason") or entry.get("error") or entry.get("partitions") or ""
+        event = f"{entry.get('event')} {str(detail)[:80]}".strip()
+        if runs and runs[-1][0] == event:
+            runs[-1][1] += 1
+        else:
+            runs.append([event, 1])
+    return [event if times == 1 else f"{event} (x{times})" for event, times in runs]
+
+
 def _members(stack: Any, group: str) -> int:
     admin = AdminClient({"bootstrap.servers": stack.bootstrap})
     described = admin.describe_consumer_groups([group])[group].result(timeout=10)
@@ -207,12 +230,20 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
             wait_for(lambda: finished() == len(requests), timeout=300, what="all committed")
         finally:
             os.kill(stopped, signal.SIGCONT)
+        resumed_at = log.stat().st_size
         # Resumed, the stopped worker finds its batch fenced and drops it.
-        wait_for(
-            lambda: "stream.fenced" in log.read_bytes()[log_start:].decode(errors="replace"),
-            timeout=120,
-            what="the resumed worker's batch fenced",
-        )
+        try:
+            wait_for(
+                lambda: "stream.fenced" in log.read_bytes()[log_start:].decode(errors="replace"),
+                timeout=120,
+                what="the resumed worker's batch fenced",
+            )
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}; the stopped worker logged, before the stop: "
+                f"{_log_events(log, log_start, resumed_at)[-12:]}; after it: "
+                f"{_log_events(log, resumed_at, None)[-25:]}"
+            ) from exc
         wait_drained(stack, timeout=300)
 
         ledger = db["messages"]
