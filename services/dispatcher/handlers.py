@@ -316,8 +316,9 @@ class Dispatcher:
             return
         try:
             async with self._slots:
-                await self._prove_owner()
-                outcome = await self.providers[channel].send(prepared)
+                with self.metrics.in_flight.track_inprogress():
+                    await self._prove_owner()
+                    outcome = await self.providers[channel].send(prepared)
         except ValueError as exc:
             # The content or address cannot be written as this provider's request (a header
             # the email library refuses, text it cannot encode): it never left, and never will.

@@ -169,6 +169,14 @@ def _log_events(log: Path, start: int, end: int | None) -> list[str]:
     return [event if times == 1 else f"{event} (x{times})" for event, times in runs]
 
 
+def _in_flight(metrics_url: str) -> float:
+    """The provider calls one dispatcher worker has under way, from its metrics."""
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("waypost_dispatcher_provider_calls_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("the worker's metrics have no in-flight gauge")
+
+
 def _members(stack: Any, group: str) -> int:
     admin = AdminClient({"bootstrap.servers": stack.bootstrap})
     described = admin.describe_consumer_groups([group])[group].result(timeout=10)
@@ -222,8 +230,11 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
                 seen[0] = _committed(stack.bootstrap) - before
             return seen[0]
 
-        # The first batch is done (its offsets are the first committed): the next is under way.
+        # The first batch is done (its offsets are the first committed), and the worker to be
+        # stopped has provider calls under way: the stop lands mid-batch, after a checkpoint.
         wait_for(lambda: finished() > 0, timeout=120, what="sends under way")
+        metrics = f"http://127.0.0.1:{stack.ports.dispatcher_metrics}/metrics"
+        wait_for(lambda: _in_flight(metrics) > 0, timeout=120, what="the worker's calls under way")
         os.kill(stopped, signal.SIGSTOP)
         try:
             # The survivor takes the stopped worker's partitions once its session ends.

@@ -30,6 +30,12 @@ class DispatchMetrics:
             registry=self.registry,
         )
 
+        # Against `WAYPOST_MAX_IN_FLIGHT`: at the limit, the provider's latency bounds the rate.
+        self.in_flight = Gauge(
+            "waypost_dispatcher_provider_calls_in_flight",
+            "Provider calls under way (each holds one of the worker's in-flight slots)",
+            registry=self.registry,
+        )
         self._batches = Counter(
             "waypost_dispatcher_batches", "Batches of records handled", registry=self.registry
         )
