@@ -148,7 +148,8 @@ async def test_a_forgotten_entry_keeps_no_provider_text_or_history(table: Table)
     raw = table.get(b"m1")
 
     assert entry is not None
-    assert raw is not None and b"ann@example.com" not in raw
+    assert raw is not None
+    assert b"ann@example.com" not in raw
     assert {k: entry[k] for k in ("state", "attempt", "channel", "journey_id", "step_id")} == {
         "state": "failed",
         "attempt": 1,
@@ -173,7 +174,8 @@ async def test_a_request_of_a_forgotten_contact_ends_skipped_without_its_key(
     raw = table.get(b"m1")
 
     assert entry is not None
-    assert raw is not None and b"ann@example.com" not in raw
+    assert raw is not None
+    assert b"ann@example.com" not in raw
     assert (entry["state"], entry["reason"], entry["contact_key"]) == (
         "skipped",
         FORGOTTEN_REASON,
