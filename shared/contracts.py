@@ -244,12 +244,16 @@ class TimerFired(WireModel):
 
 
 JourneyLogKind = Literal[
-    "entered", "step_completed", "waiting", "exited", "converted", "holdout", "skipped"
+    "entered", "step_completed", "waiting", "exited", "converted", "holdout", "skipped", "forgotten"
 ]
 
 
 class JourneyLogRecord(WireModel):
-    """One line of a journey instance's history; `record_id` is deterministic."""
+    """One line of a journey instance's history; `record_id` is deterministic.
+
+    `forgotten` is no instance's: the contact was erased, after every record of theirs on the
+    partition, and readers delete what they keep of `contact_key` (journey and instance empty).
+    """
 
     schema_version: int = SCHEMA_VERSION
     record_id: str

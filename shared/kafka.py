@@ -23,7 +23,13 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+)
 
 from shared.kafka_connection import KafkaConnection, as_connection, client_config
 from shared.membership import PROGRESS_CHECK_SECONDS, STALL_SECONDS, Membership, Progress
@@ -585,7 +591,7 @@ def ensure_topics(
             topic.name,
             num_partitions=expected[topic.name],
             replication_factor=replication,
-            config={"cleanup.policy": "compact"} if topic.compacted else {},
+            config=topic.config(),
         )
         for topic in topics
         if topic.name not in existing
@@ -625,7 +631,32 @@ def ensure_topics(
                 f"{name} has {n} partitions, {expected[name]} expected" for name, n in wrong.items()
             )
         )
+    _align_configs(admin, [t for t in topics if t.name in existing])
     return created
+
+
+def _align_configs(admin: AdminClient, topics: list[Topic]) -> None:
+    """Set the registry's retention and compaction settings on topics that existed already (a
+    topic made by an older version, or by hand). A client without the right to change topic
+    settings only warns: the topics work, with the cluster's settings."""
+    if not topics:
+        return
+    resources = [
+        ConfigResource(
+            ConfigResource.Type.TOPIC,
+            topic.name,
+            incremental_configs=[
+                ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+                for name, value in topic.config().items()
+            ],
+        )
+        for topic in topics
+    ]
+    for resource, future in admin.incremental_alter_configs(resources).items():
+        try:
+            future.result(timeout=30)
+        except KafkaException as exc:
+            log.warning("kafka.topic_config_unchanged", topic=resource.name, error=str(exc))
 
 
 def prepare_topics(settings: CommonSettings, extra: Iterable[Topic] = ()) -> list[str]:

@@ -7,16 +7,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DAY_MS = 86_400_000
+# How long a topic that is not compacted keeps its records (`retention.ms`). Most carry contact
+# data (addresses in profile snapshots and send requests), which an erasure cannot take out of
+# an append-only log: it stays until then (docs/erasure.md). Consumers more than this behind lose
+# records, so it is well beyond any lag the pipeline should see.
+CONTACT_DATA_RETENTION_MS = 7 * DAY_MS
+# Dead letters wait for a person to look at them and replay them: twice as long.
+DEAD_LETTER_RETENTION_MS = 14 * DAY_MS
+# A compacted topic's older values of a key (an erased contact's last profile, ledger entries
+# before the erasure rewrote them) become eligible for compaction within this.
+MAX_COMPACTION_LAG_MS = DAY_MS
+
 
 @dataclass(frozen=True)
 class Topic:
-    """A topic and how it is created."""
+    """A topic and how it is created: compacted (the latest value per key, tombstones delete),
+    or kept for `retention_ms`."""
 
     name: str
     description: str
     compacted: bool = False
     keyed_by_contact: bool = True
     single_partition: bool = False
+    retention_ms: int = CONTACT_DATA_RETENTION_MS
+
+    def config(self) -> dict[str, str]:
+        """The topic's settings at the broker, set when it is created and on every start."""
+        if self.compacted:
+            return {
+                "cleanup.policy": "compact",
+                "max.compaction.lag.ms": str(MAX_COMPACTION_LAG_MS),
+            }
+        return {"retention.ms": str(self.retention_ms)}
 
 
 EVENTS = Topic("waypost.events.v1", "behavioural and delivery events, keyed by contact key")
@@ -94,6 +117,7 @@ DEAD_LETTER = Topic(
     "waypost.dead-letter.v1",
     "records no consumer could process, with the reason",
     keyed_by_contact=False,
+    retention_ms=DEAD_LETTER_RETENTION_MS,
 )
 
 ALL_TOPICS: tuple[Topic, ...] = (

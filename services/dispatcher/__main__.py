@@ -12,7 +12,16 @@ from services.dispatcher.adapters.ledger_view import ledger_view
 from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.store import Templates
 from services.dispatcher.adapters.suppressions import SuppressionList, move_legacy_suppressions
-from services.dispatcher.adapters.tables import CAPS, CONSENT, LEDGER, Caps, Consent, Ledger
+from services.dispatcher.adapters.tables import (
+    CAPS,
+    CONSENT,
+    FORGOTTEN,
+    LEDGER,
+    Caps,
+    Consent,
+    ForgottenContacts,
+    Ledger,
+)
 from services.dispatcher.channels import build_providers
 from services.dispatcher.channels.email.adapter import SmtpSender
 from services.dispatcher.channels.http import ProviderClient
@@ -77,6 +86,7 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
             Caps(worker.tables[CAPS]),
             Consent(worker.tables[CONSENT]),
             suppressions,
+            ForgottenContacts(worker.tables[FORGOTTEN], key),
         ),
         providers,
         LinkSigner(settings.link_secret.get_secret_value(), settings.public_url),
@@ -122,6 +132,7 @@ def main() -> None:
     )
     worker.table(CAPS)
     worker.table(CONSENT)
+    worker.table(FORGOTTEN)
     worker.table(LEDGER, primary=True)
     prepare_topics(settings, worker.changelogs())
     stop_view = run_view_thread(

@@ -30,7 +30,13 @@ from pydantic import ValidationError
 from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.store import Templates
 from services.dispatcher.adapters.suppressions import SuppressionList
-from services.dispatcher.adapters.tables import Caps, Consent, Ledger
+from services.dispatcher.adapters.tables import (
+    FORGOTTEN_REASON,
+    Caps,
+    Consent,
+    ForgottenContacts,
+    Ledger,
+)
 from services.dispatcher.channels import kits
 from services.dispatcher.channels.sms.domain import SmsContent
 from services.dispatcher.channels.sms.reconcile import SmsHistory, SmsTry, reconcile_sms
@@ -100,6 +106,7 @@ class Stores:
     caps: Caps
     consent: Consent
     suppressions: SuppressionList
+    forgotten: ForgottenContacts
 
 
 class Dispatcher:
@@ -236,6 +243,8 @@ class Dispatcher:
 
     async def handle(self, request: SendRequest, record: Record) -> None:
         """Deliver one request at most once (marketing) or at least once (transactional)."""
+        if await self._skip_forgotten(request):
+            return
         await self._claimed(request, record)
 
     async def _claimed(self, request: SendRequest, record: Record) -> None:
@@ -254,6 +263,8 @@ class Dispatcher:
 
     async def handle_retry(self, retry: SendRetry, record: Record) -> None:
         request = retry.request
+        if await self._skip_forgotten(request):
+            return
         entry = await self.ledger.get(request.message_id)
         if entry is None or int(entry.get("attempt", 1)) != retry.attempt:
             return  # a stale copy: another attempt owns the message now
@@ -605,9 +616,26 @@ class Dispatcher:
             await self.ledger.track(message_id, state, event.timestamp)
 
     async def _forget(self, contact_key: str) -> None:
+        await self.stores.forgotten.record(contact_key, self.clock.now())
         await self.stores.caps.forget(contact_key)
         await self.stores.consent.forget(contact_key)
         await self.ledger.forget(contact_key)
+
+    async def _skip_forgotten(self, request: SendRequest) -> bool:
+        """A request or retry of an erased contact is never delivered: its ledger entry ends
+        `skipped` without the contact's key, and no event is announced (no contact is left to
+        hear it)."""
+        if not await self.stores.forgotten.includes(request.contact_key):
+            return False
+        if await self.ledger.skip_forgotten(request, self.clock.now()):
+            self.metrics.outcome(request.channel, "skipped")
+            log.info(
+                "dispatcher.outcome",
+                message_id=request.message_id,
+                state="skipped",
+                reason=FORGOTTEN_REASON,
+            )
+        return True
 
 
 async def _outside_a_batch() -> None:

@@ -36,8 +36,15 @@ from services.orchestrator.domain.state import (
 from services.orchestrator.settings import OrchestratorSettings
 from shared.batching import Focus, Overlay, no_focus
 from shared.clock import Clock
-from shared.contracts import ContactEvent, SegmentTimerRequest, TimerFired, WebhookResult
+from shared.contracts import (
+    ContactEvent,
+    JourneyLogRecord,
+    SegmentTimerRequest,
+    TimerFired,
+    WebhookResult,
+)
 from shared.deadletter import DeadLetters, failure_reason, through_outages
+from shared.ids import stable_id
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
 from shared.profiles import CONTACT_FORGOTTEN
 from shared.streams import StreamWorker, focus
@@ -184,7 +191,7 @@ class Journeys:
         if isinstance(incoming, EventArrived) and incoming.contact_event.event.label == (
             CONTACT_FORGOTTEN
         ):
-            self._forget(incoming.contact_event.contact_key, partition)
+            self._forget(incoming.contact_event, partition)
             return
         self._decide(incoming, partition)
 
@@ -233,8 +240,27 @@ class Journeys:
         # Stored only after the acknowledgement: a crash before it fires (and asks) again.
         self._timer(partition, CancelTimer(fired.contact_key, SEGMENT_CLOCK))
 
-    def _forget(self, contact_key: str, partition: int) -> None:
-        """Drop every row the orchestrator keeps for the contact; nothing is decided or logged."""
+    def _forget(self, forgotten: ContactEvent, partition: int) -> None:
+        """Drop every row the orchestrator keeps for the contact; nothing is decided. One
+        journey-log record, `forgotten`, follows the contact's others on the partition, so the
+        admin's journey log deletes their documents once it has written every one of them."""
+        contact_key = forgotten.contact_key
+        at = forgotten.event.timestamp
+        self._batch.emit(
+            (
+                JOURNEY_LOG.name,
+                contact_key,
+                JourneyLogRecord(
+                    record_id=stable_id(forgotten.event.message_id, "journey-log"),
+                    kind="forgotten",
+                    journey_id="",
+                    journey_version=0,
+                    instance_id="",
+                    contact_key=contact_key,
+                    at=at,
+                ).to_wire(),
+            )
+        )
         state = self._state(contact_key)
         if state is not None:
             for instance_id in state.instances:

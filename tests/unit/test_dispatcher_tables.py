@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from services.dispatcher.adapters.ledger_view import ledger_changelog, ledger_writes
-from services.dispatcher.adapters.tables import Caps, Consent, Ledger
+from services.dispatcher.adapters.tables import (
+    FORGOTTEN_REASON,
+    Caps,
+    Consent,
+    ForgottenContacts,
+    Ledger,
+)
 from shared.contracts import Profile, SendRequest
 from shared.kafka import Record
 from shared.streams import Table, focus
@@ -126,6 +132,80 @@ async def test_forgetting_a_contact_keeps_the_ids_but_not_the_key(table: Table) 
     assert other is not None
     assert other["contact_key"] == "c2"
     assert not (await ledger.claim(request("m1", "c1"), T0)).new  # a replay stays a no-op
+
+
+async def test_a_forgotten_entry_keeps_no_provider_text_or_history(table: Table) -> None:
+    ledger = Ledger(table, Gate())
+    await ledger.claim(request("m1", "ann@example.com"), T0)
+    await ledger.begin("m1", "1:first", 1, T0)
+    bounce = "smtp 550: <ann@example.com> unknown"
+    await ledger.conclude("m1", "failed", T0, reason=bounce, code="550", provider_id="<p1>")
+    before = await ledger.get("m1")
+    assert before is not None
+
+    await ledger.forget("ann@example.com")
+    entry = await ledger.get("m1")
+    raw = table.get(b"m1")
+
+    assert entry is not None
+    assert raw is not None
+    assert b"ann@example.com" not in raw
+    assert {k: entry[k] for k in ("state", "attempt", "channel", "journey_id", "step_id")} == {
+        "state": "failed",
+        "attempt": 1,
+        "channel": "email",
+        "journey_id": "j1",
+        "step_id": "s1",
+    }
+    assert entry["failed_at"] == T0
+    assert not {"reason", "code", "provider_id", "history"} & set(entry)
+    assert entry["rev"] == before["rev"] + 1  # the view replaces its document
+
+
+async def test_a_request_of_a_forgotten_contact_ends_skipped_without_its_key(
+    table: Table,
+) -> None:
+    ledger = Ledger(table, Gate())
+    late = T0 + timedelta(minutes=1)
+
+    assert await ledger.skip_forgotten(request("m1", "ann@example.com"), late)
+    assert not await ledger.skip_forgotten(request("m1", "ann@example.com"), late)  # a replay
+    entry = await ledger.get("m1")
+    raw = table.get(b"m1")
+
+    assert entry is not None
+    assert raw is not None
+    assert b"ann@example.com" not in raw
+    assert (entry["state"], entry["reason"], entry["contact_key"]) == (
+        "skipped",
+        FORGOTTEN_REASON,
+        "forgotten",
+    )
+    assert entry["skipped_at"] == late
+    assert not (await ledger.claim(request("m1", "ann@example.com"), late)).new
+
+
+async def test_a_waiting_retry_of_a_forgotten_contact_ends_skipped(table: Table) -> None:
+    ledger = Ledger(table, Gate())
+    await ledger.claim(request("m1", "c1"), T0)
+    await ledger.retrying("m1", 2, T0 + timedelta(seconds=5), "smtp 451", T0)
+    await ledger.forget("c1")
+
+    assert await ledger.skip_forgotten(request("m1", "c1"), T0 + timedelta(seconds=5))
+    entry = await ledger.get("m1")
+
+    assert entry is not None
+    assert (entry["state"], entry["attempt"], entry["reason"]) == ("skipped", 2, FORGOTTEN_REASON)
+
+
+async def test_forgotten_contacts_are_kept_by_a_keyed_hash(table: Table) -> None:
+    forgotten = ForgottenContacts(table, b"s" * 32)
+    await forgotten.record("ann@example.com", T0)
+
+    assert await forgotten.includes("ann@example.com")
+    assert not await forgotten.includes("bob@example.com")
+    assert not await ForgottenContacts(table, b"t" * 32).includes("ann@example.com")
+    assert all(b"ann" not in key + value for _p, key, value in table.staged() if value)
 
 
 async def test_caps_count_sends_and_forget_them(table: Table) -> None:

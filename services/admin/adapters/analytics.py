@@ -1,4 +1,7 @@
-"""Materialises `waypost.journey-log.v1` into the document store for analytics and the admin."""
+"""Materialises `waypost.journey-log.v1` into the document store for analytics and the admin.
+
+A `forgotten` record (the orchestrator erased the contact, after every other record of theirs on
+the partition) deletes the contact's documents instead of adding one."""
 
 from __future__ import annotations
 
@@ -25,21 +28,34 @@ class JourneyLogStore:
     def __init__(self, db: AsyncDatabase[dict[str, Any]]) -> None:
         self._log = db[JOURNEY_LOG]
 
+    async def prepare(self) -> None:
+        """Erasure deletes by contact, hence the index."""
+        await self._log.create_index("contact_key")
+
     async def write(self, records: list[JourneyLogRecord]) -> None:
-        """Idempotent on `record_id`: replays leave one document per record."""
-        if not records:
-            return
-        await bulk_write_unordered(
-            self._log,
-            [
-                UpdateOne(
-                    {"_id": r.record_id},
-                    {"$setOnInsert": r.model_dump(mode="python", exclude={"record_id"})},
-                    upsert=True,
-                )
-                for r in records
-            ],
-        )
+        """Idempotent on `record_id`: replays leave one document per record. Erased contacts'
+        documents are deleted once the batch's others are written (their records came first)."""
+        kept = [r for r in records if r.kind != "forgotten"]
+        forgotten = sorted({r.contact_key for r in records if r.kind == "forgotten"})
+        if kept:
+            await bulk_write_unordered(
+                self._log,
+                [
+                    UpdateOne(
+                        {"_id": r.record_id},
+                        {"$setOnInsert": r.model_dump(mode="python", exclude={"record_id"})},
+                        upsert=True,
+                    )
+                    for r in kept
+                ],
+            )
+        if forgotten:
+            deleted = await self._log.delete_many({"contact_key": {"$in": forgotten}})
+            log.info(
+                "admin.journey_log_forgotten",
+                contacts=len(forgotten),
+                deleted=deleted.deleted_count,
+            )
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Per journey, how many log records of each kind."""
@@ -88,6 +104,7 @@ async def message_states(db: AsyncDatabase[dict[str, Any]]) -> dict[str, int]:
 async def follow_journey_log(
     consumer: ConsumerLoop, store: JourneyLogStore, stop: asyncio.Event
 ) -> None:
+    await through_outages(store.prepare, what="journey-log view")
     async for batch in consumer.records():
         records = []
         for record in batch:

@@ -1,6 +1,7 @@
 """What the audit log keeps of one change asked of the admin API: who (the key's name and role),
 what (method, route template, path parameters), when, and how it ended. Never a key's secret,
-never a request body: a body may hold a contact's personal data, an id may not."""
+never a request body: a body may hold a contact's personal data. Nor a contact key: the entry
+names the contact by a digest of it, so an erasure leaves the key nowhere in the log."""
 
 from __future__ import annotations
 
@@ -10,9 +11,18 @@ from datetime import datetime
 from typing import Any
 
 from services.admin.domain.roles import Role
+from shared.ids import stable_id
 
-# A path parameter is an id (a journey, a template, a contact key); kept whole up to this.
+# A path parameter is an id (a journey, a template, a segment); kept whole up to this.
 MAX_PARAM_CHARS = 200
+# Path parameters that name a contact: kept as `contact_digest(key)`.
+CONTACT_PARAMS = frozenset({"contact_key"})
+
+
+def contact_digest(contact_key: str) -> str:
+    """How the audit log names a contact: who knows the key finds its entries, the log alone
+    does not give the key away."""
+    return "contact:" + stable_id("audit", contact_key, length=24)
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,10 @@ def audit_entry(
     refused_for_role: bool,
 ) -> AuditEntry:
     """The entry of one call; `action` is the route's own short description."""
-    kept = {name: _clipped(str(value)) for name, value in params.items()}
+    kept = {
+        name: contact_digest(str(value)) if name in CONTACT_PARAMS else _clipped(str(value))
+        for name, value in params.items()
+    }
     target = ", ".join(f"{name}={value}" for name, value in kept.items())
     if refused_for_role:
         outcome = f"refused: needs the {required_role} role"

@@ -13,6 +13,7 @@ Rotating the secret starts an empty list.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 
@@ -50,9 +51,19 @@ class SuppressionList:
     async def add(self, channel: str, address: str, reason: str, now: datetime) -> None:
         """Suppress the address (again: the newest reason is kept)."""
         key = self.key_of(channel, address)
-        value = json.dumps({"channel": channel, "reason": reason, "at": now.isoformat()}).encode()
+        kept = without_address(reason, address)
+        value = json.dumps({"channel": channel, "reason": kept, "at": now.isoformat()}).encode()
         await self._producer.send(SUPPRESSIONS.name, key, value)
         self._recorded[key] = value
+
+
+def without_address(reason: str, address: str) -> str:
+    """The provider's reason as the list keeps it: a bounce often quotes the address it
+    refused, which the list must not hold."""
+    bare = address.strip()
+    if not bare:
+        return reason
+    return re.sub(re.escape(bare), "<address>", reason, flags=re.IGNORECASE)
 
 
 async def move_legacy_suppressions(

@@ -1,6 +1,6 @@
 """The dispatcher's decisive state, kept where its partition is processed: the message ledger,
-frequency-cap counts and consent words in the worker's RocksDB tables (`shared.streams`), each
-backed by a compacted changelog written in the batch's Kafka transaction.
+frequency-cap counts, consent words and erased contacts in the worker's RocksDB tables
+(`shared.streams`), each backed by a compacted changelog written in the batch's Kafka transaction.
 
 Every table is co-partitioned with the send requests (all keyed by contact), and one contact's
 records are handled one after another, so a read-modify-write needs no lock and cannot race.
@@ -21,11 +21,35 @@ from typing import Any
 from services.dispatcher.domain.policy import ConsentRecord
 from shared.channels import CHANNELS
 from shared.contracts import SendRequest
+from shared.ids import keyed_digest
 from shared.streams import Table, focused
 
 LEDGER = "ledger"
 CAPS = "caps"
 CONSENT = "consent"
+FORGOTTEN = "forgotten"
+
+# What an erased contact's ledger entries say instead of its key, and why a request for it that
+# arrives after the erasure ends `skipped`.
+FORGOTTEN_KEY = "forgotten"
+FORGOTTEN_REASON = "contact_forgotten"
+# The fields an erased contact's entry keeps: what was sent by which journey step, and when.
+# Everything else goes: the key, the history, and provider text (a bounce may quote an address).
+_KEPT_WHEN_FORGOTTEN = frozenset(
+    {
+        "state",
+        "attempt",
+        "channel",
+        "template_id",
+        "journey_id",
+        "journey_version",
+        "instance_id",
+        "step_id",
+        "transactional",
+        "try",
+        "rev",
+    }
+)
 
 # After a send, what delivery reports may move the entry to, in order.
 _TRACKING_ORDER = ("sent", "delivered", "opened", "clicked")
@@ -55,6 +79,13 @@ def entry_times(entry: dict[str, Any]) -> dict[str, Any]:
     if isinstance(history, list):
         out["history"] = [entry_times(item) for item in history]
     return out
+
+
+def forgotten_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """An erased contact's ledger entry: its message's facts and times, nothing of the contact
+    (the message id stays, so replays of its request stay no-ops)."""
+    kept = {k: v for k, v in entry.items() if k in _KEPT_WHEN_FORGOTTEN or is_time_field(k)}
+    return {**kept, "contact_key": FORGOTTEN_KEY}
 
 
 @dataclass(frozen=True)
@@ -172,10 +203,36 @@ class Ledger:
             entry = json.loads(raw)
             if entry.get("contact_key") != contact_key:
                 continue
-            entry["contact_key"] = "forgotten"
-            entry.pop("history", None)
+            entry = forgotten_entry(entry)
             entry["rev"] = int(entry.get("rev", 0)) + 1
             self._table[key] = _encode(entry)
+
+    async def skip_forgotten(self, request: SendRequest, now: datetime) -> bool:
+        """A request or retry of an erased contact ends `skipped`, its entry holding nothing of
+        the contact; False when its entry had ended already (nothing to do)."""
+        entry = self._read(request.message_id)
+        if entry is None:
+            entry = forgotten_entry(
+                {
+                    "state": "requested",
+                    "attempt": 1,
+                    "channel": request.channel,
+                    "template_id": request.template_id,
+                    "journey_id": request.journey_id,
+                    "journey_version": request.journey_version,
+                    "instance_id": request.instance_id,
+                    "step_id": request.step_id,
+                    "transactional": request.transactional,
+                    "requested_at": request.requested_at,
+                    "rev": 0,
+                }
+            )
+        elif entry.get("state") not in _OPEN_STATES:
+            return False
+        self._move(
+            request.message_id, forgotten_entry(entry), "skipped", now, reason=FORGOTTEN_REASON
+        )
+        return True
 
     def _move(
         self, message_id: str, entry: dict[str, Any], state: str, now: datetime, **fields: Any
@@ -245,6 +302,25 @@ class Consent:
 
     async def forget(self, contact_key: str) -> None:
         _delete(self._table, (self._key(contact_key, channel) for channel in CHANNELS))
+
+
+class ForgottenContacts:
+    """Contacts erased on this partition, by an HMAC-SHA256 of the key under the suppression
+    secret (the table keeps no key): a send request or retry of theirs that was still queued
+    when the erasure came, or that comes later, is never delivered."""
+
+    def __init__(self, table: Table, secret: bytes) -> None:
+        self._table = table
+        self._secret = secret
+
+    def _key(self, contact_key: str) -> bytes:
+        return keyed_digest(self._secret, FORGOTTEN, contact_key).hex().encode()
+
+    async def record(self, contact_key: str, at: datetime) -> None:
+        self._table[self._key(contact_key)] = _encode({"at": at})
+
+    async def includes(self, contact_key: str) -> bool:
+        return self._table.get(self._key(contact_key)) is not None
 
 
 def _delete(table: Table, keys: Iterable[bytes]) -> None:

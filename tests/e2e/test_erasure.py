@@ -1,0 +1,166 @@
+"""Erasure that erases, on the real stack: a contact is forgotten mid-journey (its welcome email
+sent, its reminder an hour away), and then no document of the `waypost` database and no latest
+value of a compacted topic holds its key, anonymous id, e-mail or phone; a send request for it
+queued after the erasure ends `skipped` and is never delivered."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from shared.contracts import Profile, SendRequest
+from shared.docstore import connect_blocking
+from shared.settings import CommonSettings
+from shared.topics import ALL_TOPICS, SEND_REQUESTS
+from tests.e2e.helpers import (
+    outbox,
+    post,
+    publish_journey,
+    read_topic,
+    unique,
+    wait_for,
+    write_journey,
+)
+
+pytestmark = pytest.mark.e2e
+ADMIN = {"Authorization": "Bearer wp_dev_admin_key"}
+
+
+def _compacted_topics(bootstrap: str) -> list[str]:
+    """The registry's compacted topics and every stream worker's table changelog."""
+    listed = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics
+    changelogs = sorted(n for n in listed if n.startswith("waypost-") and n.endswith("-changelog"))
+    return [t.name for t in ALL_TOPICS if t.compacted] + changelogs
+
+
+def _latest_values(bootstrap: str, topic: str) -> dict[str | None, bytes]:
+    """What the compacted topic says now: the latest value per key, tombstones taking the key
+    out (compaction drops the tombstone itself a day later, `delete.retention.ms`)."""
+    latest: dict[str | None, bytes | None] = {}
+    for key, value in read_topic(bootstrap, topic):
+        latest[key] = value or None
+    return {key: value for key, value in latest.items() if value is not None}
+
+
+def _traces(stack: Any, database: Any, needles: list[str]) -> list[str]:
+    """Where any of `needles` is still found: `collection/_id` or `topic/key`."""
+    found: list[str] = []
+    lowered = [n.casefold() for n in needles]
+
+    def holds(text: str) -> bool:
+        text = text.casefold()
+        return any(n in text for n in lowered)
+
+    for name in database.list_collection_names():
+        for document in database[name].find({}):
+            if holds(json.dumps(document, default=str)):
+                found.append(f"{name}/{document.get('_id')}")
+    for topic in _compacted_topics(stack.bootstrap):
+        for key, value in _latest_values(stack.bootstrap, topic).items():
+            if holds(key or "") or holds(value.decode("utf-8", "replace")):
+                found.append(f"{topic}/{key}")
+    return found
+
+
+def _contact(stack: Any, user: str) -> int:
+    answer = httpx.get(f"{stack.admin_url}/v1/contacts/{user}", headers=ADMIN, timeout=10)
+    return answer.status_code
+
+
+def test_a_contact_forgotten_mid_journey_leaves_no_trace_and_gets_nothing_more(
+    stack: Any, tmp_path: Path
+) -> None:
+    journey = unique("erasure")
+    trigger = f"Trial Started {journey}"
+    publish_journey(stack, write_journey(tmp_path, journey, trigger, "1h"))
+    user, anonymous = unique("erased"), unique("erased-anon")
+    email = f"{user}@example.com"
+    phone = "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
+    needles = [user, anonymous, email, phone]
+
+    # An anonymous visitor who signs up: the anonymous history merges into the known contact.
+    seen = post(stack, "track", {"anonymousId": anonymous, "event": f"Page Seen {journey}"})
+    assert seen.status_code == 200, seen.text
+    traits = {"email": email, "phone": phone, "first_name": "Erin"}
+    identify = post(stack, "identify", {"userId": user, "anonymousId": anonymous, "traits": traits})
+    assert identify.status_code == 200, identify.text
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+
+    # Mid-journey: the welcome is sent and the instance waits an hour for the reminder.
+    wait_for(lambda: outbox(stack, to=email), what="the welcome email")
+    client = connect_blocking(CommonSettings(mongo_url=stack.mongo_url), "tests")
+    database = client["waypost"]
+    try:
+        wait_for(
+            lambda: database["journey_log"].find_one({"contact_key": user, "kind": "waiting"}),
+            what="the instance waiting in the journey log",
+        )
+        wait_for(
+            lambda: database["messages"].find_one({"contact_key": user, "state": "sent"}),
+            what="the welcome in the ledger view",
+        )
+        assert _contact(stack, user) == 200
+        assert _traces(stack, database, needles)  # the search finds what is there
+
+        answer = httpx.delete(f"{stack.admin_url}/v1/contacts/{user}", headers=ADMIN, timeout=10)
+        assert answer.status_code == 202, answer.text
+
+        left: list[str] = []
+
+        def erased() -> bool:
+            left[:] = _traces(stack, database, needles)
+            return not left
+
+        try:
+            wait_for(erased, timeout=120, what="every trace of the contact erased")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; still found in: {left}") from None
+        assert _contact(stack, user) == 404
+        welcome = database["messages"].find_one({"journey_id": journey, "step_id": "welcome"})
+        assert welcome is not None
+        assert (welcome["state"], welcome["contact_key"]) == ("sent", "forgotten")
+
+        # A send request for the contact queued after the erasure (a copy the orchestrator
+        # wrote before it, say) is never delivered.
+        now = datetime.now(UTC)
+        message_id = unique("after-erasure")
+        queued = SendRequest(
+            message_id=message_id,
+            contact_key=user,
+            channel="email",
+            template_id=f"{journey}-reminder",
+            journey_id=journey,
+            journey_version=1,
+            instance_id=unique("instance"),
+            step_id="reminder",
+            requested_at=now,
+            profile=Profile(
+                contact_key=user,
+                user_id=user,
+                traits=traits,
+                first_seen=now,
+                last_seen=now,
+                updated_at=now,
+            ),
+        )
+        producer = Producer({"bootstrap.servers": stack.bootstrap})
+        producer.produce(SEND_REQUESTS.name, key=user.encode(), value=queued.to_wire())
+        assert producer.flush(10) == 0
+
+        skipped = wait_for(
+            lambda: database["messages"].find_one({"_id": message_id, "state": "skipped"}),
+            what="the request queued after the erasure to end skipped",
+        )
+        assert (skipped["reason"], skipped["contact_key"]) == ("contact_forgotten", "forgotten")
+        assert [m["subject"] for m in outbox(stack, to=email)] == ["Welcome Erin"]
+        assert _traces(stack, database, needles) == []
+    finally:
+        client.close()
