@@ -63,19 +63,25 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, PyMongoError) and exc.timeout
 
 
+def _warn_outage(
+    what: str, record: Record | None, attempt: int, retry_in: float, failure: BaseException | None
+) -> None:
+    log.warning(
+        "outage.retrying",
+        work=what,
+        topic=record.topic if record else None,
+        partition=record.partition if record else None,
+        offset=record.offset if record else None,
+        attempt=attempt,
+        retry_in=round(retry_in, 2),
+        error=f"{type(failure).__name__}: {failure}",
+    )
+
+
 def _log_outage(what: str, record: Record | None) -> Callable[[RetryCallState], None]:
     def before_sleep(state: RetryCallState) -> None:
         failure = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "outage.retrying",
-            work=what,
-            topic=record.topic if record else None,
-            partition=record.partition if record else None,
-            offset=record.offset if record else None,
-            attempt=state.attempt_number,
-            retry_in=round(state.upcoming_sleep, 2),
-            error=f"{type(failure).__name__}: {failure}",
-        )
+        _warn_outage(what, record, state.attempt_number, state.upcoming_sleep, failure)
 
     return before_sleep
 
@@ -86,6 +92,14 @@ async def through_outages(
     """Run `work`, again and again with backoff while it fails for an outage, and return what
     it returns; any other failure is raised at once. There is no give-up: an outage ends, a
     record is never lost."""
+    # The first attempt without the retry machinery, which costs more than the work of some
+    # records (the dispatcher runs this once per record).
+    try:
+        return await work()
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        _warn_outage(what, record, 1, 0.0, exc)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(is_outage),
         wait=wait_random_exponential(multiplier=0.2, max=OUTAGE_BACKOFF_MAX_SECONDS),
