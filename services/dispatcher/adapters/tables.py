@@ -88,6 +88,26 @@ def forgotten_entry(entry: dict[str, Any]) -> dict[str, Any]:
     return {**kept, "contact_key": FORGOTTEN_KEY}
 
 
+def _requested(request: SendRequest, now: datetime, *, rev: int) -> dict[str, Any]:
+    """A new entry for `request`, in state `requested`. `rev` counts the entry's changes: the
+    admin's view never takes an older one over a newer one (`ledger_view`)."""
+    return {
+        "state": "requested",
+        "attempt": 1,
+        "contact_key": request.contact_key,
+        "channel": request.channel,
+        "template_id": request.template_id,
+        "journey_id": request.journey_id,
+        "journey_version": request.journey_version,
+        "instance_id": request.instance_id,
+        "step_id": request.step_id,
+        "transactional": request.transactional,
+        "requested_at": request.requested_at,
+        "history": [{"state": "requested", "at": now}],
+        "rev": rev,
+    }
+
+
 @dataclass(frozen=True)
 class Claim:
     new: bool
@@ -120,26 +140,7 @@ class Ledger:
         found = self._read(request.message_id)
         if found is not None:
             return Claim(False, str(found["state"]), int(found.get("attempt", 1)))
-        self._write(
-            request.message_id,
-            {
-                "state": "requested",
-                "attempt": 1,
-                "contact_key": request.contact_key,
-                "channel": request.channel,
-                "template_id": request.template_id,
-                "journey_id": request.journey_id,
-                "journey_version": request.journey_version,
-                "instance_id": request.instance_id,
-                "step_id": request.step_id,
-                "transactional": request.transactional,
-                "requested_at": request.requested_at,
-                "history": [{"state": "requested", "at": now}],
-                # Counts the entry's changes: the admin's view never takes an older one over a
-                # newer one (`ledger_view`).
-                "rev": 1,
-            },
-        )
+        self._write(request.message_id, _requested(request, now, rev=1))
         return Claim(True, "requested", 1)
 
     async def get(self, message_id: str) -> dict[str, Any] | None:
@@ -212,21 +213,7 @@ class Ledger:
         the contact; False when its entry had ended already (nothing to do)."""
         entry = self._read(request.message_id)
         if entry is None:
-            entry = forgotten_entry(
-                {
-                    "state": "requested",
-                    "attempt": 1,
-                    "channel": request.channel,
-                    "template_id": request.template_id,
-                    "journey_id": request.journey_id,
-                    "journey_version": request.journey_version,
-                    "instance_id": request.instance_id,
-                    "step_id": request.step_id,
-                    "transactional": request.transactional,
-                    "requested_at": request.requested_at,
-                    "rev": 0,
-                }
-            )
+            entry = _requested(request, now, rev=0)
         elif entry.get("state") not in _OPEN_STATES:
             return False
         self._move(
