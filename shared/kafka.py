@@ -409,7 +409,6 @@ async def _running_wait(
     seconds: float,
     *,
     clock: Callable[[], float] = time.monotonic,
-    step: float | None = None,
 ) -> None:
     """Wait for `done` for `seconds` of the process's running time, else `TimeoutError`.
 
@@ -418,7 +417,7 @@ async def _running_wait(
     a step that took far longer than asked counts as two steps, not as the time it took. So a
     call gets its own timeout of running time after a resume, and ends as the broker says
     (fenced, say) rather than being taken for wedged."""
-    step = RUNNING_STEP_SECONDS if step is None else step
+    step = RUNNING_STEP_SECONDS
     counted = 0.0
     while counted < seconds:
         wait = min(step, seconds - counted)
