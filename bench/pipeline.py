@@ -47,7 +47,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-from confluent_kafka import ConsumerGroupTopicPartitions
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, IsolationLevel, KafkaError
 from confluent_kafka import TopicPartition as Partition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec  # type: ignore[attr-defined]
 
@@ -86,6 +86,8 @@ STAGES = READERS
 # The rule for a sustained rate, judged on the second half of the hold (the first half lets
 # queues settle), one lag sample per PROBE_SECONDS.
 PROBE_SECONDS = 1.0
+# Lag this small per partition may be only transaction markers: the drain check then reads it.
+MARKERS_PER_PARTITION = 4
 DELIVERED_SHARE = 0.95  # ingest acknowledged at least this share of the offered events/s
 GROWTH_LIMIT = 0.05  # a stage's lag grows by less than this share of what arrives on its topics
 FLOOR_SECONDS = 3.0  # ... or it never exceeds this many seconds of its arrivals (commits are
@@ -111,12 +113,16 @@ class Sample:
     lag: dict[str, int]  # stage -> records not committed yet
     ends: dict[str, int]  # stage -> sum of end offsets of its input topics (per group)
     groups: dict[str, int]  # group -> its lag
+    # (topic, partition) -> the lowest offset any group committed there, where that is short
+    # of the end: the partitions where some group may still have records to handle
+    behind: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 class LagProbe:
     """Reads committed and end offsets of every stage's groups, in a few admin requests."""
 
     def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
         topics = {t for groups in STAGES.values() for _, ts in groups for t in ts}
         metadata = self.admin.list_topics(timeout=10).topics
@@ -145,17 +151,66 @@ class LagProbe:
             for group, future in asked.items()
         }
         lag, ends, by_group = {}, {}, dict.fromkeys(committed, 0)
+        lowest: dict[tuple[str, int], int] = {}
         for stage, groups in STAGES.items():
             lag[stage] = ends[stage] = 0
             for group, ts in groups:
                 for t in ts:
                     for tp in self.partitions[t]:
                         end = ends_by[(t, tp.partition)]
-                        behind = max(0, end - committed[group].get((t, tp.partition), 0))
+                        at = committed[group].get((t, tp.partition), 0)
+                        behind = max(0, end - at)
                         ends[stage] += end
                         lag[stage] += behind
                         by_group[group] += behind
-        return Sample(time.perf_counter(), lag, ends, by_group)
+                        if behind:
+                            key = (t, tp.partition)
+                            lowest[key] = min(at, lowest.get(key, at))
+        return Sample(time.perf_counter(), lag, ends, by_group, lowest)
+
+    def handled(self, sample: Sample, timeout: float = 10.0) -> bool:
+        """Whether the lag of `sample` is only transaction markers and aborted records.
+
+        A transactional writer ends each partition it wrote with a commit marker, and a worker
+        commits the offset after the last record it read, so its group's lag reads 1 there for
+        good. Reading from the lowest committed offset with `read_committed` to the partition's
+        end shows whether any record is really waiting; a transaction still open (the last
+        stable offset short of the end) counts as waiting."""
+        if not sample.behind:
+            return True
+        specs = {Partition(t, p): OffsetSpec.latest() for t, p in sample.behind}
+        stable = self.admin.list_offsets(
+            specs, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=10
+        )
+        latest = self.admin.list_offsets(specs, request_timeout=10)
+        for tp, future in stable.items():
+            if future.result(timeout=10).offset < latest[tp].result(timeout=10).offset:
+                return False
+        peek = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": "bench.pipeline.peek",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+            }
+        )
+        try:
+            peek.assign([Partition(t, p, at) for (t, p), at in sample.behind.items()])
+            open_ = set(sample.behind)
+            deadline = time.monotonic() + timeout
+            while open_ and time.monotonic() < deadline:
+                msg = peek.poll(0.2)
+                if msg is None:
+                    continue
+                error = msg.error()
+                if error is None:
+                    return False  # a record no group has committed yet
+                if error.code() == KafkaError._PARTITION_EOF:
+                    open_.discard((msg.topic(), msg.partition()))
+            return not open_
+        finally:
+            peek.close()
 
     def wait_drained(self, timeout: float, label: str) -> float | None:
         """Seconds until every stage has committed everything on its topics; None on timeout."""
@@ -163,8 +218,9 @@ class LagProbe:
         first = sum(self.sample().lag.values())
         progress = Progress(label, first, "records of lag caught up")
         while True:
-            left = sum(self.sample().lag.values())
-            if left == 0:
+            sample = self.sample()
+            left = sum(sample.lag.values())
+            if left <= MARKERS_PER_PARTITION * len(sample.behind) and self.handled(sample):
                 progress.tick(first, force=first > 0)
                 return time.perf_counter() - started
             if time.perf_counter() - started > timeout:
