@@ -12,7 +12,7 @@ from typing import Any
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import BulkWriteError, PyMongoError, WriteConcernError
 
 from shared.settings import CommonSettings
 
@@ -104,3 +104,37 @@ async def bulk_write_unordered(
             concern_errors += exc.details.get("writeConcernErrors", [])
     if write_errors or concern_errors:
         raise BulkWriteError({"writeErrors": write_errors, "writeConcernErrors": concern_errors})
+
+
+async def replace_unless_newer(
+    collection: AsyncCollection[dict[str, Any]], documents: Sequence[dict[str, Any]], field: str
+) -> list[dict[str, Any]]:
+    """Each document replaces the stored one with its `_id` when that holds a lower `field`, or
+    is inserted when none is stored; one stored with the same `field` or a higher one does not
+    match, so the upsert's insert meets the unique `_id` and is refused as a duplicate key. No
+    read comes first. Returns the write errors, duplicate keys included, each with its `index`
+    into `documents`.
+
+    The `update` commands are sent as they are, in commands the store can finish: pymongo's
+    bulk write cannot merge FerretDB's answer to an update with write errors, which leaves out
+    `nModified`."""
+    errors: list[dict[str, Any]] = []
+    for start in range(0, len(documents), STATEMENTS_PER_COMMAND):
+        chunk = documents[start : start + STATEMENTS_PER_COMMAND]
+        answer = await collection.database.command(
+            {
+                "update": collection.name,
+                "updates": [
+                    {"q": {"_id": doc["_id"], field: {"$lt": doc[field]}}, "u": doc, "upsert": True}
+                    for doc in chunk
+                ],
+                "ordered": False,
+            }
+        )
+        if answer.get("writeConcernError"):
+            raise WriteConcernError(str(answer["writeConcernError"]))
+        errors += [
+            {**error, "index": int(error["index"]) + start}
+            for error in answer.get("writeErrors", [])
+        ]
+    return errors

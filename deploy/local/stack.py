@@ -58,6 +58,8 @@ FERRETDB_POOL = 80
 # PostgreSQL for the local and test stacks. fsync=off: a commit reaches the operating system but
 # is not forced to disk, so killing PostgreSQL (even SIGKILL) loses no acknowledged write
 # (synchronous_commit stays on); only a crash of the machine could. Never do that in production.
+# FerretDB's indexes given twins its queries can use (see the script).
+INDEX_TWINS = ROOT / "deploy" / "local" / "ferretdb" / "index_twins.sql"
 PG_SETTINGS = {
     "listen_addresses": "127.0.0.1",
     "unix_socket_directories": "",  # TCP only: no socket file, whose path might be too long
@@ -67,6 +69,9 @@ PG_SETTINGS = {
     # a session that leaves a transaction open cannot hold its locks and connection for ever
     "idle_in_transaction_session_timeout": "60s",
     "log_checkpoints": "off",
+    # FerretDB names the field of every pushed-down filter in a parameter (`_jsonb -> $1`): only
+    # a plan made for the parameters' values can use an index, so never a generic plan.
+    "plan_cache_mode": "force_custom_plan",
 }
 
 
@@ -417,6 +422,7 @@ class Stack:
             self._make_postgres_cluster(bin_dir, data)
         _check_cluster_version(bin_dir, data)
         _clear_stale_postmaster_pid(data)
+        self._apply_index_twins(bin_dir, data)
         if _listening(self.ports.postgres):  # pg_isready would take that server for ours
             raise RuntimeError(
                 f"port {self.ports.postgres} is taken (another PostgreSQL?): stop it, or choose "
@@ -435,6 +441,31 @@ class Stack:
                 *settings,
             ],
         )
+
+    def _apply_index_twins(self, bin_dir: Path, data: Path) -> None:
+        """FerretDB's indexes made usable for its lookups (deploy/local/ferretdb/index_twins.sql),
+        applied in single-user mode before the server starts, again whenever the script changes."""
+        script = INDEX_TWINS.read_text()
+        marker = data / "waypost-index-twins.sha256"
+        digest = hashlib.sha256(script.encode()).hexdigest()
+        if marker.exists() and marker.read_text().strip() == digest:
+            return
+        self._run_logged(
+            "postgres",
+            [
+                *_unprivileged(),
+                str(bin_dir / "postgres"),
+                "--single",
+                "-j",
+                "-D",
+                str(data),
+                "-c",
+                "exit_on_error=on",
+                PG_ROLE,
+            ],
+            stdin=script,
+        )
+        marker.write_text(digest + "\n")
 
     def _make_postgres_cluster(self, bin_dir: Path, data: Path) -> None:
         """initdb, FerretDB's role and database, and the one login allowed, in a side folder that

@@ -11,12 +11,14 @@ from typing import Any
 
 import structlog
 from pydantic import ValidationError
-from pymongo import UpdateOne
+from pymongo import InsertOne
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
 from shared.contracts import JourneyLogRecord
 from shared.deadletter import through_outages
 from shared.docstore import bulk_write_unordered
+from shared.document_view import DUPLICATE_KEY
 from shared.kafka import ConsumerLoop
 
 log = structlog.get_logger(__name__)
@@ -38,17 +40,29 @@ class JourneyLogStore:
         kept = [r for r in records if r.kind != "forgotten"]
         forgotten = sorted({r.contact_key for r in records if r.kind == "forgotten"})
         if kept:
-            await bulk_write_unordered(
-                self._log,
-                [
-                    UpdateOne(
-                        {"_id": r.record_id},
-                        {"$setOnInsert": r.model_dump(mode="python", exclude={"record_id"})},
-                        upsert=True,
-                    )
-                    for r in kept
-                ],
-            )
+            # Inserts, not upserts: a replayed record's copy is refused by the unique id, with
+            # no lookup before each write.
+            try:
+                await bulk_write_unordered(
+                    self._log,
+                    [
+                        InsertOne(
+                            {
+                                "_id": r.record_id,
+                                **r.model_dump(mode="python", exclude={"record_id"}),
+                            }
+                        )
+                        for r in kept
+                    ],
+                )
+            except BulkWriteError as exc:
+                others = [
+                    error
+                    for error in exc.details.get("writeErrors", [])
+                    if error.get("code") != DUPLICATE_KEY
+                ]
+                if others or exc.details.get("writeConcernErrors"):
+                    raise BulkWriteError({**exc.details, "writeErrors": others}) from exc
         if forgotten:
             deleted = await self._log.delete_many({"contact_key": {"$in": forgotten}})
             log.info(

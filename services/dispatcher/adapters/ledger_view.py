@@ -7,14 +7,15 @@ worker abandoned. Each entry carries `rev`, the count of its changes, and a docu
 only by a higher one: a view consumer that was stopped with a batch in hand (its process paused,
 its partitions moved on) and writes it late cannot put an older state over a newer one.
 
-A batch is written in three steps: the stored revisions of its entries are read in one query;
-the entries not stored are inserted (an insert that meets a document stored meanwhile is
-skipped, and looked at again); the entries stored with a lower revision are replaced, each by a
-filter on its id and the revision read, so a document changed meanwhile is left to the next
-round. Every filter is one the document server answers by its primary index: the replacement
-filtered with `$or` on the revision that came before made FerretDB scan the collection for each
-entry, and the view fell more than a minute behind a burst of 3,000 SMS. Documents an older
-version stored without `rev` are numbered 0 when the view starts.
+A batch is written in one bulk write, with no read before it: each entry is a replacement of
+its document filtered on its id and a lower revision, with upsert. A document stored at a lower
+revision is replaced; none stored, the entry is inserted; one stored at the same revision or a
+higher one does not match the filter, so the upsert's insert meets the unique id and is refused
+as a duplicate, which means there is nothing to do. A lookup by id is served by an index (on the
+local FerretDB, by the GIN twins of `deploy/local/ferretdb/index_twins.sql`); reading the stored
+revisions first with `$in`, as before, made FerretDB parse the whole collection twice per batch,
+since it does not push `$in` down to PostgreSQL. Documents an older version stored without `rev`
+are numbered 0 when the view starts.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import structlog
-from pymongo import DeleteOne, InsertOne, ReplaceOne
+from pymongo import DeleteOne, InsertOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.dispatcher.adapters.tables import LEDGER, entry_times
+from shared.docstore import replace_unless_newer
 from shared.document_view import DUPLICATE_KEY, DocumentView, Write
 from shared.kafka import Record
 from shared.settings import CommonSettings
@@ -43,11 +45,6 @@ def ledger_changelog(app_id: str) -> str:
     return f"{app_id}-{LEDGER}-changelog"
 
 
-# How many times a batch's entries are compared with the stored documents again, when other
-# writers changed some of them meanwhile.
-ROUNDS = 3
-
-
 class LedgerView(DocumentView):
     async def _create_indexes(self) -> None:
         await super()._create_indexes()
@@ -57,30 +54,15 @@ class LedgerView(DocumentView):
     async def _write(self, writes: list[tuple[str, Write]]) -> None:
         """The deletions, then each entry inserted or put over an older revision of itself."""
         await super()._write([(k, w) for k, w in writes if not isinstance(w, InsertOne)])
-        entries = {key: w._doc for key, w in writes if isinstance(w, InsertOne)}
-        for _round in range(ROUNDS):
-            if not entries:
-                return
-            stored = await self._revisions(list(entries))
-            inserts = [InsertOne(doc) for key, doc in entries.items() if key not in stored]
-            replacements = [
-                ReplaceOne({"_id": key, "rev": stored[key]}, doc)
-                for key, doc in entries.items()
-                if key in stored and stored[key] < doc["rev"]
-            ]
-            await self._bulk(inserts, quiet_codes={DUPLICATE_KEY})
-            await self._bulk(replacements)
-            # What another writer stored meanwhile (an insert refused, a replacement that met
-            # a changed revision) is compared again.
-            stored = await self._revisions(list(entries))
-            entries = {k: d for k, d in entries.items() if stored.get(k, -1) < d["rev"]}
-        if entries:
-            log.warning("ledger_view.contended", entries=len(entries))
-
-    async def _revisions(self, keys: list[str]) -> dict[str, int]:
-        """The stored revision of each of `keys` that is stored."""
-        found = self._collection.find({"_id": {"$in": keys}}, {"rev": 1})
-        return {str(doc["_id"]): int(doc.get("rev", 0)) async for doc in found}
+        entries = [(key, w._doc) for key, w in writes if isinstance(w, InsertOne)]
+        refused = await replace_unless_newer(self._collection, [doc for _k, doc in entries], "rev")
+        for error in refused:
+            if error.get("code") != DUPLICATE_KEY:  # a duplicate: stored at this rev or later
+                log.error(
+                    "ledger_view.document_refused",
+                    key=entries[error["index"]][0],
+                    error=error.get("errmsg"),
+                )
 
 
 def ledger_view(
