@@ -8,7 +8,9 @@
 -- their cost grows with the collection. For each such single-field index this adds a GIN twin,
 -- `(_jsonb -> 'field') jsonb_path_ops`, which serves `@>`, when the index is created (an event
 -- trigger) and for the indexes that already exist. A twin goes with its table; a dropped MongoDB
--- index leaves its twin until then.
+-- index leaves its twin until then. Twins are built without GIN's pending list (`fastupdate =
+-- off`): every lookup would otherwise read that list through, and the views look up as often as
+-- they write.
 
 CREATE OR REPLACE FUNCTION public.waypost_index_twin(btree oid) RETURNS void
 LANGUAGE plpgsql AS $fn$
@@ -30,7 +32,8 @@ BEGIN
     END IF;
     twin := left((SELECT relname FROM pg_class WHERE oid = btree), 59) || '_gin';
     EXECUTE format(
-        'CREATE INDEX IF NOT EXISTS %I ON %s USING gin ((_jsonb -> %L) jsonb_path_ops)',
+        'CREATE INDEX IF NOT EXISTS %I ON %s USING gin ((_jsonb -> %L) jsonb_path_ops) '
+        'WITH (fastupdate = off)',
         twin, target, replace(field, '''''', '''')
     );
 END
