@@ -1,0 +1,154 @@
+"""The admin's live figures (pure): where a journey's instances stand from its log, a contact's
+journeys, delivery funnels from ledger states, and the flow drawn from a definition."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from services.admin.domain.figures import contact_positions, funnels, journey_figures
+from services.admin.domain.flow import flow
+from shared.journeys import Journey
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+
+
+def _record(
+    instance: str, kind: str, step: str | None = None, minutes: int = 0, **more: Any
+) -> dict[str, Any]:
+    return {
+        "instance_id": instance,
+        "journey_id": "welcome",
+        "journey_version": 1,
+        "kind": kind,
+        "step_id": step,
+        "at": T0 + timedelta(minutes=minutes),
+        **more,
+    }
+
+
+def test_each_instance_stands_where_its_last_record_says() -> None:
+    records = [
+        # a: sent the welcome and waits at the pause (same instant: the order of the engine)
+        _record("a", "entered"),
+        _record("a", "waiting", "pause"),
+        _record("a", "step_completed", "hello", detail="email"),
+        # b: waited, moved on, was skipped at the reminder, and exited at the end
+        _record("b", "entered"),
+        _record("b", "step_completed", "hello", detail="email"),
+        _record("b", "waiting", "pause"),
+        _record("b", "step_completed", "pause", 60, detail="due"),
+        _record("b", "skipped", "reminder", 60, reason="unreachable"),
+        _record("b", "exited", "reminder", 60, reason="end"),
+        _record("b", "converted", None, 61, detail="ordered"),
+    ]
+
+    figures = journey_figures(reversed(records)).as_dict()
+
+    assert figures["entered"] == 2
+    assert figures["active_now"] == 1
+    assert figures["converted"] == 1
+    assert figures["exited"] == {"end": 1}
+    assert figures["steps"]["hello"] == {
+        "reached": 2,
+        "waiting_now": 0,
+        "moved_on": 2,
+        "skipped": {},
+        "outcomes": {"email": 2},
+    }
+    assert figures["steps"]["pause"]["waiting_now"] == 1
+    assert figures["steps"]["pause"]["reached"] == 2
+    assert figures["steps"]["reminder"]["skipped"] == {"unreachable": 1}
+
+
+def test_a_contact_s_journeys_newest_first_with_the_step_each_is_at() -> None:
+    records = [
+        _record("a", "entered"),
+        _record("a", "waiting", "pause", 1),
+        _record("c", "entered", minutes=5),
+        _record("c", "exited", "hello", 5, reason="ordered"),
+        _record("c", "converted", None, 5),
+    ]
+
+    positions = contact_positions(records)
+
+    assert [(p["instance_id"], p["state"], p["step_id"]) for p in positions] == [
+        ("c", "exited", "hello"),
+        ("a", "waiting", "pause"),
+    ]
+    assert positions[0]["converted"] is True
+    assert positions[0]["reason"] == "ordered"
+
+
+def test_a_funnel_counts_each_stage_reached_and_ends_by_reason() -> None:
+    rows = [
+        {"journey_id": "w", "state": "clicked", "count": 1},
+        {"journey_id": "w", "state": "opened", "count": 2},
+        {"journey_id": "w", "state": "delivered", "count": 3},
+        {"journey_id": "w", "state": "sent", "count": 4},
+        {"journey_id": "w", "state": "skipped", "reason": "no_address", "count": 5},
+        {"journey_id": "w", "state": "failed", "reason": "bounced", "count": 1},
+        {"journey_id": "w", "state": "retrying", "count": 2},
+        {"journey_id": "x", "state": "sent", "count": 1},
+    ]
+
+    found = funnels(rows, "journey_id")
+
+    assert [f["journey_id"] for f in found] == ["w", "x"]
+    assert found[0]["stages"] == {
+        "requested": 18,
+        "sent": 10,
+        "delivered": 6,
+        "opened": 3,
+        "clicked": 1,
+    }
+    assert found[0]["skipped"] == {"no_address": 5}
+    assert found[0]["failed"] == {"bounced": 1}
+    assert found[0]["in_flight"] == 2
+    assert found[0]["rates"]["sent"] == round(10 / 18, 4)
+    with pytest.raises(ValueError, match="by must be one of"):
+        funnels(rows, "contact_key")
+
+
+def test_the_flow_has_a_box_per_step_with_its_ways_out() -> None:
+    journey = Journey.model_validate(
+        {
+            "id": "cart",
+            "name": "Cart",
+            "trigger": {"event": "Product Added"},
+            "steps": [
+                {
+                    "id": "wait-order",
+                    "type": "wait_for_event",
+                    "event": "Order Completed",
+                    "timeout": "1h",
+                    "on_event": "done",
+                },
+                {
+                    "id": "check",
+                    "type": "branch",
+                    "arms": [
+                        {"if": {"field": "traits.plan", "op": "eq", "value": "pro"}, "next": "done"}
+                    ],
+                },
+                {"id": "remind", "type": "send", "template": "cart-email"},
+                {"id": "done", "type": "exit"},
+            ],
+        }
+    )
+
+    boxes = {box.step_id: box for box in flow(journey)}
+
+    assert [(e.label, e.target, e.straight_on) for e in boxes["wait-order"].edges] == [
+        ("on Order Completed", "done", False),
+        ("after 1h", "check", True),
+    ]
+    assert [(e.label, e.target) for e in boxes["check"].edges] == [
+        ("if traits.plan eq pro", "done"),
+        ("else", "remind"),
+    ]
+    assert boxes["remind"].summary == "email: cart-email"
+    assert boxes["wait-order"].waits
+    assert boxes["done"].edges == ()
