@@ -244,6 +244,8 @@ def mount_ui(
     @get("/sign-in")
     async def sign_in_form(request: Request, next: str = "/journeys") -> Response:
         session = ui.session_of(request)
+        if session is not None and ui.key_named(session.key_name) is not None:
+            return RedirectResponse(_local(next), status.HTTP_303_SEE_OTHER)  # signed in already
         if session is None or session.signed_in:
             session = ui.new_session(None)
         answer = ui.page(
