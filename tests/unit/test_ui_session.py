@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from services.admin.app import create_app
 from services.admin.domain.ui_session import (
@@ -201,3 +202,26 @@ async def test_signing_out_ends_the_session(browser: httpx.AsyncClient) -> None:
 
     assert (answer.status_code, answer.headers["location"]) == (303, "/sign-in")
     assert after.status_code == 303
+
+
+async def test_signing_in_logs_the_key_s_name_never_the_key(browser: httpx.AsyncClient) -> None:
+    with capture_logs() as logs:
+        await _sign_in(browser, OPS)
+        browser.cookies.clear()
+        await _sign_in(browser, ANA + "x")
+
+    assert [entry["event"] for entry in logs] == ["admin.ui_signed_in", "admin.ui_sign_in_refused"]
+    assert logs[0]["key"] == "ops"
+    assert OPS not in repr(logs)
+    assert ANA not in repr(logs)
+
+
+async def test_a_signed_in_browser_is_sent_on_from_the_sign_in_form(
+    browser: httpx.AsyncClient,
+) -> None:
+    await _sign_in(browser, ANA)
+    again = await browser.get("/sign-in", params={"next": "/segments"})
+    elsewhere = await browser.get("/sign-in", params={"next": "//evil.example/x"})
+
+    assert (again.status_code, again.headers["location"]) == (303, "/segments")
+    assert elsewhere.headers["location"] == "/journeys"  # never to another site
