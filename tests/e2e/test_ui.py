@@ -1,7 +1,8 @@
 """The admin web UI in a real browser (Debian's headless Chromium, driven by selenium) on the
 real stack: sign in through the form, watch a journey's step figures and a segment's count move
-as events come in through ingest, open a contact, pause the journey from its page; a viewer sees
-no lifecycle control, and a forged POST (no CSRF token, or a viewer's session) is refused.
+as events come in through ingest, open a contact, edit a template and mark it ready, forget a
+contact, pause the journey from its page; a viewer sees no control that changes anything, and a
+forged POST (no CSRF token, or a viewer's session) is refused.
 
 Every page visited is saved as a screenshot: into WAYPOST_UI_SCREENSHOTS when it is set (the
 README's come from `WAYPOST_UI_SCREENSHOTS=docs/screenshots`), else into the test's tmp dir."""
@@ -270,7 +271,36 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
 
     pages.open("/delivery", "07-delivery")
     pages.open("/templates", "08-templates")
-    pages.open(f"/templates/{journey}-welcome", "09-template")
+    # A template edited from its page is saved as a draft, then marked ready, through the API.
+    template = f"{journey}-welcome"
+    pages.open(f"/templates/{template}")
+    text = browser.find_element(By.ID, "text")
+    text.clear()
+    text.send_keys("Hello again, {{ contact.first_name }}")
+    browser.find_element(By.ID, "save").click()
+    wait_for(lambda: pages.has("#ready"), timeout=30, what="the edit saved as a draft")
+    pages.shot("09-template")
+    stored = httpx.get(f"{ui_admin.url}/v1/templates/{template}", headers=api, timeout=30).json()
+    assert stored["status"] == "draft"
+    assert stored["content"]["text"] == "Hello again, {{ contact.first_name }}"
+    browser.find_element(By.ID, "ready").click()
+    wait_for(lambda: not pages.has("#ready"), timeout=30, what="the template marked ready")
+    stored = httpx.get(f"{ui_admin.url}/v1/templates/{template}", headers=api, timeout=30).json()
+    assert stored["status"] == "ready"
+    assert stored["sending"]["text"] == "Hello again, {{ contact.first_name }}"
+
+    # The second contact is forgotten from its page, once the box is ticked.
+    forgotten = contacts[1][0]
+    pages.open(f"/contacts/{forgotten}")
+    browser.find_element(By.ID, "confirm-forget").click()
+    browser.find_element(By.ID, "forget").click()
+    wait_for(lambda: "/contacts?forgotten=" in browser.current_url, timeout=30, what="forget")
+
+    def erased() -> bool:
+        found = httpx.get(f"{ui_admin.url}/v1/contacts/{forgotten}", headers=api, timeout=30)
+        return found.status_code == 404
+
+    wait_for(erased, timeout=120, what="the forgotten contact's profile to go")
 
     # Paused from the journey's page, through the same API route, and audited under the key.
     pages.open(f"/journeys/{journey}")
@@ -297,6 +327,11 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     pages.open(f"/journeys/{journey}", "12-journey-as-viewer")
     for control in ("#pause", "#resume", "#archive", "form[action$='/resume']"):
         assert not pages.has(control), control
+    pages.open(f"/contacts/{user}")
+    assert not pages.has("#forget")
+    pages.open(f"/templates/{template}")
+    assert not pages.has("#save")
+    assert not pages.has("#ready")
     viewer_cookie = browser.get_cookie("waypost_session")
     assert viewer_cookie is not None
     viewer_csrf = browser.find_element(

@@ -83,6 +83,9 @@ PAGE_ROLE_OF = {
     ("GET", "/contacts/{contact_key:path}"): "viewer",
     ("GET", "/templates"): "viewer",
     ("GET", "/templates/{template_id}"): "viewer",
+    ("POST", "/templates/{template_id}"): "editor",
+    ("POST", "/templates/{template_id}/ready"): "publisher",
+    ("POST", "/contacts/forget"): "publisher",
     ("GET", "/delivery"): "viewer",
     ("GET", "/audit"): "publisher",
 }

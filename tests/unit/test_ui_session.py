@@ -225,3 +225,29 @@ async def test_a_signed_in_browser_is_sent_on_from_the_sign_in_form(
 
     assert (again.status_code, again.headers["location"]) == (303, "/segments")
     assert elsewhere.headers["location"] == "/journeys"  # never to another site
+
+
+def _form_token(answer: httpx.Response) -> str:
+    session = read(_secret(), answer.cookies[COOKIE], NOW)
+    assert session is not None
+    return csrf_token(_secret(), session)
+
+
+async def test_a_viewer_cannot_save_a_template_and_forgetting_needs_the_box_ticked(
+    browser: httpx.AsyncClient,
+) -> None:
+    viewer = _form_token(await _sign_in(browser, ANA))
+    saved = await browser.post("/templates/t1", data={"csrf_token": viewer, "text": "Hi"})
+    browser.cookies.clear()
+    publisher = _form_token(await _sign_in(browser, OPS))
+    unconfirmed = await browser.post(
+        "/contacts/forget", data={"csrf_token": publisher, "contact_key": "c1"}
+    )
+    no_key = await browser.post("/contacts/forget", data={"csrf_token": publisher})
+
+    assert saved.status_code == 403
+    assert "needs the editor role" in saved.text
+    assert unconfirmed.status_code == 422
+    assert "confirm: tick the box" in unconfirmed.text
+    assert no_key.status_code == 422
+    assert "contact_key" in no_key.text

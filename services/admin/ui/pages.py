@@ -33,6 +33,7 @@ from services.admin.domain.ui_session import (
     issue,
     read,
 )
+from shared.channels import CHANNELS
 from shared.clock import Clock
 from shared.journeys import Journey
 
@@ -154,13 +155,25 @@ class AdminUi:
 
     # --- the API, as the signed-in key ------------------------------------------------
 
-    async def api(self, signed: Signed, method: str, path: str, **params: Any) -> httpx.Response:
+    async def api(
+        self, signed: Signed, method: str, path: str, body: Any = None, **params: Any
+    ) -> httpx.Response:
         return await self._api.request(
             method,
             path,
+            json=body,
             params={k: v for k, v in params.items() if v is not None},
             headers={"Authorization": f"Bearer {signed.key.secret}"},
         )
+
+    async def change(
+        self, signed: Signed, method: str, path: str, body: Any = None
+    ) -> httpx.Response:
+        """A change asked of the API; a refusal is answered as a page naming what was wrong."""
+        answer = await self.api(signed, method, path, body)
+        if answer.status_code >= 300:
+            raise PageRefused(answer.status_code, _detail(answer))
+        return answer
 
     async def read(self, signed: Signed, path: str, **params: Any) -> dict[str, Any]:
         answer = await self.api(signed, "GET", path, **params)
@@ -186,10 +199,17 @@ class AdminUi:
 
 
 def _detail(answer: httpx.Response) -> str:
+    """The API's refusal in a line: its detail, or each field at fault with what is wrong."""
     try:
         detail = answer.json().get("detail")
     except ValueError:
         detail = None
+    if isinstance(detail, list):  # the API's validation errors, one per field
+        return "; ".join(
+            f"{'.'.join(str(p) for p in item.get('loc', [])[1:]) or 'body'}: {item.get('msg')}"
+            for item in detail
+            if isinstance(item, dict)
+        )
     return str(detail or f"the admin API answered {answer.status_code}")
 
 
@@ -212,6 +232,7 @@ def mount_ui(
         app, keys, named, secret, clock, session_hours=session_hours, secure_cookie=secure_cookie
     )
     viewer = Annotated[Signed, Depends(PageRole("viewer", ui))]
+    editor = Annotated[Signed, Depends(PageRole("editor", ui))]
     publisher = Annotated[Signed, Depends(PageRole("publisher", ui))]
     # Pages are not part of the API's OpenAPI document.
     get = partial(app.get, include_in_schema=False)
@@ -333,6 +354,7 @@ def mount_ui(
         definition = Journey.model_validate(current["journey"])
         figures = await ui.read(signed, f"/v1/journeys/{_quote(journey_id)}/figures")
         conversion = await ui.read(signed, f"/v1/journeys/{_quote(journey_id)}/conversion")
+        draft = await ui.api(signed, "GET", f"/v1/journeys/{_quote(journey_id)}/draft")
         return ui.page(
             request,
             "journey.html",
@@ -344,6 +366,7 @@ def mount_ui(
             figures=figures,
             conversion=conversion,
             versions=versions,
+            draft=draft.json() if draft.status_code == 200 else None,
             done=request.query_params.get("done"),
         )
 
@@ -351,13 +374,11 @@ def mount_ui(
     async def journey_action(
         request: Request, journey_id: str, action: str, signed: publisher
     ) -> Response:
-        if action not in ("pause", "resume", "archive"):
+        if action not in ("publish", "pause", "resume", "archive"):
             raise PageRefused(
                 status.HTTP_404_NOT_FOUND, f"action: no such action '{action}'", "action"
             )
-        answer = await ui.api(signed, "POST", f"/v1/journeys/{_quote(journey_id)}/{action}")
-        if answer.status_code != 200:
-            raise PageRefused(answer.status_code, _detail(answer))
+        await ui.change(signed, "POST", f"/v1/journeys/{_quote(journey_id)}/{action}")
         return RedirectResponse(
             f"/journeys/{_quote(journey_id)}?done={action}", status.HTTP_303_SEE_OTHER
         )
@@ -385,7 +406,14 @@ def mount_ui(
         if len(text) > 320:
             raise PageRefused(422, "q: at most 320 characters", "q")
         found = (await ui.read(signed, "/v1/contacts", q=text))["contacts"] if text else None
-        return ui.page(request, "contacts.html", signed, q=text, found=found)
+        return ui.page(
+            request,
+            "contacts.html",
+            signed,
+            q=text,
+            found=found,
+            forgotten=request.query_params.get("forgotten"),
+        )
 
     @get("/contacts/{contact_key:path}")
     async def contact(request: Request, contact_key: str, signed: viewer) -> Response:
@@ -402,6 +430,23 @@ def mount_ui(
             messages=sent["messages"],
         )
 
+    @post("/contacts/forget")
+    async def forget(
+        signed: publisher,
+        contact_key: Annotated[str, Form(min_length=1, max_length=1024)],
+        confirm: Annotated[str, Form(max_length=16)] = "",
+    ) -> Response:
+        if confirm != "yes":
+            raise PageRefused(
+                422,
+                "confirm: tick the box to confirm that the contact is to be forgotten",
+                "confirm",
+            )
+        await ui.change(signed, "DELETE", f"/v1/contacts/{_quote(contact_key)}")
+        return RedirectResponse(
+            f"/contacts?forgotten={_quote(contact_key)}", status.HTTP_303_SEE_OTHER
+        )
+
     # --- templates, delivery, audit ---------------------------------------------------
 
     @get("/templates")
@@ -412,7 +457,41 @@ def mount_ui(
     @get("/templates/{template_id}")
     async def template(request: Request, template_id: str, signed: viewer) -> Response:
         found = await ui.read(signed, f"/v1/templates/{_quote(template_id)}")
-        return ui.page(request, "template.html", signed, template=found)
+        return ui.page(
+            request,
+            "template.html",
+            signed,
+            template=found,
+            channels=CHANNELS,
+            done=request.query_params.get("done"),
+        )
+
+    @post("/templates/{template_id}")
+    async def save_template(
+        template_id: str,
+        signed: editor,
+        text: Annotated[str, Form(max_length=200_000)] = "",
+        channel: Annotated[str, Form(max_length=16)] = "email",
+        subject: Annotated[str, Form(max_length=2_000)] = "",
+        html: Annotated[str, Form(max_length=1_000_000)] = "",
+    ) -> Response:
+        content = {
+            "channel": channel,
+            "text": text,
+            **({"subject": subject} if subject else {}),
+            **({"html": html} if html else {}),
+        }
+        await ui.change(signed, "PUT", f"/v1/templates/{_quote(template_id)}", content)
+        return RedirectResponse(
+            f"/templates/{_quote(template_id)}?done=saved", status.HTTP_303_SEE_OTHER
+        )
+
+    @post("/templates/{template_id}/ready")
+    async def ready_template(template_id: str, signed: publisher) -> Response:
+        await ui.change(signed, "POST", f"/v1/templates/{_quote(template_id)}/ready")
+        return RedirectResponse(
+            f"/templates/{_quote(template_id)}?done=marked ready", status.HTTP_303_SEE_OTHER
+        )
 
     @get("/delivery")
     async def delivery(request: Request, signed: viewer, by: str = "journey_id") -> Response:
