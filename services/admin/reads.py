@@ -13,6 +13,7 @@ from services.admin.adapters.insights import Insights
 from services.admin.domain import segments as segment_views
 from services.admin.domain import templates as template_rules
 from services.admin.domain.figures import contact_positions, funnels, journey_figures
+from services.admin.domain.versions import journey_changes
 from shared.definitions import PublishedJourneys
 
 
@@ -38,6 +39,36 @@ def add_read_routes(
                 reason = f"{state}: {row['reason']}"
                 step["reasons"][reason] = step["reasons"].get(reason, 0) + row["count"]
         return {"id": journey_id, **folded.as_dict(), "sends": sends}
+
+    @app.get(
+        "/v1/journeys/{journey_id}/changes",
+        dependencies=viewer,
+        summary="What changed between two published versions of a journey",
+    )
+    async def changes(
+        journey_id: str,
+        from_version: Annotated[int, Query(alias="from", ge=1, description="the older version")],
+        to_version: Annotated[int, Query(alias="to", ge=1, description="the newer version")],
+    ) -> dict[str, Any]:
+        held = {p.journey.version: p.journey for p in journeys.all() if p.journey.id == journey_id}
+        if not held:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no published journey '{journey_id}'")
+        for name, version in (("from", from_version), ("to", to_version)):
+            if version not in held:
+                raise HTTPException(
+                    status.HTTP_404_NOT_FOUND,
+                    f"{name}: journey '{journey_id}' has no published version {version}",
+                )
+        found = journey_changes(
+            held[from_version].model_dump(mode="json", by_alias=True, exclude_none=True),
+            held[to_version].model_dump(mode="json", by_alias=True, exclude_none=True),
+        )
+        return {
+            "id": journey_id,
+            "from": from_version,
+            "to": to_version,
+            "changes": [c.as_dict() for c in found],
+        }
 
     @app.get("/v1/templates", dependencies=viewer, summary="Every template")
     async def list_templates() -> dict[str, Any]:

@@ -48,6 +48,7 @@ ROLE_OF = {
     ("GET", "/v1/contacts/{contact_key:path}"): "viewer",
     ("GET", "/v1/stats"): "viewer",
     ("GET", "/v1/journeys/{journey_id}/figures"): "viewer",
+    ("GET", "/v1/journeys/{journey_id}/changes"): "viewer",
     ("GET", "/v1/templates"): "viewer",
     ("GET", "/v1/contacts"): "viewer",
     ("GET", "/v1/journey-log"): "viewer",
@@ -71,7 +72,7 @@ ROLE_OF = {
 
 # The web UI's pages: each needs a signed-in session of at least this role (PageRole); the
 # sign-in form, the stylesheet and `/` (a redirect) are open.
-UI_PUBLIC = {"/", "/sign-in", "/ui/style.css"}
+UI_PUBLIC = {"/", "/sign-in", "/ui/style.css", "/ui/htmx.min.js"}
 PAGE_ROLE_OF = {
     ("POST", "/sign-out"): "viewer",
     ("GET", "/journeys"): "viewer",

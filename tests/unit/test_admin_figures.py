@@ -10,6 +10,7 @@ import pytest
 
 from services.admin.domain.figures import contact_positions, funnels, journey_figures
 from services.admin.domain.flow import flow
+from services.admin.domain.versions import journey_changes
 from shared.journeys import Journey
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -152,3 +153,40 @@ def test_the_flow_has_a_box_per_step_with_its_ways_out() -> None:
     assert boxes["remind"].summary == "email: cart-email"
     assert boxes["wait-order"].waits
     assert boxes["done"].edges == ()
+
+
+def test_changes_between_versions_name_the_step_and_the_field() -> None:
+    before = {
+        "id": "cart",
+        "version": 1,
+        "name": "Cart",
+        "trigger": {"type": "event", "event": "Product Added"},
+        "steps": [
+            {"id": "wait", "type": "wait", "duration": "1h"},
+            {"id": "remind", "type": "send", "template": "cart-email"},
+            {"id": "old", "type": "exit"},
+        ],
+    }
+    after = {
+        "id": "cart",
+        "version": 2,
+        "name": "Cart reminder",
+        "trigger": {"type": "event", "event": "Product Added"},
+        "steps": [
+            {"id": "wait", "type": "wait", "duration": "2h"},
+            {"id": "remind", "type": "send", "template": "cart-email"},
+            {"id": "coupon", "type": "coupon", "prefix": "C-"},
+        ],
+    }
+
+    found = [(c.where, c.kind, c.field, c.before, c.after) for c in journey_changes(before, after)]
+
+    assert found == [
+        ("journey", "changed", "name", "Cart", "Cart reminder"),
+        ("step wait", "changed", "duration", "1h", "2h"),
+        ("step coupon", "added", "", "", '{"id": "coupon", "prefix": "C-", "type": "coupon"}'),
+        ("step old", "removed", "", '{"id": "old", "type": "exit"}', ""),
+    ]
+    assert journey_changes(before, {**before, "version": 3}) == []
+    reordered = {**before, "steps": [before["steps"][1], before["steps"][0], before["steps"][2]]}
+    assert [c.field for c in journey_changes(before, reordered)] == ["step order"]

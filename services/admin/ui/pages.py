@@ -10,6 +10,7 @@ checked on every POST before anything else is done."""
 import secrets
 from datetime import timedelta
 from functools import partial
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -41,6 +42,10 @@ log = structlog.get_logger(__name__)
 
 HERE = Path(__file__).parent
 NAV = ("Journeys", "Segments", "Templates", "Contacts", "Delivery")
+# The vendored front-end kit (npm `htmx.org`, 0BSD): pages poll their live figures with it.
+HTMX = "htmx-2.0.11.min.js"
+# A journey's page lists what changed between its latest versions, this many pairs at most.
+MAX_DIFFS = 10
 
 
 class PageRefused(Exception):
@@ -256,6 +261,10 @@ def mount_ui(
     async def style() -> FileResponse:
         return FileResponse(HERE / "static" / "style.css", media_type="text/css")
 
+    @get("/ui/htmx.min.js")
+    async def htmx() -> FileResponse:
+        return FileResponse(HERE / "static" / "vendor" / HTMX, media_type="text/javascript")
+
     @get("/")
     async def home(request: Request) -> Response:
         session = ui.session_of(request)
@@ -355,6 +364,15 @@ def mount_ui(
         figures = await ui.read(signed, f"/v1/journeys/{_quote(journey_id)}/figures")
         conversion = await ui.read(signed, f"/v1/journeys/{_quote(journey_id)}/conversion")
         draft = await ui.api(signed, "GET", f"/v1/journeys/{_quote(journey_id)}/draft")
+        numbers = sorted(v["journey"]["version"] for v in versions)
+        changes = {}
+        for older, newer in list(pairwise(numbers))[-MAX_DIFFS:]:
+            found = await ui.read(
+                signed,
+                f"/v1/journeys/{_quote(journey_id)}/changes",
+                **{"from": older, "to": newer},
+            )
+            changes[newer] = (older, found["changes"])
         return ui.page(
             request,
             "journey.html",
@@ -367,6 +385,7 @@ def mount_ui(
             conversion=conversion,
             versions=versions,
             draft=draft.json() if draft.status_code == 200 else None,
+            changes=changes,
             done=request.query_params.get("done"),
         )
 
