@@ -28,6 +28,7 @@ from services.admin.adapters.segments import (
     SegmentCounts,
     SegmentDefinitions,
 )
+from services.admin.contact_routes import add_contact_routes
 from services.admin.domain import segments as segment_views
 from services.admin.domain import templates as template_rules
 from services.admin.domain.conversion import conversion_report
@@ -131,6 +132,7 @@ def create_app(
 
     # Before the routes below whose path parameters would capture them.
     add_read_routes(app, viewer, insights, journeys)
+    add_contact_routes(app, publisher, contacts, contact_commands, clock)
 
     @app.get("/v1/journeys", dependencies=viewer, summary="Published journey versions")
     async def list_journeys() -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The admin web UI in a real browser (Debian's headless Chromium, driven by selenium) on the
 real stack: sign in through the form, watch a journey's step figures and a segment's count move
-as events come in through ingest, open a contact, edit a template and mark it ready, forget a
-contact, pause the journey from its page; a viewer sees no control that changes anything, and a
-forged POST (no CSRF token, or a viewer's session) is refused.
+as events come in through ingest, open a contact and tag it, edit a template and mark it ready,
+publish a draft, forget a contact, pause the journey from its page; a viewer sees no control
+that changes anything, and a forged POST (no CSRF token, or a viewer's session) is refused.
 
 Every page visited is saved as a screenshot: into WAYPOST_UI_SCREENSHOTS when it is set (the
 README's come from `WAYPOST_UI_SCREENSHOTS=docs/screenshots`), else into the test's tmp dir."""
@@ -278,6 +278,18 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     journeys_table = pages.text("#contact-journeys")
     assert "waiting" in journeys_table
     assert "pause" in journeys_table
+
+    # A tag added and a trait set from the contact's page reach the profile through the segmenter.
+    browser.find_element(By.ID, "add-tag").send_keys("vip")
+    browser.find_element(By.ID, "trait-name").send_keys("tier")
+    browser.find_element(By.ID, "trait-value").send_keys("gold")
+    browser.find_element(By.ID, "change").click()
+
+    def changed() -> bool:
+        pages.open(f"/contacts/{user}")
+        return "vip" in pages.text("#contact-tags") and "gold" in pages.text("main")
+
+    wait_for(changed, timeout=120, what="the tag and the trait on the contact's page")
     pages.shot("06-contact")
 
     pages.open("/delivery", "07-delivery")
@@ -370,6 +382,7 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
         assert not pages.has(control), control
     pages.open(f"/contacts/{user}")
     assert not pages.has("#forget")
+    assert not pages.has("#change")
     pages.open(f"/templates/{template}")
     assert not pages.has("#save")
     assert not pages.has("#ready")

@@ -66,6 +66,7 @@ ROLE_OF = {
     ("DELETE", "/v1/segments/{segment_id}"): "publisher",
     ("DELETE", "/v1/contacts/{contact_key:path}"): "publisher",
     ("PUT", "/v1/contacts/{contact_key:path}/consent"): "publisher",
+    ("POST", "/v1/contacts/{contact_key:path}/changes"): "publisher",
     ("GET", "/v1/audit"): "publisher",
 }
 
@@ -87,6 +88,7 @@ PAGE_ROLE_OF = {
     ("POST", "/templates/{template_id}"): "editor",
     ("POST", "/templates/{template_id}/ready"): "publisher",
     ("POST", "/contacts/forget"): "publisher",
+    ("POST", "/contacts/change"): "publisher",
     ("GET", "/delivery"): "viewer",
     ("GET", "/audit"): "publisher",
 }

@@ -7,7 +7,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from services.admin.domain.contact_changes import ContactChanges, change_commands
 from services.admin.domain.figures import contact_positions, funnels, journey_figures
 from services.admin.domain.flow import flow
 from services.admin.domain.versions import journey_changes
@@ -190,3 +192,29 @@ def test_changes_between_versions_name_the_step_and_the_field() -> None:
     assert journey_changes(before, {**before, "version": 3}) == []
     reordered = {**before, "steps": [before["steps"][1], before["steps"][0], before["steps"][2]]}
     assert [c.field for c in journey_changes(before, reordered)] == ["step order"]
+
+
+def test_contact_changes_become_one_command_each_and_bad_ones_name_the_field() -> None:
+    changes = ContactChanges(
+        add_tags=("vip", "vip"), remove_tags=("trial",), set_traits={"plan": "pro"}
+    )
+
+    commands = change_commands("ada", changes, T0)
+
+    assert [(c.kind, c.tag, c.attribute, c.value) for c in commands] == [
+        ("add_tag", "vip", None, None),
+        ("remove_tag", "trial", None, None),
+        ("set_attribute", None, "plan", "pro"),
+    ]
+    assert all(c.reason == "admin" and c.contact_key == "ada" for c in commands)
+    assert change_commands("ada", changes, T0) == commands  # the same ids on a replay
+    for bad, field in (
+        ({}, "nothing to change"),
+        ({"add_tags": [" "]}, "add_tags"),
+        ({"set_traits": {"a.b": 1}}, "set_traits"),
+        ({"set_traits": {"notes": "x" * 2000}}, "set_traits"),
+        ({"add_tags": ["a"], "remove_tags": ["a"]}, "both added and removed"),
+        ({"add_tag": ["a"]}, "add_tag"),
+    ):
+        with pytest.raises(ValidationError, match=field):
+            ContactChanges.model_validate(bad)

@@ -447,6 +447,32 @@ def mount_ui(
             instances=log_["instances"],
             records=log_["records"],
             messages=sent["messages"],
+            done=request.query_params.get("done"),
+        )
+
+    @post("/contacts/change")
+    async def change_contact(
+        signed: publisher,
+        contact_key: Annotated[str, Form(min_length=1, max_length=1024)],
+        add_tag: Annotated[str, Form(max_length=64)] = "",
+        remove_tag: Annotated[str, Form(max_length=64)] = "",
+        trait_name: Annotated[str, Form(max_length=200)] = "",
+        trait_value: Annotated[str, Form(max_length=1024)] = "",
+    ) -> Response:
+        changes: dict[str, Any] = {}
+        if add_tag.strip():
+            changes["add_tags"] = [add_tag.strip()]
+        if remove_tag:
+            changes["remove_tags"] = [remove_tag]
+        if trait_name.strip():
+            changes["set_traits"] = {trait_name.strip(): trait_value}
+        if not changes:
+            raise PageRefused(
+                422, "add_tag: give a tag to add, or a trait name and value", "add_tag"
+            )
+        await ui.change(signed, "POST", f"/v1/contacts/{_quote(contact_key)}/changes", changes)
+        return RedirectResponse(
+            f"/contacts/{_quote(contact_key)}?done=changed", status.HTTP_303_SEE_OTHER
         )
 
     @post("/contacts/forget")
