@@ -4,18 +4,25 @@ journeys, delivery funnels from ledger states, and the flow drawn from a definit
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import yaml
+from jinja2 import Environment, FileSystemLoader
 from pydantic import ValidationError
 
 from services.admin.domain.contact_changes import ContactChanges, change_commands
-from services.admin.domain.figures import contact_positions, funnels, journey_figures
-from services.admin.domain.flow import flow
+from services.admin.domain.figures import FUNNEL, contact_positions, funnels, journey_figures
+from services.admin.domain.flow import flow, trigger_summary
 from services.admin.domain.versions import journey_changes
-from shared.journeys import Journey
+from services.admin.ui.pages import HERE, NAV
+from shared.journeys import Journey, JourneyFile
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "journeys"
+TEMPLATES = HERE / "templates"
 
 
 def _record(
@@ -218,3 +225,43 @@ def test_contact_changes_become_one_command_each_and_bad_ones_name_the_field() -
     ):
         with pytest.raises(ValidationError, match=field):
             ContactChanges.model_validate(bad)
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_example_journey_draws_and_its_page_renders(path: Path) -> None:
+    parsed = JourneyFile.model_validate(yaml.safe_load(path.read_text())).journey
+    # The page reads the journey back from the API's JSON.
+    journey = Journey.model_validate(parsed.model_dump(mode="json"))
+    boxes = flow(journey)
+    ids = {box.step_id for box in boxes}
+
+    assert [box.step_id for box in boxes] == [step.id for step in journey.steps]
+    assert all(edge.target is None or edge.target in ids for box in boxes for edge in box.edges)
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True)
+    env.globals.update(nav=NAV, funnel_stages=FUNNEL, quote=str)
+    page = env.get_template("journey.html").render(
+        request=SimpleNamespace(url=SimpleNamespace(path=f"/journeys/{journey.id}")),
+        signed=SimpleNamespace(
+            may=lambda _role: True, csrf="t", key=SimpleNamespace(name="ops", role="publisher")
+        ),
+        csrf_field="csrf_token",
+        current={"status": "active", "journey": journey.model_dump(mode="json")},
+        journey=journey,
+        trigger=trigger_summary(journey),
+        boxes=boxes,
+        figures={
+            "entered": 0,
+            "active_now": 0,
+            "converted": 0,
+            "holdout": 0,
+            "exited": {},
+            "steps": {},
+            "sends": {},
+        },
+        conversion={"treated": None, "holdout": None, "uplift": None},
+        versions=[{"journey": journey.model_dump(mode="json"), "status": "active"}],
+        draft=None,
+        changes={},
+        done=None,
+    )
+    assert all(f'id="step-{step_id}"' in page for step_id in ids)
