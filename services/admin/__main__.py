@@ -14,6 +14,7 @@ from services.admin.adapters.analytics import (
     message_states,
 )
 from services.admin.adapters.audit import AuditLog
+from services.admin.adapters.dead_letters import DeadLetterTopic
 from services.admin.adapters.insights import Insights
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
 from services.admin.adapters.segments import (
@@ -65,6 +66,7 @@ async def serve(settings: AdminSettings) -> None:
         audit_trail=AuditLog(db),
         clock=SystemClock(),
         insights=Insights(db),
+        dead_letters=DeadLetterTopic(kafka),
     )
     stop = asyncio.Event()
     follower = asyncio.create_task(follow_journey_log(consumer, store, stop))

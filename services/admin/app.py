@@ -20,6 +20,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 from services.admin.access import AdminKeys, AuditedChanges, RoleRefused, role_refused_answer
 from services.admin.adapters.analytics import JourneyLogStore
 from services.admin.adapters.audit import AuditTrail
+from services.admin.adapters.dead_letters import DeadLetterTopic
 from services.admin.adapters.insights import Insights
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
 from services.admin.adapters.segments import (
@@ -29,6 +30,7 @@ from services.admin.adapters.segments import (
     SegmentDefinitions,
 )
 from services.admin.contact_routes import add_contact_routes
+from services.admin.dead_letter_routes import add_dead_letter_routes
 from services.admin.domain import segments as segment_views
 from services.admin.domain import templates as template_rules
 from services.admin.domain.conversion import conversion_report
@@ -111,6 +113,7 @@ def create_app(
     audit_trail: AuditTrail,
     clock: Clock,
     insights: Insights,
+    dead_letters: DeadLetterTopic,
 ) -> FastAPI:
     app = FastAPI(title="Waypost admin", version="1", **api_docs_urls(settings.serves_api_docs()))
     app.add_exception_handler(Problems, _problems_answer)
@@ -133,6 +136,7 @@ def create_app(
     # Before the routes below whose path parameters would capture them.
     add_read_routes(app, viewer, insights, journeys)
     add_contact_routes(app, publisher, contacts, contact_commands, clock)
+    add_dead_letter_routes(app, viewer, publisher, dead_letters)
 
     @app.get("/v1/journeys", dependencies=viewer, summary="Published journey versions")
     async def list_journeys() -> dict[str, Any]:

@@ -15,6 +15,7 @@ import secrets
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,17 @@ import pytest
 
 # deploy/local is on the path (tests/conftest.py): the stack's own check for the browser.
 import stack as local_stack
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from tests.e2e.helpers import post, publish_inline, unique, wait_for
+from shared.contracts import DeadLetter
+from shared.topics import DEAD_LETTER
+from tests.e2e.helpers import post, publish_inline, read_topic, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 PROCESS = "admin-3"
@@ -142,6 +147,46 @@ class Pages:
         except NoSuchElementException:
             return False
         return True
+
+
+def _dead_letter_replayed_from_the_page(stack: Any, pages: Pages) -> None:
+    """A dead letter of a scratch topic of this test is listed, ticked and replayed: its record
+    is back on that topic."""
+    scratch = unique("ui-scratch")
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
+    for future in admin.create_topics([NewTopic(scratch, num_partitions=1)]).values():
+        future.result(timeout=30)
+    key = unique("letter")
+    letter = DeadLetter(
+        service="segmenter",
+        topic=scratch,
+        partition=0,
+        offset=0,
+        key=key,
+        value='{"replayed": true}',
+        reason="a record made by the UI test",
+        at=datetime.now(UTC),
+    )
+    producer = Producer({"bootstrap.servers": stack.bootstrap})
+    producer.produce(DEAD_LETTER.name, key=key.encode(), value=letter.model_dump_json().encode())
+    assert producer.flush(30) == 0
+
+    def listed() -> bool:
+        pages.open("/dead-letters")
+        return key in pages.text("main")
+
+    wait_for(listed, timeout=60, what="the dead letter on the page")
+    row = pages.driver.find_element(By.XPATH, f"//tr[td[contains(., '{key}')]]")
+    row.find_element(By.CSS_SELECTOR, "input[name=position]").click()
+    pages.shot("08-dead-letters")
+    pages.driver.find_element(By.ID, "replay").click()
+    wait_for(lambda: "Replayed 1 record" in pages.text("main"), timeout=60, what="the replay")
+    replayed = wait_for(
+        lambda: [v for k, v in read_topic(stack.bootstrap, scratch) if k == key],
+        timeout=60,
+        what="the replayed record on its topic",
+    )
+    assert replayed == [b'{"replayed": true}']
 
 
 def _newest_status(admin: UiAdmin, api: dict[str, str], journey: str) -> str:
@@ -293,7 +338,8 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     pages.shot("06-contact")
 
     pages.open("/delivery", "07-delivery")
-    pages.open("/templates", "08-templates")
+    _dead_letter_replayed_from_the_page(stack, pages)
+    pages.open("/templates", "09-templates")
     # A template edited from its page is saved as a draft, then marked ready, through the API.
     template = f"{journey}-welcome"
     pages.open(f"/templates/{template}")
@@ -302,7 +348,7 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     text.send_keys("Hello again, {{ contact.first_name }}")
     browser.find_element(By.ID, "save").click()
     wait_for(lambda: pages.has("#ready"), timeout=30, what="the edit saved as a draft")
-    pages.shot("09-template")
+    pages.shot("10-template")
     stored = httpx.get(f"{ui_admin.url}/v1/templates/{template}", headers=api, timeout=30).json()
     assert stored["status"] == "draft"
     assert stored["content"]["text"] == "Hello again, {{ contact.first_name }}"
@@ -341,7 +387,7 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     assert "step pause" in changes
     assert "duration" in changes
     assert not pages.has("#publish")  # the draft is the published version 2 now
-    pages.shot("10-journey-version-2")
+    pages.shot("11-journey-version-2")
 
     # The second contact is forgotten from its page, once the box is ticked.
     forgotten = contacts[1][0]
@@ -361,7 +407,7 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     browser.find_element(By.ID, "pause").click()
     wait_for(lambda: pages.text("#journey-status") == "paused", timeout=30, what="paused")
     assert pages.has("#resume")
-    pages.shot("11-journey-paused")
+    pages.shot("12-journey-paused")
     assert _newest_status(ui_admin, api, journey) == "paused"
     audit = httpx.get(
         f"{ui_admin.url}/v1/audit", headers=api, params={"key": ui_admin.publisher[0]}, timeout=30
@@ -370,19 +416,22 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
         e["route"] == "/v1/journeys/{journey_id}/pause" and e["params"] == {"journey_id": journey}
         for e in audit
     )
-    pages.open("/audit", "12-audit")
+    pages.open("/audit", "13-audit")
     pages.sign_out()
     wait_for(lambda: "/sign-in" in browser.current_url, timeout=30, what="signed out")
 
     # A viewer reads the same page without any lifecycle control ...
     pages.sign_in(ui_admin.viewer[1])
     wait_for(lambda: browser.current_url.endswith("/journeys"), timeout=30, what="viewer in")
-    pages.open(f"/journeys/{journey}", "13-journey-as-viewer")
+    pages.open(f"/journeys/{journey}", "14-journey-as-viewer")
     for control in ("#pause", "#resume", "#archive", "#publish", "form[action$='/resume']"):
         assert not pages.has(control), control
     pages.open(f"/contacts/{user}")
     assert not pages.has("#forget")
     assert not pages.has("#change")
+    pages.open("/dead-letters")
+    assert not pages.has("#replay")
+    assert not pages.has("input[name=position]")
     pages.open(f"/templates/{template}")
     assert not pages.has("#save")
     assert not pages.has("#ready")

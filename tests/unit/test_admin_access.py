@@ -67,6 +67,8 @@ ROLE_OF = {
     ("DELETE", "/v1/contacts/{contact_key:path}"): "publisher",
     ("PUT", "/v1/contacts/{contact_key:path}/consent"): "publisher",
     ("POST", "/v1/contacts/{contact_key:path}/changes"): "publisher",
+    ("GET", "/v1/dead-letters"): "viewer",
+    ("POST", "/v1/dead-letters/replay"): "publisher",
     ("GET", "/v1/audit"): "publisher",
 }
 
@@ -91,6 +93,8 @@ PAGE_ROLE_OF = {
     ("POST", "/contacts/change"): "publisher",
     ("GET", "/delivery"): "viewer",
     ("GET", "/audit"): "publisher",
+    ("GET", "/dead-letters"): "viewer",
+    ("POST", "/dead-letters/replay"): "publisher",
 }
 
 
@@ -131,6 +135,7 @@ def build(trail: MemoryTrail, **settings: Any) -> FastAPI:
         audit_trail=trail,
         clock=ManualClock(NOW),
         insights=unused,
+        dead_letters=unused,
     )
 
 

@@ -98,6 +98,7 @@ async def browser() -> AsyncIterator[httpx.AsyncClient]:
         audit_trail=MemoryTrail(),
         clock=ManualClock(NOW),
         insights=unused,
+        dead_letters=unused,
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:

@@ -545,6 +545,30 @@ def mount_ui(
         found = await ui.read(signed, "/v1/delivery/funnel", by=by)
         return ui.page(request, "delivery.html", signed, by=by, funnels=found["funnels"])
 
+    @get("/dead-letters")
+    async def dead_letters(request: Request, signed: viewer) -> Response:
+        found = await ui.read(signed, "/v1/dead-letters", limit=200)
+        return ui.page(
+            request,
+            "dead_letters.html",
+            signed,
+            letters=found["dead_letters"],
+            total=found["total"],
+            replayed=request.query_params.get("replayed"),
+        )
+
+    @post("/dead-letters/replay")
+    async def replay(request: Request, signed: publisher) -> Response:
+        positions = [p for p in (await request.form()).getlist("position") if isinstance(p, str)]
+        if not positions:
+            raise PageRefused(422, "position: tick at least one dead letter to replay", "position")
+        answer = await ui.change(
+            signed, "POST", "/v1/dead-letters/replay", {"positions": positions}
+        )
+        return RedirectResponse(
+            f"/dead-letters?replayed={answer.json()['replayed']}", status.HTTP_303_SEE_OTHER
+        )
+
     @get("/audit")
     async def audit(request: Request, signed: publisher) -> Response:
         found = await ui.read(signed, "/v1/audit", limit=100)
