@@ -1,8 +1,9 @@
 """The admin web UI in a real browser (Debian's headless Chromium, driven by selenium) on the
 real stack: sign in through the form, watch a journey's step figures and a segment's count move
 as events come in through ingest, open a contact and tag it, edit a template and mark it ready,
-publish a draft, forget a contact, pause the journey from its page; a viewer sees no control
-that changes anything, and a forged POST (no CSRF token, or a viewer's session) is refused.
+write the next version in the draft editor and publish it, forget a contact, pause the journey
+from its page; a viewer sees no control that changes anything, and a forged POST (no CSRF
+token, or a viewer's session) is refused.
 
 Every page visited is saved as a screenshot: into WAYPOST_UI_SCREENSHOTS when it is set (the
 README's come from `WAYPOST_UI_SCREENSHOTS=docs/screenshots`), else into the test's tmp dir."""
@@ -206,12 +207,11 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     trigger = f"UI Signed Up {journey}"
     plan = unique("plan").replace("-", "")
     segment = f"{plan}-members"
-    flow_trigger = {"type": "event", "event": trigger}
     publish_inline(
         stack,
         tmp_path,
         journey,
-        flow_trigger,
+        {"type": "event", "event": trigger},
         [
             {"id": "welcome", "type": "send", "template": f"{journey}-welcome"},
             {"id": "pause", "type": "wait", "duration": "2h"},
@@ -358,28 +358,32 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     assert stored["status"] == "ready"
     assert stored["sending"]["text"] == "Hello again, {{ contact.first_name }}"
 
-    # A draft saved through the API is published from the journey's page: version 2, and what
-    # changed against version 1.
-    steps = [
-        {"id": "welcome", "type": "send", "template": template},
-        {"id": "pause", "type": "wait", "duration": "3h"},
-        {"id": "reminder", "type": "send", "template": template},
-    ]
-    draft = {
-        "journey": {
-            "id": journey,
-            "name": journey,
-            "version": 2,
-            "trigger": flow_trigger,
-            "steps": steps,
-        }
-    }
-    saved = httpx.put(
-        f"{ui_admin.url}/v1/journeys/{journey}/draft", headers=api, json=draft, timeout=30
-    )
-    assert saved.status_code == 200, saved.text
+    # The next version is written in the draft editor: a draft naming a template that does not
+    # exist is refused by step and rule, the fixed one is saved, published, and its change shown.
     pages.open(f"/journeys/{journey}")
-    browser.find_element(By.ID, "publish").click()
+    browser.find_element(By.ID, "edit-draft").click()
+    editor = browser.find_element(By.ID, "definition")
+    written = str(editor.get_attribute("value"))
+    assert "version: 2" in written
+    assert "duration: 2h" in written
+
+    def save(text: str) -> None:
+        field = browser.find_element(By.ID, "definition")
+        browser.execute_script("arguments[0].value = arguments[1]", field, text)
+        browser.find_element(By.ID, "save-draft").click()
+
+    save(written.replace(f"template: {template}", "template: no-such-template", 1))
+    problems = wait_for(
+        lambda: pages.has("#draft-problems") and pages.text("#draft-problems"),
+        timeout=30,
+        what="the draft's problems",
+    )
+    assert "welcome" in problems
+    assert "no-such-template" in problems
+    pages.shot("11-draft-problems")
+    save(written.replace("duration: 2h", "duration: 3h"))
+    wait_for(lambda: pages.has("#publish-draft"), timeout=30, what="the draft saved")
+    browser.find_element(By.ID, "publish-draft").click()
     wait_for(lambda: pages.has("#changes-2"), timeout=30, what="version 2 and its changes")
     browser.find_element(By.CSS_SELECTOR, "#changes-2 summary").click()
     changes = pages.text("#changes-2")
@@ -387,7 +391,7 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     assert "step pause" in changes
     assert "duration" in changes
     assert not pages.has("#publish")  # the draft is the published version 2 now
-    pages.shot("11-journey-version-2")
+    pages.shot("12-journey-version-2")
 
     # The second contact is forgotten from its page, once the box is ticked.
     forgotten = contacts[1][0]
@@ -407,7 +411,7 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     browser.find_element(By.ID, "pause").click()
     wait_for(lambda: pages.text("#journey-status") == "paused", timeout=30, what="paused")
     assert pages.has("#resume")
-    pages.shot("12-journey-paused")
+    pages.shot("13-journey-paused")
     assert _newest_status(ui_admin, api, journey) == "paused"
     audit = httpx.get(
         f"{ui_admin.url}/v1/audit", headers=api, params={"key": ui_admin.publisher[0]}, timeout=30
@@ -416,14 +420,14 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
         e["route"] == "/v1/journeys/{journey_id}/pause" and e["params"] == {"journey_id": journey}
         for e in audit
     )
-    pages.open("/audit", "13-audit")
+    pages.open("/audit", "14-audit")
     pages.sign_out()
     wait_for(lambda: "/sign-in" in browser.current_url, timeout=30, what="signed out")
 
     # A viewer reads the same page without any lifecycle control ...
     pages.sign_in(ui_admin.viewer[1])
     wait_for(lambda: browser.current_url.endswith("/journeys"), timeout=30, what="viewer in")
-    pages.open(f"/journeys/{journey}", "14-journey-as-viewer")
+    pages.open(f"/journeys/{journey}", "15-journey-as-viewer")
     for control in ("#pause", "#resume", "#archive", "#publish", "form[action$='/resume']"):
         assert not pages.has(control), control
     pages.open(f"/contacts/{user}")

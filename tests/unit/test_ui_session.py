@@ -25,7 +25,7 @@ from services.admin.domain.ui_session import (
 )
 from services.admin.settings import AdminSettings
 from shared.clock import ManualClock
-from tests.unit.test_admin_access import ANA, KEYS, NOW, OPS, MemoryTrail
+from tests.unit.test_admin_access import ANA, ED, KEYS, NOW, OPS, MemoryTrail
 
 SECRET = session_secret(None, ["a-key-of-enough-length-for-a-test-1"])
 LATER = NOW + timedelta(hours=1)
@@ -252,3 +252,23 @@ async def test_a_viewer_cannot_save_a_template_and_forgetting_needs_the_box_tick
     assert "confirm: tick the box" in unconfirmed.text
     assert no_key.status_code == 422
     assert "contact_key" in no_key.text
+
+
+async def test_a_draft_that_is_not_yaml_is_shown_back_with_its_line_and_a_viewer_may_not_edit(
+    browser: httpx.AsyncClient,
+) -> None:
+    viewer = _form_token(await _sign_in(browser, ANA))
+    as_viewer = await browser.post(
+        "/journeys/j1/draft", data={"csrf_token": viewer, "definition": "journey: {}"}
+    )
+    browser.cookies.clear()
+    editor = _form_token(await _sign_in(browser, ED))
+    broken = await browser.post(
+        "/journeys/j1/draft",
+        data={"csrf_token": editor, "definition": "journey:\n  id: j1\n  steps: [\n"},
+    )
+
+    assert as_viewer.status_code == 403
+    assert broken.status_code == 422
+    assert "line 4" in broken.text
+    assert "  steps: [" in html.unescape(broken.text)  # the text is kept to be fixed

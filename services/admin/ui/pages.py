@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 import httpx
 import structlog
-from fastapi import Depends, FastAPI, Form, Request, status
+import yaml
+from fastapi import Depends, FastAPI, Form, Query, Request, status
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -389,6 +390,66 @@ def mount_ui(
             done=request.query_params.get("done"),
         )
 
+    @get("/new-draft")
+    async def new_draft(
+        signed: editor, journey_id: Annotated[str, Query(min_length=1, max_length=64)]
+    ) -> Response:
+        return RedirectResponse(
+            f"/journeys/{_quote(journey_id.strip())}/draft", status.HTTP_303_SEE_OTHER
+        )
+
+    @get("/journeys/{journey_id}/draft")
+    async def draft_editor(request: Request, journey_id: str, signed: editor) -> Response:
+        text = await _draft_text(ui, signed, journey_id)
+        return ui.page(
+            request,
+            "draft.html",
+            signed,
+            journey_id=journey_id,
+            text=text,
+            problems=None,
+            saved=request.query_params.get("saved") is not None,
+        )
+
+    @post("/journeys/{journey_id}/draft")
+    async def save_draft(
+        request: Request,
+        journey_id: str,
+        signed: editor,
+        definition: Annotated[str, Form(max_length=500_000)] = "",
+    ) -> Response:
+        def again(problems: list[dict[str, Any]]) -> Response:
+            return ui.page(
+                request,
+                "draft.html",
+                signed,
+                422,
+                journey_id=journey_id,
+                text=definition,
+                problems=problems,
+                saved=False,
+            )
+
+        try:
+            parsed = yaml.safe_load(definition)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "not YAML"
+            return again([{"step": None, "rule": "yaml", "message": f"{where}{problem}"}])
+        answer = await ui.api(signed, "PUT", f"/v1/journeys/{_quote(journey_id)}/draft", parsed)
+        if answer.status_code == 422:
+            body = answer.json()
+            problems = body.get("problems") or [
+                {"step": None, "rule": "body", "message": _detail(answer)}
+            ]
+            return again(problems)
+        if answer.status_code != 200:
+            raise PageRefused(answer.status_code, _detail(answer))
+        return RedirectResponse(
+            f"/journeys/{_quote(journey_id)}/draft?saved", status.HTTP_303_SEE_OTHER
+        )
+
     @post("/journeys/{journey_id}/{action}")
     async def journey_action(
         request: Request, journey_id: str, action: str, signed: publisher
@@ -573,6 +634,31 @@ def mount_ui(
     async def audit(request: Request, signed: publisher) -> Response:
         found = await ui.read(signed, "/v1/audit", limit=100)
         return ui.page(request, "audit.html", signed, entries=found["entries"])
+
+
+async def _draft_text(ui: AdminUi, signed: Signed, journey_id: str) -> str:
+    """What the editor opens with: the saved draft, else the newest version as the next one,
+    else a small journey to start from."""
+    draft = await ui.api(signed, "GET", f"/v1/journeys/{_quote(journey_id)}/draft")
+    if draft.status_code == 200:
+        return yaml.safe_dump(draft.json()["definition"], sort_keys=False, allow_unicode=True)
+    published = await ui.api(signed, "GET", f"/v1/journeys/{_quote(journey_id)}")
+    if published.status_code == 200:
+        newest = max(published.json()["versions"], key=lambda v: v["journey"]["version"])
+        journey = Journey.model_validate(newest["journey"]).model_dump(
+            mode="json", by_alias=True, exclude_none=True, exclude_defaults=True
+        )
+        journey["version"] = newest["journey"]["version"] + 1
+        return yaml.safe_dump({"journey": journey}, sort_keys=False, allow_unicode=True)
+    starter = {
+        "journey": {
+            "id": journey_id,
+            "name": journey_id.replace("-", " ").capitalize(),
+            "trigger": {"type": "event", "event": "Signed Up"},
+            "steps": [{"id": "welcome", "type": "send", "channel": "email", "template": "welcome"}],
+        }
+    }
+    return yaml.safe_dump(starter, sort_keys=False, allow_unicode=True)
 
 
 def _local(target: str) -> str:
