@@ -136,7 +136,50 @@ def setup() -> None:
         build_ferretdb,
     )
     postgres_bin()  # installed with the Python environment; fail here, clearly, if it is not
+    browser_problem = install_browser()
+    if browser_problem:
+        say(f"note: {browser_problem}")
     say("servers installed")
+
+
+# The web UI's browser tests drive Debian's Chromium through its own driver (tests/e2e/test_ui.py).
+BROWSER_PACKAGES = ("chromium", "chromium-driver")
+
+
+def browser_paths() -> tuple[str, str] | None:
+    """Chromium and chromedriver, when both are on the PATH."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (chromium, driver) if chromium and driver else None
+
+
+def install_browser() -> str | None:
+    """Install Debian's Chromium and its driver when they are missing (as root, or with sudo
+    that needs no password); None when they are there, else what is missing and how to get it."""
+    if browser_paths() is not None:
+        return None
+    how = (
+        "the browser tests need Chromium and chromedriver on the PATH: on Debian or Ubuntu "
+        "`apt-get install chromium chromium-driver`; elsewhere install Chromium and the "
+        "chromedriver of the same version"
+    )
+    if not Path("/etc/debian_version").exists() or shutil.which("apt-get") is None:
+        return f"{how} (this is not a Debian machine, so setup does not install them)"
+    prefix: list[str] = []
+    if os.geteuid() != 0:
+        if shutil.which("sudo") is None:
+            return f"{how} (not root and no sudo)"
+        prefix = ["sudo", "-n"]
+    say("installing Chromium and chromedriver from Debian (first run only)...")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = [*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends"]
+    done = subprocess.run([*install, *BROWSER_PACKAGES], env=env, check=False)
+    if done.returncode != 0:  # a machine whose package lists were never fetched
+        subprocess.run([*prefix, "apt-get", "update", "-q"], env=env, check=False)
+        done = subprocess.run([*install, *BROWSER_PACKAGES], env=env, check=False)
+    if done.returncode != 0 or browser_paths() is None:
+        return f"{how} (apt-get install {' '.join(BROWSER_PACKAGES)} failed)"
+    return None
 
 
 def postgres_bin() -> Path:

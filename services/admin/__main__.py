@@ -14,6 +14,8 @@ from services.admin.adapters.analytics import (
     message_states,
 )
 from services.admin.adapters.audit import AuditLog
+from services.admin.adapters.dead_letters import DeadLetterTopic
+from services.admin.adapters.insights import Insights
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
 from services.admin.adapters.segments import (
     ContactCommands,
@@ -63,6 +65,8 @@ async def serve(settings: AdminSettings) -> None:
         contact_commands=ContactCommands(producer),
         audit_trail=AuditLog(db),
         clock=SystemClock(),
+        insights=Insights(db),
+        dead_letters=DeadLetterTopic(kafka),
     )
     stop = asyncio.Event()
     follower = asyncio.create_task(follow_journey_log(consumer, store, stop))

@@ -20,6 +20,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 from services.admin.access import AdminKeys, AuditedChanges, RoleRefused, role_refused_answer
 from services.admin.adapters.analytics import JourneyLogStore
 from services.admin.adapters.audit import AuditTrail
+from services.admin.adapters.dead_letters import DeadLetterTopic
+from services.admin.adapters.insights import Insights
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
 from services.admin.adapters.segments import (
     ContactCommands,
@@ -27,11 +29,16 @@ from services.admin.adapters.segments import (
     SegmentCounts,
     SegmentDefinitions,
 )
+from services.admin.contact_routes import add_contact_routes
+from services.admin.dead_letter_routes import add_dead_letter_routes
 from services.admin.domain import segments as segment_views
 from services.admin.domain import templates as template_rules
 from services.admin.domain.conversion import conversion_report
 from services.admin.domain.templates import TemplateContent
+from services.admin.domain.ui_session import session_secret
+from services.admin.reads import add_read_routes
 from services.admin.settings import AdminSettings
+from services.admin.ui.pages import mount_ui
 from shared.bodies import BadInput, BodyReader, check_depth, parse_json
 from shared.clock import Clock
 from shared.definitions import PublishedJourneys
@@ -105,13 +112,16 @@ def create_app(
     contact_commands: ContactCommands,
     audit_trail: AuditTrail,
     clock: Clock,
+    insights: Insights,
+    dead_letters: DeadLetterTopic,
 ) -> FastAPI:
     app = FastAPI(title="Waypost admin", version="1", **api_docs_urls(settings.serves_api_docs()))
     app.add_exception_handler(Problems, _problems_answer)
     app.add_exception_handler(RoleRefused, role_refused_answer)
     app.add_middleware(JsonBodies, limit=settings.admin_max_body_bytes)
     app.add_middleware(AuditedChanges, trail=audit_trail, clock=clock)
-    keys = AdminKeys(settings.admin_keys())
+    configured = settings.admin_keys()
+    keys = AdminKeys(configured)
     # The role each route needs, in its decorator: reads, draft edits, what sends or erases.
     viewer = [Depends(keys.require("viewer"))]
     editor = [Depends(keys.require("editor"))]
@@ -122,6 +132,11 @@ def create_app(
     @app.get("/health", summary="Liveness")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    # Before the routes below whose path parameters would capture them.
+    add_read_routes(app, viewer, insights, journeys)
+    add_contact_routes(app, publisher, contacts, contact_commands, clock)
+    add_dead_letter_routes(app, viewer, publisher, dead_letters)
 
     @app.get("/v1/journeys", dependencies=viewer, summary="Published journey versions")
     async def list_journeys() -> dict[str, Any]:
@@ -409,6 +424,19 @@ def create_app(
             "next_offset": offset + limit if len(found) > limit else None,
         }
 
+    # The web UI at `/`: pages over the routes above (services/admin/ui, docs/ui.md).
+    secret = settings.admin_session_secret
+    mount_ui(
+        app,
+        keys,
+        {key.name: key for key in configured},
+        session_secret(
+            secret.get_secret_value() if secret else None, (k.secret for k in configured)
+        ),
+        clock,
+        session_hours=settings.admin_session_hours,
+        secure_cookie=settings.admin_session_cookie_secure,
+    )
     return app
 
 

@@ -24,13 +24,25 @@ class AdminSettings(CommonSettings):
     group_id: str = "waypost-admin"
     # A request body's cap, as sent and decompressed: a journey draft with its templates fits.
     admin_max_body_bytes: int = Field(default=2 * 1024 * 1024, gt=0)
+    # The web UI's sessions (docs/ui.md): signed with this secret, else with one derived from
+    # the admin keys; how long one lasts; whether its cookie is sent over HTTPS only.
+    admin_session_secret: SecretStr | None = None
+    admin_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    admin_session_cookie_secure: bool = False
 
     def secrets(self) -> list[Secret]:
         keys = self.admin_keys()
+        if self.admin_session_secret is not None:
+            session = [
+                Secret("WAYPOST_ADMIN_SESSION_SECRET", self.admin_session_secret.get_secret_value())
+            ]
+        else:
+            session = []
         if not keys:
-            return [*super().secrets(), Secret("WAYPOST_ADMIN_API_KEYS", "")]
+            return [*super().secrets(), *session, Secret("WAYPOST_ADMIN_API_KEYS", "")]
         return [
             *super().secrets(),
+            *session,
             *(Secret(f"WAYPOST_ADMIN_API_KEYS ({key.name})", key.secret) for key in keys),
         ]
 

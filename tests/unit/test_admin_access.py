@@ -20,6 +20,7 @@ from services.admin.access import RoleRequirement
 from services.admin.app import create_app
 from services.admin.domain.audit import AuditEntry, contact_digest
 from services.admin.settings import AdminSettings
+from services.admin.ui.pages import PageRole
 from shared.clock import ManualClock
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
@@ -46,6 +47,13 @@ ROLE_OF = {
     ("GET", "/v1/aggregates"): "viewer",
     ("GET", "/v1/contacts/{contact_key:path}"): "viewer",
     ("GET", "/v1/stats"): "viewer",
+    ("GET", "/v1/journeys/{journey_id}/figures"): "viewer",
+    ("GET", "/v1/journeys/{journey_id}/changes"): "viewer",
+    ("GET", "/v1/templates"): "viewer",
+    ("GET", "/v1/contacts"): "viewer",
+    ("GET", "/v1/journey-log"): "viewer",
+    ("GET", "/v1/messages"): "viewer",
+    ("GET", "/v1/delivery/funnel"): "viewer",
     ("PUT", "/v1/templates/{template_id}"): "editor",
     ("PUT", "/v1/journeys/{journey_id}/draft"): "editor",
     # Marking a template ready puts its content on the air for every journey that uses it.
@@ -58,7 +66,38 @@ ROLE_OF = {
     ("DELETE", "/v1/segments/{segment_id}"): "publisher",
     ("DELETE", "/v1/contacts/{contact_key:path}"): "publisher",
     ("PUT", "/v1/contacts/{contact_key:path}/consent"): "publisher",
+    ("POST", "/v1/contacts/{contact_key:path}/changes"): "publisher",
+    ("GET", "/v1/dead-letters"): "viewer",
+    ("POST", "/v1/dead-letters/replay"): "publisher",
     ("GET", "/v1/audit"): "publisher",
+}
+
+
+# The web UI's pages: each needs a signed-in session of at least this role (PageRole); the
+# sign-in form, the stylesheet and `/` (a redirect) are open.
+UI_PUBLIC = {"/", "/sign-in", "/ui/style.css", "/ui/htmx.min.js"}
+PAGE_ROLE_OF = {
+    ("POST", "/sign-out"): "viewer",
+    ("GET", "/journeys"): "viewer",
+    ("GET", "/journeys/{journey_id}"): "viewer",
+    ("POST", "/journeys/{journey_id}/{action}"): "publisher",
+    ("GET", "/new-draft"): "editor",
+    ("GET", "/journeys/{journey_id}/draft"): "editor",
+    ("POST", "/journeys/{journey_id}/draft"): "editor",
+    ("GET", "/segments"): "viewer",
+    ("GET", "/segments/{segment_id}"): "viewer",
+    ("GET", "/contacts"): "viewer",
+    ("GET", "/contacts/{contact_key:path}"): "viewer",
+    ("GET", "/templates"): "viewer",
+    ("GET", "/templates/{template_id}"): "viewer",
+    ("POST", "/templates/{template_id}"): "editor",
+    ("POST", "/templates/{template_id}/ready"): "publisher",
+    ("POST", "/contacts/forget"): "publisher",
+    ("POST", "/contacts/change"): "publisher",
+    ("GET", "/delivery"): "viewer",
+    ("GET", "/audit"): "publisher",
+    ("GET", "/dead-letters"): "viewer",
+    ("POST", "/dead-letters/replay"): "publisher",
 }
 
 
@@ -98,6 +137,8 @@ def build(trail: MemoryTrail, **settings: Any) -> FastAPI:
         contact_commands=unused,
         audit_trail=trail,
         clock=ManualClock(NOW),
+        insights=unused,
+        dead_letters=unused,
     )
 
 
@@ -121,6 +162,7 @@ def bearer(key: str) -> dict[str, str]:
 def test_every_route_declares_the_role_it_needs_or_is_deliberately_public() -> None:
     app = build(MemoryTrail(), admin_api_docs=True)
     found: dict[tuple[str, str], str] = {}
+    pages: dict[tuple[str, str], str] = {}
     unguarded: list[str] = []
     for route in app.routes:
         path = getattr(route, "path", "")
@@ -131,6 +173,18 @@ def test_every_route_declares_the_role_it_needs_or_is_deliberately_public() -> N
         roles = [
             d.call.role for d in route.dependant.dependencies if isinstance(d.call, RoleRequirement)
         ]
+        page_roles = [
+            d.call.role for d in route.dependant.dependencies if isinstance(d.call, PageRole)
+        ]
+        if not route.include_in_schema:  # a page of the UI
+            assert roles == [], f"{path} is a page but asks for an API key"
+            if path in UI_PUBLIC:
+                assert page_roles == [], f"{path} is listed as open but asks for {page_roles}"
+            elif len(page_roles) != 1:
+                unguarded.append(f"{sorted(route.methods)} {path}: {page_roles}")
+            else:
+                pages.update({(method, path): page_roles[0] for method in route.methods})
+            continue
         if path in PUBLIC:
             assert roles == [], f"{path} is listed as public but asks for {roles}"
             continue
@@ -142,6 +196,7 @@ def test_every_route_declares_the_role_it_needs_or_is_deliberately_public() -> N
 
     assert unguarded == []
     assert found == ROLE_OF
+    assert pages == PAGE_ROLE_OF
 
 
 def test_the_public_routes_are_served_without_a_key_docs_only_when_on(

@@ -31,8 +31,10 @@ class JourneyLogStore:
         self._log = db[JOURNEY_LOG]
 
     async def prepare(self) -> None:
-        """Erasure deletes by contact, hence the index."""
+        """Erasure deletes by contact, and the web UI reads a journey's records, hence the
+        indexes."""
         await self._log.create_index("contact_key")
+        await self._log.create_index("journey_id")
 
     async def write(self, records: list[JourneyLogRecord]) -> None:
         """Idempotent on `record_id`: replays leave one document per record. Erased contacts'

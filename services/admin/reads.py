@@ -1,0 +1,125 @@
+"""Read routes the admin web UI is built on, open to every viewer key so that what the pages
+show can be scripted too: a journey's step figures, template list, contact search, a contact's
+journeys and messages, and delivery funnels."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, HTTPException, Query, status
+from fastapi.params import Depends
+
+from services.admin.adapters.insights import Insights
+from services.admin.domain import segments as segment_views
+from services.admin.domain import templates as template_rules
+from services.admin.domain.figures import contact_positions, funnels, journey_figures
+from services.admin.domain.versions import journey_changes
+from shared.definitions import PublishedJourneys
+
+
+def add_read_routes(
+    app: FastAPI, viewer: list[Depends], insights: Insights, journeys: PublishedJourneys
+) -> None:
+
+    @app.get(
+        "/v1/journeys/{journey_id}/figures",
+        dependencies=viewer,
+        summary="Where a journey's instances stand, step by step, and its sends by state",
+    )
+    async def figures(journey_id: str) -> dict[str, Any]:
+        if not any(p.journey.id == journey_id for p in journeys.all()):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no published journey '{journey_id}'")
+        folded = journey_figures(await insights.journey_records(journey_id))
+        sends: dict[str, dict[str, dict[str, int]]] = {}
+        for row in await insights.delivery_counts(journey_id):
+            step = sends.setdefault(str(row.get("step_id")), {"states": {}, "reasons": {}})
+            state = str(row.get("state"))
+            step["states"][state] = step["states"].get(state, 0) + row["count"]
+            if row.get("reason") and state in ("skipped", "failed"):
+                reason = f"{state}: {row['reason']}"
+                step["reasons"][reason] = step["reasons"].get(reason, 0) + row["count"]
+        return {"id": journey_id, **folded.as_dict(), "sends": sends}
+
+    @app.get(
+        "/v1/journeys/{journey_id}/changes",
+        dependencies=viewer,
+        summary="What changed between two published versions of a journey",
+    )
+    async def changes(
+        journey_id: str,
+        from_version: Annotated[int, Query(alias="from", ge=1, description="the older version")],
+        to_version: Annotated[int, Query(alias="to", ge=1, description="the newer version")],
+    ) -> dict[str, Any]:
+        held = {p.journey.version: p.journey for p in journeys.all() if p.journey.id == journey_id}
+        if not held:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no published journey '{journey_id}'")
+        for name, version in (("from", from_version), ("to", to_version)):
+            if version not in held:
+                raise HTTPException(
+                    status.HTTP_404_NOT_FOUND,
+                    f"{name}: journey '{journey_id}' has no published version {version}",
+                )
+        found = journey_changes(
+            held[from_version].model_dump(mode="json", by_alias=True, exclude_none=True),
+            held[to_version].model_dump(mode="json", by_alias=True, exclude_none=True),
+        )
+        return {
+            "id": journey_id,
+            "from": from_version,
+            "to": to_version,
+            "changes": [c.as_dict() for c in found],
+        }
+
+    @app.get("/v1/templates", dependencies=viewer, summary="Every template")
+    async def list_templates() -> dict[str, Any]:
+        items = [
+            template_rules.view(str(document["_id"]), document)
+            for document in await insights.templates()
+        ]
+        return {"count": len(items), "templates": items}
+
+    @app.get("/v1/contacts", dependencies=viewer, summary="Find contacts by key, e-mail or phone")
+    async def find_contacts(
+        q: Annotated[str, Query(min_length=1, max_length=320, description="key, e-mail, phone")],
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    ) -> dict[str, Any]:
+        found = await insights.find_contacts(q.strip(), limit)
+        return {"count": len(found), "contacts": [segment_views.contact_view(d) for d in found]}
+
+    @app.get(
+        "/v1/journey-log",
+        dependencies=viewer,
+        summary="A contact's journey instances: where each stands, and its log records",
+    )
+    async def contact_journey_log(
+        contact_key: Annotated[str, Query(min_length=1, max_length=1024)],
+        limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    ) -> dict[str, Any]:
+        records = await insights.contact_records(contact_key, limit)
+        for record in records:
+            record.pop("_id", None)
+        return {
+            "contact_key": contact_key,
+            "instances": contact_positions(records),
+            "records": records,
+        }
+
+    @app.get("/v1/messages", dependencies=viewer, summary="Messages from the ledger, newest first")
+    async def messages(
+        contact_key: Annotated[str | None, Query(min_length=1, max_length=1024)] = None,
+        journey_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> dict[str, Any]:
+        found = await insights.messages(contact_key=contact_key, journey_id=journey_id, limit=limit)
+        items = [{"message_id": d.pop("_id"), **d} for d in found]
+        return {"count": len(items), "messages": items}
+
+    @app.get(
+        "/v1/delivery/funnel",
+        dependencies=viewer,
+        summary="Requested → sent → delivered → opened → clicked, skips and failures by reason",
+    )
+    async def delivery_funnel(
+        by: Literal["journey_id", "template_id", "channel"] = "journey_id",
+    ) -> dict[str, Any]:
+        return {"by": by, "funnels": funnels(await insights.delivery_counts(), by)}
