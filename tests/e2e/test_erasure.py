@@ -1,8 +1,8 @@
 """Erasure that erases, on the real stack: a contact is forgotten mid-journey (its welcome email
 sent, its reminder an hour away, products it viewed in the fan-out index on other partitions),
 and then no document of the `waypost` database and no latest value of a compacted topic holds
-its key, anonymous id, e-mail or phone; a send request for it queued after the erasure ends
-`skipped` and is never delivered."""
+its key, anonymous id, e-mail or phone; a send request for it queued after the erasure, and a
+retry of a send the provider refused before it, end `skipped` and are never delivered."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from tests.e2e.helpers import (
     publish_journey,
     read_topic,
     unique,
+    wait_drained,
     wait_for,
     write_journey,
 )
@@ -221,5 +222,68 @@ def test_a_contact_forgotten_mid_journey_leaves_no_trace_and_gets_nothing_more(
         assert (skipped["reason"], skipped["contact_key"]) == ("contact_forgotten", "forgotten")
         assert [m["subject"] for m in outbox(stack, to=email)] == ["Welcome Erin"]
         assert _traces(stack, database, needles) == []
+    finally:
+        client.close()
+
+
+def test_a_retry_queued_before_the_erasure_is_skipped_and_never_delivered(
+    stack: Any, tmp_path: Path
+) -> None:
+    journey = unique("erased-retry")
+    trigger = f"Enter {journey}"
+    publish_inline(
+        stack,
+        tmp_path,
+        journey,
+        {"type": "event", "event": trigger},
+        [
+            {"id": "text", "type": "send", "channel": "sms", "template": f"{journey}-sms"},
+            {"id": "done", "type": "exit"},
+        ],
+        {f"{journey}-sms": {"channel": "sms", "text": "Acme: your trial starts today."}},
+    )
+    user = unique("erased-retry")
+    phone = "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
+    # The provider refuses every try for now (429, try again in 15 s): a retry is queued.
+    rule = httpx.post(
+        f"{stack.outbox_url}/control/failures",
+        json={"channel": "sms", "recipient": phone, "error": "429", "retry_after": 15},
+        timeout=10,
+    )
+    rule.raise_for_status()
+    identify = post(stack, "identify", {"userId": user, "traits": {"phone": phone}})
+    assert identify.status_code == 200, identify.text
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+
+    client = connect_blocking(CommonSettings(mongo_url=stack.mongo_url), "tests")
+    messages = client["waypost"]["messages"]
+    try:
+        retrying = wait_for(
+            lambda: messages.find_one({"contact_key": user, "state": "retrying"}),
+            what="the refused text waiting for its retry",
+        )
+        message_id = retrying["_id"]
+        answer = httpx.delete(f"{stack.admin_url}/v1/contacts/{user}", headers=ADMIN, timeout=10)
+        assert answer.status_code == 202, answer.text
+        # The dispatcher has the erasure (the entry no longer names the contact) while the
+        # retry is still queued; from now on the provider would take the text.
+        wait_for(
+            lambda: messages.find_one({"_id": message_id, "contact_key": "forgotten"}),
+            what="the erasure at the dispatcher",
+        )
+        removed = httpx.delete(
+            f"{stack.outbox_url}/control/failures/{rule.json()['id']}", timeout=10
+        )
+        removed.raise_for_status()
+
+        skipped = wait_for(
+            lambda: messages.find_one({"_id": message_id, "state": "skipped"}),
+            timeout=120,
+            what="the queued retry to end skipped",
+        )
+        assert (skipped["reason"], skipped["contact_key"]) == ("contact_forgotten", "forgotten")
+        wait_drained(stack)
+        assert outbox(stack, channel="sms", to=phone) == []
+        assert messages.find_one({"_id": message_id})["state"] == "skipped"
     finally:
         client.close()
