@@ -18,6 +18,7 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
+from services.admin.domain.audit import contact_digest
 from shared.contracts import Profile, SendRequest
 from shared.docstore import connect_blocking
 from shared.settings import CommonSettings
@@ -222,6 +223,10 @@ def test_a_contact_forgotten_mid_journey_leaves_no_trace_and_gets_nothing_more(
         assert (skipped["reason"], skipped["contact_key"]) == ("contact_forgotten", "forgotten")
         assert [m["subject"] for m in outbox(stack, to=email)] == ["Welcome Erin"]
         assert _traces(stack, database, needles) == []
+        # The admin's access log named the contact's calls (a read, the forget) by a digest.
+        access_log = stack.logfile("admin").read_text()
+        assert f"/v1/contacts/{contact_digest(user)}" in access_log
+        assert [n for n in needles if n in access_log] == []
     finally:
         client.close()
 
