@@ -32,7 +32,6 @@ from shared.lifecycle import (
     decide_publish,
     decide_status_change,
     shipped_template_document,
-    template_status,
     templates_used,
 )
 from shared.segment_checks import (
@@ -45,6 +44,7 @@ from shared.segment_checks import (
 )
 from shared.segments import PublishedAggregate, PublishedSegment, SegmentFile
 from shared.settings import CommonSettings
+from shared.template_checks import template_problems
 from shared.topics import ALL_TOPICS, DEFINITIONS
 
 # What the definitions topic carries: journey versions, segments, aggregates.
@@ -121,10 +121,7 @@ def publish(settings: CommonSettings, files: list[Path]) -> int:
         decisions: list[tuple[Path, Publish | Unchanged]] = []
         for path, journey_file in parsed:
             used = list(templates_used(journey_file))
-            stored = {
-                str(doc["_id"]): template_status(doc)
-                for doc in templates.find({"_id": {"$in": used}})
-            }
+            stored = {str(doc["_id"]): doc for doc in templates.find({"_id": {"$in": used}})}
             decision = decide_publish(journey_file, published, stored, now)
             if isinstance(decision, Refused):
                 raise DefinitionError("\n".join(f"{path}: {p}" for p in decision.problems))
@@ -364,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
             return dead_letters(settings, args)
         if args.command == "check":
             for path in args.files:
-                load_journey_file(path)
+                # The shipped templates are rendered against a sample, as publishing does.
+                problems = template_problems(load_journey_file(path), {})
+                if problems:
+                    raise DefinitionError("\n".join(f"{path}: {p}" for p in problems))
                 print(f"ok  {path}")
             return 0
         if args.command in ("pause", "resume", "archive"):

@@ -628,25 +628,37 @@ def facts_of(
     """
     roots: dict[str, Any] = {}
     if profile is not None:
-        roots.update(
-            traits=profile.traits,
-            tags=profile.tags,
-            segments=profile.segments if segments is None else segments,
-            consent=profile.consent,
-            aggregates=profile.aggregates if aggregates is None else aggregates,
-            contact={
-                "key": profile.contact_key,
-                "user_id": profile.user_id,
-                "first_seen": profile.first_seen,
-                "last_seen": profile.last_seen,
-                "event_counts": profile.event_counts,
-            },
-        )
+        roots.update(profile_facts(profile, aggregates=aggregates, segments=segments))
     if event is not None:
         roots["event"] = event_facts(event)
     if context is not None:
         roots["context"] = context
     return Facts(roots)
+
+
+def profile_facts(
+    profile: Profile,
+    *,
+    aggregates: Mapping[str, Any] | None = None,
+    segments: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """A contact's roots as conditions and templates read them: `traits`, `tags`, `segments`,
+    `consent`, `aggregates` and `contact` (its key, user id, first and last seen, event counts).
+    """
+    return {
+        "traits": profile.traits,
+        "tags": profile.tags,
+        "segments": profile.segments if segments is None else segments,
+        "consent": profile.consent,
+        "aggregates": profile.aggregates if aggregates is None else aggregates,
+        "contact": {
+            "key": profile.contact_key,
+            "user_id": profile.user_id,
+            "first_seen": profile.first_seen,
+            "last_seen": profile.last_seen,
+            "event_counts": profile.event_counts,
+        },
+    }
 
 
 def event_facts(event: Event) -> dict[str, Any]:

@@ -337,14 +337,16 @@ class SegmentCount(WireModel):
     at: AwareDatetime
 
 
-ObjectRelationKind = Literal["related", "fan_out"]
+ObjectRelationKind = Literal["related", "fan_out", "unrelated"]
 
 
 class ObjectRelation(WireModel):
     """A record of the object index, keyed by `object_key` (`<event>|<property>|<value>`).
 
     `related`: `contact_key` did the relation's event on the object at `at`. `fan_out`: the
-    object event `event` must reach every contact related within `within`.
+    object event `event` must reach every contact related within `within`. `unrelated`:
+    `contact_key` leaves the object's entry (forgotten, merged into another contact, or its
+    relation aged out of the contact's own list).
     """
 
     schema_version: int = SCHEMA_VERSION

@@ -205,8 +205,8 @@ def _step_in_unbounded_loop(journey: Journey) -> str | None:
     return None
 
 
-def _check_context_reads(journey: Journey, problem: Any) -> None:
-    """Every `context.<name>` a condition or value reads must be written by some step."""
+def context_written(journey: Journey) -> set[str]:
+    """The names of an instance's context: built in, or written by some step of the journey."""
     written = set(BUILT_IN_CONTEXT)
     if journey.goals:
         written.add("goals")
@@ -219,6 +219,12 @@ def _check_context_reads(journey: Journey, problem: Any) -> None:
             written.update(step.values)
         elif isinstance(step, AssignOwnerStep):
             written.add(step.attribute)
+    return written
+
+
+def _check_context_reads(journey: Journey, problem: Any) -> None:
+    """Every `context.<name>` a condition or value reads must be written by some step."""
+    written = context_written(journey)
     for step_id, path in _context_reads(journey):
         parts = path.split(".")
         if parts[0] == "context" and (len(parts) < 2 or parts[1] not in written):

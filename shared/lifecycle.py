@@ -20,6 +20,7 @@ from shared.journeys import (
     TemplateDefinition,
     TemplateStatus,
 )
+from shared.template_checks import template_problems
 
 StatusChange = Literal["pause", "resume", "archive"]
 
@@ -136,16 +137,18 @@ def template_readiness(
 def decide_publish(
     journey_file: JourneyFile,
     published: Iterable[PublishedJourney],
-    stored_templates: Mapping[str, TemplateStatus],
+    stored_templates: Mapping[str, Mapping[str, Any]],
     now: datetime,
 ) -> PublishDecision:
     """Publish a validated definition as a new, immutable version, or say why not.
 
-    Versions are explicit: a new one must be greater than every published version of the
-    journey (no number is assigned). Re-publishing a version with the same content only puts
-    back the shipped templates the store lost; with other content it is refused. A new version
-    keeps the journey's status (a paused journey stays paused until resumed); an archived
-    journey takes no new versions.
+    `stored_templates` are the stored documents of the templates the journey uses. Versions
+    are explicit: a new one must be greater than every published version of the journey (no
+    number is assigned). Re-publishing a version with the same content only puts back the
+    shipped templates the store lost; with other content it is refused. A new version keeps
+    the journey's status (a paused journey stays paused until resumed); an archived journey
+    takes no new versions. Every template the journey uses must be ready and render, against
+    a sample of the trigger and profile, without an undefined variable.
     """
     journey = journey_file.journey
     versions = versions_of(journey.id, published)
@@ -186,7 +189,9 @@ def decide_publish(
                 f"{newest.journey.version}: use `version: {newest.journey.version + 1}`",
             )
         )
-    problems.extend(template_readiness(journey_file, stored_templates))
+    statuses = {tid: template_status(document) for tid, document in stored_templates.items()}
+    problems.extend(template_readiness(journey_file, statuses))
+    problems.extend(template_problems(journey_file, stored_templates))
     if problems:
         return Refused(tuple(problems))
     status: JourneyStatus = newest.status if newest is not None else "active"

@@ -8,6 +8,7 @@ import functools
 
 import uvicorn
 
+from services.admin.access import redact_access_log
 from services.admin.adapters.analytics import (
     JourneyLogStore,
     follow_journey_log,
@@ -75,6 +76,8 @@ async def serve(settings: AdminSettings) -> None:
             app, host=settings.admin_host, port=settings.admin_port, log_level=settings.log_level
         )
     )
+    # Request paths name contacts (/v1/contacts/{key}); the access log shows digests instead.
+    redact_access_log(app.routes)
     try:
         await server.serve()
     finally:

@@ -9,22 +9,29 @@ test walks every route of the app and fails on one without it (tests/unit/test_a
 # `RoleRequirement.__call__` at runtime, and an instance has no module globals to resolve
 # annotations written as strings against.
 
+import logging
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
+from urllib.parse import unquote
 
 import structlog
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.routing import BaseRoute, Match
 
 from services.admin.adapters.audit import AuditTrail
-from services.admin.domain.audit import AuditEntry, audit_entry
+from services.admin.domain.audit import AuditEntry, audit_entry, logged_path
 from services.admin.domain.roles import AdminKey, Role, allows
 from shared.clock import Clock
 
 log = structlog.get_logger(__name__)
+# The logger uvicorn writes one line per answered request to.
+ACCESS_LOGGER = "uvicorn.access"
+# Shown instead of a path the redaction could not read (never the path itself).
+UNREAD_PATH = "[path not shown]"
 
 _bearer = HTTPBearer(auto_error=False)
 # Reads are not audited; every other method asks for a change.
@@ -185,3 +192,48 @@ class AuditedChanges:
 def _as_json(entry: AuditEntry) -> dict[str, Any]:
     """The entry as the JSON log line holds it: the time as ISO 8601."""
     return {**entry.as_document(), "at": entry.at.isoformat()}
+
+
+class AccessLogRedaction(logging.Filter):
+    """Rewrites the path of each access log line as its route with the parameters filled in,
+    a contact key as the audit log's digest of it (`logged_path`), so the key of a contact,
+    forgotten or not, never reaches the log. Paths no route matches are shown as they came."""
+
+    def __init__(self, routes: Iterable[BaseRoute]) -> None:
+        super().__init__()
+        self._routes = list(routes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's line: '%s - "%s %s HTTP/%s" %d' (client, method, path?query, version, status)
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            try:
+                shown = self.path(str(args[1]), args[2])
+            except Exception:  # noqa: BLE001 - a log line must not fail; show no path then
+                shown = UNREAD_PATH
+            record.args = (args[0], args[1], shown, args[3], args[4])
+        return True
+
+    def path(self, method: str, path_and_query: str) -> str:
+        """The path as logged: matched the way the app's router matches a request."""
+        path, mark, query = path_and_query.partition("?")
+        scope = {"type": "http", "method": method, "path": unquote(path), "root_path": ""}
+        found = None
+        for route in self._routes:
+            match, child = route.matches(scope)
+            if match == Match.FULL or (match == Match.PARTIAL and found is None):
+                found = (route, child)  # a PARTIAL match: the path's route, another method
+                if match == Match.FULL:
+                    break
+        if found is None:
+            return path_and_query
+        route, child = found
+        shape = str(getattr(route, "path_format", path))
+        return logged_path(shape, child.get("path_params", {})) + mark + query
+
+
+def redact_access_log(routes: Iterable[BaseRoute]) -> AccessLogRedaction:
+    """Install the redaction on uvicorn's access logger (after uvicorn set up its logging)."""
+    redaction = AccessLogRedaction(routes)
+    logging.getLogger(ACCESS_LOGGER).addFilter(redaction)
+    return redaction

@@ -227,7 +227,7 @@ def create_app(
             )
             if parsed is None:
                 raise Problems(422, "the draft has problems", problems)
-            stored = await templates.statuses(templates_used(parsed))
+            stored = await templates.documents(templates_used(parsed))
             decision = decide_publish(parsed, definitions.all(), stored, clock.now())
             if isinstance(decision, Refused):
                 raise Problems(409, "not published", decision.problems)

@@ -63,10 +63,6 @@ from services.dispatcher.domain.policy import (
     kept_sends,
     line_break_refusal,
 )
-from services.dispatcher.domain.rendering import (
-    RenderError,
-    render_variables,
-)
 from services.dispatcher.settings import DispatcherSettings
 from shared.channels import CHANNELS, address_of, consent_changes
 from shared.clock import Clock
@@ -76,6 +72,10 @@ from shared.durations import parse_duration, zone
 from shared.kafka import AsyncProducer, Record
 from shared.links import LinkClaims, LinkSigner
 from shared.profiles import CONTACT_FORGOTTEN
+from shared.rendering import (
+    RenderError,
+    render_variables,
+)
 from shared.rendezvous import Rendezvous
 from shared.streams import focus
 from shared.system_events import (

@@ -160,6 +160,16 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes | Non
     """Every record on the topic so far (key, value), partition by partition; of a topic
     written in transactions, the committed ones (the end offset counts commit markers too, so
     the partition's end is what the consumer reports as such)."""
+    return [(key, value) for _partition, key, value in read_partitions(bootstrap, topic)]
+
+
+def partitions_of(bootstrap: str, topic: str, key: str) -> set[int]:
+    """The partitions of the topic that hold a record with this key."""
+    return {p for p, k, _value in read_partitions(bootstrap, topic) if k == key}
+
+
+def read_partitions(bootstrap: str, topic: str) -> list[tuple[int, str | None, bytes | None]]:
+    """Like `read_topic`, each record with its partition."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -168,7 +178,7 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes | Non
             "enable.partition.eof": True,
         }
     )
-    records: list[tuple[str | None, bytes | None]] = []
+    records: list[tuple[int, str | None, bytes | None]] = []
     try:
         metadata = consumer.list_topics(topic, timeout=10)
         for partition in metadata.topics[topic].partitions:
@@ -188,7 +198,8 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes | Non
                     continue
                 position = message.offset() + 1
                 key = message.key()
-                records.append((key.decode() if key is not None else None, message.value()))
+                decoded = key.decode() if key is not None else None
+                records.append((partition, decoded, message.value()))
     finally:
         consumer.close()
     return records

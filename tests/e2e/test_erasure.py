@@ -1,12 +1,14 @@
 """Erasure that erases, on the real stack: a contact is forgotten mid-journey (its welcome email
-sent, its reminder an hour away), and then no document of the `waypost` database and no latest
-value of a compacted topic holds its key, anonymous id, e-mail or phone; a send request for it
-queued after the erasure ends `skipped` and is never delivered."""
+sent, its reminder an hour away, products it viewed in the fan-out index on other partitions),
+and then no document of the `waypost` database and no latest value of a compacted topic holds
+its key, anonymous id, e-mail or phone; a send request for it queued after the erasure, and a
+retry of a send the provider refused before it, end `skipped` and are never delivered."""
 
 from __future__ import annotations
 
 import json
 import secrets
+import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,22 +18,27 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
+from services.admin.domain.audit import contact_digest
 from shared.contracts import Profile, SendRequest
 from shared.docstore import connect_blocking
 from shared.settings import CommonSettings
-from shared.topics import ALL_TOPICS, SEND_REQUESTS
+from shared.topics import ALL_TOPICS, OBJECT_RELATIONS, PROFILES, SEND_REQUESTS
 from tests.e2e.helpers import (
     outbox,
+    partitions_of,
     post,
+    publish_inline,
     publish_journey,
     read_topic,
     unique,
+    wait_drained,
     wait_for,
     write_journey,
 )
 
 pytestmark = pytest.mark.e2e
 ADMIN = {"Authorization": "Bearer wp_dev_admin_key"}
+RELATIONS_CHANGELOG = "waypost-segmenter-relations-changelog"
 
 
 def _compacted_topics(bootstrap: str) -> list[str]:
@@ -70,6 +77,26 @@ def _traces(stack: Any, database: Any, needles: list[str]) -> list[str]:
     return found
 
 
+def _indexed(stack: Any, who: str, object_key: str = "") -> bool:
+    """Whether the entry of an object (of any, without `object_key`) in the fan-out index, as
+    its table's changelog says, names `who`."""
+    return any(
+        who in json.loads(value)
+        for row, value in _latest_values(stack.bootstrap, RELATIONS_CHANGELOG).items()
+        if (row or "").startswith(object_key)
+    )
+
+
+def _elsewhere(stack: Any, user: str, object_prefix: str) -> str:
+    """A product id whose object key the default partitioner (CRC32 of the key) puts on
+    another partition than the contact's."""
+    home = zlib.crc32(user.encode()) % stack.partitions
+    while True:
+        sku = unique("sku")
+        if zlib.crc32(f"{object_prefix}{sku}".encode()) % stack.partitions != home:
+            return sku
+
+
 def _contact(stack: Any, user: str) -> int:
     answer = httpx.get(f"{stack.admin_url}/v1/contacts/{user}", headers=ADMIN, timeout=10)
     return answer.status_code
@@ -81,18 +108,52 @@ def test_a_contact_forgotten_mid_journey_leaves_no_trace_and_gets_nothing_more(
     journey = unique("erasure")
     trigger = f"Trial Started {journey}"
     publish_journey(stack, write_journey(tmp_path, journey, trigger, "1h"))
+    # A fan-out journey, so that product views are kept in the object index.
+    viewed = f"Product Viewed {journey}"
+    publish_inline(
+        stack,
+        tmp_path,
+        f"{journey}-drop",
+        {
+            "type": "object_event",
+            "event": f"Price Dropped {journey}",
+            "object_property": "product_id",
+            "related_by": {"event": viewed, "property": "product_id", "within": "30d"},
+        },
+        [{"id": "done", "type": "exit"}],
+    )
     user, anonymous = unique("erased"), unique("erased-anon")
     email = f"{user}@example.com"
     phone = "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
     needles = [user, anonymous, email, phone]
+    prefix = f"{viewed}|product_id|"
+    anonymous_sku, known_sku = _elsewhere(stack, user, prefix), _elsewhere(stack, user, prefix)
 
-    # An anonymous visitor who signs up: the anonymous history merges into the known contact.
+    def view(field: str, who: str, sku: str) -> bool:
+        """View the product until the index holds the relation (the fan-out journey may still
+        be on its way to the segmenter's definitions)."""
+        body = {field: who, "event": viewed, "properties": {"product_id": sku}}
+        assert post(stack, "track", body).status_code == 200
+        return _indexed(stack, who, prefix + sku)
+
+    # An anonymous visitor who views a product and signs up: the anonymous history (its place in
+    # the object index included) merges into the known contact.
+    wait_for(lambda: view("anonymousId", anonymous, anonymous_sku), what="the anonymous view")
     seen = post(stack, "track", {"anonymousId": anonymous, "event": f"Page Seen {journey}"})
     assert seen.status_code == 200, seen.text
     traits = {"email": email, "phone": phone, "first_name": "Erin"}
     identify = post(stack, "identify", {"userId": user, "anonymousId": anonymous, "traits": traits})
     assert identify.status_code == 200, identify.text
     assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+    wait_for(lambda: view("userId", user, known_sku), what="the contact's view in the index")
+    wait_for(
+        lambda: not _indexed(stack, anonymous) and _indexed(stack, user, prefix + anonymous_sku),
+        what="the anonymous relation taken over by the known contact",
+    )
+    # The objects live on other partitions than the contact (the premise of this check).
+    [home] = partitions_of(stack.bootstrap, PROFILES.name, user)
+    for sku in (anonymous_sku, known_sku):
+        assert home not in partitions_of(stack.bootstrap, OBJECT_RELATIONS.name, prefix + sku)
 
     # Mid-journey: the welcome is sent and the instance waits an hour for the reminder.
     wait_for(lambda: outbox(stack, to=email), what="the welcome email")
@@ -162,5 +223,72 @@ def test_a_contact_forgotten_mid_journey_leaves_no_trace_and_gets_nothing_more(
         assert (skipped["reason"], skipped["contact_key"]) == ("contact_forgotten", "forgotten")
         assert [m["subject"] for m in outbox(stack, to=email)] == ["Welcome Erin"]
         assert _traces(stack, database, needles) == []
+        # The admin's access log named the contact's calls (a read, the forget) by a digest.
+        access_log = stack.logfile("admin").read_text()
+        assert f"/v1/contacts/{contact_digest(user)}" in access_log
+        assert [n for n in needles if n in access_log] == []
+    finally:
+        client.close()
+
+
+def test_a_retry_queued_before_the_erasure_is_skipped_and_never_delivered(
+    stack: Any, tmp_path: Path
+) -> None:
+    journey = unique("erased-retry")
+    trigger = f"Enter {journey}"
+    publish_inline(
+        stack,
+        tmp_path,
+        journey,
+        {"type": "event", "event": trigger},
+        [
+            {"id": "text", "type": "send", "channel": "sms", "template": f"{journey}-sms"},
+            {"id": "done", "type": "exit"},
+        ],
+        {f"{journey}-sms": {"channel": "sms", "text": "Acme: your trial starts today."}},
+    )
+    user = unique("erased-retry")
+    phone = "+1555" + "".join(secrets.choice("0123456789") for _ in range(7))
+    # The provider refuses every try for now (429, try again in 15 s): a retry is queued.
+    rule = httpx.post(
+        f"{stack.outbox_url}/control/failures",
+        json={"channel": "sms", "recipient": phone, "error": "429", "retry_after": 15},
+        timeout=10,
+    )
+    rule.raise_for_status()
+    identify = post(stack, "identify", {"userId": user, "traits": {"phone": phone}})
+    assert identify.status_code == 200, identify.text
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+
+    client = connect_blocking(CommonSettings(mongo_url=stack.mongo_url), "tests")
+    messages = client["waypost"]["messages"]
+    try:
+        retrying = wait_for(
+            lambda: messages.find_one({"contact_key": user, "state": "retrying"}),
+            what="the refused text waiting for its retry",
+        )
+        message_id = retrying["_id"]
+        answer = httpx.delete(f"{stack.admin_url}/v1/contacts/{user}", headers=ADMIN, timeout=10)
+        assert answer.status_code == 202, answer.text
+        # The dispatcher has the erasure (the entry no longer names the contact) while the
+        # retry is still queued; from now on the provider would take the text.
+        wait_for(
+            lambda: messages.find_one({"_id": message_id, "contact_key": "forgotten"}),
+            what="the erasure at the dispatcher",
+        )
+        removed = httpx.delete(
+            f"{stack.outbox_url}/control/failures/{rule.json()['id']}", timeout=10
+        )
+        removed.raise_for_status()
+
+        skipped = wait_for(
+            lambda: messages.find_one({"_id": message_id, "state": "skipped"}),
+            timeout=120,
+            what="the queued retry to end skipped",
+        )
+        assert (skipped["reason"], skipped["contact_key"]) == ("contact_forgotten", "forgotten")
+        wait_drained(stack)
+        assert outbox(stack, channel="sms", to=phone) == []
+        assert messages.find_one({"_id": message_id})["state"] == "skipped"
     finally:
         client.close()

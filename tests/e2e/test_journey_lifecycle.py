@@ -166,6 +166,32 @@ def test_publishing_is_refused_until_every_template_is_ready(stack: Any) -> None
     assert "template syntax" in broken.text
 
 
+def test_a_template_reading_an_undefined_variable_is_refused_at_publish(stack: Any) -> None:
+    journey_id, template = unique("variables"), unique("variables-tpl")
+    trigger = f"Enter {journey_id}"
+    # Written as a condition reads it, but without the `event` root: nobody could receive it.
+    _ready_template(stack, template, "Your {{ properties.plan }} plan")
+    definition = _definition(journey_id, trigger, template)
+    assert _admin(stack, "PUT", f"/v1/journeys/{journey_id}/draft", definition).status_code == 200
+
+    refused = _admin(stack, "POST", f"/v1/journeys/{journey_id}/publish")
+
+    assert refused.status_code == 409, refused.text
+    [problem] = refused.json()["problems"]
+    assert (problem["step"], problem["rule"]) == ("hello", "template-variables")
+    assert problem["message"].startswith(f"template '{template}', subject: 'properties' is")
+    assert f"step 'hello': template '{template}'" in refused.json()["detail"]
+    assert _admin(stack, "GET", f"/v1/journeys/{journey_id}").status_code == 404
+
+    # The way conditions write it: published, and rendered at send time.
+    _ready_template(stack, template, "Your {{ event.properties.plan }} plan")
+    published = _admin(stack, "POST", f"/v1/journeys/{journey_id}/publish")
+    assert published.status_code == 201, published.text
+    user, email = _contact(stack, "variables")
+    _track(stack, user, trigger, plan="pro")
+    assert wait_for(lambda: _subjects(stack, email), what="the email") == ["Your pro plan"]
+
+
 def test_a_published_version_cannot_be_changed(stack: Any) -> None:
     journey_id, template = unique("immutable"), unique("immutable-tpl")
     _ready_template(stack, template, "Hi")

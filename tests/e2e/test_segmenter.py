@@ -400,7 +400,7 @@ def test_s8_a_price_drop_reaches_everyone_who_viewed_the_product(
         [{"id": "tell", "type": "send", "template": f"{journey_id}-mail"}],
         {
             f"{journey_id}-mail": {
-                "subject": "{{ event.name }} now {{ event.new_price }}",
+                "subject": "{{ event.properties.name }} now {{ event.new_price }}",
                 "text": "Was {{ event.old_price }}, now {{ event.new_price }}.",
             }
         },

@@ -9,16 +9,16 @@ from typing import Any
 import pytest
 import yaml
 
-from services.dispatcher.domain.rendering import (
+from services.orchestrator.domain.simulator import Simulation
+from shared.cli import load_journey_file
+from shared.contracts import SendRequest
+from shared.journeys import Journey, JourneyFile
+from shared.rendering import (
     EmailTemplate,
     RenderedEmail,
     render_email,
     render_variables,
 )
-from services.orchestrator.domain.simulator import Simulation
-from shared.cli import load_journey_file
-from shared.contracts import SendRequest
-from shared.journeys import Journey, JourneyFile
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "journeys"
 # A Monday morning; scenario clocks start here unless they say otherwise.

@@ -6,19 +6,29 @@ tests/e2e/test_admin_roles.py, on the real stack)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute, Match
 from structlog.testing import capture_logs
+from uvicorn.protocols.utils import get_path_with_query_string
 
-from services.admin.access import RoleRequirement
+from services.admin.access import (
+    ACCESS_LOGGER,
+    UNREAD_PATH,
+    AccessLogRedaction,
+    RoleRequirement,
+    redact_access_log,
+)
 from services.admin.app import create_app
-from services.admin.domain.audit import AuditEntry, contact_digest
+from services.admin.domain.audit import AuditEntry, contact_digest, logged_path
 from services.admin.settings import AdminSettings
 from services.admin.ui.pages import PageRole
 from shared.clock import ManualClock
@@ -285,3 +295,109 @@ async def test_an_audit_entry_that_cannot_be_written_is_logged_whole_and_the_ans
     assert line["entry"]["status"] == 403
     assert line["entry"]["at"] == NOW.isoformat()
     assert ANA not in repr(line)
+
+
+# --- the HTTP access log ----------------------------------------------------------------------
+
+
+class Lines(logging.Handler):
+    """The access log's lines as uvicorn's formatter would render their message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def access_log() -> Iterator[Lines]:
+    """uvicorn's access logger with the admin's redaction on it, as `__main__` installs it."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    lines = Lines()
+    redaction = redact_access_log(build(MemoryTrail()).routes)
+    logger.addHandler(lines)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(lines)
+        logger.removeFilter(redaction)
+        logger.setLevel(level)
+
+
+def _answered(method: str, path: str, query: bytes = b"") -> None:
+    """Log one answered request exactly as uvicorn's HTTP protocol does."""
+    scope: Any = {"path": path, "query_string": query}
+    logging.getLogger(ACCESS_LOGGER).info(
+        '%s - "%s %s HTTP/%s" %d',
+        "127.0.0.1:50000",
+        method,
+        get_path_with_query_string(scope),
+        "1.1",
+        202,
+    )
+
+
+def test_a_logged_path_names_a_contact_by_its_audit_digest() -> None:
+    params = {"contact_key": "ada@example.com"}
+    assert logged_path("/v1/contacts/{contact_key}/consent", params) == (
+        f"/v1/contacts/{contact_digest('ada@example.com')}/consent"
+    )
+    assert logged_path("/v1/journeys/{journey_id}", {"journey_id": "win back"}) == (
+        "/v1/journeys/win%20back"
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "route"),
+    [
+        ("GET", "/v1/contacts/{key}", "/v1/contacts/{digest}"),
+        ("DELETE", "/v1/contacts/{key}", "/v1/contacts/{digest}"),
+        ("PUT", "/v1/contacts/{key}/consent", "/v1/contacts/{digest}/consent"),
+        ("POST", "/v1/contacts/{key}", "/v1/contacts/{digest}"),  # no such method: still hidden
+    ],
+)
+@pytest.mark.parametrize("key", ["ada@example.com", "ópal/ünïcode key", "+15551234567"])
+def test_the_access_log_shows_a_contact_key_only_as_its_digest(
+    access_log: Lines, method: str, path: str, route: str, key: str
+) -> None:
+    _answered(method, path.format(key=key))
+
+    (line,) = access_log.lines
+    shown = route.format(digest=contact_digest(key))
+    assert line == f'127.0.0.1:50000 - "{method} {shown} HTTP/1.1" 202'
+    for part in [key, *key.split("/"), quote(key)]:
+        assert part not in line
+
+
+def test_other_paths_and_query_strings_are_logged_as_they_came(access_log: Lines) -> None:
+    _answered("GET", "/v1/segments/vips/members", b"limit=5")
+    _answered("GET", "/v1/journeys/win back")
+    _answered("GET", "/nowhere/ada")
+
+    assert access_log.lines == [
+        '127.0.0.1:50000 - "GET /v1/segments/vips/members?limit=5 HTTP/1.1" 202',
+        '127.0.0.1:50000 - "GET /v1/journeys/win%20back HTTP/1.1" 202',
+        '127.0.0.1:50000 - "GET /nowhere/ada HTTP/1.1" 202',
+    ]
+
+
+def test_a_path_the_redaction_cannot_read_is_not_shown() -> None:
+    class Unreadable(BaseRoute):
+        def matches(self, scope: Any) -> tuple[Match, Any]:
+            raise ValueError("cannot read this path")
+
+    record = logging.LogRecord(
+        ACCESS_LOGGER,
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:50000", "GET", "/v1/contacts/ada", "1.1", 200),
+        None,
+    )
+
+    assert AccessLogRedaction([Unreadable()]).filter(record)
+    assert record.getMessage() == f'127.0.0.1:50000 - "GET {UNREAD_PATH} HTTP/1.1" 200'

@@ -40,7 +40,7 @@ from services.dispatcher.channels.wechat.domain import (
     wechat_send_path,
 )
 from services.dispatcher.domain.outcomes import Outcome
-from services.dispatcher.domain.rendering import RenderError
+from shared.rendering import RenderError
 
 VARIABLES: dict[str, Any] = {
     "contact": {"key": "user-1", "first_name": "Ada", "city": "Shanghai"},

@@ -9,9 +9,9 @@ from typing import Any
 
 from services.dispatcher.channels.email.domain import EmailContent, render
 from services.dispatcher.domain.messages import RenderContext
-from services.dispatcher.domain.rendering import render_variables
 from shared.contracts import Profile, SendRequest
 from shared.links import LinkClaims, LinkSigner, urls_written_in
+from shared.rendering import render_variables
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 PUBLIC = "https://go.example.com"

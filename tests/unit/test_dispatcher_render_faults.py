@@ -16,7 +16,7 @@ from services.dispatcher.domain.policy import (
     line_break_refusal,
     tries_next_channel,
 )
-from services.dispatcher.domain.rendering import (
+from shared.rendering import (
     EMAIL_RENDER_LIMIT,
     FIELD_RENDER_LIMIT,
     EmailTemplate,

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.admin.domain.templates import TemplateContent, edited, readied, view
-from shared.journeys import JourneyFile, PublishedJourney, TemplateStatus
+from shared.journeys import JourneyFile, PublishedJourney
 from shared.lifecycle import (
     Publish,
     Refused,
@@ -62,7 +62,14 @@ def _published(version: int, status: str = "active") -> PublishedJourney:
     )
 
 
-READY: dict[str, TemplateStatus] = {"launch-sms": "ready"}
+# The stored documents of the templates the journey uses but does not ship.
+READY: dict[str, dict[str, Any]] = {
+    "launch-sms": {
+        "channel": "sms",
+        "text": "Launch day, {{ contact.first_name }}!",
+        "status": "ready",
+    }
+}
 
 
 # --- drafts ---------------------------------------------------------------------------------
@@ -112,9 +119,11 @@ def test_a_first_version_is_published_active_with_its_shipped_templates() -> Non
     assert set(decision.templates) == {"announcement"}
 
 
-@pytest.mark.parametrize("stored", [{"launch-sms": "draft"}, {}])
+@pytest.mark.parametrize(
+    "stored", [{"launch-sms": {"channel": "sms", "text": "Launch", "status": "draft"}}, {}]
+)
 def test_publishing_is_refused_while_a_stored_template_is_not_ready(
-    stored: dict[str, TemplateStatus],
+    stored: dict[str, dict[str, Any]],
 ) -> None:
     decision = decide_publish(_file(), [], stored, T0)
 
@@ -147,7 +156,7 @@ def test_a_shipped_draft_template_that_no_step_uses_is_not_written() -> None:
 
 def test_republishing_the_same_content_changes_nothing() -> None:
     published = [_published(1, "paused")]
-    stored: dict[str, TemplateStatus] = {**READY, "announcement": "ready"}
+    stored = {**READY, "announcement": {"subject": "Hi", "text": "News", "status": "ready"}}
 
     decision = decide_publish(_file(1), published, stored, LATER)
 

@@ -26,7 +26,10 @@ from services.segmenter.domain.relations import (
     object_key,
     prune,
     related_contacts,
+    related_objects,
     relation_records,
+    relations_of,
+    unrelated,
 )
 from shared.cli import load_journey_file
 from shared.clock import ManualClock
@@ -38,6 +41,7 @@ from shared.topics import DEAD_LETTER, EVENTS, OBJECT_RELATIONS
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
+_MINUTE = timedelta(minutes=1)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "journeys"
 
 
@@ -365,6 +369,88 @@ def test_copies_never_feed_the_index() -> None:
     assert len(relation_records(drop(), "catalog", [loop], T0)) == 1
 
 
+# --- a contact's own list of related objects (what a forget takes it out of) -----------------
+
+
+def test_a_contact_remembers_each_objects_latest_relation() -> None:
+    viewed_p8 = "Product Viewed|product_id|p-8"
+    records = [
+        ObjectRelation(kind="related", object_key=VIEWED_P7, at=T0, contact_key="ada"),
+        ObjectRelation(kind="related", object_key=viewed_p8, at=T0 - DAY, contact_key="ada"),
+    ]
+
+    objects, gone = related_objects({VIEWED_P7: epoch_ms(T0 - DAY)}, records, T0, 30 * DAY)
+
+    assert objects == {VIEWED_P7: epoch_ms(T0), viewed_p8: epoch_ms(T0 - DAY)}
+    assert gone == ()
+
+
+def test_objects_related_before_the_kept_span_leave_the_list_and_are_named() -> None:
+    stored = {VIEWED_P7: epoch_ms(T0 - 31 * DAY), "Product Viewed|product_id|p-8": epoch_ms(T0)}
+
+    objects, gone = related_objects(stored, [], T0, 30 * DAY)
+
+    assert objects == {"Product Viewed|product_id|p-8": epoch_ms(T0)}
+    assert gone == (VIEWED_P7,)
+
+
+def test_without_a_live_trigger_nothing_leaves_the_list_by_age() -> None:
+    stored = {VIEWED_P7: epoch_ms(T0 - 400 * DAY)}
+    assert related_objects(stored, [], T0, None) == (stored, ())
+
+
+def test_past_the_cap_the_oldest_objects_leave_the_list_and_are_named() -> None:
+    stored = {f"Product Viewed|product_id|p-{n}": epoch_ms(T0 + n * _MINUTE) for n in range(4)}
+    newest = ObjectRelation(
+        kind="related", object_key="Product Viewed|product_id|p-9", at=T0 + DAY, contact_key="ada"
+    )
+
+    objects, gone = related_objects(stored, [newest], T0 + DAY, 30 * DAY, max_objects=4)
+
+    assert len(objects) < 5
+    assert newest.object_key in objects
+    assert gone == tuple(sorted(set(stored) - set(objects)))
+    assert "Product Viewed|product_id|p-0" in gone
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from([f"o-{n}" for n in range(8)]), st.integers(0, 60), max_size=8),
+    st.lists(st.tuples(st.sampled_from([f"o-{n}" for n in range(10)]), st.integers(0, 60))),
+    st.integers(1, 6),
+)
+def test_every_object_that_leaves_the_list_is_named_to_the_index(
+    stored_days: dict[str, int], added_days: list[tuple[str, int]], max_objects: int
+) -> None:
+    # The index never keeps a contact the list does not name: what leaves is always returned.
+    stored = {key: epoch_ms(T0 - days * DAY) for key, days in stored_days.items()}
+    records = [
+        ObjectRelation(kind="related", object_key=key, at=T0 - days * DAY, contact_key="ada")
+        for key, days in added_days
+    ]
+
+    objects, gone = related_objects(stored, records, T0, 30 * DAY, max_objects=max_objects)
+
+    named = set(stored) | {r.object_key for r in records}
+    assert set(objects) | set(gone) == named
+    assert not set(objects) & set(gone)
+    assert len(objects) <= max_objects
+    assert all(at >= epoch_ms(T0 - 30 * DAY) for at in objects.values())
+
+
+def test_unrelated_records_take_the_contact_out_of_each_object() -> None:
+    assert unrelated("ada", ["b", "a"], T0) == [
+        ObjectRelation(kind="unrelated", object_key="a", at=T0, contact_key="ada"),
+        ObjectRelation(kind="unrelated", object_key="b", at=T0, contact_key="ada"),
+    ]
+
+
+def test_relations_taken_over_keep_their_times() -> None:
+    assert relations_of("ada", {VIEWED_P7: epoch_ms(T0)}) == [
+        ObjectRelation(kind="related", object_key=VIEWED_P7, at=T0, contact_key="ada")
+    ]
+
+
 # --- the shell over fakes ---------------------------------------------------------------------
 
 
@@ -475,6 +561,25 @@ async def test_an_entry_is_capped_to_the_newest_contacts() -> None:
 
     (row,) = app.tables["relations"].values()
     assert sorted(json.loads(row)) == ["bob", "cyd", "dee"]
+
+
+async def test_an_unrelated_contact_leaves_the_entry_and_gets_no_more_copies() -> None:
+    index, app, producer, _clock = index_of(shards=1)
+    for contact in ["ada", "bob"]:
+        await index.handle(related(contact, T0))
+    leave = ObjectRelation(kind="unrelated", object_key=VIEWED_P7, at=T0, contact_key="ada")
+
+    await index.handle(leave)
+    await index.handle(leave)  # redelivered: nothing more to take out
+
+    (row,) = app.tables["relations"].values()
+    assert json.loads(row) == {"bob": epoch_ms(T0)}
+    (request,) = fan_out_requests(drop(at=T0), [PRICE_DROP], T0)
+    await index.handle(request)
+    assert [key for b in producer.batches for _t, key, _v in b] == ["bob"]
+
+    await index.handle(leave.model_copy(update={"contact_key": "bob"}))
+    assert app.tables["relations"] == {}  # nobody left: the row is deleted
 
 
 async def test_undecodable_and_incomplete_records_go_to_dead_letters() -> None:

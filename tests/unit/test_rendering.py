@@ -1,4 +1,5 @@
-"""Dispatcher rendering in the Jinja2 sandbox, and what to do with a replayed send request."""
+"""Dispatcher rendering in the Jinja2 sandbox, the variables a template reads (the shape
+conditions read), and what to do with a replayed send request."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ from typing import Any
 import pytest
 
 from services.dispatcher.domain.outcomes import resume_action
-from services.dispatcher.domain.rendering import (
+from shared.conditions import condition_from, evaluate, event_facts, facts_of
+from shared.contracts import Event, Profile, SendRequest
+from shared.rendering import (
     EmailTemplate,
     RenderError,
+    TemplateSyntax,
+    UndefinedVariable,
     render_email,
+    render_text,
     render_variables,
+    template_variables,
 )
-from shared.contracts import Profile, SendRequest
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 
@@ -53,6 +59,93 @@ def test_contact_traits_and_trigger_properties_fill_the_template() -> None:
     assert email.subject == "Welcome, Ada!"
     assert email.text == "Hi Ada, enjoy the pro plan."
     assert email.html is None
+
+
+def _entered_by(properties: dict[str, Any], traits: dict[str, Any]) -> tuple[Event, Profile]:
+    event = Event.model_validate(
+        {
+            "type": "track",
+            "event": "Trial Started",
+            "userId": "user-1",
+            "messageId": "m-1",
+            "timestamp": T0,
+            "receivedAt": T0,
+            "properties": properties,
+        }
+    )
+    profile = Profile(
+        contact_key="user-1",
+        user_id="user-1",
+        traits=traits,
+        tags=("vip",),
+        segments=("trials",),
+        first_seen=T0,
+        last_seen=T0,
+        updated_at=T0,
+    )
+    return event, profile
+
+
+def test_a_template_reads_the_paths_a_condition_reads() -> None:
+    event, profile = _entered_by({"plan": "pro", "seats": 3}, {"first_name": "Ada"})
+    context = {"trigger": event_facts(event), "entered_at": T0.isoformat()}
+    variables = template_variables(profile, context, "trial", 2)
+    facts = facts_of(profile, event=event, context=context)
+    paths = [
+        "event.name",
+        "event.properties.plan",
+        "event.properties.seats",
+        "traits.first_name",
+        "tags",
+        "segments",
+        "contact.key",
+        "contact.user_id",
+        "context.trigger.properties.plan",
+    ]
+
+    for path in paths:
+        found, value = facts.read(path)
+        assert found, path
+        assert render_text("{{ " + path + " }}", variables) == str(value), path
+    # A condition written the same way holds.
+    holds = condition_from({"field": "event.properties.plan", "op": "eq", "value": "pro"})
+    assert evaluate(holds, facts, T0)
+
+
+def test_short_forms_read_properties_and_traits_where_no_field_has_the_name() -> None:
+    event, profile = _entered_by(
+        {"plan": "pro", "name": "Lamp", "type": "x"}, {"first_name": "Ada", "key": "k"}
+    )
+    variables = template_variables(profile, {"trigger": event_facts(event)}, "trial", 1)
+
+    rendered = render_text(
+        "{{ event.plan }} {{ contact.first_name }} | {{ event.name }} {{ event.type }}"
+        " {{ contact.key }} | {{ event.properties.name }} {{ traits.key }}",
+        variables,
+    )
+
+    assert rendered == "pro Ada | Trial Started track user-1 | Lamp k"
+
+
+def test_the_roots_are_those_of_the_conditions_plus_journey() -> None:
+    event, profile = _entered_by({}, {})
+    context = {"trigger": event_facts(event)}
+    variables = template_variables(profile, context, "trial", 1)
+    facts = facts_of(profile, event=event, context=context)
+    roots = {"traits", "tags", "segments", "consent", "aggregates", "contact", "event", "context"}
+
+    assert all(facts.read(root)[0] for root in roots)
+    assert set(variables) == roots | {"journey"}
+
+
+def test_an_undefined_variable_and_a_syntax_error_are_told_apart() -> None:
+    with pytest.raises(UndefinedVariable, match="'user' is undefined"):
+        render_text("{{ user.name }}", {})
+    with pytest.raises(TemplateSyntax):
+        render_text("{{ user.name ", {})
+    with pytest.raises(RenderError, match="ZeroDivisionError") as caught:
+        render_text("{{ 1 // 0 }}", {})
+    assert not isinstance(caught.value, UndefinedVariable | TemplateSyntax)
 
 
 def test_template_can_read_contact_key_and_journey() -> None:

@@ -32,7 +32,7 @@ from services.segmenter.domain.decide import (
     decide,
 )
 from services.segmenter.domain.definitions import Definitions
-from services.segmenter.domain.relations import fan_out_copy
+from services.segmenter.domain.relations import epoch_ms, fan_out_copy
 from shared.conditions import condition_from
 from shared.contracts import (
     ContactCommand,
@@ -265,15 +265,33 @@ def test_a_related_event_is_indexed_after_the_profile_and_before_the_rows() -> N
 
     decision = decide(Rows(), event, DEFS, NOW)
 
+    # The row lists the object, so that forgetting the contact can take it out of the index.
+    listed = row.model_copy(update={"related": {VIEWED_P7: epoch_ms(event.timestamp)}})
     assert decision.commands == (
         *published("ada", outcome),
         RequestTimer(
             SegmentTimerRequest(contact_key="ada", due_at=row.next_tick, requested_at=NOW)
         ),
         IndexObject(relation),
-        StoreRow("ada", row),
+        StoreRow("ada", listed),
         StoreMembership("ada", DEFS.digest, ()),
     )
+
+
+def test_an_object_that_ages_out_of_the_contacts_list_leaves_the_index() -> None:
+    old = NOW - timedelta(days=31)
+    known = row_after(viewed()).model_copy(update={"related": {VIEWED_P7: epoch_ms(old)}})
+
+    commands = decide(Rows(known), viewed("m-2", product="p-8"), DEFS, NOW).commands
+
+    viewed_p8 = "Product Viewed|product_id|p-8"
+    at = NOW - timedelta(minutes=5)
+    assert [c.relation for c in commands if isinstance(c, IndexObject)] == [
+        ObjectRelation(kind="related", object_key=viewed_p8, at=at, contact_key="ada"),
+        ObjectRelation(kind="unrelated", object_key=VIEWED_P7, at=NOW, contact_key="ada"),
+    ]
+    (stored,) = [c.row for c in commands if isinstance(c, StoreRow)]
+    assert stored.related == {viewed_p8: epoch_ms(at)}
 
 
 def test_a_forgotten_contacts_events_are_suppressed_without_reading_its_row() -> None:
@@ -376,7 +394,9 @@ def test_events_waypost_alone_emits_and_events_without_a_contact_are_refused() -
 def test_forget_erases_every_row_keeps_a_suppression_and_forgets_merged_ids_again() -> None:
     known = row_after(viewed("m-1"), viewed("m-2"))
     merged = known.profile.model_copy(update={"anonymous_ids": ("an-1", "an-2")})
-    known = known.model_copy(update={"profile": merged})
+    viewed_p8 = "Product Viewed|product_id|p-8"
+    objects = {viewed_p8: epoch_ms(NOW), VIEWED_P7: epoch_ms(NOW)}
+    known = known.model_copy(update={"profile": merged, "related": objects})
     assert known.next_tick is not None
     assert known.profile.segments == ("browsers",)
     forget = order("ada", "forget", reason="asked")
@@ -391,6 +411,13 @@ def test_forget_erases_every_row_keeps_a_suppression_and_forgets_merged_ids_agai
         Announce(ContactEvent(contact_key="ada", event=forgotten, profile=blank)),
         PublishProfile("ada", None),
         Report("ada", forgotten),
+        # The contact leaves every object it is related to, on the objects' own partitions.
+        IndexObject(
+            ObjectRelation(kind="unrelated", object_key=VIEWED_P7, at=NOW, contact_key="ada")
+        ),
+        IndexObject(
+            ObjectRelation(kind="unrelated", object_key=viewed_p8, at=NOW, contact_key="ada")
+        ),
         cancel("ada"),
         SendCommand(
             forget.model_copy(
@@ -449,7 +476,7 @@ def test_a_forgotten_contact_ignores_every_command_but_forget(command: ContactCo
 def test_merge_into_hands_the_row_over_and_leaves_a_link() -> None:
     anonymous = row_after(
         viewed("m-1", anonymousId="an-1"), viewed("m-2", anonymousId="an-1"), key="an-1"
-    )
+    ).model_copy(update={"related": {VIEWED_P7: epoch_ms(NOW)}})
     assert anonymous.next_tick is not None
     merge = order("an-1", "merge_into", command_id="c-m", other_key="ada", reason="identified")
     absorb = ContactCommand(
@@ -467,6 +494,10 @@ def test_merge_into_hands_the_row_over_and_leaves_a_link() -> None:
     assert decision.commands == (
         SendCommand(absorb),
         PublishProfile("an-1", None),
+        # The anonymous key leaves the index; the known contact takes its relations over.
+        IndexObject(
+            ObjectRelation(kind="unrelated", object_key=VIEWED_P7, at=NOW, contact_key="an-1")
+        ),
         cancel("an-1"),
         DeleteRow("an-1"),
         DeleteMembership("an-1"),
@@ -525,6 +556,26 @@ def test_absorb_merges_the_anonymous_history_once() -> None:
     assert merged.profile.anonymous_ids == ("an-1",)
     # Redelivered, the absorb changes nothing.
     assert decide(Rows(merged), absorb, DEFS, NOW).commands == ()
+
+
+def test_absorb_takes_the_anonymous_relations_over_once() -> None:
+    known = row_after(viewed("m-1", userId="ada", anonymousId="an-1"))
+    seen = NOW - timedelta(days=2)
+    anonymous = row_after(viewed("m-2", anonymousId="an-1"), key="an-1").model_copy(
+        update={"related": {VIEWED_P7: epoch_ms(seen)}}
+    )
+    absorb = order(
+        "ada", "absorb", command_id="c-a", other_key="an-1", state=anonymous.model_dump(mode="json")
+    )
+
+    commands = decide(Rows(known), absorb, DEFS, NOW).commands
+
+    assert [c.relation for c in commands if isinstance(c, IndexObject)] == [
+        ObjectRelation(kind="related", object_key=VIEWED_P7, at=seen, contact_key="ada")
+    ]
+    (stored,) = [c.row for c in commands if isinstance(c, StoreRow)]
+    assert stored.related == {VIEWED_P7: epoch_ms(seen)}
+    assert decide(Rows(stored), absorb, DEFS, NOW).commands == ()
 
 
 def test_absorb_needs_the_state_and_the_other_key() -> None:

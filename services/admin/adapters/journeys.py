@@ -13,9 +13,9 @@ import structlog
 from pymongo.asynchronous.database import AsyncDatabase
 
 from shared.definitions import PublishedJourneys
-from shared.journeys import PublishedJourney, TemplateDefinition, TemplateStatus
+from shared.journeys import PublishedJourney, TemplateDefinition
 from shared.kafka import AsyncProducer
-from shared.lifecycle import shipped_template_document, template_status
+from shared.lifecycle import shipped_template_document
 from shared.topics import DEFINITIONS
 
 log = structlog.get_logger(__name__)
@@ -61,9 +61,10 @@ class TemplateStore:
     async def ids(self) -> set[str]:
         return {str(doc["_id"]) async for doc in self._templates.find({}, {"_id": 1})}
 
-    async def statuses(self, template_ids: Iterable[str]) -> dict[str, TemplateStatus]:
+    async def documents(self, template_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The stored documents of these templates (those that exist)."""
         cursor = self._templates.find({"_id": {"$in": list(template_ids)}})
-        return {str(doc["_id"]): template_status(doc) async for doc in cursor}
+        return {str(doc["_id"]): doc async for doc in cursor}
 
     async def write_shipped(
         self, templates: Mapping[str, TemplateDefinition], now: datetime

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from services.admin.domain.roles import Role
 from shared.ids import stable_id
@@ -23,6 +24,16 @@ def contact_digest(contact_key: str) -> str:
     """How the audit log names a contact: who knows the key finds its entries, the log alone
     does not give the key away."""
     return "contact:" + stable_id("audit", contact_key, length=24)
+
+
+def logged_path(path_format: str, params: Mapping[str, Any]) -> str:
+    """A request path as the HTTP access log shows it: its route (`/v1/contacts/{contact_key}`)
+    with the parameters filled in, a contact named by `contact_digest` as in the audit log."""
+    path = path_format
+    for name, value in params.items():
+        shown = contact_digest(str(value)) if name in CONTACT_PARAMS else quote(str(value))
+        path = path.replace("{" + name + "}", shown)
+    return path
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from services.dispatcher.domain.outcomes import Outcome
-from services.dispatcher.domain.rendering import RenderError, breaks_line, render_text
 from shared.clock import Clock
+from shared.rendering import RenderError, breaks_line, render_text
 
 # A stored template document: channel, subject, text, html, and optionally url, image_url,
 # wechat_template_id and data (names to Jinja sources).

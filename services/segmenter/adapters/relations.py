@@ -22,6 +22,7 @@ from services.segmenter.domain.relations import (
     fan_out_copy,
     prune,
     related_contacts,
+    without,
 )
 from shared.clock import Clock
 from shared.contracts import Event, ObjectRelation
@@ -43,8 +44,9 @@ FAN_OUT_BATCH = 1_000
 
 class RelationIndex:
     """The `relations` table (object key and shard -> JSON entry) and the processor of the
-    object-relations topic: `related` records are added to the entry, `fan_out` records send one
-    copy of the object event per related contact to the events topic, keyed by that contact.
+    object-relations topic: `related` records are added to the entry, `unrelated` records take
+    the contact out of it, `fan_out` records send one copy of the object event per related
+    contact to the events topic, keyed by that contact.
 
     Copies go out in batches, each acknowledged by Kafka before the next. A crash mid-fan-out
     redelivers the record and re-sends the same copies with the same message ids, which the
@@ -92,6 +94,8 @@ class RelationIndex:
         """Apply one record; runs while the record is handled (its partition in focus)."""
         if relation.kind == "related" and relation.contact_key:
             self.relate(relation.object_key, relation.contact_key, relation.at)
+        elif relation.kind == "unrelated" and relation.contact_key:
+            self.unrelate(relation.object_key, relation.contact_key)
         elif relation.kind == "fan_out" and relation.event is not None and relation.within:
             await self.fan_out(
                 relation.object_key, relation.event, relation.at, parse_duration(relation.within)
@@ -103,6 +107,12 @@ class RelationIndex:
         row = self._row(object_key, self._shard(contact_key))
         updated = add_relation(self._load(row), contact_key, at)
         self._store(row, self._pruned(object_key, updated))
+
+    def unrelate(self, object_key: str, contact_key: str) -> None:
+        row = self._row(object_key, self._shard(contact_key))
+        state = self._load(row)
+        if state is not None and contact_key in state:
+            self._store(row, without(state, contact_key))
 
     async def fan_out(
         self, object_key: str, origin: Event, at: datetime, within: timedelta
@@ -176,8 +186,8 @@ class RelationIndex:
 
 def _decode(value: bytes) -> ObjectRelation:
     relation = ObjectRelation.model_validate_json(value)
-    if relation.kind == "related" and not relation.contact_key:
-        raise ValueError("a related record needs contact_key")
+    if relation.kind in ("related", "unrelated") and not relation.contact_key:
+        raise ValueError(f"a {relation.kind} record needs contact_key")
     if relation.kind == "fan_out":
         if relation.event is None or relation.within is None:
             raise ValueError("a fan_out record needs event and within")

@@ -57,6 +57,9 @@ class ContactRow(BaseModel):
     evaluated: str = ""
     # Anonymous contacts whose history was merged in (so a repeated merge adds nothing).
     absorbed: tuple[str, ...] = ()
+    # Objects of the fan-out index this contact is related to (object key -> epoch ms of the
+    # latest relation), so that forgetting the contact takes it out of each.
+    related: dict[str, int] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ decided here; the changes to one contact are `domain.contact`'s.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -19,7 +19,11 @@ from services.segmenter.domain.definitions import Definitions
 from services.segmenter.domain.relations import (
     fan_out_requests,
     is_fan_out_copy,
+    longest_within,
+    related_objects,
     relation_records,
+    relations_of,
+    unrelated,
 )
 from shared.bodies import MAX_JSON_DEPTH, too_deep
 from shared.contracts import (
@@ -104,7 +108,8 @@ class Report:
 
 @dataclass(frozen=True)
 class IndexObject:
-    """A record of the object index: a relation, or an object event to fan out."""
+    """A record of the object index: a relation, a contact leaving an object's entry, or an
+    object event to fan out."""
 
     relation: ObjectRelation
 
@@ -262,8 +267,9 @@ def _on_event(
     then: list[Command] = []
     if event.label in DELIVERY_REPORTS:
         then.append(Report(key, event))
-    if not copy:
-        then.extend(IndexObject(r) for r in relation_records(event, key, defs.object_triggers, now))
+    relations = [] if copy else relation_records(event, key, defs.object_triggers, now)
+    outcome, indexed = _relate(key, outcome, relations, defs, now)
+    then.extend(indexed)
     if outcome.linked is not None:
         # The known contact asks the anonymous one (on its own partition) to hand its row over.
         merge = ContactCommand(
@@ -295,23 +301,49 @@ def _on_command(
     if command.kind == "merge_into":
         return _hand_over(view, key, command, now)
     row = view.row()
+    then: list[Command] = []
     if command.kind == "absorb":
         if command.state is None or command.other_key is None:
             raise ValueError("absorb needs `state` and `other_key`")
         other = ContactRow.model_validate(command.state)
         outcome = contact.absorb(row, key, other, defs, now, command.command_id, limits)
+        if outcome.row is not row and other.related:
+            # The anonymous history's relations are this contact's now (the anonymous key left
+            # the index when it handed its row over).
+            outcome, then = _relate(key, outcome, relations_of(key, other.related), defs, now)
     elif command.kind == "reevaluate":
         if row is None:
             return []
         outcome = contact.reevaluate(row, command.command_id, defs, now)
     else:
         outcome = contact.command(row, command, defs, now, limits)
-    then: list[Command] = []
     if outcome.dropped:
         then.append(LimitReached(command.command_id, outcome.dropped))
     if outcome.row is row:
         return then
     return _changed(key, row, outcome, now, then)
+
+
+def _relate(
+    key: str,
+    outcome: Outcome,
+    relations: list[ObjectRelation],
+    defs: Definitions,
+    now: datetime,
+) -> tuple[Outcome, list[Command]]:
+    """Index the contact's new `relations` and keep the row's list of related objects in step:
+    an object that leaves the list (aged out, over the cap) takes the contact out of the index."""
+    row = outcome.row
+    assert row is not None
+    if not relations and not row.related:
+        return outcome, []
+    keep = longest_within(defs.object_triggers)
+    objects, gone = related_objects(row.related, relations, now, keep)
+    commands: list[Command] = [IndexObject(r) for r in relations]
+    commands += [IndexObject(r) for r in unrelated(key, gone, now)]
+    if objects != row.related:
+        outcome = replace(outcome, row=row.model_copy(update={"related": objects}))
+    return outcome, commands
 
 
 def _changed(
@@ -355,7 +387,8 @@ def _changed(
 
 def _forget(view: ContactView, key: str, command: ContactCommand, now: datetime) -> list[Command]:
     """Erase every row kept for the contact; keep only a hashed suppression record. Anonymous
-    histories merged into the contact are erased on their own partitions too."""
+    histories merged into the contact are erased on their own partitions too, and the contact
+    leaves every object of the fan-out index it is related to (on the objects' partitions)."""
     row = view.row()
     blank = Profile(contact_key=key, first_seen=now, last_seen=now, updated_at=now)
     profile = row.profile if row is not None else blank
@@ -368,6 +401,8 @@ def _forget(view: ContactView, key: str, command: ContactCommand, now: datetime)
         PublishProfile(key, None),
         Report(key, forgotten),
     ]
+    if row is not None:
+        out.extend(IndexObject(r) for r in unrelated(key, row.related, now))
     if row is not None and row.next_tick is not None:
         out.append(
             RequestTimer(SegmentTimerRequest(contact_key=key, due_at=None, requested_at=now))
@@ -417,6 +452,8 @@ def _hand_over(
             at=now,
         )
         out += [SendCommand(absorb), PublishProfile(key, None)]
+        # The known contact relates itself to these objects when it absorbs the row.
+        out.extend(IndexObject(r) for r in unrelated(key, row.related, now))
         if row.next_tick is not None:
             out.append(
                 RequestTimer(SegmentTimerRequest(contact_key=key, due_at=None, requested_at=now))

@@ -8,13 +8,18 @@ contact related recently enough.
 
 Bounded memory: an entry keeps only contacts related within `keep` (the longest `within` of the
 live triggers), pruned on every write, and at most `max_contacts` of them (the newest).
+
+Erasure: the contact's own row lists the objects it is related to (`related_objects`), so a
+forgotten contact takes itself out of each of them with an `unrelated` record routed to the
+object's partition. The list drops an object only by sending such a record, so the index never
+holds a contact its row does not name.
 """
 
 from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,6 +33,9 @@ FAN_OUT_MARK = "fan_out_of"
 CONTEXT_KEY = "waypost"
 COPY_SOURCE = "waypost"
 MAX_CONTACTS = 1_000_000
+# Objects one contact's row remembers (the most recently related); past it, the oldest relations
+# are taken out of the index too.
+MAX_OBJECTS = 1_000
 
 # contact key -> epoch milliseconds of the contact's latest relation to the object (JSON-ready).
 RelationState = dict[str, int]
@@ -38,6 +46,10 @@ _MS = timedelta(milliseconds=1)
 
 def epoch_ms(when: datetime) -> int:
     return (when - _EPOCH) // _MS
+
+
+def from_epoch_ms(ms: int) -> datetime:
+    return _EPOCH + ms * _MS
 
 
 def object_key(event_name: str, prop: str, value: Any) -> str:
@@ -87,6 +99,52 @@ def relation_records(
     ]
 
 
+def related_objects(
+    objects: Mapping[str, int],
+    records: Sequence[ObjectRelation],
+    now: datetime,
+    keep: timedelta | None,
+    *,
+    max_objects: int = MAX_OBJECTS,
+) -> tuple[dict[str, int], tuple[str, ...]]:
+    """The objects a contact is related to after `records` (object key -> epoch milliseconds of
+    its latest relation), and the objects it must be taken out of, sorted.
+
+    Objects related before `now - keep` go (no live trigger, `keep` None: none go by age), and
+    past `max_objects` the oldest go; each that goes is returned, so the index drops the contact
+    from it even when the object itself is never written again.
+    """
+    named = dict(objects)
+    for record in records:
+        named = add_relation(named, record.object_key, record.at)
+    kept = named
+    if keep is not None:
+        oldest = epoch_ms(now - keep)
+        kept = {key: at for key, at in kept.items() if at >= oldest}
+    kept = cap(kept, max_objects)
+    # A record just added but not kept is named too: the index has it (or is about to).
+    return kept, tuple(sorted(set(named) - set(kept)))
+
+
+def unrelated(contact_key: str, objects: Iterable[str], now: datetime) -> list[ObjectRelation]:
+    """One `unrelated` record per object: the index takes the contact out of its entry."""
+    return [
+        ObjectRelation(kind="unrelated", object_key=key, at=now, contact_key=contact_key)
+        for key in sorted(objects)
+    ]
+
+
+def relations_of(contact_key: str, objects: Mapping[str, int]) -> list[ObjectRelation]:
+    """`related` records for a contact taking over another's relations (a merged anonymous
+    history), each at the time it was last related."""
+    return [
+        ObjectRelation(
+            kind="related", object_key=key, at=from_epoch_ms(at), contact_key=contact_key
+        )
+        for key, at in sorted(objects.items())
+    ]
+
+
 def fan_out_requests(
     event: Event, triggers: Sequence[ObjectEventTrigger], now: datetime
 ) -> list[ObjectRelation]:
@@ -121,7 +179,8 @@ def longest_within(triggers: Sequence[ObjectEventTrigger]) -> timedelta | None:
 
 
 def add_relation(state: Mapping[str, int] | None, contact_key: str, at: datetime) -> RelationState:
-    """The entry with this contact related at `at` (its latest relation time is kept)."""
+    """The entry with this contact related at `at` (its latest relation time is kept). Also
+    serves a contact's list of objects, keyed by object instead."""
     updated = dict(state or {})
     at_ms = epoch_ms(at)
     updated[contact_key] = max(updated.get(contact_key, at_ms), at_ms)
@@ -154,6 +213,12 @@ def cap(state: Mapping[str, int], max_contacts: int) -> RelationState:
     target = max(1, max_contacts - max_contacts // 100)
     newest = heapq.nlargest(target, state.items(), key=lambda item: (item[1], item[0]))
     return dict(newest)
+
+
+def without(state: Mapping[str, int], contact_key: str) -> RelationState | None:
+    """The entry without this contact; None when nobody is left."""
+    rest = {contact: at for contact, at in state.items() if contact != contact_key}
+    return rest or None
 
 
 def related_contacts(state: Mapping[str, int], at: datetime, within: timedelta) -> list[str]:

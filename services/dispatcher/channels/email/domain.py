@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from services.dispatcher.channels.common import TemplateDocument
 from services.dispatcher.domain.messages import MessageContent, RenderContext
 from services.dispatcher.domain.outcomes import Outcome
-from services.dispatcher.domain.rendering import EmailTemplate, render_email
 from shared.links import track_email, urls_written_in
+from shared.rendering import EmailTemplate, render_email
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from services.dispatcher.channels.common import (
 )
 from services.dispatcher.domain.messages import MessageContent, RenderContext
 from services.dispatcher.domain.outcomes import Outcome
-from services.dispatcher.domain.rendering import RenderError
+from shared.rendering import RenderError
 
 
 @dataclass(frozen=True)

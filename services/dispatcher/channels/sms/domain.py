@@ -10,7 +10,7 @@ from typing import Any
 from services.dispatcher.channels.common import TemplateDocument, as_int, render_field
 from services.dispatcher.domain.messages import MessageContent, RenderContext
 from services.dispatcher.domain.outcomes import Outcome
-from services.dispatcher.domain.rendering import RenderError
+from shared.rendering import RenderError
 
 
 @dataclass(frozen=True)

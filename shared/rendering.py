@@ -1,4 +1,6 @@
-"""Template rendering in a Jinja2 sandbox with strict undefined variables (pure).
+"""Template rendering in a Jinja2 sandbox with strict undefined variables (pure), and the
+variables a template reads: the dispatcher renders with it, and publishing checks templates
+with it (`shared.template_checks`).
 
 Whatever goes wrong while rendering for a contact (a variable the contact lacks, a division by
 zero, a value of the wrong type, a result over the size bound) is a RenderError: the send is
@@ -7,15 +9,24 @@ skipped with the reason instead of going out as "Hello ," or stopping the stream
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateError
+from jinja2 import (
+    StrictUndefined,
+    Template,
+    TemplateError,
+    TemplateSyntaxError,
+    UndefinedError,
+    nodes,
+)
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
-from shared.contracts import SendRequest
+from shared.conditions import profile_facts
+from shared.contracts import Profile, SendRequest
 
 # The most one rendered template field may hold, in UTF-8 bytes. Email parts (subject, text,
 # HTML) get 1 MiB each, far above any real mail; SMS, push and WeChat fields get 64 KiB, above
@@ -79,14 +90,41 @@ class RenderError(Exception):
     """The template could not be rendered for this contact; the message says why."""
 
 
+class UndefinedVariable(RenderError):
+    """The template reads a variable (or a field of one) that the variables do not hold."""
+
+
+class TemplateSyntax(RenderError):
+    """The template is not valid Jinja2: it renders for nobody."""
+
+
 def render_variables(request: SendRequest) -> dict[str, Any]:
-    """What a template can read: the contact's traits, the trigger event, the instance context."""
-    trigger = request.context.get("trigger", {})
+    """What a template can read when the dispatcher sends `request` (see `template_variables`)."""
+    return template_variables(
+        request.profile, request.context, request.journey_id, request.journey_version
+    )
+
+
+def template_variables(
+    profile: Profile, context: Mapping[str, Any], journey_id: str, journey_version: int
+) -> dict[str, Any]:
+    """The variables of a template: the roots a condition reads, in the same shape (`traits`,
+    `tags`, `segments`, `consent`, `aggregates`, `contact`, `event`, `context`), and `journey`.
+
+    `event` is the trigger event as conditions see it (`event.name`, `event.properties.plan`);
+    short forms keep working where no field of the same name exists: `event.plan` for a
+    property, `contact.first_name` for a trait (`event.name` is the event's name, and
+    `contact.key` the contact's key, whatever the properties and traits hold).
+    """
+    roots = profile_facts(profile)
+    trigger: Mapping[str, Any] = context.get("trigger") or {}
+    properties = trigger.get("properties") or {}
     return {
-        "contact": {**request.profile.traits, "key": request.contact_key},
-        "event": trigger.get("properties", {}),
-        "context": request.context,
-        "journey": {"id": request.journey_id, "version": request.journey_version},
+        **roots,
+        "contact": {**profile.traits, **roots["contact"]},
+        "event": {**properties, **trigger},
+        "context": context,
+        "journey": {"id": journey_id, "version": journey_version},
     }
 
 
@@ -114,10 +152,19 @@ def render_text(
         return "".join(parts)
     except (RenderError, MemoryError):
         raise
+    except UndefinedError as exc:
+        raise UndefinedVariable(str(exc)) from exc
+    except TemplateSyntaxError as exc:
+        raise TemplateSyntax(str(exc)) from exc
     except TemplateError as exc:
         raise RenderError(str(exc)) from exc
     except Exception as exc:  # a template's runtime fault is the recipient's, not the worker's
         raise RenderError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def parse_template(source: str) -> nodes.Template:
+    """The syntax tree of a template source, as the renderer reads it (to inspect, not render)."""
+    return _ENV.parse(source)
 
 
 @lru_cache(maxsize=COMPILED_TEMPLATES)
