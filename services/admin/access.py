@@ -23,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.routing import BaseRoute, Match
 
 from services.admin.adapters.audit import AuditTrail
-from services.admin.domain.audit import AuditEntry, audit_entry, logged_path
+from services.admin.domain.audit import AuditEntry, audit_entry, logged_path, logged_query
 from services.admin.domain.roles import AdminKey, Role, allows
 from shared.clock import Clock
 
@@ -197,7 +197,8 @@ def _as_json(entry: AuditEntry) -> dict[str, Any]:
 class AccessLogRedaction(logging.Filter):
     """Rewrites the path of each access log line as its route with the parameters filled in,
     a contact key as the audit log's digest of it (`logged_path`), so the key of a contact,
-    forgotten or not, never reaches the log. Paths no route matches are shown as they came."""
+    forgotten or not, never reaches the log; in the query, a contact key is its digest and a
+    search term is hidden (`logged_query`). Paths no route matches are shown as they came."""
 
     def __init__(self, routes: Iterable[BaseRoute]) -> None:
         super().__init__()
@@ -226,10 +227,10 @@ class AccessLogRedaction(logging.Filter):
                 if match == Match.FULL:
                     break
         if found is None:
-            return path_and_query
+            return path + mark + logged_query(query)
         route, child = found
         shape = str(getattr(route, "path_format", path))
-        return logged_path(shape, child.get("path_params", {})) + mark + query
+        return logged_path(shape, child.get("path_params", {})) + mark + logged_query(query)
 
 
 def redact_access_log(routes: Iterable[BaseRoute]) -> AccessLogRedaction:

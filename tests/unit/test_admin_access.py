@@ -28,7 +28,7 @@ from services.admin.access import (
     redact_access_log,
 )
 from services.admin.app import create_app
-from services.admin.domain.audit import AuditEntry, contact_digest, logged_path
+from services.admin.domain.audit import HIDDEN, AuditEntry, contact_digest, logged_path
 from services.admin.settings import AdminSettings
 from services.admin.ui.pages import PageRole
 from shared.clock import ManualClock
@@ -401,3 +401,18 @@ def test_a_path_the_redaction_cannot_read_is_not_shown() -> None:
 
     assert AccessLogRedaction([Unreadable()]).filter(record)
     assert record.getMessage() == f'127.0.0.1:50000 - "GET {UNREAD_PATH} HTTP/1.1" 200'
+
+
+def test_a_search_term_and_a_contact_key_in_the_query_never_reach_the_access_log(
+    access_log: Lines,
+) -> None:
+    _answered("GET", "/v1/contacts", b"q=ada%40example.com&limit=5")
+    _answered("GET", "/v1/messages", b"contact_key=%2B15551234567")
+
+    digest = contact_digest("+15551234567")
+    assert access_log.lines == [
+        f'127.0.0.1:50000 - "GET /v1/contacts?q={HIDDEN}&limit=5 HTTP/1.1" 202',
+        f'127.0.0.1:50000 - "GET /v1/messages?contact_key={quote(digest)} HTTP/1.1" 202',
+    ]
+    for part in ("ada", "example.com", "15551234567"):
+        assert all(part not in line for line in access_log.lines)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlencode
 
 from services.admin.domain.roles import Role
 from shared.ids import stable_id
@@ -18,6 +18,9 @@ from shared.ids import stable_id
 MAX_PARAM_CHARS = 200
 # Path parameters that name a contact: kept as `contact_digest(key)`.
 CONTACT_PARAMS = frozenset({"contact_key"})
+# Query parameters that may hold personal data (a contact search by e-mail or phone): hidden.
+PERSONAL_QUERY = frozenset({"q", "email", "phone"})
+HIDDEN = "hidden"
 
 
 def contact_digest(contact_key: str) -> str:
@@ -34,6 +37,26 @@ def logged_path(path_format: str, params: Mapping[str, Any]) -> str:
         shown = contact_digest(str(value)) if name in CONTACT_PARAMS else quote(str(value))
         path = path.replace("{" + name + "}", shown)
     return path
+
+
+def logged_query(query: str) -> str:
+    """A query string as the HTTP access log shows it: a contact key as its digest, a search
+    term (which may be an e-mail address or a phone number) hidden, the rest as it came."""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if not any(name in CONTACT_PARAMS or name in PERSONAL_QUERY for name, _value in pairs):
+        return query
+    shown = [
+        (
+            name,
+            contact_digest(value)
+            if name in CONTACT_PARAMS
+            else HIDDEN
+            if name in PERSONAL_QUERY
+            else value,
+        )
+        for name, value in pairs
+    ]
+    return urlencode(shown, quote_via=quote)
 
 
 @dataclass(frozen=True)
