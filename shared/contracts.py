@@ -193,6 +193,18 @@ class ContactEvent(WireModel):
         return b"".join((head[:-1].encode(), b',"profile":', profile_wire, b"}"))
 
 
+class TestSend(WireModel):
+    """A test of a template, sent to a marketer's own address: this content (the editor's,
+    ready or not) goes to `address` instead of the contact's, rendered for the contact. The
+    contact's consent is not asked (they are not the recipient); suppressions of the address
+    hold."""
+
+    __test__ = False  # not a pytest test class
+
+    address: str
+    content: dict[str, Any]
+
+
 class SendRequest(WireModel):
     """One message the dispatcher must deliver; `message_id` is deterministic per step run."""
 
@@ -211,6 +223,8 @@ class SendRequest(WireModel):
     context: dict[str, Any] = Field(default_factory=dict)
     # The rest of the step's channel priority list, to try on a permanent recipient failure.
     fallbacks: tuple[ChannelTemplate, ...] = ()
+    # A test send from the admin's template editor: the content and the address are given.
+    test: TestSend | None = None
 
 
 class ChannelTemplate(WireModel):

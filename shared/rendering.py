@@ -40,6 +40,65 @@ COMPILED_TEMPLATES = 512
 # Integer powers up to this many bits; `2 ** 10000000000` would fill the worker's memory.
 MAX_POWER_BITS = 4096
 
+# Every variable a template reads, as docs/journeys.md ("Template variables") lists them and the
+# admin's template editor shows them: (the variable, in Markdown; what it holds). A unit test
+# holds the document's table to this list.
+TEMPLATE_VARIABLES: tuple[tuple[str, str], ...] = (
+    (
+        "`traits.<name>`",
+        "the contact's traits (`traits.first_name`, `traits.plan`)",
+    ),
+    (
+        "`tags`",
+        "the contact's tags, a list (`{% if 'vip' in tags %}`)",
+    ),
+    (
+        "`segments`",
+        "the ids of the segments the contact is in, a list",
+    ),
+    (
+        "`consent.<channel>`",
+        "the contact's consent per channel",
+    ),
+    (
+        "`aggregates.<id>`",
+        "the values of the published aggregates for the contact",
+    ),
+    (
+        "`contact.key`, `contact.user_id`, `contact.first_seen`, `contact.last_seen`, "
+        "`contact.event_counts`",
+        "the contact itself (first and last seen are date-times)",
+    ),
+    (
+        "`contact.<trait>`",
+        "short form of `traits.<trait>`, for a trait not named like a field above",
+    ),
+    (
+        "`event.name`, `event.type`, `event.message_id`, `event.timestamp`",
+        "the event that entered the contact into the journey (its name, `track`/`identify`/…, its"
+        " id, its time as ISO 8601 text)",
+    ),
+    (
+        "`event.properties.<name>`, `event.traits.<name>`",
+        "that event's properties and traits",
+    ),
+    (
+        "`event.<property>`",
+        "short form of `event.properties.<property>`, for a property not named like a field above",
+    ),
+    (
+        "`context.<name>`",
+        "the instance's context: `context.trigger` (the trigger event, as `event`, without short "
+        "forms), `context.entered_at`, `context.variant.<step>`, `context.goals.<id>`, and what "
+        "steps write (`context.<coupon save_as>.code`, captured values, the owner under the "
+        "assign step's `attribute`, a wait's or a webhook's `save_as`, by default the step id)",
+    ),
+    (
+        "`journey.id`, `journey.version`",
+        "the journey version the instance runs",
+    ),
+)
+
 
 class _BoundedEnvironment(SandboxedEnvironment):
     """The sandbox, with `*` and `**` refused before they build a value over the bound."""

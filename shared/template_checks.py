@@ -231,14 +231,20 @@ def _refusal(source: str, variables: dict[str, Any], html: bool) -> str | None:
     try:
         render_text(source, variables, html=html, limit=EMAIL_RENDER_LIMIT)
     except UndefinedVariable as exc:
-        path = undefined_path(source, variables)
-        said = f"reads '{path}', which is not defined" if path is not None else str(exc)
-        return f"{said}; {VARIABLES_HINT}"
+        return undefined_message(source, variables, exc)
     except TemplateSyntax as exc:
         return f"not a valid template: {exc}"
     except RenderError:
         return None  # a fault of the sample's values, not of the template's names
     return None
+
+
+def undefined_message(source: str, variables: Mapping[str, Any], error: UndefinedVariable) -> str:
+    """How a read of an undefined variable is worded, at publish and in the editor's preview:
+    the dotted path it reads, and where the variables are listed."""
+    path = undefined_path(source, variables)
+    said = f"reads '{path}', which is not defined" if path is not None else str(error)
+    return f"{said}; {VARIABLES_HINT}"
 
 
 def undefined_path(source: str, variables: Mapping[str, Any]) -> str | None:

@@ -398,11 +398,13 @@ class Dispatcher:
         profile = request.profile
         if channel not in self.providers:
             return Outcome("skipped", f"channel_not_configured: {channel}")
-        recorded = await self.stores.consent.get(request.contact_key, channel)
-        refusal = consent_refusal(channel, profile, recorded)
-        if refusal:
-            return Outcome("skipped", refusal)
-        address = address_of(channel, profile)
+        test = request.test
+        if test is None:  # a test goes to the marketer who asked for it, not to the contact
+            recorded = await self.stores.consent.get(request.contact_key, channel)
+            refusal = consent_refusal(channel, profile, recorded)
+            if refusal:
+                return Outcome("skipped", refusal)
+        address = address_of(channel, profile) if test is None else test.address.strip() or None
         if address is None:
             return Outcome("skipped", f"no_address: {channel}")
         broken = line_break_refusal(channel, address)
@@ -418,7 +420,11 @@ class Dispatcher:
             capped = cap_refusal(rule, sends, self.clock.now(), tz)
             if capped:
                 return Outcome("skipped", capped)
-        template = await self.stores.templates.ready(request.template_id, channel)
+        template = (
+            await self.stores.templates.ready(request.template_id, channel)
+            if test is None
+            else test.content
+        )
         if template is None:
             return Outcome("skipped", f"template_not_ready: {request.template_id}")
         try:
@@ -443,8 +449,9 @@ class Dispatcher:
             self.links,
             claims,
             request.transactional,
-            track_opens=self.settings.track_opens,
-            track_clicks=self.settings.track_clicks,
+            # A test's opens and clicks are the marketer's, not the contact's.
+            track_opens=self.settings.track_opens and request.test is None,
+            track_clicks=self.settings.track_clicks and request.test is None,
         )
         return self._kits[request.channel].render(template, render_variables(request), context)
 
@@ -488,6 +495,8 @@ class Dispatcher:
         if not first:
             return  # already concluded by another copy
         for step in plan.after:
+            if request.test is not None and isinstance(step, WithdrawConsent | Announce):
+                continue  # the contact neither received a test nor answered it
             match step:
                 case CountSend(rule=rule):
                     await self.stores.caps.count(
