@@ -15,6 +15,7 @@ from services.admin.adapters.analytics import (
     message_states,
 )
 from services.admin.adapters.audit import AuditLog
+from services.admin.adapters.count_history import CountHistory, keep_recording
 from services.admin.adapters.dead_letters import DeadLetterTopic
 from services.admin.adapters.insights import Insights
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
@@ -24,7 +25,9 @@ from services.admin.adapters.segments import (
     SegmentCounts,
     SegmentDefinitions,
 )
+from services.admin.adapters.test_sends import TestSends
 from services.admin.app import create_app
+from services.admin.domain.segments import segment_totals
 from services.admin.settings import AdminSettings
 from shared.clock import SystemClock
 from shared.definitions import PublishedJourneys
@@ -45,6 +48,7 @@ async def serve(settings: AdminSettings) -> None:
     segment_counts.start()
     producer = AsyncProducer(kafka, client_id="admin")
     store = JourneyLogStore(db)
+    count_history = CountHistory(db, settings.admin_count_interval_seconds)
     consumer = ConsumerLoop(
         kafka,
         group_id=f"{settings.group_id}-journey-log",
@@ -68,9 +72,20 @@ async def serve(settings: AdminSettings) -> None:
         clock=SystemClock(),
         insights=Insights(db),
         dead_letters=DeadLetterTopic(kafka),
+        test_sends=TestSends(producer),
+        count_history=count_history,
     )
     stop = asyncio.Event()
     follower = asyncio.create_task(follow_journey_log(consumer, store, stop))
+
+    def live_counts() -> dict[str, int]:
+        totals = segment_totals(segment_counts.latest())
+        return {
+            p.segment.id: totals[p.segment.id].members if p.segment.id in totals else 0
+            for p in journeys.segments()
+        }
+
+    recorder = asyncio.create_task(keep_recording(count_history, live_counts, SystemClock(), stop))
     server = uvicorn.Server(
         uvicorn.Config(
             app, host=settings.admin_host, port=settings.admin_port, log_level=settings.log_level
@@ -84,6 +99,8 @@ async def serve(settings: AdminSettings) -> None:
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(follower, timeout=5)
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(recorder, timeout=5)
         consumer.close()
         producer.close()
         segment_counts.stop()

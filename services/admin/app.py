@@ -20,6 +20,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 from services.admin.access import AdminKeys, AuditedChanges, RoleRefused, role_refused_answer
 from services.admin.adapters.analytics import JourneyLogStore
 from services.admin.adapters.audit import AuditTrail
+from services.admin.adapters.count_history import CountHistory
 from services.admin.adapters.dead_letters import DeadLetterTopic
 from services.admin.adapters.insights import Insights
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
@@ -29,6 +30,7 @@ from services.admin.adapters.segments import (
     SegmentCounts,
     SegmentDefinitions,
 )
+from services.admin.adapters.test_sends import TestSends
 from services.admin.contact_routes import add_contact_routes
 from services.admin.dead_letter_routes import add_dead_letter_routes
 from services.admin.domain import segments as segment_views
@@ -37,7 +39,9 @@ from services.admin.domain.conversion import conversion_report
 from services.admin.domain.templates import TemplateContent
 from services.admin.domain.ui_session import session_secret
 from services.admin.reads import add_read_routes
+from services.admin.segment_routes import add_segment_builder_routes
 from services.admin.settings import AdminSettings
+from services.admin.template_routes import add_template_routes
 from services.admin.ui.pages import mount_ui
 from shared.bodies import BadInput, BodyReader, check_depth, parse_json
 from shared.clock import Clock
@@ -114,6 +118,8 @@ def create_app(
     clock: Clock,
     insights: Insights,
     dead_letters: DeadLetterTopic,
+    test_sends: TestSends | None = None,
+    count_history: CountHistory | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Waypost admin", version="1", **api_docs_urls(settings.serves_api_docs()))
     app.add_exception_handler(Problems, _problems_answer)
@@ -137,6 +143,10 @@ def create_app(
     add_read_routes(app, viewer, insights, journeys)
     add_contact_routes(app, publisher, contacts, contact_commands, clock)
     add_dead_letter_routes(app, viewer, publisher, dead_letters)
+    add_template_routes(app, viewer, editor, templates, contacts, test_sends, clock)
+    add_segment_builder_routes(
+        app, viewer, journeys, contacts, segment_counts, count_history, clock
+    )
 
     @app.get("/v1/journeys", dependencies=viewer, summary="Published journey versions")
     async def list_journeys() -> dict[str, Any]:

@@ -29,6 +29,8 @@ class AdminSettings(CommonSettings):
     admin_session_secret: SecretStr | None = None
     admin_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     admin_session_cookie_secure: bool = False
+    # How often each segment's live count is recorded for its count-over-time chart.
+    admin_count_interval_seconds: float = Field(default=300.0, ge=1, le=86_400)
 
     def secrets(self) -> list[Secret]:
         keys = self.admin_keys()

@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import OperationFailure
 
 from shared.contracts import ContactCommand, Event, SegmentCount
 from shared.definitions import PublishedJourneys
@@ -110,6 +111,19 @@ class Contacts:
     async def in_segment(self, segment_id: str, limit: int) -> list[dict[str, Any]]:
         cursor = self._profiles.find({"segments": segment_id}).limit(limit)
         return [document async for document in cursor]
+
+    async def sample(self, size: int) -> tuple[list[dict[str, Any]], int]:
+        """Up to `size` stored profiles drawn at random (every one when there are no more), and
+        how many are stored."""
+        total = await self._profiles.count_documents({})
+        if total <= size:
+            return [document async for document in self._profiles.find({})], total
+        try:
+            cursor = await self._profiles.aggregate([{"$sample": {"size": size}}])
+            return [document async for document in cursor], total
+        except OperationFailure:  # a store without $sample: the first ones, by key
+            found = self._profiles.find({}).sort("_id", 1).limit(size)
+            return [document async for document in found], total
 
 
 class ContactCommands:

@@ -35,7 +35,6 @@ from services.admin.domain.ui_session import (
     issue,
     read,
 )
-from shared.channels import CHANNELS
 from shared.clock import Clock
 from shared.journeys import Journey
 
@@ -237,6 +236,9 @@ def mount_ui(
     ui = AdminUi(
         app, keys, named, secret, clock, session_hours=session_hours, secure_cookie=secure_cookie
     )
+    # The template editor and the segment builder live in their own module, which reads this one.
+    from services.admin.ui.workbench import mount_workbench, template_page
+
     viewer = Annotated[Signed, Depends(PageRole("viewer", ui))]
     editor = Annotated[Signed, Depends(PageRole("editor", ui))]
     publisher = Annotated[Signed, Depends(PageRole("publisher", ui))]
@@ -562,15 +564,7 @@ def mount_ui(
 
     @get("/templates/{template_id}")
     async def template(request: Request, template_id: str, signed: viewer) -> Response:
-        found = await ui.read(signed, f"/v1/templates/{_quote(template_id)}")
-        return ui.page(
-            request,
-            "template.html",
-            signed,
-            template=found,
-            channels=CHANNELS,
-            done=request.query_params.get("done"),
-        )
+        return await template_page(ui, request, signed, template_id)
 
     @post("/templates/{template_id}")
     async def save_template(
@@ -634,6 +628,8 @@ def mount_ui(
     async def audit(request: Request, signed: publisher) -> Response:
         found = await ui.read(signed, "/v1/audit", limit=100)
         return ui.page(request, "audit.html", signed, entries=found["entries"])
+
+    mount_workbench(app, ui)
 
 
 async def _draft_text(ui: AdminUi, signed: Signed, journey_id: str) -> str:
