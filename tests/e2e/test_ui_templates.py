@@ -140,6 +140,7 @@ def test_a_marketer_previews_a_template_sends_a_test_and_builds_a_segment(
         timeout=30,
         what="the preview to follow the text",
     )
+    listed.find_element(By.TAG_NAME, "summary").click()  # the variables, for the screenshot
     pages.shot("21-template-preview")
 
     # A test e-mail of what is typed (not saved, not ready) reaches the SMTP sandbox.
@@ -239,3 +240,93 @@ def test_a_marketer_previews_a_template_sends_a_test_and_builds_a_segment(
     pages.shot("24-segment-chart")
     svg = httpx.get(f"{admin.url}/segments/{segment}/count-chart.svg", timeout=30)
     assert svg.status_code == 303  # no session: sign in first
+
+
+def test_a_test_send_reaches_a_contact_who_unsubscribed_but_never_a_suppressed_address(
+    stack: Any, workbench_admin: UiAdmin
+) -> None:
+    admin = workbench_admin
+    api = {"Authorization": f"Bearer {admin.publisher[1]}"}
+    template = unique("notice")
+    user = unique("uma")
+    me = f"{unique('marketer')}@example.org"
+    bounces = f"{unique('bounces')}@example.org"
+    assert (
+        httpx.put(
+            f"{admin.url}/v1/templates/{template}",
+            headers=api,
+            json={"subject": "For {{ traits.first_name }}", "text": "Hello"},
+            timeout=30,
+        ).status_code
+        == 200
+    )
+    identified = post(
+        stack,
+        "identify",
+        {"userId": user, "traits": {"email": f"{user}@example.com", "first_name": "Uma"}},
+    )
+    assert identified.status_code == 200, identified.text
+
+    def profile() -> dict[str, Any] | None:
+        answer = httpx.get(f"{admin.url}/v1/contacts/{user}", headers=api, timeout=30)
+        return answer.json() if answer.status_code == 200 else None
+
+    wait_for(profile, timeout=120, what="the contact's stored profile")
+    withdrawn = httpx.put(
+        f"{admin.url}/v1/contacts/{user}/consent",
+        headers=api,
+        json={"channel": "email", "subscribed": False},
+        timeout=30,
+    )
+    assert withdrawn.status_code == 200, withdrawn.text
+    wait_for(
+        lambda: (profile() or {}).get("consent", {}).get("email") is False,
+        timeout=120,
+        what="the contact's withdrawn consent",
+    )
+
+    def test_send(address: str) -> str:
+        answer = httpx.post(
+            f"{admin.url}/v1/templates/{template}/test-send",
+            headers=api,
+            json={"contact_key": user, "address": address},
+            timeout=30,
+        )
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["message_id"])
+
+    def ledger(message_id: str) -> dict[str, Any] | None:
+        found = httpx.get(
+            f"{admin.url}/v1/messages",
+            headers=api,
+            params={"contact_key": user, "journey_id": "test-send"},
+            timeout=30,
+        ).json()["messages"]
+        return next((m for m in found if m["message_id"] == message_id), None)
+
+    # The contact said no to e-mail, but the test goes to the marketer, not to them.
+    test_send(me)
+    mail = wait_for(lambda: outbox(stack, to=me), timeout=120, what="the test e-mail")
+    assert mail[0]["subject"] == "For Uma"
+
+    # An address the mail server refuses for good is suppressed: the next test is not sent.
+    httpx.post(
+        f"{stack.outbox_url}/control/smtp/refuse",
+        json={"address": bounces, "code": 550},
+        timeout=10,
+    ).raise_for_status()
+    bounced = test_send(bounces)
+    wait_for(
+        lambda: (ledger(bounced) or {}).get("state") == "failed",
+        timeout=120,
+        what="the refused test",
+    )
+    again = test_send(bounces)
+    skipped = wait_for(
+        lambda: (found := ledger(again)) and found.get("state") == "skipped" and found,
+        timeout=120,
+        what="the second test skipped",
+    )
+    assert str(skipped["reason"]).startswith("suppressed: ")
+    assert outbox(stack, to=bounces) == []
+    assert outbox(stack, to=f"{user}@example.com") == []
