@@ -128,11 +128,18 @@ def test_a_marketer_previews_a_template_sends_a_test_and_builds_a_segment(
     text.clear()
     text.send_keys("Dear {{ contact.first_name }}, {{ traits.nickname }}")
     wait_for(
-        lambda: "reads 'traits.nickname', which is not defined" in preview(),
+        lambda: "this contact or event has no 'traits.nickname'" in preview(),
         timeout=30,
         what="the preview to name the undefined variable",
     )
-    assert "text: reads 'traits.nickname'" in preview()
+    assert "text: this contact or event has no 'traits.nickname'" in preview()
+    text.clear()
+    text.send_keys("{{ journey.name }}")
+    wait_for(
+        lambda: "text: reads 'journey.name', which is not defined" in preview(),
+        timeout=30,
+        what="the preview to refuse a name no template can read",
+    )
     text.clear()
     text.send_keys("Dear {{ contact.first_name }}, you are on {{ traits.plan }}.")
     wait_for(

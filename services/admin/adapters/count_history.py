@@ -27,6 +27,10 @@ class CountHistory:
         self._history = db[HISTORY]
         self.interval = interval
 
+    async def prepare(self) -> None:
+        """A segment's page reads its readings by time."""
+        await self._history.create_index([("segment", 1), ("at", 1)])
+
     async def record(self, members: Mapping[str, int], now: datetime) -> None:
         """One reading per segment for the interval `now` falls in (idempotent)."""
         step = int(self.interval)
@@ -62,8 +66,12 @@ async def keep_recording(
 ) -> None:
     """Record the live counts every interval until `stop`; a store that is away is tried again
     at the next interval (a missing reading is a gap in the chart, nothing more)."""
+    prepared = False
     while not stop.is_set():
         try:
+            if not prepared:
+                await history.prepare()
+                prepared = True
             await history.record(latest(), clock.now())
         except PyMongoError as exc:
             log.warning("admin.count_history_unwritten", error=type(exc).__name__)

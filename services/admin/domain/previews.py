@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.contracts import Channel, Profile, SendRequest, TestSend
 from shared.ids import stable_id
+from shared.journeys import JourneyFile
 from shared.rendering import (
     EMAIL_RENDER_LIMIT,
     FIELD_RENDER_LIMIT,
@@ -23,7 +24,12 @@ from shared.rendering import (
     render_text,
     template_variables,
 )
-from shared.template_checks import template_sources, undefined_message
+from shared.template_checks import (
+    sample_variables,
+    template_sources,
+    undefined_message,
+    undefined_path,
+)
 
 # What a test send is filed under in the ledger and the delivery funnels.
 TEST_JOURNEY = "test-send"
@@ -88,9 +94,12 @@ def preview_context(event: SampleEvent | None, now: datetime) -> dict[str, Any]:
 
 def render_fields(content: Mapping[str, Any], variables: dict[str, Any]) -> list[dict[str, Any]]:
     """Every field the channel renders, rendered: `{"field", "output"}`, or `{"field",
-    "error"}` worded as the publish check words it (`shared.template_checks`)."""
+    "error"}`. A name no template can read is worded as the publish check words it
+    (`shared.template_checks`); a name this contact or event lacks says so, since publishing
+    accepts it and the send would be skipped only for such a contact."""
     email = content.get("channel", "email") == "email"
     limit = EMAIL_RENDER_LIMIT if email else FIELD_RENDER_LIMIT
+    shape = _shape(content.get("channel") or "email")
     fields: list[dict[str, Any]] = []
     for field, source, html in template_sources(content):
         try:
@@ -98,12 +107,40 @@ def render_fields(content: Mapping[str, Any], variables: dict[str, Any]) -> list
                 {"field": field, "output": render_text(source, variables, html=html, limit=limit)}
             )
         except UndefinedVariable as exc:
-            fields.append({"field": field, "error": undefined_message(source, variables, exc)})
+            fields.append({"field": field, "error": _undefined(source, variables, shape, exc)})
         except TemplateSyntax as exc:
             fields.append({"field": field, "error": f"not a valid template: {exc}"})
         except RenderError as exc:
             fields.append({"field": field, "error": str(exc)})
     return fields
+
+
+def _shape(channel: str) -> dict[str, Any]:
+    """The variables as publishing samples them: every name a template can read."""
+    journey = {
+        "id": TEST_JOURNEY,
+        "name": "Test send",
+        "trigger": {"type": "event", "event": "Preview"},
+        "steps": [{"id": TEST_JOURNEY, "type": "send", "channel": channel, "template": "t"}],
+    }
+    return sample_variables(JourneyFile.model_validate({"journey": journey}))
+
+
+def _undefined(
+    source: str, variables: dict[str, Any], shape: dict[str, Any], error: UndefinedVariable
+) -> str:
+    try:
+        render_text(source, shape, limit=EMAIL_RENDER_LIMIT)
+    except UndefinedVariable as exc:
+        return undefined_message(source, shape, exc)  # no template can read it
+    except RenderError:
+        pass  # a fault of the sample's values, not of the names
+    path = undefined_path(source, variables)
+    name = f"'{path}'" if path is not None else "a value the template reads"
+    return (
+        f"this contact or event has no {name}: a send to them would be skipped "
+        f"(template_error); `| default('…')` gives a fallback"
+    )
 
 
 def variable_list() -> list[dict[str, str]]:
