@@ -139,7 +139,7 @@ def _undefined(
     name = f"'{path}'" if path is not None else "a value the template reads"
     return (
         f"this contact or event has no {name}: a send to them would be skipped "
-        f"(template_error); `| default('…')` gives a fallback"
+        f"(template_error); | default('…') gives a fallback"
     )
 
 
