@@ -17,14 +17,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.orchestrator.domain import engine
-from services.orchestrator.domain.catalog import Catalog
-from services.orchestrator.domain.engine import (
+from shared.cli import load_journey_file
+from shared.contracts import ContactEvent, Event, JourneyLogRecord, Profile, SendRequest, TimerFired
+from shared.ids import stable_id
+from shared.journey_engine import engine
+from shared.journey_engine.catalog import Catalog
+from shared.journey_engine.engine import (
     HANDLED_REMEMBERED,
     PAUSED_RECHECK,
     TIMER_EARLY_TOLERANCE,
 )
-from services.orchestrator.domain.state import (
+from shared.journey_engine.state import (
     AppendLog,
     ContactState,
     Decision,
@@ -34,9 +37,6 @@ from services.orchestrator.domain.state import (
     Stimulus,
     TimerDue,
 )
-from shared.cli import load_journey_file
-from shared.contracts import ContactEvent, Event, JourneyLogRecord, Profile, SendRequest, TimerFired
-from shared.ids import stable_id
 from shared.journeys import EntryRules, EventTrigger, Journey, PublishedJourney, SendStep
 
 WELCOME_FILE = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "s02-welcome.yaml"

@@ -11,25 +11,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.orchestrator.domain.catalog import Catalog
-from services.orchestrator.domain.state import (
-    AppendLog,
-    CallWebhook,
-    CancelTimer,
-    ChangeContact,
-    Command,
-    ContactState,
-    Decision,
-    EventArrived,
-    Instance,
-    PendingTimer,
-    RequestSend,
-    ScheduleTimer,
-    Stimulus,
-    TimerDue,
-    TimerPurpose,
-    WebhookAnswered,
-)
 from shared.channels import reachable
 from shared.conditions import (
     Compare,
@@ -61,6 +42,25 @@ from shared.durations import (
     parse_time_of_day,
 )
 from shared.ids import keyed_digest, stable_fraction, stable_id
+from shared.journey_engine.catalog import Catalog
+from shared.journey_engine.state import (
+    AppendLog,
+    CallWebhook,
+    CancelTimer,
+    ChangeContact,
+    Command,
+    ContactState,
+    Decision,
+    EventArrived,
+    Instance,
+    PendingTimer,
+    RequestSend,
+    ScheduleTimer,
+    Stimulus,
+    TimerDue,
+    TimerPurpose,
+    WebhookAnswered,
+)
 from shared.journeys import (
     ATTRIBUTE_CHANGED,
     AUDIENCE_SELECTED,

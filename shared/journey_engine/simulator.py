@@ -14,21 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.orchestrator.domain.catalog import Catalog
-from services.orchestrator.domain.engine import decide
-from services.orchestrator.domain.state import (
-    AppendLog,
-    CallWebhook,
-    CancelTimer,
-    ChangeContact,
-    ContactState,
-    EventArrived,
-    RequestSend,
-    ScheduleTimer,
-    Stimulus,
-    TimerDue,
-    WebhookAnswered,
-)
 from shared.contracts import (
     ContactCommand,
     ContactCommandKind,
@@ -43,6 +28,21 @@ from shared.contracts import (
     WebhookResult,
 )
 from shared.ids import stable_id
+from shared.journey_engine.catalog import Catalog
+from shared.journey_engine.engine import decide
+from shared.journey_engine.state import (
+    AppendLog,
+    CallWebhook,
+    CancelTimer,
+    ChangeContact,
+    ContactState,
+    EventArrived,
+    RequestSend,
+    ScheduleTimer,
+    Stimulus,
+    TimerDue,
+    WebhookAnswered,
+)
 from shared.journeys import (
     AUDIENCE_SELECTED,
     SEGMENT_ENTERED,
