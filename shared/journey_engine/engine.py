@@ -578,7 +578,8 @@ class _Turn:
             facts = facts_of(self.state.profile, event=self.event, context=instance.context)
             for name, path in step.values.items():
                 instance = self._with_context(instance, name, facts.read(path)[1])
-            self._log(instance, "step_completed", step.id)
+            why = "captured " + ", ".join(step.values)
+            self._log(instance, "step_completed", step.id, why=why)
             return instance, following
         if isinstance(step, WebhookStep):
             self._call_webhook(instance, step, visit)
@@ -700,7 +701,9 @@ class _Turn:
         value = {"code": code, "expires_at": expires.isoformat() if expires else None}
         instance = self._with_context(instance, step.save_as, value)
         self._change(instance, step.id, visit, "store_coupon", coupon=coupon)
-        self._log(instance, "step_completed", step.id, detail=code)
+        until = f", valid until {minute(expires)}" if expires is not None else ""
+        why = f"coupon issued as context.{step.save_as}{until}"
+        self._log(instance, "step_completed", step.id, detail=code, why=why)
         return instance
 
     def _update_contact(self, instance: Instance, step: UpdateContactStep, visit: int) -> None:
@@ -712,7 +715,10 @@ class _Turn:
         for name, value in step.set_attributes.items():
             resolved = facts.read(value.from_)[1] if isinstance(value, ValueFrom) else value
             self._change(instance, step.id, visit, "set_attribute", attribute=name, value=resolved)
-        self._log(instance, "step_completed", step.id)
+        changes = [f"add tag {t}" for t in step.add_tags]
+        changes += [f"remove tag {t}" for t in step.remove_tags]
+        changes += [f"set traits.{name}" for name in step.set_attributes]
+        self._log(instance, "step_completed", step.id, why="update contact: " + ", ".join(changes))
 
     def _call_webhook(self, instance: Instance, step: WebhookStep, visit: int) -> None:
         facts = facts_of(self.state.profile, event=self.event, context=instance.context)
