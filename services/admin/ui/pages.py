@@ -507,6 +507,7 @@ def mount_ui(
             profile=profile,
             instances=log_["instances"],
             records=log_["records"],
+            paths=log_.get("paths", []),
             messages=sent["messages"],
             done=request.query_params.get("done"),
         )
