@@ -35,6 +35,7 @@ from services.admin.domain.ui_session import (
     issue,
     read,
 )
+from services.admin.ui.dry_run_page import mount_dry_run_page
 from shared.channels import CHANNELS
 from shared.clock import Clock
 from shared.journeys import Journey
@@ -449,6 +450,8 @@ def mount_ui(
         return RedirectResponse(
             f"/journeys/{_quote(journey_id)}/draft?saved", status.HTTP_303_SEE_OTHER
         )
+
+    mount_dry_run_page(post, ui, editor, _detail)
 
     @post("/journeys/{journey_id}/{action}")
     async def journey_action(
