@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
@@ -141,3 +142,18 @@ def test_a_contact_page_says_why_and_a_draft_dry_runs_for_that_contact(
     ok = httpx.post(url, headers=api, json=body, timeout=30)
     assert ok.status_code == 200, ok.text
     assert ok.json()["outcome"] == "ended: exit_step"
+    unknown = httpx.post(
+        url, headers=api, json={**body, "contact_key": unique("nobody")}, timeout=30
+    )
+    assert unknown.status_code == 404, unknown.text
+    assert "contact_key" in unknown.json()["detail"]
+    broken = httpx.post(
+        url, headers=api, json={"definition": "journey: [", "events": [{"event": "X"}]}, timeout=30
+    )
+    assert broken.status_code == 422, broken.text
+    assert [p["rule"] for p in broken.json()["problems"]] == ["yaml"]
+    as_text = httpx.post(
+        url, headers=api, json={**body, "definition": yaml.safe_dump(draft)}, timeout=30
+    )
+    assert as_text.status_code == 200, as_text.text
+    assert as_text.json()["lines"][0]["text"] == trigger
