@@ -36,6 +36,7 @@ from services.admin.domain import templates as template_rules
 from services.admin.domain.conversion import conversion_report
 from services.admin.domain.templates import TemplateContent
 from services.admin.domain.ui_session import session_secret
+from services.admin.dry_run_routes import add_dry_run_routes
 from services.admin.reads import add_read_routes
 from services.admin.settings import AdminSettings
 from services.admin.ui.pages import mount_ui
@@ -137,6 +138,7 @@ def create_app(
     add_read_routes(app, viewer, insights, journeys)
     add_contact_routes(app, publisher, contacts, contact_commands, clock)
     add_dead_letter_routes(app, viewer, publisher, dead_letters)
+    add_dry_run_routes(app, editor, contacts, templates, clock)
 
     @app.get("/v1/journeys", dependencies=viewer, summary="Published journey versions")
     async def list_journeys() -> dict[str, Any]:
