@@ -76,9 +76,9 @@ from services.orchestrator.adapters.timers import (
     timer_key,
     timer_value,
 )
-from services.orchestrator.domain.state import ContactState, Instance, PendingTimer, ScheduleTimer
 from shared.contracts import Profile, TimerFired
 from shared.ids import stable_id
+from shared.journey_engine.state import ContactState, Instance, PendingTimer, ScheduleTimer
 from shared.kafka import ensure_topics
 from shared.topics import TIMERS
 

@@ -258,7 +258,15 @@ class TimerFired(WireModel):
 
 
 JourneyLogKind = Literal[
-    "entered", "step_completed", "waiting", "exited", "converted", "holdout", "skipped", "forgotten"
+    "entered",
+    "step_completed",
+    "waiting",
+    "exited",
+    "converted",
+    "holdout",
+    "skipped",
+    "forgotten",
+    "not_entered",
 ]
 
 
@@ -267,6 +275,8 @@ class JourneyLogRecord(WireModel):
 
     `forgotten` is no instance's: the contact was erased, after every record of theirs on the
     partition, and readers delete what they keep of `contact_key` (journey and instance empty).
+    `not_entered` is no instance's either: an event matched the journey's trigger (its name, its
+    segment, its tag) but the contact was refused entry; `why` says by which rule.
     """
 
     schema_version: int = SCHEMA_VERSION
@@ -282,6 +292,8 @@ class JourneyLogRecord(WireModel):
     holdout: bool = False
     # Step-specific facts: the chosen channel or variant, the goal reached, the coupon code.
     detail: str | None = None
+    # The decision in words, with the values that decided it ("branch else: traits.plan = free").
+    why: str | None = None
 
 
 class WebhookCall(WireModel):

@@ -466,14 +466,26 @@ async def _blocking(
 
 async def _transactional(call: Callable[[], None], deadline: float | None = None) -> None:
     """Run a blocking transactional call on its own thread, again while the error is
-    retriable; `ProducerWedged` when one attempt blocks past `deadline`."""
+    retriable; `ProducerWedged` when one attempt blocks past `deadline`, or when attempts that
+    each ran out their own timeout add up to `WEDGED_AFTER_SECONDS`: after a broker restart,
+    librdkafka can keep a request to the transaction coordinator queued on a connection it
+    never makes again, and time the call out every `TRANSACTION_CALL_SECONDS` for ever."""
+    timed_out = 0.0
     while True:
+        began = time.monotonic()
         try:
             await _blocking(call, WEDGED_AFTER_SECONDS if deadline is None else deadline)
             return
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.retriable():
+                if error.code() == KafkaError._TIMED_OUT:
+                    # At most the call's own timeout: a stopped process does not count.
+                    timed_out += min(time.monotonic() - began, TRANSACTION_CALL_SECONDS)
+                    if timed_out >= WEDGED_AFTER_SECONDS:
+                        raise ProducerWedged(
+                            f"transactional calls timed out for {timed_out:.0f} s in a row"
+                        ) from exc
                 log.warning("kafka.transaction_retry", error=str(error))
                 await asyncio.sleep(0.2)
                 continue

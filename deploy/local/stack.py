@@ -441,11 +441,6 @@ class Stack:
             "-Xms256m",
             "-Xmx1g",
             "-XX:+UseG1GC",
-            # The quick compiler only: a fresh broker spent more CPU compiling than serving in
-            # the demo's first runs (C2 threads were half of its CPU samples), and the stack is
-            # short-lived. Kafka CPU per demo run, fresh stack: 10.3, 6.0, 4.6 s with both
-            # compilers; 5.4, 4.3, 4.6 s with this.
-            "-XX:TieredStopAtLevel=1",
             "-Djava.awt.headless=true",
             f"-Dlog4j.configuration=file:{ROOT}/deploy/local/kafka/log4j.properties",
             "-cp",

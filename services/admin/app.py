@@ -38,6 +38,7 @@ from services.admin.domain import templates as template_rules
 from services.admin.domain.conversion import conversion_report
 from services.admin.domain.templates import TemplateContent
 from services.admin.domain.ui_session import session_secret
+from services.admin.dry_run_routes import add_dry_run_routes
 from services.admin.reads import add_read_routes
 from services.admin.segment_routes import add_segment_builder_routes
 from services.admin.settings import AdminSettings
@@ -143,6 +144,7 @@ def create_app(
     add_read_routes(app, viewer, insights, journeys)
     add_contact_routes(app, publisher, contacts, contact_commands, clock)
     add_dead_letter_routes(app, viewer, publisher, dead_letters)
+    add_dry_run_routes(app, editor, contacts, templates, clock)
     add_template_routes(app, viewer, editor, templates, contacts, test_sends, clock)
     add_segment_builder_routes(
         app, viewer, journeys, contacts, segment_counts, count_history, clock

@@ -14,6 +14,7 @@ from services.admin.domain import segments as segment_views
 from services.admin.domain import templates as template_rules
 from services.admin.domain.figures import contact_positions, funnels, journey_figures
 from services.admin.domain.versions import journey_changes
+from services.admin.domain.why_paths import journey_paths
 from shared.definitions import PublishedJourneys
 
 
@@ -89,7 +90,8 @@ def add_read_routes(
     @app.get(
         "/v1/journey-log",
         dependencies=viewer,
-        summary="A contact's journey instances: where each stands, and its log records",
+        summary="A contact's journey instances: where each stands, its log records, and per "
+        "journey its path with the why of every decision",
     )
     async def contact_journey_log(
         contact_key: Annotated[str, Query(min_length=1, max_length=1024)],
@@ -98,10 +100,15 @@ def add_read_routes(
         records = await insights.contact_records(contact_key, limit)
         for record in records:
             record.pop("_id", None)
+        step_orders = {
+            (p.journey.id, p.journey.version): {s.id: n for n, s in enumerate(p.journey.steps)}
+            for p in journeys.all()
+        }
         return {
             "contact_key": contact_key,
             "instances": contact_positions(records),
             "records": records,
+            "paths": journey_paths(records, step_orders),
         }
 
     @app.get("/v1/messages", dependencies=viewer, summary="Messages from the ledger, newest first")

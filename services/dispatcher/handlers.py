@@ -40,6 +40,7 @@ from services.dispatcher.adapters.tables import (
 from services.dispatcher.channels import kits
 from services.dispatcher.channels.sms.domain import SmsContent
 from services.dispatcher.channels.sms.reconcile import SmsHistory, SmsTry, reconcile_sms
+from services.dispatcher.domain import progress
 from services.dispatcher.domain.conclude import (
     Announce,
     ConcludePolicy,
@@ -53,7 +54,7 @@ from services.dispatcher.domain.conclude import (
     conclude,
 )
 from services.dispatcher.domain.messages import Delivery, MessageContent, Provider, RenderContext
-from services.dispatcher.domain.outcomes import EVENT_NAMES, Outcome, resume_action
+from services.dispatcher.domain.outcomes import EVENT_NAMES, Outcome
 from services.dispatcher.domain.policy import (
     CapRule,
     TokenBucket,
@@ -249,57 +250,51 @@ class Dispatcher:
 
     async def _claimed(self, request: SendRequest, record: Record) -> None:
         claim = await self.ledger.claim(request, self.clock.now())
-        if claim.new:
-            await self._attempt(request, 1, "first", record)
-            return
-        if claim.state == "retrying":
-            # The retry record may not have been written before a crash: write it again; the
-            # ledger's attempt number lets only one copy through.
-            entry = await self.ledger.get(request.message_id) or {}
-            due = entry.get("due_at") or self.clock.now()
-            await self._enqueue(request, claim.attempt, due, str(entry.get("reason") or "retry"))
-            return
-        await self._resume(request, claim.state, claim.attempt, record)
+        entry = None if claim.new else await self._entry(request.message_id)
+        move = progress.after_claim(claim.new, entry, **self._facts(request))
+        await self._carry_out(move, request, record)
 
     async def handle_retry(self, retry: SendRetry, record: Record) -> None:
         request = retry.request
         if await self._skip_forgotten(request):
             return
-        entry = await self.ledger.get(request.message_id)
-        if entry is None or int(entry.get("attempt", 1)) != retry.attempt:
-            return  # a stale copy: another attempt owns the message now
-        try_name = retry.due_at.isoformat()
-        await self._resume(request, str(entry["state"]), retry.attempt, record, try_name)
+        entry = await self._entry(request.message_id)
+        move = progress.on_retry(entry, retry.attempt, retry.due_at, **self._facts(request))
+        await self._carry_out(move, request, record)
 
-    async def _resume(
-        self,
-        request: SendRequest,
-        state: str,
-        attempt: int,
-        record: Record,
-        try_name: str = "first",
-    ) -> None:
-        """Go on from where a ledger entry stands (after a crash, a replay or a retry record)."""
-        if state in ("requested", "retrying"):
-            await self._attempt(request, attempt, try_name, record)
-            return
-        action = resume_action(state, request.transactional)
-        if state == "sending" and self._can_reconcile(request):
-            # Ask the provider first: found, it is sent; proven absent, a new try is safe.
-            entry = await self.ledger.get(request.message_id) or {}
-            began = entry.get("sending_at") if entry.get("state") == "sending" else None
-            stopped = Outcome("unknown", "a worker stopped during the provider call")
-            outcome, delivery = await self._reconciled(
-                request, stopped, None, began or request.requested_at
-            )
-            if outcome.kind == "sent" or action == "unknown":
-                await self._conclude(request, outcome, attempt, record, delivery)
-                return
-        if action == "unknown":
-            reason = "a worker stopped during the provider call; not resent (marketing)"
-            await self._conclude(request, Outcome("unknown", reason), attempt, record, None)
-        elif action == "send":  # transactional: a new attempt, the last one may have arrived
-            await self._attempt(request, attempt + 1, "resumed", record)
+    async def _entry(self, message_id: str) -> progress.Entry | None:
+        found = await self.ledger.get(message_id)
+        return None if found is None else progress.Entry.of(found)
+
+    def _facts(self, request: SendRequest) -> dict[str, bool]:
+        return {
+            "transactional": request.transactional,
+            "reconcilable": self._can_reconcile(request),
+        }
+
+    async def _carry_out(self, move: progress.Move, request: SendRequest, record: Record) -> None:
+        """Carry out what `domain.progress` decided."""
+        match move:
+            case progress.Attempt(attempt=attempt, try_name=try_name):
+                await self._attempt(request, attempt, try_name, record)
+            case progress.Requeue(attempt=attempt, due=due, reason=reason):
+                await self._enqueue(request, attempt, due or self.clock.now(), reason)
+            case progress.Reconcile(attempt=attempt, began=began, resend=resend):
+                # Ask the provider first: found, it is sent; proven absent, a new try is safe.
+                stopped = Outcome("unknown", progress.STOPPED)
+                outcome, delivery = await self._reconciled(
+                    request, stopped, None, began or request.requested_at
+                )
+                if outcome.kind == "sent" or not resend:
+                    await self._conclude(request, outcome, attempt, record, delivery)
+                else:
+                    await self._attempt(request, attempt + 1, "resumed", record)
+            case progress.Conclude(outcome=outcome, attempt=attempt):
+                await self._conclude(request, outcome, attempt, record, None)
+            case progress.Done():
+                pass
+            case _:
+                assert_never(move)
 
     async def _attempt(
         self, request: SendRequest, attempt: int, try_name: str, record: Record
@@ -339,13 +334,10 @@ class Dispatcher:
         await self._conclude(request, outcome, attempt, record, prepared)
 
     async def _after_lost_begin(self, request: SendRequest, attempt: int, record: Record) -> None:
-        """Another copy holds this try. If the entry never reached `sending`, that copy died
-        between its marker and its entry update: finish as if it died in the provider call."""
-        entry = await self.ledger.get(request.message_id)
-        if entry is None or int(entry.get("attempt", 1)) != attempt:
-            return
-        if entry.get("state") in ("requested", "retrying"):
-            await self._resume(request, "sending", attempt, record)
+        """Another copy holds this try (`domain.progress.after_lost_begin`)."""
+        entry = await self._entry(request.message_id)
+        move = progress.after_lost_begin(entry, attempt, **self._facts(request))
+        await self._carry_out(move, request, record)
 
     def _can_reconcile(self, request: SendRequest) -> bool:
         return request.channel == "sms" and self.sms_history is not None

@@ -18,21 +18,7 @@ from services.orchestrator.adapters.audience_schedule import AudienceSchedule, P
 from services.orchestrator.adapters.definitions import CatalogSource, DefinitionsCatalog
 from services.orchestrator.adapters.timers import TimerStore, timer_key
 from services.orchestrator.adapters.webhooks import Webhooks
-from services.orchestrator.domain.engine import decide
 from services.orchestrator.domain.segment_clock import SEGMENT_CLOCK, reevaluation, segment_timer
-from services.orchestrator.domain.state import (
-    AppendLog,
-    CallWebhook,
-    CancelTimer,
-    ChangeContact,
-    ContactState,
-    EventArrived,
-    RequestSend,
-    ScheduleTimer,
-    Stimulus,
-    TimerDue,
-    WebhookAnswered,
-)
 from services.orchestrator.settings import OrchestratorSettings
 from shared.batching import Focus, Overlay, no_focus
 from shared.clock import Clock
@@ -45,6 +31,20 @@ from shared.contracts import (
 )
 from shared.deadletter import DeadLetters, failure_reason, through_outages
 from shared.ids import stable_id
+from shared.journey_engine.engine import decide
+from shared.journey_engine.state import (
+    AppendLog,
+    CallWebhook,
+    CancelTimer,
+    ChangeContact,
+    ContactState,
+    EventArrived,
+    RequestSend,
+    ScheduleTimer,
+    Stimulus,
+    TimerDue,
+    WebhookAnswered,
+)
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
 from shared.profiles import CONTACT_FORGOTTEN
 from shared.streams import StreamWorker, focus

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from services.orchestrator.domain.simulator import Simulation
 from shared.cli import load_journey_file
 from shared.contracts import SendRequest
+from shared.journey_engine.simulator import Simulation
 from shared.journeys import Journey, JourneyFile
 from shared.rendering import (
     EmailTemplate,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from services.orchestrator.domain.simulator import Simulation
+from shared.journey_engine.simulator import Simulation
 from tests.scenarios.conftest import T0, definition, rendered
 
 FILE = definition("s02-welcome")

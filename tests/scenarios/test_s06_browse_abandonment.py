@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from services.orchestrator.domain.simulator import Simulation
+from shared.journey_engine.simulator import Simulation
 from tests.scenarios.conftest import T0, definition, rendered
 
 FILE = definition("s06-browse-abandonment")

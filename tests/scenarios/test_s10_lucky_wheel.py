@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.orchestrator.domain.simulator import Simulation
+from shared.journey_engine.simulator import Simulation
 from tests.scenarios.conftest import definition, rendered
 
 FILE = definition("s10-lucky-wheel")

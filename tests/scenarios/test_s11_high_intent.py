@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from services.orchestrator.domain.simulator import Simulation
 from shared.conditions import condition_from, evaluate, facts_of
 from shared.contracts import Profile
+from shared.journey_engine.simulator import Simulation
 from tests.scenarios.conftest import T0, definition, rendered, segment_in_header
 
 FILE = definition("s11-high-intent")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from services.orchestrator.domain.engine import decide
-from services.orchestrator.domain.simulator import Simulation
-from services.orchestrator.domain.state import CancelTimer, EventArrived, ScheduleTimer
 from shared.contracts import ContactEvent, Event
+from shared.journey_engine.engine import decide
+from shared.journey_engine.simulator import Simulation
+from shared.journey_engine.state import CancelTimer, EventArrived, ScheduleTimer
 from tests.scenarios.conftest import T0, definition, rendered
 
 FILE = definition("s12-reactivation")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.orchestrator.domain.simulator import Simulation
+from shared.journey_engine.simulator import Simulation
 from tests.scenarios.conftest import T0, definition, rendered
 
 FILE = definition("s14-coupon-on-tag")

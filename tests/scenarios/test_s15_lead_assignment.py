@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from services.orchestrator.domain.simulator import Simulation, WebhookAnswer
 from shared.contracts import WebhookCall
+from shared.journey_engine.simulator import Simulation, WebhookAnswer
 from tests.scenarios.conftest import T0, definition
 
 ASSIGNMENT = definition("s15-lead-assignment").journey

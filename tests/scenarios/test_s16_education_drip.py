@@ -6,8 +6,8 @@ from datetime import timedelta
 
 import pytest
 
-from services.orchestrator.domain.simulator import Simulation
 from shared.contracts import SendRequest
+from shared.journey_engine.simulator import Simulation
 from tests.scenarios.conftest import T0, definition, rendered
 
 FILE = definition("s16-education-drip")

@@ -70,6 +70,7 @@ ROLE_OF = {
     ("GET", "/v1/delivery/funnel"): "viewer",
     ("PUT", "/v1/templates/{template_id}"): "editor",
     ("PUT", "/v1/journeys/{journey_id}/draft"): "editor",
+    ("POST", "/v1/journeys/dry-run"): "editor",
     # Marking a template ready puts its content on the air for every journey that uses it.
     ("POST", "/v1/templates/{template_id}/ready"): "publisher",
     ("POST", "/v1/journeys/{journey_id}/publish"): "publisher",
@@ -98,6 +99,7 @@ PAGE_ROLE_OF = {
     ("GET", "/new-draft"): "editor",
     ("GET", "/journeys/{journey_id}/draft"): "editor",
     ("POST", "/journeys/{journey_id}/draft"): "editor",
+    ("POST", "/journeys/{journey_id}/draft/dry-run"): "editor",
     ("GET", "/segments"): "viewer",
     ("GET", "/segments/{segment_id}"): "viewer",
     ("GET", "/contacts"): "viewer",

@@ -20,9 +20,9 @@ from services.orchestrator.domain.audiences import (
     latest_run,
     run_id,
 )
-from services.orchestrator.domain.catalog import Catalog
 from shared.clock import ManualClock
 from shared.contracts import AudienceRequest
+from shared.journey_engine.catalog import Catalog
 from shared.journeys import AudienceTrigger, Journey, PublishedJourney
 from shared.kafka import DeliveryFailed
 from shared.topics import AUDIENCE_REQUESTS, AUDIENCE_RUNS

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.dispatcher.domain.policy import consent_refusal, line_break_refusal
-from services.orchestrator.domain.simulator import Simulation
 from shared.channels import CHANNELS, address_of
 from shared.contracts import Channel, Profile
+from shared.journey_engine.simulator import Simulation
 from shared.journeys import Journey
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)

@@ -9,7 +9,6 @@ from typing import Any, get_args
 import pytest
 
 from services.admin.domain.segments import ConsentChannel
-from services.orchestrator.domain.simulator import Simulation
 from shared.channels import (
     CHANNELS,
     address_of,
@@ -22,6 +21,7 @@ from shared.channels import (
     without_dead_address,
 )
 from shared.contracts import Channel, Event, Profile
+from shared.journey_engine.simulator import Simulation
 from shared.journeys import Journey
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)

@@ -9,10 +9,10 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.orchestrator.domain.engine import coupon_code
-from services.orchestrator.domain.simulator import Simulation
 from shared.cli import load_journey_file
 from shared.ids import stable_id
+from shared.journey_engine.engine import coupon_code
+from shared.journey_engine.simulator import Simulation
 from shared.journeys import CouponStep
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)

@@ -17,14 +17,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.orchestrator.domain import engine
-from services.orchestrator.domain.catalog import Catalog
-from services.orchestrator.domain.engine import (
+from shared.cli import load_journey_file
+from shared.contracts import ContactEvent, Event, JourneyLogRecord, Profile, SendRequest, TimerFired
+from shared.ids import stable_id
+from shared.journey_engine import engine
+from shared.journey_engine.catalog import Catalog
+from shared.journey_engine.engine import (
     HANDLED_REMEMBERED,
     PAUSED_RECHECK,
     TIMER_EARLY_TOLERANCE,
 )
-from services.orchestrator.domain.state import (
+from shared.journey_engine.state import (
     AppendLog,
     ContactState,
     Decision,
@@ -34,9 +37,6 @@ from services.orchestrator.domain.state import (
     Stimulus,
     TimerDue,
 )
-from shared.cli import load_journey_file
-from shared.contracts import ContactEvent, Event, JourneyLogRecord, Profile, SendRequest, TimerFired
-from shared.ids import stable_id
 from shared.journeys import EntryRules, EventTrigger, Journey, PublishedJourney, SendStep
 
 WELCOME_FILE = Path(__file__).resolve().parents[2] / "examples" / "journeys" / "s02-welcome.yaml"
@@ -138,6 +138,16 @@ def logs(decision: Decision) -> list[JourneyLogRecord]:
     return [c.record for c in decision.commands if isinstance(c, AppendLog)]
 
 
+def only_refusal(decision: Decision) -> str:
+    """The why of the one `not_entered` record the decision holds, and nothing else."""
+    (command,) = decision.commands
+    assert isinstance(command, AppendLog)
+    assert command.record.kind == "not_entered"
+    assert command.record.instance_id == ""
+    assert command.record.why is not None
+    return command.record.why
+
+
 def only_timer(decision: Decision) -> ScheduleTimer:
     (timer,) = timers(decision)
     return timer
@@ -235,7 +245,12 @@ def test_where_filter_rejects_an_event_without_the_property_value(
 
     decision = decide(None, registered("m-1", properties=properties), catalog_of(journey), T0)
 
-    assert decision.commands == ()
+    read = "event.properties.plan = free" if properties else "event.properties.plan is absent"
+    assert only_refusal(decision) == (
+        f"not entered: trigger event Registered, but where event.properties.plan = pro failed"
+        f" ({read})"
+    )
+    assert decision.state.instances == {}
 
 
 # --- re-entry and replays -------------------------------------------------------------------
@@ -247,7 +262,7 @@ def test_reentry_never_refuses_a_second_registration_while_running() -> None:
 
     second = decide(first.state, registered("m-2"), catalog, T0 + timedelta(hours=1))
 
-    assert second.commands == ()
+    assert only_refusal(second) == "not entered: re-entry never, entered 2025-03-03"
     assert second.state.instances == first.state.instances
     assert second.state.entries == {"welcome": 1}
 
@@ -259,7 +274,7 @@ def test_reentry_never_refuses_a_second_registration_after_exit() -> None:
 
     again = decide(finished.state, registered("m-2", at=later), catalog, later)
 
-    assert again.commands == ()
+    assert only_refusal(again) == "not entered: re-entry never, entered 2025-03-03"
 
 
 def test_reentry_after_exit_refuses_a_registration_while_the_first_instance_runs() -> None:
@@ -268,7 +283,7 @@ def test_reentry_after_exit_refuses_a_registration_while_the_first_instance_runs
 
     second = decide(first.state, registered("m-2"), catalog, T0 + timedelta(hours=1))
 
-    assert second.commands == ()
+    assert only_refusal(second) == "not entered: re-entry after_exit, still in it since 2025-03-03"
 
 
 def test_reentry_after_exit_admits_a_registration_once_the_first_instance_exited() -> None:

@@ -15,12 +15,12 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.orchestrator.domain.engine import decide
-from services.orchestrator.domain.simulator import Simulation
-from services.orchestrator.domain.state import EventArrived
 from shared.cli import load_journey_file
 from shared.contracts import ContactEvent, Event
 from shared.ids import stable_id
+from shared.journey_engine.engine import decide
+from shared.journey_engine.simulator import Simulation
+from shared.journey_engine.state import EventArrived
 from shared.journeys import EntryRules, Journey
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "journeys"

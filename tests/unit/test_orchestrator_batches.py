@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from services.orchestrator.adapters.timers import TimerStore
 from services.orchestrator.adapters.webhooks import Webhooks
 from services.orchestrator.app import Journeys
-from services.orchestrator.domain.catalog import Catalog
 from services.orchestrator.domain.destinations import DestinationPolicy
 from services.orchestrator.domain.segment_clock import SEGMENT_CLOCK, segment_timer_id
 from shared.clock import ManualClock
 from shared.contracts import SegmentTimerRequest, TimerFired
 from shared.deadletter import DeadLetters
+from shared.journey_engine.catalog import Catalog
 from shared.journeys import PublishedJourney
 from shared.kafka import Record
 from shared.profiles import CONTACT_FORGOTTEN

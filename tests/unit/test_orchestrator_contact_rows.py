@@ -11,20 +11,12 @@ from zoneinfo import ZoneInfo
 from services.orchestrator.adapters.timers import TimerStore, timer_key
 from services.orchestrator.adapters.webhooks import Webhooks
 from services.orchestrator.app import Incoming, Journeys
-from services.orchestrator.domain.catalog import Catalog
 from services.orchestrator.domain.destinations import DestinationPolicy
 from services.orchestrator.domain.segment_clock import (
     SEGMENT_CLOCK,
     reevaluation,
     segment_timer,
     segment_timer_id,
-)
-from services.orchestrator.domain.state import (
-    CancelTimer,
-    ContactState,
-    EventArrived,
-    ScheduleTimer,
-    TimerDue,
 )
 from shared.clock import ManualClock
 from shared.contracts import (
@@ -37,6 +29,14 @@ from shared.contracts import (
     TimerFired,
 )
 from shared.ids import stable_id
+from shared.journey_engine.catalog import Catalog
+from shared.journey_engine.state import (
+    CancelTimer,
+    ContactState,
+    EventArrived,
+    ScheduleTimer,
+    TimerDue,
+)
 from shared.journeys import Journey, PublishedJourney
 from shared.profiles import CONTACT_FORGOTTEN
 from shared.topics import CONTACT_COMMANDS, JOURNEY_LOG, SEND_REQUESTS

@@ -17,7 +17,7 @@ from services.orchestrator.adapters.timers import (
     timer_key,
     timer_value,
 )
-from services.orchestrator.domain.state import CancelTimer, ScheduleTimer
+from shared.journey_engine.state import CancelTimer, ScheduleTimer
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 LATER = timedelta(days=3650)  # a refire delay that never comes due within a test

@@ -72,3 +72,37 @@ async def test_a_retriable_error_is_asked_again_then_the_call_returns() -> None:
 
     await _transactional(flaky, deadline=5)
     assert len(calls) == 3
+
+
+async def test_calls_that_keep_timing_out_are_a_wedged_producer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a broker restart librdkafka can leave a request to the transaction coordinator
+    queued on a connection it never makes again: every call times out after its own timeout,
+    for ever. Once those timeouts add up to the wedge limit, the producer is taken for wedged
+    (and replaced), not asked again."""
+    monkeypatch.setattr(kafka, "WEDGED_AFTER_SECONDS", 0.5)
+    calls: list[int] = []
+
+    def never_answered() -> None:
+        calls.append(1)
+        time.sleep(0.2)  # the call's own timeout, shortened
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "timed out", retriable=True))
+
+    with pytest.raises(ProducerWedged):
+        await _transactional(never_answered, deadline=5)
+    assert len(calls) == 3  # 0.2 + 0.2 + 0.2 s of timeouts reach the 0.5 s limit
+
+
+async def test_other_retriable_errors_are_asked_again_without_limit() -> None:
+    calls: list[int] = []
+
+    def loading() -> None:
+        calls.append(1)
+        if len(calls) < 8:
+            raise KafkaException(
+                KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS, "loading", retriable=True)
+            )
+
+    await _transactional(loading, deadline=5)
+    assert len(calls) == 8

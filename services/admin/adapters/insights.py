@@ -25,6 +25,7 @@ _LOG_FIELDS = {
     "detail": 1,
     "at": 1,
     "holdout": 1,
+    "why": 1,
 }
 _MESSAGE_FIELDS = {"history": 0, "try": 0}
 

@@ -35,6 +35,7 @@ from services.admin.domain.ui_session import (
     issue,
     read,
 )
+from services.admin.ui.dry_run_page import mount_dry_run_page
 from shared.clock import Clock
 from shared.journeys import Journey
 
@@ -452,6 +453,8 @@ def mount_ui(
             f"/journeys/{_quote(journey_id)}/draft?saved", status.HTTP_303_SEE_OTHER
         )
 
+    mount_dry_run_page(post, ui, editor, _detail)
+
     @post("/journeys/{journey_id}/{action}")
     async def journey_action(
         request: Request, journey_id: str, action: str, signed: publisher
@@ -509,6 +512,7 @@ def mount_ui(
             profile=profile,
             instances=log_["instances"],
             records=log_["records"],
+            paths=log_.get("paths", []),
             messages=sent["messages"],
             done=request.query_params.get("done"),
         )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from services.orchestrator.domain.catalog import Catalog
 from shared.definitions import PublishedJourneys
+from shared.journey_engine.catalog import Catalog
 from shared.kafka_connection import KafkaConnection
 
 

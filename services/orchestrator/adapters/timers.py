@@ -15,8 +15,8 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from services.orchestrator.domain.state import CancelTimer, ScheduleTimer
 from shared.contracts import TimerFired
+from shared.journey_engine.state import CancelTimer, ScheduleTimer
 from shared.streams import Table
 
 log = structlog.get_logger(__name__)

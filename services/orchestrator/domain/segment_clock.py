@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from services.orchestrator.domain.state import CancelTimer, ScheduleTimer
 from shared.contracts import ContactCommand, SegmentTimerRequest, TimerFired
 from shared.ids import stable_id
+from shared.journey_engine.state import CancelTimer, ScheduleTimer
 
 SEGMENT_CLOCK = "~segments"
 

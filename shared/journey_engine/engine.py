@@ -11,26 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.orchestrator.domain.catalog import Catalog
-from services.orchestrator.domain.state import (
-    AppendLog,
-    CallWebhook,
-    CancelTimer,
-    ChangeContact,
-    Command,
-    ContactState,
-    Decision,
-    EventArrived,
-    Instance,
-    PendingTimer,
-    RequestSend,
-    ScheduleTimer,
-    Stimulus,
-    TimerDue,
-    TimerPurpose,
-    WebhookAnswered,
-)
-from shared.channels import reachable
+from shared.channels import address_of, consented, reachable
 from shared.conditions import (
     Compare,
     Condition,
@@ -61,6 +42,27 @@ from shared.durations import (
     parse_time_of_day,
 )
 from shared.ids import keyed_digest, stable_fraction, stable_id
+from shared.journey_engine.catalog import Catalog
+from shared.journey_engine.state import (
+    AppendLog,
+    CallWebhook,
+    CancelTimer,
+    ChangeContact,
+    Command,
+    ContactState,
+    Decision,
+    EventArrived,
+    Instance,
+    PendingTimer,
+    RequestSend,
+    ScheduleTimer,
+    Stimulus,
+    TimerDue,
+    TimerPurpose,
+    WebhookAnswered,
+)
+from shared.journey_engine.why import day, minute, values_read
+from shared.journey_engine.why import rule as written
 from shared.journeys import (
     ATTRIBUTE_CHANGED,
     AUDIENCE_SELECTED,
@@ -154,38 +156,79 @@ def decide(
 
 def trigger_matches(journey: Journey, event: Event, profile: Profile | None, now: datetime) -> bool:
     """Whether this event (for this contact, now) enters the journey's trigger."""
+    return trigger_verdict(journey, event, profile, now)[0]
+
+
+def trigger_verdict(
+    journey: Journey, event: Event, profile: Profile | None, now: datetime
+) -> tuple[bool, str | None]:
+    """Whether the event enters the trigger, and why (not). The why is None for an event the
+    trigger does not name at all (most events): only near misses are worth explaining."""
     trigger = journey.trigger
     props = event.properties
     label = event.label
+    where: Condition | None = None
     if isinstance(trigger, EventTrigger | ObjectEventTrigger):
-        matched = label == trigger.event and _holds(trigger.where, profile, event, None, now)
+        if label != trigger.event:
+            return False, None
+        what, where = f"event {trigger.event}", trigger.where
     elif isinstance(trigger, SegmentTrigger):
         wanted = SEGMENT_ENTERED if trigger.on == "entered" else SEGMENT_LEFT
-        matched = label == wanted and props.get("segment") == trigger.segment
+        if label != wanted or props.get("segment") != trigger.segment:
+            return False, None
+        what = f"{trigger.on} segment {trigger.segment}"
     elif isinstance(trigger, TagAddedTrigger):
-        matched = label == TAG_ADDED and props.get("tag") == trigger.tag
+        if label != TAG_ADDED or props.get("tag") != trigger.tag:
+            return False, None
+        what = f"tag {trigger.tag} added"
     elif isinstance(trigger, AttributeChangedTrigger):
-        matched = label == ATTRIBUTE_CHANGED and props.get("attribute") == trigger.attribute
-        if matched and trigger.to is not None:
-            to = Compare(field="event.properties.value", op="eq", value=trigger.to)
-            matched = _holds(to, profile, event, None, now)
+        if label != ATTRIBUTE_CHANGED or props.get("attribute") != trigger.attribute:
+            return False, None
+        what = f"attribute {trigger.attribute} changed"
+        if trigger.to is not None:
+            where = Compare(field="event.properties.value", op="eq", value=trigger.to)
     else:
-        matched = _audience_matches(journey.id, trigger, event, now)
-    return matched and _holds(trigger.condition, profile, event, None, now)
+        verdict = _audience_verdict(journey.id, trigger, event, now)
+        if isinstance(verdict, tuple):
+            return verdict
+        what = verdict
+    facts = facts_of(profile, event=event)
+    whys = [f"trigger {what}"]
+    for name, condition in (("where", where), ("condition", trigger.condition)):
+        if condition is None:
+            continue
+        read = values_read(condition, facts, now)
+        if not evaluate(condition, facts, now):
+            return (
+                False,
+                f"not entered: trigger {what}, but {name} {written(condition)} failed ({read})",
+            )
+        whys.append(f"{name} {written(condition)} held ({read})")
+    return True, "; ".join(whys)
 
 
-def _audience_matches(
+def _audience_verdict(
     journey_id: str, trigger: AudienceTrigger, event: Event, now: datetime
-) -> bool:
+) -> str | tuple[bool, str | None]:
+    """What entered an audience journey, or (False, why not)."""
+    props = event.properties
     if event.label == AUDIENCE_SELECTED:
-        return event.properties.get("journey_id") == journey_id
-    return (
-        trigger.mode == "ongoing"
-        and event.label == SEGMENT_ENTERED
-        and event.properties.get("segment") in trigger.segments
-        and trigger.start_at is not None
-        and now >= trigger.start_at
-    )
+        if props.get("journey_id") != journey_id:
+            return False, None
+        return f"audience run {props.get('run_id')}"
+    if trigger.mode != "ongoing" or event.label != SEGMENT_ENTERED:
+        return False, None
+    segment = props.get("segment")
+    if segment not in trigger.segments:
+        return False, None
+    if trigger.start_at is None or now < trigger.start_at:
+        start = (
+            "has no start time"
+            if trigger.start_at is None
+            else f"starts {minute(trigger.start_at)}"
+        )
+        return False, f"not entered: entered segment {segment}, but the audience {start}"
+    return f"entered segment {segment}"
 
 
 def reachable_channels(
@@ -237,8 +280,11 @@ class _Turn:
             if journey is not None:
                 self._running_sees(instance, journey, event)
         for journey in self.catalog.open_for_entry():
-            if trigger_matches(journey, event, self.state.profile, self.now):
-                self._enter(journey, event)
+            matched, why = trigger_verdict(journey, event, self.state.profile, self.now)
+            if matched:
+                self._enter(journey, event, why)
+            elif why is not None:
+                self._refuse(journey, event, "trigger", why)
 
     def on_timer(self, stimulus: TimerDue) -> None:
         fired = stimulus.timer
@@ -251,15 +297,17 @@ class _Turn:
         if journey is None:
             return
         timer = instance.timer
+        due = timer.due_at
         instance = instance.model_copy(update={"timer": None})
         step = journey.step(timer.step_id)
         if timer.purpose in ("quiet_hours", "paused"):
             self._run(instance, journey)  # run the held step again
         elif timer.purpose == "wait":
-            self._log(instance, "step_completed", step.id)
+            self._log(instance, "step_completed", step.id, why=f"waited until {minute(due)}")
             self._advance(instance, journey, journey.next_of(step.id))
         elif timer.purpose == "timeout" and isinstance(step, WaitForEventStep):
-            self._log(instance, "step_completed", step.id, detail="timeout")
+            why = f"timeout: no {step.event} by {minute(due)}"
+            self._log(instance, "step_completed", step.id, detail="timeout", why=why)
             self._advance(instance, journey, step.on_timeout or journey.next_of(step.id))
         elif isinstance(step, WebhookStep):
             answer = {"ok": False, "status": None, "body": None, "error": "no answer in time"}
@@ -284,12 +332,14 @@ class _Turn:
 
     # --- entering --------------------------------------------------------------------------
 
-    def _enter(self, journey: Journey, event: Event) -> None:
+    def _enter(self, journey: Journey, event: Event, why: str | None) -> None:
         rules = journey.entry
         key_value: str | None = None
         if rules.key is not None:
             value = event.properties.get(rules.key)
             if value is None:
+                refusal = f"not entered: the event has no {rules.key}, the journey's entry key"
+                self._refuse(journey, event, "no_entry_key", refusal)
                 return
             key_value = str(value)
         entry_key = journey.id if key_value is None else f"{journey.id}|{key_value}"
@@ -299,14 +349,23 @@ class _Turn:
             if i.journey_id == journey.id and i.key == key_value
         ]
         entries = self.state.entries.get(entry_key, 0)
+        last = self.state.last_entered.get(entry_key)
+        entered = f", entered {day(last)}" if last is not None else ""
         if rules.max_entries is not None and entries >= rules.max_entries:
+            refusal = f"not entered: at most {rules.max_entries} entries, {entries} so far{entered}"
+            self._refuse(journey, event, "max_entries", refusal)
             return
         if rules.reentry == "never" and entries > 0:
+            self._refuse(journey, event, "reentry", f"not entered: re-entry never{entered}")
             return
         if running:
+            since = min(i.entered_at for i in running)
+            refusal = f"not entered: re-entry {rules.reentry}, still in it since {day(since)}"
+            self._refuse(journey, event, "running", refusal)
             return
-        last = self.state.last_entered.get(entry_key)
         if rules.reentry == "cooldown" and last is not None and not self._cooled(journey, last):
+            refusal = f"not entered: re-entry after a cooldown of {rules.cooldown}{entered}"
+            self._refuse(journey, event, "cooldown", refusal)
             return
         key = self.state.contact_key
         instance_id = stable_id(journey.id, journey.version, key, event.message_id)
@@ -332,10 +391,27 @@ class _Turn:
                 "last_entered": {**self.state.last_entered, entry_key: self.now},
             }
         )
-        self._log(instance, "entered", None, detail=key_value)
+        self._log(instance, "entered", None, detail=key_value, why=why)
         if holdout:
-            self._log(instance, "holdout", None)
+            why = f"holdout: {rules.holdout:g}% of contacts receive nothing, this one among them"
+            self._log(instance, "holdout", None, why=why)
         self._run(instance, journey)
+
+    def _refuse(self, journey: Journey, event: Event, reason: str, why: str) -> None:
+        """A `not_entered` record: the event matched the trigger, an entry rule said no."""
+        key = self.state.contact_key
+        record = JourneyLogRecord(
+            record_id=stable_id(journey.id, journey.version, key, event.message_id, "not_entered"),
+            kind="not_entered",
+            journey_id=journey.id,
+            journey_version=journey.version,
+            instance_id="",
+            contact_key=key,
+            reason=reason,
+            at=self.now,
+            why=why,
+        )
+        self.commands.append(AppendLog(record))
 
     def _cooled(self, journey: Journey, last: datetime) -> bool:
         cooldown = journey.entry.cooldown
@@ -365,16 +441,23 @@ class _Turn:
                     "context": {**instance.context, "goals": goals},
                 }
             )
-            self._log(instance, "converted", None, detail=goal.id)
+            within = f" within {goal.within}" if goal.within is not None else ""
+            why = f"goal {goal.id}: {goal.event}{within}"
+            if goal.where is not None:
+                facts = facts_of(profile, event=event, context=instance.context)
+                why += f" ({values_read(goal.where, facts, self.now)})"
+            self._log(instance, "converted", None, detail=goal.id, why=why)
             if goal.exit:
-                self._finish(instance, f"goal:{goal.id}")
+                self._finish(instance, f"goal:{goal.id}", f"goal {goal.id} reached: exit")
                 return
             self._store(instance)
         for rule in journey.exit_rules:
             if event.label == rule.event and _holds(
                 rule.where, profile, event, instance.context, self.now
             ):
-                self._finish(instance, f"exit_rule:{rule.reason or rule.event}")
+                self._finish(
+                    instance, f"exit_rule:{rule.reason or rule.event}", f"exit rule: {rule.event}"
+                )
                 return
         timer = instance.timer
         if timer is None or timer.purpose != "timeout":
@@ -386,12 +469,16 @@ class _Turn:
             return
         context = {**instance.context, step.context_name: event_facts(event)}
         instance = instance.model_copy(update={"timer": None, "context": context})
-        self._log(instance, "step_completed", step.id, detail="event")
+        why = f"{step.event} arrived"
+        if step.where is not None:
+            facts = facts_of(profile, event=event, context=instance.context)
+            why += f" ({values_read(step.where, facts, self.now)})"
+        self._log(instance, "step_completed", step.id, detail="event", why=why)
         self._advance(instance, journey, step.on_event or journey.next_of(step.id))
 
     def _advance(self, instance: Instance, journey: Journey, following: str | None) -> None:
         if following is None:
-            self._finish(instance, "completed")
+            self._finish(instance, "completed", "end of the journey")
             return
         self._run(instance.model_copy(update={"step_id": following}), journey)
 
@@ -400,10 +487,11 @@ class _Turn:
         for _ in range(MAX_STEPS_PER_STIMULUS):
             status = self.catalog.status(journey.id)
             if status == "archived":
-                self._finish(instance, "journey_archived")
+                self._finish(instance, "journey_archived", "the journey was archived")
                 return
             if status == "paused":
-                self._hold(instance, instance.step_id, self.now + PAUSED_RECHECK, "paused")
+                due = self.now + PAUSED_RECHECK
+                self._hold(instance, instance.step_id, due, "paused", "the journey is paused")
                 return
             step = journey.step(instance.step_id)
             visit = instance.visits.get(step.id, 0)
@@ -415,10 +503,13 @@ class _Turn:
                 return
             instance, following = outcome
             if following is _END:
-                self._finish(instance, "exit_step" if isinstance(step, ExitStep) else "completed")
+                if isinstance(step, ExitStep):
+                    self._finish(instance, "exit_step", f"exit step {step.id}")
+                else:
+                    self._finish(instance, "completed", "end of the journey")
                 return
             instance = instance.model_copy(update={"step_id": following})
-        self._finish(instance, "step_limit")
+        self._finish(instance, "step_limit", f"more than {MAX_STEPS_PER_STIMULUS} steps at once")
 
     def _execute(
         self, instance: Instance, journey: Journey, step: AnyStep, visit: int
@@ -432,22 +523,27 @@ class _Turn:
         if isinstance(step, WaitStep):
             due = self._wait_until(instance, journey, step)
             if due is None or due <= self.now:
-                self._log(instance, "step_completed", step.id, detail="due")
+                why = "nothing to wait for" if due is None else f"{minute(due)} already passed"
+                self._log(instance, "step_completed", step.id, detail="due", why=why)
                 return instance, following
-            self._hold(instance, step.id, due, "wait")
+            self._hold(instance, step.id, due, "wait", f"wait until {minute(due)}")
             return _WAIT
         if isinstance(step, WaitForEventStep):
-            self._hold(instance, step.id, self.now + parse_duration(step.timeout), "timeout")
+            due = self.now + parse_duration(step.timeout)
+            why = f"wait for {step.event} until {minute(due)}"
+            self._hold(instance, step.id, due, "timeout", why)
             return _WAIT
         if isinstance(step, BranchStep):
             chosen, detail = step.otherwise or following, "else"
+            facts = facts_of(self.state.profile, event=self.event, context=instance.context)
+            read: list[str] = []
             for index, arm in enumerate(step.arms):
-                if _holds(
-                    arm.condition, self.state.profile, self.event, instance.context, self.now
-                ):
-                    chosen, detail = arm.next, f"arm {index + 1}"
+                read.append(values_read(arm.condition, facts, self.now))
+                if evaluate(arm.condition, facts, self.now):
+                    chosen, detail, read = arm.next, f"arm {index + 1}", read[-1:]
                     break
-            self._log(instance, "step_completed", step.id, detail=detail)
+            why = f"branch {detail}: {', '.join(dict.fromkeys(', '.join(read).split(', ')))}"
+            self._log(instance, "step_completed", step.id, detail=detail, why=why)
             return instance, chosen
         if isinstance(step, SplitStep):
             variant = _pick_variant(
@@ -457,7 +553,9 @@ class _Turn:
             instance = instance.model_copy(
                 update={"context": {**instance.context, "variant": variants}}
             )
-            self._log(instance, "step_completed", step.id, detail=variant.name)
+            weights = ", ".join(f"{v.name} {v.weight:g}" for v in step.variants)
+            why = f"split: variant {variant.name} (weights {weights})"
+            self._log(instance, "step_completed", step.id, detail=variant.name, why=why)
             return instance, variant.next or following
         if isinstance(step, UpdateContactStep):
             self._update_contact(instance, step, visit)
@@ -471,7 +569,8 @@ class _Turn:
             self._change(
                 instance, step.id, visit, "set_attribute", attribute=step.attribute, value=owner
             )
-            self._log(instance, "step_completed", step.id, detail=owner)
+            why = f"owner {owner}, one of {len(step.group)}"
+            self._log(instance, "step_completed", step.id, detail=owner, why=why)
             return instance, following
         if isinstance(step, CouponStep):
             return self._coupon(instance, journey, step, visit), following
@@ -479,7 +578,8 @@ class _Turn:
             facts = facts_of(self.state.profile, event=self.event, context=instance.context)
             for name, path in step.values.items():
                 instance = self._with_context(instance, name, facts.read(path)[1])
-            self._log(instance, "step_completed", step.id)
+            why = "captured " + ", ".join(step.values)
+            self._log(instance, "step_completed", step.id, why=why)
             return instance, following
         if isinstance(step, WebhookStep):
             self._call_webhook(instance, step, visit)
@@ -487,7 +587,13 @@ class _Turn:
         # A goto: jump while under its bound, then carry on.
         assert isinstance(step, GotoStep)
         jump = visit < step.max_times
-        self._log(instance, "step_completed", step.id, detail="jump" if jump else "bound reached")
+        why = (
+            f"go to {step.to}: jump {visit + 1} of {step.max_times}"
+            if jump
+            else f"go to {step.to}: all {step.max_times} jumps made, carry on"
+        )
+        detail = "jump" if jump else "bound reached"
+        self._log(instance, "step_completed", step.id, detail=detail, why=why)
         return instance, step.to if jump else following
 
     # --- steps -----------------------------------------------------------------------------
@@ -497,23 +603,28 @@ class _Turn:
     ) -> tuple[Instance, str | None] | _Waits:
         following = journey.next_of(step.id)
         if instance.holdout:
-            self._log(instance, "skipped", step.id, reason="holdout")
+            why = "skipped: holdout, this contact receives nothing from the journey"
+            self._log(instance, "skipped", step.id, reason="holdout", why=why)
             return instance, following
         quiet = journey.settings.quiet_hours
         if quiet is not None and step.quiet_hours == "journey" and not journey.transactional:
             tz = self._zone(journey)
             start, end = parse_time_of_day(quiet.start), parse_time_of_day(quiet.end)
             if in_window(self.now, start, end, tz):
+                window = f"quiet hours {quiet.start}-{quiet.end} ({tz})"
                 if quiet.action == "drop":
-                    self._log(instance, "skipped", step.id, reason="quiet_hours")
+                    why = f"skipped: {window}, the message is dropped"
+                    self._log(instance, "skipped", step.id, reason="quiet_hours", why=why)
                     return instance, following
                 # Not a visit: the message goes out when the window ends, with the same id.
                 held = instance.model_copy(update={"visits": {**instance.visits, step.id: visit}})
-                self._hold(held, step.id, next_time_of_day(self.now, end, tz), "quiet_hours")
+                due = next_time_of_day(self.now, end, tz)
+                self._hold(held, step.id, due, "quiet_hours", f"{window}: held until {minute(due)}")
                 return _WAIT
         choices = reachable_channels(self.state.profile, step.choices)
         if not choices:
-            self._log(instance, "skipped", step.id, reason="unreachable")
+            why = "skipped: no channel reachable (" + self._unreachable(step.choices) + ")"
+            self._log(instance, "skipped", step.id, reason="unreachable", why=why)
             return instance, following
         first, *rest = choices
         assert self.state.profile is not None
@@ -535,8 +646,23 @@ class _Turn:
             ),
         )
         self.commands.append(RequestSend(request))
-        self._log(instance, "step_completed", step.id, detail=first.channel)
+        why = f"send {first.template} on {first.channel}"
+        passed = step.choices[: step.choices.index(first)]
+        if passed:
+            why += f"; passed over {self._unreachable(passed)}"
+        self._log(instance, "step_completed", step.id, detail=first.channel, why=why)
         return instance, following
+
+    def _unreachable(self, choices: tuple[ChannelChoice, ...]) -> str:
+        """Why each channel can't reach the contact: consent withdrawn, or no address."""
+        profile = self.state.profile
+        reasons = []
+        for choice in choices:
+            if profile is not None and not consented(choice.channel, profile):
+                reasons.append(f"{choice.channel}: consent withdrawn")
+            elif profile is None or address_of(choice.channel, profile) is None:
+                reasons.append(f"{choice.channel}: no address")
+        return ", ".join(reasons)
 
     def _wait_until(self, instance: Instance, journey: Journey, step: WaitStep) -> datetime | None:
         if step.duration is not None:
@@ -550,7 +676,9 @@ class _Turn:
         traits = self.state.profile.traits if self.state.profile else {}
         moment = as_datetime(traits.get(step.until_attribute or ""))
         if moment is None:
-            self._log(instance, "skipped", step.id, reason=f"no date in '{step.until_attribute}'")
+            attribute = step.until_attribute
+            why = f"skipped: traits.{attribute} holds no date"
+            self._log(instance, "skipped", step.id, reason=f"no date in '{attribute}'", why=why)
             return None
         return moment + step.offset_delta
 
@@ -573,7 +701,9 @@ class _Turn:
         value = {"code": code, "expires_at": expires.isoformat() if expires else None}
         instance = self._with_context(instance, step.save_as, value)
         self._change(instance, step.id, visit, "store_coupon", coupon=coupon)
-        self._log(instance, "step_completed", step.id, detail=code)
+        until = f", valid until {minute(expires)}" if expires is not None else ""
+        why = f"coupon issued as context.{step.save_as}{until}"
+        self._log(instance, "step_completed", step.id, detail=code, why=why)
         return instance
 
     def _update_contact(self, instance: Instance, step: UpdateContactStep, visit: int) -> None:
@@ -585,7 +715,10 @@ class _Turn:
         for name, value in step.set_attributes.items():
             resolved = facts.read(value.from_)[1] if isinstance(value, ValueFrom) else value
             self._change(instance, step.id, visit, "set_attribute", attribute=name, value=resolved)
-        self._log(instance, "step_completed", step.id)
+        changes = [f"add tag {t}" for t in step.add_tags]
+        changes += [f"remove tag {t}" for t in step.remove_tags]
+        changes += [f"set traits.{name}" for name in step.set_attributes]
+        self._log(instance, "step_completed", step.id, why="update contact: " + ", ".join(changes))
 
     def _call_webhook(self, instance: Instance, step: WebhookStep, visit: int) -> None:
         facts = facts_of(self.state.profile, event=self.event, context=instance.context)
@@ -608,13 +741,17 @@ class _Turn:
         )
         self.commands.append(CallWebhook(call))
         backstop = self.now + timeout * (step.retries + 1) + WEBHOOK_GRACE
-        self._hold(instance, step.id, backstop, "webhook")
+        self._hold(instance, step.id, backstop, "webhook", f"call {step.method} {step.url}")
 
     def _webhook_done(
         self, instance: Instance, journey: Journey, step: WebhookStep, answer: dict[str, Any]
     ) -> None:
         instance = self._with_context(instance, step.context_name, answer)
-        self._log(instance, "step_completed", step.id, detail="ok" if answer["ok"] else "failed")
+        why = f"webhook answered {answer['status']}"
+        if not answer["ok"]:
+            why = f"webhook failed: {answer.get('error') or answer['status']}"
+        detail = "ok" if answer["ok"] else "failed"
+        self._log(instance, "step_completed", step.id, detail=detail, why=why)
         following = journey.next_of(step.id)
         self._advance(
             instance, journey, following if answer["ok"] else step.on_failure or following
@@ -622,7 +759,14 @@ class _Turn:
 
     # --- bookkeeping -----------------------------------------------------------------------
 
-    def _hold(self, instance: Instance, step_id: str, due: datetime, purpose: TimerPurpose) -> None:
+    def _hold(
+        self,
+        instance: Instance,
+        step_id: str,
+        due: datetime,
+        purpose: TimerPurpose,
+        why: str | None = None,
+    ) -> None:
         visit = instance.visits.get(step_id, 0)
         timer_id = stable_id(instance.instance_id, step_id, visit, purpose, due.isoformat())
         timer = PendingTimer(timer_id=timer_id, step_id=step_id, due_at=due, purpose=purpose)
@@ -631,7 +775,7 @@ class _Turn:
             ScheduleTimer(instance.contact_key, instance.instance_id, timer_id, due)
         )
         self.scheduled.add(instance.instance_id)
-        self._log(instance, "waiting", step_id, detail=purpose)
+        self._log(instance, "waiting", step_id, detail=purpose, why=why)
         self._store(instance)
 
     def _store(self, instance: Instance) -> None:
@@ -639,11 +783,11 @@ class _Turn:
             update={"instances": {**self.state.instances, instance.instance_id: instance}}
         )
 
-    def _finish(self, instance: Instance, reason: str) -> None:
+    def _finish(self, instance: Instance, reason: str, why: str | None = None) -> None:
         instances = {k: v for k, v in self.state.instances.items() if k != instance.instance_id}
         ended = (*self.state.ended, instance.instance_id)[-ENDED_REMEMBERED:]
         self.state = self.state.model_copy(update={"instances": instances, "ended": ended})
-        self._log(instance, "exited", instance.step_id, reason=reason)
+        self._log(instance, "exited", instance.step_id, reason=reason, why=why)
 
     def _with_context(self, instance: Instance, name: str, value: Any) -> Instance:
         return instance.model_copy(update={"context": {**instance.context, name: value}})
@@ -687,6 +831,7 @@ class _Turn:
         *,
         reason: str | None = None,
         detail: str | None = None,
+        why: str | None = None,
     ) -> None:
         visit = instance.visits.get(step_id or "", 0)
         record = JourneyLogRecord(
@@ -701,6 +846,7 @@ class _Turn:
             at=self.now,
             holdout=instance.holdout,
             detail=detail,
+            why=why,
         )
         self.commands.append(AppendLog(record))
 

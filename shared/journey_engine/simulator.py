@@ -14,21 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.orchestrator.domain.catalog import Catalog
-from services.orchestrator.domain.engine import decide
-from services.orchestrator.domain.state import (
-    AppendLog,
-    CallWebhook,
-    CancelTimer,
-    ChangeContact,
-    ContactState,
-    EventArrived,
-    RequestSend,
-    ScheduleTimer,
-    Stimulus,
-    TimerDue,
-    WebhookAnswered,
-)
 from shared.contracts import (
     ContactCommand,
     ContactCommandKind,
@@ -43,6 +28,22 @@ from shared.contracts import (
     WebhookResult,
 )
 from shared.ids import stable_id
+from shared.journey_engine.catalog import Catalog
+from shared.journey_engine.engine import decide
+from shared.journey_engine.state import (
+    AppendLog,
+    CallWebhook,
+    CancelTimer,
+    ChangeContact,
+    Command,
+    ContactState,
+    EventArrived,
+    RequestSend,
+    ScheduleTimer,
+    Stimulus,
+    TimerDue,
+    WebhookAnswered,
+)
 from shared.journeys import (
     AUDIENCE_SELECTED,
     SEGMENT_ENTERED,
@@ -99,6 +100,8 @@ class Simulation:
         self.log: list[JourneyLogRecord] = []
         self.changes: list[ContactCommand] = []
         self.calls: list[WebhookCall] = []
+        # Every command of every decision, in order (a dry run shows them as its path).
+        self.commands: list[Command] = []
         self._timers: list[_Timer] = []
         self._live: dict[tuple[str, str], str] = {}
         self._sequence = 0
@@ -205,6 +208,15 @@ class Simulation:
             self._stimulate(timer.contact_key, TimerDue(fired))
         self.now = until
 
+    def next_due(self) -> datetime | None:
+        """When the next live timer comes due, if any."""
+        while self._timers:
+            timer = self._timers[0]
+            if self._live.get((timer.contact_key, timer.instance_id)) == timer.timer_id:
+                return timer.due_at
+            heapq.heappop(self._timers)  # cancelled or replaced
+        return None
+
     # --- what came out -------------------------------------------------------------------------
 
     def sent(self, contact: str | None = None) -> list[SendRequest]:
@@ -270,6 +282,7 @@ class Simulation:
             self.states.get(contact), stimulus, self.catalog, self.now, coupon_key=self.coupon_key
         )
         self.states[contact] = decision.state
+        self.commands.extend(decision.commands)
         changes: list[ContactCommand] = []
         calls: list[WebhookCall] = []
         for command in decision.commands:

@@ -1,0 +1,155 @@
+"""Where a send request goes next, from what its ledger entry says (pure).
+
+The shell (`services.dispatcher.handlers`) asks at each stimulus that finds a ledger entry — a
+request claimed or found again (a replay), a retry record that fell due, a try whose marker
+another copy of the request took first — and carries out the move it gets back. What a provider
+call comes to is decided by `domain.conclude`.
+
+A marketing message is delivered at most once and a transactional one at least once: a try
+that stopped during its provider call (the entry left `sending`) is concluded `unknown`
+(marketing) or tried again (transactional), unless the provider can be asked what came of it
+(`Reconcile`), in which case a try it shows as sent is concluded `sent`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from services.dispatcher.domain.outcomes import Outcome, resume_action
+
+# Why a try that stopped during its provider call ends unknown.
+STOPPED = "a worker stopped during the provider call"
+NOT_RESENT = f"{STOPPED}; not resent (marketing)"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the decisions read of a ledger entry."""
+
+    state: str
+    attempt: int
+    due_at: datetime | None = None
+    reason: str | None = None
+    sending_at: datetime | None = None
+
+    @classmethod
+    def of(cls, entry: Mapping[str, Any]) -> Entry:
+        """From an entry as the ledger reads it back (times as datetimes)."""
+        due, sending = entry.get("due_at"), entry.get("sending_at")
+        return cls(
+            state=str(entry["state"]),
+            attempt=int(entry.get("attempt", 1)),
+            due_at=due if isinstance(due, datetime) else None,
+            reason=str(entry["reason"]) if entry.get("reason") else None,
+            sending_at=sending if isinstance(sending, datetime) else None,
+        )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A try at the provider. `try_name` names it (the first, a retry record's due time, a
+    resumption), so that copies of the same try meet at the same ledger marker."""
+
+    attempt: int
+    try_name: str
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Write the retry record again: it may not have been written before a crash. The ledger's
+    attempt number lets only one copy through. `due` None: at once."""
+
+    attempt: int
+    due: datetime | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reconcile:
+    """Ask the provider what came of a try that stopped during its call (begun at `began`,
+    None: when requested). Shown sent: conclude `sent`. Otherwise, `resend` (transactional): a
+    new try, else conclude what the asking found (`retry` when proven absent, else unknown)."""
+
+    attempt: int
+    began: datetime | None
+    resend: bool
+
+
+@dataclass(frozen=True)
+class Conclude:
+    outcome: Outcome
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """Nothing to do (a final entry, a stale copy of a retry, a try another copy holds)."""
+
+    why: str
+
+
+Move = Attempt | Requeue | Reconcile | Conclude | Done
+
+
+def after_claim(new: bool, entry: Entry | None, *, transactional: bool, reconcilable: bool) -> Move:
+    """A request arrived: `new` when the claim recorded its entry, else the entry it found."""
+    if new or entry is None:
+        return Attempt(1, "first")
+    if entry.state == "retrying":
+        return Requeue(entry.attempt, entry.due_at, entry.reason or "retry")
+    return resume(entry, transactional=transactional, reconcilable=reconcilable)
+
+
+def on_retry(
+    entry: Entry | None,
+    attempt: int,
+    due_at: datetime,
+    *,
+    transactional: bool,
+    reconcilable: bool,
+) -> Move:
+    """A retry record for `attempt` fell due."""
+    if entry is None or entry.attempt != attempt:
+        return Done("a stale copy: another attempt owns the message now")
+    return resume(
+        entry,
+        transactional=transactional,
+        reconcilable=reconcilable,
+        try_name=due_at.isoformat(),
+    )
+
+
+def resume(
+    entry: Entry,
+    *,
+    transactional: bool,
+    reconcilable: bool,
+    try_name: str = "first",
+) -> Move:
+    """Go on from where an entry stands (after a crash, a replay or a retry record)."""
+    if entry.state in ("requested", "retrying"):
+        return Attempt(entry.attempt, try_name)
+    action = resume_action(entry.state, transactional)
+    if entry.state == "sending" and reconcilable:
+        return Reconcile(entry.attempt, entry.sending_at, resend=action == "send")
+    if action == "unknown":
+        return Conclude(Outcome("unknown", NOT_RESENT), entry.attempt)
+    if action == "send":  # transactional: a new attempt, the last one may have arrived
+        return Attempt(entry.attempt + 1, "resumed")
+    return Done(f"already {entry.state}")
+
+
+def after_lost_begin(
+    entry: Entry | None, attempt: int, *, transactional: bool, reconcilable: bool
+) -> Move:
+    """Another copy took this try's marker first. If the entry never reached `sending`, that
+    copy died between its marker and its entry update: finish as if it died in the call."""
+    if entry is None or entry.attempt != attempt:
+        return Done("another attempt owns the message now")
+    if entry.state not in ("requested", "retrying"):
+        return Done("the copy that holds the try goes on with it")
+    stopped = Entry("sending", entry.attempt, sending_at=None)
+    return resume(stopped, transactional=transactional, reconcilable=reconcilable)

@@ -1,0 +1,120 @@
+"""Where a send request goes next from its ledger entry (`services.dispatcher.domain.progress`)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from services.dispatcher.domain import progress
+from services.dispatcher.domain.outcomes import FINAL_STATES, Outcome
+from services.dispatcher.domain.progress import (
+    NOT_RESENT,
+    Attempt,
+    Conclude,
+    Done,
+    Entry,
+    Reconcile,
+    Requeue,
+)
+
+T0 = datetime(2026, 12, 3, 12, tzinfo=UTC)
+T1 = datetime(2026, 12, 3, 12, 5, tzinfo=UTC)
+MARKETING = {"transactional": False, "reconcilable": False}
+TRANSACTIONAL = {"transactional": True, "reconcilable": False}
+
+
+def test_a_new_request_is_tried_once_as_its_first_try() -> None:
+    assert progress.after_claim(True, None, **MARKETING) == Attempt(1, "first")
+
+
+def test_a_replayed_request_whose_retry_waits_writes_the_retry_record_again() -> None:
+    entry = Entry("retrying", 2, due_at=T1, reason="throttled")
+    assert progress.after_claim(False, entry, **MARKETING) == Requeue(2, T1, "throttled")
+    bare = Entry("retrying", 3)
+    assert progress.after_claim(False, bare, **MARKETING) == Requeue(3, None, "retry")
+
+
+@pytest.mark.parametrize("state", sorted(FINAL_STATES))
+@pytest.mark.parametrize("facts", [MARKETING, TRANSACTIONAL])
+def test_a_replay_of_a_concluded_request_does_nothing(state: str, facts: dict[str, bool]) -> None:
+    move = progress.after_claim(False, Entry(state, 1), **facts)
+    assert move == Done(f"already {state}")
+
+
+@pytest.mark.parametrize("state", ["requested"])
+def test_a_request_claimed_but_never_tried_is_tried_now(state: str) -> None:
+    assert progress.after_claim(False, Entry(state, 1), **MARKETING) == Attempt(1, "first")
+
+
+def test_a_marketing_try_stopped_in_its_provider_call_ends_unknown_never_resent() -> None:
+    move = progress.after_claim(False, Entry("sending", 2, sending_at=T0), **MARKETING)
+    assert move == Conclude(Outcome("unknown", NOT_RESENT), 2)
+
+
+def test_a_transactional_try_stopped_in_its_provider_call_is_tried_again() -> None:
+    move = progress.after_claim(False, Entry("sending", 2, sending_at=T0), **TRANSACTIONAL)
+    assert move == Attempt(3, "resumed")
+
+
+@pytest.mark.parametrize("transactional", [False, True])
+def test_a_stopped_try_at_a_provider_that_can_be_asked_is_reconciled(transactional: bool) -> None:
+    entry = Entry("sending", 1, sending_at=T0)
+    move = progress.after_claim(False, entry, transactional=transactional, reconcilable=True)
+    assert move == Reconcile(1, T0, resend=transactional)
+
+
+def test_a_due_retry_tries_again_named_by_its_due_time() -> None:
+    entry = Entry("retrying", 2, due_at=T1)
+    move = progress.on_retry(entry, 2, T1, **MARKETING)
+    assert move == Attempt(2, T1.isoformat())
+
+
+@pytest.mark.parametrize("entry", [None, Entry("retrying", 3)])
+def test_a_stale_retry_copy_does_nothing(entry: Entry | None) -> None:
+    move = progress.on_retry(entry, 2, T1, **MARKETING)
+    assert isinstance(move, Done)
+
+
+def test_a_retry_that_meets_its_try_stopped_in_the_call_follows_the_delivery_rule() -> None:
+    entry = Entry("sending", 2, sending_at=T0)
+    assert progress.on_retry(entry, 2, T1, **MARKETING) == Conclude(
+        Outcome("unknown", NOT_RESENT), 2
+    )
+    assert progress.on_retry(entry, 2, T1, **TRANSACTIONAL) == Attempt(3, "resumed")
+
+
+@pytest.mark.parametrize("state", ["requested", "retrying"])
+def test_a_lost_marker_whose_holder_died_before_sending_counts_as_stopped_in_the_call(
+    state: str,
+) -> None:
+    entry = Entry(state, 1)
+    assert progress.after_lost_begin(entry, 1, **MARKETING) == Conclude(
+        Outcome("unknown", NOT_RESENT), 1
+    )
+    assert progress.after_lost_begin(entry, 1, **TRANSACTIONAL) == Attempt(2, "resumed")
+    reconcilable = {"transactional": False, "reconcilable": True}
+    # No time of its own: the asking starts from when the request was made.
+    assert progress.after_lost_begin(entry, 1, **reconcilable) == Reconcile(1, None, False)
+
+
+@pytest.mark.parametrize(
+    "entry", [None, Entry("sending", 1, sending_at=T0), Entry("sent", 1), Entry("requested", 2)]
+)
+def test_a_lost_marker_held_by_a_live_copy_or_another_attempt_does_nothing(
+    entry: Entry | None,
+) -> None:
+    assert isinstance(progress.after_lost_begin(entry, 1, **TRANSACTIONAL), Done)
+
+
+def test_an_entry_is_read_from_the_ledger_document() -> None:
+    document = {
+        "state": "retrying",
+        "attempt": 2,
+        "due_at": T1,
+        "reason": "throttled",
+        "sending_at": T0,
+        "contact_key": "c1",
+    }
+    assert Entry.of(document) == Entry("retrying", 2, T1, "throttled", T0)
+    assert Entry.of({"state": "requested"}) == Entry("requested", 1)

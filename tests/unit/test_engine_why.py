@@ -1,0 +1,149 @@
+"""The engine's why texts: each decision with the values that decided it, word for word."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import yaml
+
+from shared.journey_engine.simulator import Simulation
+from shared.journeys import JourneyFile
+
+T0 = datetime(2026, 11, 3, 9, 0, tzinfo=UTC)
+
+
+def journey_file(text: str) -> JourneyFile:
+    return JourneyFile.model_validate(yaml.safe_load(text))
+
+
+COUPON = """
+journey:
+  id: coupon
+  name: Coupon for pro plans
+  version: 1
+  trigger:
+    type: event
+    event: Order Completed
+    where: {field: event.properties.total, op: gte, value: 50}
+  entry: {reentry: cooldown, cooldown: 7d}
+  goals:
+    - id: came-back
+      event: Order Completed
+      where: {field: event.properties.total, op: gte, value: 100}
+  steps:
+    - id: plan
+      type: branch
+      arms:
+        - if: {field: traits.plan, op: eq, value: pro}
+          next: coupon-email
+      else: done
+    - id: coupon-email
+      type: send
+      channels:
+        - {channel: sms, template: coupon-sms}
+        - {channel: email, template: coupon}
+    - id: wait-order
+      type: wait_for_event
+      event: Order Completed
+      timeout: 2d
+    - id: done
+      type: exit
+"""
+
+
+def whys(sim: Simulation, contact: str = "ada") -> list[tuple[str, str | None, str | None]]:
+    return [(r.kind, r.step_id, r.why) for r in sim.log if r.contact_key == contact]
+
+
+def ada(sim: Simulation, **traits: Any) -> None:
+    sim.identify("ada", email="ada@example.com", **traits)
+
+
+def test_a_branch_says_which_arm_and_the_value_it_read() -> None:
+    sim = Simulation([journey_file(COUPON).journey], T0)
+    ada(sim, plan="free")
+
+    sim.track("ada", "Order Completed", {"total": 80})
+
+    assert whys(sim) == [
+        (
+            "entered",
+            None,
+            "trigger event Order Completed; where event.properties.total ≥ 50"
+            " held (event.properties.total = 80)",
+        ),
+        ("step_completed", "plan", "branch else: traits.plan = free"),
+        ("exited", "done", "exit step done"),
+    ]
+
+
+def test_a_send_names_the_channels_passed_over_and_a_timeout_its_deadline() -> None:
+    sim = Simulation([journey_file(COUPON).journey], T0)
+    ada(sim, plan="pro")
+
+    sim.track("ada", "Order Completed", {"total": 80})
+    sim.advance(timedelta(days=3))
+
+    assert whys(sim)[1:] == [
+        ("step_completed", "plan", "branch arm 1: traits.plan = pro"),
+        ("step_completed", "coupon-email", "send coupon on email; passed over sms: no address"),
+        ("waiting", "wait-order", "wait for Order Completed until 2026-11-05 09:00 UTC"),
+        ("step_completed", "wait-order", "timeout: no Order Completed by 2026-11-05 09:00 UTC"),
+        ("exited", "done", "exit step done"),
+    ]
+
+
+def test_a_goal_names_the_values_that_reached_it() -> None:
+    sim = Simulation([journey_file(COUPON).journey], T0)
+    ada(sim, plan="pro")
+    sim.track("ada", "Order Completed", {"total": 80})
+    sim.advance(timedelta(hours=1))
+
+    sim.track("ada", "Order Completed", {"total": 120})
+
+    converted = [r.why for r in sim.log if r.kind == "converted"]
+    assert converted == ["goal came-back: Order Completed (event.properties.total = 120)"]
+    waited = [r.why for r in sim.log if r.step_id == "wait-order" and r.kind == "step_completed"]
+    assert waited == ["Order Completed arrived"]
+
+
+def test_refusals_name_the_trigger_condition_and_the_entry_rule() -> None:
+    sim = Simulation([journey_file(COUPON).journey], T0)
+    ada(sim, plan="free")
+
+    sim.track("ada", "Order Completed", {"total": 20})
+    sim.track("ada", "Order Completed", {"total": 70})
+    sim.advance(timedelta(days=1))
+    sim.track("ada", "Order Completed", {"total": 90})
+
+    refused = [(r.reason, r.why) for r in sim.log if r.kind == "not_entered"]
+    assert refused == [
+        (
+            "trigger",
+            "not entered: trigger event Order Completed, but where event.properties.total ≥ 50"
+            " failed (event.properties.total = 20)",
+        ),
+        ("cooldown", "not entered: re-entry after a cooldown of 7d, entered 2026-11-03"),
+    ]
+    # Only near misses are recorded: an event no trigger names leaves no record.
+    sim.track("ada", "Page Viewed")
+    assert len([r for r in sim.log if r.kind == "not_entered"]) == 2
+
+
+def test_a_holdout_and_its_skips_say_so() -> None:
+    text = COUPON.replace("cooldown, cooldown: 7d}", "never, holdout: 99.9}")
+    sim = Simulation([journey_file(text).journey], T0)
+    ada(sim, plan="pro")
+
+    sim.track("ada", "Order Completed", {"total": 80})
+
+    assert whys(sim)[1:4] == [
+        ("holdout", None, "holdout: 99.9% of contacts receive nothing, this one among them"),
+        ("step_completed", "plan", "branch arm 1: traits.plan = pro"),
+        (
+            "skipped",
+            "coupon-email",
+            "skipped: holdout, this contact receives nothing from the journey",
+        ),
+    ]
