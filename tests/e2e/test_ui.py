@@ -28,7 +28,7 @@ import stack as local_stack
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -40,6 +40,9 @@ from tests.e2e.helpers import post, publish_inline, read_topic, unique, wait_for
 pytestmark = pytest.mark.e2e
 PROCESS = "admin-3"
 NAV = ["Journeys", "Segments", "Templates", "Contacts", "Delivery"]
+
+# A live refresh (htmx) may replace an element between finding it and reading it.
+STALE_READS = 5
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,12 @@ class Pages:
         self.driver.set_window_size(1280, 900)
 
     def text(self, css: str) -> str:
+        """The element's text; found again when a live refresh replaced it while it was read."""
+        for _ in range(STALE_READS):
+            try:
+                return str(self.driver.find_element(By.CSS_SELECTOR, css).text)
+            except StaleElementReferenceException:
+                continue
         return str(self.driver.find_element(By.CSS_SELECTOR, css).text)
 
     def number(self, css: str) -> int:
