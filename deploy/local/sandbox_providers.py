@@ -406,9 +406,13 @@ class SmsProvider:
         self._background = background
         self._http_client = http_client
         self._messages: dict[str, Record] = {}  # sid -> outbox record, for the GET resources
+        # number -> its records, oldest first: a listing by `To` (how the dispatcher reconciles)
+        # reads only that number's messages, not every message the sandbox ever took
+        self._to: dict[str, list[Record]] = {}
 
     def reset(self) -> None:
         self._messages.clear()
+        self._to.clear()
 
     def _authorized(self, request: Request) -> bool:
         scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
@@ -482,9 +486,10 @@ class SmsProvider:
                 return refused
             to = request.query_params.get("To")
             sender = request.query_params.get("From")
+            records = self._messages.values() if to is None else self._to.get(to, [])
             found = [
                 self._resource(record)
-                for record in reversed(self._messages.values())  # Twilio lists newest first
+                for record in reversed(list(records))  # Twilio lists newest first
                 if (to is None or record["to"][0] == to)
                 and (sender is None or record["from_number"] == sender)
             ]
@@ -561,6 +566,7 @@ class SmsProvider:
             }
         )
         self._messages[sid] = record
+        self._to.setdefault(record["to"][0], []).append(record)
         log.info("stored sms sid=%s to=%s", sid, to)
         self._background.spawn(self._progress(record, final, error_code))
         answer = self._resource(record)
