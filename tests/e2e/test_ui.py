@@ -10,6 +10,7 @@ README's come from `WAYPOST_UI_SCREENSHOTS=docs/screenshots`), else into the tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -38,7 +39,6 @@ from shared.topics import DEAD_LETTER
 from tests.e2e.helpers import post, publish_inline, read_topic, unique, wait_for
 
 pytestmark = pytest.mark.e2e
-PROCESS = "admin-3"
 NAV = ["Journeys", "Segments", "Templates", "Contacts", "Delivery"]
 
 # A live refresh (htmx) may replace an element between finding it and reading it.
@@ -59,20 +59,23 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="module")
-def ui_admin(stack: Any) -> Iterator[UiAdmin]:
-    """An admin process of its own with a publisher key and a viewer key."""
+@contextlib.contextmanager
+def own_admin(
+    stack: Any, worker: int, group: str, env: dict[str, str] | None = None
+) -> Iterator[UiAdmin]:
+    """An admin process of its own (worker `worker`) with a publisher key and a viewer key."""
     publisher = (unique("ops"), secrets.token_hex(32))
     viewer = (unique("ana"), secrets.token_hex(32))
     port = _free_port()
     stack.start_service(
         "admin",
-        worker=3,
+        worker=worker,
         env={
             "WAYPOST_ADMIN_PORT": str(port),
             "WAYPOST_ADMIN_API_KEYS": f"{publisher[0]}:publisher:{publisher[1]},"
             f"{viewer[0]}:viewer:{viewer[1]}",
-            "WAYPOST_GROUP_ID": unique("waypost-admin-ui"),
+            "WAYPOST_GROUP_ID": unique(group),
+            **(env or {}),
         },
     )
     url = f"http://127.0.0.1:{port}"
@@ -80,7 +83,13 @@ def ui_admin(stack: Any) -> Iterator[UiAdmin]:
         stack.wait_http(f"{url}/health")
         yield UiAdmin(url, publisher, viewer)
     finally:
-        stack.stop(PROCESS)
+        stack.stop(f"admin-{worker}")
+
+
+@pytest.fixture(scope="module")
+def ui_admin(stack: Any) -> Iterator[UiAdmin]:
+    with own_admin(stack, 3, "waypost-admin-ui") as admin:
+        yield admin
 
 
 @pytest.fixture(scope="module")

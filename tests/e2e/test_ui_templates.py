@@ -7,7 +7,6 @@ Screenshots go where tests/e2e/test_ui.py puts its own (WAYPOST_UI_SCREENSHOTS, 
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,37 +17,19 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from tests.e2e.helpers import outbox, post, unique, wait_for
-from tests.e2e.test_ui import Pages, UiAdmin, _free_port
+from tests.e2e.test_ui import Pages, UiAdmin, own_admin
 from tests.e2e.test_ui import browser as browser
 from tests.e2e.test_ui import shots as shots
 
 pytestmark = pytest.mark.e2e
-PROCESS = "admin-4"
 
 
 @pytest.fixture(scope="module")
 def workbench_admin(stack: Any) -> Iterator[UiAdmin]:
     """An admin process of its own, recording segment counts every second."""
-    publisher = (unique("ops"), secrets.token_hex(32))
-    viewer = (unique("ana"), secrets.token_hex(32))
-    port = _free_port()
-    stack.start_service(
-        "admin",
-        worker=4,
-        env={
-            "WAYPOST_ADMIN_PORT": str(port),
-            "WAYPOST_ADMIN_API_KEYS": f"{publisher[0]}:publisher:{publisher[1]},"
-            f"{viewer[0]}:viewer:{viewer[1]}",
-            "WAYPOST_GROUP_ID": unique("waypost-admin-workbench"),
-            "WAYPOST_ADMIN_COUNT_INTERVAL_SECONDS": "1",
-        },
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        stack.wait_http(f"{url}/health")
-        yield UiAdmin(url, publisher, viewer)
-    finally:
-        stack.stop(PROCESS)
+    env = {"WAYPOST_ADMIN_COUNT_INTERVAL_SECONDS": "1"}
+    with own_admin(stack, 4, "waypost-admin-workbench", env) as admin:
+        yield admin
 
 
 def test_a_marketer_previews_a_template_sends_a_test_and_builds_a_segment(
