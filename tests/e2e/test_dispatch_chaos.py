@@ -22,12 +22,13 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from pymongo import MongoClient
+from pymongo.collection import Collection
 
 from shared.contracts import Profile, SendRequest
 from shared.docstore import connect_blocking
 from shared.settings import CommonSettings
-from shared.topics import SEND_REQUESTS
-from tests.e2e.helpers import outbox, unique, wait_drained, wait_for
+from shared.topics import DISPATCHER_LEDGER_CHANGELOG, SEND_REQUESTS
+from tests.e2e.helpers import outbox, read_topic, unique, wait_drained, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 EMAILS, TEXTS, KILLS = 1500, 500, 4
@@ -73,6 +74,13 @@ def test_repeated_sigkill_loses_nothing_and_sends_nothing_twice(stack: Any) -> N
     client: MongoClient[dict[str, Any]] = connect_blocking(
         CommonSettings(mongo_url=stack.mongo_url), "tests"
     )
+    try:
+        _sigkill_run(stack, run, client)
+    finally:
+        client.close()
+
+
+def _sigkill_run(stack: Any, run: str, client: MongoClient[dict[str, Any]]) -> None:
     db = client["waypost"]
     now = datetime.now(UTC)
     db["templates"].insert_many(
@@ -132,9 +140,10 @@ def test_repeated_sigkill_loses_nothing_and_sends_nothing_twice(stack: Any) -> N
         return sum(seen.values()) == len(requests) and set(seen) <= {"sent", "unknown", "delivered"}
 
     try:
-        wait_for(all_final, timeout=120, what="the ledger's view to show every message final")
+        wait_for(all_final, timeout=180, what="the ledger's view to show every message final")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}: {dict(states())}") from exc
+        ids = {r.message_id for r in requests}
+        raise AssertionError(f"{exc}: {_view_report(stack, ledger, run, ids)}") from exc
 
     mail = outbox(stack, channel="email")
     delivered_mail = Counter(
@@ -155,7 +164,35 @@ def test_repeated_sigkill_loses_nothing_and_sends_nothing_twice(stack: Any) -> N
         f"\n{len(requests)} sends, {KILLS} SIGKILLs: {len(unknown)} in the unknown "
         f"window ({arrived_unknown} of them had reached the provider), no duplicate"
     )
-    client.close()
+
+
+def _view_report(stack: Any, ledger: Collection[dict[str, Any]], run: str, ids: set[str]) -> str:
+    """Why the ledger's view is not final, for a failure message: its states, then for a few
+    messages it lacks or shows open, what the ledger's changelog (the dispatcher's own record)
+    last says of them, and the view's warnings in the workers' logs."""
+    shown = {doc["_id"]: doc for doc in ledger.find({"journey_id": run}, {"state": 1, "rev": 1})}
+    states = Counter(str(doc["state"]) for doc in shown.values())
+    final = {"sent", "unknown", "delivered"}
+    odd = sorted(m for m in ids if m not in shown or shown[m]["state"] not in final)[:5]
+    latest: dict[str, Any] = {}
+    for key, value in read_topic(stack.bootstrap, DISPATCHER_LEDGER_CHANGELOG):
+        if key in odd:
+            latest[key] = json.loads(value) if value else None
+    changelog = {
+        m: (latest[m] or {}).get("state", "deleted") if m in latest else "absent" for m in odd
+    }
+    revs = {m: ((shown.get(m) or {}).get("rev"), (latest.get(m) or {}).get("rev")) for m in odd}
+    warnings: Counter[str] = Counter()
+    for log in sorted((stack.home / "logs").glob("dispatcher*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if "view" in line and ('"warning"' in line or '"error"' in line):
+                with contextlib.suppress(ValueError, AttributeError):
+                    warnings[str(json.loads(line).get("event"))] += 1
+    return (
+        f"view states {dict(states)} of {len(ids)}; open or missing in the view, with the "
+        f"changelog's last state: {changelog}; (view rev, changelog rev): {revs}; view "
+        f"warnings logged: {dict(warnings)}"
+    )
 
 
 def _log_events(log: Path, start: int, end: int | None) -> list[str]:
@@ -279,9 +316,10 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
             return sum(states.values()) == len(requests) and set(states) <= final
 
         try:
-            wait_for(all_concluded, timeout=120, what="every message concluded")
+            wait_for(all_concluded, timeout=180, what="every message concluded")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}: {dict(concluded())}") from exc
+            ids = {r.message_id for r in requests}
+            raise AssertionError(f"{exc}: {_view_report(stack, ledger, run, ids)}") from exc
         numbers = {r.profile.traits.get("phone"): r.message_id for r in requests}
         texts = Counter(
             numbers[m["to"][0]] for m in outbox(stack, channel="sms") if m["to"][0] in numbers

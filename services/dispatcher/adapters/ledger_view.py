@@ -20,6 +20,7 @@ are numbered 0 when the view starts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -38,6 +39,10 @@ log = structlog.get_logger(__name__)
 
 COLLECTION = "messages"
 GROUP_ID = "waypost-ledger-view"
+# Tries of an entry the store refused for another reason than holding it already, the first
+# pause between them (doubling).
+REFUSED_TRIES = 5
+REFUSED_RETRY_FIRST = 0.2
 
 
 def ledger_changelog(app_id: str) -> str:
@@ -52,17 +57,34 @@ class LedgerView(DocumentView):
         await self._collection.update_many({"rev": {"$exists": False}}, {"$set": {"rev": 0}})
 
     async def _write(self, writes: list[tuple[str, Write]]) -> None:
-        """The deletions, then each entry inserted or put over an older revision of itself."""
+        """The deletions, then each entry inserted or put over an older revision of itself.
+
+        A duplicate key means the store holds this revision or a later one: nothing to do. Any
+        other refusal of one entry (the store busy, a statement it gave up on) is tried again,
+        that entry alone, a few times with a pause: a view that skipped it would show the
+        message's older state for good, since no later record of it may come."""
         await super()._write([(k, w) for k, w in writes if not isinstance(w, InsertOne)])
         entries = [(key, w._doc) for key, w in writes if isinstance(w, InsertOne)]
-        refused = await replace_unless_newer(self._collection, [doc for _k, doc in entries], "rev")
-        for error in refused:
-            if error.get("code") != DUPLICATE_KEY:  # a duplicate: stored at this rev or later
-                log.error(
-                    "ledger_view.document_refused",
-                    key=entries[error["index"]][0],
-                    error=error.get("errmsg"),
-                )
+        delay = REFUSED_RETRY_FIRST
+        for attempt in range(1, REFUSED_TRIES + 1):
+            documents = [doc for _k, doc in entries]
+            refused = await replace_unless_newer(self._collection, documents, "rev")
+            errors = [e for e in refused if e.get("code") != DUPLICATE_KEY]
+            if not errors:
+                return
+            entries = [entries[e["index"]] for e in errors]
+            if attempt == REFUSED_TRIES:
+                for (key, _doc), error in zip(entries, errors, strict=True):
+                    log.error("ledger_view.document_refused", key=key, error=error.get("errmsg"))
+                return
+            log.warning(
+                "ledger_view.documents_refused_retrying",
+                documents=len(entries),
+                error=errors[0].get("errmsg"),
+                retry_in=delay,
+            )
+            await asyncio.sleep(delay)
+            delay *= 2
 
 
 def ledger_view(
