@@ -43,7 +43,7 @@ def post(stack: Any, call: str, body: dict[str, Any]) -> httpx.Response:
 
 
 def outbox(stack: Any, **filters: str) -> list[dict[str, Any]]:
-    answer = httpx.get(f"{stack.outbox_url}/messages", params=filters, timeout=10)
+    answer = httpx.get(f"{stack.outbox_url}/messages", params=filters, timeout=60)
     answer.raise_for_status()
     messages: list[dict[str, Any]] = answer.json()["messages"]
     return messages

@@ -145,11 +145,9 @@ def _sigkill_run(stack: Any, run: str, client: MongoClient[dict[str, Any]]) -> N
         ids = {r.message_id for r in requests}
         raise AssertionError(f"{exc}: {_view_report(stack, ledger, run, ids)}") from exc
 
-    mail = outbox(stack, channel="email")
-    delivered_mail = Counter(
-        m["headers"].get("X-Waypost-Message-Id") for m in mail if m["to"][0].startswith(run)
-    )
-    texts = outbox(stack, channel="sms")
+    mail = outbox(stack, channel="email", to_prefix=run)
+    delivered_mail = Counter(m["headers"].get("X-Waypost-Message-Id") for m in mail)
+    texts = outbox(stack, channel="sms", to_prefix="+4860000")
     numbers = {r.profile.traits.get("phone"): r.message_id for r in requests[EMAILS:]}
     delivered_texts = Counter(numbers[m["to"][0]] for m in texts if m["to"][0] in numbers)
     arrived = delivered_mail + delivered_texts
@@ -322,7 +320,9 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
             raise AssertionError(f"{exc}: {_view_report(stack, ledger, run, ids)}") from exc
         numbers = {r.profile.traits.get("phone"): r.message_id for r in requests}
         texts = Counter(
-            numbers[m["to"][0]] for m in outbox(stack, channel="sms") if m["to"][0] in numbers
+            numbers[m["to"][0]]
+            for m in outbox(stack, channel="sms", to_prefix="+4860001")
+            if m["to"][0] in numbers
         )
         assert texts, "nothing was sent"
         assert max(texts.values()) == 1, [n for n, c in texts.items() if c > 1]

@@ -174,6 +174,22 @@ def test_sms_is_queued_stored_and_reported_through_signed_callbacks(
     assert stored["callbacks"][-1]["answer_status"] == 200
 
 
+def test_the_outbox_lists_the_recipients_starting_with_a_prefix(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    for number in ("+15551230001", "+15551230002", "+15559990001"):
+        assert send_sms(clean_sandbox, number).status_code == 201
+    answer = httpx.get(
+        f"{clean_sandbox.http_url}/messages",
+        params={"channel": "sms", "to_prefix": "+1555123"},
+        timeout=10,
+    )
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["count"] == 2
+    assert sorted(m["to"][0] for m in body["messages"]) == ["+15551230001", "+15551230002"]
+
+
 def test_sms_resource_follows_the_message_to_delivered(clean_sandbox: SandboxInfo) -> None:
     sid = send_sms(clean_sandbox, "+15551230002").json()["sid"]
     url = (
