@@ -67,6 +67,10 @@ class ContactState(_Frozen):
     ended: tuple[str, ...] = ()
     # Digests of recently handled event ids, newest last: a redelivered event changes nothing.
     handled: tuple[str, ...] = ()
+    # Per journey, a digest of the last `not_entered` record written for this contact: the same
+    # refusal again (the next product view of a contact still in the journey) is not written
+    # again. Cleared when the contact enters the journey.
+    refused: dict[str, str] = Field(default_factory=dict)
 
     def timers(self) -> list[tuple[Instance, PendingTimer]]:
         return [(i, i.timer) for i in self.instances.values() if i.timer is not None]

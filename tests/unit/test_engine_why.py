@@ -147,3 +147,38 @@ def test_a_holdout_and_its_skips_say_so() -> None:
             "skipped: holdout, this contact receives nothing from the journey",
         ),
     ]
+
+
+def test_the_same_refusal_again_is_not_recorded_again() -> None:
+    sim = Simulation([journey_file(COUPON).journey], T0)
+    ada(sim, plan="pro")
+    sim.track("ada", "Order Completed", {"total": 80})  # enters; waits for the next order
+
+    for total in (60, 70, 75):  # every later order is refused the same way: still in it
+        sim.advance(timedelta(minutes=5))
+        sim.track("ada", "Order Completed", {"total": total})
+
+    refused = [(r.reason, r.why) for r in sim.log if r.kind == "not_entered"]
+    assert refused == [
+        ("cooldown", "not entered: re-entry after a cooldown of 7d, entered 2026-11-03"),
+    ]
+
+
+def test_a_refusal_that_says_something_new_is_recorded_and_entering_starts_afresh() -> None:
+    sim = Simulation([journey_file(COUPON).journey], T0)
+    ada(sim, plan="free")
+
+    sim.track("ada", "Order Completed", {"total": 20})
+    sim.track("ada", "Order Completed", {"total": 20})  # the same words: not again
+    sim.track("ada", "Order Completed", {"total": 30})  # other values: recorded
+    sim.track("ada", "Order Completed", {"total": 80})  # enters
+    sim.advance(timedelta(days=8))  # the instance ended and the cooldown passed
+    sim.track("ada", "Order Completed", {"total": 20})  # the same words as the first: recorded
+
+    refused = [r.why for r in sim.log if r.kind == "not_entered"]
+    failed = "not entered: trigger event Order Completed, but where event.properties.total ≥ 50"
+    assert refused == [
+        f"{failed} failed (event.properties.total = 20)",
+        f"{failed} failed (event.properties.total = 30)",
+        f"{failed} failed (event.properties.total = 20)",
+    ]
