@@ -236,7 +236,9 @@ class SendRetry(WireModel):
     """A send request waiting for its next attempt on a retry topic (one topic per delay class).
 
     `attempt` is the attempt this record will make; the ledger holds the same number, so a
-    replayed retry record is recognised and dropped.
+    replayed retry record is recognised and dropped. `reconcile_tries` above 0: no new attempt,
+    but the provider asked again what came of a try that got no answer (its ledger entry still
+    `sending`), the how-many-th time; the ledger's state, not this field, decides what happens.
     """
 
     schema_version: int = SCHEMA_VERSION
@@ -244,6 +246,7 @@ class SendRetry(WireModel):
     attempt: int = Field(ge=1)
     due_at: AwareDatetime
     reason: str
+    reconcile_tries: int = Field(default=0, ge=0)
 
 
 class TimerFired(WireModel):

@@ -37,7 +37,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 import jwt
@@ -202,6 +202,9 @@ class FailureRuleIn(BaseModel):
     retry_after: float | None = Field(default=None, ge=0)
     seconds: float | None = Field(default=None, ge=0)
     times: int | None = Field(default=None, ge=1)
+    # What the rule answers: a send (the default), or the SMS listing of the number
+    # (`GET …/Messages.json?To=`, how the dispatcher reconciles a send without an answer).
+    action: Literal["send", "list"] = "send"
 
     @field_validator("channel")
     @classmethod
@@ -237,6 +240,7 @@ class FailureRule:
     retry_after: float | None
     seconds: float | None
     times: int | None  # answers still to give; None = forever
+    action: str = "send"
 
     @property
     def hold(self) -> float:
@@ -254,6 +258,7 @@ class FailureRule:
             "retry_after": self.retry_after,
             "seconds": self.seconds,
             "times": self.times,
+            "action": self.action,
         }
 
 
@@ -285,14 +290,21 @@ class FailureRules:
             retry_after=rule.retry_after,
             seconds=rule.seconds,
             times=rule.times,
+            action=rule.action,
         )
         self._rules.append(stored)
         return stored
 
     def take(
-        self, channel: str, recipient: str, when: Callable[[str], bool] | None = None
+        self,
+        channel: str,
+        recipient: str,
+        when: Callable[[str], bool] | None = None,
+        *,
+        action: str = "send",
     ) -> FailureRule | None:
-        """The first rule for (channel, recipient), counting one use, if `when(error)` holds.
+        """The first rule for (channel, recipient, action), counting one use, if `when(error)`
+        holds.
 
         `when` lets the SMTP server take refusal codes at RCPT time and holds at DATA time
         without one step using up a rule meant for the other.
@@ -300,6 +312,8 @@ class FailureRules:
         key = _recipient_key(channel, recipient)
         for rule in self._rules:
             if rule.channel != channel or _recipient_key(channel, rule.recipient) != key:
+                continue
+            if rule.action != action:
                 continue
             if when is not None and not when(rule.error):
                 return None
@@ -486,6 +500,13 @@ class SmsProvider:
                 return refused
             to = request.query_params.get("To")
             sender = request.query_params.get("From")
+            rule = None if to is None else self._rules.take("sms", to, action="list")
+            if rule is not None:
+                await self._rules.hold(rule.hold)  # "timeout" and "slow" answer late, then list
+                if rule.error not in HOLD_ERRORS:
+                    status, code, message = SMS_ERRORS.get(rule.error, SMS_ERRORS["500"])
+                    headers = retry_after_header(rule.retry_after) if status in (429, 503) else {}
+                    return twilio_error(status, code, message, headers)
             records = self._messages.values() if to is None else self._to.get(to, [])
             found = [
                 self._resource(record)

@@ -260,7 +260,7 @@ class Dispatcher:
             return
         entry = await self._entry(request.message_id)
         move = progress.on_retry(entry, retry.attempt, retry.due_at, **self._facts(request))
-        await self._carry_out(move, request, record)
+        await self._carry_out(move, request, record, reconcile_tries=retry.reconcile_tries)
 
     async def _entry(self, message_id: str) -> progress.Entry | None:
         found = await self.ledger.get(message_id)
@@ -272,8 +272,16 @@ class Dispatcher:
             "reconcilable": self._can_reconcile(request),
         }
 
-    async def _carry_out(self, move: progress.Move, request: SendRequest, record: Record) -> None:
-        """Carry out what `domain.progress` decided."""
+    async def _carry_out(
+        self,
+        move: progress.Move,
+        request: SendRequest,
+        record: Record,
+        *,
+        reconcile_tries: int = 0,
+    ) -> None:
+        """Carry out what `domain.progress` decided. `reconcile_tries`: how often the provider
+        was asked about this try before and could not tell (a retry record that asks again)."""
         match move:
             case progress.Attempt(attempt=attempt, try_name=try_name):
                 await self._attempt(request, attempt, try_name, record)
@@ -282,10 +290,12 @@ class Dispatcher:
             case progress.Reconcile(attempt=attempt, began=began, resend=resend):
                 # Ask the provider first: found, it is sent; proven absent, a new try is safe.
                 stopped = Outcome("unknown", progress.STOPPED)
-                outcome, delivery = await self._reconciled(
+                outcome, delivery, unlisted = await self._reconciled(
                     request, stopped, None, began or request.requested_at
                 )
                 if outcome.kind == "sent" or not resend:
+                    if unlisted and await self._ask_later(request, attempt, reconcile_tries):
+                        return
                     await self._conclude(request, outcome, attempt, record, delivery)
                 else:
                     await self._attempt(request, attempt + 1, "resumed", record)
@@ -330,7 +340,9 @@ class Dispatcher:
             # the email library refuses, text it cannot encode): it never left, and never will.
             outcome = Outcome("skipped", f"unsendable: {channel}: {type(exc).__name__}: {exc}")
         if outcome.kind == "unknown" and self._can_reconcile(request):
-            outcome, _ = await self._reconciled(request, outcome, prepared, began)
+            outcome, _, unlisted = await self._reconciled(request, outcome, prepared, began)
+            if unlisted and await self._ask_later(request, attempt, 0):
+                return
         await self._conclude(request, outcome, attempt, record, prepared)
 
     async def _after_lost_begin(self, request: SendRequest, attempt: int, record: Record) -> None:
@@ -342,24 +354,60 @@ class Dispatcher:
     def _can_reconcile(self, request: SendRequest) -> bool:
         return request.channel == "sms" and self.sms_history is not None
 
+    async def _ask_later(self, request: SendRequest, attempt: int, tries: int) -> bool:
+        """A marketing try without an answer, whose provider listing could not be had: a retry
+        record asks the provider again later, the ledger entry left `sending` meanwhile
+        (`domain.progress.after_unlisted`). False when asked enough (it concludes unknown),
+        and for a transactional send, which is tried again instead."""
+        if request.transactional:
+            return False
+        now = self.clock.now()
+        again = progress.after_unlisted(
+            attempt, tries, now, self.settings.sms_reconcile_again_seconds
+        )
+        if again is None:
+            return False
+        delay = (again.due - now).total_seconds()
+        retry = SendRetry(
+            request=request,
+            attempt=again.attempt,
+            due_at=again.due,
+            reason="the provider's listing could not be had: asking again",
+            reconcile_tries=again.tries,
+        )
+        await self.producer.send(
+            SEND_RETRIES[class_for_delay(delay, self._delays)].name,
+            request.contact_key,
+            retry.to_wire(),
+        )
+        log.info(
+            "dispatcher.sms_reconcile_later",
+            message_id=request.message_id,
+            tries=again.tries,
+            due=again.due.isoformat(),
+        )
+        return True
+
     async def _reconciled(
         self,
         request: SendRequest,
         unanswered: Outcome,
         delivery: Delivery | None,
         began: datetime,
-    ) -> tuple[Outcome, Delivery | None]:
+    ) -> tuple[Outcome, Delivery | None, bool]:
         """What an SMS without an answer came to, by the provider's listing of the number:
-        `sent`, `retry` (it never arrived) or `unanswered` with the reason it stays unknown."""
+        `sent`, `retry` (it never arrived) or `unanswered` with the reason it stays unknown;
+        and whether that is because the listing could not be had (worth asking again)."""
         assert self.sms_history is not None
         if delivery is None:  # a resumed try: rendered again, the same request gives the same body
             prepared = await self._prepare(request)
             if isinstance(prepared, Outcome):
-                return replace(unanswered, reason=f"{unanswered.reason}; {prepared.reason}"), None
+                why = f"{unanswered.reason}; {prepared.reason}"
+                return replace(unanswered, reason=why), None, False
             delivery = prepared
         content = delivery.content
         if not isinstance(content, SmsContent):
-            return unanswered, delivery
+            return unanswered, delivery, False
         settle = timedelta(seconds=self.settings.sms_reconcile_settle_seconds)
         wait = (began + settle - self.clock.now()).total_seconds()
         if wait > 0:
@@ -381,8 +429,9 @@ class Dispatcher:
             reason=found.reason,
         )
         if found.kind == "unknown":
-            return replace(unanswered, reason=f"{unanswered.reason}; {found.reason}"), delivery
-        return found, delivery
+            why = f"{unanswered.reason}; {found.reason}"
+            return replace(unanswered, reason=why), delivery, isinstance(listing, str)
+        return found, delivery, False
 
     async def _prepare(self, request: SendRequest) -> Delivery | Outcome:
         """Checks at send time, then rendering; an Outcome("skipped") says why not."""

@@ -89,6 +89,10 @@ class DispatcherSettings(StreamSettings):
     # at least this old counts as never arrived when it is not listed (a request still on its
     # way would not be listed yet), so a younger one waits the rest before asking.
     sms_reconcile_settle_seconds: float = Field(default=10.0, ge=0)
+    # When that listing cannot be had (the provider busy or away), a marketing SMS is not left
+    # unknown at once: the provider is asked again this long later, try after try; after the
+    # last, the send stays `unknown`. JSON list in the environment, e.g. `[30, 120, 600]`.
+    sms_reconcile_again_seconds: tuple[float, ...] = (30.0, 120.0, 600.0)
 
     # Push through FCM HTTP v1; the service-account file names its token endpoint (token_uri).
     fcm_base_url: str = "http://127.0.0.1:8025"

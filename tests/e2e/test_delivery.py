@@ -426,6 +426,31 @@ def test_an_unanswered_sms_the_provider_lists_is_sent_not_unknown(
     assert entry["attempt"] == 1
 
 
+def test_an_unanswered_sms_is_asked_about_again_while_the_listing_cannot_be_had(
+    stack: Any, tmp_path: Path, ledger: Any
+) -> None:
+    tag = unique("unlisted")
+    trigger = _priority_journey(stack, tmp_path, tag, ["sms"])
+    user = unique("limbo")
+    phone = "+4850090" + str(abs(hash(user)) % 10000).zfill(4)
+    _identify(stack, user, phone=phone)
+    # The provider takes the message and never answers in time, and its listing of the number
+    # fails twice: the send is not left unknown, the provider is asked again later (the test
+    # stack asks after 2 s, then 4 s) until its listing shows the message.
+    _fail(stack, channel="sms", recipient=phone, error="timeout", seconds=5)
+    _fail(stack, channel="sms", recipient=phone, error="503", times=2, action="list")
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+    (entry,) = wait_for(
+        lambda: _entries(ledger, user, state={"$in": SENT_OR_LATER}), what="reconciled", timeout=90
+    )
+    (text,) = outbox(stack, channel="sms", to=phone)
+    assert entry["provider_id"] == text["sid"]
+    assert entry["reason"].startswith("reconciled")
+    assert entry["attempt"] == 1
+    rules = httpx.get(f"{stack.outbox_url}/control/failures", timeout=10).json()["rules"]
+    assert not [r for r in rules if r["recipient"] == phone and r["action"] == "list"]
+
+
 def test_an_unanswered_sms_the_provider_never_stored_is_sent_once(
     stack: Any, tmp_path: Path, ledger: Any
 ) -> None:

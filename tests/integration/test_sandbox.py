@@ -366,6 +366,26 @@ def test_sms_timeout_stores_the_message_then_holds_the_answer(clean_sandbox: San
     assert stored["body"] == "Your code is 1234"
 
 
+def test_a_listing_rule_fails_the_numbers_listing_not_its_sends(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    number = "+15551230019"
+    clean_sandbox.fail(channel="sms", recipient=number, error="500", times=1, action="list")
+    assert send_sms(clean_sandbox, number).status_code == 201  # the rule is for listings only
+    url = f"{clean_sandbox.http_url}/2010-04-01/Accounts/{clean_sandbox.sms_account_sid}"
+    auth = (clean_sandbox.sms_account_sid, clean_sandbox.sms_auth_token)
+
+    def listing() -> httpx.Response:
+        return httpx.get(f"{url}/Messages.json", params={"To": number}, auth=auth, timeout=10)
+
+    refused = listing()
+    assert refused.status_code == 500
+    assert refused.json()["code"] == 20500
+    listed = listing()  # used up: the next listing answers
+    assert listed.status_code == 200
+    assert [m["to"] for m in listed.json()["messages"]] == [number]
+
+
 def test_sms_slow_answers_normally_after_the_delay(clean_sandbox: SandboxInfo) -> None:
     clean_sandbox.fail(channel="sms", recipient="+15551230013", error="slow", seconds=0.6)
 

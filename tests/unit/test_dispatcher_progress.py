@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -118,3 +118,28 @@ def test_an_entry_is_read_from_the_ledger_document() -> None:
     }
     assert Entry.of(document) == Entry("retrying", 2, T1, "throttled", T0)
     assert Entry.of({"state": "requested"}) == Entry("requested", 1)
+
+
+# --- a provider listing that could not be had -------------------------------------------------
+
+
+def test_an_unlisted_try_is_asked_about_again_later_then_left_unknown() -> None:
+    delays = (30.0, 120.0)
+    first = progress.after_unlisted(2, 0, T0, delays)
+    assert first == progress.AskAgain(2, T0 + timedelta(seconds=30), 1)
+    assert first is not None
+    second = progress.after_unlisted(2, first.tries, T1, delays)
+    assert second == progress.AskAgain(2, T1 + timedelta(seconds=120), 2)
+    assert progress.after_unlisted(2, 2, T1, delays) is None  # asked enough: it stays unknown
+    assert progress.after_unlisted(1, 0, T0, ()) is None  # asking again switched off
+
+
+def test_a_due_ask_again_record_reconciles_the_try_still_sending() -> None:
+    """The record that asks again is a retry record of the same attempt: the entry, still
+    `sending`, goes to reconciling; nothing is sent for it."""
+    entry = Entry("sending", 2, sending_at=T0)
+    reconcilable = {"transactional": False, "reconcilable": True}
+    move = progress.on_retry(entry, 2, T1, **reconcilable)
+    assert move == Reconcile(2, T0, resend=False)
+    concluded = Entry("sent", 2)
+    assert isinstance(progress.on_retry(concluded, 2, T1, **reconcilable), Done)

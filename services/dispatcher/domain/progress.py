@@ -13,9 +13,9 @@ that stopped during its provider call (the entry left `sending`) is concluded `u
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from services.dispatcher.domain.outcomes import Outcome, resume_action
@@ -92,6 +92,26 @@ class Done:
 
 
 Move = Attempt | Requeue | Reconcile | Conclude | Done
+
+
+@dataclass(frozen=True)
+class AskAgain:
+    """The provider's listing could not be had: ask it again at `due`, the `tries`-th time,
+    with the entry left `sending` (nothing is sent meanwhile)."""
+
+    attempt: int
+    due: datetime
+    tries: int
+
+
+def after_unlisted(
+    attempt: int, tries: int, now: datetime, delays: Sequence[float]
+) -> AskAgain | None:
+    """A marketing try without an answer whose provider listing could not be had, asked
+    `tries` times so far: when to ask again, or None (asked enough: it stays unknown)."""
+    if tries >= len(delays):
+        return None
+    return AskAgain(attempt, now + timedelta(seconds=delays[tries]), tries + 1)
 
 
 def after_claim(new: bool, entry: Entry | None, *, transactional: bool, reconcilable: bool) -> Move:
