@@ -68,6 +68,7 @@ ROLE_OF = {
     ("GET", "/v1/journey-log"): "viewer",
     ("GET", "/v1/messages"): "viewer",
     ("GET", "/v1/delivery/funnel"): "viewer",
+    ("GET", "/v1/delivery/paused-channels"): "viewer",
     ("PUT", "/v1/templates/{template_id}"): "editor",
     ("PUT", "/v1/journeys/{journey_id}/draft"): "editor",
     ("POST", "/v1/journeys/dry-run"): "editor",

@@ -602,7 +602,15 @@ def mount_ui(
         if by not in ("journey_id", "template_id", "channel"):
             raise PageRefused(422, "by: one of journey_id, template_id, channel", "by")
         found = await ui.read(signed, "/v1/delivery/funnel", by=by)
-        return ui.page(request, "delivery.html", signed, by=by, funnels=found["funnels"])
+        paused = await ui.read(signed, "/v1/delivery/paused-channels")
+        return ui.page(
+            request,
+            "delivery.html",
+            signed,
+            by=by,
+            funnels=found["funnels"],
+            paused=paused["paused"],
+        )
 
     @get("/dead-letters")
     async def dead_letters(request: Request, signed: viewer) -> Response:
