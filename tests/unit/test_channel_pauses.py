@@ -51,7 +51,8 @@ def test_a_pause_long_after_the_last_starts_anew() -> None:
 
 def test_the_document_round_trips_keyed_by_channel() -> None:
     document = pause().document()
-    assert document["_id"] == "sms" and "channel" not in document
+    assert document["_id"] == "sms"
+    assert "channel" not in document
     assert ChannelPause.from_document(document) == pause()
 
 

@@ -33,10 +33,7 @@ def problems(body: str | bytes, **kwargs: int) -> list[tuple[int | None, str | N
 
 def test_tags_and_traits_by_contact_with_empty_cells_left_unchanged() -> None:
     found = imported(
-        "contact_key,tags,plan,city\r\n"
-        "u-1,vip; beta ;,gold,\r\n"
-        "u-2,,,Lyon\r\n"
-        "u-3,,,\r\n"
+        "contact_key,tags,plan,city\r\nu-1,vip; beta ;,gold,\r\nu-2,,,Lyon\r\nu-3,,,\r\n"
     )
     assert found.counts() == {"rows": 3, "contacts": 3, "tags_added": 2, "traits_set": 2}
     assert found.changes == {
