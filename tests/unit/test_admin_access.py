@@ -430,3 +430,10 @@ def test_a_search_term_and_a_contact_key_in_the_query_never_reach_the_access_log
     ]
     for part in ("ada", "example.com", "15551234567"):
         assert all(part not in line for line in access_log.lines)
+
+
+def test_the_csv_import_is_documented_with_its_body_and_answers(trail: MemoryTrail) -> None:
+    operation = build(trail).openapi()["paths"]["/v1/contacts/import"]["post"]
+    assert list(operation["requestBody"]["content"]) == ["text/csv"]
+    assert [p["name"] for p in operation["parameters"]] == ["dry_run"]
+    assert {"200", "202", "415", "422"} <= set(operation["responses"])
