@@ -92,12 +92,17 @@ _BLOCK_CACHE_BYTES = 128 * 2**20
 _block_cache: Cache | None = None
 
 
+def worker_name(settings: StreamSettings) -> str:
+    """The replica's name: `worker_id`, else host and process id."""
+    return settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
 def transactional_config(app_id: str, settings: StreamSettings) -> dict[str, Any]:
     """Producer settings of a transactional worker. The id names the worker (`worker_id`, else
     host and process): a worker restarted under the same id aborts at once what its
     predecessor left open; otherwise that transaction is aborted after `transaction_timeout_ms`,
     and until then readers of its partitions wait."""
-    worker = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    worker = worker_name(settings)
     return {
         "transactional.id": f"{app_id}-{worker}",
         "transaction.timeout.ms": settings.transaction_timeout_ms,

@@ -12,7 +12,7 @@ test walks every route of the app and fails on one without it (tests/unit/test_a
 import logging
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 from urllib.parse import unquote
@@ -51,6 +51,14 @@ class AuditedCall:
     action: str = ""
     params: dict[str, str] = field(default_factory=dict)
     refused_for_role: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def audit_counts(request: Request, counts: Mapping[str, int]) -> None:
+    """Keep a route's figures of what it did (never its contents) in the call's audit entry."""
+    call = request.scope.get(AUDIT_SCOPE)
+    if isinstance(call, AuditedCall):
+        call.counts = dict(counts)
 
 
 class RoleRefused(Exception):
@@ -192,6 +200,7 @@ class AuditedChanges:
             params=call.params,
             status=code,
             refused_for_role=call.refused_for_role,
+            counts=call.counts,
         )
         try:
             await self._trail.write(entry)

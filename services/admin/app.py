@@ -141,7 +141,7 @@ def create_app(
         return {"status": "ok"}
 
     # Before the routes below whose path parameters would capture them.
-    add_read_routes(app, viewer, insights, journeys)
+    add_read_routes(app, viewer, insights, journeys, clock)
     add_contact_routes(app, publisher, contacts, contact_commands, clock)
     add_dead_letter_routes(app, viewer, publisher, dead_letters)
     add_dry_run_routes(app, editor, contacts, templates, clock)

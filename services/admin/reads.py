@@ -1,6 +1,6 @@
 """Read routes the admin web UI is built on, open to every viewer key so that what the pages
 show can be scripted too: a journey's step figures, template list, contact search, a contact's
-journeys and messages, and delivery funnels."""
+journeys and messages, delivery funnels, and the channels paused by a configuration error."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ from services.admin.domain import templates as template_rules
 from services.admin.domain.figures import contact_positions, funnels, journey_figures
 from services.admin.domain.versions import journey_changes
 from services.admin.domain.why_paths import journey_paths
+from shared.channel_pauses import PAUSED_ALERT_METRIC, paused_now
+from shared.clock import Clock
 from shared.definitions import PublishedJourneys
 
 
 def add_read_routes(
-    app: FastAPI, viewer: list[Depends], insights: Insights, journeys: PublishedJourneys
+    app: FastAPI,
+    viewer: list[Depends],
+    insights: Insights,
+    journeys: PublishedJourneys,
+    clock: Clock,
 ) -> None:
 
     @app.get(
@@ -130,3 +136,12 @@ def add_read_routes(
         by: Literal["journey_id", "template_id", "channel"] = "journey_id",
     ) -> dict[str, Any]:
         return {"by": by, "funnels": funnels(await insights.delivery_counts(), by)}
+
+    @app.get(
+        "/v1/delivery/paused-channels",
+        dependencies=viewer,
+        summary="Channels paused now by a provider's configuration error, with the reason",
+    )
+    async def paused_channels() -> dict[str, Any]:
+        paused = paused_now(await insights.channel_pauses(), clock.now())
+        return {"count": len(paused), "paused": paused, "alert_metric": PAUSED_ALERT_METRIC}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from datetime import timedelta
 
 import structlog
 from prometheus_client import start_http_server
 
 from services.dispatcher.adapters.ledger_view import ledger_view
 from services.dispatcher.adapters.metrics import DispatchMetrics
-from services.dispatcher.adapters.store import Templates
+from services.dispatcher.adapters.store import ChannelPauses, Templates
 from services.dispatcher.adapters.suppressions import SuppressionList, move_legacy_suppressions
 from services.dispatcher.adapters.tables import (
     CAPS,
@@ -36,7 +37,7 @@ from shared.kafka import AsyncProducer, CompactedTopicView, Record, prepare_topi
 from shared.links import LinkSigner
 from shared.logs import configure_logging
 from shared.secrets import enforce
-from shared.streams import StreamWorker, transactional_config
+from shared.streams import StreamWorker, transactional_config, worker_name
 from shared.topics import DELIVERY_REPORTS, SEND_REQUESTS, SEND_RETRIES, SUPPRESSIONS
 
 log = structlog.get_logger(__name__)
@@ -95,6 +96,11 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
         metrics,
         clock.monotonic,
         sms_history=sms if isinstance(sms := providers["sms"], SmsSender) else None,
+        pauses=ChannelPauses(
+            db,
+            worker_name(settings),
+            timedelta(seconds=settings.provider_pause_seconds),
+        ),
     )
 
     async def process(records: list[Record]) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, assert_never
+from typing import Any, Protocol, assert_never
 
 import structlog
 from pydantic import ValidationError
@@ -100,6 +100,14 @@ TRACKED = {
 }
 
 
+class PauseRecord(Protocol):
+    """Where a channel's pause is recorded for the admin to show (`adapters.store`)."""
+
+    async def record(
+        self, channel: str, until: datetime, reason: str | None, now: datetime
+    ) -> object: ...
+
+
 @dataclass(frozen=True)
 class Stores:
     ledger: Ledger
@@ -123,6 +131,7 @@ class Dispatcher:
         metrics: DispatchMetrics,
         monotonic: Callable[[], float],
         sms_history: SmsHistory | None = None,
+        pauses: PauseRecord | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -136,6 +145,9 @@ class Dispatcher:
         self.metrics = metrics
         self._monotonic = monotonic
         self.sms_history = sms_history
+        self.pauses = pauses
+        # Pause records being written: held here so they finish (the loop keeps weak refs).
+        self._recording: set[asyncio.Task[None]] = set()
         self._buckets = {
             channel: TokenBucket(float(getattr(settings, f"rate_{channel}")))
             for channel in CHANNELS
@@ -589,6 +601,18 @@ class Dispatcher:
             self._paused_until[channel] = until
         self.metrics.paused(channel, until, reason)
         log.error("dispatcher.provider_paused", channel=channel, until=until, reason=reason)
+        if self.pauses is not None:  # for the admin, off the send path: nothing waits on it
+            task = asyncio.create_task(self._record_pause(self.pauses, channel, until, reason))
+            self._recording.add(task)
+            task.add_done_callback(self._recording.discard)
+
+    async def _record_pause(
+        self, pauses: PauseRecord, channel: str, until: datetime, reason: str | None
+    ) -> None:
+        try:
+            await pauses.record(channel, until, reason, self.clock.now())
+        except Exception:  # the pause holds anyway; only the admin's view lacks it
+            log.exception("dispatcher.pause_unrecorded", channel=channel, until=until)
 
     async def _announce(self, request: SendRequest, announce: Announce, now: datetime) -> None:
         state, outcome = announce.state, announce.outcome

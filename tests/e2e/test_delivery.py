@@ -9,6 +9,7 @@ and scales retry delays down to seconds (tests/conftest.py).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +336,55 @@ def test_throttling_is_retried_and_a_configuration_error_pauses_the_channel(
     (throttled_entry,) = _entries(ledger, throttled)
     assert throttled_entry["attempt"] == 3  # two refusals, then the send
     assert len(outbox(stack, channel="wechat", to=f"o-{throttled}")) == 1
+
+
+def _sign_in(client: httpx.Client) -> None:
+    """Sign a browser-like client in to the stack's admin UI with its dev key."""
+    form = client.get("/sign-in")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert token is not None, form.text
+    answer = client.post(
+        "/sign-in", data={"key": "wp_dev_admin_key", "csrf_token": token[1], "next": "/delivery"}
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_paused_channel_is_listed_by_the_admin_with_its_reason_and_alert(
+    stack: Any, tmp_path: Path
+) -> None:
+    tag = unique("pause")
+    trigger = _priority_journey(stack, tmp_path, tag, ["wechat"])
+    user = unique("cfg")
+    _identify(stack, user, wechat_openid=f"o-{user}", first_name="Lin")
+    # A bad template id, three times: the channel pauses, and pauses again at each retry.
+    _fail(stack, channel="wechat", recipient=f"o-{user}", error="40037", times=3)
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+
+    def listed() -> dict[str, Any] | None:
+        answer = httpx.get(
+            f"{stack.admin_url}/v1/delivery/paused-channels", headers=ADMIN, timeout=10
+        )
+        assert answer.status_code == 200, answer.text
+        return next((p for p in answer.json()["paused"] if p["channel"] == "wechat"), None)
+
+    paused = wait_for(listed, what="the paused WeChat channel in the admin")
+    assert "40037" in paused["reason"]
+    assert paused["alert_metric"] == (
+        'waypost_dispatcher_channel_paused_until_seconds{channel="wechat"}'
+    )
+    assert "WAYPOST_WECHAT_APP_SECRET" in paused["what_to_fix"]
+    assert paused["since"] <= paused["until"]
+    with httpx.Client(base_url=stack.admin_url, timeout=30, follow_redirects=True) as client:
+        _sign_in(client)
+
+        def alert_shown() -> bool:
+            page = client.get("/delivery")
+            return 'data-channel="wechat"' in page.text and "40037" in page.text
+
+        wait_for(alert_shown, what="the paused channel's alert on the Delivery page")
+    # Once the provider accepts again, the message goes out and the pause ends.
+    wait_for(lambda: outbox(stack, channel="wechat", to=f"o-{user}"), what="the send after it")
+    wait_for(lambda: listed() is None, what="the pause to end in the admin's list")
 
 
 def test_retries_end_in_the_dead_letter_topic(stack: Any, tmp_path: Path, ledger: Any) -> None:

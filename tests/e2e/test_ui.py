@@ -1,9 +1,10 @@
 """The admin web UI in a real browser (Debian's headless Chromium, driven by selenium) on the
 real stack: sign in through the form, watch a journey's step figures and a segment's count move
-as events come in through ingest, open a contact and tag it, edit a template and mark it ready,
-write the next version in the draft editor and publish it, forget a contact, pause the journey
-from its page; a viewer sees no control that changes anything, and a forged POST (no CSRF
-token, or a viewer's session) is refused.
+as events come in through ingest, open a contact and tag it, import tags and a trait from a CSV
+file (a row problem first), edit a template and mark it ready, write the next version in the
+draft editor and publish it, forget a contact, pause the journey from its page; a viewer sees no
+control that changes anything, and a forged POST (no CSRF token, or a viewer's session) is
+refused.
 
 Every page visited is saved as a screenshot: into WAYPOST_UI_SCREENSHOTS when it is set (the
 README's come from `WAYPOST_UI_SCREENSHOTS=docs/screenshots`), else into the test's tmp dir."""
@@ -355,6 +356,25 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     wait_for(changed, timeout=120, what="the tag and the trait on the contact's page")
     pages.shot("06-contact")
 
+    # A CSV file uploaded from the Contacts page: a row problem is named, then it imports.
+    upload = tmp_path / "contacts.csv"
+    upload.write_text(f"contact_key,tags,tier\n{user},imported;csv,platinum\n,x,\n")
+    pages.open("/contacts")
+    browser.find_element(By.ID, "import-file").send_keys(str(upload))
+    browser.find_element(By.ID, "import-submit").click()
+    assert "3 contact_key empty" in pages.text("#import-problems")
+    upload.write_text(f"contact_key,tags,tier\n{user},imported;csv,platinum\n")
+    browser.find_element(By.ID, "import-file").send_keys(str(upload))
+    browser.find_element(By.ID, "import-submit").click()
+    assert "1 contact: 2 tags added, 1 trait set" in pages.text("#import-result")
+    pages.shot("16-contacts-import")
+
+    def imported() -> bool:
+        pages.open(f"/contacts/{user}")
+        return "imported" in pages.text("#contact-tags") and "platinum" in pages.text("main")
+
+    wait_for(imported, timeout=120, what="the imported tags and trait on the contact's page")
+
     pages.open("/delivery", "07-delivery")
     _dead_letter_replayed_from_the_page(stack, pages)
     pages.open("/templates", "09-templates")
@@ -451,6 +471,8 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     pages.open(f"/contacts/{user}")
     assert not pages.has("#forget")
     assert not pages.has("#change")
+    pages.open("/contacts")
+    assert not pages.has("#import-submit")
     pages.open("/dead-letters")
     assert not pages.has("#replay")
     assert not pages.has("input[name=position]")
@@ -472,4 +494,13 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     assert (no_token.status_code, as_viewer.status_code, no_session.status_code) == (403, 403, 403)
     assert "csrf_token" in no_token.text
     assert re.search(r"needs the publisher role", as_viewer.text)
+    forged_import = httpx.post(
+        f"{ui_admin.url}/contacts/import",
+        cookies=cookies,
+        data={"csrf_token": viewer_csrf},
+        files={"file": ("contacts.csv", f"contact_key,tags\n{user},forged\n", "text/csv")},
+        timeout=30,
+    )
+    assert forged_import.status_code == 403, forged_import.text
+    assert re.search(r"needs the publisher role", forged_import.text)
     assert _newest_status(ui_admin, api, journey) == "paused"

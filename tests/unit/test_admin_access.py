@@ -68,6 +68,7 @@ ROLE_OF = {
     ("GET", "/v1/journey-log"): "viewer",
     ("GET", "/v1/messages"): "viewer",
     ("GET", "/v1/delivery/funnel"): "viewer",
+    ("GET", "/v1/delivery/paused-channels"): "viewer",
     ("PUT", "/v1/templates/{template_id}"): "editor",
     ("PUT", "/v1/journeys/{journey_id}/draft"): "editor",
     ("POST", "/v1/journeys/dry-run"): "editor",
@@ -82,6 +83,7 @@ ROLE_OF = {
     ("DELETE", "/v1/contacts/{contact_key:path}"): "publisher",
     ("PUT", "/v1/contacts/{contact_key:path}/consent"): "publisher",
     ("POST", "/v1/contacts/{contact_key:path}/changes"): "publisher",
+    ("POST", "/v1/contacts/import"): "publisher",
     ("GET", "/v1/dead-letters"): "viewer",
     ("POST", "/v1/dead-letters/replay"): "publisher",
     ("GET", "/v1/audit"): "publisher",
@@ -115,6 +117,7 @@ PAGE_ROLE_OF = {
     ("GET", "/segments/{segment_id}/count-chart.svg"): "viewer",
     ("POST", "/contacts/forget"): "publisher",
     ("POST", "/contacts/change"): "publisher",
+    ("POST", "/contacts/import"): "publisher",
     ("GET", "/delivery"): "viewer",
     ("GET", "/audit"): "publisher",
     ("GET", "/dead-letters"): "viewer",
@@ -427,3 +430,10 @@ def test_a_search_term_and_a_contact_key_in_the_query_never_reach_the_access_log
     ]
     for part in ("ada", "example.com", "15551234567"):
         assert all(part not in line for line in access_log.lines)
+
+
+def test_the_csv_import_is_documented_with_its_body_and_answers(trail: MemoryTrail) -> None:
+    operation = build(trail).openapi()["paths"]["/v1/contacts/import"]["post"]
+    assert list(operation["requestBody"]["content"]) == ["text/csv"]
+    assert [p["name"] for p in operation["parameters"]] == ["dry_run"]
+    assert {"200", "202", "415", "422"} <= set(operation["responses"])

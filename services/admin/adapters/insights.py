@@ -1,16 +1,21 @@
 """What the admin's read-only views fetch from the document store: a journey's log records, a
 contact's log and messages, delivery counts from the message ledger, the template list, and
-contacts found by key, e-mail or phone."""
+contacts found by key, e-mail or phone, and the channels the dispatcher paused."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import structlog
+from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.admin.adapters.analytics import JOURNEY_LOG
 from services.admin.adapters.journeys import TEMPLATES
 from services.admin.adapters.segments import PROFILES
+from shared.channel_pauses import CHANNEL_PAUSES, ChannelPause
+
+log = structlog.get_logger(__name__)
 
 MESSAGES = "messages"  # the dispatcher's ledger view, one document per message id
 # A journey's figures fold at most this many log records (the newest are kept).
@@ -36,6 +41,7 @@ class Insights:
         self._messages = db[MESSAGES]
         self._templates = db[TEMPLATES]
         self._profiles = db[PROFILES]
+        self._pauses = db[CHANNEL_PAUSES]
 
     async def journey_records(self, journey_id: str) -> list[dict[str, Any]]:
         cursor = (
@@ -96,3 +102,13 @@ class Insights:
             ]
         }
         return await self._profiles.find(query).limit(limit).to_list()
+
+    async def channel_pauses(self) -> list[ChannelPause]:
+        """Every channel's latest pause, running or over (one document per channel)."""
+        pauses = []
+        async for document in self._pauses.find({}):
+            try:
+                pauses.append(ChannelPause.from_document(document))
+            except ValidationError as exc:
+                log.error("admin.bad_channel_pause", channel=document.get("_id"), error=str(exc))
+        return pauses

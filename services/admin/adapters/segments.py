@@ -108,6 +108,15 @@ class Contacts:
     async def get(self, contact_key: str) -> dict[str, Any] | None:
         return await self._profiles.find_one({"_id": contact_key})
 
+    async def stored(self, contact_keys: Sequence[str], chunk: int = 1000) -> set[str]:
+        """Which of the keys have a stored profile (read by their ids, `chunk` at a time)."""
+        held: set[str] = set()
+        for start in range(0, len(contact_keys), chunk):
+            wanted = list(contact_keys[start : start + chunk])
+            found = self._profiles.find({"_id": {"$in": wanted}}, {"_id": 1})
+            held.update([str(document["_id"]) async for document in found])
+        return held
+
     async def in_segment(self, segment_id: str, limit: int) -> list[dict[str, Any]]:
         cursor = self._profiles.find({"segments": segment_id}).limit(limit)
         return [document async for document in cursor]
@@ -136,6 +145,12 @@ class ContactCommands:
     async def send(self, command: ContactCommand) -> None:
         """Returns once Kafka acknowledged the command (acks=all)."""
         await self._producer.send(CONTACT_COMMANDS.name, command.contact_key, command.to_wire())
+
+    async def send_all(self, commands: Sequence[ContactCommand]) -> None:
+        """Queues every command, then returns once Kafka acknowledged them all."""
+        await self._producer.send_all(
+            (CONTACT_COMMANDS.name, c.contact_key, c.to_wire()) for c in commands
+        )
 
     async def record(self, event: Event) -> None:
         """Returns once Kafka acknowledged the event on the events topic."""

@@ -6,7 +6,7 @@ names the contact by a digest of it, so an erasure leaves the key nowhere in the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
@@ -72,8 +72,11 @@ class AuditEntry:
     status: int
     required_role: Role
     summary: str
+    # Figures a route gives of what it did (an import's rows and contacts), never contents.
+    counts: Mapping[str, int] = field(default_factory=dict)
 
     def as_document(self) -> dict[str, Any]:
+        counts = {"counts": dict(self.counts)} if self.counts else {}
         return {
             "at": self.at,
             "key": self.key,
@@ -84,6 +87,7 @@ class AuditEntry:
             "status": self.status,
             "required_role": self.required_role,
             "summary": self.summary,
+            **counts,
         }
 
 
@@ -99,8 +103,10 @@ def audit_entry(
     params: Mapping[str, Any],
     status: int,
     refused_for_role: bool,
+    counts: Mapping[str, int] | None = None,
 ) -> AuditEntry:
-    """The entry of one call; `action` is the route's own short description."""
+    """The entry of one call; `action` is the route's own short description, `counts` what
+    the route counted of its work (shown in the summary too)."""
     kept = {
         name: contact_digest(str(value)) if name in CONTACT_PARAMS else _clipped(str(value))
         for name, value in params.items()
@@ -113,6 +119,8 @@ def audit_entry(
     else:
         outcome = f"not done ({status})"
     summary = f"{action} ({target}): {outcome}" if target else f"{action}: {outcome}"
+    if counts:
+        summary += " (" + ", ".join(f"{name} {n}" for name, n in counts.items()) + ")"
     return AuditEntry(
         at=at,
         key=key,
@@ -123,6 +131,7 @@ def audit_entry(
         status=status,
         required_role=required_role,
         summary=summary,
+        counts=dict(counts or {}),
     )
 
 

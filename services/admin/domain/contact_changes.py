@@ -17,6 +17,29 @@ MAX_CHANGES = 50
 MAX_TAG_CHARS = 64
 
 
+def tag_problem(tag: str) -> str | None:
+    """What is wrong with a tag to add or remove, else None."""
+    if not tag.strip() or len(tag) > MAX_TAG_CHARS:
+        return f"a tag is 1 to {MAX_TAG_CHARS} characters, not only spaces"
+    return None
+
+
+def trait_name_problem(name: str) -> str | None:
+    """What is wrong with the name of a trait to set, else None."""
+    if not name.strip() or name.startswith("$") or "." in name:
+        return f"'{name}': a trait name is not empty and has no '.' or '$'"
+    return None
+
+
+def trait_problem(name: str, value: Any) -> str | None:
+    """What is wrong with a trait to set, else None."""
+    if (problem := trait_name_problem(name)) is not None:
+        return problem
+    if trait_size(name, value) > DEFAULT_LIMITS.max_trait_bytes:
+        return f"'{name}': at most {DEFAULT_LIMITS.max_trait_bytes} bytes as JSON"
+    return None
+
+
 class ContactChanges(BaseModel):
     """`POST /v1/contacts/{key}/changes`: tags to add and remove, traits to set."""
 
@@ -30,20 +53,16 @@ class ContactChanges(BaseModel):
     @classmethod
     def _tag_shape(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
         for tag in tags:
-            if not tag.strip() or len(tag) > MAX_TAG_CHARS:
-                raise ValueError(f"a tag is 1 to {MAX_TAG_CHARS} characters, not only spaces")
+            if (problem := tag_problem(tag)) is not None:
+                raise ValueError(problem)
         return tags
 
     @field_validator("set_traits")
     @classmethod
     def _trait_shape(cls, traits: dict[str, Any]) -> dict[str, Any]:
         for name, value in traits.items():
-            if not name.strip() or name.startswith("$") or "." in name:
-                raise ValueError(f"'{name}': a trait name is not empty and has no '.' or '$'")
-            if trait_size(name, value) > DEFAULT_LIMITS.max_trait_bytes:
-                raise ValueError(
-                    f"'{name}': at most {DEFAULT_LIMITS.max_trait_bytes} bytes as JSON"
-                )
+            if (problem := trait_problem(name, value)) is not None:
+                raise ValueError(problem)
         return traits
 
     @model_validator(mode="after")
@@ -56,14 +75,15 @@ class ContactChanges(BaseModel):
 
 
 def change_commands(
-    contact_key: str, changes: ContactChanges, now: datetime
+    contact_key: str, changes: ContactChanges, now: datetime, origin: str = "admin-change"
 ) -> list[ContactCommand]:
-    """One command per change, in the order given; ids derive from the change and its time."""
+    """One command per change, in the order given; ids derive from the change, its origin and
+    its time."""
 
     def command(kind: Any, **fields: Any) -> ContactCommand:
         what = fields.get("tag") or fields.get("attribute")
         return ContactCommand(
-            command_id=stable_id("admin-change", contact_key, kind, what, now.isoformat()),
+            command_id=stable_id(origin, contact_key, kind, what, now.isoformat()),
             contact_key=contact_key,
             kind=kind,
             reason="admin",

@@ -172,6 +172,17 @@ class AdminUi:
             headers={"Authorization": f"Bearer {signed.key.secret}"},
         )
 
+    async def upload(
+        self, signed: Signed, path: str, content: bytes, media_type: str, **params: Any
+    ) -> httpx.Response:
+        """A POST of a file as the body (a CSV import), not JSON."""
+        return await self._api.post(
+            path,
+            content=content,
+            params={k: v for k, v in params.items() if v is not None},
+            headers={"Authorization": f"Bearer {signed.key.secret}", "Content-Type": media_type},
+        )
+
     async def change(
         self, signed: Signed, method: str, path: str, body: Any = None
     ) -> httpx.Response:
@@ -542,6 +553,45 @@ def mount_ui(
             f"/contacts/{_quote(contact_key)}?done=changed", status.HTTP_303_SEE_OTHER
         )
 
+    @post("/contacts/import")
+    async def import_contacts(request: Request, signed: publisher) -> Response:
+        form = await request.form()
+        upload = form.get("file")
+        dry_run = form.get("dry_run") == "yes"
+        if isinstance(upload, str) or upload is None or not upload.filename:
+            raise PageRefused(422, "file: choose a CSV file to import", "file")
+        answer = await ui.upload(
+            signed,
+            "/v1/contacts/import",
+            await upload.read(),
+            "text/csv",
+            dry_run=str(dry_run).lower(),
+        )
+        if answer.status_code == 422 and "problems" in answer.json():
+            return ui.page(
+                request,
+                "contacts.html",
+                signed,
+                422,
+                q="",
+                found=None,
+                forgotten=None,
+                import_problems=answer.json()["problems"],
+                file_name=upload.filename,
+            )
+        if answer.status_code >= 300:
+            raise PageRefused(answer.status_code, _detail(answer))
+        return ui.page(
+            request,
+            "contacts.html",
+            signed,
+            q="",
+            found=None,
+            forgotten=None,
+            imported=answer.json(),
+            file_name=upload.filename,
+        )
+
     @post("/contacts/forget")
     async def forget(
         signed: publisher,
@@ -602,7 +652,15 @@ def mount_ui(
         if by not in ("journey_id", "template_id", "channel"):
             raise PageRefused(422, "by: one of journey_id, template_id, channel", "by")
         found = await ui.read(signed, "/v1/delivery/funnel", by=by)
-        return ui.page(request, "delivery.html", signed, by=by, funnels=found["funnels"])
+        paused = await ui.read(signed, "/v1/delivery/paused-channels")
+        return ui.page(
+            request,
+            "delivery.html",
+            signed,
+            by=by,
+            funnels=found["funnels"],
+            paused=paused["paused"],
+        )
 
     @get("/dead-letters")
     async def dead_letters(request: Request, signed: viewer) -> Response:

@@ -1,4 +1,4 @@
-"""The dispatcher's documents: templates (read, cached).
+"""The dispatcher's documents: templates (read, cached), and the record of a paused channel.
 
 The ledger, caps and consent live in the worker's tables (`adapters/tables.py`); the ledger's
 `messages` collection is a view of them (`adapters/ledger_view.py`); suppressions are a
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
@@ -19,6 +20,8 @@ from tenacity import (
     stop_after_delay,
     wait_random_exponential,
 )
+
+from shared.channel_pauses import CHANNEL_PAUSES, ChannelPause, next_pause
 
 TEMPLATES = "templates"
 
@@ -93,3 +96,23 @@ class Templates:
     @_retried
     async def _read(self, template_id: str) -> dict[str, Any] | None:
         return await self._templates.find_one({"_id": template_id})
+
+
+class ChannelPauses:
+    """Where a channel's pause is recorded for the admin (`shared.channel_pauses`): one document
+    per channel. Pauses are rare; the dispatcher writes them off the send path."""
+
+    def __init__(self, db: AsyncDatabase[dict[str, Any]], worker: str, gap: timedelta) -> None:
+        self._pauses = db[CHANNEL_PAUSES]
+        self._worker = worker
+        self._gap = gap
+
+    @_retried
+    async def record(
+        self, channel: str, until: datetime, reason: str | None, now: datetime
+    ) -> ChannelPause:
+        found = await self._pauses.find_one({"_id": channel})
+        previous = ChannelPause.from_document(found) if found is not None else None
+        pause = next_pause(previous, channel, until, reason, now, self._worker, self._gap)
+        await self._pauses.replace_one({"_id": channel}, pause.document(), upsert=True)
+        return pause
