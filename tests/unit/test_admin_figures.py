@@ -92,6 +92,22 @@ def test_a_contact_s_journeys_newest_first_with_the_step_each_is_at() -> None:
     assert positions[0]["reason"] == "ordered"
 
 
+def test_an_event_that_failed_a_wait_s_where_leaves_the_instance_waiting_there() -> None:
+    records = [
+        _record("a", "entered"),
+        _record("a", "waiting", "wait-order", 1, detail="timeout"),
+        _record("a", "waiting", "wait-order", 30, reason="where_failed", detail="1"),
+    ]
+
+    figures = journey_figures(records).as_dict()
+    (position,) = contact_positions(records)
+
+    assert figures["steps"]["wait-order"]["waiting_now"] == 1
+    assert figures["steps"]["wait-order"]["reached"] == 1
+    assert figures["active_now"] == 1
+    assert (position["state"], position["step_id"]) == ("waiting", "wait-order")
+
+
 def test_a_funnel_counts_each_stage_reached_and_ends_by_reason() -> None:
     rows = [
         {"journey_id": "w", "state": "clicked", "count": 1},
