@@ -13,6 +13,7 @@ from services.admin.adapters.insights import Insights
 from services.admin.domain import segments as segment_views
 from services.admin.domain import templates as template_rules
 from services.admin.domain.figures import contact_positions, funnels, journey_figures
+from services.admin.domain.timeline import contact_timeline
 from services.admin.domain.versions import definition_diff, journey_changes
 from services.admin.domain.why_paths import journey_paths
 from shared.definitions import PublishedJourneys
@@ -141,6 +142,23 @@ def add_read_routes(
             "records": records,
             "paths": journey_paths(records, step_orders),
         }
+
+    @app.get(
+        "/v1/contacts/{contact_key:path}/timeline",
+        dependencies=viewer,
+        summary="A contact's recent events, journey steps and messages with their delivery "
+        "states, newest first",
+    )
+    async def contact_timeline_route(
+        contact_key: str,
+        limit: Annotated[int, Query(ge=1, le=500, description="lines at most")] = 100,
+    ) -> dict[str, Any]:
+        events = await insights.recent_events(contact_key)
+        records = await insights.contact_records(contact_key, limit)
+        found = await insights.messages(contact_key=contact_key, journey_id=None, limit=limit)
+        messages = [{"message_id": d.pop("_id"), **d} for d in found]
+        lines = contact_timeline(events, records, messages)[:limit]
+        return {"contact_key": contact_key, "count": len(lines), "lines": lines}
 
     @app.get("/v1/messages", dependencies=viewer, summary="Messages from the ledger, newest first")
     async def messages(

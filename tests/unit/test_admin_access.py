@@ -64,6 +64,7 @@ ROLE_OF = {
     ("GET", "/v1/journeys/{journey_id}/figures"): "viewer",
     ("GET", "/v1/journeys/{journey_id}/changes"): "viewer",
     ("GET", "/v1/journeys/{journey_id}/diff"): "viewer",
+    ("GET", "/v1/contacts/{contact_key:path}/timeline"): "viewer",
     ("GET", "/v1/templates"): "viewer",
     ("GET", "/v1/contacts"): "viewer",
     ("GET", "/v1/journey-log"): "viewer",

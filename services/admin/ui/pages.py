@@ -536,6 +536,7 @@ def mount_ui(
         profile = await ui.read(signed, f"/v1/contacts/{_quote(contact_key)}")
         log_ = await ui.read(signed, "/v1/journey-log", contact_key=contact_key)
         sent = await ui.read(signed, "/v1/messages", contact_key=contact_key, limit=100)
+        timeline = await ui.read(signed, f"/v1/contacts/{_quote(contact_key)}/timeline")
         return ui.page(
             request,
             "contact.html",
@@ -545,6 +546,7 @@ def mount_ui(
             records=log_["records"],
             paths=log_.get("paths", []),
             messages=sent["messages"],
+            timeline=timeline["lines"],
             done=request.query_params.get("done"),
         )
 

@@ -1,0 +1,81 @@
+"""A contact's timeline on the real stack: events posted through ingest, the journey steps they
+started and the message it sent, merged newest first by the admin
+(`GET /v1/contacts/{key}/timeline`, and the contact's page)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.helpers import outbox, post, publish_journey, unique, wait_for, write_journey
+
+pytestmark = pytest.mark.e2e
+ADMIN = {"Authorization": "Bearer wp_dev_admin_key"}
+
+
+def _timeline(stack: Any, user: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{stack.admin_url}/v1/contacts/{user}/timeline", headers=ADMIN, timeout=10)
+    assert answer.status_code == 200, answer.text
+    lines: list[dict[str, Any]] = answer.json()["lines"]
+    return lines
+
+
+def test_the_timeline_merges_events_journey_steps_and_messages_newest_first(
+    stack: Any, tmp_path: Path
+) -> None:
+    journey = unique("timeline")
+    trigger = f"Signed Up {journey}"
+    publish_journey(stack, write_journey(tmp_path, journey, trigger, "1h"))
+    user = unique("tina")
+    email = f"{user}@example.com"
+    identify = {"userId": user, "traits": {"email": email, "first_name": "Tina"}}
+    assert post(stack, "identify", identify).status_code == 200
+    viewed = {"userId": user, "event": "Product Viewed", "properties": {"sku": "A-1", "price": 12}}
+    assert post(stack, "track", viewed).status_code == 200
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+    wait_for(lambda: outbox(stack, to=email), what="the welcome email")
+
+    def complete() -> list[dict[str, Any]] | None:
+        lines = _timeline(stack, user)
+        kinds = {(line["kind"], line.get("name") or line.get("log_kind")) for line in lines}
+        wanted = {
+            ("event", "identify"),
+            ("event", "Product Viewed"),
+            ("event", trigger),
+            ("journey", "entered"),
+            ("journey", "waiting"),
+        }
+        sent = any(m["kind"] == "message" and m["state"] != "requested" for m in lines)
+        return lines if wanted <= kinds and sent else None
+
+    lines = wait_for(complete, timeout=90, what="the events, steps and message in the timeline")
+
+    def at(kind: str, name: str) -> int:
+        return next(
+            n
+            for n, line in enumerate(lines)
+            if line["kind"] == kind and name in (line.get("name"), line.get("log_kind"))
+        )
+
+    message = next(n for n, line in enumerate(lines) if line["kind"] == "message")
+    # Newest first: the message (at its latest state), the wait, the entry, then the events
+    # in the order they were posted, newest first.
+    assert message < at("journey", "waiting") < at("journey", "entered") < at("event", trigger)
+    assert at("event", trigger) < at("event", "Product Viewed") < at("event", "identify")
+    assert lines[at("event", "Product Viewed")]["text"] == "Product Viewed (sku = A-1, price = 12)"
+    welcome = lines[message]
+    assert (welcome["journey_id"], welcome["step_id"], welcome["channel"]) == (
+        journey,
+        "welcome",
+        "email",
+    )
+    assert welcome["states"][0]["state"] == "requested"
+    assert welcome["states"][-1]["state"] == welcome["state"]
+    assert all(line["kind"] != "journey" or line["journey_id"] == journey for line in lines)
+
+    # The API answers only keys with the viewer role or more.
+    anonymous = httpx.get(f"{stack.admin_url}/v1/contacts/{user}/timeline", timeout=10)
+    assert anonymous.status_code == 401
