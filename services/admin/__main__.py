@@ -19,6 +19,7 @@ from services.admin.adapters.count_history import CountHistory, keep_recording
 from services.admin.adapters.dead_letters import DeadLetterTopic
 from services.admin.adapters.insights import Insights
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
+from services.admin.adapters.recent_events import recent_events_view
 from services.admin.adapters.segments import (
     ContactCommands,
     Contacts,
@@ -32,6 +33,7 @@ from services.admin.settings import AdminSettings
 from shared.clock import SystemClock
 from shared.definitions import PublishedJourneys
 from shared.docstore import connect, database
+from shared.document_view import run_view_thread
 from shared.kafka import AsyncProducer, ConsumerLoop, prepare_topics, topic_record_count
 from shared.logs import configure_logging
 from shared.secrets import enforce
@@ -77,6 +79,13 @@ async def serve(settings: AdminSettings) -> None:
     )
     stop = asyncio.Event()
     follower = asyncio.create_task(follow_journey_log(consumer, store, stop))
+    # The timeline's recent events: a view on a thread and event loop of its own, so its
+    # batches never hold up the API's requests.
+    stop_recent_events = run_view_thread(
+        settings,
+        "waypost-admin-recent-events",
+        lambda db: recent_events_view(settings, db, f"{settings.group_id}-recent-events"),
+    )
 
     def live_counts() -> dict[str, int]:
         totals = segment_totals(segment_counts.latest())
@@ -101,6 +110,7 @@ async def serve(settings: AdminSettings) -> None:
             await asyncio.wait_for(follower, timeout=5)
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(recorder, timeout=5)
+        stop_recent_events()
         consumer.close()
         producer.close()
         segment_counts.stop()

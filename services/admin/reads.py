@@ -13,11 +13,13 @@ from services.admin.adapters.insights import Insights
 from services.admin.domain import segments as segment_views
 from services.admin.domain import templates as template_rules
 from services.admin.domain.figures import contact_positions, funnels, journey_figures
-from services.admin.domain.versions import journey_changes
+from services.admin.domain.timeline import contact_timeline
+from services.admin.domain.versions import definition_diff, journey_changes
 from services.admin.domain.why_paths import journey_paths
 from shared.channel_pauses import PAUSED_ALERT_METRIC, paused_now
 from shared.clock import Clock
 from shared.definitions import PublishedJourneys
+from shared.journeys import Journey
 
 
 def add_read_routes(
@@ -47,6 +49,22 @@ def add_read_routes(
                 step["reasons"][reason] = step["reasons"].get(reason, 0) + row["count"]
         return {"id": journey_id, **folded.as_dict(), "sends": sends}
 
+    def version_pair(journey_id: str, older: int, newer: int) -> tuple[Journey, Journey]:
+        """The two published versions, or a 404 naming the parameter of the missing one."""
+        held = {p.journey.version: p.journey for p in journeys.all() if p.journey.id == journey_id}
+        if not held:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no published journey '{journey_id}'")
+        for name, version in (("from", older), ("to", newer)):
+            if version not in held:
+                raise HTTPException(
+                    status.HTTP_404_NOT_FOUND,
+                    f"{name}: journey '{journey_id}' has no published version {version}",
+                )
+        return held[older], held[newer]
+
+    def as_json(journey: Journey) -> dict[str, Any]:
+        return journey.model_dump(mode="json", by_alias=True, exclude_none=True)
+
     @app.get(
         "/v1/journeys/{journey_id}/changes",
         dependencies=viewer,
@@ -57,24 +75,38 @@ def add_read_routes(
         from_version: Annotated[int, Query(alias="from", ge=1, description="the older version")],
         to_version: Annotated[int, Query(alias="to", ge=1, description="the newer version")],
     ) -> dict[str, Any]:
-        held = {p.journey.version: p.journey for p in journeys.all() if p.journey.id == journey_id}
-        if not held:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no published journey '{journey_id}'")
-        for name, version in (("from", from_version), ("to", to_version)):
-            if version not in held:
-                raise HTTPException(
-                    status.HTTP_404_NOT_FOUND,
-                    f"{name}: journey '{journey_id}' has no published version {version}",
-                )
-        found = journey_changes(
-            held[from_version].model_dump(mode="json", by_alias=True, exclude_none=True),
-            held[to_version].model_dump(mode="json", by_alias=True, exclude_none=True),
-        )
+        older, newer = version_pair(journey_id, from_version, to_version)
+        found = journey_changes(as_json(older), as_json(newer))
         return {
             "id": journey_id,
             "from": from_version,
             "to": to_version,
             "changes": [c.as_dict() for c in found],
+        }
+
+    @app.get(
+        "/v1/journeys/{journey_id}/diff",
+        dependencies=viewer,
+        summary="The text diff (unified, of the definitions as YAML) between two published "
+        "versions of a journey",
+    )
+    async def diff(
+        journey_id: str,
+        from_version: Annotated[int, Query(alias="from", ge=1, description="one version")],
+        to_version: Annotated[int, Query(alias="to", ge=1, description="the other version")],
+    ) -> dict[str, Any]:
+        older, newer = version_pair(journey_id, from_version, to_version)
+        lines = definition_diff(
+            as_json(older), as_json(newer), from_version=from_version, to_version=to_version
+        )
+        return {
+            "id": journey_id,
+            "from": from_version,
+            "to": to_version,
+            "added": sum(1 for line in lines if line.kind == "added"),
+            "removed": sum(1 for line in lines if line.kind == "removed"),
+            "unified": "\n".join(line.text for line in lines),
+            "lines": [line.as_dict() for line in lines],
         }
 
     @app.get("/v1/templates", dependencies=viewer, summary="Every template")
@@ -116,6 +148,23 @@ def add_read_routes(
             "records": records,
             "paths": journey_paths(records, step_orders),
         }
+
+    @app.get(
+        "/v1/contacts/{contact_key:path}/timeline",
+        dependencies=viewer,
+        summary="A contact's recent events, journey steps and messages with their delivery "
+        "states, newest first",
+    )
+    async def contact_timeline_route(
+        contact_key: str,
+        limit: Annotated[int, Query(ge=1, le=500, description="lines at most")] = 100,
+    ) -> dict[str, Any]:
+        events = await insights.recent_events(contact_key)
+        records = await insights.contact_records(contact_key, limit)
+        found = await insights.messages(contact_key=contact_key, journey_id=None, limit=limit)
+        messages = [{"message_id": d.pop("_id"), **d} for d in found]
+        lines = contact_timeline(events, records, messages)[:limit]
+        return {"contact_key": contact_key, "count": len(lines), "lines": lines}
 
     @app.get("/v1/messages", dependencies=viewer, summary="Messages from the ledger, newest first")
     async def messages(

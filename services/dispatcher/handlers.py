@@ -60,12 +60,13 @@ from services.dispatcher.domain.policy import (
     TokenBucket,
     cap_refusal,
     class_for_delay,
-    consent_refusal,
     kept_sends,
-    line_break_refusal,
+    recipient_refusal,
+    send_address,
+    suppression_refusal,
 )
 from services.dispatcher.settings import DispatcherSettings
-from shared.channels import CHANNELS, address_of, consent_changes
+from shared.channels import CHANNELS, consent_changes
 from shared.clock import Clock
 from shared.contracts import Channel, Event, SendRequest, SendRetry
 from shared.deadletter import DeadLetters
@@ -452,20 +453,17 @@ class Dispatcher:
         if channel not in self.providers:
             return Outcome("skipped", f"channel_not_configured: {channel}")
         test = request.test
-        if test is None:  # a test goes to the marketer who asked for it, not to the contact
-            recorded = await self.stores.consent.get(request.contact_key, channel)
-            refusal = consent_refusal(channel, profile, recorded)
-            if refusal:
-                return Outcome("skipped", refusal)
-        address = address_of(channel, profile) if test is None else test.address.strip() or None
-        if address is None:
-            return Outcome("skipped", f"no_address: {channel}")
-        broken = line_break_refusal(channel, address)
-        if broken:
-            return Outcome("skipped", broken)
-        suppressed = await self.stores.suppressions.reason(channel, address)
-        if suppressed is not None:
-            return Outcome("skipped", f"suppressed: {suppressed}")
+        # A test goes to the marketer who asked for it, not to the contact: no consent to read.
+        recorded = (
+            await self.stores.consent.get(request.contact_key, channel) if test is None else None
+        )
+        address = send_address(request)
+        refusal = recipient_refusal(request, recorded, address)
+        if refusal or address is None:
+            return Outcome("skipped", refusal or f"no_address: {channel}")
+        suppressed = suppression_refusal(await self.stores.suppressions.reason(channel, address))
+        if suppressed:
+            return Outcome("skipped", suppressed)
         rule = self._caps.get(channel)
         if rule is not None and not request.transactional:
             sends = await self.stores.caps.sends(request.contact_key, channel)

@@ -107,6 +107,9 @@ HANDLED_REMEMBERED = 32
 TIMER_EARLY_TOLERANCE = timedelta(seconds=2)
 # A paused journey's instances look again this often (resuming needs no other signal).
 PAUSED_RECHECK = timedelta(minutes=1)
+# A wait for an event records why an event of its name did not end it (its `where` failed) for
+# this many such events per wait; later ones only count, so the log does not grow with traffic.
+MISSES_RECORDED = 3
 # Beyond a webhook's own attempts, how long the instance waits before it calls the call failed.
 WEBHOOK_GRACE = timedelta(seconds=30)
 _COUPON_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
@@ -476,6 +479,7 @@ class _Turn:
         if not isinstance(step, WaitForEventStep) or event.label != step.event:
             return
         if not _holds(step.where, profile, event, instance.context, self.now):
+            self._missed(instance, step, timer, event)
             return
         context = {**instance.context, step.context_name: event_facts(event)}
         instance = instance.model_copy(update={"timer": None, "context": context})
@@ -485,6 +489,28 @@ class _Turn:
             why += f" ({values_read(step.where, facts, self.now)})"
         self._log(instance, "step_completed", step.id, detail="event", why=why)
         self._advance(instance, journey, step.on_event or journey.next_of(step.id))
+
+    def _missed(
+        self, instance: Instance, step: WaitForEventStep, timer: PendingTimer, event: Event
+    ) -> None:
+        """The event the wait names came, but its `where` failed: a `waiting` record with the
+        values read, for the first MISSES_RECORDED such events of this wait."""
+        if timer.misses >= MISSES_RECORDED or step.where is None:
+            return
+        misses = timer.misses + 1
+        timer = timer.model_copy(update={"misses": misses})
+        instance = instance.model_copy(update={"timer": timer})
+        self._store(instance)
+        facts = facts_of(self.state.profile, event=event, context=instance.context)
+        why = (
+            f"not moved on: {step.event} arrived, but where {written(step.where)} failed"
+            f" ({values_read(step.where, facts, self.now)}); still waiting until"
+            f" {minute(timer.due_at)}"
+        )
+        if misses == MISSES_RECORDED:
+            why += f"; later {step.event} that fail it are not recorded"
+        reason = "where_failed"
+        self._log(instance, "waiting", step.id, reason=reason, detail=str(misses), why=why)
 
     def _advance(self, instance: Instance, journey: Journey, following: str | None) -> None:
         if following is None:

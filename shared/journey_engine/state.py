@@ -36,6 +36,9 @@ class PendingTimer(_Frozen):
     step_id: str
     due_at: AwareDatetime
     purpose: TimerPurpose = "wait"
+    # For a wait for an event: how many events of its name failed its `where` so far (the
+    # engine records only the first few, so the log does not grow with traffic).
+    misses: int = 0
 
 
 class Instance(_Frozen):

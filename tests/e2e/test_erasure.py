@@ -1,8 +1,9 @@
 """Erasure that erases, on the real stack: a contact is forgotten mid-journey (its welcome email
 sent, its reminder an hour away, products it viewed in the fan-out index on other partitions),
-and then no document of the `waypost` database and no latest value of a compacted topic holds
-its key, anonymous id, e-mail or phone; a send request for it queued after the erasure, and a
-retry of a send the provider refused before it, end `skipped` and are never delivered."""
+and then no document of the `waypost` database (the admin's recent events for the timeline
+included) and no latest value of a compacted topic holds its key, anonymous id, e-mail or phone;
+a send request for it queued after the erasure, and a retry of a send the provider refused
+before it, end `skipped` and are never delivered."""
 
 from __future__ import annotations
 
@@ -102,6 +103,13 @@ def _contact(stack: Any, user: str) -> int:
     return answer.status_code
 
 
+def _timeline(stack: Any, user: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{stack.admin_url}/v1/contacts/{user}/timeline", headers=ADMIN, timeout=10)
+    assert answer.status_code == 200, answer.text
+    lines: list[dict[str, Any]] = answer.json()["lines"]
+    return lines
+
+
 def test_a_contact_forgotten_mid_journey_leaves_no_trace_and_gets_nothing_more(
     stack: Any, tmp_path: Path
 ) -> None:
@@ -168,6 +176,18 @@ def test_a_contact_forgotten_mid_journey_leaves_no_trace_and_gets_nothing_more(
             lambda: database["messages"].find_one({"contact_key": user, "state": "sent"}),
             what="the welcome in the ledger view",
         )
+        # The admin's timeline keeps the recent events of the contact and of its anonymous
+        # history (those came under the anonymous id, before the merge).
+        recent = database["recent_events"]
+        wait_for(
+            lambda: recent.find_one({"_id": user, "events.name": trigger}),
+            what="the contact's recent events in the timeline's view",
+        )
+        wait_for(
+            lambda: recent.find_one({"_id": anonymous, "events.name": f"Page Seen {journey}"}),
+            what="the anonymous history's recent events in the timeline's view",
+        )
+        assert _timeline(stack, user)
         assert _contact(stack, user) == 200
         assert _traces(stack, database, needles)  # the search finds what is there
 
@@ -185,6 +205,9 @@ def test_a_contact_forgotten_mid_journey_leaves_no_trace_and_gets_nothing_more(
         except AssertionError as exc:
             raise AssertionError(f"{exc}; still found in: {left}") from None
         assert _contact(stack, user) == 404
+        assert recent.find_one({"_id": user}) is None
+        assert recent.find_one({"_id": anonymous}) is None
+        assert _timeline(stack, user) == []
         welcome = database["messages"].find_one({"journey_id": journey, "step_id": "welcome"})
         assert welcome is not None
         assert (welcome["state"], welcome["contact_key"]) == ("sent", "forgotten")

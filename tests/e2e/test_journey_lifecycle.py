@@ -220,6 +220,39 @@ def test_a_published_version_cannot_be_changed(stack: Any) -> None:
     ]
 
 
+def test_the_text_diff_between_two_versions_marks_the_lines_added_and_removed(
+    stack: Any,
+) -> None:
+    journey_id, template = unique("diffed"), unique("diffed-tpl")
+    _ready_template(stack, template, "Hi")
+    _publish(stack, _definition(journey_id, "Diff Tested", template))
+    _publish(stack, _definition(journey_id, "Diff Tested", template, version=2, name="Renamed"))
+
+    answer = _admin(stack, "GET", f"/v1/journeys/{journey_id}/diff?from=1&to=2")
+
+    assert answer.status_code == 200, answer.text
+    diff = answer.json()
+    assert (diff["from"], diff["to"], diff["added"], diff["removed"]) == (1, 2, 2, 2)
+    changed = [(line["kind"], line["text"]) for line in diff["lines"]]
+    assert ("removed", "-name: Lifecycle test") in changed
+    assert ("added", "+name: Renamed") in changed
+    assert diff["unified"].splitlines()[:2] == ["--- version 1", "+++ version 2"]
+    backwards = _admin(stack, "GET", f"/v1/journeys/{journey_id}/diff?from=2&to=1").json()
+    assert ("added", "+name: Lifecycle test") in [
+        (x["kind"], x["text"]) for x in backwards["lines"]
+    ]
+
+    missing = _admin(stack, "GET", f"/v1/journeys/{journey_id}/diff?from=1&to=9")
+    assert missing.status_code == 404
+    assert missing.json()["detail"] == f"to: journey '{journey_id}' has no published version 9"
+    for query, name in (("from=x&to=2", "from"), ("from=1", "to"), ("from=0&to=2", "from")):
+        bad = _admin(stack, "GET", f"/v1/journeys/{journey_id}/diff?{query}")
+        assert bad.status_code == 422
+        assert [e["loc"] for e in bad.json()["detail"]] == [["query", name]]
+    unknown = _admin(stack, "GET", f"/v1/journeys/{unique('nothing')}/diff?from=1&to=2")
+    assert unknown.status_code == 404
+
+
 def test_pause_stops_entries_and_resume_lets_them_in(stack: Any) -> None:
     paused_id, active_id = unique("paused"), unique("active")
     paused_trigger, active_trigger = f"Enter {paused_id}", f"Enter {active_id}"

@@ -343,6 +343,18 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     assert "waiting" in journeys_table
     assert "pause" in journeys_table
 
+    # The timeline: the contact's events, the journey's steps and the message, newest first.
+    def timeline_shown() -> bool:
+        pages.open(f"/contacts/{user}")
+        rows = [
+            str(row.get_attribute("class"))
+            for row in browser.find_elements(By.CSS_SELECTOR, "#contact-timeline tbody tr")
+        ]
+        return "timeline-event" in rows and "timeline-message" in rows
+
+    wait_for(timeline_shown, timeout=60, what="the contact's timeline")
+    pages.shot("06-contact-timeline")
+
     # A tag added and a trait set from the contact's page reach the profile through the segmenter.
     browser.find_element(By.ID, "add-tag").send_keys("vip")
     browser.find_element(By.ID, "trait-name").send_keys("tier")
@@ -428,8 +440,21 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     assert "Version 2 against 1: 1 change" in changes
     assert "step pause" in changes
     assert "duration" in changes
+
+    def marked(css: str) -> list[str]:
+        return [str(e.text) for e in browser.find_elements(By.CSS_SELECTOR, css)]
+
+    # The text diff of the two definitions: the changed line removed and added.
+    assert any("duration: 2h" in line for line in marked("#changes-2 del"))
+    assert any("duration: 3h" in line for line in marked("#changes-2 ins"))
     assert not pages.has("#publish")  # the draft is the published version 2 now
     pages.shot("12-journey-version-2")
+    # Any two versions, from the form's two selects (a plain GET form).
+    browser.find_element(By.CSS_SELECTOR, "#diff-form button").click()
+    wait_for(lambda: pages.has("#version-diff"), timeout=30, what="the text diff page")
+    assert "/diff?from=1&to=2" in browser.current_url
+    assert any("duration: 3h" in line for line in marked("#version-diff ins"))
+    pages.shot("12-journey-diff")
 
     # The second contact is forgotten from its page, once the box is ticked.
     forgotten = contacts[1][0]

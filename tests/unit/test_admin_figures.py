@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from services.admin.domain.contact_changes import ContactChanges, change_commands
 from services.admin.domain.figures import FUNNEL, contact_positions, funnels, journey_figures
 from services.admin.domain.flow import flow, trigger_summary
-from services.admin.domain.versions import journey_changes
+from services.admin.domain.versions import definition_diff, journey_changes
 from services.admin.ui.pages import HERE, NAV
 from shared.journeys import Journey, JourneyFile
 
@@ -90,6 +90,22 @@ def test_a_contact_s_journeys_newest_first_with_the_step_each_is_at() -> None:
     ]
     assert positions[0]["converted"] is True
     assert positions[0]["reason"] == "ordered"
+
+
+def test_an_event_that_failed_a_wait_s_where_leaves_the_instance_waiting_there() -> None:
+    records = [
+        _record("a", "entered"),
+        _record("a", "waiting", "wait-order", 1, detail="timeout"),
+        _record("a", "waiting", "wait-order", 30, reason="where_failed", detail="1"),
+    ]
+
+    figures = journey_figures(records).as_dict()
+    (position,) = contact_positions(records)
+
+    assert figures["steps"]["wait-order"]["waiting_now"] == 1
+    assert figures["steps"]["wait-order"]["reached"] == 1
+    assert figures["active_now"] == 1
+    assert (position["state"], position["step_id"]) == ("waiting", "wait-order")
 
 
 def test_a_funnel_counts_each_stage_reached_and_ends_by_reason() -> None:
@@ -262,6 +278,89 @@ def test_every_example_journey_draws_and_its_page_renders(path: Path) -> None:
         versions=[{"journey": journey.model_dump(mode="json"), "status": "active"}],
         draft=None,
         changes={},
+        diffs={},
+        numbers=[journey.version],
         done=None,
     )
     assert all(f'id="step-{step_id}"' in page for step_id in ids)
+
+
+CART_V1 = {
+    "id": "cart",
+    "name": "Cart",
+    "version": 1,
+    "trigger": {"type": "event", "event": "Product Added"},
+    "steps": [
+        {"id": "wait", "type": "wait", "duration": "1h"},
+        {"id": "remind", "type": "send", "template": "cart-email"},
+    ],
+}
+CART_V2 = {
+    **CART_V1,
+    "version": 2,
+    "steps": [
+        {"id": "wait", "type": "wait", "duration": "2h"},
+        {"id": "remind", "type": "send", "template": "cart-email"},
+        {"id": "done", "type": "exit"},
+    ],
+}
+
+
+def test_a_text_diff_marks_each_line_added_or_removed_in_the_definition_s_order() -> None:
+    lines = [
+        (line.kind, line.text)
+        for line in definition_diff(CART_V1, CART_V2, from_version=1, to_version=2)
+    ]
+
+    assert lines[:3] == [
+        ("file", "--- version 1"),
+        ("file", "+++ version 2"),
+        ("hunk", "@@ -1,13 +1,15 @@"),
+    ]
+    changed = [(kind, text) for kind, text in lines if kind in ("added", "removed")]
+    assert changed == [
+        ("removed", "-version: 1"),
+        ("added", "+version: 2"),
+        ("removed", "-  duration: 1h"),
+        ("added", "+  duration: 2h"),
+        ("added", "+- id: done"),
+        ("added", "+  type: exit"),
+    ]
+    # Fields keep the order they are written in, not the alphabet's.
+    assert [text for kind, text in lines if kind == "same"][:2] == [" id: cart", " name: Cart"]
+    assert definition_diff(CART_V1, CART_V1, from_version=1, to_version=1) == []
+    # Either way round: the older version may be the "to".
+    backwards = definition_diff(CART_V2, CART_V1, from_version=2, to_version=1)
+    assert ("removed", "-- id: done") in [(line.kind, line.text) for line in backwards]
+
+
+def test_the_text_diff_page_shows_added_and_removed_lines_without_script() -> None:
+    lines = definition_diff(CART_V1, CART_V2, from_version=1, to_version=2)
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True)
+    env.globals.update(nav=NAV, funnel_stages=FUNNEL, quote=str)
+    diff = {
+        "from": 1,
+        "to": 2,
+        "added": 4,
+        "removed": 2,
+        "lines": [line.as_dict() for line in lines],
+    }
+    page = env.get_template("journey_diff.html").render(
+        request=SimpleNamespace(url=SimpleNamespace(path="/journeys/cart/diff")),
+        signed=SimpleNamespace(
+            may=lambda _role: False, csrf="t", key=SimpleNamespace(name="ana", role="viewer")
+        ),
+        csrf_field="csrf_token",
+        journey_id="cart",
+        numbers=[1, 2],
+        diff=diff,
+        diff_from=1,
+        diff_to=2,
+    )
+
+    assert '<ins class="diff-line">+  duration: 2h</ins>' in page
+    assert '<del class="diff-line">-  duration: 1h</del>' in page
+    assert '<option value="1" selected>1</option>' in page
+    assert '<option value="2" selected>2</option>' in page
+    assert '<form method="get" action="/journeys/cart/diff" id="diff-form">' in page
+    assert "<script" not in page.split("</head>", 1)[1]

@@ -19,8 +19,11 @@ from services.dispatcher.domain.policy import (
     falls_back,
     kept_sends,
     plan_retry,
+    recipient_refusal,
+    send_address,
+    suppression_refusal,
 )
-from shared.contracts import ChannelTemplate, Profile, SendRequest
+from shared.contracts import ChannelTemplate, Profile, SendRequest, TestSend
 
 T0 = datetime(2026, 3, 2, 22, 30, tzinfo=UTC)
 DELAYS = {"short": 5.0, "medium": 60.0, "long": 900.0}
@@ -157,3 +160,39 @@ def test_token_bucket_allows_a_second_of_burst_then_paces() -> None:
     assert waits[11] == pytest.approx(0.1) or waits[11] > 0
     assert waits[14] == pytest.approx(waits[13] + 0.1)
     assert TokenBucket(rate=0).reserve(1.0) == 0.0
+
+
+def _unsubscribed_contact(**update: object) -> SendRequest:
+    """An email to a contact who withdrew consent on the channel, with an address of its own."""
+    profile = _profile(email="ada@example.com").model_copy(update={"consent": {"email": False}})
+    return _request(channel="email", profile=profile, fallbacks=(), **update)
+
+
+def test_a_test_send_goes_to_its_address_without_asking_the_contact_s_consent() -> None:
+    to_contact = _unsubscribed_contact()
+    test = _unsubscribed_contact(test=TestSend(address=" ed@shop.example ", content={}))
+    withdrawn_lately = ConsentRecord(False, T0 + timedelta(seconds=1))
+
+    assert send_address(to_contact) == "ada@example.com"
+    assert recipient_refusal(to_contact, None, "ada@example.com") == "unsubscribed: email"
+    assert send_address(test) == "ed@shop.example"  # the marketer's, never the contact's
+    for recorded in (None, withdrawn_lately):
+        assert recipient_refusal(test, recorded, send_address(test)) is None
+    # The test's own address is still checked as an address.
+    blank = _unsubscribed_contact(test=TestSend(address="  ", content={}))
+    assert send_address(blank) is None
+    assert recipient_refusal(blank, None, None) == "no_address: email"
+    assert recipient_refusal(test, None, "ed@shop.example\nBcc: x@y") == (
+        "no_address: email: the address holds a line break"
+    )
+
+
+def test_a_test_send_to_a_suppressed_address_is_refused_like_any_send() -> None:
+    test = _unsubscribed_contact(test=TestSend(address="bounced@shop.example", content={}))
+    address = send_address(test)
+
+    # The address asked of the suppressions is the test's own, and a suppression holds for it.
+    assert address == "bounced@shop.example"
+    assert recipient_refusal(test, None, address) is None
+    assert suppression_refusal("hard_bounce") == "suppressed: hard_bounce"
+    assert suppression_refusal(None) is None

@@ -182,3 +182,85 @@ def test_a_refusal_that_says_something_new_is_recorded_and_entering_starts_afres
         f"{failed} failed (event.properties.total = 30)",
         f"{failed} failed (event.properties.total = 20)",
     ]
+
+
+BIG_ORDER = """
+journey:
+  id: big-order
+  name: Thanks for a big order
+  version: 1
+  trigger: {type: event, event: Cart Viewed}
+  entry: {reentry: after_exit}
+  steps:
+    - id: wait-order
+      type: wait_for_event
+      event: Order Completed
+      where:
+        all:
+          - {field: event.properties.total, op: gte, value: 100}
+          - {field: event.properties.currency, op: eq, value: EUR}
+      timeout: 2d
+    - id: done
+      type: exit
+"""
+
+
+def misses(sim: Simulation) -> list[tuple[str | None, str | None, str | None]]:
+    return [
+        (r.reason, r.detail, r.why)
+        for r in sim.log
+        if r.kind == "waiting" and r.reason == "where_failed"
+    ]
+
+
+def test_an_event_that_fails_the_waits_where_says_which_part_and_the_value_read() -> None:
+    sim = Simulation([journey_file(BIG_ORDER).journey], T0)
+    ada(sim)
+    sim.track("ada", "Cart Viewed")
+    sim.advance(timedelta(hours=1))
+
+    sim.track("ada", "Order Completed", {"total": 40, "currency": "EUR"})
+
+    assert misses(sim) == [
+        (
+            "where_failed",
+            "1",
+            "not moved on: Order Completed arrived, but where"
+            " all(event.properties.total ≥ 100, event.properties.currency = EUR) failed"
+            " (event.properties.total = 40); still waiting until 2026-11-05 09:00 UTC",
+        )
+    ]
+    # The instance still waits at the step: the next matching order ends the wait.
+    sim.track("ada", "Order Completed", {"total": 140, "currency": "EUR"})
+    assert whys(sim)[-2:] == [
+        (
+            "step_completed",
+            "wait-order",
+            "Order Completed arrived (event.properties.total = 140,"
+            " event.properties.currency = EUR)",
+        ),
+        ("exited", "done", "exit step done"),
+    ]
+
+
+def test_only_the_first_misses_of_a_wait_are_recorded_and_a_new_wait_counts_again() -> None:
+    sim = Simulation([journey_file(BIG_ORDER).journey], T0)
+    ada(sim)
+    sim.track("ada", "Cart Viewed")
+
+    for total in (10, 20, 30, 40, 50):
+        sim.track("ada", "Order Completed", {"total": total, "currency": "EUR"})
+    sim.track("ada", "Order Completed", {"total": 500, "currency": "USD"})
+    sim.track("ada", "Page Viewed")  # an event the wait does not name is never recorded
+
+    recorded = misses(sim)
+    assert [detail for _reason, detail, _why in recorded] == ["1", "2", "3"]
+    assert "(event.properties.total = 30)" in str(recorded[2][2])
+    assert str(recorded[2][2]).endswith("; later Order Completed that fail it are not recorded")
+    assert len({r.record_id for r in sim.log}) == len(sim.log)
+
+    # The wait times out and the contact enters again: the new wait records its own misses.
+    sim.advance(timedelta(days=3))
+    sim.track("ada", "Cart Viewed")
+    sim.track("ada", "Order Completed", {"total": 60, "currency": "EUR"})
+    assert [detail for _reason, detail, _why in misses(sim)] == ["1", "2", "3", "1"]

@@ -48,3 +48,24 @@ def test_records_of_one_decision_come_back_in_the_engine_order() -> None:
         (None, "not entered: re-entry never, entered 2026-11-03"),
     ]
     assert path["entered"] is True
+
+
+def test_a_wait_s_failed_where_shows_after_the_wait_it_kept_waiting() -> None:
+    miss = (
+        "not moved on: Order Completed arrived, but where event.properties.total ≥ 100 failed"
+        " (event.properties.total = 40); still waiting until 2026-11-05 09:00 UTC"
+    )
+    later = T0 + timedelta(hours=3)
+    stored = [
+        {**record("waiting", "wait", miss, later), "reason": "where_failed", "detail": "1"},
+        record("waiting", "wait", "wait for Order Completed until 2026-11-05 09:00 UTC"),
+        record("entered", None, "trigger event Order Completed"),
+    ]
+
+    (path,) = journey_paths(stored, ORDERS)
+
+    assert [(line["kind"], line["step_id"], line["why"]) for line in path["lines"]] == [
+        ("entered", None, "trigger event Order Completed"),
+        ("waiting", "wait", "wait for Order Completed until 2026-11-05 09:00 UTC"),
+        ("waiting", "wait", miss),
+    ]

@@ -12,6 +12,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from services.admin.adapters.analytics import JOURNEY_LOG
 from services.admin.adapters.journeys import TEMPLATES
+from services.admin.adapters.recent_events import RECENT_EVENTS
 from services.admin.adapters.segments import PROFILES
 from shared.channel_pauses import CHANNEL_PAUSES, ChannelPause
 
@@ -42,6 +43,12 @@ class Insights:
         self._templates = db[TEMPLATES]
         self._profiles = db[PROFILES]
         self._pauses = db[CHANNEL_PAUSES]
+        self._recent_events = db[RECENT_EVENTS]
+
+    async def recent_events(self, contact_key: str) -> list[dict[str, Any]]:
+        """The contact's newest events as the recent-events view keeps them, oldest first."""
+        found = await self._recent_events.find_one({"_id": contact_key}, {"events": 1})
+        return list(found.get("events") or []) if found else []
 
     async def journey_records(self, journey_id: str) -> list[dict[str, Any]]:
         cursor = (

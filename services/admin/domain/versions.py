@@ -1,16 +1,24 @@
 """What changed between two versions of a journey, as the admin lists it: steps added, removed
-or changed (field by field), and the journey's other settings. Pure: reads two definitions."""
+or changed (field by field), and the journey's other settings; and the text diff of the two
+definitions as YAML. Pure: reads two definitions."""
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+import yaml
 
 # Fields that differ between every two versions and say nothing of what changed.
 _IGNORED = frozenset({"version"})
 _MAX_VALUE_CHARS = 120
+# Lines of unchanged text shown around each change of a text diff.
+DIFF_CONTEXT = 3
+
+DiffKind = Literal["file", "hunk", "added", "removed", "same"]
 
 
 @dataclass(frozen=True)
@@ -83,3 +91,54 @@ def _field_changes(where: str, path: str, before: Any, after: Any) -> list[Chang
 def _short(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= _MAX_VALUE_CHARS else text[: _MAX_VALUE_CHARS - 1] + "…"
+
+
+@dataclass(frozen=True)
+class DiffLine:
+    """One line of a unified diff: `file` (the two headers), `hunk` (`@@ … @@`), `added`,
+    `removed` or `same`; `text` is the line as the unified diff writes it, its sign first."""
+
+    kind: DiffKind
+    text: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "text": self.text}
+
+
+def definition_text(definition: Mapping[str, Any]) -> str:
+    """A journey definition (as JSON) as YAML, its fields in the order the format lists them."""
+    return yaml.safe_dump(dict(definition), sort_keys=False, allow_unicode=True, width=100)
+
+
+def definition_diff(
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    *,
+    from_version: int,
+    to_version: int,
+    context: int = DIFF_CONTEXT,
+) -> list[DiffLine]:
+    """The unified diff (`difflib`) from `before` to `after` as YAML, line by line; empty when
+    the two texts are the same."""
+    lines = difflib.unified_diff(
+        definition_text(before).splitlines(),
+        definition_text(after).splitlines(),
+        fromfile=f"version {from_version}",
+        tofile=f"version {to_version}",
+        n=context,
+        lineterm="",
+    )
+    found: list[DiffLine] = []
+    for index, text in enumerate(lines):
+        found.append(DiffLine(_diff_kind(index, text), text))
+    return found
+
+
+def _diff_kind(index: int, text: str) -> DiffKind:
+    if index < 2:  # `--- version 1` and `+++ version 2` (a removed `-- x` line is not one)
+        return "file"
+    if text.startswith("@@"):
+        return "hunk"
+    if text.startswith("+"):
+        return "added"
+    return "removed" if text.startswith("-") else "same"

@@ -381,13 +381,12 @@ def mount_ui(
         draft = await ui.api(signed, "GET", f"/v1/journeys/{_quote(journey_id)}/draft")
         numbers = sorted(v["journey"]["version"] for v in versions)
         changes = {}
+        diffs = {}
         for older, newer in list(pairwise(numbers))[-MAX_DIFFS:]:
-            found = await ui.read(
-                signed,
-                f"/v1/journeys/{_quote(journey_id)}/changes",
-                **{"from": older, "to": newer},
-            )
+            pair = {"from": older, "to": newer}
+            found = await ui.read(signed, f"/v1/journeys/{_quote(journey_id)}/changes", **pair)
             changes[newer] = (older, found["changes"])
+            diffs[newer] = await ui.read(signed, f"/v1/journeys/{_quote(journey_id)}/diff", **pair)
         return ui.page(
             request,
             "journey.html",
@@ -401,7 +400,39 @@ def mount_ui(
             versions=versions,
             draft=draft.json() if draft.status_code == 200 else None,
             changes=changes,
+            diffs=diffs,
+            numbers=numbers,
+            diff_from=numbers[-2] if len(numbers) > 1 else numbers[-1],
+            diff_to=numbers[-1],
             done=request.query_params.get("done"),
+        )
+
+    @get("/journeys/{journey_id}/diff")
+    async def journey_diff(
+        request: Request,
+        journey_id: str,
+        signed: viewer,
+        from_version: Annotated[str | None, Query(alias="from", max_length=12)] = None,
+        to_version: Annotated[str | None, Query(alias="to", max_length=12)] = None,
+    ) -> Response:
+        """The text diff of any two published versions, chosen with two selects (a plain GET
+        form); by default the newest against the one before it."""
+        versions = (await ui.read(signed, f"/v1/journeys/{_quote(journey_id)}"))["versions"]
+        numbers = sorted(v["journey"]["version"] for v in versions)
+        newer = to_version or str(numbers[-1])
+        older = from_version or str(numbers[-2] if len(numbers) > 1 else numbers[-1])
+        diff = await ui.read(
+            signed, f"/v1/journeys/{_quote(journey_id)}/diff", **{"from": older, "to": newer}
+        )
+        return ui.page(
+            request,
+            "journey_diff.html",
+            signed,
+            journey_id=journey_id,
+            numbers=numbers,
+            diff=diff,
+            diff_from=diff["from"],
+            diff_to=diff["to"],
         )
 
     @get("/new-draft")
@@ -516,6 +547,7 @@ def mount_ui(
         profile = await ui.read(signed, f"/v1/contacts/{_quote(contact_key)}")
         log_ = await ui.read(signed, "/v1/journey-log", contact_key=contact_key)
         sent = await ui.read(signed, "/v1/messages", contact_key=contact_key, limit=100)
+        timeline = await ui.read(signed, f"/v1/contacts/{_quote(contact_key)}/timeline")
         return ui.page(
             request,
             "contact.html",
@@ -525,6 +557,7 @@ def mount_ui(
             records=log_["records"],
             paths=log_.get("paths", []),
             messages=sent["messages"],
+            timeline=timeline["lines"],
             done=request.query_params.get("done"),
         )
 

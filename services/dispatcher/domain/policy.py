@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from shared.channels import consented
+from shared.channels import address_of, consented
 from shared.contracts import Channel, Profile, SendRequest
 from shared.ids import stable_fraction, stable_id
 
@@ -46,6 +46,36 @@ def consent_refusal(
     else:
         given = consented(channel, profile)
     return None if given else f"unsubscribed: {channel}"
+
+
+def send_address(request: SendRequest) -> str | None:
+    """Where the message goes: a test send's address (the marketer who asked for it), else the
+    contact's address on the channel (`shared.channels`)."""
+    if request.test is not None:
+        return request.test.address.strip() or None
+    return address_of(request.channel, request.profile)
+
+
+def recipient_refusal(
+    request: SendRequest, recorded: ConsentRecord | None, address: str | None
+) -> str | None:
+    """Why the message may not go to `address` before suppressions are asked: the contact's
+    consent, then the address itself. A test send does not ask the contact's consent (the
+    contact is not its recipient); its address is checked like any."""
+    channel = request.channel
+    if request.test is None:
+        refusal = consent_refusal(channel, request.profile, recorded)
+        if refusal:
+            return refusal
+    if address is None:
+        return f"no_address: {channel}"
+    return line_break_refusal(channel, address)
+
+
+def suppression_refusal(suppressed: str | None) -> str | None:
+    """`suppressed: <reason>` when the address is suppressed (a bounce, a complaint, a STOP);
+    this holds for a test send too: its address is asked like any other."""
+    return None if suppressed is None else f"suppressed: {suppressed}"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,119 @@
+"""A contact's recent events for the admin's timeline: `waypost.contact-events.v1` (the events
+as the segmenter accepted them, under the contact's key after identity merges), kept as one
+`recent_events` document per contact holding its newest events (`domain/timeline.py`).
+
+It is a view of the admin's own (`shared.document_view`): a consumer group that reads the topic
+in large batches on a thread of its own and writes in bulk, so no worker's hot path waits on
+it. Per batch it reads each contact's stored document by its id (index-served), folds the new
+events in, keeps the newest 50, and replaces the document; a replayed record changes nothing,
+since events are kept once per id. The store is not asked to trim (`$push` with `$slice`):
+FerretDB 1.24 accepts the modifier and ignores it, and refuses TTL indexes. A `Contact
+Forgotten` event deletes the contact's document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pymongo import DeleteOne, InsertOne, ReplaceOne
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.admin.domain.timeline import keep_recent, recent_entry
+from shared.contracts import Event
+from shared.document_view import DocumentView, Write
+from shared.kafka import Record
+from shared.profiles import CONTACT_FORGOTTEN
+from shared.settings import CommonSettings
+from shared.topics import CONTACT_EVENTS
+
+log = structlog.get_logger(__name__)
+
+RECENT_EVENTS = "recent_events"
+# Stored documents read at once while a batch is folded in.
+READS_AT_ONCE = 16
+
+
+class _Change(BaseModel):
+    """The part of a contact-events record the view reads: not the profile snapshot."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    contact_key: str
+    event: Event
+
+
+class RecentEventsView(DocumentView):
+    """`writes` gives, per contact, an `InsertOne` of the batch's new events (folded into the
+    stored document here) or a `DeleteOne` (the contact was forgotten)."""
+
+    async def _write(self, writes: list[tuple[str, Write]]) -> None:
+        deletes = [(k, w) for k, w in writes if isinstance(w, DeleteOne)]
+        arrived = {k: w._doc["events"] for k, w in writes if isinstance(w, InsertOne)}
+        gate = asyncio.Semaphore(READS_AT_ONCE)
+
+        async def stored(key: str) -> list[dict[str, Any]]:
+            async with gate:
+                found = await self._collection.find_one({"_id": key}, {"events": 1})
+            return list(found.get("events") or []) if found else []
+
+        keys = list(arrived)
+        held = await asyncio.gather(*(stored(key) for key in keys))
+        replaced: list[tuple[str, Write]] = [
+            (
+                key,
+                ReplaceOne(
+                    {"_id": key},
+                    _document(key, keep_recent(old, arrived[key])),
+                    upsert=True,
+                ),
+            )
+            for key, old in zip(keys, held, strict=True)
+        ]
+        await super()._write(replaced + deletes)
+
+
+def recent_event_writes(batch: Iterable[Record]) -> list[tuple[str, Write]]:
+    """Per contact in the batch: its new events, or a deletion once it was forgotten (events
+    after the erasure in the same batch are not kept: the segmenter drops them anyway)."""
+    arrived: dict[str, list[dict[str, Any]]] = {}
+    forgotten: set[str] = set()
+    for record in batch:
+        if not record.value:
+            continue
+        try:
+            change = _Change.model_validate_json(record.value)
+        except ValidationError as exc:
+            log.error("recent_events.undecodable", offset=record.offset, error=str(exc))
+            continue
+        key = change.contact_key
+        if change.event.label == CONTACT_FORGOTTEN:
+            forgotten.add(key)
+            arrived.pop(key, None)
+        elif key not in forgotten:
+            arrived.setdefault(key, []).append(recent_entry(change.event))
+    writes: list[tuple[str, Write]] = [(key, DeleteOne({"_id": key})) for key in sorted(forgotten)]
+    writes += [(key, InsertOne({"_id": key, "events": events})) for key, events in arrived.items()]
+    return writes
+
+
+def _document(key: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """`last_at`, the newest event's time, says how long ago the contact was last active."""
+    return {"_id": key, "events": events, "last_at": events[-1]["at"] if events else None}
+
+
+def recent_events_view(
+    settings: CommonSettings, database: AsyncDatabase[dict[str, Any]], group_id: str
+) -> DocumentView:
+    return RecentEventsView(
+        settings,
+        database,
+        topic=CONTACT_EVENTS.name,
+        collection=RECENT_EVENTS,
+        group_id=group_id,
+        writes=recent_event_writes,
+        name="recent_events",
+    )
