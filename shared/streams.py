@@ -97,6 +97,12 @@ def worker_name(settings: StreamSettings) -> str:
     return settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
+def producer_fenced(exc: BaseException) -> bool:
+    """Whether `exc` is a transactional producer's fatal error: it can do nothing more."""
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return isinstance(error, KafkaError) and error.fatal()
+
+
 def transactional_config(app_id: str, settings: StreamSettings) -> dict[str, Any]:
     """Producer settings of a transactional worker. The id names the worker (`worker_id`, else
     host and process): a worker restarted under the same id aborts at once what its
@@ -677,9 +683,12 @@ class StreamWorker:
             await self._abort_doomed()
             self._abandon(consumer, start, f"transaction doomed: {exc}")
             return
-        except BaseException:
+        except BaseException as exc:
             for table in self.tables.values():
                 table.discard_staged()
+            if producer_fenced(exc):
+                await self._after_producer_fenced(start, str(exc))
+                return
             with contextlib.suppress(KafkaException, TransactionAborted):
                 await self.producer.abort_transaction()
             raise
@@ -746,6 +755,17 @@ class StreamWorker:
         for table in self.tables.values():
             table.discard_staged()
         log.error("stream.producer_wedged", error=why)
+        self.producer.renew()
+        await self._init_transactions()
+        self._reread = True
+
+    async def _after_producer_fenced(self, start: dict[tuple[str, int], int], why: str) -> None:
+        """The producer failed for good (a worker stopped past its transaction's timeout comes
+        back to find its epoch bumped by the coordinator: librdkafka's fatal error): this
+        worker was fenced. Nothing of the batch is kept; a new producer takes the same
+        transactional id, and the worker joins its group again and restores its tables, as
+        after a restart, rather than ending the process."""
+        log.warning("stream.fenced", partitions=sorted({p for _t, p in start}), reason=why)
         self.producer.renew()
         await self._init_transactions()
         self._reread = True

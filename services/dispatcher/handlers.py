@@ -425,7 +425,11 @@ class Dispatcher:
         wait = (began + settle - self.clock.now()).total_seconds()
         if wait > 0:
             await asyncio.sleep(wait)  # a request still on its way would not be listed yet
-        listing = await self.sms_history.sent_to(delivery.address)
+        # A listing takes one of the provider call slots: a burst of unanswered tries (a worker
+        # taking over a stopped one's batch) asked all at once, and the requests waiting for a
+        # pooled connection ran out their timeout there, on our side.
+        async with self._slots:
+            listing = await self.sms_history.sent_to(delivery.address)
         service = self.settings.sms_messaging_service_sid
         sent = SmsTry(
             to=delivery.address,

@@ -486,7 +486,7 @@ def test_an_unanswered_sms_is_asked_about_again_while_the_listing_cannot_be_had(
     _identify(stack, user, phone=phone)
     # The provider takes the message and never answers in time, and its listing of the number
     # fails twice: the send is not left unknown, the provider is asked again later (the test
-    # stack asks after 2 s, then 4 s) until its listing shows the message.
+    # stack asks after 3 s, then 10 s) until its listing shows the message.
     _fail(stack, channel="sms", recipient=phone, error="timeout", seconds=5)
     _fail(stack, channel="sms", recipient=phone, error="503", times=2, action="list")
     assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200

@@ -33,6 +33,10 @@ from tests.e2e.helpers import outbox, read_topic, unique, wait_drained, wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 EMAILS, TEXTS, KILLS = 1500, 500, 4
 ZOMBIE_TEXTS = 3000
+# The states a message may end in here. `failed`: an overloaded machine let every attempt time
+# out before the provider stored it, each proven by the provider's listing never to have
+# arrived, until the attempts ran out (asserted: none of those reached the outbox).
+FINAL = {"sent", "unknown", "delivered", "failed"}
 
 
 def _request(run: str, n: int, channel: str, template: str, now: datetime) -> SendRequest:
@@ -137,7 +141,7 @@ def _sigkill_run(stack: Any, run: str, client: MongoClient[dict[str, Any]]) -> N
 
     def all_final() -> bool:
         seen = states()
-        return sum(seen.values()) == len(requests) and set(seen) <= {"sent", "unknown", "delivered"}
+        return sum(seen.values()) == len(requests) and set(seen) <= FINAL
 
     try:
         wait_for(all_final, timeout=180, what="the ledger's view to show every message final")
@@ -156,6 +160,8 @@ def _sigkill_run(stack: Any, run: str, client: MongoClient[dict[str, Any]]) -> N
     for message_id, state in by_state.items():
         if state in ("sent", "delivered"):
             assert arrived[message_id] == 1, (message_id, state)
+        if state == "failed":  # every attempt proven never to have arrived
+            assert not arrived[message_id], (message_id, state)
     unknown = [m for m, s in by_state.items() if s == "unknown"]
     arrived_unknown = sum(1 for m in unknown if arrived[m])
     print(
@@ -170,7 +176,7 @@ def _view_report(stack: Any, ledger: Collection[dict[str, Any]], run: str, ids: 
     last says of them, and the view's warnings in the workers' logs."""
     shown = {doc["_id"]: doc for doc in ledger.find({"journey_id": run}, {"state": 1, "rev": 1})}
     states = Counter(str(doc["state"]) for doc in shown.values())
-    final = {"sent", "unknown", "delivered"}
+    final = FINAL
     odd = sorted(m for m in ids if m not in shown or shown[m]["state"] not in final)[:5]
     latest: dict[str, Any] = {}
     for key, value in read_topic(stack.bootstrap, DISPATCHER_LEDGER_CHANGELOG):
@@ -307,7 +313,7 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
         def concluded() -> Counter[str]:
             return Counter(doc["state"] for doc in ledger.find({"journey_id": run}, {"state": 1}))
 
-        final = {"sent", "unknown", "delivered"}
+        final = FINAL
 
         def all_concluded() -> bool:
             states = concluded()
@@ -334,6 +340,8 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
         for message_id, state in by_state.items():
             if state in ("sent", "delivered"):
                 assert texts[message_id] == 1, (message_id, state)
+            if state == "failed":  # every attempt proven never to have arrived
+                assert not texts[message_id], (message_id, state)
         assert set(texts) <= set(by_state)
         states = concluded()
         print(
