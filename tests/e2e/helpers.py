@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import httpx
 import yaml
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from shared.cli import publish
 from shared.settings import CommonSettings
@@ -126,7 +126,12 @@ def wait_drained(stack: Any, timeout: float = 60.0) -> None:
     """Every record so far has been processed and committed by every pipeline stage."""
 
     def drained() -> bool:
-        return pipeline_lag(stack.bootstrap) == 0
+        # While a transactional worker's transaction holds offsets, Kafka may answer that the
+        # group's committed offsets are unstable until it ends (a timeout here): ask again.
+        try:
+            return pipeline_lag(stack.bootstrap) == 0
+        except KafkaException:
+            return False
 
     wait_for(drained, timeout=timeout, what="the pipeline to drain")
 
