@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 
+import structlog
 import uvicorn
 
 from services.admin.access import redact_access_log
@@ -19,7 +20,7 @@ from services.admin.adapters.count_history import CountHistory, keep_recording
 from services.admin.adapters.dead_letters import DeadLetterTopic
 from services.admin.adapters.insights import Insights
 from services.admin.adapters.journeys import Definitions, JourneyDrafts, TemplateStore
-from services.admin.adapters.recent_events import recent_events_view
+from services.admin.adapters.recent_events import RECENT_EVENTS, recent_events_view
 from services.admin.adapters.segments import (
     ContactCommands,
     Contacts,
@@ -31,6 +32,7 @@ from services.admin.app import create_app
 from services.admin.domain.segments import segment_totals
 from services.admin.settings import AdminSettings
 from shared.clock import SystemClock
+from shared.deadletter import through_outages
 from shared.definitions import PublishedJourneys
 from shared.docstore import connect, database
 from shared.document_view import run_view_thread
@@ -38,6 +40,8 @@ from shared.kafka import AsyncProducer, ConsumerLoop, prepare_topics, topic_reco
 from shared.logs import configure_logging
 from shared.secrets import enforce
 from shared.topics import EVENTS, JOURNEY_LOG
+
+log = structlog.get_logger(__name__)
 
 
 async def serve(settings: AdminSettings) -> None:
@@ -80,12 +84,20 @@ async def serve(settings: AdminSettings) -> None:
     stop = asyncio.Event()
     follower = asyncio.create_task(follow_journey_log(consumer, store, stop))
     # The timeline's recent events: a view on a thread and event loop of its own, so its
-    # batches never hold up the API's requests.
-    stop_recent_events = run_view_thread(
-        settings,
-        "waypost-admin-recent-events",
-        lambda db: recent_events_view(settings, db, f"{settings.group_id}-recent-events"),
-    )
+    # batches never hold up the API's requests. Switched off, nothing of it is kept: a view
+    # that does not run would not erase a forgotten contact's events either.
+    if settings.admin_recent_events:
+        stop_recent_events = run_view_thread(
+            settings,
+            "waypost-admin-recent-events",
+            lambda db: recent_events_view(settings, db, f"{settings.group_id}-recent-events"),
+        )
+    else:
+        await through_outages(db[RECENT_EVENTS].drop, what="recent events dropped")
+        log.info("admin.recent_events_off")
+
+        def stop_recent_events() -> None:
+            return None
 
     def live_counts() -> dict[str, int]:
         totals = segment_totals(segment_counts.latest())

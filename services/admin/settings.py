@@ -31,6 +31,11 @@ class AdminSettings(CommonSettings):
     admin_session_cookie_secure: bool = False
     # How often each segment's live count is recorded for its count-over-time chart.
     admin_count_interval_seconds: float = Field(default=300.0, ge=1, le=86_400)
+    # Whether the admin keeps each contact's recent events for its timeline (the
+    # `recent_events` view). It costs the document store about as much as the profile view
+    # (docs/ui.md); off, the timeline shows journey steps and messages only, and what was kept
+    # is dropped when the admin starts.
+    admin_recent_events: bool = True
 
     def secrets(self) -> list[Secret]:
         keys = self.admin_keys()

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pymongo import MongoClient
 
 from tests.e2e.helpers import (
     outbox,
@@ -20,6 +21,7 @@ from tests.e2e.helpers import (
     wait_for,
     write_journey,
 )
+from tests.e2e.test_ui import own_admin
 
 pytestmark = pytest.mark.e2e
 ADMIN = {"Authorization": "Bearer wp_dev_admin_key"}
@@ -145,3 +147,31 @@ def test_an_order_that_fails_a_wait_s_where_says_why_the_journey_did_not_move_on
     ).json()["instances"]
     assert [(i["state"], i["step_id"]) for i in instances] == [("waiting", "wait-order")]
     assert any(t["text"].startswith(expected) for t in _timeline(stack, user))
+
+
+def test_with_recent_events_off_the_admin_keeps_none_and_drops_what_was_kept(stack: Any) -> None:
+    """`WAYPOST_ADMIN_RECENT_EVENTS=false`: no recent-events view runs, and what an earlier run
+    kept is dropped at start (a view that does not run would not erase a forgotten contact's
+    events). The timeline still answers, with journey steps and messages only."""
+    name = f"timeline_off_{unique('db').replace('-', '_')}"
+    client: MongoClient[dict[str, Any]] = MongoClient(stack.mongo_url, timeoutMS=30_000)
+    try:
+        kept = client[name]["recent_events"]
+        kept.insert_one({"_id": "u-kept", "events": [{"event": "Product Viewed"}]})
+        env = {"WAYPOST_MONGO_DB": name, "WAYPOST_ADMIN_RECENT_EVENTS": "false"}
+        with own_admin(stack, 6, "waypost-admin-timeline-off", env) as admin:
+            wait_for(
+                lambda: "recent_events" not in client[name].list_collection_names(),
+                timeout=60,
+                what="the kept recent events dropped",
+            )
+            answer = httpx.get(
+                f"{admin.url}/v1/contacts/u-kept/timeline",
+                headers={"Authorization": f"Bearer {admin.viewer[1]}"},
+                timeout=10,
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["lines"] == []
+    finally:
+        client.drop_database(name)
+        client.close()
