@@ -45,15 +45,8 @@ def mount_workbench(app: FastAPI, ui: AdminUi) -> None:
         request: Request,
         template_id: str,
         signed: viewer,
-        text: Text = "",
-        channel: Annotated[str, Form(max_length=16)] = "email",
-        subject: Annotated[str, Form(max_length=2_000)] = "",
-        html: Annotated[str, Form(max_length=1_000_000)] = "",
-        contact_key: Annotated[str, Form(max_length=1024)] = "",
-        event: Annotated[str, Form(max_length=100_000)] = "",
-        address: Annotated[str, Form(max_length=320)] = "",
+        form: EditorForm,
     ) -> Response:
-        form = _template_form(channel, subject, text, html, contact_key, event, address)
         return await template_page(ui, request, signed, template_id, form)
 
     @post("/templates/{template_id}/test-send")
@@ -61,15 +54,8 @@ def mount_workbench(app: FastAPI, ui: AdminUi) -> None:
         request: Request,
         template_id: str,
         signed: editor,
-        text: Text = "",
-        channel: Annotated[str, Form(max_length=16)] = "email",
-        subject: Annotated[str, Form(max_length=2_000)] = "",
-        html: Annotated[str, Form(max_length=1_000_000)] = "",
-        contact_key: Annotated[str, Form(max_length=1024)] = "",
-        event: Annotated[str, Form(max_length=100_000)] = "",
-        address: Annotated[str, Form(max_length=320)] = "",
+        form: EditorForm,
     ) -> Response:
-        form = _template_form(channel, subject, text, html, contact_key, event, address)
         body, problem = _preview_body(form)
         if problem is None and not form["contact_key"]:
             problem = "contact_key: choose the contact to render the test for"
@@ -213,6 +199,22 @@ async def template_page(
         sent=sent,
         send_problem=send_problem,
     )
+
+
+def _posted_template_form(
+    text: Text = "",
+    channel: Annotated[str, Form(max_length=16)] = "email",
+    subject: Annotated[str, Form(max_length=2_000)] = "",
+    html: Annotated[str, Form(max_length=1_000_000)] = "",
+    contact_key: Annotated[str, Form(max_length=1024)] = "",
+    event: Annotated[str, Form(max_length=100_000)] = "",
+    address: Annotated[str, Form(max_length=320)] = "",
+) -> dict[str, str]:
+    """The template editor's fields as the preview and the test send post them."""
+    return _template_form(channel, subject, text, html, contact_key, event, address)
+
+
+EditorForm = Annotated[dict[str, str], Depends(_posted_template_form)]
 
 
 def _template_form(
