@@ -92,6 +92,13 @@ CLOSE_SECONDS = 30.0
 QUEUE_FULL_WAIT_SECONDS = 30.0
 
 
+def fatal_error(exc: BaseException) -> bool:
+    """Whether `exc` is librdkafka's fatal error: its producer can do nothing more (for a
+    transactional one: it was fenced)."""
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return isinstance(error, KafkaError) and error.fatal()
+
+
 class RenewableProducer:
     """A librdkafka producer, replaced by a new one after a fatal error.
 
@@ -124,8 +131,7 @@ class RenewableProducer:
 
     def noticed(self, exc: KafkaException) -> None:
         """A call raised `exc`: remember when it says the producer failed for good."""
-        error = exc.args[0] if exc.args else None
-        if isinstance(error, KafkaError) and error.fatal():
+        if fatal_error(exc):
             self._failed.set()
 
     def usable(self) -> Producer:

@@ -54,6 +54,7 @@ from shared.kafka import (
     TransactionAborted,
     TransactionDoomed,
     close_within,
+    fatal_error,
 )
 from shared.kafka_connection import client_config
 from shared.membership import (
@@ -95,12 +96,6 @@ _block_cache: Cache | None = None
 def worker_name(settings: StreamSettings) -> str:
     """The replica's name: `worker_id`, else host and process id."""
     return settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-
-
-def producer_fenced(exc: BaseException) -> bool:
-    """Whether `exc` is a transactional producer's fatal error: it can do nothing more."""
-    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-    return isinstance(error, KafkaError) and error.fatal()
 
 
 def transactional_config(app_id: str, settings: StreamSettings) -> dict[str, Any]:
@@ -686,7 +681,7 @@ class StreamWorker:
         except BaseException as exc:
             for table in self.tables.values():
                 table.discard_staged()
-            if producer_fenced(exc):
+            if fatal_error(exc):
                 await self._after_producer_fenced(start, str(exc))
                 return
             with contextlib.suppress(KafkaException, TransactionAborted):
@@ -755,6 +750,11 @@ class StreamWorker:
         for table in self.tables.values():
             table.discard_staged()
         log.error("stream.producer_wedged", error=why)
+        await self._start_over()
+
+    async def _start_over(self) -> None:
+        """A new producer of the same transactional id (it fences the old one and settles the
+        transaction that one left open); the group joined again, the tables restored."""
         self.producer.renew()
         await self._init_transactions()
         self._reread = True
@@ -766,9 +766,7 @@ class StreamWorker:
         transactional id, and the worker joins its group again and restores its tables, as
         after a restart, rather than ending the process."""
         log.warning("stream.fenced", partitions=sorted({p for _t, p in start}), reason=why)
-        self.producer.renew()
-        await self._init_transactions()
-        self._reread = True
+        await self._start_over()
 
     async def _abort_doomed(self) -> None:
         """Abort a doomed transaction, asking again while the broker is away (the next batch

@@ -380,18 +380,15 @@ class Dispatcher:
         )
         if again is None:
             return False
-        delay = (again.due - now).total_seconds()
-        retry = SendRetry(
-            request=request,
-            attempt=again.attempt,
-            due_at=again.due,
-            reason="the provider's listing could not be had: asking again",
-            reconcile_tries=again.tries,
-        )
-        await self.producer.send(
-            SEND_RETRIES[class_for_delay(delay, self._delays)].name,
-            request.contact_key,
-            retry.to_wire(),
+        reason = "the provider's listing could not be had: asking again"
+        await self._write_retry(
+            SendRetry(
+                request=request,
+                attempt=again.attempt,
+                due_at=again.due,
+                reason=reason,
+                reconcile_tries=again.tries,
+            )
         )
         log.info(
             "dispatcher.sms_reconcile_later",
@@ -588,15 +585,20 @@ class Dispatcher:
     ) -> None:
         """Hand the request to a retry topic, then mark the ledger. Holds (a paused channel)
         come here too: they wait for `due` without spending an attempt."""
-        if delay_class is None:
-            delay = (due - self.clock.now()).total_seconds()
-            delay_class = class_for_delay(delay, self._delays)
         retry = SendRetry(request=request, attempt=attempt, due_at=due, reason=reason)
-        await self.producer.send(
-            SEND_RETRIES[delay_class].name, request.contact_key, retry.to_wire()
-        )
+        await self._write_retry(retry, delay_class)
         await self.ledger.retrying(request.message_id, attempt, due, reason, self.clock.now())
         log.info("dispatcher.retry", message_id=request.message_id, attempt=attempt, due=due)
+
+    async def _write_retry(self, retry: SendRetry, delay_class: str | None = None) -> None:
+        """The retry record to its delay class's topic (by how far off it is due, unless
+        named)."""
+        if delay_class is None:
+            delay = (retry.due_at - self.clock.now()).total_seconds()
+            delay_class = class_for_delay(delay, self._delays)
+        await self.producer.send(
+            SEND_RETRIES[delay_class].name, retry.request.contact_key, retry.to_wire()
+        )
 
     def _pause(self, channel: str, until: datetime, reason: str | None) -> None:
         if self._paused_until.get(channel, until) <= until or channel not in self._paused_until:

@@ -10,8 +10,13 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from shared import kafka
-from shared.kafka import ProducerWedged, TransactionDoomed, _blocking, _transactional
-from shared.streams import producer_fenced
+from shared.kafka import (
+    ProducerWedged,
+    TransactionDoomed,
+    _blocking,
+    _transactional,
+    fatal_error,
+)
 
 
 async def test_a_call_blocked_past_its_deadline_is_a_wedged_producer(
@@ -109,10 +114,10 @@ async def test_other_retriable_errors_are_asked_again_without_limit() -> None:
     assert len(calls) == 8
 
 
-def test_only_a_fatal_producer_error_counts_as_the_producer_fenced() -> None:
+def test_only_a_fatal_producer_error_counts_as_the_fatal_error() -> None:
     fatal = KafkaException(KafkaError(KafkaError._FATAL, "epoch bumped", fatal=True))
     abortable = KafkaException(KafkaError(KafkaError._STATE, "abort", txn_requires_abort=True))
-    assert producer_fenced(fatal)
-    assert not producer_fenced(abortable)
-    assert not producer_fenced(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
-    assert not producer_fenced(RuntimeError("not Kafka's"))
+    assert fatal_error(fatal)
+    assert not fatal_error(abortable)
+    assert not fatal_error(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
+    assert not fatal_error(RuntimeError("not Kafka's"))
