@@ -30,7 +30,11 @@ import stack as local_stack
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -142,12 +146,17 @@ class Pages:
         self.driver.set_window_size(1280, 900)
 
     def text(self, css: str) -> str:
-        """The element's text; found again when a live refresh replaced it while it was read."""
+        """The element's text; found again when a live refresh or a page load replaced it while
+        it was read (Chromium then says the element is stale, or that its node no longer
+        belongs to the document)."""
         for _ in range(STALE_READS):
             try:
                 return str(self.driver.find_element(By.CSS_SELECTOR, css).text)
             except StaleElementReferenceException:
                 continue
+            except WebDriverException as exc:
+                if "does not belong to the document" not in str(exc):
+                    raise
         return str(self.driver.find_element(By.CSS_SELECTOR, css).text)
 
     def number(self, css: str) -> int:
