@@ -7,6 +7,13 @@ batch); a task that reaches `gate()` parks there. When every task still running 
 action (the checkpoint) runs once, and all parked tasks go on together. A task that parks again
 later (a second send of the same contact, a fallback channel) waits for the next round.
 
+A task that only waits on something outside (a provider call, a free call slot, a rate
+limit) steps `aside()`: it does not hold the others' round back, and the action may run
+meanwhile. Stepping back in waits for a running action to end, so nothing a task writes falls
+between an action's reading of the writes and its commit. With calls aside, a try is made
+durable as `sending` only once it holds a call slot: a round per wave of calls, not one for
+the batch, and a crash strands only the tries actually under way.
+
 Should the action fail, every parked task gets its exception, and `run` cancels the others and
 raises it: a fenced worker does nothing more for the batch.
 """
@@ -14,7 +21,8 @@ raises it: a fenced worker does nothing more for the batch.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 
 
 class Rendezvous:
@@ -24,6 +32,8 @@ class Rendezvous:
         self._parked: list[asyncio.Future[None]] = []
         self._firing = False
         self._firings: set[asyncio.Future[None]] = set()
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self.rounds = 0
 
     async def run(self, works: Sequence[Callable[[], Awaitable[None]]]) -> None:
@@ -56,6 +66,25 @@ class Rendezvous:
         self._maybe_fire()
         await waiter
 
+    @asynccontextmanager
+    async def aside(self) -> AsyncIterator[None]:
+        """Wait on something outside the batch without holding back the others' round; on
+        the way back in, a running action is waited for first (a cancelled task just leaves)."""
+        self._live -= 1
+        self._maybe_fire()
+        cancelled = False
+        try:
+            yield
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            try:
+                while not cancelled and self._firing:
+                    await self._quiet.wait()
+            finally:
+                self._live += 1
+
     async def _tracked(self, work: Callable[[], Awaitable[None]]) -> None:
         try:
             await work()
@@ -67,6 +96,7 @@ class Rendezvous:
         if self._firing or not self._parked or len(self._parked) < self._live:
             return
         self._firing = True
+        self._quiet.clear()
         waiters, self._parked = self._parked, []
         firing = asyncio.ensure_future(self._fire(waiters))
         self._firings.add(firing)
@@ -86,4 +116,5 @@ class Rendezvous:
                     waiter.set_result(None)
         finally:
             self._firing = False
+            self._quiet.set()
             self._maybe_fire()

@@ -5,11 +5,14 @@ requests, the retry topics (one per delay class, each record held back until it 
 delivery reports the segmenter passes on (`waypost.delivery-reports.v1`). The ledger, caps and
 consent live in the worker's tables (`adapters/tables.py`). A batch runs one task per contact,
 all at once; a contact's records run one after another, which keeps the frequency-cap check and
-the count it guards together. Every try is marked `sending` and made durable in one group
-commit for the whole batch (`shared.rendezvous`: the worker's checkpoint, which also proves the
-worker still owns the partitions) before any provider is called; outcomes, events and retries
-are committed with the batch's offsets at its end. A crash repeats the batch, and the ledger
-turns repeats into no-ops (a try left `sending` is reconciled or ends `unknown`).
+the count it guards together. A try takes one of `max_in_flight` call slots, then is marked
+`sending` and made durable by a group commit with every other try ready at that moment
+(`shared.rendezvous`: the worker's checkpoint, which also proves the worker still owns the
+partitions), then calls its provider. Waiting for a slot and the call itself stand aside from
+the group commit, so rounds follow the calls in waves; outcomes, events and retries are
+committed by the next round or with the batch's offsets at its end. A crash repeats the batch,
+and the ledger turns repeats into no-ops: a try left `sending` (only one that held a slot) is
+reconciled or ends `unknown`.
 
 Channels are rendered and sent through their kits (`services/dispatcher/channels`); what an
 outcome comes to is decided by `domain.conclude` and carried out here.
@@ -18,7 +21,8 @@ outcome comes to is decided by `domain.conclude` and carried out here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -166,6 +170,8 @@ class Dispatcher:
         # Provider calls in flight; a batch's other tries wait for a slot.
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._prove_owner: Callable[[], Awaitable[None]] = _outside_a_batch
+        # Waits on the outside world within a batch: they stand aside from its group commit.
+        self._aside: Callable[[], AbstractAsyncContextManager[None]] = _no_batch_to_leave
         self._delays = {
             "short": settings.retry_short_seconds,
             "medium": settings.retry_medium_seconds,
@@ -198,6 +204,7 @@ class Dispatcher:
             contacts.setdefault((record.partition, key), []).append(record)
         rendezvous = Rendezvous(checkpoint)
         self.ledger.use_gate(rendezvous.gate)
+        self._aside = rendezvous.aside
         await rendezvous.run([partial(self._contact_records, mine) for mine in contacts.values()])
         self.metrics.rounds(rendezvous.rounds)
 
@@ -336,27 +343,51 @@ class Dispatcher:
                 request, attempt, paused, f"{channel} paused by a configuration error"
             )
             return
-        wait = self._buckets[channel].reserve(self._monotonic())
-        if wait > 0:
-            await asyncio.sleep(wait)
-        began = self.clock.now()
-        if not await self.ledger.begin(request.message_id, f"{attempt}:{try_name}", attempt, began):
+        # Marked `sending` only once it holds a call slot: a crash strands no try that was
+        # still waiting for one.
+        async with self._call_slot(self._buckets[channel].reserve(self._monotonic())):
+            began = self.clock.now()
+            try_id = f"{attempt}:{try_name}"
+            if await self.ledger.begin(request.message_id, try_id, attempt, began):
+                outcome: Outcome | None = await self._call(channel, prepared)
+            else:
+                outcome = None
+        if outcome is None:
             await self._after_lost_begin(request, attempt, record)
             return
-        try:
-            async with self._slots:
-                with self.metrics.in_flight.track_inprogress():
-                    await self._prove_owner()
-                    outcome = await self.providers[channel].send(prepared)
-        except ValueError as exc:
-            # The content or address cannot be written as this provider's request (a header
-            # the email library refuses, text it cannot encode): it never left, and never will.
-            outcome = Outcome("skipped", f"unsendable: {channel}: {type(exc).__name__}: {exc}")
         if outcome.kind == "unknown" and self._can_reconcile(request):
             outcome, _, unlisted = await self._reconciled(request, outcome, prepared, began)
             if unlisted and await self._ask_later(request, attempt, 0):
                 return
         await self._conclude(request, outcome, attempt, record, prepared)
+
+    @asynccontextmanager
+    async def _call_slot(self, wait: float) -> AsyncIterator[None]:
+        """One of the `max_in_flight` provider call slots, after `wait` seconds of the channel's
+        rate limit; the waiting stands aside from the batch's group commit."""
+        held = False
+        try:
+            async with self._aside():
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                await self._slots.acquire()
+                held = True
+            yield
+        finally:
+            if held:
+                self._slots.release()
+
+    async def _call(self, channel: Channel, prepared: Delivery) -> Outcome:
+        """The provider call of a try that holds a slot and is durable as `sending`."""
+        try:
+            with self.metrics.in_flight.track_inprogress():
+                await self._prove_owner()
+                async with self._aside():
+                    return await self.providers[channel].send(prepared)
+        except ValueError as exc:
+            # The content or address cannot be written as this provider's request (a header
+            # the email library refuses, text it cannot encode): it never left, and never will.
+            return Outcome("skipped", f"unsendable: {channel}: {type(exc).__name__}: {exc}")
 
     async def _after_lost_begin(self, request: SendRequest, attempt: int, record: Record) -> None:
         """Another copy holds this try (`domain.progress.after_lost_begin`)."""
@@ -420,13 +451,14 @@ class Dispatcher:
             return unanswered, delivery, False
         settle = timedelta(seconds=self.settings.sms_reconcile_settle_seconds)
         wait = (began + settle - self.clock.now()).total_seconds()
-        if wait > 0:
-            await asyncio.sleep(wait)  # a request still on its way would not be listed yet
         # A listing takes one of the provider call slots: a burst of unanswered tries (a worker
         # taking over a stopped one's batch) asked all at once, and the requests waiting for a
         # pooled connection ran out their timeout there, on our side.
-        async with self._slots:
-            listing = await self.sms_history.sent_to(delivery.address)
+        async with self._aside():
+            if wait > 0:
+                await asyncio.sleep(wait)  # a request still on its way would not be listed yet
+            async with self._slots:
+                listing = await self.sms_history.sent_to(delivery.address)
         service = self.settings.sms_messaging_service_sid
         sent = SmsTry(
             to=delivery.address,
@@ -718,6 +750,11 @@ class Dispatcher:
 
 async def _outside_a_batch() -> None:
     raise RuntimeError("a provider call outside a batch")
+
+
+@asynccontextmanager
+async def _no_batch_to_leave() -> AsyncIterator[None]:
+    yield
 
 
 def retry_due(record: Record) -> datetime | None:

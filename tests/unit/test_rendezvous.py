@@ -131,3 +131,126 @@ async def test_no_work_is_no_round() -> None:
     rendezvous = Rendezvous(action)
     await rendezvous.run([])
     assert rendezvous.rounds == 0
+
+
+async def test_a_task_aside_does_not_hold_the_round_back() -> None:
+    """A provider call of one task (aside) and another task's try: the round runs while the
+    call is under way, not after it."""
+    order: list[str] = []
+    call_may_end = asyncio.Event()
+
+    async def action() -> None:
+        order.append("commit")
+
+    rendezvous = Rendezvous(action)
+
+    async def calling() -> None:
+        async with rendezvous.aside():
+            await call_may_end.wait()
+        order.append("call ended")
+
+    async def parks() -> None:
+        await rendezvous.gate()
+        order.append("parked went on")
+        call_may_end.set()
+
+    await asyncio.wait_for(rendezvous.run([calling, parks]), timeout=5)
+
+    assert order == ["commit", "parked went on", "call ended"]
+
+
+async def test_stepping_back_in_waits_for_a_running_round() -> None:
+    """Nothing written by a task that comes back from aside may fall into a running round."""
+    order: list[str] = []
+    round_started = asyncio.Event()
+    round_may_end = asyncio.Event()
+
+    async def action() -> None:
+        order.append("round begins")
+        round_started.set()
+        await round_may_end.wait()
+        order.append("round ends")
+
+    rendezvous = Rendezvous(action)
+
+    async def calling() -> None:
+        async with rendezvous.aside():
+            await round_started.wait()  # the call answers while the round commits
+        order.append("outcome written")
+
+    async def parks() -> None:
+        await rendezvous.gate()
+
+    async def ends_the_round() -> None:
+        async with rendezvous.aside():
+            await round_started.wait()
+            await asyncio.sleep(0)
+            order.append("call answered")
+            round_may_end.set()
+
+    await asyncio.wait_for(rendezvous.run([calling, parks, ends_the_round]), timeout=5)
+
+    assert order.index("outcome written") > order.index("round ends")
+    assert order.index("call answered") < order.index("round ends")
+
+
+async def test_calls_in_slots_make_a_round_per_wave() -> None:
+    """Tries that mark themselves only once they hold one of two call slots: every try is
+    committed before its call, no more than two are committed and not yet called, and the
+    waiting for a slot does not stall the rounds."""
+    slots = asyncio.Semaphore(2)
+    committed: set[str] = set()
+    marked: set[str] = set()
+    called: list[str] = []
+    most_waiting = 0
+
+    async def action() -> None:
+        nonlocal most_waiting
+        committed.update(marked)
+        most_waiting = max(most_waiting, len(committed) - len(called))
+
+    rendezvous = Rendezvous(action)
+
+    async def one_try(name: str) -> None:
+        async with rendezvous.aside():
+            await slots.acquire()
+        try:
+            marked.add(name)
+            await rendezvous.gate()
+            assert name in committed
+            async with rendezvous.aside():
+                await asyncio.sleep(0.001)
+                called.append(name)
+        finally:
+            slots.release()
+
+    names = [f"t{i}" for i in range(7)]
+    await asyncio.wait_for(rendezvous.run([lambda n=n: one_try(n) for n in names]), timeout=5)
+
+    assert sorted(called) == names
+    assert most_waiting <= 2
+    assert rendezvous.rounds >= 4
+
+
+async def test_a_cancelled_task_aside_leaves_at_once() -> None:
+    round_may_end = asyncio.Event()
+
+    async def action() -> None:
+        await round_may_end.wait()
+
+    rendezvous = Rendezvous(action)
+
+    async def fails_during_the_round() -> None:
+        await asyncio.sleep(0.01)
+        raise RuntimeError("boom")
+
+    async def parks() -> None:
+        await rendezvous.gate()
+
+    async def calling() -> None:
+        async with rendezvous.aside():
+            await asyncio.sleep(60)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await asyncio.wait_for(rendezvous.run([calling, parks, fails_during_the_round]), timeout=5)
+    round_may_end.set()  # the round that was left running ends with the test
