@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pymongo import AsyncMongoClient, MongoClient
+from pymongo import AsyncMongoClient, MongoClient, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, PyMongoError, WriteConcernError
@@ -80,6 +80,12 @@ def database(
 # Bulk writes therefore go out as commands of at most this many statements; MongoDB does not
 # care either way.
 STATEMENTS_PER_COMMAND = 16
+# FerretDB 1.24 also ignores `ordered: false` in an `update` command: the first statement it
+# refuses (an upsert meeting a stored `_id`) ends the command, the statements after it are never
+# carried out, and the answer names that one refusal alone. A command of several replacements
+# that comes back with an error is therefore sent again one statement at a time (a replacement
+# is idempotent), so no statement is lost behind another's refusal. (`insert` and `delete`
+# commands go on past a refusal as they should.)
 
 
 async def bulk_write_unordered(
@@ -92,16 +98,23 @@ async def bulk_write_unordered(
     write_errors: list[dict[str, Any]] = []
     concern_errors: list[dict[str, Any]] = []
     for start in range(0, len(operations), STATEMENTS_PER_COMMAND):
+        chunk = list(operations[start : start + STATEMENTS_PER_COMMAND])
         try:
-            await collection.bulk_write(
-                list(operations[start : start + STATEMENTS_PER_COMMAND]), ordered=False
-            )
+            await collection.bulk_write(chunk, ordered=False)
         except BulkWriteError as exc:
-            write_errors += [
-                {**error, "index": error["index"] + start}
-                for error in exc.details.get("writeErrors", [])
-            ]
             concern_errors += exc.details.get("writeConcernErrors", [])
+            errors = exc.details.get("writeErrors", [])
+            updates = [i for i, op in enumerate(chunk) if isinstance(op, ReplaceOne)]
+            if len(updates) > 1:
+                # The replacements' command may have ended early (above): each one alone.
+                errors = [e for e in errors if not isinstance(chunk[e["index"]], ReplaceOne)]
+                for i in updates:
+                    try:
+                        await collection.bulk_write([chunk[i]], ordered=False)
+                    except BulkWriteError as alone:
+                        errors += [{**e, "index": i} for e in alone.details.get("writeErrors", [])]
+                        concern_errors += alone.details.get("writeConcernErrors", [])
+            write_errors += [{**error, "index": error["index"] + start} for error in errors]
     if write_errors or concern_errors:
         raise BulkWriteError({"writeErrors": write_errors, "writeConcernErrors": concern_errors})
 
@@ -121,20 +134,32 @@ async def replace_unless_newer(
     errors: list[dict[str, Any]] = []
     for start in range(0, len(documents), STATEMENTS_PER_COMMAND):
         chunk = documents[start : start + STATEMENTS_PER_COMMAND]
-        answer = await collection.database.command(
-            {
-                "update": collection.name,
-                "updates": [
-                    {"q": {"_id": doc["_id"], field: {"$lt": doc[field]}}, "u": doc, "upsert": True}
-                    for doc in chunk
-                ],
-                "ordered": False,
-            }
-        )
-        if answer.get("writeConcernError"):
-            raise WriteConcernError(str(answer["writeConcernError"]))
-        errors += [
-            {**error, "index": int(error["index"]) + start}
-            for error in answer.get("writeErrors", [])
-        ]
+        refused = await _replace_unless_newer(collection, chunk, field)
+        if refused and len(chunk) > 1:
+            # The command may have ended at its first refusal (above): each statement alone.
+            refused = []
+            for i, doc in enumerate(chunk):
+                refused += [
+                    {**e, "index": i} for e in await _replace_unless_newer(collection, [doc], field)
+                ]
+        errors += [{**error, "index": int(error["index"]) + start} for error in refused]
     return errors
+
+
+async def _replace_unless_newer(
+    collection: AsyncCollection[dict[str, Any]], chunk: Sequence[dict[str, Any]], field: str
+) -> list[dict[str, Any]]:
+    """One `update` command of `replace_unless_newer`; its write errors."""
+    answer = await collection.database.command(
+        {
+            "update": collection.name,
+            "updates": [
+                {"q": {"_id": doc["_id"], field: {"$lt": doc[field]}}, "u": doc, "upsert": True}
+                for doc in chunk
+            ],
+            "ordered": False,
+        }
+    )
+    if answer.get("writeConcernError"):
+        raise WriteConcernError(str(answer["writeConcernError"]))
+    return list(answer.get("writeErrors", []))

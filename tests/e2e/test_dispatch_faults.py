@@ -137,3 +137,36 @@ async def test_the_ledger_view_never_takes_an_older_entry_over_a_newer_one(stack
     finally:
         await client.drop_database(db.name)
         await client.close()
+
+
+async def test_a_message_the_view_holds_already_does_not_keep_the_others_from_it(
+    stack: Any,
+) -> None:
+    """A view that reads records again (after a restart) meets messages it stored before among
+    messages it has not: the store refuses those as duplicates. On the local document server an
+    `update` command ends at its first refusal, so the statements after it must be sent again:
+    every message of the batch ends at its newest revision, on the real document server."""
+    client = connect(CommonSettings(mongo_url=stack.mongo_url), "tests")
+    db = client[unique("again").replace("-", "_")]
+    view = ledger_view(CommonSettings(mongo_url=stack.mongo_url), db, "waypost-dispatcher")
+
+    def batch(keys: list[str], rev: int, state: str) -> list[Record]:
+        entry = {"state": state, "rev": rev, "contact_key": "c1", f"{state}_at": T0.isoformat()}
+        return [Record("ledger", 0, rev, key, json.dumps(entry).encode()) for key in keys]
+
+    try:
+        await view._create_indexes()
+        keys = [unique("m") for _ in range(40)]
+        stored_before = keys[::7]  # one early in every command of the batch, and more
+        await view._write(ledger_writes(batch(stored_before, 3, "sent")))
+        await view._write(ledger_writes(batch(keys, 2, "sending")))
+        await view._write(ledger_writes(batch(keys, 3, "sent")))
+        stored = {
+            doc["_id"]: doc["rev"]
+            async for doc in db[MESSAGES].find({"_id": {"$in": keys}}, {"rev": 1})
+        }
+        behind = sorted(k for k in keys if stored.get(k) != 3)
+        assert not behind, f"{len(behind)} of {len(keys)} left behind, e.g. {behind[:3]}"
+    finally:
+        await client.drop_database(db.name)
+        await client.close()
