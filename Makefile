@@ -60,6 +60,7 @@ bench: setup ## Benchmarks (figures as ratios against a baseline measured in the
 	@$(PY) -m bench.timers
 	@$(PY) -m bench.segmenter
 	@$(PY) -m bench.dispatch
+	@$(PY) -m bench.chaos
 	@$(PY) -m bench.pipeline
 
 clean: down ## Remove local state (keeps downloaded servers)

@@ -650,7 +650,7 @@ def start_stack(bench: stack.Stack) -> None:
     """Kafka, FerretDB and the sandbox on the bench ports, from an empty state folder."""
     bench.down()  # a previous run that was killed may have left its processes behind
     shutil.rmtree(bench.home, ignore_errors=True)
-    ports = PORTS
+    ports = bench.ports
     wanted = (
         ports.kafka,
         ports.kafka_controller,

@@ -209,8 +209,49 @@ def _view_report(stack: Any, ledger: Collection[dict[str, Any]], run: str, ids: 
     return (
         f"view states {dict(states)} of {len(ids)}; open or missing in the view, with the "
         f"changelog's last state: {changelog}; (view rev, changelog rev): {revs}; view "
-        f"warnings logged: {dict(warnings)}"
+        f"warnings logged: {dict(warnings)}; {_view_offsets(stack, set(odd))}"
     )
+
+
+def _view_offsets(stack: Any, odd: set[str]) -> str:
+    """Where the odd messages' last changelog records stand against the view group's committed
+    offsets and the partitions' ends: behind the commit (the view skipped or mis-wrote them) or
+    past it (the view has not read them)."""
+    topic = DISPATCHER_LEDGER_CHANGELOG
+    reader = Consumer(
+        {
+            "bootstrap.servers": stack.bootstrap,
+            "group.id": "waypost-ledger-view",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        partitions = [
+            TopicPartition(topic, p)
+            for p in reader.list_topics(topic, timeout=10).topics[topic].partitions
+        ]
+        committed = {tp.partition: tp.offset for tp in reader.committed(partitions, timeout=10)}
+        ends = {tp.partition: reader.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
+        reader.assign([TopicPartition(topic, p, 0) for p in committed])
+        at: dict[str, tuple[int | None, int | None]] = {}
+        open_partitions = set(committed)
+        while open_partitions:
+            message = reader.poll(10)
+            if message is None:
+                break
+            if message.error():
+                open_partitions.discard(message.partition())
+                continue
+            raw = message.key()
+            key = raw.decode() if isinstance(raw, bytes) else None
+            if key in odd:
+                at[key] = (message.partition(), message.offset())
+        return f"odd records at (partition, offset) {at}; view committed {committed}; ends {ends}"
+    except KafkaException as exc:
+        return f"view offsets not read: {exc}"
+    finally:
+        reader.close()
 
 
 def _log_events(log: Path, start: int, end: int | None) -> list[str]:
