@@ -57,7 +57,7 @@ def add_dry_run_routes(
     async def dry_run_draft(ask: DryRunAsk) -> Any:
         if ask.contact_key is None and not ask.events:
             raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
                 "contact_key or events: give a contact to start from, events to play, or both",
             )
         definition = ask.definition
@@ -88,7 +88,7 @@ def add_dry_run_routes(
                 profile = Profile.model_validate(_aware(contact_view(document)))
             except ValidationError as exc:
                 raise HTTPException(
-                    status.HTTP_422_UNPROCESSABLE_ENTITY,
+                    status.HTTP_422_UNPROCESSABLE_CONTENT,
                     f"contact_key: the stored profile can't be read ({exc.error_count()} errors)",
                 ) from exc
         try:
@@ -103,7 +103,7 @@ def add_dry_run_routes(
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_ENTITY, f"events: {where}: {first['msg']}"
+                status.HTTP_422_UNPROCESSABLE_CONTENT, f"events: {where}: {first['msg']}"
             ) from exc
         return result.model_dump(mode="json")
 
@@ -111,7 +111,7 @@ def add_dry_run_routes(
 def _problems(problems: list[DefinitionProblem]) -> JSONResponse:
     """The answer publishing gives a draft with problems: each names the step and the rule."""
     return JSONResponse(
-        status_code=status.HTTP_422_UNPROCESSABLE_ENTITY,
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         content={
             "detail": "the draft has problems: " + "; ".join(str(p) for p in problems),
             "problems": [p.model_dump() for p in problems],

@@ -183,7 +183,7 @@ async def template_page(
     # htmx swaps a 2xx only: the preview's own problems are its content.
     code = 200
     if (problem or send_problem) and "HX-Request" not in request.headers:
-        code = status.HTTP_422_UNPROCESSABLE_ENTITY
+        code = status.HTTP_422_UNPROCESSABLE_CONTENT
     return ui.page(
         request,
         "template.html",
