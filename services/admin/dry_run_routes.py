@@ -5,10 +5,10 @@ Nothing leaves the admin: no Kafka, no store write; the stored profile is only r
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
-import yaml
 from fastapi import FastAPI, HTTPException, status
 from fastapi.params import Depends
 from fastapi.responses import JSONResponse
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.admin.adapters.journeys import TemplateStore
 from services.admin.adapters.segments import Contacts
 from services.admin.domain.segments import contact_view
+from shared.bodies import BadInput, parse_yaml
 from shared.clock import Clock
 from shared.contracts import Profile
 from shared.journey_checks import DefinitionProblem
@@ -62,16 +63,11 @@ def add_dry_run_routes(
             )
         definition = ask.definition
         if isinstance(definition, str):
-            try:
-                definition = yaml.safe_load(definition)
-            except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                where = f"line {mark.line + 1}: " if mark is not None else ""
+            try:  # on a thread: a long text takes a while, and the loop serves others meanwhile
+                definition = await asyncio.to_thread(parse_yaml, definition, "definition")
+            except BadInput as exc:
                 problem = DefinitionProblem(
-                    journey="(draft)",
-                    step=None,
-                    rule="yaml",
-                    message=f"definition: {where}{getattr(exc, 'problem', None) or 'not YAML'}",
+                    journey="(draft)", step=None, rule="yaml", message=exc.message
                 )
                 return _problems([problem])
         parsed, problems = validate_draft(definition, await templates.ids())

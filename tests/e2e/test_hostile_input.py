@@ -1,7 +1,8 @@
 """Input that must not break anything, on the real stack: ingest and the admin API answer hostile
-bodies with a 4xx naming the field, a record too deep for the segmenter that reaches the topic
-by another route is dead-lettered with the reason while the contact keeps working, and a
-schemathesis run over both OpenAPI documents finds no 5xx."""
+bodies (deep JSON, deep or alias-bombed YAML text) with a 4xx naming the field, a record too
+deep for the segmenter that reaches the topic by another route is dead-lettered with the reason
+while the contact keeps working, and a schemathesis run over both OpenAPI documents finds no
+5xx."""
 
 from __future__ import annotations
 
@@ -139,6 +140,38 @@ def test_the_admin_refuses_a_body_over_its_cap_and_a_non_ascii_key(stack: Any) -
 
     assert big.status_code == 413
     assert foreign_key.status_code == 401
+
+
+# Nine anchors, each a list of nine of the one before: a billion strings once expanded.
+ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{name}: &{name} [{', '.join(['*' + before] * 9)}]\n"
+    for before, name in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("journey: " + "[" * 3000 + "]" * 3000, "definition: line 1: nested deeper than 32"),
+        (ALIAS_BOMB, "definition: line 2: an alias (*name) is not allowed"),
+    ],
+    ids=["3000-levels", "alias-bomb"],
+)
+def test_the_admin_refuses_hostile_yaml_naming_the_definition(
+    stack: Any, text: str, said: str
+) -> None:
+    answer = httpx.post(
+        f"{stack.admin_url}/v1/journeys/dry-run",
+        json={"definition": text, "contact_key": unique("dry-run")},
+        headers=ADMIN,
+        timeout=30,
+    )
+
+    assert answer.status_code == 422, answer.text
+    (problem,) = answer.json()["problems"]
+    assert problem["rule"] == "yaml"
+    assert problem["message"].startswith(said)
+    assert httpx.get(f"{stack.admin_url}/health", timeout=10).status_code == 200
 
 
 # --- the segmenter ----------------------------------------------------------------------------
