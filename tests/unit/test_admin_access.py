@@ -435,6 +435,26 @@ def test_a_search_term_and_a_contact_key_in_the_query_never_reach_the_access_log
         assert all(part not in line for line in access_log.lines)
 
 
+def test_a_query_parameter_not_known_to_be_harmless_is_hidden_name_and_value(
+    access_log: Lines,
+) -> None:
+    _answered("GET", "/contacts", b"forgotten=ada%40example.com")  # the UI's notice, as it was
+    _answered("GET", "/sign-in", b"next=%2Fcontacts%2Fada%40example.com")
+    _answered("GET", "/v1/messages", b"contact_kye=ada%40example.com&limit=5")
+    _answered("GET", "/nowhere", b"ada%40example.com")
+    _answered("GET", "/v1/audit", b"key=ana&since=2026-03-01T00%3A00%3A00Z&offset=50")
+
+    assert access_log.lines == [
+        f'127.0.0.1:50000 - "GET /contacts?forgotten={HIDDEN} HTTP/1.1" 202',
+        f'127.0.0.1:50000 - "GET /sign-in?next={HIDDEN} HTTP/1.1" 202',
+        f'127.0.0.1:50000 - "GET /v1/messages?{HIDDEN}={HIDDEN}&limit=5 HTTP/1.1" 202',
+        f'127.0.0.1:50000 - "GET /nowhere?{HIDDEN}={HIDDEN} HTTP/1.1" 202',
+        '127.0.0.1:50000 - "GET /v1/audit?key=ana&since=2026-03-01T00%3A00%3A00Z&offset=50 '
+        'HTTP/1.1" 202',
+    ]
+    assert all("ada" not in line for line in access_log.lines)
+
+
 def test_the_csv_import_is_documented_with_its_body_and_answers(trail: MemoryTrail) -> None:
     operation = build(trail).openapi()["paths"]["/v1/contacts/import"]["post"]
     assert list(operation["requestBody"]["content"]) == ["text/csv"]

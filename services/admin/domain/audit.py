@@ -16,10 +16,35 @@ from shared.ids import stable_id
 
 # A path parameter is an id (a journey, a template, a segment); kept whole up to this.
 MAX_PARAM_CHARS = 200
-# Path parameters that name a contact: kept as `contact_digest(key)`.
+# Path and query parameters that name a contact: kept as `contact_digest(key)`.
 CONTACT_PARAMS = frozenset({"contact_key"})
-# Query parameters that may hold personal data (a contact search by e-mail or phone): hidden.
-PERSONAL_QUERY = frozenset({"q", "email", "phone"})
+# Query parameters shown as they came in the access log: ids, figures, times, switches and the
+# UI's notices, never a person's data.
+SHOWN_QUERY = frozenset(
+    {
+        "by",
+        "done",
+        "dry_run",
+        "from",
+        "hours",
+        "journey_id",
+        "key",  # an admin key's name, as the audit log shows it
+        "limit",
+        "offset",
+        "replayed",
+        "sample",
+        "saved",
+        "segment_id",
+        "service",
+        "since",
+        "template_id",
+        "to",
+    }
+)
+# Query parameters that routes read and that may hold personal data: value hidden. A contact
+# search (key, e-mail or phone); the page to return to after signing in, which may be a
+# contact's; the UI's notice of a forget, which named the contact before it said only `1`.
+PERSONAL_QUERY = frozenset({"q", "email", "phone", "next", "forgotten"})
 HIDDEN = "hidden"
 
 
@@ -40,23 +65,24 @@ def logged_path(path_format: str, params: Mapping[str, Any]) -> str:
 
 
 def logged_query(query: str) -> str:
-    """A query string as the HTTP access log shows it: a contact key as its digest, a search
-    term (which may be an e-mail address or a phone number) hidden, the rest as it came."""
+    """A query string as the HTTP access log shows it: a contact key as its digest, ids,
+    figures and switches (`SHOWN_QUERY`) as they came, a search term (which may be an e-mail
+    address or a phone number) hidden. Any other parameter is hidden name and value: what no
+    route reads is not known to be harmless, and a mistyped `contact_kye` holds a key too."""
     pairs = parse_qsl(query, keep_blank_values=True)
-    if not any(name in CONTACT_PARAMS or name in PERSONAL_QUERY for name, _value in pairs):
+    if all(name in SHOWN_QUERY for name, _value in pairs):
         return query
-    shown = [
-        (
-            name,
-            contact_digest(value)
-            if name in CONTACT_PARAMS
-            else HIDDEN
-            if name in PERSONAL_QUERY
-            else value,
-        )
-        for name, value in pairs
-    ]
-    return urlencode(shown, quote_via=quote)
+    return urlencode([_logged_pair(name, value) for name, value in pairs], quote_via=quote)
+
+
+def _logged_pair(name: str, value: str) -> tuple[str, str]:
+    if name in SHOWN_QUERY:
+        return name, value
+    if name in CONTACT_PARAMS:
+        return name, contact_digest(value)
+    if name in PERSONAL_QUERY:
+        return name, HIDDEN
+    return HIDDEN, HIDDEN
 
 
 @dataclass(frozen=True)
