@@ -1,16 +1,19 @@
 """Request bodies from the public edge: read under a byte cap as they stream (gzip included),
-parsed as JSON no deeper than a fixed nesting, every refusal naming the field it is about.
+parsed as JSON no deeper than a fixed nesting, every refusal naming the field it is about; and
+YAML text (a definition typed or posted as text) read to the same bounds.
 
-Ingest and the admin API both use it. Pure apart from the ASGI `receive` wrapper at the end.
+Ingest, the admin API and the CLI use it. Pure apart from the ASGI `receive` wrapper at the end.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, ClassVar
 
+import yaml
 from pydantic_core import from_json
 
 # No JSON value a client sends (properties, traits, context, a journey draft…) nests deeper:
@@ -128,6 +131,19 @@ def parse_json(body: bytes) -> Any:
         field = _field_of(path_at(body, offset)) if offset is not None else None
         where = f"{field}: " if field else ""
         raise BadInput(400, f"{where}body is not valid JSON: {message}", field=field) from exc
+
+
+def parse_json_text(text: str, field: str) -> Any:
+    """The JSON value of a request's text field (a form's box for an event, say), or
+    `BadInput` (422) naming the field: bad syntax, a lone surrogate, or nesting past the limit."""
+    try:
+        value = from_json(text.encode("utf-8", "surrogatepass"))
+    except ValueError as exc:
+        detail = _too_deep(None) if "recursion limit" in str(exc) else f"not JSON: {exc}"
+        raise BadInput(422, f"{field}: {detail}", field=field) from exc
+    if too_deep(value) is not None:
+        raise BadInput(422, f"{field}: {_too_deep(None)}", field=field)
+    return value
 
 
 def too_deep(value: Any, max_depth: int = MAX_JSON_DEPTH) -> list[str | int] | None:
@@ -250,6 +266,112 @@ def _offset_of(body: bytes, message: str) -> int | None:
     for _ in range(line - 1):
         start = body.find(b"\n", start) + 1
     return start + column - 1
+
+
+# --- YAML text -------------------------------------------------------------------------------
+
+# A definition as YAML text: the longest example journey is under 3,000 characters. PyYAML reads
+# about 150,000 characters a second, so the cap also bounds the time one text can take.
+MAX_YAML_CHARS = 200_000
+# What a JSON value can hold; other tags (timestamps, binary, sets, ordered maps) are refused.
+_JSON_TAGS = frozenset(
+    f"tag:yaml.org,2002:{name}" for name in ("null", "bool", "int", "float", "str", "seq", "map")
+)
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+
+
+class YamlRefused(ValueError):
+    """YAML text that is not read: malformed, too big, too deep, or using what JSON cannot hold
+    (`detail` says where: `line 3: …`)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class _JsonValueLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, kept to JSON values: no aliases (an alias repeats a value, so a few
+    bytes could stand for billions: "billion laughs"), containers no deeper than
+    `MAX_JSON_DEPTH` (counted while composing, so a deep text never reaches Python's recursion
+    limit), finite numbers, and a date or time left as the text it is."""
+
+    yaml_constructors: ClassVar[dict[Any, Any]] = {
+        tag: construct
+        for tag, construct in yaml.SafeLoader.yaml_constructors.items()
+        if tag is None or tag in _JSON_TAGS
+    }
+    yaml_implicit_resolvers: dict[Any, Any] = {  # noqa: RUF012 - PyYAML's own declaration
+        first: [(tag, pattern) for tag, pattern in resolvers if tag != _TIMESTAMP]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "an alias (*name) is not allowed; write the value out",
+                self._next_mark(),
+            )
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_JSON_DEPTH + 1:  # the outermost container is not a level
+                raise yaml.composer.ComposerError(None, None, _too_deep(None), self._next_mark())
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _next_mark(self) -> Any:
+        return self.peek_event().start_mark  # type: ignore[no-untyped-call]
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            value = super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:  # an integer of 5,000 digits, say
+            problem = str(exc).split(";")[0]
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from exc
+        if isinstance(value, float) and not math.isfinite(value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value} is not a number JSON can hold", node.start_mark
+            )
+        return value
+
+
+def read_yaml(text: str) -> Any:
+    """The value of a YAML document as JSON would hold it, or `YamlRefused` saying where it is
+    at fault: bad syntax, over `MAX_YAML_CHARS`, nested deeper than `MAX_JSON_DEPTH`, an alias,
+    a tag JSON has no value for, a number that is not finite."""
+    if len(text) > MAX_YAML_CHARS:
+        raise YamlRefused(f"{len(text)} characters; the limit is {MAX_YAML_CHARS}")
+    loader = None
+    try:
+        loader = _JsonValueLoader(text)  # reading starts here: a NUL is refused at once
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise YamlRefused(f"{where}{exc.problem or exc.context or 'not YAML'}") from exc
+    except yaml.YAMLError as exc:
+        raise YamlRefused("not YAML: " + " ".join(str(exc).split())) from exc
+    except RecursionError as exc:  # not expected past the depth check; never a 500 either way
+        raise YamlRefused(_too_deep(None)) from exc
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def parse_yaml(text: str, field: str) -> Any:
+    """`read_yaml` of a request's text field, or `BadInput` (422) naming the field."""
+    try:
+        return read_yaml(text)
+    except YamlRefused as exc:
+        raise BadInput(422, f"{field}: {exc.detail}", field=field) from exc
 
 
 # --- ASGI: a byte cap on bodies a framework reads itself ------------------------------------

@@ -12,10 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from confluent_kafka import Producer
 from pymongo import MongoClient
 
+from shared.bodies import YamlRefused, read_yaml
 from shared.clock import SystemClock
 from shared.deadletter import StoredLetter, read_dead_letters, replay_dead_letters
 from shared.definitions import PublishedJourneys
@@ -59,11 +59,9 @@ def load_journey_file(path: Path, known_templates: Collection[str] = ()) -> Jour
     """Parse and validate a YAML or JSON definition file; raise with every problem named."""
     try:
         raw: Any = (
-            json.loads(path.read_text())
-            if path.suffix == ".json"
-            else yaml.safe_load(path.read_text())
+            json.loads(path.read_text()) if path.suffix == ".json" else read_yaml(path.read_text())
         )
-    except (OSError, yaml.YAMLError, json.JSONDecodeError) as exc:
+    except (OSError, YamlRefused, json.JSONDecodeError) as exc:
         raise DefinitionError(f"{path}: cannot read: {exc}") from exc
     parsed, problems = parse_journey_file(raw, known_templates)
     if parsed is None:

@@ -14,9 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from shared.bodies import YamlRefused, read_yaml
 from shared.conditions import All, AnyOf, Compare, Condition, HasTag, InSegment, Not, reads
 from shared.journeys import PublishedJourney
 from shared.segments import (
@@ -71,8 +71,8 @@ def parse_segment_file(path: Path) -> SegmentFile:
     """Read and validate a YAML or JSON segment file; raise with every problem named."""
     try:
         text = path.read_text()
-        raw: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raw: Any = json.loads(text) if path.suffix == ".json" else read_yaml(text)
+    except (OSError, UnicodeDecodeError, YamlRefused, json.JSONDecodeError) as exc:
         problem = SegmentProblem(rule="file-read", message=f"cannot read: {exc}")
         raise SegmentFileProblems(str(path), [problem]) from exc
     parsed, problems = segment_file_from(raw)

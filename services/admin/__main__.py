@@ -113,7 +113,7 @@ async def serve(settings: AdminSettings) -> None:
         )
     )
     # Request paths name contacts (/v1/contacts/{key}); the access log shows digests instead.
-    redact_access_log(app.routes)
+    redact_access_log(app.routes, settings.contact_digest())
     try:
         await server.serve()
     finally:

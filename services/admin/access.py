@@ -24,7 +24,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.routing import BaseRoute, Match
 
 from services.admin.adapters.audit import AuditTrail
-from services.admin.domain.audit import AuditEntry, audit_entry, logged_path, logged_query
+from services.admin.domain.audit import (
+    AuditEntry,
+    ContactDigest,
+    audit_entry,
+    logged_path,
+    logged_query,
+)
 from services.admin.domain.roles import AdminKey, Role, allows
 from shared.clock import Clock
 
@@ -155,10 +161,11 @@ class AuditedChanges:
     already; turning it into an error would invite a retry of what is done) and the entry is
     logged whole, as JSON, at error level (`admin.audit_unwritten`)."""
 
-    def __init__(self, app: Any, trail: AuditTrail, clock: Clock) -> None:
+    def __init__(self, app: Any, trail: AuditTrail, clock: Clock, digest: ContactDigest) -> None:
         self.app = app
         self._trail = trail
         self._clock = clock
+        self._digest = digest
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if (
@@ -200,6 +207,7 @@ class AuditedChanges:
             params=call.params,
             status=code,
             refused_for_role=call.refused_for_role,
+            digest=self._digest,
             counts=call.counts,
         )
         try:
@@ -216,12 +224,14 @@ def _as_json(entry: AuditEntry) -> dict[str, Any]:
 class AccessLogRedaction(logging.Filter):
     """Rewrites the path of each access log line as its route with the parameters filled in,
     a contact key as the audit log's digest of it (`logged_path`), so the key of a contact,
-    forgotten or not, never reaches the log; in the query, a contact key is its digest and a
-    search term is hidden (`logged_query`). Paths no route matches are shown as they came."""
+    forgotten or not, never reaches the log; in the query, a contact key is its digest and only
+    what is known to be harmless is shown (`logged_query`). Paths no route matches are shown as
+    they came."""
 
-    def __init__(self, routes: Iterable[BaseRoute]) -> None:
+    def __init__(self, routes: Iterable[BaseRoute], digest: ContactDigest) -> None:
         super().__init__()
         self._routes = list(routes)
+        self._digest = digest
 
     def filter(self, record: logging.LogRecord) -> bool:
         # uvicorn's line: '%s - "%s %s HTTP/%s" %d' (client, method, path?query, version, status)
@@ -245,15 +255,16 @@ class AccessLogRedaction(logging.Filter):
                 found = (route, child)  # a PARTIAL match: the path's route, another method
                 if match == Match.FULL:
                     break
+        shown_query = logged_query(query, self._digest)
         if found is None:
-            return path + mark + logged_query(query)
+            return path + mark + shown_query
         route, child = found
         shape = str(getattr(route, "path_format", path))
-        return logged_path(shape, child.get("path_params", {})) + mark + logged_query(query)
+        return logged_path(shape, child.get("path_params", {}), self._digest) + mark + shown_query
 
 
-def redact_access_log(routes: Iterable[BaseRoute]) -> AccessLogRedaction:
+def redact_access_log(routes: Iterable[BaseRoute], digest: ContactDigest) -> AccessLogRedaction:
     """Install the redaction on uvicorn's access logger (after uvicorn set up its logging)."""
-    redaction = AccessLogRedaction(routes)
+    redaction = AccessLogRedaction(routes, digest)
     logging.getLogger(ACCESS_LOGGER).addFilter(redaction)
     return redaction

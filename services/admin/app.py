@@ -126,7 +126,8 @@ def create_app(
     app.add_exception_handler(Problems, _problems_answer)
     app.add_exception_handler(RoleRefused, role_refused_answer)
     app.add_middleware(JsonBodies, limit=settings.admin_max_body_bytes)
-    app.add_middleware(AuditedChanges, trail=audit_trail, clock=clock)
+    digest = settings.contact_digest()
+    app.add_middleware(AuditedChanges, trail=audit_trail, clock=clock, digest=digest)
     configured = settings.admin_keys()
     keys = AdminKeys(configured)
     # The role each route needs, in its decorator: reads, draft edits, what sends or erases.
@@ -420,15 +421,29 @@ def create_app(
 
     # --- the audit log ----------------------------------------------------------------------
 
-    # Publishers only: the log shows what every key did, and the contact keys of erasures.
+    # Publishers only: the log shows what every key did, and which contacts they changed.
     @app.get("/v1/audit", dependencies=publisher, summary="Changes asked of the API, newest first")
     async def audit(
         key: Annotated[str | None, Query(max_length=64, description="a key's name")] = None,
+        contact: Annotated[
+            str | None,
+            Query(
+                min_length=1,
+                max_length=1024,
+                description="a contact's key: the entries about it (found by its digest)",
+            ),
+        ] = None,
         since: Annotated[AwareDatetime | None, Query(description="entries at or after")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     ) -> dict[str, Any]:
-        found = await audit_trail.page(key=key, since=since, limit=limit + 1, offset=offset)
+        found = await audit_trail.page(
+            key=key,
+            contact=digest(contact) if contact is not None else None,
+            since=since,
+            limit=limit + 1,
+            offset=offset,
+        )
         entries = found[:limit]
         return {
             "count": len(entries),

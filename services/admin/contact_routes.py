@@ -124,7 +124,7 @@ def _refused(request: Request, problems: list[ImportProblem]) -> JSONResponse:
     shown = "; ".join(str(p) for p in problems[:5])
     more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
     return JSONResponse(
-        status_code=status.HTTP_422_UNPROCESSABLE_ENTITY,
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         content={
             "detail": f"the file has problems, nothing was imported: {shown}{more}",
             "problems": [p.as_dict() for p in problems],

@@ -5,10 +5,10 @@ Nothing leaves the admin: no Kafka, no store write; the stored profile is only r
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
-import yaml
 from fastapi import FastAPI, HTTPException, status
 from fastapi.params import Depends
 from fastapi.responses import JSONResponse
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.admin.adapters.journeys import TemplateStore
 from services.admin.adapters.segments import Contacts
 from services.admin.domain.segments import contact_view
+from shared.bodies import BadInput, parse_yaml
 from shared.clock import Clock
 from shared.contracts import Profile
 from shared.journey_checks import DefinitionProblem
@@ -57,21 +58,16 @@ def add_dry_run_routes(
     async def dry_run_draft(ask: DryRunAsk) -> Any:
         if ask.contact_key is None and not ask.events:
             raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
                 "contact_key or events: give a contact to start from, events to play, or both",
             )
         definition = ask.definition
         if isinstance(definition, str):
-            try:
-                definition = yaml.safe_load(definition)
-            except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                where = f"line {mark.line + 1}: " if mark is not None else ""
+            try:  # on a thread: a long text takes a while, and the loop serves others meanwhile
+                definition = await asyncio.to_thread(parse_yaml, definition, "definition")
+            except BadInput as exc:
                 problem = DefinitionProblem(
-                    journey="(draft)",
-                    step=None,
-                    rule="yaml",
-                    message=f"definition: {where}{getattr(exc, 'problem', None) or 'not YAML'}",
+                    journey="(draft)", step=None, rule="yaml", message=exc.message
                 )
                 return _problems([problem])
         parsed, problems = validate_draft(definition, await templates.ids())
@@ -88,7 +84,7 @@ def add_dry_run_routes(
                 profile = Profile.model_validate(_aware(contact_view(document)))
             except ValidationError as exc:
                 raise HTTPException(
-                    status.HTTP_422_UNPROCESSABLE_ENTITY,
+                    status.HTTP_422_UNPROCESSABLE_CONTENT,
                     f"contact_key: the stored profile can't be read ({exc.error_count()} errors)",
                 ) from exc
         try:
@@ -103,7 +99,7 @@ def add_dry_run_routes(
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_ENTITY, f"events: {where}: {first['msg']}"
+                status.HTTP_422_UNPROCESSABLE_CONTENT, f"events: {where}: {first['msg']}"
             ) from exc
         return result.model_dump(mode="json")
 
@@ -111,7 +107,7 @@ def add_dry_run_routes(
 def _problems(problems: list[DefinitionProblem]) -> JSONResponse:
     """The answer publishing gives a draft with problems: each names the step and the rule."""
     return JSONResponse(
-        status_code=status.HTTP_422_UNPROCESSABLE_ENTITY,
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         content={
             "detail": "the draft has problems: " + "; ".join(str(p) for p in problems),
             "problems": [p.model_dump() for p in problems],

@@ -101,7 +101,7 @@ def add_segment_builder_routes(
 def _refused(problems: Any) -> JSONResponse:
     listed = list(problems)
     return JSONResponse(
-        status_code=status.HTTP_422_UNPROCESSABLE_ENTITY,
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         content={
             "detail": "the segment file has problems: " + "; ".join(str(p) for p in listed),
             "problems": [p.model_dump() for p in listed],

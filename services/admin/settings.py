@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, model_validator
 
+from services.admin.domain.audit import ContactDigest
 from services.admin.domain.roles import AdminKey, parse_admin_keys
 from shared.secrets import Secret
 from shared.settings import CommonSettings, OptionalSwitch
 
 # The admin key of the local stack and the demo; never configure it in production.
 DEV_ADMIN_KEY = "wp_dev_admin_key"
+# The audit secret of the local stack and the demo: shorter than any secret production accepts.
+DEV_AUDIT_SECRET = "waypost-dev-audit-secret"  # noqa: S105
 
 
 class AdminSettings(CommonSettings):
@@ -29,6 +32,11 @@ class AdminSettings(CommonSettings):
     admin_session_secret: SecretStr | None = None
     admin_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     admin_session_cookie_secure: bool = False
+    # Keys the digest that names a contact in the audit log and the access log (an HMAC), so
+    # that reading them does not let anyone test guessed keys or e-mail addresses. Keep it:
+    # a new secret names the same contact otherwise, and `/v1/audit?contact=` finds only the
+    # entries written since.
+    admin_audit_secret: SecretStr = SecretStr(DEV_AUDIT_SECRET)
     # How often each segment's live count is recorded for its count-over-time chart.
     admin_count_interval_seconds: float = Field(default=300.0, ge=1, le=86_400)
     # Whether the admin keeps each contact's recent events for its timeline (the
@@ -39,19 +47,24 @@ class AdminSettings(CommonSettings):
 
     def secrets(self) -> list[Secret]:
         keys = self.admin_keys()
+        session = []
         if self.admin_session_secret is not None:
             session = [
                 Secret("WAYPOST_ADMIN_SESSION_SECRET", self.admin_session_secret.get_secret_value())
             ]
-        else:
-            session = []
+        audit = Secret("WAYPOST_ADMIN_AUDIT_SECRET", self.admin_audit_secret.get_secret_value())
         if not keys:
-            return [*super().secrets(), *session, Secret("WAYPOST_ADMIN_API_KEYS", "")]
+            return [*super().secrets(), *session, audit, Secret("WAYPOST_ADMIN_API_KEYS", "")]
         return [
             *super().secrets(),
             *session,
+            audit,
             *(Secret(f"WAYPOST_ADMIN_API_KEYS ({key.name})", key.secret) for key in keys),
         ]
+
+    def contact_digest(self) -> ContactDigest:
+        """How the audit log and the access log name a contact."""
+        return ContactDigest(self.admin_audit_secret.get_secret_value().encode())
 
     def admin_keys(self) -> tuple[AdminKey, ...]:
         return parse_admin_keys(self.admin_api_keys.get_secret_value())

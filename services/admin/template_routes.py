@@ -100,7 +100,7 @@ def add_template_routes(
         problem = previews.address_problem(content.channel, address)
         if problem is not None:
             field = "channel" if content.channel not in previews.TESTABLE else "address"
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"{field}: {problem}")
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{field}: {problem}")
         profile = await profile_of(asked.contact_key)
         now = clock.now()
         failing = [
@@ -112,7 +112,7 @@ def add_template_routes(
         ]
         if failing:
             raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
                 "; ".join(f"{f['field']}: {f['error']}" for f in failing),
             )
         if test_sends is None:

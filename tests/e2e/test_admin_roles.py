@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from services.admin.domain.audit import contact_digest
+from services.admin.domain.audit import ContactDigest
+from services.admin.settings import AdminSettings
 from shared.docstore import connect_blocking
 from shared.settings import CommonSettings
 from tests.e2e.helpers import unique
@@ -37,6 +38,7 @@ class RolesAdmin:
     viewer: Key
     editor: Key
     publisher: Key
+    audit_secret: str  # its own, so the digests it writes are its own
 
 
 def _free_port() -> int:
@@ -52,10 +54,12 @@ def roles_admin(stack: Any) -> Iterator[RolesAdmin]:
         Key(unique(name), secrets.token_hex(32)) for name in ("ana", "ed", "ops")
     )
     port = _free_port()
+    audit_secret = secrets.token_hex(32)
     stack.start_service(
         "admin",
         worker=2,
         env={
+            "WAYPOST_ADMIN_AUDIT_SECRET": audit_secret,
             "WAYPOST_ADMIN_PORT": str(port),
             "WAYPOST_ADMIN_API_KEYS": f"{viewer.name}:viewer:{viewer.secret},"
             f"{editor.name}:editor:{editor.secret},{publisher.name}:publisher:{publisher.secret}",
@@ -67,7 +71,7 @@ def roles_admin(stack: Any) -> Iterator[RolesAdmin]:
     url = f"http://127.0.0.1:{port}"
     try:
         stack.wait_http(f"{url}/health")
-        yield RolesAdmin(url, viewer, editor, publisher)
+        yield RolesAdmin(url, viewer, editor, publisher, audit_secret)
     finally:
         stack.stop(PROCESS)
 
@@ -183,14 +187,20 @@ def test_the_stored_audit_entries_hold_no_key_and_no_body(
     answer = _call(admin, admin.editor, "PUT", f"/v1/contacts/{contact}/consent", json=body)
     assert answer.status_code == 403
 
+    digest = ContactDigest(admin.audit_secret.encode())(contact)
+    elsewhere = AdminSettings().contact_digest()(contact)  # under the dev default secret
     client = connect_blocking(CommonSettings(mongo_url=stack.mongo_url), "tests")
     try:
-        stored = list(
-            client["waypost"]["audit_log"].find({"params.contact_key": contact_digest(contact)})
-        )
+        stored = list(client["waypost"]["audit_log"].find({"params.contact_key": digest}))
+        guessed = list(client["waypost"]["audit_log"].find({"params.contact_key": elsewhere}))
         everything = repr(list(client["waypost"]["audit_log"].find({})))
     finally:
         client.close()
+    # A publisher finds the entry by the contact's key; the admin computes the digest.
+    searched = _call(admin, admin.publisher, "GET", "/v1/audit", params={"contact": contact})
+    assert searched.status_code == 200, searched.text
+    assert [e["params"] for e in searched.json()["entries"]] == [{"contact_key": digest}]
+    assert guessed == []
     assert [(e["key"], e["status"], e["required_role"]) for e in stored] == [
         (admin.editor.name, 403, "publisher")
     ]

@@ -1,13 +1,15 @@
 """Input that must not break anything, on the real stack: ingest and the admin API answer hostile
-bodies with a 4xx naming the field, a record too deep for the segmenter that reaches the topic
-by another route is dead-lettered with the reason while the contact keeps working, and a
-schemathesis run over both OpenAPI documents finds no 5xx."""
+bodies (deep JSON, deep or alias-bombed YAML text) with a 4xx naming the field, a record too
+deep for the segmenter that reaches the topic by another route is dead-lettered with the reason
+while the contact keeps working, and a schemathesis run over both OpenAPI documents finds no
+5xx."""
 
 from __future__ import annotations
 
 import base64
 import gzip
 import json
+import time
 from typing import Any
 
 import httpx
@@ -32,6 +34,13 @@ WRITE_KEY_AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".e
 # Per API operation and generation mode (fitting the schema, and not): about 500 requests in all
 # over both documents.
 EXAMPLES_PER_OPERATION = 6
+# Each schemathesis run's own bound, well under the suite's global timeout (a run took about 40 s
+# on an idle test stack): past its budget a run starts no further operation and fails naming
+# those it did not reach; the timeout marker stops a call that hangs within one operation (each
+# request has a 30 s deadline of its own). The stack's start, when the run is the first test,
+# is not counted.
+FUZZ_BUDGET_SECONDS = 240
+FUZZ_TIMEOUT_SECONDS = 300
 
 
 def _deep(levels: int) -> str:
@@ -141,6 +150,38 @@ def test_the_admin_refuses_a_body_over_its_cap_and_a_non_ascii_key(stack: Any) -
     assert foreign_key.status_code == 401
 
 
+# Nine anchors, each a list of nine of the one before: a billion strings once expanded.
+ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{name}: &{name} [{', '.join(['*' + before] * 9)}]\n"
+    for before, name in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("journey: " + "[" * 3000 + "]" * 3000, "definition: line 1: nested deeper than 32"),
+        (ALIAS_BOMB, "definition: line 2: an alias (*name) is not allowed"),
+    ],
+    ids=["3000-levels", "alias-bomb"],
+)
+def test_the_admin_refuses_hostile_yaml_naming_the_definition(
+    stack: Any, text: str, said: str
+) -> None:
+    answer = httpx.post(
+        f"{stack.admin_url}/v1/journeys/dry-run",
+        json={"definition": text, "contact_key": unique("dry-run")},
+        headers=ADMIN,
+        timeout=30,
+    )
+
+    assert answer.status_code == 422, answer.text
+    (problem,) = answer.json()["problems"]
+    assert problem["rule"] == "yaml"
+    assert problem["message"].startswith(said)
+    assert httpx.get(f"{stack.admin_url}/health", timeout=10).status_code == 200
+
+
 # --- the segmenter ----------------------------------------------------------------------------
 
 
@@ -191,13 +232,21 @@ FUZZ = settings(
 
 
 def _server_errors(schema: Any, headers: dict[str, str]) -> tuple[int, list[str]]:
-    """Runs every operation of `schema`; how many operations, and the ones that answered 5xx."""
+    """Runs every operation of `schema` within `FUZZ_BUDGET_SECONDS`; how many operations, and
+    the ones that answered 5xx (or were not reached in time)."""
     failures: list[str] = []
     operations = 0
+    deadline = time.monotonic() + FUZZ_BUDGET_SECONDS
     for result in schema.get_all_operations():
         operation = result.ok()
         operations += 1
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            if time.monotonic() > deadline:
+                failures.append(
+                    f"{operation.label} ({mode}): not run, the {FUZZ_BUDGET_SECONDS} s budget "
+                    "was spent"
+                )
+                continue
 
             @FUZZ
             @given(case=operation.as_strategy(mode))
@@ -214,6 +263,7 @@ def _server_errors(schema: Any, headers: dict[str, str]) -> tuple[int, list[str]
     return operations, failures
 
 
+@pytest.mark.timeout(FUZZ_TIMEOUT_SECONDS, func_only=True)
 def test_no_ingest_operation_answers_5xx(stack: Any) -> None:
     schema = schemathesis.openapi.from_url(f"{stack.ingest_url}/openapi.json")
 
@@ -223,6 +273,7 @@ def test_no_ingest_operation_answers_5xx(stack: Any) -> None:
     assert failures == []
 
 
+@pytest.mark.timeout(FUZZ_TIMEOUT_SECONDS, func_only=True)
 def test_no_admin_operation_answers_5xx(stack: Any) -> None:
     schema = schemathesis.openapi.from_url(f"{stack.admin_url}/openapi.json", headers=ADMIN)
 

@@ -55,6 +55,7 @@ class UiAdmin:
     url: str
     publisher: tuple[str, str]  # name, key
     viewer: tuple[str, str]
+    log: Path  # the admin process's log, its HTTP access log included
 
 
 def _free_port() -> int:
@@ -86,7 +87,7 @@ def own_admin(
     url = f"http://127.0.0.1:{port}"
     try:
         stack.wait_http(f"{url}/health")
-        yield UiAdmin(url, publisher, viewer)
+        yield UiAdmin(url, publisher, viewer, stack.logfile(f"admin-{worker}"))
     finally:
         stack.stop(f"admin-{worker}")
 
@@ -471,6 +472,14 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     browser.find_element(By.ID, "confirm-forget").click()
     browser.find_element(By.ID, "forget").click()
     wait_for(lambda: "/contacts?forgotten=" in browser.current_url, timeout=30, what="forget")
+    assert pages.has("#forgotten")
+    # The confirmation's address is in the access log; the forgotten key is nowhere in the log.
+    wait_for(
+        lambda: "GET /contacts?forgotten=" in ui_admin.log.read_text(),
+        timeout=30,
+        what="the confirmation in the admin's access log",
+    )
+    assert forgotten not in ui_admin.log.read_text()
 
     def erased() -> bool:
         found = httpx.get(f"{ui_admin.url}/v1/contacts/{forgotten}", headers=api, timeout=30)

@@ -28,16 +28,25 @@ from services.admin.access import (
     redact_access_log,
 )
 from services.admin.app import create_app
-from services.admin.domain.audit import HIDDEN, AuditEntry, contact_digest, logged_path
+from services.admin.domain.audit import (
+    HIDDEN,
+    AuditEntry,
+    ContactDigest,
+    logged_path,
+    logged_query,
+)
 from services.admin.settings import AdminSettings
 from services.admin.ui.pages import PageRole
 from shared.clock import ManualClock
+from shared.ids import stable_id
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 OPS = "9f1c2b7e4d5a6c8b0e3f1a2d4c6b8e0f9a1c3e5b"
 ANA = "1b3d5f7a9c2e4b6d8f0a1c3e5b7d9f2a4c6e8b0d"
 ED = "e0d8b6f4a2c9e7d5b3f1a8c6e4d2b0f9a7c5e3d1"
 KEYS = f"ops:publisher:{OPS},ana:viewer:{ANA},ed:editor:{ED}"
+AUDIT_SECRET = "5c0e8a2f4b6d1e3a9c7f0b2d4e6a8c1f3b5d7e9a"
+contact_digest = ContactDigest(AUDIT_SECRET.encode())
 
 # Deliberately open to anyone who reaches the port: liveness, and the API's own description
 # when the docs are on (WAYPOST_ADMIN_API_DOCS; off by default outside dev).
@@ -141,16 +150,29 @@ class MemoryTrail:
         self.entries.append(entry)
 
     async def page(
-        self, *, key: str | None, since: datetime | None, limit: int, offset: int
+        self,
+        *,
+        key: str | None,
+        contact: str | None,
+        since: datetime | None,
+        limit: int,
+        offset: int,
     ) -> list[dict[str, Any]]:
-        raise AssertionError("not read in these tests")
+        found = [
+            e.as_document()
+            for e in reversed(self.entries)
+            if (key is None or e.key == key)
+            and (contact is None or e.params.get("contact_key") == contact)
+            and (since is None or e.at >= since)
+        ]
+        return found[offset : offset + limit]
 
 
 def build(trail: MemoryTrail, **settings: Any) -> FastAPI:
     # Every other collaborator stays unset: nothing here gets past the role check to use one.
     unused: Any = None
     return create_app(
-        AdminSettings(admin_api_keys=KEYS, **settings),
+        AdminSettings(admin_api_keys=KEYS, admin_audit_secret=AUDIT_SECRET, **settings),
         unused,
         unused,
         unused,
@@ -333,7 +355,7 @@ def access_log() -> Iterator[Lines]:
     """uvicorn's access logger with the admin's redaction on it, as `__main__` installs it."""
     logger = logging.getLogger(ACCESS_LOGGER)
     lines = Lines()
-    redaction = redact_access_log(build(MemoryTrail()).routes)
+    redaction = redact_access_log(build(MemoryTrail()).routes, contact_digest)
     logger.addHandler(lines)
     level, logger.level = logger.level, logging.INFO
     try:
@@ -359,10 +381,10 @@ def _answered(method: str, path: str, query: bytes = b"") -> None:
 
 def test_a_logged_path_names_a_contact_by_its_audit_digest() -> None:
     params = {"contact_key": "ada@example.com"}
-    assert logged_path("/v1/contacts/{contact_key}/consent", params) == (
+    assert logged_path("/v1/contacts/{contact_key}/consent", params, contact_digest) == (
         f"/v1/contacts/{contact_digest('ada@example.com')}/consent"
     )
-    assert logged_path("/v1/journeys/{journey_id}", {"journey_id": "win back"}) == (
+    assert logged_path("/v1/journeys/{journey_id}", {"journey_id": "win back"}, contact_digest) == (
         "/v1/journeys/win%20back"
     )
 
@@ -416,7 +438,7 @@ def test_a_path_the_redaction_cannot_read_is_not_shown() -> None:
         None,
     )
 
-    assert AccessLogRedaction([Unreadable()]).filter(record)
+    assert AccessLogRedaction([Unreadable()], contact_digest).filter(record)
     assert record.getMessage() == f'127.0.0.1:50000 - "GET {UNREAD_PATH} HTTP/1.1" 200'
 
 
@@ -433,6 +455,78 @@ def test_a_search_term_and_a_contact_key_in_the_query_never_reach_the_access_log
     ]
     for part in ("ada", "example.com", "15551234567"):
         assert all(part not in line for line in access_log.lines)
+
+
+def test_a_query_parameter_not_known_to_be_harmless_is_hidden_name_and_value(
+    access_log: Lines,
+) -> None:
+    _answered("GET", "/contacts", b"forgotten=ada%40example.com")  # the UI's notice, as it was
+    _answered("GET", "/sign-in", b"next=%2Fcontacts%2Fada%40example.com")
+    _answered("GET", "/v1/messages", b"contact_kye=ada%40example.com&limit=5")
+    _answered("GET", "/nowhere", b"ada%40example.com")
+    _answered("GET", "/v1/audit", b"key=ana&since=2026-03-01T00%3A00%3A00Z&offset=50")
+
+    assert access_log.lines == [
+        f'127.0.0.1:50000 - "GET /contacts?forgotten={HIDDEN} HTTP/1.1" 202',
+        f'127.0.0.1:50000 - "GET /sign-in?next={HIDDEN} HTTP/1.1" 202',
+        f'127.0.0.1:50000 - "GET /v1/messages?{HIDDEN}={HIDDEN}&limit=5 HTTP/1.1" 202',
+        f'127.0.0.1:50000 - "GET /nowhere?{HIDDEN}={HIDDEN} HTTP/1.1" 202',
+        '127.0.0.1:50000 - "GET /v1/audit?key=ana&since=2026-03-01T00%3A00%3A00Z&offset=50 '
+        'HTTP/1.1" 202',
+    ]
+    assert all("ada" not in line for line in access_log.lines)
+
+
+def test_the_contact_digest_is_keyed_by_the_audit_secret() -> None:
+    other = ContactDigest(b"another-secret-of-enough-length-for-a-test")
+
+    digest = contact_digest("ada@example.com")
+    assert digest == contact_digest("ada@example.com")  # the same contact, the same name
+    assert digest != other("ada@example.com")  # without the secret, a guess cannot be tested
+    assert digest != "contact:" + stable_id("audit", "ada@example.com", length=24)  # as it was
+    assert digest.startswith("contact:")
+    assert len(digest) == len("contact:") + 24
+    assert AUDIT_SECRET not in repr(contact_digest)
+    assert (
+        AdminSettings(admin_audit_secret=AUDIT_SECRET).contact_digest()("ada@example.com") == digest
+    )
+
+
+async def test_the_audit_log_is_searched_by_contact_key_and_the_digest_computed_by_the_admin(
+    client: httpx.AsyncClient, trail: MemoryTrail
+) -> None:
+    for key in ("ann@example.com", "bob@example.com"):
+        await client.put(
+            f"/v1/contacts/{key}/consent",
+            json={"channel": "email", "subscribed": False},
+            headers=bearer(ANA),  # refused for its role, and audited
+        )
+
+    found = await client.get(
+        "/v1/audit", params={"contact": "ann@example.com"}, headers=bearer(OPS)
+    )
+    everyone = await client.get("/v1/audit", headers=bearer(OPS))
+    empty = await client.get("/v1/audit", params={"contact": ""}, headers=bearer(OPS))
+
+    assert found.status_code == 200, found.text
+    assert [e["params"] for e in found.json()["entries"]] == [
+        {"contact_key": contact_digest("ann@example.com")}
+    ]
+    assert everyone.json()["count"] == 2
+    assert empty.status_code == 422
+    assert "ann@example.com" not in everyone.text
+
+
+def test_a_contact_searched_for_in_the_audit_log_is_logged_by_its_digest(
+    access_log: Lines,
+) -> None:
+    _answered("GET", "/v1/audit", b"contact=ada%40example.com&limit=5")
+
+    digest = quote(contact_digest("ada@example.com"))
+    assert access_log.lines == [
+        f'127.0.0.1:50000 - "GET /v1/audit?contact={digest}&limit=5 HTTP/1.1" 202'
+    ]
+    assert logged_query("contact=ada", contact_digest) == f"contact={quote(contact_digest('ada'))}"
 
 
 def test_the_csv_import_is_documented_with_its_body_and_answers(trail: MemoryTrail) -> None:

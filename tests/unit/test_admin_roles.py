@@ -113,7 +113,7 @@ def test_the_settings_keep_their_keys_out_of_their_repr() -> None:
 def test_each_key_must_be_strong_outside_dev_and_the_refusal_names_it() -> None:
     settings = AdminSettings(admin_api_keys=f"ops:publisher:{OPS},ana:viewer:short-key")
 
-    assert [s.variable for s in settings.secrets()] == [
+    assert [s.variable for s in settings.secrets() if "API_KEYS" in s.variable] == [
         "WAYPOST_ADMIN_API_KEYS (ops)",
         "WAYPOST_ADMIN_API_KEYS (ana)",
     ]

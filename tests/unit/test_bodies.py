@@ -1,5 +1,6 @@
 """Bodies at the edge: byte caps while streaming, gzip with a cap on what it inflates to, JSON
-nesting and malformed strings refused with the field named."""
+nesting and malformed strings refused with the field named; YAML and JSON text fields read to the
+same bounds (no aliases, no deep nesting, JSON values only)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ import pytest
 
 from shared.bodies import (
     MAX_JSON_DEPTH,
+    MAX_YAML_CHARS,
     BadInput,
     BodyReader,
+    YamlRefused,
     check_depth,
     few_containers,
     parse_json,
+    parse_json_text,
+    parse_yaml,
+    read_yaml,
     too_deep,
 )
 
@@ -177,3 +183,118 @@ def test_paired_surrogates_are_a_character_like_any_other() -> None:
 def test_a_body_with_few_brackets_needs_no_walk() -> None:
     assert few_containers(b'{"properties":{"a":[1]}}')
     assert not few_containers(("[" * (MAX_JSON_DEPTH + 1)).encode())
+
+
+# --- YAML and JSON text fields ----------------------------------------------------------------
+
+# Nine anchors, each a list of nine of the one before: a billion copies of "lol" once expanded.
+ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{name}: &{name} [{', '.join(['*' + before] * 9)}]\n"
+    for before, name in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def nested_yaml(levels: int) -> str:
+    return "[" * levels + "1" + "]" * levels
+
+
+def test_a_yaml_text_reads_as_the_json_value_it_spells() -> None:
+    lines = ["journey:", "  id: j", "  at: 2026-03-01T10:00:00Z", "  day: 2026-13-45"]
+    text = "\n".join([*lines, "  n: [1, 2.5, yes, ~]"])
+
+    assert read_yaml(text) == {
+        "journey": {
+            "id": "j",
+            "at": "2026-03-01T10:00:00Z",  # a time stays the text it is, as in JSON
+            "day": "2026-13-45",  # so a date that is no date is not an error
+            "n": [1, 2.5, True, None],
+        }
+    }
+    assert read_yaml(nested_yaml(MAX_JSON_DEPTH + 1)) is not None  # the outermost is no level
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (nested_yaml(MAX_JSON_DEPTH + 2), "line 1: nested deeper than 32 levels"),
+        (nested_yaml(3000), "line 1: nested deeper than 32 levels"),
+        ("a:\n" + "".join("  " * i + "- \n" for i in range(1, 40)), "line 34: nested deeper"),
+        (ALIAS_BOMB, "line 2: an alias (*name) is not allowed"),
+        ("a: &x [1]\nb: *x\n", "line 2: an alias (*name) is not allowed"),
+        ("a: .nan\n", "line 1: .nan is not a number JSON can hold"),
+        ("a: -.inf\n", "line 1: -.inf is not a number JSON can hold"),
+        ("a: " + "7" * 5000, "line 1: Exceeds the limit (4300 digits)"),
+        ("a: !!binary aGk=\n", "line 1: could not determine a constructor for the tag"),
+        ("a: !!set {x}\n", "line 1: could not determine a constructor for the tag"),
+        ("a: !!timestamp 2026-03-01\n", "line 1: could not determine a constructor"),
+        ("a: !!python/object/apply:os.system [ls]\n", "line 1: could not determine"),
+        ("? [1]\n: 2\n", "line 1: found unhashable key"),
+        ("a: [\n", "line 2: expected the node content"),
+        ("a: \x00\n", "not YAML: unacceptable character #x0000"),
+        ("a: \ud800\n", "not YAML: unacceptable character #xd800"),
+        ("a: " + "x" * MAX_YAML_CHARS, f"characters; the limit is {MAX_YAML_CHARS}"),
+    ],
+    ids=[
+        "34-levels",
+        "3000-levels",
+        "block-nesting",
+        "alias-bomb",
+        "alias",
+        "nan",
+        "infinity",
+        "5000-digits",
+        "binary",
+        "set",
+        "timestamp-tag",
+        "python-tag",
+        "unhashable-key",
+        "syntax",
+        "nul",
+        "lone-surrogate",
+        "too-long",
+    ],
+)
+def test_yaml_text_that_json_could_not_hold_or_that_would_not_end_is_refused_saying_where(
+    text: str, said: str
+) -> None:
+    with pytest.raises(YamlRefused) as refused:
+        read_yaml(text)
+
+    assert said in refused.value.detail
+
+
+def test_a_refused_yaml_field_is_a_422_naming_the_field() -> None:
+    with pytest.raises(BadInput) as refused:
+        parse_yaml(ALIAS_BOMB, "definition")
+
+    assert refused.value.status == 422
+    assert refused.value.field == "definition"
+    assert refused.value.message.startswith("definition: line 2: an alias")
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("[" * 3000 + "]" * 3000, "events: nested deeper than 32 levels"),
+        (nested_text(MAX_JSON_DEPTH + 2), "events: nested deeper than 32 levels"),
+        ('[{"event": "\\ud800"}]', "events: not JSON"),
+        ('[{"event": "\ud800"}]', "events: not JSON"),
+        ("[{]", "events: not JSON"),
+    ],
+    ids=["3000-levels", "34-levels", "escaped-lone-surrogate", "lone-surrogate", "syntax"],
+)
+def test_a_json_text_field_is_refused_with_a_422_naming_the_field(text: str, said: str) -> None:
+    with pytest.raises(BadInput) as refused:
+        parse_json_text(text, "events")
+
+    assert (refused.value.status, refused.value.field) == (422, "events")
+    assert refused.value.message.startswith(said)
+
+
+def test_a_json_text_field_within_the_limits_is_read() -> None:
+    assert parse_json_text('[{"event": "Order Completed", "after": "1h"}]', "events") == [
+        {"event": "Order Completed", "after": "1h"}
+    ]
+    # The outermost container is no level, as in a body (`too_deep`).
+    deepest = nested_text(MAX_JSON_DEPTH + 1)
+    assert parse_json_text(deepest, "events") == nested(MAX_JSON_DEPTH + 1)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.admin.domain.audit import audit_entry
+from services.admin.domain.audit import ContactDigest, audit_entry
 from services.admin.domain.contact_changes import MAX_CHANGES, ContactChanges, change_commands
 from services.admin.domain.contact_import import (
     ContactImport,
@@ -122,6 +122,9 @@ def test_contacts_without_a_stored_profile_are_named_at_their_first_row() -> Non
     assert unknown_contacts(found, {"u-1", "u-2"}) == []
 
 
+DIGEST = ContactDigest(b"an-audit-secret-of-enough-length-for-a-test")
+
+
 def test_the_audit_entry_keeps_the_counts_never_the_file() -> None:
     entry = audit_entry(
         at=NOW,
@@ -134,6 +137,7 @@ def test_the_audit_entry_keeps_the_counts_never_the_file() -> None:
         params={},
         status=202,
         refused_for_role=False,
+        digest=DIGEST,
         counts={"rows": 3, "contacts": 2},
     )
     assert entry.summary == "Import tags and traits: done (rows 3, contacts 2)"
@@ -149,5 +153,6 @@ def test_the_audit_entry_keeps_the_counts_never_the_file() -> None:
         params={},
         status=200,
         refused_for_role=False,
+        digest=DIGEST,
     )
     assert "counts" not in plain.as_document()

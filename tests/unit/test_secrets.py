@@ -77,10 +77,14 @@ def test_each_service_names_the_secrets_it_uses() -> None:
         "WAYPOST_SMS_AUTH_TOKEN",
     ]
     require_strong("production", ingest.secrets())
-    admin = AdminSettings(admin_api_keys=f"{STRONG}, ")
-    assert [s.value for s in admin.secrets()] == [STRONG]
+    admin = AdminSettings(admin_api_keys=f"{STRONG}, ", admin_audit_secret=STRONG_2)
+    assert [(s.variable, s.value) for s in admin.secrets()] == [
+        ("WAYPOST_ADMIN_AUDIT_SECRET", STRONG_2),
+        ("WAYPOST_ADMIN_API_KEYS (key-1)", STRONG),
+    ]
     require_strong("production", admin.secrets())
-    assert [s.value for s in AdminSettings(admin_api_keys=" , ").secrets()] == [""]
+    no_keys = AdminSettings(admin_api_keys=" , ", admin_audit_secret=STRONG_2)
+    assert [s.value for s in no_keys.secrets()] == [STRONG_2, ""]
     dispatcher = DispatcherSettings(
         link_secret=SecretStr(STRONG),
         suppression_secret=SecretStr(STRONG),
@@ -125,6 +129,14 @@ def test_the_orchestrator_refuses_a_weak_coupon_secret(value: str | None, why: s
     with pytest.raises(WeakSecrets, match=f"WAYPOST_COUPON_SECRET {why}"):
         require_strong("production", settings.secrets())
     require_strong("dev", settings.secrets())  # the local stack and the tests run on it
+
+
+def test_the_admin_refuses_its_default_audit_secret_in_production() -> None:
+    admin = AdminSettings(admin_api_keys=STRONG)
+
+    with pytest.raises(WeakSecrets, match="WAYPOST_ADMIN_AUDIT_SECRET is shorter than 32 bytes"):
+        require_strong("production", admin.secrets())
+    require_strong("dev", admin.secrets())  # the local stack and the tests run on it
 
 
 @pytest.mark.parametrize("service", ["ingest", "admin", "dispatcher", "orchestrator"])

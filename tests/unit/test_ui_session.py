@@ -272,3 +272,50 @@ async def test_a_draft_that_is_not_yaml_is_shown_back_with_its_line_and_a_viewer
     assert broken.status_code == 422
     assert "line 4" in broken.text
     assert "  steps: [" in html.unescape(broken.text)  # the text is kept to be fixed
+
+
+class RecordedCommands:
+    """Contact commands kept in a list, as Kafka would have acknowledged them."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    async def send(self, command: Any) -> None:
+        self.sent.append(command)
+
+
+async def test_forgetting_from_the_ui_names_the_contact_nowhere_in_the_next_address() -> None:
+    unused: Any = None
+    commands = RecordedCommands()
+    app = create_app(
+        AdminSettings(admin_api_keys=KEYS),
+        unused,
+        unused,
+        unused,
+        unused,
+        drafts=unused,
+        templates=unused,
+        definitions=unused,
+        segment_definitions=unused,
+        segment_counts=unused,
+        contacts=unused,
+        contact_commands=commands,
+        audit_trail=MemoryTrail(),
+        clock=ManualClock(NOW),
+        insights=unused,
+        dead_letters=unused,
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as browser:
+        token = _form_token(await _sign_in(browser, OPS))
+        answer = await browser.post(
+            "/contacts/forget",
+            data={"csrf_token": token, "contact_key": "ada@example.com", "confirm": "yes"},
+        )
+        shown = await browser.get(answer.headers["location"])
+
+    assert [c.contact_key for c in commands.sent] == ["ada@example.com"]
+    # The address the browser goes on to is what uvicorn's access log writes down.
+    assert (answer.status_code, answer.headers["location"]) == (303, "/contacts?forgotten=1")
+    assert "The contact is being forgotten" in shown.text
+    assert "ada" not in shown.text

@@ -19,8 +19,16 @@ class AuditTrail(Protocol):
     async def write(self, entry: AuditEntry) -> None: ...
 
     async def page(
-        self, *, key: str | None, since: datetime | None, limit: int, offset: int
-    ) -> list[dict[str, Any]]: ...
+        self,
+        *,
+        key: str | None,
+        contact: str | None,
+        since: datetime | None,
+        limit: int,
+        offset: int,
+    ) -> list[dict[str, Any]]:
+        """Entries newest first; `contact` is a contact's digest (`ContactDigest`)."""
+        ...
 
 
 class AuditLog:
@@ -33,11 +41,19 @@ class AuditLog:
         await self._log.insert_one(entry.as_document())
 
     async def page(
-        self, *, key: str | None, since: datetime | None, limit: int, offset: int
+        self,
+        *,
+        key: str | None,
+        contact: str | None,
+        since: datetime | None,
+        limit: int,
+        offset: int,
     ) -> list[dict[str, Any]]:
         query: dict[str, Any] = {}
         if key is not None:
             query["key"] = key
+        if contact is not None:
+            query["params.contact_key"] = contact
         if since is not None:
             query["at"] = {"$gte": since}
         cursor = (

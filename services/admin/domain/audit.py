@@ -1,7 +1,8 @@
 """What the audit log keeps of one change asked of the admin API: who (the key's name and role),
 what (method, route template, path parameters), when, and how it ended. Never a key's secret,
 never a request body: a body may hold a contact's personal data. Nor a contact key: the entry
-names the contact by a digest of it, so an erasure leaves the key nowhere in the log."""
+names the contact by a keyed digest of it, so an erasure leaves the key nowhere in the log and
+the log alone cannot confirm a guessed key or address."""
 
 from __future__ import annotations
 
@@ -12,51 +13,85 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 from services.admin.domain.roles import Role
-from shared.ids import stable_id
+from shared.ids import keyed_digest
 
 # A path parameter is an id (a journey, a template, a segment); kept whole up to this.
 MAX_PARAM_CHARS = 200
-# Path parameters that name a contact: kept as `contact_digest(key)`.
-CONTACT_PARAMS = frozenset({"contact_key"})
-# Query parameters that may hold personal data (a contact search by e-mail or phone): hidden.
-PERSONAL_QUERY = frozenset({"q", "email", "phone"})
+# Path and query parameters that name a contact: kept as its `ContactDigest`.
+CONTACT_PARAMS = frozenset({"contact_key", "contact"})
+# Query parameters shown as they came in the access log: ids, figures, times, switches and the
+# UI's notices, never a person's data.
+SHOWN_QUERY = frozenset(
+    {
+        "by",
+        "done",
+        "dry_run",
+        "from",
+        "hours",
+        "journey_id",
+        "key",  # an admin key's name, as the audit log shows it
+        "limit",
+        "offset",
+        "replayed",
+        "sample",
+        "saved",
+        "segment_id",
+        "service",
+        "since",
+        "template_id",
+        "to",
+    }
+)
+# Query parameters that routes read and that may hold personal data: value hidden. A contact
+# search (key, e-mail or phone); the page to return to after signing in, which may be a
+# contact's; the UI's notice of a forget, which named the contact before it said only `1`.
+PERSONAL_QUERY = frozenset({"q", "email", "phone", "next", "forgotten"})
 HIDDEN = "hidden"
 
 
-def contact_digest(contact_key: str) -> str:
-    """How the audit log names a contact: who knows the key finds its entries, the log alone
-    does not give the key away."""
-    return "contact:" + stable_id("audit", contact_key, length=24)
+@dataclass(frozen=True)
+class ContactDigest:
+    """How the audit log and the access log name a contact: `contact:` and an HMAC-SHA256 of
+    its key under the admin's audit secret (`WAYPOST_ADMIN_AUDIT_SECRET`), 96 bits of it. The
+    admin computes it for `GET /v1/audit?contact=`; who reads only the logs cannot test guessed
+    keys or e-mail addresses against them."""
+
+    secret: bytes = field(repr=False)
+
+    def __call__(self, contact_key: str) -> str:
+        return "contact:" + keyed_digest(self.secret, "audit", contact_key).hex()[:24]
 
 
-def logged_path(path_format: str, params: Mapping[str, Any]) -> str:
+def logged_path(path_format: str, params: Mapping[str, Any], digest: ContactDigest) -> str:
     """A request path as the HTTP access log shows it: its route (`/v1/contacts/{contact_key}`)
-    with the parameters filled in, a contact named by `contact_digest` as in the audit log."""
+    with the parameters filled in, a contact named by its digest as in the audit log."""
     path = path_format
     for name, value in params.items():
-        shown = contact_digest(str(value)) if name in CONTACT_PARAMS else quote(str(value))
+        shown = digest(str(value)) if name in CONTACT_PARAMS else quote(str(value))
         path = path.replace("{" + name + "}", shown)
     return path
 
 
-def logged_query(query: str) -> str:
-    """A query string as the HTTP access log shows it: a contact key as its digest, a search
-    term (which may be an e-mail address or a phone number) hidden, the rest as it came."""
+def logged_query(query: str, digest: ContactDigest) -> str:
+    """A query string as the HTTP access log shows it: a contact key as its digest, ids,
+    figures and switches (`SHOWN_QUERY`) as they came, a search term (which may be an e-mail
+    address or a phone number) hidden. Any other parameter is hidden name and value: what no
+    route reads is not known to be harmless, and a mistyped `contact_kye` holds a key too."""
     pairs = parse_qsl(query, keep_blank_values=True)
-    if not any(name in CONTACT_PARAMS or name in PERSONAL_QUERY for name, _value in pairs):
+    if all(name in SHOWN_QUERY for name, _value in pairs):
         return query
-    shown = [
-        (
-            name,
-            contact_digest(value)
-            if name in CONTACT_PARAMS
-            else HIDDEN
-            if name in PERSONAL_QUERY
-            else value,
-        )
-        for name, value in pairs
-    ]
+    shown = [_logged_pair(name, value, digest) for name, value in pairs]
     return urlencode(shown, quote_via=quote)
+
+
+def _logged_pair(name: str, value: str, digest: ContactDigest) -> tuple[str, str]:
+    if name in SHOWN_QUERY:
+        return name, value
+    if name in CONTACT_PARAMS:
+        return name, digest(value)
+    if name in PERSONAL_QUERY:
+        return name, HIDDEN
+    return HIDDEN, HIDDEN
 
 
 @dataclass(frozen=True)
@@ -103,12 +138,13 @@ def audit_entry(
     params: Mapping[str, Any],
     status: int,
     refused_for_role: bool,
+    digest: ContactDigest,
     counts: Mapping[str, int] | None = None,
 ) -> AuditEntry:
     """The entry of one call; `action` is the route's own short description, `counts` what
     the route counted of its work (shown in the summary too)."""
     kept = {
-        name: contact_digest(str(value)) if name in CONTACT_PARAMS else _clipped(str(value))
+        name: digest(str(value)) if name in CONTACT_PARAMS else _clipped(str(value))
         for name, value in params.items()
     }
     target = ", ".join(f"{name}={value}" for name, value in kept.items())

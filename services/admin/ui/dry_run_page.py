@@ -2,13 +2,14 @@
 as a plain form (a second submit button of the editor's form) to `POST /v1/journeys/dry-run`."""
 
 # No `from __future__ import annotations`: FastAPI reads the `editor` dependency at runtime.
-import json
+import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any
 
-import yaml
 from fastapi import Form, Request
 from fastapi.responses import Response
+
+from shared.bodies import BadInput, parse_json_text, parse_yaml
 
 
 def mount_dry_run_page(post: Callable[..., Any], ui: Any, editor: Any, detail: Any) -> None:
@@ -44,19 +45,17 @@ def mount_dry_run_page(post: Callable[..., Any], ui: Any, editor: Any, detail: A
             return page(422, [{"step": None, "rule": rule, "message": message}])
 
         try:
-            parsed = yaml.safe_load(definition)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark is not None else ""
-            return refused("yaml", f"{where}{getattr(exc, 'problem', None) or 'not YAML'}")
+            parsed = await asyncio.to_thread(parse_yaml, definition, "definition")
+        except BadInput as exc:
+            return refused("yaml", exc.message)
         body: dict[str, Any] = {"definition": parsed}
         if contact_key.strip():
             body["contact_key"] = contact_key.strip()
         if events.strip():
             try:
-                pasted = json.loads(events)
-            except json.JSONDecodeError as exc:
-                return refused("events", f"events: not JSON, line {exc.lineno}: {exc.msg}")
+                pasted = parse_json_text(events, "events")
+            except BadInput as exc:
+                return refused("events", exc.message)
             if not isinstance(pasted, list):
                 return refused("events", "events: a JSON list of events, [{...}, ...]")
             body["events"] = pasted

@@ -7,6 +7,7 @@ checked on every POST before anything else is done."""
 
 # No `from __future__ import annotations`: FastAPI reads the dependencies' annotations at runtime.
 
+import asyncio
 import secrets
 from datetime import timedelta
 from functools import partial
@@ -36,6 +37,7 @@ from services.admin.domain.ui_session import (
     read,
 )
 from services.admin.ui.dry_run_page import mount_dry_run_page
+from shared.bodies import BadInput, parse_yaml
 from shared.clock import Clock
 from shared.journeys import Journey
 
@@ -476,12 +478,9 @@ def mount_ui(
             )
 
         try:
-            parsed = yaml.safe_load(definition)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "not YAML"
-            return again([{"step": None, "rule": "yaml", "message": f"{where}{problem}"}])
+            parsed = await asyncio.to_thread(parse_yaml, definition, "definition")
+        except BadInput as exc:
+            return again([{"step": None, "rule": "yaml", "message": exc.message}])
         answer = await ui.api(signed, "PUT", f"/v1/journeys/{_quote(journey_id)}/draft", parsed)
         if answer.status_code == 422:
             body = answer.json()
@@ -539,7 +538,7 @@ def mount_ui(
             signed,
             q=text,
             found=found,
-            forgotten=request.query_params.get("forgotten"),
+            forgotten="forgotten" in request.query_params,
         )
 
     @get("/contacts/{contact_key:path}")
@@ -608,7 +607,7 @@ def mount_ui(
                 422,
                 q="",
                 found=None,
-                forgotten=None,
+                forgotten=False,
                 import_problems=answer.json()["problems"],
                 file_name=upload.filename,
             )
@@ -620,7 +619,7 @@ def mount_ui(
             signed,
             q="",
             found=None,
-            forgotten=None,
+            forgotten=False,
             imported=answer.json(),
             file_name=upload.filename,
         )
@@ -638,9 +637,8 @@ def mount_ui(
                 "confirm",
             )
         await ui.change(signed, "DELETE", f"/v1/contacts/{_quote(contact_key)}")
-        return RedirectResponse(
-            f"/contacts?forgotten={_quote(contact_key)}", status.HTTP_303_SEE_OTHER
-        )
+        # The confirmation names no one: the address of the next page reaches the access log.
+        return RedirectResponse("/contacts?forgotten=1", status.HTTP_303_SEE_OTHER)
 
     # --- templates, delivery, audit ---------------------------------------------------
 

@@ -4,18 +4,18 @@ JSON API in-process with the signed-in key (`pages.py`)."""
 
 # No `from __future__ import annotations`: FastAPI reads the dependencies' annotations at runtime.
 
-import json
+import asyncio
 from datetime import datetime
 from functools import partial
 from typing import Annotated, Any
 
-import yaml
 from fastapi import Depends, FastAPI, Form, Request, status
 from fastapi.responses import Response
 
 from services.admin.domain.previews import variable_list
 from services.admin.domain.segment_insight import count_chart
 from services.admin.ui.pages import AdminUi, PageRole, Signed, _detail, _quote
+from shared.bodies import BadInput, parse_json_text, parse_yaml
 from shared.channels import CHANNELS
 
 # What the builder opens with: one segment, its condition in the form segment files use.
@@ -99,12 +99,9 @@ def mount_workbench(app: FastAPI, ui: AdminUi) -> None:
             )
 
         try:
-            parsed = yaml.safe_load(definition)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark is not None else ""
-            message = f"{where}{getattr(exc, 'problem', None) or 'not YAML'}"
-            return again(422, problems=[{"segment": None, "rule": "yaml", "message": message}])
+            parsed = await asyncio.to_thread(parse_yaml, definition, "definition")
+        except BadInput as exc:
+            return again(422, problems=[{"segment": None, "rule": "yaml", "message": exc.message}])
         answer = await ui.api(signed, "POST", "/v1/segments/estimate", parsed)
         if answer.status_code == 422:
             found = answer.json().get("problems") or [
@@ -183,7 +180,7 @@ async def template_page(
     # htmx swaps a 2xx only: the preview's own problems are its content.
     code = 200
     if (problem or send_problem) and "HX-Request" not in request.headers:
-        code = status.HTTP_422_UNPROCESSABLE_ENTITY
+        code = status.HTTP_422_UNPROCESSABLE_CONTENT
     return ui.page(
         request,
         "template.html",
@@ -243,9 +240,9 @@ def _preview_body(form: dict[str, str]) -> tuple[dict[str, Any], str | None]:
         body["contact_key"] = form["contact_key"]
     if form["event"].strip():
         try:
-            event = json.loads(form["event"])
-        except ValueError as exc:
-            return body, f"event: not JSON ({exc})"
+            event = parse_json_text(form["event"], "event")
+        except BadInput as exc:
+            return body, exc.message
         if not isinstance(event, dict):
             return body, 'event: a JSON object, such as {"event": "Order Completed"}'
         body["event"] = event
