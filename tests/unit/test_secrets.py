@@ -149,6 +149,15 @@ def test_a_service_started_on_published_defaults_exits_before_it_serves(service:
     assert "refusing to start" in done.stdout + done.stderr
 
 
+def test_write_keys_stay_out_of_the_ingest_settings_repr() -> None:
+    settings = IngestSettings(ingest_write_keys=f"web:{STRONG},app:{STRONG_2}")
+
+    shown = f"{settings!r} {settings} {settings.model_dump()}"
+    assert STRONG not in shown
+    assert STRONG_2 not in shown
+    assert settings.write_keys() == {STRONG: "web", STRONG_2: "app"}
+
+
 def test_the_document_store_url_keeps_its_credentials_out_of_messages() -> None:
     from shared.settings import CommonSettings
 
