@@ -7,7 +7,8 @@ milliseconds of their latest relation, and a fan-out hands one copy of the objec
 contact related recently enough.
 
 Bounded memory: an entry keeps only contacts related within `keep` (the longest `within` of the
-live triggers), pruned on every write, and at most `max_contacts` of them (the newest).
+live triggers), pruned on every write and by a periodic sweep (`prune` records for the entries
+nobody writes any more), and at most `max_contacts` of them (the newest).
 
 Erasure: the contact's own row lists the objects it is related to (`related_objects`), so a
 forgotten contact takes itself out of each of them with an `unrelated` record routed to the
@@ -210,6 +211,17 @@ def prune(
     if max_contacts is not None:
         fresh = cap(fresh, max_contacts)
     return fresh or None
+
+
+def has_expired(state: Mapping[str, int], now: datetime, keep: timedelta) -> bool:
+    """Whether the entry holds a contact related before `now - keep` (what `prune` drops)."""
+    oldest = epoch_ms(now - keep)
+    return any(at < oldest for at in state.values())
+
+
+def prune_request(object_key: str, now: datetime) -> ObjectRelation:
+    """A `prune` record: the index prunes the object's entry as a write to it would."""
+    return ObjectRelation(kind="prune", object_key=object_key, at=now)
 
 
 def cap(state: Mapping[str, int], max_contacts: int) -> RelationState:
