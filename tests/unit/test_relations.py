@@ -41,7 +41,7 @@ from shared.clock import ManualClock
 from shared.contracts import DeadLetter, Event, ObjectRelation
 from shared.deadletter import DeadLetters
 from shared.journeys import ObjectEventTrigger, Relation
-from shared.kafka import Record
+from shared.kafka import ProducerBusy, Record
 from shared.streams import Table, focus
 from shared.topics import DEAD_LETTER, EVENTS, OBJECT_RELATIONS
 
@@ -845,3 +845,35 @@ async def test_the_sweep_runs_at_the_start_after_a_rebalance_and_then_every_peri
     await job()  # and again once the period has passed
 
     assert len(asked(producer)) == 3
+
+
+class BusyOnce(FakeProducer):
+    """The local produce queue is full the first time the sweep sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy = True
+
+    async def send_all(self, records: Iterable[tuple[str, str | None, bytes | None]]) -> None:
+        if self.busy:
+            self.busy = False
+            raise ProducerBusy("queue full")
+        await super().send_all(records)
+
+
+async def test_a_sweep_that_cannot_publish_is_done_again_at_the_next_look(
+    swept: tuple[RelationIndex, TableWorker, FakeProducer, ManualClock],
+) -> None:
+    index, app, _producer, clock = swept
+    busy = BusyOnce()
+    index.producer = busy  # type: ignore[assignment]
+    ((_look, job),) = app.jobs
+    await index.handle(related("ada", T0))
+    app.commit()
+    clock.advance(35 * DAY)
+
+    await job()
+    assert asked(busy) == []
+    await job()
+
+    assert [p.object_key for p in asked(busy)] == [VIEWED_P7]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -33,7 +32,7 @@ from shared.contracts import Event, ObjectRelation
 from shared.deadletter import DeadLetters
 from shared.durations import parse_duration
 from shared.ids import stable_id
-from shared.kafka import AsyncProducer, Record
+from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
 from shared.streams import StreamWorker, focus
 from shared.topics import EVENTS, OBJECT_RELATIONS
 
@@ -44,8 +43,9 @@ log = structlog.get_logger(__name__)
 # (1 MB by default). Fixed once data exists: a different count would orphan the stored rows.
 SHARDS = 128
 FAN_OUT_BATCH = 1_000
-# The sweep reads this many rows at a time, and looks this often whether it is due.
-SWEEP_SLICE = 1_000
+# The sweep reads this many rows at a time (a row of a popular object holds thousands of
+# contacts), and looks this often whether it is due.
+SWEEP_SLICE = 100
 SWEEP_LOOK_SECONDS = 60.0
 
 
@@ -181,11 +181,14 @@ class RelationIndex:
 
     async def sweep_if_due(self) -> None:
         now = self.clock.now()
-        if self._next_sweep is not None and now < self._next_sweep:
+        if self.sweep_every is None or (self._next_sweep is not None and now < self._next_sweep):
             return
-        assert self.sweep_every is not None
         self._next_sweep = now + self.sweep_every
-        await self.sweep()
+        try:
+            await self.sweep()
+        except (DeliveryFailed, ProducerBusy) as exc:
+            self._next_sweep = None  # the whole sweep again at the next look
+            log.warning("relations.sweep_publish_failed", error=str(exc))
 
     async def sweep(self) -> int:
         """Ask for a `prune` of every object of the owned partitions that holds a relation older
@@ -195,7 +198,6 @@ class RelationIndex:
         if keep <= timedelta(0):
             return 0  # no live trigger (or definitions not read yet): nothing ages out
         now = self.clock.now()
-        started = time.perf_counter()
         rows = 0
         pending: list[str] = []
         last: str | None = None
@@ -222,7 +224,7 @@ class RelationIndex:
             rows=rows,
             objects_to_prune=sent,
             keep_seconds=keep.total_seconds(),
-            seconds=round(time.perf_counter() - started, 3),
+            seconds=round((self.clock.now() - now).total_seconds(), 3),
         )
         return sent
 
