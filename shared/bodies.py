@@ -38,6 +38,11 @@ class BadInput(Exception):
         self.field = field
 
 
+class TooDeep(BadInput):
+    """Input nested deeper than `MAX_JSON_DEPTH` (or than the parser goes): a 400 like any other
+    refusal, told apart by readers that keep what they can of an answer (webhook results)."""
+
+
 class BodyReader:
     """Collects a body chunk by chunk, refusing it (413) as soon as it is known to pass `limit`:
     first by `Content-Length`, then by the bytes received, then by the bytes decompressed, so a
@@ -118,7 +123,7 @@ class BodyReader:
 
 def parse_json(body: bytes) -> Any:
     """The JSON value of `body`, or `BadInput` (400) naming where it is malformed: bad syntax, a
-    lone surrogate in a string, or nesting too deep for the parser."""
+    lone surrogate in a string, or nesting too deep for the parser (`TooDeep`)."""
     try:
         return from_json(body)
     except ValueError as exc:
@@ -127,7 +132,7 @@ def parse_json(body: bytes) -> Any:
         if "recursion limit" in message:
             path = deep_path_in(body, MAX_JSON_DEPTH)
             field = _field_of(_named_part(path)) if path else None
-            raise BadInput(400, _too_deep(field), field=field) from exc
+            raise TooDeep(400, _too_deep(field), field=field) from exc
         field = _field_of(path_at(body, offset)) if offset is not None else None
         where = f"{field}: " if field else ""
         raise BadInput(400, f"{where}body is not valid JSON: {message}", field=field) from exc
@@ -170,7 +175,7 @@ def check_depth(fields: dict[str, Any], prefix: str = "") -> None:
     path = too_deep(fields, MAX_JSON_DEPTH)
     if path is not None:
         field = prefix + _field_of(path[:1])
-        raise BadInput(400, _too_deep(field), field=field)
+        raise TooDeep(400, _too_deep(field), field=field)
 
 
 def few_containers(body: bytes) -> bool:

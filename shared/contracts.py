@@ -366,7 +366,7 @@ class SegmentCount(WireModel):
     at: AwareDatetime
 
 
-ObjectRelationKind = Literal["related", "fan_out", "unrelated"]
+ObjectRelationKind = Literal["related", "fan_out", "unrelated", "prune"]
 
 
 class ObjectRelation(WireModel):
@@ -375,7 +375,8 @@ class ObjectRelation(WireModel):
     `related`: `contact_key` did the relation's event on the object at `at`. `fan_out`: the
     object event `event` must reach every contact related within `within`. `unrelated`:
     `contact_key` leaves the object's entry (forgotten, merged into another contact, or its
-    relation aged out of the contact's own list).
+    relation aged out of the contact's own list). `prune`: the entry drops the relations older
+    than the index keeps (the index's own sweep asks, for objects nobody writes any more).
     """
 
     schema_version: int = SCHEMA_VERSION

@@ -35,13 +35,15 @@ RECENT_MESSAGE_IDS = 256
 class ProfileLimits:
     """Bounds that keep every profile (and the contact event carrying it) well under the
     broker's message size (docs/segments.md, "Profile limits"): at most `max_traits` traits,
-    each at most `max_trait_bytes` as JSON (name and value), and at most `max_event_names`
-    distinct event names counted. Ingest refuses a call that alone passes them; the segmenter
-    drops what would take a profile past them."""
+    each at most `max_trait_bytes` as JSON (name and value), at most `max_event_names`
+    distinct event names counted, and at most `max_anonymous_ids` anonymous ids linked. Ingest
+    refuses a call that alone passes them; the segmenter drops what would take a profile past
+    them."""
 
     max_traits: int = 256
     max_trait_bytes: int = 1024
     max_event_names: int = 512
+    max_anonymous_ids: int = 64
 
 
 DEFAULT_LIMITS = ProfileLimits()
@@ -117,6 +119,21 @@ def counted(
     return {**counts, label: counts.get(label, 0) + 1}, ()
 
 
+def with_anonymous_id(
+    ids: tuple[str, ...], anonymous_id: str, limits: ProfileLimits
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`ids` with `anonymous_id` linked, unless it is new past `max_anonymous_ids` (then not
+    linked, with the reason; the reason names no id, which is a contact's key)."""
+    if anonymous_id in ids:
+        return ids, ()
+    if len(ids) >= limits.max_anonymous_ids:
+        return ids, (
+            f"anonymous id not linked: the profile already links {limits.max_anonymous_ids} "
+            "anonymous ids",
+        )
+    return (*ids, anonymous_id), ()
+
+
 @dataclass(frozen=True)
 class Applied:
     """The profile after an event, whether the event was new (not a duplicate), the
@@ -133,8 +150,9 @@ def apply_event(
     profile: Profile | None, event: Event, now: datetime, limits: ProfileLimits = DEFAULT_LIMITS
 ) -> Applied:
     """Fold an event into the profile (traits, identities, counts, consent, dead push tokens);
-    a repeated `messageId` changes nothing. Traits and event names past `limits` are left out
-    (`Applied.dropped` says which); the event itself still counts for everything else."""
+    a repeated `messageId` changes nothing. Traits, event names and anonymous ids past `limits`
+    are left out (`Applied.dropped` says which); the event itself still counts for everything
+    else."""
     if profile is not None and event.message_id in profile.recent_message_ids:
         return Applied(profile, accepted=False)
     if profile is None:
@@ -144,8 +162,9 @@ def apply_event(
     if event.traits and event.type in ("identify", "track", "page", "screen"):
         traits, dropped = capped_traits(traits, event.traits, limits)
     anonymous_ids = profile.anonymous_ids
-    if event.anonymous_id and event.anonymous_id not in anonymous_ids:
-        anonymous_ids = (*anonymous_ids, event.anonymous_id)
+    unlinked: tuple[str, ...] = ()
+    if event.anonymous_id:
+        anonymous_ids, unlinked = with_anonymous_id(anonymous_ids, event.anonymous_id, limits)
     counts, uncounted = counted(profile.event_counts, event.label, limits)
     recent = (*profile.recent_message_ids, event.message_id)[-RECENT_MESSAGE_IDS:]
     updated = profile.model_copy(
@@ -174,7 +193,12 @@ def apply_event(
     )
     # Consent events and dead push tokens change the profile by the channels' own rules.
     updated = without_dead_address(with_consent(updated, event), event)
-    return Applied(updated, accepted=True, announcements=announcements, dropped=dropped + uncounted)
+    return Applied(
+        updated,
+        accepted=True,
+        announcements=announcements,
+        dropped=dropped + uncounted + unlinked,
+    )
 
 
 @dataclass(frozen=True)

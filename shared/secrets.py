@@ -5,10 +5,10 @@ and calls `require_strong` before it serves. Outside `WAYPOST_ENV=dev` (what the
 the demo and the tests set) a weak secret stops the start with a message naming every variable
 at fault; in dev it is only logged.
 
-Waypost's own secrets (the link-signing and coupon secrets, admin and write keys) must hold at
-least 32 bytes. A provider's credential (an SMS auth token, a WeChat app secret, an SMTP
-password) has the length its provider gives it, and may be left empty to turn its channel off:
-only published defaults (the local sandbox's) and placeholders count against it.
+Waypost's own secrets (the link-signing, coupon, suppression and erasure secrets, admin and write
+keys) must hold at least 32 bytes. A provider's credential (an SMS auth token, a WeChat app
+secret, an SMTP password) has the length its provider gives it, and may be left empty to turn its
+channel off: only published defaults (the local sandbox's) and placeholders count against it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ PUBLISHED = frozenset(
         "change-me-dev-coupon-secret",
         "waypost-dev-suppression-secret",
         "change-me-dev-suppression-secret",
+        "waypost-dev-erasure-secret",
+        "change-me-dev-erasure-secret",
+        "waypost-dev-audit-secret",
+        "change-me-dev-audit-secret",
         "wp_dev_admin_key",
         "wp_dev_write_key",
         "dev-admin-key",

@@ -77,6 +77,7 @@ class CommonSettings(BaseSettings):
     profile_max_traits: int = Field(default=_LIMITS.max_traits, ge=1)
     profile_max_trait_bytes: int = Field(default=_LIMITS.max_trait_bytes, ge=16)
     profile_max_event_names: int = Field(default=_LIMITS.max_event_names, ge=1)
+    profile_max_anonymous_ids: int = Field(default=_LIMITS.max_anonymous_ids, ge=1)
 
     def redacted_mongo_url(self) -> str:
         """The document store's URL without its user information, for messages."""
@@ -133,6 +134,7 @@ class CommonSettings(BaseSettings):
             max_traits=self.profile_max_traits,
             max_trait_bytes=self.profile_max_trait_bytes,
             max_event_names=self.profile_max_event_names,
+            max_anonymous_ids=self.profile_max_anonymous_ids,
         )
 
     @field_validator("log_level")

@@ -274,6 +274,25 @@ class Table(MutableMapping[bytes, bytes]):
                 if staged_value is not None:
                     yield key, staged_value
 
+    def rows_from(
+        self, partition: int, start: bytes | None, limit: int
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` stored rows of `partition`, in key order from `start` on, read at once:
+        a scan that yields between its reads holds no iterator over a database that may close
+        meanwhile (its partition moving away). Staged writes are left out; [] once the
+        partition is not held here."""
+        db = self._dbs.get(partition)
+        if db is None:
+            return []
+        found: list[tuple[bytes, bytes]] = []
+        for key, value in db.items(from_key=start) if start is not None else db.items():
+            if key in META_KEYS:
+                continue
+            found.append((key, value))  # type: ignore[arg-type]  # raw mode: bytes
+            if len(found) >= limit:
+                break
+        return found
+
     def __iter__(self) -> Iterator[bytes]:
         return (key for key, _value in self.rows())
 

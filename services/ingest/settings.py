@@ -17,8 +17,9 @@ DEV_WRITE_KEY = "wp_dev_write_key"
 class IngestSettings(CommonSettings):
     ingest_host: str = "127.0.0.1"
     ingest_port: int = 8000
-    # "source:key" pairs, comma-separated; several keys per source allow rotation.
-    ingest_write_keys: str = f"dev:{DEV_WRITE_KEY}"
+    # "source:key" pairs, comma-separated; several keys per source allow rotation. Secret: kept
+    # out of reprs, logs and validation errors.
+    ingest_write_keys: SecretStr = SecretStr(f"dev:{DEV_WRITE_KEY}")
     # /docs, /redoc and /openapi.json; unset: served only with WAYPOST_ENV=dev.
     ingest_api_docs: OptionalSwitch = None
     max_event_bytes: int = Field(default=32 * 1024, gt=0)
@@ -52,7 +53,7 @@ class IngestSettings(CommonSettings):
     def write_keys(self) -> dict[str, str]:
         """Key -> source name."""
         keys: dict[str, str] = {}
-        for pair in self.ingest_write_keys.split(","):
+        for pair in self.ingest_write_keys.get_secret_value().split(","):
             pair = pair.strip()
             if not pair:
                 continue

@@ -48,6 +48,7 @@ from shared.journey_engine.state import (
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
 from shared.profiles import CONTACT_FORGOTTEN
 from shared.streams import StreamWorker, focus
+from shared.system_events import forged
 from shared.topics import (
     CONTACT_COMMANDS,
     CONTACT_EVENTS,
@@ -395,7 +396,16 @@ def _decode(topic: str, value: bytes) -> list[Incoming]:
         return [WebhookAnswered(WebhookResult.model_validate_json(value))]
     if topic == SEGMENT_TIMERS.name:
         return [SegmentTimerRequest.model_validate_json(value)]
-    return [EventArrived(single) for single in ContactEvent.model_validate_json(value).each()]
+    stimuli: list[Incoming] = []
+    for single in ContactEvent.model_validate_json(value).each():
+        event = single.event
+        if forged(event):
+            # Only Waypost announces erasures, segment, tag and attribute changes: the segmenter
+            # dead-letters such names from other sources, so one here came by another route.
+            log.warning("orchestrator.forged_event", name=event.event, source=event.source)
+            continue
+        stimuli.append(EventArrived(single))
+    return stimuli
 
 
 def _contact_key(stimulus: Stimulus) -> str:

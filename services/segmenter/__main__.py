@@ -40,7 +40,14 @@ def main() -> None:
     def relations_kept() -> timedelta:
         return longest_within(definitions.current().object_triggers) or timedelta(0)
 
-    RelationIndex(worker, producer, dead_letters, clock, relations_kept)
+    RelationIndex(
+        worker,
+        producer,
+        dead_letters,
+        clock,
+        relations_kept,
+        sweep_seconds=settings.relations_sweep_seconds,
+    )
     prepare_topics(settings, worker.changelogs())
     definitions.start()
     stop_view = run_view_thread(settings, "waypost-segmenter", lambda db: ProfileView(settings, db))

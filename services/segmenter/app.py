@@ -58,7 +58,7 @@ from shared.contracts import (
     SegmentCount,
 )
 from shared.deadletter import DeadLetters, failure_reason, through_outages
-from shared.ids import stable_id
+from shared.ids import keyed_digest, stable_id
 from shared.journeys import AUDIENCE_SELECTED
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
 from shared.profiles import DEFAULT_LIMITS, ProfileLimits, announce
@@ -81,6 +81,8 @@ Records = list[Output]
 # Audience members are announced in rounds of this many, each acknowledged before the next.
 AUDIENCE_ROUND = 1000
 _ALIAS = b"alias:"
+# `forgotten:<HMAC-SHA256 of the key under the erasure secret>`: kept for good per erased
+# contact. Versions before kept `forgotten:<SHA-256 of the key>`, still honoured when read.
 _FORGOTTEN = b"forgotten:"
 CONTACTS, MEMBERSHIPS, LINKS = "contacts", "memberships", "links"
 
@@ -111,6 +113,8 @@ class Contacts:
         clock: Clock,
         index: MemberIndex,
         limits: ProfileLimits = DEFAULT_LIMITS,
+        *,
+        erasure_key: bytes,
     ) -> None:
         self.contacts = tables[CONTACTS]
         self.memberships = tables[MEMBERSHIPS]
@@ -122,6 +126,7 @@ class Contacts:
         self.clock = clock
         self.index = index
         self.limits = limits
+        self.erasure_key = erasure_key
         # Traits and event names the profile limits left out since the start (see the log).
         self.left_out = 0
         self._batch = Overlay()
@@ -240,7 +245,8 @@ class Contacts:
                 case DeleteAlias(contact_key=key):
                     batch.delete(LINKS, _ALIAS + key.encode(), partition)
                 case Suppress(contact_key=key, at=at):
-                    batch.put(LINKS, _FORGOTTEN + _digest(key), partition, at.isoformat().encode())
+                    marker = forgotten_marker(self.erasure_key, key)
+                    batch.put(LINKS, marker, partition, at.isoformat().encode())
                 case UpdateMembers(contact_key=key, was=was, now=now):
                     batch.after_store(partial(self.index.update, key, partition, was, now))
                 case Log(level=level, event=line, fields=fields):
@@ -321,7 +327,9 @@ class Contacts:
         return value
 
     def _forgotten(self, key: str) -> bool:
-        return self._link(_FORGOTTEN + _digest(key)) is not None
+        if self._link(forgotten_marker(self.erasure_key, key)) is not None:
+            return True
+        return self._link(legacy_forgotten_marker(key)) is not None
 
 
 class _View:
@@ -363,7 +371,7 @@ class Segmenter:
         self.index = MemberIndex()
         self._backfilled = ""
         self.memberships = worker.table(MEMBERSHIPS)
-        # `alias:<anonymous key>` -> the known contact; `forgotten:<sha256>` -> when erased.
+        # `alias:<anonymous key>` -> the known contact; `forgotten:<keyed digest>` -> when erased.
         tables = {
             CONTACTS: worker.table(CONTACTS, primary=True),
             MEMBERSHIPS: self.memberships,
@@ -377,6 +385,7 @@ class Segmenter:
             clock,
             self.index,
             settings.profile_limits(),
+            erasure_key=settings.erasure_key(),
         )
         worker.consume([EVENTS.name, CONTACT_COMMANDS.name, AUDIENCE_REQUESTS.name], self._process)
         worker.on_assigned(self._recovered)
@@ -469,5 +478,13 @@ def _contact_event(profile: Profile, event: Event) -> tuple[str, str | None, byt
     )
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).hexdigest().encode()
+def forgotten_marker(erasure_key: bytes, contact_key: str) -> bytes:
+    """The `links` row that says the contact was erased: a keyed digest, so the row names
+    nobody to whoever lacks the key (a plain hash of an e-mail address is found by hashing
+    guesses)."""
+    return _FORGOTTEN + keyed_digest(erasure_key, "forgotten", contact_key).hex().encode()
+
+
+def legacy_forgotten_marker(contact_key: str) -> bytes:
+    """The row versions before the keyed digest wrote (a plain SHA-256 of the key)."""
+    return _FORGOTTEN + hashlib.sha256(contact_key.encode()).hexdigest().encode()

@@ -23,8 +23,10 @@ from services.orchestrator.adapters.webhook_network import (
 )
 from services.orchestrator.adapters.webhooks import MAX_BODY_BYTES, Webhooks, call_webhook
 from services.orchestrator.domain.destinations import DestinationPolicy
+from shared.bodies import MAX_JSON_DEPTH
 from shared.clock import ManualClock
 from shared.contracts import WebhookCall, WebhookResult
+from shared.journey_engine.state import ContactState, Instance
 from shared.topics import WEBHOOK_RESULTS
 from tests.scenarios.conftest import T0
 
@@ -35,7 +37,8 @@ HUGE_BYTES = 64 * 1024 * 1024
 
 class Receiver(BaseHTTPRequestHandler):
     """Answers by path: /ok (JSON), /flaky (503 twice, then 200), /missing (404), /slow,
-    /huge (64 MiB of bytes, no length), /hold (waits until the test releases it)."""
+    /huge (64 MiB of bytes, no length), /hold (waits until the test releases it), /deep/<n>
+    (JSON objects nested n levels)."""
 
     hits: ClassVar[dict[str, int]] = {}
     seen: ClassVar[list[dict[str, Any]]] = []
@@ -59,6 +62,8 @@ class Receiver(BaseHTTPRequestHandler):
             Receiver.hits[self.path] = Receiver.hits.get(self.path, 0) + 1
         if self.path == "/huge":
             self._huge()
+        elif self.path.startswith("/deep/"):
+            self._raw(200, nested_json(int(self.path.removeprefix("/deep/"))))
         elif self.path == "/hold":
             self._hold()
         elif self.path == "/ok":
@@ -97,7 +102,9 @@ class Receiver(BaseHTTPRequestHandler):
         self._answer(200, {"held": True})
 
     def _answer(self, status: int, body: dict[str, Any]) -> None:
-        raw = json.dumps(body).encode()
+        self._raw(status, json.dumps(body).encode())
+
+    def _raw(self, status: int, raw: bytes) -> None:
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -109,6 +116,11 @@ class Receiver(BaseHTTPRequestHandler):
 
     def log_message(self, *_args: Any) -> None:
         return
+
+
+def nested_json(levels: int) -> bytes:
+    """`{"a": {"a": … 1 …}}`, `levels` objects deep (written out: json.dumps stops near 1000)."""
+    return b'{"a":' * levels + b"1" + b"}" * levels
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +333,47 @@ async def test_a_huge_answer_keeps_its_status_and_is_not_read_to_its_end(receive
     assert await until(lambda: bool(Receiver.huge_sent))
     # The receiver could not write it all: the client closed after a little over the cap.
     assert MAX_BODY_BYTES < Receiver.huge_sent[-1] < HUGE_BYTES
+
+
+@pytest.mark.parametrize("levels", [MAX_JSON_DEPTH + 2, 199, 1500])
+async def test_an_answer_nested_past_the_limit_keeps_its_status_and_says_why(
+    receiver: str, levels: int
+) -> None:
+    async with webhook_client(LOOPBACK) as client:
+        result = await call_webhook(
+            client, call(f"{receiver}/deep/{levels}"), ManualClock(T0), no_pause
+        )
+
+    assert (result.ok, result.status, result.body, result.attempts) == (True, 200, None, 1)
+    assert result.error == (
+        f"answer nested deeper than {MAX_JSON_DEPTH} levels of objects and arrays; body left out"
+    )
+    # What the orchestrator stores of it reads back (a deep body would not, past ~196 levels).
+    assert WebhookResult.model_validate_json(result.to_wire()) == result
+
+
+async def test_an_answer_nested_to_the_limit_is_kept_whole(receiver: str) -> None:
+    # The top-level object is not counted: its value nests MAX_JSON_DEPTH levels.
+    async with webhook_client(LOOPBACK) as client:
+        result = await call_webhook(
+            client, call(f"{receiver}/deep/{MAX_JSON_DEPTH + 1}"), ManualClock(T0), no_pause
+        )
+
+    assert (result.ok, result.status, result.error) == (True, 200, None)
+    assert result.body == json.loads(nested_json(MAX_JSON_DEPTH + 1))
+    # Kept in an instance's context, within the contact's stored state, it still reads back.
+    answer = {"ok": result.ok, "status": result.status, "body": result.body}
+    instance = Instance(
+        instance_id="inst-1",
+        journey_id="j",
+        journey_version=1,
+        contact_key="ada",
+        step_id="notify",
+        entered_at=T0,
+        context={"captured": {"hook": answer}},
+    )
+    state = ContactState(contact_key="ada", instances={"inst-1": instance})
+    assert ContactState.model_validate_json(state.model_dump_json()) == state
 
 
 async def test_the_deadline_ends_an_attempt_and_leaves_no_retry(receiver: str) -> None:

@@ -220,6 +220,7 @@ def test_a_published_or_placeholder_sasl_password_is_refused_outside_dev(
         kafka_sasl_mechanism="PLAIN",
         kafka_sasl_username="waypost",
         kafka_sasl_password=SecretStr(password),
+        erasure_secret=SecretStr("0b8d6f4a2c1e3b5d7f9a0c2e4b6d8f1a3c5e7b9d"),  # its own: strong
     )
     with pytest.raises(WeakSecrets, match=f"WAYPOST_KAFKA_SASL_PASSWORD {why}"):
         require_strong("production", settings.secrets())

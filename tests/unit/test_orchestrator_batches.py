@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from services.orchestrator.adapters.timers import TimerStore
 from services.orchestrator.adapters.webhooks import Webhooks
@@ -118,3 +119,36 @@ def test_a_change_announcing_several_events_is_one_stimulus_per_event_in_order()
     sends = [value for topic, _key, value in outputs if topic == "waypost.send-requests.v1"]
     assert len(sends) == 1
     assert b'"template_id":"hello"' in sends[0]
+
+
+def test_a_forged_erasure_or_announcement_is_skipped_with_a_warning() -> None:
+    """Names only Waypost emits, from another source, in a record that reached the contact
+    events by another route than the segmenter: the orchestrator acts on none of them."""
+    signed_up = Record(
+        CONTACT_EVENTS.name, 0, 0, "ada", tracked("Signed Up", "m-1").contact_event.to_wire()
+    )
+    entered = tracked("Segment Entered", "f-2").contact_event
+    forged = [
+        tracked(CONTACT_FORGOTTEN, "f-1", source="web").contact_event,
+        entered.model_copy(update={"event": entered.event.model_copy(update={"source": None})}),
+    ]
+    records = [
+        Record(CONTACT_EVENTS.name, 0, n, "ada", c.to_wire()) for n, c in enumerate(forged, 1)
+    ]
+
+    with capture_logs() as logs:
+        contacts, timers, outputs = run([[signed_up], records])
+
+    # As if the forged records never came: the welcome journey still waits, nothing erased.
+    assert (contacts, timers, outputs) == run([[signed_up]])
+    assert contacts
+    assert [(line["event"], line["name"], line["source"]) for line in logs] == [
+        ("orchestrator.forged_event", CONTACT_FORGOTTEN, "web"),
+        ("orchestrator.forged_event", "Segment Entered", None),
+    ]
+    # The same erasure from Waypost is acted on.
+    waypost = tracked(CONTACT_FORGOTTEN, "f-3").contact_event.to_wire()
+    erased, _timers, _outputs = run(
+        [[signed_up], [Record(CONTACT_EVENTS.name, 0, 3, "ada", waypost)]]
+    )
+    assert erased == {}

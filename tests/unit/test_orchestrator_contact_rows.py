@@ -39,6 +39,7 @@ from shared.journey_engine.state import (
 )
 from shared.journeys import Journey, PublishedJourney
 from shared.profiles import CONTACT_FORGOTTEN
+from shared.system_events import WAYPOST_SOURCE, is_system_event
 from shared.topics import CONTACT_COMMANDS, JOURNEY_LOG, SEND_REQUESTS
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -132,7 +133,11 @@ def asks(due_at: datetime | None, contact: str = ADA) -> SegmentTimerRequest:
     return SegmentTimerRequest(contact_key=contact, due_at=due_at, requested_at=T0)
 
 
-def tracked(event: str, message_id: str, contact: str = ADA, at: datetime = T0) -> EventArrived:
+def tracked(
+    event: str, message_id: str, contact: str = ADA, at: datetime = T0, source: str | None = None
+) -> EventArrived:
+    """`event` as the segmenter passes it on: a name only Waypost emits comes from Waypost
+    unless `source` says otherwise."""
     happened = Event(
         type="track",
         event=event,
@@ -140,6 +145,7 @@ def tracked(event: str, message_id: str, contact: str = ADA, at: datetime = T0) 
         message_id=message_id,
         timestamp=at,
         received_at=at,
+        source=source or (WAYPOST_SOURCE if is_system_event(event) else None),
     )
     profile = Profile(
         contact_key=contact,

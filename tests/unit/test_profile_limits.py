@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from services.segmenter.domain import contact
-from services.segmenter.domain.decide import LimitReached, StoreRow, decide
+from services.segmenter.domain.decide import LimitReached, SendCommand, StoreRow, decide
 from services.segmenter.domain.definitions import Definitions
 from shared.bodies import MAX_JSON_DEPTH
 from shared.contracts import ContactCommand, Event
@@ -22,9 +22,10 @@ from shared.profiles import (
     merged_counts,
     trait_size,
 )
+from shared.settings import CommonSettings
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
-LIMITS = ProfileLimits(max_traits=3, max_trait_bytes=32, max_event_names=2)
+LIMITS = ProfileLimits(max_traits=3, max_trait_bytes=32, max_event_names=2, max_anonymous_ids=2)
 DEFS = Definitions.of([], [])
 
 
@@ -166,6 +167,100 @@ def test_a_journey_attribute_left_out_is_reported_without_a_change() -> None:
     commands = decide(Rows(row), command, DEFS, NOW, LIMITS).commands
 
     assert [type(c) for c in commands] == [LimitReached]
+
+
+# --- anonymous ids ------------------------------------------------------------------------------
+
+
+def identify(message_id: str, anonymous_id: str, **fields: Any) -> Event:
+    return event(message_id, type="identify", anonymousId=anonymous_id, **fields)
+
+
+def merges(commands: tuple[Any, ...]) -> list[str]:
+    return [
+        c.command.contact_key
+        for c in commands
+        if isinstance(c, SendCommand) and c.command.kind == "merge_into"
+    ]
+
+
+def test_new_anonymous_ids_past_the_limit_are_not_linked_and_say_why() -> None:
+    profile = None
+    dropped: list[str] = []
+    for number in range(4):
+        applied = apply_event(profile, identify(f"m-{number}", f"an-{number}"), NOW, LIMITS)
+        assert applied.accepted
+        profile, dropped = applied.profile, [*dropped, *applied.dropped]
+
+    assert profile is not None
+    assert profile.anonymous_ids == ("an-0", "an-1")
+    assert dropped == ["anonymous id not linked: the profile already links 2 anonymous ids"] * 2
+    assert all("an-" not in reason for reason in dropped)  # no contact key in the log
+
+
+def test_an_identify_past_the_limit_asks_no_merge_and_reports_it() -> None:
+    row = None
+    asked: list[str] = []
+    reached: list[LimitReached] = []
+    for number in range(3):
+        commands = decide(
+            Rows(row), identify(f"m-{number}", f"an-{number}"), DEFS, NOW, LIMITS
+        ).commands
+        row = next(c.row for c in commands if isinstance(c, StoreRow))
+        asked += merges(commands)
+        reached += [c for c in commands if isinstance(c, LimitReached)]
+
+    assert row is not None
+    assert asked == ["an-0", "an-1"]  # the third stays a contact of its own
+    assert row.profile.anonymous_ids == ("an-0", "an-1")
+    assert [(r.origin, r.reasons) for r in reached] == [
+        ("m-2", ("anonymous id not linked: the profile already links 2 anonymous ids",))
+    ]
+    # An id already linked still is: the same anonymous id again changes nothing.
+    again = decide(Rows(row), identify("m-3", "an-0"), DEFS, NOW, LIMITS).commands
+    assert not [c for c in again if isinstance(c, LimitReached)]
+
+
+def test_an_alias_past_the_limit_asks_no_merge() -> None:
+    row = contact.apply(None, identify("m-1", "an-1"), DEFS, NOW, LIMITS).row
+    row = contact.apply(row, identify("m-2", "an-2"), DEFS, NOW, LIMITS).row
+    alias = event("m-3", type="alias", previousId="an-9")
+
+    outcome = contact.apply(row, alias, DEFS, NOW, LIMITS)
+
+    assert outcome.linked is None
+    assert outcome.row is not None
+    assert outcome.row.profile.anonymous_ids == ("an-1", "an-2")
+    assert outcome.dropped
+
+
+def test_absorbing_keeps_the_merged_id_and_caps_the_ids_it_brought() -> None:
+    known = contact.apply(None, identify("m-1", "an-1"), DEFS, NOW, LIMITS).row
+    assert known is not None
+    anonymous = contact.apply(
+        None, event("m-2", userId=None, anonymousId="an-1"), DEFS, NOW, LIMITS
+    ).row
+    assert anonymous is not None
+    brought = anonymous.profile.model_copy(update={"anonymous_ids": ("an-1", "an-7", "an-8")})
+    anonymous = anonymous.model_copy(update={"profile": brought})
+
+    outcome = contact.absorb(known, "ada", anonymous, DEFS, NOW, "c-a", LIMITS)
+
+    assert outcome.row is not None
+    assert outcome.row.profile.anonymous_ids == ("an-1", "an-7")
+    assert outcome.dropped == (
+        "1 anonymous ids of the merged contact not linked: the profile already links 2 "
+        "anonymous ids",
+    )
+
+
+def test_the_anonymous_id_limit_is_a_setting_like_the_others() -> None:
+    assert CommonSettings().profile_limits().max_anonymous_ids == 64
+    limits = CommonSettings(profile_max_anonymous_ids=5).profile_limits()
+    assert limits == ProfileLimits(max_anonymous_ids=5)
+
+
+# --- nesting ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("field", ["properties", "traits", "context"])

@@ -14,6 +14,7 @@ from services.admin.settings import AdminSettings
 from services.dispatcher.settings import DispatcherSettings
 from services.ingest.settings import IngestSettings
 from services.orchestrator.settings import OrchestratorSettings
+from services.segmenter.settings import SegmenterSettings
 from shared.secrets import Secret, WeakSecrets, provider_credential, require_strong, weakness
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,6 +102,9 @@ def test_each_service_names_the_secrets_it_uses() -> None:
     orchestrator = OrchestratorSettings(coupon_secret=SecretStr(STRONG))
     assert [s.variable for s in orchestrator.secrets()] == ["WAYPOST_COUPON_SECRET"]
     require_strong("production", orchestrator.secrets())
+    segmenter = SegmenterSettings(erasure_secret=SecretStr(STRONG))
+    assert [s.variable for s in segmenter.secrets()] == ["WAYPOST_ERASURE_SECRET"]
+    require_strong("production", segmenter.secrets())
 
 
 def test_the_defaults_are_refused_in_production() -> None:
@@ -109,6 +113,7 @@ def test_the_defaults_are_refused_in_production() -> None:
         AdminSettings(),
         DispatcherSettings(),
         OrchestratorSettings(),
+        SegmenterSettings(),
     ):
         with pytest.raises(WeakSecrets):
             require_strong("production", settings.secrets())
@@ -134,12 +139,12 @@ def test_the_orchestrator_refuses_a_weak_coupon_secret(value: str | None, why: s
 def test_the_admin_refuses_its_default_audit_secret_in_production() -> None:
     admin = AdminSettings(admin_api_keys=STRONG)
 
-    with pytest.raises(WeakSecrets, match="WAYPOST_ADMIN_AUDIT_SECRET is shorter than 32 bytes"):
+    with pytest.raises(WeakSecrets, match="WAYPOST_ADMIN_AUDIT_SECRET is a default published"):
         require_strong("production", admin.secrets())
     require_strong("dev", admin.secrets())  # the local stack and the tests run on it
 
 
-@pytest.mark.parametrize("service", ["ingest", "admin", "dispatcher", "orchestrator"])
+@pytest.mark.parametrize("service", ["ingest", "admin", "dispatcher", "orchestrator", "segmenter"])
 def test_a_service_started_on_published_defaults_exits_before_it_serves(service: str) -> None:
     env = {
         key: value
@@ -159,6 +164,31 @@ def test_a_service_started_on_published_defaults_exits_before_it_serves(service:
     assert done.returncode == 2, done.stderr[-2000:]
     assert '"event": "secrets.refused"' in done.stdout + done.stderr
     assert "refusing to start" in done.stdout + done.stderr
+
+
+def test_write_keys_stay_out_of_the_ingest_settings_repr() -> None:
+    settings = IngestSettings(ingest_write_keys=f"web:{STRONG},app:{STRONG_2}")
+
+    shown = f"{settings!r} {settings} {settings.model_dump()}"
+    assert STRONG not in shown
+    assert STRONG_2 not in shown
+    assert settings.write_keys() == {STRONG: "web", STRONG_2: "app"}
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (None, "is a default published with Waypost"),  # the setting's own default
+        ("change-me-dev-erasure-secret", "is a default published with Waypost"),  # compose's
+        ("9f1c2b7e4d5a6c8b0e3f", "is shorter than 32 bytes"),
+    ],
+)
+def test_the_segmenter_refuses_a_weak_erasure_secret(value: str | None, why: str) -> None:
+    settings = SegmenterSettings() if value is None else SegmenterSettings(erasure_secret=value)
+    with pytest.raises(WeakSecrets, match=f"WAYPOST_ERASURE_SECRET {why}"):
+        require_strong("production", settings.secrets())
+    require_strong("dev", settings.secrets())  # the local stack and the tests run on it
+    assert value is None or value not in repr(settings)
 
 
 def test_the_document_store_url_keeps_its_credentials_out_of_messages() -> None:

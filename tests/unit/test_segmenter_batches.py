@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 from collections.abc import Iterable, MutableMapping
@@ -19,7 +20,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from services.segmenter.adapters.members import MemberIndex
-from services.segmenter.app import CONTACTS, LINKS, MEMBERSHIPS, Contacts
+from services.segmenter.app import (
+    CONTACTS,
+    LINKS,
+    MEMBERSHIPS,
+    Contacts,
+    forgotten_marker,
+    legacy_forgotten_marker,
+)
 from services.segmenter.domain.definitions import Definitions
 from shared.clock import ManualClock
 from shared.conditions import condition_from
@@ -31,6 +39,7 @@ from shared.topics import CONTACT_COMMANDS, DEAD_LETTER, DELIVERY_REPORTS, EVENT
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 KEYS = ("ada", "bob", "cy")
+ERASURE_KEY = b"test-erasure-secret-of-32-bytes!"
 DEFINITIONS = Definitions.of(
     [
         AggregateDefinition.model_validate(
@@ -105,6 +114,7 @@ def shell(tables: dict[str, MutableMapping[bytes, bytes]], log: Log) -> Contacts
         Fixed(),
         clock,
         MemberIndex(),
+        erasure_key=ERASURE_KEY,
     )
 
 
@@ -233,3 +243,40 @@ def identity(output: Output) -> tuple[str, str | None, str]:
         return topic, key, str(body["messageId"])
     found = body.get("event", {}).get("messageId") or body.get("command_id")
     return topic, key, str(found) if found else value.decode()
+
+
+# --- the forgotten marker ----------------------------------------------------------------------
+
+
+def test_a_forgotten_contact_leaves_a_marker_keyed_by_the_erasure_secret_only() -> None:
+    tables, _outputs = run([[event(0, "ada", "view", 0), command(1, "ada", "forget")]])
+
+    plain = hashlib.sha256(b"ada").hexdigest().encode()
+    assert list(tables[LINKS]) == [forgotten_marker(ERASURE_KEY, "ada")]
+    # Nothing in the row is the key's plain hash, which anyone could compute from a guess.
+    assert all(plain not in k and plain not in v for k, v in tables[LINKS].items())
+    assert legacy_forgotten_marker("ada") == b"forgotten:" + plain
+    assert forgotten_marker(b"another-secret-of-32-bytes-long!", "ada") not in tables[LINKS]
+
+
+def test_later_events_of_a_forgotten_contact_are_dropped() -> None:
+    tables, log = fresh_tables(), Log()
+    contacts = shell(tables, log)
+    asyncio.run(contacts.process([event(0, "ada", "view", 0), command(1, "ada", "forget")]))
+    published = len(log.records)
+
+    asyncio.run(contacts.process([event(2, "ada", "identify", 5)]))
+
+    assert b"ada" not in tables[CONTACTS]
+    assert len(log.records) == published
+
+
+def test_a_marker_written_before_the_keyed_digest_is_still_honoured() -> None:
+    tables, log = fresh_tables(), Log()
+    tables[LINKS][legacy_forgotten_marker("ada")] = NOW.isoformat().encode()
+    contacts = shell(tables, log)
+
+    asyncio.run(contacts.process([event(0, "ada", "view", 0), event(1, "bob", "view", 1)]))
+
+    assert list(tables[CONTACTS]) == [b"bob"]
+    assert {key for _topic, key, _value in log.records} == {"bob"}

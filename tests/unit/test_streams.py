@@ -137,6 +137,27 @@ def test_a_scan_sees_the_staged_writes_of_the_batch_in_hand(table: Table) -> Non
     assert dict(table.rows()) == {b"kept": b"1", b"new": b"2"}
 
 
+def test_stored_rows_are_read_in_slices_from_a_key_on(table: Table) -> None:
+    focus(0)
+    for key in (b"a", b"b", b"c", b"d", b"e"):
+        table[key] = key.upper()
+    table.apply(0, through=5, current_at=1)  # the offset and time rows are not table rows
+    table[b"f"] = b"F"  # staged: not read
+
+    first = table.rows_from(0, None, 2)
+    second = table.rows_from(0, first[-1][0] + b"\x00", 2)
+    third = table.rows_from(0, second[-1][0] + b"\x00", 2)
+
+    assert [first, second, third] == [
+        [(b"a", b"A"), (b"b", b"B")],
+        [(b"c", b"C"), (b"d", b"D")],
+        [(b"e", b"E")],
+    ]
+    assert table.rows_from(0, b"e\x00", 2) == []
+    table.close(0)
+    assert table.rows_from(0, None, 2) == []  # the partition moved away meanwhile
+
+
 def test_a_database_last_current_too_long_ago_is_dropped_to_be_restored_whole(
     table: Table,
 ) -> None:

@@ -14,7 +14,6 @@ counts against the deadline, so a slow endpoint cannot pile up open connections.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +23,7 @@ import structlog
 
 from services.orchestrator.adapters.webhook_network import DestinationRefused, webhook_client
 from services.orchestrator.domain.destinations import DestinationPolicy
+from shared.bodies import MAX_JSON_DEPTH, BadInput, TooDeep, parse_json, too_deep
 from shared.clock import Clock
 from shared.contracts import WebhookCall, WebhookResult
 from shared.kafka import AsyncProducer
@@ -36,6 +36,10 @@ RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 # The longest answer body kept in the context (bytes); larger answers keep only the status, and
 # reading stops as soon as an answer is known to be larger.
 MAX_BODY_BYTES = 64 * 1024
+# A JSON answer nested deeper than the edge allows keeps only its status too: the instance's
+# context holds the body a few levels further down, and the stored contact state must stay
+# readable (pydantic's JSON parser stops at 200 levels).
+TOO_DEEP = f"answer nested deeper than {MAX_JSON_DEPTH} levels of objects and arrays; body left out"
 SCHEMES = frozenset({"http", "https"})
 
 
@@ -51,6 +55,7 @@ async def call_webhook(
     loop = asyncio.get_running_loop()
     ends_at = None if deadline_seconds is None else loop.time() + deadline_seconds
     attempts = 0
+    ok = False
     status: int | None = None
     error: str | None = _scheme_refusal(call.url)
     body: Any = None
@@ -73,8 +78,10 @@ async def call_webhook(
             status, error = None, f"{type(exc).__name__}: {exc}"
         else:
             status, error = response.status_code, None
-            body = _body_of(response, content)
+            body, left_out = _body_of(response, content)
             if response.is_success:
+                # A body left out is said in `error`; the call itself succeeded.
+                ok, error = True, left_out
                 break
             error = f"HTTP {status}"
             if status not in RETRYABLE_STATUS:
@@ -90,7 +97,7 @@ async def call_webhook(
         call_id=call.call_id,
         contact_key=call.contact_key,
         instance_id=call.instance_id,
-        ok=error is None,
+        ok=ok,
         status=status,
         body=body,
         error=error,
@@ -129,13 +136,19 @@ def _scheme_refusal(url: str) -> str | None:
     return None
 
 
-def _body_of(response: httpx.Response, content: bytes | None) -> Any:
+def _body_of(response: httpx.Response, content: bytes | None) -> tuple[Any, str | None]:
+    """The answer's body (JSON, else text) and, when it is left out, why."""
     if content is None:
-        return None
+        return None, None
     try:
-        return json.loads(content)
-    except ValueError:
-        return content.decode(response.encoding or "utf-8", errors="replace") or None
+        value = parse_json(content)
+    except TooDeep:
+        return None, TOO_DEEP
+    except BadInput:
+        return content.decode(response.encoding or "utf-8", errors="replace") or None, None
+    if too_deep(value, MAX_JSON_DEPTH) is not None:
+        return None, TOO_DEEP
+    return value, None
 
 
 class Webhooks:

@@ -8,6 +8,7 @@ change goes to the changelog partition of the record being handled).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -20,7 +21,9 @@ from services.segmenter.domain.relations import (
     add_relation,
     cap,
     fan_out_copy,
+    has_expired,
     prune,
+    prune_request,
     related_contacts,
     without,
 )
@@ -29,7 +32,7 @@ from shared.contracts import Event, ObjectRelation
 from shared.deadletter import DeadLetters
 from shared.durations import parse_duration
 from shared.ids import stable_id
-from shared.kafka import AsyncProducer, Record
+from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
 from shared.streams import StreamWorker, focus
 from shared.topics import EVENTS, OBJECT_RELATIONS
 
@@ -40,6 +43,10 @@ log = structlog.get_logger(__name__)
 # (1 MB by default). Fixed once data exists: a different count would orphan the stored rows.
 SHARDS = 128
 FAN_OUT_BATCH = 1_000
+# The sweep reads this many rows at a time (a row of a popular object holds thousands of
+# contacts), and looks this often whether it is due.
+SWEEP_SLICE = 100
+SWEEP_LOOK_SECONDS = 60.0
 
 
 class RelationIndex:
@@ -55,9 +62,13 @@ class RelationIndex:
 
     Memory: an entry keeps the contacts related within `keep()` (the longest `within` of the
     live triggers), pruned whenever a row is written, and at most `max_contacts` contacts,
-    capped per row (`max_contacts / shards` each), dropping the oldest. Rows are only pruned
-    when their object sees a relation or a fan-out, so an object nobody touches again keeps its
-    last rows (small, and bounded by the cap) until something does.
+    capped per row (`max_contacts / shards` each), dropping the oldest. An object nobody touches
+    again is pruned by the sweep: at the start, after every change of the assignment and every
+    `sweep_seconds`, the owned partitions' rows are read in slices, and each object holding a
+    relation older than `keep()` gets a `prune` record on its own key, which this processor
+    handles like any record (so the pruning reaches the changelog in order with the object's
+    other records, and a relation recorded meanwhile is kept). With no live trigger (`keep()`
+    is zero) nothing is pruned by age, by the sweep or a write.
     """
 
     def __init__(
@@ -71,7 +82,9 @@ class RelationIndex:
         max_contacts: int = MAX_CONTACTS,
         shards: int = SHARDS,
         batch: int = FAN_OUT_BATCH,
+        sweep_seconds: float | None = None,
     ) -> None:
+        self.worker = worker
         self.producer = producer
         self.dead_letters = dead_letters
         self.clock = clock
@@ -81,6 +94,12 @@ class RelationIndex:
         self.batch = batch
         self.relations = worker.table("relations")
         worker.consume([OBJECT_RELATIONS.name], self.process)
+        self.sweep_every = None if sweep_seconds is None else timedelta(seconds=sweep_seconds)
+        # When the next sweep is due (None: at the next look, after a start or a rebalance).
+        self._next_sweep: datetime | None = None
+        if sweep_seconds is not None:
+            worker.on_assigned(self._swept_soon)
+            worker.every(min(SWEEP_LOOK_SECONDS, sweep_seconds), self.sweep_if_due)
 
     async def process(self, records: list[Record]) -> None:
         """Apply records one at a time, in order (a fan-out waits for its copies' acks)."""
@@ -100,6 +119,8 @@ class RelationIndex:
             await self.fan_out(
                 relation.object_key, relation.event, relation.at, parse_duration(relation.within)
             )
+        elif relation.kind == "prune":
+            self.prune(relation.object_key)
         else:
             raise ValueError(f"incomplete {relation.kind} record")
 
@@ -141,6 +162,78 @@ class RelationIndex:
             message_id=origin.message_id,
             contacts=len(contacts),
         )
+
+    def prune(self, object_key: str) -> None:
+        """Prune every row of the object as a write would (asked by the sweep)."""
+        for shard in range(self.shards):
+            row = self._row(object_key, shard)
+            state = self._load(row)
+            if state is None:
+                continue
+            kept = self._pruned(object_key, state)
+            if kept != state:
+                self._store(row, kept)
+
+    # --- the sweep -----------------------------------------------------------------------------
+
+    def _swept_soon(self, _owned: frozenset[int]) -> None:
+        self._next_sweep = None
+
+    async def sweep_if_due(self) -> None:
+        now = self.clock.now()
+        if self.sweep_every is None or (self._next_sweep is not None and now < self._next_sweep):
+            return
+        self._next_sweep = now + self.sweep_every
+        try:
+            await self.sweep()
+        except (DeliveryFailed, ProducerBusy) as exc:
+            self._next_sweep = None  # the whole sweep again at the next look
+            log.warning("relations.sweep_publish_failed", error=str(exc))
+
+    async def sweep(self) -> int:
+        """Ask for a `prune` of every object of the owned partitions that holds a relation older
+        than `keep()`; the number of objects asked for. Reads a slice of rows at a time and lets
+        the worker's batches run in between."""
+        keep = self.keep()
+        if keep <= timedelta(0):
+            return 0  # no live trigger (or definitions not read yet): nothing ages out
+        now = self.clock.now()
+        rows = 0
+        pending: list[str] = []
+        last: str | None = None
+        sent = 0
+        for partition in sorted(self.worker.owned()):
+            start: bytes | None = None
+            while found := self.relations.rows_from(partition, start, SWEEP_SLICE):
+                rows += len(found)
+                for key, value in found:
+                    object_key = key.rpartition(b"\x00")[0].decode()
+                    if object_key == last:
+                        continue  # an object's rows sit next to each other: asked for once
+                    if has_expired(json.loads(value), now, keep):
+                        pending.append(object_key)
+                        last = object_key
+                if len(pending) >= self.batch:
+                    sent += await self._ask_prune(pending, now)
+                    pending = []
+                start = found[-1][0] + b"\x00"  # the first key after the last one read
+                await asyncio.sleep(0)
+        sent += await self._ask_prune(pending, now)
+        log.info(
+            "relations.swept",
+            rows=rows,
+            objects_to_prune=sent,
+            keep_seconds=keep.total_seconds(),
+            seconds=round((self.clock.now() - now).total_seconds(), 3),
+        )
+        return sent
+
+    async def _ask_prune(self, objects: list[str], now: datetime) -> int:
+        if objects:
+            await self.producer.send_all(
+                (OBJECT_RELATIONS.name, key, prune_request(key, now).to_wire()) for key in objects
+            )
+        return len(objects)
 
     def _pruned(self, object_key: str, state: RelationState) -> RelationState | None:
         keep = self.keep()

@@ -34,6 +34,7 @@ from shared.profiles import (
     capped_traits,
     first_profile,
     merged_counts,
+    with_anonymous_id,
 )
 
 # Message ids are remembered for at least this long (grouped by the hour they were seen).
@@ -102,13 +103,19 @@ def apply(
         # Also among the profile's most recent ids (kept beyond the day, up to a count).
         return Outcome(row, duplicate=True)
     profile = applied.profile
+    dropped = applied.dropped
     link = event.previous_id if event.type == "alias" else event.anonymous_id
     known = before.anonymous_ids if before is not None else ()
     linked = None
     if event.user_id and link and link != event.user_id and link not in known:
-        linked = link
-        if link not in profile.anonymous_ids:
-            profile = profile.model_copy(update={"anonymous_ids": (*profile.anonymous_ids, link)})
+        ids, unlinked = with_anonymous_id(profile.anonymous_ids, link, limits)
+        if unlinked:
+            # Past the limit: no merge, so the anonymous id stays a contact of its own (and
+            # every id merged in stays listed, which erasure forwards to).
+            dropped = tuple(dict.fromkeys((*dropped, *unlinked)))
+        else:
+            linked = link
+            profile = profile.model_copy(update={"anonymous_ids": ids})
     states = dict(row.aggregates) if row is not None else {}
     counting = defs.compiled.by_event.get(event.label, ())
     facts: Facts | None = None
@@ -136,7 +143,7 @@ def apply(
         seen=_remember(base.seen, digest, now),
         linked=linked,
     )
-    return _with_dropped(settled, applied.dropped)
+    return _with_dropped(settled, dropped)
 
 
 def command(
@@ -180,9 +187,10 @@ def absorb(
     new_traits = {k: v for k, v in theirs.traits.items() if k not in mine.profile.traits}
     traits, dropped_traits = capped_traits(mine.profile.traits, new_traits, limits)
     counts, dropped_counts = merged_counts(mine.profile.event_counts, theirs.event_counts, limits)
+    anonymous_ids, dropped_ids = _merged_ids(mine.profile.anonymous_ids, other_key, theirs, limits)
     profile = mine.profile.model_copy(
         update={
-            "anonymous_ids": _union(mine.profile.anonymous_ids, (other_key, *theirs.anonymous_ids)),
+            "anonymous_ids": anonymous_ids,
             "traits": traits,
             "tags": _union(mine.profile.tags, theirs.tags),
             "consent": merged_consent(mine.profile.consent, theirs.consent),
@@ -215,7 +223,9 @@ def absorb(
             "absorbed": (*mine.absorbed, other_key),
         }
     )
-    return _with_dropped(_settle(updated, (), origin, defs, now), dropped_traits + dropped_counts)
+    return _with_dropped(
+        _settle(updated, (), origin, defs, now), dropped_traits + dropped_counts + dropped_ids
+    )
 
 
 def memberships(
@@ -358,6 +368,23 @@ def _pruned(seen: dict[str, list[str]], now: datetime) -> dict[str, list[str]]:
 
 def _horizon(now: datetime) -> float:
     return now.timestamp() - DEDUPE_WINDOW.total_seconds() - _HOUR
+
+
+def _merged_ids(
+    mine: tuple[str, ...], other_key: str, theirs: Profile, limits: ProfileLimits
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The anonymous ids after merging `other_key`'s history: `other_key` always (its history
+    is here now, and erasure is forwarded to every listed id; it was linked within the limit),
+    then the other ids it had, up to `max_anonymous_ids`."""
+    ids = _union(mine, (other_key,))
+    extra = [i for i in theirs.anonymous_ids if i not in ids]
+    room = max(0, limits.max_anonymous_ids - len(ids))
+    if len(extra) <= room:
+        return (*ids, *extra), ()
+    return (*ids, *extra[:room]), (
+        f"{len(extra) - room} anonymous ids of the merged contact not linked: the profile "
+        f"already links {limits.max_anonymous_ids} anonymous ids",
+    )
 
 
 def _union(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:

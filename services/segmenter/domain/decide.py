@@ -157,7 +157,7 @@ class DeleteAlias:
 
 @dataclass(frozen=True)
 class Suppress:
-    """Keep only the hashed key of a forgotten contact, and when it was forgotten."""
+    """Keep only a keyed digest of a forgotten contact's key, and when it was forgotten."""
 
     contact_key: str
     at: datetime
@@ -386,9 +386,10 @@ def _changed(
 
 
 def _forget(view: ContactView, key: str, command: ContactCommand, now: datetime) -> list[Command]:
-    """Erase every row kept for the contact; keep only a hashed suppression record. Anonymous
-    histories merged into the contact are erased on their own partitions too, and the contact
-    leaves every object of the fan-out index it is related to (on the objects' partitions)."""
+    """Erase every row kept for the contact; keep only a suppression record under a keyed digest.
+    Anonymous histories merged into the contact are erased on their own partitions too, and the
+    contact leaves every object of the fan-out index it is related to (on the objects'
+    partitions)."""
     row = view.row()
     blank = Profile(contact_key=key, first_seen=now, last_seen=now, updated_at=now)
     profile = row.profile if row is not None else blank

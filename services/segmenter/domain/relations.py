@@ -7,7 +7,8 @@ milliseconds of their latest relation, and a fan-out hands one copy of the objec
 contact related recently enough.
 
 Bounded memory: an entry keeps only contacts related within `keep` (the longest `within` of the
-live triggers), pruned on every write, and at most `max_contacts` of them (the newest).
+live triggers), pruned on every write and by a periodic sweep (`prune` records for the entries
+nobody writes any more), and at most `max_contacts` of them (the newest).
 
 Erasure: the contact's own row lists the objects it is related to (`related_objects`), so a
 forgotten contact takes itself out of each of them with an `unrelated` record routed to the
@@ -17,6 +18,7 @@ holds a contact its row does not name.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +38,10 @@ MAX_CONTACTS = 1_000_000
 # Objects one contact's row remembers (the most recently related); past it, the oldest relations
 # are taken out of the index too.
 MAX_OBJECTS = 1_000
+# A property value longer than this (bytes, as UTF-8) names its object by its SHA-256 instead,
+# so an object key stays short: the contact's row lists up to `MAX_OBJECTS` of them, and an
+# event may carry a value of some 32 KB.
+MAX_OBJECT_VALUE_BYTES = 64
 
 # contact key -> epoch milliseconds of the contact's latest relation to the object (JSON-ready).
 RelationState = dict[str, int]
@@ -56,9 +62,14 @@ def object_key(event_name: str, prop: str, value: Any) -> str:
     """`<event>|<property>|<value>`: strings as they are, anything else as canonical JSON.
 
     So `7` and `"7"` name the same object: clients often send an id as a number in one event and
-    as a string in another.
+    as a string in another. A value longer than `MAX_OBJECT_VALUE_BYTES` is `sha256:<hex>` of
+    that text: the relation and the object event derive the same key from the same value, so a
+    fan-out still finds its contacts (a long URL as the object, say).
     """
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) > MAX_OBJECT_VALUE_BYTES:
+        text = f"sha256:{hashlib.sha256(raw).hexdigest()}"
     return f"{event_name}|{prop}|{text}"
 
 
@@ -200,6 +211,17 @@ def prune(
     if max_contacts is not None:
         fresh = cap(fresh, max_contacts)
     return fresh or None
+
+
+def has_expired(state: Mapping[str, int], now: datetime, keep: timedelta) -> bool:
+    """Whether the entry holds a contact related before `now - keep` (what `prune` drops)."""
+    oldest = epoch_ms(now - keep)
+    return any(at < oldest for at in state.values())
+
+
+def prune_request(object_key: str, now: datetime) -> ObjectRelation:
+    """A `prune` record: the index prunes the object's entry as a write to it would."""
+    return ObjectRelation(kind="prune", object_key=object_key, at=now)
 
 
 def cap(state: Mapping[str, int], max_contacts: int) -> RelationState:

@@ -1,0 +1,153 @@
+"""The dispatcher's delivery reports (`Dispatcher.on_report`): consent changes and erasures are
+acted on only when Waypost sent them; the same names from anywhere else are dropped with a
+warning. The tables are real RocksDB databases of a table (no broker); the template store and the
+suppression list are real clients that are never connected (no report reads them)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+from structlog.testing import capture_logs
+
+from services.dispatcher.adapters.metrics import DispatchMetrics
+from services.dispatcher.adapters.store import Templates
+from services.dispatcher.adapters.suppressions import SuppressionList
+from services.dispatcher.adapters.tables import Caps, Consent, ForgottenContacts, Ledger
+from services.dispatcher.handlers import Dispatcher, Stores
+from services.dispatcher.settings import DispatcherSettings
+from shared.clock import ManualClock
+from shared.contracts import Event
+from shared.deadletter import DeadLetters
+from shared.kafka import CompactedTopicView, Record
+from shared.links import LinkSigner
+from shared.streams import Table, focus
+from shared.system_events import CONTACT_FORGOTTEN, UNSUBSCRIBED
+from shared.topics import DELIVERY_REPORTS, SUPPRESSIONS
+
+T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
+SECRET = b"test-suppression-secret"
+
+
+class Outbox:
+    """The producer as the dead letters see it: keeps what would be sent."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str | None, bytes | None]] = []
+
+    async def send(self, topic: str, key: str | None, value: bytes | None) -> None:
+        self.records.append((topic, key, value))
+
+    async def send_all(self, records: Any) -> None:
+        self.records.extend(records)
+
+
+class Reports:
+    """A dispatcher over real tables, and what its reports left in them."""
+
+    def __init__(self, folder: Path, mongo: AsyncMongoClient[dict[str, Any]]) -> None:
+        self.tables = {name: Table(name, f"{name}-changelog", folder) for name in TABLES}
+        for table in self.tables.values():
+            table.open(0)
+        clock = ManualClock(T0)
+        self.outbox = Outbox()
+        self.forgotten = ForgottenContacts(self.tables["forgotten"], SECRET)
+        self.consent = Consent(self.tables["consent"])
+        stores = Stores(
+            Ledger(self.tables["ledger"], _no_gate),
+            Templates(mongo["waypost"], time.monotonic),
+            Caps(self.tables["caps"]),
+            self.consent,
+            SuppressionList(
+                CompactedTopicView("127.0.0.1:1", SUPPRESSIONS.name),
+                self.outbox,  # type: ignore[arg-type]
+                SECRET,
+            ),
+            self.forgotten,
+        )
+        self.dispatcher = Dispatcher(
+            DispatcherSettings(),
+            clock,
+            stores,
+            {},
+            LinkSigner("test-link-secret", "http://127.0.0.1:8000"),
+            self.outbox,  # type: ignore[arg-type]
+            DeadLetters(self.outbox, "dispatcher", clock),  # type: ignore[arg-type]
+            DispatchMetrics(),
+            time.monotonic,
+        )
+
+    async def report(self, event: Event, offset: int = 0) -> None:
+        record = Record(DELIVERY_REPORTS.name, 0, offset, event.contact_key, event.to_wire())
+        await self.dispatcher.on_report(record)
+
+    def close(self) -> None:
+        for table in self.tables.values():
+            table.close(0)
+
+
+TABLES = ("ledger", "caps", "consent", "forgotten")
+
+
+async def _no_gate() -> None:
+    return None
+
+
+@pytest.fixture
+async def reports(tmp_path: Path) -> AsyncIterator[Reports]:
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        "mongodb://127.0.0.1:1", connect=False
+    )
+    focus(0)
+    made = Reports(tmp_path, mongo)
+    yield made
+    made.close()
+    focus(None)
+    await mongo.close()
+
+
+def report(name: str, source: str | None, message_id: str) -> Event:
+    return Event(
+        type="track",
+        event=name,
+        user_id="ada",
+        message_id=message_id,
+        timestamp=T0,
+        received_at=T0,
+        properties={"channel": "email"},
+        source=source,
+    )
+
+
+@pytest.mark.parametrize("source", ["web", None, "waypostal"])
+async def test_an_unsubscribe_or_erasure_not_from_waypost_is_dropped_with_a_warning(
+    reports: Reports, source: str | None
+) -> None:
+    with capture_logs() as logs:
+        await reports.report(report(UNSUBSCRIBED, source, "m-1"), 0)
+        await reports.report(report(CONTACT_FORGOTTEN, source, "m-2"), 1)
+
+    assert await reports.consent.get("ada", "email") is None
+    assert not await reports.forgotten.includes("ada")
+    assert [(line["event"], line["name"], line["source"]) for line in logs] == [
+        ("dispatcher.forged_report", UNSUBSCRIBED, source),
+        ("dispatcher.forged_report", CONTACT_FORGOTTEN, source),
+    ]
+    assert reports.outbox.records == []  # dropped, not dead-lettered
+
+
+async def test_the_same_reports_from_waypost_are_acted_on(reports: Reports) -> None:
+    await reports.report(report(UNSUBSCRIBED, "waypost", "m-1"), 0)
+    consent = await reports.consent.get("ada", "email")
+    assert consent is not None
+    assert not consent.given
+
+    await reports.report(report(CONTACT_FORGOTTEN, "waypost-segmenter", "m-2"), 1)
+
+    assert await reports.forgotten.includes("ada")
+    assert await reports.consent.get("ada", "email") is None  # erased with the contact
