@@ -216,13 +216,6 @@ class AsyncProducer:
         return future
 
     async def send(self, topic: str, key: str | None, value: bytes | None) -> None:
-        """One record, acknowledged when this returns; inside a transaction, queued only: the
-        transaction's commit is its acknowledgement (it waits for every record of the
-        transaction, and a record that failed aborts it), so no delivery report is asked for,
-        and none crosses back to the event loop."""
-        if self._renewable.transactional:
-            await self._enqueue_waiting(topic, _encoded(key), value, None, None)
-            return
         delivered = self.produce(topic, key, value)
         await self._delivery(delivered)
 
@@ -283,16 +276,16 @@ class AsyncProducer:
         key: bytes | None,
         value: bytes | None,
         partition: int | None,
-        on_delivery: Callable[[KafkaError | None, Message], None] | None,
+        on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> None:
         producer = self._renewable.usable()
-        options: dict[str, Any] = {}
-        if partition is not None:
-            options["partition"] = partition
-        if on_delivery is not None:
-            options["on_delivery"] = on_delivery
         try:
-            producer.produce(topic, value=value, key=key, **options)
+            if partition is None:
+                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+            else:
+                producer.produce(
+                    topic, value=value, key=key, partition=partition, on_delivery=on_delivery
+                )
         except KafkaException as exc:
             self._renewable.noticed(exc)
             error = exc.args[0] if exc.args else None
@@ -314,7 +307,7 @@ class AsyncProducer:
         key: bytes | None,
         value: bytes | None,
         partition: int | None,
-        on_delivery: Callable[[KafkaError | None, Message], None] | None,
+        on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> None:
         """Queue one record, waiting (up to QUEUE_FULL_WAIT_SECONDS) while the queue is full."""
         deadline: float | None = None
