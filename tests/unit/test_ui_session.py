@@ -79,10 +79,11 @@ def test_a_csrf_token_holds_for_its_own_session_only() -> None:
 # --- the pages' door, in-process ------------------------------------------------------------
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[httpx.AsyncClient]:
+def _ui_app(contact_commands: Any = None) -> Any:
+    """The admin app with nothing behind it but an audit trail in memory (and, when a test
+    needs them, contact commands that record what was asked)."""
     unused: Any = None
-    app = create_app(
+    return create_app(
         AdminSettings(admin_api_keys=KEYS),
         unused,
         unused,
@@ -94,13 +95,17 @@ async def browser() -> AsyncIterator[httpx.AsyncClient]:
         segment_definitions=unused,
         segment_counts=unused,
         contacts=unused,
-        contact_commands=unused,
+        contact_commands=contact_commands,
         audit_trail=MemoryTrail(),
         clock=ManualClock(NOW),
         insights=unused,
         dead_letters=unused,
     )
-    transport = httpx.ASGITransport(app=app)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=_ui_app())
     async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
         yield client
 
@@ -285,27 +290,8 @@ class RecordedCommands:
 
 
 async def test_forgetting_from_the_ui_names_the_contact_nowhere_in_the_next_address() -> None:
-    unused: Any = None
     commands = RecordedCommands()
-    app = create_app(
-        AdminSettings(admin_api_keys=KEYS),
-        unused,
-        unused,
-        unused,
-        unused,
-        drafts=unused,
-        templates=unused,
-        definitions=unused,
-        segment_definitions=unused,
-        segment_counts=unused,
-        contacts=unused,
-        contact_commands=commands,
-        audit_trail=MemoryTrail(),
-        clock=ManualClock(NOW),
-        insights=unused,
-        dead_letters=unused,
-    )
-    transport = httpx.ASGITransport(app=app)
+    transport = httpx.ASGITransport(app=_ui_app(contact_commands=commands))
     async with httpx.AsyncClient(transport=transport, base_url="http://admin") as browser:
         token = _form_token(await _sign_in(browser, OPS))
         answer = await browser.post(
