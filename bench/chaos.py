@@ -52,6 +52,7 @@ from bench.dispatch import (
     ROOT,
     SMS_CALLBACK_DELAY,
     Committed,
+    control,
     produce,
     start_stack,
     store_templates,
@@ -160,14 +161,6 @@ def sends_of(batch: Sequence[SendRequest]) -> list[Send]:
     ]
 
 
-def reset_sandbox(bench: stack.Stack, latency_ms: float) -> None:
-    httpx.post(f"{bench.outbox_url}/control/reset", timeout=30).raise_for_status()
-    answer = httpx.post(
-        f"{bench.outbox_url}/control/latency", json={"seconds": latency_ms / 1000}, timeout=30
-    )
-    answer.raise_for_status()
-
-
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -246,7 +239,7 @@ def reached(done: Callable[[], int], target: int) -> bool:
 
 def sigkill_phase(bench: stack.Stack, db: Any, args: argparse.Namespace) -> Tally:
     say(f"sigkill: {args.sends} sends (3 emails to 1 SMS), {args.kills} SIGKILLs")
-    reset_sandbox(bench, args.latency_ms)
+    control(bench, args.latency_ms)
     batch = requests("sigkill", args.sends, lambda n: "sms" if n % 4 == 3 else "email")
     produce(bench, [(r.contact_key, r.to_wire()) for r in batch])
     done = follow(bench, len(batch), "sigkill")
@@ -287,7 +280,7 @@ def sigstop_phase(bench: stack.Stack, db: Any, args: argparse.Namespace) -> Tall
         f"sigstop: {args.zombie_sends} SMS over two workers at {args.zombie_latency_ms:g} ms, "
         "the first stopped past its session mid-batch, then resumed"
     )
-    reset_sandbox(bench, args.zombie_latency_ms)
+    control(bench, args.zombie_latency_ms)
     bench.start_service("dispatcher")
     bench.start_service("dispatcher", worker=2, env={"WAYPOST_METRICS_PORT": "0"})
     try:
