@@ -42,8 +42,10 @@ class DispatcherSettings(StreamSettings):
     # How long a configuration error (bad credentials, bad template id) pauses its channel.
     provider_pause_seconds: float = Field(default=60.0, gt=0)
     provider_timeout_seconds: float = Field(default=15.0, gt=0)
-    # Idle HTTP connections to the providers (SMS, push, WeChat) are closed after this long.
-    http_keepalive_seconds: float = Field(default=30.0, gt=0)
+    # Idle HTTP connections to the providers (SMS, push, WeChat) are closed after this long:
+    # keep it under the providers' own idle timeout (5 s for uvicorn, Node and Apache), or a
+    # busy worker may send into a connection the provider already dropped and get no answer.
+    http_keepalive_seconds: float = Field(default=4.0, gt=0)
     # Provider rate limits, messages per second per worker (0 = unlimited).
     rate_email: float = Field(default=0.0, ge=0)
     rate_sms: float = Field(default=0.0, ge=0)

@@ -104,7 +104,13 @@ def _outage(
     traffic.start()
     down = False
     try:
-        wait_for(lambda: len(arrived()) >= 10, timeout=120, what="emails flowing before")
+        try:
+            wait_for(lambda: len(arrived()) >= 10, timeout=120, what="emails flowing before")
+        except AssertionError as exc:
+            # Which stage held them: were the calls acknowledged, did the journey see them?
+            raise AssertionError(
+                f"{exc}; {_where_they_stand(stack, run, traffic, arrived())}"
+            ) from None
         take_down()
         down = True
         went_down = time.monotonic()
@@ -152,6 +158,19 @@ def _outage(
     print(
         f"\n{name}: {len(expected)} shoppers acknowledged, {traffic.refused} calls repeated "
         f"during the outage, every email delivered once"
+    )
+
+
+def _where_they_stand(stack: Any, run: str, traffic: Traffic, emails: Counter[str]) -> str:
+    """The traffic's and the journey's counts, for a failure message."""
+    try:
+        answer = httpx.get(f"{stack.admin_url}/v1/stats", headers=ADMIN, timeout=30)
+        journey = answer.json().get("journeys", {}).get(run)
+    except (httpx.HTTPError, ValueError) as exc:
+        journey = f"unreadable ({exc!r})"
+    return (
+        f"{len(traffic.acknowledged)} shoppers acknowledged, {traffic.refused} calls repeated, "
+        f"{len(emails)} emails, journey stats {journey}"
     )
 
 
