@@ -190,3 +190,23 @@ async def test_bad_credentials_are_a_configuration_error(
     outcome = await senders(settings).send(_delivery("ada@example.com"))
     assert outcome.kind == "config"
     assert outcome.code == "535"
+
+
+def test_a_message_with_html_has_a_boundary_of_its_own_and_both_parts_intact() -> None:
+    """The boundary is ours (random per message, never one the generator had to search the
+    parts for), and the wire bytes parse back into the text and HTML that were sent."""
+    sender = SmtpSender(_settings(1), ShiftedClock())
+    delivery = _delivery("ada@example.com")
+    first, second = (sender.compose(delivery) for _ in range(2))
+    raw = sender.wire(first)
+    boundary = first.get_boundary()
+    assert boundary is not None
+    assert boundary.startswith("=_waypost_")
+    assert boundary != second.get_boundary()
+    assert f"\r\n--{boundary}--\r\n".encode() in raw
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    parts = {part.get_content_type(): part.get_content() for part in parsed.iter_parts()}
+    content = delivery.content
+    assert isinstance(content, EmailContent)
+    assert parts == {"text/plain": content.text, "text/html": content.html}
