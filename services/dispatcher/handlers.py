@@ -107,9 +107,10 @@ TRACKED = {
 
 def log_outcome(message_id: str, state: str, reason: str | None) -> None:
     """A message's final state in the log: a message sent at debug, any other outcome at info.
-    At hundreds of sends a second, a line for each sent message was a tenth of the worker's CPU
-    (the SMS profile of bench/dispatch.py) and most of its log; the ledger and its `messages`
-    view keep every outcome, and `waypost_dispatcher_outcomes` counts them."""
+    At hundreds of sends a second, a line for each sent message was most of the worker's log
+    (and a tenth of its samples in a profile of bench/dispatch.py's SMS run, though the bench
+    measured no change in CPU); the ledger and its `messages` view keep every outcome, and
+    `waypost_dispatcher_outcomes` counts them."""
     emit = log.debug if state == "sent" else log.info
     emit("dispatcher.outcome", message_id=message_id, state=state, reason=reason)
 
