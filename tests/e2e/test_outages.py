@@ -143,9 +143,7 @@ def _outage(
     wait_drained(stack, timeout=300)
 
     def entered() -> int:
-        answer = httpx.get(f"{stack.admin_url}/v1/stats", headers=ADMIN, timeout=30)
-        journeys: dict[str, dict[str, int]] = answer.json()["journeys"]
-        return journeys.get(run, {}).get("entered", 0)
+        return (_journey_stats(stack, run) or {}).get("entered", 0)
 
     # The admin's journey-log view followed through the outage too.
     wait_for(lambda: entered() == len(expected), timeout=120, what="the journey log complete")
@@ -161,12 +159,19 @@ def _outage(
     )
 
 
+def _journey_stats(stack: Any, run: str) -> dict[str, int] | None:
+    """The admin's counts of the run's journey (None: none yet)."""
+    answer = httpx.get(f"{stack.admin_url}/v1/stats", headers=ADMIN, timeout=30)
+    journeys: dict[str, dict[str, int]] = answer.json()["journeys"]
+    return journeys.get(run)
+
+
 def _where_they_stand(stack: Any, run: str, traffic: Traffic, emails: Counter[str]) -> str:
     """The traffic's and the journey's counts, for a failure message."""
+    journey: object
     try:
-        answer = httpx.get(f"{stack.admin_url}/v1/stats", headers=ADMIN, timeout=30)
-        journey = answer.json().get("journeys", {}).get(run)
-    except (httpx.HTTPError, ValueError) as exc:
+        journey = _journey_stats(stack, run)
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
         journey = f"unreadable ({exc!r})"
     return (
         f"{len(traffic.acknowledged)} shoppers acknowledged, {traffic.refused} calls repeated, "

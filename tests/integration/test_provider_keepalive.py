@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ import uvicorn
 
 from services.dispatcher.channels.http import ProviderClient, RequestMaybeSent
 from services.dispatcher.settings import DispatcherSettings
+from tests.e2e.helpers import wait_for
 
 # The server's keep-alive timeout in these tests (uvicorn's default is 5 s).
 SERVER_IDLE_SECONDS = 1
@@ -56,7 +56,7 @@ def server() -> Iterator[tuple[_Server, str]]:
     running = _Server(config)
     thread = threading.Thread(target=running.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
-    _wait(lambda: running.started, "the server to start")
+    wait_for(lambda: running.started, timeout=10, what="the server to start")
     try:
         yield running, f"http://127.0.0.1:{port}/send"
     finally:
@@ -65,22 +65,18 @@ def server() -> Iterator[tuple[_Server, str]]:
         listener.close()
 
 
-def _wait(condition: Any, what: str, timeout: float = 10.0) -> None:
-    """Block the calling thread (and so its event loop: a busy worker) until `condition`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)  # a poll step of the deadline-bounded wait above
-
-
 async def _after_the_server_dropped_it(server: _Server, client: ProviderClient, url: str) -> Any:
     """One call, then a second one once the server closed the idle connection, while the
     client's loop was busy (it has not read that close)."""
     first = await client.post(url, data=b"{}")
     assert first.status_code == 200
     await asyncio.sleep(0)  # the answer is read; the connection goes back to the pool
-    _wait(lambda: not server.server_state.connections, "the server to drop the idle connection")
+    # Blocking this thread blocks the client's event loop too, as a busy worker's would be.
+    wait_for(
+        lambda: not server.server_state.connections,
+        timeout=10,
+        what="the server to drop the idle connection",
+    )
     return await client.post(url, data=b"{}")
 
 
