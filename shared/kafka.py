@@ -94,9 +94,10 @@ QUEUE_FULL_WAIT_SECONDS = 30.0
 
 def fatal_error(exc: BaseException) -> bool:
     """Whether `exc` is librdkafka's fatal error: its producer can do nothing more (for a
-    transactional one: it was fenced)."""
+    transactional one: it was fenced). A call made after the error raises it with only the
+    code `_FATAL` ("Unable to produce message: Local: Fatal error"), not flagged fatal."""
     error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-    return isinstance(error, KafkaError) and error.fatal()
+    return isinstance(error, KafkaError) and (error.fatal() or error.code() == KafkaError._FATAL)
 
 
 class RenewableProducer:
@@ -104,14 +105,16 @@ class RenewableProducer:
 
     librdkafka reports some failures of an idempotent producer as fatal (its sequence numbers
     can no longer be reconciled with the broker's, say after the broker restarted): that
-    instance never sends again. Its replacement starts a new producer id; what the old one
-    still held is purged, which fails it back to its senders, whose outage retries send it
-    again (consumers de-duplicate). A transactional producer is not replaced: its owner must
+    instance never sends again. confluent-kafka raises a fatal error from the `poll` that
+    serves it (it never reaches an `error_cb`), and from every call made afterwards; either is
+    handed to `noticed`. The replacement starts a new producer id; what the old one still held
+    is purged, which fails it back to its senders, whose outage retries send it again
+    (consumers de-duplicate). A transactional producer is not replaced: its owner must
     register a new one and fence the old (`init_transactions`), so its fatal error is raised.
     """
 
     def __init__(self, config: Mapping[str, Any], name: str) -> None:
-        self._config = {**config, "error_cb": self._on_error}
+        self._config = dict(config)
         self._name = name
         self._failed = threading.Event()
         self._retired: list[Producer] = []
@@ -123,15 +126,11 @@ class RenewableProducer:
     def transactional(self) -> bool:
         return "transactional.id" in self._config
 
-    def _on_error(self, err: KafkaError) -> None:
-        """librdkafka's global errors, from a poll; the others it recovers from by itself."""
-        if err.fatal():
-            log.error("kafka.producer_failed", producer=self._name, error=str(err))
-            self._failed.set()
-
     def noticed(self, exc: KafkaException) -> None:
-        """A call raised `exc`: remember when it says the producer failed for good."""
+        """A call or a poll raised `exc`: remember when it says the producer failed for good."""
         if fatal_error(exc):
+            if not self._failed.is_set():
+                log.error("kafka.producer_failed", producer=self._name, error=str(exc))
             self._failed.set()
 
     def usable(self) -> Producer:
@@ -144,12 +143,13 @@ class RenewableProducer:
             log.warning("kafka.producer_renewed", producer=self._name)
         return self.current
 
-    def replace_wedged(self) -> None:
-        """A new producer in place of one whose call never returned (`ProducerWedged`)."""
+    def replace_wedged(self, reason: str) -> None:
+        """A new producer in place of one whose call never returned (`ProducerWedged`) or that
+        was fenced: the old one is kept, never touched again."""
         self._wedged.append(self.current)
         self.current = Producer(self._config)
         self._failed.clear()
-        log.warning("kafka.producer_renewed", producer=self._name, reason="wedged")
+        log.warning("kafka.producer_renewed", producer=self._name, reason=reason)
 
     @property
     def retiring(self) -> bool:
@@ -194,9 +194,19 @@ class AsyncProducer:
         return self._renewable.current
 
     def _poll(self) -> None:
+        """Serve delivery reports until closed. Nothing a poll raises ends this thread: every
+        pending `send` waits on the reports it serves, and after a fatal error they are what
+        fails the records the producer held (purged), so their senders learn of it."""
         while not self._stopping.is_set():
-            self._producer.poll(0.05)
-            self._renewable.poll_retired()
+            try:
+                self._producer.poll(0.05)
+                self._renewable.poll_retired()
+            except KafkaException as exc:  # a fatal error is raised once, by the poll serving it
+                self._renewable.noticed(exc)
+                if not fatal_error(exc):
+                    log.error("kafka.poll_failed", error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - a delivery callback failed; serve the rest
+                log.error("kafka.poll_failed", error=f"{type(exc).__name__}: {exc}")
 
     def produce(
         self, topic: str, key: str | None, value: bytes | None, partition: int | None = None
@@ -381,11 +391,11 @@ class AsyncProducer:
     async def abort_transaction(self) -> None:
         await _transactional(lambda: self._producer.abort_transaction(TRANSACTION_CALL_SECONDS))
 
-    def renew(self) -> None:
-        """Replace a wedged transactional producer with a new one of the same transactional id:
-        `init_transactions` must be awaited next, which fences the old one and settles the
-        transaction it left open."""
-        self._renewable.replace_wedged()
+    def renew(self, reason: str) -> None:
+        """Replace a wedged or fenced transactional producer (`reason`) with a new one of the
+        same transactional id: `init_transactions` must be awaited next, which fences the old
+        one and settles the transaction it left open."""
+        self._renewable.replace_wedged(reason)
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)

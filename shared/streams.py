@@ -679,8 +679,10 @@ class StreamWorker:
         # The generation the batch was fetched in: every commit of the batch names it, so a
         # worker that was cut off meanwhile cannot commit it even after it rejoined the group.
         self._group = consumer.consumer_group_metadata()
-        self.producer.begin_transaction()
         try:
+            # Inside the `try`: a producer fenced since the last batch raises its fatal error
+            # here, and is replaced like one fenced during a batch.
+            self.producer.begin_transaction()
             await self._process(records)
             # Inside a transaction an undelivered record cannot be sent again: the transaction
             # is doomed, so the batch is aborted and read again, not retried in place.
@@ -694,8 +696,8 @@ class StreamWorker:
             await self._after_wedged(str(exc))
             return
         except TransactionDoomed as exc:
-            await self._abort_doomed()
-            self._abandon(consumer, start, f"transaction doomed: {exc}")
+            if await self._abort_doomed(start):
+                self._abandon(consumer, start, f"transaction doomed: {exc}")
             return
         except BaseException as exc:
             for table in self.tables.values():
@@ -758,7 +760,7 @@ class StreamWorker:
                 return
             except ProducerWedged as exc:
                 log.error("stream.producer_wedged", error=str(exc))
-                self.producer.renew()
+                self.producer.renew("wedged")
 
     async def _after_wedged(self, why: str) -> None:
         """A transactional call never returned: a new producer fences the old one and settles
@@ -769,12 +771,12 @@ class StreamWorker:
         for table in self.tables.values():
             table.discard_staged()
         log.error("stream.producer_wedged", error=why)
-        await self._start_over()
+        await self._start_over("wedged")
 
-    async def _start_over(self) -> None:
+    async def _start_over(self, reason: str) -> None:
         """A new producer of the same transactional id (it fences the old one and settles the
         transaction that one left open); the group joined again, the tables restored."""
-        self.producer.renew()
+        self.producer.renew(reason)
         await self._init_transactions()
         self._reread = True
 
@@ -785,22 +787,27 @@ class StreamWorker:
         transactional id, and the worker joins its group again and restores its tables, as
         after a restart, rather than ending the process."""
         log.warning("stream.fenced", partitions=sorted({p for _t, p in start}), reason=why)
-        await self._start_over()
+        await self._start_over("fenced")
 
-    async def _abort_doomed(self) -> None:
+    async def _abort_doomed(self, start: dict[tuple[str, int], int]) -> bool:
         """Abort a doomed transaction, asking again while the broker is away (the next batch
-        cannot begin before it), then give the broker a moment before the batch is read again."""
+        cannot begin before it), then give the broker a moment before the batch is read again.
+        False when the producer could not abort it and the worker started over instead."""
         while True:
             try:
                 await self.producer.abort_transaction()
                 break
             except ProducerWedged as exc:
                 await self._after_wedged(str(exc))
-                return
+                return False
             except KafkaException as exc:
+                if fatal_error(exc):  # fenced: there is nothing left to abort with it
+                    await self._after_producer_fenced(start, str(exc))
+                    return False
                 log.warning("stream.abort_retry", error=str(exc))
                 await asyncio.sleep(RESTORE_RETRY_SECONDS)
         await asyncio.sleep(RESTORE_RETRY_SECONDS)
+        return True
 
     async def _commit(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
         """Commit the open transaction with `offsets` as the group's committed offsets."""

@@ -123,6 +123,26 @@ class PauseRecord(Protocol):
     ) -> object: ...
 
 
+# Provider calls a worker remembers (`Dispatcher._calls`): for as long as a start-over could
+# take, and no more than this many (a few hundred bytes each, the content left out).
+CALLS_KEPT_SECONDS = 300.0
+CALLS_KEPT = 20_000
+
+
+@dataclass(frozen=True)
+class Called:
+    """A provider call this worker made. Should the batch fail before the call's outcome is
+    committed (a fenced producer: the worker starts over and reads the request again), its
+    answer concludes the try (`progress.AwaitCall`) instead of `unknown`; a call under way then
+    runs to its end rather than being cut off, which would only leave its outcome unknown."""
+
+    attempt: int
+    began: datetime
+    address: str
+    call: asyncio.Future[Outcome]
+    at: float  # when it began, on the worker's monotonic clock
+
+
 @dataclass(frozen=True)
 class Stores:
     ledger: Ledger
@@ -179,6 +199,8 @@ class Dispatcher:
         self._retry_topics = frozenset(topic.name for topic in SEND_RETRIES.values())
         # Provider calls in flight; a batch's other tries wait for a slot.
         self._slots = asyncio.Semaphore(settings.max_in_flight)
+        # The provider calls made lately, by message id, oldest first (`Called`).
+        self._calls: dict[str, Called] = {}
         self._prove_owner: Callable[[], Awaitable[None]] = _outside_a_batch
         # Waits on the outside world within a batch: they stand aside from its group commit.
         self._aside: Callable[[], AbstractAsyncContextManager[None]] = _no_batch_to_leave
@@ -296,10 +318,12 @@ class Dispatcher:
         found = await self.ledger.get(message_id)
         return None if found is None else progress.Entry.of(found)
 
-    def _facts(self, request: SendRequest) -> dict[str, bool]:
+    def _facts(self, request: SendRequest) -> dict[str, Any]:
+        called = self._calls.get(request.message_id)
         return {
             "transactional": request.transactional,
             "reconcilable": self._can_reconcile(request),
+            "called": called.attempt if called is not None else None,
         }
 
     async def _carry_out(
@@ -326,9 +350,18 @@ class Dispatcher:
                 if outcome.kind == "sent" or not resend:
                     if unlisted and await self._ask_later(request, attempt, reconcile_tries):
                         return
-                    await self._conclude(request, outcome, attempt, record, delivery)
+                    address = delivery.address if delivery is not None else None
+                    await self._conclude(request, outcome, attempt, record, address)
                 else:
                     await self._attempt(request, attempt + 1, "resumed", record)
+            case progress.AwaitCall(attempt=attempt):
+                # What `_facts` found; kept, should this batch fail too before it commits.
+                called = self._calls[request.message_id]
+                async with self._aside():
+                    answered = await _answer(called.call, request.channel)
+                await self._after_call(
+                    request, attempt, record, None, answered, called.began, called.address
+                )
             case progress.Conclude(outcome=outcome, attempt=attempt):
                 await self._conclude(request, outcome, attempt, record, None)
             case progress.Done():
@@ -359,17 +392,31 @@ class Dispatcher:
             began = self.clock.now()
             try_id = f"{attempt}:{try_name}"
             if await self.ledger.begin(request.message_id, try_id, attempt, began):
-                outcome: Outcome | None = await self._call(channel, prepared)
+                outcome: Outcome | None = await self._call(channel, prepared, attempt, began)
             else:
                 outcome = None
         if outcome is None:
             await self._after_lost_begin(request, attempt, record)
             return
+        await self._after_call(request, attempt, record, prepared, outcome, began, prepared.address)
+
+    async def _after_call(
+        self,
+        request: SendRequest,
+        attempt: int,
+        record: Record,
+        prepared: Delivery | None,
+        outcome: Outcome,
+        began: datetime,
+        address: str,
+    ) -> None:
+        """What the provider answered, concluded (an unknown SMS asked about first; `prepared`
+        None: rendered again for the asking)."""
         if outcome.kind == "unknown" and self._can_reconcile(request):
             outcome, _, unlisted = await self._reconciled(request, outcome, prepared, began)
             if unlisted and await self._ask_later(request, attempt, 0):
                 return
-        await self._conclude(request, outcome, attempt, record, prepared)
+        await self._conclude(request, outcome, attempt, record, address)
 
     @asynccontextmanager
     async def _call_slot(self, wait: float) -> AsyncIterator[None]:
@@ -387,17 +434,34 @@ class Dispatcher:
             if held:
                 self._slots.release()
 
-    async def _call(self, channel: Channel, prepared: Delivery) -> Outcome:
-        """The provider call of a try that holds a slot and is durable as `sending`."""
-        try:
-            with self.metrics.in_flight.track_inprogress():
-                await self._prove_owner()
-                async with self._aside():
-                    return await self.providers[channel].send(prepared)
-        except ValueError as exc:
-            # The content or address cannot be written as this provider's request (a header
-            # the email library refuses, text it cannot encode): it never left, and never will.
-            return Outcome("skipped", f"unsendable: {channel}: {type(exc).__name__}: {exc}")
+    async def _call(
+        self, channel: Channel, prepared: Delivery, attempt: int, began: datetime
+    ) -> Outcome:
+        """The provider call of a try that holds a slot and is durable as `sending`, remembered
+        (`Called`): once made, it runs to its end even when the batch fails meanwhile."""
+        with self.metrics.in_flight.track_inprogress():
+            await self._prove_owner()
+            async with self._aside():
+                call = asyncio.ensure_future(self.providers[channel].send(prepared))
+                self._remember(
+                    prepared.message_id,
+                    Called(attempt, began, prepared.address, call, self._monotonic()),
+                )
+                return await _answer(call, channel)
+
+    def _remember(self, message_id: str, called: Called) -> None:
+        # Retrieved here, so that a call nobody asks about again never logs as unretrieved.
+        called.call.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._calls.pop(message_id, None)
+        self._calls[message_id] = called
+        kept_since = called.at - CALLS_KEPT_SECONDS
+        while self._calls:
+            oldest = next(iter(self._calls.values()))
+            if len(self._calls) <= CALLS_KEPT and (
+                oldest.at >= kept_since or not oldest.call.done()
+            ):
+                break
+            del self._calls[next(iter(self._calls))]
 
     async def _after_lost_begin(self, request: SendRequest, attempt: int, record: Record) -> None:
         """Another copy holds this try (`domain.progress.after_lost_begin`)."""
@@ -557,13 +621,13 @@ class Dispatcher:
         outcome: Outcome,
         attempt: int,
         record: Record,
-        delivery: Delivery | None,
+        address: str | None,
     ) -> None:
-        """Carry out what the outcome comes to (`domain.conclude`)."""
+        """Carry out what the outcome comes to (`domain.conclude`); `address`: where the try
+        went, when it went anywhere."""
         channel = request.channel
         now = self.clock.now()
         self.metrics.outcome(channel, outcome.kind)
-        address = delivery.address if delivery is not None else None
         plan = conclude(request, outcome, attempt, address, self._policy, now)
         for waiting in plan.before:
             match waiting:
@@ -749,6 +813,16 @@ class Dispatcher:
             self.metrics.outcome(request.channel, "skipped")
             log_outcome(request.message_id, "skipped", FORGOTTEN_REASON)
         return True
+
+
+async def _answer(call: asyncio.Future[Outcome], channel: str) -> Outcome:
+    """What a provider call answered; the call goes on when the waiting task is cancelled."""
+    try:
+        return await asyncio.shield(call)
+    except ValueError as exc:
+        # The content or address cannot be written as this provider's request (a header the
+        # email library refuses, text it cannot encode): it never left, and never will.
+        return Outcome("skipped", f"unsendable: {channel}: {type(exc).__name__}: {exc}")
 
 
 async def _outside_a_batch() -> None:

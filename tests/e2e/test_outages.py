@@ -12,11 +12,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from confluent_kafka import Producer
 
 from shared.deadletter import read_dead_letters
 from tests.e2e.helpers import WRITE_KEY, outbox, publish_inline, unique, wait_drained, wait_for
@@ -81,7 +83,8 @@ def _outage(
     bring_back: Callable[[], None],
     down_for: float,
     noticed: Callable[[Traffic], bool],
-) -> None:
+) -> tuple[str, int]:
+    """The run's name (its journey's id), and how many shoppers were acknowledged."""
     run = unique(name)
     trigger = f"Outage Check {run}"
     publish_inline(
@@ -157,6 +160,7 @@ def _outage(
         f"\n{name}: {len(expected)} shoppers acknowledged, {traffic.refused} calls repeated "
         f"during the outage, every email delivered once"
     )
+    return run, len(expected)
 
 
 def _journey_stats(stack: Any, run: str) -> dict[str, int] | None:
@@ -212,3 +216,76 @@ def test_a_document_store_outage_loses_nothing_and_sends_nothing_twice(
         return answer.status_code >= 500
 
     _outage(stack, tmp_path, "store-outage", take_down, bring_back, STORE_DOWN_SECONDS, noticed)
+
+
+# The running dispatcher's transactional id: `transactional_config` names it after the app and
+# the worker, and the local stack names its first worker after the service.
+DISPATCHER_TRANSACTIONAL_ID = "waypost-dispatcher-dispatcher"
+FENCES = 3
+
+
+def test_a_fenced_dispatcher_starts_over_and_sends_nothing_twice(
+    stack: Any, tmp_path: Path
+) -> None:
+    """Another producer registers the dispatcher's transactional id while it sends, three
+    times: each time the broker fences the running producer (librdkafka's fatal error, raised
+    by whichever call or poll meets it first). The dispatcher starts over with a new producer,
+    and every acknowledged shopper still gets exactly one email."""
+    log = stack.logfile("dispatcher")
+
+    def logged(event: str) -> int:
+        text: str = log.read_text(errors="replace")
+        return text.count(f'"event": "{event}"')
+
+    noticed_fences = 0
+
+    def grew(event: str, before: int) -> bool:
+        return logged(event) > before
+
+    def take_down() -> None:
+        nonlocal noticed_fences
+        for n in range(FENCES):
+            fenced, restored = logged("stream.fenced"), logged("stream.tables_restored")
+            newer = Producer(
+                {
+                    "bootstrap.servers": stack.bootstrap,
+                    "transactional.id": DISPATCHER_TRANSACTIONAL_ID,
+                }
+            )
+            newer.init_transactions(60)  # the running dispatcher's epoch is now stale
+            wait_for(
+                partial(grew, "stream.fenced", fenced),
+                timeout=120,
+                what=f"the dispatcher noticing fence {n + 1}",
+            )
+            # Its start-over registers the id again (fencing `newer` in turn) before it joins
+            # its group and restores its tables: only then can the next fence come after it.
+            wait_for(
+                partial(grew, "stream.tables_restored", restored),
+                timeout=120,
+                what=f"the dispatcher starting over after fence {n + 1}",
+            )
+            noticed_fences += 1
+
+    def noticed(_traffic: Traffic) -> bool:
+        return noticed_fences == FENCES
+
+    run, shoppers = _outage(
+        stack, tmp_path, "fenced-dispatcher", take_down, lambda: None, 0.0, noticed
+    )
+
+    def funnel() -> dict[str, Any] | None:
+        answer = httpx.get(f"{stack.admin_url}/v1/delivery/funnel", headers=ADMIN, timeout=30)
+        mine = [f for f in answer.json()["funnels"] if f["journey_id"] == run]
+        return mine[0] if mine else None
+
+    # The calls under way at each fence ran to their end, and what they answered concluded
+    # their tries: none is left `unknown` (the funnel counts it as not concluded).
+    def concluded() -> bool:
+        found = funnel()
+        return found is not None and found["stages"]["sent"] >= shoppers and not found["in_flight"]
+
+    try:
+        wait_for(concluded, timeout=120, what=f"every one of the {shoppers} messages sent")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; funnel {funnel()}") from None

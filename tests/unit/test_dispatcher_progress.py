@@ -11,6 +11,7 @@ from services.dispatcher.domain.outcomes import FINAL_STATES, Outcome
 from services.dispatcher.domain.progress import (
     NOT_RESENT,
     Attempt,
+    AwaitCall,
     Conclude,
     Done,
     Entry,
@@ -62,6 +63,32 @@ def test_a_stopped_try_at_a_provider_that_can_be_asked_is_reconciled(transaction
     entry = Entry("sending", 1, sending_at=T0)
     move = progress.after_claim(False, entry, transactional=transactional, reconcilable=True)
     assert move == Reconcile(1, T0, resend=transactional)
+
+
+@pytest.mark.parametrize("facts", [MARKETING, TRANSACTIONAL, {**MARKETING, "reconcilable": True}])
+def test_a_try_sending_whose_call_this_worker_made_concludes_with_the_calls_answer(
+    facts: dict[str, bool],
+) -> None:
+    """Its batch failed after the call (a fenced producer): the worker read the request again,
+    and awaits the call's answer rather than taking the try for stopped, asking the provider or
+    sending again."""
+    entry = Entry("sending", 2, sending_at=T0)
+    assert progress.after_claim(False, entry, **facts, called=2) == AwaitCall(2)
+    retry = progress.on_retry(entry, 2, T1, **facts, called=2)
+    assert retry == AwaitCall(2)
+
+
+def test_a_call_of_another_attempt_or_an_entry_not_sending_is_not_awaited() -> None:
+    sending = Entry("sending", 2, sending_at=T0)
+    assert progress.after_claim(False, sending, **MARKETING, called=1) == Conclude(
+        Outcome("unknown", NOT_RESENT), 2
+    )
+    assert progress.after_claim(False, Entry("sent", 2), **MARKETING, called=2) == Done(
+        "already sent"
+    )
+    assert progress.after_claim(False, Entry("requested", 2), **MARKETING, called=2) == Attempt(
+        2, "first"
+    )
 
 
 def test_a_due_retry_tries_again_named_by_its_due_time() -> None:

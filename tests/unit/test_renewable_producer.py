@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Producer
 
-from shared.kafka import RenewableProducer
+from shared.kafka import AsyncProducer, RenewableProducer, fatal_error
 
 NO_BROKER = {"bootstrap.servers": "127.0.0.1:1", "log_level": 0, "enable.idempotence": True}
 FATAL = KafkaError(KafkaError._FATAL, "sequence desynchronised", fatal=True)
@@ -18,7 +18,7 @@ def test_a_fatal_error_replaces_the_producer_and_fails_what_it_held() -> None:
     first = renewable.usable()
     reports: list[KafkaError | None] = []
     first.produce("t", b"held", on_delivery=lambda err, _msg: reports.append(err))
-    renewable._on_error(FATAL)  # what librdkafka reports from a poll
+    renewable.noticed(KafkaException(FATAL))  # what a poll raises once
 
     second = renewable.usable()
     assert second is not first
@@ -38,8 +38,53 @@ def test_a_fatal_error_replaces_the_producer_and_fails_what_it_held() -> None:
 def test_an_error_librdkafka_recovers_from_keeps_the_producer() -> None:
     renewable = RenewableProducer(NO_BROKER, "test")
     first = renewable.usable()
-    renewable._on_error(KafkaError(KafkaError._TRANSPORT, "broker went away"))
+    renewable.noticed(KafkaException(KafkaError(KafkaError._TRANSPORT, "broker went away")))
     assert renewable.usable() is first
+
+
+def test_a_call_after_the_fatal_error_is_taken_for_it() -> None:
+    """Calls made after it raise the bare code `_FATAL`, not flagged fatal."""
+    after = KafkaException(KafkaError(KafkaError._FATAL, "Unable to produce message"))
+    assert fatal_error(after)
+    renewable = RenewableProducer(NO_BROKER, "test")
+    first = renewable.usable()
+    renewable.noticed(after)
+    assert renewable.usable() is not first
+
+
+class _RaisingOnce:
+    """A real producer whose first poll raises the fatal error, as confluent-kafka's poll does
+    when it serves one."""
+
+    def __init__(self, producer: Producer) -> None:
+        self.producer = producer
+        self.polls = 0
+
+    def poll(self, timeout: float) -> int:
+        self.polls += 1
+        if self.polls == 1:
+            raise KafkaException(FATAL)
+        return self.producer.poll(timeout)
+
+
+def test_a_fatal_error_raised_by_a_poll_leaves_the_poll_thread_serving() -> None:
+    """Every pending send waits on the reports the poll thread serves: it must outlive the
+    error, and the producer is replaced at its next use."""
+    producer = AsyncProducer(NO_BROKER["bootstrap.servers"], client_id="test", extra=NO_BROKER)
+    first = producer._renewable.current
+    raising = _RaisingOnce(first)
+    producer._renewable.current = raising  # type: ignore[assignment]
+    try:
+        deadline = time.monotonic() + 10
+        while raising.polls < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert raising.polls >= 3, "the poll thread stopped at the error"
+        assert producer._poller.is_alive()
+        producer._renewable.current = first
+        assert producer._renewable.usable() is not first
+    finally:
+        producer._stopping.set()
+        producer._poller.join(timeout=5)
 
 
 def test_a_fatal_error_raised_by_a_call_is_noticed() -> None:
@@ -53,5 +98,5 @@ def test_a_transactional_producer_is_never_replaced() -> None:
     """Its owner must register a new one (init_transactions) to fence the old one."""
     renewable = RenewableProducer({**NO_BROKER, "transactional.id": "test-tx"}, "test")
     first = renewable.usable()
-    renewable._on_error(FATAL)
+    renewable.noticed(KafkaException(FATAL))
     assert renewable.usable() is first

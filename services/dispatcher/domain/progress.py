@@ -79,6 +79,16 @@ class Reconcile:
 
 
 @dataclass(frozen=True)
+class AwaitCall:
+    """This worker made the provider call of the try that stands `sending` (its batch failed
+    before the call's outcome was committed: a fenced producer, say, and the worker started
+    over): conclude with the call's own answer, awaited while it is under way, rather than take
+    the try for stopped."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Conclude:
     outcome: Outcome
     attempt: int
@@ -91,7 +101,7 @@ class Done:
     why: str
 
 
-Move = Attempt | Requeue | Reconcile | Conclude | Done
+Move = Attempt | Requeue | Reconcile | AwaitCall | Conclude | Done
 
 
 @dataclass(frozen=True)
@@ -114,13 +124,21 @@ def after_unlisted(
     return AskAgain(attempt, now + timedelta(seconds=delays[tries]), tries + 1)
 
 
-def after_claim(new: bool, entry: Entry | None, *, transactional: bool, reconcilable: bool) -> Move:
-    """A request arrived: `new` when the claim recorded its entry, else the entry it found."""
+def after_claim(
+    new: bool,
+    entry: Entry | None,
+    *,
+    transactional: bool,
+    reconcilable: bool,
+    called: int | None = None,
+) -> Move:
+    """A request arrived: `new` when the claim recorded its entry, else the entry it found.
+    `called`: the attempt whose provider call this worker made lately, if any."""
     if new or entry is None:
         return Attempt(1, "first")
     if entry.state == "retrying":
         return Requeue(entry.attempt, entry.due_at, entry.reason or "retry")
-    return resume(entry, transactional=transactional, reconcilable=reconcilable)
+    return resume(entry, transactional=transactional, reconcilable=reconcilable, called=called)
 
 
 def on_retry(
@@ -130,6 +148,7 @@ def on_retry(
     *,
     transactional: bool,
     reconcilable: bool,
+    called: int | None = None,
 ) -> Move:
     """A retry record for `attempt` fell due."""
     if entry is None or entry.attempt != attempt:
@@ -139,6 +158,7 @@ def on_retry(
         transactional=transactional,
         reconcilable=reconcilable,
         try_name=due_at.isoformat(),
+        called=called,
     )
 
 
@@ -148,10 +168,14 @@ def resume(
     transactional: bool,
     reconcilable: bool,
     try_name: str = "first",
+    called: int | None = None,
 ) -> Move:
-    """Go on from where an entry stands (after a crash, a replay or a retry record)."""
+    """Go on from where an entry stands (after a crash, a replay or a retry record). `called`:
+    the attempt whose provider call this worker made lately (its answer is at hand)."""
     if entry.state in ("requested", "retrying"):
         return Attempt(entry.attempt, try_name)
+    if entry.state == "sending" and called == entry.attempt:
+        return AwaitCall(entry.attempt)
     action = resume_action(entry.state, transactional)
     if entry.state == "sending" and reconcilable:
         return Reconcile(entry.attempt, entry.sending_at, resend=action == "send")
@@ -163,7 +187,12 @@ def resume(
 
 
 def after_lost_begin(
-    entry: Entry | None, attempt: int, *, transactional: bool, reconcilable: bool
+    entry: Entry | None,
+    attempt: int,
+    *,
+    transactional: bool,
+    reconcilable: bool,
+    called: int | None = None,
 ) -> Move:
     """Another copy took this try's marker first. If the entry never reached `sending`, that
     copy died between its marker and its entry update: finish as if it died in the call."""
@@ -172,4 +201,4 @@ def after_lost_begin(
     if entry.state not in ("requested", "retrying"):
         return Done("the copy that holds the try goes on with it")
     stopped = Entry("sending", entry.attempt, sending_at=None)
-    return resume(stopped, transactional=transactional, reconcilable=reconcilable)
+    return resume(stopped, transactional=transactional, reconcilable=reconcilable, called=called)
