@@ -280,10 +280,15 @@ def test_a_fenced_dispatcher_starts_over_and_sends_nothing_twice(
         return mine[0] if mine else None
 
     # The calls under way at each fence ran to their end, and what they answered concluded
-    # their tries: none is left `unknown` (the funnel counts it as not concluded).
+    # their tries: none is left `unknown`, none unconcluded.
     def concluded() -> bool:
         found = funnel()
-        return found is not None and found["stages"]["sent"] >= shoppers and not found["in_flight"]
+        return (
+            found is not None
+            and found["stages"]["sent"] >= shoppers
+            and not found["unknown"]
+            and not found["in_flight"]
+        )
 
     try:
         wait_for(concluded, timeout=120, what=f"every one of the {shoppers} messages sent")

@@ -117,6 +117,7 @@ def test_a_funnel_counts_each_stage_reached_and_ends_by_reason() -> None:
         {"journey_id": "w", "state": "skipped", "reason": "no_address", "count": 5},
         {"journey_id": "w", "state": "failed", "reason": "bounced", "count": 1},
         {"journey_id": "w", "state": "retrying", "count": 2},
+        {"journey_id": "w", "state": "unknown", "reason": "a worker stopped", "count": 2},
         {"journey_id": "x", "state": "sent", "count": 1},
     ]
 
@@ -124,7 +125,7 @@ def test_a_funnel_counts_each_stage_reached_and_ends_by_reason() -> None:
 
     assert [f["journey_id"] for f in found] == ["w", "x"]
     assert found[0]["stages"] == {
-        "requested": 18,
+        "requested": 20,
         "sent": 10,
         "delivered": 6,
         "opened": 3,
@@ -132,8 +133,9 @@ def test_a_funnel_counts_each_stage_reached_and_ends_by_reason() -> None:
     }
     assert found[0]["skipped"] == {"no_address": 5}
     assert found[0]["failed"] == {"bounced": 1}
+    assert found[0]["unknown"] == {"a worker stopped": 2}  # concluded, not in flight
     assert found[0]["in_flight"] == 2
-    assert found[0]["rates"]["sent"] == round(10 / 18, 4)
+    assert found[0]["rates"]["sent"] == round(10 / 20, 4)
     with pytest.raises(ValueError, match="by must be one of"):
         funnels(rows, "contact_key")
 

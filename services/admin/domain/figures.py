@@ -169,11 +169,13 @@ FUNNEL_DIMENSIONS = ("journey_id", "template_id", "channel")
 
 @dataclass
 class Funnel:
-    """How many messages reached each stage, and how many ended skipped or failed, by reason."""
+    """How many messages reached each stage, and how many ended skipped, failed or with an
+    unknown outcome (a worker stopped during the provider call), by reason."""
 
     stages: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FUNNEL, 0))
     skipped: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
+    unknown: dict[str, int] = field(default_factory=dict)
     in_flight: int = 0
 
     def add(self, state: str, reason: str | None, count: int) -> None:
@@ -188,6 +190,9 @@ class Funnel:
         elif state == "failed":
             key = reason or "unknown"
             self.failed[key] = self.failed.get(key, 0) + count
+        elif state == "unknown":  # concluded: it may or may not have arrived
+            key = reason or "unknown"
+            self.unknown[key] = self.unknown.get(key, 0) + count
         else:  # requested, sending, retrying: not concluded yet
             self.in_flight += count
 
@@ -201,6 +206,7 @@ class Funnel:
             },
             "skipped": dict(sorted(self.skipped.items())),
             "failed": dict(sorted(self.failed.items())),
+            "unknown": dict(sorted(self.unknown.items())),
             "in_flight": self.in_flight,
         }
 
