@@ -306,8 +306,9 @@ class AsyncProducer:
             doomed = isinstance(error, KafkaError) and (
                 error.txn_requires_abort() or error.code() == KafkaError._STATE
             )
-            if self._renewable.transactional and doomed:
-                # The open transaction failed before: nothing more can join it.
+            if self._renewable.transactional and (doomed or fatal_error(exc)):
+                # The open transaction failed before, or the producer was fenced: nothing more
+                # can join it, and no outage retry would help.
                 raise TransactionDoomed(str(error)) from exc
             raise
 

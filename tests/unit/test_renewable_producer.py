@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from shared.kafka import AsyncProducer, RenewableProducer, fatal_error
+from shared.kafka import AsyncProducer, RenewableProducer, TransactionDoomed, fatal_error
 
 NO_BROKER = {"bootstrap.servers": "127.0.0.1:1", "log_level": 0, "enable.idempotence": True}
 FATAL = KafkaError(KafkaError._FATAL, "sequence desynchronised", fatal=True)
@@ -100,3 +101,34 @@ def test_a_transactional_producer_is_never_replaced() -> None:
     first = renewable.usable()
     renewable.noticed(KafkaException(FATAL))
     assert renewable.usable() is first
+
+
+class _Fenced:
+    """A fenced producer: every produce raises the bare `_FATAL` code, as librdkafka's does."""
+
+    def produce(self, *_args: object, **_kwargs: object) -> None:
+        raise KafkaException(KafkaError(KafkaError._FATAL, "Unable to produce message"))
+
+    def poll(self, timeout: float) -> int:
+        time.sleep(timeout)
+        return 0
+
+
+async def test_a_fenced_transactional_producer_dooms_the_transaction_rather_than_an_outage() -> (
+    None
+):
+    """No outage retry can help a fenced producer: the batch must be aborted and read again."""
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "transactional.id": "test-fenced"},
+    )
+    first = producer._renewable.current
+    producer._renewable.current = _Fenced()  # type: ignore[assignment]
+    try:
+        with pytest.raises(TransactionDoomed):
+            await producer.send_all([("t", "k", b"v")])
+    finally:
+        producer._stopping.set()
+        producer._poller.join(timeout=5)
+        first.flush(0)
