@@ -384,10 +384,13 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     pages.open("/contacts")
     browser.find_element(By.ID, "import-file").send_keys(str(upload))
     browser.find_element(By.ID, "import-submit").click()
+    # The answer is a new page: read once it has loaded, not from the page it replaces.
+    wait_for(lambda: pages.has("#import-problems"), timeout=30, what="the import's problems")
     assert "3 contact_key empty" in pages.text("#import-problems")
     upload.write_text(f"contact_key,tags,tier\n{user},imported;csv,platinum\n")
     browser.find_element(By.ID, "import-file").send_keys(str(upload))
     browser.find_element(By.ID, "import-submit").click()
+    wait_for(lambda: pages.has("#import-result"), timeout=30, what="the import's result")
     assert "1 contact: 2 tags added, 1 trait set" in pages.text("#import-result")
     pages.shot("16-contacts-import")
 
