@@ -118,7 +118,8 @@ class RenewableProducer:
         self._name = name
         self._failed = threading.Event()
         self._retired: list[Producer] = []
-        # Replaced while a call of theirs still blocks a thread: kept, never touched again.
+        # Replaced while a call of theirs still blocks a thread, or fenced: kept, never touched
+        # again.
         self._wedged: list[Producer] = []
         self.current = Producer(self._config)
 
