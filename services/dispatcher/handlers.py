@@ -303,7 +303,13 @@ class Dispatcher:
     async def _claimed(self, request: SendRequest, record: Record) -> None:
         claim = await self.ledger.claim(request, self.clock.now())
         entry = None if claim.new else await self._entry(request.message_id)
-        move = progress.after_claim(claim.new, entry, **self._facts(request))
+        called = self._calls.get(request.message_id)
+        move = progress.after_claim(
+            claim.new,
+            entry,
+            **self._facts(request),
+            called=called.attempt if called is not None else None,
+        )
         await self._carry_out(move, request, record)
 
     async def handle_retry(self, retry: SendRetry, record: Record) -> None:
@@ -318,12 +324,10 @@ class Dispatcher:
         found = await self.ledger.get(message_id)
         return None if found is None else progress.Entry.of(found)
 
-    def _facts(self, request: SendRequest) -> dict[str, Any]:
-        called = self._calls.get(request.message_id)
+    def _facts(self, request: SendRequest) -> dict[str, bool]:
         return {
             "transactional": request.transactional,
             "reconcilable": self._can_reconcile(request),
-            "called": called.attempt if called is not None else None,
         }
 
     async def _carry_out(
@@ -355,7 +359,7 @@ class Dispatcher:
                 else:
                     await self._attempt(request, attempt + 1, "resumed", record)
             case progress.AwaitCall(attempt=attempt):
-                # What `_facts` found; kept, should this batch fail too before it commits.
+                # What `_claimed` found; kept, should this batch fail too before it commits.
                 called = self._calls[request.message_id]
                 async with self._aside():
                     answered = await _answer(called.call, request.channel)

@@ -74,8 +74,14 @@ def test_a_try_sending_whose_call_this_worker_made_concludes_with_the_calls_answ
     sending again."""
     entry = Entry("sending", 2, sending_at=T0)
     assert progress.after_claim(False, entry, **facts, called=2) == AwaitCall(2)
-    retry = progress.on_retry(entry, 2, T1, **facts, called=2)
-    assert retry == AwaitCall(2)
+
+
+def test_a_retry_record_never_awaits_the_call_again() -> None:
+    """It was written once the call's answer was used (an SMS asked about again, say):
+    awaiting that answer again would start the asking over, for ever."""
+    entry = Entry("sending", 2, sending_at=T0)
+    facts = {**MARKETING, "reconcilable": True}
+    assert progress.on_retry(entry, 2, T1, **facts) == Reconcile(2, T0, resend=False)
 
 
 def test_a_call_of_another_attempt_or_an_entry_not_sending_is_not_awaited() -> None:

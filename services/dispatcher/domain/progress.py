@@ -148,9 +148,9 @@ def on_retry(
     *,
     transactional: bool,
     reconcilable: bool,
-    called: int | None = None,
 ) -> Move:
-    """A retry record for `attempt` fell due."""
+    """A retry record for `attempt` fell due. It was written once the try's call had been
+    answered (or asked about), so a call this worker made is never awaited again here."""
     if entry is None or entry.attempt != attempt:
         return Done("a stale copy: another attempt owns the message now")
     return resume(
@@ -158,7 +158,6 @@ def on_retry(
         transactional=transactional,
         reconcilable=reconcilable,
         try_name=due_at.isoformat(),
-        called=called,
     )
 
 
@@ -187,12 +186,7 @@ def resume(
 
 
 def after_lost_begin(
-    entry: Entry | None,
-    attempt: int,
-    *,
-    transactional: bool,
-    reconcilable: bool,
-    called: int | None = None,
+    entry: Entry | None, attempt: int, *, transactional: bool, reconcilable: bool
 ) -> Move:
     """Another copy took this try's marker first. If the entry never reached `sending`, that
     copy died between its marker and its entry update: finish as if it died in the call."""
@@ -201,4 +195,4 @@ def after_lost_begin(
     if entry.state not in ("requested", "retrying"):
         return Done("the copy that holds the try goes on with it")
     stopped = Entry("sending", entry.attempt, sending_at=None)
-    return resume(stopped, transactional=transactional, reconcilable=reconcilable, called=called)
+    return resume(stopped, transactional=transactional, reconcilable=reconcilable)
