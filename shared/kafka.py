@@ -117,9 +117,10 @@ class RenewableProducer:
         self._config = dict(config)
         self._name = name
         self._failed = threading.Event()
+        # Replaced after a fatal error or a fence: polled until their reports are served
+        # (`poll_retired`), then let go.
         self._retired: list[Producer] = []
-        # Replaced while a call of theirs still blocks a thread, or fenced: kept, never touched
-        # again.
+        # Replaced while a call of theirs still blocks a thread: kept, never touched again.
         self._wedged: list[Producer] = []
         self.current = Producer(self._config)
 
@@ -145,9 +146,16 @@ class RenewableProducer:
         return self.current
 
     def replace_wedged(self, reason: str) -> None:
-        """A new producer in place of one whose call never returned (`ProducerWedged`) or that
-        was fenced: the old one is kept, never touched again."""
-        self._wedged.append(self.current)
+        """A new producer in place of one whose call never returned (`reason` "wedged",
+        `ProducerWedged`: kept, never touched again, since a thread may still be inside it) or
+        that was fenced (its calls return at once: purged, and let go once its reports are
+        served, so that every fence does not keep a librdkafka instance for good)."""
+        old = self.current
+        if reason == "fenced":
+            old.purge()
+            self._retired.append(old)
+        else:
+            self._wedged.append(old)
         self.current = Producer(self._config)
         self._failed.clear()
         log.warning("kafka.producer_renewed", producer=self._name, reason=reason)
@@ -158,9 +166,14 @@ class RenewableProducer:
         return bool(self._retired)
 
     def poll_retired(self) -> None:
-        """Serve the delivery reports of replaced producers (each fails what it held)."""
+        """Serve the delivery reports of replaced producers (each fails what it held). An error
+        a replaced producer raises is its own, already dealt with: it never marks the current
+        one failed."""
         for old in list(self._retired):
-            old.poll(0)
+            try:
+                old.poll(0)
+            except KafkaException as exc:
+                log.info("kafka.retired_producer_error", producer=self._name, error=str(exc))
             if len(old) == 0:
                 self._retired.remove(old)
 
@@ -346,7 +359,11 @@ class AsyncProducer:
         await _transactional(lambda: self._producer.init_transactions(TRANSACTION_CALL_SECONDS))
 
     def begin_transaction(self) -> None:
-        self._producer.begin_transaction()
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            _doomed_if_fatal(exc)
+            raise
 
     async def commit_transaction(self, offsets: list[TopicPartition], group: Any) -> None:
         """Commit what was produced since `begin_transaction`, with the consumer group's
@@ -367,9 +384,10 @@ class AsyncProducer:
                 lambda: self._producer.commit_transaction(TRANSACTION_CALL_SECONDS)
             )
         except KafkaException as exc:
+            _doomed_if_fatal(exc)
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.txn_requires_abort():
-                await self.abort_transaction()
+                await self._abort_after(exc)
                 raise TransactionAborted(str(error)) from exc
             raise
 
@@ -384,14 +402,22 @@ class AsyncProducer:
                 )
             )
         except KafkaException as exc:
+            _doomed_if_fatal(exc)
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.txn_requires_abort():
-                await self.abort_transaction()
+                await self._abort_after(exc)
                 raise TransactionAborted(str(error)) from exc
             raise
 
     async def abort_transaction(self) -> None:
         await _transactional(lambda: self._producer.abort_transaction(TRANSACTION_CALL_SECONDS))
+
+    async def _abort_after(self, cause: KafkaException) -> None:
+        try:
+            await self.abort_transaction()
+        except KafkaException as exc:
+            _doomed_if_fatal(exc)
+            raise exc from cause
 
     def renew(self, reason: str) -> None:
         """Replace a wedged or fenced transactional producer (`reason`) with a new one of the
@@ -407,6 +433,15 @@ class AsyncProducer:
 
 # How long one transactional call (init, send offsets, commit, abort) may block its thread.
 TRANSACTION_CALL_SECONDS = 30.0
+
+
+def _doomed_if_fatal(exc: KafkaException) -> None:
+    """A transactional call that meets the producer's fatal error (fenced: another producer
+    took its transactional id, or the coordinator bumped its epoch past a transaction's
+    timeout) raises `TransactionDoomed`: no outage retry can help, and the worker must start
+    over with a new producer (`StreamWorker`), whichever task of the batch met it."""
+    if fatal_error(exc):
+        raise TransactionDoomed(f"producer fenced: {exc}") from exc
 
 
 class TransactionAborted(Exception):

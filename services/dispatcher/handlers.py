@@ -83,7 +83,7 @@ from shared.rendering import (
     render_variables,
 )
 from shared.rendezvous import Rendezvous
-from shared.streams import focus
+from shared.streams import Fenced, focus
 from shared.system_events import (
     EMAIL_LINK_CLICKED,
     EMAIL_OPENED,
@@ -237,7 +237,13 @@ class Dispatcher:
         rendezvous = Rendezvous(checkpoint)
         self.ledger.use_gate(rendezvous.gate)
         self._aside = rendezvous.aside
-        await rendezvous.run([partial(self._contact_records, mine) for mine in contacts.values()])
+        try:
+            await rendezvous.run(
+                [partial(self._contact_records, mine) for mine in contacts.values()]
+            )
+        except Fenced:
+            self._cut_off_calls()
+            raise
         self.metrics.rounds(rendezvous.rounds)
 
     async def _contact_records(self, records: list[Record]) -> None:
@@ -304,6 +310,8 @@ class Dispatcher:
         claim = await self.ledger.claim(request, self.clock.now())
         entry = None if claim.new else await self._entry(request.message_id)
         called = self._calls.get(request.message_id)
+        if called is not None and called.call.cancelled():
+            called = None  # cut off: the try is taken for stopped
         move = progress.after_claim(
             claim.new,
             entry,
@@ -452,6 +460,18 @@ class Dispatcher:
                     Called(attempt, began, prepared.address, call, self._monotonic()),
                 )
                 return await _answer(call, channel)
+
+    def _cut_off_calls(self) -> None:
+        """The group moved this worker's partitions on (`Fenced`): another worker now handles
+        their requests, so no call of this one may still go out. Calls under way are cut off,
+        whether they still wait for a connection or a session (they never reach the provider)
+        or are on the wire (their outcome is then unknown, as the new owner finds it), and
+        forgotten: read again here, their tries are taken for stopped. Calls run on only when
+        the producer alone was fenced and this worker reads their requests again itself."""
+        for message_id, called in list(self._calls.items()):
+            if not called.call.done():
+                called.call.cancel()
+                del self._calls[message_id]
 
     def _remember(self, message_id: str, called: Called) -> None:
         # Retrieved here, so that a call nobody asks about again never logs as unretrieved.

@@ -397,8 +397,8 @@ async def test_the_deadline_ends_retries_of_timed_out_attempts(receiver: str) ->
             call(f"{receiver}/slow", retries=10, timeout=0.2),
             ManualClock(T0),
             no_pause,
-            # The backoff after the first attempt is drawn from 0–0.5 s and is checked against
-            # the deadline (without waiting): 2 s always leave room for a second attempt after the
+            # The backoff after the first attempt is drawn from 0 to 0.5 s and checked against
+            # the deadline (not waited): 2 s always leave room for a second attempt after the
             # first 0.2 s one, and never for all eleven (2.2 s of attempts).
             deadline_seconds=2.0,
         )

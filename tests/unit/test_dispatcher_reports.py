@@ -5,6 +5,7 @@ suppression list are real clients that are never connected (no report reads them
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -19,14 +20,15 @@ from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.store import Templates
 from services.dispatcher.adapters.suppressions import SuppressionList
 from services.dispatcher.adapters.tables import Caps, Consent, ForgottenContacts, Ledger
-from services.dispatcher.handlers import Dispatcher, Stores
+from services.dispatcher.domain.outcomes import Outcome
+from services.dispatcher.handlers import Called, Dispatcher, Stores
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import ManualClock
 from shared.contracts import Event
 from shared.deadletter import DeadLetters
-from shared.kafka import CompactedTopicView, Record
+from shared.kafka import CompactedTopicView, Record, TransactionDoomed
 from shared.links import LinkSigner
-from shared.streams import Table, focus
+from shared.streams import Fenced, Table, focus
 from shared.system_events import CONTACT_FORGOTTEN, UNSUBSCRIBED
 from shared.topics import DELIVERY_REPORTS, SUPPRESSIONS
 
@@ -151,3 +153,51 @@ async def test_the_same_reports_from_waypost_are_acted_on(reports: Reports) -> N
 
     assert await reports.forgotten.includes("ada")
     assert await reports.consent.get("ada", "email") is None  # erased with the contact
+
+
+# --- calls under way when a batch fails -----------------------------------------------------
+
+
+async def _never() -> None:
+    raise AssertionError("no checkpoint or proof expected")
+
+
+def _remembered(dispatcher: Dispatcher, message_id: str, call: asyncio.Future[Outcome]) -> None:
+    dispatcher._remember(
+        message_id, Called(1, T0, f"{message_id}@example.com", call, time.monotonic())
+    )
+
+
+@pytest.mark.parametrize(
+    ("failure", "cut_off"),
+    [
+        (Fenced("the group moved the partitions on"), True),
+        (TransactionDoomed("producer fenced"), False),
+    ],
+)
+async def test_calls_under_way_are_cut_off_only_when_the_group_moved_on(
+    reports: Reports, failure: BaseException, cut_off: bool
+) -> None:
+    """Another worker now handles the requests of a partition that moved: no call of this one
+    may still go out. When only the producer was fenced, this worker reads the requests again
+    itself and concludes them with the calls' own answers."""
+    loop = asyncio.get_running_loop()
+    under_way: asyncio.Future[Outcome] = loop.create_future()
+    answered: asyncio.Future[Outcome] = loop.create_future()
+    answered.set_result(Outcome("sent", None))
+    dispatcher = reports.dispatcher
+    _remembered(dispatcher, "m-1", under_way)
+    _remembered(dispatcher, "m-2", answered)
+
+    async def failing(_record: Record) -> None:
+        raise failure
+
+    dispatcher.on_report = failing  # type: ignore[method-assign]
+    record = Record(DELIVERY_REPORTS.name, 0, 0, "ada", b"{}")
+    with pytest.raises(type(failure)):
+        await dispatcher.process([record], _never, _never)
+
+    assert under_way.cancelled() is cut_off
+    assert ("m-1" in dispatcher._calls) is not cut_off
+    assert "m-2" in dispatcher._calls
+    under_way.cancel()

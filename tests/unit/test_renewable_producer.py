@@ -103,6 +103,49 @@ def test_a_transactional_producer_is_never_replaced() -> None:
     assert renewable.usable() is first
 
 
+def test_a_fenced_producer_is_let_go_once_its_reports_are_served() -> None:
+    """Each fence replaces the producer; keeping every fenced one would leak an instance (its
+    threads and connections) per fence."""
+    renewable = RenewableProducer({**NO_BROKER, "transactional.id": "test-tx"}, "test")
+    fenced = renewable.current
+    renewable.replace_wedged("fenced")
+    assert renewable.current is not fenced
+    assert renewable._wedged == []
+    deadline = time.monotonic() + 10
+    while renewable.retiring and time.monotonic() < deadline:
+        renewable.poll_retired()
+    assert not renewable.retiring
+
+
+def test_a_wedged_producer_is_kept_and_never_polled() -> None:
+    """A thread may still be inside its call: nothing else may touch it."""
+    renewable = RenewableProducer({**NO_BROKER, "transactional.id": "test-tx"}, "test")
+    wedged = renewable.current
+    renewable.replace_wedged("wedged")
+    assert renewable.current is not wedged
+    assert renewable._wedged == [wedged]
+    assert not renewable.retiring
+
+
+class _RaisingRetired:
+    """A replaced producer whose poll raises (its fatal error, served late)."""
+
+    def poll(self, _timeout: float) -> int:
+        raise KafkaException(FATAL)
+
+    def __len__(self) -> int:
+        return 0
+
+
+def test_an_error_of_a_replaced_producer_never_marks_the_current_one_failed() -> None:
+    renewable = RenewableProducer(NO_BROKER, "test")
+    current = renewable.usable()
+    renewable._retired.append(_RaisingRetired())  # type: ignore[arg-type]
+    renewable.poll_retired()
+    assert not renewable.retiring
+    assert renewable.usable() is current
+
+
 class _Fenced:
     """A fenced producer: every produce raises the bare `_FATAL` code, as librdkafka's does."""
 
@@ -112,6 +155,14 @@ class _Fenced:
     def poll(self, timeout: float) -> int:
         time.sleep(timeout)
         return 0
+
+    def send_offsets_to_transaction(self, *_args: object) -> None:
+        raise KafkaException(KafkaError(KafkaError._FATAL, "producer fenced"))
+
+    def begin_transaction(self) -> None:
+        raise KafkaException(KafkaError(KafkaError._FATAL, "producer fenced"))
+
+    commit_transaction = send_offsets_to_transaction
 
 
 async def test_a_fenced_transactional_producer_dooms_the_transaction_rather_than_an_outage() -> (
@@ -128,6 +179,30 @@ async def test_a_fenced_transactional_producer_dooms_the_transaction_rather_than
     try:
         with pytest.raises(TransactionDoomed):
             await producer.send_all([("t", "k", b"v")])
+    finally:
+        producer._stopping.set()
+        producer._poller.join(timeout=5)
+        first.flush(0)
+
+
+async def test_every_transactional_call_of_a_fenced_producer_dooms_the_transaction() -> None:
+    """A fenced producer's error met by a task of the batch (proving ownership before a
+    provider call, say) must reach the worker, which starts over: taken for an outage, the
+    task would ask again for ever and the batch would never end."""
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "transactional.id": "test-fenced-calls"},
+    )
+    first = producer._renewable.current
+    producer._renewable.current = _Fenced()  # type: ignore[assignment]
+    try:
+        with pytest.raises(TransactionDoomed):
+            await producer.prove_offsets([], None)
+        with pytest.raises(TransactionDoomed):
+            await producer.commit_transaction([], None)
+        with pytest.raises(TransactionDoomed):
+            producer.begin_transaction()
     finally:
         producer._stopping.set()
         producer._poller.join(timeout=5)
