@@ -57,7 +57,6 @@ from services.dispatcher.domain.conclude import (
     WithdrawConsent,
     conclude,
 )
-from services.dispatcher.domain.limits import CallLimit
 from services.dispatcher.domain.messages import Delivery, MessageContent, Provider, RenderContext
 from services.dispatcher.domain.outcomes import EVENT_NAMES, Outcome
 from services.dispatcher.domain.policy import (
@@ -71,7 +70,6 @@ from services.dispatcher.domain.policy import (
     suppression_refusal,
 )
 from services.dispatcher.settings import DispatcherSettings
-from services.dispatcher.slots import ChannelSlots
 from shared.channels import CHANNELS, consent_changes
 from shared.clock import Clock
 from shared.contracts import Channel, Event, SendRequest, SendRetry
@@ -199,20 +197,8 @@ class Dispatcher:
         }
         self._paused_until: dict[str, datetime] = {}
         self._retry_topics = frozenset(topic.name for topic in SEND_RETRIES.values())
-        # Provider calls in flight; a batch's other tries wait for a slot: one of the channel's
-        # (as many as its provider serves at once, `domain.limits`), then one of the worker's.
+        # Provider calls in flight; a batch's other tries wait for a slot.
         self._slots = asyncio.Semaphore(settings.max_in_flight)
-        self._channel_slots = {
-            channel: ChannelSlots(
-                CallLimit(
-                    floor=min(settings.min_in_flight, settings.max_in_flight)
-                    if settings.adaptive_in_flight
-                    else settings.max_in_flight,
-                    ceiling=settings.max_in_flight,
-                )
-            )
-            for channel in CHANNELS
-        }
         # The provider calls made lately, by message id, oldest first (`Called`).
         self._calls: dict[str, Called] = {}
         self._prove_owner: Callable[[], Awaitable[None]] = _outside_a_batch
@@ -414,7 +400,7 @@ class Dispatcher:
             return
         # Marked `sending` only once it holds a call slot: a crash strands no try that was
         # still waiting for one.
-        async with self._call_slot(channel, self._buckets[channel].reserve(self._monotonic())):
+        async with self._call_slot(self._buckets[channel].reserve(self._monotonic())):
             began = self.clock.now()
             try_id = f"{attempt}:{try_name}"
             if await self.ledger.begin(request.message_id, try_id, attempt, began):
@@ -445,27 +431,20 @@ class Dispatcher:
         await self._conclude(request, outcome, attempt, record, address)
 
     @asynccontextmanager
-    async def _call_slot(self, channel: Channel, wait: float) -> AsyncIterator[None]:
-        """One of the channel's call slots and one of the worker's `max_in_flight`, after
-        `wait` seconds of the channel's rate limit; the waiting stands aside from the batch's
-        group commit."""
-        slots = self._channel_slots[channel]
-        held_channel = held = False
+    async def _call_slot(self, wait: float) -> AsyncIterator[None]:
+        """One of the `max_in_flight` provider call slots, after `wait` seconds of the channel's
+        rate limit; the waiting stands aside from the batch's group commit."""
+        held = False
         try:
             async with self._aside():
                 if wait > 0:
                     await asyncio.sleep(wait)
-                await slots.acquire()
-                held_channel = True
                 await self._slots.acquire()
                 held = True
             yield
         finally:
             if held:
                 self._slots.release()
-            if held_channel:
-                slots.release()
-                self.metrics.call_limit(channel, slots.limit.allowed)
 
     async def _call(
         self, channel: Channel, prepared: Delivery, attempt: int, began: datetime
@@ -476,19 +455,11 @@ class Dispatcher:
             await self._prove_owner()
             async with self._aside():
                 call = asyncio.ensure_future(self.providers[channel].send(prepared))
-                call.add_done_callback(
-                    partial(self._sample, self._channel_slots[channel], self._monotonic())
-                )
                 self._remember(
                     prepared.message_id,
                     Called(attempt, began, prepared.address, call, self._monotonic()),
                 )
                 return await _answer(call, channel)
-
-    def _sample(self, slots: ChannelSlots, began: float, call: asyncio.Future[Outcome]) -> None:
-        """A call's duration adjusts its channel's limit (one cut off says nothing of it)."""
-        if not call.cancelled():
-            slots.sample(self._monotonic() - began)
 
     def _cut_off_calls(self) -> None:
         """The group moved this worker's partitions on (`Fenced`): another worker now handles

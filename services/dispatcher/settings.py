@@ -27,10 +27,6 @@ class DispatcherSettings(StreamSettings):
     # Provider calls in flight per worker (a batch's tries beyond it queue for a slot): size it
     # to the rate wanted times the provider's latency, 1,000/s at 50 ms needs 50.
     max_in_flight: int = Field(default=64, ge=1)
-    # Each channel's share of them follows its provider's latency (`domain.limits`): as many as
-    # it serves at once, plus a few; at least `min_in_flight`. Off: every channel may take all.
-    adaptive_in_flight: bool = True
-    min_in_flight: int = Field(default=8, ge=1)
     # A batch's transaction stays open while its tries call the providers, so it must outlast
     # a batch of slow calls; a worker restarted under the same `worker_id` aborts what its
     # predecessor left open at once, otherwise readers of its outputs wait up to this long.

@@ -36,12 +36,6 @@ class DispatchMetrics:
             "Provider calls under way (each holds one of the worker's in-flight slots)",
             registry=self.registry,
         )
-        self._call_limit = Gauge(
-            "waypost_dispatcher_call_limit",
-            "Call slots a channel may take now (sized to its provider's latency)",
-            ["channel"],
-            registry=self.registry,
-        )
         self._batches = Counter(
             "waypost_dispatcher_batches", "Batches of records handled", registry=self.registry
         )
@@ -50,9 +44,6 @@ class DispatchMetrics:
             "Group commits before provider calls (one per round of tries in a batch)",
             registry=self.registry,
         )
-
-    def call_limit(self, channel: str, allowed: int) -> None:
-        self._call_limit.labels(channel).set(allowed)
 
     def rounds(self, rounds: int) -> None:
         self._batches.inc()
