@@ -12,7 +12,7 @@ test walks every route of the app and fails on one without it (tests/unit/test_a
 import logging
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 from urllib.parse import unquote
@@ -30,6 +30,8 @@ from services.admin.domain.audit import (
     audit_entry,
     logged_path,
     logged_query,
+    logged_unmatched_path,
+    route_segments,
 )
 from services.admin.domain.roles import AdminKey, Role, allows
 from shared.clock import Clock
@@ -225,13 +227,14 @@ class AccessLogRedaction(logging.Filter):
     """Rewrites the path of each access log line as its route with the parameters filled in,
     a contact key as the audit log's digest of it (`logged_path`), so the key of a contact,
     forgotten or not, never reaches the log; in the query, a contact key is its digest and only
-    what is known to be harmless is shown (`logged_query`). Paths no route matches are shown as
-    they came."""
+    what is known to be harmless is shown (`logged_query`). A path no route matches shows only
+    the segments the routes have; any other is shown as its digest (`logged_unmatched_path`)."""
 
     def __init__(self, routes: Iterable[BaseRoute], digest: ContactDigest) -> None:
         super().__init__()
         self._routes = list(routes)
         self._digest = digest
+        self._known = route_segments(_path_formats(self._routes))
 
     def filter(self, record: logging.LogRecord) -> bool:
         # uvicorn's line: '%s - "%s %s HTTP/%s" %d' (client, method, path?query, version, status)
@@ -257,10 +260,21 @@ class AccessLogRedaction(logging.Filter):
                     break
         shown_query = logged_query(query, self._digest)
         if found is None:
-            return path + mark + shown_query
+            return logged_unmatched_path(unquote(path), self._known, self._digest) + (
+                mark + shown_query
+            )
         route, child = found
         shape = str(getattr(route, "path_format", path))
         return logged_path(shape, child.get("path_params", {}), self._digest) + mark + shown_query
+
+
+def _path_formats(routes: Iterable[BaseRoute]) -> Iterator[str]:
+    """The path shapes of the routes, those of mounted apps' routes included."""
+    for route in routes:
+        shape = getattr(route, "path_format", None)
+        if isinstance(shape, str):
+            yield shape
+        yield from _path_formats(getattr(route, "routes", None) or ())
 
 
 def redact_access_log(routes: Iterable[BaseRoute], digest: ContactDigest) -> AccessLogRedaction:

@@ -417,13 +417,28 @@ def test_the_access_log_shows_a_contact_key_only_as_its_digest(
 def test_other_paths_and_query_strings_are_logged_as_they_came(access_log: Lines) -> None:
     _answered("GET", "/v1/segments/vips/members", b"limit=5")
     _answered("GET", "/v1/journeys/win back")
-    _answered("GET", "/nowhere/ada")
 
     assert access_log.lines == [
         '127.0.0.1:50000 - "GET /v1/segments/vips/members?limit=5 HTTP/1.1" 202',
         '127.0.0.1:50000 - "GET /v1/journeys/win%20back HTTP/1.1" 202',
-        '127.0.0.1:50000 - "GET /nowhere/ada HTTP/1.1" 202',
     ]
+
+
+@pytest.mark.parametrize("key", ["ada@example.com", "+15551234567"])
+def test_a_path_no_route_matches_shows_only_the_segments_the_routes_have(
+    access_log: Lines, key: str
+) -> None:
+    """A mistyped route holds a contact key as surely as the right one."""
+    _answered("GET", f"/v1/contact/{key}/consent", b"limit=5")
+    _answered("GET", "/nowhere")
+
+    assert access_log.lines == [
+        f'127.0.0.1:50000 - "GET /v1/{contact_digest("contact")}/{contact_digest(key)}/consent'
+        '?limit=5 HTTP/1.1" 202',
+        f'127.0.0.1:50000 - "GET /{contact_digest("nowhere")} HTTP/1.1" 202',
+    ]
+    assert key not in access_log.lines[0]
+    assert quote(key) not in access_log.lines[0]
 
 
 def test_a_path_the_redaction_cannot_read_is_not_shown() -> None:
@@ -473,7 +488,7 @@ def test_a_query_parameter_not_known_to_be_harmless_is_hidden_name_and_value(
         f'127.0.0.1:50000 - "GET /contacts?forgotten={HIDDEN} HTTP/1.1" 202',
         f'127.0.0.1:50000 - "GET /sign-in?next={HIDDEN} HTTP/1.1" 202',
         f'127.0.0.1:50000 - "GET /v1/messages?{HIDDEN}={HIDDEN}&limit=5 HTTP/1.1" 202',
-        f'127.0.0.1:50000 - "GET /nowhere?{HIDDEN}={HIDDEN} HTTP/1.1" 202',
+        f'127.0.0.1:50000 - "GET /{contact_digest("nowhere")}?{HIDDEN}={HIDDEN} HTTP/1.1" 202',
         '127.0.0.1:50000 - "GET /v1/audit?key=ana&since=2026-03-01T00%3A00%3A00Z&offset=50 '
         'HTTP/1.1" 202',
     ]

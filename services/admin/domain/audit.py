@@ -6,7 +6,7 @@ the log alone cannot confirm a guessed key or address."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -70,6 +70,22 @@ def logged_path(path_format: str, params: Mapping[str, Any], digest: ContactDige
         shown = digest(str(value)) if name in CONTACT_PARAMS else quote(str(value))
         path = path.replace("{" + name + "}", shown)
     return path
+
+
+def logged_unmatched_path(path: str, known: frozenset[str], digest: ContactDigest) -> str:
+    """A path no route matches, as the access log shows it: each segment some route has
+    (`v1`, `contacts`, `consent`) as it came, any other as its digest. A mistyped route
+    (`/v1/contact/ada@example.com`) holds a contact key as surely as the right one, so no
+    unknown segment is shown; one that is a key is named as the audit log names it."""
+    return "/".join(part if not part or part in known else digest(part) for part in path.split("/"))
+
+
+def route_segments(path_formats: Iterable[str]) -> frozenset[str]:
+    """The fixed segments of the routes' paths (`/v1/contacts/{contact_key}`: `v1`,
+    `contacts`)."""
+    return frozenset(
+        part for shape in path_formats for part in shape.split("/") if part and "{" not in part
+    )
 
 
 def logged_query(query: str, digest: ContactDigest) -> str:
