@@ -8,8 +8,9 @@ C sends in flight: `WAYPOST_MAX_IN_FLIGHT`). No ingest, segmenter or orchestrato
 go straight onto `waypost.send-requests.v1`, keyed by contact. Every request has its own contact
 (so no frequency cap or per-contact ordering applies) and a message id unique to the run; the
 templates are ready documents in the `templates` collection. Runs: email (SMTP), then SMS
-(the sandbox's Twilio-style HTTP API) once per `--latency-ms`, the delay the sandbox adds to
-every provider answer (`POST /control/latency`; SMTP has none). Each run, on a reset sandbox:
+(the sandbox's Twilio-style HTTP API) and push (its FCM HTTP v1 API) once per `--latency-ms`,
+the delay the sandbox adds to every provider answer (`POST /control/latency`; SMTP has none).
+Each run, on a reset sandbox:
 
 1. baseline: the client library alone sends N messages at the same concurrency (an asyncio
    semaphore of C): aiosmtplib over reused connections (at most C, as the worker's session
@@ -17,7 +18,9 @@ every provider answer (`POST /control/latency`; SMTP has none). Each run, on a r
    before the clock starts;
    the worker's provider client (`services.dispatcher.channels.http.ProviderClient`, aiohttp,
    a connection per send in flight), posting the worker's form (To, From, Body, a signed
-   StatusCallback) with Basic auth. 20 sequential sends come first (a warm-up; their
+   StatusCallback) with Basic auth, or the worker's FCM message with a bearer token fetched
+   once before the clock starts (the worker's token source, `FcmAccessToken`). 20 sequential
+   sends come first (a warm-up; their
    median is the "idle" provider latency, one call at a time). The sandbox holds its SMS status
    callbacks back for an hour in both phases (`WAYPOST_SMS_CALLBACK_DELAY`): sending thousands
    of them made the sandbox itself the limit of the baseline.
@@ -73,6 +76,10 @@ from bench.ingest import CpuMeter, log_tail
 from bench.segmenter import producer
 from bench.timers import Progress, percentile, port_in_use, say, table
 from services.dispatcher.channels.http import ProviderClient, basic_auth
+from services.dispatcher.channels.push.adapter import FcmAccessToken
+from services.dispatcher.channels.push.domain import PushContent, fcm_request_body
+from services.dispatcher.settings import DispatcherSettings
+from shared.clock import SystemClock
 from shared.contracts import Channel, Profile, SendRequest
 from shared.docstore import connect_blocking
 from shared.kafka import ensure_topics, topic_record_count
@@ -145,6 +152,11 @@ TEMPLATES: dict[Channel, dict[str, str]] = {
         "text": "Acme: hi {{ contact.first_name }}, spring is in store. Reply STOP to opt out.",
         "html": "",
     },
+    "push": {
+        "subject": "Spring picks for {{ contact.first_name }}",
+        "text": "Light jackets, linen shirts and the sneakers you looked at.",
+        "html": "",
+    },
 }
 
 
@@ -175,6 +187,8 @@ class Run:
         """Distinct per run, per phase (`kind`: base, idle, worker) and message."""
         if self.channel == "email":
             return f"{kind}-{self.tag}-{n:06d}@bench.example"
+        if self.channel == "push":  # a device's registration token
+            return f"bench-device-{kind}-{self.index:02d}-{n:07d}"
         prefix = {"base": 1, "idle": 2, "worker": 3}[kind]
         return f"+1555{prefix}{self.index:02d}{n:07d}"
 
@@ -239,13 +253,22 @@ def sms_form(signer: LinkSigner, run: Run, n: int, kind: str) -> dict[str, str]:
     }
 
 
+def fcm_body(run: Run, n: int, kind: str) -> bytes:
+    """The FCM message the worker posts for one device."""
+    template = TEMPLATES["push"]
+    content = PushContent(
+        title=rendered(template["subject"]), body=rendered(template["text"]).strip()
+    )
+    return fcm_request_body(run.recipient(kind, n), content, f"{kind}-{run.tag}-{n:06d}")
+
+
 def send_requests(run: Run, count: int) -> list[tuple[str, bytes]]:
     """N requests, one contact each, with message ids unique to the run."""
     now = datetime.now(UTC)
     out = []
     for n in range(count):
         key = f"worker-{run.tag}-c{n:06d}"
-        address = "email" if run.channel == "email" else "phone"
+        address = {"email": "email", "sms": "phone", "push": "push_token"}[run.channel]
         profile = Profile(
             contact_key=key,
             user_id=key,
@@ -429,6 +452,32 @@ async def baseline(
         built = [mime_message(signer, run, n, "base") for n in range(messages)]
         say(f"  {len(built[0][1]):,} bytes per message in DATA")
         sends = [mail(to, raw) for to, raw in built]
+    elif run.channel == "push":
+        # The worker's client, and its token source: one token, fetched before the clock starts.
+        client = ProviderClient(max_connections=in_flight, timeout=15.0)
+        settings = DispatcherSettings(
+            fcm_base_url=bench.outbox_url, fcm_service_account_file=bench.fcm_service_account
+        )
+        tokens = FcmAccessToken(settings, client, SystemClock())
+        bearer = await tokens.get()
+        project = tokens.account().project_id
+        push_url = f"{bench.outbox_url}/v1/projects/{project}/messages:send"
+        push_headers = {
+            "Authorization": f"Bearer {bearer}",
+            "Content-Type": "application/json; charset=UTF-8",
+        }
+        push_client = client
+
+        def push(body: bytes) -> Send:
+            async def send() -> None:
+                answer = await push_client.post(push_url, data=body, headers=push_headers)
+                if answer.status_code != 200:
+                    raise RuntimeError(f"HTTP {answer.status_code}: {answer.content[:120]!r}")
+
+            return send
+
+        probes = [push(fcm_body(run, n, "idle")) for n in range(PROBES)]
+        sends = [push(fcm_body(run, n, "base")) for n in range(messages)]
     else:
         # The worker's client and pool: a connection per send in flight, all kept alive.
         client = ProviderClient(max_connections=in_flight, timeout=15.0)
@@ -766,7 +815,9 @@ def report(results: Sequence[RunResult], messages: int, in_flight: int) -> None:
     table(rows)
     print(flush=True)
     say("provider call latency in the baseline, client side, in ms (one send: connect to QUIT")
-    say("for SMTP, one POST for SMS); idle: 20 sends one at a time; loaded: all at the concurrency")
+    say(
+        "for SMTP, one POST for SMS or push); idle: 20 sends one at a time; loaded: all at the concurrency"
+    )
     rows = [["channel", "latency added", "idle p50", "loaded p50", "loaded p95", "loaded p99"]]
     for r in results:
         loaded = [percentile(r.latencies_ms, q) for q in (50, 95, 99)]
@@ -796,7 +847,7 @@ def report(results: Sequence[RunResult], messages: int, in_flight: int) -> None:
             rows.append([r.run.tag, label, *cells])
     table(rows)
     print(flush=True)
-    sms = [r for r in results if r.run.latency_ms is not None]
+    sms = [r for r in results if r.run.channel == "sms"]
     if len(sms) > 1:
         base = percentile(sms[0].idle_ms, 50)
         for r in sms[1:]:
@@ -873,6 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--messages must be at least 2, --in-flight positive")
     runs = [Run("email", None, 0)]
     runs += [Run("sms", ms, n + 1) for n, ms in enumerate(args.latency_ms)]
+    runs += [Run("push", ms, n + 1) for n, ms in enumerate(args.latency_ms)]
     say(
         f"{args.messages:,} messages per phase, {args.in_flight} in flight, runs "
         f"{', '.join(r.tag for r in runs)}; {os.cpu_count()} cores, load average "
