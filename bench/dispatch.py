@@ -815,7 +815,7 @@ def report(results: Sequence[RunResult], messages: int, in_flight: int) -> None:
     table(rows)
     print(flush=True)
     say("provider call latency in the baseline, client side, in ms (one send: connect to QUIT")
-    say("for SMTP, one POST for SMS or push); idle: 20 sends one at a time; loaded: all at once")
+    say("for SMTP, one POST for SMS or push); idle: 20 sends one at a time; loaded: C at a time")
     rows = [["channel", "latency added", "idle p50", "loaded p50", "loaded p95", "loaded p99"]]
     for r in results:
         loaded = [percentile(r.latencies_ms, q) for q in (50, 95, 99)]
