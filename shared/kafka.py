@@ -388,7 +388,8 @@ class AsyncProducer:
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.txn_requires_abort():
                 await self._abort_after(exc)
-                raise TransactionAborted(str(error)) from exc
+                moved_on = error.code() in _GROUP_MOVED_ON
+                raise TransactionAborted(str(error), moved_on=moved_on) from exc
             raise
 
     async def prove_offsets(self, offsets: list[TopicPartition], group: Any) -> None:
@@ -406,7 +407,8 @@ class AsyncProducer:
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.txn_requires_abort():
                 await self._abort_after(exc)
-                raise TransactionAborted(str(error)) from exc
+                moved_on = error.code() in _GROUP_MOVED_ON
+                raise TransactionAborted(str(error), moved_on=moved_on) from exc
             raise
 
     async def abort_transaction(self) -> None:
@@ -441,12 +443,30 @@ def _doomed_if_fatal(exc: KafkaException) -> None:
     timeout) raises `TransactionDoomed`: no outage retry can help, and the worker must start
     over with a new producer (`StreamWorker`), whichever task of the batch met it."""
     if fatal_error(exc):
-        raise TransactionDoomed(f"producer fenced: {exc}") from exc
+        raise TransactionDoomed(f"producer failed for good (fenced): {exc}") from exc
 
 
 class TransactionAborted(Exception):
     """A transaction was aborted instead of committed: nothing it produced is visible, and the
-    offsets it carried were not committed."""
+    offsets it carried were not committed. `moved_on`: the group coordinator refused the
+    offsets because the worker is no longer the member, or not in the generation, that owns
+    them (another worker handles its partitions now); any other refusal (a rebalance under way,
+    a coordinator away past the call's timeout, a record not delivered) says nothing of who
+    owns them."""
+
+    def __init__(self, message: str, *, moved_on: bool = False) -> None:
+        super().__init__(message)
+        self.moved_on = moved_on
+
+
+# The group coordinator's answers that mean this member no longer owns what it committed for.
+_GROUP_MOVED_ON = frozenset(
+    {
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.FENCED_INSTANCE_ID,
+    }
+)
 
 
 # How long past its own timeout a transactional call may block before its producer is taken

@@ -127,9 +127,15 @@ class NotOwned(KeyError):
 
 class Fenced(BaseException):
     """This worker may no longer act for the batch's partitions: the group moved them on (the
-    worker was stopped or cut off past its session), or the broker aborted the transaction.
-    Nothing of the batch after its last checkpoint is kept, and nothing more may be done for
-    it. A BaseException, so that no record handler takes it for a record's own failure."""
+    worker was stopped or cut off past its session: `moved_on`), or the broker aborted the
+    transaction for another reason (a rebalance under way, say; the worker may well keep its
+    partitions and read the batch again). Nothing of the batch after its last checkpoint is
+    kept, and nothing more may be done for it. A BaseException, so that no record handler
+    takes it for a record's own failure."""
+
+    def __init__(self, message: str, *, moved_on: bool = False) -> None:
+        super().__init__(message)
+        self.moved_on = moved_on
 
 
 def table_options() -> Options:
@@ -749,7 +755,7 @@ class StreamWorker:
             try:
                 await self.producer.prove_offsets(offsets, self._group)
             except TransactionAborted as exc:
-                raise Fenced(str(exc)) from exc
+                raise Fenced(str(exc), moved_on=exc.moved_on) from exc
             self._proven_at = asked_at
 
     async def _init_transactions(self) -> None:
@@ -815,7 +821,7 @@ class StreamWorker:
         try:
             await self.producer.commit_transaction(partitions, self._group)
         except TransactionAborted as exc:
-            raise Fenced(str(exc)) from exc
+            raise Fenced(str(exc), moved_on=exc.moved_on) from exc
 
     def _abandon(self, consumer: Consumer, start: dict[tuple[str, int], int], why: str) -> None:
         """After a fenced batch: drop its staged writes and read its partitions again from the

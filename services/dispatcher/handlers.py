@@ -132,9 +132,11 @@ CALLS_KEPT = 20_000
 @dataclass(frozen=True)
 class Called:
     """A provider call this worker made. Should the batch fail before the call's outcome is
-    committed (a fenced producer: the worker starts over and reads the request again), its
-    answer concludes the try (`progress.AwaitCall`) instead of `unknown`; a call under way then
-    runs to its end rather than being cut off, which would only leave its outcome unknown."""
+    committed (a fenced producer, a rebalance under way) and this worker read the request
+    again, the call's answer concludes the try (`progress.AwaitCall`) instead of `unknown`; so
+    a call under way runs to its end rather than being cut off, which would only leave its
+    outcome unknown. Only when the group has moved the partitions on are calls cut off
+    (`Dispatcher._cut_off_calls`)."""
 
     attempt: int
     began: datetime
@@ -241,8 +243,9 @@ class Dispatcher:
             await rendezvous.run(
                 [partial(self._contact_records, mine) for mine in contacts.values()]
             )
-        except Fenced:
-            self._cut_off_calls()
+        except Fenced as exc:
+            if exc.moved_on:
+                self._cut_off_calls()
             raise
         self.metrics.rounds(rendezvous.rounds)
 
@@ -310,8 +313,6 @@ class Dispatcher:
         claim = await self.ledger.claim(request, self.clock.now())
         entry = None if claim.new else await self._entry(request.message_id)
         called = self._calls.get(request.message_id)
-        if called is not None and called.call.cancelled():
-            called = None  # cut off: the try is taken for stopped
         move = progress.after_claim(
             claim.new,
             entry,
@@ -450,7 +451,8 @@ class Dispatcher:
         self, channel: Channel, prepared: Delivery, attempt: int, began: datetime
     ) -> Outcome:
         """The provider call of a try that holds a slot and is durable as `sending`, remembered
-        (`Called`): once made, it runs to its end even when the batch fails meanwhile."""
+        (`Called`): once made, it runs to its end even when the batch fails meanwhile, unless
+        the group moved the partitions on."""
         with self.metrics.in_flight.track_inprogress():
             await self._prove_owner()
             async with self._aside():
@@ -462,12 +464,14 @@ class Dispatcher:
                 return await _answer(call, channel)
 
     def _cut_off_calls(self) -> None:
-        """The group moved this worker's partitions on (`Fenced`): another worker now handles
-        their requests, so no call of this one may still go out. Calls under way are cut off,
-        whether they still wait for a connection or a session (they never reach the provider)
-        or are on the wire (their outcome is then unknown, as the new owner finds it), and
-        forgotten: read again here, their tries are taken for stopped. Calls run on only when
-        the producer alone was fenced and this worker reads their requests again itself."""
+        """The group moved this worker's partitions on (`Fenced.moved_on`): another worker now
+        handles their requests, so no call of this one may still go out. Calls under way are
+        cut off, whether they still wait for a connection or a session (they never reach the
+        provider) or are on the wire (their outcome is then unknown, as the new owner finds
+        it), and forgotten. Any other failure of a batch lets them run: this worker may read
+        their requests again and conclude with their answers. (After a start-over the worker
+        joins its group anew and its partitions may go elsewhere; the new owner then takes
+        their tries for stopped, as after a crash.)"""
         for message_id, called in list(self._calls.items()):
             if not called.call.done():
                 called.call.cancel()

@@ -171,7 +171,8 @@ def _remembered(dispatcher: Dispatcher, message_id: str, call: asyncio.Future[Ou
 @pytest.mark.parametrize(
     ("failure", "cut_off"),
     [
-        (Fenced("the group moved the partitions on"), True),
+        (Fenced("UNKNOWN_MEMBER_ID", moved_on=True), True),
+        (Fenced("REBALANCE_IN_PROGRESS: the worker may keep its partitions"), False),
         (TransactionDoomed("producer fenced"), False),
     ],
 )
@@ -179,8 +180,8 @@ async def test_calls_under_way_are_cut_off_only_when_the_group_moved_on(
     reports: Reports, failure: BaseException, cut_off: bool
 ) -> None:
     """Another worker now handles the requests of a partition that moved: no call of this one
-    may still go out. When only the producer was fenced, this worker reads the requests again
-    itself and concludes them with the calls' own answers."""
+    may still go out. After any other failure (a rebalance under way, a fenced producer) this
+    worker may read the requests again and conclude them with the calls' own answers."""
     loop = asyncio.get_running_loop()
     under_way: asyncio.Future[Outcome] = loop.create_future()
     answered: asyncio.Future[Outcome] = loop.create_future()

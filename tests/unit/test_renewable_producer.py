@@ -8,7 +8,13 @@ import time
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from shared.kafka import AsyncProducer, RenewableProducer, TransactionDoomed, fatal_error
+from shared.kafka import (
+    AsyncProducer,
+    RenewableProducer,
+    TransactionAborted,
+    TransactionDoomed,
+    fatal_error,
+)
 
 NO_BROKER = {"bootstrap.servers": "127.0.0.1:1", "log_level": 0, "enable.idempotence": True}
 FATAL = KafkaError(KafkaError._FATAL, "sequence desynchronised", fatal=True)
@@ -111,6 +117,7 @@ def test_a_fenced_producer_is_let_go_once_its_reports_are_served() -> None:
     renewable.replace_wedged("fenced")
     assert renewable.current is not fenced
     assert renewable._wedged == []
+    assert renewable.retiring  # polled until its reports are served, not dropped unserved
     deadline = time.monotonic() + 10
     while renewable.retiring and time.monotonic() < deadline:
         renewable.poll_retired()
@@ -203,6 +210,57 @@ async def test_every_transactional_call_of_a_fenced_producer_dooms_the_transacti
             await producer.commit_transaction([], None)
         with pytest.raises(TransactionDoomed):
             producer.begin_transaction()
+    finally:
+        producer._stopping.set()
+        producer._poller.join(timeout=5)
+        first.flush(0)
+
+
+class _Refused:
+    """A producer whose offsets the group coordinator refuses with `code`."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.aborted = 0
+
+    def send_offsets_to_transaction(self, *_args: object) -> None:
+        raise KafkaException(KafkaError(self.code, "refused", txn_requires_abort=True))
+
+    def abort_transaction(self, *_args: object) -> None:
+        self.aborted += 1
+
+    def poll(self, timeout: float) -> int:
+        time.sleep(timeout)
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("code", "moved_on"),
+    [
+        (KafkaError.UNKNOWN_MEMBER_ID, True),
+        (KafkaError.ILLEGAL_GENERATION, True),
+        (KafkaError.REBALANCE_IN_PROGRESS, False),
+        (KafkaError._TIMED_OUT, False),
+    ],
+)
+async def test_an_aborted_transaction_says_whether_the_group_moved_on(
+    code: int, moved_on: bool
+) -> None:
+    """Only the coordinator's word that this member no longer owns the partitions means
+    another worker handles them; a rebalance under way may leave them with this one."""
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "transactional.id": "test-refused"},
+    )
+    first = producer._renewable.current
+    refused = _Refused(code)
+    producer._renewable.current = refused  # type: ignore[assignment]
+    try:
+        with pytest.raises(TransactionAborted) as aborted:
+            await producer.prove_offsets([], None)
+        assert aborted.value.moved_on is moved_on
+        assert refused.aborted == 1
     finally:
         producer._stopping.set()
         producer._poller.join(timeout=5)
