@@ -4,6 +4,8 @@ back to its senders (whose outage retries send it again); no broker is needed to
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -153,6 +155,24 @@ def test_an_error_of_a_replaced_producer_never_marks_the_current_one_failed() ->
     assert renewable.usable() is current
 
 
+@contextmanager
+def _transactional_producer_over(fake: object, transactional_id: str) -> Iterator[AsyncProducer]:
+    """A transactional `AsyncProducer` whose librdkafka producer is `fake` (no broker)."""
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "transactional.id": transactional_id},
+    )
+    first = producer._renewable.current
+    producer._renewable.current = fake  # type: ignore[assignment]
+    try:
+        yield producer
+    finally:
+        producer._stopping.set()
+        producer._poller.join(timeout=5)
+        first.flush(0)
+
+
 class _Fenced:
     """A fenced producer: every produce raises the bare `_FATAL` code, as librdkafka's does."""
 
@@ -176,44 +196,24 @@ async def test_a_fenced_transactional_producer_dooms_the_transaction_rather_than
     None
 ):
     """No outage retry can help a fenced producer: the batch must be aborted and read again."""
-    producer = AsyncProducer(
-        NO_BROKER["bootstrap.servers"],
-        client_id="test",
-        extra={**NO_BROKER, "transactional.id": "test-fenced"},
-    )
-    first = producer._renewable.current
-    producer._renewable.current = _Fenced()  # type: ignore[assignment]
-    try:
-        with pytest.raises(TransactionDoomed):
-            await producer.send_all([("t", "k", b"v")])
-    finally:
-        producer._stopping.set()
-        producer._poller.join(timeout=5)
-        first.flush(0)
+    with (
+        _transactional_producer_over(_Fenced(), "test-fenced") as producer,
+        pytest.raises(TransactionDoomed),
+    ):
+        await producer.send_all([("t", "k", b"v")])
 
 
 async def test_every_transactional_call_of_a_fenced_producer_dooms_the_transaction() -> None:
     """A fenced producer's error met by a task of the batch (proving ownership before a
     provider call, say) must reach the worker, which starts over: taken for an outage, the
     task would ask again for ever and the batch would never end."""
-    producer = AsyncProducer(
-        NO_BROKER["bootstrap.servers"],
-        client_id="test",
-        extra={**NO_BROKER, "transactional.id": "test-fenced-calls"},
-    )
-    first = producer._renewable.current
-    producer._renewable.current = _Fenced()  # type: ignore[assignment]
-    try:
+    with _transactional_producer_over(_Fenced(), "test-fenced-calls") as producer:
         with pytest.raises(TransactionDoomed):
             await producer.prove_offsets([], None)
         with pytest.raises(TransactionDoomed):
             await producer.commit_transaction([], None)
         with pytest.raises(TransactionDoomed):
             producer.begin_transaction()
-    finally:
-        producer._stopping.set()
-        producer._poller.join(timeout=5)
-        first.flush(0)
 
 
 class _Refused:
@@ -248,20 +248,11 @@ async def test_an_aborted_transaction_says_whether_the_group_moved_on(
 ) -> None:
     """Only the coordinator's word that this member no longer owns the partitions means
     another worker handles them; a rebalance under way may leave them with this one."""
-    producer = AsyncProducer(
-        NO_BROKER["bootstrap.servers"],
-        client_id="test",
-        extra={**NO_BROKER, "transactional.id": "test-refused"},
-    )
-    first = producer._renewable.current
     refused = _Refused(code)
-    producer._renewable.current = refused  # type: ignore[assignment]
-    try:
-        with pytest.raises(TransactionAborted) as aborted:
-            await producer.prove_offsets([], None)
-        assert aborted.value.moved_on is moved_on
-        assert refused.aborted == 1
-    finally:
-        producer._stopping.set()
-        producer._poller.join(timeout=5)
-        first.flush(0)
+    with (
+        _transactional_producer_over(refused, "test-refused") as producer,
+        pytest.raises(TransactionAborted) as aborted,
+    ):
+        await producer.prove_offsets([], None)
+    assert aborted.value.moved_on is moved_on
+    assert refused.aborted == 1
