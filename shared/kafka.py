@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from confluent_kafka import (
@@ -384,13 +384,7 @@ class AsyncProducer:
                 lambda: self._producer.commit_transaction(TRANSACTION_CALL_SECONDS)
             )
         except KafkaException as exc:
-            _doomed_if_fatal(exc)
-            error = exc.args[0] if exc.args else None
-            if isinstance(error, KafkaError) and error.txn_requires_abort():
-                await self._abort_after(exc)
-                moved_on = error.code() in _GROUP_MOVED_ON
-                raise TransactionAborted(str(error), moved_on=moved_on) from exc
-            raise
+            await self._refused(exc)
 
     async def prove_offsets(self, offsets: list[TopicPartition], group: Any) -> None:
         """Add `offsets` to the open transaction: the group coordinator accepts them only from
@@ -403,23 +397,26 @@ class AsyncProducer:
                 )
             )
         except KafkaException as exc:
-            _doomed_if_fatal(exc)
-            error = exc.args[0] if exc.args else None
-            if isinstance(error, KafkaError) and error.txn_requires_abort():
-                await self._abort_after(exc)
-                moved_on = error.code() in _GROUP_MOVED_ON
-                raise TransactionAborted(str(error), moved_on=moved_on) from exc
-            raise
+            await self._refused(exc)
 
     async def abort_transaction(self) -> None:
         await _transactional(lambda: self._producer.abort_transaction(TRANSACTION_CALL_SECONDS))
 
-    async def _abort_after(self, cause: KafkaException) -> None:
+    async def _refused(self, exc: KafkaException) -> NoReturn:
+        """What a failed commit or proof of offsets raises: `TransactionDoomed` for the
+        producer's fatal error, `TransactionAborted` (aborted here) for an error that requires
+        the transaction's abort, else `exc` itself."""
+        _doomed_if_fatal(exc)
+        error = exc.args[0] if exc.args else None
+        if not (isinstance(error, KafkaError) and error.txn_requires_abort()):
+            raise exc
         try:
             await self.abort_transaction()
-        except KafkaException as exc:
-            _doomed_if_fatal(exc)
-            raise exc from cause
+        except KafkaException as failed:
+            _doomed_if_fatal(failed)
+            raise failed from exc
+        moved_on = error.code() in _GROUP_MOVED_ON
+        raise TransactionAborted(str(error), moved_on=moved_on) from exc
 
     def renew(self, reason: str) -> None:
         """Replace a wedged or fenced transactional producer (`reason`) with a new one of the

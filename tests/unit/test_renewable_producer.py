@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from shared.kafka import (
     AsyncProducer,
@@ -256,3 +256,35 @@ async def test_an_aborted_transaction_says_whether_the_group_moved_on(
         await producer.prove_offsets([], None)
     assert aborted.value.moved_on is moved_on
     assert refused.aborted == 1
+
+
+class _RefusedThenFenced(_Refused):
+    """Refused offsets, and the abort that follows meets the producer's fatal error."""
+
+    def abort_transaction(self, *_args: object) -> None:
+        raise KafkaException(KafkaError(KafkaError._FATAL, "producer fenced"))
+
+
+async def test_an_abort_that_meets_the_fatal_error_dooms_the_transaction() -> None:
+    with (
+        _transactional_producer_over(
+            _RefusedThenFenced(KafkaError.REBALANCE_IN_PROGRESS), "test-refused-fenced"
+        ) as producer,
+        pytest.raises(TransactionDoomed),
+    ):
+        await producer.commit_transaction([TopicPartition("t", 0, 1)], None)
+
+
+async def test_an_error_that_needs_no_abort_reaches_the_caller_as_it_came() -> None:
+    class Unavailable(_Refused):
+        def send_offsets_to_transaction(self, *_args: object) -> None:
+            raise KafkaException(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE, "away"))
+
+    refused = Unavailable(KafkaError.COORDINATOR_NOT_AVAILABLE)
+    with (
+        _transactional_producer_over(refused, "test-unavailable") as producer,
+        pytest.raises(KafkaException) as raised,
+    ):
+        await producer.prove_offsets([], None)
+    assert raised.value.args[0].code() == KafkaError.COORDINATOR_NOT_AVAILABLE
+    assert refused.aborted == 0
