@@ -22,6 +22,8 @@ TRACEBACK_FRAMES = 6
 # A library's repeated message is logged once per window, with how many were held back.
 REPEAT_WINDOW_SECONDS = 10.0
 REPEAT_KEYS_KEPT = 10_000
+# Libraries whose info lines name what must not reach a log (`configure_logging`).
+QUIET_BELOW_WARNING = ("httpx", "httpcore")
 
 
 def renderers(fmt: LogFormat) -> list[structlog.types.Processor]:
@@ -102,4 +104,8 @@ def configure_logging(service: str, level: str = "info", fmt: LogFormat = "json"
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # HTTP clients log every request's URL at info: a contact key in the path the admin's pages
+    # ask their own API for, a token in a provider's query string. Their warnings still come.
+    for name in QUIET_BELOW_WARNING:
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
     structlog.contextvars.bind_contextvars(service=service)

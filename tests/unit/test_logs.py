@@ -31,6 +31,11 @@ SCRIPT = textwrap.dedent(
     logging.getLogger("aiokafka").warning("foreign %s", "line")
     for _ in range(500):
         logging.getLogger("aiokafka").error("Unable connect to node with id %s", 1)
+    logging.getLogger("httpx").info(
+        'HTTP Request: %s %s "%s %d %s"',
+        "GET", "http://admin/v1/contacts/ada@example.com", "HTTP/1.1", 200, "OK",
+    )
+    logging.getLogger("httpx").warning("the pool is %s", "full")
     """
 )
 
@@ -55,7 +60,9 @@ def test_json_lines_one_per_event_with_a_short_traceback_and_no_locals() -> None
         "probe.failed",
         "foreign line",
         "Unable connect to node with id 1",
+        "the pool is full",
     ]
+    assert "ada@example.com" not in "\n".join(lines), "an HTTP client's request line"
     assert all(e["service"] == "probe" for e in events)
     assert events[0]["records"] == 3
     failure = events[1]
