@@ -375,8 +375,9 @@ class StreamWorker:
     """One worker of a stream service: its consumer group, tables, processors, periodic jobs.
 
     Declare tables (`table`), processors (`consume`), hooks run after every change of the
-    assignment once the tables are restored (`on_assigned`), and periodic jobs (`every`, run
-    only while the worker holds a settled assignment); then `run` until `stop` is set.
+    assignment once the tables are restored (`on_assigned`) or only once the group has handed
+    out an assignment (`on_assignment`), and periodic jobs (`every`, run only while the worker
+    holds a settled assignment); then `run` until `stop` is set.
     """
 
     def __init__(
@@ -413,6 +414,7 @@ class StreamWorker:
         # Partitions of delayed topics held until a time: (offset to read on from, until).
         self._held: dict[tuple[str, int], tuple[int, datetime]] = {}
         self._hooks: list[Hook] = []
+        self._assignment_hooks: list[Hook] = []
         self._jobs: list[tuple[float, Job]] = []
         self._assigned: set[tuple[str, int]] = set()
         self._owned: frozenset[int] = frozenset()
@@ -458,7 +460,15 @@ class StreamWorker:
                 self._due[topic] = due
 
     def on_assigned(self, hook: Hook) -> None:
+        """`hook(owned)` after every change of the assignment, a revocation included (the
+        partitions held may then be none until the group hands them out again)."""
         self._hooks.append(hook)
+
+    def on_assignment(self, hook: Hook) -> None:
+        """`hook(owned)` only once the group has handed out an assignment: the partitions this
+        worker holds for now, not the gap between a revocation and what follows it (a
+        rebalance revokes every partition, and often hands the same ones back)."""
+        self._assignment_hooks.append(hook)
 
     def every(self, seconds: float, job: Job) -> None:
         if self.transactional:
@@ -903,6 +913,7 @@ class StreamWorker:
         changes, self._changes = self._changes, []
         interrupted: set[int] = set()
         added: set[tuple[str, int]] = set()
+        handed_out = any(kind == "assign" for kind, _partitions in changes)
         for kind, partitions in changes:
             if kind == "assign":
                 self._assigned.update(partitions)
@@ -952,6 +963,9 @@ class StreamWorker:
         self._owned = owned
         for hook in self._hooks:
             hook(owned)
+        if handed_out:
+            for hook in self._assignment_hooks:
+                hook(owned)
         self._ready = bool(owned)
         log.info(
             "stream.assigned",

@@ -106,6 +106,7 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
     async def process(records: list[Record]) -> None:
         await dispatcher.process(records, worker.checkpoint, worker.prove_owner)
 
+    worker.on_assignment(dispatcher.keep_calls_of)
     worker.consume([SEND_REQUESTS.name, DELIVERY_REPORTS.name], process)
     worker.consume([t.name for t in SEND_RETRIES.values()], process, due=retry_due)
     stop = asyncio.Event()

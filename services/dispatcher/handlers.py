@@ -83,7 +83,7 @@ from shared.rendering import (
     render_variables,
 )
 from shared.rendezvous import Rendezvous
-from shared.streams import Fenced, focus
+from shared.streams import Fenced, focus, focused
 from shared.system_events import (
     EMAIL_LINK_CLICKED,
     EMAIL_OPENED,
@@ -143,6 +143,7 @@ class Called:
     address: str
     call: asyncio.Future[Outcome]
     at: float  # when it began, on the worker's monotonic clock
+    partition: int | None = None  # of its request (None: outside a partition, in tests)
 
 
 @dataclass(frozen=True)
@@ -459,7 +460,7 @@ class Dispatcher:
                 call = asyncio.ensure_future(self.providers[channel].send(prepared))
                 self._remember(
                     prepared.message_id,
-                    Called(attempt, began, prepared.address, call, self._monotonic()),
+                    Called(attempt, began, prepared.address, call, self._monotonic(), focused()),
                 )
                 return await _answer(call, channel)
 
@@ -469,13 +470,30 @@ class Dispatcher:
         cut off, whether they still wait for a connection or a session (they never reach the
         provider) or are on the wire (their outcome is then unknown, as the new owner finds
         it), and forgotten. Any other failure of a batch lets them run: this worker may read
-        their requests again and conclude with their answers. (After a start-over the worker
-        joins its group anew and its partitions may go elsewhere; the new owner then takes
-        their tries for stopped, as after a crash.)"""
+        their requests again and conclude with their answers; should the group then hand
+        their partitions to another worker, `keep_calls_of` cuts them off."""
         for message_id, called in list(self._calls.items()):
             if not called.call.done():
                 called.call.cancel()
                 del self._calls[message_id]
+
+    def keep_calls_of(self, owned: frozenset[int]) -> None:
+        """The group handed out an assignment (`StreamWorker.on_assignment`): the calls this
+        worker kept running after a failed batch, for partitions it no longer holds, are cut
+        off (`_cut_off_calls`) and every remembered call of those partitions forgotten. The
+        new owner reads their requests and takes the tries for stopped; a call of this worker
+        that went out after that could only send a message twice. Calls of the partitions
+        handed back to this worker run on, for the batch it reads again."""
+        cut: list[int] = []
+        for message_id, called in list(self._calls.items()):
+            if called.partition is None or called.partition in owned:
+                continue
+            if not called.call.done():
+                called.call.cancel()
+                cut.append(called.partition)
+            del self._calls[message_id]
+        if cut:
+            log.warning("dispatcher.calls_cut_off", calls=len(cut), partitions=sorted(set(cut)))
 
     def _remember(self, message_id: str, called: Called) -> None:
         # Retrieved here, so that a call nobody asks about again never logs as unretrieved.

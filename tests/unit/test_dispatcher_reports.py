@@ -162,9 +162,15 @@ async def _never() -> None:
     raise AssertionError("no checkpoint or proof expected")
 
 
-def _remembered(dispatcher: Dispatcher, message_id: str, call: asyncio.Future[Outcome]) -> None:
+def _remembered(
+    dispatcher: Dispatcher,
+    message_id: str,
+    call: asyncio.Future[Outcome],
+    partition: int | None = None,
+) -> None:
     dispatcher._remember(
-        message_id, Called(1, T0, f"{message_id}@example.com", call, time.monotonic())
+        message_id,
+        Called(1, T0, f"{message_id}@example.com", call, time.monotonic(), partition),
     )
 
 
@@ -202,3 +208,34 @@ async def test_calls_under_way_are_cut_off_only_when_the_group_moved_on(
     assert ("m-1" in dispatcher._calls) is not cut_off
     assert "m-2" in dispatcher._calls
     under_way.cancel()
+
+
+async def test_an_assignment_cuts_off_the_kept_calls_of_partitions_handed_elsewhere(
+    reports: Reports,
+) -> None:
+    """After a failed batch the calls under way run on, for the batch read again; once the
+    group hands a partition to another worker, that worker takes their tries for stopped, so
+    a call of this one still waiting (for a session, a connection) must never go out."""
+    loop = asyncio.get_running_loop()
+    calls = {name: loop.create_future() for name in ("kept", "moved", "moved-done", "unplaced")}
+    calls["moved-done"].set_result(Outcome("sent", None))
+    dispatcher = reports.dispatcher
+    _remembered(dispatcher, "m-kept", calls["kept"], partition=0)
+    _remembered(dispatcher, "m-moved", calls["moved"], partition=1)
+    _remembered(dispatcher, "m-moved-done", calls["moved-done"], partition=1)
+    _remembered(dispatcher, "m-unplaced", calls["unplaced"])
+
+    with capture_logs() as logs:
+        dispatcher.keep_calls_of(frozenset({0, 2}))
+
+    assert calls["moved"].cancelled()
+    assert not calls["kept"].done()
+    assert not calls["unplaced"].done()
+    assert set(dispatcher._calls) == {"m-kept", "m-unplaced"}
+    assert [(line["event"], line["calls"], line["partitions"]) for line in logs] == [
+        ("dispatcher.calls_cut_off", 1, [1])
+    ]
+    dispatcher.keep_calls_of(frozenset({0, 1}))  # nothing more to cut
+    assert set(dispatcher._calls) == {"m-kept", "m-unplaced"}
+    for call in calls.values():
+        call.cancel()

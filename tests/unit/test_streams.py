@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from confluent_kafka import TopicPartition
 from rocksdict import AccessType, Options, Rdict
 
 from shared.clock import ManualClock
@@ -242,3 +244,44 @@ async def test_a_record_too_large_for_the_producer_is_refused_not_an_outage() ->
         assert refused.value.refused
     finally:
         producer.close(timeout=0)
+
+
+class Committed:
+    """Answers the group's committed offsets, as a consumer would after an assignment."""
+
+    def committed(self, partitions: list[TopicPartition], _timeout: float) -> list[Any]:
+        return [TopicPartition(tp.topic, tp.partition, 7) for tp in partitions]
+
+
+async def test_assignment_hooks_run_once_the_group_hands_partitions_out_not_on_a_revocation(
+    tmp_path: Path,
+) -> None:
+    worker = StreamWorker(
+        "app",
+        StreamSettings(data_dir=tmp_path),
+        Producer(),  # type: ignore[arg-type]
+        ManualClock(datetime(2026, 12, 2, tzinfo=UTC)),
+        service="test",
+        transactional=True,  # its batches commit their own offsets: none on revocation
+    )
+
+    async def process(_records: list[Record]) -> None:
+        return None
+
+    worker.consume(["in"], process)
+    every: list[frozenset[int]] = []
+    handed_out: list[frozenset[int]] = []
+    worker.on_assigned(every.append)
+    worker.on_assignment(handed_out.append)
+    consumer: Any = Committed()
+
+    worker._on_assign(consumer, [TopicPartition("in", 0), TopicPartition("in", 1)])
+    await worker._settle(consumer)
+    worker._on_revoke(consumer, [TopicPartition("in", 0), TopicPartition("in", 1)])
+    await worker._settle(consumer)  # a rebalance under way: nothing handed out yet
+    worker._on_assign(consumer, [TopicPartition("in", 1)])
+    await worker._settle(consumer)
+
+    assert every == [frozenset({0, 1}), frozenset(), frozenset({1})]
+    assert handed_out == [frozenset({0, 1}), frozenset({1})]
+    assert worker._positions.next[("in", 1)] == 7
