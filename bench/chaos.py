@@ -82,7 +82,7 @@ PORTS = stack.Ports(
 GROUP = "waypost-dispatcher"
 FINAL = frozenset({"sent", "delivered", "failed", "unknown", "skipped"})
 POLL_SECONDS = 0.2
-IN_FLIGHT_METRIC = "waypost_dispatcher_provider_calls_in_flight "
+IN_FLIGHT_METRIC = "waypost_dispatcher_provider_calls_in_flight{"  # a line per channel
 
 
 @dataclass(frozen=True)
@@ -263,10 +263,9 @@ def in_flight(bench: stack.Stack) -> float:
         text = httpx.get(url, timeout=5).text
     except httpx.HTTPError:
         return 0.0
-    for line in text.splitlines():
-        if line.startswith(IN_FLIGHT_METRIC):
-            return float(line.split()[1])
-    return 0.0
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith(IN_FLIGHT_METRIC)
+    )
 
 
 def members(bench: stack.Stack) -> int:

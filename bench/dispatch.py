@@ -733,14 +733,20 @@ def store_templates(db: Any) -> None:
         )
 
 
+def in_flight(run: Run, args: argparse.Namespace) -> int:
+    """Sends in flight for the run's channel: the worker's limit for it, and the baseline's."""
+    http: int | None = args.in_flight_http
+    return args.in_flight if run.channel == "email" or http is None else http
+
+
 def one_run(bench: stack.Stack, db: Any, run: Run, args: argparse.Namespace) -> RunResult:
-    say(f"{run.tag}: baseline, the client library alone, {args.in_flight} in flight")
+    say(f"{run.tag}: baseline, the client library alone, {in_flight(run, args)} in flight")
     meter = CpuMeter(
         {"bench": os.getpid(), **{n: bench.pid(n) for n in ("sandbox", "ferretdb", "kafka")}}
     )
     control(bench, run.latency_ms)
     base, latencies_ms, idle_ms = asyncio.run(
-        baseline(bench, run, args.messages, args.in_flight, meter)
+        baseline(bench, run, args.messages, in_flight(run, args), meter)
     )
     expected = {run.recipient("base", n) for n in range(args.messages)}
     expected |= {run.recipient("idle", n) for n in range(PROBES)}
@@ -776,7 +782,7 @@ def ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}" if value is not None and base else "-"
 
 
-def report(results: Sequence[RunResult], messages: int, in_flight: int) -> None:
+def report(results: Sequence[RunResult], messages: int, in_flight: str) -> None:
     say(
         f"sends per second, {messages:,} messages per phase, {in_flight} in flight: one dispatcher "
         "worker against the client library alone (baseline), same sandbox, same run"
@@ -909,6 +915,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="provider latencies the sandbox adds, comma separated (HTTP only)",
     )
     parser.add_argument("--in-flight", type=int, default=64, help="sends in flight (C)")
+    parser.add_argument(
+        "--in-flight-http",
+        type=int,
+        default=None,
+        help="sends in flight for SMS and push, if not C (WAYPOST_MAX_IN_FLIGHT_SMS, _PUSH)",
+    )
     parser.add_argument("--partitions", type=int, default=6, help="partitions per topic")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per phase")
     parser.add_argument(
@@ -918,13 +930,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds without a request committed before a phase counts as stalled",
     )
     args = parser.parse_args(argv)
-    if args.messages < 2 or args.in_flight < 1:
-        parser.error("--messages must be at least 2, --in-flight positive")
+    if args.messages < 2 or args.in_flight < 1 or (args.in_flight_http or 1) < 1:
+        parser.error("--messages must be at least 2, --in-flight and --in-flight-http positive")
     runs = [Run("email", None, 0)]
     runs += [Run("sms", ms, n + 1) for n, ms in enumerate(args.latency_ms)]
     runs += [Run("push", ms, n + 1) for n, ms in enumerate(args.latency_ms)]
     say(
-        f"{args.messages:,} messages per phase, {args.in_flight} in flight, runs "
+        f"{args.messages:,} messages per phase, {args.in_flight} in flight"
+        f"{f' ({args.in_flight_http} for SMS and push)' if args.in_flight_http else ''}, runs "
         f"{', '.join(r.tag for r in runs)}; {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.2f}"
     )
@@ -933,7 +946,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ports=PORTS,
         partitions=args.partitions,
         extra_env={
-            "WAYPOST_MAX_IN_FLIGHT": str(args.in_flight),  # read by the worker
+            # Read by the worker.
+            "WAYPOST_MAX_IN_FLIGHT": str(args.in_flight),
+            "WAYPOST_MAX_IN_FLIGHT_SMS": str(args.in_flight_http or ""),
+            "WAYPOST_MAX_IN_FLIGHT_PUSH": str(args.in_flight_http or ""),
             "WAYPOST_SMS_CALLBACK_DELAY": str(SMS_CALLBACK_DELAY),  # read by the sandbox
         },
     )
@@ -956,7 +972,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("stopping the bench stack")
         bench.down()
     print(flush=True)
-    report(results, args.messages, args.in_flight)
+    http = f" ({args.in_flight_http} for SMS and push)" if args.in_flight_http else ""
+    report(results, args.messages, f"{args.in_flight}{http}")
     found = problems(results, args.messages)
     for line in found:
         say(f"PROBLEM: {line}")

@@ -29,6 +29,7 @@ from services.dispatcher.channels.http import ProviderClient
 from services.dispatcher.channels.sms.adapter import SmsSender
 from services.dispatcher.handlers import Dispatcher, Stores, retry_due
 from services.dispatcher.settings import DispatcherSettings
+from shared.channels import CHANNELS
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
 from shared.docstore import connect, database
@@ -55,7 +56,7 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
     # A connection per send in flight, all kept alive: SMS, push and WeChat sends neither
     # queue for a connection nor open one per request.
     http = ProviderClient(
-        max_connections=settings.max_in_flight,
+        max_connections=sum(settings.in_flight(c) for c in CHANNELS if c != "email"),
         timeout=settings.provider_timeout_seconds,
         keepalive_seconds=settings.http_keepalive_seconds,
     )
@@ -113,7 +114,11 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("dispatcher.started", channels=sorted(providers), max_in_flight=settings.max_in_flight)
+    log.info(
+        "dispatcher.started",
+        channels=sorted(providers),
+        in_flight={channel: settings.in_flight(channel) for channel in sorted(providers)},
+    )
     try:
         await worker.run(stop)
     finally:

@@ -5,7 +5,7 @@ requests, the retry topics (one per delay class, each record held back until it 
 delivery reports the segmenter passes on (`waypost.delivery-reports.v1`). The ledger, caps and
 consent live in the worker's tables (`adapters/tables.py`). A batch runs one task per contact,
 all at once; a contact's records run one after another, which keeps the frequency-cap check and
-the count it guards together. A try takes one of `max_in_flight` call slots, then is marked
+the count it guards together. A try takes one of its channel's call slots, then is marked
 `sending` and made durable by a group commit with every other try ready at that moment
 (`shared.rendezvous`: the worker's checkpoint, which also proves the worker still owns the
 partitions), then calls its provider. Waiting for a slot and the call itself stand aside from
@@ -200,8 +200,10 @@ class Dispatcher:
         }
         self._paused_until: dict[str, datetime] = {}
         self._retry_topics = frozenset(topic.name for topic in SEND_RETRIES.values())
-        # Provider calls in flight; a batch's other tries wait for a slot.
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        # Provider calls in flight, per channel; a batch's other tries wait for a slot.
+        self._slots = {
+            channel: asyncio.Semaphore(settings.in_flight(channel)) for channel in CHANNELS
+        }
         # The provider calls made lately, by message id, oldest first (`Called`).
         self._calls: dict[str, Called] = {}
         self._prove_owner: Callable[[], Awaitable[None]] = _outside_a_batch
@@ -402,7 +404,7 @@ class Dispatcher:
             return
         # Marked `sending` only once it holds a call slot: a crash strands no try that was
         # still waiting for one.
-        async with self._call_slot(self._buckets[channel].reserve(self._monotonic())):
+        async with self._call_slot(channel, self._buckets[channel].reserve(self._monotonic())):
             began = self.clock.now()
             try_id = f"{attempt}:{try_name}"
             if await self.ledger.begin(request.message_id, try_id, attempt, began):
@@ -433,20 +435,21 @@ class Dispatcher:
         await self._conclude(request, outcome, attempt, record, address)
 
     @asynccontextmanager
-    async def _call_slot(self, wait: float) -> AsyncIterator[None]:
-        """One of the `max_in_flight` provider call slots, after `wait` seconds of the channel's
-        rate limit; the waiting stands aside from the batch's group commit."""
+    async def _call_slot(self, channel: Channel, wait: float) -> AsyncIterator[None]:
+        """One of the channel's provider call slots (`DispatcherSettings.in_flight`), after
+        `wait` seconds of its rate limit; the waiting stands aside from the batch's group
+        commit."""
         held = False
         try:
             async with self._aside():
                 if wait > 0:
                     await asyncio.sleep(wait)
-                await self._slots.acquire()
+                await self._slots[channel].acquire()
                 held = True
             yield
         finally:
             if held:
-                self._slots.release()
+                self._slots[channel].release()
 
     async def _call(
         self, channel: Channel, prepared: Delivery, attempt: int, began: datetime
@@ -454,7 +457,7 @@ class Dispatcher:
         """The provider call of a try that holds a slot and is durable as `sending`, remembered
         (`Called`): once made, it runs to its end even when the batch fails meanwhile, unless
         the group moved the partitions on."""
-        with self.metrics.in_flight.track_inprogress():
+        with self.metrics.in_flight.labels(channel).track_inprogress():
             await self._prove_owner()
             async with self._aside():
                 call = asyncio.ensure_future(self.providers[channel].send(prepared))

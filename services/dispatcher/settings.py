@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from shared.contracts import Channel
 from shared.secrets import Secret, provider_credential
 from shared.settings import StreamSettings
 
@@ -24,9 +25,17 @@ class FrequencyCap(BaseModel):
 class DispatcherSettings(StreamSettings):
     # The worker's consumer group, and the prefix of its tables' changelogs.
     app_id: str = "waypost-dispatcher"
-    # Provider calls in flight per worker (a batch's tries beyond it queue for a slot): size it
-    # to the rate wanted times the provider's latency, 1,000/s at 50 ms needs 50.
+    # Provider calls in flight per channel per worker (a batch's tries beyond it queue for a
+    # slot of their channel): size it to the rate wanted times the time a try holds its slot,
+    # the provider's latency plus the round that marks it `sending` (docs/delivery.md). Each
+    # channel has slots of its own, so a slow provider never holds back another channel's sends.
     max_in_flight: int = Field(default=64, ge=1)
+    # A channel's own limit (unset: `max_in_flight`). A kill can leave the calls under way
+    # `unknown`; SMS asks its provider about those, the other channels cannot.
+    max_in_flight_email: int | None = Field(default=None, ge=1)
+    max_in_flight_sms: int | None = Field(default=None, ge=1)
+    max_in_flight_push: int | None = Field(default=None, ge=1)
+    max_in_flight_wechat: int | None = Field(default=None, ge=1)
     # A batch's transaction stays open while its tries call the providers, so it must outlast
     # a batch of slow calls; a worker restarted under the same `worker_id` aborts what its
     # predecessor left open at once, otherwise readers of its outputs wait up to this long.
@@ -105,6 +114,11 @@ class DispatcherSettings(StreamSettings):
     wechat_app_id: str = "wxwaypostsandbox"
     wechat_app_secret: SecretStr = SecretStr("")
 
+    def in_flight(self, channel: Channel) -> int:
+        """The provider calls `channel` may have in flight per worker."""
+        own: int | None = getattr(self, f"max_in_flight_{channel}")
+        return self.max_in_flight if own is None else own
+
     def secrets(self) -> list[Secret]:
         used = [
             *super().secrets(),
@@ -120,7 +134,15 @@ class DispatcherSettings(StreamSettings):
             used.append(provider_credential("WAYPOST_SMTP_PASSWORD", password))
         return used
 
-    @field_validator("fcm_service_account_file", "smtp_connections", mode="before")
+    @field_validator(
+        "fcm_service_account_file",
+        "smtp_connections",
+        "max_in_flight_email",
+        "max_in_flight_sms",
+        "max_in_flight_push",
+        "max_in_flight_wechat",
+        mode="before",
+    )
     @classmethod
     def _unset_when_empty(cls, value: object) -> object:
         return None if value == "" else value

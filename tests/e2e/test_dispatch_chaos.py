@@ -276,11 +276,14 @@ def _log_events(log: Path, start: int, end: int | None) -> list[str]:
 
 
 def _in_flight(metrics_url: str) -> float:
-    """The provider calls one dispatcher worker has under way, from its metrics."""
-    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
-        if line.startswith("waypost_dispatcher_provider_calls_in_flight "):
-            return float(line.split()[1])
-    raise AssertionError("the worker's metrics have no in-flight gauge")
+    """The provider calls one dispatcher worker has under way, from its metrics (the gauge
+    has a line per channel that called)."""
+    lines = [
+        line
+        for line in httpx.get(metrics_url, timeout=10).text.splitlines()
+        if line.startswith("waypost_dispatcher_provider_calls_in_flight{")
+    ]
+    return sum(float(line.split()[-1]) for line in lines)
 
 
 def _members(stack: Any, group: str) -> int:

@@ -24,7 +24,7 @@ from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.handlers import Called, Dispatcher, Stores
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import ManualClock
-from shared.contracts import Event
+from shared.contracts import Channel, Event
 from shared.deadletter import DeadLetters
 from shared.kafka import CompactedTopicView, Record, TransactionDoomed
 from shared.links import LinkSigner
@@ -52,7 +52,12 @@ class Outbox:
 class Reports:
     """A dispatcher over real tables, and what its reports left in them."""
 
-    def __init__(self, folder: Path, mongo: AsyncMongoClient[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        mongo: AsyncMongoClient[dict[str, Any]],
+        settings: DispatcherSettings | None = None,
+    ) -> None:
         self.tables = {name: Table(name, f"{name}-changelog", folder) for name in TABLES}
         for table in self.tables.values():
             table.open(0)
@@ -73,7 +78,7 @@ class Reports:
             self.forgotten,
         )
         self.dispatcher = Dispatcher(
-            DispatcherSettings(),
+            settings or DispatcherSettings(),
             clock,
             stores,
             {},
@@ -239,3 +244,52 @@ async def test_an_assignment_cuts_off_the_kept_calls_of_partitions_handed_elsewh
     assert set(dispatcher._calls) == {"m-kept", "m-unplaced"}
     for call in calls.values():
         call.cancel()
+
+
+# --- call slots --------------------------------------------------------------------------------
+
+
+def test_each_channel_has_its_own_limit_of_calls_in_flight_or_the_common_one() -> None:
+    settings = DispatcherSettings(max_in_flight=8, max_in_flight_sms=256)
+    assert {c: settings.in_flight(c) for c in ("email", "sms", "push", "wechat")} == {
+        "email": 8,
+        "sms": 256,
+        "push": 8,
+        "wechat": 8,
+    }
+    assert DispatcherSettings(max_in_flight_push="").in_flight("push") == 64  # type: ignore[arg-type]
+
+
+async def test_a_channel_whose_slots_are_all_taken_holds_back_no_other_channel(
+    tmp_path: Path,
+) -> None:
+    """A slow provider fills its own channel's slots; sends on the other channels go on."""
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        "mongodb://127.0.0.1:1", connect=False
+    )
+    made = Reports(tmp_path, mongo, DispatcherSettings(max_in_flight=1, max_in_flight_sms=2))
+    dispatcher = made.dispatcher
+    try:
+        async with dispatcher._call_slot("email", 0):
+            async with dispatcher._call_slot("sms", 0), dispatcher._call_slot("sms", 0):
+                async with asyncio.timeout(5):
+                    async with dispatcher._call_slot("push", 0):
+                        pass  # not held back by the busy email and SMS slots
+                third_sms = asyncio.ensure_future(_hold(dispatcher, "sms"))
+                second_email = asyncio.ensure_future(_hold(dispatcher, "email"))
+                await asyncio.sleep(0)  # both run until they wait for a slot
+                assert not third_sms.done()
+                assert not second_email.done()
+            async with asyncio.timeout(5):
+                await third_sms  # an SMS slot came free
+            assert not second_email.done()
+        async with asyncio.timeout(5):
+            await second_email
+    finally:
+        made.close()
+        await mongo.close()
+
+
+async def _hold(dispatcher: Dispatcher, channel: Channel) -> None:
+    async with dispatcher._call_slot(channel, 0):
+        pass

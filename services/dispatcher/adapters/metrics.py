@@ -30,10 +30,12 @@ class DispatchMetrics:
             registry=self.registry,
         )
 
-        # Against `WAYPOST_MAX_IN_FLIGHT`: at the limit, the provider's latency bounds the rate.
+        # Against the channel's limit (`WAYPOST_MAX_IN_FLIGHT`, or its own): at the limit, the
+        # provider's latency bounds the channel's rate.
         self.in_flight = Gauge(
             "waypost_dispatcher_provider_calls_in_flight",
-            "Provider calls under way (each holds one of the worker's in-flight slots)",
+            "Provider calls under way by channel (each holds one of the channel's call slots)",
+            ["channel"],
             registry=self.registry,
         )
         self._batches = Counter(

@@ -153,7 +153,7 @@ class SmtpSender:
         name, self._sender = parseaddr(settings.email_from)
         # Encoded once: a display name outside ASCII becomes an RFC 2047 encoded word.
         self._from = formataddr((name, self._sender), charset="utf-8")
-        size = settings.smtp_connections or settings.max_in_flight
+        size = settings.smtp_connections or settings.in_flight("email")
         self.sessions = SmtpSessions(
             self._connect, size, settings.smtp_idle_seconds, clock.monotonic
         )
