@@ -6,7 +6,7 @@ Build them once in a service's `__main__` and pass them down; never at import ti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
@@ -168,14 +168,17 @@ class CommonSettings(BaseSettings):
         return self
 
 
-def api_docs_urls(on: bool) -> dict[str, str | None]:
+class ApiDocsUrls(TypedDict):
+    openapi_url: str | None
+    docs_url: str | None
+    redoc_url: str | None
+
+
+def api_docs_urls(on: bool) -> ApiDocsUrls:
     """FastAPI's arguments for `/openapi.json`, `/docs` and `/redoc`: all served, or none."""
-    urls: dict[str, str | None] = {
-        "openapi_url": "/openapi.json",
-        "docs_url": "/docs",
-        "redoc_url": "/redoc",
-    }
-    return urls if on else dict.fromkeys(urls)
+    if on:
+        return ApiDocsUrls(openapi_url="/openapi.json", docs_url="/docs", redoc_url="/redoc")
+    return ApiDocsUrls(openapi_url=None, docs_url=None, redoc_url=None)
 
 
 class StreamSettings(CommonSettings):

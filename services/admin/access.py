@@ -139,7 +139,7 @@ class RoleRequirement:
             call.key = key
             call.required_role = self.role
             call.route = getattr(route, "path", request.url.path)
-            call.action = getattr(route, "summary", None) or getattr(route, "name", "")
+            call.action = str(getattr(route, "summary", None) or getattr(route, "name", ""))
             call.params = {name: str(value) for name, value in request.path_params.items()}
         if not allows(key.role, self.role):
             if isinstance(call, AuditedCall):

@@ -580,7 +580,7 @@ class Dispatcher:
         async with self._aside():
             if wait > 0:
                 await asyncio.sleep(wait)  # a request still on its way would not be listed yet
-            async with self._slots:
+            async with self._slots["sms"]:
                 listing = await self.sms_history.sent_to(delivery.address)
         service = self.settings.sms_messaging_service_sid
         sent = SmsTry(

@@ -157,7 +157,7 @@ class Contacts:
             try:
                 if record.topic == AUDIENCE_REQUESTS.name:
                     await through_outages(
-                        lambda record=record: self._audience(record),
+                        partial(self._audience, record),
                         what="segmenter",
                         record=record,
                     )

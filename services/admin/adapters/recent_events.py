@@ -51,7 +51,7 @@ class RecentEventsView(DocumentView):
     stored document here) or a `DeleteOne` (the contact was forgotten)."""
 
     async def _write(self, writes: list[tuple[str, Write]]) -> None:
-        deletes = [(k, w) for k, w in writes if isinstance(w, DeleteOne)]
+        deletes: list[tuple[str, Write]] = [(k, w) for k, w in writes if isinstance(w, DeleteOne)]
         arrived = {k: w._doc["events"] for k, w in writes if isinstance(w, InsertOne)}
         gate = asyncio.Semaphore(READS_AT_ONCE)
 

@@ -11,8 +11,12 @@ from fastapi.responses import Response
 
 from shared.bodies import BadInput, parse_json_text, parse_yaml
 
+Route = Callable[..., Any]
 
-def mount_dry_run_page(post: Callable[..., Any], ui: Any, editor: Any, detail: Any) -> None:
+
+def mount_dry_run_page(
+    post: Callable[[str], Callable[[Route], Route]], ui: Any, editor: Any, detail: Any
+) -> None:
     """`post` is the UI's form-route decorator, `editor` its role dependency, `detail` the way
     it words an API refusal."""
 

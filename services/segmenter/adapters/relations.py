@@ -9,6 +9,7 @@ change goes to the changelog partition of the record being handled).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -106,8 +107,11 @@ class RelationIndex:
         for record in records:
             focus(record.partition)
             await self.dead_letters.guard(
-                record, lambda value=record.value: self.handle(_decode(value)), "relations"
+                record, functools.partial(self._handle_value, record.value), "relations"
             )
+
+    async def _handle_value(self, value: bytes) -> None:
+        await self.handle(_decode(value))
 
     async def handle(self, relation: ObjectRelation) -> None:
         """Apply one record; runs while the record is handled (its partition in focus)."""
