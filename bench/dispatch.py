@@ -170,12 +170,9 @@ class Run:
     channel: Channel
     latency_ms: float | None  # None: SMTP, where the sandbox adds none
     index: int
-    name: str | None = None  # the warm-up's
 
     @property
     def tag(self) -> str:
-        if self.name is not None:
-            return self.name
         return self.channel if self.latency_ms is None else f"{self.channel}-{self.latency_ms:g}ms"
 
     @property
@@ -736,20 +733,6 @@ def store_templates(db: Any) -> None:
         )
 
 
-def warm_up(bench: stack.Stack, db: Any, args: argparse.Namespace) -> None:
-    """Untimed sends through the worker before the first run. The baseline never touches
-    Kafka, but the worker does, and a broker started moments ago spends its first minute
-    compiling its hot paths (its JIT): without this, the first run (email) measured the
-    broker's warm-up as much as the worker."""
-    run = Run("email", None, 0, name="warmup")
-    say(f"warm-up: {args.warmup} emails through the worker, not timed")
-    control(bench, None)
-    result = dispatcher(
-        bench, db, run, argparse.Namespace(**{**vars(args), "messages": args.warmup})
-    )
-    say(f"  warm-up: ledger {ledger_cell(result)}")
-
-
 def in_flight(run: Run, args: argparse.Namespace) -> int:
     """Sends in flight for the run's channel: the worker's limit for it, and the baseline's."""
     http: int | None = args.in_flight_http
@@ -939,12 +922,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="sends in flight for SMS and push, if not C (WAYPOST_MAX_IN_FLIGHT_SMS, _PUSH)",
     )
     parser.add_argument("--partitions", type=int, default=6, help="partitions per topic")
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=1000,
-        help="emails sent through the worker, untimed, before the first run (0: none)",
-    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per phase")
     parser.add_argument(
         "--stall",
@@ -985,8 +962,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         start_stack(bench)
         db = client[DATABASE]
         store_templates(db)
-        if args.warmup:
-            warm_up(bench, db, args)
         for run in runs:
             results.append(one_run(bench, db, run, args))
     except BaseException:

@@ -465,9 +465,11 @@ class StreamWorker:
         self._hooks.append(hook)
 
     def on_assignment(self, hook: Hook) -> None:
-        """`hook(owned)` only once the group has handed out an assignment: the partitions this
-        worker holds for now, not the gap between a revocation and what follows it (a
-        rebalance revokes every partition, and often hands the same ones back)."""
+        """`hook(owned)` only once the group has handed out an assignment (or taken partitions
+        from this worker as lost): the partitions this worker holds for now, not the gap
+        between a revocation and what follows it (a rebalance revokes every partition, and
+        often hands the same ones back). It runs before the new partitions' tables are
+        restored, which can take long."""
         self._assignment_hooks.append(hook)
 
     def every(self, seconds: float, job: Job) -> None:
@@ -902,18 +904,22 @@ class StreamWorker:
         self._changes.append(("revoke", gone))
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions the group gave to others without a revocation (this member was cut off):
+        already another worker's, so the assignment hooks hear of it at once."""
         self._ready = False
-        self._changes.append(("revoke", [(str(tp.topic), int(tp.partition)) for tp in partitions]))
+        self._changes.append(("lost", [(str(tp.topic), int(tp.partition)) for tp in partitions]))
 
     async def _settle(self, consumer: Consumer) -> None:
         """Apply the assignment changes seen in the last poll: close what was revoked, restore
         and open what was assigned, start each new partition at its committed offset, run the
-        hooks."""
+        hooks (the assignment hooks first, before any table is restored)."""
         started = time.perf_counter()
         changes, self._changes = self._changes, []
         interrupted: set[int] = set()
         added: set[tuple[str, int]] = set()
-        handed_out = any(kind == "assign" for kind, _partitions in changes)
+        # Whether the group has settled who holds what: an assignment (not a revocation after
+        # it: that one is followed by another), or partitions lost to other members.
+        handed_out = bool(changes) and changes[-1][0] in ("assign", "lost")
         for kind, partitions in changes:
             if kind == "assign":
                 self._assigned.update(partitions)
@@ -934,6 +940,9 @@ class StreamWorker:
         if any(held != owned for held in by_topic.values()):
             assignment = {t: sorted(p) for t, p in by_topic.items()}
             log.error("stream.not_copartitioned", assignment=assignment)
+        if handed_out:
+            for hook in self._assignment_hooks:
+                hook(owned)
         for table in self.tables.values():
             for partition in table.partitions:
                 if partition in interrupted or partition not in owned:
@@ -963,9 +972,6 @@ class StreamWorker:
         self._owned = owned
         for hook in self._hooks:
             hook(owned)
-        if handed_out:
-            for hook in self._assignment_hooks:
-                hook(owned)
         self._ready = bool(owned)
         log.info(
             "stream.assigned",

@@ -136,14 +136,15 @@ class Called:
     again, the call's answer concludes the try (`progress.AwaitCall`) instead of `unknown`; so
     a call under way runs to its end rather than being cut off, which would only leave its
     outcome unknown. Only when the group has moved the partitions on are calls cut off
-    (`Dispatcher._cut_off_calls`)."""
+    (`Dispatcher._cut_off_calls`, or `Dispatcher.keep_calls_of` for the partitions it handed
+    to another worker)."""
 
     attempt: int
     began: datetime
     address: str
     call: asyncio.Future[Outcome]
     at: float  # when it began, on the worker's monotonic clock
-    partition: int | None = None  # of its request (None: outside a partition, in tests)
+    partition: int | None  # of its request (None: outside a partition, in tests)
 
 
 @dataclass(frozen=True)

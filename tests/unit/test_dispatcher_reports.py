@@ -20,6 +20,8 @@ from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.store import Templates
 from services.dispatcher.adapters.suppressions import SuppressionList
 from services.dispatcher.adapters.tables import Caps, Consent, ForgottenContacts, Ledger
+from services.dispatcher.channels.sms.domain import SmsContent
+from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.handlers import Called, Dispatcher, Stores
 from services.dispatcher.settings import DispatcherSettings
@@ -270,7 +272,7 @@ async def test_a_channel_whose_slots_are_all_taken_holds_back_no_other_channel(
     made = Reports(tmp_path, mongo, DispatcherSettings(max_in_flight=1, max_in_flight_sms=2))
     dispatcher = made.dispatcher
     try:
-        async with dispatcher._call_slot("email", 0):
+        async with asyncio.timeout(5), dispatcher._call_slot("email", 0):
             async with dispatcher._call_slot("sms", 0), dispatcher._call_slot("sms", 0):
                 async with asyncio.timeout(5):
                     async with dispatcher._call_slot("push", 0):
@@ -293,3 +295,34 @@ async def test_a_channel_whose_slots_are_all_taken_holds_back_no_other_channel(
 async def _hold(dispatcher: Dispatcher, channel: Channel) -> None:
     async with dispatcher._call_slot(channel, 0):
         pass
+
+
+class Answering:
+    """A provider that answers each send at once."""
+
+    channel: Channel = "sms"
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        return Outcome("sent", None)
+
+
+async def test_a_call_is_remembered_with_the_partition_of_its_request(tmp_path: Path) -> None:
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        "mongodb://127.0.0.1:1", connect=False
+    )
+    made = Reports(tmp_path, mongo)
+    dispatcher = made.dispatcher
+    dispatcher.providers = {"sms": Answering()}
+    dispatcher._prove_owner = _no_gate  # inside a batch that still owns its partitions
+    delivery = Delivery("m-1", "ada", "sms", "+15550001", SmsContent(body="Hi"))
+    try:
+        focus(3)
+        outcome = await dispatcher._call("sms", delivery, 1, T0)
+        assert outcome == Outcome("sent", None)
+        assert dispatcher._calls["m-1"].partition == 3
+        dispatcher.keep_calls_of(frozenset({0}))  # done, of a partition now elsewhere: forgotten
+        assert "m-1" not in dispatcher._calls
+    finally:
+        focus(0)
+        made.close()
+        await mongo.close()

@@ -285,3 +285,21 @@ async def test_assignment_hooks_run_once_the_group_hands_partitions_out_not_on_a
     assert every == [frozenset({0, 1}), frozenset(), frozenset({1})]
     assert handed_out == [frozenset({0, 1}), frozenset({1})]
     assert worker._positions.next[("in", 1)] == 7
+
+    # A revocation and the next assignment in one poll: one settled assignment.
+    worker._on_revoke(consumer, [TopicPartition("in", 1)])
+    worker._on_assign(consumer, [TopicPartition("in", 0), TopicPartition("in", 1)])
+    await worker._settle(consumer)
+    # An assignment revoked again within the same poll: nothing settled yet.
+    worker._on_revoke(consumer, [TopicPartition("in", 0), TopicPartition("in", 1)])
+    worker._on_assign(consumer, [TopicPartition("in", 0)])
+    worker._on_revoke(consumer, [TopicPartition("in", 0)])
+    await worker._settle(consumer)
+    # Partitions lost to other members are settled: the hooks hear of it at once.
+    worker._on_assign(consumer, [TopicPartition("in", 0), TopicPartition("in", 1)])
+    await worker._settle(consumer)
+    worker._on_lost(consumer, [TopicPartition("in", 1)])
+    await worker._settle(consumer)
+
+    assert handed_out[2:] == [frozenset({0, 1}), frozenset({0, 1}), frozenset({0})]
+    assert every[3:] == [frozenset({0, 1}), frozenset(), frozenset({0, 1}), frozenset({0})]
