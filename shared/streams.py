@@ -465,11 +465,10 @@ class StreamWorker:
         self._hooks.append(hook)
 
     def on_assignment(self, hook: Hook) -> None:
-        """`hook(owned)` only once the group has handed out an assignment (or taken partitions
-        from this worker as lost): the partitions this worker holds for now, not the gap
-        between a revocation and what follows it (a rebalance revokes every partition, and
-        often hands the same ones back). It runs before the new partitions' tables are
-        restored, which can take long."""
+        """`hook(owned)` only once the group has handed out an assignment: the partitions this
+        worker holds for now, not the gap between a revocation (or a loss) and what follows it
+        (a rebalance revokes every partition, and often hands the same ones back). It runs
+        before the new partitions' tables are restored, which can take long."""
         self._assignment_hooks.append(hook)
 
     def every(self, seconds: float, job: Job) -> None:
@@ -904,10 +903,11 @@ class StreamWorker:
         self._changes.append(("revoke", gone))
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Partitions the group gave to others without a revocation (this member was cut off):
-        already another worker's, so the assignment hooks hear of it at once."""
+        """Partitions this member lost (its session timed out, a broker outage included): like a
+        revocation, settled by the assignment that follows. A lone worker gets them all back,
+        and its calls kept past the failed batch conclude that batch when it is read again."""
         self._ready = False
-        self._changes.append(("lost", [(str(tp.topic), int(tp.partition)) for tp in partitions]))
+        self._changes.append(("revoke", [(str(tp.topic), int(tp.partition)) for tp in partitions]))
 
     async def _settle(self, consumer: Consumer) -> None:
         """Apply the assignment changes seen in the last poll: close what was revoked, restore
@@ -918,8 +918,8 @@ class StreamWorker:
         interrupted: set[int] = set()
         added: set[tuple[str, int]] = set()
         # Whether the group has settled who holds what: an assignment (not a revocation after
-        # it: that one is followed by another), or partitions lost to other members.
-        handed_out = bool(changes) and changes[-1][0] in ("assign", "lost")
+        # it, which another assignment follows).
+        handed_out = bool(changes) and changes[-1][0] == "assign"
         for kind, partitions in changes:
             if kind == "assign":
                 self._assigned.update(partitions)
