@@ -148,6 +148,18 @@ class Called:
 
 
 @dataclass(frozen=True)
+class Parked:
+    """A try this worker marked `sending` in a round whose commit failed, so it never made the
+    call. The commit may land after all (the broker completes a transaction the worker gave up
+    on in an outage); read again, the try is then made, not taken for stopped
+    (`progress.resume`)."""
+
+    try_id: str
+    at: float  # on the worker's monotonic clock
+    partition: int | None
+
+
+@dataclass(frozen=True)
 class Stores:
     ledger: Ledger
     templates: Templates
@@ -207,6 +219,8 @@ class Dispatcher:
         }
         # The provider calls made lately, by message id, oldest first (`Called`).
         self._calls: dict[str, Called] = {}
+        # Tries marked in a failed round and never called, by message id, oldest first.
+        self._parked: dict[str, Parked] = {}
         self._prove_owner: Callable[[], Awaitable[None]] = _outside_a_batch
         # Waits on the outside world within a batch: they stand aside from its group commit.
         self._aside: Callable[[], AbstractAsyncContextManager[None]] = _no_batch_to_leave
@@ -322,6 +336,7 @@ class Dispatcher:
             entry,
             **self._facts(request),
             called=called.attempt if called is not None else None,
+            parked=self._parked_try(request.message_id),
         )
         await self._carry_out(move, request, record)
 
@@ -330,7 +345,13 @@ class Dispatcher:
         if await self._skip_forgotten(request):
             return
         entry = await self._entry(request.message_id)
-        move = progress.on_retry(entry, retry.attempt, retry.due_at, **self._facts(request))
+        move = progress.on_retry(
+            entry,
+            retry.attempt,
+            retry.due_at,
+            **self._facts(request),
+            parked=self._parked_try(request.message_id),
+        )
         await self._carry_out(move, request, record, reconcile_tries=retry.reconcile_tries)
 
     async def _entry(self, message_id: str) -> progress.Entry | None:
@@ -408,10 +429,18 @@ class Dispatcher:
         async with self._call_slot(channel, self._buckets[channel].reserve(self._monotonic())):
             began = self.clock.now()
             try_id = f"{attempt}:{try_name}"
-            if await self.ledger.begin(request.message_id, try_id, attempt, began):
-                outcome: Outcome | None = await self._call(channel, prepared, attempt, began)
-            else:
-                outcome = None
+            try:
+                if await self.ledger.begin(request.message_id, try_id, attempt, began):
+                    outcome: Outcome | None = await self._call(channel, prepared, attempt, began)
+                else:
+                    outcome = None
+            except BaseException:
+                # The round failed, or the batch, or the proof of ownership: unless its call
+                # went out (remembered), the try never reached the provider.
+                called = self._calls.get(request.message_id)
+                if called is None or called.began != began:
+                    self._park(request.message_id, try_id)
+                raise
         if outcome is None:
             await self._after_lost_begin(request, attempt, record)
             return
@@ -480,6 +509,7 @@ class Dispatcher:
             if not called.call.done():
                 called.call.cancel()
                 del self._calls[message_id]
+        self._parked.clear()  # the new owner decides what their markers mean
 
     def keep_calls_of(self, owned: frozenset[int]) -> None:
         """The group handed out an assignment (`StreamWorker.on_assignment`): the calls this
@@ -496,12 +526,16 @@ class Dispatcher:
                 called.call.cancel()
                 cut.append(called.partition)
             del self._calls[message_id]
+        for message_id, parked in list(self._parked.items()):
+            if parked.partition is not None and parked.partition not in owned:
+                del self._parked[message_id]
         if cut:
             log.warning("dispatcher.calls_cut_off", calls=len(cut), partitions=sorted(set(cut)))
 
     def _remember(self, message_id: str, called: Called) -> None:
         # Retrieved here, so that a call nobody asks about again never logs as unretrieved.
         called.call.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._parked.pop(message_id, None)
         self._calls.pop(message_id, None)
         self._calls[message_id] = called
         kept_since = called.at - CALLS_KEPT_SECONDS
@@ -512,6 +546,22 @@ class Dispatcher:
             ):
                 break
             del self._calls[next(iter(self._calls))]
+
+    def _park(self, message_id: str, try_id: str) -> None:
+        """Remember a try whose round failed before its call (`Parked`), for as long and as
+        many as calls are remembered."""
+        now = self._monotonic()
+        self._parked.pop(message_id, None)
+        self._parked[message_id] = Parked(try_id, now, focused())
+        while self._parked:
+            oldest = next(iter(self._parked.values()))
+            if len(self._parked) <= CALLS_KEPT and oldest.at >= now - CALLS_KEPT_SECONDS:
+                break
+            del self._parked[next(iter(self._parked))]
+
+    def _parked_try(self, message_id: str) -> str | None:
+        parked = self._parked.get(message_id)
+        return None if parked is None else parked.try_id
 
     async def _after_lost_begin(self, request: SendRequest, attempt: int, record: Record) -> None:
         """Another copy holds this try (`domain.progress.after_lost_begin`)."""

@@ -97,6 +97,55 @@ def test_a_call_of_another_attempt_or_an_entry_not_sending_is_not_awaited() -> N
     )
 
 
+FACTS = [MARKETING, TRANSACTIONAL, {**MARKETING, "reconcilable": True}]
+
+
+@pytest.mark.parametrize("facts", FACTS)
+def test_a_try_marked_in_a_failed_round_and_never_called_is_made_not_taken_for_stopped(
+    facts: dict[str, bool],
+) -> None:
+    """The round that marked it `sending` failed to commit (a broker outage), so this worker
+    never called; the commit landed after all. Read again, the try is made under a new name:
+    no `unknown` for a message that never left, no second attempt, no question to the
+    provider."""
+    entry = Entry("sending", 1, sending_at=T0, try_id="1:first")
+    assert progress.after_claim(False, entry, **facts, parked="1:first") == Attempt(1, "first+")
+    due = T1.isoformat()
+    retried = Entry("sending", 2, sending_at=T0, try_id=f"2:{due}")
+    move = progress.on_retry(retried, 2, T1, **facts, parked=f"2:{due}")
+    assert move == Attempt(2, f"{due}+")
+    # Parked again, the try made again is made once more, under yet another name.
+    again = Entry("sending", 1, sending_at=T0, try_id="1:first+")
+    assert progress.after_claim(False, again, **facts, parked="1:first+") == Attempt(1, "first++")
+
+
+@pytest.mark.parametrize("facts", FACTS)
+def test_a_parked_try_that_another_try_took_over_is_not_made_again(
+    facts: dict[str, bool],
+) -> None:
+    """The entry stands `sending` by another try (another worker's, after the partition moved):
+    what this worker parked says nothing of it."""
+    entry = Entry("sending", 1, sending_at=T0, try_id="1:resumed")
+    parked = progress.after_claim(False, entry, **facts, parked="1:first")
+    assert parked == progress.after_claim(False, entry, **facts)
+    assert not isinstance(parked, Attempt) or parked.attempt == 2  # transactional: a new one
+    assert progress.after_claim(False, Entry("sent", 1), **facts, parked="1:first") == Done(
+        "already sent"
+    )
+
+
+def test_a_try_this_worker_called_is_awaited_even_when_a_later_round_parked_it() -> None:
+    entry = Entry("sending", 1, sending_at=T0, try_id="1:first")
+    move = progress.after_claim(False, entry, **MARKETING, called=1, parked="1:first")
+    assert move == AwaitCall(1)
+
+
+def test_an_entry_read_back_names_the_try_that_marked_it() -> None:
+    read = Entry.of({"state": "sending", "attempt": 2, "try": "2:first", "sending_at": T0})
+    assert read == Entry("sending", 2, sending_at=T0, try_id="2:first")
+    assert Entry.of({"state": "requested"}).try_id is None
+
+
 def test_a_due_retry_tries_again_named_by_its_due_time() -> None:
     entry = Entry("retrying", 2, due_at=T1)
     move = progress.on_retry(entry, 2, T1, **MARKETING)

@@ -26,7 +26,7 @@ from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.handlers import Called, Dispatcher, Stores
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import ManualClock
-from shared.contracts import Channel, Event
+from shared.contracts import Channel, Event, Profile, SendRequest, TestSend
 from shared.deadletter import DeadLetters
 from shared.kafka import CompactedTopicView, Record, TransactionDoomed
 from shared.links import LinkSigner
@@ -322,6 +322,114 @@ async def test_a_call_is_remembered_with_the_partition_of_its_request(tmp_path: 
         assert dispatcher._calls["m-1"].partition == 3
         dispatcher.keep_calls_of(frozenset({0}))  # done, of a partition now elsewhere: forgotten
         assert "m-1" not in dispatcher._calls
+    finally:
+        focus(0)
+        made.close()
+        await mongo.close()
+
+
+class Counting:
+    """A provider that answers each send at once and keeps the message ids it was sent."""
+
+    channel: Channel = "sms"
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        self.sent.append(delivery.message_id)
+        return Outcome("sent", None)
+
+
+def _sms_request(message_id: str) -> SendRequest:
+    return SendRequest(
+        message_id=message_id,
+        contact_key="ada",
+        channel="sms",
+        template_id="t-sms",
+        journey_id="j1",
+        journey_version=1,
+        instance_id="i1",
+        step_id="s1",
+        profile=Profile(contact_key="ada", first_seen=T0, last_seen=T0, updated_at=T0),
+        requested_at=T0,
+        test=TestSend(address="+15550001", content={"channel": "sms", "text": "Hi"}),
+    )
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("commit timed out"), asyncio.CancelledError()])
+async def test_a_try_whose_round_failed_before_its_call_is_made_when_read_again(
+    tmp_path: Path, failure: BaseException
+) -> None:
+    """The round that marked the try `sending` failed (a commit that timed out in a broker
+    outage, or the batch cancelled) after the marker was written, as when the broker completes
+    the transaction after the worker gave up on it. Read again, the try is made, once: not
+    concluded `unknown` without ever reaching the provider."""
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        "mongodb://127.0.0.1:1", connect=False
+    )
+    made = Reports(tmp_path, mongo)
+    dispatcher, ledger = made.dispatcher, made.dispatcher.ledger
+    provider = Counting()
+    dispatcher.providers = {"sms": provider}
+    dispatcher._prove_owner = _no_gate
+    failures = [failure]
+
+    async def gate() -> None:
+        if failures:
+            raise failures.pop()
+
+    ledger.use_gate(gate)
+    request = _sms_request("m-parked")
+    record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
+    try:
+        focus(0)
+        with pytest.raises(type(failure)):
+            await dispatcher.handle(request, record)
+        assert provider.sent == []
+        assert (await ledger.get("m-parked") or {}).get("state") == "sending"
+
+        await dispatcher.handle(request, record)  # the batch, read again
+
+        assert provider.sent == ["m-parked"]
+        entry = await ledger.get("m-parked") or {}
+        assert (entry.get("state"), entry.get("attempt")) == ("sent", 1)
+        await dispatcher.handle(request, record)  # and again: nothing more
+        assert provider.sent == ["m-parked"]
+    finally:
+        focus(0)
+        made.close()
+        await mongo.close()
+
+
+async def test_a_parked_try_of_a_partition_handed_elsewhere_is_forgotten(tmp_path: Path) -> None:
+    """Its new owner decides what the marker means; back here later, the try is taken for
+    stopped like any other (a marketing SMS that cannot be asked about: unknown)."""
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        "mongodb://127.0.0.1:1", connect=False
+    )
+    made = Reports(tmp_path, mongo)
+    dispatcher, ledger = made.dispatcher, made.dispatcher.ledger
+    provider = Counting()
+    dispatcher.providers = {"sms": provider}
+    dispatcher._prove_owner = _no_gate
+    failures = [RuntimeError("commit timed out")]
+
+    async def gate() -> None:
+        if failures:
+            raise failures.pop()
+
+    ledger.use_gate(gate)
+    request = _sms_request("m-moved")
+    record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
+    try:
+        focus(0)
+        with pytest.raises(RuntimeError):
+            await dispatcher.handle(request, record)
+        dispatcher.keep_calls_of(frozenset({1, 2}))
+        await dispatcher.handle(request, record)
+        assert provider.sent == []
+        assert (await ledger.get("m-moved") or {}).get("state") == "unknown"
     finally:
         focus(0)
         made.close()

@@ -34,6 +34,7 @@ class Entry:
     due_at: datetime | None = None
     reason: str | None = None
     sending_at: datetime | None = None
+    try_id: str | None = None  # the try that marked it `sending` ("attempt:name")
 
     @classmethod
     def of(cls, entry: Mapping[str, Any]) -> Entry:
@@ -45,6 +46,7 @@ class Entry:
             due_at=due if isinstance(due, datetime) else None,
             reason=str(entry["reason"]) if entry.get("reason") else None,
             sending_at=sending if isinstance(sending, datetime) else None,
+            try_id=str(entry["try"]) if entry.get("try") else None,
         )
 
 
@@ -131,14 +133,22 @@ def after_claim(
     transactional: bool,
     reconcilable: bool,
     called: int | None = None,
+    parked: str | None = None,
 ) -> Move:
     """A request arrived: `new` when the claim recorded its entry, else the entry it found.
-    `called`: the attempt whose provider call this worker made lately, if any."""
+    `called`: the attempt whose provider call this worker made lately, if any. `parked`: the
+    try this worker marked `sending` in a round that failed, and never called (`resume`)."""
     if new or entry is None:
         return Attempt(1, "first")
     if entry.state == "retrying":
         return Requeue(entry.attempt, entry.due_at, entry.reason or "retry")
-    return resume(entry, transactional=transactional, reconcilable=reconcilable, called=called)
+    return resume(
+        entry,
+        transactional=transactional,
+        reconcilable=reconcilable,
+        called=called,
+        parked=parked,
+    )
 
 
 def on_retry(
@@ -148,9 +158,11 @@ def on_retry(
     *,
     transactional: bool,
     reconcilable: bool,
+    parked: str | None = None,
 ) -> Move:
     """A retry record for `attempt` fell due. It was written once the try's call had been
-    answered (or asked about), so a call this worker made is never awaited again here."""
+    answered (or asked about), so a call this worker made is never awaited again here; a try
+    it marked and never called (`parked`) is made (`resume`)."""
     if entry is None or entry.attempt != attempt:
         return Done("a stale copy: another attempt owns the message now")
     return resume(
@@ -158,6 +170,7 @@ def on_retry(
         transactional=transactional,
         reconcilable=reconcilable,
         try_name=due_at.isoformat(),
+        parked=parked,
     )
 
 
@@ -168,13 +181,21 @@ def resume(
     reconcilable: bool,
     try_name: str = "first",
     called: int | None = None,
+    parked: str | None = None,
 ) -> Move:
     """Go on from where an entry stands (after a crash, a replay or a retry record). `called`:
-    the attempt whose provider call this worker made lately (its answer is at hand)."""
+    the attempt whose provider call this worker made lately (its answer is at hand).
+
+    `parked`: a try this worker marked `sending` in a round whose commit failed, so it never
+    made the call; the commit may still have landed (a transaction the broker completed after
+    the worker gave up on it). Found `sending` by that very try, it never reached the provider:
+    it is made, under a new name (the marker holds the old one), not taken for stopped."""
     if entry.state in ("requested", "retrying"):
         return Attempt(entry.attempt, try_name)
     if entry.state == "sending" and called == entry.attempt:
         return AwaitCall(entry.attempt)
+    if entry.state == "sending" and parked is not None and parked == entry.try_id:
+        return Attempt(entry.attempt, again(parked))
     action = resume_action(entry.state, transactional)
     if entry.state == "sending" and reconcilable:
         return Reconcile(entry.attempt, entry.sending_at, resend=action == "send")
@@ -183,6 +204,13 @@ def resume(
     if action == "send":  # transactional: a new attempt, the last one may have arrived
         return Attempt(entry.attempt + 1, "resumed")
     return Done(f"already {entry.state}")
+
+
+def again(try_id: str) -> str:
+    """The name of a try made again after `try_id` ("attempt:name") never reached the
+    provider: distinct from it, so that the ledger's marker lets it through."""
+    _attempt, _, name = try_id.partition(":")
+    return f"{name or try_id}+"
 
 
 def after_lost_begin(
