@@ -39,8 +39,11 @@ status: ## Show which local processes run (pids)
 demo: setup ## The main job: start the stack, publish the scenario journeys, drive a storefront, summarise
 	@$(PY) deploy/local/demo.py
 
-test: setup ## Every test: unit, contract and end-to-end on real servers (started by the tests)
-	@$(PY) -m pytest
+test: setup ## Every test: unit, contract and end-to-end on real servers (tests/run.py starts them)
+	@$(PY) -m tests.run
+
+test-e2e: setup ## Only the end-to-end tests, one at a time, on a stack of their own
+	@$(PY) -m pytest -m e2e
 
 test-unit: $(VENV)/.synced ## Only the tests that need no server
 	@$(PY) -m pytest -m "not e2e"

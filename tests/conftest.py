@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,12 +54,33 @@ TEST_DELIVERY_ENV = {
 TEST_HOME = ROOT / ".local" / ("test-stack" if PORT_OFFSET == 0 else f"test-stack-{PORT_OFFSET}")
 
 
-@pytest.fixture(scope="session")
-def stack() -> Iterator[local_stack.Stack]:
-    """Kafka, FerretDB, the SMTP sandbox and all five services, fresh for this session."""
-    running = local_stack.Stack(
+def session_stack() -> local_stack.Stack:
+    """The test stack on this session's ports (not started)."""
+    return local_stack.Stack(
         home=TEST_HOME, ports=TEST_PORTS, partitions=3, extra_env=TEST_DELIVERY_ENV
     )
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[local_stack.Stack]:
+    """Kafka, FerretDB, the SMTP sandbox and all five services, fresh for this session.
+
+    With `WAYPOST_TEST_STACK=attach` (how `make test` runs pytest, see tests/run.py) the tests
+    use a test stack that is already up, and leave it up: several pytest runs, and the worker
+    processes of one run, share it."""
+    running = session_stack()
+    if os.environ.get("WAYPOST_TEST_STACK") == "attach":
+        down = sorted(name for name, pid in running.status().items() if pid is None)
+        if down:
+            pytest.fail(f"WAYPOST_TEST_STACK=attach, but the test stack is not up: {down} stopped")
+        yield running
+        # Services this run started again (after a test killed one) run on for the next run:
+        # their process handles are let go without the warning of a child still running.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            running.children.clear()
+            gc.collect()
+        return
     running.down()
     shutil.rmtree(TEST_HOME, ignore_errors=True)
     local_stack.setup()

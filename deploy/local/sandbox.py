@@ -29,6 +29,7 @@ from typing import Any
 import uvicorn
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sandbox_providers import (
     DEFAULT_SMS_ACCOUNT_SID,
@@ -139,6 +140,9 @@ class RecipientRefusals:
 
     def rules(self) -> list[RefuseRule]:
         return list(self._rules.values())
+
+    def remove(self, address: str) -> bool:
+        return self._rules.pop(self._key(address), None) is not None
 
     def clear(self) -> int:
         count = len(self._rules)
@@ -291,6 +295,13 @@ def create_app(
     @app.delete("/control/smtp/refuse")
     async def clear_refusals() -> dict[str, int]:
         return {"cleared": refusals.clear()}
+
+    @app.delete("/control/smtp/refuse/{address}")
+    async def remove_refusal(address: str) -> Response:
+        """One address's refusal only: tests running side by side keep their own."""
+        if not refusals.remove(address):
+            return JSONResponse({"detail": f"no refusal for {address}"}, status_code=404)
+        return JSONResponse({"removed": address})
 
     @app.post("/control/reset")
     async def reset() -> dict[str, int]:

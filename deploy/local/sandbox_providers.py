@@ -423,10 +423,13 @@ class SmsProvider:
         # number -> its records, oldest first: a listing by `To` (how the dispatcher reconciles)
         # reads only that number's messages, not every message the sandbox ever took
         self._to: dict[str, list[Record]] = {}
+        # How long a message waits before its status callbacks (`/control/sms/callbacks`).
+        self.callback_delay = config.sms_callback_delay
 
     def reset(self) -> None:
         self._messages.clear()
         self._to.clear()
+        self.callback_delay = self.config.sms_callback_delay
 
     def _authorized(self, request: Request) -> bool:
         scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
@@ -597,7 +600,7 @@ class SmsProvider:
 
     async def _progress(self, record: Record, final: str, error_code: int | None) -> None:
         """Move the message to its final status and report each step to its StatusCallback."""
-        await asyncio.sleep(self.config.sms_callback_delay)
+        await asyncio.sleep(self.callback_delay)
         steps = [final] if final == "failed" else ["sent", final]  # "failed" never left Twilio
         for status in steps:
             record["status"] = status
@@ -1300,6 +1303,12 @@ def template_data_problem(data: Any) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
+class CallbackDelayIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    delay_seconds: float = Field(ge=0, le=86_400)
+
+
 class LatencyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -1383,6 +1392,18 @@ class Providers:
         async def set_latency(body: LatencyIn) -> dict[str, float]:
             self.latency.seconds = body.seconds
             return {"seconds": self.latency.seconds}
+
+        @app.get("/control/sms/callbacks")
+        async def get_callback_delay() -> dict[str, float]:
+            return {"delay_seconds": self.sms.callback_delay}
+
+        @app.post("/control/sms/callbacks")
+        async def set_callback_delay(body: CallbackDelayIn) -> dict[str, float]:
+            """Hold the status callbacks of the SMS accepted from now on: thousands of texts
+            a test sends at once would otherwise post thousands of callbacks to ingest, and
+            the sandbox's own answers would wait behind them."""
+            self.sms.callback_delay = body.delay_seconds
+            return {"delay_seconds": self.sms.callback_delay}
 
         @app.post("/control/fcm/revoke")
         async def revoke_fcm() -> dict[str, int]:

@@ -63,14 +63,15 @@ def publish_journey(stack: Any, path: Path) -> None:
 PIPELINE = {group: topics for groups in READERS.values() for group, topics in groups}
 
 
-def pipeline_lag(bootstrap: str) -> int:
-    """Records on the pipeline's topics that their consumer group has not committed yet.
+# How many rounds `wait_drained` waits at most: each round lets the records the stages wrote in
+# the round before reach the next stage (events, contact events, send requests, reports, ...).
+DRAIN_ROUNDS = 6
+Position = tuple[str, str, int]  # consumer group, topic, partition
 
-    Topics the dispatcher writes in transactions (events, retries) hold commit markers, which
-    count in the end offset but are no records: a group that handled every record may commit
-    an offset just before a marker. Where the end offset is past the committed one, the records
-    between them are therefore counted by reading them (committed ones only)."""
-    lag = 0
+
+def _positions(bootstrap: str) -> dict[Position, tuple[int, int]]:
+    """Each pipeline group's committed offset (-1: none yet) and end offset, per partition."""
+    positions: dict[Position, tuple[int, int]] = {}
     for group, topics in PIPELINE.items():
         consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
         try:
@@ -78,18 +79,23 @@ def pipeline_lag(bootstrap: str) -> int:
             for topic in topics:
                 metadata = consumer.list_topics(topic, timeout=10)
                 partitions += [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]
-            committed = consumer.committed(partitions, timeout=10)
-            for tp in committed:
+            for tp in consumer.committed(partitions, timeout=10):
                 _low, high = consumer.get_watermark_offsets(tp, timeout=10)
-                if high > max(tp.offset, 0):
-                    lag += _records_between(bootstrap, tp, high)
+                positions[(group, tp.topic, tp.partition)] = (tp.offset, high)
         finally:
             consumer.close()
-    return lag
+    return positions
 
 
-def _records_between(bootstrap: str, start: TopicPartition, end: int) -> int:
-    """Committed records from `start` (a committed offset, or none yet) up to `end`."""
+def _caught_up(bootstrap: str, topic: str, partition: int, committed: int, end: int) -> bool:
+    """The group committed every record before `end`.
+
+    Topics written in transactions (events, retries, ...) hold commit markers, which count in
+    the end offset but are no records: a group that handled every record may commit an offset
+    just before a marker. Past the committed offset, the partition is therefore read (committed
+    records only) for a record before `end`."""
+    if end <= max(committed, 0):
+        return True
     reader = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -100,40 +106,66 @@ def _records_between(bootstrap: str, start: TopicPartition, end: int) -> int:
             "isolation.level": "read_committed",
         }
     )
-    offset = start.offset if start.offset >= 0 else OFFSET_BEGINNING
-    count = 0
     deadline = time.monotonic() + 10
     try:
-        reader.assign([TopicPartition(start.topic, start.partition, offset)])
+        start = committed if committed >= 0 else OFFSET_BEGINNING
+        reader.assign([TopicPartition(topic, partition, start)])
         while time.monotonic() < deadline:
             message = reader.poll(1)
             if message is None:
                 continue
             error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    return count
-                continue
-            if int(message.offset() or 0) >= end:
-                return count
-            count += 1
+            if error is None:
+                return int(message.offset() or 0) >= end
+            if error.code() == KafkaError._PARTITION_EOF:
+                return True
     finally:
         reader.close()
-    return max(count, 1)  # not read to its end in time: something is still there
+    return False  # not read to its end in time: something is still there
 
 
 def wait_drained(stack: Any, timeout: float = 60.0) -> None:
-    """Every record so far has been processed and committed by every pipeline stage."""
+    """Every record written so far has been handled, and what that wrote in turn, and so on down
+    the pipeline: each stage's groups committed everything on their topics.
 
-    def drained() -> bool:
-        # While a transactional worker's transaction holds offsets, Kafka may answer that the
-        # group's committed offsets are unstable until it ends (a timeout here): ask again.
+    Other tests may write all the while (make test runs several at once), so the pipeline need
+    not be idle at any one moment: each round waits for the end offsets seen at its start, and
+    the next round for what was written meanwhile, until a round finds nothing new or the
+    pipeline's depth is covered."""
+    deadline = time.monotonic() + timeout
+    targets: dict[Position, int] = {}
+    for _round in range(DRAIN_ROUNDS):
+        ends = {key: end for key, (_committed, end) in _retrying(stack, deadline).items()}
+        if ends == targets:
+            return
+        targets = ends
+        pending = set(targets)
+        while pending:
+            positions = _retrying(stack, deadline)
+            pending = {
+                key
+                for key in pending
+                if not _caught_up(stack.bootstrap, key[1], key[2], positions[key][0], targets[key])
+            }
+            if pending and time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for the pipeline to drain: "
+                    f"{sorted(pending)[:5]} behind"
+                )
+            if pending:
+                time.sleep(0.2)  # ask again; the deadline above bounds the whole wait
+
+
+def _retrying(stack: Any, deadline: float) -> dict[Position, tuple[int, int]]:
+    """The pipeline's positions. While a transactional worker's transaction holds offsets,
+    Kafka may answer that the group's committed offsets are unstable (a timeout): ask again."""
+    while True:
         try:
-            return pipeline_lag(stack.bootstrap) == 0
+            return _positions(stack.bootstrap)
         except KafkaException:
-            return False
-
-    wait_for(drained, timeout=timeout, what="the pipeline to drain")
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # ask again; the deadline bounds it
 
 
 def write_journey(tmp_path: Path, journey_id: str, trigger: str, wait: str) -> Path:

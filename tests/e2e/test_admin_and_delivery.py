@@ -106,7 +106,7 @@ def test_transient_smtp_refusal_is_retried_until_it_is_sent(
         lambda: ledger.find_one({"contact_key": user, "state": "retrying"}),
         what="the first, refused attempt waiting on a retry topic",
     )
-    httpx.delete(f"{stack.outbox_url}/control/smtp/refuse", timeout=10).raise_for_status()
+    httpx.delete(f"{stack.outbox_url}/control/smtp/refuse/{email}", timeout=10).raise_for_status()
 
     wait_for(lambda: outbox(stack, to=email), what="the email after the retry")
     entry = wait_for(

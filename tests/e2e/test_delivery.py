@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,22 @@ def ledger(stack: Any) -> Any:
     client.close()
 
 
+# The failure rules a test added, removed after it (only its own: other tests run beside it).
+ADDED_RULES: list[int] = []
+
+
 @pytest.fixture(autouse=True)
-def _no_failure_rules(stack: Any) -> None:
-    httpx.delete(f"{stack.outbox_url}/control/failures", timeout=10).raise_for_status()
+def _remove_own_failure_rules(stack: Any) -> Iterator[None]:
+    yield
+    while ADDED_RULES:
+        rule = ADDED_RULES.pop()
+        httpx.delete(f"{stack.outbox_url}/control/failures/{rule}", timeout=10)  # 404: used up
 
 
 def _fail(stack: Any, **rule: Any) -> None:
-    httpx.post(f"{stack.outbox_url}/control/failures", json=rule, timeout=10).raise_for_status()
+    answer = httpx.post(f"{stack.outbox_url}/control/failures", json=rule, timeout=10)
+    answer.raise_for_status()
+    ADDED_RULES.append(answer.json()["id"])
 
 
 def _identify(stack: Any, user: str, **traits: Any) -> None:
@@ -300,6 +310,7 @@ def test_a_frequency_cap_skips_and_the_journey_goes_on(
     assert len(outbox(stack, channel="sms", to=phone)) == 1
 
 
+@pytest.mark.serial
 def test_throttling_is_retried_and_a_configuration_error_pauses_the_channel(
     stack: Any, tmp_path: Path, ledger: Any
 ) -> None:
@@ -349,6 +360,7 @@ def _sign_in(client: httpx.Client) -> None:
     assert answer.status_code == 200, answer.text
 
 
+@pytest.mark.serial
 def test_a_paused_channel_is_listed_by_the_admin_with_its_reason_and_alert(
     stack: Any, tmp_path: Path
 ) -> None:

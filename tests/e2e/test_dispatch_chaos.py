@@ -317,6 +317,11 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
     # a worker has several batches to go: the stop lands mid-batch, with tries in flight or
     # waiting for a slot (short of the provider timeout, so no try of its own goes unknown).
     httpx.post(f"{stack.outbox_url}/control/latency", json={"seconds": 0.2}, timeout=30)
+    # No delivery reports: 3,000 status callbacks to ingest at once would slow the sandbox's
+    # answers past the provider timeout, and the test is about the calls, not the reports.
+    callbacks = f"{stack.outbox_url}/control/sms/callbacks"
+    held = httpx.get(callbacks, timeout=30).json()["delay_seconds"]
+    httpx.post(callbacks, json={"delay_seconds": 3600}, timeout=30).raise_for_status()
     try:
         wait_for(lambda: _members(stack, "waypost-dispatcher") == 2, timeout=120, what="2 workers")
         before = _committed_settled(stack.bootstrap)
@@ -408,5 +413,6 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
         )
     finally:
         httpx.post(f"{stack.outbox_url}/control/latency", json={"seconds": 0}, timeout=30)
+        httpx.post(callbacks, json={"delay_seconds": held}, timeout=30)
         stack.stop("dispatcher-2")
         client.close()

@@ -263,6 +263,7 @@ async def _restart(
     return killed, ready, max(first_ok, ready + GRACE)
 
 
+@pytest.mark.serial
 async def test_the_document_store_answers_through_abuse(store: local_stack.Stack) -> None:
     settings = CommonSettings(mongo_url=store.mongo_url, mongo_timeout_seconds=DEADLINE)
     client = connect(settings, "soak")

@@ -232,6 +232,7 @@ def test_a_webhook_answer_lands_in_the_context_and_the_message(
     assert message[0]["text"].strip() == "Status 200"
 
 
+@pytest.mark.serial
 def test_sigkill_while_many_contacts_wait_loses_no_timer_and_duplicates_no_send(
     stack: Any, tmp_path: Path
 ) -> None:

@@ -99,21 +99,23 @@ def profile(stack: Any, key: str) -> Profile | None:
     return profiles(stack).get(key)
 
 
-def all_membership_events(stack: Any) -> dict[str, list[tuple[str, str]]]:
-    """Per contact, (label, segment) of every distinct membership change announced."""
+def all_membership_events(stack: Any, tag: str) -> dict[str, list[tuple[str, str]]]:
+    """Per contact, (label, segment) of every distinct change of membership in the segments
+    named `tag-…` (a test's own: other tests' segments, published beside it, match its
+    contacts too)."""
     seen: dict[str, dict[str, tuple[str, str]]] = {}
     for key, value in read_topic(stack.bootstrap, CONTACT_EVENTS.name):
         if key is None or value is None:
             continue
         for event in ContactEvent.model_validate_json(value).events:
-            if event.event in (SEGMENT_ENTERED, SEGMENT_LEFT):
-                label = (str(event.event), str(event.properties["segment"]))
-                seen.setdefault(key, {})[event.message_id] = label
+            segment = str(event.properties.get("segment"))
+            if event.event in (SEGMENT_ENTERED, SEGMENT_LEFT) and segment.startswith(f"{tag}-"):
+                seen.setdefault(key, {})[event.message_id] = (str(event.event), segment)
     return {key: list(changes.values()) for key, changes in seen.items()}
 
 
-def membership_events(stack: Any, key: str) -> list[tuple[str, str]]:
-    return all_membership_events(stack).get(key, [])
+def membership_events(stack: Any, key: str, tag: str) -> list[tuple[str, str]]:
+    return all_membership_events(stack, tag).get(key, [])
 
 
 def track(stack: Any, body: dict[str, Any]) -> None:
@@ -160,13 +162,14 @@ def test_s11_count_follows_events_and_slides_with_time_alone(stack: Any) -> None
         track(stack, {"userId": user, "event": "Product Viewed", "properties": {"sku": "p-1"}})
     # The buyer: two views, no order in the window, lifetime value 150. The browser has no value.
     wait_count(stack, segment, 1)
-    assert membership_events(stack, buyer) == [(SEGMENT_ENTERED, segment)]
-    assert membership_events(stack, browser) == []
+    assert membership_events(stack, buyer, tag) == [(SEGMENT_ENTERED, segment)]
+    assert membership_events(stack, browser, tag) == []
     # No new event: the views leave the 20-second window and the count drops by itself.
     wait_count(stack, segment, 0, timeout=120)
     wait_for(
         lambda: (
-            membership_events(stack, buyer) == [(SEGMENT_ENTERED, segment), (SEGMENT_LEFT, segment)]
+            membership_events(stack, buyer, tag)
+            == [(SEGMENT_ENTERED, segment), (SEGMENT_LEFT, segment)]
         ),
         what="the time-driven Segment Left",
     )
@@ -203,7 +206,7 @@ def test_s9_a_last_order_older_than_the_threshold_enters_without_a_new_event(sta
     wait_for(lambda: profile(stack, customer), what="the customer's profile")
     assert counts(stack).get(segment) == 0
     wait_count(stack, segment, 1, timeout=120)
-    assert membership_events(stack, customer) == [(SEGMENT_ENTERED, segment)]
+    assert membership_events(stack, customer, tag) == [(SEGMENT_ENTERED, segment)]
     # A new order takes the customer out at once; time brings them back.
     track(stack, {"userId": customer, "event": "Order Completed", "properties": {"total": 10}})
     wait_count(stack, segment, 0)
@@ -254,6 +257,7 @@ def test_anonymous_browsing_then_sign_up_is_one_contact_with_merged_counts(stack
     assert final.event_counts["Product Viewed"] == 3
 
 
+@pytest.mark.serial
 def test_sigkill_of_the_segmenter_mid_stream_ends_with_exact_counts(stack: Any) -> None:
     tag = unique("kill")
     pings, segment = f"{tag}-pings", f"{tag}-seg"
@@ -291,7 +295,7 @@ def test_sigkill_of_the_segmenter_mid_stream_ends_with_exact_counts(stack: Any) 
     wait_count(stack, segment, len(expected_members), timeout=120)
     wait_drained(stack, timeout=120)
     assert counts(stack)[segment] == len(expected_members)
-    latest, changes = profiles(stack), all_membership_events(stack)
+    latest, changes = profiles(stack), all_membership_events(stack, tag)
     for user, n in sent.items():
         found = latest.get(user)
         if n == 0:
@@ -344,7 +348,7 @@ def test_a_new_segment_is_backfilled_over_existing_contacts(stack: Any) -> None:
     )
     wait_count(stack, f"{tag}-4", 2)
     wait_count(stack, f"{tag}-pro", 3)
-    assert membership_events(stack, people[4]) == [
+    assert membership_events(stack, people[4], tag) == [
         (SEGMENT_ENTERED, f"{tag}-any"),
         (SEGMENT_ENTERED, f"{tag}-4"),
     ]
