@@ -149,12 +149,12 @@ class Called:
 
 @dataclass(frozen=True)
 class Parked:
-    """A try this worker marked `sending` in a round whose commit failed, so it never made the
-    call. The commit may land after all (the broker completes a transaction the worker gave up
-    on in an outage); read again, the try is then made, not taken for stopped
-    (`progress.resume`)."""
+    """A try this worker marked `sending` in a round whose commit failed (or whose batch
+    failed, or whose proof of ownership), so it never made the call. The commit may land after
+    all (the broker completes a transaction the worker gave up on in an outage); read again by
+    the same marker, the try is then made, not taken for stopped (`progress.resume`)."""
 
-    try_id: str
+    marked: progress.Marked
     at: float  # on the worker's monotonic clock
     partition: int | None
 
@@ -430,17 +430,16 @@ class Dispatcher:
             began = self.clock.now()
             try_id = f"{attempt}:{try_name}"
             try:
-                if await self.ledger.begin(request.message_id, try_id, attempt, began):
-                    outcome: Outcome | None = await self._call(channel, prepared, attempt, began)
-                else:
-                    outcome = None
-            except BaseException:
-                # The round failed, or the batch, or the proof of ownership: unless its call
-                # went out (remembered), the try never reached the provider.
-                called = self._calls.get(request.message_id)
-                if called is None or called.began != began:
-                    self._park(request.message_id, try_id)
+                begun = await self.ledger.begin(request.message_id, try_id, attempt, began)
+            except BaseException:  # the round failed, or the batch: no call was made
+                self._park(request.message_id, try_id, began)
                 raise
+            if begun:
+                outcome: Outcome | None = await self._call(
+                    channel, prepared, attempt, began, try_id
+                )
+            else:
+                outcome = None
         if outcome is None:
             await self._after_lost_begin(request, attempt, record)
             return
@@ -482,13 +481,19 @@ class Dispatcher:
                 self._slots[channel].release()
 
     async def _call(
-        self, channel: Channel, prepared: Delivery, attempt: int, began: datetime
+        self, channel: Channel, prepared: Delivery, attempt: int, began: datetime, try_id: str
     ) -> Outcome:
-        """The provider call of a try that holds a slot and is durable as `sending`, remembered
-        (`Called`): once made, it runs to its end even when the batch fails meanwhile, unless
-        the group moved the partitions on."""
+        """The provider call of a try that holds a slot and is durable as `sending` (marked
+        `try_id` at `began`), remembered (`Called`): once made, it runs to its end even when
+        the batch fails meanwhile, unless the group moved the partitions on. Should the proof
+        of ownership fail, the try is parked (`_park`): it never reached the provider."""
         with self.metrics.in_flight.labels(channel).track_inprogress():
-            await self._prove_owner()
+            try:
+                await self._prove_owner()
+            except BaseException:
+                self._park(prepared.message_id, try_id, began)
+                raise
+            # No await from here to the call's start: nothing can stop the task in between.
             async with self._aside():
                 call = asyncio.ensure_future(self.providers[channel].send(prepared))
                 self._remember(
@@ -547,21 +552,23 @@ class Dispatcher:
                 break
             del self._calls[next(iter(self._calls))]
 
-    def _park(self, message_id: str, try_id: str) -> None:
-        """Remember a try whose round failed before its call (`Parked`), for as long and as
-        many as calls are remembered."""
+    def _park(self, message_id: str, try_id: str, began: datetime) -> None:
+        """Remember a try that never reached its call (`Parked`), for as long and as many as
+        calls are remembered."""
         now = self._monotonic()
         self._parked.pop(message_id, None)
-        self._parked[message_id] = Parked(try_id, now, focused())
+        self._parked[message_id] = Parked(progress.Marked(try_id, began), now, focused())
         while self._parked:
             oldest = next(iter(self._parked.values()))
             if len(self._parked) <= CALLS_KEPT and oldest.at >= now - CALLS_KEPT_SECONDS:
                 break
             del self._parked[next(iter(self._parked))]
 
-    def _parked_try(self, message_id: str) -> str | None:
+    def _parked_try(self, message_id: str) -> progress.Marked | None:
         parked = self._parked.get(message_id)
-        return None if parked is None else parked.try_id
+        if parked is None or parked.at < self._monotonic() - CALLS_KEPT_SECONDS:
+            return None
+        return parked.marked
 
     async def _after_lost_begin(self, request: SendRequest, attempt: int, record: Record) -> None:
         """Another copy holds this try (`domain.progress.after_lost_begin`)."""

@@ -15,6 +15,7 @@ from services.dispatcher.domain.progress import (
     Conclude,
     Done,
     Entry,
+    Marked,
     Reconcile,
     Requeue,
 )
@@ -109,34 +110,45 @@ def test_a_try_marked_in_a_failed_round_and_never_called_is_made_not_taken_for_s
     no `unknown` for a message that never left, no second attempt, no question to the
     provider."""
     entry = Entry("sending", 1, sending_at=T0, try_id="1:first")
-    assert progress.after_claim(False, entry, **facts, parked="1:first") == Attempt(1, "first+")
+    parked = Marked("1:first", T0)
+    assert progress.after_claim(False, entry, **facts, parked=parked) == Attempt(1, "first+")
     due = T1.isoformat()
-    retried = Entry("sending", 2, sending_at=T0, try_id=f"2:{due}")
-    move = progress.on_retry(retried, 2, T1, **facts, parked=f"2:{due}")
+    retried = Entry("sending", 2, sending_at=T1, try_id=f"2:{due}")
+    move = progress.on_retry(retried, 2, T1, **facts, parked=Marked(f"2:{due}", T1))
     assert move == Attempt(2, f"{due}+")
     # Parked again, the try made again is made once more, under yet another name.
-    again = Entry("sending", 1, sending_at=T0, try_id="1:first+")
-    assert progress.after_claim(False, again, **facts, parked="1:first+") == Attempt(1, "first++")
+    again = Entry("sending", 1, sending_at=T1, try_id="1:first+")
+    move = progress.after_claim(False, again, **facts, parked=Marked("1:first+", T1))
+    assert move == Attempt(1, "first++")
 
 
 @pytest.mark.parametrize("facts", FACTS)
-def test_a_parked_try_that_another_try_took_over_is_not_made_again(
-    facts: dict[str, bool],
+@pytest.mark.parametrize(
+    "entry",
+    [
+        # Another worker took the partition and marked a try of its own.
+        Entry("sending", 1, sending_at=T0, try_id="1:resumed"),
+        # ... or the same first try, at its own time: it may have called.
+        Entry("sending", 1, sending_at=T1, try_id="1:first"),
+    ],
+)
+def test_a_marker_that_is_not_the_parked_one_is_taken_for_stopped_as_ever(
+    facts: dict[str, bool], entry: Entry
 ) -> None:
-    """The entry stands `sending` by another try (another worker's, after the partition moved):
-    what this worker parked says nothing of it."""
-    entry = Entry("sending", 1, sending_at=T0, try_id="1:resumed")
-    parked = progress.after_claim(False, entry, **facts, parked="1:first")
+    """What this worker parked says nothing of a marker it did not write: the try is stopped
+    during a call, for all it can tell (unknown, asked about, or a new attempt)."""
+    parked = progress.after_claim(False, entry, **facts, parked=Marked("1:first", T0))
     assert parked == progress.after_claim(False, entry, **facts)
     assert not isinstance(parked, Attempt) or parked.attempt == 2  # transactional: a new one
-    assert progress.after_claim(False, Entry("sent", 1), **facts, parked="1:first") == Done(
+    concluded = Entry("sent", 1)
+    assert progress.after_claim(False, concluded, **facts, parked=Marked("1:first", T0)) == Done(
         "already sent"
     )
 
 
 def test_a_try_this_worker_called_is_awaited_even_when_a_later_round_parked_it() -> None:
     entry = Entry("sending", 1, sending_at=T0, try_id="1:first")
-    move = progress.after_claim(False, entry, **MARKETING, called=1, parked="1:first")
+    move = progress.after_claim(False, entry, **MARKETING, called=1, parked=Marked("1:first", T0))
     assert move == AwaitCall(1)
 
 

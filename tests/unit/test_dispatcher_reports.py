@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -317,7 +317,7 @@ async def test_a_call_is_remembered_with_the_partition_of_its_request(tmp_path: 
     delivery = Delivery("m-1", "ada", "sms", "+15550001", SmsContent(body="Hi"))
     try:
         focus(3)
-        outcome = await dispatcher._call("sms", delivery, 1, T0)
+        outcome = await dispatcher._call("sms", delivery, 1, T0, "1:first")
         assert outcome == Outcome("sent", None)
         assert dispatcher._calls["m-1"].partition == 3
         dispatcher.keep_calls_of(frozenset({0}))  # done, of a partition now elsewhere: forgotten
@@ -430,6 +430,85 @@ async def test_a_parked_try_of_a_partition_handed_elsewhere_is_forgotten(tmp_pat
         await dispatcher.handle(request, record)
         assert provider.sent == []
         assert (await ledger.get("m-moved") or {}).get("state") == "unknown"
+    finally:
+        focus(0)
+        made.close()
+        await mongo.close()
+
+
+async def test_the_same_marker_written_by_another_worker_is_not_taken_for_the_parked_one(
+    tmp_path: Path,
+) -> None:
+    """While this worker was out of its group (a broker outage), another one held the
+    partition, found the entry `requested` (this worker's transaction aborted), marked the same
+    first try ("1:first") at its own time and called, then failed before its outcome committed.
+    Back here, that marker is not this worker's parked one: no second send."""
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        "mongodb://127.0.0.1:1", connect=False
+    )
+    made = Reports(tmp_path, mongo)
+    dispatcher, ledger = made.dispatcher, made.dispatcher.ledger
+    provider = Counting()
+    dispatcher.providers = {"sms": provider}
+    dispatcher._prove_owner = _no_gate
+    failures = [RuntimeError("commit timed out")]
+
+    async def gate() -> None:
+        if failures:
+            raise failures.pop()
+
+    ledger.use_gate(gate)
+    request = _sms_request("m-twice")
+    record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
+    try:
+        focus(0)
+        with pytest.raises(RuntimeError):
+            await dispatcher.handle(request, record)
+        # The other worker's marker: the same try id, its own time.
+        entry = ledger._read("m-twice")
+        assert entry is not None
+        ledger._move("m-twice", entry, "sending", T0 + timedelta(seconds=3), **{"try": "1:first"})
+        dispatcher.keep_calls_of(frozenset({0}))  # the partition is back here
+
+        await dispatcher.handle(request, record)
+
+        assert provider.sent == []
+        assert (await ledger.get("m-twice") or {}).get("state") == "unknown"
+    finally:
+        focus(0)
+        made.close()
+        await mongo.close()
+
+
+async def test_a_try_whose_proof_of_ownership_failed_is_made_when_read_again(
+    tmp_path: Path,
+) -> None:
+    """The round committed the marker, then the proof before the call failed (the group could
+    not be asked): no call was made, so the batch read again makes it, once."""
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        "mongodb://127.0.0.1:1", connect=False
+    )
+    made = Reports(tmp_path, mongo)
+    dispatcher, ledger = made.dispatcher, made.dispatcher.ledger
+    provider = Counting()
+    dispatcher.providers = {"sms": provider}
+    failures = [RuntimeError("the coordinator did not answer")]
+
+    async def prove_owner() -> None:
+        if failures:
+            raise failures.pop()
+
+    dispatcher._prove_owner = prove_owner
+    request = _sms_request("m-proof")
+    record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
+    try:
+        focus(0)
+        with pytest.raises(RuntimeError):
+            await dispatcher.handle(request, record)
+        assert (await ledger.get("m-proof") or {}).get("state") == "sending"
+        await dispatcher.handle(request, record)
+        assert provider.sent == ["m-proof"]
+        assert (await ledger.get("m-proof") or {}).get("state") == "sent"
     finally:
         focus(0)
         made.close()

@@ -51,6 +51,17 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Marked:
+    """A try this worker marked `sending` (its marker id and the time it wrote with it) in a
+    round that failed, and never called. Both must match the entry: the marker id alone is the
+    same on every worker (each worker's first try of attempt 1 is "1:first"), so another
+    worker that took the partition meanwhile may have marked, and called, the same id."""
+
+    try_id: str
+    at: datetime
+
+
+@dataclass(frozen=True)
 class Attempt:
     """A try at the provider. `try_name` names it (the first, a retry record's due time, a
     resumption), so that copies of the same try meet at the same ledger marker."""
@@ -133,7 +144,7 @@ def after_claim(
     transactional: bool,
     reconcilable: bool,
     called: int | None = None,
-    parked: str | None = None,
+    parked: Marked | None = None,
 ) -> Move:
     """A request arrived: `new` when the claim recorded its entry, else the entry it found.
     `called`: the attempt whose provider call this worker made lately, if any. `parked`: the
@@ -158,7 +169,7 @@ def on_retry(
     *,
     transactional: bool,
     reconcilable: bool,
-    parked: str | None = None,
+    parked: Marked | None = None,
 ) -> Move:
     """A retry record for `attempt` fell due. It was written once the try's call had been
     answered (or asked about), so a call this worker made is never awaited again here; a try
@@ -181,21 +192,26 @@ def resume(
     reconcilable: bool,
     try_name: str = "first",
     called: int | None = None,
-    parked: str | None = None,
+    parked: Marked | None = None,
 ) -> Move:
     """Go on from where an entry stands (after a crash, a replay or a retry record). `called`:
     the attempt whose provider call this worker made lately (its answer is at hand).
 
     `parked`: a try this worker marked `sending` in a round whose commit failed, so it never
     made the call; the commit may still have landed (a transaction the broker completed after
-    the worker gave up on it). Found `sending` by that very try, it never reached the provider:
-    it is made, under a new name (the marker holds the old one), not taken for stopped."""
+    the worker gave up on it). Found `sending` by that very marker (its id and time), it never
+    reached the provider: it is made, under a new name (the marker holds the old one), not
+    taken for stopped."""
     if entry.state in ("requested", "retrying"):
         return Attempt(entry.attempt, try_name)
     if entry.state == "sending" and called == entry.attempt:
         return AwaitCall(entry.attempt)
-    if entry.state == "sending" and parked is not None and parked == entry.try_id:
-        return Attempt(entry.attempt, again(parked))
+    if (
+        entry.state == "sending"
+        and parked is not None
+        and (parked.try_id, parked.at) == (entry.try_id, entry.sending_at)
+    ):
+        return Attempt(entry.attempt, again(parked.try_id))
     action = resume_action(entry.state, transactional)
     if entry.state == "sending" and reconcilable:
         return Reconcile(entry.attempt, entry.sending_at, resend=action == "send")
