@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -357,159 +358,114 @@ def _sms_request(message_id: str) -> SendRequest:
     )
 
 
+class Parking:
+    """A dispatcher over real tables whose next round (`fail_round`) or proof of ownership
+    (`fail_proof`) fails once, and an SMS provider that counts what it was sent."""
+
+    def __init__(self, made: Reports) -> None:
+        self.dispatcher, self.ledger = made.dispatcher, made.dispatcher.ledger
+        self.provider = Counting()
+        self.dispatcher.providers = {"sms": self.provider}
+        self.round_failures: list[BaseException] = []
+        self.proof_failures: list[BaseException] = []
+        self.ledger.use_gate(partial(_fail_once, self.round_failures))
+        self.dispatcher._prove_owner = partial(_fail_once, self.proof_failures)
+
+    async def handle(self, message_id: str) -> None:
+        request = _sms_request(message_id)
+        record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
+        await self.dispatcher.handle(request, record)
+
+    async def state(self, message_id: str) -> tuple[object, object]:
+        entry = await self.ledger.get(message_id) or {}
+        return entry.get("state"), entry.get("attempt")
+
+
+async def _fail_once(failures: list[BaseException]) -> None:
+    if failures:
+        raise failures.pop()
+
+
+@pytest.fixture
+async def parking(tmp_path: Path) -> AsyncIterator[Parking]:
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        "mongodb://127.0.0.1:1", connect=False
+    )
+    made = Reports(tmp_path, mongo)
+    focus(0)
+    yield Parking(made)
+    made.close()
+    await mongo.close()
+
+
 @pytest.mark.parametrize("failure", [RuntimeError("commit timed out"), asyncio.CancelledError()])
 async def test_a_try_whose_round_failed_before_its_call_is_made_when_read_again(
-    tmp_path: Path, failure: BaseException
+    parking: Parking, failure: BaseException
 ) -> None:
     """The round that marked the try `sending` failed (a commit that timed out in a broker
     outage, or the batch cancelled) after the marker was written, as when the broker completes
     the transaction after the worker gave up on it. Read again, the try is made, once: not
     concluded `unknown` without ever reaching the provider."""
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        "mongodb://127.0.0.1:1", connect=False
-    )
-    made = Reports(tmp_path, mongo)
-    dispatcher, ledger = made.dispatcher, made.dispatcher.ledger
-    provider = Counting()
-    dispatcher.providers = {"sms": provider}
-    dispatcher._prove_owner = _no_gate
-    failures = [failure]
+    parking.round_failures.append(failure)
+    with pytest.raises(type(failure)):
+        await parking.handle("m-parked")
+    assert parking.provider.sent == []
+    assert await parking.state("m-parked") == ("sending", 1)
 
-    async def gate() -> None:
-        if failures:
-            raise failures.pop()
+    await parking.handle("m-parked")  # the batch, read again
 
-    ledger.use_gate(gate)
-    request = _sms_request("m-parked")
-    record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
-    try:
-        focus(0)
-        with pytest.raises(type(failure)):
-            await dispatcher.handle(request, record)
-        assert provider.sent == []
-        assert (await ledger.get("m-parked") or {}).get("state") == "sending"
-
-        await dispatcher.handle(request, record)  # the batch, read again
-
-        assert provider.sent == ["m-parked"]
-        entry = await ledger.get("m-parked") or {}
-        assert (entry.get("state"), entry.get("attempt")) == ("sent", 1)
-        await dispatcher.handle(request, record)  # and again: nothing more
-        assert provider.sent == ["m-parked"]
-    finally:
-        focus(0)
-        made.close()
-        await mongo.close()
+    assert parking.provider.sent == ["m-parked"]
+    assert await parking.state("m-parked") == ("sent", 1)
+    await parking.handle("m-parked")  # and again: nothing more
+    assert parking.provider.sent == ["m-parked"]
 
 
-async def test_a_parked_try_of_a_partition_handed_elsewhere_is_forgotten(tmp_path: Path) -> None:
+async def test_a_try_whose_proof_of_ownership_failed_is_made_when_read_again(
+    parking: Parking,
+) -> None:
+    """The round committed the marker, then the proof before the call failed (the group could
+    not be asked): no call was made, so the batch read again makes it, once."""
+    parking.proof_failures.append(RuntimeError("the coordinator did not answer"))
+    with pytest.raises(RuntimeError):
+        await parking.handle("m-proof")
+    assert await parking.state("m-proof") == ("sending", 1)
+    await parking.handle("m-proof")
+    assert parking.provider.sent == ["m-proof"]
+    assert await parking.state("m-proof") == ("sent", 1)
+
+
+async def test_a_parked_try_of_a_partition_handed_elsewhere_is_forgotten(
+    parking: Parking,
+) -> None:
     """Its new owner decides what the marker means; back here later, the try is taken for
     stopped like any other (a marketing SMS that cannot be asked about: unknown)."""
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        "mongodb://127.0.0.1:1", connect=False
-    )
-    made = Reports(tmp_path, mongo)
-    dispatcher, ledger = made.dispatcher, made.dispatcher.ledger
-    provider = Counting()
-    dispatcher.providers = {"sms": provider}
-    dispatcher._prove_owner = _no_gate
-    failures = [RuntimeError("commit timed out")]
-
-    async def gate() -> None:
-        if failures:
-            raise failures.pop()
-
-    ledger.use_gate(gate)
-    request = _sms_request("m-moved")
-    record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
-    try:
-        focus(0)
-        with pytest.raises(RuntimeError):
-            await dispatcher.handle(request, record)
-        dispatcher.keep_calls_of(frozenset({1, 2}))
-        await dispatcher.handle(request, record)
-        assert provider.sent == []
-        assert (await ledger.get("m-moved") or {}).get("state") == "unknown"
-    finally:
-        focus(0)
-        made.close()
-        await mongo.close()
+    parking.round_failures.append(RuntimeError("commit timed out"))
+    with pytest.raises(RuntimeError):
+        await parking.handle("m-moved")
+    parking.dispatcher.keep_calls_of(frozenset({1, 2}))
+    await parking.handle("m-moved")
+    assert parking.provider.sent == []
+    assert await parking.state("m-moved") == ("unknown", 1)
 
 
 async def test_the_same_marker_written_by_another_worker_is_not_taken_for_the_parked_one(
-    tmp_path: Path,
+    parking: Parking,
 ) -> None:
     """While this worker was out of its group (a broker outage), another one held the
     partition, found the entry `requested` (this worker's transaction aborted), marked the same
     first try ("1:first") at its own time and called, then failed before its outcome committed.
     Back here, that marker is not this worker's parked one: no second send."""
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        "mongodb://127.0.0.1:1", connect=False
-    )
-    made = Reports(tmp_path, mongo)
-    dispatcher, ledger = made.dispatcher, made.dispatcher.ledger
-    provider = Counting()
-    dispatcher.providers = {"sms": provider}
-    dispatcher._prove_owner = _no_gate
-    failures = [RuntimeError("commit timed out")]
+    parking.round_failures.append(RuntimeError("commit timed out"))
+    with pytest.raises(RuntimeError):
+        await parking.handle("m-twice")
+    # The other worker's marker: the same try id, its own time.
+    entry = parking.ledger._read("m-twice")
+    assert entry is not None
+    later = T0 + timedelta(seconds=3)
+    parking.ledger._move("m-twice", entry, "sending", later, **{"try": "1:first"})
+    parking.dispatcher.keep_calls_of(frozenset({0}))  # the partition is back here
 
-    async def gate() -> None:
-        if failures:
-            raise failures.pop()
+    await parking.handle("m-twice")
 
-    ledger.use_gate(gate)
-    request = _sms_request("m-twice")
-    record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
-    try:
-        focus(0)
-        with pytest.raises(RuntimeError):
-            await dispatcher.handle(request, record)
-        # The other worker's marker: the same try id, its own time.
-        entry = ledger._read("m-twice")
-        assert entry is not None
-        ledger._move("m-twice", entry, "sending", T0 + timedelta(seconds=3), **{"try": "1:first"})
-        dispatcher.keep_calls_of(frozenset({0}))  # the partition is back here
-
-        await dispatcher.handle(request, record)
-
-        assert provider.sent == []
-        assert (await ledger.get("m-twice") or {}).get("state") == "unknown"
-    finally:
-        focus(0)
-        made.close()
-        await mongo.close()
-
-
-async def test_a_try_whose_proof_of_ownership_failed_is_made_when_read_again(
-    tmp_path: Path,
-) -> None:
-    """The round committed the marker, then the proof before the call failed (the group could
-    not be asked): no call was made, so the batch read again makes it, once."""
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        "mongodb://127.0.0.1:1", connect=False
-    )
-    made = Reports(tmp_path, mongo)
-    dispatcher, ledger = made.dispatcher, made.dispatcher.ledger
-    provider = Counting()
-    dispatcher.providers = {"sms": provider}
-    failures = [RuntimeError("the coordinator did not answer")]
-
-    async def prove_owner() -> None:
-        if failures:
-            raise failures.pop()
-
-    dispatcher._prove_owner = prove_owner
-    request = _sms_request("m-proof")
-    record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
-    try:
-        focus(0)
-        with pytest.raises(RuntimeError):
-            await dispatcher.handle(request, record)
-        assert (await ledger.get("m-proof") or {}).get("state") == "sending"
-        await dispatcher.handle(request, record)
-        assert provider.sent == ["m-proof"]
-        assert (await ledger.get("m-proof") or {}).get("state") == "sent"
-    finally:
-        focus(0)
-        made.close()
-        await mongo.close()
+    assert parking.provider.sent == []
+    assert await parking.state("m-twice") == ("unknown", 1)
