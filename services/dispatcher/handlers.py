@@ -510,11 +510,7 @@ class Dispatcher:
         it), and forgotten. Any other failure of a batch lets them run: this worker may read
         their requests again and conclude with their answers; should the group then hand
         their partitions to another worker, `keep_calls_of` cuts them off."""
-        for message_id, called in list(self._calls.items()):
-            if not called.call.done():
-                called.call.cancel()
-                del self._calls[message_id]
-        self._parked.clear()  # the new owner decides what their markers mean
+        self._cut(lambda _partition: True, forget_answered=False)
 
     def keep_calls_of(self, owned: frozenset[int]) -> None:
         """The group handed out an assignment (`StreamWorker.on_assignment`): the calls this
@@ -523,19 +519,32 @@ class Dispatcher:
         new owner reads their requests and takes the tries for stopped; a call of this worker
         that went out after that could only send a message twice. Calls of the partitions
         handed back to this worker run on, for the batch it reads again."""
+        cut = self._cut(
+            lambda partition: partition is not None and partition not in owned,
+            forget_answered=True,
+        )
+        if cut:
+            log.warning("dispatcher.calls_cut_off", calls=len(cut), partitions=sorted(set(cut)))
+
+    def _cut(self, of: Callable[[int | None], bool], *, forget_answered: bool) -> list[int]:
+        """Cancel and forget the unfinished calls of the partitions `of` picks (the answered
+        ones too, when `forget_answered`), and forget their parked tries: the new owner decides
+        what their markers mean. The partitions of the calls cut, one per call (-1: a call made
+        outside a partition, in tests)."""
         cut: list[int] = []
         for message_id, called in list(self._calls.items()):
-            if called.partition is None or called.partition in owned:
+            if not of(called.partition):
                 continue
             if not called.call.done():
                 called.call.cancel()
-                cut.append(called.partition)
+                cut.append(called.partition if called.partition is not None else -1)
+            elif not forget_answered:
+                continue
             del self._calls[message_id]
         for message_id, parked in list(self._parked.items()):
-            if parked.partition is not None and parked.partition not in owned:
+            if of(parked.partition):
                 del self._parked[message_id]
-        if cut:
-            log.warning("dispatcher.calls_cut_off", calls=len(cut), partitions=sorted(set(cut)))
+        return cut
 
     def _remember(self, message_id: str, called: Called) -> None:
         # Retrieved here, so that a call nobody asks about again never logs as unretrieved.
