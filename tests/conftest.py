@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
@@ -61,6 +62,22 @@ def session_stack() -> local_stack.Stack:
     )
 
 
+@contextlib.contextmanager
+def fresh_stack() -> Iterator[local_stack.Stack]:
+    """The test stack, wiped and started; stopped afterwards, also on a failure, unless
+    `WAYPOST_KEEP_TEST_STACK=1`."""
+    running = session_stack()
+    running.down()
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
+    local_stack.setup()
+    try:
+        running.up()
+        yield running
+    finally:
+        if os.environ.get("WAYPOST_KEEP_TEST_STACK") != "1":
+            running.down()
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[local_stack.Stack]:
     """Kafka, FerretDB, the SMTP sandbox and all five services, fresh for this session.
@@ -81,15 +98,8 @@ def stack() -> Iterator[local_stack.Stack]:
             running.children.clear()
             gc.collect()
         return
-    running.down()
-    shutil.rmtree(TEST_HOME, ignore_errors=True)
-    local_stack.setup()
-    try:
-        running.up()
-        yield running
-    finally:
-        if os.environ.get("WAYPOST_KEEP_TEST_STACK") != "1":
-            running.down()
+    with fresh_stack() as started:
+        yield started
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -17,12 +17,11 @@ the exit status is 0 only when all three passed. Arguments go to each pytest run
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT, TEST_HOME, local_stack, session_stack
+from tests.conftest import ROOT, fresh_stack
 
 SHARED = "e2e and not first_start and not serial and not chaos and not soak"
 RUNS = (
@@ -36,12 +35,7 @@ def main(extra: list[str]) -> int:
     workers = os.environ.get("WAYPOST_TEST_WORKERS", "4")
     started = time.monotonic()
     failed: list[str] = []
-    running = session_stack()
-    running.down()
-    shutil.rmtree(TEST_HOME, ignore_errors=True)
-    try:
-        local_stack.setup()
-        running.up()
+    with fresh_stack():
         for number, (what, marks, processes) in enumerate(RUNS, start=1):
             print(f"\n[test {number}/{len(RUNS)}] {what} (-m {marks!r})", flush=True)
             argv = [sys.executable, "-m", "pytest", "-m", marks, *extra]
@@ -52,9 +46,6 @@ def main(extra: list[str]) -> int:
             # 5: no test selected (a narrowed run); anything else non-zero is a failure.
             if status not in (0, 5):
                 failed.append(f"run {number} ({what}) exited {status}")
-    finally:
-        if os.environ.get("WAYPOST_KEEP_TEST_STACK") != "1":
-            running.down()
     minutes = (time.monotonic() - started) / 60
     if failed:
         print(f"\n[test] FAILED after {minutes:.1f} min: {'; '.join(failed)}", flush=True)

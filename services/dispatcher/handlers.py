@@ -26,7 +26,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, Protocol, assert_never
+from typing import Any, Protocol, TypeVar, assert_never
 
 import structlog
 from pydantic import ValidationError
@@ -145,6 +145,25 @@ class Called:
     call: asyncio.Future[Outcome]
     at: float  # when it began, on the worker's monotonic clock
     partition: int | None  # of its request (None: outside a partition, in tests)
+
+
+class _Kept(Protocol):
+    @property
+    def at(self) -> float: ...
+
+
+K = TypeVar("K", bound=_Kept)
+
+
+def _forget_oldest(kept: dict[str, K], now: float, finished: Callable[[K], bool]) -> None:
+    """Drop the oldest entries (`kept` is oldest first) beyond `CALLS_KEPT`, and those older
+    than `CALLS_KEPT_SECONDS` that are `finished`."""
+    since = now - CALLS_KEPT_SECONDS
+    while kept:
+        oldest = next(iter(kept.values()))
+        if len(kept) <= CALLS_KEPT and (oldest.at >= since or not finished(oldest)):
+            break
+        del kept[next(iter(kept))]
 
 
 @dataclass(frozen=True)
@@ -552,14 +571,7 @@ class Dispatcher:
         self._parked.pop(message_id, None)
         self._calls.pop(message_id, None)
         self._calls[message_id] = called
-        kept_since = called.at - CALLS_KEPT_SECONDS
-        while self._calls:
-            oldest = next(iter(self._calls.values()))
-            if len(self._calls) <= CALLS_KEPT and (
-                oldest.at >= kept_since or not oldest.call.done()
-            ):
-                break
-            del self._calls[next(iter(self._calls))]
+        _forget_oldest(self._calls, called.at, lambda kept: kept.call.done())
 
     def _park(self, message_id: str, try_id: str, began: datetime) -> None:
         """Remember a try that never reached its call (`Parked`), for as long and as many as
@@ -567,11 +579,7 @@ class Dispatcher:
         now = self._monotonic()
         self._parked.pop(message_id, None)
         self._parked[message_id] = Parked(progress.Marked(try_id, began), now, focused())
-        while self._parked:
-            oldest = next(iter(self._parked.values()))
-            if len(self._parked) <= CALLS_KEPT and oldest.at >= now - CALLS_KEPT_SECONDS:
-                break
-            del self._parked[next(iter(self._parked))]
+        _forget_oldest(self._parked, now, lambda _kept: True)
 
     def _parked_try(self, message_id: str) -> progress.Marked | None:
         parked = self._parked.get(message_id)
