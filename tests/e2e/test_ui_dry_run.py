@@ -5,6 +5,7 @@ without sending anything. Screenshots go where tests/e2e/test_ui.py puts its own
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,24 @@ from tests.e2e.test_ui import (  # noqa: F401  (fixtures, used by name)
     Pages,
     UiAdmin,
     browser,
+    own_admin,
     shots,
-    ui_admin,
 )
 
 pytestmark = pytest.mark.e2e
 
 
+@pytest.fixture(scope="module")
+def ui_admin(stack: Any) -> Iterator[UiAdmin]:
+    """An admin of this module's own (worker 9): `make test` may run tests/e2e/test_ui.py, whose
+    admin is worker 3, at the same time."""
+    with own_admin(stack, 9, "waypost-admin-dry-run") as admin:
+        yield admin
+
+
 def test_a_contact_page_says_why_and_a_draft_dry_runs_for_that_contact(
     stack: Any,
-    ui_admin: UiAdmin,  # noqa: F811
+    ui_admin: UiAdmin,
     browser: WebDriver,  # noqa: F811
     shots: Path,  # noqa: F811
     tmp_path: Path,
