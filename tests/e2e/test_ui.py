@@ -432,7 +432,9 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     # exist is refused by step and rule, the fixed one is saved, published, and its change shown.
     pages.open(f"/journeys/{journey}")
     browser.find_element(By.ID, "edit-draft").click()
-    editor = browser.find_element(By.ID, "definition")
+    editor = wait_for(
+        lambda: browser.find_elements(By.ID, "definition"), timeout=30, what="the draft editor"
+    )[0]
     written = str(editor.get_attribute("value"))
     assert "version: 2" in written
     assert "duration: 2h" in written

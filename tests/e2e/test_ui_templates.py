@@ -163,7 +163,9 @@ def test_a_marketer_previews_a_template_sends_a_test_and_builds_a_segment(
     segment = f"{plan}-members"
     pages.open("/segments")
     browser.find_element(By.ID, "build-segment").click()
-    definition = browser.find_element(By.ID, "definition")
+    definition = wait_for(
+        lambda: browser.find_elements(By.ID, "definition"), timeout=30, what="the segment builder"
+    )[0]
     definition.clear()
     definition.send_keys(
         "segments:\n"
