@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 from confluent_kafka import KafkaError, Message, Producer
@@ -67,12 +68,15 @@ from services.ingest.adapters.publisher import producer_config
 from services.ingest.domain.calls import Call, encode_call
 from services.ingest.settings import DEV_WRITE_KEY, IngestSettings
 from shared.kafka import ensure_topics, topic_record_count
+from shared.links import LinkClaims, LinkSigner, twilio_signature
 from shared.topics import EVENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
 import stack  # noqa: E402  (a script, not a package: importable once its folder is on the path)
+
+SMS_AUTH_TOKEN = stack.SANDBOX_SMS_AUTH_TOKEN
 
 HOME = ROOT / ".local" / "bench-stack"
 PORTS = stack.Ports(
@@ -371,6 +375,73 @@ end
 """
 
 
+# Phase 4: one signed SMS status callback per request, as a provider posts them. Each line of
+# the request file is "path<TAB>X-Twilio-Signature<TAB>form body".
+WRK_CALLBACK_SCRIPT = """
+local requests, count, position = {}, 0, 0
+local threads, started = {}, 0
+
+function setup(thread)
+  thread:set("offset", started)
+  started = started + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  for line in io.lines(args[1]) do
+    local path, signature, body = line:match("^([^\t]+)\t([^\t]+)\t(.*)$")
+    count = count + 1
+    requests[count] = wrk.format("POST", path, {
+      ["Content-Type"] = "application/x-www-form-urlencoded",
+      ["X-Twilio-Signature"] = signature,
+      ["User-Agent"] = "TwilioProxy/1.1",
+    }, body)
+  end
+  position = (offset * 7919) % count
+end
+
+function request()
+  position = position % count + 1
+  return requests[position]
+end
+""" + WRK_SCRIPT[WRK_SCRIPT.index("function done") :]
+
+
+def callback_requests(settings: IngestSettings, public_url: str, n: int) -> list[str]:
+    """`n` status callbacks ("delivered") for distinct messages, each with the link token the
+    dispatcher would have put in the message's StatusCallback URL and the signature the provider
+    would compute over that URL and the form (shared.links)."""
+    signer = LinkSigner(settings.link_secret.get_secret_value(), public_url)
+    run = uuid.uuid4().hex[:8]
+    issued = int(time.time())
+    lines = []
+    for index in range(n):
+        claims = LinkClaims(
+            kind="sms_status",
+            message_id=f"bench-{run}-{index}",
+            contact_key=f"user-{index % USERS}",
+            is_user=True,
+            channel="sms",
+            template_id="bench-sms",
+            issued_at=issued,
+        )
+        path = f"/v1/sms/status/{signer.token(claims)}"
+        sid = f"SM{uuid.uuid4().hex}"
+        params = {
+            "AccountSid": "ACbench",
+            "ApiVersion": "2010-04-01",
+            "From": "+15005550006",
+            "MessageSid": sid,
+            "MessageStatus": "delivered",
+            "SmsSid": sid,
+            "SmsStatus": "delivered",
+            "To": f"+1555{index % 10_000_000:07d}",
+        }
+        signature = twilio_signature(public_url + path, params, SMS_AUTH_TOKEN)
+        lines.append(f"{path}\t{signature}\t{urlencode(params)}")
+    return lines
+
+
 def find_wrk() -> str | None:
     """wrk's path; installs the Debian package when it is missing and we may (root, apt-get)."""
     path = shutil.which("wrk")
@@ -412,6 +483,18 @@ class Wrk:
         self.args = [url, "--", str(self.body_file), authorization]
         self.concurrency = concurrency
 
+    @classmethod
+    def callbacks(cls, wrk: str, url: str, lines: Sequence[str], concurrency: int) -> Wrk:
+        """wrk posting the SMS status callbacks of `callback_requests`."""
+        runner = cls(wrk, url, [], concurrency)
+        runner.script = HOME / "callbacks.lua"
+        runner.script.write_text(WRK_CALLBACK_SCRIPT)
+        runner.body_file = HOME / "callbacks.tsv"
+        runner.body_file.write_text("\n".join(lines) + "\n")
+        runner.argv[-1] = str(runner.script)
+        runner.args = [url, "--", str(runner.body_file)]
+        return runner
+
     def run(self, seconds: int) -> dict[str, int]:
         """wrk's report: requests, duration_us, error counts and latency percentiles (µs)."""
         argv = [*self.argv, f"-d{seconds}s", *self.args]
@@ -432,9 +515,9 @@ class Wrk:
         return report["requests"] - report["status"]
 
 
-def run_wrk(wrk: Wrk, seconds: int, meter: CpuMeter) -> PhaseResult:
-    """POST /v1/track with wrk for a warm-up second, then `seconds` timed."""
-    result = PhaseResult("ingest single", 0)
+def run_wrk(wrk: Wrk, seconds: int, meter: CpuMeter, name: str = "ingest single") -> PhaseResult:
+    """wrk's requests (POST /v1/track, or callbacks) for a warm-up second, then `seconds` timed."""
+    result = PhaseResult(name, 0)
     result.warmup_acked = wrk.acknowledged(wrk.run(WRK_WARMUP_SECONDS), result)
     cpu = meter.sample()
     report = wrk.run(seconds)
@@ -443,7 +526,7 @@ def run_wrk(wrk: Wrk, seconds: int, meter: CpuMeter) -> PhaseResult:
     result.acked = wrk.acknowledged(report, result)
     result.events = result.acked
     result.reported_ms = {p: report[f"p{p}_us"] / 1000 for p in (50, 95, 99)}
-    say(f"  ingest single: {result.acked} requests acknowledged in {result.seconds:.1f}s")
+    say(f"  {name}: {result.acked} requests acknowledged in {result.seconds:.1f}s")
     return result
 
 
@@ -735,9 +818,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     meter,
                 )
             ).acked
-        say("phase 1/3: raw producer")
+        say("phase 1/4: raw producer")
         results.append(run_raw(bench.bootstrap, args.linger_ms, raw_warmup, raw_records, meter))
-        say(f"phase 2/3: ingest single, POST /v1/track, {args.concurrency} in flight")
+        say(f"phase 2/4: ingest single, POST /v1/track, {args.concurrency} in flight")
         if wrk is not None:
             results.append(run_wrk(wrk, args.seconds, meter))
         else:
@@ -756,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         say(
-            f"phase 3/3: ingest batch, POST /v1/batch x{BATCH_SIZE} events, "
+            f"phase 3/4: ingest batch, POST /v1/batch x{BATCH_SIZE} events, "
             f"{args.concurrency} in flight"
         )
         results.append(
@@ -773,6 +856,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         )
+        if wrk_path is not None:
+            say(
+                f"phase 4/4: ingest SMS status callbacks, one signed form POST each, "
+                f"{args.concurrency} in flight"
+            )
+            callbacks = callback_requests(settings, bench.ingest_url, WRK_BODIES)
+            results.append(
+                run_wrk(
+                    Wrk.callbacks(wrk_path, bench.ingest_url, callbacks, args.concurrency),
+                    args.seconds,
+                    meter,
+                    "ingest callbacks",
+                )
+            )
+        else:
+            say("phase 4/4: SMS status callbacks skipped: they are posted by wrk only")
         retained = topic_record_count(bench.bootstrap, EVENTS.name)
     except BaseException:
         say(f"aborted; last lines of the ingest log:\n{log_tail(bench.logfile('ingest'))}")
@@ -813,7 +912,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not consistent:
         status = 1
 
-    raw, single_phase, batch_phase = results
+    raw, single_phase, batch_phase = results[:3]
+    callback_phase = results[3] if len(results) > 3 else None
     p99 = single_phase.percentile(99)
     figures = {
         "single_req_per_s": f"{single_phase.rate:.0f}",
@@ -822,6 +922,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "raw_producer_events_per_s": f"{raw.rate:.0f}",
         "batch_ratio": f"{batch_phase.rate / raw.rate:.3f}" if raw.rate else "nan",
     }
+    if callback_phase is not None:
+        callback_p99 = callback_phase.percentile(99)
+        figures["callback_req_per_s"] = f"{callback_phase.rate:.0f}"
+        figures["callback_p99_ms"] = f"{callback_p99:.1f}" if callback_p99 is not None else "nan"
+        figures["callback_vs_single"] = (
+            f"{callback_phase.rate / single_phase.rate:.3f}" if single_phase.rate else "nan"
+        )
     print("RESULT " + " ".join(f"{name}={value}" for name, value in figures.items()), flush=True)
     return status
 

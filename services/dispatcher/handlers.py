@@ -21,6 +21,7 @@ outcome comes to is decided by `domain.conclude` and carried out here.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -155,15 +156,18 @@ class _Kept(Protocol):
 K = TypeVar("K", bound=_Kept)
 
 
-def _forget_oldest(kept: dict[str, K], now: float, finished: Callable[[K], bool]) -> None:
+def _forget_oldest(
+    kept: OrderedDict[str, K], now: float, finished: Callable[[K], bool]
+) -> None:
     """Drop the oldest entries (`kept` is oldest first) beyond `CALLS_KEPT`, and those older
-    than `CALLS_KEPT_SECONDS` that are `finished`."""
+    than `CALLS_KEPT_SECONDS` that are `finished`. An `OrderedDict`: a plain dict emptied from
+    the front scans every deleted slot to find its first entry, until it is resized."""
     since = now - CALLS_KEPT_SECONDS
     while kept:
         oldest = next(iter(kept.values()))
         if len(kept) <= CALLS_KEPT and (oldest.at >= since or not finished(oldest)):
             break
-        del kept[next(iter(kept))]
+        kept.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -237,9 +241,9 @@ class Dispatcher:
             channel: asyncio.Semaphore(settings.in_flight(channel)) for channel in CHANNELS
         }
         # The provider calls made lately, by message id, oldest first (`Called`).
-        self._calls: dict[str, Called] = {}
+        self._calls: OrderedDict[str, Called] = OrderedDict()
         # Tries marked in a failed round and never called, by message id, oldest first.
-        self._parked: dict[str, Parked] = {}
+        self._parked: OrderedDict[str, Parked] = OrderedDict()
         self._prove_owner: Callable[[], Awaitable[None]] = _outside_a_batch
         # Waits on the outside world within a batch: they stand aside from its group commit.
         self._aside: Callable[[], AbstractAsyncContextManager[None]] = _no_batch_to_leave
