@@ -2,8 +2,9 @@
 
 `.venv/bin/python -m bench.ingest [--events N] [--seconds S] [--concurrency C]` starts its own
 throw-away stack (Kafka and the ingest service only, on ports 29092/29093 and 28000, state in
-`.local/bench-stack`, wiped at the start and stopped at the end) and runs three phases, each
-writing fresh `track` events of the same shape to `waypost.events.v1`, keyed by userId:
+`.local/bench-stack`, wiped at the start and stopped at the end) and runs four phases, each
+writing fresh events to `waypost.events.v1` (`track` events of the same shape, keyed by userId,
+in the first three):
 
 1. raw producer: confluent-kafka with ingest's own producer settings
    (`services.ingest.adapters.publisher.producer_config`: idempotent, acks=all, the same linger),
@@ -18,6 +19,10 @@ writing fresh `track` events of the same shape to `waypost.events.v1`, keyed by 
    understates ingest. `--load-generator python` forces the fallback.
 3. ingest batch: `POST /v1/batch` with 100 events per request, C requests in flight, N events,
    with the Python load generator (a batch request costs the client little).
+4. ingest callbacks: SMS status callbacks ("delivered", form-encoded), one per request, as a
+   Twilio-style provider posts them: each with the link token the dispatcher puts in its
+   StatusCallback URL and a valid `X-Twilio-Signature`, C in flight for S seconds, by wrk
+   (skipped without it). Each publishes one `Message Delivered`.
 
 Each phase first sends a small untimed warm-up (connections, topic metadata). An ingest answer
 is a 200 only after Kafka acknowledged every event in it, so events/s is acknowledged throughput;
@@ -34,7 +39,7 @@ The run ends by checking the topic's record count (sum of high minus low waterma
 events acknowledged in all phases, warm-ups included. wrk stops on a deadline with up to C
 requests unanswered, whose events may or may not have been written, so the count may exceed the
 acknowledged events by at most C per wrk run. Any non-200 answer, transport error or failed
-delivery is counted and printed, and makes the exit status non-zero. The last line is
+delivery is counted and printed (a callback answers 204), and makes the exit status non-zero. The last line is
 `RESULT name=value ...` with the figures, for comparing runs.
 """
 

@@ -156,9 +156,7 @@ class _Kept(Protocol):
 K = TypeVar("K", bound=_Kept)
 
 
-def _forget_oldest(
-    kept: OrderedDict[str, K], now: float, finished: Callable[[K], bool]
-) -> None:
+def _forget_oldest(kept: OrderedDict[str, K], now: float, finished: Callable[[K], bool]) -> None:
     """Drop the oldest entries (`kept` is oldest first) beyond `CALLS_KEPT`, and those older
     than `CALLS_KEPT_SECONDS` that are `finished`. An `OrderedDict`: a plain dict emptied from
     the front scans every deleted slot to find its first entry, until it is resized."""

@@ -24,12 +24,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from services.ingest.adapters.publisher import EventPublisher
+from services.ingest.callbacks import SIGNATURE_HEADER, SmsStatusCallbacks
 from services.ingest.domain.calls import Batch, Call, encode
 from services.ingest.domain.tracking import (
-    UnknownSmsStatus,
     email_link_clicked,
     email_opened,
-    sms_status_changed,
     unsubscribed,
 )
 from services.ingest.fastpath import ASGIApp, ClientGone, TrackingCalls, read_body
@@ -45,7 +44,7 @@ from services.ingest.settings import IngestSettings
 from shared.bodies import BadInput
 from shared.clock import Clock
 from shared.contracts import Event
-from shared.links import InvalidLink, LinkClaims, LinkKind, LinkSigner, twilio_signature_valid
+from shared.links import InvalidLink, LinkClaims, LinkKind, LinkSigner
 from shared.settings import api_docs_urls
 
 log = structlog.get_logger(__name__)
@@ -75,7 +74,6 @@ def create_app(
     metrics = IngestMetrics()
     intake = CallIntake(settings, publisher, clock, metrics, new_message_id)
     signer = LinkSigner(settings.link_secret.get_secret_value(), settings.public_url)
-    sms_auth_token = settings.sms_auth_token.get_secret_value()
 
     @app.exception_handler(BadInput)
     async def _rejected(_request: Request, exc: BadInput) -> Response:
@@ -90,6 +88,10 @@ def create_app(
 
     async def publish(events: list[Event]) -> None:
         await intake.publish([encode(event) for event in events])
+
+    callbacks = SmsStatusCallbacks(
+        signer, settings.sms_auth_token.get_secret_value(), clock, publish
+    )
 
     async def body_of(request: Request, limit: int) -> bytes:
         headers = request.headers
@@ -215,48 +217,19 @@ def create_app(
         },
     )
     async def sms_status(token: str, request: Request) -> Response:
+        # The form-encoded callbacks every provider sends are served by `TrackingCalls`;
+        # this route takes the rest (a multipart form) and documents the call.
         raw = await request.body()
         if len(raw) > settings.max_event_bytes:
             raise Rejected(
                 413,
                 f"request body is {len(raw)} bytes; the limit is {settings.max_event_bytes} bytes",
             )
-        form = await request.form()
-        params = {name: value for name, value in form.multi_items() if isinstance(value, str)}
-        # The provider signed the URL it was given, which the dispatcher built on public_url.
-        seen_url = signer.public_url + request.url.path
-        if request.url.query:
-            seen_url += f"?{request.url.query}"
-        signature = request.headers.get("x-twilio-signature", "")
-        if not sms_auth_token:  # SMS is off: nothing can vouch for a callback
-            raise Rejected(
-                403,
-                "SMS status callbacks are off (WAYPOST_SMS_AUTH_TOKEN is not set)",
-                field="X-Twilio-Signature",
-            )
-        if not twilio_signature_valid(seen_url, params, sms_auth_token, signature):
-            raise Rejected(
-                403,
-                "X-Twilio-Signature is missing or does not match",
-                field="X-Twilio-Signature",
-            )
-        now = clock.now()
-        claims = read_link(token, "sms_status", now)
-        status = params.get("MessageStatus")
-        if not status:
-            raise Rejected(400, "MessageStatus is required", field="MessageStatus")
-        try:
-            event = sms_status_changed(
-                claims,
-                now,
-                status=status,
-                provider_id=params.get("MessageSid"),
-                error_code=params.get("ErrorCode"),
-            )
-        except UnknownSmsStatus as exc:
-            raise Rejected(400, f"MessageStatus: {exc}", field="MessageStatus") from exc
-        if event is not None:
-            await publish([event])
+        # Closed once read: a multipart form may have spooled a file part to disk.
+        async with request.form() as form:
+            params = {name: value for name, value in form.multi_items() if isinstance(value, str)}
+        signature = request.headers.get(SIGNATURE_HEADER, "")
+        await callbacks.handle(token, request.url.path, request.url.query, params, signature)
         return Response(status_code=204)
 
     @app.get("/health", summary="Liveness")
@@ -267,7 +240,7 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return TrackingCalls(intake, metrics, fallback=app)
+    return TrackingCalls(intake, metrics, fallback=app, callbacks=callbacks)
 
 
 _SUCCESS_RESPONSE: dict[int | str, dict[str, Any]] = {

@@ -1,18 +1,23 @@
-"""The tracking calls served straight from ASGI; every other request goes on to the FastAPI app.
+"""The tracking calls and SMS status callbacks served straight from ASGI; every other request
+goes on to the FastAPI app.
 
 The calls are nearly all of ingest's traffic, and FastAPI's middleware, dependency solving and
-response encoding cost more CPU per call than the call's own work (docs/ingest-performance.md).
-The FastAPI app still declares the same routes, served by the same `CallIntake`, so the OpenAPI
-document describes them and `/docs` can try them.
+response encoding cost more CPU per call than the call's own work (docs/ingest-performance.md);
+a provider posts two status callbacks for every text sent. The FastAPI app still declares the
+same routes, served by the same `CallIntake` and `SmsStatusCallbacks`, so the OpenAPI document
+describes them and `/docs` can try them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import structlog
 
+from services.ingest.callbacks import PREFIX as CALLBACK_PREFIX
+from services.ingest.callbacks import SIGNATURE_HEADER, SmsStatusCallbacks
 from services.ingest.intake import (
     CALL_TYPES,
     SUCCESS,
@@ -32,6 +37,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BATCH = "batch"
+CALLBACK = "sms status callback"
+_SIGNATURE = SIGNATURE_HEADER.lower().encode()
+_FORM = b"application/x-www-form-urlencoded"
 _JSON = (b"content-type", b"application/json")
 _SUCCESS_HEADERS = [_JSON, (b"content-length", str(len(SUCCESS)).encode())]
 
@@ -39,18 +47,29 @@ _SUCCESS_HEADERS = [_JSON, (b"content-length", str(len(SUCCESS)).encode())]
 class TrackingCalls:
     """ASGI app: `POST /v1/<call>` and `POST /v1/batch` here, the rest to `fallback`."""
 
-    def __init__(self, intake: CallIntake, metrics: IngestMetrics, fallback: ASGIApp) -> None:
+    def __init__(
+        self,
+        intake: CallIntake,
+        metrics: IngestMetrics,
+        fallback: ASGIApp,
+        callbacks: SmsStatusCallbacks | None = None,
+    ) -> None:
         self._intake = intake
         self._metrics = metrics
         self.fallback = fallback
+        self._callbacks = callbacks
         self._routes = {f"/v1/{call}": call for call in (*CALL_TYPES, BATCH)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if scope["method"] == "POST":
-                route = self._routes.get(scope["path"])
+                path = scope["path"]
+                route = self._routes.get(path)
                 if route is not None:
                     await self._serve(route, scope, receive, send)
+                    return
+                if self._callbacks is not None and _callback_form(path, scope["headers"]):
+                    await self._serve(CALLBACK, scope, receive, send)
                     return
             # Every other body (unsubscribe forms, SMS callbacks) is capped too: by its
             # Content-Length here, then as it streams (the app's handler answers that 413).
@@ -69,6 +88,7 @@ class TrackingCalls:
         authorization = None
         content_length = None
         encoding = None
+        signature = ""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
@@ -76,11 +96,17 @@ class TrackingCalls:
                 content_length = value
             elif name == b"content-encoding":
                 encoding = value
+            elif name == _SIGNATURE:
+                signature = value.decode("latin-1")
         limit = self._intake.max_batch_bytes if route == BATCH else self._intake.max_event_bytes
         try:
             body = await read_body(receive, limit, content_length, encoding)
             if route == BATCH:
                 await self._intake.batch(body, authorization)
+            elif route == CALLBACK:
+                await self._callback(self._callbacks, scope, body, signature)
+                await _answer(send, 204, [], b"")
+                return
             else:
                 await self._intake.call(route, body, authorization)
         except ClientGone:
@@ -97,6 +123,19 @@ class TrackingCalls:
             return
         await _answer(send, 200, _SUCCESS_HEADERS, SUCCESS)
 
+    async def _callback(
+        self, callbacks: SmsStatusCallbacks | None, scope: Scope, body: bytes, signature: str
+    ) -> None:
+        """An SMS status callback with a form-encoded body (`SmsStatusCallbacks`). The form is
+        read as Starlette reads one (names and values percent-decoded as UTF-8, blank values
+        kept, the last of a repeated name wins), so both routes check the same signature."""
+        if callbacks is None:  # `__call__` routes callbacks here only when it has them
+            raise RuntimeError("no SMS status callbacks to hand the form to")
+        path: str = scope["path"]
+        params = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+        query = scope["query_string"].decode("latin-1")
+        await callbacks.handle(path[len(CALLBACK_PREFIX) :], path, query, params, signature)
+
     async def _refuse(self, send: Send, exc: BadInput) -> None:
         self._metrics.rejected(exc.status)
         answer = refusal(exc)
@@ -106,6 +145,18 @@ class TrackingCalls:
             *((k.lower().encode(), v.encode("latin-1")) for k, v in answer.headers),
         ]
         await _answer(send, answer.status, headers, answer.body)
+
+
+def _callback_form(path: str, headers: list[tuple[bytes, bytes]]) -> bool:
+    """A form-encoded POST to an SMS status callback URL (one token, no further segment)."""
+    if not path.startswith(CALLBACK_PREFIX) or "/" in path[len(CALLBACK_PREFIX) :]:
+        return False
+    if len(path) == len(CALLBACK_PREFIX):
+        return False
+    for name, value in headers:
+        if name == b"content-type":
+            return value.lower().startswith(_FORM)
+    return False
 
 
 class ClientGone(Exception):

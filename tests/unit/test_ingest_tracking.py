@@ -11,6 +11,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ from pydantic import SecretStr
 
 from services.ingest.app import create_app
 from services.ingest.domain.calls import EncodedEvent
+from services.ingest.fastpath import TrackingCalls
 from services.ingest.settings import IngestSettings
 from shared.clock import ManualClock
 from shared.contracts import Event
@@ -479,6 +481,97 @@ async def test_a_signed_callback_with_a_tampered_token_is_refused(
     response = await post_callback(client, callback("delivered"), url=tampered(SMS_URL))
 
     assert_rejected_token(response)
+    assert publisher.events == []
+
+
+async def test_a_multipart_callback_is_served_by_the_documented_route_alike(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    """Providers post form-encoded callbacks, which ingest serves straight from ASGI; any other
+    body goes to the FastAPI route. Both check the same signature and publish the same event."""
+    params = callback("undelivered", ErrorCode="30003")
+    signature = twilio_signature(SMS_URL, params, "test-sms-token")
+    headers = {"X-Twilio-Signature": signature}
+
+    form = await client.post(path_of(SMS_URL), data=params, headers=headers)
+    multipart = await client.post(
+        path_of(SMS_URL), data=params, files={"note": ("note.txt", b"x")}, headers=headers
+    )
+
+    assert multipart.request.headers["content-type"].startswith("multipart/form-data")
+    assert (form.status_code, multipart.status_code) == (204, 204)
+    expected = sms_event("Message Undelivered", "undelivered:msg-1", "undelivered", "30003")
+    assert publisher.events == [expected, expected]
+
+
+async def test_form_callbacks_are_served_without_the_fastapi_app(
+    publisher: RecordingPublisher,
+) -> None:
+    """The fast path takes form-encoded callbacks only: with the FastAPI app out of the way,
+    those are still answered, and a multipart one reaches the app."""
+    app = create_app(SETTINGS, publisher, ManualClock(NOW))
+    assert isinstance(app, TrackingCalls)
+    reached: list[str] = []
+
+    async def elsewhere(scope: Any, _receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 418, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app.fallback = elsewhere
+    params = callback("delivered")
+    headers = {"X-Twilio-Signature": twilio_signature(SMS_URL, params, "test-sms-token")}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC) as c:
+        form = await c.post(path_of(SMS_URL), data=params, headers=headers)
+        multipart = await c.post(
+            path_of(SMS_URL), data=params, files={"note": ("note.txt", b"x")}, headers=headers
+        )
+
+    assert (form.status_code, multipart.status_code) == (204, 418)
+    assert reached == [path_of(SMS_URL)]
+    assert len(publisher.events) == 1
+
+
+async def test_a_form_callback_reads_blank_and_percent_encoded_values_as_the_signer_did(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    params = callback("delivered", ErrorCode="", Body="zażółć & co=1+1")
+    signature = twilio_signature(SMS_URL, params, "test-sms-token")
+
+    response = await client.post(
+        path_of(SMS_URL),
+        content=urlencode(params),
+        headers={
+            "X-Twilio-Signature": signature,
+            "Content-Type": "application/x-www-form-urlencoded; charset=utf-8",
+        },
+    )
+
+    assert response.status_code == 204
+    assert publisher.events == [
+        sms_event("Message Delivered", "delivered:msg-1", "delivered", None)
+    ]
+
+
+async def test_a_callback_body_over_the_limit_is_refused_before_it_is_read(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    params = callback("delivered", Body="x" * SETTINGS.max_event_bytes)
+
+    response = await post_callback(client, params)
+
+    assert response.status_code == 413
+    assert publisher.events == []
+
+
+async def test_a_callback_url_with_a_further_segment_is_not_found(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    url = SMS_URL + "/more"
+
+    response = await post_callback(client, callback("delivered"), url=url)
+
+    assert response.status_code == 404
     assert publisher.events == []
 
 
