@@ -38,9 +38,9 @@ cores, so the ratio is a relative measure for this machine, not a capacity figur
 The run ends by checking the topic's record count (sum of high minus low watermarks) against the
 events acknowledged in all phases, warm-ups included. wrk stops on a deadline with up to C
 requests unanswered, whose events may or may not have been written, so the count may exceed the
-acknowledged events by at most C per wrk run. Any non-200 answer, transport error or failed
-delivery is counted and printed (a callback answers 204), and makes the exit status non-zero. The last line is
-`RESULT name=value ...` with the figures, for comparing runs.
+acknowledged events by at most C per wrk run. Any non-200 answer (a callback answers 204),
+transport error or failed delivery is counted and printed, and makes the exit status non-zero.
+The last line is `RESULT name=value ...` with the figures, for comparing runs.
 """
 
 from __future__ import annotations
