@@ -394,7 +394,7 @@ end
 
 function init(args)
   for line in io.lines(args[1]) do
-    local path, signature, body = line:match("^([^\t]+)\t([^\t]+)\t(.*)$")
+    local path, signature, body = line:match("^([^\\t]+)\\t([^\\t]+)\\t(.*)$")
     count = count + 1
     requests[count] = wrk.format("POST", path, {
       ["Content-Type"] = "application/x-www-form-urlencoded",
@@ -473,32 +473,41 @@ def find_wrk() -> str | None:
 
 
 class Wrk:
-    """Runs wrk against /v1/track with the given bodies, C connections, one thread."""
+    """Runs wrk with one of its Lua scripts and the request file it reads, C connections, one
+    thread: `Wrk.tracking` POSTs /v1/track bodies, `Wrk.callbacks` SMS status callbacks."""
 
     def __init__(
-        self, wrk: str, url: str, bodies: Sequence[tuple[bytes, int]], concurrency: int
+        self,
+        wrk: str,
+        url: str,
+        script: str,
+        name: str,
+        lines: bytes,
+        concurrency: int,
+        *extra: str,
     ) -> None:
         HOME.mkdir(parents=True, exist_ok=True)
-        self.script = HOME / "track.lua"
-        self.script.write_text(WRK_SCRIPT)
-        self.body_file = HOME / "track-bodies.jsonl"
-        self.body_file.write_bytes(b"\n".join(body for body, _count in bodies) + b"\n")
-        authorization = "Basic " + base64.b64encode(f"{DEV_WRITE_KEY}:".encode()).decode()
+        self.script = HOME / f"{name}.lua"
+        self.script.write_text(script)
+        self.body_file = HOME / f"{name}-requests.txt"
+        self.body_file.write_bytes(lines)
         self.argv = [wrk, "-t1", f"-c{concurrency}", "--timeout", "30s", "-s", str(self.script)]
-        self.args = [url, "--", str(self.body_file), authorization]
+        self.args = [url, "--", str(self.body_file), *extra]
         self.concurrency = concurrency
+
+    @classmethod
+    def tracking(
+        cls, wrk: str, url: str, bodies: Sequence[tuple[bytes, int]], concurrency: int
+    ) -> Wrk:
+        lines = b"\n".join(body for body, _count in bodies) + b"\n"
+        authorization = "Basic " + base64.b64encode(f"{DEV_WRITE_KEY}:".encode()).decode()
+        return cls(wrk, url, WRK_SCRIPT, "track", lines, concurrency, authorization)
 
     @classmethod
     def callbacks(cls, wrk: str, url: str, lines: Sequence[str], concurrency: int) -> Wrk:
         """wrk posting the SMS status callbacks of `callback_requests`."""
-        runner = cls(wrk, url, [], concurrency)
-        runner.script = HOME / "callbacks.lua"
-        runner.script.write_text(WRK_CALLBACK_SCRIPT)
-        runner.body_file = HOME / "callbacks.tsv"
-        runner.body_file.write_text("\n".join(lines) + "\n")
-        runner.argv[-1] = str(runner.script)
-        runner.args = [url, "--", str(runner.body_file)]
-        return runner
+        data = ("\n".join(lines) + "\n").encode()
+        return cls(wrk, url, WRK_CALLBACK_SCRIPT, "callbacks", data, concurrency)
 
     def run(self, seconds: int) -> dict[str, int]:
         """wrk's report: requests, duration_us, error counts and latency percentiles (µs)."""
@@ -802,7 +811,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         meter = CpuMeter(
             {"bench": os.getpid(), "ingest": bench.pid("ingest"), "kafka": bench.pid("kafka")}
         )
-        wrk = Wrk(wrk_path, bench.ingest_url, single, args.concurrency) if wrk_path else None
+        wrk = (
+            Wrk.tracking(wrk_path, bench.ingest_url, single, args.concurrency) if wrk_path else None
+        )
         # A fresh broker spends its first half minute compiling its hot paths (the JIT): its
         # CPU per request falls by three to four times. Every phase should meet a warm one.
         say(f"warm-up: single calls for {args.warmup_seconds}s, untimed (broker JIT, workers)")

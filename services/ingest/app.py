@@ -214,11 +214,21 @@ def create_app(
         responses={
             **_LINK_RESPONSES,
             403: {"description": "Missing or wrong X-Twilio-Signature"},
+            413: {"description": "Body over 32 KB, as sent or once gzip-inflated"},
+            415: {"description": "A Content-Encoding other than gzip, or any on a multipart form"},
         },
     )
     async def sms_status(token: str, request: Request) -> Response:
-        # The form-encoded callbacks every provider sends are served by `TrackingCalls`;
-        # this route takes the rest (a multipart form) and documents the call.
+        # The form-encoded callbacks every provider sends are served by `TrackingCalls`
+        # (gzip inflated there); this route takes the rest (a multipart form) and documents
+        # the call.
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise Rejected(
+                415,
+                f"Content-Encoding '{encoding}' is accepted on form-encoded callbacks only",
+                field="Content-Encoding",
+            )
         raw = await request.body()
         if len(raw) > settings.max_event_bytes:
             raise Rejected(

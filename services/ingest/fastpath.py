@@ -40,12 +40,15 @@ BATCH = "batch"
 CALLBACK = "sms status callback"
 _SIGNATURE = SIGNATURE_HEADER.lower().encode()
 _FORM = b"application/x-www-form-urlencoded"
+# As many form fields as Starlette reads before it refuses a form.
+MAX_FORM_FIELDS = 1000
 _JSON = (b"content-type", b"application/json")
 _SUCCESS_HEADERS = [_JSON, (b"content-length", str(len(SUCCESS)).encode())]
 
 
 class TrackingCalls:
-    """ASGI app: `POST /v1/<call>` and `POST /v1/batch` here, the rest to `fallback`."""
+    """ASGI app: `POST /v1/<call>`, `POST /v1/batch` and form-encoded SMS status callbacks
+    (`callbacks`) here, the rest to `fallback`."""
 
     def __init__(
         self,
@@ -71,7 +74,7 @@ class TrackingCalls:
                 if self._callbacks is not None and _callback_form(path, scope["headers"]):
                     await self._serve(CALLBACK, scope, receive, send)
                     return
-            # Every other body (unsubscribe forms, SMS callbacks) is capped too: by its
+            # Every other body (unsubscribe forms, multipart SMS callbacks) is capped too: by its
             # Content-Length here, then as it streams (the app's handler answers that 413).
             limit = self._intake.max_event_bytes
             for name, value in scope["headers"]:
@@ -88,7 +91,7 @@ class TrackingCalls:
         authorization = None
         content_length = None
         encoding = None
-        signature = ""
+        signature: str | None = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
@@ -96,7 +99,7 @@ class TrackingCalls:
                 content_length = value
             elif name == b"content-encoding":
                 encoding = value
-            elif name == _SIGNATURE:
+            elif name == _SIGNATURE and signature is None:  # the first, as Starlette reads it
                 signature = value.decode("latin-1")
         limit = self._intake.max_batch_bytes if route == BATCH else self._intake.max_event_bytes
         try:
@@ -104,7 +107,7 @@ class TrackingCalls:
             if route == BATCH:
                 await self._intake.batch(body, authorization)
             elif route == CALLBACK:
-                await self._callback(self._callbacks, scope, body, signature)
+                await self._callback(self._callbacks, scope, body, signature or "")
                 await _answer(send, 204, [], b"")
                 return
             else:
@@ -128,12 +131,22 @@ class TrackingCalls:
     ) -> None:
         """An SMS status callback with a form-encoded body (`SmsStatusCallbacks`). The form is
         read as Starlette reads one (names and values percent-decoded as UTF-8, blank values
-        kept, the last of a repeated name wins), so both routes check the same signature."""
+        kept, the last of a repeated name wins, at most `MAX_FORM_FIELDS`), and the query string
+        as UTF-8, so both routes check the same signature."""
         if callbacks is None:  # `__call__` routes callbacks here only when it has them
             raise RuntimeError("no SMS status callbacks to hand the form to")
         path: str = scope["path"]
-        params = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
-        query = scope["query_string"].decode("latin-1")
+        try:
+            fields = parse_qsl(
+                body.decode("latin-1"), keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS
+            )
+        except ValueError as exc:
+            raise Rejected(400, f"the form has more than {MAX_FORM_FIELDS} fields") from exc
+        try:
+            query = scope["query_string"].decode()
+        except UnicodeDecodeError as exc:
+            raise Rejected(400, "the query string is not UTF-8", field="query") from exc
+        params = dict(fields)
         await callbacks.handle(path[len(CALLBACK_PREFIX) :], path, query, params, signature)
 
     async def _refuse(self, send: Send, exc: BadInput) -> None:
@@ -155,7 +168,7 @@ def _callback_form(path: str, headers: list[tuple[bytes, bytes]]) -> bool:
         return False
     for name, value in headers:
         if name == b"content-type":
-            return value.lower().startswith(_FORM)
+            return value.split(b";", 1)[0].strip().lower() == _FORM
     return False
 
 

@@ -7,6 +7,7 @@ the same settings the app reads.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -551,6 +552,67 @@ async def test_a_form_callback_reads_blank_and_percent_encoded_values_as_the_sig
     assert publisher.events == [
         sms_event("Message Delivered", "delivered:msg-1", "delivered", None)
     ]
+
+
+async def test_a_gzipped_form_callback_is_inflated_and_a_gzipped_multipart_one_refused(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    params = callback("delivered")
+    signature = twilio_signature(SMS_URL, params, "test-sms-token")
+    form_type = "application/x-www-form-urlencoded"
+
+    form = await client.post(
+        path_of(SMS_URL),
+        content=gzip.compress(urlencode(params).encode()),
+        headers={
+            "X-Twilio-Signature": signature,
+            "Content-Type": form_type,
+            "Content-Encoding": "gzip",
+        },
+    )
+    multipart = await client.post(
+        path_of(SMS_URL),
+        data=params,
+        files={"note": ("note.txt", b"x")},
+        headers={"X-Twilio-Signature": signature, "Content-Encoding": "gzip"},
+    )
+
+    assert form.status_code == 204
+    assert multipart.status_code == 415
+    assert multipart.json()["field"] == "Content-Encoding"
+    assert len(publisher.events) == 1
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencodedX", "text/plain", "application/json"]
+)
+async def test_a_callback_that_is_not_a_form_is_not_read_as_one(
+    client: httpx.AsyncClient, publisher: RecordingPublisher, content_type: str
+) -> None:
+    """Another media type is not parsed as a form: the signature then covers no parameters."""
+    params = callback("delivered")
+    signature = twilio_signature(SMS_URL, params, "test-sms-token")
+
+    response = await client.post(
+        path_of(SMS_URL),
+        content=urlencode(params),
+        headers={"X-Twilio-Signature": signature, "Content-Type": content_type},
+    )
+
+    assert response.status_code == 403
+    assert publisher.events == []
+
+
+async def test_a_form_callback_with_too_many_fields_is_a_bad_request(
+    client: httpx.AsyncClient, publisher: RecordingPublisher
+) -> None:
+    params = callback("delivered", **{f"f{n}": "x" for n in range(1000)})
+
+    response = await post_callback(client, params)
+
+    assert response.status_code == 400
+    assert "fields" in response.json()["error"]
+    assert publisher.events == []
 
 
 async def test_a_callback_body_over_the_limit_is_refused_before_it_is_read(
