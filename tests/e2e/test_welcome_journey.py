@@ -95,6 +95,7 @@ def test_wait_then_reminder(stack: Any, tmp_path: Path) -> None:
     assert reminder[0]["text"].strip() == "Still there, Cat?"
 
 
+@pytest.mark.serial  # it kills the stack's orchestrator, which the other modules' journeys need
 def test_orchestrator_killed_while_waiting_still_sends_the_reminder_once(
     stack: Any, tmp_path: Path
 ) -> None:
