@@ -124,7 +124,7 @@ def _caught_up(bootstrap: str, topic: str, partition: int, committed: int, end: 
     return False  # not read to its end in time: something is still there
 
 
-def wait_drained(stack: Any, timeout: float = 60.0) -> None:
+def wait_drained(stack: Any, timeout: float = 180.0) -> None:
     """Every record written so far has been handled, and what that wrote in turn, and so on down
     the pipeline: each stage's groups committed everything on their topics.
 

@@ -99,16 +99,16 @@ def test_transient_smtp_refusal_is_retried_until_it_is_sent(
 ) -> None:
     user, trigger = _enter(stack, tmp_path, "retry")
     email = f"{user}@example.com"
-    _refuse(stack, email, 451)
+    # The server refuses the first two tries with 451, then takes the message: no race with the
+    # retries' timing on a loaded machine (the rule is used up, and so gone, once answered).
+    httpx.post(
+        f"{stack.outbox_url}/control/failures",
+        json={"channel": "email", "recipient": email, "error": "451", "times": 2},
+        timeout=10,
+    ).raise_for_status()
     assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
 
-    wait_for(
-        lambda: ledger.find_one({"contact_key": user, "state": "retrying"}),
-        what="the first, refused attempt waiting on a retry topic",
-    )
-    httpx.delete(f"{stack.outbox_url}/control/smtp/refuse/{email}", timeout=10).raise_for_status()
-
-    wait_for(lambda: outbox(stack, to=email), what="the email after the retry")
+    wait_for(lambda: outbox(stack, to=email), what="the email after the retries")
     entry = wait_for(
         lambda: ledger.find_one({"contact_key": user, "state": "sent"}),
         what="the sent ledger entry",
@@ -116,5 +116,5 @@ def test_transient_smtp_refusal_is_retried_until_it_is_sent(
     states = [h["state"] for h in entry["history"]]
     assert states[:3] == ["requested", "sending", "retrying"]
     assert states[-2:] == ["sending", "sent"]
-    assert entry["attempt"] >= 2
+    assert entry["attempt"] == 3
     assert len(outbox(stack, to=email)) == 1

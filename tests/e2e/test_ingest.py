@@ -18,7 +18,7 @@ import pytest
 
 from services.ingest.settings import IngestSettings
 from shared.topics import EVENTS
-from tests.e2e.helpers import WRITE_KEY, read_topic, unique
+from tests.e2e.helpers import WRITE_KEY, read_topic, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -94,15 +94,22 @@ def test_every_acknowledged_event_is_on_the_topic_exactly_once(stack: Any) -> No
         acknowledged = [m for share in pool.map(send, range(CLIENTS)) for m in share]
 
     assert len(acknowledged) == SINGLE_CALLS + BATCHES * BATCH_SIZE, "every call answered 200"
-    on_topic: Counter[str] = Counter()
-    keys_match = True
-    for key, value in read_topic(stack.bootstrap, EVENTS.name):
-        if value is None or run.encode() not in value:
-            continue  # other tests' records (some deliberately undecodable poison)
-        record = json.loads(value)
-        if str(record.get("messageId", "")).startswith(run):
-            on_topic[record["messageId"]] += 1
-            keys_match = keys_match and key == record["userId"]
+
+    def written() -> tuple[Counter[str], bool] | None:
+        """This run's records on the topic, once every acknowledged one can be read: a reader
+        sees nothing past another worker's open transaction until it ends."""
+        on_topic: Counter[str] = Counter()
+        keys_match = True
+        for key, value in read_topic(stack.bootstrap, EVENTS.name):
+            if value is None or run.encode() not in value:
+                continue  # other tests' records (some deliberately undecodable poison)
+            record = json.loads(value)
+            if str(record.get("messageId", "")).startswith(run):
+                on_topic[record["messageId"]] += 1
+                keys_match = keys_match and key == record["userId"]
+        return (on_topic, keys_match) if set(on_topic) >= set(acknowledged) else None
+
+    on_topic, keys_match = wait_for(written, timeout=60, what="every acknowledged event read")
     assert {m: n for m, n in on_topic.items() if n > 1} == {}, "no event written twice"
     assert set(on_topic) == set(acknowledged), "every acknowledged event written, nothing else"
     assert keys_match, "each record is keyed by its contact"

@@ -107,12 +107,17 @@ def test_ingest_configured_for_sasl_puts_a_posted_event_on_kafka(stack: Any) -> 
             timeout=30,
         )
         assert answer.status_code == 200, answer.text
-        # acks=all: the 200 came once the record could be read.
-        landed = [
-            json.loads(value)
-            for key, value in read_topic(stack.bootstrap, EVENTS.name)
-            if key == user and value is not None
-        ]
+        # acks=all: the 200 came once the record was written. A reader may still wait for
+        # another worker's open transaction on the topic to end before it sees the record.
+        landed = wait_for(
+            lambda: [
+                json.loads(value)
+                for key, value in read_topic(stack.bootstrap, EVENTS.name)
+                if key == user and value is not None
+            ],
+            timeout=60,
+            what="the event on the topic",
+        )
         assert [event["messageId"] for event in landed] == [message_id]
     finally:
         stack.stop(name)

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from services.segmenter.adapters.profile_view import ProfileView
 from shared.cli import DefinitionError, delete_segment, publish_segments
@@ -23,7 +23,7 @@ from shared.contracts import ContactCommand, Profile, SegmentCount
 from shared.docstore import connect, database
 from shared.settings import CommonSettings
 from shared.topics import CONTACT_COMMANDS, PROFILES, SEGMENT_COUNTS
-from tests.e2e.helpers import post, unique, wait_for
+from tests.e2e.helpers import post, read_partitions, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 ADMIN = {"Authorization": "Bearer wp_dev_admin_key"}
@@ -259,8 +259,13 @@ def test_the_cli_publishes_reports_unchanged_and_refuses_to_delete_what_is_in_us
     ]
     assert publish_segments(settings, [path]) == 0
     assert all(line.startswith("unchanged  ") for line in capsys.readouterr().out.splitlines())
-    listed = {s["id"] for s in _admin(stack, "GET", "/v1/segments").json()["segments"]}
-    assert {f"{prefix}-browsers", f"{prefix}-big-browsers"} <= listed
+
+    # The admin follows the definitions topic: it lists what was published a moment later.
+    def listed() -> bool:
+        ids = {s["id"] for s in _admin(stack, "GET", "/v1/segments").json()["segments"]}
+        return {f"{prefix}-browsers", f"{prefix}-big-browsers"} <= ids
+
+    wait_for(listed, timeout=60, what="the published segments in the admin's list")
 
     with pytest.raises(DefinitionError, match=r"\[segment-in-use\]"):
         delete_segment(settings, f"{prefix}-browsers")
@@ -325,31 +330,13 @@ def test_an_identified_contact_is_stored_and_forgetting_it_is_accepted(
 
 
 def _commands(stack: Any, key: str) -> list[ContactCommand]:
-    """The contact commands keyed by `key`, read from the start of every partition."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": stack.bootstrap,
-            "group.id": unique("reader"),
-            "enable.auto.commit": False,
-        }
-    )
-    found = []
-    try:
-        topic = CONTACT_COMMANDS.name
-        for partition in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-            consumer.assign([TopicPartition(topic, partition, low)])
-            position = low
-            while position < high:
-                message = consumer.poll(5)
-                if message is None or message.error():
-                    continue
-                position = int(message.offset() or 0) + 1
-                if message.key() == key.encode():
-                    found.append(ContactCommand.model_validate_json(message.value() or b""))
-    finally:
-        consumer.close()
-    return found
+    """The contact commands keyed by `key`, read from the start of every partition to its end
+    (a partition that ends in a transaction marker included)."""
+    return [
+        ContactCommand.model_validate_json(value or b"")
+        for _partition, found, value in read_partitions(stack.bootstrap, CONTACT_COMMANDS.name)
+        if found == key
+    ]
 
 
 def test_the_profile_view_keeps_the_last_profile_and_deletes_on_a_tombstone(
