@@ -4,7 +4,8 @@
 its own throw-away stack (Kafka 29392/29393, FerretDB 37392, the sandbox with SMTP on 21325 and
 its HTTP providers on 28325, dispatcher metrics 29465; state in `.local/bench-dispatch`, wiped at
 the start, stopped at the end) and ONE dispatcher worker (`python -m services.dispatcher`, at most
-C sends in flight: `WAYPOST_MAX_IN_FLIGHT`). No ingest, segmenter or orchestrator: send requests
+C sends in flight: `WAYPOST_MAX_IN_FLIGHT`, which the worker doubles for SMS unless
+`--in-flight-http` says otherwise). No ingest, segmenter or orchestrator: send requests
 go straight onto `waypost.send-requests.v1`, keyed by contact. Every request has its own contact
 (so no frequency cap or per-contact ordering applies) and a message id unique to the run; the
 templates are ready documents in the `templates` collection. Runs: email (SMTP), then SMS
@@ -734,9 +735,18 @@ def store_templates(db: Any) -> None:
 
 
 def in_flight(run: Run, args: argparse.Namespace) -> int:
-    """Sends in flight for the run's channel: the worker's limit for it, and the baseline's."""
+    """Sends in flight for the run's channel: the worker's limit for it (as its settings make
+    it from C and `--in-flight-http`: twice C for SMS when not given), and the baseline's."""
     http: int | None = args.in_flight_http
-    return args.in_flight if run.channel == "email" or http is None else http
+    settings = DispatcherSettings(
+        max_in_flight=args.in_flight, max_in_flight_sms=http, max_in_flight_push=http
+    )
+    return settings.in_flight(run.channel)
+
+
+def in_flight_said(args: argparse.Namespace) -> str:
+    email, sms, push = (in_flight(Run(c, None, 0), args) for c in ("email", "sms", "push"))
+    return f"{email} (SMS {sms}, push {push})"
 
 
 def one_run(bench: stack.Stack, db: Any, run: Run, args: argparse.Namespace) -> RunResult:
@@ -919,7 +929,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--in-flight-http",
         type=int,
         default=None,
-        help="sends in flight for SMS and push, if not C (WAYPOST_MAX_IN_FLIGHT_SMS, _PUSH)",
+        help="sends in flight for SMS and push (WAYPOST_MAX_IN_FLIGHT_SMS, _PUSH); unset, the "
+        "worker's defaults: 2 C for SMS, C for push",
     )
     parser.add_argument("--partitions", type=int, default=6, help="partitions per topic")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per phase")
@@ -936,8 +947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs += [Run("sms", ms, n + 1) for n, ms in enumerate(args.latency_ms)]
     runs += [Run("push", ms, n + 1) for n, ms in enumerate(args.latency_ms)]
     say(
-        f"{args.messages:,} messages per phase, {args.in_flight} in flight"
-        f"{f' ({args.in_flight_http} for SMS and push)' if args.in_flight_http else ''}, runs "
+        f"{args.messages:,} messages per phase, {in_flight_said(args)} in flight, runs "
         f"{', '.join(r.tag for r in runs)}; {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.2f}"
     )
@@ -972,8 +982,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("stopping the bench stack")
         bench.down()
     print(flush=True)
-    http = f" ({args.in_flight_http} for SMS and push)" if args.in_flight_http else ""
-    report(results, args.messages, f"{args.in_flight}{http}")
+    report(results, args.messages, in_flight_said(args))
     found = problems(results, args.messages)
     for line in found:
         say(f"PROBLEM: {line}")

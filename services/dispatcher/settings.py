@@ -22,6 +22,12 @@ class FrequencyCap(BaseModel):
     window: str | None = None
 
 
+# SMS calls in flight by default, per `max_in_flight`: a try holds its slot for the provider's
+# latency plus the round that marks it `sending`, and an SMS that a kill leaves `unknown` is
+# reconciled by asking the provider, so more in flight costs no unknown sends.
+SMS_IN_FLIGHT_FACTOR = 2
+
+
 class DispatcherSettings(StreamSettings):
     # The worker's consumer group, and the prefix of its tables' changelogs.
     app_id: str = "waypost-dispatcher"
@@ -30,8 +36,9 @@ class DispatcherSettings(StreamSettings):
     # the provider's latency plus the round that marks it `sending` (docs/delivery.md). Each
     # channel has slots of its own, so a slow provider never holds back another channel's sends.
     max_in_flight: int = Field(default=64, ge=1)
-    # A channel's own limit (unset: `max_in_flight`). A kill can leave the calls under way
-    # `unknown`; SMS asks its provider about those, the other channels cannot.
+    # A channel's own limit (unset: `max_in_flight`, and twice that for SMS). A kill can leave
+    # the calls under way `unknown`; SMS asks its provider about those, the other channels
+    # cannot, so SMS takes more in flight at no cost in unknown sends (docs/delivery.md).
     max_in_flight_email: int | None = Field(default=None, ge=1)
     max_in_flight_sms: int | None = Field(default=None, ge=1)
     max_in_flight_push: int | None = Field(default=None, ge=1)
@@ -117,7 +124,9 @@ class DispatcherSettings(StreamSettings):
     def in_flight(self, channel: Channel) -> int:
         """The provider calls `channel` may have in flight per worker."""
         own: int | None = getattr(self, f"max_in_flight_{channel}")
-        return self.max_in_flight if own is None else own
+        if own is not None:
+            return own
+        return self.max_in_flight * (SMS_IN_FLIGHT_FACTOR if channel == "sms" else 1)
 
     def secrets(self) -> list[Secret]:
         used = [

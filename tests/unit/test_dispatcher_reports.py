@@ -263,6 +263,14 @@ def test_each_channel_has_its_own_limit_of_calls_in_flight_or_the_common_one() -
     assert DispatcherSettings(max_in_flight_push="").in_flight("push") == 64  # type: ignore[arg-type]
 
 
+def test_sms_takes_twice_the_common_limit_unless_it_has_its_own() -> None:
+    """A kill's unknown SMS are asked about, so SMS may have more calls under way."""
+    assert DispatcherSettings().in_flight("sms") == 128
+    assert DispatcherSettings(max_in_flight=8).in_flight("sms") == 16
+    assert DispatcherSettings(max_in_flight=8, max_in_flight_sms=3).in_flight("sms") == 3
+    assert DispatcherSettings().in_flight("push") == 64
+
+
 async def test_a_channel_whose_slots_are_all_taken_holds_back_no_other_channel(
     tmp_path: Path,
 ) -> None:
