@@ -341,10 +341,10 @@ def run_raw(
 
 # -- phase 2: single calls driven by wrk ---------------------------------------------------------
 
-# POSTs the bodies of a file (one JSON body a line, given as the script's first argument) to
-# /v1/track, round robin, each thread from its own offset; prints one `WRK {json}` line at the end.
-WRK_SCRIPT = """
-local bodies, count, position = {}, 0, 0
+# The parts both wrk scripts share: each thread starts from its own offset in the request file
+# (the script's first argument) and goes round it; one `WRK {json}` line is printed at the end.
+WRK_SETUP = """
+local requests, count, position = {}, 0, 0
 local threads, started = {}, 0
 
 function setup(thread)
@@ -352,23 +352,8 @@ function setup(thread)
   started = started + 1
   table.insert(threads, thread)
 end
-
-function init(args)
-  for line in io.lines(args[1]) do
-    count = count + 1
-    bodies[count] = line
-  end
-  position = (offset * 7919) % count
-  wrk.method = "POST"
-  wrk.headers["Content-Type"] = "application/json"
-  wrk.headers["Authorization"] = args[2]
-end
-
-function request()
-  position = position % count + 1
-  return wrk.format(nil, "/v1/track", nil, bodies[position])
-end
-
+"""
+WRK_DONE = """
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -379,19 +364,34 @@ function done(summary, latency, requests)
 end
 """
 
+# Phase 2: POSTs the bodies of the file (one JSON body a line) to /v1/track.
+WRK_SCRIPT = (
+    WRK_SETUP
+    + """
+function init(args)
+  for line in io.lines(args[1]) do
+    count = count + 1
+    requests[count] = line
+  end
+  position = (offset * 7919) % count
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+  wrk.headers["Authorization"] = args[2]
+end
+
+function request()
+  position = position % count + 1
+  return wrk.format(nil, "/v1/track", nil, requests[position])
+end
+"""
+    + WRK_DONE
+)
 
 # Phase 4: one signed SMS status callback per request, as a provider posts them. Each line of
 # the request file is "path<TAB>X-Twilio-Signature<TAB>form body".
-WRK_CALLBACK_SCRIPT = """
-local requests, count, position = {}, 0, 0
-local threads, started = {}, 0
-
-function setup(thread)
-  thread:set("offset", started)
-  started = started + 1
-  table.insert(threads, thread)
-end
-
+WRK_CALLBACK_SCRIPT = (
+    WRK_SETUP
+    + """
 function init(args)
   for line in io.lines(args[1]) do
     local path, signature, body = line:match("^([^\\t]+)\\t([^\\t]+)\\t(.*)$")
@@ -409,7 +409,9 @@ function request()
   position = position % count + 1
   return requests[position]
 end
-""" + WRK_SCRIPT[WRK_SCRIPT.index("function done") :]
+"""
+    + WRK_DONE
+)
 
 
 def callback_requests(settings: IngestSettings, public_url: str, n: int) -> list[str]:
