@@ -51,8 +51,7 @@ Writes = Callable[[Iterable[Record]], list[tuple[str, Write]]]
 
 class DocumentView:
     """Keeps `collection` in step with `topic`: `writes` turns each batch into one write per
-    document; `indexes` are created once before the first batch. A batch is what arrived within
-    `batch_seconds` (at most `BATCH_RECORDS`)."""
+    document; `indexes` are created once before the first batch."""
 
     def __init__(
         self,
@@ -65,7 +64,6 @@ class DocumentView:
         writes: Writes,
         indexes: Iterable[str] = (),
         name: str = "view",
-        batch_seconds: float = BATCH_SECONDS,
     ) -> None:
         self._settings = settings
         self._collection: AsyncCollection[dict[str, Any]] = database[collection]
@@ -74,7 +72,6 @@ class DocumentView:
         self._writes = writes
         self._indexes = tuple(indexes)
         self._name = name
-        self._batch_seconds = batch_seconds
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the topic until `stop` is set."""
@@ -87,7 +84,7 @@ class DocumentView:
             client_id=self._name,
         )
         try:
-            async for batch in consumer.records(batch=BATCH_RECORDS, timeout=self._batch_seconds):
+            async for batch in consumer.records(batch=BATCH_RECORDS, timeout=BATCH_SECONDS):
                 if batch:
                     write = functools.partial(self._write, self._writes(batch))
                     if not await self._retrying(write, stop):

@@ -43,10 +43,6 @@ GROUP_ID = "waypost-ledger-view"
 # pause between them (doubling).
 REFUSED_TRIES = 5
 REFUSED_RETRY_FIRST = 0.2
-# A batch of the view: what the ledger's changelog brought within this many seconds. A message
-# moves requested → sending → its outcome within a few hundred ms, in separate commits; a batch
-# that holds them all writes the message once (an insert) instead of up to three times.
-BATCH_SECONDS = 1.0
 
 
 def ledger_changelog(app_id: str) -> str:
@@ -104,7 +100,6 @@ def ledger_view(
         writes=ledger_writes,
         indexes=("contact_key",),
         name="ledger_view",
-        batch_seconds=BATCH_SECONDS,
     )
 
 
