@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import shutil
 import signal
@@ -26,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +38,7 @@ from pymongo.errors import PyMongoError
 from shared.docstore import STATEMENTS_PER_COMMAND, bulk_write_unordered, connect
 from shared.settings import CommonSettings
 from tests.conftest import PORT_OFFSET, TEST_HOME, local_stack
+from tests.e2e.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -80,6 +83,28 @@ for step in range(3):
     threading.Thread(target=query, args=(step * 100,), daemon=True).start()
 threading.Event().wait()
 """
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """`pid` runs and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 @dataclass
@@ -297,7 +322,17 @@ async def test_the_document_store_answers_through_abuse(store: local_stack.Stack
             store.wait_mongo()
 
         def kill_postgres() -> None:
+            postmaster = store.pid("postgres")
+            backends = _children(postmaster) if postmaster is not None else []
             store.stop("postgres", signal.SIGKILL)
+            # Its backends leave when they notice, holding the shared memory until then: a
+            # postmaster started before they are gone refuses to start ("pre-existing shared
+            # memory block is still in use"), as an operator restarting it at once would see.
+            wait_for(
+                lambda: not any(_alive(pid) for pid in backends),
+                timeout=60,
+                what="the killed PostgreSQL's backends gone",
+            )
             # Its postmaster.pid stays behind. Make its pid one that a live process now has
             # (as after pid reuse), which on its own would stop PostgreSQL from starting.
             lock = store.home / "data" / "postgres" / "postmaster.pid"
