@@ -28,7 +28,10 @@ SERVERS = ("kafka", "ferretdb")
 STREAM_SERVICES = ("segmenter", "orchestrator", "dispatcher")
 DUMP_SECONDS = 20.0
 # Groups beyond the stream services' readers.
-EXTRA_GROUPS = {"waypost-admin-journey-log": ("waypost.journey-log.v1",)}
+EXTRA_GROUPS = {
+    "waypost-admin-journey-log": ("waypost.journey-log.v1",),
+    "waypost-profile-view": ("waypost.profiles.v1",),
+}
 LOG_TAIL_BYTES = 400_000
 LINES_PER_SERVICE = 8
 LINE_CHARS = 300

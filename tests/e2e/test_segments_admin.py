@@ -5,10 +5,7 @@ profiles into FerretDB, and forgetting a contact."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,10 +14,8 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-from services.segmenter.adapters.profile_view import ProfileView
 from shared.cli import DefinitionError, delete_segment, publish_segments
 from shared.contracts import ContactCommand, Profile, SegmentCount
-from shared.docstore import connect, database
 from shared.settings import CommonSettings
 from shared.topics import CONTACT_COMMANDS, PROFILES, SEGMENT_COUNTS
 from tests.e2e.helpers import post, read_partitions, unique, wait_for
@@ -41,32 +36,6 @@ def _settings(stack: Any) -> CommonSettings:
         mongo_url=stack.mongo_url,
         topic_partitions=stack.partitions,
     )
-
-
-@pytest.fixture(scope="module")
-def profile_view(stack: Any) -> Iterator[None]:
-    """A profile view in this process, in the view's own consumer group (next to the one the
-    segmenter runs, if it does: each partition is written by whichever member owns it)."""
-    settings = _settings(stack)
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-
-    async def follow() -> None:
-        client = connect(settings, "waypost-test-profile-view")
-        try:
-            await ProfileView(settings, database(client, settings)).run(stop)
-        finally:
-            await client.close()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(follow(),), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the profile view did not stop"
-        loop.close()
 
 
 def _segment_file(prefix: str) -> dict[str, Any]:
@@ -305,9 +274,7 @@ def _contact(stack: Any, key: str) -> dict[str, Any] | None:
     return contact
 
 
-def test_an_identified_contact_is_stored_and_forgetting_it_is_accepted(
-    stack: Any, profile_view: None
-) -> None:
+def test_an_identified_contact_is_stored_and_forgetting_it_is_accepted(stack: Any) -> None:
     user = unique("forget-me")
     traits = {"email": f"{user}@example.com", "plan.tier": "gold", "$score": 7}
     assert post(stack, "identify", {"userId": user, "traits": traits}).status_code == 200
@@ -339,9 +306,7 @@ def _commands(stack: Any, key: str) -> list[ContactCommand]:
     ]
 
 
-def test_the_profile_view_keeps_the_last_profile_and_deletes_on_a_tombstone(
-    stack: Any, profile_view: None
-) -> None:
+def test_the_profile_view_keeps_the_last_profile_and_deletes_on_a_tombstone(stack: Any) -> None:
     key = unique("view")
     now = datetime.now(UTC)
     profile = Profile(
@@ -370,7 +335,7 @@ def test_the_profile_view_keeps_the_last_profile_and_deletes_on_a_tombstone(
     wait_for(lambda: _contact(stack, key) is None, what="the tombstone to delete the profile")
 
 
-def test_members_are_sampled_from_the_stored_profiles(stack: Any, profile_view: None) -> None:
+def test_members_are_sampled_from_the_stored_profiles(stack: Any) -> None:
     prefix = _prefix()
     segment = f"{prefix}-browsers"
     assert _admin(stack, "PUT", "/v1/segments", _segment_file(prefix)).status_code == 201
