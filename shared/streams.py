@@ -47,6 +47,7 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 
 from shared.clock import Clock
 from shared.deadletter import through_outages
+from shared.heap import freeze_startup_heap
 from shared.kafka import (
     AsyncProducer,
     ProducerWedged,
@@ -492,6 +493,7 @@ class StreamWorker:
     async def run(self, stop: asyncio.Event) -> None:
         if self.transactional:
             await self._init_transactions()
+        log.info("stream.heap_frozen", objects=freeze_startup_heap())
         consumer = self._subscribe()
         jobs = [asyncio.create_task(self._every(seconds, job)) for seconds, job in self._jobs]
         try:
