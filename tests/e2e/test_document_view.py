@@ -1,26 +1,31 @@
 """A document view (`shared.document_view`) keeps its collection in step with its topic while
-members join and leave its consumer group: every record reaches the store within seconds of
-each rebalance, on the real broker and document server."""
+members join and leave its consumer group, and while one is stopped past its session and comes
+back: every record reaches the store within seconds, on the real broker and document server."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-from pymongo import MongoClient, ReplaceOne
+from pymongo import MongoClient
+from pymongo.collection import Collection
 
 from shared.docstore import connect, database
-from shared.document_view import DocumentView, Write
-from shared.kafka import Record
 from shared.settings import CommonSettings
+from tests.conftest import ROOT
 from tests.e2e.helpers import unique, wait_for
+from tests.e2e.view_member import view
 
 pytestmark = pytest.mark.e2e
 
@@ -30,25 +35,19 @@ PARTITIONS = 3
 CATCH_UP_SECONDS = 25.0
 # Joins and leaves per run (more to hunt a rare race locally).
 ROUNDS = int(os.environ.get("WAYPOST_TEST_VIEW_ROUNDS", "4"))
+# Past the consumers' 10 s session: the group moves a stopped member's partitions on.
+STOPPED_SECONDS = 14.0
 
 
-def _writes(batch: Iterable[Record]) -> list[tuple[str, Write]]:
-    latest = {record.key: record.value.decode() for record in batch if record.key is not None}
-    return [
-        (key, ReplaceOne({"_id": key}, {"_id": key, "value": value}, upsert=True))
-        for key, value in latest.items()
-    ]
-
-
-class ViewMember:
-    """One member of the view's group, on a thread and event loop of its own (as a service
-    runs it)."""
+class ViewThread:
+    """One member of the view's group in this process, on a thread and event loop of its own
+    (as a service runs it)."""
 
     def __init__(self, settings: CommonSettings, topic: str, collection: str, group: str):
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
         self._settings = settings
-        self._topic, self._collection, self._group = topic, collection, group
+        self._names = (topic, collection, group)
         self._thread = threading.Thread(
             target=self._loop.run_until_complete, args=(self._follow(),), daemon=True
         )
@@ -57,16 +56,9 @@ class ViewMember:
     async def _follow(self) -> None:
         client = connect(self._settings, "waypost-test-document-view")
         try:
-            view = DocumentView(
-                self._settings,
-                database(client, self._settings),
-                topic=self._topic,
-                collection=self._collection,
-                group_id=self._group,
-                writes=_writes,
-                name="test_view",
+            await view(self._settings, database(client, self._settings), *self._names).run(
+                self._stop
             )
-            await view.run(self._stop)
         finally:
             await client.close()
 
@@ -77,55 +69,139 @@ class ViewMember:
         self._loop.close()
 
 
-def test_every_record_reaches_the_store_while_members_join_and_leave(stack: Any) -> None:
-    settings = CommonSettings(
-        kafka_bootstrap=stack.bootstrap,
-        mongo_url=stack.mongo_url,
-        topic_partitions=stack.partitions,
-    )
-    topic, group = unique("waypost.test-view"), unique("waypost-test-view")
-    collection = topic.replace(".", "_")
-    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
-    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(timeout=30)
-    producer = Producer({"bootstrap.servers": stack.bootstrap, "enable.idempotence": True})
-    client: MongoClient[dict[str, Any]] = MongoClient(stack.mongo_url)
-    store = client[settings.mongo_db][collection]
-    sent: dict[str, str] = {}
+class ViewProcess:
+    """One member of the view's group as a process (`tests.e2e.view_member`)."""
 
-    def produce(round_: int, count: int) -> None:
+    def __init__(self, stack: Any, names: tuple[str, str, str], log: Path) -> None:
+        env = {
+            **os.environ,
+            "WAYPOST_KAFKA_BOOTSTRAP": stack.bootstrap,
+            "WAYPOST_MONGO_URL": stack.mongo_url,
+        }
+        self.log = log
+        with log.open("wb") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.e2e.view_member", *names],
+                cwd=ROOT,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+class Fixture:
+    """A topic of its own, a producer, and the collection its view writes."""
+
+    def __init__(self, stack: Any) -> None:
+        self.settings = CommonSettings(
+            kafka_bootstrap=stack.bootstrap,
+            mongo_url=stack.mongo_url,
+            topic_partitions=stack.partitions,
+        )
+        self.topic, self.group = unique("waypost.test-view"), unique("waypost-test-view")
+        self.collection = self.topic.replace(".", "_")
+        self.admin = AdminClient({"bootstrap.servers": stack.bootstrap})
+        self.admin.create_topics([NewTopic(self.topic, PARTITIONS, 1)])[self.topic].result(30)
+        self.producer = Producer({"bootstrap.servers": stack.bootstrap, "enable.idempotence": True})
+        self.client: MongoClient[dict[str, Any]] = MongoClient(stack.mongo_url)
+        self.store: Collection[dict[str, Any]] = self.client[self.settings.mongo_db][
+            self.collection
+        ]
+        self.sent: dict[str, str] = {}
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        return self.topic, self.collection, self.group
+
+    def produce(self, round_: int, count: int) -> None:
         for n in range(count):
-            key = f"k{n % 60}"
-            value = f"{round_}-{n}"
-            sent[key] = value
-            producer.produce(topic, key=key, value=value)
-        assert producer.flush(10) == 0
+            key, value = f"k{n % 60}", f"{round_}-{n}"
+            self.sent[key] = value
+            self.producer.produce(self.topic, key=key, value=value)
+        assert self.producer.flush(10) == 0
 
-    def stored_all() -> bool:
-        found = {doc["_id"]: doc["value"] for doc in store.find({})}
-        return found == sent
+    def missing(self) -> dict[str, str]:
+        found = {doc["_id"]: doc["value"] for doc in self.store.find({})}
+        return {k: v for k, v in self.sent.items() if found.get(k) != v}
 
-    members = [ViewMember(settings, topic, collection, group)]
+    def wait_stored(self, what: str) -> None:
+        try:
+            wait_for(lambda: not self.missing(), timeout=CATCH_UP_SECONDS, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; not stored: {sorted(self.missing())[:10]}") from None
+
+    def close(self) -> None:
+        self.admin.delete_topics([self.topic])
+        self.store.drop()
+        self.client.close()
+
+
+@pytest.fixture
+def view_topic(stack: Any) -> Iterator[Fixture]:
+    fixture = Fixture(stack)
     try:
-        produce(0, 120)
-        wait_for(stored_all, timeout=CATCH_UP_SECONDS, what="the first records stored")
+        yield fixture
+    finally:
+        fixture.close()
+
+
+def test_every_record_reaches_the_store_while_members_join_and_leave(
+    view_topic: Fixture,
+) -> None:
+    it = view_topic
+    members = [ViewThread(it.settings, *it.names)]
+    try:
+        it.produce(0, 120)
+        it.wait_stored("the first records stored")
         for round_ in range(1, ROUNDS + 1):
             # Join or leave while records keep coming, so commits race the rebalance.
-            produce(round_, 60)
+            it.produce(round_, 60)
             if round_ % 2:
-                members.append(ViewMember(settings, topic, collection, group))
+                members.append(ViewThread(it.settings, *it.names))
             else:
                 members.pop().stop()
             for burst in range(5):
-                produce(round_ * 10 + burst, 60)
+                it.produce(round_ * 10 + burst, 60)
                 time.sleep(0.3)  # records spread over the rebalance, not a test's wait
-            wait_for(
-                stored_all,
-                timeout=CATCH_UP_SECONDS,
-                what=f"every record stored after rebalance {round_} ({len(members)} members)",
-            )
+            it.wait_stored(f"every record stored after rebalance {round_} ({len(members)} members)")
     finally:
         for member in members:
             member.stop()
-        admin.delete_topics([topic])
-        store.drop()
-        client.close()
+
+
+def test_every_record_reaches_the_store_after_a_member_stopped_past_its_session(
+    stack: Any, view_topic: Fixture, tmp_path: Path
+) -> None:
+    it = view_topic
+    one = ViewProcess(stack, it.names, tmp_path / "one.log")
+    two = ViewProcess(stack, it.names, tmp_path / "two.log")
+    try:
+        it.produce(0, 120)
+        it.wait_stored("the first records stored by two members")
+        for round_ in (1, 2):
+            # Stopped with records coming: its partitions move to the other member, its last
+            # commits are refused, and it comes back to a group that moved on.
+            one.process.send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + STOPPED_SECONDS
+            burst = 0
+            while time.monotonic() < deadline:
+                it.produce(round_ * 100 + burst, 60)
+                burst += 1
+                time.sleep(0.5)  # records spread over the stop, not a test's wait
+            one.process.send_signal(signal.SIGCONT)
+            for more in range(6):
+                it.produce(round_ * 100 + 50 + more, 60)
+                time.sleep(0.5)  # records spread over the return, not a test's wait
+            it.wait_stored(f"every record stored after stop {round_}")
+    finally:
+        for member in (one, two):
+            member.stop()
