@@ -493,7 +493,6 @@ class StreamWorker:
     async def run(self, stop: asyncio.Event) -> None:
         if self.transactional:
             await self._init_transactions()
-        log.info("stream.heap_frozen", objects=freeze_startup_heap())
         consumer = self._subscribe()
         jobs = [asyncio.create_task(self._every(seconds, job)) for seconds, job in self._jobs]
         try:
@@ -1053,6 +1052,7 @@ def run_stream_worker(worker: StreamWorker) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        log.info("stream.heap_frozen", objects=freeze_startup_heap())
         await worker.run(stop)
 
     asyncio.run(main())

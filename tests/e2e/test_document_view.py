@@ -5,6 +5,7 @@ back: every record reaches the store within seconds, on the real broker and docu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -35,15 +36,16 @@ PARTITIONS = 3
 CATCH_UP_SECONDS = 25.0
 # Joins and leaves per run (more to hunt a rare race locally).
 ROUNDS = int(os.environ.get("WAYPOST_TEST_VIEW_ROUNDS", "4"))
-# Past the consumers' 10 s session: the group moves a stopped member's partitions on.
-STOPPED_SECONDS = 14.0
+# How long members may take to start and settle in their group (processes start, import and
+# join on a machine shared with other test modules).
+SETTLE_SECONDS = 120.0
 
 
 class ViewThread:
     """One member of the view's group in this process, on a thread and event loop of its own
     (as a service runs it)."""
 
-    def __init__(self, settings: CommonSettings, topic: str, collection: str, group: str):
+    def __init__(self, settings: CommonSettings, topic: str, collection: str, group: str) -> None:
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
         self._settings = settings
@@ -88,14 +90,23 @@ class ViewProcess:
                 stderr=subprocess.STDOUT,
             )
 
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
-        self.process.terminate()
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
+
+    def stop(self) -> int:
+        """Stop it (SIGTERM); its exit code, 0 when it stopped as asked."""
+        if self.alive():
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
         try:
-            self.process.wait(timeout=30)
+            return self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)
+            return -1
 
 
 class Fixture:
@@ -127,7 +138,7 @@ class Fixture:
             key, value = f"k{n % 60}", f"{round_}-{n}"
             self.sent[key] = value
             self.producer.produce(self.topic, key=key, value=value)
-        assert self.producer.flush(10) == 0
+        assert self.producer.flush(30) == 0
 
     def missing(self) -> dict[str, str]:
         found = {doc["_id"]: doc["value"] for doc in self.store.find({})}
@@ -139,10 +150,25 @@ class Fixture:
         except AssertionError as exc:
             raise AssertionError(f"{exc}; not stored: {sorted(self.missing())[:10]}") from None
 
+    def members(self) -> list[int]:
+        """The partitions each member of the view's group holds, as the coordinator says."""
+        described = self.admin.describe_consumer_groups([self.group])[self.group].result(30)
+        return sorted(len(m.assignment.topic_partitions) for m in described.members)
+
+    def wait_members(self, count: int, what: str) -> None:
+        """Until the group has `count` members, each holding a partition (3 partitions)."""
+        wait_for(
+            lambda: (held := self.members()) and len(held) == count and min(held) > 0,
+            timeout=SETTLE_SECONDS,
+            what=f"{what}: {count} members holding partitions",
+        )
+
     def close(self) -> None:
-        self.admin.delete_topics([self.topic])
-        self.store.drop()
-        self.client.close()
+        try:
+            self.admin.delete_topics([self.topic])
+            self.store.drop()
+        finally:
+            self.client.close()
 
 
 @pytest.fixture
@@ -161,6 +187,7 @@ def test_every_record_reaches_the_store_while_members_join_and_leave(
     members = [ViewThread(it.settings, *it.names)]
     try:
         it.produce(0, 120)
+        it.wait_members(1, "the first member")
         it.wait_stored("the first records stored")
         for round_ in range(1, ROUNDS + 1):
             # Join or leave while records keep coming, so commits race the rebalance.
@@ -172,36 +199,47 @@ def test_every_record_reaches_the_store_while_members_join_and_leave(
             for burst in range(5):
                 it.produce(round_ * 10 + burst, 60)
                 time.sleep(0.3)  # records spread over the rebalance, not a test's wait
+            it.wait_members(len(members), f"rebalance {round_}")
+            it.produce(round_ * 10 + 5, 60)
             it.wait_stored(f"every record stored after rebalance {round_} ({len(members)} members)")
     finally:
         for member in members:
-            member.stop()
+            with contextlib.suppress(AssertionError):
+                member.stop()
 
 
 def test_every_record_reaches_the_store_after_a_member_stopped_past_its_session(
     stack: Any, view_topic: Fixture, tmp_path: Path
 ) -> None:
     it = view_topic
-    one = ViewProcess(stack, it.names, tmp_path / "one.log")
-    two = ViewProcess(stack, it.names, tmp_path / "two.log")
+    members: list[ViewProcess] = []
     try:
+        members.append(ViewProcess(stack, it.names, tmp_path / "one.log"))
+        members.append(ViewProcess(stack, it.names, tmp_path / "two.log"))
+        one, two = members
         it.produce(0, 120)
+        it.wait_members(2, "both members")
         it.wait_stored("the first records stored by two members")
         for round_ in (1, 2):
-            # Stopped with records coming: its partitions move to the other member, its last
-            # commits are refused, and it comes back to a group that moved on.
+            # Stopped with records coming: past its session its partitions move to the other
+            # member, its last commits are refused, and it comes back to a group that moved on.
             one.process.send_signal(signal.SIGSTOP)
-            deadline = time.monotonic() + STOPPED_SECONDS
             burst = 0
-            while time.monotonic() < deadline:
-                it.produce(round_ * 100 + burst, 60)
+
+            def evicted(round_: int = round_) -> bool:
+                nonlocal burst
+                it.produce(round_ * 1000 + burst, 60)
                 burst += 1
-                time.sleep(0.5)  # records spread over the stop, not a test's wait
+                return it.members() == [3]
+
+            wait_for(evicted, timeout=SETTLE_SECONDS, what=f"stop {round_}: the group without it")
             one.process.send_signal(signal.SIGCONT)
-            for more in range(6):
-                it.produce(round_ * 100 + 50 + more, 60)
-                time.sleep(0.5)  # records spread over the return, not a test's wait
+            it.produce(round_ * 1000 + 999, 60)
+            it.wait_members(2, f"stop {round_}: back in the group")
+            it.produce(round_ * 1000 + 998, 60)
+            assert one.alive(), f"the stopped member died:\n{one.tail()}"
+            assert two.alive(), f"the other member died:\n{two.tail()}"
             it.wait_stored(f"every record stored after stop {round_}")
     finally:
-        for member in (one, two):
-            member.stop()
+        codes = [member.stop() for member in members]
+    assert codes == [0, 0], f"members ended with {codes}"

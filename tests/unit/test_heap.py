@@ -11,6 +11,10 @@ import pytest
 from shared.heap import freeze_startup_heap
 
 
+class _Node:
+    me: object = None
+
+
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
     gc.unfreeze()
@@ -18,23 +22,36 @@ def unfrozen() -> Iterator[None]:
     gc.unfreeze()
 
 
+def _tracked_ids() -> set[int]:
+    return {id(o) for generation in range(3) for o in gc.get_objects(generation)}
+
+
 def test_objects_alive_at_start_up_are_frozen_and_garbage_is_not(unfrozen: None) -> None:
-    kept = [{"row": n} for n in range(1000)]
+    kept = [_Node() for _ in range(1000)]
+    assert all(gc.is_tracked(node) for node in kept)
+    assert {id(node) for node in kept} <= _tracked_ids()
     cycle = _Node()
     cycle.me = cycle  # garbage only a collection frees
     gone = weakref.ref(cycle)
     del cycle
+    before = gc.get_freeze_count()
 
     frozen = freeze_startup_heap()
 
-    assert frozen == gc.get_freeze_count()
-    assert frozen >= len(kept)
     # What lived at start-up is out of every generation the collector walks...
-    tracked = {id(o) for generation in range(3) for o in gc.get_objects(generation)}
-    assert id(kept[0]) not in tracked
+    assert frozen >= before + len(kept)
+    assert not {id(node) for node in kept} & _tracked_ids()
     # ...and what start-up left as cyclic garbage was collected first, not frozen with it.
     assert gone() is None
 
 
-class _Node:
-    me: object = None
+def test_objects_made_after_start_up_stay_collectable(unfrozen: None) -> None:
+    freeze_startup_heap()
+    later = _Node()
+    later.me = later
+    gone = weakref.ref(later)
+    del later
+
+    gc.collect()
+
+    assert gone() is None
