@@ -160,6 +160,14 @@ class Pages:
                     raise
         return str(self.driver.find_element(By.CSS_SELECTOR, css).text)
 
+    def shown(self, css: str) -> str:
+        """The element's text, or "" while the page does not hold it (for waits after a click:
+        the answer may still be loading, with no such element yet)."""
+        try:
+            return self.text(css)
+        except NoSuchElementException:
+            return ""
+
     def number(self, css: str) -> int:
         return int(self.text(css) or 0)
 
@@ -210,7 +218,7 @@ def _dead_letter_replayed_from_the_page(stack: Any, pages: Pages) -> None:
     row.find_element(By.CSS_SELECTOR, "input[name=position]").click()
     pages.shot("08-dead-letters")
     pages.driver.find_element(By.ID, "replay").click()
-    wait_for(lambda: "Replayed 1 record" in pages.text("main"), timeout=60, what="the replay")
+    wait_for(lambda: "Replayed 1 record" in pages.shown("main"), timeout=60, what="the replay")
     replayed = wait_for(
         lambda: [v for k, v in read_topic(stack.bootstrap, scratch) if k == key],
         timeout=60,
@@ -446,7 +454,7 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
 
     save(written.replace(f"template: {template}", "template: no-such-template", 1))
     problems = wait_for(
-        lambda: pages.has("#draft-problems") and pages.text("#draft-problems"),
+        lambda: pages.shown("#draft-problems"),
         timeout=30,
         what="the draft's problems",
     )
@@ -502,7 +510,7 @@ def test_a_marketer_watches_a_journey_and_a_segment_move_and_pauses_the_journey(
     # Paused from the journey's page, through the same API route, and audited under the key.
     pages.open(f"/journeys/{journey}")
     browser.find_element(By.ID, "pause").click()
-    wait_for(lambda: pages.text("#journey-status") == "paused", timeout=30, what="paused")
+    wait_for(lambda: pages.shown("#journey-status") == "paused", timeout=30, what="paused")
     assert pages.has("#resume")
     pages.shot("13-journey-paused")
     assert _newest_status(ui_admin, api, journey) == "paused"
