@@ -20,7 +20,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from shared.topics import READERS
+from services.segmenter.adapters.profile_view import GROUP_ID as PROFILE_VIEW_GROUP
+from shared.topics import PROFILES, READERS
 
 SERVICES = ("ingest", "segmenter", "orchestrator", "dispatcher", "admin")
 SERVERS = ("kafka", "ferretdb")
@@ -30,7 +31,7 @@ DUMP_SECONDS = 20.0
 # Groups beyond the stream services' readers.
 EXTRA_GROUPS = {
     "waypost-admin-journey-log": ("waypost.journey-log.v1",),
-    "waypost-profile-view": ("waypost.profiles.v1",),
+    PROFILE_VIEW_GROUP: (PROFILES.name,),
 }
 LOG_TAIL_BYTES = 400_000
 LINES_PER_SERVICE = 8
