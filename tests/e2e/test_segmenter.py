@@ -79,11 +79,22 @@ def counts(stack: Any) -> dict[str, int]:
 
 
 def wait_count(stack: Any, segment: str, expected: int, timeout: float = 90.0) -> None:
-    wait_for(
-        lambda: counts(stack).get(segment, -1) == expected,
-        timeout=timeout,
-        what=f"{segment} to count {expected} (now {counts(stack).get(segment)})",
-    )
+    last: list[int | None] = [None]
+
+    def reached() -> bool:
+        last[0] = counts(stack).get(segment)
+        return last[0] == expected
+
+    try:
+        wait_for(reached, timeout=timeout, what=f"{segment} to count {expected}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} (it counts {last[0]})") from None
+
+
+def only(tag: str) -> dict[str, str]:
+    """An aggregate's `where` that takes only the events of one test (`properties.run` = tag):
+    other tests, running beside it, post the same event names for contacts of their own."""
+    return {"run": tag}
 
 
 def profiles(stack: Any) -> dict[str, Profile | None]:
@@ -131,9 +142,15 @@ def test_s11_count_follows_events_and_slides_with_time_alone(stack: Any) -> None
         [
             # Windows long enough that a loaded machine still sees the buyer in the segment
             # before time takes them out.
-            {"id": views, "event": "Product Viewed", "window": "45s"},
-            {"id": orders, "event": "Order Completed", "window": "45s"},
-            {"id": value, "event": "Order Completed", "function": "sum", "property": "total"},
+            {"id": views, "event": "Product Viewed", "window": "45s", "where": only(tag)},
+            {"id": orders, "event": "Order Completed", "window": "45s", "where": only(tag)},
+            {
+                "id": value,
+                "event": "Order Completed",
+                "function": "sum",
+                "property": "total",
+                "where": only(tag),
+            },
         ],
         [
             {
@@ -157,11 +174,14 @@ def test_s11_count_follows_events_and_slides_with_time_alone(stack: Any) -> None
             "userId": buyer,
             "event": "Order Completed",
             "timestamp": long_ago,
-            "properties": {"total": 150},
+            "properties": {"total": 150, "run": tag},
         },
     )
     for user in (buyer, buyer, browser, browser):
-        track(stack, {"userId": user, "event": "Product Viewed", "properties": {"sku": "p-1"}})
+        track(
+            stack,
+            {"userId": user, "event": "Product Viewed", "properties": {"sku": "p-1", "run": tag}},
+        )
     # The buyer: two views, no order in the window, lifetime value 150. The browser has no value.
     wait_count(stack, segment, 1)
     assert membership_events(stack, buyer, tag) == [(SEGMENT_ENTERED, segment)]
@@ -187,8 +207,8 @@ def test_s9_a_last_order_older_than_the_threshold_enters_without_a_new_event(sta
     publish_segments(
         stack,
         [
-            {"id": total, "event": "Order Completed"},
-            {"id": last, "event": "Order Completed", "function": "last_at"},
+            {"id": total, "event": "Order Completed", "where": only(tag)},
+            {"id": last, "event": "Order Completed", "function": "last_at", "where": only(tag)},
         ],
         [
             {
@@ -206,13 +226,19 @@ def test_s9_a_last_order_older_than_the_threshold_enters_without_a_new_event(sta
     )
     wait_count(stack, segment, 0)
     customer = unique("customer")
-    track(stack, {"userId": customer, "event": "Order Completed", "properties": {"total": 40}})
+    track(
+        stack,
+        {"userId": customer, "event": "Order Completed", "properties": {"total": 40, "run": tag}},
+    )
     wait_for(lambda: profile(stack, customer), what="the customer's profile")
     assert counts(stack).get(segment) == 0
     wait_count(stack, segment, 1, timeout=120)
     assert membership_events(stack, customer, tag) == [(SEGMENT_ENTERED, segment)]
     # A new order takes the customer out at once; time brings them back.
-    track(stack, {"userId": customer, "event": "Order Completed", "properties": {"total": 10}})
+    track(
+        stack,
+        {"userId": customer, "event": "Order Completed", "properties": {"total": 10, "run": tag}},
+    )
     wait_count(stack, segment, 0)
     wait_count(stack, segment, 1, timeout=120)
 
@@ -222,7 +248,7 @@ def test_anonymous_browsing_then_sign_up_is_one_contact_with_merged_counts(stack
     views = f"{tag}-views"
     publish_segments(
         stack,
-        [{"id": views, "event": "Product Viewed", "window": "1d"}],
+        [{"id": views, "event": "Product Viewed", "window": "1d", "where": only(tag)}],
         [
             {
                 "id": f"{tag}-seg",
@@ -234,7 +260,12 @@ def test_anonymous_browsing_then_sign_up_is_one_contact_with_merged_counts(stack
     anonymous, user = unique("anon"), unique("user")
     for sku in ("a", "b"):
         track(
-            stack, {"anonymousId": anonymous, "event": "Product Viewed", "properties": {"sku": sku}}
+            stack,
+            {
+                "anonymousId": anonymous,
+                "event": "Product Viewed",
+                "properties": {"sku": sku, "run": tag},
+            },
         )
     wait_for(lambda: profile(stack, anonymous), what="the anonymous profile")
     answer = post(
@@ -253,7 +284,14 @@ def test_anonymous_browsing_then_sign_up_is_one_contact_with_merged_counts(stack
     assert known.event_counts["Product Viewed"] == 2
     wait_for(lambda: profile(stack, anonymous) is None, what="the anonymous profile's tombstone")
     # Later anonymous events (an old tab, a cached page) route to the known contact.
-    track(stack, {"anonymousId": anonymous, "event": "Product Viewed", "properties": {"sku": "c"}})
+    track(
+        stack,
+        {
+            "anonymousId": anonymous,
+            "event": "Product Viewed",
+            "properties": {"sku": "c", "run": tag},
+        },
+    )
     wait_count(stack, f"{tag}-seg", 1)
     final = profile(stack, user)
     assert final is not None
