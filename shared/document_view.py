@@ -4,8 +4,17 @@ The segmenter keeps `profiles` this way (from `waypost.profiles.v1`) and the dis
 `messages` (from its ledger table's changelog). A view is a consumer group of its own, so it
 keeps up independently of the workers, and no worker's hot path waits on the store. Offsets are
 committed only after a batch's writes succeeded, so a crash repeats writes at worst, and writes
-are idempotent (whole documents by `_id`). A service runs its view on a thread and event loop of
-its own (`run_view_thread`), so the view never takes time from the worker's loop.
+are idempotent (whole documents by `_id`).
+
+A versioned view (`version`: a field every document carries, growing with each change of it)
+never puts an older document over a newer one: a member that was paused with a batch in hand
+while its partitions moved on, and writes it late, leaves the newer documents as they are. Its
+documents come as `InsertOne`s and are each written only over a lower version
+(`shared.docstore.replace_unless_newer`); one stored at the same version or a higher one is
+refused as a duplicate key, which means there is nothing to do.
+
+A service runs its view on a thread and event loop of its own (`run_view_thread`), so the view
+never takes time from the worker's loop.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from shared.docstore import bulk_write_unordered, connect, database
+from shared.docstore import bulk_write_unordered, connect, database, replace_unless_newer
 from shared.kafka import ConsumerLoop, Record
 from shared.settings import CommonSettings
 
@@ -43,6 +52,12 @@ RETRY_MAX = 5.0
 RESTART_SECONDS = 5.0
 
 DUPLICATE_KEY = 11000
+# Tries of a versioned document the store refused for another reason than holding it already,
+# and the first pause between them (doubling).
+REFUSED_TRIES = 5
+REFUSED_RETRY_FIRST = 0.2
+# The version documents stored before their view was versioned are given: any version replaces.
+UNVERSIONED = -1
 
 Write = ReplaceOne[dict[str, Any]] | DeleteOne | InsertOne[dict[str, Any]]
 # A batch of records as writes, one per document key (the batch's last word on it).
@@ -64,6 +79,7 @@ class DocumentView:
         writes: Writes,
         indexes: Iterable[str] = (),
         name: str = "view",
+        version: str | None = None,
     ) -> None:
         self._settings = settings
         self._collection: AsyncCollection[dict[str, Any]] = database[collection]
@@ -72,6 +88,7 @@ class DocumentView:
         self._writes = writes
         self._indexes = tuple(indexes)
         self._name = name
+        self._version = version
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the topic until `stop` is set."""
@@ -100,9 +117,53 @@ class DocumentView:
     async def _create_indexes(self) -> None:
         for field in self._indexes:
             await self._collection.create_index(field)
+        if self._version is not None:
+            await self._collection.update_many(
+                {self._version: {"$exists": False}}, {"$set": {self._version: UNVERSIONED}}
+            )
 
     async def _write(self, writes: list[tuple[str, Write]]) -> None:
-        await self._bulk([w for _key, w in writes], keys=[key for key, _w in writes])
+        if self._version is None:
+            await self._bulk([w for _key, w in writes], keys=[key for key, _w in writes])
+            return
+        await self._bulk(
+            [w for _k, w in writes if not isinstance(w, InsertOne)],
+            keys=[k for k, w in writes if not isinstance(w, InsertOne)],
+        )
+        await self._write_versioned(
+            [(key, w._doc) for key, w in writes if isinstance(w, InsertOne)], self._version
+        )
+
+    async def _write_versioned(
+        self, entries: list[tuple[str, dict[str, Any]]], version: str
+    ) -> None:
+        """Each document inserted, or put over a lower version of itself. A duplicate key means
+        the store holds this version or a later one: nothing to do. Any other refusal of one
+        document (the store busy, a statement it gave up on) is tried again, that document
+        alone, a few times with a pause: a view that skipped it would show an older state for
+        good, since no later record of it may come."""
+        delay = REFUSED_RETRY_FIRST
+        for attempt in range(1, REFUSED_TRIES + 1):
+            if not entries:
+                return
+            documents = [doc for _k, doc in entries]
+            refused = await replace_unless_newer(self._collection, documents, version)
+            errors = [e for e in refused if e.get("code") != DUPLICATE_KEY]
+            if not errors:
+                return
+            entries = [entries[e["index"]] for e in errors]
+            if attempt == REFUSED_TRIES:
+                for (key, _doc), error in zip(entries, errors, strict=True):
+                    log.error(f"{self._name}.document_refused", key=key, error=error.get("errmsg"))
+                return
+            log.warning(
+                f"{self._name}.documents_refused_retrying",
+                documents=len(entries),
+                error=errors[0].get("errmsg"),
+                retry_in=delay,
+            )
+            await asyncio.sleep(delay)
+            delay *= 2
 
     async def _bulk(
         self,

@@ -30,6 +30,10 @@ __all__ = ["ATTRIBUTE_CHANGED", "CONTACT_FORGOTTEN", "TAG_ADDED", "TAG_REMOVED"]
 # Message ids remembered per contact for de-duplication; bounded so a profile stays small.
 RECENT_MESSAGE_IDS = 256
 
+# The profile view's field beside a stored profile's own (the `profiles` collection): the offset
+# of the record of `waypost.profiles.v1` it was written from.
+STORED_OFFSET = "topic_offset"
+
 
 @dataclass(frozen=True)
 class ProfileLimits:

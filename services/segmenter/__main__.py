@@ -7,7 +7,7 @@ from datetime import timedelta
 import structlog
 
 from services.segmenter.adapters.definitions import LiveDefinitions
-from services.segmenter.adapters.profile_view import ProfileView
+from services.segmenter.adapters.profile_view import profile_view
 from services.segmenter.adapters.relations import RelationIndex
 from services.segmenter.app import Segmenter
 from services.segmenter.domain.relations import longest_within
@@ -50,7 +50,9 @@ def main() -> None:
     )
     prepare_topics(settings, worker.changelogs())
     definitions.start()
-    stop_view = run_view_thread(settings, "waypost-segmenter", lambda db: ProfileView(settings, db))
+    stop_view = run_view_thread(
+        settings, "waypost-segmenter", lambda db: profile_view(settings, db)
+    )
     try:
         run_stream_worker(worker)
     finally:

@@ -12,6 +12,7 @@ from typing import Any
 from shared.channels import ConsentScope
 from shared.contracts import ContactCommand, Event, SegmentCount
 from shared.ids import stable_id
+from shared.profiles import STORED_OFFSET
 from shared.segment_checks import aggregates_read, segments_read
 from shared.segments import PublishedAggregate, PublishedSegment
 from shared.system_events import SUBSCRIBED, UNSUBSCRIBED
@@ -114,8 +115,12 @@ _UNESCAPES = (("%2E", "."), ("%24", "$"), ("%00", "\x00"), ("%25", "%"))
 
 def contact_view(document: Mapping[str, Any]) -> dict[str, Any]:
     """A stored profile document as the API shows it: the contact key, the fields, keys as the
-    contact's data named them."""
-    fields = {name: _unescaped(value) for name, value in document.items() if name != "_id"}
+    contact's data named them (the view's own bookkeeping left out)."""
+    fields = {
+        name: _unescaped(value)
+        for name, value in document.items()
+        if name not in ("_id", STORED_OFFSET)
+    }
     return {"contact_key": document["_id"], **fields}
 
 

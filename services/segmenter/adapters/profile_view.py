@@ -5,6 +5,12 @@ The segmenter process runs it next to its stream worker, on a thread and event l
 (`shared.document_view.run_view_thread`), and stops it on shutdown. It is a consumer group of
 its own (`waypost-profile-view`), so it keeps up independently of the workers and several
 segmenter processes share its partitions.
+
+The view is versioned by the record's offset (`shared.document_view`): a member that was paused
+with a batch in hand while its partitions moved on writes no older profile over one the new
+owner wrote. A tombstone deletes the document, keeping nothing of the key (docs/erasure.md); a
+late batch can therefore still write a profile back after its tombstone (docs/segments.md, "The
+profiles collection").
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ from typing import Any
 
 import structlog
 from pydantic import ValidationError
-from pymongo import DeleteOne, ReplaceOne
+from pymongo import DeleteOne, InsertOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from shared.contracts import Profile
 from shared.document_view import DocumentView, Write
 from shared.kafka import Record
+from shared.profiles import STORED_OFFSET
 from shared.settings import CommonSettings
 from shared.topics import PROFILES
 
@@ -31,15 +38,15 @@ GROUP_ID = "waypost-profile-view"
 NOT_STORED = frozenset({"recent_message_ids"})
 
 
-def ProfileView(
+def profile_view(
     settings: CommonSettings,
     database: AsyncDatabase[dict[str, Any]],
     *,
     group_id: str = GROUP_ID,
 ) -> DocumentView:
     """One document per contact (`_id` = contact key) in step with the profiles topic; a
-    tombstone (the contact was forgotten) deletes it. Segment member samples look profiles up
-    by segment id, hence the index."""
+    tombstone (the contact was forgotten, or merged away) deletes it. Segment member samples
+    look profiles up by segment id, hence the index."""
     return DocumentView(
         settings,
         database,
@@ -49,21 +56,23 @@ def ProfileView(
         writes=profile_writes,
         indexes=("segments",),
         name="profile_view",
+        version=STORED_OFFSET,
     )
 
 
 def profile_writes(batch: Iterable[Record]) -> list[tuple[str, Write]]:
-    """One write per contact key: the batch's last profile of it, or a delete for a tombstone."""
-    latest: dict[str, Profile | None] = {}
+    """One write per contact key, the batch's last word on it: its profile, with its record's
+    offset, or a delete for a tombstone."""
+    latest: dict[str, tuple[int, Profile | None]] = {}
     for record in batch:
         if record.key is None:
             log.error("profile_view.record_without_key", offset=record.offset)
             continue
         if not record.value:
-            latest[record.key] = None
+            latest[record.key] = (record.offset, None)
             continue
         try:
-            latest[record.key] = Profile.model_validate_json(record.value)
+            latest[record.key] = (record.offset, Profile.model_validate_json(record.value))
         except ValidationError as exc:
             log.error(
                 "profile_view.undecodable",
@@ -72,15 +81,14 @@ def profile_writes(batch: Iterable[Record]) -> list[tuple[str, Write]]:
                 offset=record.offset,
                 error=str(exc),
             )
-    return [
-        (
-            key,
-            DeleteOne({"_id": key})
-            if profile is None
-            else ReplaceOne({"_id": key}, profile_document(profile), upsert=True),
-        )
-        for key, profile in latest.items()
-    ]
+    writes: list[tuple[str, Write]] = []
+    for key, (offset, profile) in latest.items():
+        if profile is None:
+            writes.append((key, DeleteOne({"_id": key})))
+            continue
+        document = {**profile_document(profile), "_id": key, STORED_OFFSET: offset}
+        writes.append((key, InsertOne(document)))
+    return writes
 
 
 def profile_document(profile: Profile) -> dict[str, Any]:
