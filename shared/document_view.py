@@ -80,7 +80,6 @@ class DocumentView:
         indexes: Iterable[str] = (),
         name: str = "view",
         version: str | None = None,
-        batch_seconds: float = BATCH_SECONDS,
     ) -> None:
         self._settings = settings
         self._collection: AsyncCollection[dict[str, Any]] = database[collection]
@@ -90,7 +89,6 @@ class DocumentView:
         self._indexes = tuple(indexes)
         self._name = name
         self._version = version
-        self._batch_seconds = batch_seconds
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the topic until `stop` is set."""
@@ -103,7 +101,7 @@ class DocumentView:
             client_id=self._name,
         )
         try:
-            async for batch in consumer.records(batch=BATCH_RECORDS, timeout=self._batch_seconds):
+            async for batch in consumer.records(batch=BATCH_RECORDS, timeout=BATCH_SECONDS):
                 if batch:
                     write = functools.partial(self._write, self._writes(batch))
                     if not await self._retrying(write, stop):

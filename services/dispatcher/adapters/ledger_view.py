@@ -38,10 +38,6 @@ log = structlog.get_logger(__name__)
 
 COLLECTION = "messages"
 GROUP_ID = "waypost-ledger-view"
-# A batch is what arrived within this long: a message's `requested`, `sending` and `sent` come
-# within a few hundred milliseconds, so most fold into one write. With 0.2 s the document server
-# took 0.39 of a core in bench/dispatch.py's SMS phase, with 1 s 0.23 to 0.28 (docs/delivery.md).
-BATCH_SECONDS = 1.0
 
 
 def ledger_changelog(app_id: str) -> str:
@@ -63,7 +59,6 @@ def ledger_view(
         indexes=("contact_key",),
         name="ledger_view",
         version="rev",
-        batch_seconds=BATCH_SECONDS,
     )
 
 
