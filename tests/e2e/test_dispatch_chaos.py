@@ -209,8 +209,28 @@ def _view_report(stack: Any, ledger: Collection[dict[str, Any]], run: str, ids: 
     return (
         f"view states {dict(states)} of {len(ids)}; open or missing in the view, with the "
         f"changelog's last state: {changelog}; (view rev, changelog rev): {revs}; view "
-        f"warnings logged: {dict(warnings)}; {_view_offsets(stack, set(odd))}"
+        f"warnings logged: {dict(warnings)}; {_view_offsets(stack, set(odd))}; "
+        f"{_view_members(stack)}"
     )
+
+
+def _view_members(stack: Any) -> str:
+    """The view group as its coordinator sees it: state, and each member's partitions (a
+    partition no member holds, or one held by a member that does not read it)."""
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
+    try:
+        described = admin.describe_consumer_groups(["waypost-ledger-view"])[
+            "waypost-ledger-view"
+        ].result(timeout=10)
+    except KafkaException as exc:
+        return f"view group not described: {exc}"
+    members = {
+        f"{m.client_id}@{m.host}/{m.member_id[-6:]}": sorted(
+            tp.partition for tp in (m.assignment.topic_partitions if m.assignment else [])
+        )
+        for m in described.members
+    }
+    return f"view group {described.state}: {members}"
 
 
 def _view_offsets(stack: Any, odd: set[str]) -> str:
