@@ -100,6 +100,13 @@ def fatal_error(exc: BaseException) -> bool:
     return isinstance(error, KafkaError) and (error.fatal() or error.code() == KafkaError._FATAL)
 
 
+def no_transaction_open(exc: BaseException) -> bool:
+    """Whether `exc` says the producer has no transaction to end (librdkafka's `_STATE`, e.g.
+    "Operation not valid in state Ready"): another step of the same batch aborted it already."""
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return isinstance(error, KafkaError) and error.code() == KafkaError._STATE
+
+
 class RenewableProducer:
     """A librdkafka producer, replaced by a new one after a fatal error.
 

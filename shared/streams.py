@@ -56,6 +56,7 @@ from shared.kafka import (
     TransactionDoomed,
     close_within,
     fatal_error,
+    no_transaction_open,
 )
 from shared.kafka_connection import client_config
 from shared.membership import (
@@ -822,6 +823,11 @@ class StreamWorker:
                 if fatal_error(exc):  # fenced: there is nothing left to abort with it
                     await self._after_producer_fenced(start, str(exc))
                     return False
+                if no_transaction_open(exc):
+                    # Already aborted by another step of the batch (a proof of ownership the
+                    # group refused, say): asking again would be refused the same way forever.
+                    log.info("stream.abort_not_needed", error=str(exc))
+                    break
                 log.warning("stream.abort_retry", error=str(exc))
                 await asyncio.sleep(RESTORE_RETRY_SECONDS)
         await asyncio.sleep(RESTORE_RETRY_SECONDS)
