@@ -101,10 +101,15 @@ def fatal_error(exc: BaseException) -> bool:
 
 
 def no_transaction_open(exc: BaseException) -> bool:
-    """Whether `exc` says the producer has no transaction to end (librdkafka's `_STATE`, e.g.
-    "Operation not valid in state Ready"): another step of the same batch aborted it already."""
+    """Whether `exc` says the producer has no transaction to end: librdkafka's `_STATE` in its
+    `Ready` state ("Operation not valid in state Ready"), as after another step of the same
+    batch aborted it. A `_STATE` of another state (a commit under way, say) is not this."""
     error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-    return isinstance(error, KafkaError) and error.code() == KafkaError._STATE
+    return (
+        isinstance(error, KafkaError)
+        and error.code() == KafkaError._STATE
+        and str(error.str()).rstrip(". ").endswith("in state Ready")
+    )
 
 
 class RenewableProducer:

@@ -47,6 +47,15 @@ async def test_an_abort_refused_for_want_of_an_open_transaction_is_done() -> Non
     assert producer.calls == 1
 
 
+async def test_an_abort_refused_in_another_state_is_asked_again() -> None:
+    committing = KafkaException(
+        KafkaError(KafkaError._STATE, "Operation not valid in state CommittingTransaction")
+    )
+    producer = Producer(committing, None)
+    assert await abort(producer) is True
+    assert producer.calls == 2
+
+
 async def test_an_abort_the_broker_could_not_take_is_asked_again() -> None:
     away = KafkaException(KafkaError(KafkaError._TRANSPORT, "Broker transport failure"))
     producer = Producer(away, away, None)
