@@ -123,16 +123,12 @@ class DocumentView:
             )
 
     async def _write(self, writes: list[tuple[str, Write]]) -> None:
-        if self._version is None:
-            await self._bulk([w for _key, w in writes], keys=[key for key, _w in writes])
-            return
-        await self._bulk(
-            [w for _k, w in writes if not isinstance(w, InsertOne)],
-            keys=[k for k, w in writes if not isinstance(w, InsertOne)],
-        )
-        await self._write_versioned(
-            [(key, w._doc) for key, w in writes if isinstance(w, InsertOne)], self._version
-        )
+        version = self._version
+        plain = [(k, w) for k, w in writes if version is None or not isinstance(w, InsertOne)]
+        await self._bulk([w for _k, w in plain], keys=[k for k, _w in plain])
+        if version is not None:
+            entries = [(k, w._doc) for k, w in writes if isinstance(w, InsertOne)]
+            await self._write_versioned(entries, version)
 
     async def _write_versioned(
         self, entries: list[tuple[str, dict[str, Any]]], version: str

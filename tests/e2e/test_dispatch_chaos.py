@@ -24,6 +24,7 @@ from confluent_kafka.admin import AdminClient
 from pymongo import MongoClient
 from pymongo.collection import Collection
 
+from services.dispatcher.adapters.ledger_view import GROUP_ID as LEDGER_VIEW_GROUP
 from shared.contracts import Profile, SendRequest
 from shared.docstore import connect_blocking
 from shared.settings import CommonSettings
@@ -217,11 +218,8 @@ def _view_report(stack: Any, ledger: Collection[dict[str, Any]], run: str, ids: 
 def _view_members(stack: Any) -> str:
     """The view group as its coordinator sees it: state, and each member's partitions (a
     partition no member holds, or one held by a member that does not read it)."""
-    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
     try:
-        described = admin.describe_consumer_groups(["waypost-ledger-view"])[
-            "waypost-ledger-view"
-        ].result(timeout=10)
+        described = _described(stack, LEDGER_VIEW_GROUP)
     except KafkaException as exc:
         return f"view group not described: {exc}"
     members = {
@@ -241,7 +239,7 @@ def _view_offsets(stack: Any, odd: set[str]) -> str:
     reader = Consumer(
         {
             "bootstrap.servers": stack.bootstrap,
-            "group.id": "waypost-ledger-view",
+            "group.id": LEDGER_VIEW_GROUP,
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         }
@@ -306,9 +304,14 @@ def _in_flight(metrics_url: str) -> float:
     return sum(float(line.split()[-1]) for line in lines)
 
 
-def _members(stack: Any, group: str) -> int:
+def _described(stack: Any, group: str) -> Any:
+    """The group as its coordinator describes it (state, members, their assignments)."""
     admin = AdminClient({"bootstrap.servers": stack.bootstrap})
-    described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    return admin.describe_consumer_groups([group])[group].result(timeout=10)
+
+
+def _members(stack: Any, group: str) -> int:
+    described = _described(stack, group)
     return len(described.members) if str(described.state).endswith("STABLE") else 0
 
 
