@@ -34,6 +34,10 @@ from tests.e2e.helpers import outbox, read_topic, unique, wait_drained, wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 EMAILS, TEXTS, KILLS = 1500, 500, 4
 ZOMBIE_TEXTS = 3000
+# How long the sandbox holds each answer until the worker is stopped: far longer than the
+# moment between reading a worker's calls under way and stopping it, far short of the
+# dispatcher's 15 s provider timeout.
+HELD_ANSWER_SECONDS = 4.0
 # The states a message may end in here. `failed`: an overloaded machine let every attempt time
 # out before the provider stored it, each proven by the provider's listing never to have
 # arrived, until the attempts ran out (asserted: none of those reached the outbox).
@@ -336,10 +340,13 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
     ]
     # The first worker serves the metrics port.
     stack.start_service("dispatcher", worker=2, env={"WAYPOST_METRICS_PORT": "0"})
-    # Each provider answer takes a while, so a worker's batch of tries lasts a second or two and
-    # a worker has several batches to go: the stop lands mid-batch, with tries in flight or
-    # waiting for a slot (short of the provider timeout, so no try of its own goes unknown).
-    httpx.post(f"{stack.outbox_url}/control/latency", json={"seconds": 0.2}, timeout=30)
+    # Until the stop, each provider answer takes seconds (short of the provider timeout), so a
+    # call seen under way is nowhere near its end: the stop cannot land between a batch's last
+    # answer and its commit, which would leave the resumed worker nothing to be fenced for (a
+    # fresh-clone run with 0.2 s answers stopped a worker just there). After the stop, answers
+    # take 0.2 s, so the survivor finishes in good time.
+    latency = f"{stack.outbox_url}/control/latency"
+    httpx.post(latency, json={"seconds": HELD_ANSWER_SECONDS}, timeout=30).raise_for_status()
     # No delivery reports: 3,000 status callbacks to ingest at once would slow the sandbox's
     # answers past the provider timeout, and the test is about the calls, not the reports.
     callbacks = f"{stack.outbox_url}/control/sms/callbacks"
@@ -373,6 +380,7 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
         metrics = f"http://127.0.0.1:{stack.ports.dispatcher_metrics}/metrics"
         wait_for(lambda: _in_flight(metrics) > 0, timeout=120, what="the worker's calls under way")
         os.kill(stopped, signal.SIGSTOP)
+        httpx.post(latency, json={"seconds": 0.2}, timeout=30).raise_for_status()
         try:
             # The survivor takes the stopped worker's partitions once its session ends.
             wait_for(lambda: finished() == len(requests), timeout=300, what="all committed")
@@ -435,7 +443,7 @@ def test_a_worker_stopped_past_its_session_calls_no_provider_once_resumed(stack:
             f"{states.get('unknown', 0)} unknown, no duplicate"
         )
     finally:
-        httpx.post(f"{stack.outbox_url}/control/latency", json={"seconds": 0}, timeout=30)
+        httpx.post(latency, json={"seconds": 0}, timeout=30)
         httpx.post(callbacks, json={"delay_seconds": held}, timeout=30)
         stack.stop("dispatcher-2")
         client.close()
