@@ -16,6 +16,7 @@ import smtplib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -948,6 +949,50 @@ def test_wechat_timeout_stores_then_holds_and_a_retry_is_not_a_duplicate(
     retried = template(clean_sandbox, token, client_msg_id="retry-me")
     assert retried["msgid"] == stored["msgid"]
     assert len(clean_sandbox.messages("wechat")) == 1
+
+
+# -- email ---------------------------------------------------------------------------------------
+
+
+def test_an_email_is_listed_parsed_with_its_arrival_time_however_it_is_asked_for(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    """The outbox parses an email when it is first listed, not on the SMTP path: the record
+    is the same whether a filter on its subject or its recipient reads it first, and it
+    carries the time it arrived, not the time it was listed."""
+    for to, subject in (("ada@example.com", "Welcome, Ada"), ("bob@example.com", "Your order")):
+        message = EmailMessage()
+        message["From"] = "Acme <shop@waypost.test>"
+        message["To"] = to
+        message["Subject"] = subject
+        message["List-Unsubscribe"] = "<https://waypost.test/u/abc>"
+        message.set_content(f"Hi {to}")
+        message.add_alternative(f"<p>Hi <b>{to}</b></p>", subtype="html")
+        with smtplib.SMTP("127.0.0.1", clean_sandbox.smtp_port, timeout=10) as client:
+            client.send_message(message)
+    sent_by = time.time()
+    url = f"{clean_sandbox.http_url}/messages"
+
+    def listed(**params: str) -> list[dict[str, Any]]:
+        answer = httpx.get(url, params={"channel": "email", **params}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        found: list[dict[str, Any]] = answer.json()["messages"]
+        return found
+
+    by_subject = listed(subject_contains="welcome")
+    assert [m["to"] for m in by_subject] == [["ada@example.com"]]
+    ada = by_subject[0]
+    assert ada["subject"] == "Welcome, Ada"
+    assert ada["from"] == "shop@waypost.test"
+    assert ada["headers"]["List-Unsubscribe"] == "<https://waypost.test/u/abc>"
+    assert ada["text"] == "Hi ada@example.com\n"
+    assert ada["html"] == "<p>Hi <b>ada@example.com</b></p>\n"
+    assert datetime.fromisoformat(ada["received_at"]).timestamp() <= sent_by
+    # Asked for by recipient (never parsed yet for bob), then all: the same records.
+    bob = listed(to="BOB@example.com")
+    assert [m["subject"] for m in bob] == ["Your order"]
+    assert listed() == [ada, bob[0]]
+    assert listed(subject_contains="nothing like it") == []
 
 
 # -- email failure rules -----------------------------------------------------------------------
