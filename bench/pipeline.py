@@ -21,7 +21,7 @@ the demo does, warms up, then for each rate, rising:
    sign-up, from the wall time ingest answered 200 to its batch to the `received_at` the SMTP
    sandbox stamped on its welcome email (same machine, same clock), p50 and p99.
 
-The load generator (an asyncio httpx client, `--concurrency` requests in flight) and the lag
+The load generator (an asyncio aiohttp client, `--concurrency` requests in flight) and the lag
 probe run in this process; the CPU table shows what they cost next to each service. Everything
 shares this machine's cores with whatever else runs on it ("other"), so the figures are ratios
 against the raw round trip in the same run, not capacities. The last line is
@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import aiohttp
 import httpx
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, IsolationLevel, KafkaError
 from confluent_kafka import TopicPartition as Partition
@@ -350,25 +351,31 @@ async def drive(url: str, plan: Sequence[Session], load: Load, concurrency: int)
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     progress = Progress(load.name, sum(s.events for s in plan), "events acknowledged")
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # aiohttp, not httpx: at these rates httpx's client spent several times the CPU per
+    # request (docs/pipeline-benchmark.md), CPU the stack under test then went without.
+    connector = aiohttp.TCPConnector(limit=concurrency)
     headers = {"content-type": "application/json"}
-    async with httpx.AsyncClient(
-        base_url=url, auth=(demo.WRITE_KEY, ""), timeout=30, limits=limits
+    async with aiohttp.ClientSession(
+        base_url=url,
+        auth=aiohttp.BasicAuth(demo.WRITE_KEY, ""),
+        timeout=aiohttp.ClientTimeout(total=30),
+        connector=connector,
     ) as client:
 
         async def post(session: Session) -> None:
             try:
                 sent = loop.time()
-                answer = await client.post("/v1/batch", content=session.body, headers=headers)
-                if answer.status_code != 200:
-                    load.failures[f"HTTP {answer.status_code}"] += 1
-                    return
+                async with client.post("/v1/batch", data=session.body, headers=headers) as answer:
+                    await answer.read()
+                    if answer.status != 200:
+                        load.failures[f"HTTP {answer.status}"] += 1
+                        return
                 load.request_ms.append((loop.time() - sent) * 1000)
                 load.acked += session.events
                 if session.email is not None:
                     load.signed_up[session.email] = time.time()
                 progress.tick(load.acked)
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 load.failures[type(exc).__name__] += 1
             finally:
                 gate.release()
