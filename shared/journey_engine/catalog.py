@@ -6,7 +6,46 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from shared.journeys import Journey, PublishedJourney
+from typing import assert_never
+
+from shared.journeys import (
+    AttributeChangedTrigger,
+    AudienceTrigger,
+    EventTrigger,
+    Journey,
+    ObjectEventTrigger,
+    PublishedJourney,
+    SegmentTrigger,
+    TagAddedTrigger,
+    Trigger,
+)
+from shared.system_events import (
+    ATTRIBUTE_CHANGED,
+    AUDIENCE_SELECTED,
+    SEGMENT_ENTERED,
+    SEGMENT_LEFT,
+    TAG_ADDED,
+)
+
+
+def trigger_labels(trigger: Trigger) -> frozenset[str]:
+    """The event labels (`Event.label`) a trigger can match or explain a miss of: for any
+    other label `engine.trigger_verdict` answers "no, and nothing to say", so an event is only
+    held against the journeys its label names (`Catalog.open_for_entry`)."""
+    match trigger:
+        case EventTrigger() | ObjectEventTrigger():
+            return frozenset({trigger.event})
+        case SegmentTrigger():
+            return frozenset({SEGMENT_ENTERED if trigger.on == "entered" else SEGMENT_LEFT})
+        case TagAddedTrigger():
+            return frozenset({TAG_ADDED})
+        case AttributeChangedTrigger():
+            return frozenset({ATTRIBUTE_CHANGED})
+        case AudienceTrigger():
+            ongoing = {SEGMENT_ENTERED} if trigger.mode == "ongoing" else set()
+            return frozenset({AUDIENCE_SELECTED, *ongoing})
+        case _:
+            assert_never(trigger)
 
 
 @dataclass(frozen=True)
@@ -43,6 +82,17 @@ class Catalog:
         newest = self._newest.get(journey_id)
         return newest.status if newest is not None else None
 
-    def open_for_entry(self) -> list[Journey]:
-        """The newest active version of each journey, by id (paused or archived: nobody enters)."""
-        return self._open
+    @cached_property
+    def _open_by_label(self) -> dict[str, list[Journey]]:
+        index: dict[str, list[Journey]] = {}
+        for journey in self._open:
+            for label in trigger_labels(journey.trigger):
+                index.setdefault(label, []).append(journey)
+        return index
+
+    def open_for_entry(self, label: str | None = None) -> list[Journey]:
+        """The newest active version of each journey, by id (paused or archived: nobody enters);
+        with `label`, only those whose trigger can match an event of that label."""
+        if label is None:
+            return self._open
+        return self._open_by_label.get(label, [])

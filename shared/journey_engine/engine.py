@@ -282,7 +282,7 @@ class _Turn:
             journey = self.catalog.version(instance.journey_id, instance.journey_version)
             if journey is not None:
                 self._running_sees(instance, journey, event)
-        for journey in self.catalog.open_for_entry():
+        for journey in self.catalog.open_for_entry(event.label):
             matched, why = trigger_verdict(journey, event, self.state.profile, self.now)
             if matched:
                 self._enter(journey, event, why)
