@@ -46,6 +46,9 @@ class Overlay:
     _record_outputs: list[Output] = field(default_factory=list)
     _effects: list[Callable[[], None]] = field(default_factory=list)
     _record_effects: list[Callable[[], None]] = field(default_factory=list)
+    # Outputs of which only the batch's last per topic and key is sent (`emit_latest`).
+    _latest: dict[tuple[str, str | None], Output] = field(default_factory=dict)
+    _record_latest: dict[tuple[str, str | None], Output] = field(default_factory=dict)
 
     def get(self, table: str, key: bytes, load: Callable[[], Any]) -> Any:
         """The value as this batch sees it; `load` reads (and decodes) the stored one, once."""
@@ -67,6 +70,15 @@ class Overlay:
     def emit(self, *records: Output) -> None:
         self._record_outputs.extend(records)
 
+    def emit_latest(self, record: Output) -> None:
+        """An output of a compacted topic whose readers want only the newest value per key (a
+        profile snapshot): a later one of the same topic and key in the batch replaces it."""
+        self._record_latest[(record[0], record[1])] = record
+
+    def to_send(self) -> list[Output]:
+        """Every output of the batch: those emitted, in order, then the latest of each key."""
+        return [*self.outputs, *self._latest.values()]
+
     def after_store(self, effect: Callable[[], None]) -> None:
         """Run `effect` once the batch's writes are stored (in-memory indexes follow the
         tables, never run ahead of them)."""
@@ -76,16 +88,20 @@ class Overlay:
         self._batch.update(self._record)
         self.outputs.extend(self._record_outputs)
         self._effects.extend(self._record_effects)
+        for slot, record in self._record_latest.items():
+            self._latest.pop(slot, None)  # the newest goes last, after the others' newest
+            self._latest[slot] = record
         self.discard()
 
     def discard(self) -> None:
         self._record.clear()
         self._record_outputs.clear()
         self._record_effects.clear()
+        self._record_latest.clear()
 
     @property
     def empty(self) -> bool:
-        return not (self._batch or self.outputs or self._effects or self._record)
+        return not (self._batch or self.outputs or self._latest or self._effects or self._record)
 
     def writes(self) -> Iterator[Write]:
         return iter(self._batch.values())
@@ -102,6 +118,7 @@ class Overlay:
         self._batch.clear()
         self._loaded.clear()
         self.outputs.clear()
+        self._latest.clear()
         self._effects.clear()
         self.discard()
 

@@ -171,7 +171,7 @@ class Contacts:
             batch.keep()
         try:
             await through_outages(
-                lambda: self.producer.send_all(batch.outputs), what="segmenter", record=chunk[0]
+                lambda: self.producer.send_all(batch.to_send()), what="segmenter", record=chunk[0]
             )
         except Exception as exc:  # noqa: BLE001 - a failure of its own is dead-lettered
             batch.abandon()
@@ -219,8 +219,10 @@ class Contacts:
                     wire = announced.to_wire_with(self._profile_wire(announced.profile))
                     batch.emit((CONTACT_EVENTS.name, announced.contact_key, wire))
                 case PublishProfile(contact_key=key, profile=profile):
+                    # The profiles topic is compacted and read for its newest profile per
+                    # contact: a contact's several events in a batch publish one snapshot.
                     wire_profile = None if profile is None else self._profile_wire(profile)
-                    batch.emit((PROFILES.name, key, wire_profile))
+                    batch.emit_latest((PROFILES.name, key, wire_profile))
                 case RequestTimer(request=request):
                     batch.emit((SEGMENT_TIMERS.name, request.contact_key, request.to_wire()))
                 case SendCommand(command=sent):

@@ -35,7 +35,7 @@ from shared.contracts import ContactCommand, Event
 from shared.deadletter import DeadLetters
 from shared.kafka import Record
 from shared.segments import AggregateDefinition, SegmentDefinition
-from shared.topics import CONTACT_COMMANDS, DEAD_LETTER, DELIVERY_REPORTS, EVENTS
+from shared.topics import CONTACT_COMMANDS, DEAD_LETTER, DELIVERY_REPORTS, EVENTS, PROFILES
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 KEYS = ("ada", "bob", "cy")
@@ -191,7 +191,34 @@ def test_any_batch_boundaries_give_what_one_record_at_a_time_gives(
     one_by_one = run([[r] for r in records])
     batched = run(split(records, cuts))
     assert batched[0] == one_by_one[0]
-    assert without_letter_times(batched[1]) == without_letter_times(one_by_one[1])
+    assert without_letter_times(streamed(batched[1])) == without_letter_times(
+        streamed(one_by_one[1])
+    )
+    # The compacted profiles topic ends the same, from no snapshot the records did not give.
+    assert compacted(batched[1]) == compacted(one_by_one[1])
+    assert {o for o in batched[1] if o[0] == PROFILES.name} <= set(one_by_one[1])
+
+
+def streamed(outputs: list[Output]) -> list[Output]:
+    """The outputs every record makes, in order: all but the profile snapshots."""
+    return [output for output in outputs if output[0] != PROFILES.name]
+
+
+def compacted(outputs: list[Output]) -> dict[str | None, bytes | None]:
+    """What a reader of the compacted profiles topic ends with: the last snapshot per key."""
+    return {key: value for topic, key, value in outputs if topic == PROFILES.name}
+
+
+def test_a_contact_s_events_in_one_batch_publish_one_profile_snapshot_its_newest() -> None:
+    records = [event(n, "ada", "view", n) for n in range(3)] + [event(3, "bob", "view", 3)]
+    _tables, one_by_one = run([[r] for r in records])
+    _tables, batched = run([records])
+    profiles = [(k, v) for t, k, v in batched if t == PROFILES.name]
+    assert [k for k, _v in profiles] == ["ada", "bob"]
+    assert profiles == list(compacted(one_by_one).items())
+    assert len([o for o in one_by_one if o[0] == PROFILES.name]) == 4
+    # The rest is what the records make one at a time.
+    assert streamed(batched) == streamed(one_by_one)
 
 
 @pytest.mark.parametrize("where", ["produced", "acknowledged", "stored"])
