@@ -102,6 +102,7 @@ class DocumentView:
         )
         try:
             async for batch in consumer.records(batch=BATCH_RECORDS, timeout=BATCH_SECONDS):
+                self._held_since(consumer.rebalances)
                 if batch:
                     write = functools.partial(self._write, self._writes(batch))
                     if not await self._retrying(write, stop):
@@ -113,6 +114,10 @@ class DocumentView:
                     return
         finally:
             consumer.close()
+
+    def _held_since(self, rebalances: int) -> None:
+        """Called before each batch with the consumer's count of rebalances: a view that
+        remembers what it wrote for its partitions' keys forgets it when the count moved."""
 
     async def _create_indexes(self) -> None:
         for field in self._indexes:

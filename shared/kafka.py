@@ -6,6 +6,7 @@ Every service uses these; the stream workers (segmenter, orchestrator) through `
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
@@ -789,6 +790,9 @@ class Record:
     value: bytes
 
 
+_REBALANCES = itertools.count(1)
+
+
 class ConsumerLoop:
     """A consumer-group member read from asyncio; offsets are committed only when told.
 
@@ -821,6 +825,11 @@ class ConsumerLoop:
         }
         self._topics = topics
         self._stall_seconds = stall_seconds
+        # Moves whenever this member's partitions may have changed hands (a rebalance, a lost
+        # session, a new member, a new consumer): what a reader remembered about its partitions'
+        # keys is stale then. Drawn from one count for the process, so no two consumers share a
+        # value.
+        self.rebalances = 0
         self._consumer = self._subscribe()
         self._closed = False
         self.paused = False
@@ -838,8 +847,18 @@ class ConsumerLoop:
             check_seconds=min(PROGRESS_CHECK_SECONDS, self._stall_seconds / 4),
         )
         consumer = Consumer({**self._config, **self._membership.config()})
-        consumer.subscribe(self._topics)
+        self.rebalances = next(_REBALANCES)
+        # The callbacks only count: the client assigns and revokes itself after they return.
+        consumer.subscribe(
+            self._topics,
+            on_assign=self._rebalanced,
+            on_revoke=self._rebalanced,
+            on_lost=self._rebalanced,
+        )
         return consumer
+
+    def _rebalanced(self, _consumer: Consumer, _partitions: list[TopicPartition]) -> None:
+        self.rebalances = next(_REBALANCES)
 
     async def _check_membership(self) -> None:
         """Join afresh with a new consumer when this one has been stuck outside its group, or

@@ -6,14 +6,18 @@ It is a view of the admin's own (`shared.document_view`): a consumer group that 
 in large batches on a thread of its own and writes in bulk, so no worker's hot path waits on
 it. Per batch it reads each contact's stored document by its id (index-served), folds the new
 events in, keeps the newest 50, and replaces the document; a replayed record changes nothing,
-since events are kept once per id. The store is not asked to trim (`$push` with `$slice`):
-FerretDB 1.24 accepts the modifier and ignores it, and refuses TTL indexes. A `Contact
-Forgotten` event deletes the contact's document.
+since events are kept once per id. The events it last wrote for the most recent few thousand
+contacts are remembered, so a contact heard from again is not read back: only this member
+writes the keys of its partitions, and what it remembers is forgotten whenever its partitions
+may have changed hands (a rebalance) or a write failed. The store is not asked to trim
+(`$push` with `$slice`): FerretDB 1.24 accepts the modifier and ignores it, and refuses TTL
+indexes. A `Contact Forgotten` event deletes the contact's document.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,6 +39,8 @@ log = structlog.get_logger(__name__)
 RECENT_EVENTS = "recent_events"
 # Stored documents read at once while a batch is folded in.
 READS_AT_ONCE = 16
+# Contacts whose last written events are remembered (the most recently written).
+REMEMBERED_CONTACTS = 5_000
 
 
 class _Change(BaseModel):
@@ -50,30 +56,51 @@ class RecentEventsView(DocumentView):
     """`writes` gives, per contact, an `InsertOne` of the batch's new events (folded into the
     stored document here) or a `DeleteOne` (the contact was forgotten)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # contact key -> the events last written for it, least recently written first
+        self._written: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._rebalances: int | None = None
+        self.reads = 0  # stored documents read back (a figure for tests and operators)
+
+    def _held_since(self, rebalances: int) -> None:
+        if rebalances != self._rebalances:
+            self._written.clear()
+            self._rebalances = rebalances
+
     async def _write(self, writes: list[tuple[str, Write]]) -> None:
         deletes: list[tuple[str, Write]] = [(k, w) for k, w in writes if isinstance(w, DeleteOne)]
         arrived = {k: w._doc["events"] for k, w in writes if isinstance(w, InsertOne)}
         gate = asyncio.Semaphore(READS_AT_ONCE)
 
         async def stored(key: str) -> list[dict[str, Any]]:
+            known = self._written.get(key)
+            if known is not None:
+                return known
+            self.reads += 1
             async with gate:
                 found = await self._collection.find_one({"_id": key}, {"events": 1})
             return list(found.get("events") or []) if found else []
 
         keys = list(arrived)
         held = await asyncio.gather(*(stored(key) for key in keys))
+        kept = {key: keep_recent(old, arrived[key]) for key, old in zip(keys, held, strict=True)}
         replaced: list[tuple[str, Write]] = [
-            (
-                key,
-                ReplaceOne(
-                    {"_id": key},
-                    _document(key, keep_recent(old, arrived[key])),
-                    upsert=True,
-                ),
-            )
-            for key, old in zip(keys, held, strict=True)
+            (key, ReplaceOne({"_id": key}, _document(key, events), upsert=True))
+            for key, events in kept.items()
         ]
-        await super()._write(replaced + deletes)
+        try:
+            await super()._write(replaced + deletes)
+        except BaseException:
+            self._written.clear()  # some writes may have landed, some not
+            raise
+        for key, _delete in deletes:
+            self._written.pop(key, None)
+        for key, events in kept.items():
+            self._written.pop(key, None)
+            self._written[key] = events
+        while len(self._written) > REMEMBERED_CONTACTS:
+            self._written.popitem(last=False)
 
 
 def recent_event_writes(batch: Iterable[Record]) -> list[tuple[str, Write]]:
