@@ -88,9 +88,7 @@ class Overlay:
         self._batch.update(self._record)
         self.outputs.extend(self._record_outputs)
         self._effects.extend(self._record_effects)
-        for slot, record in self._record_latest.items():
-            self._latest.pop(slot, None)  # the newest goes last, after the others' newest
-            self._latest[slot] = record
+        self._latest.update(self._record_latest)
         self.discard()
 
     def discard(self) -> None:
