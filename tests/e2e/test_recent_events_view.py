@@ -64,6 +64,8 @@ class Loop:
         self.call(self.client.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the views' event loop did not stop"
+        self._loop.close()
 
 
 @pytest.fixture
