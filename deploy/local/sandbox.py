@@ -146,9 +146,7 @@ class Outbox:
         return found
 
     def _parsed(self, record: Record) -> Record:
-        raw = self._unparsed.pop(record["id"])
-        parsed = email_record(raw, record["from"], record["to"])
-        return {"id": record["id"], **parsed, "received_at": record["received_at"]}
+        return email_record(record, self._unparsed.pop(record["id"]))
 
     def clear(self) -> int:
         count = len(self._records)
@@ -228,20 +226,18 @@ def header_subject(raw: bytes) -> str | None:
         return unfolded
 
 
-def email_record(raw: bytes, mail_from: str, rcpt_tos: Sequence[str]) -> Record:
-    """Turn one SMTP transaction into an outbox record."""
+def email_record(envelope: Record, raw: bytes) -> Record:
+    """An outbox record as `add_email` stored it (id, envelope, arrival time), completed from
+    its raw message: the subject, the headers, and the text and HTML bodies."""
     message = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(message, EmailMessage)  # guaranteed by policy=default
     subject = message["Subject"]
     return {
-        "channel": "email",
-        "to": list(rcpt_tos),
-        "from": mail_from,
+        **envelope,
         "subject": None if subject is None else str(subject),
         "headers": {name: str(value) for name, value in message.items()},
         "text": _body(message, "plain"),
         "html": _body(message, "html"),
-        "received_at": utc_now(),
     }
 
 

@@ -122,7 +122,7 @@ class Journeys:
             self._batch.discard()
             raise
         self._batch.keep()
-        await self.producer.send_all(self._batch.outputs)
+        await self.producer.send_all(self._batch.to_send())
         self._store()
 
     async def _run(self, chunk: list[Record]) -> None:
@@ -142,7 +142,7 @@ class Journeys:
             batch.keep()
         try:
             await through_outages(
-                lambda: self.producer.send_all(batch.outputs),
+                lambda: self.producer.send_all(batch.to_send()),
                 what="orchestrator",
                 record=chunk[0],
             )
