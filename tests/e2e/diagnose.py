@@ -169,7 +169,10 @@ def stack_report(stack: Any) -> str:
     for name in SERVICES:
         out.append(f"-- {name}: last warnings")
         out += [f"   {line}" for line in log_lines(stack.logfile(name))]
-    for name in STREAM_SERVICES:
+    # Every worker of a stream service: a second worker that stopped polling holds its group's
+    # rebalance for every member.
+    extra = [w for w in stack.extra_workers() if w.rsplit("-", 1)[0] in STREAM_SERVICES]
+    for name in (*STREAM_SERVICES, *extra):
         pid = stack.pid(name)
         if pid:
             out.append(f"-- {name}: threads")
