@@ -107,8 +107,9 @@ class DocumentView:
                     write = functools.partial(self._write, self._writes(batch))
                     if not await self._retrying(write, stop):
                         return  # stopped before the batch was stored: not committed
-                    # A commit lost to a rebalance is harmless: the new owner of these
-                    # partitions writes the same records again, and the writes are idempotent.
+                    # A commit a rebalance refuses is sent again while this member holds the
+                    # partition (`ConsumerLoop`); one that moved on is its new owner's, who
+                    # writes the same records again, and the writes are idempotent.
                     consumer.commit(batch)
                 if stop.is_set():
                     return

@@ -89,6 +89,8 @@ _REFUSED_RECORD = frozenset(
 VIEW_RETRY_SECONDS = 1.0
 # How long closing a consumer may take before its owner goes on without it.
 CLOSE_SECONDS = 30.0
+# How often a consumer sends again the commits that failed (`ConsumerLoop._commit_again`).
+COMMIT_AGAIN_SECONDS = 1.0
 # How long `send_all` waits for room in a full local queue before it calls the producer busy.
 QUEUE_FULL_WAIT_SECONDS = 30.0
 
@@ -799,7 +801,10 @@ class ConsumerLoop:
     Commits never block: a commit that waits for a group coordinator (the broker just came
     back) would stall the event loop, starve every other consumer of the process of its polls,
     and get them all thrown out of their groups. Commits are sent asynchronously; their results
-    arrive with the next poll, and `failed_commits()` names the partitions to commit again.
+    arrive with the next poll. A commit that failed is sent again (`_commit_again`) while this
+    member still holds the partition: a rebalance refuses commits of the generation it ends,
+    and a cooperative one leaves the partition here, read past the refused offset, so nothing
+    else would ever commit it if no record of it came again.
     """
 
     def __init__(
@@ -835,6 +840,8 @@ class ConsumerLoop:
         self.paused = False
         self._failed: set[tuple[str, int]] = set()
         self._failed_lock = threading.Lock()
+        # When failed commits may be sent again: a rebalance under way refuses them too.
+        self._commit_again_at = 0.0
         # The offsets last sent for commit: where a partition stands before it yields anything.
         self._committed_at: dict[tuple[str, int], int] = {}
 
@@ -891,11 +898,26 @@ class ConsumerLoop:
             with self._failed_lock:
                 self._failed |= failed
 
-    def failed_commits(self) -> set[tuple[str, int]]:
-        """Partitions whose last commit failed since the previous call (commit them again)."""
+    def _commit_again(self) -> None:
+        """Send again, at most every `COMMIT_AGAIN_SECONDS`, the last commit of each partition
+        whose commit failed, if this member still holds it (one it lost is its new owner's
+        to commit)."""
+        now = time.monotonic()
+        if now < self._commit_again_at:
+            return
         with self._failed_lock:
             failed, self._failed = self._failed, set()
-        return failed
+        if not failed:
+            return
+        self._commit_again_at = now + COMMIT_AGAIN_SECONDS
+        held = {(str(tp.topic), int(tp.partition)) for tp in self._consumer.assignment()}
+        offsets = {
+            where: self._committed_at[where]
+            for where in failed
+            if where in held and where in self._committed_at
+        }
+        if offsets:
+            self.commit_offsets(offsets)
 
     async def records(self, batch: int = 100, timeout: float = 0.5) -> AsyncIterator[list[Record]]:
         """Yield batches of records (possibly empty, so callers can notice shutdown)."""
@@ -918,6 +940,7 @@ class ConsumerLoop:
                         value=msg.value() or b"",
                     )
                 )
+            self._commit_again()
             yield out
             await self._check_membership()
 
@@ -994,8 +1017,6 @@ async def run_pipelined(
 
     try:
         async for batch in consumer.records(timeout=0.2):
-            for tp in consumer.failed_commits():
-                tracker.forget_commit(tp)
             for record in batch:
                 tracker.started(record.topic, record.partition, record.offset)
                 task = asyncio.create_task(process(record))

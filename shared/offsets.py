@@ -52,10 +52,6 @@ class OffsetTracker:
     def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
         self._committed.update(offsets)
 
-    def forget_commit(self, tp: TopicPartition) -> None:
-        """The last commit of `tp` did not take: `committable()` offers its position again."""
-        self._committed.pop(tp, None)
-
     def forget(self, tp: TopicPartition) -> None:
         """Drop a partition this worker no longer owns."""
         self._partitions.pop(tp, None)

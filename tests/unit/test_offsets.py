@@ -21,16 +21,6 @@ def test_a_slow_record_holds_the_commit_behind_it() -> None:
     assert tracker.committable() == {("t", 0): 13}
 
 
-def test_a_commit_that_did_not_take_is_offered_again() -> None:
-    tracker = OffsetTracker()
-    tracker.started("t", 0, 3)
-    tracker.finished("t", 0, 3)
-    tracker.mark_committed({("t", 0): 4})
-    assert tracker.committable() == {}
-    tracker.forget_commit(("t", 0))
-    assert tracker.committable() == {("t", 0): 4}
-
-
 def test_partitions_are_independent() -> None:
     tracker = OffsetTracker()
     tracker.started("t", 0, 5)
