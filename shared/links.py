@@ -182,14 +182,21 @@ def track_email(
     comes from `base`.
     """
     untracked = tuple(f"{signer.public_url}/{route}/" for route in ("u", "c", "o"))
+    # A link written in both the HTML and the text is signed once (the same claims give the
+    # same token).
+    signed: dict[tuple[str, str | None], str] = {}
 
     def tracked(url: str, link_id: str | None) -> str | None:
         if not _is_web_url(url) or url.startswith(untracked) or url not in template_urls:
             return None
+        found = signed.get((url, link_id))
+        if found is not None:
+            return found
         claims = dataclasses.replace(
             base, kind="click", link_id=link_id or link_id_of(url), url=url
         )
-        return signer.click_url(claims)
+        signed[(url, link_id)] = click = signer.click_url(claims)
+        return click
 
     new_html = html
     if new_html is not None and clicks:

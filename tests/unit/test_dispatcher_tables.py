@@ -3,6 +3,7 @@ databases of a table (no broker: the staged writes are read back as the worker w
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -132,6 +133,25 @@ async def test_forgetting_a_contact_keeps_the_ids_but_not_the_key(table: Table) 
     assert other is not None
     assert other["contact_key"] == "c2"
     assert not (await ledger.claim(request("m1", "c1"), T0)).new  # a replay stays a no-op
+
+
+@pytest.mark.parametrize("contact", ["zoë@example.com", "c\x7f1", "李雷"])
+async def test_forgetting_finds_a_key_outside_ascii_however_its_entry_was_written(
+    table: Table, contact: str
+) -> None:
+    """Entries written now hold the key's characters as they are; entries written before the
+    encoder changed hold non-ASCII characters escaped (`\\u00eb`). Forgetting finds both."""
+    ledger = Ledger(table, Gate())
+    await ledger.claim(request("m1", contact), T0)
+    older = json.loads(table.get(b"m1") or b"{}")
+    table[b"m2"] = json.dumps({**older, "requested_at": T0.isoformat()}).encode()
+
+    await ledger.forget(contact)
+
+    for message_id in ("m1", "m2"):
+        entry = await ledger.get(message_id)
+        assert entry is not None
+        assert entry["contact_key"] == "forgotten", message_id
 
 
 async def test_a_forgotten_entry_keeps_no_provider_text_or_history(table: Table) -> None:

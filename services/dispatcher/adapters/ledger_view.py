@@ -21,11 +21,11 @@ are numbered -1 when the view starts.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any
 
 import structlog
+from pydantic_core import from_json
 from pymongo import DeleteOne, InsertOne
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -72,7 +72,7 @@ def ledger_writes(batch: Iterable[Record]) -> list[tuple[str, Write]]:
             latest[record.key] = None
             continue
         try:
-            latest[record.key] = entry_times(json.loads(record.value))
+            latest[record.key] = entry_times(from_json(record.value))
         except (ValueError, TypeError) as exc:
             log.error("ledger_view.undecodable", key=record.key, error=str(exc))
     writes: list[tuple[str, Write]] = []
