@@ -194,8 +194,7 @@ class RenewableProducer:
 
 
 class AsyncProducer:
-    """An idempotent, acks=all producer whose `send` returns once the broker acknowledged (with
-    a `transactional.id`, once queued in the open transaction, whose commit waits for it)."""
+    """An idempotent, acks=all producer whose `send` returns once the broker acknowledged."""
 
     def __init__(
         self,
@@ -256,9 +255,8 @@ class AsyncProducer:
         return future
 
     async def send(self, topic: str, key: str | None, value: bytes | None) -> None:
-        """One record; returns once the broker acknowledged it (inside a transaction, once it is
-        queued: the transaction's commit waits for it)."""
-        await self._send([(topic, None, _encoded(key), value)])
+        delivered = self.produce(topic, key, value)
+        await self._delivery(delivered)
 
     async def _delivery(self, delivered: Awaitable[None]) -> None:
         """Wait for acknowledgements; inside a transaction a failure dooms the transaction."""
@@ -270,8 +268,7 @@ class AsyncProducer:
             raise
 
     async def send_all(self, records: Iterable[tuple[str, str | None, bytes | None]]) -> None:
-        """Queue every record (a None value is a tombstone), then wait for all acknowledgements
-        (inside a transaction, for none: its commit waits for them).
+        """Queue every record (a None value is a tombstone), then wait for all acknowledgements.
 
         One wait for the whole lot: the delivery reports are counted on the poll thread and the
         event loop is woken once, when the last one arrives (a failure is raised then). A full
@@ -293,9 +290,6 @@ class AsyncProducer:
         records: Iterable[tuple[str, int | None, bytes | None, bytes | None]],
         offsets: dict[tuple[str, int], int] | None = None,
     ) -> None:
-        if self._renewable.transactional:
-            await self._send_in_transaction(records, offsets)
-            return
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
         tally = _Tally()
@@ -315,54 +309,13 @@ class AsyncProducer:
             _settle(finished, tally.error)
         await self._delivery(finished)
 
-    async def _send_in_transaction(
-        self,
-        records: Iterable[tuple[str, int | None, bytes | None, bytes | None]],
-        offsets: dict[tuple[str, int], int] | None,
-    ) -> None:
-        """`_send` inside a transaction, whose commit waits for every record it holds and fails
-        if one failed (the batch is then aborted and read again): nothing here waits for a
-        record's report, except the last one of each partition when `offsets` asks where the
-        records reached (the highest offset of a partition is its last record's). A delivery
-        report is a call into Python on the poll thread, which takes the interpreter's lock
-        from the event loop: one per record was a tenth of the dispatcher's CPU."""
-        queued = list(records)
-        last: dict[tuple[str, int], int] = {}
-        if offsets is not None:
-            for index, (topic, partition, _key, _value) in enumerate(queued):
-                if partition is not None:
-                    last[(topic, partition)] = index
-        if not last:
-            for topic, partition, key, value in queued:
-                await self._enqueue_waiting(topic, key, value, partition, None)
-            return
-        loop = asyncio.get_running_loop()
-        finished: asyncio.Future[None] = loop.create_future()
-        tally = _Tally()
-        reached = offsets if offsets is not None else {}
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            if err is None:
-                where = (str(msg.topic()), int(msg.partition() or 0))
-                reached[where] = max(reached.get(where, -1), int(msg.offset() or 0))
-            if tally.report(err):
-                loop.call_soon_threadsafe(_settle, finished, tally.error)
-
-        reports = set(last.values())
-        for index, (topic, partition, key, value) in enumerate(queued):
-            report = on_delivery if index in reports else None
-            await self._enqueue_waiting(topic, key, value, partition, report)
-        if tally.expect(len(reports)):
-            _settle(finished, tally.error)
-        await self._delivery(finished)
-
     def _enqueue(
         self,
         topic: str,
         key: bytes | None,
         value: bytes | None,
         partition: int | None,
-        on_delivery: Callable[[KafkaError | None, Message], None] | None,
+        on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> None:
         producer = self._renewable.usable()
         try:
@@ -394,7 +347,7 @@ class AsyncProducer:
         key: bytes | None,
         value: bytes | None,
         partition: int | None,
-        on_delivery: Callable[[KafkaError | None, Message], None] | None,
+        on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> None:
         """Queue one record, waiting (up to QUEUE_FULL_WAIT_SECONDS) while the queue is full."""
         deadline: float | None = None
