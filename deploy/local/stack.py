@@ -38,6 +38,8 @@ SANDBOX_WECHAT_APP_SECRET = "waypost-sandbox-wechat-secret"  # noqa: S105
 # can be tried against a cluster that asks for credentials. Published, so refused outside dev.
 KAFKA_SASL_USERNAME = "waypost"
 KAFKA_SASL_PASSWORD = "waypost-dev-kafka-password"  # noqa: S105
+# The broker's network and I/O request threads: one per core, at least two.
+KAFKA_THREADS = max(2, os.cpu_count() or 2)
 KAFKA_LIBS = LOCAL / "kafka" / "libs"
 FERRETDB_BIN = LOCAL / "bin" / "waypost-ferretdb"
 PYTHON = sys.executable
@@ -431,6 +433,10 @@ class Stack:
                     "group.initial.rebalance.delay.ms=0",
                     "auto.create.topics.enable=false",
                     "log.retention.hours=168",
+                    # As many request threads as the machine has cores, not Kafka's 3 network
+                    # and 8 I/O threads (see docs/pipeline-benchmark.md).
+                    f"num.network.threads={KAFKA_THREADS}",
+                    f"num.io.threads={KAFKA_THREADS}",
                     "",
                 ]
             )
@@ -440,7 +446,9 @@ class Stack:
             "java",
             "-Xms256m",
             "-Xmx1g",
-            "-XX:+UseG1GC",
+            # The throughput collector: less CPU than G1 beside the services on a small machine
+            # (see docs/pipeline-benchmark.md).
+            "-XX:+UseParallelGC",
             "-Djava.awt.headless=true",
             f"-Dlog4j.configuration=file:{ROOT}/deploy/local/kafka/log4j.properties",
             "-cp",
