@@ -169,8 +169,8 @@ def stack_report(stack: Any) -> str:
     for name in SERVICES:
         out.append(f"-- {name}: last warnings")
         out += [f"   {line}" for line in log_lines(stack.logfile(name))]
-    # Every worker of a stream service: a second worker that stopped polling holds its group's
-    # rebalance for every member.
+    # Every worker of a stream service, not only the first: a stalled group may be any
+    # member's doing.
     extra = [w for w in stack.extra_workers() if w.rsplit("-", 1)[0] in STREAM_SERVICES]
     for name in (*STREAM_SERVICES, *extra):
         pid = stack.pid(name)

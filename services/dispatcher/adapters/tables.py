@@ -130,7 +130,7 @@ class Ledger:
 
     def _read(self, message_id: str) -> dict[str, Any] | None:
         raw = self._table.get(message_id.encode())
-        return None if raw is None else dict(from_json(raw))
+        return None if raw is None else from_json(raw)
 
     def _write(self, message_id: str, entry: dict[str, Any]) -> None:
         self._table[message_id.encode()] = _encode(entry)

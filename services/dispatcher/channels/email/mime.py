@@ -36,9 +36,10 @@ def header_value(name: str, value: str) -> str:
     """A header value as given when it is one line of printable ASCII, else as RFC 2047 encoded
     words on one line; a line break is refused (it would start a header of the value's
     choosing)."""
-    if any(mark in value for mark in _LINE_BREAKS):
+    control = _CONTROL.search(value) is not None
+    if control and any(mark in value for mark in _LINE_BREAKS):
         raise ValueError(f"Header values may not contain linefeed or carriage return ({name})")
-    if value.isascii() and _CONTROL.search(value) is None:
+    if value.isascii() and not control:
         return value
     # Encoded words of at most 75 characters each (RFC 2047), on one line.
     return Header(value, "utf-8", header_name=name).encode(splitchars=" ", linesep=" ")
