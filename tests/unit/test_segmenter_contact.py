@@ -350,3 +350,109 @@ def test_a_row_round_trips_through_its_stored_json() -> None:
         T0,
     )
     assert ContactRow.model_validate_json(row.model_dump_json()) == row
+
+
+# Definitions reading every kind of input: windows of minutes to days and all time, a sum, an
+# instant with `ago`, traits, tags, the contact's own fields, and segments reading segments.
+MIXED = Definitions.of(
+    [
+        _aggregate(id="views_1h", event="Product Viewed", window="1h"),
+        _aggregate(id="views_7d", event="Product Viewed", window="7d"),
+        _aggregate(id="orders", event="Order Completed"),
+        _aggregate(
+            id="revenue_30d",
+            event="Order Completed",
+            function="sum",
+            property="total",
+            window="30d",
+        ),
+        _aggregate(id="last_order_at", event="Order Completed", function="last_at"),
+    ],
+    [
+        _segment("browsers", {"field": "aggregates.views_7d", "op": "gte", "value": 3}),
+        _segment("hot", {"field": "aggregates.views_1h", "op": "gte", "value": 2}),
+        _segment("buyers", {"field": "aggregates.orders", "op": "gte", "value": 1}),
+        _segment("big", {"field": "aggregates.revenue_30d", "op": "gt", "value": 100}),
+        _segment(
+            "lapsed",
+            {
+                "all": [
+                    {"segment": "buyers"},
+                    {"field": "aggregates.last_order_at", "op": "before", "ago": "2d"},
+                ]
+            },
+        ),
+        _segment("french", {"field": "traits.country", "op": "eq", "value": "FR"}),
+        _segment("vip", {"any": [{"tag": "vip"}, {"segment": "big"}]}),
+        _segment("known", {"field": "contact.user_id", "op": "exists"}),
+        _segment("recent", {"field": "contact.last_seen", "op": "after", "ago": "1d"}),
+        _segment("in-two", {"field": "segments", "op": "contains", "value": "hot"}),
+        _segment("quiet", {"not": {"any": [{"segment": "hot"}, {"segment": "browsers"}]}}),
+    ],
+)
+
+_STEP = st.tuples(
+    st.sampled_from(["view", "view", "view", "order", "identify", "tag", "untag", "tick"]),
+    st.integers(min_value=0, max_value=3 * 24 * 60),  # minutes the clock moves first
+    st.integers(min_value=0, max_value=7 * 24 * 60),  # how long before now the event happened
+    st.integers(min_value=0, max_value=90),
+)
+
+
+def _step(
+    row: ContactRow | None, step: tuple[str, int, int, int], n: int, now: datetime
+) -> contact.Outcome:
+    kind, _moved, before, amount = step
+    if kind in ("tag", "untag"):
+        change = ContactCommand(
+            command_id=f"c-{n}",
+            contact_key="u-1",
+            kind="add_tag" if kind == "tag" else "remove_tag",
+            tag="vip",
+            at=now,
+        )
+        return contact.command(row, change, MIXED, now)
+    if kind == "tick":
+        assert row is not None
+        return contact.reevaluate(row, f"t-{n}", MIXED, now)
+    at = now - timedelta(minutes=before)
+    if kind == "identify":
+        event = Event(
+            type="identify",
+            user_id="u-1",
+            message_id=f"m-{n}",
+            timestamp=at,
+            received_at=now,
+            traits={"country": "FR" if amount % 2 else "DE"},
+        )
+    else:
+        name = "Product Viewed" if kind == "view" else "Order Completed"
+        event = _event(name, at, f"m-{n}", received=now, total=amount)
+    return contact.apply(row, event, MIXED, now)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_STEP, min_size=1, max_size=30))
+def test_re_checking_only_what_a_change_can_move_equals_re_checking_everything(
+    steps: list[tuple[str, int, int, int]],
+) -> None:
+    """A change settles only the aggregates it folded into and re-checks only the segments
+    reading what moved, while no bucket has left its window; the same change with everything
+    settled again (the row's `stable_until` forgotten) gives the same row and announcements."""
+    now = T0
+    row: ContactRow | None = None
+    for n, step in enumerate(steps):
+        now += timedelta(minutes=step[1])
+        if row is None and step[0] == "tick":
+            continue
+        quick = _step(row, step, n, now)
+        forgotten = None if row is None else row.model_copy(update={"stable_until": 0})
+        full = _step(forgotten, step, n, now)
+        if full.row is forgotten and forgotten is not None:
+            # A change that changed nothing (a tag already there) leaves the row as it was.
+            assert quick.row is row
+        else:
+            assert quick.row == full.row
+        assert quick.events == full.events
+        assert quick.retime == full.retime
+        row = quick.row

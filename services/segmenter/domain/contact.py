@@ -12,6 +12,7 @@ duplicates, ends in the same state (a property test holds this).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,6 +41,8 @@ from shared.profiles import (
 # Message ids are remembered for at least this long (grouped by the hour they were seen).
 DEDUPE_WINDOW = timedelta(hours=24)
 _HOUR = 3600
+# `ContactRow.stable_until` and `timed_until` when no stored bucket ever leaves its window.
+NEVER = 2**63 - 1
 
 
 class ContactRow(BaseModel):
@@ -61,6 +64,12 @@ class ContactRow(BaseModel):
     # Objects of the fan-out index this contact is related to (object key -> epoch ms of the
     # latest relation), so that forgetting the contact takes it out of each.
     related: dict[str, int] = Field(default_factory=dict)
+    # Epoch microseconds before which time alone changes no aggregate value (no stored bucket
+    # leaves its window), as settled against `evaluated`; `timed_until` the same for the
+    # aggregates segments read. 0: not known (a row written before they were kept), so the next
+    # change re-checks everything.
+    stable_until: int = 0
+    timed_until: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ def apply(
     states = dict(row.aggregates) if row is not None else {}
     counting = defs.compiled.by_event.get(event.label, ())
     facts: Facts | None = None
+    touched: list[str] = []
     for definition, where in counting:
         if where is not None:
             if facts is None:
@@ -126,7 +136,11 @@ def apply(
             if not where(facts, now):
                 continue
         key = definition.state_key
-        folded = aggregates.fold_matching(states.get(key), definition, event, now)
+        state = states.get(key)
+        folded = aggregates.fold_matching(state, definition, event, now)
+        if folded is state:
+            continue
+        touched.append(key)
         if folded is None:
             states.pop(key, None)
         else:
@@ -142,6 +156,7 @@ def apply(
         states=states,
         seen=_remember(base.seen, digest, now),
         linked=linked,
+        touched=touched,
     )
     return _with_dropped(settled, dropped)
 
@@ -159,7 +174,9 @@ def command(
     if row is not None and changed.profile == before:
         return Outcome(row, dropped=changed.dropped)
     base = row or ContactRow(profile=changed.profile)
-    settled = _settle(base, changed.events, change.command_id, defs, now, profile=changed.profile)
+    settled = _settle(
+        base, changed.events, change.command_id, defs, now, profile=changed.profile, touched=()
+    )
     return _with_dropped(settled, changed.dropped)
 
 
@@ -249,18 +266,6 @@ def next_tick(row: ContactRow, defs: Definitions, now: datetime) -> datetime | N
     return _earliest(instants, row.profile, defs, now)
 
 
-def _members(
-    profile: Profile, values: dict[str, Any], defs: Definitions, now: datetime
-) -> tuple[str, ...]:
-    member: list[str] = []
-    # The facts read `member` as it grows.
-    facts = facts_of(profile, aggregates=values, segments=member)
-    for segment_id, holds in defs.compiled.segments:
-        if holds(facts, now):
-            member.append(segment_id)
-    return tuple(sorted(member))
-
-
 def _earliest(
     instants: list[datetime], profile: Profile, defs: Definitions, now: datetime
 ) -> datetime | None:
@@ -287,30 +292,29 @@ def _settle(
     states: dict[str, dict[str, Any]] | None = None,
     seen: dict[str, list[str]] | None = None,
     linked: str | None = None,
+    touched: Sequence[str] | None = None,
 ) -> Outcome:
     """Prune, recompute aggregate values and memberships, and announce what changed.
 
     `profile`, `states` and `seen` (already pruned at `now`) stand in for the row's own: a change
-    not yet in a row."""
+    not yet in a row. `touched` names the state keys the change folded into; given, and with
+    the row settled against these definitions and no stored bucket out of its window since
+    (`stable_until`), only those aggregates are settled again and only the segments reading what
+    changed are re-checked. Otherwise (None, time passed, new definitions) everything is: the
+    same result (a property test holds it), at a cost that grows with the definitions.
+    """
     profile = row.profile if profile is None else profile
     states = row.aggregates if states is None else states
     seen = _pruned(row.seen, now) if seen is None else seen
     now_micros = aggregates.epoch_micros(now)
-    kept: dict[str, dict[str, Any]] = {}
-    values: dict[str, Any] = {}
-    expiry: int | None = None
-    timed = defs.segment_aggregates
-    for definition in defs.aggregates:
-        key = definition.state_key
-        pruned, values[definition.id], expires = aggregates.settle(
-            states.get(key), definition, now_micros
+    if touched is not None and row.evaluated == defs.digest and now_micros < row.stable_until:
+        kept, values, stable, timed_until, moved = _settle_touched(
+            row, states, touched, defs, now_micros
         )
-        if pruned is not None:
-            kept[key] = pruned
-        # Journeys read other aggregates as of the contact's last change: no timer for them.
-        if expires is not None and definition.id in timed and (expiry is None or expires < expiry):
-            expiry = expires
-    member = _members(profile, values, defs, now)
+        member = _members(profile, values, defs, now, row.profile, moved)
+    else:
+        kept, values, stable, timed_until = _settle_all(states, defs, now_micros)
+        member = _members(profile, values, defs, now)
     before = set(profile.segments)
     # Segments no longer defined are dropped without an announcement.
     before &= defs.segment_ids
@@ -323,13 +327,15 @@ def _settle(
         )
         for segment in sorted(ids)
     )
-    instants = [] if expiry is None else [aggregates.from_epoch_micros(expiry)]
+    instants = [] if timed_until == NEVER else [aggregates.from_epoch_micros(timed_until)]
     tick = _earliest(instants, profile, defs, now)
     update: dict[str, Any] = {
         "profile": profile,
         "aggregates": kept,
         "seen": seen,
         "evaluated": defs.digest,
+        "stable_until": stable,
+        "timed_until": timed_until,
     }
     retime = tick != row.next_tick
     if retime:
@@ -337,6 +343,128 @@ def _settle(
     # Every announcement carries the profile after the whole change.
     settled = row.model_copy(update=update)
     return Outcome(settled, (*announcements, *changes), retime=retime, linked=linked)
+
+
+def _settle_all(
+    states: dict[str, dict[str, Any]], defs: Definitions, now_micros: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], int, int]:
+    """Every aggregate pruned and valued at `now`: the states kept, the values, and when the
+    first stored bucket of any aggregate (of those segments read) leaves its window."""
+    kept: dict[str, dict[str, Any]] = {}
+    values: dict[str, Any] = {}
+    stable = timed_until = NEVER
+    timed = defs.segment_aggregates
+    for definition in defs.aggregates:
+        key = definition.state_key
+        pruned, values[definition.id], expires = aggregates.settle(
+            states.get(key), definition, now_micros
+        )
+        if pruned is not None:
+            kept[key] = pruned
+        if expires is not None:
+            stable = min(stable, expires)
+            # Journeys read other aggregates as of the contact's last change: no timer for them.
+            if definition.id in timed:
+                timed_until = min(timed_until, expires)
+    return kept, values, stable, timed_until
+
+
+def _settle_touched(
+    row: ContactRow,
+    states: dict[str, dict[str, Any]],
+    touched: Sequence[str],
+    defs: Definitions,
+    now_micros: int,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], int, int, set[str]]:
+    """`_settle_all` when only the `touched` states changed since the row was settled and no
+    bucket has left its window since: the others keep their values and expiries. Also returns
+    the ids of the aggregates whose value moved."""
+    values = dict(row.profile.aggregates)
+    stable, timed_until = row.stable_until, row.timed_until
+    moved: set[str] = set()
+    if not touched:
+        return states, values, stable, timed_until, moved
+    kept = dict(states)
+    timed = defs.segment_aggregates
+    by_key = defs.compiled.by_state_key
+    for key in touched:
+        definition = by_key[key]
+        pruned, value, expires = aggregates.settle(states.get(key), definition, now_micros)
+        if pruned is None:
+            kept.pop(key, None)
+        else:
+            kept[key] = pruned
+        old = values.get(definition.id)
+        # 1 and 1.0 are equal but print apart: a change of type is a change.
+        if value != old or type(value) is not type(old):
+            values[definition.id] = value
+            moved.add(definition.id)
+        if expires is not None:
+            # A fold only adds a bucket, so an aggregate's expiry can only come sooner.
+            stable = min(stable, expires)
+            if definition.id in timed:
+                timed_until = min(timed_until, expires)
+    return kept, values, stable, timed_until, moved
+
+
+def _members(
+    profile: Profile,
+    values: dict[str, Any],
+    defs: Definitions,
+    now: datetime,
+    before: Profile | None = None,
+    moved: set[str] | None = None,
+) -> tuple[str, ...]:
+    """The segments the contact is a member of, in dependency order (the facts read `member` as
+    it grows). Given the profile `before` the change and the aggregates whose value `moved`,
+    a segment none of whose inputs changed keeps its membership in `before` unchecked."""
+    member: list[str] = []
+    compiled = defs.compiled
+    if before is None or moved is None:
+        facts = facts_of(profile, aggregates=values, segments=member)
+        for segment_id, holds in compiled.segments:
+            if holds(facts, now):
+                member.append(segment_id)
+        return tuple(sorted(member))
+    readers = compiled.readers
+    recheck = set(compiled.unconditional)
+    for name in (*(f"aggregates.{a}" for a in moved), *_changed_roots(before, profile)):
+        recheck.update(readers.get(name, ()))
+    if not recheck:
+        return before.segments
+    facts = facts_of(profile, aggregates=values, segments=member)
+    was = set(before.segments)
+    membership_readers = compiled.membership_readers
+    flipped = False
+    for index, (segment_id, holds) in enumerate(compiled.segments):
+        if index in recheck or (flipped and membership_readers[index]):
+            now_member = holds(facts, now)
+            flipped = flipped or now_member != (segment_id in was)
+        else:
+            now_member = segment_id in was
+        if now_member:
+            member.append(segment_id)
+    return tuple(sorted(member))
+
+
+def _changed_roots(before: Profile, after: Profile) -> set[str]:
+    """The profile roots (other than aggregates and segments) a condition reads differently."""
+    changed = set()
+    if before.traits != after.traits:
+        changed.add("traits")
+    if before.tags != after.tags:
+        changed.add("tags")
+    if before.consent != after.consent:
+        changed.add("consent")
+    if (
+        before.last_seen != after.last_seen
+        or before.event_counts != after.event_counts
+        or before.first_seen != after.first_seen
+        or before.user_id != after.user_id
+        or before.contact_key != after.contact_key
+    ):
+        changed.add("contact")
+    return changed
 
 
 def _with_dropped(outcome: Outcome, dropped: tuple[str, ...]) -> Outcome:

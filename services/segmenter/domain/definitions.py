@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from shared.conditions import Check, Flip, compile_condition, compile_next_change
+from shared.conditions import Check, Condition, Flip, compile_condition, compile_next_change, reads
 from shared.ids import stable_id
 from shared.journeys import Journey, ObjectEventTrigger
 from shared.segment_checks import aggregates_read, segments_read
@@ -64,11 +64,23 @@ class Definitions:
         for aggregate in self.aggregates:
             where = compile_condition(aggregate.where) if aggregate.where is not None else None
             by_event.setdefault(aggregate.event, []).append((aggregate, where))
-        flips = (compile_next_change(s.condition) for s in self.segments)
+        flips = [compile_next_change(s.condition) for s in self.segments]
+        inputs = [
+            _inputs_of(s.condition, timed=flip is not None)
+            for s, flip in zip(self.segments, flips, strict=True)
+        ]
+        readers: dict[str, set[int]] = {}
+        for index, read in enumerate(inputs):
+            for name in (*(f"{_AGGREGATES}{a}" for a in read.aggregates), *read.roots):
+                readers.setdefault(name, set()).add(index)
         return Compiled(
             segments=tuple((s.id, compile_condition(s.condition)) for s in self.segments),
             flips=tuple(flip for flip in flips if flip is not None),
             by_event={name: tuple(matching) for name, matching in by_event.items()},
+            readers={name: frozenset(found) for name, found in readers.items()},
+            unconditional=frozenset(i for i, r in enumerate(inputs) if r.timed or r.always),
+            membership_readers=tuple(r.segments for r in inputs),
+            by_state_key={a.state_key: a for a in self.aggregates},
         )
 
 
@@ -81,6 +93,49 @@ class Compiled:
     segments: tuple[tuple[str, Check], ...]
     flips: tuple[Flip, ...]
     by_event: Mapping[str, tuple[tuple[AggregateDefinition, Check | None], ...]]
+    # Which segments (by index in `segments`) read an input: `aggregates.<id>`, or a root of
+    # `PROFILE_ROOTS`; those re-checked whatever changed (time alone flips them, or they read
+    # something not tracked); and whether each reads memberships.
+    readers: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    unconditional: frozenset[int] = frozenset()
+    membership_readers: tuple[bool, ...] = ()
+    by_state_key: Mapping[str, AggregateDefinition] = field(default_factory=dict)
+
+
+# The profile's roots other than aggregates and segments that a segment's condition may read.
+PROFILE_ROOTS = ("traits", "tags", "consent", "contact")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a segment's membership depends on, so a change re-checks only the segments it can
+    move: the aggregates read, the other profile roots read, whether it reads memberships, and
+    whether time alone can flip it (`ago`). `always` is set for a root the segmenter does not
+    track (nothing but a re-check is safe)."""
+
+    aggregates: frozenset[str]
+    roots: frozenset[str]
+    segments: bool
+    timed: bool
+    always: bool
+
+
+def _inputs_of(condition: Condition, *, timed: bool) -> Inputs:
+    aggregates: set[str] = set()
+    roots: set[str] = set()
+    for path in reads(condition):
+        root, _, rest = path.partition(".")
+        if root == "aggregates" and rest:
+            aggregates.add(rest.split(".")[0])
+        else:
+            roots.add(root)
+    return Inputs(
+        aggregates=frozenset(aggregates),
+        roots=frozenset(roots & set(PROFILE_ROOTS)),
+        segments="segments" in roots,
+        timed=timed,
+        always=bool(roots - {*PROFILE_ROOTS, "segments"}) or "aggregates" in roots,
+    )
 
 
 def state_key(aggregate: AggregateDefinition) -> str:
