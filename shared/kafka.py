@@ -33,7 +33,15 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from shared.kafka_connection import KafkaConnection, as_connection, client_config
-from shared.membership import PROGRESS_CHECK_SECONDS, STALL_SECONDS, Membership, Progress
+from shared.membership import (
+    END_OFFSETS_TIMEOUT_SECONDS,
+    PROGRESS_CHECK_SECONDS,
+    STALL_SECONDS,
+    CheckBeside,
+    Membership,
+    Progress,
+    Watermarks,
+)
 from shared.offsets import OffsetTracker
 from shared.settings import CommonSettings
 from shared.topics import ALL_TOPICS, Topic
@@ -830,6 +838,7 @@ class ConsumerLoop:
         }
         self._topics = topics
         self._stall_seconds = stall_seconds
+        self._watermarks = Watermarks(client_config(kafka))
         # Moves whenever this member's partitions may have changed hands (a rebalance, a lost
         # session, a new member, a new consumer): what a reader remembered about its partitions'
         # keys is stale then. Drawn from one count for the process, so no two consumers share a
@@ -853,6 +862,7 @@ class ConsumerLoop:
             stall_seconds=self._stall_seconds,
             check_seconds=min(PROGRESS_CHECK_SECONDS, self._stall_seconds / 4),
         )
+        self._progress_check = CheckBeside()
         consumer = Consumer({**self._config, **self._membership.config()})
         self.rebalances = next(_REBALANCES)
         # The callbacks only count: the client assigns and revokes itself after they return.
@@ -873,15 +883,25 @@ class ConsumerLoop:
         out and not yet committed are read again by whoever gets their partitions: at least
         once, as after any rebalance."""
         lost = self._membership.lost()
+        if not lost:
+            lost = self._progress_check.verdict() or False
         if not lost and self.paused:
             self._progress.pause()
-        elif not lost and self._progress.due():
+        elif not lost and not self._progress_check.running and self._progress.due():
             assigned = [(str(tp.topic), int(tp.partition)) for tp in self._consumer.assignment()]
-            lost = await asyncio.to_thread(
-                self._progress.stalled, self._consumer, assigned, dict(self._committed_at)
+            # Beside the loop: records keep flowing while the broker answers.
+            self._progress_check.start(
+                partial(
+                    self._progress.stalled,
+                    self._consumer,
+                    assigned,
+                    dict(self._committed_at),
+                    self._watermarks,
+                )
             )
         if not lost:
             return
+        await self._progress_check.finish()
         await close_within(self._consumer)
         self._consumer = self._subscribe()
         self.paused = False
@@ -979,6 +999,7 @@ class ConsumerLoop:
 
     def close(self) -> None:
         self._closed = True
+        self._progress_check.wait_ended(END_OFFSETS_TIMEOUT_SECONDS)
         self._consumer.close()
 
 

@@ -38,6 +38,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,11 @@ from shared.kafka_connection import client_config
 from shared.membership import (
     ORPHAN_CHECK_SECONDS,
     ORPHAN_SECONDS,
+    CheckBeside,
     Membership,
     Orphan,
     Progress,
+    Watermarks,
 )
 from shared.restore import (
     CURRENT_KEY,
@@ -518,6 +521,7 @@ class StreamWorker:
             for job in jobs:
                 job.cancel()
             self._ready = False
+            await self._progress_check.finish()
             await close_within(consumer)
             for table in self.tables.values():
                 for partition in table.partitions:
@@ -527,6 +531,8 @@ class StreamWorker:
         """A new member of the worker's group, subscribed to its input topics."""
         self._membership = Membership(self.app_id)
         self._progress = Progress(self.app_id)
+        self._progress_check = CheckBeside()
+        self._watermarks = Watermarks(client_config(self.settings.kafka()))
         self._orphan = Orphan(
             self.app_id, orphan_seconds=self.orphan_seconds, check_seconds=self.orphan_check_seconds
         )
@@ -559,7 +565,10 @@ class StreamWorker:
     async def _fetch_stalled(self, consumer: Consumer) -> bool:
         """Whether an owned partition has records this consumer stopped fetching
         (`shared.membership.Progress`); checked every few seconds."""
-        if not self._progress.due():
+        verdict = self._progress_check.verdict()
+        if verdict is not None:
+            return verdict
+        if self._progress_check.running or not self._progress.due():
             return False
         watched = sorted(
             where
@@ -567,7 +576,11 @@ class StreamWorker:
             if where[1] in self._owned and where not in self._held  # held: paused on purpose
         )
         known = dict(self._positions.next)
-        return await asyncio.to_thread(self._progress.stalled, consumer, watched, known)
+        # Beside the loop: the batches go on while the broker answers.
+        self._progress_check.start(
+            partial(self._progress.stalled, consumer, watched, known, self._watermarks)
+        )
+        return False
 
     async def _orphaned(self, consumer: Consumer) -> bool:
         """Whether this worker, holding no partition, is outside a group whose inputs wait
@@ -584,6 +597,7 @@ class StreamWorker:
         """Leave the group with the consumer stuck outside it, and join with a new one
         (`shared.membership`): what the old one held is revoked first, like any rebalance."""
         self._reread = False
+        await self._progress_check.finish()
         await close_within(consumer)
         # Whatever its closing did not revoke (it may have given up) is revoked here.
         self._changes.append(("revoke", sorted(self._assigned)))

@@ -12,10 +12,11 @@ import asyncio
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from shared.kafka import ConsumerLoop
+from shared.membership import Watermarks
 from tests.e2e.helpers import unique
 
 pytestmark = [pytest.mark.e2e]
@@ -68,3 +69,23 @@ async def test_a_consumer_that_stopped_fetching_is_replaced_and_reads_on(stack: 
         loop.close()
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
+
+
+def test_watermarks_of_many_partitions_come_from_the_broker_in_one_ask(stack: Any) -> None:
+    topic = unique("marks")
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result(
+        timeout=30
+    )
+    producer = Producer({"bootstrap.servers": stack.bootstrap})
+    for n in range(5):
+        producer.produce(topic, value=str(n).encode(), partition=0)
+    assert producer.flush(30) == 0
+    watermarks = Watermarks({"bootstrap.servers": stack.bootstrap})
+    assert watermarks([(topic, 0), (topic, 1)]) == {(topic, 0): (0, 5), (topic, 1): (0, 0)}
+    # Records deleted below offset 2 move the low watermark.
+    deleted = admin.delete_records([TopicPartition(topic, 0, 2)])
+    for future in deleted.values():
+        future.result(timeout=30)
+    assert watermarks([(topic, 0)]) == {(topic, 0): (2, 5)}
+    assert watermarks([]) == {}
