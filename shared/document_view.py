@@ -56,6 +56,8 @@ DUPLICATE_KEY = 11000
 # and the first pause between them (doubling).
 REFUSED_TRIES = 5
 REFUSED_RETRY_FIRST = 0.2
+# How many document ids a versioned view remembers having stored (about 100 bytes each).
+STORED_IDS = 100_000
 # The version documents stored before their view was versioned are given: any version replaces.
 UNVERSIONED = -1
 
@@ -89,6 +91,9 @@ class DocumentView:
         self._indexes = tuple(indexes)
         self._name = name
         self._version = version
+        # Ids this view stored, the most recent last: their next version goes straight to the
+        # conditional replacement; any other is tried as a plain insert first.
+        self._stored: dict[str, None] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the topic until `stop` is set."""
@@ -144,6 +149,43 @@ class DocumentView:
         document (the store busy, a statement it gave up on) is tried again, that document
         alone, a few times with a pause: a view that skipped it would show an older state for
         good, since no later record of it may come."""
+        written = [doc["_id"] for _k, doc in entries]
+        entries = await self._insert_new(entries)
+        await self._replace_versioned(entries, version)
+        self._remember_stored(written)
+
+    async def _insert_new(
+        self, entries: list[tuple[str, dict[str, Any]]]
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Insert the documents this view has not stored before, and return the entries still
+        to write: those it has, and those the store refused (a duplicate key: stored by an
+        earlier run, maybe at another version). On the local store an insert costs about a
+        fifth of a conditional replacement of a new document (112 against 594 µs), and a
+        refused one about half of one (430 µs): so only documents likely new are tried."""
+        known = self._stored
+        new = [(k, doc) for k, doc in entries if doc["_id"] not in known]
+        if not new:
+            return entries
+        rest = [(k, doc) for k, doc in entries if doc["_id"] in known]
+        try:
+            await bulk_write_unordered(self._collection, [InsertOne(doc) for _k, doc in new])
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise
+            rest += [new[int(error["index"])] for error in exc.details.get("writeErrors", [])]
+        return rest
+
+    def _remember_stored(self, ids: list[str]) -> None:
+        stored = self._stored
+        for document_id in ids:
+            stored.pop(document_id, None)
+            stored[document_id] = None
+        while len(stored) > STORED_IDS:
+            del stored[next(iter(stored))]
+
+    async def _replace_versioned(
+        self, entries: list[tuple[str, dict[str, Any]]], version: str
+    ) -> None:
         delay = REFUSED_RETRY_FIRST
         for attempt in range(1, REFUSED_TRIES + 1):
             if not entries:

@@ -134,6 +134,19 @@ async def test_the_ledger_view_never_takes_an_older_entry_over_a_newer_one(stack
         stored = await db[MESSAGES].find_one({"_id": key})
         assert stored is not None
         assert (stored["state"], stored["rev"]) == ("delivered", 4)
+        # A view that never stored the message (another member, a restart) tries it as new
+        # first: the store refuses the insert, and the older revision still goes nowhere.
+        other = ledger_view(CommonSettings(mongo_url=stack.mongo_url), db, "waypost-dispatcher")
+        await other._write(ledger_writes([record(2, "sending")]))
+        stored = await db[MESSAGES].find_one({"_id": key})
+        assert stored is not None
+        assert (stored["state"], stored["rev"]) == ("delivered", 4)
+        # ... and a newer one replaces it.
+        fresh = ledger_view(CommonSettings(mongo_url=stack.mongo_url), db, "waypost-dispatcher")
+        await fresh._write(ledger_writes([record(5, "opened")]))
+        stored = await db[MESSAGES].find_one({"_id": key})
+        assert stored is not None
+        assert (stored["state"], stored["rev"]) == ("opened", 5)
     finally:
         await client.drop_database(db.name)
         await client.close()
