@@ -160,3 +160,18 @@ def test_a_contact_heard_from_again_is_not_read_back_unless_its_partition_moved(
     loop.stop(running)
     assert holds("ada")
     assert holds("bob")
+
+
+def test_a_contact_read_as_absent_and_stored_meanwhile_is_replaced_not_lost(
+    setup: tuple[Loop, str, str, MongoClient[dict[str, Any]]],
+) -> None:
+    """A contact the store held nothing for is inserted; when a member that held the partition
+    before stored it in between, the refused insert becomes the replacement it always was."""
+    loop, topic, collection, reader = setup
+    stored = reader[loop.settings.mongo_db][collection]
+    view = _view(loop, topic, collection, unique("waypost-test-recent-events"))
+    mine = [{"id": "cy-2", "at": START.isoformat()}]
+    stored.insert_one({"_id": "cy", "events": [{"id": "cy-1", "at": START.isoformat()}]})
+    loop.call(view._insert_absent([("cy", mine), ("dee", mine)]))
+    assert [e["id"] for e in stored.find_one({"_id": "cy"})["events"]] == ["cy-2"]
+    assert [e["id"] for e in stored.find_one({"_id": "dee"})["events"]] == ["cy-2"]
