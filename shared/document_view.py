@@ -11,7 +11,9 @@ never puts an older document over a newer one: a member that was paused with a b
 while its partitions moved on, and writes it late, leaves the newer documents as they are. Its
 documents come as `InsertOne`s and are each written only over a lower version
 (`shared.docstore.replace_unless_newer`); one stored at the same version or a higher one is
-refused as a duplicate key, which means there is nothing to do.
+refused as a duplicate key, which means there is nothing to do. A document the view has not
+stored before is tried as a plain insert first, far cheaper on the local store; refused (it is
+stored after all), it takes the same conditional way.
 
 A service runs its view on a thread and event loop of its own (`run_view_thread`), so the view
 never takes time from the worker's loop.

@@ -320,11 +320,10 @@ class Watermarks:
 
 
 class CheckBeside:
-    """A blocking check (`Progress.stalled`: one end-offset query per partition, each waiting
-    behind the consumer's own fetch on its connection, about 0.1 s) run in a thread beside the
-    loop instead of in its way: `start` it when due, take its `verdict` on a later turn, and
-    `finish` it before the consumer it reads is closed. Awaited inline, the check held a worker
-    still for about 2.5 s in every 15 (24 partitions)."""
+    """A blocking check (`Progress.stalled`, which waits for the broker's answers) run in a
+    thread beside the loop instead of in its way: `start` it when due, take its `verdict` on a
+    later turn, and `finish` it before the consumer it reads is closed. Awaited inline, the
+    loop got no record while the broker answered (see `Watermarks` for why that was seconds)."""
 
     def __init__(self) -> None:
         self._task: asyncio.Future[bool] | None = None

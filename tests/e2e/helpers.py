@@ -10,7 +10,15 @@ from typing import Any, TypeVar
 
 import httpx
 import yaml
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from shared.cli import publish
 from shared.settings import CommonSettings
@@ -191,6 +199,21 @@ templates:
 """
     )
     return path
+
+
+def filled_topic(bootstrap: str, prefix: str, partitions: list[int]) -> tuple[str, AdminClient]:
+    """A new topic of two partitions holding one record per item of `partitions`, written to
+    the partition it names (the value: the item's index); and the admin client that made it."""
+    topic = unique(prefix)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result(
+        timeout=30
+    )
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for n, partition in enumerate(partitions):
+        producer.produce(topic, value=str(n).encode(), partition=partition)
+    assert producer.flush(30) == 0
+    return topic, admin
 
 
 def read_topic(bootstrap: str, topic: str) -> list[tuple[str | None, bytes | None]]:

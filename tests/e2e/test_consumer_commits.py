@@ -16,11 +16,10 @@ import asyncio
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka import Consumer, TopicPartition
 
 from shared.kafka import ConsumerLoop
-from tests.e2e.helpers import unique
+from tests.e2e.helpers import filled_topic, unique
 
 pytestmark = [pytest.mark.e2e]
 
@@ -37,16 +36,8 @@ def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[
 
 
 async def test_a_refused_commit_is_sent_again_while_the_partition_is_held(stack: Any) -> None:
-    topic = unique("refused-commit")
+    topic, _admin = filled_topic(stack.bootstrap, "refused-commit", [n % 2 for n in range(6)])
     group = unique("refused-commit-group")
-    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result(
-        timeout=30
-    )
-    producer = Producer({"bootstrap.servers": stack.bootstrap})
-    for n in range(6):
-        producer.produce(topic, value=str(n).encode(), partition=n % 2)
-    assert producer.flush(30) == 0
 
     loop = ConsumerLoop(stack.bootstrap, group_id=group, topics=[topic], client_id="refused")
     received: list[tuple[int, int]] = []

@@ -17,7 +17,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from shared.kafka import ConsumerLoop
 from shared.membership import Watermarks
-from tests.e2e.helpers import unique
+from tests.e2e.helpers import filled_topic, unique
 
 pytestmark = [pytest.mark.e2e]
 
@@ -72,15 +72,7 @@ async def test_a_consumer_that_stopped_fetching_is_replaced_and_reads_on(stack: 
 
 
 def test_watermarks_of_many_partitions_come_from_the_broker_in_one_ask(stack: Any) -> None:
-    topic = unique("marks")
-    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result(
-        timeout=30
-    )
-    producer = Producer({"bootstrap.servers": stack.bootstrap})
-    for n in range(5):
-        producer.produce(topic, value=str(n).encode(), partition=0)
-    assert producer.flush(30) == 0
+    topic, admin = filled_topic(stack.bootstrap, "marks", [0] * 5)
     watermarks = Watermarks({"bootstrap.servers": stack.bootstrap})
     assert watermarks([(topic, 0), (topic, 1)]) == {(topic, 0): (0, 5), (topic, 1): (0, 0)}
     # Records deleted below offset 2 move the low watermark.
