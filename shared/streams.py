@@ -401,6 +401,8 @@ class StreamWorker:
         # producer must carry a `transactional.id` (`transactional_config`).
         self.transactional = transactional
         self.settings = settings
+        # End offsets for the progress check, over a connection of their own (one per worker).
+        self._watermarks = Watermarks(client_config(settings.kafka()))
         self.producer = producer
         self.clock = clock
         # `<data dir>/<service>/v1/tables/<table>-<partition>.db`
@@ -532,7 +534,6 @@ class StreamWorker:
         self._membership = Membership(self.app_id)
         self._progress = Progress(self.app_id)
         self._progress_check = CheckBeside()
-        self._watermarks = Watermarks(client_config(self.settings.kafka()))
         self._orphan = Orphan(
             self.app_id, orphan_seconds=self.orphan_seconds, check_seconds=self.orphan_check_seconds
         )
