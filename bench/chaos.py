@@ -1,7 +1,7 @@
 """Dispatcher chaos benchmark: what killed and stopped workers leave behind, counted.
 
 `.venv/bin/python -m bench.chaos [--sends N] [--kills K] [--zombie-sends M]` starts its own
-throw-away stack (Kafka 29492/29493, FerretDB 37492, the sandbox with SMTP on 21425 and its
+throw-away stack (Kafka 29492/29493, FerretDB 27492, the sandbox with SMTP on 21425 and its
 HTTP providers on 28425, dispatcher metrics 29565; state in `.local/bench-chaos`, wiped at the
 start, stopped at the end), stores the dispatch bench's templates, and runs two phases, each on a
 reset sandbox outbox:
@@ -71,7 +71,7 @@ PORTS = stack.Ports(
     kafka=29492,
     kafka_controller=29493,
     postgres=25492,
-    mongo=37492,
+    mongo=27492,
     smtp=21425,
     outbox=28425,
     ingest=28400,  # nothing listens: the SMS status callbacks it would get are held back

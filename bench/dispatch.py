@@ -1,7 +1,7 @@
 """Dispatcher benchmark: one worker's sends per second to SMTP and to an HTTP provider.
 
 `.venv/bin/python -m bench.dispatch [--messages N] [--latency-ms 0,50] [--in-flight C]` starts
-its own throw-away stack (Kafka 29392/29393, FerretDB 37392, the sandbox with SMTP on 21325 and
+its own throw-away stack (Kafka 29392/29393, FerretDB 27392, the sandbox with SMTP on 21325 and
 its HTTP providers on 28325, dispatcher metrics 29465; state in `.local/bench-dispatch`, wiped at
 the start, stopped at the end) and ONE dispatcher worker (`python -m services.dispatcher`, at most
 C sends in flight: `WAYPOST_MAX_IN_FLIGHT`, which the worker doubles for SMS unless
@@ -98,7 +98,7 @@ PORTS = stack.Ports(
     kafka=29392,
     kafka_controller=29393,
     postgres=25392,
-    mongo=37392,
+    mongo=27392,
     smtp=21325,
     outbox=28325,
     ingest=28300,  # nothing listens: the SMS status callbacks it would get are held back

@@ -1,7 +1,7 @@
 """Document-store benchmark: lookups and view writes on the local FerretDB as collections grow.
 
 `.venv/bin/python -m bench.docstore [--sizes N ...] [--ops K]` starts its own PostgreSQL and
-FerretDB (ports 35632 and 37692, state in `.local/bench-docstore`, wiped at the start and stopped
+FerretDB (ports 25632 and 27632, state in `.local/bench-docstore`, wiped at the start and stopped
 at the end), then for each size fills two collections with that many ledger-sized documents
 (one index on `contact_key`, as the `messages` view has):
 
@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))
 import stack  # noqa: E402  (a script, not a package: importable once its folder is on the path)
 
 HOME = ROOT / ".local" / "bench-docstore"
-PORTS = stack.Ports(postgres=35632, mongo=37692)
+PORTS = stack.Ports(postgres=25632, mongo=27632)
 BATCH = 500
 DATABASE = "bench"
 

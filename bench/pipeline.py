@@ -2,7 +2,7 @@
 
 `.venv/bin/python -m bench.pipeline [--rates R ...] [--seconds S]` starts its own throw-away full
 stack (Kafka, PostgreSQL with FerretDB, the SMTP/provider sandbox and one worker of each of the
-five services, on ports 39592 and up, state in `.local/bench-pipeline`, wiped at the start and
+five services, on ports 29692 and up, state in `.local/bench-pipeline`, wiped at the start and
 stopped at the end, also on Ctrl-C or failure), publishes the example segments and journeys as
 the demo does, warms up, then for each rate, rising:
 
@@ -67,16 +67,16 @@ import stack  # noqa: E402
 
 HOME = ROOT / ".local" / "bench-pipeline"
 PORTS = stack.Ports(
-    kafka=39592,
-    kafka_controller=39593,
-    postgres=35532,
-    mongo=37592,
-    smtp=31525,
-    outbox=38525,
-    ingest=38500,
-    admin=38501,
-    dispatcher_metrics=39564,
-    kafka_sasl=39594,
+    kafka=29692,
+    kafka_controller=29693,
+    postgres=25692,
+    mongo=27692,
+    smtp=21625,
+    outbox=28625,
+    ingest=28600,
+    admin=28601,
+    dispatcher_metrics=29665,
+    kafka_sasl=29694,
 )
 SCRATCH = "bench.pipeline.round-trip"
 SERVICES = ("ingest", "segmenter", "orchestrator", "dispatcher", "admin")

@@ -70,7 +70,7 @@ HOME = ROOT / ".local" / "bench-segmenter"
 PORTS = stack.Ports(
     29292,
     29293,
-    mongo=37292,
+    mongo=27292,
     smtp=21225,
     outbox=28225,
     ingest=28200,

@@ -29,7 +29,7 @@ def ports_at(offset: int) -> local_stack.Ports:
         kafka=19092 + offset,
         kafka_controller=19093 + offset,
         postgres=15432 + offset,
-        mongo=37017 + offset,
+        mongo=17017 + offset,
         smtp=11025 + offset,
         outbox=18025 + offset,
         ingest=18000 + offset,
