@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, MutableMapping, Sequence
-from functools import partial
+from functools import lru_cache, partial
 from typing import Protocol, assert_never
 
 import structlog
@@ -488,6 +488,12 @@ def _contact_event(profile: Profile, event: Event) -> tuple[str, str | None, byt
     )
 
 
+# Every event asks whether its contact was erased: the markers of the contacts seen lately are
+# kept rather than digested again (a contact's events come in runs).
+MARKERS_KEPT = 65_536
+
+
+@lru_cache(maxsize=MARKERS_KEPT)
 def forgotten_marker(erasure_key: bytes, contact_key: str) -> bytes:
     """The `links` row that says the contact was erased: a keyed digest, so the row names
     nobody to whoever lacks the key (a plain hash of an e-mail address is found by hashing
@@ -495,6 +501,7 @@ def forgotten_marker(erasure_key: bytes, contact_key: str) -> bytes:
     return _FORGOTTEN + keyed_digest(erasure_key, "forgotten", contact_key).hex().encode()
 
 
+@lru_cache(maxsize=MARKERS_KEPT)
 def legacy_forgotten_marker(contact_key: str) -> bytes:
     """The row versions before the keyed digest wrote (a plain SHA-256 of the key)."""
     return _FORGOTTEN + hashlib.sha256(contact_key.encode()).hexdigest().encode()
