@@ -180,6 +180,40 @@ def test_s9_enters_when_the_last_order_becomes_older_than_90_days() -> None:
     assert back.row.next_tick - later - 90 * DAY < timedelta(milliseconds=1)
 
 
+def test_the_timer_moves_only_earlier_and_an_early_firing_arms_the_next() -> None:
+    first = _fold([_event("Order Completed", T0, "o-1")], S9, T0)
+    armed = first.next_tick
+    assert armed is not None
+    # A second order moves the flip a day on; the timer already armed stays (it is sooner).
+    later = T0 + DAY
+    second = contact.apply(first, _event("Order Completed", later, "o-2"), S9, later)
+    assert second.row is not None
+    assert not second.retime
+    assert second.row.next_tick == armed
+    # It fires early: nothing changes, and the re-check arms the flip of the second order.
+    early = contact.reevaluate(second.row, "tick-1", S9, armed)
+    assert _labels(early) == []
+    assert early.retime
+    assert early.row is not None
+    due = early.row.next_tick
+    assert due is not None
+    assert due - (later + 90 * DAY) < timedelta(seconds=1)
+    assert due > later + 90 * DAY
+    # Then the contact enters on time.
+    entered = contact.reevaluate(early.row, "tick-2", S9, due)
+    assert _labels(entered) == [(SEGMENT_ENTERED, "churn-risk")]
+
+
+def test_a_sooner_instant_moves_the_timer_earlier() -> None:
+    row = _fold([_event("Product Viewed", T0, "v-1")], S11, T0)
+    assert row.next_tick == T0 + 7 * DAY  # the view's hourly bucket leaves the window
+    # A view three days old, delivered late, has a bucket that leaves the window sooner.
+    late = contact.apply(row, _event("Product Viewed", T0 - 3 * DAY, "v-0", received=T0), S11, T0)
+    assert late.row is not None
+    assert late.retime
+    assert late.row.next_tick == T0 + 4 * DAY
+
+
 def test_a_segment_reading_another_follows_it_in_the_same_turn() -> None:
     row = _fold([_event("Order Completed", T0 - 100 * DAY, "o-1", received=T0)], S9, T0)
     assert row.profile.segments == ("churn-risk",)

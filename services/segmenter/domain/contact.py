@@ -329,6 +329,13 @@ def _settle(
     )
     instants = [] if timed_until == NEVER else [aggregates.from_epoch_micros(timed_until)]
     tick = _earliest(instants, profile, defs, now)
+    armed = row.next_tick
+    if armed is not None and armed > now and (tick is None or tick >= armed):
+        # The orchestrator's timer only ever moves earlier. One armed sooner than need be
+        # fires, finds nothing to change, and the re-check it brings arms the next one; moved
+        # later, it would follow every event (each moves `last_seen`, and with it every
+        # "within the last ..." condition's flip).
+        tick = armed
     update: dict[str, Any] = {
         "profile": profile,
         "aggregates": kept,
