@@ -169,13 +169,22 @@ class DocumentView:
         if not new:
             return entries
         rest = [(k, doc) for k, doc in entries if doc["_id"] in known]
+        return rest + await self._insert_all(new)
+
+    async def _insert_all(
+        self, entries: list[tuple[str, dict[str, Any]]]
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Insert every document in one unordered bulk write; the entries the store refused
+        (a duplicate key, or any other refusal of that document alone)."""
+        if not entries:
+            return []
         try:
-            await bulk_write_unordered(self._collection, [InsertOne(doc) for _k, doc in new])
+            await bulk_write_unordered(self._collection, [InsertOne(doc) for _k, doc in entries])
         except BulkWriteError as exc:
             if exc.details.get("writeConcernErrors"):
                 raise
-            rest += [new[int(error["index"])] for error in exc.details.get("writeErrors", [])]
-        return rest
+            return [entries[int(error["index"])] for error in exc.details.get("writeErrors", [])]
+        return []
 
     def _remember_stored(self, ids: list[str]) -> None:
         stored = self._stored

@@ -25,11 +25,9 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pymongo import DeleteOne, InsertOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
 from services.admin.domain.timeline import keep_recent, recent_entry
 from shared.contracts import Event
-from shared.docstore import bulk_write_unordered
 from shared.document_view import DocumentView, Write
 from shared.kafka import Record
 from shared.profiles import CONTACT_FORGOTTEN
@@ -117,21 +115,12 @@ class RecentEventsView(DocumentView):
         """Insert the documents of contacts the store held none for when read; one stored
         meanwhile (a member that held the partition before, writing late) is replaced as
         before."""
-        if not contacts:
-            return
-        try:
-            await bulk_write_unordered(
-                self._collection, [InsertOne(_document(key, events)) for key, events in contacts]
-            )
-        except BulkWriteError as exc:
-            if exc.details.get("writeConcernErrors"):
-                raise
-            again = [contacts[int(error["index"])] for error in exc.details.get("writeErrors", [])]
+        refused = await self._insert_all(
+            [(key, _document(key, events)) for key, events in contacts]
+        )
+        if refused:
             await super()._write(
-                [
-                    (key, ReplaceOne({"_id": key}, _document(key, events), upsert=True))
-                    for key, events in again
-                ]
+                [(key, ReplaceOne({"_id": key}, doc, upsert=True)) for key, doc in refused]
             )
 
 
