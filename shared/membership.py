@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
 log = structlog.get_logger(__name__)
@@ -310,12 +310,18 @@ class Watermarks:
             request_timeout=self._timeout,
         )
         found: dict[TopicPartitionKey, tuple[int, int]] = {}
-        for tp, low in lows.items():
-            high = highs[tp]
-            found[(str(tp.topic), int(tp.partition))] = (
-                int(low.result(self._timeout).offset),
-                int(high.result(self._timeout).offset),
-            )
+        try:
+            for tp, low in lows.items():
+                high = highs[tp]
+                found[(str(tp.topic), int(tp.partition))] = (
+                    int(low.result(self._timeout).offset),
+                    int(high.result(self._timeout).offset),
+                )
+        except TimeoutError as exc:
+            # The futures' own deadline can pass before the request's: the same outage.
+            raise KafkaException(
+                KafkaError(KafkaError._TIMED_OUT, "watermarks not answered in time")
+            ) from exc
         return found
 
 
@@ -348,11 +354,16 @@ class CheckBeside:
         self._task = asyncio.ensure_future(asyncio.to_thread(run))
 
     def verdict(self) -> bool | None:
-        """The finished check's answer (once), else None."""
+        """The finished check's answer (once), else None. A check that failed gives no
+        answer (logged): it is a safety net, and its failure must never stop the records."""
         task = self._task
         if task is None or not task.done():
             return None
         self._task = None
+        failure = task.exception()
+        if failure is not None:
+            log.warning("kafka.progress_check_failed", error=f"{type(failure).__name__}: {failure}")
+            return None
         return task.result()
 
     async def finish(self) -> None:

@@ -88,3 +88,21 @@ def test_a_synchronous_close_waits_for_the_check_s_thread() -> None:
         assert released.is_set()
 
     asyncio.run(scenario())
+
+
+def test_a_check_that_failed_gives_no_answer_and_the_next_one_runs() -> None:
+    async def scenario() -> None:
+        def broken() -> bool:
+            raise TimeoutError("the broker did not answer")
+
+        check = CheckBeside()
+        check.start(broken)
+        deadline = asyncio.get_running_loop().time() + 5
+        while check.running and asyncio.get_running_loop().time() < deadline:
+            assert check.verdict() is None  # no answer, and nothing raised into the loop
+            await asyncio.sleep(0.01)
+        assert not check.running
+        check.start(lambda: True)
+        assert await _answer(check) is True
+
+    asyncio.run(scenario())

@@ -6,6 +6,7 @@ the partition) deletes the contact's documents instead of adding one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from functools import partial
 from typing import Any
 
@@ -18,7 +19,7 @@ from pymongo.errors import BulkWriteError
 from shared.contracts import JourneyLogRecord
 from shared.deadletter import through_outages
 from shared.docstore import bulk_write_unordered
-from shared.document_view import DUPLICATE_KEY
+from shared.document_view import DUPLICATE_KEY, RESTART_SECONDS
 from shared.kafka import ConsumerLoop
 
 log = structlog.get_logger(__name__)
@@ -121,6 +122,16 @@ async def follow_journey_log(
     consumer: ConsumerLoop, store: JourneyLogStore, stop: asyncio.Event
 ) -> None:
     await through_outages(store.prepare, what="journey-log view")
+    while not stop.is_set():
+        try:
+            await _follow(consumer, store, stop)
+        except Exception:
+            log.exception("admin.journey_log_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RESTART_SECONDS)
+
+
+async def _follow(consumer: ConsumerLoop, store: JourneyLogStore, stop: asyncio.Event) -> None:
     async for batch in consumer.records():
         records = []
         for record in batch:
