@@ -139,11 +139,17 @@ def _outage(
         if down:
             bring_back()  # the stack outlives this test
     expected = set(traffic.acknowledged)
-    wait_for(
-        lambda: expected <= set(arrived()),
-        timeout=300,
-        what=f"an email for each of the {len(expected)} acknowledged shoppers",
-    )
+    try:
+        wait_for(
+            lambda: expected <= set(arrived()),
+            timeout=300,
+            what=f"an email for each of the {len(expected)} acknowledged shoppers",
+        )
+    except AssertionError as exc:
+        # Where the missing shoppers stand: did the journey take them, what says the ledger?
+        missing = sorted(expected - set(arrived()))
+        why = _why_missing(stack, missing)
+        raise AssertionError(f"{exc}; {len(missing)} missing: {why}") from None
     wait_drained(stack, timeout=300)
 
     def entered() -> int:
@@ -169,6 +175,36 @@ def _journey_stats(stack: Any, run: str) -> dict[str, int] | None:
     answer = httpx.get(f"{stack.admin_url}/v1/stats", headers=ADMIN, timeout=30)
     journeys: dict[str, dict[str, int]] = answer.json()["journeys"]
     return journeys.get(run)
+
+
+def _why_missing(stack: Any, missing: list[str], shown: int = 3) -> str:
+    """The first few missing shoppers' journey records and ledger entries, for a failure
+    message (each shopper's contact key is the address's local part)."""
+    lines = []
+    for address in missing[:shown]:
+        key = address.split("@")[0]
+        try:
+            log = httpx.get(
+                f"{stack.admin_url}/v1/journey-log",
+                params={"contact_key": key},
+                headers=ADMIN,
+                timeout=30,
+            ).json()
+            ledger = httpx.get(
+                f"{stack.admin_url}/v1/messages",
+                params={"contact_key": key},
+                headers=ADMIN,
+                timeout=30,
+            ).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            lines.append(f"{key}: unreadable ({exc!r})")
+            continue
+        steps = [(r.get("kind"), r.get("step_id"), r.get("reason")) for r in log.get("records", [])]
+        states = [
+            (m.get("state"), m.get("attempt"), m.get("reason")) for m in ledger.get("messages", [])
+        ]
+        lines.append(f"{key}: journey log {steps}, ledger {states}")
+    return "; ".join(lines)
 
 
 def _where_they_stand(stack: Any, run: str, traffic: Traffic, emails: Counter[str]) -> str:
