@@ -327,14 +327,22 @@ class Stack:
     def logfile(self, name: str) -> Path:
         return self.home / "logs" / f"{name}.log"
 
-    def pid(self, name: str) -> int | None:
+    def _recorded_pid(self, name: str) -> int | None:
         try:
-            pid = int(self._pidfile(name).read_text())
+            return int(self._pidfile(name).read_text())
         except (OSError, ValueError):
+            return None
+
+    def pid(self, name: str) -> int | None:
+        """The process id of a running `name`, else None."""
+        pid = self._recorded_pid(name)
+        if pid is None:
             return None
         try:
             os.kill(pid, 0)
         except OSError:
+            return None
+        if _zombie(pid):  # exited, not yet reaped by the process that started it
             return None
         return pid
 
@@ -372,6 +380,11 @@ class Stack:
         the server's own way to stop quickly and cleanly."""
         pid = self.pid(name)
         if pid is None:
+            recorded = self._recorded_pid(name)
+            if recorded is not None and _zombie(recorded):
+                # It exited on its own: what it left running in its group goes too.
+                with contextlib.suppress(OSError):
+                    os.killpg(recorded, signal.SIGKILL)
             self._pidfile(name).unlink(missing_ok=True)
             child = self.children.get(name)
             if child is not None and child.poll() is not None:  # gone: reaped, or reaped now
@@ -837,6 +850,17 @@ def _clear_stale_postmaster_pid(data: Path) -> None:
     lock.unlink()
 
 
+def _zombie(pid: int) -> bool:
+    """Whether `pid` has exited and waits to be reaped (Linux: state Z in /proc). Signal 0
+    reaches such a process, so a crashed service would otherwise count as running."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (not Linux), or gone meanwhile: signal 0 decided
+    # The state follows the command name, which is in parentheses and may hold spaces.
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
 def _listening(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -863,11 +887,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except OSError:
         return False
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except OSError:
-        return False
+    return not _zombie(pid)
 
 
 def main() -> int:
