@@ -34,6 +34,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, PyMongoError
 
+from shared import event_loop
 from shared.docstore import bulk_write_unordered, connect, database, replace_unless_newer
 from shared.kafka import ConsumerLoop, Record
 from shared.settings import CommonSettings
@@ -277,7 +278,7 @@ def run_view_thread(
     service."""
     stop = threading.Event()
     thread = threading.Thread(
-        target=asyncio.run, args=(_keep_running(settings, app_name, view, stop),), name=app_name
+        target=event_loop.run, args=(_keep_running(settings, app_name, view, stop),), name=app_name
     )
     thread.daemon = True  # never holds the process up once the worker has stopped
     thread.start()

@@ -46,6 +46,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
+from shared import event_loop
 from shared.clock import Clock
 from shared.deadletter import through_outages
 from shared.heap import freeze_startup_heap
@@ -1076,4 +1077,4 @@ def run_stream_worker(worker: StreamWorker) -> None:
         log.info("stream.heap_frozen", objects=freeze_startup_heap())
         await worker.run(stop)
 
-    asyncio.run(main())
+    event_loop.run(main())

@@ -31,6 +31,7 @@ from services.admin.adapters.test_sends import TestSends
 from services.admin.app import create_app
 from services.admin.domain.segments import segment_totals
 from services.admin.settings import AdminSettings
+from shared import event_loop
 from shared.clock import SystemClock
 from shared.deadletter import through_outages
 from shared.definitions import PublishedJourneys
@@ -135,7 +136,7 @@ def main() -> None:
     configure_logging("admin", settings.log_level, settings.log_format)
     enforce(settings.env, settings.secrets())
     prepare_topics(settings)
-    asyncio.run(serve(settings))
+    event_loop.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from services.dispatcher.channels.http import ProviderClient
 from services.dispatcher.channels.sms.adapter import SmsSender
 from services.dispatcher.handlers import Dispatcher, Stores, retry_due
 from services.dispatcher.settings import DispatcherSettings
+from shared import event_loop
 from shared.channels import CHANNELS
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
@@ -153,7 +154,7 @@ def main() -> None:
         settings, "waypost-ledger-view", lambda db: ledger_view(settings, db, settings.app_id)
     )
     try:
-        asyncio.run(serve(settings, worker, clock))
+        event_loop.run(serve(settings, worker, clock))
     finally:
         stop_view()
         producer.close()
