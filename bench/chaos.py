@@ -8,8 +8,10 @@ reset sandbox outbox:
 
 1. **sigkill**: N send requests (three emails to one SMS, one contact each) are produced, one
    dispatcher worker starts, and it is SIGKILLed K times, each time another slice of the
-   requests is committed, then started again at once. The sandbox adds `--latency-ms` to every
-   SMS answer.
+   requests is committed and then a moment more (drawn from `--kill-spread`, seeded by
+   `--seed`), then started again at once. Killed the instant a commit shows, the worker would
+   always die between two batches, where nothing is under way: the draw puts the kills
+   anywhere in a batch. The sandbox adds `--latency-ms` to every SMS answer.
 2. **sigstop**: M SMS requests over two workers, the sandbox answering each after
    `--zombie-latency-ms`. Once the first worker has provider calls under way (its in-flight
    gauge), it is SIGSTOPped until every request is committed (the second one takes its
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import signal
 import sys
 import time
@@ -244,11 +247,14 @@ def sigkill_phase(bench: stack.Stack, db: Any, args: argparse.Namespace) -> Tall
     produce(bench, [(r.contact_key, r.to_wire()) for r in batch])
     done = follow(bench, len(batch), "sigkill")
     bench.start_service("dispatcher")
+    draws = random.Random(args.seed)
     for kill in range(args.kills):
         target = (kill + 1) * len(batch) // (args.kills + 2)
         wait_until(partial(reached, done, target), args.timeout, f"{target} committed")
+        later = draws.uniform(0, args.kill_spread)
+        time.sleep(later)  # a moment into the next batch (see the module's docstring)
         bench.stop("dispatcher", signal.SIGKILL)
-        say(f"  SIGKILL {kill + 1} at {done()} committed")
+        say(f"  SIGKILL {kill + 1} at {done()} committed, {later:.2f} s after {target}")
         bench.start_service("dispatcher")
     wait_until(partial(reached, done, len(batch)), args.timeout, "every request committed")
     found = tally(bench, db, "sigkill", sends_of(batch))
@@ -312,6 +318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--sends", type=int, default=5000, help="sends of the sigkill phase")
     parser.add_argument("--kills", type=int, default=4, help="SIGKILLs of the sigkill phase")
+    parser.add_argument(
+        "--kill-spread",
+        type=float,
+        default=1.0,
+        help="seconds: each SIGKILL comes up to this long after its slice is committed",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seeds the SIGKILLs' moments")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="SMS answer delay")
     parser.add_argument("--zombie-sends", type=int, default=3000, help="SMS of the sigstop phase")
     parser.add_argument(
