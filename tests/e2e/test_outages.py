@@ -184,18 +184,15 @@ def _why_missing(stack: Any, missing: list[str], shown: int = 3) -> str:
     for address in missing[:shown]:
         key = address.split("@")[0]
         try:
-            log = httpx.get(
-                f"{stack.admin_url}/v1/journey-log",
-                params={"contact_key": key},
-                headers=ADMIN,
-                timeout=30,
-            ).json()
-            ledger = httpx.get(
-                f"{stack.admin_url}/v1/messages",
-                params={"contact_key": key},
-                headers=ADMIN,
-                timeout=30,
-            ).json()
+            log, ledger = (
+                httpx.get(
+                    f"{stack.admin_url}{path}",
+                    params={"contact_key": key},
+                    headers=ADMIN,
+                    timeout=30,
+                ).json()
+                for path in ("/v1/journey-log", "/v1/messages")
+            )
         except (httpx.HTTPError, ValueError) as exc:
             lines.append(f"{key}: unreadable ({exc!r})")
             continue
