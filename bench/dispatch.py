@@ -759,7 +759,8 @@ def one_run(bench: stack.Stack, db: Any, run: Run, args: argparse.Namespace) -> 
     control(bench, run.latency_ms)
     # On the loop the worker runs on (`WAYPOST_EVENT_LOOP`): the client library at its best.
     base, latencies_ms, idle_ms = event_loop.run(
-        baseline(bench, run, args.messages, in_flight(run, args), meter)
+        baseline(bench, run, args.messages, in_flight(run, args), meter),
+        CommonSettings().event_loop,
     )
     expected = {run.recipient("base", n) for n in range(args.messages)}
     expected |= {run.recipient("idle", n) for n in range(PROBES)}

@@ -278,7 +278,9 @@ def run_view_thread(
     service."""
     stop = threading.Event()
     thread = threading.Thread(
-        target=event_loop.run, args=(_keep_running(settings, app_name, view, stop),), name=app_name
+        target=event_loop.run,
+        args=(_keep_running(settings, app_name, view, stop), settings.event_loop),
+        name=app_name,
     )
     thread.daemon = True  # never holds the process up once the worker has stopped
     thread.start()

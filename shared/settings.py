@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.event_loop import EventLoop
 from shared.kafka_connection import (
     SASL_PROTOCOLS,
     KafkaConnection,
@@ -67,6 +68,8 @@ class CommonSettings(BaseSettings):
     log_level: str = "info"
     # JSON lines for operators; "console" for a person at a terminal.
     log_format: Literal["json", "console"] = "json"
+    # The services' event loop (`shared/event_loop.py`); ingest's is uvicorn's.
+    event_loop: EventLoop = "uvloop"
     data_dir: Path = Path(".local/data")
     # Where contacts reach the ingest service (unsubscribe, open pixel, click and SMS status
     # links), and the secret that signs those links; set both in production.
@@ -141,6 +144,11 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.lower()
+
+    @field_validator("event_loop", mode="before")
+    @classmethod
+    def _loop_name(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
     @classmethod

@@ -1077,4 +1077,4 @@ def run_stream_worker(worker: StreamWorker) -> None:
         log.info("stream.heap_frozen", objects=freeze_startup_heap())
         await worker.run(stop)
 
-    event_loop.run(main())
+    event_loop.run(main(), worker.settings.event_loop)

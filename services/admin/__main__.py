@@ -136,7 +136,7 @@ def main() -> None:
     configure_logging("admin", settings.log_level, settings.log_format)
     enforce(settings.env, settings.secrets())
     prepare_topics(settings)
-    event_loop.run(serve(settings))
+    event_loop.run(serve(settings), settings.event_loop)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def main() -> None:
         settings, "waypost-ledger-view", lambda db: ledger_view(settings, db, settings.app_id)
     )
     try:
-        event_loop.run(serve(settings, worker, clock))
+        event_loop.run(serve(settings, worker, clock), settings.event_loop)
     finally:
         stop_view()
         producer.close()

@@ -1,5 +1,5 @@
 """Every process runs its event loop on uvloop unless `WAYPOST_EVENT_LOOP=asyncio` says
-otherwise; an unknown name is refused with the variable named."""
+otherwise; an unknown name is refused with the setting named."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import threading
 
 import pytest
 import uvloop
+from pydantic import ValidationError
 
 from shared import event_loop
+from shared.settings import CommonSettings
 
 
 async def _loop_type() -> type:
@@ -17,16 +19,19 @@ async def _loop_type() -> type:
     return type(asyncio.get_running_loop())
 
 
-def test_uvloop_is_the_default_and_asyncio_can_be_chosen() -> None:
-    assert event_loop.chosen({}) == "uvloop"
-    assert event_loop.chosen({"WAYPOST_EVENT_LOOP": " AsyncIO "}) == "asyncio"
+def test_uvloop_is_the_default_and_asyncio_can_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WAYPOST_EVENT_LOOP", raising=False)
+    assert CommonSettings().event_loop == "uvloop"
+    monkeypatch.setenv("WAYPOST_EVENT_LOOP", " AsyncIO ")
+    assert CommonSettings().event_loop == "asyncio"
     assert issubclass(event_loop.run(_loop_type(), "uvloop"), uvloop.Loop)
     assert not issubclass(event_loop.run(_loop_type(), "asyncio"), uvloop.Loop)
 
 
-def test_an_unknown_loop_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="WAYPOST_EVENT_LOOP must be one of uvloop, asyncio"):
-        event_loop.chosen({"WAYPOST_EVENT_LOOP": "trio"})
+def test_an_unknown_loop_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WAYPOST_EVENT_LOOP", "trio")
+    with pytest.raises(ValidationError, match="event_loop"):
+        CommonSettings()
 
 
 def test_a_loop_on_a_thread_leaves_no_policy_behind() -> None:
