@@ -14,6 +14,11 @@ between an action's reading of the writes and its commit. With calls aside, a tr
 durable as `sending` only once it holds a call slot: a round per wave of calls, not one for
 the batch, and a crash strands only the tries actually under way.
 
+A task that waits on something outside that usually ends within moments and is followed by
+its park (staging an SMTP message) steps into `joining()` instead: a round that could fire but
+for joining tasks waits for them, up to `join_wait` seconds, then fires without them. Stepping
+aside there would make a round fire for almost every such task, one transaction each.
+
 Should the action fail, every parked task gets its exception, and `run` cancels the others and
 raises it: a fenced worker does nothing more for the batch.
 """
@@ -26,9 +31,14 @@ from contextlib import asynccontextmanager
 
 
 class Rendezvous:
-    def __init__(self, action: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, action: Callable[[], Awaitable[None]], join_wait: float = 0.0) -> None:
         self._action = action
+        self._join_wait = join_wait
         self._live = 0
+        self._joining = 0
+        # Armed when only joining tasks keep a round from firing; once it rang, they don't.
+        self._join_timer: asyncio.TimerHandle | None = None
+        self._join_overdue = False
         self._parked: list[asyncio.Future[None]] = []
         self._firing = False
         self._firings: set[asyncio.Future[None]] = set()
@@ -85,6 +95,18 @@ class Rendezvous:
             finally:
                 self._live += 1
 
+    @asynccontextmanager
+    async def joining(self) -> AsyncIterator[None]:
+        """Wait on something outside the batch that the coming round should wait for, but
+        only up to `join_wait` seconds from when it could fire without this task."""
+        self._joining += 1
+        self._maybe_fire()
+        try:
+            yield
+        finally:
+            self._joining -= 1
+            self._maybe_fire()
+
     async def _tracked(self, work: Callable[[], Awaitable[None]]) -> None:
         try:
             await work()
@@ -93,14 +115,32 @@ class Rendezvous:
             self._maybe_fire()
 
     def _maybe_fire(self) -> None:
-        if self._firing or not self._parked or len(self._parked) < self._live:
+        if self._firing or not self._parked:
             return
+        missing = self._live - len(self._parked)  # running, neither parked nor aside
+        if missing > self._joining:
+            return
+        if missing > 0 and not self._join_overdue:
+            if self._join_timer is None:
+                self._join_timer = asyncio.get_running_loop().call_later(
+                    self._join_wait, self._overdue
+                )
+            return
+        if self._join_timer is not None:
+            self._join_timer.cancel()
+            self._join_timer = None
+        self._join_overdue = False
         self._firing = True
         self._quiet.clear()
         waiters, self._parked = self._parked, []
         firing = asyncio.ensure_future(self._fire(waiters))
         self._firings.add(firing)
         firing.add_done_callback(self._firings.discard)
+
+    def _overdue(self) -> None:
+        self._join_timer = None
+        self._join_overdue = True
+        self._maybe_fire()
 
     async def _fire(self, waiters: list[asyncio.Future[None]]) -> None:
         self.rounds += 1

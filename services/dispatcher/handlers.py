@@ -8,7 +8,9 @@ all at once; a contact's records run one after another, which keeps the frequenc
 the count it guards together. A try takes one of its channel's call slots, then is marked
 `sending` and made durable by a group commit with every other try ready at that moment
 (`shared.rendezvous`: the worker's checkpoint, which also proves the worker still owns the
-partitions), then calls its provider. Waiting for a slot and the call itself stand aside from
+partitions), then calls its provider. An SMTP try is staged first (`StagingProvider`: the whole
+transaction but the "." that ends it), so the mark covers only the last step, the one after
+which the message may have arrived. Waiting for a slot, staging and the call stand aside from
 the group commit, so rounds follow the calls in waves; outcomes, events and retries are
 committed by the next round or with the batch's offsets at its end. A crash repeats the batch,
 and the ledger turns repeats into no-ops: a try left `sending` (only one that held a slot) is
@@ -58,7 +60,14 @@ from services.dispatcher.domain.conclude import (
     WithdrawConsent,
     conclude,
 )
-from services.dispatcher.domain.messages import Delivery, MessageContent, Provider, RenderContext
+from services.dispatcher.domain.messages import (
+    Delivery,
+    MessageContent,
+    Provider,
+    RenderContext,
+    Staged,
+    StagingProvider,
+)
 from services.dispatcher.domain.outcomes import EVENT_NAMES, Outcome
 from services.dispatcher.domain.policy import (
     CapRule,
@@ -245,6 +254,8 @@ class Dispatcher:
         self._prove_owner: Callable[[], Awaitable[None]] = _outside_a_batch
         # Waits on the outside world within a batch: they stand aside from its group commit.
         self._aside: Callable[[], AbstractAsyncContextManager[None]] = _no_batch_to_leave
+        # Short waits outside that the batch's coming round waits for (staging an email).
+        self._joining: Callable[[], AbstractAsyncContextManager[None]] = _no_batch_to_leave
         self._delays = {
             "short": settings.retry_short_seconds,
             "medium": settings.retry_medium_seconds,
@@ -256,6 +267,20 @@ class Dispatcher:
             pause_seconds=settings.provider_pause_seconds,
             caps=self._caps,
         )
+
+    @property
+    def providers(self) -> Mapping[Channel, Provider]:
+        return self._providers
+
+    @providers.setter
+    def providers(self, providers: Mapping[Channel, Provider]) -> None:
+        self._providers = providers
+        # Known once: a protocol check per send costs more than the check is worth.
+        self._stagers = {
+            channel: provider
+            for channel, provider in providers.items()
+            if isinstance(provider, StagingProvider)
+        }
 
     # --- a batch ------------------------------------------------------------------------------
 
@@ -275,9 +300,10 @@ class Dispatcher:
         for record in records:
             key = record.key if record.key is not None else f"#{record.offset}"
             contacts.setdefault((record.partition, key), []).append(record)
-        rendezvous = Rendezvous(checkpoint)
+        rendezvous = Rendezvous(checkpoint, self.settings.smtp_stage_join_ms / 1000)
         self.ledger.use_gate(rendezvous.gate)
         self._aside = rendezvous.aside
+        self._joining = rendezvous.joining
         try:
             await rendezvous.run(
                 [partial(self._contact_records, mine) for mine in contacts.values()]
@@ -445,22 +471,27 @@ class Dispatcher:
                 request, attempt, paused, f"{channel} paused by a configuration error"
             )
             return
-        # Marked `sending` only once it holds a call slot: a crash strands no try that was
-        # still waiting for one.
+        # Marked `sending` only once it holds a call slot, and once the provider holds all of
+        # the message but its last step (`Staged`): a crash strands no try that was still
+        # waiting for a slot or talking to an SMTP server.
         async with self._call_slot(channel, self._buckets[channel].reserve(self._monotonic())):
+            staged = await self._stage(channel, prepared)
             began = self.clock.now()
-            try_id = f"{attempt}:{try_name}"
-            try:
-                begun = await self.ledger.begin(request.message_id, try_id, attempt, began)
-            except BaseException:  # the round failed, or the batch: no call was made
-                self._park(request.message_id, try_id, began)
-                raise
-            if begun:
-                outcome: Outcome | None = await self._call(
-                    channel, prepared, attempt, began, try_id
-                )
+            if isinstance(staged, Outcome):
+                outcome: Outcome | None = staged  # refused before it could be taken: unmarked
             else:
-                outcome = None
+                try_id = f"{attempt}:{try_name}"
+                try:
+                    begun = await self.ledger.begin(request.message_id, try_id, attempt, began)
+                except BaseException:  # the round failed, or the batch: no call was made
+                    staged.abandon()
+                    self._park(request.message_id, try_id, began)
+                    raise
+                if begun:
+                    outcome = await self._call(channel, staged, prepared, attempt, began, try_id)
+                else:
+                    staged.abandon()
+                    outcome = None
         if outcome is None:
             await self._after_lost_begin(request, attempt, record)
             return
@@ -501,22 +532,43 @@ class Dispatcher:
             if held:
                 self._slots[channel].release()
 
+    async def _stage(self, channel: Channel, prepared: Delivery) -> Staged | Outcome:
+        """The message handed to a provider that stages (`StagingProvider`: SMTP) all but its
+        last step, joining the batch's coming round (`Rendezvous.joining`: the round waits a
+        moment for it, so its mark commits with the others'); another provider's call is made
+        whole by `_call`."""
+        provider = self._stagers.get(channel)
+        if provider is None:
+            return _WholeCall(self.providers[channel], prepared)
+        async with self._joining():
+            return await provider.stage(prepared)
+
     async def _call(
-        self, channel: Channel, prepared: Delivery, attempt: int, began: datetime, try_id: str
+        self,
+        channel: Channel,
+        staged: Staged,
+        prepared: Delivery,
+        attempt: int,
+        began: datetime,
+        try_id: str,
     ) -> Outcome:
-        """The provider call of a try that holds a slot and is durable as `sending` (marked
-        `try_id` at `began`), remembered (`Called`): once made, it runs to its end even when
-        the batch fails meanwhile, unless the group moved the partitions on. Should the proof
-        of ownership fail, the try is parked (`_park`): it never reached the provider."""
+        """The provider call (the last step of `staged`) of a try that holds a slot and is
+        durable as `sending` (marked `try_id` at `began`), remembered (`Called`): once made, it
+        runs to its end even when the batch fails meanwhile, unless the group moved the
+        partitions on. Should the proof of ownership fail, the try is parked (`_park`): it
+        never reached the provider."""
         with self.metrics.in_flight.labels(channel).track_inprogress():
             try:
                 await self._prove_owner()
             except BaseException:
+                staged.abandon()
                 self._park(prepared.message_id, try_id, began)
                 raise
             # No await from here to the call's start: nothing can stop the task in between.
             async with self._aside():
-                call = asyncio.ensure_future(self.providers[channel].send(prepared))
+                call = asyncio.ensure_future(staged.finish())
+                # Cut off before it started, the staged message is dropped unsent.
+                call.add_done_callback(partial(_abandon_if_cut_off, staged))
                 self._remember(
                     prepared.message_id,
                     Called(attempt, began, prepared.address, call, self._monotonic(), focused()),
@@ -939,6 +991,25 @@ class Dispatcher:
             self.metrics.outcome(request.channel, "skipped")
             log_outcome(request.message_id, "skipped", FORGOTTEN_REASON)
         return True
+
+
+@dataclass(frozen=True)
+class _WholeCall:
+    """A provider call made in one step (`Staged` with nothing staged)."""
+
+    provider: Provider
+    delivery: Delivery
+
+    async def finish(self) -> Outcome:
+        return await self.provider.send(self.delivery)
+
+    def abandon(self) -> None:
+        pass
+
+
+def _abandon_if_cut_off(staged: Staged, call: asyncio.Future[Outcome]) -> None:
+    if call.cancelled():
+        staged.abandon()
 
 
 async def _answer(call: asyncio.Future[Outcome], channel: str) -> Outcome:

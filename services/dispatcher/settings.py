@@ -94,6 +94,10 @@ class DispatcherSettings(StreamSettings):
     # An idle session older than this is closed rather than reused: servers drop idle clients
     # (Postfix after 300 s, many providers sooner), and a dropped one costs a failed command.
     smtp_idle_seconds: float = Field(default=10.0, gt=0)
+    # An email is staged at its server (all of it but the "." that ends it) before the round
+    # that marks it `sending`; a round that could commit but for tries still staging waits
+    # this long for them (docs/delivery.md). 0: it never waits, and commits far more rounds.
+    smtp_stage_join_ms: float = Field(default=20.0, ge=0)
     email_from: str = "Waypost <hello@waypost.local>"
     message_id_domain: str = "waypost.local"
     track_opens: bool = True

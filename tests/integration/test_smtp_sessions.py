@@ -1,6 +1,7 @@
 """The SMTP session pool against a real aiosmtpd server that counts its connections: sessions
 are reused, survive a refused recipient (RSET), are replaced when the server dropped them, and a
-connection lost after DATA is `unknown`."""
+connection lost after DATA is `unknown`. A staged message (all but the final ".") arrives only
+once finished; abandoned, or lost before its end, it never arrives."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from services.dispatcher.channels.email.adapter import SmtpSender
 from services.dispatcher.channels.email.domain import EmailContent
 from services.dispatcher.domain.messages import Delivery
+from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
 from tests.integration.providers import ShiftedClock, closed_port
 
@@ -242,4 +244,60 @@ async def test_nobody_listening_is_retryable_and_leaves_no_session() -> None:
     outcome = await sender.send(_delivery("ada@example.com"))
     assert outcome.kind == "retry"
     assert sender.sessions.take_idle() is None
+    await sender.aclose()
+
+
+async def test_a_staged_message_arrives_only_once_finished(server: Server) -> None:
+    sender = _sender(server.port, smtp_connections=2)
+    staged = await sender.stage(_delivery("ada@example.com"))
+    assert not isinstance(staged, Outcome)
+    # Another message, sent whole on a second session after the first one's data went out.
+    assert (await sender.send(_delivery("bob@example.com"))).kind == "sent"
+    assert server.delivered == ["bob@example.com"]  # the staged one waits for its end
+    assert (await staged.finish()).kind == "sent"
+    assert server.delivered == ["bob@example.com", "ada@example.com"]
+    staged.abandon()  # after `finish` began: nothing more
+    assert (await sender.send(_delivery("cy@example.com"))).kind == "sent"
+    assert server.connections == 2  # both sessions went back to the pool
+    await sender.aclose()
+
+
+async def test_an_abandoned_staged_message_never_arrives_and_frees_its_slot(
+    server: Server,
+) -> None:
+    sender = _sender(server.port, smtp_connections=1)
+    staged = await sender.stage(_delivery("ada@example.com"))
+    assert not isinstance(staged, Outcome)
+    staged.abandon()
+    await _until(lambda: server.lost == 1, "the abandoned session closed")
+    assert server.delivered == []
+    # The pool's only slot is free again: the next message goes out on a new session.
+    assert (await sender.send(_delivery("bob@example.com"))).kind == "sent"
+    assert server.delivered == ["bob@example.com"]
+    assert server.connections == 2
+    await sender.aclose()
+
+
+async def test_a_staged_message_whose_session_the_server_dropped_is_retried_unsent(
+    idle_dropping_server: Server,
+) -> None:
+    server = idle_dropping_server
+    sender = _sender(server.port)
+    staged = await sender.stage(_delivery("ada@example.com"))
+    assert not isinstance(staged, Outcome)
+    await _until(lambda: server.lost == 1, "the server dropping the waiting client")
+    outcome = await staged.finish()
+    assert outcome.kind == "retry"  # the "." never went out: safe to send again
+    assert server.delivered == []
+    await sender.aclose()
+
+
+async def test_a_refused_recipient_is_answered_while_staging(server: Server) -> None:
+    server.refuse.add("gone@example.com")
+    sender = _sender(server.port)
+    refused = await sender.stage(_delivery("gone@example.com"))
+    assert isinstance(refused, Outcome)
+    assert (refused.kind, refused.code) == ("recipient", "550")
+    assert (await sender.send(_delivery("ada@example.com"))).kind == "sent"
+    assert server.connections == 1
     await sender.aclose()

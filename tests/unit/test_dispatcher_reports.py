@@ -24,7 +24,7 @@ from services.dispatcher.adapters.tables import Caps, Consent, ForgottenContacts
 from services.dispatcher.channels.sms.domain import SmsContent
 from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
-from services.dispatcher.handlers import Called, Dispatcher, Stores
+from services.dispatcher.handlers import Called, Dispatcher, Stores, _WholeCall
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import ManualClock
 from shared.contracts import Channel, Event, Profile, SendRequest, TestSend
@@ -329,7 +329,8 @@ async def test_a_call_is_remembered_with_the_partition_of_its_request(tmp_path: 
     delivery = Delivery("m-1", "ada", "sms", "+15550001", SmsContent(body="Hi"))
     try:
         focus(3)
-        outcome = await dispatcher._call("sms", delivery, 1, T0, "1:first")
+        whole = _WholeCall(dispatcher.providers["sms"], delivery)
+        outcome = await dispatcher._call("sms", whole, delivery, 1, T0, "1:first")
         assert outcome == Outcome("sent", None)
         assert dispatcher._calls["m-1"].partition == 3
         dispatcher.keep_calls_of(frozenset({0}))  # done, of a partition now elsewhere: forgotten
@@ -480,3 +481,119 @@ async def test_the_same_marker_written_by_another_worker_is_not_taken_for_the_pa
 
     assert parking.provider.sent == []
     assert await parking.state("m-twice") == ("unknown", 1)
+
+
+class StagedSms:
+    """What `Staging` staged for one message: finished or abandoned, never both."""
+
+    def __init__(self, provider: Staging, message_id: str) -> None:
+        self.provider, self.message_id = provider, message_id
+
+    async def finish(self) -> Outcome:
+        self.provider.sent.append(self.message_id)
+        self.provider.marked_at_finish.append(self.provider.state_of(self.message_id))
+        return Outcome("sent", None)
+
+    def abandon(self) -> None:
+        self.provider.abandoned.append(self.message_id)
+
+
+class Staging:
+    """A provider that stages its calls (`StagingProvider`), as SMTP does up to the final ".":
+    it keeps the ledger state each message had when staged and when finished, what it
+    finished and what it abandoned, and refuses the addresses in `refuse` when staging."""
+
+    channel: Channel = "sms"
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+        self.sent: list[str] = []
+        self.abandoned: list[str] = []
+        self.marked_at_stage: list[object] = []
+        self.marked_at_finish: list[object] = []
+        self.refuse: set[str] = set()
+
+    def state_of(self, message_id: str) -> object:
+        return (self.ledger._read(message_id) or {}).get("state")
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        raise AssertionError("a staging provider is staged, then finished")
+
+    async def stage(self, delivery: Delivery) -> StagedSms | Outcome:
+        self.marked_at_stage.append(self.state_of(delivery.message_id))
+        if delivery.address in self.refuse:
+            return Outcome("recipient", "550 no such mailbox", code="550")
+        return StagedSms(self, delivery.message_id)
+
+
+@pytest.fixture
+def staging(parking: Parking) -> Staging:
+    provider = Staging(parking.ledger)
+    parking.dispatcher.providers = {"sms": provider}
+    return provider
+
+
+async def test_a_staged_call_is_marked_sending_between_its_stage_and_its_end(
+    parking: Parking, staging: Staging
+) -> None:
+    await parking.handle("m-staged")
+    assert staging.marked_at_stage == ["requested"]  # staged before the mark
+    assert staging.marked_at_finish == ["sending"]  # finished once durable
+    assert (staging.sent, staging.abandoned) == (["m-staged"], [])
+    assert await parking.state("m-staged") == ("sent", 1)
+
+
+async def test_a_refusal_while_staging_concludes_the_try_without_marking_it(
+    parking: Parking, staging: Staging
+) -> None:
+    staging.refuse.add("+15550001")
+    await parking.handle("m-refused")
+    entry = await parking.ledger.get("m-refused")
+    assert entry is not None
+    assert entry["state"] == "failed"
+    assert "try" not in entry  # never `sending`: nothing could have arrived
+    assert (staging.sent, staging.abandoned) == ([], [])
+
+
+@pytest.mark.parametrize("failure", ["round", "proof"])
+async def test_a_staged_call_whose_round_or_proof_failed_is_abandoned_then_made_once(
+    parking: Parking, staging: Staging, failure: str
+) -> None:
+    """The round that marked it failed, or the proof of ownership before its last step: the
+    staged message is dropped unsent, and the batch read again stages and sends it once."""
+    failures = parking.round_failures if failure == "round" else parking.proof_failures
+    failures.append(RuntimeError("commit timed out"))
+    with pytest.raises(RuntimeError):
+        await parking.handle("m-dropped")
+    assert (staging.sent, staging.abandoned) == ([], ["m-dropped"])
+
+    await parking.handle("m-dropped")  # the batch, read again
+
+    assert (staging.sent, staging.abandoned) == (["m-dropped"], ["m-dropped"])
+    assert await parking.state("m-dropped") == ("sent", 1)
+
+
+async def test_a_staged_call_cut_off_before_it_started_is_abandoned(
+    tmp_path: Path,
+) -> None:
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        "mongodb://127.0.0.1:1", connect=False
+    )
+    made = Reports(tmp_path, mongo)
+    dispatcher = made.dispatcher
+    provider = Staging(dispatcher.ledger)
+    dispatcher.providers = {"sms": provider}
+    dispatcher._prove_owner = _no_gate
+    delivery = Delivery("m-cut", "ada", "sms", "+15550001", SmsContent(body="Hi"))
+    try:
+        staged = await dispatcher._stage("sms", delivery)
+        assert isinstance(staged, StagedSms)
+        calling = asyncio.ensure_future(dispatcher._call("sms", staged, delivery, 1, T0, "1:a"))
+        await asyncio.sleep(0)  # the call is made (a task of its own) but has not started yet
+        dispatcher._cut_off_calls()
+        with pytest.raises(asyncio.CancelledError):
+            await calling
+        assert (provider.sent, provider.abandoned) == ([], ["m-cut"])
+    finally:
+        made.close()
+        await mongo.close()

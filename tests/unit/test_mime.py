@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.dispatcher.channels.email.mime import email_bytes, header_value
+from services.dispatcher.channels.email.mime import data_block, email_bytes, header_value
 
 # What the dispatcher built its messages with before: lines in CRLF, folded past 998.
 WIRE = email.policy.compat32.clone(linesep="\r\n", max_line_length=998)
@@ -93,3 +93,25 @@ def test_a_control_character_goes_out_encoded_and_starts_no_header(mark: str) ->
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert parsed["Bcc"] is None
     assert parsed["Subject"] in (subject, subject.replace(mark, " "))
+
+
+def test_the_data_block_stuffs_dots_and_ends_every_line_with_crlf() -> None:
+    assert data_block(b".a\r\nb\n.\r.c") == b"..a\r\nb\r\n..\r\n..c\r\n"
+    assert data_block(b"plain\r\n") == b"plain\r\n"
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_the_data_block_never_ends_data_early_and_the_server_reads_back_the_lines(
+    raw: bytes,
+) -> None:
+    """No line of the block is the lone "." that ends DATA, and a server taking one "." off
+    each line that starts with it (RFC 5321 4.5.2) reads the message's lines as written."""
+    block = data_block(raw)
+    assert block.endswith(b"\r\n")
+    lines = block[:-2].split(b"\r\n")
+    assert b"." not in lines
+    unstuffed = [line[1:] if line.startswith(b".") else line for line in lines]
+    written = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    expected = written[:-1] if written.endswith(b"\n") else written
+    assert unstuffed == expected.split(b"\n")

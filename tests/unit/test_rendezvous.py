@@ -254,3 +254,90 @@ async def test_a_cancelled_task_aside_leaves_at_once() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         await asyncio.wait_for(rendezvous.run([calling, parks, fails_during_the_round]), timeout=5)
     round_may_end.set()  # the round that was left running ends with the test
+
+
+async def test_a_round_waits_for_a_joining_task_and_commits_it_with_the_others() -> None:
+    commits: list[list[str]] = []
+    parked: list[str] = []
+
+    async def action() -> None:
+        commits.append(sorted(parked))
+        parked.clear()
+
+    rendezvous = Rendezvous(action, join_wait=60.0)
+    staged = asyncio.Event()
+
+    async def ready() -> None:
+        parked.append("ready")
+        await rendezvous.gate()
+
+    async def staging() -> None:
+        async with rendezvous.joining():
+            await staged.wait()  # an SMTP server taking the message
+        parked.append("staged")
+        await rendezvous.gate()
+
+    async def server() -> None:
+        # Let "ready" park; the round could fire, but "staging" is joining.
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert rendezvous.rounds == 0
+        staged.set()
+
+    await asyncio.wait_for(rendezvous.run([ready, staging, server]), timeout=5)
+    assert commits == [["ready", "staged"]]
+
+
+async def test_a_round_fires_without_a_joining_task_that_takes_longer_than_the_wait() -> None:
+    committed = asyncio.Event()
+    rounds: list[list[str]] = []
+    parked: list[str] = []
+
+    async def action() -> None:
+        rounds.append(sorted(parked))
+        parked.clear()
+        committed.set()
+
+    rendezvous = Rendezvous(action, join_wait=0.01)
+
+    async def ready() -> None:
+        parked.append("ready")
+        await rendezvous.gate()
+
+    async def slow() -> None:
+        async with rendezvous.joining():
+            await committed.wait()  # answers only once a round went without it
+        parked.append("slow")
+        await rendezvous.gate()
+
+    await asyncio.wait_for(rendezvous.run([ready, slow]), timeout=5)
+    assert rounds == [["ready"], ["slow"]]
+
+
+async def test_a_joining_task_does_not_let_a_round_fire_while_another_task_runs() -> None:
+    """Joining shortens no one else's work: the round still waits for a task that neither
+    parked nor stepped aside, however long the joining one has waited."""
+    order: list[str] = []
+    working = asyncio.Event()
+
+    async def action() -> None:
+        order.append("commit")
+
+    rendezvous = Rendezvous(action, join_wait=0.0)
+
+    async def ready() -> None:
+        await rendezvous.gate()
+        order.append("ready went on")
+
+    async def joining() -> None:
+        async with rendezvous.joining():
+            await working.wait()
+
+    async def busy() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)  # work inside the batch, not aside
+        order.append("busy done")
+        working.set()
+
+    await asyncio.wait_for(rendezvous.run([ready, joining, busy]), timeout=5)
+    assert order[:2] == ["busy done", "commit"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from services.dispatcher.domain.outcomes import Outcome
 from shared.contracts import Channel
@@ -45,3 +45,25 @@ class Provider(Protocol):
     channel: Channel
 
     async def send(self, delivery: Delivery) -> Outcome: ...
+
+
+class Staged(Protocol):
+    """A message handed to its provider all but its last step: until `finish` takes that step,
+    the provider cannot have accepted it, so a worker that stops or `abandon`s it now has sent
+    nothing. `abandon` once `finish` began does nothing (a call cancelled before it started is
+    abandoned that way)."""
+
+    async def finish(self) -> Outcome: ...
+
+    def abandon(self) -> None: ...
+
+
+@runtime_checkable
+class StagingProvider(Provider, Protocol):
+    """A provider whose call can stop short of its last step (`Staged`): SMTP holds a message
+    until the "." that ends its DATA. The ledger marks the try `sending` between the two, so a
+    crash leaves `unknown` only the tries whose last step may have gone out, not the ones still
+    talking to the server. `stage` answers an Outcome when the provider refused the message (or
+    could not be reached) before it could accept it."""
+
+    async def stage(self, delivery: Delivery) -> Staged | Outcome: ...

@@ -1,6 +1,8 @@
 """Email over SMTP (aiosmtplib): MIME text + HTML, deterministic Message-ID, one-click
 unsubscribe headers (RFC 8058), replies classified into outcome classes, and a pool of
 sessions reused across messages (a connection, TLS and AUTH per message cost more than the send).
+A message can be staged (`SmtpSender.stage`): written all but the "." that ends its DATA, which
+the dispatcher sends once the try is durable as `sending`.
 """
 
 from __future__ import annotations
@@ -8,19 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import format_datetime, formataddr, parseaddr
 from typing import Literal
 
 import aiosmtplib
 import structlog
+from aiosmtplib import SMTPStatus
 
 from services.dispatcher.channels.common import MonotonicClock
 from services.dispatcher.channels.email.domain import EmailContent, reply_outcome, sender_refused
-from services.dispatcher.channels.email.mime import email_bytes, header_value
+from services.dispatcher.channels.email.mime import data_block, email_bytes, header_value
 from services.dispatcher.domain.messages import Delivery
-from services.dispatcher.domain.outcomes import Outcome, OutcomeKind
+from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
 from shared.contracts import Channel
 
@@ -49,8 +52,8 @@ class OutgoingEmail:
 class _Transaction:
     outcome: Outcome
     session: SessionState
-    # Lost before DATA went out on a session that had served before: the server had closed it
-    # (idle clients are dropped), so the message never reached it and a fresh session may try.
+    # Lost before the message's end on a session that had served before: the server had closed
+    # it (idle clients are dropped), so the message never arrived and a fresh session may try.
     stale: bool = False
 
 
@@ -78,11 +81,13 @@ class SmtpSessions:
         self._closed = False
         self.opened = 0  # sessions opened so far (a figure for tests and logs)
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """One send's right to a session; bounds the sessions open at once to `size`."""
-        async with self._slots:
-            yield
+    async def acquire(self) -> None:
+        """One send's right to a session (`release` gives it back); bounds the sessions open at
+        once to `size`."""
+        await self._slots.acquire()
+
+    def release(self) -> None:
+        self._slots.release()
 
     def take_idle(self) -> aiosmtplib.SMTP | None:
         """The most recently used idle session still open and fresh enough, if any."""
@@ -123,6 +128,27 @@ async def _quit(session: aiosmtplib.SMTP) -> None:
         if session.is_connected:
             await session.quit(timeout=_QUIT_SECONDS)
     session.close()
+
+
+class StagedEmail:
+    """A message the server holds all but its end (`SmtpSender.stage`): its session and its
+    session slot are held until `finish` sends the final "." or `abandon` drops the
+    connection."""
+
+    def __init__(self, sender: SmtpSender, session: aiosmtplib.SMTP, message_id: str) -> None:
+        self._sender = sender
+        self._session = session
+        self._message_id = message_id
+        self._ended = False
+
+    async def finish(self) -> Outcome:
+        self._ended = True
+        return await self._sender.finish_staged(self._session, self._message_id)
+
+    def abandon(self) -> None:
+        if not self._ended:  # once `finish` began, it hands the session back itself
+            self._ended = True
+            self._sender.abandon_staged(self._session)
 
 
 def _boundary() -> str:
@@ -175,35 +201,79 @@ class SmtpSender:
         return OutgoingEmail(raw, message_id, boundary)
 
     async def send(self, delivery: Delivery) -> Outcome:
+        staged = await self.stage(delivery)
+        if isinstance(staged, Outcome):
+            return staged
+        return await staged.finish()
+
+    async def stage(self, delivery: Delivery) -> StagedEmail | Outcome:
+        """The message's transaction up to its end: MAIL, RCPT, DATA and the message written,
+        the final "." not (`StagedEmail`). The server may deliver nothing before that line
+        (RFC 5321 4.1.1.4), so an Outcome here (a refusal, no server) means nothing was sent."""
         outgoing = self.message(delivery)
-        raw = outgoing.raw
+        data = data_block(outgoing.raw)
         sessions = self.sessions
-        async with sessions.slot():
-            session = sessions.take_idle()
-            reused = session is not None
-            if session is None:
+        await sessions.acquire()
+        try:
+            staged = await self._stage_on_a_session(delivery, data)
+        except BaseException:
+            sessions.release()
+            raise
+        if isinstance(staged, Outcome):
+            sessions.release()
+            return staged
+        return StagedEmail(self, staged, outgoing.message_id)
+
+    async def _stage_on_a_session(
+        self, delivery: Delivery, data: bytes
+    ) -> aiosmtplib.SMTP | Outcome:
+        session = self.sessions.take_idle()
+        reused = session is not None
+        if session is None:
+            opened = await self._open()
+            if isinstance(opened, Outcome):
+                return opened
+            session = opened
+        try:
+            refused = await self._open_data(session, delivery.address, data, reused)
+            if refused is not None and refused.stale:
+                # The server had dropped the idle session: one more try on a new one.
+                log.debug("smtp.stale_session", message_id=delivery.message_id)
+                session.close()
                 opened = await self._open()
                 if isinstance(opened, Outcome):
                     return opened
                 session = opened
+                refused = await self._open_data(session, delivery.address, data, reused=False)
+        except BaseException:
+            session.close()  # an address the library cannot encode, a cancellation
+            raise
+        if refused is not None:
+            await self._hand_back(session, refused.session)
+            return refused.outcome
+        return session
+
+    async def finish_staged(self, session: aiosmtplib.SMTP, message_id: str) -> Outcome:
+        """The final "." of a staged message, and what the server answered; the session goes
+        back to the pool (or is closed) and its slot is released."""
+        try:
             try:
-                done = await self._transaction(session, delivery.address, raw, reused)
-                if done.stale:
-                    # The server had dropped the idle session: one more try on a new one.
-                    log.debug("smtp.stale_session", message_id=delivery.message_id)
-                    session.close()
-                    opened = await self._open()
-                    if isinstance(opened, Outcome):
-                        return opened
-                    session = opened
-                    done = await self._transaction(session, delivery.address, raw, reused=False)
+                done = await self._end_data(session)
             except BaseException:
-                session.close()  # an address the library cannot encode, a cancellation
+                session.close()  # a cancellation: the message may have arrived
                 raise
             await self._hand_back(session, done.session)
+        finally:
+            self.sessions.release()
         if done.outcome.kind == "sent":
-            return Outcome("sent", provider_id=outgoing.message_id)
+            return Outcome("sent", provider_id=message_id)
         return done.outcome
+
+    def abandon_staged(self, session: aiosmtplib.SMTP) -> None:
+        """Drop a staged message: closing the connection before the final "." ends the
+        transaction unsent (there is no other way out of DATA)."""
+        session.close()
+        self.sessions.release()
 
     async def aclose(self) -> None:
         await self.sessions.aclose()
@@ -236,33 +306,53 @@ class SmtpSender:
         except (aiosmtplib.SMTPException, OSError) as exc:
             return Outcome("retry", f"smtp connect: {exc}")
 
-    async def _transaction(
-        self, session: aiosmtplib.SMTP, to: str, raw: bytes, reused: bool
-    ) -> _Transaction:
-        data_sent = False
+    async def _open_data(
+        self, session: aiosmtplib.SMTP, to: str, data: bytes, reused: bool
+    ) -> _Transaction | None:
+        """MAIL, RCPT and DATA, then the message without its final "." line: None when the
+        server waits for that line, or why it will not take the message (nothing was sent)."""
         try:
             await session.mail(self._sender)
             await session.rcpt(to)
-            data_sent = True
-            await session.data(raw)
+            started = await session.execute_command(b"DATA")
+            if started.code != SMTPStatus.start_input:
+                raise aiosmtplib.SMTPDataError(started.code, started.message)
+            protocol = session.protocol
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
+            protocol.write(data)
         except aiosmtplib.SMTPResponseException as exc:  # refusals of MAIL, RCPT and DATA
-            # A reply, even to DATA, means the server did not take the message.
             if exc.code == 421:  # "closing the channel": the session is over either way
-                stale = reused and not data_sent
-                return _Transaction(reply_outcome(exc.code, exc.message), "broken", stale)
+                return _Transaction(reply_outcome(exc.code, exc.message), "broken", reused)
             if isinstance(exc, aiosmtplib.SMTPSenderRefused):
                 # The server refuses our envelope sender: our configuration, not the recipient.
                 return _Transaction(sender_refused(exc.code, exc.message), "dirty")
             return _Transaction(reply_outcome(exc.code, exc.message), "dirty")
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
-            if data_sent:  # only once DATA went out may the message have arrived
-                return _Transaction(Outcome("unknown", f"smtp connection lost: {exc}"), "broken")
-            stale = reused  # never reached the server's DATA: safe to try on a fresh session
-            return _Transaction(Outcome("retry", f"smtp connection lost: {exc}"), "broken", stale)
+            # Without the final line the message never arrived: safe to try on a fresh session.
+            return _Transaction(Outcome("retry", f"smtp connection lost: {exc}"), "broken", reused)
         except aiosmtplib.SMTPException as exc:
-            kind: OutcomeKind = "unknown" if data_sent else "retry"
-            return _Transaction(Outcome(kind, f"smtp: {exc}"), "broken")
-        return _Transaction(Outcome("sent"), "clean")
+            return _Transaction(Outcome("retry", f"smtp: {exc}"), "broken")
+        return None
+
+    async def _end_data(self, session: aiosmtplib.SMTP) -> _Transaction:
+        """The "." that ends a staged message's DATA, and what the server answered to it."""
+        if not session.is_connected:
+            # Lost while the message waited: the line never went out, so it never arrived.
+            lost = Outcome("retry", "smtp connection lost before the end of the message")
+            return _Transaction(lost, "broken")
+        try:
+            answer = await session.execute_command(b".")
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            # The line may have reached the server, and with it the message.
+            return _Transaction(Outcome("unknown", f"smtp connection lost: {exc}"), "broken")
+        except aiosmtplib.SMTPException as exc:
+            return _Transaction(Outcome("unknown", f"smtp: {exc}"), "broken")
+        if answer.code == SMTPStatus.completed:
+            return _Transaction(Outcome("sent"), "clean")
+        # A reply other than 250 means the server did not take the message.
+        state: SessionState = "broken" if answer.code == 421 else "dirty"
+        return _Transaction(reply_outcome(answer.code, answer.message), state)
 
     async def _hand_back(self, session: aiosmtplib.SMTP, state: SessionState) -> None:
         if state == "dirty":

@@ -22,6 +22,9 @@ CRLF = b"\r\n"
 # RFC 5322's limit on a line, without its CRLF.
 MAX_LINE = 998
 _LINE_BREAKS = ("\r", "\n")
+# A line ending other than CRLF (a lone CR or LF), and a line that starts with ".".
+_BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
 # Control characters other than tab. Python's header folding takes several of them (such as
 # \x0b and \x1e) for line breaks, so a value holding one goes out as encoded words.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -84,3 +87,10 @@ def email_bytes(
             f"\r\n--{boundary}--\r\n".encode("ascii"),
         )
     )
+
+
+def data_block(raw: bytes) -> bytes:
+    """A message as written after DATA, without the "." line that ends it (RFC 5321 4.5.2):
+    every line ending CRLF, a line starting with "." given another, and a CRLF at the end."""
+    block = _LEADING_DOT.sub(b"..", _BARE_LINE_END.sub(CRLF, raw))
+    return block if block.endswith(CRLF) else block + CRLF
