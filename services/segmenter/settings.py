@@ -12,6 +12,10 @@ DEV_ERASURE_SECRET = "waypost-dev-erasure-secret"  # noqa: S105
 
 class SegmenterSettings(StreamSettings):
     app_id: str = "waypost-segmenter"
+    # Larger batches than the other stream workers': a batch's fixed costs (the wait for its
+    # outputs, its changelog writes, its transaction) are shared by more events when the worker
+    # catches up (docs/stream-processing.md); below its capacity, batches stay small anyway.
+    batch_max_records: int = Field(default=5000, ge=1)
     # How often changed member counts are published (they are exact; this is only their pace).
     count_interval_seconds: float = 0.5
     # How often the worker looks for contacts evaluated against older segment definitions.
