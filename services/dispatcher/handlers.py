@@ -10,8 +10,9 @@ the count it guards together. A try takes one of its channel's call slots, then 
 (`shared.rendezvous`: the worker's checkpoint, which also proves the worker still owns the
 partitions), then calls its provider. An SMTP try is staged first (`StagingProvider`: the whole
 transaction but the "." that ends it), so the mark covers only the last step, the one after
-which the message may have arrived. Waiting for a slot, staging and the call stand aside from
-the group commit, so rounds follow the calls in waves; outcomes, events and retries are
+which the message may have arrived; a round waits a moment for tries still staging
+(`Rendezvous.joining`). Waiting for a slot and the call itself stand aside from the group
+commit, so rounds follow the calls in waves; outcomes, events and retries are
 committed by the next round or with the batch's offsets at its end. A crash repeats the batch,
 and the ledger turns repeats into no-ops: a try left `sending` (only one that held a slot) is
 reconciled or ends `unknown`.
