@@ -98,13 +98,22 @@ class Rendezvous:
     @asynccontextmanager
     async def joining(self) -> AsyncIterator[None]:
         """Wait on something outside the batch that the coming round should wait for, but
-        only up to `join_wait` seconds from when it could fire without this task."""
+        only up to `join_wait` seconds from when it could fire without this task; on the way
+        back, a running action is waited for first."""
         self._joining += 1
         self._maybe_fire()
+        cancelled = False
         try:
             yield
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
             self._joining -= 1
+            # A round that went without this task may be committing: as on the way back from
+            # `aside`, nothing may be written until it ended.
+            while not cancelled and self._firing:
+                await self._quiet.wait()
             self._maybe_fire()
 
     async def _tracked(self, work: Callable[[], Awaitable[None]]) -> None:

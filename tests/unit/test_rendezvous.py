@@ -341,3 +341,32 @@ async def test_a_joining_task_does_not_let_a_round_fire_while_another_task_runs(
 
     await asyncio.wait_for(rendezvous.run([ready, joining, busy]), timeout=5)
     assert order[:2] == ["busy done", "commit"]
+
+
+async def test_a_joining_task_left_behind_waits_for_the_running_action_before_going_on() -> None:
+    """The round fired without a task still joining and is committing when that task comes
+    back: the task writes nothing until the action ended (a record produced into a committing
+    transaction would fail it)."""
+    order: list[str] = []
+    committing = asyncio.Event()
+    finish_commit = asyncio.Event()
+
+    async def action() -> None:
+        order.append("commit begins")
+        committing.set()
+        await finish_commit.wait()
+        order.append("commit ends")
+
+    rendezvous = Rendezvous(action, join_wait=0.01)
+
+    async def ready() -> None:
+        await rendezvous.gate()
+
+    async def slow() -> None:
+        async with rendezvous.joining():
+            await committing.wait()  # back while the round that went without it commits
+            finish_commit.set()
+        order.append("slow writes")
+
+    await asyncio.wait_for(rendezvous.run([ready, slow]), timeout=5)
+    assert order == ["commit begins", "commit ends", "slow writes"]
