@@ -82,18 +82,11 @@ class Rendezvous:
         the way back in, a running action is waited for first (a cancelled task just leaves)."""
         self._live -= 1
         self._maybe_fire()
-        cancelled = False
         try:
-            yield
-        except asyncio.CancelledError:
-            cancelled = True
-            raise
+            async with self._away():
+                yield
         finally:
-            try:
-                while not cancelled and self._firing:
-                    await self._quiet.wait()
-            finally:
-                self._live += 1
+            self._live += 1
 
     @asynccontextmanager
     async def joining(self) -> AsyncIterator[None]:
@@ -102,6 +95,21 @@ class Rendezvous:
         back, a running action is waited for first."""
         self._joining += 1
         self._maybe_fire()
+        try:
+            # A round that went without this task may be committing when it comes back.
+            async with self._away(self._joined):
+                yield
+        finally:
+            self._maybe_fire()
+
+    def _joined(self) -> None:
+        self._joining -= 1
+
+    @asynccontextmanager
+    async def _away(self, back: Callable[[], None] | None = None) -> AsyncIterator[None]:
+        """Time outside the batch's work: on the way back (`back()` first), a running action
+        is waited for, so nothing the task writes falls between the action's reading of the
+        writes and its commit; a cancelled task just leaves."""
         cancelled = False
         try:
             yield
@@ -109,12 +117,10 @@ class Rendezvous:
             cancelled = True
             raise
         finally:
-            self._joining -= 1
-            # A round that went without this task may be committing: as on the way back from
-            # `aside`, nothing may be written until it ended.
+            if back is not None:
+                back()
             while not cancelled and self._firing:
                 await self._quiet.wait()
-            self._maybe_fire()
 
     async def _tracked(self, work: Callable[[], Awaitable[None]]) -> None:
         try:
