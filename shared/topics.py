@@ -57,6 +57,13 @@ CONTACT_COMMANDS = Topic(
 )
 PROFILES = Topic("waypost.profiles.v1", "latest profile per contact", compacted=True)
 SEND_REQUESTS = Topic("waypost.send-requests.v1", "messages the dispatcher must deliver")
+SEND_RECEIPTS = Topic(
+    "waypost.send-receipts.v1",
+    "what each provider call answered, written as it answers, to its send request's partition"
+    " and keyed by message id: read by a worker that finds a try another one left `sending`",
+    keyed_by_contact=False,
+    retention_ms=DAY_MS,
+)
 TIMERS = Topic("waypost.timers.v1", "due orchestrator timers, fed back to the contact's partition")
 WEBHOOK_RESULTS = Topic(
     "waypost.webhook-results.v1", "answers of webhook steps, fed back to the contact's partition"
@@ -127,6 +134,7 @@ ALL_TOPICS: tuple[Topic, ...] = (
     CONTACT_COMMANDS,
     PROFILES,
     SEND_REQUESTS,
+    SEND_RECEIPTS,
     SEND_RETRIES_SHORT,
     SEND_RETRIES_MEDIUM,
     SEND_RETRIES_LONG,

@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 
 from services.dispatcher.adapters.ledger_view import ledger_view
 from services.dispatcher.adapters.metrics import DispatchMetrics
+from services.dispatcher.adapters.receipts import CallReceipts
 from services.dispatcher.adapters.store import ChannelPauses, Templates
 from services.dispatcher.adapters.suppressions import SuppressionList, move_legacy_suppressions
 from services.dispatcher.adapters.tables import (
@@ -78,6 +79,10 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
         log.info("dispatcher.waiting_for_suppressions")
     suppressions = SuppressionList(suppressed, producer, key)
 
+    # Receipts are written outside the batch's transaction, the moment a call answers.
+    receipted = AsyncProducer(settings.kafka(), client_id="dispatcher-receipts")
+    receipts = CallReceipts(settings.kafka(), receipted)
+
     async def no_batch() -> None:
         raise RuntimeError("a try began outside a batch")
 
@@ -104,6 +109,7 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
             worker_name(settings),
             timedelta(seconds=settings.provider_pause_seconds),
         ),
+        receipts=receipts,
     )
 
     async def process(records: list[Record]) -> None:
@@ -130,6 +136,8 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
         await http.aclose()
         await client.close()
         suppressed.stop()
+        receipts.close()
+        receipted.close()
 
 
 def main() -> None:

@@ -15,7 +15,9 @@ which the message may have arrived; a round waits a moment for tries still stagi
 commit, so rounds follow the calls in waves; outcomes, events and retries are
 committed by the next round or with the batch's offsets at its end. A crash repeats the batch,
 and the ledger turns repeats into no-ops: a try left `sending` (only one that held a slot) is
-reconciled or ends `unknown`.
+concluded from its call receipt (`adapters.receipts`: each call's answer, written down the
+moment it comes), else reconciled with the provider where it can be asked, else ends
+`unknown` (marketing) or is tried again (transactional).
 
 Channels are rendered and sent through their kits (`services/dispatcher/channels`); what an
 outcome comes to is decided by `domain.conclude` and carried out here.
@@ -37,7 +39,7 @@ from pydantic import ValidationError
 
 from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.store import Templates
-from services.dispatcher.adapters.suppressions import SuppressionList
+from services.dispatcher.adapters.suppressions import SuppressionList, without_address
 from services.dispatcher.adapters.tables import (
     FORGOTTEN_REASON,
     Caps,
@@ -124,6 +126,23 @@ def log_outcome(message_id: str, state: str, reason: str | None) -> None:
     `waypost_dispatcher_outcomes` counts them."""
     emit = log.debug if state == "sent" else log.info
     emit("dispatcher.outcome", message_id=message_id, state=state, reason=reason)
+
+
+class Receipts(Protocol):
+    """Where each provider call's answer is written down as it comes (`adapters.receipts`),
+    for a worker that finds the try left `sending` to read."""
+
+    def record(self, partition: int, message_id: str, try_id: str, outcome: Outcome) -> None: ...
+
+    async def find(
+        self, partition: int, message_id: str, try_id: str, marked_at: datetime
+    ) -> Outcome | None: ...
+
+    def forget(self, partitions: frozenset[int]) -> None: ...
+
+
+# The reason a try concluded from its receipt shows, when the provider's answer gave none.
+RECEIPT_REASON = "answered before its worker stopped (from the call's receipt)"
 
 
 class PauseRecord(Protocol):
@@ -214,6 +233,7 @@ class Dispatcher:
         monotonic: Callable[[], float],
         sms_history: SmsHistory | None = None,
         pauses: PauseRecord | None = None,
+        receipts: Receipts | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -228,6 +248,7 @@ class Dispatcher:
         self._monotonic = monotonic
         self.sms_history = sms_history
         self.pauses = pauses
+        self.receipts = receipts
         # Pause records being written: held here so they finish (the loop keeps weak refs).
         self._recording: set[asyncio.Task[None]] = set()
         self._buckets = {
@@ -409,8 +430,47 @@ class Dispatcher:
     def _facts(self, request: SendRequest) -> dict[str, bool]:
         return {
             "transactional": request.transactional,
-            "reconcilable": self._can_reconcile(request),
+            "reconcilable": self.receipts is not None or self._can_reconcile(request),
         }
+
+    async def _receipt(
+        self, request: SendRequest, try_id: str | None, marked_at: datetime
+    ) -> Outcome | None:
+        """What the call of a try another worker left `sending` answered, from its receipt
+        (None: no receipt, or no receipts kept); the reading stands aside from the batch's
+        group commit."""
+        partition = focused()
+        if self.receipts is None or try_id is None or partition is None:
+            return None
+        async with self._aside():
+            found = await self.receipts.find(partition, request.message_id, try_id, marked_at)
+        if found is None:
+            return None
+        log.info(
+            "dispatcher.receipt_found",
+            message_id=request.message_id,
+            try_id=try_id,
+            outcome=found.kind,
+        )
+        return found if found.reason else replace(found, reason=RECEIPT_REASON)
+
+    def _write_receipt(
+        self,
+        partition: int,
+        message_id: str,
+        try_id: str,
+        address: str,
+        call: asyncio.Future[Outcome],
+    ) -> None:
+        """The receipt of a call that answered (not of one cut off or failed: its outcome is
+        unknown, which the ledger's `sending` already says), without the address a provider's
+        reason may quote."""
+        if self.receipts is None or call.cancelled() or call.exception() is not None:
+            return
+        outcome = call.result()
+        if outcome.reason:
+            outcome = replace(outcome, reason=without_address(outcome.reason, address))
+        self.receipts.record(partition, message_id, try_id, outcome)
 
     async def _carry_out(
         self,
@@ -427,8 +487,19 @@ class Dispatcher:
                 await self._attempt(request, attempt, try_name, record)
             case progress.Requeue(attempt=attempt, due=due, reason=reason):
                 await self._enqueue(request, attempt, due or self.clock.now(), reason)
-            case progress.Reconcile(attempt=attempt, began=began, resend=resend):
-                # Ask the provider first: found, it is sent; proven absent, a new try is safe.
+            case progress.Reconcile(attempt=attempt, began=began, resend=resend, try_id=try_id):
+                receipt = await self._receipt(request, try_id, began or request.requested_at)
+                if receipt is not None:  # it answered: concluded as the call would have been
+                    await self._conclude(request, receipt, attempt, record, send_address(request))
+                    return
+                if not self._can_reconcile(request):  # no provider to ask
+                    if resend:
+                        await self._attempt(request, attempt + 1, "resumed", record)
+                    else:
+                        unknown = Outcome("unknown", progress.NOT_RESENT)
+                        await self._conclude(request, unknown, attempt, record, None)
+                    return
+                # Ask the provider: found, it is sent; proven absent, a new try is safe.
                 stopped = Outcome("unknown", progress.STOPPED)
                 outcome, delivery, unlisted = await self._reconciled(
                     request, stopped, None, began or request.requested_at
@@ -570,6 +641,17 @@ class Dispatcher:
                 call = asyncio.ensure_future(staged.finish())
                 # Cut off before it started, the staged message is dropped unsent.
                 call.add_done_callback(partial(_abandon_if_cut_off, staged))
+                partition = focused()
+                if self.receipts is not None and partition is not None:
+                    call.add_done_callback(
+                        partial(
+                            self._write_receipt,
+                            partition,
+                            prepared.message_id,
+                            try_id,
+                            prepared.address,
+                        )
+                    )
                 self._remember(
                     prepared.message_id,
                     Called(attempt, began, prepared.address, call, self._monotonic(), focused()),
@@ -597,6 +679,8 @@ class Dispatcher:
             lambda partition: partition is not None and partition not in owned,
             forget_answered=True,
         )
+        if self.receipts is not None:
+            self.receipts.forget(owned)
         if cut:
             log.warning("dispatcher.calls_cut_off", calls=len(cut), partitions=sorted(set(cut)))
 

@@ -66,6 +66,13 @@ def test_a_stopped_try_at_a_provider_that_can_be_asked_is_reconciled(transaction
     assert move == Reconcile(1, T0, resend=transactional)
 
 
+def test_a_stopped_try_is_reconciled_by_the_marker_it_was_left_with() -> None:
+    """The marker names the try whose call receipt can tell what came of it."""
+    entry = Entry("sending", 1, sending_at=T0, try_id="1:first")
+    move = progress.after_claim(False, entry, **{**MARKETING, "reconcilable": True})
+    assert move == Reconcile(1, T0, resend=False, try_id="1:first")
+
+
 @pytest.mark.parametrize("facts", [MARKETING, TRANSACTIONAL, {**MARKETING, "reconcilable": True}])
 def test_a_try_sending_whose_call_this_worker_made_concludes_with_the_calls_answer(
     facts: dict[str, bool],

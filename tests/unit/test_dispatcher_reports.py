@@ -24,7 +24,7 @@ from services.dispatcher.adapters.tables import Caps, Consent, ForgottenContacts
 from services.dispatcher.channels.sms.domain import SmsContent
 from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
-from services.dispatcher.handlers import Called, Dispatcher, Stores, _WholeCall
+from services.dispatcher.handlers import RECEIPT_REASON, Called, Dispatcher, Stores, _WholeCall
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import ManualClock
 from shared.contracts import Channel, Event, Profile, SendRequest, TestSend
@@ -597,3 +597,141 @@ async def test_a_staged_call_cut_off_before_it_started_is_abandoned(
     finally:
         made.close()
         await mongo.close()
+
+
+class Journal:
+    """Call receipts kept in memory (`handlers.Receipts`), by partition and message id, and
+    the message ids asked about."""
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple[int, str], tuple[str, Outcome]] = {}
+        self.asked: list[str] = []
+
+    def record(self, partition: int, message_id: str, try_id: str, outcome: Outcome) -> None:
+        self.kept[(partition, message_id)] = (try_id, outcome)
+
+    async def find(
+        self, partition: int, message_id: str, try_id: str, marked_at: datetime
+    ) -> Outcome | None:
+        self.asked.append(message_id)
+        found = self.kept.get((partition, message_id))
+        return found[1] if found is not None and found[0] == try_id else None
+
+    def forget(self, partitions: frozenset[int]) -> None:
+        pass
+
+
+@pytest.fixture
+def journal(parking: Parking) -> Journal:
+    kept = Journal()
+    parking.dispatcher.receipts = kept
+    return kept
+
+
+async def _left_sending(parking: Parking, request: SendRequest, try_id: str) -> None:
+    """The entry as a worker killed during the call leaves it: claimed, marked, no outcome."""
+    await parking.ledger.claim(request, T0)
+    assert await parking.ledger.begin(request.message_id, try_id, 1, T0)
+
+
+async def test_an_answered_call_leaves_a_receipt_of_its_try_in_its_partition(
+    parking: Parking, journal: Journal
+) -> None:
+    await parking.handle("m-answered")
+    await asyncio.sleep(0)  # the receipt is written by the call's own callback
+    assert journal.kept == {(0, "m-answered"): ("1:first", Outcome("sent", None))}
+
+
+async def test_a_receipt_keeps_no_address_the_providers_reason_quotes(
+    parking: Parking, journal: Journal
+) -> None:
+    parking.dispatcher.providers = {"sms": Refusing("21211 +15550001 is not a valid number")}
+    await parking.handle("m-refused")
+    await asyncio.sleep(0)
+    try_id, outcome = journal.kept[(0, "m-refused")]
+    assert (try_id, outcome.kind) == ("1:first", "recipient")
+    assert outcome.reason == "21211 <address> is not a valid number"
+
+
+class Refusing:
+    """An SMS provider that refuses every number, quoting it."""
+
+    channel: Channel = "sms"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        return Outcome("recipient", self.reason, code="21211", address_invalid=True)
+
+
+async def test_a_try_left_sending_with_a_receipt_is_concluded_from_it_not_unknown(
+    parking: Parking, journal: Journal
+) -> None:
+    """The killed worker's call answered and its receipt was written, but the round that
+    would have committed the outcome never came: the new owner concludes the try `sent`,
+    saying so, and sends nothing."""
+    await _left_sending(parking, _sms_request("m-receipt"), "1:first")
+    journal.record(0, "m-receipt", "1:first", Outcome("sent", None, provider_id="SM1"))
+
+    await parking.handle("m-receipt")
+
+    assert parking.provider.sent == []
+    entry = await parking.ledger.get("m-receipt")
+    assert entry is not None
+    assert (entry["state"], entry.get("provider_id")) == ("sent", "SM1")
+    assert entry["reason"] == RECEIPT_REASON
+
+
+async def test_a_receipt_of_another_try_says_nothing_of_the_one_left_sending(
+    parking: Parking, journal: Journal
+) -> None:
+    await _left_sending(parking, _sms_request("m-other"), "1:first")
+    journal.record(0, "m-other", "1:earlier", Outcome("sent", None))
+
+    await parking.handle("m-other")
+
+    assert journal.asked == ["m-other"]
+    assert parking.provider.sent == []
+    assert await parking.state("m-other") == ("unknown", 1)  # marketing: not resent
+
+
+async def test_a_transactional_try_with_a_receipt_is_not_sent_again(
+    parking: Parking, journal: Journal
+) -> None:
+    request = _sms_request("m-tx").model_copy(update={"transactional": True})
+    await _left_sending(parking, request, "1:first")
+    journal.record(0, "m-tx", "1:first", Outcome("sent", None))
+    record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
+
+    await parking.dispatcher.handle(request, record)
+
+    assert parking.provider.sent == []
+    assert await parking.state("m-tx") == ("sent", 1)
+
+
+async def test_a_transactional_try_without_a_receipt_is_sent_again(
+    parking: Parking, journal: Journal
+) -> None:
+    request = _sms_request("m-again").model_copy(update={"transactional": True})
+    await _left_sending(parking, request, "1:first")
+    record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
+
+    await parking.dispatcher.handle(request, record)
+
+    assert parking.provider.sent == ["m-again"]
+    assert await parking.state("m-again") == ("sent", 2)
+
+
+async def test_a_receipt_of_a_temporary_failure_schedules_the_retry_the_call_would_have(
+    parking: Parking, journal: Journal
+) -> None:
+    await _left_sending(parking, _sms_request("m-451"), "1:first")
+    journal.record(0, "m-451", "1:first", Outcome("retry", "451 try later", code="451"))
+
+    await parking.handle("m-451")
+
+    assert parking.provider.sent == []
+    entry = await parking.ledger.get("m-451")
+    assert entry is not None
+    assert (entry["state"], entry["reason"]) == ("retrying", "451 try later")

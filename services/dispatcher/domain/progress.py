@@ -7,8 +7,9 @@ call comes to is decided by `domain.conclude`.
 
 A marketing message is delivered at most once and a transactional one at least once: a try
 that stopped during its provider call (the entry left `sending`) is concluded `unknown`
-(marketing) or tried again (transactional), unless the provider can be asked what came of it
-(`Reconcile`), in which case a try it shows as sent is concluded `sent`.
+(marketing) or tried again (transactional), unless what came of it can be found out
+(`Reconcile`: the call's receipt, or the provider asked), in which case a try shown sent is
+concluded `sent`.
 """
 
 from __future__ import annotations
@@ -82,13 +83,16 @@ class Requeue:
 
 @dataclass(frozen=True)
 class Reconcile:
-    """Ask the provider what came of a try that stopped during its call (begun at `began`,
-    None: when requested). Shown sent: conclude `sent`. Otherwise, `resend` (transactional): a
-    new try, else conclude what the asking found (`retry` when proven absent, else unknown)."""
+    """Find out what came of a try that stopped during its call (marked `try_id` at `began`;
+    None: unknown, or when requested): its call receipt first, then the provider, where it can
+    be asked. A receipt or a provider showing it sent: conclude that. Otherwise, `resend`
+    (transactional): a new try, else conclude what the asking found (`retry` when proven
+    absent, else unknown)."""
 
     attempt: int
     began: datetime | None
     resend: bool
+    try_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,7 @@ def resume(
         return Attempt(entry.attempt, again(parked.try_id))
     action = resume_action(entry.state, transactional)
     if entry.state == "sending" and reconcilable:
-        return Reconcile(entry.attempt, entry.sending_at, resend=action == "send")
+        return Reconcile(entry.attempt, entry.sending_at, action == "send", entry.try_id)
     if action == "unknown":
         return Conclude(Outcome("unknown", NOT_RESENT), entry.attempt)
     if action == "send":  # transactional: a new attempt, the last one may have arrived

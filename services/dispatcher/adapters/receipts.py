@@ -1,0 +1,216 @@
+"""Call receipts: what each provider call answered, written down the moment it answers.
+
+A try's outcome reaches the ledger with the batch's next round (`shared.rendezvous`), so a
+worker killed in between leaves the try `sending`: it may have arrived, and the new owner of the
+partition would conclude it `unknown` (marketing) or send it again (transactional). A receipt
+closes most of that gap. As soon as a call answers, its outcome goes to
+`waypost.send-receipts.v1`, outside the batch's transaction (a fact about the provider, true
+whatever becomes of the batch), to the partition of the request it answers. A worker that
+finds a try left `sending` by another reads that partition from a little before the try was
+marked (`CallReceipts.find`) and concludes the try with its receipt, when there is one. Only a
+call still on the wire, or answered in the last few milliseconds before the kill, stays open.
+
+Receipts hold message ids, try ids and the provider's answer, never an address; the topic keeps
+them for a day (`shared.topics.SEND_RECEIPTS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from services.dispatcher.domain.outcomes import Outcome
+from shared.kafka import AsyncProducer, ProducerBusy
+from shared.kafka_connection import KafkaConnection, client_config
+from shared.topics import SEND_RECEIPTS
+
+log = structlog.get_logger(__name__)
+
+# How long before a try's mark its receipts are read from: the marking worker's clock may run
+# ahead of the record timestamps its producer wrote.
+LOOKBACK = timedelta(seconds=60)
+# Receipts kept per partition between lookups (a few hundred bytes each); beyond this the next
+# lookup reads again from its own start.
+KEPT = 100_000
+# How long one lookup may take to read a partition to its end before it counts as an outage.
+READ_TIMEOUT_SECONDS = 30.0
+
+
+def encode(message_id: str, try_id: str, outcome: Outcome) -> bytes:
+    fields: dict[str, Any] = {"message_id": message_id, "try": try_id, "kind": outcome.kind}
+    for name in ("reason", "provider_id", "code", "retry_after"):
+        value = getattr(outcome, name)
+        if value is not None:
+            fields[name] = value
+    for flag in ("address_invalid", "withdrew_consent"):
+        if getattr(outcome, flag):
+            fields[flag] = True
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def decode(value: bytes) -> tuple[str, str, Outcome] | None:
+    """(message id, try id, outcome) of a receipt; None for a value that is not one (skipped:
+    a receipt only ever narrows what is unknown, so one that cannot be read loses nothing)."""
+    try:
+        fields = json.loads(value)
+        outcome = Outcome(
+            kind=fields["kind"],
+            reason=fields.get("reason"),
+            provider_id=fields.get("provider_id"),
+            code=fields.get("code"),
+            retry_after=fields.get("retry_after"),
+            address_invalid=bool(fields.get("address_invalid")),
+            withdrew_consent=bool(fields.get("withdrew_consent")),
+        )
+        return str(fields["message_id"]), str(fields["try"]), outcome
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class _Read:
+    """What one partition's receipts were read to: from `since_ms` (record time) up to the
+    offset before `next_offset`, by message id: (try id, outcome) of its latest receipt."""
+
+    since_ms: int
+    next_offset: int
+    receipts: dict[str, tuple[str, Outcome]] = field(default_factory=dict)
+
+
+class CallReceipts:
+    """Writes a receipt per answered call, and finds the receipt of a try another worker left
+    `sending`."""
+
+    def __init__(
+        self,
+        kafka: KafkaConnection | str,
+        producer: AsyncProducer,
+        topic: str = SEND_RECEIPTS.name,
+    ) -> None:
+        self._kafka = kafka
+        self._producer = producer
+        self._topic = topic
+        self._reads: dict[int, _Read] = {}
+        self._reading = asyncio.Lock()  # one lookup reads at a time, with one consumer
+        self._consumer: Consumer | None = None
+        self._consumer_lock = threading.Lock()
+
+    def record(self, partition: int, message_id: str, try_id: str, outcome: Outcome) -> None:
+        """Write the receipt of an answered call; nothing waits for it. One that cannot be
+        written is logged and lost: the try's outcome still commits with the next round."""
+        if outcome.kind == "unknown":
+            return  # says nothing the ledger's `sending` does not
+        try:
+            written = self._producer.produce(
+                self._topic, message_id, encode(message_id, try_id, outcome), partition
+            )
+        except (ProducerBusy, KafkaException) as exc:
+            log.warning("dispatcher.receipt_unwritten", message_id=message_id, error=str(exc))
+            return
+        written.add_done_callback(_log_if_unwritten(message_id))
+
+    async def find(
+        self, partition: int, message_id: str, try_id: str, marked_at: datetime
+    ) -> Outcome | None:
+        """The outcome of try `try_id` of `message_id` (marked `sending` at `marked_at`) from
+        its receipt in `partition`, read to its end now; None when it has none. A read that
+        fails raises (`KafkaException`, `TimeoutError`): an outage, retried by the caller."""
+        since_ms = int((marked_at - LOOKBACK).timestamp() * 1000)
+        async with self._reading:
+            kept = self._reads.get(partition)
+            if kept is None or kept.since_ms > since_ms or len(kept.receipts) > KEPT:
+                kept = None
+            read = await asyncio.to_thread(self._read, partition, since_ms, kept)
+            self._reads[partition] = read
+        found = read.receipts.get(message_id)
+        if found is None or found[0] != try_id:
+            return None
+        return found[1]
+
+    def forget(self, partitions: frozenset[int]) -> None:
+        """Drop what was read of partitions no longer owned (read afresh should they return)."""
+        for partition in list(self._reads):
+            if partition not in partitions:
+                del self._reads[partition]
+
+    def close(self) -> None:
+        with self._consumer_lock:
+            if self._consumer is not None:
+                self._consumer.close()
+                self._consumer = None
+
+    # --- in a thread ---------------------------------------------------------------------------
+
+    def _read(self, partition: int, since_ms: int, kept: _Read | None) -> _Read:
+        with self._consumer_lock:
+            consumer = self._consumer
+            if consumer is None:
+                consumer = self._consumer = Consumer(
+                    {
+                        **client_config(self._kafka),
+                        "group.id": "waypost-dispatcher-receipts",  # never joined or committed
+                        "enable.auto.commit": False,
+                        "enable.partition.eof": True,
+                        # An offset gone with the retention: from the end (nothing to find).
+                        "auto.offset.reset": "latest",
+                    }
+                )
+            where = TopicPartition(self._topic, partition)
+            _low, high = consumer.get_watermark_offsets(where, timeout=READ_TIMEOUT_SECONDS)
+            if kept is None:
+                at = consumer.offsets_for_times(
+                    [TopicPartition(self._topic, partition, since_ms)],
+                    timeout=READ_TIMEOUT_SECONDS,
+                )[0]
+                if at.error is not None:
+                    raise KafkaException(at.error)
+                # No record at or after that time: none to read up to the end seen now.
+                kept = _Read(since_ms, at.offset if at.offset >= 0 else high)
+            if kept.next_offset < high:
+                self._read_to(consumer, partition, kept, high)
+            return kept
+
+    def _read_to(self, consumer: Consumer, partition: int, kept: _Read, high: int) -> None:
+        consumer.assign([TopicPartition(self._topic, partition, kept.next_offset)])
+        deadline = time.monotonic() + READ_TIMEOUT_SECONDS
+        try:
+            while kept.next_offset < high:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{self._topic} [{partition}] not read to {high} within "
+                        f"{READ_TIMEOUT_SECONDS:g} s (at {kept.next_offset})"
+                    )
+                for message in consumer.consume(1000, timeout=1.0):
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            return  # the end came before the watermark seen (records gone)
+                        raise KafkaException(error)
+                    kept.next_offset = int(message.offset() or 0) + 1
+                    value = message.value()
+                    receipt = decode(value) if value is not None else None
+                    if receipt is not None:
+                        message_id, try_id, outcome = receipt
+                        kept.receipts[message_id] = (try_id, outcome)
+        finally:
+            consumer.unassign()
+
+
+def _log_if_unwritten(message_id: str) -> Callable[[asyncio.Future[None]], None]:
+    def done(written: asyncio.Future[None]) -> None:
+        if written.cancelled():
+            return
+        error = written.exception()
+        if error is not None:
+            log.warning("dispatcher.receipt_unwritten", message_id=message_id, error=str(error))
+
+    return done

@@ -1,0 +1,74 @@
+"""Call receipts against the broker (`services.dispatcher.adapters.receipts`): written the
+moment a call answers, to its request's partition; found by partition, message id and try, from
+a little before the try was marked, and read on from where the last lookup stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from services.dispatcher.adapters.receipts import LOOKBACK, CallReceipts
+from services.dispatcher.domain.outcomes import Outcome
+from shared.kafka import AsyncProducer
+from tests.e2e.helpers import filled_topic
+
+pytestmark = [pytest.mark.e2e]
+
+
+async def _found(
+    receipts: CallReceipts, partition: int, message_id: str, try_id: str, marked: datetime
+) -> Outcome:
+    """The receipt once it is there (it is written without waiting), within a deadline."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = await receipts.find(partition, message_id, try_id, marked)
+        if found is not None:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no receipt of {message_id} {try_id} in partition {partition}")
+
+
+async def test_a_receipt_is_found_by_its_partition_message_and_try(stack: Any) -> None:
+    topic, _admin = filled_topic(stack.bootstrap, "receipts", [])
+    producer = AsyncProducer(stack.bootstrap, client_id="receipts-test")
+    receipts = CallReceipts(stack.bootstrap, producer, topic)
+    marked = datetime.now(UTC)
+    bounced = Outcome("recipient", "550 no such user", code="550", address_invalid=True)
+    try:
+        receipts.record(1, "m-1", "1:first", Outcome("sent", None, provider_id="SM1"))
+        receipts.record(1, "m-2", "1:first", Outcome("unknown", "timed out"))  # not written
+        receipts.record(1, "m-3", "2:retry", bounced)
+        receipts.record(0, "m-4", "1:first", Outcome("sent", None))
+
+        assert await _found(receipts, 1, "m-3", "2:retry", marked) == bounced
+        assert await receipts.find(1, "m-1", "1:first", marked) == Outcome(
+            "sent", None, provider_id="SM1"
+        )
+        assert await receipts.find(1, "m-2", "1:first", marked) is None
+        assert await receipts.find(1, "m-3", "1:first", marked) is None  # another try's
+        assert await receipts.find(1, "m-4", "1:first", marked) is None  # another partition's
+        assert await _found(receipts, 0, "m-4", "1:first", marked) == Outcome("sent", None)
+
+        # Read on from where the last lookup of the partition stopped.
+        receipts.record(1, "m-5", "1:first", Outcome("sent", None))
+        assert await _found(receipts, 1, "m-5", "1:first", marked) == Outcome("sent", None)
+
+        # A lookup reads from the try's mark, less the margin for clocks: a worker that never
+        # read the partition finds nothing written before that.
+        fresh = CallReceipts(stack.bootstrap, producer, topic)
+        try:
+            assert await fresh.find(1, "m-1", "1:first", marked + 3 * LOOKBACK) is None
+        finally:
+            fresh.close()
+        # Partitions no longer owned are read afresh should they come back.
+        receipts.forget(frozenset({0}))
+        assert await receipts.find(1, "m-1", "1:first", marked - timedelta(seconds=1)) == Outcome(
+            "sent", None, provider_id="SM1"
+        )
+    finally:
+        receipts.close()
+        producer.close()
