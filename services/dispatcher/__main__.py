@@ -79,8 +79,12 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
         log.info("dispatcher.waiting_for_suppressions")
     suppressions = SuppressionList(suppressed, producer, key)
 
-    # Receipts are written outside the batch's transaction, the moment a call answers.
-    receipted = AsyncProducer(settings.kafka(), client_id="dispatcher-receipts")
+    # Receipts are written outside the batch's transaction, the moment a call answers, and
+    # sent at once (no linger): a receipt the broker has not acknowledged when the worker dies
+    # is of no use.
+    receipted = AsyncProducer(
+        settings.kafka(), client_id="dispatcher-receipts", extra={"linger.ms": 0}
+    )
     receipts = CallReceipts(settings.kafka(), receipted)
 
     async def no_batch() -> None:
