@@ -26,7 +26,10 @@ against the outbox:
 - **unknown**: marketing messages the worker died on mid-call, which SMTP cannot be asked
   about; `unknown_arrived` of them did reach the outbox. The target is at most 1 % of sends.
 
-The last line is `RESULT chaos_sends=… duplicates=… unknown=… lost=… unknown_pct=…
+- **receipted**: messages a worker that took over concluded from their call receipts (the
+  answer the killed worker had, written down as it came).
+
+The last line is `RESULT chaos_sends=… duplicates=… unknown=… lost=… unknown_pct=… receipted=…
 zombie_sends=… zombie_duplicates=… zombie_unknown=… zombie_lost=…`; the exit status is 1 when
 anything was duplicated or lost.
 """
@@ -61,6 +64,7 @@ from bench.dispatch import (
     store_templates,
 )
 from bench.timers import Progress, say
+from services.dispatcher.handlers import RECEIPT_REASON
 from shared.contracts import Channel, Profile, SendRequest
 from shared.docstore import connect_blocking
 from shared.settings import CommonSettings
@@ -103,6 +107,7 @@ class Tally:
     lost: int
     unknown: int
     unknown_arrived: int
+    receipted: int  # concluded from a call receipt by the worker that took over
 
     @property
     def unknown_pct(self) -> float:
@@ -113,7 +118,7 @@ class Tally:
         return (
             f"{self.sends} sends: {states}; {self.duplicates} duplicates, {self.lost} lost, "
             f"{self.unknown} unknown ({self.unknown_pct:.2f} %, {self.unknown_arrived} of them "
-            "arrived)"
+            f"arrived); {self.receipted} concluded from their call receipts"
         )
 
 
@@ -194,10 +199,14 @@ def tally(bench: stack.Stack, db: Any, phase: str, sends: Sequence[Send]) -> Tal
     outbox."""
     journey = f"bench-chaos-{phase}"
 
-    def states() -> dict[str, str]:
+    def views() -> dict[str, dict[str, Any]]:
         return {
-            d["_id"]: d["state"] for d in db.messages.find({"journey_id": journey}, {"state": 1})
+            d["_id"]: d
+            for d in db.messages.find({"journey_id": journey}, {"state": 1, "reason": 1})
         }
+
+    def states() -> dict[str, str]:
+        return {message_id: view["state"] for message_id, view in views().items()}
 
     try:
         wait_until(
@@ -210,7 +219,8 @@ def tally(bench: stack.Stack, db: Any, phase: str, sends: Sequence[Send]) -> Tal
         )
     except TimeoutError as exc:
         say(f"  {exc}")
-    by_id = states()
+    shown = views()
+    by_id = {message_id: view["state"] for message_id, view in shown.items()}
     arrived: Counter[str] = Counter()
     for channel in ("email", "sms"):
         answer = httpx.get(f"{bench.outbox_url}/messages", params={"channel": channel}, timeout=120)
@@ -233,6 +243,9 @@ def tally(bench: stack.Stack, db: Any, phase: str, sends: Sequence[Send]) -> Tal
         lost=lost,
         unknown=len(unknown),
         unknown_arrived=sum(1 for s in unknown if arrived[s.address]),
+        receipted=sum(
+            1 for s in sends if shown.get(s.message_id, {}).get("reason") == RECEIPT_REASON
+        ),
     )
 
 
@@ -362,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"RESULT chaos_sends={killed.sends} duplicates={killed.duplicates} "
         f"unknown={killed.unknown} lost={killed.lost} unknown_pct={killed.unknown_pct:.2f} "
+        f"receipted={killed.receipted} "
         f"zombie_sends={zombie.sends} zombie_duplicates={zombie.duplicates} "
         f"zombie_unknown={zombie.unknown} zombie_lost={zombie.lost}",
         flush=True,

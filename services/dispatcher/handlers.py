@@ -490,9 +490,13 @@ class Dispatcher:
             case progress.Reconcile(attempt=attempt, began=began, resend=resend, try_id=try_id):
                 receipt = await self._receipt(request, try_id, began or request.requested_at)
                 if receipt is not None:  # it answered: concluded as the call would have been
+                    self.metrics.stopped_try(request.channel, "receipt")
                     await self._conclude(request, receipt, attempt, record, send_address(request))
                     return
-                if not self._can_reconcile(request):  # no provider to ask
+                can_ask = self._can_reconcile(request)
+                if reconcile_tries == 0:  # not a retry record asking the provider again
+                    self.metrics.stopped_try(request.channel, "provider" if can_ask else "nothing")
+                if not can_ask:  # no provider to ask
                     if resend:
                         await self._attempt(request, attempt + 1, "resumed", record)
                     else:

@@ -681,6 +681,7 @@ async def test_a_try_left_sending_with_a_receipt_is_concluded_from_it_not_unknow
     assert entry is not None
     assert (entry["state"], entry.get("provider_id")) == ("sent", "SM1")
     assert entry["reason"] == RECEIPT_REASON
+    assert _stopped(parking, "receipt") == 1
 
 
 async def test_a_receipt_of_another_try_says_nothing_of_the_one_left_sending(
@@ -694,6 +695,14 @@ async def test_a_receipt_of_another_try_says_nothing_of_the_one_left_sending(
     assert journal.asked == ["m-other"]
     assert parking.provider.sent == []
     assert await parking.state("m-other") == ("unknown", 1)  # marketing: not resent
+    # A test send's SMS has no provider listing to ask here (`sms_history` unset).
+    assert (_stopped(parking, "receipt"), _stopped(parking, "nothing")) == (0, 1)
+
+
+def _stopped(parking: Parking, settled_by: str) -> float:
+    registry = parking.dispatcher.metrics.registry
+    labels = {"channel": "sms", "settled_by": settled_by}
+    return registry.get_sample_value("waypost_dispatcher_stopped_tries_total", labels) or 0.0
 
 
 async def test_a_transactional_try_with_a_receipt_is_not_sent_again(

@@ -47,6 +47,17 @@ class DispatchMetrics:
             registry=self.registry,
         )
 
+        self._stopped = Counter(
+            "waypost_dispatcher_stopped_tries",
+            "Tries another worker left `sending` (it stopped during the call), by channel and"
+            " what settled them: its call receipt, the provider asked (SMS), or nothing",
+            ["channel", "settled_by"],
+            registry=self.registry,
+        )
+
+    def stopped_try(self, channel: str, settled_by: str) -> None:
+        self._stopped.labels(channel, settled_by).inc()
+
     def rounds(self, rounds: int) -> None:
         self._batches.inc()
         self._rounds.inc(rounds)
