@@ -26,8 +26,8 @@ against the outbox:
 - **unknown**: marketing messages the worker died on mid-call, which SMTP cannot be asked
   about; `unknown_arrived` of them did reach the outbox. The target is at most 1 % of sends.
 
-- **receipted**: messages a worker that took over concluded from their call receipts (the
-  answer the killed worker had, written down as it came).
+- **receipted**: messages a worker that took over concluded `sent` from their call receipts
+  (the answer the killed worker had, written down as it came; shown by the ledger's reason).
 
 The last line is `RESULT chaos_sends=… duplicates=… unknown=… lost=… unknown_pct=… receipted=…
 zombie_sends=… zombie_duplicates=… zombie_unknown=… zombie_lost=…`; the exit status is 1 when

@@ -456,18 +456,25 @@ class Dispatcher:
 
     def _write_receipt(
         self,
+        channel: str,
         partition: int,
         message_id: str,
         try_id: str,
         address: str,
         call: asyncio.Future[Outcome],
     ) -> None:
-        """The receipt of a call that answered (not of one cut off or failed: its outcome is
-        unknown, which the ledger's `sending` already says), without the address a provider's
-        reason may quote."""
-        if self.receipts is None or call.cancelled() or call.exception() is not None:
+        """The receipt of a call that answered, or could not be made (unsendable); not of one
+        cut off or failed, whose outcome is unknown, as the ledger's `sending` already says.
+        Without the address a provider's reason may quote."""
+        if self.receipts is None or call.cancelled():
             return
-        outcome = call.result()
+        failed = call.exception()
+        if isinstance(failed, ValueError):
+            outcome = _unsendable(channel, failed)
+        elif failed is not None:
+            return
+        else:
+            outcome = call.result()
         if outcome.reason:
             outcome = replace(outcome, reason=without_address(outcome.reason, address))
         self.receipts.record(partition, message_id, try_id, outcome)
@@ -489,13 +496,14 @@ class Dispatcher:
                 await self._enqueue(request, attempt, due or self.clock.now(), reason)
             case progress.Reconcile(attempt=attempt, began=began, resend=resend, try_id=try_id):
                 receipt = await self._receipt(request, try_id, began or request.requested_at)
+                can_ask = self._can_reconcile(request)
+                if reconcile_tries == 0:  # counted once, not again by a record asking again
+                    asked = "provider" if can_ask else "nothing"
+                    settled_by = "receipt" if receipt is not None else asked
+                    self.metrics.stopped_try(request.channel, settled_by)
                 if receipt is not None:  # it answered: concluded as the call would have been
-                    self.metrics.stopped_try(request.channel, "receipt")
                     await self._conclude(request, receipt, attempt, record, send_address(request))
                     return
-                can_ask = self._can_reconcile(request)
-                if reconcile_tries == 0:  # not a retry record asking the provider again
-                    self.metrics.stopped_try(request.channel, "provider" if can_ask else "nothing")
                 if not can_ask:  # no provider to ask
                     if resend:
                         await self._attempt(request, attempt + 1, "resumed", record)
@@ -650,6 +658,7 @@ class Dispatcher:
                     call.add_done_callback(
                         partial(
                             self._write_receipt,
+                            channel,
                             partition,
                             prepared.message_id,
                             try_id,
@@ -1106,9 +1115,13 @@ async def _answer(call: asyncio.Future[Outcome], channel: str) -> Outcome:
     try:
         return await asyncio.shield(call)
     except ValueError as exc:
-        # The content or address cannot be written as this provider's request (a header the
-        # email library refuses, text it cannot encode): it never left, and never will.
-        return Outcome("skipped", f"unsendable: {channel}: {type(exc).__name__}: {exc}")
+        return _unsendable(channel, exc)
+
+
+def _unsendable(channel: str, exc: ValueError) -> Outcome:
+    """The content or address cannot be written as this provider's request (a header the
+    email library refuses, text it cannot encode): it never left, and never will."""
+    return Outcome("skipped", f"unsendable: {channel}: {type(exc).__name__}: {exc}")
 
 
 async def _outside_a_batch() -> None:

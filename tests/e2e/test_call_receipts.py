@@ -1,6 +1,7 @@
 """Call receipts against the broker (`services.dispatcher.adapters.receipts`): written the
 moment a call answers, to its request's partition; found by partition, message id and try, from
-a little before the try was marked, and read on from where the last lookup stopped."""
+a little before the try was marked, read on from where the last lookup stopped, and back when a
+try marked earlier is asked about."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from services.dispatcher.adapters.receipts import LOOKBACK, CallReceipts
 from services.dispatcher.domain.outcomes import Outcome
@@ -62,6 +64,10 @@ async def test_a_receipt_is_found_by_its_partition_message_and_try(stack: Any) -
         fresh = CallReceipts(stack.bootstrap, producer, topic)
         try:
             assert await fresh.find(1, "m-1", "1:first", marked + 3 * LOOKBACK) is None
+            # Then a try marked earlier than the one asked about: read back to its own mark.
+            assert await fresh.find(1, "m-1", "1:first", marked) == Outcome(
+                "sent", None, provider_id="SM1"
+            )
         finally:
             fresh.close()
         # Partitions no longer owned are read afresh should they come back.
@@ -72,3 +78,45 @@ async def test_a_receipt_is_found_by_its_partition_message_and_try(stack: Any) -
     finally:
         receipts.close()
         producer.close()
+
+
+async def test_a_partition_read_long_ago_is_read_again_past_what_retention_took(
+    stack: Any,
+) -> None:
+    """A worker read a partition's receipts once, then the retention took the records after
+    where it stopped: its next lookup reads from the oldest record left, not from the end."""
+    topic, admin = filled_topic(stack.bootstrap, "receipts-retention", [])
+    producer = AsyncProducer(stack.bootstrap, client_id="receipts-retention-test")
+    receipts = CallReceipts(stack.bootstrap, producer, topic)
+    marked = datetime.now(UTC)
+    try:
+        receipts.record(0, "m-1", "1:first", Outcome("sent", None))
+        assert await _found(receipts, 0, "m-1", "1:first", marked) == Outcome("sent", None)
+        for n in range(2, 6):
+            receipts.record(0, f"m-{n}", "1:first", Outcome("sent", None))
+        written = await _found_elsewhere(stack.bootstrap, topic, 5)
+        # The retention takes every record but the last (the lookup stopped at offset 1).
+        gone = admin.delete_records([TopicPartition(topic, 0, written - 1)])
+        for future in gone.values():
+            future.result(timeout=30)
+
+        assert await receipts.find(0, "m-5", "1:first", marked) == Outcome("sent", None)
+        assert await receipts.find(0, "m-3", "1:first", marked) is None  # taken
+    finally:
+        receipts.close()
+        producer.close()
+
+
+async def _found_elsewhere(bootstrap: str, topic: str, count: int) -> int:
+    """The partition's end once it holds `count` records (read by a consumer of its own)."""
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": "receipts-retention-probe"})
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            _low, high = reader.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+            if high >= count:
+                return int(high)
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{topic} never held {count} records")
+    finally:
+        reader.close()

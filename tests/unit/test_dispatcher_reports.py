@@ -653,6 +653,26 @@ async def test_a_receipt_keeps_no_address_the_providers_reason_quotes(
     assert outcome.reason == "21211 <address> is not a valid number"
 
 
+async def test_a_call_that_could_not_be_written_leaves_a_receipt_that_it_never_left(
+    parking: Parking, journal: Journal
+) -> None:
+    parking.dispatcher.providers = {"sms": Unwritable()}
+    await parking.handle("m-unsendable")
+    await asyncio.sleep(0)
+    try_id, outcome = journal.kept[(0, "m-unsendable")]
+    assert (try_id, outcome.kind) == ("1:first", "skipped")
+    assert outcome.reason == "unsendable: sms: ValueError: a header the library refuses"
+
+
+class Unwritable:
+    """An SMS provider that cannot write the request at all."""
+
+    channel: Channel = "sms"
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        raise ValueError("a header the library refuses")
+
+
 class Refusing:
     """An SMS provider that refuses every number, quoting it."""
 

@@ -29,7 +29,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from services.dispatcher.domain.outcomes import Outcome
-from shared.kafka import AsyncProducer, ProducerBusy
+from shared.kafka import AsyncProducer
 from shared.kafka_connection import KafkaConnection, client_config
 from shared.topics import SEND_RECEIPTS
 
@@ -78,10 +78,12 @@ def decode(value: bytes) -> tuple[str, str, Outcome] | None:
 
 @dataclass
 class _Read:
-    """What one partition's receipts were read to: from `since_ms` (record time) up to the
-    offset before `next_offset`, by message id: (try id, outcome) of its latest receipt."""
+    """What one partition's receipts were read: those written from `since_ms` (record time)
+    on, that is the offsets from `first_offset` up to the one before `next_offset`, by message
+    id: (try id, outcome) of its latest receipt."""
 
     since_ms: int
+    first_offset: int
     next_offset: int
     receipts: dict[str, tuple[str, Outcome]] = field(default_factory=dict)
 
@@ -113,7 +115,7 @@ class CallReceipts:
             written = self._producer.produce(
                 self._topic, message_id, encode(message_id, try_id, outcome), partition
             )
-        except (ProducerBusy, KafkaException) as exc:
+        except Exception as exc:  # noqa: BLE001 - a full queue, a refusal: it goes unwritten
             log.warning("dispatcher.receipt_unwritten", message_id=message_id, error=str(exc))
             return
         written.add_done_callback(_log_if_unwritten(message_id))
@@ -127,7 +129,7 @@ class CallReceipts:
         since_ms = int((marked_at - LOOKBACK).timestamp() * 1000)
         async with self._reading:
             kept = self._reads.get(partition)
-            if kept is None or kept.since_ms > since_ms or len(kept.receipts) > KEPT:
+            if kept is not None and len(kept.receipts) > KEPT:
                 kept = None
             read = await asyncio.to_thread(self._read, partition, since_ms, kept)
             self._reads[partition] = read
@@ -151,6 +153,8 @@ class CallReceipts:
     # --- in a thread ---------------------------------------------------------------------------
 
     def _read(self, partition: int, since_ms: int, kept: _Read | None) -> _Read:
+        """`kept` read on to the partition's end, and back to `since_ms` when it started
+        later (a try marked before the others asked about); a new read when None."""
         with self._consumer_lock:
             consumer = self._consumer
             if consumer is None:
@@ -160,13 +164,15 @@ class CallReceipts:
                         "group.id": "waypost-dispatcher-receipts",  # never joined or committed
                         "enable.auto.commit": False,
                         "enable.partition.eof": True,
-                        # An offset gone with the retention: from the end (nothing to find).
-                        "auto.offset.reset": "latest",
+                        # An offset gone with the retention: from the oldest one kept.
+                        "auto.offset.reset": "earliest",
                     }
                 )
             where = TopicPartition(self._topic, partition)
-            _low, high = consumer.get_watermark_offsets(where, timeout=READ_TIMEOUT_SECONDS)
-            if kept is None:
+            low, high = consumer.get_watermark_offsets(where, timeout=READ_TIMEOUT_SECONDS)
+            if kept is not None and kept.next_offset < low:
+                kept = None  # read so long ago that the retention took what came next
+            if kept is None or since_ms < kept.since_ms:
                 at = consumer.offsets_for_times(
                     [TopicPartition(self._topic, partition, since_ms)],
                     timeout=READ_TIMEOUT_SECONDS,
@@ -174,33 +180,60 @@ class CallReceipts:
                 if at.error is not None:
                     raise KafkaException(at.error)
                 # No record at or after that time: none to read up to the end seen now.
-                kept = _Read(since_ms, at.offset if at.offset >= 0 else high)
+                start = at.offset if at.offset >= 0 else high
+                if kept is None:
+                    kept = self._reads[partition] = _Read(since_ms, start, start)
+                elif start < kept.first_offset:
+                    # Older receipts never replace a newer one of the same message.
+                    older: dict[str, tuple[str, Outcome]] = {}
+                    self._read_to(consumer, partition, start, kept.first_offset, older)
+                    for message_id, receipt in older.items():
+                        kept.receipts.setdefault(message_id, receipt)
+                    kept.first_offset = start
+                kept.since_ms = since_ms
             if kept.next_offset < high:
-                self._read_to(consumer, partition, kept, high)
+                self._read_to(consumer, partition, kept.next_offset, high, kept.receipts, kept)
             return kept
 
-    def _read_to(self, consumer: Consumer, partition: int, kept: _Read, high: int) -> None:
-        consumer.assign([TopicPartition(self._topic, partition, kept.next_offset)])
+    def _read_to(
+        self,
+        consumer: Consumer,
+        partition: int,
+        offset: int,
+        end: int,
+        into: dict[str, tuple[str, Outcome]],
+        progress: _Read | None = None,
+    ) -> int:
+        """Read the partition from `offset` up to `end` (or its end, should it come first)
+        into `into`, later receipts over earlier ones; the offset after the last one read,
+        kept in `progress` as it goes (a read that fails midway resumes there)."""
+        consumer.assign([TopicPartition(self._topic, partition, offset)])
         deadline = time.monotonic() + READ_TIMEOUT_SECONDS
         try:
-            while kept.next_offset < high:
+            while offset < end:
                 if time.monotonic() > deadline:
                     raise TimeoutError(
-                        f"{self._topic} [{partition}] not read to {high} within "
-                        f"{READ_TIMEOUT_SECONDS:g} s (at {kept.next_offset})"
+                        f"{self._topic} [{partition}] not read to {end} within "
+                        f"{READ_TIMEOUT_SECONDS:g} s (at {offset})"
                     )
                 for message in consumer.consume(1000, timeout=1.0):
                     error = message.error()
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
-                            return  # the end came before the watermark seen (records gone)
+                            return offset  # the end came first (records gone)
                         raise KafkaException(error)
-                    kept.next_offset = int(message.offset() or 0) + 1
+                    at = int(message.offset() or 0)
+                    if at >= end:
+                        return offset
+                    offset = at + 1
+                    if progress is not None:
+                        progress.next_offset = offset
                     value = message.value()
                     receipt = decode(value) if value is not None else None
                     if receipt is not None:
                         message_id, try_id, outcome = receipt
-                        kept.receipts[message_id] = (try_id, outcome)
+                        into[message_id] = (try_id, outcome)
+            return offset
         finally:
             consumer.unassign()
 
