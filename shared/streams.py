@@ -49,7 +49,7 @@ from rocksdict import AccessType, BlockBasedOptions, Cache, Options, Rdict, Writ
 from shared import event_loop
 from shared.clock import Clock
 from shared.deadletter import through_outages
-from shared.heap import freeze_startup_heap
+from shared.heap import collect_less_often, freeze_startup_heap
 from shared.kafka import (
     AsyncProducer,
     ProducerWedged,
@@ -1075,6 +1075,7 @@ def run_stream_worker(worker: StreamWorker) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         log.info("stream.heap_frozen", objects=freeze_startup_heap())
+        collect_less_often()
         await worker.run(stop)
 
     event_loop.run(main(), worker.settings.event_loop)

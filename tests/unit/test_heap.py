@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.heap import freeze_startup_heap
+from shared.heap import OLDER_THRESHOLD, YOUNG_THRESHOLD, collect_less_often, freeze_startup_heap
 
 
 class _Node:
@@ -55,3 +55,25 @@ def test_objects_made_after_start_up_stay_collectable(unfrozen: None) -> None:
     gc.collect()
 
     assert gone() is None
+
+
+def test_a_worker_collects_less_often_and_still_finds_cycles() -> None:
+    before = collect_less_often()
+    try:
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, OLDER_THRESHOLD, OLDER_THRESHOLD)
+        gc.collect()
+        young_before = gc.get_stats()[0]["collections"]
+        cycle = _Node()
+        cycle.me = cycle
+        gone = weakref.ref(cycle)
+        del cycle
+        # Fewer new objects than the threshold: no young collection ran, the cycle lives on.
+        kept = [_Node() for _ in range(YOUNG_THRESHOLD // 2)]
+        assert gc.get_stats()[0]["collections"] == young_before
+        assert gone() is not None
+        # More than the threshold: a young collection ran on its own and freed it.
+        kept += [_Node() for _ in range(YOUNG_THRESHOLD)]
+        assert gc.get_stats()[0]["collections"] > young_before
+        assert gone() is None
+    finally:
+        gc.set_threshold(*before)
