@@ -36,7 +36,7 @@ from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
 from shared.docstore import connect, database
 from shared.document_view import run_view_thread
-from shared.heap import freeze_startup_heap
+from shared.heap import collect_less_often, freeze_startup_heap
 from shared.kafka import AsyncProducer, CompactedTopicView, Record, prepare_topics
 from shared.links import LinkSigner
 from shared.logs import configure_logging
@@ -132,6 +132,7 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
         in_flight={channel: settings.in_flight(channel) for channel in sorted(providers)},
     )
     log.info("dispatcher.heap_frozen", objects=freeze_startup_heap())
+    collect_less_often()
     try:
         await worker.run(stop)
     finally:
