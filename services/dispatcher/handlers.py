@@ -504,12 +504,12 @@ class Dispatcher:
                 if receipt is not None:  # it answered: concluded as the call would have been
                     await self._conclude(request, receipt, attempt, record, send_address(request))
                     return
-                if not can_ask:  # no provider to ask
-                    if resend:
-                        await self._attempt(request, attempt + 1, "resumed", record)
-                    else:
-                        unknown = Outcome("unknown", progress.NOT_RESENT)
-                        await self._conclude(request, unknown, attempt, record, None)
+                if not can_ask:  # no provider to ask: as if nothing could be found out
+                    stopped_entry = progress.Entry("sending", attempt, sending_at=began)
+                    unasked = progress.resume(
+                        stopped_entry, transactional=request.transactional, reconcilable=False
+                    )
+                    await self._carry_out(unasked, request, record)
                     return
                 # Ask the provider: found, it is sent; proven absent, a new try is safe.
                 stopped = Outcome("unknown", progress.STOPPED)

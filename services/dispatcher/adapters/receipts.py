@@ -8,10 +8,12 @@ closes most of that gap. As soon as a call answers, its outcome goes to
 whatever becomes of the batch), to the partition of the request it answers. A worker that
 finds a try left `sending` by another reads that partition from a little before the try was
 marked (`CallReceipts.find`) and concludes the try with its receipt, when there is one. Only a
-call still on the wire, or answered in the last few milliseconds before the kill, stays open.
+call still on the wire, or answered in the last few milliseconds before the kill, stays open
+(and a try whose mark committed as the worker died, before its call went out).
 
-Receipts hold message ids, try ids and the provider's answer, never an address; the topic keeps
-them for a day (`shared.topics.SEND_RECEIPTS`).
+Receipts hold message ids, try ids and the provider's answer, with the address replaced where
+the answer quotes it (the dispatcher writes them so); the topic keeps them for a day
+(`shared.topics.SEND_RECEIPTS`).
 """
 
 from __future__ import annotations
@@ -203,9 +205,9 @@ class CallReceipts:
         end: int,
         into: dict[str, tuple[str, Outcome]],
         progress: _Read | None = None,
-    ) -> int:
+    ) -> None:
         """Read the partition from `offset` up to `end` (or its end, should it come first)
-        into `into`, later receipts over earlier ones; the offset after the last one read,
+        into `into`, later receipts over earlier ones; the offset after the last one read is
         kept in `progress` as it goes (a read that fails midway resumes there)."""
         consumer.assign([TopicPartition(self._topic, partition, offset)])
         deadline = time.monotonic() + READ_TIMEOUT_SECONDS
@@ -220,11 +222,11 @@ class CallReceipts:
                     error = message.error()
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
-                            return offset  # the end came first (records gone)
+                            return  # the end came first (records gone)
                         raise KafkaException(error)
                     at = int(message.offset() or 0)
                     if at >= end:
-                        return offset
+                        return
                     offset = at + 1
                     if progress is not None:
                         progress.next_offset = offset
@@ -233,7 +235,6 @@ class CallReceipts:
                     if receipt is not None:
                         message_id, try_id, outcome = receipt
                         into[message_id] = (try_id, outcome)
-            return offset
         finally:
             consumer.unassign()
 
