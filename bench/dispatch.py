@@ -4,7 +4,7 @@
 its own throw-away stack (Kafka 29392/29393, FerretDB 27392, the sandbox with SMTP on 21325 and
 its HTTP providers on 28325, dispatcher metrics 29465; state in `.local/bench-dispatch`, wiped at
 the start, stopped at the end) and ONE dispatcher worker (`python -m services.dispatcher`, at most
-C sends in flight: `WAYPOST_MAX_IN_FLIGHT`, which the worker triples for SMS and push unless
+C sends in flight: `WAYPOST_MAX_IN_FLIGHT`, which the worker quadruples for SMS and push unless
 `--in-flight-http` says otherwise). No ingest, segmenter or orchestrator: send requests
 go straight onto `waypost.send-requests.v1`, keyed by contact. Every request has its own contact
 (so no frequency cap or per-contact ordering applies) and a message id unique to the run; the
@@ -72,10 +72,12 @@ import aiosmtplib
 import httpx
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as Partition
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.ingest import CpuMeter, log_tail
 from bench.segmenter import producer
 from bench.timers import Progress, percentile, port_in_use, say, table
+from services.dispatcher.adapters.metrics import TRY_STEPS
 from services.dispatcher.channels.http import ProviderClient, basic_auth
 from services.dispatcher.channels.push.adapter import FcmAccessToken
 from services.dispatcher.channels.push.domain import PushContent, fcm_request_body
@@ -347,6 +349,7 @@ class RunResult:
     startup: float = 0.0  # worker start to its first commit seen
     stalled: int | None = None  # requests committed when nothing more was for --stall seconds
     worker_log: Counter[str] = field(default_factory=Counter)  # warnings and errors, by kind
+    steps: dict[str, float] = field(default_factory=dict)  # mean seconds per try, by step
 
 
 # -- the sandbox ---------------------------------------------------------------------------------
@@ -678,6 +681,7 @@ def dispatcher(bench: stack.Stack, db: Any, run: Run, args: argparse.Namespace) 
             time.sleep(0.5)
     finally:
         committed.close()
+        result.steps = try_steps(bench, run.channel)
         bench.stop("dispatcher")
         result.worker_log = log_notes(logfile, offset)
     if result.stalled is not None:
@@ -692,6 +696,30 @@ def dispatcher(bench: stack.Stack, db: Any, run: Run, args: argparse.Namespace) 
         phase.counted = len(times) - 1
         phase.seconds = (max(times) - min(times)).total_seconds()
     return result
+
+
+def try_steps(bench: stack.Stack, channel: str) -> dict[str, float]:
+    """Mean seconds a try of `channel` spent in each step (`TRY_STEPS`), from the worker's
+    `waypost_dispatcher_try_step_seconds`; empty when its metrics cannot be read."""
+    url = f"http://127.0.0.1:{bench.ports.dispatcher_metrics}/metrics"
+    try:
+        text = httpx.get(url, timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "waypost_dispatcher_try_step_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("channel") != channel:
+                continue
+            step = sample.labels.get("step", "")
+            if sample.name.endswith("_sum"):
+                sums[step] = sample.value
+            elif sample.name.endswith("_count"):
+                counts[step] = sample.value
+    return {step: sums[step] / counts[step] for step in TRY_STEPS if counts.get(step)}
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -737,7 +765,7 @@ def store_templates(db: Any) -> None:
 
 def in_flight(run: Run, args: argparse.Namespace) -> int:
     """Sends in flight for the run's channel: the worker's limit for it (as its settings make
-    it from C and `--in-flight-http`: three times C for SMS and push when not given), and the
+    it from C and `--in-flight-http`: four times C for SMS and push when not given), and the
     baseline's."""
     http: int | None = args.in_flight_http
     settings = DispatcherSettings(
@@ -865,6 +893,17 @@ def report(results: Sequence[RunResult], messages: int, in_flight: str) -> None:
             rows.append([r.run.tag, label, *cells])
     table(rows)
     print(flush=True)
+    say("where a try's time goes in the worker, mean ms per try (waypost_dispatcher_try_step_")
+    say("seconds): a call slot, staging (SMTP), the round that marks it sending, the call, and")
+    say("back in after the answer")
+    rows = [["run", *TRY_STEPS, "slot held"]]
+    for r in results:
+        if r.steps:
+            held = sum(r.steps.get(step, 0.0) for step in ("stage", "mark", "call", "back"))
+            cells = [fmt(r.steps[s] * 1000, ".1f") if s in r.steps else "-" for s in TRY_STEPS]
+            rows.append([r.run.tag, *cells, fmt(held * 1000, ".1f")])
+    table(rows)
+    print(flush=True)
     sms = [r for r in results if r.run.channel == "sms"]
     if len(sms) > 1:
         base = percentile(sms[0].idle_ms, 50)
@@ -934,7 +973,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         help="sends in flight for SMS and push (WAYPOST_MAX_IN_FLIGHT_SMS, _PUSH); unset, the "
-        "worker's defaults: 3 C for SMS and push",
+        "worker's defaults: 4 C for SMS and push",
     )
     parser.add_argument("--partitions", type=int, default=6, help="partitions per topic")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per phase")

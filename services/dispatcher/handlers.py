@@ -558,9 +558,15 @@ class Dispatcher:
         # Marked `sending` only once it holds a call slot, and once the provider holds all of
         # the message but its last step (`Staged`): a crash strands no try that was still
         # waiting for a slot or talking to an SMTP server.
-        async with self._call_slot(channel, self._buckets[channel].reserve(self._monotonic())):
+        step = self.metrics.step
+        asked = self._monotonic()
+        async with self._call_slot(channel, self._buckets[channel].reserve(asked)):
+            slotted = self._monotonic()
+            step(channel, "slot", slotted - asked)
             staged = await self._stage(channel, prepared)
             began = self.clock.now()
+            ready = self._monotonic()
+            step(channel, "stage", ready - slotted)
             if isinstance(staged, Outcome):
                 outcome: Outcome | None = staged  # refused before it could be taken: unmarked
             else:
@@ -571,6 +577,7 @@ class Dispatcher:
                     staged.abandon()
                     self._park(request.message_id, try_id, began)
                     raise
+                step(channel, "mark", self._monotonic() - ready)
                 if begun:
                     outcome = await self._call(channel, staged, prepared, attempt, began, try_id)
                 else:
@@ -653,6 +660,8 @@ class Dispatcher:
                 call = asyncio.ensure_future(staged.finish())
                 # Cut off before it started, the staged message is dropped unsent.
                 call.add_done_callback(partial(_abandon_if_cut_off, staged))
+                timing = _CallTiming(self._monotonic, channel, self.metrics.step)
+                call.add_done_callback(timing.answered)
                 partition = focused()
                 if self.receipts is not None and partition is not None:
                     call.add_done_callback(
@@ -669,7 +678,9 @@ class Dispatcher:
                     prepared.message_id,
                     Called(attempt, began, prepared.address, call, self._monotonic(), focused()),
                 )
-                return await _answer(call, channel)
+                answer = await _answer(call, channel)
+            timing.back()
+            return answer
 
     def _cut_off_calls(self) -> None:
         """The group moved this worker's partitions on (`Fenced.moved_on`): another worker now
@@ -1089,6 +1100,33 @@ class Dispatcher:
             self.metrics.outcome(request.channel, "skipped")
             log_outcome(request.message_id, "skipped", FORGOTTEN_REASON)
         return True
+
+
+class _CallTiming:
+    """A call's time to its answer (`answered`, its done-callback), and the task's time from
+    the answer until it is back in (`back`), as `DispatchMetrics.step` takes them."""
+
+    def __init__(
+        self,
+        monotonic: Callable[[], float],
+        channel: str,
+        step: Callable[[str, str, float], None],
+    ) -> None:
+        self._monotonic = monotonic
+        self._channel = channel
+        self._step = step
+        self._started = monotonic()
+        self._answered: float | None = None
+
+    def answered(self, call: asyncio.Future[Outcome]) -> None:
+        if call.cancelled():
+            return
+        self._answered = self._monotonic()
+        self._step(self._channel, "call", self._answered - self._started)
+
+    def back(self) -> None:
+        if self._answered is not None:
+            self._step(self._channel, "back", self._monotonic() - self._answered)
 
 
 @dataclass(frozen=True)

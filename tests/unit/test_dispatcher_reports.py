@@ -17,7 +17,7 @@ import pytest
 from pymongo import AsyncMongoClient
 from structlog.testing import capture_logs
 
-from services.dispatcher.adapters.metrics import DispatchMetrics
+from services.dispatcher.adapters.metrics import TRY_STEPS, DispatchMetrics
 from services.dispatcher.adapters.store import Templates
 from services.dispatcher.adapters.suppressions import SuppressionList
 from services.dispatcher.adapters.tables import Caps, Consent, ForgottenContacts, Ledger
@@ -257,17 +257,17 @@ def test_each_channel_has_its_own_limit_of_calls_in_flight_or_the_common_one() -
     assert {c: settings.in_flight(c) for c in ("email", "sms", "push", "wechat")} == {
         "email": 8,
         "sms": 256,
-        "push": 24,
+        "push": 32,
         "wechat": 8,
     }
-    assert DispatcherSettings(max_in_flight_push="").in_flight("push") == 192  # type: ignore[arg-type]
+    assert DispatcherSettings(max_in_flight_push="").in_flight("push") == 256  # type: ignore[arg-type]
 
 
-def test_sms_and_push_take_three_times_the_common_limit_unless_they_have_their_own() -> None:
-    """Their calls are short HTTP requests: 1,000 sends/s need about 190 slots."""
-    assert DispatcherSettings().in_flight("sms") == 192
-    assert DispatcherSettings().in_flight("push") == 192
-    assert DispatcherSettings(max_in_flight=8).in_flight("sms") == 24
+def test_sms_and_push_take_four_times_the_common_limit_unless_they_have_their_own() -> None:
+    """Their calls are short HTTP requests: 1,000 sends/s need about 250 slots."""
+    assert DispatcherSettings().in_flight("sms") == 256
+    assert DispatcherSettings().in_flight("push") == 256
+    assert DispatcherSettings(max_in_flight=8).in_flight("sms") == 32
     assert DispatcherSettings(max_in_flight=8, max_in_flight_sms=3).in_flight("sms") == 3
     assert DispatcherSettings(max_in_flight=8, max_in_flight_push=5).in_flight("push") == 5
     assert DispatcherSettings().in_flight("email") == 64
@@ -408,6 +408,61 @@ async def parking(tmp_path: Path) -> AsyncIterator[Parking]:
     yield Parking(made)
     made.close()
     await mongo.close()
+
+
+class Ticking:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Slow:
+    """An SMS provider whose every call takes `seconds` of `clock`."""
+
+    channel: Channel = "sms"
+
+    def __init__(self, clock: Ticking, seconds: float) -> None:
+        self.clock, self.seconds = clock, seconds
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        self.clock.now += self.seconds
+        return Outcome("sent", None)
+
+
+async def test_each_step_of_a_try_is_timed_by_channel(parking: Parking) -> None:
+    """Waiting for a slot, staging, the round that marks it, the call and coming back in: an
+    operator reads from these which one holds the channel's rate back."""
+    clock = Ticking()
+    dispatcher = parking.dispatcher
+    dispatcher._monotonic = clock
+    dispatcher.providers = {"sms": Slow(clock, 0.2)}
+
+    async def a_round_of_30_ms() -> None:
+        clock.now += 0.03
+
+    parking.ledger.use_gate(a_round_of_30_ms)
+
+    await parking.handle("m-timed")
+
+    registry = dispatcher.metrics.registry
+
+    def sample(step: str, suffix: str) -> float | None:
+        labels = {"channel": "sms", "step": step}
+        return registry.get_sample_value(f"waypost_dispatcher_try_step_seconds_{suffix}", labels)
+
+    assert [sample(step, "count") for step in TRY_STEPS] == [1.0] * len(TRY_STEPS)
+    seconds = {step: sample(step, "sum") for step in TRY_STEPS}
+    assert seconds == {
+        "slot": 0.0,
+        "stage": 0.0,
+        "mark": pytest.approx(0.03),
+        "call": pytest.approx(0.2),
+        "back": 0.0,
+    }
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("commit timed out"), asyncio.CancelledError()])

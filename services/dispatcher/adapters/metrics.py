@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Where a try's time goes (`Dispatcher._attempt`), in the order a try takes the steps: waiting
+# for a call slot (and the channel's rate limit); staging (an email's MAIL, RCPT, DATA and
+# message, before its mark; nothing for the other channels); the round that marks it `sending`;
+# the call, from its start to the provider's answer; and coming back in after the answer (the
+# event loop getting to it, a round under way ending). `docs/delivery.md` reads them.
+TRY_STEPS = ("slot", "stage", "mark", "call", "back")
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class DispatchMetrics:
@@ -54,6 +63,24 @@ class DispatchMetrics:
             ["channel", "settled_by"],
             registry=self.registry,
         )
+
+        self._steps = Histogram(
+            "waypost_dispatcher_try_step_seconds",
+            "Seconds each try spent in each step, by channel and step (slot, stage, mark,"
+            " call, back)",
+            ["channel", "step"],
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self._step_children: dict[tuple[str, str], Any] = {}
+
+    def step(self, channel: str, step: str, seconds: float) -> None:
+        """One try's time in one of `TRY_STEPS`."""
+        key = (channel, step)
+        child = self._step_children.get(key)
+        if child is None:
+            child = self._step_children[key] = self._steps.labels(channel, step)
+        child.observe(seconds)
 
     def stopped_try(self, channel: str, settled_by: str) -> None:
         self._stopped.labels(channel, settled_by).inc()
