@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -45,6 +45,18 @@ LOOKBACK = timedelta(seconds=60)
 KEPT = 100_000
 # How long one lookup may take to read a partition to its end before it counts as an outage.
 READ_TIMEOUT_SECONDS = 30.0
+# A partition whose leader is moving, or not yet known to this client (a topic just made), is
+# asked again after this pause, within the lookup's time.
+PASSING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    }
+)
+PASSING_PAUSE_SECONDS = 0.1
+
+T = TypeVar("T")
 
 
 def encode(message_id: str, try_id: str, outcome: Outcome) -> bytes:
@@ -171,18 +183,19 @@ class CallReceipts:
                     }
                 )
             where = TopicPartition(self._topic, partition)
-            low, high = consumer.get_watermark_offsets(where, timeout=READ_TIMEOUT_SECONDS)
+            deadline = time.monotonic() + READ_TIMEOUT_SECONDS
+            low, high = _again_while_passing(
+                lambda: consumer.get_watermark_offsets(where, timeout=READ_TIMEOUT_SECONDS),
+                deadline,
+            )
             if kept is not None and kept.next_offset < low:
                 kept = None  # read so long ago that the retention took what came next
             if kept is None or since_ms < kept.since_ms:
-                at = consumer.offsets_for_times(
-                    [TopicPartition(self._topic, partition, since_ms)],
-                    timeout=READ_TIMEOUT_SECONDS,
-                )[0]
-                if at.error is not None:
-                    raise KafkaException(at.error)
+                at = _again_while_passing(
+                    lambda: _offset_at(consumer, self._topic, partition, since_ms), deadline
+                )
                 # No record at or after that time: none to read up to the end seen now.
-                start = at.offset if at.offset >= 0 else high
+                start = at if at >= 0 else high
                 if kept is None:
                     kept = self._reads[partition] = _Read(since_ms, start, start)
                 elif start < kept.first_offset:
@@ -237,6 +250,30 @@ class CallReceipts:
                         into[message_id] = (try_id, outcome)
         finally:
             consumer.unassign()
+
+
+def _offset_at(consumer: Consumer, topic: str, partition: int, since_ms: int) -> int:
+    """The first offset of the partition at or after `since_ms` (record time), -1 when none."""
+    at = consumer.offsets_for_times(
+        [TopicPartition(topic, partition, since_ms)], timeout=READ_TIMEOUT_SECONDS
+    )[0]
+    if at.error is not None:
+        raise KafkaException(at.error)
+    return int(at.offset)
+
+
+def _again_while_passing(call: Callable[[], T], deadline: float) -> T:
+    """`call`, asked again while the broker answers with a passing error (`PASSING`) and
+    `deadline` (monotonic seconds) is not past; any other error is raised at once."""
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            passing = isinstance(error, KafkaError) and error.code() in PASSING
+            if not passing or time.monotonic() > deadline:
+                raise
+        time.sleep(PASSING_PAUSE_SECONDS)
 
 
 def _log_if_unwritten(message_id: str) -> Callable[[asyncio.Future[None]], None]:
