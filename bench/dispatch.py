@@ -4,7 +4,7 @@
 its own throw-away stack (Kafka 29392/29393, FerretDB 27392, the sandbox with SMTP on 21325 and
 its HTTP providers on 28325, dispatcher metrics 29465; state in `.local/bench-dispatch`, wiped at
 the start, stopped at the end) and ONE dispatcher worker (`python -m services.dispatcher`, at most
-C sends in flight: `WAYPOST_MAX_IN_FLIGHT`, which the worker quadruples for SMS and push unless
+C sends in flight: `WAYPOST_MAX_IN_FLIGHT`, which the worker triples for SMS and push unless
 `--in-flight-http` says otherwise). No ingest, segmenter or orchestrator: send requests
 go straight onto `waypost.send-requests.v1`, keyed by contact. Every request has its own contact
 (so no frequency cap or per-contact ordering applies) and a message id unique to the run; the
@@ -765,7 +765,7 @@ def store_templates(db: Any) -> None:
 
 def in_flight(run: Run, args: argparse.Namespace) -> int:
     """Sends in flight for the run's channel: the worker's limit for it (as its settings make
-    it from C and `--in-flight-http`: four times C for SMS and push when not given), and the
+    it from C and `--in-flight-http`: three times C for SMS and push when not given), and the
     baseline's."""
     http: int | None = args.in_flight_http
     settings = DispatcherSettings(
@@ -973,7 +973,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         help="sends in flight for SMS and push (WAYPOST_MAX_IN_FLIGHT_SMS, _PUSH); unset, the "
-        "worker's defaults: 4 C for SMS and push",
+        "worker's defaults: 3 C for SMS and push",
     )
     parser.add_argument("--partitions", type=int, default=6, help="partitions per topic")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per phase")
