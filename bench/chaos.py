@@ -62,6 +62,7 @@ from bench.dispatch import (
     produce,
     start_stack,
     store_templates,
+    worker_metrics,
 )
 from bench.timers import Progress, say
 from services.dispatcher.handlers import RECEIPT_REASON
@@ -277,13 +278,10 @@ def sigkill_phase(bench: stack.Stack, db: Any, args: argparse.Namespace) -> Tall
 
 
 def in_flight(bench: stack.Stack) -> float:
-    url = f"http://127.0.0.1:{bench.ports.dispatcher_metrics}/metrics"
-    try:
-        text = httpx.get(url, timeout=5).text
-    except httpx.HTTPError:
-        return 0.0
+    text = worker_metrics(bench, timeout=5)
+    lines = text.splitlines()
     return sum(
-        float(line.split()[-1]) for line in text.splitlines() if line.startswith(IN_FLIGHT_METRIC)
+        (float(line.split()[-1]) for line in lines if line.startswith(IN_FLIGHT_METRIC)), 0.0
     )
 
 

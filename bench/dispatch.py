@@ -698,14 +698,19 @@ def dispatcher(bench: stack.Stack, db: Any, run: Run, args: argparse.Namespace) 
     return result
 
 
+def worker_metrics(bench: stack.Stack, timeout: float = 10.0) -> str:
+    """The dispatcher worker's Prometheus metrics as text; empty when they cannot be read."""
+    url = f"http://127.0.0.1:{bench.ports.dispatcher_metrics}/metrics"
+    try:
+        return httpx.get(url, timeout=timeout).text
+    except httpx.HTTPError:
+        return ""
+
+
 def try_steps(bench: stack.Stack, channel: str) -> dict[str, float]:
     """Mean seconds a try of `channel` spent in each step (`TRY_STEPS`), from the worker's
     `waypost_dispatcher_try_step_seconds`; empty when its metrics cannot be read."""
-    url = f"http://127.0.0.1:{bench.ports.dispatcher_metrics}/metrics"
-    try:
-        text = httpx.get(url, timeout=10).text
-    except httpx.HTTPError:
-        return {}
+    text = worker_metrics(bench)
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
