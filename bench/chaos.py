@@ -109,6 +109,8 @@ class Tally:
     unknown: int
     unknown_arrived: int
     receipted: int  # concluded from a call receipt by the worker that took over
+    # Unknown sends by channel and whether they arrived: "email arrived", "sms not arrived".
+    unknown_by: Counter[str]
 
     @property
     def unknown_pct(self) -> float:
@@ -120,6 +122,13 @@ class Tally:
             f"{self.sends} sends: {states}; {self.duplicates} duplicates, {self.lost} lost, "
             f"{self.unknown} unknown ({self.unknown_pct:.2f} %, {self.unknown_arrived} of them "
             f"arrived); {self.receipted} concluded from their call receipts"
+            + (
+                " (unknown: "
+                + ", ".join(f"{n} {k}" for k, n in sorted(self.unknown_by.items()))
+                + ")"
+                if self.unknown_by
+                else ""
+            )
         )
 
 
@@ -195,6 +204,10 @@ def follow(bench: stack.Stack, total: int, label: str) -> Callable[[], int]:
     return done
 
 
+# Sent twice: how many to describe (the times each copy arrived, the ledger's history).
+DUPLICATES_SHOWN = 3
+
+
 def tally(bench: stack.Stack, db: Any, phase: str, sends: Sequence[Send]) -> Tally:
     """The view's states (once every message is final, or after its deadline) against the
     outbox."""
@@ -223,12 +236,21 @@ def tally(bench: stack.Stack, db: Any, phase: str, sends: Sequence[Send]) -> Tal
     shown = views()
     by_id = {message_id: view["state"] for message_id, view in shown.items()}
     arrived: Counter[str] = Counter()
+    arrived_at: dict[str, list[str]] = {}
     for channel in ("email", "sms"):
         answer = httpx.get(f"{bench.outbox_url}/messages", params={"channel": channel}, timeout=120)
         answer.raise_for_status()
         for message in answer.json()["messages"]:
             for address in message.get("to", []):
                 arrived[address] += 1
+                arrived_at.setdefault(address, []).append(str(message.get("received_at")))
+    for send in [s for s in sends if arrived[s.address] > 1][:DUPLICATES_SHOWN]:
+        entry = db.messages.find_one({"_id": send.message_id}, {"history": 1, "state": 1})
+        history = [
+            (h.get("state"), str(h.get("at"))[11:23], h.get("reason"))
+            for h in (entry or {}).get("history", [])
+        ]
+        say(f"  twice: {send.message_id} at {sorted(arrived_at[send.address])}; {history}")
     lost = 0
     for send in sends:
         state = by_id.get(send.message_id)
@@ -246,6 +268,9 @@ def tally(bench: stack.Stack, db: Any, phase: str, sends: Sequence[Send]) -> Tal
         unknown_arrived=sum(1 for s in unknown if arrived[s.address]),
         receipted=sum(
             1 for s in sends if shown.get(s.message_id, {}).get("reason") == RECEIPT_REASON
+        ),
+        unknown_by=Counter(
+            f"{s.channel} {'arrived' if arrived[s.address] else 'not arrived'}" for s in unknown
         ),
     )
 

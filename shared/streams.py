@@ -787,6 +787,12 @@ class StreamWorker:
                 raise Fenced(str(exc), moved_on=exc.moved_on) from exc
             self._proven_at = asked_at
 
+    def owner_within_lease(self) -> bool:
+        """Whether the last proof of ownership (`prove_owner`, a checkpoint) is within its
+        lease now: checked again at the last moment before an irreversible effect, after any
+        wait that began under the lease (a worker stopped meanwhile finds it lapsed)."""
+        return time.monotonic() - self._proven_at < self.owner_lease_seconds
+
     async def _init_transactions(self) -> None:
         """Register the producer's transactional id (a new producer when the call wedges)."""
         while True:
