@@ -152,6 +152,13 @@ class Receipts(Protocol):
     ) -> tuple[dict[str, tuple[int, bytes]], int]: ...
 
 
+# Proves the worker still owns the batch's partitions (`StreamWorker.prove_owner`): asks the
+# group unless the last proof's lease has the given seconds left.
+ProveOwner = Callable[[float], Awaitable[None]]
+# Seconds of the ownership lease (a third of the 10 s session) a proof before a try's intent
+# must leave, so that the call right after never waits on a proof.
+OWNER_LEASE_LEFT_BEFORE_INTENT = 1.5
+
 # The reason a try concluded from its receipt shows, when the provider's answer gave none.
 RECEIPT_REASON = "answered before its worker stopped (from the call's receipt)"
 
@@ -285,7 +292,7 @@ class Dispatcher:
         self._calls: OrderedDict[str, Called] = OrderedDict()
         # Tries marked in a failed round and never called, by message id, oldest first.
         self._parked: OrderedDict[str, Parked] = OrderedDict()
-        self._prove_owner: Callable[[], Awaitable[None]] = _outside_a_batch
+        self._prove_owner: ProveOwner = _outside_a_batch
         self._within_lease: Callable[[], bool] = lambda: True
         # The batch's group commit: what makes a mark durable without a receipts topic.
         self._round: Callable[[], Awaitable[None]] = _outside_a_batch
@@ -336,7 +343,7 @@ class Dispatcher:
         self,
         records: list[Record],
         checkpoint: Callable[[], Awaitable[None]],
-        prove_owner: Callable[[], Awaitable[None]],
+        prove_owner: ProveOwner,
         within_lease: Callable[[], bool] = lambda: True,
     ) -> None:
         """Handle a batch: one task per contact, a contact's records in offset order, and one
@@ -382,11 +389,11 @@ class Dispatcher:
             await self._round()
             return
         receipts = self.receipts
-        # Ownership is proven before the intent as well as right before the call (`_call`,
-        # then within the lease): a batch's first proof asks the group coordinator, and tries
-        # whose intents were written while they waited on it would be found `sending`,
-        # uncalled, after a crash.
-        await self._prove_owner()
+        # Ownership is proven before the intent, with half its lease left, as well as right
+        # before the call (`_call`), which then finds the lease standing: a proof asks the
+        # group coordinator, and tries whose intents were written while they waited on it
+        # would be found `sending`, uncalled, after a crash.
+        await self._prove_owner(OWNER_LEASE_LEFT_BEFORE_INTENT)
         async with self._aside():
             offset = await receipts.intend(partition, message_id, rev, entry)
         self._intents.setdefault(partition, {})[message_id] = (rev, entry)
@@ -771,7 +778,7 @@ class Dispatcher:
         never reached the provider."""
         with self.metrics.in_flight.labels(channel).track_inprogress():
             try:
-                await self._prove_owner()
+                await self._prove_owner(0.0)
             except BaseException:
                 staged.abandon()
                 self._park(prepared.message_id, try_id, began)
@@ -1316,7 +1323,7 @@ def _unsendable(channel: str, exc: ValueError) -> Outcome:
     return Outcome("skipped", f"unsendable: {channel}: {type(exc).__name__}: {exc}")
 
 
-async def _outside_a_batch() -> None:
+async def _outside_a_batch(*_: float) -> None:
     raise RuntimeError("a provider call outside a batch")
 
 

@@ -126,7 +126,7 @@ async def _no_round() -> None:
     raise AssertionError("a mark is made durable by its intent, not by a round")
 
 
-async def _owner() -> None:
+async def _owner(*_: float) -> None:
     return None
 
 
