@@ -258,6 +258,15 @@ class CallReceipts:
                 lambda: consumer.get_watermark_offsets(where, timeout=READ_TIMEOUT_SECONDS),
                 deadline,
             )
+            if start is not None and start < low:
+                # Left unread for longer than the topic keeps records (`SEND_RECEIPTS`): the
+                # intents of tries whose marks never committed may be gone with them.
+                log.error(
+                    "dispatcher.intents_expired",
+                    partition=partition,
+                    start=start,
+                    oldest=low,
+                )
             offset = low if start is None else max(start, low)
             for _at, value in self._values(consumer, partition, offset, high):
                 intent = decode_intent(value)
