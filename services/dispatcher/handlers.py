@@ -794,6 +794,9 @@ class Dispatcher:
                     BEFORE_SENDING.reset(before)
                 # Cut off before it started, the staged message is dropped unsent.
                 call.add_done_callback(partial(_abandon_if_cut_off, staged))
+                # Its lease lapsed before it started: parked, whoever awaits it (a call kept
+                # past a failed batch is awaited by the batch that reads its request again).
+                call.add_done_callback(partial(self._if_lapsed, prepared.message_id, try_id, began))
                 timing = _CallTiming(self._monotonic, channel, self.metrics.step)
                 call.add_done_callback(timing.answered)
                 partition = focused()
@@ -812,14 +815,21 @@ class Dispatcher:
                     prepared.message_id,
                     Called(attempt, began, prepared.address, call, self._monotonic(), focused()),
                 )
-                try:
-                    answer = await _answer(call, channel)
-                except LeaseLapsed:  # it never went out: read again, the try is made anew
-                    self._calls.pop(prepared.message_id, None)
-                    self._park(prepared.message_id, try_id, began)
-                    raise
+                # A lapsed lease raises here (`LeaseLapsed`): it never went out, and read
+                # again, the try is made anew (`_if_lapsed` parked it).
+                answer = await _answer(call, channel)
             timing.back()
             return answer
+
+    def _if_lapsed(
+        self, message_id: str, try_id: str, began: datetime, call: asyncio.Future[Outcome]
+    ) -> None:
+        if call.cancelled() or not isinstance(call.exception(), LeaseLapsed):
+            return
+        kept = self._calls.get(message_id)
+        if kept is not None and kept.call is call:
+            del self._calls[message_id]
+        self._park(message_id, try_id, began)
 
     def _check_lease(self) -> None:
         if not self._within_lease():

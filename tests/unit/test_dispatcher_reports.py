@@ -869,3 +869,27 @@ async def test_a_staged_call_whose_lease_lapsed_is_abandoned_unsent(
     with pytest.raises(LeaseLapsed):
         await parking.handle("m-staged-lapsed")
     assert (staging.sent, staging.abandoned) == ([], ["m-staged-lapsed"])
+
+
+async def test_a_kept_call_whose_lease_lapsed_is_made_anew_when_its_request_is_read_again(
+    parking: Parking,
+) -> None:
+    """The batch failed while the call waited to start (kept, as calls past a failed batch
+    are), and its lease lapsed before it started: the batch that reads the request again does
+    not wait on it for ever, it makes the try anew, once."""
+    lapses = [True]
+    parking.dispatcher._within_lease = lambda: not (lapses and lapses.pop())
+    handling = asyncio.ensure_future(parking.handle("m-kept"))
+    while "m-kept" not in parking.dispatcher._calls:
+        await asyncio.sleep(0)
+    handling.cancel()  # the batch failed: the call is kept and runs on
+    with pytest.raises(asyncio.CancelledError):
+        await handling
+    await asyncio.sleep(0)  # the call takes its first step: the lease has lapsed
+    assert parking.provider.sent == []
+    assert "m-kept" not in parking.dispatcher._calls
+
+    await parking.handle("m-kept")
+
+    assert parking.provider.sent == ["m-kept"]
+    assert await parking.state("m-kept") == ("sent", 1)
