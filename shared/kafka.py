@@ -379,7 +379,9 @@ class AsyncProducer:
     async def init_transactions(self) -> None:
         """Register the transactional id; aborts what a predecessor with the same id left open.
         Asked again while the broker does not answer."""
-        await _transactional(lambda: self._producer.init_transactions(TRANSACTION_CALL_SECONDS))
+        await _transactional(
+            lambda: self._producer.init_transactions(TRANSACTION_CALL_SECONDS), what="init"
+        )
 
     def begin_transaction(self) -> None:
         try:
@@ -401,10 +403,12 @@ class AsyncProducer:
                 await _transactional(
                     lambda: self._producer.send_offsets_to_transaction(
                         offsets, group, TRANSACTION_CALL_SECONDS
-                    )
+                    ),
+                    what="commit_offsets",
                 )
             await _transactional(
-                lambda: self._producer.commit_transaction(TRANSACTION_CALL_SECONDS)
+                lambda: self._producer.commit_transaction(TRANSACTION_CALL_SECONDS),
+                what="commit",
             )
         except KafkaException as exc:
             await self._refused(exc)
@@ -417,13 +421,16 @@ class AsyncProducer:
             await _transactional(
                 lambda: self._producer.send_offsets_to_transaction(
                     offsets, group, TRANSACTION_CALL_SECONDS
-                )
+                ),
+                what="prove_offsets",
             )
         except KafkaException as exc:
             await self._refused(exc)
 
     async def abort_transaction(self) -> None:
-        await _transactional(lambda: self._producer.abort_transaction(TRANSACTION_CALL_SECONDS))
+        await _transactional(
+            lambda: self._producer.abort_transaction(TRANSACTION_CALL_SECONDS), what="abort"
+        )
 
     async def _refused(self, exc: KafkaException) -> NoReturn:
         """What a failed commit or proof of offsets raises: `TransactionDoomed` for the
@@ -524,7 +531,11 @@ async def _running_wait(
 
 
 async def _blocking(
-    call: Callable[[], None], deadline: float, *, clock: Callable[[], float] = time.monotonic
+    call: Callable[[], None],
+    deadline: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    name: str = "call",
 ) -> None:
     """Run `call` on a thread of its own; `ProducerWedged` when it has not returned after
     `deadline` seconds of running time. A call that never returns keeps only its own thread,
@@ -548,7 +559,7 @@ async def _blocking(
         else:
             loop.call_soon_threadsafe(finish, None)
 
-    threading.Thread(target=run, name="kafka-transactional-call", daemon=True).start()
+    threading.Thread(target=run, name=f"kafka-transactional-{name}", daemon=True).start()
     try:
         await _running_wait(done, deadline, clock=clock)
     except TimeoutError:
@@ -557,7 +568,9 @@ async def _blocking(
         ) from None
 
 
-async def _transactional(call: Callable[[], None], deadline: float | None = None) -> None:
+async def _transactional(
+    call: Callable[[], None], deadline: float | None = None, *, what: str = "call"
+) -> None:
     """Run a blocking transactional call on its own thread, again while the error is
     retriable; `ProducerWedged` when one attempt blocks past `deadline`, or when attempts that
     each ran out their own timeout add up to `WEDGED_AFTER_SECONDS`: after a broker restart,
@@ -567,22 +580,39 @@ async def _transactional(call: Callable[[], None], deadline: float | None = None
     while True:
         began = time.monotonic()
         try:
-            await _blocking(call, WEDGED_AFTER_SECONDS if deadline is None else deadline)
+            await _blocking(call, WEDGED_AFTER_SECONDS if deadline is None else deadline, name=what)
             return
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             if isinstance(error, KafkaError) and error.retriable():
-                if error.code() == KafkaError._TIMED_OUT:
-                    # At most the call's own timeout: a stopped process does not count.
-                    timed_out += min(time.monotonic() - began, TRANSACTION_CALL_SECONDS)
+                if error.code() in _STILL_BLOCKED:
+                    # At most the call's own timeout: a stopped process does not count. An
+                    # earlier call still in progress (its caller gone, its thread blocked in
+                    # librdkafka) counts the time waited on it.
+                    waited = time.monotonic() - began
+                    if error.code() == KafkaError._PREV_IN_PROGRESS:
+                        waited += RETRY_PAUSE_SECONDS
+                    timed_out += min(waited, TRANSACTION_CALL_SECONDS)
                     if timed_out >= WEDGED_AFTER_SECONDS:
                         raise ProducerWedged(
-                            f"transactional calls timed out for {timed_out:.0f} s in a row"
+                            f"transactional calls timed out or waited on an earlier one for "
+                            f"{timed_out:.0f} s in a row"
                         ) from exc
-                log.warning("kafka.transaction_retry", error=str(error))
-                await asyncio.sleep(0.2)
+                log.warning(
+                    "kafka.transaction_retry",
+                    error=str(error),
+                    what=what,
+                )
+                await asyncio.sleep(RETRY_PAUSE_SECONDS)
                 continue
             raise
+
+
+# Between two attempts of a transactional call that failed retriably.
+RETRY_PAUSE_SECONDS = 0.2
+# Retriable answers that mean the producer's transactional state is held up: the call timed
+# out, or an earlier call of the same API is still blocked on its own thread.
+_STILL_BLOCKED = frozenset({KafkaError._TIMED_OUT, KafkaError._PREV_IN_PROGRESS})
 
 
 class _Tally:

@@ -762,7 +762,7 @@ class StreamWorker:
         self._apply(reached)
         self.producer.begin_transaction()
 
-    async def prove_owner(self) -> None:
+    async def prove_owner(self, fresh_for: float = 0.0) -> None:
         """Make sure, just before an irreversible effect (a provider call), that the group still
         counts this worker as the owner of the batch's partitions: within `owner_lease_seconds`
         of the last proof (a checkpoint, or an earlier call of this) that is taken as given;
@@ -773,11 +773,20 @@ class StreamWorker:
         group moved its partitions on would otherwise call providers for records another
         worker now handles. The lease is well inside the session timeout: a worker that was
         running heartbeated within the last few seconds, so its partitions cannot move
-        before the lease ends."""
+        before the lease ends.
+
+        `fresh_for`: ask again unless the lease has that many seconds left (a step shortly
+        before the effect, so that the effect itself finds the lease standing and never waits
+        on a proof)."""
         if not self.transactional or self._consumer is None:
             raise RuntimeError("prove_owner needs a transactional worker inside a batch")
+        # A proof with `fresh_for` seconds of its lease left stands; checked before waiting
+        # on a proof under way too, so a call within the lease never waits on one.
+        lease = self.owner_lease_seconds - fresh_for
+        if time.monotonic() - self._proven_at < lease:
+            return
         async with self._proving:
-            if time.monotonic() - self._proven_at < self.owner_lease_seconds:
+            if time.monotonic() - self._proven_at < lease:
                 return
             asked_at = time.monotonic()
             offsets = [TopicPartition(t, p, o) for (t, p), o in self._batch_start.items()]
@@ -786,6 +795,12 @@ class StreamWorker:
             except TransactionAborted as exc:
                 raise Fenced(str(exc), moved_on=exc.moved_on) from exc
             self._proven_at = asked_at
+
+    def owner_within_lease(self) -> bool:
+        """Whether the last proof of ownership (`prove_owner`, a checkpoint) is within its
+        lease now: checked again at the last moment before an irreversible effect, after any
+        wait that began under the lease (a worker stopped meanwhile finds it lapsed)."""
+        return time.monotonic() - self._proven_at < self.owner_lease_seconds
 
     async def _init_transactions(self) -> None:
         """Register the producer's transactional id (a new producer when the call wedges)."""

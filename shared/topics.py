@@ -59,8 +59,9 @@ PROFILES = Topic("waypost.profiles.v1", "latest profile per contact", compacted=
 SEND_REQUESTS = Topic("waypost.send-requests.v1", "messages the dispatcher must deliver")
 SEND_RECEIPTS = Topic(
     "waypost.send-receipts.v1",
-    "what each provider call answered, written as it answers, to its send request's partition"
-    " and keyed by message id: read by a worker that finds a try another one left `sending`",
+    "each try's intent (its ledger entry as marked `sending`, before the call) and what each"
+    " provider call answered, written as it answers, to its send request's partition and keyed"
+    " by message id: read by a worker that takes a partition or finds a try left `sending`",
     keyed_by_contact=False,
     retention_ms=DAY_MS,
 )

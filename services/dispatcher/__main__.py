@@ -18,10 +18,12 @@ from services.dispatcher.adapters.tables import (
     CAPS,
     CONSENT,
     FORGOTTEN,
+    INTENTS,
     LEDGER,
     Caps,
     Consent,
     ForgottenContacts,
+    IntentsFrom,
     Ledger,
 )
 from services.dispatcher.channels import build_providers
@@ -87,7 +89,7 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
     )
     receipts = CallReceipts(settings.kafka(), receipted)
 
-    async def no_batch() -> None:
+    async def no_batch(_message_id: str, _rev: int, _entry: bytes) -> None:
         raise RuntimeError("a try began outside a batch")
 
     dispatcher = Dispatcher(
@@ -100,6 +102,7 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
             Consent(worker.tables[CONSENT]),
             suppressions,
             ForgottenContacts(worker.tables[FORGOTTEN], key),
+            IntentsFrom(worker.tables[INTENTS]),
         ),
         providers,
         LinkSigner(settings.link_secret.get_secret_value(), settings.public_url),
@@ -117,9 +120,11 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
     )
 
     async def process(records: list[Record]) -> None:
-        await dispatcher.process(records, worker.checkpoint, worker.prove_owner)
+        await dispatcher.process(
+            records, worker.checkpoint, worker.prove_owner, worker.owner_within_lease
+        )
 
-    worker.on_assignment(dispatcher.keep_calls_of)
+    worker.on_assignment(dispatcher.on_assignment)
     worker.consume([SEND_REQUESTS.name, DELIVERY_REPORTS.name], process)
     worker.consume([t.name for t in SEND_RETRIES.values()], process, due=retry_due)
     stop = asyncio.Event()
@@ -161,6 +166,7 @@ def main() -> None:
     worker.table(CAPS)
     worker.table(CONSENT)
     worker.table(FORGOTTEN)
+    worker.table(INTENTS)
     worker.table(LEDGER, primary=True)
     prepare_topics(settings, worker.changelogs())
     stop_view = run_view_thread(

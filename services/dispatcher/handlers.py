@@ -6,18 +6,19 @@ delivery reports the segmenter passes on (`waypost.delivery-reports.v1`). The le
 consent live in the worker's tables (`adapters/tables.py`). A batch runs one task per contact,
 all at once; a contact's records run one after another, which keeps the frequency-cap check and
 the count it guards together. A try takes one of its channel's call slots, then is marked
-`sending` and made durable by a group commit with every other try ready at that moment
-(`shared.rendezvous`: the worker's checkpoint, which also proves the worker still owns the
-partitions), then calls its provider. An SMTP try is staged first (`StagingProvider`: the whole
-transaction but the "." that ends it), so the mark covers only the last step, the one after
-which the message may have arrived; a round waits a moment for tries still staging
-(`Rendezvous.joining`). Waiting for a slot and the call itself stand aside from the group
-commit, so rounds follow the calls in waves; outcomes, events and retries are
-committed by the next round or with the batch's offsets at its end. A crash repeats the batch,
-and the ledger turns repeats into no-ops: a try left `sending` (only one that held a slot) is
+`sending`, and the mark is made durable before the call (`_durable`): the try's intent, the
+entry as marked, is written to the receipts topic and acknowledged, while the mark itself
+commits with the batch. A worker that takes a partition reads the intents written since the
+last commit and puts every mark the ledger lacks back in it (`_overlay`), so what follows sees
+the ledger as if each mark had committed before its call. The worker proves it still owns the
+partitions before a call (`StreamWorker.prove_owner`). An SMTP try is staged first
+(`StagingProvider`: the whole transaction but the "." that ends it), so the mark covers only
+the last step, the one after which the message may have arrived. A crash repeats the batch, and
+the ledger turns repeats into no-ops: a try left `sending` (only one that held a slot) is
 concluded from its call receipt (`adapters.receipts`: each call's answer, written down the
 moment it comes), else reconciled with the provider where it can be asked, else ends
-`unknown` (marketing) or is tried again (transactional).
+`unknown` (marketing) or is tried again (transactional). Without a receipts topic (unit tests),
+a mark is made durable by the batch's group commit instead (`shared.rendezvous`).
 
 Channels are rendered and sent through their kits (`services/dispatcher/channels`); what an
 outcome comes to is decided by `domain.conclude` and carried out here.
@@ -36,6 +37,7 @@ from typing import Any, Protocol, TypeVar, assert_never
 
 import structlog
 from pydantic import ValidationError
+from pydantic_core import from_json, to_json
 
 from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.store import Templates
@@ -45,9 +47,12 @@ from services.dispatcher.adapters.tables import (
     Caps,
     Consent,
     ForgottenContacts,
+    IntentsFrom,
     Ledger,
+    forgotten_entry,
 )
 from services.dispatcher.channels import kits
+from services.dispatcher.channels.http import BEFORE_SENDING
 from services.dispatcher.channels.sms.domain import SmsContent
 from services.dispatcher.channels.sms.reconcile import SmsHistory, SmsTry, reconcile_sms
 from services.dispatcher.domain import progress
@@ -86,7 +91,7 @@ from services.dispatcher.settings import DispatcherSettings
 from shared.channels import CHANNELS, consent_changes
 from shared.clock import Clock
 from shared.contracts import Channel, Event, SendRequest, SendRetry
-from shared.deadletter import DeadLetters
+from shared.deadletter import DeadLetters, through_outages
 from shared.durations import parse_duration, zone
 from shared.kafka import AsyncProducer, Record
 from shared.links import LinkClaims, LinkSigner
@@ -140,6 +145,19 @@ class Receipts(Protocol):
 
     def forget(self, partitions: frozenset[int]) -> None: ...
 
+    async def intend(self, partition: int, message_id: str, rev: int, entry: bytes) -> int: ...
+
+    async def intents(
+        self, partition: int, start: int | None
+    ) -> tuple[dict[str, tuple[int, bytes]], int]: ...
+
+
+# Proves the worker still owns the batch's partitions (`StreamWorker.prove_owner`): asks the
+# group unless the last proof's lease has the given seconds left.
+ProveOwner = Callable[[float], Awaitable[None]]
+# Seconds of the ownership lease (a third of the 10 s session) a proof before a try's intent
+# must leave, so that the call right after never waits on a proof.
+OWNER_LEASE_LEFT_BEFORE_INTENT = 1.5
 
 # The reason a try concluded from its receipt shows, when the provider's answer gave none.
 RECEIPT_REASON = "answered before its worker stopped (from the call's receipt)"
@@ -217,6 +235,7 @@ class Stores:
     consent: Consent
     suppressions: SuppressionList
     forgotten: ForgottenContacts
+    intents_from: IntentsFrom | None = None
 
 
 class Dispatcher:
@@ -273,7 +292,21 @@ class Dispatcher:
         self._calls: OrderedDict[str, Called] = OrderedDict()
         # Tries marked in a failed round and never called, by message id, oldest first.
         self._parked: OrderedDict[str, Parked] = OrderedDict()
-        self._prove_owner: Callable[[], Awaitable[None]] = _outside_a_batch
+        self._prove_owner: ProveOwner = _outside_a_batch
+        self._within_lease: Callable[[], bool] = lambda: True
+        # The batch's group commit: what makes a mark durable without a receipts topic.
+        self._round: Callable[[], Awaitable[None]] = _outside_a_batch
+        # Intents of tries whose marks the ledger may lack, by partition and message id:
+        # (revision, entry as marked). Put in the ledger at each batch's start until it has
+        # them (`_overlay`).
+        self._intents: dict[int, dict[str, tuple[int, bytes]]] = {}
+        # Per partition, the receipts offset before which every intent is of a try whose
+        # mark the coming commit holds (`IntentsFrom`, written with it).
+        self._intents_from: dict[int, int] = {}
+        # Partitions held, and those whose intents are still to be read (since the group's
+        # last assignment).
+        self._owned: frozenset[int] = frozenset()
+        self._unread: set[int] = set()
         # Waits on the outside world within a batch: they stand aside from its group commit.
         self._aside: Callable[[], AbstractAsyncContextManager[None]] = _no_batch_to_leave
         # Short waits outside that the batch's coming round waits for (staging an email).
@@ -310,22 +343,29 @@ class Dispatcher:
         self,
         records: list[Record],
         checkpoint: Callable[[], Awaitable[None]],
-        prove_owner: Callable[[], Awaitable[None]],
+        prove_owner: ProveOwner,
+        within_lease: Callable[[], bool] = lambda: True,
     ) -> None:
         """Handle a batch: one task per contact, a contact's records in offset order, and one
         `checkpoint` per round of tries (every task parked before its provider call or done).
         `prove_owner` is awaited right before each provider call (`StreamWorker.prove_owner`):
         a worker that was stopped past its lease asks the group again, and calls nothing once
-        its partitions have moved on."""
+        its partitions have moved on. `within_lease` is asked again at the last moment before
+        the call's bytes go out (`StreamWorker.owner_within_lease`): a call made under the
+        lease that still waited for its first step, or for a pooled connection, when the
+        worker was stopped does not go out once it resumes (`LeaseLapsed`)."""
         self._prove_owner = prove_owner
+        self._within_lease = within_lease
         contacts: dict[tuple[int, str], list[Record]] = {}
         for record in records:
             key = record.key if record.key is not None else f"#{record.offset}"
             contacts.setdefault((record.partition, key), []).append(record)
         rendezvous = Rendezvous(checkpoint, self.settings.smtp_stage_join_ms / 1000)
-        self.ledger.use_gate(rendezvous.gate)
+        self.ledger.use_gate(self._durable)
+        self._round = rendezvous.gate
         self._aside = rendezvous.aside
         self._joining = rendezvous.joining
+        await self._overlay()
         try:
             await rendezvous.run(
                 [partial(self._contact_records, mine) for mine in contacts.values()]
@@ -334,7 +374,95 @@ class Dispatcher:
             if exc.moved_on:
                 self._cut_off_calls()
             raise
+        self._note_intents_from()
         self.metrics.rounds(rendezvous.rounds)
+
+    # --- intents: each try's mark, durable before its call ----------------------------------
+
+    async def _durable(self, message_id: str, rev: int, entry: bytes) -> None:
+        """Make a try's `sending` mark (`entry`, at revision `rev`) durable before its call:
+        its intent acknowledged by the broker in the request's partition of the receipts
+        topic, and kept until the ledger has the mark (`_overlay`); the mark itself commits
+        with the batch. Without a receipts topic: the batch's group commit."""
+        partition = focused()
+        if self.receipts is None or partition is None:
+            await self._round()
+            return
+        receipts = self.receipts
+        # Ownership is proven before the intent, with half its lease left, as well as right
+        # before the call (`_call`), which then finds the lease standing: a proof asks the
+        # group coordinator, and tries whose intents were written while they waited on it
+        # would be found `sending`, uncalled, after a crash.
+        await self._prove_owner(OWNER_LEASE_LEFT_BEFORE_INTENT)
+        async with self._aside():
+            offset = await receipts.intend(partition, message_id, rev, entry)
+        self._intents.setdefault(partition, {})[message_id] = (rev, entry)
+        reached = self._intents_from.get(partition, 0)
+        self._intents_from[partition] = max(reached, offset + 1)
+
+    def on_assignment(self, owned: frozenset[int]) -> None:
+        """The group handed out an assignment (`StreamWorker.on_assignment`): the kept calls
+        of partitions handed elsewhere are cut off (`keep_calls_of`), and every partition held
+        has its intents read again before its next batch: another worker may have held it
+        meanwhile."""
+        self.keep_calls_of(owned)
+        self._owned = owned
+        self._unread = set(owned)
+        self._intents.clear()
+        self._intents_from.clear()
+
+    async def _overlay(self) -> None:
+        """At a batch's start: read the intents of partitions taken since the group's last
+        assignment (from where their last commit said, to their end), then put every mark the
+        ledger lacks in it, staged with the batch. A worker killed after a try's intent and
+        before its batch committed leaves the try as if its mark had committed: `sending`,
+        found and concluded as such."""
+        if self.receipts is not None and self.stores.intents_from is not None:
+            for partition in sorted(self._unread & self._owned):
+                await self._read_intents(self.receipts, self.stores.intents_from, partition)
+                self._unread.discard(partition)
+        for partition, pending in self._intents.items():
+            focus(partition)
+            for message_id, (rev, entry) in list(pending.items()):
+                current = self.ledger.revision(message_id)
+                if current is not None and current >= rev:
+                    del pending[message_id]  # the ledger has the mark, or what came after it
+                    continue
+                self.ledger.overlay(message_id, rev, await self._as_erasure_left(entry))
+        focus(None)
+
+    async def _read_intents(
+        self, receipts: Receipts, intents_from: IntentsFrom, partition: int
+    ) -> None:
+        focus(partition)
+        start = intents_from.get()
+        found, end = await through_outages(
+            lambda: receipts.intents(partition, start), what="dispatcher.intents"
+        )
+        self._intents[partition] = found
+        self._intents_from[partition] = end
+        if found:
+            log.info("dispatcher.intents_read", partition=partition, start=start, found=len(found))
+
+    async def _as_erasure_left(self, entry: bytes) -> bytes:
+        """An intent's entry as the ledger keeps it: nothing of a contact erased since."""
+        fields = from_json(entry)
+        key = fields.get("contact_key")
+        if isinstance(key, str) and await self.stores.forgotten.includes(key):
+            return to_json(forgotten_entry(fields))
+        return entry
+
+    def _note_intents_from(self) -> None:
+        """Where the next owner of each partition must read intents from, staged with the
+        batch's commit: every intent written before is of a mark this commit holds, or one
+        put back by `_overlay` in this batch."""
+        if self.stores.intents_from is None:
+            return
+        for partition, offset in self._intents_from.items():
+            if partition in self._owned:
+                focus(partition)
+                self.stores.intents_from.put(offset)
+        focus(None)
 
     async def _contact_records(self, records: list[Record]) -> None:
         for record in records:
@@ -650,16 +778,25 @@ class Dispatcher:
         never reached the provider."""
         with self.metrics.in_flight.labels(channel).track_inprogress():
             try:
-                await self._prove_owner()
+                await self._prove_owner(0.0)
             except BaseException:
                 staged.abandon()
                 self._park(prepared.message_id, try_id, began)
                 raise
             # No await from here to the call's start: nothing can stop the task in between.
             async with self._aside():
-                call = asyncio.ensure_future(staged.finish())
+                # The lease is asked again as the call starts, and by an HTTP call once it has
+                # its connection (`channels.http.BEFORE_SENDING`).
+                before = BEFORE_SENDING.set(self._check_lease)
+                try:
+                    call = asyncio.ensure_future(_go(staged, self._check_lease))
+                finally:
+                    BEFORE_SENDING.reset(before)
                 # Cut off before it started, the staged message is dropped unsent.
                 call.add_done_callback(partial(_abandon_if_cut_off, staged))
+                # Its lease lapsed before it started: parked, whoever awaits it (a call kept
+                # past a failed batch is awaited by the batch that reads its request again).
+                call.add_done_callback(partial(self._if_lapsed, prepared.message_id, try_id, began))
                 timing = _CallTiming(self._monotonic, channel, self.metrics.step)
                 call.add_done_callback(timing.answered)
                 partition = focused()
@@ -678,9 +815,25 @@ class Dispatcher:
                     prepared.message_id,
                     Called(attempt, began, prepared.address, call, self._monotonic(), focused()),
                 )
+                # A lapsed lease raises here (`LeaseLapsed`): it never went out, and read
+                # again, the try is made anew (`_if_lapsed` parked it).
                 answer = await _answer(call, channel)
             timing.back()
             return answer
+
+    def _if_lapsed(
+        self, message_id: str, try_id: str, began: datetime, call: asyncio.Future[Outcome]
+    ) -> None:
+        if call.cancelled() or not isinstance(call.exception(), LeaseLapsed):
+            return
+        kept = self._calls.get(message_id)
+        if kept is not None and kept.call is call:
+            del self._calls[message_id]
+        self._park(message_id, try_id, began)
+
+    def _check_lease(self) -> None:
+        if not self._within_lease():
+            raise LeaseLapsed("the lease on the partitions lapsed before the call went out")
 
     def _cut_off_calls(self) -> None:
         """The group moved this worker's partitions on (`Fenced.moved_on`): another worker now
@@ -1143,6 +1296,24 @@ class _WholeCall:
         pass
 
 
+class LeaseLapsed(Fenced):
+    """A call's last check found the worker's proof of ownership past its lease (the worker
+    was stopped while the call waited to start): the call did not go out, and the batch ends
+    as a fenced one does; the group says, when it is read again, whether the partitions are
+    still this worker's."""
+
+
+async def _go(staged: Staged, check: Callable[[], None]) -> Outcome:
+    """A call's last step, once `check` passes as it starts (it raises otherwise, and a staged
+    message is dropped unsent)."""
+    try:
+        check()
+    except LeaseLapsed:
+        staged.abandon()
+        raise
+    return await staged.finish()
+
+
 def _abandon_if_cut_off(staged: Staged, call: asyncio.Future[Outcome]) -> None:
     if call.cancelled():
         staged.abandon()
@@ -1162,7 +1333,7 @@ def _unsendable(channel: str, exc: ValueError) -> Outcome:
     return Outcome("skipped", f"unsendable: {channel}: {type(exc).__name__}: {exc}")
 
 
-async def _outside_a_batch() -> None:
+async def _outside_a_batch(*_: float) -> None:
     raise RuntimeError("a provider call outside a batch")
 
 

@@ -6,12 +6,14 @@ try marked earlier is asked about."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from structlog.testing import capture_logs
 
 from services.dispatcher.adapters.receipts import LOOKBACK, CallReceipts
 from services.dispatcher.domain.outcomes import Outcome
@@ -120,3 +122,54 @@ async def _found_elsewhere(bootstrap: str, topic: str, count: int) -> int:
         raise AssertionError(f"{topic} never held {count} records")
     finally:
         reader.close()
+
+
+async def test_intents_are_read_from_an_offset_latest_per_message_and_never_taken_for_receipts(
+    stack: Any,
+) -> None:
+    """A try's intent is acknowledged with its offset; a worker that takes the partition reads
+    the intents from an offset to the end, the latest per message with its entry as written;
+    a lookup of receipts passes them by."""
+    topic, admin = filled_topic(stack.bootstrap, "receipts-intents", [])
+    producer = AsyncProducer(stack.bootstrap, client_id="receipts-intents-test")
+    receipts = CallReceipts(stack.bootstrap, producer, topic)
+    marked = datetime.now(UTC)
+    first_entry = json.dumps({"state": "sending", "try": "1:first", "rev": 2}).encode()
+    later_entry = json.dumps({"state": "sending", "try": "2:due", "rev": 4}).encode()
+    try:
+        first = await receipts.intend(1, "m-1", 2, first_entry)
+        receipts.record(1, "m-1", "1:first", Outcome("retry", "451 later", code="451"))
+        later = await receipts.intend(1, "m-1", 4, later_entry)
+        other = await receipts.intend(1, "m-2", 2, first_entry)
+        elsewhere = await receipts.intend(0, "m-3", 2, first_entry)
+        assert later > first
+        assert other == later + 1
+        assert elsewhere == 0
+
+        found, end = await receipts.intents(1, None)  # from the oldest record
+        assert end == other + 1
+        assert {m: (rev, json.loads(entry)) for m, (rev, entry) in found.items()} == {
+            "m-1": (4, json.loads(later_entry)),
+            "m-2": (2, json.loads(first_entry)),
+        }
+        found, end = await receipts.intents(1, other)
+        assert (list(found), end) == (["m-2"], other + 1)
+        assert await receipts.intents(1, end) == ({}, end)
+
+        # The receipt is found past the intent written after it; an intent is no receipt.
+        assert await _found(receipts, 1, "m-1", "1:first", marked) == Outcome(
+            "retry", "451 later", code="451"
+        )
+        assert await receipts.find(1, "m-2", "1:first", marked) is None
+
+        # Read from before what the retention kept: from the oldest record left, said loudly.
+        gone = admin.delete_records([TopicPartition(topic, 1, other)])
+        for future in gone.values():
+            future.result(timeout=30)
+        with capture_logs() as logs:
+            found, _ = await receipts.intents(1, first)
+        assert list(found) == ["m-2"]
+        assert [line["event"] for line in logs] == ["dispatcher.intents_expired"]
+    finally:
+        receipts.close()
+        producer.close()

@@ -20,11 +20,24 @@ from structlog.testing import capture_logs
 from services.dispatcher.adapters.metrics import TRY_STEPS, DispatchMetrics
 from services.dispatcher.adapters.store import Templates
 from services.dispatcher.adapters.suppressions import SuppressionList
-from services.dispatcher.adapters.tables import Caps, Consent, ForgottenContacts, Ledger
+from services.dispatcher.adapters.tables import (
+    Caps,
+    Consent,
+    ForgottenContacts,
+    IntentsFrom,
+    Ledger,
+)
 from services.dispatcher.channels.sms.domain import SmsContent
 from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
-from services.dispatcher.handlers import RECEIPT_REASON, Called, Dispatcher, Stores, _WholeCall
+from services.dispatcher.handlers import (
+    RECEIPT_REASON,
+    Called,
+    Dispatcher,
+    LeaseLapsed,
+    Stores,
+    _WholeCall,
+)
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import ManualClock
 from shared.contracts import Channel, Event, Profile, SendRequest, TestSend
@@ -79,6 +92,7 @@ class Reports:
                 SECRET,
             ),
             self.forgotten,
+            IntentsFrom(self.tables["intents"]),
         )
         self.dispatcher = Dispatcher(
             settings or DispatcherSettings(),
@@ -101,10 +115,10 @@ class Reports:
             table.close(0)
 
 
-TABLES = ("ledger", "caps", "consent", "forgotten")
+TABLES = ("ledger", "caps", "consent", "forgotten", "intents")
 
 
-async def _no_gate() -> None:
+async def _no_gate(*_: object) -> None:
     return None
 
 
@@ -393,7 +407,7 @@ class Parking:
         return entry.get("state"), entry.get("attempt")
 
 
-async def _fail_once(failures: list[BaseException]) -> None:
+async def _fail_once(failures: list[BaseException], *_: object) -> None:
     if failures:
         raise failures.pop()
 
@@ -441,7 +455,7 @@ async def test_each_step_of_a_try_is_timed_by_channel(parking: Parking) -> None:
     dispatcher._monotonic = clock
     dispatcher.providers = {"sms": Slow(clock, 0.2)}
 
-    async def a_round_of_30_ms() -> None:
+    async def a_round_of_30_ms(*_: object) -> None:
         clock.now += 0.03
 
     parking.ledger.use_gate(a_round_of_30_ms)
@@ -675,6 +689,14 @@ class Journal:
     def forget(self, partitions: frozenset[int]) -> None:
         pass
 
+    async def intend(self, partition: int, message_id: str, rev: int, entry: bytes) -> int:
+        raise AssertionError("these tests make marks durable through the ledger's own gate")
+
+    async def intents(
+        self, partition: int, start: int | None
+    ) -> tuple[dict[str, tuple[int, bytes]], int]:
+        return {}, 0
+
 
 @pytest.fixture
 def journal(parking: Parking) -> Journal:
@@ -819,3 +841,55 @@ async def test_a_receipt_of_a_temporary_failure_schedules_the_retry_the_call_wou
     entry = await parking.ledger.get("m-451")
     assert entry is not None
     assert (entry["state"], entry["reason"]) == ("retrying", "451 try later")
+
+
+async def test_a_call_whose_lease_lapsed_before_it_started_does_not_go_out(
+    parking: Parking,
+) -> None:
+    """The call was made under the lease, then the worker was stopped before the call took
+    its first step; resumed past the lease, the call does not go out. The try is parked, so
+    the batch read again (the group still counting this worker its owner) makes it, once."""
+    lapses = [True]  # lapsed at the first check, within the lease after
+    parking.dispatcher._within_lease = lambda: not (lapses and lapses.pop())
+    with pytest.raises(LeaseLapsed):
+        await parking.handle("m-lapsed")
+    assert parking.provider.sent == []
+    assert "m-lapsed" not in parking.dispatcher._calls
+
+    await parking.handle("m-lapsed")
+
+    assert parking.provider.sent == ["m-lapsed"]
+    assert await parking.state("m-lapsed") == ("sent", 1)
+
+
+async def test_a_staged_call_whose_lease_lapsed_is_abandoned_unsent(
+    parking: Parking, staging: Staging
+) -> None:
+    parking.dispatcher._within_lease = lambda: False
+    with pytest.raises(LeaseLapsed):
+        await parking.handle("m-staged-lapsed")
+    assert (staging.sent, staging.abandoned) == ([], ["m-staged-lapsed"])
+
+
+async def test_a_kept_call_whose_lease_lapsed_is_made_anew_when_its_request_is_read_again(
+    parking: Parking,
+) -> None:
+    """The batch failed while the call waited to start (kept, as calls past a failed batch
+    are), and its lease lapsed before it started: the batch that reads the request again does
+    not wait on it for ever, it makes the try anew, once."""
+    lapses = [True]
+    parking.dispatcher._within_lease = lambda: not (lapses and lapses.pop())
+    handling = asyncio.ensure_future(parking.handle("m-kept"))
+    while "m-kept" not in parking.dispatcher._calls:
+        await asyncio.sleep(0)
+    handling.cancel()  # the batch failed: the call is kept and runs on
+    with pytest.raises(asyncio.CancelledError):
+        await handling
+    await asyncio.sleep(0)  # the call takes its first step: the lease has lapsed
+    assert parking.provider.sent == []
+    assert "m-kept" not in parking.dispatcher._calls
+
+    await parking.handle("m-kept")
+
+    assert parking.provider.sent == ["m-kept"]
+    assert await parking.state("m-kept") == ("sent", 1)

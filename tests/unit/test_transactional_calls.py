@@ -1,5 +1,7 @@
 """A transactional call that never returns is reported as a wedged producer, on a thread of its
-own; one that returns or raises is awaited as it is."""
+own; one that returns or raises is awaited as it is. Retries of a call that meets an earlier
+one of its API still in progress (its caller was cancelled, its thread blocked in librdkafka)
+count toward the same limit."""
 
 from __future__ import annotations
 
@@ -121,3 +123,33 @@ def test_only_a_fatal_producer_error_counts_as_the_fatal_error() -> None:
     assert not fatal_error(abortable)
     assert not fatal_error(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
     assert not fatal_error(RuntimeError("not Kafka's"))
+
+
+async def test_an_earlier_call_still_in_progress_ends_as_a_wedged_producer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kafka, "WEDGED_AFTER_SECONDS", 0.05)
+    monkeypatch.setattr(kafka, "RETRY_PAUSE_SECONDS", 0.01)
+    calls = [0]
+
+    def still_in_progress() -> None:
+        calls[0] += 1
+        raise KafkaException(KafkaError(KafkaError._PREV_IN_PROGRESS, retriable=True))
+
+    with pytest.raises(ProducerWedged):
+        await _transactional(still_in_progress, deadline=5.0, what="prove_offsets")
+    assert 1 < calls[0] <= 5  # at least 0.01 s counted per wait: 0.05 s within 5 calls
+
+
+async def test_another_retriable_answer_is_asked_again_until_it_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kafka, "RETRY_PAUSE_SECONDS", 0.0)
+    answers = [KafkaError(KafkaError._TRANSPORT, retriable=True)] * 3
+
+    def flaky() -> None:
+        if answers:
+            raise KafkaException(answers.pop())
+
+    await _transactional(flaky, deadline=5.0)
+    assert answers == []

@@ -11,8 +11,16 @@ marked (`CallReceipts.find`) and concludes the try with its receipt, when there 
 call still on the wire, or answered in the last few milliseconds before the kill, stays open
 (and a try whose mark committed as the worker died, before its call went out).
 
+The same topic carries each try's intent, written before its call (`CallReceipts.intend`):
+the ledger entry as marked `sending`, acknowledged by the broker before the call goes out,
+while the mark itself commits with the batch. A worker that takes a partition reads the
+intents from where the last commit said (`CallReceipts.intents`) and puts every mark the
+ledger lacks back in it (`Dispatcher`), so a try that went out is never taken for one that
+did not.
+
 Receipts hold message ids, try ids and the provider's answer, with the address replaced where
-the answer quotes it (the dispatcher writes them so); the topic keeps them for a day
+the answer quotes it (the dispatcher writes them so); intents hold the ledger entry as the
+ledger writes it (no address, no content). The topic keeps both for a day
 (`shared.topics.SEND_RECEIPTS`).
 """
 
@@ -22,7 +30,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -43,7 +51,7 @@ LOOKBACK = timedelta(seconds=60)
 # Receipts kept per partition between lookups (a few hundred bytes each); beyond this the next
 # lookup reads again from its own start.
 KEPT = 100_000
-# How long one lookup may take to read a partition to its end before it counts as an outage.
+# How long a read of a partition may go without a record before it counts as an outage.
 READ_TIMEOUT_SECONDS = 30.0
 # A partition whose leader is moving, or not yet known to this client (a topic just made), is
 # asked again after this pause, within the lookup's time.
@@ -69,6 +77,25 @@ def encode(message_id: str, try_id: str, outcome: Outcome) -> bytes:
         if getattr(outcome, flag):
             fields[flag] = True
     return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def encode_intent(message_id: str, rev: int, entry: bytes) -> bytes:
+    """An intent: the marked entry (`entry`, JSON as the ledger wrote it) at revision `rev`."""
+    head = json.dumps({"intent": message_id, "rev": rev}, separators=(",", ":")).encode()
+    return head[:-1] + b',"entry":' + entry + b"}"
+
+
+def decode_intent(value: bytes) -> tuple[str, int, bytes] | None:
+    """(message id, revision, entry as JSON) of an intent; None for a record that is not one
+    (a receipt)."""
+    try:
+        fields = json.loads(value)
+        if not isinstance(fields, dict) or "intent" not in fields:
+            return None
+        entry = json.dumps(fields["entry"], separators=(",", ":")).encode()
+        return str(fields["intent"]), int(fields["rev"]), entry
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def decode(value: bytes) -> tuple[str, str, Outcome] | None:
@@ -134,6 +161,26 @@ class CallReceipts:
             return
         written.add_done_callback(_log_if_unwritten(message_id))
 
+    async def intend(self, partition: int, message_id: str, rev: int, entry: bytes) -> int:
+        """Write a try's intent (its entry as marked `sending`, at revision `rev`) to
+        `partition` and wait for the broker's acknowledgement; the intent's offset. A failure
+        raises: the try must not be called."""
+        value = encode_intent(message_id, rev, entry)
+        reached = await self._producer.send_to_partitions(
+            [(self._topic, partition, message_id.encode(), value)]
+        )
+        return reached[(self._topic, partition)]
+
+    async def intents(
+        self, partition: int, start: int | None
+    ) -> tuple[dict[str, tuple[int, bytes]], int]:
+        """The intents of `partition` from offset `start` (None: its oldest record) to its
+        end now, by message id (the latest: revision and entry), and the end read to. A read
+        that fails raises (`KafkaException`, `TimeoutError`): an outage, retried by the
+        caller."""
+        async with self._reading:
+            return await asyncio.to_thread(self._read_intents, partition, start)
+
     async def find(
         self, partition: int, message_id: str, try_id: str, marked_at: datetime
     ) -> Outcome | None:
@@ -170,18 +217,7 @@ class CallReceipts:
         """`kept` read on to the partition's end, and back to `since_ms` when it started
         later (a try marked before the others asked about); a new read when None."""
         with self._consumer_lock:
-            consumer = self._consumer
-            if consumer is None:
-                consumer = self._consumer = Consumer(
-                    {
-                        **client_config(self._kafka),
-                        "group.id": "waypost-dispatcher-receipts",  # never joined or committed
-                        "enable.auto.commit": False,
-                        "enable.partition.eof": True,
-                        # An offset gone with the retention: from the oldest one kept.
-                        "auto.offset.reset": "earliest",
-                    }
-                )
+            consumer = self._open()
             where = TopicPartition(self._topic, partition)
             deadline = time.monotonic() + READ_TIMEOUT_SECONDS
             low, high = _again_while_passing(
@@ -210,6 +246,50 @@ class CallReceipts:
                 self._read_to(consumer, partition, kept.next_offset, high, kept.receipts, kept)
             return kept
 
+    def _read_intents(
+        self, partition: int, start: int | None
+    ) -> tuple[dict[str, tuple[int, bytes]], int]:
+        found: dict[str, tuple[int, bytes]] = {}
+        with self._consumer_lock:
+            consumer = self._open()
+            where = TopicPartition(self._topic, partition)
+            deadline = time.monotonic() + READ_TIMEOUT_SECONDS
+            low, high = _again_while_passing(
+                lambda: consumer.get_watermark_offsets(where, timeout=READ_TIMEOUT_SECONDS),
+                deadline,
+            )
+            if start is not None and start < low:
+                # Left unread for longer than the topic keeps records (`SEND_RECEIPTS`): the
+                # intents of tries whose marks never committed may be gone with them.
+                log.error(
+                    "dispatcher.intents_expired",
+                    partition=partition,
+                    start=start,
+                    oldest=low,
+                )
+            offset = low if start is None else max(start, low)
+            for _at, value in self._values(consumer, partition, offset, high):
+                intent = decode_intent(value)
+                if intent is not None:
+                    message_id, rev, entry = intent
+                    found[message_id] = (rev, entry)
+        return found, high
+
+    def _open(self) -> Consumer:
+        """The lookups' consumer (under `_consumer_lock`)."""
+        if self._consumer is None:
+            self._consumer = Consumer(
+                {
+                    **client_config(self._kafka),
+                    "group.id": "waypost-dispatcher-receipts",  # never joined or committed
+                    "enable.auto.commit": False,
+                    "enable.partition.eof": True,
+                    # An offset gone with the retention: from the oldest one kept.
+                    "auto.offset.reset": "earliest",
+                }
+            )
+        return self._consumer
+
     def _read_to(
         self,
         consumer: Consumer,
@@ -222,6 +302,20 @@ class CallReceipts:
         """Read the partition from `offset` up to `end` (or its end, should it come first)
         into `into`, later receipts over earlier ones; the offset after the last one read is
         kept in `progress` as it goes (a read that fails midway resumes there)."""
+        for at, value in self._values(consumer, partition, offset, end):
+            if progress is not None:
+                progress.next_offset = at + 1
+            receipt = decode(value)
+            if receipt is not None:
+                message_id, try_id, outcome = receipt
+                into[message_id] = (try_id, outcome)
+
+    def _values(
+        self, consumer: Consumer, partition: int, offset: int, end: int
+    ) -> Iterator[tuple[int, bytes]]:
+        """(offset, value) of the partition's records from `offset` up to `end` (or its end,
+        should it come first). A read that makes no progress for `READ_TIMEOUT_SECONDS`
+        raises `TimeoutError`."""
         consumer.assign([TopicPartition(self._topic, partition, offset)])
         deadline = time.monotonic() + READ_TIMEOUT_SECONDS
         try:
@@ -241,13 +335,10 @@ class CallReceipts:
                     if at >= end:
                         return
                     offset = at + 1
-                    if progress is not None:
-                        progress.next_offset = offset
+                    deadline = time.monotonic() + READ_TIMEOUT_SECONDS
                     value = message.value()
-                    receipt = decode(value) if value is not None else None
-                    if receipt is not None:
-                        message_id, try_id, outcome = receipt
-                        into[message_id] = (try_id, outcome)
+                    if value is not None:
+                        yield at, value
         finally:
             consumer.unassign()
 

@@ -30,6 +30,7 @@ LEDGER = "ledger"
 CAPS = "caps"
 CONSENT = "consent"
 FORGOTTEN = "forgotten"
+INTENTS = "intents"
 
 # What an erased contact's ledger entries say instead of its key, and why a request for it that
 # arrives after the erasure ends `skipped`.
@@ -115,17 +116,23 @@ class Claim:
     attempt: int
 
 
+# What makes a try's `sending` mark durable before its call, given the message id, the
+# marked entry's revision and the entry as written: the dispatcher writes an intent to the
+# receipts topic (`Dispatcher._durable`), or, without one, waits for the batch's group commit.
+Gate = Callable[[str, int, bytes], Awaitable[None]]
+
+
 class Ledger:
     """One entry per message id. The entry's state moves requested → sending → a final state
-    (or retrying, and back); `history` lists every move with its time. `gate` is the batch's
-    group commit (`shared.rendezvous`): `begin` waits for it, so a try is durable as `sending`
-    before its provider call, and a worker whose partitions moved on never makes the call."""
+    (or retrying, and back); `history` lists every move with its time. `gate` makes a try's
+    mark durable (`Gate`): `begin` waits for it, so a try is durable as `sending` before its
+    provider call."""
 
-    def __init__(self, table: Table, gate: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, table: Table, gate: Gate) -> None:
         self._table = table
         self._gate = gate
 
-    def use_gate(self, gate: Callable[[], Awaitable[None]]) -> None:
+    def use_gate(self, gate: Gate) -> None:
         self._gate = gate
 
     def _read(self, message_id: str) -> dict[str, Any] | None:
@@ -148,13 +155,28 @@ class Ledger:
         return None if found is None else entry_times(found)
 
     async def begin(self, message_id: str, try_id: str, attempt: int, now: datetime) -> bool:
-        """Mark the try `sending` and wait for the group commit; False when this try began
-        before (a replay: what it came to is the entry's state)."""
+        """Mark the try `sending` and wait until the mark is durable (`Gate`); False when this
+        try began before (a replay: what it came to is the entry's state)."""
         entry = self._read(message_id)
         if entry is None or entry.get("try") == try_id:
             return False
-        self._move(message_id, entry, "sending", now, attempt=attempt, **{"try": try_id})
-        await self._gate()
+        raw = self._move(message_id, entry, "sending", now, attempt=attempt, **{"try": try_id})
+        await self._gate(message_id, int(entry["rev"]), raw)
+        return True
+
+    def revision(self, message_id: str) -> int | None:
+        """The entry's revision (`rev`), None when there is no entry."""
+        found = self._read(message_id)
+        return None if found is None else int(found.get("rev", 0))
+
+    def overlay(self, message_id: str, rev: int, raw: bytes) -> bool:
+        """Put a marked entry (`raw`, at revision `rev`) from a try's intent over the entry,
+        unless the entry already has that revision or a later one: the intent's mark, or
+        what came after it, is in the ledger. True when it was put."""
+        current = self.revision(message_id)
+        if current is not None and current >= rev:
+            return False
+        self._table[message_id.encode()] = raw
         return True
 
     async def conclude(self, message_id: str, state: str, now: datetime, **fields: Any) -> bool:
@@ -225,7 +247,7 @@ class Ledger:
 
     def _move(
         self, message_id: str, entry: dict[str, Any], state: str, now: datetime, **fields: Any
-    ) -> None:
+    ) -> bytes:
         kept = {k: v for k, v in fields.items() if v is not None}
         entry.update(kept)
         entry["rev"] = int(entry.get("rev", 0)) + 1
@@ -233,7 +255,9 @@ class Ledger:
         entry[f"{state}_at"] = now
         history = entry.setdefault("history", [])
         history.append({"state": state, "at": now, **{k: v for k, v in kept.items() if k != "try"}})
-        self._write(message_id, entry)
+        raw = _encode(entry)
+        self._table[message_id.encode()] = raw
+        return raw
 
 
 class Caps:
@@ -310,6 +334,26 @@ class ForgottenContacts:
 
     async def includes(self, contact_key: str) -> bool:
         return self._table.get(self._key(contact_key)) is not None
+
+
+class IntentsFrom:
+    """Per partition, the offset of the receipts topic from which a worker that takes the
+    partition reads the intents of tries (`Dispatcher._durable`): every intent before it is of
+    a try whose mark is in the ledger. Written with each batch's commit."""
+
+    _KEY = b"from"
+
+    def __init__(self, table: Table) -> None:
+        self._table = table
+
+    def get(self) -> int | None:
+        """The focused partition's offset; None before any batch of this form committed."""
+        raw = self._table.get(self._KEY)
+        return None if raw is None else int(from_json(raw))
+
+    def put(self, offset: int) -> None:
+        if self.get() != offset:
+            self._table[self._KEY] = _encode(offset)
 
 
 def _delete(table: Table, keys: Iterable[bytes]) -> None:

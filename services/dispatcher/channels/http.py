@@ -14,7 +14,8 @@ was made: a retry is safe) and `RequestMaybeSent` (the request may have arrived)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -47,6 +48,28 @@ class Answer:
     content: bytes
 
 
+# What must hold for a request to go out, checked once the request has its connection, right
+# before it is written (it raises to stop it). Set by the caller around the task that makes the
+# request (`contextvars`: the task keeps the value it was made with); None: nothing to check.
+BEFORE_SENDING: ContextVar[Callable[[], None] | None] = ContextVar("before_sending", default=None)
+
+
+async def _check_before_sending(_session: Any, _context: Any, _params: Any) -> None:
+    check = BEFORE_SENDING.get()
+    if check is not None:
+        check()
+
+
+def _before_sending_trace() -> aiohttp.TraceConfig:
+    """The hooks that run once a request may take a connection: a kept-alive one (nothing more
+    is awaited before its bytes are written), or a slot to open one (after any wait for the
+    pool; the connecting itself is left, a few milliseconds on the provider's network)."""
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(_check_before_sending)
+    trace.on_connection_create_start.append(_check_before_sending)
+    return trace
+
+
 class ProviderClient:
     """One pool of kept-alive connections shared by a worker's HTTP providers. The session is
     made on the first call, inside the worker's event loop."""
@@ -62,7 +85,7 @@ class ProviderClient:
         self._max_connections = max_connections
         self._timeout = timeout
         self._keepalive_seconds = keepalive_seconds
-        self._trace_configs = list(trace_configs)
+        self._trace_configs = [_before_sending_trace(), *trace_configs]
         self._session: aiohttp.ClientSession | None = None
         self._deadlines: dict[float, aiohttp.ClientTimeout] = {}
 
@@ -75,7 +98,7 @@ class ProviderClient:
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                trace_configs=self._trace_configs or None,
+                trace_configs=self._trace_configs,
                 # Providers' answers are read whole and classified here, never raised on.
                 raise_for_status=False,
             )
