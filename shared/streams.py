@@ -436,8 +436,12 @@ class StreamWorker:
         self._reread = False
         self._group: Any = None
         # When ownership of the batch's partitions was last proven (monotonic seconds, taken
-        # before the proof was asked for), and the lock that makes one proof serve many.
+        # before the proof was asked for), and the lock that makes one proof serve many. A
+        # commit proves it too, and stands for the next batch while no assignment changed
+        # since (`_rebalances`, counted by the rebalance callbacks, as of `_proven_through`).
         self._proven_at = float("-inf")
+        self._rebalances = 0
+        self._proven_through = -1
         self._proving = asyncio.Lock()
 
     # --- declaring --------------------------------------------------------------------------
@@ -710,10 +714,12 @@ class StreamWorker:
         for record in records:
             start.setdefault((record.topic, record.partition), record.offset)
         self._batch_start = start
-        self._proven_at = float("-inf")
+        if self._rebalances != self._proven_through:
+            self._proven_at = float("-inf")  # the group may have moved partitions since
         # The generation the batch was fetched in: every commit of the batch names it, so a
         # worker that was cut off meanwhile cannot commit it even after it rejoined the group.
         self._group = consumer.consumer_group_metadata()
+        committed = False
         try:
             # Inside the `try`: a producer fenced since the last batch raises its fatal error
             # here, and is replaced like one fenced during a batch.
@@ -723,7 +729,10 @@ class StreamWorker:
             # is doomed, so the batch is aborted and read again, not retried in place.
             reached = await self._produce_changelogs()
             ends = {(r.topic, r.partition): r.offset + 1 for r in records}
+            asked_at, rebalances = time.monotonic(), self._rebalances
             await self._commit(consumer, ends)
+            self._proven(asked_at, rebalances)
+            committed = True
         except Fenced as exc:
             self._abandon(consumer, start, str(exc))
             return
@@ -745,6 +754,8 @@ class StreamWorker:
             raise
         finally:
             self._batch_start = {}
+            if not committed:  # a failed batch proves nothing for the next one
+                self._proven_at = float("-inf")
         self._apply(reached)
         self._positions.handled(records)
 
@@ -756,18 +767,21 @@ class StreamWorker:
         if not self.transactional or self._consumer is None:
             raise RuntimeError("checkpoint needs a transactional worker inside a batch")
         reached = await self._produce_changelogs()  # TransactionDoomed: the batch is aborted
-        asked_at = time.monotonic()
+        asked_at, rebalances = time.monotonic(), self._rebalances
         await self._commit(self._consumer, self._batch_start)
-        self._proven_at = asked_at
+        self._proven(asked_at, rebalances)
         self._apply(reached)
         self.producer.begin_transaction()
 
     async def prove_owner(self, fresh_for: float = 0.0) -> None:
         """Make sure, just before an irreversible effect (a provider call), that the group still
         counts this worker as the owner of the batch's partitions: within `owner_lease_seconds`
-        of the last proof (a checkpoint, or an earlier call of this) that is taken as given;
-        after it, the group coordinator is asked again (the batch's start offsets added to the
-        open transaction). Raises `Fenced` when it no longer is, as `checkpoint` does.
+        of the last proof that is taken as given; after it, the group coordinator is asked
+        again (the batch's start offsets added to the open transaction). Raises `Fenced` when
+        it no longer is, as `checkpoint` does. A proof is an earlier call of this, a
+        checkpoint, or the commit of an earlier batch when no assignment changed since: the
+        group hands partitions on only through this worker's rebalance callbacks (while it
+        keeps its session), and the lease is what bounds the session's end.
 
         A worker stopped (SIGSTOP, a long pause) after a checkpoint and resumed after the
         group moved its partitions on would otherwise call providers for records another
@@ -788,13 +802,19 @@ class StreamWorker:
         async with self._proving:
             if time.monotonic() - self._proven_at < lease:
                 return
-            asked_at = time.monotonic()
+            asked_at, rebalances = time.monotonic(), self._rebalances
             offsets = [TopicPartition(t, p, o) for (t, p), o in self._batch_start.items()]
             try:
                 await self.producer.prove_offsets(offsets, self._group)
             except TransactionAborted as exc:
                 raise Fenced(str(exc), moved_on=exc.moved_on) from exc
-            self._proven_at = asked_at
+            self._proven(asked_at, rebalances)
+
+    def _proven(self, asked_at: float, rebalances: int) -> None:
+        """The group took this worker for its partitions' owner when it was asked at
+        `asked_at`, after `rebalances` assignment changes."""
+        self._proven_at = asked_at
+        self._proven_through = rebalances
 
     def owner_within_lease(self) -> bool:
         """Whether the last proof of ownership (`prove_owner`, a checkpoint) is within its
@@ -918,12 +938,14 @@ class StreamWorker:
     # --- partitions that move ---------------------------------------------------------------
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._rebalances += 1
         self._changes.append(("assign", [(str(tp.topic), int(tp.partition)) for tp in partitions]))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Called inside `consume`, between batches: what was handled is committed before the
         partitions go, so the next owner starts right after it."""
         self._ready = False
+        self._rebalances += 1
         gone = [(str(tp.topic), int(tp.partition)) for tp in partitions]
         if self.transactional:  # its batches committed their offsets themselves
             self._changes.append(("revoke", gone))
@@ -945,6 +967,7 @@ class StreamWorker:
         revocation, settled by the assignment that follows. A lone worker gets them all back,
         and its calls kept past the failed batch conclude that batch when it is read again."""
         self._ready = False
+        self._rebalances += 1
         self._changes.append(("revoke", [(str(tp.topic), int(tp.partition)) for tp in partitions]))
 
     async def _settle(self, consumer: Consumer) -> None:

@@ -312,3 +312,92 @@ async def test_assignment_hooks_run_once_the_group_hands_partitions_out_not_on_a
         frozenset(),
         frozenset({0, 1}),
     ]
+
+
+class Transactions(Producer):
+    """A transactional producer that says yes, counting each proof of ownership asked of the
+    group; `refuse` fails the next commit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proofs = 0
+        self.commits = 0
+        self.refuse = False
+
+    def begin_transaction(self) -> None:
+        return None
+
+    async def prove_offsets(self, _offsets: list[TopicPartition], _group: Any) -> None:
+        self.proofs += 1
+
+    async def commit_transaction(self, _offsets: list[TopicPartition], _group: Any) -> None:
+        if self.refuse:
+            self.refuse = False
+            raise RuntimeError("the broker went away")
+        self.commits += 1
+
+    async def abort_transaction(self) -> None:
+        return None
+
+
+class Member:
+    """A consumer of the group, as far as a transactional batch asks it."""
+
+    def consumer_group_metadata(self) -> object:
+        return object()
+
+    def seek(self, _partition: TopicPartition) -> None:
+        return None
+
+
+async def test_a_commit_proves_ownership_for_the_next_batch_until_the_assignment_changes(
+    tmp_path: Path,
+) -> None:
+    """The group hands a member's partitions on only through its rebalance callbacks (or once
+    its session ended, which the lease bounds): a batch right after a commit, with no
+    callback between, does not ask the group again before its first provider call."""
+    producer = Transactions()
+    worker = StreamWorker(
+        "app",
+        StreamSettings(data_dir=tmp_path),
+        producer,  # type: ignore[arg-type]
+        ManualClock(datetime(2026, 12, 2, tzinfo=UTC)),
+        service="test",
+        transactional=True,
+    )
+
+    async def call_a_provider(_records: list[Record]) -> None:
+        await worker.prove_owner(0.0)
+
+    worker.consume(["in"], call_a_provider)
+    member: Any = Member()
+    worker._consumer = member
+    records = [Record("in", 0, 5, "k", b"v")]
+
+    await worker._handle_transaction(member, records)
+    assert (producer.proofs, producer.commits) == (1, 1)  # the first batch asks
+
+    await worker._handle_transaction(member, records)
+    assert (producer.proofs, producer.commits) == (1, 2)  # the commit stands for it
+
+    worker._on_assign(member, [TopicPartition("in", 0)])
+    await worker._handle_transaction(member, records)
+    assert producer.proofs == 2  # the assignment changed since: asked again
+
+    worker._on_revoke(member, [TopicPartition("in", 0)])
+    worker._on_assign(member, [TopicPartition("in", 0)])
+    await worker._handle_transaction(member, records)
+    assert producer.proofs == 3
+
+    worker.owner_lease_seconds = 0.0  # the lease ran out since the last commit
+    await worker._handle_transaction(member, records)
+    assert producer.proofs == 4
+    worker.owner_lease_seconds = 3600.0
+
+    producer.refuse = True  # a batch that fails proves nothing for the next one
+    with pytest.raises(RuntimeError):
+        await worker._handle_transaction(member, records)
+    await worker._handle_transaction(member, records)
+    assert producer.proofs == 5
+    await worker._handle_transaction(member, records)
+    assert producer.proofs == 5
