@@ -4,7 +4,8 @@ A transactional stream worker (`shared.streams`) feeds it batches from three str
 requests, the retry topics (one per delay class, each record held back until it is due) and the
 delivery reports the segmenter passes on (`waypost.delivery-reports.v1`). The ledger, caps and
 consent live in the worker's tables (`adapters/tables.py`). A batch runs one task per contact,
-all at once; a contact's records run one after another, which keeps the frequency-cap check and
+a few started per turn of the loop (`shared.rendezvous.run_all`); a contact's records run one
+after another, which keeps the frequency-cap check and
 the count it guards together. A try takes one of its channel's call slots, then is marked
 `sending`, and the mark is made durable before the call (`_durable`): the try's intent, the
 entry as marked, is written to the receipts topic and acknowledged, while the mark itself
@@ -18,7 +19,8 @@ the ledger turns repeats into no-ops: a try left `sending` (only one that held a
 concluded from its call receipt (`adapters.receipts`: each call's answer, written down the
 moment it comes), else reconciled with the provider where it can be asked, else ends
 `unknown` (marketing) or is tried again (transactional). Without a receipts topic (unit tests),
-a mark is made durable by the batch's group commit instead (`shared.rendezvous`).
+a mark is made durable by the batch's group commit instead (`shared.rendezvous.Rendezvous`);
+with one there is no round to wait for or stand aside from.
 
 Channels are rendered and sent through their kits (`services/dispatcher/channels`); what an
 outcome comes to is decided by `domain.conclude` and carried out here.
@@ -28,8 +30,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -100,7 +102,7 @@ from shared.rendering import (
     RenderError,
     render_variables,
 )
-from shared.rendezvous import Rendezvous
+from shared.rendezvous import Rendezvous, run_all
 from shared.streams import Fenced, focus, focused
 from shared.system_events import (
     EMAIL_LINK_CLICKED,
@@ -308,9 +310,9 @@ class Dispatcher:
         self._owned: frozenset[int] = frozenset()
         self._unread: set[int] = set()
         # Waits on the outside world within a batch: they stand aside from its group commit.
-        self._aside: Callable[[], AbstractAsyncContextManager[None]] = _no_batch_to_leave
+        self._aside: Callable[[], AbstractAsyncContextManager[None]] = _nowhere
         # Short waits outside that the batch's coming round waits for (staging an email).
-        self._joining: Callable[[], AbstractAsyncContextManager[None]] = _no_batch_to_leave
+        self._joining: Callable[[], AbstractAsyncContextManager[None]] = _nowhere
         self._delays = {
             "short": settings.retry_short_seconds,
             "medium": settings.retry_medium_seconds,
@@ -360,22 +362,30 @@ class Dispatcher:
         for record in records:
             key = record.key if record.key is not None else f"#{record.offset}"
             contacts.setdefault((record.partition, key), []).append(record)
-        rendezvous = Rendezvous(checkpoint, self.settings.smtp_stage_join_ms / 1000)
+        rendezvous: Rendezvous | None = None
+        run: Callable[[Sequence[Callable[[], Awaitable[None]]]], Awaitable[None]] = run_all
+        if self.receipts is not None:
+            # Each try's mark is made durable by its own intent (`_durable`): no group commit
+            # to hold back, so nothing to stand aside from.
+            self._round = checkpoint
+            self._aside = self._joining = _nowhere
+        else:
+            rendezvous = Rendezvous(checkpoint, self.settings.smtp_stage_join_ms / 1000)
+            self._round = rendezvous.gate
+            self._aside = rendezvous.aside
+            self._joining = rendezvous.joining
+            run = rendezvous.run
         self.ledger.use_gate(self._durable)
-        self._round = rendezvous.gate
-        self._aside = rendezvous.aside
-        self._joining = rendezvous.joining
         await self._overlay()
         try:
-            await rendezvous.run(
-                [partial(self._contact_records, mine) for mine in contacts.values()]
-            )
+            await run([partial(self._contact_records, mine) for mine in contacts.values()])
         except Fenced as exc:
             if exc.moved_on:
                 self._cut_off_calls()
             raise
         self._note_intents_from()
-        self.metrics.rounds(rendezvous.rounds)
+        if rendezvous is not None:
+            self.metrics.rounds(rendezvous.rounds)
 
     # --- intents: each try's mark, durable before its call ----------------------------------
 
@@ -734,22 +744,11 @@ class Dispatcher:
                 return
         await self._conclude(request, outcome, attempt, record, address)
 
-    @asynccontextmanager
-    async def _call_slot(self, channel: Channel, wait: float) -> AsyncIterator[None]:
+    def _call_slot(self, channel: Channel, wait: float) -> _CallSlot:
         """One of the channel's provider call slots (`DispatcherSettings.in_flight`), after
         `wait` seconds of its rate limit; the waiting stands aside from the batch's group
         commit."""
-        held = False
-        try:
-            async with self._aside():
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                await self._slots[channel].acquire()
-                held = True
-            yield
-        finally:
-            if held:
-                self._slots[channel].release()
+        return _CallSlot(self._slots[channel], wait, self._aside)
 
     async def _stage(self, channel: Channel, prepared: Delivery) -> Staged | Outcome:
         """The message handed to a provider that stages (`StagingProvider`: SMTP) all but its
@@ -1255,6 +1254,36 @@ class Dispatcher:
         return True
 
 
+class _CallSlot:
+    """`Dispatcher._call_slot`: a class rather than a generator, for it is taken once per
+    try."""
+
+    __slots__ = ("_aside", "_held", "_slots", "_wait")
+
+    def __init__(
+        self,
+        slots: asyncio.Semaphore,
+        wait: float,
+        aside: Callable[[], AbstractAsyncContextManager[None]],
+    ) -> None:
+        self._slots = slots
+        self._wait = wait
+        self._aside = aside
+        self._held = False
+
+    async def __aenter__(self) -> None:
+        async with self._aside():
+            if self._wait > 0:
+                await asyncio.sleep(self._wait)
+            await self._slots.acquire()
+            self._held = True
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+
 class _CallTiming:
     """A call's time to its answer (`answered`, its done-callback), and the task's time from
     the answer until it is back in (`back`), as `DispatchMetrics.step` takes them."""
@@ -1337,9 +1366,21 @@ async def _outside_a_batch(*_: float) -> None:
     raise RuntimeError("a provider call outside a batch")
 
 
-@asynccontextmanager
-async def _no_batch_to_leave() -> AsyncIterator[None]:
-    yield
+class _Nowhere:
+    """No group commit to stand aside from (outside a batch, or with intents)."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *_: object) -> None:
+        return None
+
+
+_NOWHERE = _Nowhere()
+
+
+def _nowhere() -> _Nowhere:
+    return _NOWHERE
 
 
 def retry_due(record: Record) -> datetime | None:

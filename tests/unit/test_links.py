@@ -69,6 +69,20 @@ def test_claims_without_optional_fields_read_back() -> None:
     assert SIGNER.read(SIGNER.token(original), "unsubscribe", ISSUED) == original
 
 
+def test_text_beyond_ascii_reads_back_and_the_payload_is_compact_json_in_key_order() -> None:
+    original = claims("click", contact_key="zoë-東京", url="https://shop.example/ü?q=café")
+
+    token = SIGNER.token(original)
+
+    assert SIGNER.read(token, "click", ISSUED) == original
+    payload = token.partition(".")[0]
+    raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    decoded = json.loads(raw)
+    assert list(decoded) == sorted(decoded)
+    assert raw == json.dumps(decoded, separators=(",", ":"), ensure_ascii=False).encode()
+    assert decoded["u"] == 1
+
+
 def test_a_token_is_deterministic() -> None:
     assert SIGNER.token(BASE) == SIGNER.token(dataclasses.replace(BASE))
 

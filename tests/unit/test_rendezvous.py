@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared.rendezvous import Rendezvous
+from shared.rendezvous import STARTED_TOGETHER, Rendezvous, run_all
 
 
 class Fenced(BaseException):
@@ -370,3 +370,37 @@ async def test_a_joining_task_left_behind_waits_for_the_running_action_before_go
 
     await asyncio.wait_for(rendezvous.run([ready, slow]), timeout=5)
     assert order == ["commit begins", "commit ends", "slow writes"]
+
+
+async def test_run_all_starts_its_tasks_a_few_per_turn_of_the_loop() -> None:
+    """What the loop heard meanwhile (an acknowledgement, an answer) is served between the
+    groups, not after every task of a large batch had its first go."""
+    order: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    async def work(n: int) -> None:
+        order.append(f"task {n}")
+        if n == 0:  # the first task's write is acknowledged at once
+            loop.call_soon(order.append, "heard")
+        await asyncio.sleep(0)
+
+    await run_all([lambda n=n: work(n) for n in range(STARTED_TOGETHER * 3)])  # type: ignore[misc]
+
+    starts = [entry for entry in order if entry.startswith("task")]
+    assert len(starts) == STARTED_TOGETHER * 3
+    assert order.index("heard") <= STARTED_TOGETHER  # within the first group's turn
+
+
+async def test_run_all_starts_no_more_tasks_once_one_failed() -> None:
+    started: list[int] = []
+
+    async def work(n: int) -> None:
+        started.append(n)
+        if n == 0:
+            raise Fenced("moved on")
+        await asyncio.sleep(60)
+
+    with pytest.raises(Fenced):
+        await run_all([lambda n=n: work(n) for n in range(STARTED_TOGETHER * 10)])  # type: ignore[misc]
+
+    assert len(started) < STARTED_TOGETHER * 10

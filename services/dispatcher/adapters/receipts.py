@@ -218,12 +218,8 @@ class CallReceipts:
         later (a try marked before the others asked about); a new read when None."""
         with self._consumer_lock:
             consumer = self._open()
-            where = TopicPartition(self._topic, partition)
             deadline = time.monotonic() + READ_TIMEOUT_SECONDS
-            low, high = _again_while_passing(
-                lambda: consumer.get_watermark_offsets(where, timeout=READ_TIMEOUT_SECONDS),
-                deadline,
-            )
+            low, high = self._watermarks(consumer, partition, deadline)
             if kept is not None and kept.next_offset < low:
                 kept = None  # read so long ago that the retention took what came next
             if kept is None or since_ms < kept.since_ms:
@@ -252,11 +248,8 @@ class CallReceipts:
         found: dict[str, tuple[int, bytes]] = {}
         with self._consumer_lock:
             consumer = self._open()
-            where = TopicPartition(self._topic, partition)
-            deadline = time.monotonic() + READ_TIMEOUT_SECONDS
-            low, high = _again_while_passing(
-                lambda: consumer.get_watermark_offsets(where, timeout=READ_TIMEOUT_SECONDS),
-                deadline,
+            low, high = self._watermarks(
+                consumer, partition, time.monotonic() + READ_TIMEOUT_SECONDS
             )
             if start is not None and start < low:
                 # Left unread for longer than the topic keeps records (`SEND_RECEIPTS`): the
@@ -274,6 +267,15 @@ class CallReceipts:
                     message_id, rev, entry = intent
                     found[message_id] = (rev, entry)
         return found, high
+
+    def _watermarks(self, consumer: Consumer, partition: int, deadline: float) -> tuple[int, int]:
+        """The partition's oldest offset kept and its end, asked again while its leader is
+        passing (up to `deadline`, monotonic seconds)."""
+        where = TopicPartition(self._topic, partition)
+        low, high = _again_while_passing(
+            lambda: consumer.get_watermark_offsets(where, timeout=READ_TIMEOUT_SECONDS), deadline
+        )
+        return int(low), int(high)
 
     def _open(self) -> Consumer:
         """The lookups' consumer (under `_consumer_lock`)."""

@@ -14,13 +14,15 @@ was made: a retry is safe) and `RequestMaybeSent` (the request may have arrived)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote_plus
 
 import aiohttp
+from aiohttp.connector import Connection
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -54,20 +56,24 @@ class Answer:
 BEFORE_SENDING: ContextVar[Callable[[], None] | None] = ContextVar("before_sending", default=None)
 
 
-async def _check_before_sending(_session: Any, _context: Any, _params: Any) -> None:
-    check = BEFORE_SENDING.get()
-    if check is not None:
-        check()
+class _CheckingConnector(aiohttp.TCPConnector):
+    """The pool of connections, which hands a request its connection, kept alive or new, only
+    once `BEFORE_SENDING` holds: nothing more is awaited between this and the request's bytes
+    being written. (Request tracing hooks would do it too, at about 20 µs a request for the
+    tracing of every other step.)"""
 
-
-def _before_sending_trace() -> aiohttp.TraceConfig:
-    """The hooks that run once a request may take a connection: a kept-alive one (nothing more
-    is awaited before its bytes are written), or a slot to open one (after any wait for the
-    pool; the connecting itself is left, a few milliseconds on the provider's network)."""
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_reuseconn.append(_check_before_sending)
-    trace.on_connection_create_start.append(_check_before_sending)
-    return trace
+    async def connect(
+        self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        check = BEFORE_SENDING.get()
+        if check is not None:
+            try:
+                check()
+            except BaseException:
+                connection.release()  # unused: back to the pool, nothing written on it
+                raise
+        return connection
 
 
 class ProviderClient:
@@ -85,13 +91,13 @@ class ProviderClient:
         self._max_connections = max_connections
         self._timeout = timeout
         self._keepalive_seconds = keepalive_seconds
-        self._trace_configs = [_before_sending_trace(), *trace_configs]
+        self._trace_configs = list(trace_configs)
         self._session: aiohttp.ClientSession | None = None
         self._deadlines: dict[float, aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
+            connector = _CheckingConnector(
                 limit=self._max_connections,
                 limit_per_host=0,
                 keepalive_timeout=self._keepalive_seconds,
@@ -125,7 +131,7 @@ class ProviderClient:
         if data is not None and not isinstance(data, bytes):
             # Encoded here rather than by aiohttp's FormData, which costs several times more
             # per request (the SMS hot path): the same bytes and content type.
-            data = urlencode(data).encode()
+            data = form_encoded(data)
             headers = {**(headers or {}), "Content-Type": FORM}
         options: dict[str, Any] = {"params": params, "data": data, "headers": headers}
         try:
@@ -150,6 +156,28 @@ class ProviderClient:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+# What `urllib.parse.quote_plus` escapes in ASCII text: all but letters, digits and "_.-~".
+_ESCAPED = re.compile(r"[^A-Za-z0-9_.~-]")
+
+
+def form_encoded(form: Mapping[str, str]) -> bytes:
+    """`urlencode(form)`'s bytes. Its `quote_plus` escapes byte by byte in Python (31 µs for
+    an SMS's form); here a pattern finds the few characters of ASCII text to escape (17 µs),
+    and other text goes through `quote_plus` itself."""
+    return "&".join([_quoted(k) + "=" + _quoted(v) for k, v in form.items()]).encode()
+
+
+def _quoted(text: str) -> str:
+    if not text.isascii():
+        return quote_plus(text)
+    return _ESCAPED.sub(_escape, text)
+
+
+def _escape(found: re.Match[str]) -> str:
+    char = found.group()
+    return "+" if char == " " else f"%{ord(char):02X}"
 
 
 def basic_auth(user: str, password: str) -> str:
