@@ -440,6 +440,7 @@ class StreamWorker:
         # commit proves it too, and stands for the next batch while no assignment changed
         # since (`_rebalances`, counted by the rebalance callbacks, as of `_proven_through`).
         self._proven_at = float("-inf")
+        self._proof: asyncio.Future[None] | None = None
         self._rebalances = 0
         self._proven_through = -1
         self._proving = asyncio.Lock()
@@ -734,12 +735,18 @@ class StreamWorker:
             self._proven(asked_at, rebalances)
             committed = True
         except Fenced as exc:
-            self._abandon(consumer, start, str(exc))
+            # Fenced by the group (its proof or commit aborted the transaction already) or by
+            # a check of the worker's own (a lapsed lease): either way nothing of the batch
+            # may commit, and the next batch cannot begin while its transaction is open.
+            await self._proof_settled()
+            if await self._abort_doomed(start, pause=False):
+                self._abandon(consumer, start, str(exc))
             return
         except ProducerWedged as exc:
             await self._after_wedged(str(exc))
             return
         except TransactionDoomed as exc:
+            await self._proof_settled()
             if await self._abort_doomed(start):
                 self._abandon(consumer, start, f"transaction doomed: {exc}")
             return
@@ -749,6 +756,7 @@ class StreamWorker:
             if fatal_error(exc):
                 await self._after_producer_fenced(start, str(exc))
                 return
+            await self._proof_settled()
             with contextlib.suppress(KafkaException, TransactionAborted):
                 await self.producer.abort_transaction()
             raise
@@ -804,11 +812,27 @@ class StreamWorker:
                 return
             asked_at, rebalances = time.monotonic(), self._rebalances
             offsets = [TopicPartition(t, p, o) for (t, p), o in self._batch_start.items()]
+            # Shielded: a waiter cancelled with its batch leaves the proof to end on its own
+            # (aborting the transaction when refused), and the batch's end waits for it
+            # (`_proof_settled`) before it commits or aborts.
+            proof = self._proof = asyncio.ensure_future(
+                self.producer.prove_offsets(offsets, self._group)
+            )
             try:
-                await self.producer.prove_offsets(offsets, self._group)
+                await asyncio.shield(proof)
             except TransactionAborted as exc:
                 raise Fenced(str(exc), moved_on=exc.moved_on) from exc
             self._proven(asked_at, rebalances)
+
+    async def _proof_settled(self) -> None:
+        """The batch's last proof of ownership ended, whoever still awaited it."""
+        proof, self._proof = self._proof, None
+        if proof is None:
+            return
+        if not proof.done():
+            await asyncio.wait([proof])
+        if not proof.cancelled():
+            proof.exception()  # its failure was the batch's, or nobody's once it was cut off
 
     def _proven(self, asked_at: float, rebalances: int) -> None:
         """The group took this worker for its partitions' owner when it was asked at
@@ -859,10 +883,11 @@ class StreamWorker:
         log.warning("stream.fenced", partitions=sorted({p for _t, p in start}), reason=why)
         await self._start_over("fenced")
 
-    async def _abort_doomed(self, start: dict[tuple[str, int], int]) -> bool:
+    async def _abort_doomed(self, start: dict[tuple[str, int], int], *, pause: bool = True) -> bool:
         """Abort a doomed transaction, asking again while the broker is away (the next batch
-        cannot begin before it), then give the broker a moment before the batch is read again.
-        False when the producer could not abort it and the worker started over instead."""
+        cannot begin before it), then (`pause`) give the broker a moment before the batch is
+        read again. False when the producer could not abort it and the worker started over
+        instead."""
         while True:
             try:
                 await self.producer.abort_transaction()
@@ -881,7 +906,8 @@ class StreamWorker:
                     break
                 log.warning("stream.abort_retry", error=str(exc))
                 await asyncio.sleep(RESTORE_RETRY_SECONDS)
-        await asyncio.sleep(RESTORE_RETRY_SECONDS)
+        if pause:
+            await asyncio.sleep(RESTORE_RETRY_SECONDS)
         return True
 
     async def _commit(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:

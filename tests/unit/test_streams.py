@@ -4,6 +4,7 @@ with the changelog offset they reach; a position drops what its owner handled al
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from shared.clock import ManualClock
 from shared.kafka import AsyncProducer, DeliveryFailed, Record
 from shared.restore import CURRENT_KEY, OFFSET_KEY
 from shared.settings import StreamSettings
-from shared.streams import NotOwned, Positions, StreamWorker, Table, focus
+from shared.streams import Fenced, NotOwned, Positions, StreamWorker, Table, focus
 
 
 @pytest.fixture
@@ -322,22 +323,36 @@ class Transactions(Producer):
         super().__init__()
         self.proofs = 0
         self.commits = 0
+        self.aborts = 0
         self.refuse = False
+        self.open = False
+        self.proving = asyncio.Event()
+        self.proof_may_end = asyncio.Event()
+        self.proof_may_end.set()
+        self.proof_ended = False
 
     def begin_transaction(self) -> None:
-        return None
+        # As librdkafka: a transaction left open (neither committed nor aborted) is refused.
+        assert not self.open, "the last batch's transaction was left open"
+        self.open = True
 
     async def prove_offsets(self, _offsets: list[TopicPartition], _group: Any) -> None:
         self.proofs += 1
+        self.proving.set()
+        await self.proof_may_end.wait()
+        self.proof_ended = True
 
     async def commit_transaction(self, _offsets: list[TopicPartition], _group: Any) -> None:
         if self.refuse:
             self.refuse = False
             raise RuntimeError("the broker went away")
         self.commits += 1
+        self.open = False
 
     async def abort_transaction(self) -> None:
-        return None
+        assert self.proof_ended or not self.proving.is_set(), "a proof was still under way"
+        self.aborts += 1
+        self.open = False
 
 
 class Member:
@@ -401,3 +416,46 @@ async def test_a_commit_proves_ownership_for_the_next_batch_until_the_assignment
     assert producer.proofs == 5
     await worker._handle_transaction(member, records)
     assert producer.proofs == 5
+
+
+async def test_a_batch_fenced_by_its_own_check_aborts_its_transaction_after_the_proof_under_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call's last check can end a batch as fenced (a lease that lapsed while the worker was
+    stopped) while another task of the batch waits for a proof of ownership: the proof runs to
+    its end, the transaction is aborted after it, and the next batch begins."""
+    monkeypatch.setattr("shared.streams.RESTORE_RETRY_SECONDS", 0.0)
+    producer = Transactions()
+    worker = StreamWorker(
+        "app",
+        StreamSettings(data_dir=tmp_path),
+        producer,  # type: ignore[arg-type]
+        ManualClock(datetime(2026, 12, 2, tzinfo=UTC)),
+        service="test",
+        transactional=True,
+    )
+    producer.proof_may_end.clear()
+
+    async def lapsed(_records: list[Record]) -> None:
+        proving = asyncio.ensure_future(worker.prove_owner(0.0))
+        await producer.proving.wait()
+        proving.cancel()  # its task is cut off with the batch
+        asyncio.get_running_loop().call_later(0.05, producer.proof_may_end.set)
+        raise Fenced("the lease on the partitions lapsed before the call went out")
+
+    worker.consume(["in"], lapsed)
+    member: Any = Member()
+    worker._consumer = member
+    records = [Record("in", 0, 5, "k", b"v")]
+
+    await worker._handle_transaction(member, records)
+
+    assert producer.proof_ended
+    assert (producer.aborts, producer.commits, producer.open) == (1, 0, False)
+
+    async def calls(_records: list[Record]) -> None:
+        await worker.prove_owner(0.0)
+
+    worker._processors["in"] = calls
+    await worker._handle_transaction(member, records)  # begins: nothing left open
+    assert (producer.commits, producer.proofs) == (1, 2)
