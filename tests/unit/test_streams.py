@@ -365,6 +365,17 @@ class Member:
         return None
 
 
+def _transactional_worker(folder: Path, producer: Transactions) -> StreamWorker:
+    return StreamWorker(
+        "app",
+        StreamSettings(data_dir=folder),
+        producer,  # type: ignore[arg-type]
+        ManualClock(datetime(2026, 12, 2, tzinfo=UTC)),
+        service="test",
+        transactional=True,
+    )
+
+
 async def test_a_commit_proves_ownership_for_the_next_batch_until_the_assignment_changes(
     tmp_path: Path,
 ) -> None:
@@ -372,14 +383,7 @@ async def test_a_commit_proves_ownership_for_the_next_batch_until_the_assignment
     its session ended, which the lease bounds): a batch right after a commit, with no
     callback between, does not ask the group again before its first provider call."""
     producer = Transactions()
-    worker = StreamWorker(
-        "app",
-        StreamSettings(data_dir=tmp_path),
-        producer,  # type: ignore[arg-type]
-        ManualClock(datetime(2026, 12, 2, tzinfo=UTC)),
-        service="test",
-        transactional=True,
-    )
+    worker = _transactional_worker(tmp_path, producer)
 
     async def call_a_provider(_records: list[Record]) -> None:
         await worker.prove_owner(0.0)
@@ -426,14 +430,7 @@ async def test_a_batch_fenced_by_its_own_check_aborts_its_transaction_after_the_
     its end, the transaction is aborted after it, and the next batch begins."""
     monkeypatch.setattr("shared.streams.RESTORE_RETRY_SECONDS", 0.0)
     producer = Transactions()
-    worker = StreamWorker(
-        "app",
-        StreamSettings(data_dir=tmp_path),
-        producer,  # type: ignore[arg-type]
-        ManualClock(datetime(2026, 12, 2, tzinfo=UTC)),
-        service="test",
-        transactional=True,
-    )
+    worker = _transactional_worker(tmp_path, producer)
     producer.proof_may_end.clear()
 
     async def lapsed(_records: list[Record]) -> None:
