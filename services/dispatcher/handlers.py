@@ -5,14 +5,14 @@ requests, the retry topics (one per delay class, each record held back until it 
 delivery reports the segmenter passes on (`waypost.delivery-reports.v1`). The ledger, caps and
 consent live in the worker's tables (`adapters/tables.py`). A batch runs one task per contact,
 a few started per turn of the loop (`shared.rendezvous.run_all`); a contact's records run one
-after another, which keeps the frequency-cap check and
-the count it guards together. A try takes one of its channel's call slots, then is marked
-`sending`, and the mark is made durable before the call (`_durable`): the try's intent, the
-entry as marked, is written to the receipts topic and acknowledged, while the mark itself
-commits with the batch. A worker that takes a partition reads the intents written since the
-last commit and puts every mark the ledger lacks back in it (`_overlay`), so what follows sees
-the ledger as if each mark had committed before its call. The worker proves it still owns the
-partitions before a call (`StreamWorker.prove_owner`). An SMTP try is staged first
+after another, which keeps the frequency-cap check and the count it guards together. A try
+takes one of its channel's call slots, then is marked `sending`, and the mark is made durable
+before the call (`_durable`): the try's intent, the entry as marked, is written to the
+receipts topic and acknowledged, while the mark itself commits with the batch. A worker that
+takes a partition reads the intents written since the last commit and puts every mark the
+ledger lacks back in it (`_overlay`), so what follows sees the ledger as if each mark had
+committed before its call. The worker proves it still owns the partitions before a call
+(`StreamWorker.prove_owner`). An SMTP try is staged first
 (`StagingProvider`: the whole transaction but the "." that ends it), so the mark covers only
 the last step, the one after which the message may have arrived. A crash repeats the batch, and
 the ledger turns repeats into no-ops: a try left `sending` (only one that held a slot) is
