@@ -81,11 +81,13 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
         log.info("dispatcher.waiting_for_suppressions")
     suppressions = SuppressionList(suppressed, producer, key)
 
-    # Receipts are written outside the batch's transaction, the moment a call answers, and
-    # sent at once (no linger): a receipt the broker has not acknowledged when the worker dies
-    # is of no use.
+    # Intents and receipts are written outside the batch's transaction, each the moment its
+    # try needs it, and sent within `receipts_linger_ms`: a receipt the broker has not
+    # acknowledged when the worker dies is of no use, and the tries in flight share requests.
     receipted = AsyncProducer(
-        settings.kafka(), client_id="dispatcher-receipts", extra={"linger.ms": 0}
+        settings.kafka(),
+        client_id="dispatcher-receipts",
+        extra={"linger.ms": settings.receipts_linger_ms},
     )
     receipts = CallReceipts(settings.kafka(), receipted)
 

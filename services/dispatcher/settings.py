@@ -100,6 +100,11 @@ class DispatcherSettings(StreamSettings):
     # that marks it `sending`; a round that could commit but for tries still staging waits
     # this long for them (docs/delivery.md). 0: it never waits, and commits far more rounds.
     smtp_stage_join_ms: float = Field(default=20.0, ge=0)
+    # How long the producer of `waypost.send-receipts.v1` (each try's intent before its call,
+    # each call's receipt after it) gathers records into one request per partition. With
+    # hundreds of tries in flight, 0 sent nearly every record alone, and the broker spent more
+    # CPU on those requests than the dispatcher on its tries (docs/delivery.md).
+    receipts_linger_ms: float = Field(default=3.0, ge=0, le=50)
     email_from: str = "Waypost <hello@waypost.local>"
     message_id_domain: str = "waypost.local"
     track_opens: bool = True
