@@ -354,10 +354,12 @@ async def drive(url: str, plan: Sequence[Session], load: Load, concurrency: int)
     # aiohttp, not httpx: at these rates httpx's client spent several times the CPU per
     # request (docs/pipeline-benchmark.md), CPU the stack under test then went without.
     connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"content-type": "application/json"}
+    headers = {
+        "content-type": "application/json",
+        "authorization": aiohttp.encode_basic_auth(demo.WRITE_KEY, ""),
+    }
     async with aiohttp.ClientSession(
         base_url=url,
-        auth=aiohttp.BasicAuth(demo.WRITE_KEY, ""),
         timeout=aiohttp.ClientTimeout(total=30),
         connector=connector,
     ) as client:

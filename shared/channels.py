@@ -154,15 +154,12 @@ FORGETS_DEAD_ADDRESS: frozenset[Channel] = frozenset({"push"})
 def without_dead_address(profile: Profile, event: Event) -> Profile:
     """The profile without the address a `Message Failed` calls permanently invalid, for the
     channels in `FORGETS_DEAD_ADDRESS` (a push token the provider unregistered)."""
+    if event.label != MESSAGE_FAILED:  # nearly every event: nothing else to look at
+        return profile
     props = event.properties
     channel = next((c for c in FORGETS_DEAD_ADDRESS if c == props.get("channel")), None)
     dead = props.get("address")
-    if not (
-        event.label == MESSAGE_FAILED
-        and channel is not None
-        and props.get("address_invalid") is True
-        and isinstance(dead, str)
-    ):
+    if not (channel is not None and props.get("address_invalid") is True and isinstance(dead, str)):
         return profile
     traits = dict(profile.traits)
     for name in ADDRESS_TRAITS[channel]:

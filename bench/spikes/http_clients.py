@@ -155,7 +155,7 @@ async def main() -> None:
             connector=aiohttp.TCPConnector(limit=100, limit_per_host=100),
             timeout=aiohttp.ClientTimeout(total=15.0),
         )
-        ah_headers = {**headers, "Authorization": aiohttp.BasicAuth(ACCOUNT, TOKEN).encode()}
+        ah_headers = {**headers, "Authorization": aiohttp.encode_basic_auth(ACCOUNT, TOKEN)}
 
         async def aiohttp_post(data: dict[str, str]) -> int:
             async with ah.post(url, data=data, headers=ah_headers) as answer:
