@@ -9,7 +9,7 @@ skipped with the reason instead of going out as "Hello ," or stopping the stream
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -104,6 +104,12 @@ class _BoundedEnvironment(SandboxedEnvironment):
     """The sandbox, with `*` and `**` refused before they build a value over the bound."""
 
     intercepted_binops = frozenset({"*", "**"})
+
+    def make_globals(self, d: MutableMapping[str, Any] | None) -> MutableMapping[str, Any]:
+        # A template's globals as one plain dict, not Jinja's ChainMap over the environment's:
+        # every render copies them into its context, and copying a ChainMap goes key by key
+        # in Python (about 5 µs a render). Nothing changes the globals after start-up.
+        return {**self.globals, **(d or {})}
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":

@@ -148,6 +148,14 @@ def test_an_undefined_variable_and_a_syntax_error_are_told_apart() -> None:
     assert not isinstance(caught.value, UndefinedVariable | TemplateSyntax)
 
 
+def test_jinja_globals_are_there_and_a_variable_of_the_same_name_wins() -> None:
+    # The environment hands each template its globals as one dict (`make_globals`).
+    looped = "{% for n in range(3) %}{{ n }}{% endfor %}{% set ns = namespace(x=2) %}{{ ns.x }}"
+    assert render_text(looped, {}) == "0122"
+    assert render_text("{{ range }}", {"range": "from the data"}) == "from the data"
+    assert render_text("{{ range(2) | list }}", {}) == "[0, 1]"
+
+
 def test_template_can_read_contact_key_and_journey() -> None:
     template = EmailTemplate(
         subject="s", text="{{ contact.key }} {{ journey.id }}/{{ journey.version }}"
