@@ -321,16 +321,62 @@ class _AnchorFinder(HTMLParser):
             self.anchors.append((self.getpos(), raw, first))
 
 
-def _rewrite_anchors(document: str, tracked: _Tracker) -> str:
+# A document that is only text without "<", start tags with quoted attribute values free of
+# "<" and ">", and end tags: html.parser reads every "<" in it as the start of the tag there
+# (no comment, declaration, script or style to read otherwise, no bare value), so its anchors
+# are found without parsing the text between them. Whitespace is spelled out: html.parser's
+# tag names end only at these five, where `\s` would also take a vertical tab. Possessive
+# and atomic throughout: a document that is not plain fails at once, never backtracking.
+_WS = r"[ \t\n\r\f]"
+_PLAIN_DOCUMENT = re.compile(
+    rf"""(?:
+        [^<]++
+        | <(?!(?i:script|style)(?:{_WS}|/|>))[a-zA-Z][a-zA-Z0-9]*+
+          (?>{_WS}++[a-zA-Z_:][-a-zA-Z0-9_:.]*+(?:{_WS}*+={_WS}*+(?:"[^"<>]*+"|'[^'<>]*+'))?)*+
+          {_WS}*+/?>
+        | </[a-zA-Z][a-zA-Z0-9]*+{_WS}*+>
+    )*+""",
+    re.VERBOSE,
+)
+_ANCHOR_TAG = re.compile(rf"<[aA](?={_WS}|/|>)[^>]*>")
+
+
+def _anchors(document: str) -> list[tuple[int, str, dict[str, str | None]]]:
+    """Each `<a>` start tag of the document: its offset, raw text and attributes (the first of
+    a repeated name), as html.parser reads them. A plain document (`_PLAIN_DOCUMENT`) is
+    only searched for its anchors, each read alone by the parser (the same attributes, in
+    a fraction of the time: most of an email's parse was its other tags and text); any
+    other is parsed whole."""
+    if _PLAIN_DOCUMENT.fullmatch(document):
+        found = []
+        for match in _ANCHOR_TAG.finditer(document):
+            finder = _AnchorFinder()
+            finder.feed(match.group(0))
+            finder.close()
+            if finder.anchors:
+                _position, raw, attrs = finder.anchors[0]
+                found.append((match.start(), raw, attrs))
+        return found
+    return _parsed_anchors(document)
+
+
+def _parsed_anchors(document: str) -> list[tuple[int, str, dict[str, str | None]]]:
+    """`_anchors` by parsing the whole document."""
     finder = _AnchorFinder()
     finder.feed(document)
     finder.close()
     line_starts = [0]
     line_starts.extend(m.end() for m in re.finditer("\n", document))
+    return [
+        (line_starts[line - 1] + column, raw, attrs)
+        for (line, column), raw, attrs in finder.anchors
+    ]
+
+
+def _rewrite_anchors(document: str, tracked: _Tracker) -> str:
     pieces: list[str] = []
     done = 0
-    for (line, column), raw, attrs in finder.anchors:
-        start = line_starts[line - 1] + column
+    for start, raw, attrs in _anchors(document):
         if document[start : start + len(raw)] != raw:
             continue  # not where the parser says: leave it rather than guess
         href = (attrs.get("href") or "").strip()
