@@ -347,17 +347,13 @@ def _anchors(document: str) -> list[tuple[int, str, dict[str, str | None]]]:
     only searched for its anchors, each read alone by the parser (the same attributes, in
     a fraction of the time: most of an email's parse was its other tags and text); any
     other is parsed whole."""
-    if _PLAIN_DOCUMENT.fullmatch(document):
-        found = []
-        for match in _ANCHOR_TAG.finditer(document):
-            finder = _AnchorFinder()
-            finder.feed(match.group(0))
-            finder.close()
-            if finder.anchors:
-                _position, raw, attrs = finder.anchors[0]
-                found.append((match.start(), raw, attrs))
-        return found
-    return _parsed_anchors(document)
+    if not _PLAIN_DOCUMENT.fullmatch(document):
+        return _parsed_anchors(document)
+    return [
+        (match.start() + offset, raw, attrs)
+        for match in _ANCHOR_TAG.finditer(document)
+        for offset, raw, attrs in _parsed_anchors(match.group(0))
+    ]
 
 
 def _parsed_anchors(document: str) -> list[tuple[int, str, dict[str, str | None]]]:
