@@ -201,8 +201,64 @@ class RenewableProducer:
                 self._retired.remove(old)
 
 
+def serve_reports(renewable: RenewableProducer, timeout: float) -> None:
+    """Serve the delivery reports due (waiting up to `timeout` seconds for one), the replaced
+    producers' too. Nothing raised here escapes: every pending send waits on the reports this
+    serves, and after a fatal error they are what fails the records the producer held
+    (purged), so their senders learn of it."""
+    try:
+        renewable.current.poll(timeout)
+        renewable.poll_retired()
+    except KafkaException as exc:  # a fatal error is raised once, by the poll serving it
+        renewable.noticed(exc)
+        if not fatal_error(exc):
+            log.error("kafka.poll_failed", error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a delivery callback failed; serve the rest
+        log.error("kafka.poll_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+# How often delivery reports are served on the event loop while records are in flight: the
+# most it adds to an acknowledgement (the loop's timers have about a millisecond's resolution).
+LOOP_POLL_SECONDS = 0.001
+
+
+class LoopPoller:
+    """Serves a producer's delivery reports on the event loop's own thread: `poll(0)` every
+    `LOOP_POLL_SECONDS` while records are queued, in flight or reported but not yet served,
+    and not at all otherwise (`soon` after each record queued starts it).
+
+    confluent-kafka calls into Python once per delivery report and takes the GIL for each call.
+    From a poll thread of its own, each of those calls waits for a busy event loop to let go of
+    the GIL (up to the interpreter's switch interval), and those waits, not the broker, were
+    most of an acknowledgement's time (docs/ingest-performance.md, docs/delivery.md)."""
+
+    def __init__(self, renewable: RenewableProducer) -> None:
+        self._renewable = renewable
+        self._timer: asyncio.TimerHandle | None = None
+
+    def soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is None:
+            self._timer = loop.call_later(LOOP_POLL_SECONDS, self._serve, loop)
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        serve_reports(self._renewable, 0)
+        if len(self._renewable.current) > 0 or self._renewable.retiring:
+            self.soon(loop)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class AsyncProducer:
-    """An idempotent, acks=all producer whose `send` returns once the broker acknowledged."""
+    """An idempotent, acks=all producer whose `send` returns once the broker acknowledged.
+
+    Its delivery reports are served by a poll thread of its own, or, with `serve_on_loop`, on
+    the event loop's thread (`LoopPoller`): for a producer whose senders each wait for their
+    own few records while the loop is busy with other work, where a report's hand-off from a
+    poll thread is most of the wait. Such a producer is used from one event loop only."""
 
     def __init__(
         self,
@@ -210,6 +266,7 @@ class AsyncProducer:
         *,
         client_id: str,
         extra: Mapping[str, Any] | None = None,
+        serve_on_loop: bool = False,
     ):
         config: dict[str, Any] = {
             **client_config(kafka),
@@ -223,27 +280,22 @@ class AsyncProducer:
         config.update(extra or {})
         self._renewable = RenewableProducer(config, client_id)
         self._stopping = threading.Event()
-        self._poller = threading.Thread(target=self._poll, name=f"{client_id}-poll", daemon=True)
-        self._poller.start()
+        self._loop_poller = LoopPoller(self._renewable) if serve_on_loop else None
+        self._poller: threading.Thread | None = None
+        if self._loop_poller is None:
+            self._poller = threading.Thread(
+                target=self._poll, name=f"{client_id}-poll", daemon=True
+            )
+            self._poller.start()
 
     @property
     def _producer(self) -> Producer:
         return self._renewable.current
 
     def _poll(self) -> None:
-        """Serve delivery reports until closed. Nothing a poll raises ends this thread: every
-        pending `send` waits on the reports it serves, and after a fatal error they are what
-        fails the records the producer held (purged), so their senders learn of it."""
+        """The poll thread: serve delivery reports until closed (`serve_reports`)."""
         while not self._stopping.is_set():
-            try:
-                self._producer.poll(0.05)
-                self._renewable.poll_retired()
-            except KafkaException as exc:  # a fatal error is raised once, by the poll serving it
-                self._renewable.noticed(exc)
-                if not fatal_error(exc):
-                    log.error("kafka.poll_failed", error=str(exc))
-            except Exception as exc:  # noqa: BLE001 - a delivery callback failed; serve the rest
-                log.error("kafka.poll_failed", error=f"{type(exc).__name__}: {exc}")
+            serve_reports(self._renewable, 0.05)
 
     def produce(
         self, topic: str, key: str | None, value: bytes | None, partition: int | None = None
@@ -333,6 +385,8 @@ class AsyncProducer:
                 producer.produce(
                     topic, value=value, key=key, partition=partition, on_delivery=on_delivery
                 )
+            if self._loop_poller is not None:
+                self._loop_poller.soon(asyncio.get_running_loop())
         except KafkaException as exc:
             self._renewable.noticed(exc)
             error = exc.args[0] if exc.args else None
@@ -455,9 +509,12 @@ class AsyncProducer:
         self._renewable.replace_wedged(reason)
 
     def close(self, timeout: float = 10.0) -> None:
+        if self._loop_poller is not None:
+            self._loop_poller.stop()
         self._producer.flush(timeout)
         self._stopping.set()
-        self._poller.join(timeout=1)
+        if self._poller is not None:
+            self._poller.join(timeout=1)
 
 
 # How long one transactional call (init, send offsets, commit, abort) may block its thread.

@@ -84,10 +84,13 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
     # Intents and receipts are written outside the batch's transaction, each the moment its
     # try needs it, and sent within `receipts_linger_ms`: a receipt the broker has not
     # acknowledged when the worker dies is of no use, and the tries in flight share requests.
+    # Their acknowledgements are served on the event loop: each try waits for its intent's
+    # before its call, and a poll thread's hand-off through the GIL was half that wait.
     receipted = AsyncProducer(
         settings.kafka(),
         client_id="dispatcher-receipts",
         extra={"linger.ms": settings.receipts_linger_ms},
+        serve_on_loop=True,
     )
     receipts = CallReceipts(settings.kafka(), receipted)
 

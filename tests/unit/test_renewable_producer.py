@@ -3,6 +3,7 @@ back to its senders (whose outage retries send it again); no broker is needed to
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from shared.kafka import (
     AsyncProducer,
+    DeliveryFailed,
     RenewableProducer,
     TransactionAborted,
     TransactionDoomed,
@@ -88,12 +90,12 @@ def test_a_fatal_error_raised_by_a_poll_leaves_the_poll_thread_serving() -> None
         while raising.polls < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert raising.polls >= 3, "the poll thread stopped at the error"
+        assert producer._poller is not None
         assert producer._poller.is_alive()
         producer._renewable.current = first
         assert producer._renewable.usable() is not first
     finally:
-        producer._stopping.set()
-        producer._poller.join(timeout=5)
+        producer.close(0)
 
 
 def test_a_fatal_error_raised_by_a_call_is_noticed() -> None:
@@ -169,6 +171,7 @@ def _transactional_producer_over(fake: object, transactional_id: str) -> Iterato
         yield producer
     finally:
         producer._stopping.set()
+        assert producer._poller is not None
         producer._poller.join(timeout=5)
         first.flush(0)
 
@@ -288,3 +291,81 @@ async def test_an_error_that_needs_no_abort_reaches_the_caller_as_it_came() -> N
         await producer.prove_offsets([], None)
     assert raised.value.args[0].code() == KafkaError.COORDINATOR_NOT_AVAILABLE
     assert refused.aborted == 0
+
+
+# --- delivery reports served on the event loop (`serve_on_loop`, `LoopPoller`) --------------
+
+
+async def test_a_producer_served_on_the_loop_has_no_poll_thread_and_fails_back_on_the_loop() -> (
+    None
+):
+    """Its reports are served by the loop alone: a record no broker ever takes times out, and
+    its sender learns of it from a report served on the loop's thread."""
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "message.timeout.ms": 200},
+        serve_on_loop=True,
+    )
+    try:
+        assert producer._poller is None
+        with pytest.raises(DeliveryFailed, match="timed out"):
+            await asyncio.wait_for(producer.send("t", "k", b"never taken"), 10)
+    finally:
+        producer.close(0)
+
+
+async def test_the_loop_poller_stops_once_nothing_is_in_flight() -> None:
+    """It polls only while records are queued, in flight or reported but not served."""
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "message.timeout.ms": 200},
+        serve_on_loop=True,
+    )
+    poller = producer._loop_poller
+    assert poller is not None
+    try:
+        assert poller._timer is None
+        with pytest.raises(DeliveryFailed):
+            await asyncio.wait_for(producer.send("t", "k", b"never taken"), 10)
+        deadline = time.monotonic() + 5
+        while poller._timer is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert poller._timer is None
+        assert len(producer._renewable.current) == 0
+    finally:
+        producer.close(0)
+
+
+class _RaisingOnceWhole(_RaisingOnce):
+    """`_RaisingOnce` that otherwise is the producer it wraps (produce, len, flush)."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.producer, name)
+
+    def __len__(self) -> int:
+        return len(self.producer)
+
+
+async def test_a_fatal_error_raised_by_a_poll_on_the_loop_leaves_the_loop_serving() -> None:
+    """As with the poll thread: the error is noticed (the producer is replaced at its next
+    use) and the reports after it are still served."""
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "message.timeout.ms": 300},
+        serve_on_loop=True,
+    )
+    first = producer._renewable.current
+    raising = _RaisingOnceWhole(first)
+    producer._renewable.current = raising  # type: ignore[assignment]
+    try:
+        delivered = producer.produce("t", "k", b"held")
+        with pytest.raises(DeliveryFailed):
+            await asyncio.wait_for(delivered, 10)
+        assert raising.polls >= 2, "the loop stopped serving at the error"
+        producer._renewable.current = first
+        assert producer._renewable.usable() is not first
+    finally:
+        producer.close(0)

@@ -1,11 +1,12 @@
 """Publishes accepted events to Kafka, keyed by contact key, and waits once per request for the
 broker to acknowledge all of them (idempotent producer, acks=all).
 
-Delivery reports are served on the event loop's own thread: `poll(0)` every millisecond while
-records are in flight, and not at all when none are. confluent-kafka calls back into Python once
-per record, taking the GIL each time; from a separate poll thread every one of those calls waits
-for the busy loop to let go of the GIL, up to the interpreter's switch interval (5 ms), and those
-waits, not the work, set ingest's latency (docs/ingest-performance.md).
+Delivery reports are served on the event loop's own thread (`shared.kafka.LoopPoller`):
+`poll(0)` every millisecond while records are in flight, and not at all when none are.
+confluent-kafka calls back into Python once per record, taking the GIL each time; from a
+separate poll thread every one of those calls waits for the busy loop to let go of the GIL, up
+to the interpreter's switch interval (5 ms), and those waits, not the work, set ingest's
+latency (docs/ingest-performance.md).
 """
 
 from __future__ import annotations
@@ -17,13 +18,9 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, Message
 
 from services.ingest.domain.calls import EncodedEvent
-from shared.kafka import DeliveryFailed, ProducerBusy, RenewableProducer
+from shared.kafka import DeliveryFailed, LoopPoller, ProducerBusy, RenewableProducer
 from shared.kafka_connection import KafkaConnection, client_config
 from shared.topics import EVENTS
-
-# How often delivery reports are served while records are in flight: the most it adds to an
-# acknowledgement. Timers on the loop have a resolution of about a millisecond.
-POLL_INTERVAL_SECONDS = 0.001
 
 
 def producer_config(
@@ -90,7 +87,7 @@ class KafkaEventPublisher:
         # Replaced by a new producer after a fatal error (shared.kafka.RenewableProducer).
         self._renewable = RenewableProducer(config, client_id)
         self._queue_limit = int(config["queue.buffering.max.messages"])
-        self._serving: asyncio.TimerHandle | None = None
+        self._poller = LoopPoller(self._renewable)
 
     async def publish(self, events: Sequence[EncodedEvent]) -> None:
         if not events:
@@ -116,24 +113,10 @@ class KafkaEventPublisher:
             self._renewable.noticed(exc)
             raise DeliveryFailed(str(exc)) from exc
         finally:
-            self._serve_soon(loop)
+            self._poller.soon(loop)
         await acks.future
-
-    def _serve_soon(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._serving is None:
-            self._serving = loop.call_later(POLL_INTERVAL_SECONDS, self._serve, loop)
-
-    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._serving = None
-        producer = self._renewable.current
-        producer.poll(0)
-        self._renewable.poll_retired()
-        if len(producer) > 0 or self._renewable.retiring:  # records queued, in flight, or
-            self._serve_soon(loop)  # reports not yet served
 
     def close(self, timeout: float = 10.0) -> int:
         """Wait (blocking) for what is still in flight; returns the records left undelivered."""
-        if self._serving is not None:
-            self._serving.cancel()
-            self._serving = None
+        self._poller.stop()
         return int(self._renewable.current.flush(timeout))
