@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import yaml
@@ -23,23 +22,9 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from shared.cli import publish
 from shared.settings import CommonSettings
 from shared.topics import READERS
+from tests.waiting import wait_for as wait_for  # the end-to-end tests' poll, kept here
 
-T = TypeVar("T")
 WRITE_KEY = "wp_dev_write_key"
-
-
-def wait_for(
-    condition: Callable[[], T | None], *, timeout: float = 60.0, what: str = "condition"
-) -> T:
-    """Poll until `condition` returns something truthy; fail with `what` after the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)  # poll again; the deadline above bounds the whole wait
 
 
 def unique(prefix: str) -> str:

@@ -39,6 +39,7 @@ from shared.docstore import STATEMENTS_PER_COMMAND, bulk_write_unordered, connec
 from shared.settings import CommonSettings
 from tests.conftest import PORT_OFFSET, TEST_HOME, local_stack
 from tests.e2e.helpers import wait_for
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -267,13 +268,6 @@ async def _kill_client_mid_query(url: str, soak: Soak) -> None:
         await process.wait()
 
 
-async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.05)  # poll again; the deadline above bounds the wait
-
-
 async def _restart(
     soak: Soak, kill: Callable[[], None], start: Callable[[], None]
 ) -> tuple[float, float, float]:
@@ -283,7 +277,12 @@ async def _restart(
     await asyncio.to_thread(kill)
     await asyncio.to_thread(start)
     ready = time.monotonic()
-    await _until(lambda: soak.ok_probes(ready) > 0, 15, "a probe to succeed after the restart")
+    await eventually(
+        lambda: soak.ok_probes(ready) > 0,
+        timeout=15,
+        what="a probe to succeed after the restart",
+        every=0.05,
+    )
     first_ok = min(p.started for p in soak.probes if p.started >= ready and p.error is None)
     return killed, ready, max(first_ok, ready + GRACE)
 
@@ -349,10 +348,11 @@ async def test_the_document_store_answers_through_abuse(store: local_stack.Stack
         # Load goes on after the last restart: more writes acknowledged, more probes answered.
         after = time.monotonic()
         acked_before = len(soak.acked)
-        await _until(
+        await eventually(
             lambda: len(soak.acked) > acked_before + 500 and soak.ok_probes(after) >= 20,
-            30,
-            "the load to go on after the restarts",
+            timeout=30,
+            what="the load to go on after the restarts",
+            every=0.05,
         )
     finally:
         soak.stop.set()

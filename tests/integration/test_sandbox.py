@@ -29,8 +29,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.e2e.helpers import wait_for as poll
 from tests.integration.conftest import SandboxInfo, running_sandbox
+from tests.waiting import wait_for as poll
 
 T = TypeVar("T")
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
 from tests.integration.providers import ShiftedClock, closed_port
+from tests.waiting import eventually
 
 WAIT_SECONDS = 10.0
 
@@ -146,15 +147,6 @@ def _delivery(to: str) -> Delivery:
     return Delivery(f"m-{to}", "c-1", "email", to, content)
 
 
-async def _until(check: Callable[[], bool], what: str) -> None:
-    """Wait (without blocking the loop the pool runs on) until `check()` holds."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {WAIT_SECONDS}s: {what}")
-        await asyncio.sleep(0.01)
-
-
 async def test_sequential_sends_share_one_connection(server: Server) -> None:
     sender = _sender(server.port)
     for n in range(5):
@@ -163,7 +155,9 @@ async def test_sequential_sends_share_one_connection(server: Server) -> None:
     assert server.delivered == [f"u{n}@example.com" for n in range(5)]
     assert server.resets == 0  # a completed DATA resets the transaction on the server's side
     await sender.aclose()
-    await _until(lambda: server.lost == 1, "the pooled session closed")
+    await eventually(
+        lambda: server.lost == 1, timeout=WAIT_SECONDS, what="the pooled session closed"
+    )
     assert server.quits == 1
 
 
@@ -175,7 +169,9 @@ async def test_concurrent_sends_open_at_most_the_pool_size(server: Server) -> No
     assert sorted(server.delivered) == sorted(addresses)
     assert 1 <= server.connections <= 3
     await sender.aclose()
-    await _until(lambda: server.lost == server.connections, "every session closed")
+    await eventually(
+        lambda: server.lost == server.connections, timeout=WAIT_SECONDS, what="every session closed"
+    )
 
 
 async def test_a_refused_recipient_resets_the_session_and_keeps_it(server: Server) -> None:
@@ -207,7 +203,9 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(
     server = idle_dropping_server
     sender = _sender(server.port)
     assert (await sender.send(_delivery("first@example.com"))).kind == "sent"
-    await _until(lambda: server.lost == 1, "the server dropping the idle client")
+    await eventually(
+        lambda: server.lost == 1, timeout=WAIT_SECONDS, what="the server dropping the idle client"
+    )
     assert (await sender.send(_delivery("second@example.com"))).kind == "sent"
     assert server.connections == 2
     assert server.delivered == ["first@example.com", "second@example.com"]
@@ -221,7 +219,9 @@ async def test_sessions_idle_too_long_are_closed_by_the_pool(server: Server) -> 
     clock.ahead += 11.0  # longer than the idle limit
     assert (await sender.send(_delivery("second@example.com"))).kind == "sent"
     assert server.connections == 2
-    await _until(lambda: server.lost == 1, "the expired session closed")
+    await eventually(
+        lambda: server.lost == 1, timeout=WAIT_SECONDS, what="the expired session closed"
+    )
     await sender.aclose()
 
 
@@ -269,7 +269,9 @@ async def test_an_abandoned_staged_message_never_arrives_and_frees_its_slot(
     staged = await sender.stage(_delivery("ada@example.com"))
     assert not isinstance(staged, Outcome)
     staged.abandon()
-    await _until(lambda: server.lost == 1, "the abandoned session closed")
+    await eventually(
+        lambda: server.lost == 1, timeout=WAIT_SECONDS, what="the abandoned session closed"
+    )
     assert server.delivered == []
     # The pool's only slot is free again: the next message goes out on a new session.
     assert (await sender.send(_delivery("bob@example.com"))).kind == "sent"
@@ -285,7 +287,11 @@ async def test_a_staged_message_whose_session_the_server_dropped_is_retried_unse
     sender = _sender(server.port)
     staged = await sender.stage(_delivery("ada@example.com"))
     assert not isinstance(staged, Outcome)
-    await _until(lambda: server.lost == 1, "the server dropping the waiting client")
+    await eventually(
+        lambda: server.lost == 1,
+        timeout=WAIT_SECONDS,
+        what="the server dropping the waiting client",
+    )
     outcome = await staged.finish()
     assert outcome.kind == "retry"  # the "." never went out: safe to send again
     assert server.delivered == []

@@ -4,11 +4,10 @@ says otherwise)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
@@ -29,6 +28,7 @@ from shared.contracts import WebhookCall, WebhookResult
 from shared.journey_engine.state import ContactState, Instance
 from shared.topics import WEBHOOK_RESULTS
 from tests.scenarios.conftest import T0
+from tests.waiting import holds_within
 
 LOOPBACK = DestinationPolicy.parse(["127.0.0.0/8"], [])
 # What /huge would send in full: far more than any socket buffer holds.
@@ -330,7 +330,7 @@ async def test_a_huge_answer_keeps_its_status_and_is_not_read_to_its_end(receive
         result = await call_webhook(client, call(f"{receiver}/huge"), ManualClock(T0), no_pause)
 
     assert (result.ok, result.status, result.body) == (True, 200, None)
-    assert await until(lambda: bool(Receiver.huge_sent))
+    assert await holds_within(lambda: bool(Receiver.huge_sent), 5.0)
     # The receiver could not write it all: the client closed after a little over the cap.
     assert MAX_BODY_BYTES < Receiver.huge_sent[-1] < HUGE_BYTES
 
@@ -419,17 +419,6 @@ class Published:
         self.results.append(WebhookResult.model_validate_json(value))
 
 
-async def until(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
-    """Whether `condition` holds within `seconds` (looked at every 10 ms)."""
-    loop = asyncio.get_running_loop()
-    ends = loop.time() + seconds
-    while not condition():
-        if loop.time() >= ends:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
 @pytest.fixture
 def held() -> Iterator[None]:
     Receiver.release.clear()
@@ -452,11 +441,11 @@ async def test_no_more_calls_than_the_bound_are_in_flight(receiver: str) -> None
     for n in range(3):
         webhooks.start(call(f"{receiver}/hold", call_id=f"held-{n}"))
 
-    assert await until(lambda: Receiver.holding == 2)
+    assert await holds_within(lambda: Receiver.holding == 2, 5.0)
     # The third call waits for a slot: it does not reach the receiver while two are held.
-    assert not await until(lambda: Receiver.hits.get("/hold", 0) - arrived > 2, seconds=0.5)
+    assert not await holds_within(lambda: Receiver.hits.get("/hold", 0) - arrived > 2, 0.5)
     Receiver.release.set()
-    assert await until(lambda: len(published.results) == 3)
+    assert await holds_within(lambda: len(published.results) == 3, 5.0)
     await webhooks.close()
 
     assert Receiver.most_held == 2
@@ -476,7 +465,7 @@ async def test_waiting_for_a_slot_counts_against_the_deadline(receiver: str) -> 
     before = Receiver.hits.get("/ok", 0)
     webhooks.start(call(f"{receiver}/ok", call_id="queued"))
 
-    assert await until(lambda: len(published.results) == 1)
+    assert await holds_within(lambda: len(published.results) == 1, 5.0)
     await webhooks.close()
 
     [result] = published.results
