@@ -788,7 +788,7 @@ class Dispatcher:
                 # its connection (`channels.http.BEFORE_SENDING`).
                 before = BEFORE_SENDING.set(self._check_lease)
                 try:
-                    call = asyncio.ensure_future(_go(staged, self._check_lease))
+                    call = _begun(staged, self._check_lease)
                 finally:
                     BEFORE_SENDING.reset(before)
                 # Cut off before it started, the staged message is dropped unsent.
@@ -1318,6 +1318,9 @@ class _WholeCall:
     provider: Provider
     delivery: Delivery
 
+    def start(self) -> None:
+        pass  # an HTTP request needs its connection first: it all goes in `finish`
+
     async def finish(self) -> Outcome:
         return await self.provider.send(self.delivery)
 
@@ -1332,15 +1335,22 @@ class LeaseLapsed(Fenced):
     still this worker's."""
 
 
-async def _go(staged: Staged, check: Callable[[], None]) -> Outcome:
-    """A call's last step, once `check` passes as it starts (it raises otherwise, and a staged
-    message is dropped unsent)."""
+def _begun(staged: Staged, check: Callable[[], None]) -> asyncio.Future[Outcome]:
+    """A call's last step, begun now once `check` passes: what can go out at once goes out in
+    this turn of the event loop (`Staged.start`: an email's "."), the rest runs as a task, never
+    checked again (its message may be out). When `check` raises (`LeaseLapsed`), the staged
+    message is dropped unsent and the call's task fails with it as it starts."""
     try:
         check()
-    except LeaseLapsed:
-        staged.abandon()
-        raise
-    return await staged.finish()
+    except LeaseLapsed as exc:
+        return asyncio.ensure_future(_lapsed(staged, exc))
+    staged.start()
+    return asyncio.ensure_future(staged.finish())
+
+
+async def _lapsed(staged: Staged, lapsed: LeaseLapsed) -> Outcome:
+    staged.abandon()
+    raise lapsed
 
 
 def _abandon_if_cut_off(staged: Staged, call: asyncio.Future[Outcome]) -> None:

@@ -262,6 +262,28 @@ async def test_a_staged_message_arrives_only_once_finished(server: Server) -> No
     await sender.aclose()
 
 
+async def test_a_started_staged_message_is_out_before_its_answer_is_awaited(
+    server: Server,
+) -> None:
+    """`start` writes the "." at once: a worker that dies before the call's task runs has sent
+    the message (what its `sending` mark says), and `finish` then only reads the answer."""
+    sender = _sender(server.port, smtp_connections=1)
+    staged = await sender.stage(_delivery("ada@example.com"))
+    assert not isinstance(staged, Outcome)
+    staged.start()
+    await eventually(
+        lambda: server.delivered == ["ada@example.com"],
+        timeout=WAIT_SECONDS,
+        what="the message delivered before anything awaited its answer",
+    )
+    staged.start()  # once only: a second "." would be a command of its own
+    assert (await staged.finish()).kind == "sent"
+    assert (await sender.send(_delivery("bob@example.com"))).kind == "sent"
+    assert server.delivered == ["ada@example.com", "bob@example.com"]
+    assert server.connections == 1  # the session went back to the pool, in step
+    await sender.aclose()
+
+
 async def test_an_abandoned_staged_message_never_arrives_and_frees_its_slot(
     server: Server,
 ) -> None:

@@ -36,6 +36,7 @@ from services.dispatcher.handlers import (
     Dispatcher,
     LeaseLapsed,
     Stores,
+    _begun,
     _WholeCall,
 )
 from services.dispatcher.settings import DispatcherSettings
@@ -558,6 +559,9 @@ class StagedSms:
     def __init__(self, provider: Staging, message_id: str) -> None:
         self.provider, self.message_id = provider, message_id
 
+    def start(self) -> None:
+        pass
+
     async def finish(self) -> Outcome:
         self.provider.sent.append(self.message_id)
         self.provider.marked_at_finish.append(self.provider.state_of(self.message_id))
@@ -893,3 +897,46 @@ async def test_a_kept_call_whose_lease_lapsed_is_made_anew_when_its_request_is_r
 
     assert parking.provider.sent == ["m-kept"]
     assert await parking.state("m-kept") == ("sent", 1)
+
+
+# --- a call's last step begins in the turn that decides it ----------------------------------
+
+
+class _Steps:
+    """A staged message that records its steps."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+
+    def start(self) -> None:
+        self.steps.append("start")
+
+    async def finish(self) -> Outcome:
+        self.steps.append("finish")
+        return Outcome("sent", None)
+
+    def abandon(self) -> None:
+        self.steps.append("abandon")
+
+
+async def test_a_call_takes_what_it_can_of_its_last_step_before_its_task_runs() -> None:
+    """An email's "." goes out as its try resumes, not a turn of the loop later, when the call's
+    task first runs: a kill in between would leave `unknown` a message never sent."""
+    staged = _Steps()
+    call = _begun(staged, lambda: None)
+    assert staged.steps == ["start"]  # no turn of the loop yet
+    assert (await call).kind == "sent"
+    assert staged.steps == ["start", "finish"]
+
+
+async def test_a_call_whose_lease_lapsed_drops_its_message_without_starting_it() -> None:
+    staged = _Steps()
+
+    def lapsed() -> None:
+        raise LeaseLapsed("the lease lapsed")
+
+    call = _begun(staged, lapsed)
+    assert staged.steps == []
+    with pytest.raises(LeaseLapsed):
+        await call
+    assert staged.steps == ["abandon"]

@@ -48,10 +48,14 @@ class Provider(Protocol):
 
 
 class Staged(Protocol):
-    """A message handed to its provider all but its last step: until `finish` takes that step,
-    the provider cannot have accepted it, so a worker that stops or `abandon`s it now has sent
-    nothing. `abandon` once `finish` began does nothing (a call cancelled before it started is
-    abandoned that way)."""
+    """A message handed to its provider all but its last step: until `start` or `finish` takes
+    that step, the provider cannot have accepted it, so a worker that stops or `abandon`s it now
+    has sent nothing. `start` takes what of the step can be taken at once, without a wait (SMTP
+    writes its "."), so that it goes out in the turn of the event loop that decided it rather
+    than the call task's first; `finish` takes the rest and returns the answer. `abandon` once
+    `finish` began does nothing (a call cancelled before it started is abandoned that way)."""
+
+    def start(self) -> None: ...
 
     async def finish(self) -> Outcome: ...
 

@@ -149,18 +149,29 @@ async def _quit(session: aiosmtplib.SMTP) -> None:
 
 class StagedEmail:
     """A message the server holds all but its end (`SmtpSender.stage`): its session and its
-    session slot are held until `finish` sends the final "." or `abandon` drops the
-    connection."""
+    session slot are held until `finish` sends the final "." (written already if `start` was
+    called) and reads the answer, or `abandon` drops the connection."""
 
     def __init__(self, sender: SmtpSender, session: aiosmtplib.SMTP, message_id: str) -> None:
         self._sender = sender
         self._session = session
         self._message_id = message_id
         self._ended = False
+        self._started = False
+        # Why the "." could not be written (the connection was lost meanwhile), once started.
+        self._lost: _Transaction | None = None
+
+    def start(self) -> None:
+        """Write the final "." now, in this turn of the event loop (`finish` reads the
+        answer)."""
+        if not self._started and not self._ended:
+            self._started = True
+            self._lost = self._sender.write_end(self._session)
 
     async def finish(self) -> Outcome:
+        self.start()
         self._ended = True
-        return await self._sender.finish_staged(self._session, self._message_id)
+        return await self._sender.finish_staged(self._session, self._message_id, self._lost)
 
     def abandon(self) -> None:
         if not self._ended:  # once `finish` began, it hands the session back itself
@@ -274,12 +285,15 @@ class SmtpSender:
             return refused.outcome
         return session
 
-    async def finish_staged(self, session: aiosmtplib.SMTP, message_id: str) -> Outcome:
-        """The final "." of a staged message, and what the server answered; the session goes
-        back to the pool (or is closed) and its slot is released."""
+    async def finish_staged(
+        self, session: aiosmtplib.SMTP, message_id: str, lost: _Transaction | None
+    ) -> Outcome:
+        """What the server answered to the final "." of a staged message (written by
+        `write_end`, or `lost` before it could be); the session goes back to the pool (or is
+        closed) and its slot is released."""
         try:
             try:
-                done = await self._end_data(session)
+                done = lost if lost is not None else await self._end_answer(session)
             except BaseException:
                 session.close()  # a cancellation: the message may have arrived
                 raise
@@ -370,14 +384,34 @@ class SmtpSender:
         if answer.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
             raise aiosmtplib.SMTPRecipientRefused(answer.code, answer.message, to)
 
-    async def _end_data(self, session: aiosmtplib.SMTP) -> _Transaction:
-        """The "." that ends a staged message's DATA, and what the server answered to it."""
-        if not session.is_connected:
+    def write_end(self, session: aiosmtplib.SMTP) -> _Transaction | None:
+        """Write the "." that ends a staged message's DATA, at once (no wait: the caller
+        decides the moment); None once written, else why it could not be."""
+        protocol = session.protocol
+        if not session.is_connected or protocol is None:
             # Lost while the message waited: the line never went out, so it never arrived.
             lost = Outcome("retry", "smtp connection lost before the end of the message")
             return _Transaction(lost, "broken")
+        # A reply is expected before the line goes out, as aiosmtplib's `execute_command` marks
+        # it: its protocol drops a reply that arrives while none is (and the reply to the "."
+        # may well arrive before `_end_answer` awaits it). The session is this try's alone, so
+        # no other command can be under way. `test_smtp_sessions` holds this to the library.
+        protocol._response_pending = True
         try:
-            answer = await session.execute_command(b".")
+            protocol.write(b".\r\n")
+        except aiosmtplib.SMTPServerDisconnected as exc:  # closing: nothing was written
+            lost = Outcome("retry", f"smtp connection lost before the end of the message: {exc}")
+            return _Transaction(lost, "broken")
+        return None
+
+    async def _end_answer(self, session: aiosmtplib.SMTP) -> _Transaction:
+        """What the server answered to the "." `write_end` wrote (read as aiosmtplib's
+        `execute_command` reads a reply, within the session's timeout)."""
+        try:
+            protocol = session.protocol
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost after the message")
+            answer = await protocol.read_response(timeout=session.timeout)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
             # The line may have reached the server, and with it the message.
             return _Transaction(Outcome("unknown", f"smtp connection lost: {exc}"), "broken")
