@@ -791,7 +791,9 @@ class Dispatcher:
                     call = _begun(staged, self._check_lease)
                 finally:
                     BEFORE_SENDING.reset(before)
-                # Cut off before it started, the staged message is dropped unsent.
+                # Cut off before its task ran, the staged message is dropped: unsent, unless
+                # it was started (an email's "." went out as the call began), and then with its
+                # answer unread, so the try stays `sending`: it may have arrived.
                 call.add_done_callback(partial(_abandon_if_cut_off, staged))
                 # Its lease lapsed before it started: parked, whoever awaits it (a call kept
                 # past a failed batch is awaited by the batch that reads its request again).

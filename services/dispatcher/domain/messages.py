@@ -53,7 +53,8 @@ class Staged(Protocol):
     has sent nothing. `start` takes what of the step can be taken at once, without a wait (SMTP
     writes its "."), so that it goes out in the turn of the event loop that decided it rather
     than the call task's first; `finish` takes the rest and returns the answer. `abandon` once
-    `finish` began does nothing (a call cancelled before it started is abandoned that way)."""
+    `finish` began does nothing (a call cancelled before it started is abandoned that way; after
+    `start`, what went out may have arrived)."""
 
     def start(self) -> None: ...
 
