@@ -6,7 +6,6 @@ once finished; abandoned, or lost before its end, it never arrives."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
 from tests.integration.providers import ShiftedClock, closed_port
-from tests.waiting import eventually
+from tests.waiting import eventually, wait_for
 
 WAIT_SECONDS = 10.0
 
@@ -114,9 +113,12 @@ def _serve(server: Server, **smtp: Any) -> Iterator[Server]:
     controller.start()
     server.port = controller.port
     # start() proves the server up with a connection of its own: wait for it to end, uncount it.
-    deadline = time.monotonic() + WAIT_SECONDS
-    while server.lost < server.connections and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(
+        lambda: server.lost >= server.connections,
+        timeout=WAIT_SECONDS,
+        what="the start-up probe's connection to end",
+        every=0.01,
+    )
     server.connections = server.lost = 0
     try:
         yield server
