@@ -968,6 +968,16 @@ def latencies(value: str) -> list[float]:
     return out
 
 
+def channel_list(value: str) -> list[str]:
+    chosen = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = sorted(set(chosen) - {"email", "sms", "push"})
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"channels are email, sms and push; not {', '.join(unknown) or 'none'}"
+        )
+    return chosen
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
@@ -996,12 +1006,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=120.0,
         help="seconds without a request committed before a phase counts as stalled",
     )
+    parser.add_argument(
+        "--channels",
+        type=channel_list,
+        default=["email", "sms", "push"],
+        help="channels to run, comma separated (email, sms, push), for A/B runs of one",
+    )
     args = parser.parse_args(argv)
     if args.messages < 2 or args.in_flight < 1 or (args.in_flight_http or 1) < 1:
         parser.error("--messages must be at least 2, --in-flight and --in-flight-http positive")
-    runs = [Run("email", None, 0)]
-    runs += [Run("sms", ms, n + 1) for n, ms in enumerate(args.latency_ms)]
-    runs += [Run("push", ms, n + 1) for n, ms in enumerate(args.latency_ms)]
+    runs = [Run("email", None, 0)] if "email" in args.channels else []
+    for channel in ("sms", "push"):
+        if channel in args.channels:
+            runs += [Run(channel, ms, n + 1) for n, ms in enumerate(args.latency_ms)]
     say(
         f"{args.messages:,} messages per phase, {in_flight_said(args)} in flight, runs "
         f"{', '.join(r.tag for r in runs)}; {os.cpu_count()} cores, load average "

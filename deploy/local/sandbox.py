@@ -270,6 +270,14 @@ class OutboxSmtpHandler:
         self._refusals = refusals
         self._failures = failures or FailureRules()
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """Offer PIPELINING (RFC 2920), as the providers do: aiosmtpd reads commands a line at
+        a time, so a group of them written at once is answered in order."""
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
     async def handle_RCPT(
         self,
         server: SMTP,

@@ -96,6 +96,10 @@ class DispatcherSettings(StreamSettings):
     # An idle session older than this is closed rather than reused: servers drop idle clients
     # (Postfix after 300 s, many providers sooner), and a dropped one costs a failed command.
     smtp_idle_seconds: float = Field(default=10.0, gt=0)
+    # MAIL, RCPT and DATA in one write when the server offers PIPELINING (RFC 2920): one
+    # round trip per message where there were three. Off: one command at a time, for a server
+    # that offers it and gets it wrong.
+    smtp_pipelining: bool = True
     # An email is staged at its server (all of it but the "." that ends it) before the round
     # that marks it `sending`; a round that could commit but for tries still staging waits
     # this long for them (docs/delivery.md). 0: it never waits, and commits far more rounds.

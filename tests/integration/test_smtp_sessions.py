@@ -6,7 +6,8 @@ once finished; abandoned, or lost before its end, it never arrives."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,14 @@ class _Handler:
         return "250 OK"
 
 
+class _PipeliningHandler(_Handler):
+    async def handle_EHLO(
+        self, smtp: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
 class _CountingSmtp(SMTP):
     def __init__(self, seen: Server, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -98,17 +107,22 @@ class _CountingSmtp(SMTP):
 
 
 class _CountingController(Controller):
-    def __init__(self, seen: Server, **kwargs: Any) -> None:
+    def __init__(self, seen: Server, pipelining: bool, **kwargs: Any) -> None:
         self.seen = seen
-        super().__init__(_Handler(seen), **kwargs)
+        super().__init__((_PipeliningHandler if pipelining else _Handler)(seen), **kwargs)
 
     def factory(self) -> SMTP:
         return _CountingSmtp(self.seen, self.handler, **self.SMTP_kwargs)
 
 
-def _serve(server: Server, **smtp: Any) -> Iterator[Server]:
+def _serve(server: Server, pipelining: bool, **smtp: Any) -> Iterator[Server]:
     controller = _CountingController(
-        server, hostname="127.0.0.1", port=closed_port(), server_hostname="pool-test", **smtp
+        server,
+        pipelining,
+        hostname="127.0.0.1",
+        port=closed_port(),
+        server_hostname="pool-test",
+        **smtp,
     )
     controller.start()
     server.port = controller.port
@@ -126,15 +140,16 @@ def _serve(server: Server, **smtp: Any) -> Iterator[Server]:
         controller.stop()
 
 
-@pytest.fixture
-def server() -> Iterator[Server]:
-    yield from _serve(Server())
+# Every test runs against a server that offers PIPELINING (RFC 2920) and one that does not.
+@pytest.fixture(params=[False, True], ids=["one-command-at-a-time", "pipelining"])
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    yield from _serve(Server(), request.param)
 
 
-@pytest.fixture
-def idle_dropping_server() -> Iterator[Server]:
+@pytest.fixture(params=[False, True], ids=["one-command-at-a-time", "pipelining"])
+def idle_dropping_server(request: pytest.FixtureRequest) -> Iterator[Server]:
     """A server that closes a client's connection after 0.3 s without a command."""
-    yield from _serve(Server(), timeout=0.3)
+    yield from _serve(Server(), request.param, timeout=0.3)
 
 
 def _sender(port: int, clock: ShiftedClock | None = None, **overrides: Any) -> SmtpSender:
@@ -331,3 +346,157 @@ async def test_a_refused_recipient_is_answered_while_staging(server: Server) -> 
     assert (await sender.send(_delivery("ada@example.com"))).kind == "sent"
     assert server.connections == 1
     await sender.aclose()
+
+
+async def test_refusals_on_a_reused_session_keep_it(server: Server) -> None:
+    """A session past its first message (with PIPELINING offered: MAIL, RCPT and DATA in one
+    write) takes a refused recipient, resets and goes on."""
+    server.refuse.add("gone@example.com")
+    sender = _sender(server.port)
+    assert (await sender.send(_delivery("ada@example.com"))).kind == "sent"
+    refused = await sender.send(_delivery("gone@example.com"))
+    assert (refused.kind, refused.code, refused.address_invalid) == ("recipient", "550", True)
+    staged = await sender.stage(_delivery("gone@example.com"))
+    assert isinstance(staged, Outcome)
+    assert (staged.kind, staged.code) == ("recipient", "550")
+    assert (await sender.send(_delivery("bob@example.com"))).kind == "sent"
+    assert server.resets == 2
+    assert server.connections == 1
+    assert server.delivered == ["ada@example.com", "bob@example.com"]
+    await sender.aclose()
+
+
+# --- a scripted server: what goes over the wire when PIPELINING is offered -------------------
+
+
+@dataclass
+class Script:
+    """A server that answers a reused session's MAIL, RCPT and DATA only once all three have
+    arrived: a client that waits for the reply to MAIL first gets none (and times out)."""
+
+    # The replies to a pipelined group (MAIL, RCPT, DATA), each written on its own.
+    replies: tuple[bytes, bytes, bytes] = (b"250 OK", b"250 OK", b"354 go ahead")
+    # Commands that arrived without a reply to the one before, per transaction after the first.
+    groups: list[list[bytes]] = field(default_factory=list)
+    delivered: int = 0
+    connections: int = 0
+    closed_by_client: int = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        transactions = 0
+
+        async def reply(*lines: bytes) -> None:
+            for line in lines:
+                writer.write(line + b"\r\n")
+                await writer.drain()
+
+        await reply(b"220 scripted")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                await reply(b"250-scripted", b"250-PIPELINING", b"250 HELP")
+            elif verb == b"MAIL" and transactions == 0:
+                await reply(b"250 OK")
+            elif verb == b"MAIL":
+                group = [line]
+                with contextlib.suppress(TimeoutError):
+                    while not group[-1].upper().startswith(b"DATA"):
+                        group.append(await asyncio.wait_for(reader.readline(), 1.0))
+                self.groups.append(group)
+                if len(group) < 3:  # one command at a time: MAIL answered alone
+                    await reply(b"250 OK")
+                    continue
+                await reply(*self.replies)
+                if self.replies[2].startswith(b"354"):
+                    await self._read_message(reader, reply)
+                    transactions += 1
+            elif verb == b"RCPT":
+                await reply(b"250 OK")
+            elif verb == b"DATA":
+                await reply(b"354 go ahead")
+                await self._read_message(reader, reply)
+                transactions += 1
+            elif verb == b"RSET":
+                await reply(b"250 OK")
+            elif verb == b"QUIT":
+                await reply(b"221 bye")
+                break
+        else:
+            self.closed_by_client += 1
+        writer.close()
+
+    async def _read_message(
+        self, reader: asyncio.StreamReader, reply: Callable[..., Awaitable[None]]
+    ) -> None:
+        while (line := await reader.readline()) not in (b".\r\n", b""):
+            pass
+        if line:
+            self.delivered += 1
+            await reply(b"250 queued")
+
+
+@contextlib.asynccontextmanager
+async def _scripted(script: Script) -> AsyncIterator[int]:
+    listening = await asyncio.start_server(script.serve, "127.0.0.1", 0)
+    try:
+        yield listening.sockets[0].getsockname()[1]
+    finally:
+        listening.close()
+
+
+async def test_a_reused_session_sends_mail_rcpt_and_data_in_one_write() -> None:
+    script = Script()
+    async with _scripted(script) as port:
+        sender = _sender(port)
+        for n in range(3):
+            assert (await sender.send(_delivery(f"u{n}@example.com"))).kind == "sent"
+        await sender.aclose()
+    assert script.delivered == 3
+    assert script.connections == 1
+    assert [[c.split(b":")[0] for c in group] for group in script.groups] == [
+        [b"MAIL FROM", b"RCPT TO", b"DATA\r\n"]
+    ] * 2
+
+
+async def test_pipelining_can_be_turned_off() -> None:
+    script = Script()
+    async with _scripted(script) as port:
+        sender = _sender(port, smtp_pipelining=False)
+        for n in range(2):
+            assert (await sender.send(_delivery(f"u{n}@example.com"))).kind == "sent"
+        await sender.aclose()
+    # One command at a time: the server waited for RCPT in vain, then answered MAIL alone.
+    assert script.groups == [[script.groups[0][0]]]
+    assert script.delivered == 2
+
+
+async def test_a_server_that_starts_data_for_a_refused_recipient_loses_the_session() -> None:
+    """Waiting for a message no one will write, the session cannot be used again: it is
+    closed, and the next message opens a new one. Nothing was delivered."""
+    script = Script(replies=(b"250 OK", b"550 5.1.1 no such mailbox", b"354 go ahead"))
+    async with _scripted(script) as port:
+        sender = _sender(port)
+        assert (await sender.send(_delivery("ada@example.com"))).kind == "sent"
+        refused = await sender.send(_delivery("gone@example.com"))
+        assert (refused.kind, refused.code) == ("recipient", "550")
+        await eventually(
+            lambda: script.closed_by_client == 1, timeout=WAIT_SECONDS, what="the session closed"
+        )
+        script.replies = (b"250 OK", b"250 OK", b"354 go ahead")
+        assert (await sender.send(_delivery("bob@example.com"))).kind == "sent"
+        await sender.aclose()
+    assert script.delivered == 2
+    assert script.connections == 2
+
+
+async def test_a_refused_sender_in_a_group_is_a_configuration_fault() -> None:
+    script = Script(replies=(b"553 5.7.1 sender not allowed", b"503 need MAIL", b"503 need RCPT"))
+    async with _scripted(script) as port:
+        sender = _sender(port)
+        assert (await sender.send(_delivery("ada@example.com"))).kind == "sent"
+        refused = await sender.send(_delivery("bob@example.com"))
+        assert (refused.kind, refused.code) == ("config", "553")
+        await sender.aclose()
+    assert script.delivered == 1
+    assert script.connections == 1  # reset and kept

@@ -2,7 +2,9 @@
 unsubscribe headers (RFC 8058), replies classified into outcome classes, and a pool of
 sessions reused across messages (a connection, TLS and AUTH per message cost more than the send).
 A message can be staged (`SmtpSender.stage`): written all but the "." that ends its DATA, which
-the dispatcher sends once the try is durable as `sending`.
+the dispatcher sends once the try is durable as `sending`. On a session whose server offers
+PIPELINING (RFC 2920), MAIL, RCPT and DATA go out in one write and their replies are read
+together (`_Replies`): one round trip where there were three.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Literal
 
 import aiosmtplib
 import structlog
-from aiosmtplib import SMTPStatus
+from aiosmtplib import SMTPResponse, SMTPStatus
 from aiosmtplib.email import quote_address
 
 from services.dispatcher.channels.common import MonotonicClock
@@ -47,6 +49,116 @@ def envelope_address(address: str) -> bytes:
     if _PLAIN_ADDRESS.fullmatch(address):
         return b"<" + address.encode("ascii") + b">"
     return quote_address(address).encode("ascii")
+
+
+# The most a pipelined group's replies may leave unparsed before the server counts as broken
+# (aiosmtplib allows 32 KiB for one reply).
+_MAX_REPLIES_BYTES = 64 * 1024
+
+
+def parse_replies(buffer: bytearray) -> list[SMTPResponse]:
+    """The complete replies at the start of `buffer`, taken out of it (a reply's lines joined
+    by "\\n", as aiosmtplib joins them); an incomplete last reply stays. Raises
+    SMTPResponseException for a line that is not a reply."""
+    replies: list[SMTPResponse] = []
+    lines: list[bytes] = []
+    start = 0
+    while (end := buffer.find(b"\n", start)) != -1:
+        line = bytes(buffer[start : end + 1])
+        start = end + 1
+        code = line[:3]
+        if not code.isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+            text = line.decode("utf-8", "replace").rstrip()
+            raise aiosmtplib.SMTPResponseException(
+                SMTPStatus.invalid_response, f"Malformed SMTP response line: {text}"
+            )
+        lines.append(line[4:].strip(b" \t\r\n"))
+        if line[3:4] != b"-":
+            message = b"\n".join(lines).decode("utf-8", "surrogateescape")
+            replies.append(SMTPResponse(int(code), message))
+            lines = []
+            del buffer[:start]
+            start = 0
+    return replies
+
+
+class _Replies(asyncio.Protocol):
+    """Stands in for a session's aiosmtplib protocol while the replies to a pipelined group of
+    commands come in, in one segment or several: that protocol takes one reply per command it
+    awaits and drops what arrives meanwhile. `done` holds the `expected` replies, or the
+    reason they cannot come. The connection's end and the transport's flow control still
+    reach the session's own protocol."""
+
+    def __init__(self, session_protocol: asyncio.BaseProtocol, expected: int) -> None:
+        self._inner = session_protocol
+        self._expected = expected
+        self._buffer = bytearray()
+        self._replies: list[SMTPResponse] = []
+        self.done: asyncio.Future[list[SMTPResponse]] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self._buffer += data
+        try:
+            self._replies += parse_replies(self._buffer)
+            if len(self._buffer) > _MAX_REPLIES_BYTES:
+                raise aiosmtplib.SMTPResponseException(
+                    SMTPStatus.invalid_response, "Response too long"
+                )
+        except aiosmtplib.SMTPResponseException as exc:
+            self._fail(exc)
+            return
+        if len(self._replies) > self._expected or (
+            len(self._replies) == self._expected and self._buffer
+        ):
+            self._fail(aiosmtplib.SMTPServerDisconnected("more replies than commands"))
+        elif len(self._replies) == self._expected:
+            self.done.set_result(self._replies)
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lost = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        lost.__cause__ = exc
+        self._fail(lost)
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+            self.done.exception()  # retrieved: nobody may await it after a timeout
+
+
+async def pipelined(
+    session: aiosmtplib.SMTP, commands: list[bytes], timeout: float | None
+) -> list[SMTPResponse]:
+    """Write `commands` (each a line without its CRLF) at once and read their replies, in
+    order (RFC 2920), within `timeout`; raises SMTPServerDisconnected, SMTPTimeoutError or
+    SMTPResponseException as aiosmtplib's commands do."""
+    protocol = session.protocol
+    transport = protocol.transport if protocol is not None else None
+    if protocol is None or transport is None or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    replies = _Replies(protocol, len(commands))
+    transport.set_protocol(replies)
+    try:
+        protocol.write(b"".join(command + b"\r\n" for command in commands))
+        return await asyncio.wait_for(replies.done, timeout)
+    except TimeoutError as exc:
+        session.close()  # replies may still come: the session cannot be read in step again
+        raise aiosmtplib.SMTPTimeoutError("Timed out waiting for server response") from exc
+    finally:
+        if not transport.is_closing():
+            transport.set_protocol(protocol)
 
 
 # After a transaction, what the session is good for: another message as it is ("clean", the
@@ -197,6 +309,7 @@ class SmtpSender:
         self._clock = clock
         name, self._sender = parseaddr(settings.email_from)
         self._envelope_sender = envelope_address(self._sender)
+        self._pipelining = settings.smtp_pipelining
         # Encoded once: a display name outside ASCII becomes an RFC 2047 encoded word.
         self._from = formataddr((name, self._sender), charset="utf-8")
         size = settings.smtp_connections or settings.in_flight("email")
@@ -347,10 +460,17 @@ class SmtpSender:
         """MAIL, RCPT and DATA, then the message without its final "." line: None when the
         server waits for that line, or why it will not take the message (nothing was sent)."""
         try:
-            await self._envelope(session, to)
-            started = await session.execute_command(b"DATA")
-            if started.code != SMTPStatus.start_input:
-                raise aiosmtplib.SMTPDataError(started.code, started.message)
+            if (
+                self._pipelining
+                and not session.is_ehlo_or_helo_needed
+                and session.supports_extension("pipelining")
+            ):
+                await self._pipelined_envelope(session, to)
+            else:
+                await self._envelope(session, to)
+                started = await session.execute_command(b"DATA")
+                if started.code != SMTPStatus.start_input:
+                    raise aiosmtplib.SMTPDataError(started.code, started.message)
             protocol = session.protocol
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost before the message")
@@ -383,6 +503,33 @@ class SmtpSender:
         answer = await session.execute_command(b"RCPT", b"TO:" + envelope_address(to))
         if answer.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
             raise aiosmtplib.SMTPRecipientRefused(answer.code, answer.message, to)
+
+    async def _pipelined_envelope(self, session: aiosmtplib.SMTP, to: str) -> None:
+        """MAIL, RCPT and DATA in one write, on a session past EHLO whose server offers
+        PIPELINING, raising as `_envelope` and a refused DATA do. A server that starts DATA
+        though it refused the envelope waits for a message: the session is closed, as nothing
+        may be written on it."""
+        mail, rcpt, data = await pipelined(
+            session,
+            [
+                b"MAIL FROM:" + self._envelope_sender,
+                b"RCPT TO:" + envelope_address(to),
+                b"DATA",
+            ],
+            session.timeout,
+        )
+        refused: aiosmtplib.SMTPResponseException | None = None
+        if mail.code != SMTPStatus.completed:
+            refused = aiosmtplib.SMTPSenderRefused(mail.code, mail.message, self._sender)
+        elif rcpt.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
+            refused = aiosmtplib.SMTPRecipientRefused(rcpt.code, rcpt.message, to)
+        elif data.code != SMTPStatus.start_input:
+            refused = aiosmtplib.SMTPDataError(data.code, data.message)
+        if refused is None:
+            return
+        if data.code == SMTPStatus.start_input:
+            session.close()
+        raise refused
 
     def write_end(self, session: aiosmtplib.SMTP) -> _Transaction | None:
         """Write the "." that ends a staged message's DATA, at once (no wait: the caller
