@@ -189,8 +189,8 @@ async def test_the_same_reports_from_waypost_are_acted_on(reports: Reports) -> N
 # --- calls under way when a batch fails -----------------------------------------------------
 
 
-async def _never() -> None:
-    raise AssertionError("no checkpoint or proof expected")
+async def _never(*_: float) -> None:
+    raise AssertionError("no proof of ownership expected")
 
 
 def _remembered(
@@ -233,7 +233,7 @@ async def test_calls_under_way_are_cut_off_only_when_the_group_moved_on(
     dispatcher.on_report = failing  # type: ignore[method-assign]
     record = Record(DELIVERY_REPORTS.name, 0, 0, "ada", b"{}")
     with pytest.raises(type(failure)):
-        await dispatcher.process([record], _never, _never)
+        await dispatcher.process([record], _never)
 
     assert under_way.cancelled() is cut_off
     assert ("m-1" in dispatcher._calls) is not cut_off
