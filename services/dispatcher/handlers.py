@@ -4,7 +4,7 @@ A transactional stream worker (`shared.streams`) feeds it batches from three str
 requests, the retry topics (one per delay class, each record held back until it is due) and the
 delivery reports the segmenter passes on (`waypost.delivery-reports.v1`). The ledger, caps and
 consent live in the worker's tables (`adapters/tables.py`). A batch runs one task per contact,
-a few started per turn of the loop (`shared.rendezvous.run_all`); a contact's records run one
+a few started per turn of the loop (`shared.tasks.run_all`); a contact's records run one
 after another, which keeps the frequency-cap check and the count it guards together. A try
 takes one of its channel's call slots, then is marked `sending`, and the mark is made durable
 before the call (`_durable`): the try's intent, the entry as marked, is written to the
@@ -18,9 +18,7 @@ the last step, the one after which the message may have arrived. A crash repeats
 the ledger turns repeats into no-ops: a try left `sending` (only one that held a slot) is
 concluded from its call receipt (`adapters.receipts`: each call's answer, written down the
 moment it comes), else reconciled with the provider where it can be asked, else ends
-`unknown` (marketing) or is tried again (transactional). Without a receipts topic (unit tests),
-a mark is made durable by the batch's group commit instead (`shared.rendezvous.Rendezvous`);
-with one there is no round to wait for or stand aside from.
+`unknown` (marketing) or is tried again (transactional).
 
 Channels are rendered and sent through their kits (`services/dispatcher/channels`); what an
 outcome comes to is decided by `domain.conclude` and carried out here.
@@ -30,8 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -102,7 +99,6 @@ from shared.rendering import (
     RenderError,
     render_variables,
 )
-from shared.rendezvous import Rendezvous, run_all
 from shared.streams import Fenced, focus, focused
 from shared.system_events import (
     EMAIL_LINK_CLICKED,
@@ -113,6 +109,7 @@ from shared.system_events import (
     UNSUBSCRIBED,
     forged,
 )
+from shared.tasks import run_all
 from shared.topics import EVENTS, SEND_REQUESTS, SEND_RETRIES
 
 log = structlog.get_logger(__name__)
@@ -219,10 +216,11 @@ def _forget_oldest(kept: OrderedDict[str, K], now: float, finished: Callable[[K]
 
 @dataclass(frozen=True)
 class Parked:
-    """A try this worker marked `sending` in a round whose commit failed (or whose batch
-    failed, or whose proof of ownership), so it never made the call. The commit may land after
-    all (the broker completes a transaction the worker gave up on in an outage); read again by
-    the same marker, the try is then made, not taken for stopped (`progress.resume`)."""
+    """A try this worker marked `sending` whose intent failed (or whose batch failed, or a
+    proof of ownership before its intent or its call), so it never made the call. The intent
+    may have been written all the same (the broker stores a record whose acknowledgement the
+    worker gave up on in an outage), and the mark is then found again; read again by the same
+    marker, the try is made, not taken for stopped (`progress.resume`)."""
 
     marked: progress.Marked
     at: float  # on the worker's monotonic clock
@@ -252,9 +250,9 @@ class Dispatcher:
         dead_letters: DeadLetters,
         metrics: DispatchMetrics,
         monotonic: Callable[[], float],
+        receipts: Receipts,
         sms_history: SmsHistory | None = None,
         pauses: PauseRecord | None = None,
-        receipts: Receipts | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -292,12 +290,10 @@ class Dispatcher:
         }
         # The provider calls made lately, by message id, oldest first (`Called`).
         self._calls: OrderedDict[str, Called] = OrderedDict()
-        # Tries marked in a failed round and never called, by message id, oldest first.
+        # Tries marked and never called (`Parked`), by message id, oldest first.
         self._parked: OrderedDict[str, Parked] = OrderedDict()
         self._prove_owner: ProveOwner = _outside_a_batch
         self._within_lease: Callable[[], bool] = lambda: True
-        # The batch's group commit: what makes a mark durable without a receipts topic.
-        self._round: Callable[[], Awaitable[None]] = _outside_a_batch
         # Intents of tries whose marks the ledger may lack, by partition and message id:
         # (revision, entry as marked). Put in the ledger at each batch's start until it has
         # them (`_overlay`).
@@ -309,10 +305,6 @@ class Dispatcher:
         # last assignment).
         self._owned: frozenset[int] = frozenset()
         self._unread: set[int] = set()
-        # Waits on the outside world within a batch: they stand aside from its group commit.
-        self._aside: Callable[[], AbstractAsyncContextManager[None]] = _nowhere
-        # Short waits outside that the batch's coming round waits for (staging an email).
-        self._joining: Callable[[], AbstractAsyncContextManager[None]] = _nowhere
         self._delays = {
             "short": settings.retry_short_seconds,
             "medium": settings.retry_medium_seconds,
@@ -344,48 +336,33 @@ class Dispatcher:
     async def process(
         self,
         records: list[Record],
-        checkpoint: Callable[[], Awaitable[None]],
         prove_owner: ProveOwner,
         within_lease: Callable[[], bool] = lambda: True,
     ) -> None:
-        """Handle a batch: one task per contact, a contact's records in offset order, and one
-        `checkpoint` per round of tries (every task parked before its provider call or done).
-        `prove_owner` is awaited right before each provider call (`StreamWorker.prove_owner`):
-        a worker that was stopped past its lease asks the group again, and calls nothing once
-        its partitions have moved on. `within_lease` is asked again at the last moment before
-        the call's bytes go out (`StreamWorker.owner_within_lease`): a call made under the
-        lease that still waited for its first step, or for a pooled connection, when the
-        worker was stopped does not go out once it resumes (`LeaseLapsed`)."""
+        """Handle a batch: one task per contact, a contact's records in offset order, each try's
+        mark made durable by its own intent (`_durable`) and the rest committed with the batch.
+        `prove_owner` is awaited before each intent and right before each provider call
+        (`StreamWorker.prove_owner`): a worker that was stopped past its lease asks the group
+        again, and calls nothing once its partitions have moved on. `within_lease` is asked
+        again at the last moment before the call's bytes go out
+        (`StreamWorker.owner_within_lease`): a call made under the lease that still waited for
+        its first step, or for a pooled connection, when the worker was stopped does not go
+        out once it resumes (`LeaseLapsed`)."""
         self._prove_owner = prove_owner
         self._within_lease = within_lease
         contacts: dict[tuple[int, str], list[Record]] = {}
         for record in records:
             key = record.key if record.key is not None else f"#{record.offset}"
             contacts.setdefault((record.partition, key), []).append(record)
-        rendezvous: Rendezvous | None = None
-        run: Callable[[Sequence[Callable[[], Awaitable[None]]]], Awaitable[None]] = run_all
-        if self.receipts is not None:
-            # Each try's mark is made durable by its own intent (`_durable`): no group commit
-            # to hold back, so nothing to stand aside from.
-            self._round = checkpoint
-            self._aside = self._joining = _nowhere
-        else:
-            rendezvous = Rendezvous(checkpoint, self.settings.smtp_stage_join_ms / 1000)
-            self._round = rendezvous.gate
-            self._aside = rendezvous.aside
-            self._joining = rendezvous.joining
-            run = rendezvous.run
         self.ledger.use_gate(self._durable)
         await self._overlay()
         try:
-            await run([partial(self._contact_records, mine) for mine in contacts.values()])
+            await run_all([partial(self._contact_records, mine) for mine in contacts.values()])
         except Fenced as exc:
             if exc.moved_on:
                 self._cut_off_calls()
             raise
         self._note_intents_from()
-        if rendezvous is not None:
-            self.metrics.rounds(rendezvous.rounds)
 
     # --- intents: each try's mark, durable before its call ----------------------------------
 
@@ -393,19 +370,18 @@ class Dispatcher:
         """Make a try's `sending` mark (`entry`, at revision `rev`) durable before its call:
         its intent acknowledged by the broker in the request's partition of the receipts
         topic, and kept until the ledger has the mark (`_overlay`); the mark itself commits
-        with the batch. Without a receipts topic: the batch's group commit."""
+        with the batch. A try is marked within its record's partition (`_contact_records`
+        focuses it, and the ledger writes nowhere else): without one, there is no partition
+        to write the intent to, and the try is not made."""
         partition = focused()
-        if self.receipts is None or partition is None:
-            await self._round()
-            return
-        receipts = self.receipts
+        if partition is None:
+            raise RuntimeError("a try marked outside a record's partition")
         # Ownership is proven before the intent, with half its lease left, as well as right
         # before the call (`_call`), which then finds the lease standing: a proof asks the
         # group coordinator, and tries whose intents were written while they waited on it
         # would be found `sending`, uncalled, after a crash.
         await self._prove_owner(OWNER_LEASE_LEFT_BEFORE_INTENT)
-        async with self._aside():
-            offset = await receipts.intend(partition, message_id, rev, entry)
+        offset = await self.receipts.intend(partition, message_id, rev, entry)
         self._intents.setdefault(partition, {})[message_id] = (rev, entry)
         reached = self._intents_from.get(partition, 0)
         self._intents_from[partition] = max(reached, offset + 1)
@@ -427,9 +403,9 @@ class Dispatcher:
         ledger lacks in it, staged with the batch. A worker killed after a try's intent and
         before its batch committed leaves the try as if its mark had committed: `sending`,
         found and concluded as such."""
-        if self.receipts is not None and self.stores.intents_from is not None:
+        if self.stores.intents_from is not None:
             for partition in sorted(self._unread & self._owned):
-                await self._read_intents(self.receipts, self.stores.intents_from, partition)
+                await self._read_intents(self.stores.intents_from, partition)
                 self._unread.discard(partition)
         for partition, pending in self._intents.items():
             focus(partition)
@@ -441,13 +417,11 @@ class Dispatcher:
                 self.ledger.overlay(message_id, rev, await self._as_erasure_left(entry))
         focus(None)
 
-    async def _read_intents(
-        self, receipts: Receipts, intents_from: IntentsFrom, partition: int
-    ) -> None:
+    async def _read_intents(self, intents_from: IntentsFrom, partition: int) -> None:
         focus(partition)
         start = intents_from.get()
         found, end = await through_outages(
-            lambda: receipts.intents(partition, start), what="dispatcher.intents"
+            lambda: self.receipts.intents(partition, start), what="dispatcher.intents"
         )
         self._intents[partition] = found
         self._intents_from[partition] = end
@@ -566,22 +540,19 @@ class Dispatcher:
         return None if found is None else progress.Entry.of(found)
 
     def _facts(self, request: SendRequest) -> dict[str, bool]:
-        return {
-            "transactional": request.transactional,
-            "reconcilable": self.receipts is not None or self._can_reconcile(request),
-        }
+        # A try left `sending` is always looked into: its call receipt, then the provider
+        # where it can be asked (`progress.Reconcile`).
+        return {"transactional": request.transactional, "reconcilable": True}
 
     async def _receipt(
         self, request: SendRequest, try_id: str | None, marked_at: datetime
     ) -> Outcome | None:
         """What the call of a try another worker left `sending` answered, from its receipt
-        (None: no receipt, or no receipts kept); the reading stands aside from the batch's
-        group commit."""
+        (None: no receipt)."""
         partition = focused()
-        if self.receipts is None or try_id is None or partition is None:
+        if try_id is None or partition is None:
             return None
-        async with self._aside():
-            found = await self.receipts.find(partition, request.message_id, try_id, marked_at)
+        found = await self.receipts.find(partition, request.message_id, try_id, marked_at)
         if found is None:
             return None
         log.info(
@@ -604,7 +575,7 @@ class Dispatcher:
         """The receipt of a call that answered, or could not be made (unsendable); not of one
         cut off or failed, whose outcome is unknown, as the ledger's `sending` already says.
         Without the address a provider's reason may quote."""
-        if self.receipts is None or call.cancelled():
+        if call.cancelled():
             return
         failed = call.exception()
         if isinstance(failed, ValueError):
@@ -664,8 +635,7 @@ class Dispatcher:
             case progress.AwaitCall(attempt=attempt):
                 # What `_claimed` found; kept, should this batch fail too before it commits.
                 called = self._calls[request.message_id]
-                async with self._aside():
-                    answered = await _answer(called.call, request.channel)
+                answered = await _answer(called.call, request.channel)
                 await self._after_call(
                     request, attempt, record, None, answered, called.began, called.address
                 )
@@ -711,7 +681,7 @@ class Dispatcher:
                 try_id = f"{attempt}:{try_name}"
                 try:
                     begun = await self.ledger.begin(request.message_id, try_id, attempt, began)
-                except BaseException:  # the round failed, or the batch: no call was made
+                except BaseException:  # its intent or a proof failed, or the batch: no call made
                     staged.abandon()
                     self._park(request.message_id, try_id, began)
                     raise
@@ -746,20 +716,17 @@ class Dispatcher:
 
     def _call_slot(self, channel: Channel, wait: float) -> _CallSlot:
         """One of the channel's provider call slots (`DispatcherSettings.in_flight`), after
-        `wait` seconds of its rate limit; the waiting stands aside from the batch's group
-        commit."""
-        return _CallSlot(self._slots[channel], wait, self._aside)
+        `wait` seconds of its rate limit."""
+        return _CallSlot(self._slots[channel], wait)
 
     async def _stage(self, channel: Channel, prepared: Delivery) -> Staged | Outcome:
         """The message handed to a provider that stages (`StagingProvider`: SMTP) all but its
-        last step, joining the batch's coming round (`Rendezvous.joining`: the round waits a
-        moment for it, so its mark commits with the others'); another provider's call is made
-        whole by `_call`."""
+        last step, before its try is marked; another provider's call is made whole by
+        `_call`."""
         provider = self._stagers.get(channel)
         if provider is None:
             return _WholeCall(self.providers[channel], prepared)
-        async with self._joining():
-            return await provider.stage(prepared)
+        return await provider.stage(prepared)
 
     async def _call(
         self,
@@ -783,42 +750,41 @@ class Dispatcher:
                 self._park(prepared.message_id, try_id, began)
                 raise
             # No await from here to the call's start: nothing can stop the task in between.
-            async with self._aside():
-                # The lease is asked again as the call starts, and by an HTTP call once it has
-                # its connection (`channels.http.BEFORE_SENDING`).
-                before = BEFORE_SENDING.set(self._check_lease)
-                try:
-                    call = _begun(staged, self._check_lease)
-                finally:
-                    BEFORE_SENDING.reset(before)
-                # Cut off before its task ran, the staged message is dropped: unsent, unless
-                # it was started (an email's "." went out as the call began), and then with its
-                # answer unread, so the try stays `sending`: it may have arrived.
-                call.add_done_callback(partial(_abandon_if_cut_off, staged))
-                # Its lease lapsed before it started: parked, whoever awaits it (a call kept
-                # past a failed batch is awaited by the batch that reads its request again).
-                call.add_done_callback(partial(self._if_lapsed, prepared.message_id, try_id, began))
-                timing = _CallTiming(self._monotonic, channel, self.metrics.step)
-                call.add_done_callback(timing.answered)
-                partition = focused()
-                if self.receipts is not None and partition is not None:
-                    call.add_done_callback(
-                        partial(
-                            self._write_receipt,
-                            channel,
-                            partition,
-                            prepared.message_id,
-                            try_id,
-                            prepared.address,
-                        )
+            # The lease is asked again as the call starts, and by an HTTP call once it has
+            # its connection (`channels.http.BEFORE_SENDING`).
+            before = BEFORE_SENDING.set(self._check_lease)
+            try:
+                call = _begun(staged, self._check_lease)
+            finally:
+                BEFORE_SENDING.reset(before)
+            # Cut off before its task ran, the staged message is dropped: unsent, unless
+            # it was started (an email's "." went out as the call began), and then with its
+            # answer unread, so the try stays `sending`: it may have arrived.
+            call.add_done_callback(partial(_abandon_if_cut_off, staged))
+            # Its lease lapsed before it started: parked, whoever awaits it (a call kept
+            # past a failed batch is awaited by the batch that reads its request again).
+            call.add_done_callback(partial(self._if_lapsed, prepared.message_id, try_id, began))
+            timing = _CallTiming(self._monotonic, channel, self.metrics.step)
+            call.add_done_callback(timing.answered)
+            partition = focused()
+            if partition is not None:
+                call.add_done_callback(
+                    partial(
+                        self._write_receipt,
+                        channel,
+                        partition,
+                        prepared.message_id,
+                        try_id,
+                        prepared.address,
                     )
-                self._remember(
-                    prepared.message_id,
-                    Called(attempt, began, prepared.address, call, self._monotonic(), focused()),
                 )
-                # A lapsed lease raises here (`LeaseLapsed`): it never went out, and read
-                # again, the try is made anew (`_if_lapsed` parked it).
-                answer = await _answer(call, channel)
+            self._remember(
+                prepared.message_id,
+                Called(attempt, began, prepared.address, call, self._monotonic(), focused()),
+            )
+            # A lapsed lease raises here (`LeaseLapsed`): it never went out, and read
+            # again, the try is made anew (`_if_lapsed` parked it).
+            answer = await _answer(call, channel)
             timing.back()
             return answer
 
@@ -857,8 +823,7 @@ class Dispatcher:
             lambda partition: partition is not None and partition not in owned,
             forget_answered=True,
         )
-        if self.receipts is not None:
-            self.receipts.forget(owned)
+        self.receipts.forget(owned)
         if cut:
             log.warning("dispatcher.calls_cut_off", calls=len(cut), partitions=sorted(set(cut)))
 
@@ -969,11 +934,10 @@ class Dispatcher:
         # A listing takes one of the provider call slots: a burst of unanswered tries (a worker
         # taking over a stopped one's batch) asked all at once, and the requests waiting for a
         # pooled connection ran out their timeout there, on our side.
-        async with self._aside():
-            if wait > 0:
-                await asyncio.sleep(wait)  # a request still on its way would not be listed yet
-            async with self._slots["sms"]:
-                listing = await self.sms_history.sent_to(delivery.address)
+        if wait > 0:
+            await asyncio.sleep(wait)  # a request still on its way would not be listed yet
+        async with self._slots["sms"]:
+            listing = await self.sms_history.sent_to(delivery.address)
         service = self.settings.sms_messaging_service_sid
         sent = SmsTry(
             to=delivery.address,
@@ -1260,25 +1224,18 @@ class _CallSlot:
     """`Dispatcher._call_slot`: a class rather than a generator, for it is taken once per
     try."""
 
-    __slots__ = ("_aside", "_held", "_slots", "_wait")
+    __slots__ = ("_held", "_slots", "_wait")
 
-    def __init__(
-        self,
-        slots: asyncio.Semaphore,
-        wait: float,
-        aside: Callable[[], AbstractAsyncContextManager[None]],
-    ) -> None:
+    def __init__(self, slots: asyncio.Semaphore, wait: float) -> None:
         self._slots = slots
         self._wait = wait
-        self._aside = aside
         self._held = False
 
     async def __aenter__(self) -> None:
-        async with self._aside():
-            if self._wait > 0:
-                await asyncio.sleep(self._wait)
-            await self._slots.acquire()
-            self._held = True
+        if self._wait > 0:
+            await asyncio.sleep(self._wait)
+        await self._slots.acquire()
+        self._held = True
 
     async def __aexit__(self, *_: object) -> None:
         if self._held:
@@ -1376,23 +1333,6 @@ def _unsendable(channel: str, exc: ValueError) -> Outcome:
 
 async def _outside_a_batch(*_: float) -> None:
     raise RuntimeError("a provider call outside a batch")
-
-
-class _Nowhere:
-    """No group commit to stand aside from (outside a batch, or with intents)."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *_: object) -> None:
-        return None
-
-
-_NOWHERE = _Nowhere()
-
-
-def _nowhere() -> _Nowhere:
-    return _NOWHERE
 
 
 def retry_due(record: Record) -> datetime | None:

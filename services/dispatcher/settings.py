@@ -22,11 +22,13 @@ class FrequencyCap(BaseModel):
     window: str | None = None
 
 
-# SMS and push calls in flight by default, per `max_in_flight`: a try holds its slot for the
-# round that marks it `sending` and the provider's answer, 0.21 to 0.28 s at 50 ms of provider
-# latency (`bench/dispatch.py`'s step table), so 1,000 sends/s would take about 250 slots. The
-# default stays at 192: with 256, SMS and push sent 15 to 33 % more in the bench, but the busier
-# worker left twice the emails `unknown` in one of the chaos bench's seeds (docs/delivery.md).
+# SMS and push calls in flight by default, per `max_in_flight`: a try holds its slot while its
+# `sending` mark is made durable and for the provider's answer, 0.21 to 0.28 s at 50 ms of
+# provider latency when a round of the batch's commit made marks durable (`bench/dispatch.py`'s
+# step table; about 0.19 s with intents, docs/delivery.md), so 1,000 sends/s would take about
+# 250 slots. The default stays at 192: with 256, SMS and push sent 15 to 33 % more in the bench,
+# but the busier worker left twice the emails `unknown` in one of the chaos bench's seeds
+# (docs/delivery.md).
 # A kill leaves `unknown` the calls then on the wire (the rate times the provider's latency);
 # SMS asks its provider about those. Email keeps the common limit: each slot is an SMTP session.
 HTTP_IN_FLIGHT_FACTOR = 3
@@ -38,7 +40,7 @@ class DispatcherSettings(StreamSettings):
     app_id: str = "waypost-dispatcher"
     # Provider calls in flight per channel per worker (a batch's tries beyond it queue for a
     # slot of their channel): size it to the rate wanted times the time a try holds its slot,
-    # the provider's latency plus the round that marks it `sending` (docs/delivery.md). Each
+    # the provider's latency plus making its `sending` mark durable (docs/delivery.md). Each
     # channel has slots of its own, so a slow provider never holds back another channel's sends.
     max_in_flight: int = Field(default=64, ge=1)
     # A channel's own limit (unset: `max_in_flight`, and three times that for SMS and push,
@@ -100,10 +102,6 @@ class DispatcherSettings(StreamSettings):
     # round trip per message where there were three. Off: one command at a time, for a server
     # that offers it and gets it wrong.
     smtp_pipelining: bool = True
-    # An email is staged at its server (all of it but the "." that ends it) before the round
-    # that marks it `sending`; a round that could commit but for tries still staging waits
-    # this long for them (docs/delivery.md). 0: it never waits, and commits far more rounds.
-    smtp_stage_join_ms: float = Field(default=20.0, ge=0)
     # How long the producer of `waypost.send-receipts.v1` (each try's intent before its call,
     # each call's receipt after it) gathers records into one request per partition. With
     # hundreds of tries in flight, 0 sent nearly every record alone, and the broker spent more

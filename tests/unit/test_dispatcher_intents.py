@@ -6,15 +6,14 @@ committed: concluded from its receipt, or taken for stopped, never sent again.
 
 Real RocksDB tables of a table; the worker around the dispatcher is played by the test (a batch
 commits: its staged writes are applied; a kill: they are dropped); the receipts topic is kept in
-memory (`Log`, the same contract as `adapters.receipts.CallReceipts`, whose Kafka side the e2e
-tests cover)."""
+memory (`tests.unit.receipts_log.Log`, the same contract as `adapters.receipts.CallReceipts`,
+whose Kafka side the e2e tests cover)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,61 +22,11 @@ from pymongo import AsyncMongoClient
 
 from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.tables import FORGOTTEN_KEY
-from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.handlers import RECEIPT_REASON, Dispatcher
 from shared.kafka import DeliveryFailed, Record
 from shared.streams import focus
+from tests.unit.receipts_log import Log
 from tests.unit.test_dispatcher_reports import T0, Counting, Reports, _sms_request
-
-
-class Log:
-    """The receipts topic of one worker's partitions, in memory: its records in order, intents
-    and receipts alike. `fail_intents` refuses the next intents; `lose_receipts` drops receipts
-    (a call still on the wire when its worker died)."""
-
-    def __init__(self) -> None:
-        self.records: dict[int, list[tuple[Any, ...]]] = {}
-        self.read_from: list[int | None] = []
-        self.fail_intents: list[BaseException] = []
-        self.lose_receipts = False
-
-    def record(self, partition: int, message_id: str, try_id: str, outcome: Outcome) -> None:
-        if not self.lose_receipts:
-            self.records.setdefault(partition, []).append(("receipt", message_id, try_id, outcome))
-
-    async def find(
-        self, partition: int, message_id: str, try_id: str, marked_at: datetime
-    ) -> Outcome | None:
-        found = None
-        for record in self.records.get(partition, []):
-            if record[0] == "receipt" and record[1] == message_id:
-                found = record[3] if record[2] == try_id else None
-        return found
-
-    def forget(self, partitions: frozenset[int]) -> None:
-        pass
-
-    async def intend(self, partition: int, message_id: str, rev: int, entry: bytes) -> int:
-        if self.fail_intents:
-            raise self.fail_intents.pop()
-        kept = self.records.setdefault(partition, [])
-        kept.append(("intent", message_id, rev, entry))
-        return len(kept) - 1
-
-    async def intents(
-        self, partition: int, start: int | None
-    ) -> tuple[dict[str, tuple[int, bytes]], int]:
-        self.read_from.append(start)
-        kept = self.records.get(partition, [])
-        found = {
-            record[1]: (record[2], record[3])
-            for record in kept[start or 0 :]
-            if record[0] == "intent"
-        }
-        return found, len(kept)
-
-    def intents_of(self, message_id: str) -> int:
-        return sum(1 for r in self.records.get(0, []) if r[:2] == ("intent", message_id))
 
 
 class Worker:
@@ -107,7 +56,7 @@ class Worker:
             Record("waypost.send-requests.v1", 0, 10 + i, "ada", _sms_request(m).to_wire())
             for i, m in enumerate(message_ids)
         ]
-        await self.dispatcher.process(records, _no_round, _owner)
+        await self.dispatcher.process(records, _owner)
         await asyncio.sleep(0)  # the receipts, written by the calls' own callbacks
         for table in self.made.tables.values():
             if commit:
@@ -120,10 +69,6 @@ class Worker:
         found = await self.dispatcher.ledger.get(message_id)
         assert found is not None
         return found
-
-
-async def _no_round() -> None:
-    raise AssertionError("a mark is made durable by its intent, not by a round")
 
 
 async def _owner(*_: float) -> None:

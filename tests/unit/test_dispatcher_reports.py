@@ -1,7 +1,11 @@
 """The dispatcher's delivery reports (`Dispatcher.on_report`): consent changes and erasures are
 acted on only when Waypost sent them; the same names from anywhere else are dropped with a
-warning. The tables are real RocksDB databases of a table (no broker); the template store and the
-suppression list are real clients that are never connected (no report reads them)."""
+warning. Then a try's way to its provider call and back: call slots, calls kept past a failed
+batch, tries parked before their call, staged messages, receipts. The tables are real RocksDB
+databases of a table (no broker); the template store and the suppression list are real clients
+that are never connected (no report reads them); the receipts topic, where a try's intent makes
+its mark durable and its call's receipt is written, is kept in memory
+(`tests.unit.receipts_log.Log`)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from services.dispatcher.channels.sms.domain import SmsContent
 from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.handlers import (
+    OWNER_LEASE_LEFT_BEFORE_INTENT,
     RECEIPT_REASON,
     Called,
     Dispatcher,
@@ -48,6 +52,7 @@ from shared.links import LinkSigner
 from shared.streams import Fenced, Table, focus
 from shared.system_events import CONTACT_FORGOTTEN, UNSUBSCRIBED
 from shared.topics import DELIVERY_REPORTS, SUPPRESSIONS
+from tests.unit.receipts_log import Log
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 SECRET = b"test-suppression-secret"
@@ -67,7 +72,8 @@ class Outbox:
 
 
 class Reports:
-    """A dispatcher over real tables, and what its reports left in them."""
+    """A dispatcher over real tables with `log` as its receipts topic, and what its reports left
+    in them."""
 
     def __init__(
         self,
@@ -80,6 +86,7 @@ class Reports:
             table.open(0)
         clock = ManualClock(T0)
         self.outbox = Outbox()
+        self.log = Log()
         self.forgotten = ForgottenContacts(self.tables["forgotten"], SECRET)
         self.consent = Consent(self.tables["consent"])
         stores = Stores(
@@ -105,6 +112,7 @@ class Reports:
             DeadLetters(self.outbox, "dispatcher", clock),  # type: ignore[arg-type]
             DispatchMetrics(),
             time.monotonic,
+            receipts=self.log,
         )
 
     async def report(self, event: Event, offset: int = 0) -> None:
@@ -181,8 +189,8 @@ async def test_the_same_reports_from_waypost_are_acted_on(reports: Reports) -> N
 # --- calls under way when a batch fails -----------------------------------------------------
 
 
-async def _never() -> None:
-    raise AssertionError("no checkpoint or proof expected")
+async def _never(*_: float) -> None:
+    raise AssertionError("no proof of ownership expected")
 
 
 def _remembered(
@@ -225,7 +233,7 @@ async def test_calls_under_way_are_cut_off_only_when_the_group_moved_on(
     dispatcher.on_report = failing  # type: ignore[method-assign]
     record = Record(DELIVERY_REPORTS.name, 0, 0, "ada", b"{}")
     with pytest.raises(type(failure)):
-        await dispatcher.process([record], _never, _never)
+        await dispatcher.process([record], _never)
 
     assert under_way.cancelled() is cut_off
     assert ("m-1" in dispatcher._calls) is not cut_off
@@ -386,17 +394,25 @@ def _sms_request(message_id: str) -> SendRequest:
 
 
 class Parking:
-    """A dispatcher over real tables whose next round (`fail_round`) or proof of ownership
-    (`fail_proof`) fails once, and an SMS provider that counts what it was sent."""
+    """A dispatcher over real tables that makes each try's mark durable by its intent in `log`,
+    as it does within a batch (`Dispatcher.process`); the next intent (`log.fail_intents`), the
+    next proof of ownership before an intent (`before_intent`) or before a call (`before_call`)
+    fails once per failure listed. Its SMS provider counts what it was sent."""
 
     def __init__(self, made: Reports) -> None:
-        self.dispatcher, self.ledger = made.dispatcher, made.dispatcher.ledger
+        self.dispatcher, self.ledger, self.log = made.dispatcher, made.dispatcher.ledger, made.log
         self.provider = Counting()
         self.dispatcher.providers = {"sms": self.provider}
-        self.round_failures: list[BaseException] = []
-        self.proof_failures: list[BaseException] = []
-        self.ledger.use_gate(partial(_fail_once, self.round_failures))
-        self.dispatcher._prove_owner = partial(_fail_once, self.proof_failures)
+        self.before_intent: list[BaseException] = []
+        self.before_call: list[BaseException] = []
+        self.ledger.use_gate(self.dispatcher._durable)
+        self.dispatcher._prove_owner = self._prove
+
+    async def _prove(self, fresh_for: float) -> None:
+        before_intent = fresh_for == OWNER_LEASE_LEFT_BEFORE_INTENT
+        failures = self.before_intent if before_intent else self.before_call
+        if failures:
+            raise failures.pop()
 
     async def handle(self, message_id: str) -> None:
         request = _sms_request(message_id)
@@ -406,11 +422,6 @@ class Parking:
     async def state(self, message_id: str) -> tuple[object, object]:
         entry = await self.ledger.get(message_id) or {}
         return entry.get("state"), entry.get("attempt")
-
-
-async def _fail_once(failures: list[BaseException], *_: object) -> None:
-    if failures:
-        raise failures.pop()
 
 
 @pytest.fixture
@@ -448,18 +459,26 @@ class Slow:
         return Outcome("sent", None)
 
 
+class SlowLog(Log):
+    """A receipts topic whose every intent takes `seconds` of `clock` to be acknowledged."""
+
+    def __init__(self, clock: Ticking, seconds: float) -> None:
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
+
+    async def intend(self, partition: int, message_id: str, rev: int, entry: bytes) -> int:
+        self.clock.now += self.seconds
+        return await super().intend(partition, message_id, rev, entry)
+
+
 async def test_each_step_of_a_try_is_timed_by_channel(parking: Parking) -> None:
-    """Waiting for a slot, staging, the round that marks it, the call and coming back in: an
-    operator reads from these which one holds the channel's rate back."""
+    """Waiting for a slot, staging, making its mark durable (its intent), the call and coming
+    back in: an operator reads from these which one holds the channel's rate back."""
     clock = Ticking()
     dispatcher = parking.dispatcher
     dispatcher._monotonic = clock
     dispatcher.providers = {"sms": Slow(clock, 0.2)}
-
-    async def a_round_of_30_ms(*_: object) -> None:
-        clock.now += 0.03
-
-    parking.ledger.use_gate(a_round_of_30_ms)
+    dispatcher.receipts = SlowLog(clock, 0.03)
 
     await parking.handle("m-timed")
 
@@ -480,34 +499,41 @@ async def test_each_step_of_a_try_is_timed_by_channel(parking: Parking) -> None:
     }
 
 
-@pytest.mark.parametrize("failure", [RuntimeError("commit timed out"), asyncio.CancelledError()])
-async def test_a_try_whose_round_failed_before_its_call_is_made_when_read_again(
+@pytest.mark.parametrize("failure", [RuntimeError("intent timed out"), asyncio.CancelledError()])
+async def test_a_try_whose_intent_failed_before_its_call_is_made_when_read_again(
     parking: Parking, failure: BaseException
 ) -> None:
-    """The round that marked the try `sending` failed (a commit that timed out in a broker
-    outage, or the batch cancelled) after the marker was written, as when the broker completes
-    the transaction after the worker gave up on it. Read again, the try is made, once: not
-    concluded `unknown` without ever reaching the provider."""
-    parking.round_failures.append(failure)
+    """The intent that makes the try's `sending` mark durable failed after the marker was
+    written (unacknowledged in a broker outage, or the batch cancelled while it waited); it
+    may have been written all the same, and the marker is in the ledger when the request is
+    read again (the record retried through the outage, or the intent put back). Read again,
+    the try is made, once, under an intent of its own: not concluded `unknown` without ever
+    reaching the provider."""
+    parking.log.fail_intents.append(failure)
     with pytest.raises(type(failure)):
         await parking.handle("m-parked")
     assert parking.provider.sent == []
     assert await parking.state("m-parked") == ("sending", 1)
+    assert parking.log.intents_of("m-parked") == 0
 
     await parking.handle("m-parked")  # the batch, read again
 
     assert parking.provider.sent == ["m-parked"]
     assert await parking.state("m-parked") == ("sent", 1)
+    assert parking.log.intents_of("m-parked") == 1
     await parking.handle("m-parked")  # and again: nothing more
     assert parking.provider.sent == ["m-parked"]
 
 
+@pytest.mark.parametrize("before", ["intent", "call"])
 async def test_a_try_whose_proof_of_ownership_failed_is_made_when_read_again(
-    parking: Parking,
+    parking: Parking, before: str
 ) -> None:
-    """The round committed the marker, then the proof before the call failed (the group could
-    not be asked): no call was made, so the batch read again makes it, once."""
-    parking.proof_failures.append(RuntimeError("the coordinator did not answer"))
+    """The marker was written, then the proof of ownership before its intent, or (the intent
+    acknowledged) before its call, failed (the group could not be asked): no call was made, so
+    the batch read again makes it, once."""
+    failures = parking.before_intent if before == "intent" else parking.before_call
+    failures.append(RuntimeError("the coordinator did not answer"))
     with pytest.raises(RuntimeError):
         await parking.handle("m-proof")
     assert await parking.state("m-proof") == ("sending", 1)
@@ -521,7 +547,7 @@ async def test_a_parked_try_of_a_partition_handed_elsewhere_is_forgotten(
 ) -> None:
     """Its new owner decides what the marker means; back here later, the try is taken for
     stopped like any other (a marketing SMS that cannot be asked about: unknown)."""
-    parking.round_failures.append(RuntimeError("commit timed out"))
+    parking.log.fail_intents.append(RuntimeError("intent timed out"))
     with pytest.raises(RuntimeError):
         await parking.handle("m-moved")
     parking.dispatcher.keep_calls_of(frozenset({1, 2}))
@@ -537,7 +563,7 @@ async def test_the_same_marker_written_by_another_worker_is_not_taken_for_the_pa
     partition, found the entry `requested` (this worker's transaction aborted), marked the same
     first try ("1:first") at its own time and called, then failed before its outcome committed.
     Back here, that marker is not this worker's parked one: no second send."""
-    parking.round_failures.append(RuntimeError("commit timed out"))
+    parking.log.fail_intents.append(RuntimeError("intent timed out"))
     with pytest.raises(RuntimeError):
         await parking.handle("m-twice")
     # The other worker's marker: the same try id, its own time.
@@ -628,14 +654,19 @@ async def test_a_refusal_while_staging_concludes_the_try_without_marking_it(
     assert (staging.sent, staging.abandoned) == ([], [])
 
 
-@pytest.mark.parametrize("failure", ["round", "proof"])
-async def test_a_staged_call_whose_round_or_proof_failed_is_abandoned_then_made_once(
+@pytest.mark.parametrize("failure", ["intent", "proof before the intent", "proof before the call"])
+async def test_a_staged_call_whose_intent_or_proof_failed_is_abandoned_then_made_once(
     parking: Parking, staging: Staging, failure: str
 ) -> None:
-    """The round that marked it failed, or the proof of ownership before its last step: the
-    staged message is dropped unsent, and the batch read again stages and sends it once."""
-    failures = parking.round_failures if failure == "round" else parking.proof_failures
-    failures.append(RuntimeError("commit timed out"))
+    """The intent that makes its mark durable failed, or a proof of ownership (before the
+    intent, or before its last step): the staged message is dropped unsent, and the batch read
+    again stages and sends it once."""
+    failures = {
+        "intent": parking.log.fail_intents,
+        "proof before the intent": parking.before_intent,
+        "proof before the call": parking.before_call,
+    }[failure]
+    failures.append(RuntimeError("timed out"))
     with pytest.raises(RuntimeError):
         await parking.handle("m-dropped")
     assert (staging.sent, staging.abandoned) == ([], ["m-dropped"])
@@ -672,76 +703,41 @@ async def test_a_staged_call_cut_off_before_it_started_is_abandoned(
         await mongo.close()
 
 
-class Journal:
-    """Call receipts kept in memory (`handlers.Receipts`), by partition and message id, and
-    the message ids asked about."""
-
-    def __init__(self) -> None:
-        self.kept: dict[tuple[int, str], tuple[str, Outcome]] = {}
-        self.asked: list[str] = []
-
-    def record(self, partition: int, message_id: str, try_id: str, outcome: Outcome) -> None:
-        self.kept[(partition, message_id)] = (try_id, outcome)
-
-    async def find(
-        self, partition: int, message_id: str, try_id: str, marked_at: datetime
-    ) -> Outcome | None:
-        self.asked.append(message_id)
-        found = self.kept.get((partition, message_id))
-        return found[1] if found is not None and found[0] == try_id else None
-
-    def forget(self, partitions: frozenset[int]) -> None:
-        pass
-
-    async def intend(self, partition: int, message_id: str, rev: int, entry: bytes) -> int:
-        raise AssertionError("these tests make marks durable through the ledger's own gate")
-
-    async def intents(
-        self, partition: int, start: int | None
-    ) -> tuple[dict[str, tuple[int, bytes]], int]:
-        return {}, 0
-
-
-@pytest.fixture
-def journal(parking: Parking) -> Journal:
-    kept = Journal()
-    parking.dispatcher.receipts = kept
-    return kept
-
-
 async def _left_sending(parking: Parking, request: SendRequest, try_id: str) -> None:
-    """The entry as a worker killed during the call leaves it: claimed, marked, no outcome."""
+    """The entry as a worker killed during the call leaves it: claimed, marked (its intent
+    written), no outcome."""
     await parking.ledger.claim(request, T0)
     assert await parking.ledger.begin(request.message_id, try_id, 1, T0)
 
 
 async def test_an_answered_call_leaves_a_receipt_of_its_try_in_its_partition(
-    parking: Parking, journal: Journal
+    parking: Parking,
 ) -> None:
     await parking.handle("m-answered")
     await asyncio.sleep(0)  # the receipt is written by the call's own callback
-    assert journal.kept == {(0, "m-answered"): ("1:first", Outcome("sent", None))}
+    assert parking.log.receipts(0) == [("m-answered", "1:first", Outcome("sent", None))]
+    assert set(parking.log.records) == {0}
 
 
 async def test_a_receipt_keeps_no_address_the_providers_reason_quotes(
-    parking: Parking, journal: Journal
+    parking: Parking,
 ) -> None:
     parking.dispatcher.providers = {"sms": Refusing("21211 +15550001 is not a valid number")}
     await parking.handle("m-refused")
     await asyncio.sleep(0)
-    try_id, outcome = journal.kept[(0, "m-refused")]
-    assert (try_id, outcome.kind) == ("1:first", "recipient")
+    [(message_id, try_id, outcome)] = parking.log.receipts(0)
+    assert (message_id, try_id, outcome.kind) == ("m-refused", "1:first", "recipient")
     assert outcome.reason == "21211 <address> is not a valid number"
 
 
 async def test_a_call_that_could_not_be_written_leaves_a_receipt_that_it_never_left(
-    parking: Parking, journal: Journal
+    parking: Parking,
 ) -> None:
     parking.dispatcher.providers = {"sms": Unwritable()}
     await parking.handle("m-unsendable")
     await asyncio.sleep(0)
-    try_id, outcome = journal.kept[(0, "m-unsendable")]
-    assert (try_id, outcome.kind) == ("1:first", "skipped")
+    [(message_id, try_id, outcome)] = parking.log.receipts(0)
+    assert (message_id, try_id, outcome.kind) == ("m-unsendable", "1:first", "skipped")
     assert outcome.reason == "unsendable: sms: ValueError: a header the library refuses"
 
 
@@ -767,13 +763,13 @@ class Refusing:
 
 
 async def test_a_try_left_sending_with_a_receipt_is_concluded_from_it_not_unknown(
-    parking: Parking, journal: Journal
+    parking: Parking,
 ) -> None:
-    """The killed worker's call answered and its receipt was written, but the round that
-    would have committed the outcome never came: the new owner concludes the try `sent`,
-    saying so, and sends nothing."""
+    """The killed worker's call answered and its receipt was written, but the commit that
+    would have held the outcome never came: the new owner concludes the try `sent`, saying
+    so, and sends nothing."""
     await _left_sending(parking, _sms_request("m-receipt"), "1:first")
-    journal.record(0, "m-receipt", "1:first", Outcome("sent", None, provider_id="SM1"))
+    parking.log.record(0, "m-receipt", "1:first", Outcome("sent", None, provider_id="SM1"))
 
     await parking.handle("m-receipt")
 
@@ -786,14 +782,14 @@ async def test_a_try_left_sending_with_a_receipt_is_concluded_from_it_not_unknow
 
 
 async def test_a_receipt_of_another_try_says_nothing_of_the_one_left_sending(
-    parking: Parking, journal: Journal
+    parking: Parking,
 ) -> None:
     await _left_sending(parking, _sms_request("m-other"), "1:first")
-    journal.record(0, "m-other", "1:earlier", Outcome("sent", None))
+    parking.log.record(0, "m-other", "1:earlier", Outcome("sent", None))
 
     await parking.handle("m-other")
 
-    assert journal.asked == ["m-other"]
+    assert parking.log.asked == ["m-other"]
     assert parking.provider.sent == []
     assert await parking.state("m-other") == ("unknown", 1)  # marketing: not resent
     # A test send's SMS has no provider listing to ask here (`sms_history` unset).
@@ -807,11 +803,11 @@ def _stopped(parking: Parking, settled_by: str) -> float:
 
 
 async def test_a_transactional_try_with_a_receipt_is_not_sent_again(
-    parking: Parking, journal: Journal
+    parking: Parking,
 ) -> None:
     request = _sms_request("m-tx").model_copy(update={"transactional": True})
     await _left_sending(parking, request, "1:first")
-    journal.record(0, "m-tx", "1:first", Outcome("sent", None))
+    parking.log.record(0, "m-tx", "1:first", Outcome("sent", None))
     record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
 
     await parking.dispatcher.handle(request, record)
@@ -821,7 +817,7 @@ async def test_a_transactional_try_with_a_receipt_is_not_sent_again(
 
 
 async def test_a_transactional_try_without_a_receipt_is_sent_again(
-    parking: Parking, journal: Journal
+    parking: Parking,
 ) -> None:
     request = _sms_request("m-again").model_copy(update={"transactional": True})
     await _left_sending(parking, request, "1:first")
@@ -834,10 +830,10 @@ async def test_a_transactional_try_without_a_receipt_is_sent_again(
 
 
 async def test_a_receipt_of_a_temporary_failure_schedules_the_retry_the_call_would_have(
-    parking: Parking, journal: Journal
+    parking: Parking,
 ) -> None:
     await _left_sending(parking, _sms_request("m-451"), "1:first")
-    journal.record(0, "m-451", "1:first", Outcome("retry", "451 try later", code="451"))
+    parking.log.record(0, "m-451", "1:first", Outcome("retry", "451 try later", code="451"))
 
     await parking.handle("m-451")
 

@@ -9,9 +9,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Where a try's time goes (`Dispatcher._attempt`), in the order a try takes the steps: waiting
 # for a call slot (and the channel's rate limit); staging (an email's MAIL, RCPT, DATA and
-# message, before its mark; nothing for the other channels); the round that marks it `sending`;
-# the call, from its start to the provider's answer; and coming back in after the answer (the
-# event loop getting to it, a round under way ending). `docs/delivery.md` reads them.
+# message, before its mark; nothing for the other channels); marking it `sending`, durable once
+# its intent is acknowledged; the call, from its start to the provider's answer; and coming back
+# in after the answer (the event loop getting to it). `docs/delivery.md` reads them.
 TRY_STEPS = ("slot", "stage", "mark", "call", "back")
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -47,15 +47,6 @@ class DispatchMetrics:
             ["channel"],
             registry=self.registry,
         )
-        self._batches = Counter(
-            "waypost_dispatcher_batches", "Batches of records handled", registry=self.registry
-        )
-        self._rounds = Counter(
-            "waypost_dispatcher_checkpoints",
-            "Group commits before provider calls (one per round of tries in a batch)",
-            registry=self.registry,
-        )
-
         self._stopped = Counter(
             "waypost_dispatcher_stopped_tries",
             "Tries another worker left `sending` (it stopped during the call), by channel and"
@@ -84,10 +75,6 @@ class DispatchMetrics:
 
     def stopped_try(self, channel: str, settled_by: str) -> None:
         self._stopped.labels(channel, settled_by).inc()
-
-    def rounds(self, rounds: int) -> None:
-        self._batches.inc()
-        self._rounds.inc(rounds)
 
     def outcome(self, channel: str, kind: str) -> None:
         self._outcomes.labels(channel, kind).inc()

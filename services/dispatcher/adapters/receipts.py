@@ -1,15 +1,15 @@
 """Call receipts: what each provider call answered, written down the moment it answers.
 
-A try's outcome reaches the ledger with the batch's next round (`shared.rendezvous`), so a
-worker killed in between leaves the try `sending`: it may have arrived, and the new owner of the
-partition would conclude it `unknown` (marketing) or send it again (transactional). A receipt
-closes most of that gap. As soon as a call answers, its outcome goes to
-`waypost.send-receipts.v1`, outside the batch's transaction (a fact about the provider, true
-whatever becomes of the batch), to the partition of the request it answers. A worker that
-finds a try left `sending` by another reads that partition from a little before the try was
-marked (`CallReceipts.find`) and concludes the try with its receipt, when there is one. Only a
-call still on the wire, or answered in the last few milliseconds before the kill, stays open
-(and a try whose mark committed as the worker died, before its call went out).
+A try's outcome reaches the ledger when the batch commits, so a worker killed in between leaves
+the try `sending`: it may have arrived, and the new owner of the partition would conclude it
+`unknown` (marketing) or send it again (transactional). A receipt closes most of that gap. As
+soon as a call answers, its outcome goes to `waypost.send-receipts.v1`, outside the batch's
+transaction (a fact about the provider, true whatever becomes of the batch), to the partition of
+the request it answers. A worker that finds a try left `sending` by another reads that partition
+from a little before the try was marked (`CallReceipts.find`) and concludes the try with its
+receipt, when there is one. Only a call still on the wire, or answered in the last few
+milliseconds before the kill, stays open (and a try whose mark was made durable as the worker
+died, before its call went out).
 
 The same topic carries each try's intent, written before its call (`CallReceipts.intend`):
 the ledger entry as marked `sending`, acknowledged by the broker before the call goes out,
@@ -149,7 +149,7 @@ class CallReceipts:
 
     def record(self, partition: int, message_id: str, try_id: str, outcome: Outcome) -> None:
         """Write the receipt of an answered call; nothing waits for it. One that cannot be
-        written is logged and lost: the try's outcome still commits with the next round."""
+        written is logged and lost: the try's outcome still commits with the batch."""
         if outcome.kind == "unknown":
             return  # says nothing the ledger's `sending` does not
         try:

@@ -4,8 +4,8 @@ frequency-cap counts, consent words and erased contacts in the worker's RocksDB 
 
 Every table is co-partitioned with the send requests (all keyed by contact), and one contact's
 records are handled one after another, so a read-modify-write needs no lock and cannot race.
-Writes are staged in the batch and become durable together at the next checkpoint: the group
-commit that comes before any provider call (`Ledger.begin`), or the end of the batch. The
+Writes are staged in the batch and become durable together when it commits; a try's `sending`
+mark is made durable before its provider call by the try's intent (`Ledger.begin`, `Gate`). The
 document store's `messages` collection is a view of the ledger for the admin
 (`adapters/ledger_view.py`), written in bulk off the hot path.
 """
@@ -118,7 +118,7 @@ class Claim:
 
 # What makes a try's `sending` mark durable before its call, given the message id, the
 # marked entry's revision and the entry as written: the dispatcher writes an intent to the
-# receipts topic (`Dispatcher._durable`), or, without one, waits for the batch's group commit.
+# receipts topic (`Dispatcher._durable`).
 Gate = Callable[[str, int, bytes], Awaitable[None]]
 
 

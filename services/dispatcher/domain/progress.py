@@ -53,10 +53,11 @@ class Entry:
 
 @dataclass(frozen=True)
 class Marked:
-    """A try this worker marked `sending` (its marker id and the time it wrote with it) in a
-    round that failed, and never called. Both must match the entry: the marker id alone is the
-    same on every worker (each worker's first try of attempt 1 is "1:first"), so another
-    worker that took the partition meanwhile may have marked, and called, the same id."""
+    """A try this worker marked `sending` (its marker id and the time it wrote with it) and
+    never called: its intent, a proof of ownership or its batch failed first. Both must match
+    the entry: the marker id alone is the same on every worker (each worker's first try of
+    attempt 1 is "1:first"), so another worker that took the partition meanwhile may have
+    marked, and called, the same id."""
 
     try_id: str
     at: datetime
@@ -152,7 +153,7 @@ def after_claim(
 ) -> Move:
     """A request arrived: `new` when the claim recorded its entry, else the entry it found.
     `called`: the attempt whose provider call this worker made lately, if any. `parked`: the
-    try this worker marked `sending` in a round that failed, and never called (`resume`)."""
+    try this worker marked `sending` and never called (`resume`)."""
     if new or entry is None:
         return Attempt(1, "first")
     if entry.state == "retrying":
@@ -201,11 +202,11 @@ def resume(
     """Go on from where an entry stands (after a crash, a replay or a retry record). `called`:
     the attempt whose provider call this worker made lately (its answer is at hand).
 
-    `parked`: a try this worker marked `sending` in a round whose commit failed, so it never
-    made the call; the commit may still have landed (a transaction the broker completed after
-    the worker gave up on it). Found `sending` by that very marker (its id and time), it never
-    reached the provider: it is made, under a new name (the marker holds the old one), not
-    taken for stopped."""
+    `parked`: a try this worker marked `sending` whose intent failed (or a proof of ownership,
+    or its batch), so it never made the call; the mark may be found all the same (an intent
+    the broker wrote after the worker gave up on it). Found `sending` by that very marker (its
+    id and time), it never reached the provider: it is made, under a new name (the marker
+    holds the old one), not taken for stopped."""
     if entry.state in ("requested", "retrying"):
         return Attempt(entry.attempt, try_name)
     if entry.state == "sending" and called == entry.attempt:
