@@ -271,7 +271,12 @@ class OutboxSmtpHandler:
         self._failures = failures or FailureRules()
 
     async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
     ) -> list[str]:
         """Offer PIPELINING (RFC 2920), as the providers do: aiosmtpd reads commands a line at
         a time, so a group of them written at once is answered in order."""
