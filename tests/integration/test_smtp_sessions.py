@@ -7,15 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from services.dispatcher.channels.email.adapter import SmtpSender
+from services.dispatcher.channels.email import adapter as email_adapter
+from services.dispatcher.channels.email.adapter import SmtpSender, pipelined
 from services.dispatcher.channels.email.domain import EmailContent
 from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
@@ -500,3 +510,78 @@ async def test_a_refused_sender_in_a_group_is_a_configuration_fault() -> None:
         await sender.aclose()
     assert script.delivered == 1
     assert script.connections == 1  # reset and kept
+
+
+# --- over STARTTLS, on both event loops ------------------------------------------------------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "smtp.crt", directory / "smtp.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_pipelined_groups_go_over_starttls(
+    loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group's replies are read on the TLS transport the session switched to (the
+    stand-in protocol goes on it and comes off it again), on the loop the services run on
+    and on the standard one."""
+    cert_file, key_file = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))  # the client trusts it
+    groups: list[int] = []
+
+    async def counted(session: Any, commands: list[bytes], timeout: float | None) -> Any:
+        groups.append(len(commands))
+        return await pipelined(session, commands, timeout)
+
+    monkeypatch.setattr(email_adapter, "pipelined", counted)
+    server_state = Server()
+    serving = _serve(server_state, True, tls_context=context, require_starttls=True)
+    server = next(serving)
+
+    async def send() -> int:
+        sender = _sender(server.port, smtp_starttls=True)
+        for n in range(4):
+            assert (await sender.send(_delivery(f"u{n}@example.com"))).kind == "sent"
+        await sender.aclose()
+        return sender.sessions.opened
+
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            assert runner.run(send()) == 1  # one session, over TLS from its first message
+        assert server.delivered == [f"u{n}@example.com" for n in range(4)]
+        assert groups == [3, 3, 3]  # MAIL, RCPT and DATA together, after the first message
+    finally:
+        with contextlib.suppress(StopIteration):
+            next(serving)
