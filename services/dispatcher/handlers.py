@@ -235,7 +235,7 @@ class Stores:
     consent: Consent
     suppressions: SuppressionList
     forgotten: ForgottenContacts
-    intents_from: IntentsFrom | None = None
+    intents_from: IntentsFrom
 
 
 class Dispatcher:
@@ -403,10 +403,9 @@ class Dispatcher:
         ledger lacks in it, staged with the batch. A worker killed after a try's intent and
         before its batch committed leaves the try as if its mark had committed: `sending`,
         found and concluded as such."""
-        if self.stores.intents_from is not None:
-            for partition in sorted(self._unread & self._owned):
-                await self._read_intents(self.stores.intents_from, partition)
-                self._unread.discard(partition)
+        for partition in sorted(self._unread & self._owned):
+            await self._read_intents(partition)
+            self._unread.discard(partition)
         for partition, pending in self._intents.items():
             focus(partition)
             for message_id, (rev, entry) in list(pending.items()):
@@ -417,9 +416,9 @@ class Dispatcher:
                 self.ledger.overlay(message_id, rev, await self._as_erasure_left(entry))
         focus(None)
 
-    async def _read_intents(self, intents_from: IntentsFrom, partition: int) -> None:
+    async def _read_intents(self, partition: int) -> None:
         focus(partition)
-        start = intents_from.get()
+        start = self.stores.intents_from.get()
         found, end = await through_outages(
             lambda: self.receipts.intents(partition, start), what="dispatcher.intents"
         )
@@ -440,8 +439,6 @@ class Dispatcher:
         """Where the next owner of each partition must read intents from, staged with the
         batch's commit: every intent written before is of a mark this commit holds, or one
         put back by `_overlay` in this batch."""
-        if self.stores.intents_from is None:
-            return
         for partition, offset in self._intents_from.items():
             if partition in self._owned:
                 focus(partition)
