@@ -45,7 +45,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -111,6 +111,8 @@ class Tally:
     receipted: int  # concluded from a call receipt by the worker that took over
     # Unknown sends by channel and whether they arrived: "email arrived", "sms not arrived".
     unknown_by: Counter[str]
+    # The worker's provider calls under way (marked, unanswered) as each SIGKILL came.
+    calls_at_kills: list[int] = field(default_factory=list)
 
     @property
     def unknown_pct(self) -> float:
@@ -127,6 +129,11 @@ class Tally:
                 + ", ".join(f"{n} {k}" for k, n in sorted(self.unknown_by.items()))
                 + ")"
                 if self.unknown_by
+                else ""
+            )
+            + (
+                f"; calls under way at the kills: {'+'.join(map(str, self.calls_at_kills))}"
+                if self.calls_at_kills
                 else ""
             )
         )
@@ -287,23 +294,31 @@ def sigkill_phase(bench: stack.Stack, db: Any, args: argparse.Namespace) -> Tall
     done = follow(bench, len(batch), "sigkill")
     bench.start_service("dispatcher")
     draws = random.Random(args.seed)
+    calls_at_kills: list[int] = []
     for kill in range(args.kills):
         target = (kill + 1) * len(batch) // (args.kills + 2)
         wait_until(partial(reached, done, target), args.timeout, f"{target} committed")
         later = draws.uniform(0, args.kill_spread)
         time.sleep(later)  # a moment into the next batch (see the module's docstring)
+        # What the kill can strand: calls marked `sending` and not yet answered (0 while the
+        # restarted worker still reads its tables and serves no metrics).
+        under_way = int(in_flight(bench, timeout=1))
+        calls_at_kills.append(under_way)
         bench.stop("dispatcher", signal.SIGKILL)
-        say(f"  SIGKILL {kill + 1} at {done()} committed, {later:.2f} s after {target}")
+        say(
+            f"  SIGKILL {kill + 1} at {done()} committed, {later:.2f} s after {target}, "
+            f"{under_way} calls under way"
+        )
         bench.start_service("dispatcher")
     wait_until(partial(reached, done, len(batch)), args.timeout, "every request committed")
-    found = tally(bench, db, "sigkill", sends_of(batch))
+    found = replace(tally(bench, db, "sigkill", sends_of(batch)), calls_at_kills=calls_at_kills)
     bench.stop("dispatcher")
     say(f"  {found.describe()}")
     return found
 
 
-def in_flight(bench: stack.Stack) -> float:
-    text = worker_metrics(bench, timeout=5)
+def in_flight(bench: stack.Stack, timeout: float = 5.0) -> float:
+    text = worker_metrics(bench, timeout=timeout)
     lines = text.splitlines()
     return sum(
         (float(line.split()[-1]) for line in lines if line.startswith(IN_FLIGHT_METRIC)), 0.0
@@ -399,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"RESULT chaos_sends={killed.sends} duplicates={killed.duplicates} "
         f"unknown={killed.unknown} lost={killed.lost} unknown_pct={killed.unknown_pct:.2f} "
         f"receipted={killed.receipted} "
+        f"calls_at_kills={sum(killed.calls_at_kills)} "
         f"zombie_sends={zombie.sends} zombie_duplicates={zombie.duplicates} "
         f"zombie_unknown={zombie.unknown} zombie_lost={zombie.lost}",
         flush=True,
