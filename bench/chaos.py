@@ -11,7 +11,10 @@ reset sandbox outbox:
    requests is committed and then a moment more (drawn from `--kill-spread`, seeded by
    `--seed`), then started again at once. Killed the instant a commit shows, the worker would
    always die between two batches, where nothing is under way: the draw puts the kills
-   anywhere in a batch. The sandbox adds `--latency-ms` to every SMS answer.
+   anywhere in a batch. When the slice was committed before the worker killed last has
+   started again, the moment counts from its first provider calls (`--kill-while-starting`
+   kills it where it is), so every kill lands mid-send; what each kill can strand, the calls
+   under way as it comes, is printed. The sandbox adds `--latency-ms` to every SMS answer.
 2. **sigstop**: M SMS requests over two workers, the sandbox answering each after
    `--zombie-latency-ms`. Once the first worker has provider calls under way (its in-flight
    gauge), it is SIGSTOPped until every request is committed (the second one takes its
@@ -299,6 +302,10 @@ def sigkill_phase(bench: stack.Stack, db: Any, args: argparse.Namespace) -> Tall
         target = (kill + 1) * len(batch) // (args.kills + 2)
         wait_until(partial(reached, done, target), args.timeout, f"{target} committed")
         later = draws.uniform(0, args.kill_spread)
+        if not args.kill_while_starting:
+            # The worker killed last may still be starting (its slice was committed before):
+            # the moment counts from its first calls, so that every kill lands mid-send.
+            wait_until(lambda: in_flight(bench, timeout=1) > 0, args.timeout, "calls under way")
         time.sleep(later)  # a moment into the next batch (see the module's docstring)
         # What the kill can strand: calls marked `sending` and not yet answered (0 while the
         # restarted worker still reads its tables and serves no metrics).
@@ -376,6 +383,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds: each SIGKILL comes up to this long after its slice is committed",
     )
     parser.add_argument("--seed", type=int, default=1, help="seeds the SIGKILLs' moments")
+    parser.add_argument(
+        "--kill-while-starting",
+        action="store_true",
+        help="let a SIGKILL land while the restarted worker is still starting (nothing under "
+        "way), as runs before 2026-12-06 did; by default each waits for the worker's calls",
+    )
     parser.add_argument("--latency-ms", type=float, default=20.0, help="SMS answer delay")
     parser.add_argument("--zombie-sends", type=int, default=3000, help="SMS of the sigstop phase")
     parser.add_argument(
