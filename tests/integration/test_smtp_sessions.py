@@ -391,9 +391,22 @@ class Script:
     delivered: int = 0
     connections: int = 0
     closed_by_client: int = 0
+    # Each connection's handler, awaited before the test's loop ends (`_scripted`).
+    handlers: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self.handlers.add(handler)
         self.connections += 1
+        try:
+            await self._converse(reader, writer)
+        finally:  # closed however the conversation ended, so no socket outlives the test
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         transactions = 0
 
         async def reply(*lines: bytes) -> None:
@@ -434,7 +447,6 @@ class Script:
                 break
         else:
             self.closed_by_client += 1
-        writer.close()
 
     async def _read_message(
         self, reader: asyncio.StreamReader, reply: Callable[..., Awaitable[None]]
@@ -453,6 +465,12 @@ async def _scripted(script: Script) -> AsyncIterator[int]:
         yield listening.sockets[0].getsockname()[1]
     finally:
         listening.close()
+        await listening.wait_closed()
+        # Every connection closed by its handler before the loop ends, so no socket is left
+        # for the collector to find open in another test.
+        await asyncio.wait_for(
+            asyncio.gather(*script.handlers, return_exceptions=True), WAIT_SECONDS
+        )
 
 
 async def test_a_reused_session_sends_mail_rcpt_and_data_in_one_write() -> None:
