@@ -42,6 +42,7 @@ PUBLISHED = frozenset(
         "dev-write-key",
         "waypost-sandbox-sms-token",
         "waypost-sandbox-wechat-secret",
+        "waypost-sandbox-email-events-key",
         "waypost-dev-kafka-password",
     }
 )

@@ -34,6 +34,7 @@ LOCAL = ROOT / ".local"
 # services use; outside WAYPOST_ENV=dev a service refuses them.
 SANDBOX_SMS_AUTH_TOKEN = "waypost-sandbox-sms-token"  # noqa: S105
 SANDBOX_WECHAT_APP_SECRET = "waypost-sandbox-wechat-secret"  # noqa: S105
+SANDBOX_EMAIL_EVENTS_API_KEY = "waypost-sandbox-email-events-key"
 # The one login of Kafka's second listener, SASL_PLAINTEXT with mechanism PLAIN, where a client
 # can be tried against a cluster that asks for credentials. Published, so refused outside dev.
 KAFKA_SASL_USERNAME = "waypost"
@@ -307,6 +308,12 @@ class Stack:
             "WAYPOST_FCM_SERVICE_ACCOUNT_FILE": str(self.fcm_service_account),
             "WAYPOST_SMS_AUTH_TOKEN": SANDBOX_SMS_AUTH_TOKEN,
             "WAYPOST_WECHAT_APP_SECRET": SANDBOX_WECHAT_APP_SECRET,
+            # The sandbox keeps a Mailgun-style events log of the mail it accepts, which the
+            # dispatcher asks about an email whose answer never came. Its log shows a message
+            # at once, where a provider's may take a while (`email_reconcile_settle_seconds`).
+            "WAYPOST_EMAIL_EVENTS_URL": f"{self.outbox_url}/v3/waypost.local",
+            "WAYPOST_EMAIL_EVENTS_API_KEY": SANDBOX_EMAIL_EVENTS_API_KEY,
+            "WAYPOST_EMAIL_RECONCILE_SETTLE_SECONDS": "5",
             "WAYPOST_METRICS_PORT": str(self.ports.dispatcher_metrics),
             # The end-to-end tests' webhook receivers listen on this machine, which a
             # webhook step may not reach by default (docs/journeys.md, "Webhook destinations").

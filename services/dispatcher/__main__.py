@@ -28,6 +28,7 @@ from services.dispatcher.adapters.tables import (
 )
 from services.dispatcher.channels import build_providers
 from services.dispatcher.channels.email.adapter import SmtpSender
+from services.dispatcher.channels.email.events import QUERIES_IN_FLIGHT, email_events
 from services.dispatcher.channels.http import ProviderClient
 from services.dispatcher.channels.sms.adapter import SmsSender
 from services.dispatcher.handlers import Dispatcher, Stores, retry_due
@@ -61,7 +62,8 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
     # A connection per send in flight, all kept alive: SMS, push and WeChat sends neither
     # queue for a connection nor open one per request.
     http = ProviderClient(
-        max_connections=sum(settings.in_flight(c) for c in CHANNELS if c != "email"),
+        max_connections=sum(settings.in_flight(c) for c in CHANNELS if c != "email")
+        + (QUERIES_IN_FLIGHT if settings.email_events_url else 0),
         timeout=settings.provider_timeout_seconds,
         keepalive_seconds=settings.http_keepalive_seconds,
     )
@@ -116,6 +118,7 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
         metrics,
         clock.monotonic,
         sms_history=sms if isinstance(sms := providers["sms"], SmsSender) else None,
+        email_history=email_events(settings, http),
         pauses=ChannelPauses(
             db,
             worker_name(settings),

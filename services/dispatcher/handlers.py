@@ -51,6 +51,11 @@ from services.dispatcher.adapters.tables import (
     forgotten_entry,
 )
 from services.dispatcher.channels import kits
+from services.dispatcher.channels.email.reconcile import (
+    EmailHistory,
+    message_id_header,
+    reconcile_email,
+)
 from services.dispatcher.channels.http import BEFORE_SENDING
 from services.dispatcher.channels.sms.domain import SmsContent
 from services.dispatcher.channels.sms.reconcile import SmsHistory, SmsTry, reconcile_sms
@@ -228,6 +233,19 @@ class Parked:
 
 
 @dataclass(frozen=True)
+class _Asked:
+    """What asking the provider about a try without an answer came to, and the address the
+    try went to (None: not known, the request no longer renders). `unlisted`: the provider's
+    answer could not be had; `ask_at`: it was asked before it could tell, and can by then.
+    Either way, asking again later may tell."""
+
+    outcome: Outcome
+    address: str | None
+    unlisted: bool = False
+    ask_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class Stores:
     ledger: Ledger
     templates: Templates
@@ -252,6 +270,7 @@ class Dispatcher:
         monotonic: Callable[[], float],
         receipts: Receipts,
         sms_history: SmsHistory | None = None,
+        email_history: EmailHistory | None = None,
         pauses: PauseRecord | None = None,
     ) -> None:
         self.settings = settings
@@ -266,6 +285,7 @@ class Dispatcher:
         self.metrics = metrics
         self._monotonic = monotonic
         self.sms_history = sms_history
+        self.email_history = email_history
         self.pauses = pauses
         self.receipts = receipts
         # Pause records being written: held here so they finish (the loop keeps weak refs).
@@ -604,8 +624,8 @@ class Dispatcher:
                 receipt = await self._receipt(request, try_id, began or request.requested_at)
                 can_ask = self._can_reconcile(request)
                 if reconcile_tries == 0:  # counted once, not again by a record asking again
-                    asked = "provider" if can_ask else "nothing"
-                    settled_by = "receipt" if receipt is not None else asked
+                    ask = "provider" if can_ask else "nothing"
+                    settled_by = "receipt" if receipt is not None else ask
                     self.metrics.stopped_try(request.channel, settled_by)
                 if receipt is not None:  # it answered: concluded as the call would have been
                     await self._conclude(request, receipt, attempt, record, send_address(request))
@@ -619,14 +639,14 @@ class Dispatcher:
                     return
                 # Ask the provider: found, it is sent; proven absent, a new try is safe.
                 stopped = Outcome("unknown", progress.STOPPED)
-                outcome, delivery, unlisted = await self._reconciled(
+                asked = await self._reconciled(
                     request, stopped, None, began or request.requested_at
                 )
+                outcome = asked.outcome
                 if outcome.kind == "sent" or not resend:
-                    if unlisted and await self._ask_later(request, attempt, reconcile_tries):
+                    if await self._ask_later(request, attempt, reconcile_tries, asked):
                         return
-                    address = delivery.address if delivery is not None else None
-                    await self._conclude(request, outcome, attempt, record, address)
+                    await self._conclude(request, outcome, attempt, record, asked.address)
                 else:
                     await self._attempt(request, attempt + 1, "resumed", record)
             case progress.AwaitCall(attempt=attempt):
@@ -703,12 +723,13 @@ class Dispatcher:
         began: datetime,
         address: str,
     ) -> None:
-        """What the provider answered, concluded (an unknown SMS asked about first; `prepared`
-        None: rendered again for the asking)."""
+        """What the provider answered, concluded (an unknown SMS or email asked about first;
+        `prepared` None: an SMS is rendered again for the asking)."""
         if outcome.kind == "unknown" and self._can_reconcile(request):
-            outcome, _, unlisted = await self._reconciled(request, outcome, prepared, began)
-            if unlisted and await self._ask_later(request, attempt, 0):
+            asked = await self._reconciled(request, outcome, prepared, began)
+            if await self._ask_later(request, attempt, 0, asked):
                 return
+            outcome = asked.outcome
         await self._conclude(request, outcome, attempt, record, address)
 
     def _call_slot(self, channel: Channel, wait: float) -> _CallSlot:
@@ -873,22 +894,34 @@ class Dispatcher:
         await self._carry_out(move, request, record)
 
     def _can_reconcile(self, request: SendRequest) -> bool:
-        return request.channel == "sms" and self.sms_history is not None
+        if request.channel == "sms":
+            return self.sms_history is not None
+        return request.channel == "email" and self.email_history is not None
 
-    async def _ask_later(self, request: SendRequest, attempt: int, tries: int) -> bool:
-        """A marketing try without an answer, whose provider listing could not be had: a retry
-        record asks the provider again later, the ledger entry left `sending` meanwhile
-        (`domain.progress.after_unlisted`). False when asked enough (it concludes unknown),
-        and for a transactional send, which is tried again instead."""
-        if request.transactional:
+    async def _ask_later(
+        self, request: SendRequest, attempt: int, tries: int, asked: _Asked
+    ) -> bool:
+        """A marketing try without an answer that the provider could not tell about yet: a
+        retry record asks it again later, the ledger entry left `sending` meanwhile. Its
+        listing could not be had: after `*_reconcile_again_seconds`
+        (`domain.progress.after_unlisted`), False when asked enough (it concludes unknown). It
+        was asked before it could tell: when it can (`domain.progress.when_told`). False for
+        a transactional send, which is tried again instead, and when the asking told."""
+        if request.transactional or not (asked.unlisted or asked.ask_at is not None):
             return False
-        now = self.clock.now()
-        again = progress.after_unlisted(
-            attempt, tries, now, self.settings.sms_reconcile_again_seconds
-        )
+        if asked.ask_at is not None:
+            again: progress.AskAgain | None = progress.when_told(attempt, tries, asked.ask_at)
+            reason = "asked the provider before it could tell: asking again"
+        else:
+            delays = (
+                self.settings.email_reconcile_again_seconds
+                if request.channel == "email"
+                else self.settings.sms_reconcile_again_seconds
+            )
+            again = progress.after_unlisted(attempt, tries, self.clock.now(), delays)
+            reason = "the provider's listing could not be had: asking again"
         if again is None:
             return False
-        reason = "the provider's listing could not be had: asking again"
         await self._write_retry(
             SendRetry(
                 request=request,
@@ -899,7 +932,8 @@ class Dispatcher:
             )
         )
         log.info(
-            "dispatcher.sms_reconcile_later",
+            "dispatcher.reconcile_later",
+            channel=request.channel,
             message_id=request.message_id,
             tries=again.tries,
             due=again.due.isoformat(),
@@ -912,20 +946,64 @@ class Dispatcher:
         unanswered: Outcome,
         delivery: Delivery | None,
         began: datetime,
-    ) -> tuple[Outcome, Delivery | None, bool]:
-        """What an SMS without an answer came to, by the provider's listing of the number:
-        `sent`, `retry` (it never arrived) or `unanswered` with the reason it stays unknown;
-        and whether that is because the listing could not be had (worth asking again)."""
+    ) -> _Asked:
+        """What a try without an answer came to, by its provider: `sent`, `retry` (it never
+        arrived) or `unanswered` with the reason it stays unknown, and whether asking again
+        later may tell."""
+        if request.channel == "email":
+            return await self._reconciled_email(request, unanswered, delivery, began)
+        return await self._reconciled_sms(request, unanswered, delivery, began)
+
+    async def _reconciled_email(
+        self,
+        request: SendRequest,
+        unanswered: Outcome,
+        delivery: Delivery | None,
+        began: datetime,
+    ) -> _Asked:
+        """An email by the provider's events of its Message-ID, which is the same for every
+        try of the message: nothing to render again."""
+        assert self.email_history is not None
+        message_id = message_id_header(request.message_id, self.settings.message_id_domain)
+        answer = await self.email_history.events_of(message_id)
+        settle = timedelta(seconds=self.settings.email_reconcile_settle_seconds)
+        found = reconcile_email(answer, message_id, began, self.clock.now(), settle)
+        outcome = found.outcome
+        log.info(
+            "dispatcher.email_reconciled",
+            message_id=request.message_id,
+            outcome=outcome.kind,
+            reason=outcome.reason,
+        )
+        address = delivery.address if delivery is not None else send_address(request)
+        if outcome.kind == "unknown":
+            why = f"{unanswered.reason}; {outcome.reason}"
+            return _Asked(
+                replace(unanswered, reason=why),
+                address,
+                unlisted=isinstance(answer, str),
+                ask_at=found.ask_at,
+            )
+        return _Asked(outcome, address)
+
+    async def _reconciled_sms(
+        self,
+        request: SendRequest,
+        unanswered: Outcome,
+        delivery: Delivery | None,
+        began: datetime,
+    ) -> _Asked:
+        """An SMS by the provider's listing of the number."""
         assert self.sms_history is not None
         if delivery is None:  # a resumed try: rendered again, the same request gives the same body
             prepared = await self._prepare(request)
             if isinstance(prepared, Outcome):
                 why = f"{unanswered.reason}; {prepared.reason}"
-                return replace(unanswered, reason=why), None, False
+                return _Asked(replace(unanswered, reason=why), None)
             delivery = prepared
         content = delivery.content
         if not isinstance(content, SmsContent):
-            return unanswered, delivery, False
+            return _Asked(unanswered, delivery.address)
         settle = timedelta(seconds=self.settings.sms_reconcile_settle_seconds)
         wait = (began + settle - self.clock.now()).total_seconds()
         # A listing takes one of the provider call slots: a burst of unanswered tries (a worker
@@ -952,8 +1030,10 @@ class Dispatcher:
         )
         if found.kind == "unknown":
             why = f"{unanswered.reason}; {found.reason}"
-            return replace(unanswered, reason=why), delivery, isinstance(listing, str)
-        return found, delivery, False
+            return _Asked(
+                replace(unanswered, reason=why), delivery.address, unlisted=isinstance(listing, str)
+            )
+        return _Asked(found, delivery.address)
 
     async def _prepare(self, request: SendRequest) -> Delivery | Outcome:
         """Checks at send time, then rendering; an Outcome("skipped") says why not."""

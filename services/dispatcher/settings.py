@@ -109,6 +109,21 @@ class DispatcherSettings(StreamSettings):
     receipts_linger_ms: float = Field(default=3.0, ge=0, le=50)
     email_from: str = "Waypost <hello@waypost.local>"
     message_id_domain: str = "waypost.local"
+    # The provider's events API, asked what became of an email whose SMTP answer never came
+    # (a worker stopped mid-send, a timeout after DATA): Mailgun's, as
+    # `https://api.mailgun.net/v3/{your sending domain}` (`https://api.eu.mailgun.net/…` in the
+    # EU); `/events?message-id=…&event=accepted` is asked with HTTP Basic `api` and the key.
+    # Unset: such an email ends `unknown` (marketing) or is sent again (transactional).
+    email_events_url: str | None = None
+    email_events_api_key: SecretStr | None = None
+    # A message the events log does not show proves nothing until the try is this old: an
+    # events log shows a message some time after it took it (Mailgun indexes within seconds,
+    # and says a poller should trust a page only once it is half an hour old). Asked sooner and
+    # not shown, the email is asked about again once this has passed, left `sending` meanwhile.
+    email_reconcile_settle_seconds: float = Field(default=120.0, ge=0)
+    # When the events API cannot answer (busy or away): asked again this long later, try after
+    # try; after the last, a marketing email stays `unknown`. JSON list in the environment.
+    email_reconcile_again_seconds: tuple[float, ...] = (30.0, 120.0, 600.0)
     track_opens: bool = True
     track_clicks: bool = True
 
@@ -153,6 +168,13 @@ class DispatcherSettings(StreamSettings):
                 "WAYPOST_WECHAT_APP_SECRET", self.wechat_app_secret.get_secret_value()
             ),
         ]
+        if self.email_events_url:
+            key = self.email_events_api_key
+            used.append(
+                provider_credential(
+                    "WAYPOST_EMAIL_EVENTS_API_KEY", key.get_secret_value() if key else None
+                )
+            )
         if self.smtp_username:
             password = self.smtp_password.get_secret_value() if self.smtp_password else None
             used.append(provider_credential("WAYPOST_SMTP_PASSWORD", password))
@@ -160,6 +182,8 @@ class DispatcherSettings(StreamSettings):
 
     @field_validator(
         "fcm_service_account_file",
+        "email_events_url",
+        "email_events_api_key",
         "smtp_connections",
         "max_in_flight_email",
         "max_in_flight_sms",

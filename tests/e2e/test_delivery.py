@@ -526,6 +526,52 @@ def test_an_unanswered_sms_is_asked_about_again_while_the_listing_cannot_be_had(
     assert not [r for r in rules if r["recipient"] == phone and r["action"] == "list"]
 
 
+def test_an_unanswered_email_the_provider_accepted_is_sent_not_unknown(
+    stack: Any, tmp_path: Path, ledger: Any
+) -> None:
+    tag = unique("unanswered")
+    trigger = _priority_journey(stack, tmp_path, tag, ["email"])
+    user = unique("limbo")
+    email = f"{user}@ex.com"
+    _identify(stack, user, email=email)
+    # The SMTP server takes the message and holds its answer past the client's timeout; the
+    # sandbox's events log shows it accepted under its Message-ID.
+    _fail(stack, channel="email", recipient=email, error="timeout", seconds=5)
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+    (entry,) = wait_for(
+        lambda: _entries(ledger, user, state={"$in": SENT_OR_LATER}), what="reconciled"
+    )
+    (message,) = outbox(stack, channel="email", to=email)
+    assert entry["provider_id"] == message["headers"]["Message-ID"]
+    assert entry["reason"].startswith("reconciled")
+    assert entry["attempt"] == 1
+
+
+def test_an_unanswered_email_is_asked_about_again_while_the_events_cannot_be_had(
+    stack: Any, tmp_path: Path, ledger: Any
+) -> None:
+    tag = unique("unlogged")
+    trigger = _priority_journey(stack, tmp_path, tag, ["email"])
+    user = unique("limbo")
+    email = f"{user}@ex.com"
+    _identify(stack, user, email=email)
+    # No answer in time, and the events API refuses the first two queries about the message:
+    # the send stays `sending` and is asked about again (after 3 s, then 10 s on the test
+    # stack) until the log shows it accepted. Never resent meanwhile.
+    _fail(stack, channel="email", recipient=email, error="timeout", seconds=5)
+    _fail(stack, channel="email", recipient=email, error="503", times=2, action="list")
+    assert post(stack, "track", {"userId": user, "event": trigger}).status_code == 200
+    (entry,) = wait_for(
+        lambda: _entries(ledger, user, state={"$in": SENT_OR_LATER}), what="reconciled", timeout=90
+    )
+    (message,) = outbox(stack, channel="email", to=email)
+    assert entry["provider_id"] == message["headers"]["Message-ID"]
+    assert entry["reason"].startswith("reconciled")
+    assert entry["attempt"] == 1
+    rules = httpx.get(f"{stack.outbox_url}/control/failures", timeout=10).json()["rules"]
+    assert not [r for r in rules if r["recipient"] == email and r["action"] == "list"]
+
+
 def test_an_unanswered_sms_the_provider_never_stored_is_sent_once(
     stack: Any, tmp_path: Path, ledger: Any
 ) -> None:

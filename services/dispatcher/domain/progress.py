@@ -142,6 +142,12 @@ def after_unlisted(
     return AskAgain(attempt, now + timedelta(seconds=delays[tries]), tries + 1)
 
 
+def when_told(attempt: int, tries: int, due: datetime) -> AskAgain:
+    """A try without an answer whose provider was asked before it could tell (an events log
+    shows a message some time after it took it): ask it again at `due`, when it can."""
+    return AskAgain(attempt, due, tries + 1)
+
+
 def after_claim(
     new: bool,
     entry: Entry | None,

@@ -26,6 +26,7 @@ from aiosmtplib.email import quote_address
 from services.dispatcher.channels.common import MonotonicClock
 from services.dispatcher.channels.email.domain import EmailContent, reply_outcome, sender_refused
 from services.dispatcher.channels.email.mime import data_block, email_bytes, header_value
+from services.dispatcher.channels.email.reconcile import message_id_header
 from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
@@ -326,7 +327,7 @@ class SmtpSender:
         address = delivery.address
         if not address.isascii():
             raise ValueError("an address outside ASCII needs SMTPUTF8, which is not used")
-        message_id = f"<{delivery.message_id}@{self._settings.message_id_domain}>"
+        message_id = message_id_header(delivery.message_id, self._settings.message_id_domain)
         headers = [
             ("From", self._from),
             ("To", header_value("To", address)),
