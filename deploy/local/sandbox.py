@@ -2,7 +2,8 @@
 # so dev runs and tests can send real mail and then inspect what was delivered. The same HTTP
 # port also speaks the SMS (Twilio style), FCM HTTP v1 and WeChat Official Account APIs
 # (sandbox_providers.py), storing what they accept in the same outbox, with failures injected
-# per recipient through /control/failures.
+# per recipient through /control/failures, and a Mailgun-style events API
+# (GET /v3/{domain}/events) listing the `accepted` event of each stored email's recipients.
 # Run: python deploy/local/sandbox.py --host 127.0.0.1 --smtp-port 1025 --http-port 8025
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,15 +37,19 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sandbox_providers import (
+    DEFAULT_EMAIL_EVENTS_API_KEY,
     DEFAULT_SMS_ACCOUNT_SID,
     DEFAULT_SMS_AUTH_TOKEN,
     DEFAULT_WECHAT_APP_ID,
     DEFAULT_WECHAT_APP_SECRET,
     DEFAULT_WECHAT_TEMPLATES,
+    EmailEvents,
     FailureRules,
+    MessageHeaders,
     ProviderConfig,
     Providers,
     is_smtp_code,
+    message_id_key,
     parse_templates,
 )
 
@@ -95,13 +101,16 @@ class Outbox:
     An email is kept as it arrived and parsed the first time it is listed: parsing a message
     with the standard library's modern email API costs about 3.5 ms of CPU, which is the most a
     session's DATA costs here. On the SMTP path it held up every other session of the sandbox's
-    one event loop and, in benchmarks, capped email at what the sandbox could parse."""
+    one event loop and, in benchmarks, capped email at what the sandbox could parse. Only its
+    header block is read on arrival (`header_fields`), for the subject and for the `accepted`
+    events the email events API lists (one per recipient, indexed by Message-ID)."""
 
     def __init__(self) -> None:
         self._records: list[Record] = []
         self._ids = itertools.count(1)
         # id -> the raw message of an email not yet parsed
         self._unparsed: dict[str, bytes] = {}
+        self.email_events = EmailEvents()
 
     def add(self, record: Record) -> Record:
         """Store a record (needs `channel` and a list `to`); assigns `id` and `received_at`."""
@@ -117,19 +126,25 @@ class Outbox:
         return stored
 
     def add_email(self, raw: bytes, mail_from: str, rcpt_tos: Sequence[str]) -> Record:
-        """Store one SMTP transaction's message, to be parsed when it is first listed; its
-        subject is read at once (from the headers alone), so a listing by subject parses only
-        the messages it returns."""
+        """Store one SMTP transaction's message, to be parsed when it is first listed, and an
+        `accepted` event for each recipient. Its header block is read at once (not the whole
+        message): the subject, so a listing by subject parses only the messages it returns,
+        and what the events show (Message-ID, From, To, Subject)."""
+        headers = header_fields(raw)
+        arrived = time.time()
         stored = self.add(
             {
                 "channel": "email",
                 "to": list(rcpt_tos),
                 "from": mail_from,
-                "subject": header_subject(raw),
-                "received_at": utc_now(),
+                "subject": headers.subject,
+                "received_at": datetime.fromtimestamp(arrived, UTC).isoformat(),
             }
         )
         self._unparsed[stored["id"]] = raw
+        self.email_events.record(
+            timestamp=arrived, sender=mail_from, recipients=rcpt_tos, headers=headers, size=len(raw)
+        )
         return stored
 
     def list(self, filters: OutboxFilter | None = None) -> list[Record]:
@@ -152,6 +167,7 @@ class Outbox:
         count = len(self._records)
         self._records.clear()
         self._unparsed.clear()
+        self.email_events.clear()
         return count
 
 
@@ -207,19 +223,34 @@ def _body(message: EmailMessage, subtype: str) -> str | None:
     return content.replace("\r\n", "\n")  # SMTP DATA is CRLF; hand back plain newlines
 
 
-def header_subject(raw: bytes) -> str | None:
-    """The Subject of a raw message, unfolded and decoded (RFC 2047), from its headers alone:
-    about 0.07 ms, where parsing the whole message (`email_record`) takes about 3.5."""
+def header_fields(raw: bytes) -> MessageHeaders:
+    """The Subject, Message-ID, From and To of a raw message, from one parse of its header block
+    alone: unfolded, decoded (RFC 2047), the Message-ID without its angle brackets. About
+    0.06 ms for a 2.2 KB message of the dispatcher's shape (reading the subject alone took
+    0.056), where parsing the whole message (`email_record`) takes about 3.5."""
     end = raw.find(b"\r\n\r\n")
     if end < 0:
         end = raw.find(b"\n\n")
     headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(
         raw if end < 0 else raw[:end]
     )
-    subject = headers.get("Subject")
-    if subject is None:
-        return None
-    unfolded = str(subject).replace("\r\n", "").replace("\n", "")
+    message_id = message_id_key(_unfolded(headers.get("Message-ID")) or "")
+    return MessageHeaders(
+        subject=_decoded(headers.get("Subject")),
+        message_id=message_id or None,
+        from_=_decoded(headers.get("From")),
+        to=_decoded(headers.get("To")),
+    )
+
+
+def _unfolded(value: object) -> str | None:
+    return None if value is None else str(value).replace("\r\n", "").replace("\n", "")
+
+
+def _decoded(value: object) -> str | None:
+    unfolded = _unfolded(value)
+    if unfolded is None or "=?" not in unfolded:  # no encoded word: nothing to decode
+        return unfolded
     try:
         return str(make_header(decode_header(unfolded)))
     except (LookupError, UnicodeDecodeError, HeaderParseError):  # an unknown charset, say
@@ -527,7 +558,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=str.lower,
         help="logging level (default info; debug also logs SMTP dialogue and HTTP access)",
     )
-    providers = parser.add_argument_group("provider APIs (SMS, FCM, WeChat)")
+    providers = parser.add_argument_group("provider APIs (SMS, FCM, WeChat, email events)")
     providers.add_argument(
         "--sms-account-sid",
         default=os.environ.get("WAYPOST_SMS_ACCOUNT_SID", DEFAULT_SMS_ACCOUNT_SID),
@@ -588,6 +619,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"default {DEFAULT_WECHAT_TEMPLATES})",
     )
     providers.add_argument(
+        "--email-events-api-key",
+        default=os.environ.get("WAYPOST_EMAIL_EVENTS_API_KEY", DEFAULT_EMAIL_EVENTS_API_KEY),
+        help="API key of the Mailgun-style email events API (GET /v3/DOMAIN/events): the Basic "
+        "auth password, with user api (env WAYPOST_EMAIL_EVENTS_API_KEY)",
+    )
+    providers.add_argument(
         "--latency-ms",
         type=float,
         default=float(os.environ.get("WAYPOST_SANDBOX_LATENCY_MS", "0")),
@@ -602,6 +639,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--wechat-token-overlap and --latency-ms must not be negative")
     if not parse_templates(args.wechat_templates):
         parser.error("--wechat-templates needs at least one template id")
+    if not args.email_events_api_key:
+        parser.error("--email-events-api-key must not be empty")
     return args
 
 
@@ -622,6 +661,7 @@ def provider_config(args: argparse.Namespace) -> ProviderConfig:
         wechat_token_ttl=args.wechat_token_ttl,
         wechat_token_overlap=args.wechat_token_overlap,
         wechat_templates=parse_templates(args.wechat_templates),
+        email_events_api_key=args.email_events_api_key,
         latency=args.latency_ms / 1000,
     )
 

@@ -1,6 +1,8 @@
 # Provider APIs of the local sandbox, served next to the outbox API by deploy/local/sandbox.py:
 #
 #   * SMS, Twilio style:  POST /2010-04-01/Accounts/{sid}/Messages.json (+ signed status callbacks)
+#   * email events, Mailgun style: GET /v3/{domain}/events (and the page URLs it answers with),
+#                         the `accepted` event of each recipient of each email the SMTP server took
 #   * FCM HTTP v1:        POST /token (service-account JWT grant),
 #                         POST /v1/projects/{project}/messages:send
 #   * WeChat OA:          GET /cgi-bin/token, POST /cgi-bin/stable_token,
@@ -11,7 +13,9 @@
 # benchmarks drive the dispatcher's real HTTP clients against real sockets and then look at what
 # "arrived". Failure rules (per channel and recipient) make the providers answer with the errors
 # the dispatcher must classify: retryable, permanent for the recipient or the configuration, and
-# "unknown" (the message arrived but the answer never came back in time).
+# "unknown" (the message arrived but the answer never came back in time), and the listings a
+# dispatcher asks to settle such an unknown (SMS by number, email events by Message-ID) can fail
+# the same way (`"action": "list"`).
 #
 # Where the shared sandbox protocol says nothing, the answers copy the real providers: status
 # codes, error bodies and error codes are the documented ones, so a client written against the
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import bisect
 import contextlib
 import email.utils
 import hashlib
@@ -33,11 +38,12 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
+from urllib.parse import quote
 
 import httpx
 import jwt
@@ -56,6 +62,9 @@ Record = dict[str, Any]
 class OutboxStore(Protocol):
     """The part of sandbox.Outbox the providers use (kept as a protocol: no import cycle)."""
 
+    # The accepted events of the emails the outbox holds (the email events API reads them).
+    email_events: EmailEvents
+
     def add(self, record: Record) -> Record: ...
 
 
@@ -71,6 +80,7 @@ DEFAULT_SMS_ACCOUNT_SID = "ACwaypostsandbox"
 DEFAULT_SMS_AUTH_TOKEN = "waypost-sandbox-sms-token"  # noqa: S105  (a public sandbox default)
 DEFAULT_WECHAT_APP_ID = "wxwaypostsandbox"
 DEFAULT_WECHAT_APP_SECRET = "waypost-sandbox-wechat-secret"  # noqa: S105  (ditto)
+DEFAULT_EMAIL_EVENTS_API_KEY = "waypost-sandbox-email-events-key"  # a public sandbox default
 DEFAULT_WECHAT_TEMPLATES = "tpl-announcement,tpl-order,tpl-generic"
 DEFAULT_FCM_PROJECT = "waypost-sandbox"
 DEFAULT_FCM_CLIENT_EMAIL = "dispatcher@waypost-sandbox.iam.gserviceaccount.com"
@@ -90,6 +100,8 @@ class ProviderConfig:
     wechat_token_ttl: int = 7200
     wechat_token_overlap: float = 300.0
     wechat_templates: frozenset[str] = frozenset(DEFAULT_WECHAT_TEMPLATES.split(","))
+    # Password of the email events API's Basic auth (user "api"), as a Mailgun API key is.
+    email_events_api_key: str = DEFAULT_EMAIL_EVENTS_API_KEY
     latency: float = 0.0
 
 
@@ -183,6 +195,8 @@ CHANNEL_ERRORS: dict[str, tuple[str, ...]] = {
     "push": (*COMMON_ERRORS, *FCM_ERRORS),
     "wechat": (*COMMON_ERRORS, *(str(code) for code in WECHAT_ERRMSG)),
 }
+# What a rule on the email events query (`"action": "list"`, keyed by Message-ID) can answer.
+EMAIL_LIST_ERRORS = COMMON_ERRORS
 SMTP_CODE = re.compile(r"^[45]\d\d$")
 DEFAULT_HOLD_SECONDS = {"timeout": 30.0, "slow": 2.0}
 
@@ -198,13 +212,15 @@ class FailureRuleIn(BaseModel):
 
     channel: str
     recipient: str = Field(min_length=1)
+    # What the rule answers: a send (the default), or the listing the dispatcher reconciles a
+    # send without an answer by: for SMS the number's (`GET …/Messages.json?To=`), for email the
+    # events of a Message-ID (`GET /v3/{domain}/events?message-id=`; `recipient` is then the
+    # Message-ID, without its angle brackets). Before `error`, whose validator reads it.
+    action: Literal["send", "list"] = "send"
     error: str = Field(min_length=1)
     retry_after: float | None = Field(default=None, ge=0)
     seconds: float | None = Field(default=None, ge=0)
     times: int | None = Field(default=None, ge=1)
-    # What the rule answers: a send (the default), or the SMS listing of the number
-    # (`GET …/Messages.json?To=`, how the dispatcher reconciles a send without an answer).
-    action: Literal["send", "list"] = "send"
 
     @field_validator("channel")
     @classmethod
@@ -222,6 +238,16 @@ class FailureRuleIn(BaseModel):
         if channel == "push" and value.upper() in FCM_ERRORS:
             value = value.upper()  # FCM codes are upper case; accept "unregistered" too
         if channel == "email":
+            action = info.data.get("action")
+            if action is None:  # an invalid action, reported already
+                return value
+            if action == "list":
+                if value in EMAIL_LIST_ERRORS:
+                    return value
+                raise ValueError(
+                    "an email list rule (the events query of a Message-ID) answers one of "
+                    f"{', '.join(EMAIL_LIST_ERRORS)}"
+                )
             if value in HOLD_ERRORS or is_smtp_code(value):
                 return value
             raise ValueError("email error must be timeout, slow or an SMTP code 400-599")
@@ -1299,6 +1325,457 @@ def template_data_problem(data: Any) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
+# Email events, Mailgun style
+# --------------------------------------------------------------------------------------------
+#
+# Mailgun's Events API (GET /v3/{domain}/events) answers whether a message with a given
+# Message-ID was accepted: what a dispatcher asks when the SMTP answer to a message never came
+# (a worker killed mid-send, a timeout after DATA). The sandbox records one `accepted` event per
+# recipient of every email its SMTP server stores, at DATA time, and serves them in Mailgun's
+# shape: {"items": [...], "paging": {"first", "last", "next", "previous"}}, the paging URLs
+# carrying the whole query and a cursor in an opaque token (/v3/{domain}/events/{page}).
+
+EVENTS_MAX_LIMIT = 300
+EVENTS_DEFAULT_LIMIT = 100
+# Query parameters the sandbox understands; `pretty` (Mailgun's pretty printing) is ignored.
+EVENTS_PARAMS = ("message-id", "event", "recipient", "begin", "end", "ascending", "limit")
+
+
+@dataclass(frozen=True, slots=True)
+class MessageHeaders:
+    """The headers of a stored email an event shows, read from its header block at DATA."""
+
+    subject: str | None = None
+    message_id: str | None = None  # without its angle brackets
+    from_: str | None = None
+    to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmailEvent:
+    seq: int  # arrival order across all events; page cursors count in it
+    id: str
+    timestamp: float  # epoch seconds
+    recipient: str
+    sender: str
+    headers: MessageHeaders  # shared by the events of one message
+    size: int  # bytes of the message as it arrived
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "event": "accepted",
+            "timestamp": self.timestamp,
+            "log-level": "info",
+            "method": "smtp",
+            "recipient": self.recipient,
+            "recipient-domain": self.recipient.rpartition("@")[2],
+            "envelope": {"sender": self.sender, "targets": self.recipient, "transport": "smtp"},
+            "message": {
+                "headers": {
+                    "message-id": self.headers.message_id,
+                    "from": self.headers.from_,
+                    "to": self.headers.to,
+                    "subject": self.headers.subject,
+                },
+                "size": self.size,
+            },
+        }
+
+
+def message_id_key(value: str) -> str:
+    """A Message-ID as the events API matches it: what is between its angle brackets (a
+    comment after them left out), or the whole value trimmed when it has none."""
+    start = value.find("<")
+    stop = value.find(">", start + 1)
+    if start >= 0 and stop > start:
+        return value[start + 1 : stop].strip()
+    return value.strip().strip("<>").strip()
+
+
+def _recipient_index_key(address: str) -> str:
+    return address.strip().strip("<>").casefold()
+
+
+# A page cursor: ("after", seq) is the page that follows the event `seq` in the query's order,
+# ("before", seq) the page that precedes it. Either may name an event that is not listed: seq 0
+# comes before every event and the next seq to be given after every one.
+Cursor = tuple[Literal["after", "before"], int]
+
+
+@dataclass(frozen=True)
+class EventsQuery:
+    """A parsed events query: its filters, the inclusive time range and the order."""
+
+    message_id: str | None = None  # without angle brackets
+    recipient: str | None = None  # as _recipient_index_key gives it: case-folded
+    event: str | None = None
+    begin: float | None = None  # the range's lower bound (whatever the order), None = open
+    end: float | None = None  # its upper bound
+    ascending: bool = False
+    limit: int = EVENTS_DEFAULT_LIMIT
+
+    def wants_accepted(self) -> bool:
+        """Whether the event filter lets `accepted` through (`a OR b` names several)."""
+        if self.event is None:
+            return True
+        return any(term.strip().casefold() == "accepted" for term in self.event.split(" OR "))
+
+    def matches(self, event: EmailEvent) -> bool:
+        if self.message_id is not None and event.headers.message_id != self.message_id:
+            return False
+        if self.recipient is not None and _recipient_index_key(event.recipient) != self.recipient:
+            return False
+        if self.begin is not None and event.timestamp < self.begin:
+            return False
+        return self.end is None or event.timestamp <= self.end
+
+
+@dataclass(frozen=True)
+class EventsPage:
+    items: list[EmailEvent]
+    first: Cursor
+    last: Cursor
+    next: Cursor
+    previous: Cursor
+
+
+def _seq(event: EmailEvent) -> int:
+    return event.seq
+
+
+class EmailEvents:
+    """The `accepted` event of each recipient of each stored email, oldest first, indexed by
+    Message-ID and by recipient so that a query for either reads only its own events, not
+    every event of the session."""
+
+    def __init__(self) -> None:
+        self._events: list[EmailEvent] = []
+        self._by_message_id: dict[str, list[EmailEvent]] = {}
+        self._by_recipient: dict[str, list[EmailEvent]] = {}
+        self._last_seq = 0  # never reset: a page token from before a clear stays meaningful
+
+    def record(
+        self,
+        *,
+        timestamp: float,
+        sender: str,
+        recipients: Iterable[str],
+        headers: MessageHeaders,
+        size: int,
+    ) -> list[EmailEvent]:
+        """One event per recipient of a message the SMTP server stored."""
+        recorded = []
+        for recipient in recipients:
+            self._last_seq += 1
+            event = EmailEvent(
+                seq=self._last_seq,
+                id=secrets.token_urlsafe(16),
+                timestamp=timestamp,
+                recipient=recipient,
+                sender=sender,
+                headers=headers,
+                size=size,
+            )
+            self._events.append(event)
+            if headers.message_id:
+                self._by_message_id.setdefault(headers.message_id, []).append(event)
+            self._by_recipient.setdefault(_recipient_index_key(recipient), []).append(event)
+            recorded.append(event)
+        return recorded
+
+    def clear(self) -> int:
+        count = len(self._events)
+        self._events.clear()
+        self._by_message_id.clear()
+        self._by_recipient.clear()
+        return count
+
+    def _candidates(self, query: EventsQuery) -> list[EmailEvent]:
+        """The events the query can list, in arrival order: an index's list when it can."""
+        if not query.wants_accepted():
+            return []
+        if query.message_id is not None:
+            return self._by_message_id.get(query.message_id, [])
+        if query.recipient is not None:
+            return self._by_recipient.get(query.recipient, [])
+        return self._events
+
+    def first(self, query: EventsQuery) -> Cursor:
+        """The cursor of the query's first page: from the oldest event, or (descending) from
+        the newest one at the time of asking."""
+        return ("after", 0) if query.ascending else ("after", self._last_seq + 1)
+
+    def page(self, query: EventsQuery, cursor: Cursor | None = None) -> EventsPage:
+        events = self._candidates(query)
+        ahead = 1 if query.ascending else -1  # the query's order, as a step through `events`
+        kind, seq = cursor or self.first(query)
+        if kind == "after":  # the events following `seq` in the query's order
+            if ahead > 0:
+                start = bisect.bisect_right(events, seq, key=_seq)
+            else:
+                start = bisect.bisect_left(events, seq, key=_seq) - 1
+            items = self._walk(events, query, start, ahead)
+        else:  # the events preceding `seq`: walked back from it, then put in order
+            if ahead > 0:
+                start = bisect.bisect_left(events, seq, key=_seq) - 1
+            else:
+                start = bisect.bisect_right(events, seq, key=_seq)
+            items = self._walk(events, query, start, -ahead)[::-1]
+        if items:
+            following: Cursor = ("after", items[-1].seq)
+            preceding: Cursor = ("before", items[0].seq)
+        elif kind == "after":  # nothing yet beyond `seq`: ask again later, or look back
+            following, preceding = ("after", seq), ("before", seq + ahead)
+        else:
+            following, preceding = ("after", seq - ahead), ("before", seq)
+        end = self._last_seq + 1
+        return EventsPage(
+            items=items,
+            first=self.first(query),
+            last=("before", end) if query.ascending else ("before", 0),
+            next=following,
+            previous=preceding,
+        )
+
+    @staticmethod
+    def _walk(
+        events: list[EmailEvent], query: EventsQuery, index: int, step: int
+    ) -> list[EmailEvent]:
+        found: list[EmailEvent] = []
+        while 0 <= index < len(events) and len(found) < query.limit:
+            event = events[index]
+            if query.matches(event):
+                found.append(event)
+            index += step
+        return found
+
+
+def _event_time(name: str, value: str) -> float | str:
+    """Epoch seconds from `value` (a number or an RFC 2822 date, as Mailgun takes), or why
+    not."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return f"{name} must be epoch seconds or an RFC 2822 date, not {value!r}"
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    if not math.isfinite(seconds):
+        return f"{name} must be a finite number of epoch seconds"
+    return seconds
+
+
+def parse_events_query(params: Mapping[str, str]) -> EventsQuery | str:
+    """The query of GET /v3/{domain}/events, or why it is refused (a 400 naming the field).
+
+    The time range: `begin` is where the listing starts and `end` where it stops, so with both
+    their order gives the direction; with one of them (or none) `ascending` does (default: yes
+    from a `begin`, otherwise no: newest first)."""
+    unknown = sorted(set(params) - {*EVENTS_PARAMS, "pretty"})
+    if unknown:
+        return (
+            f"{unknown[0]} is not a filter the sandbox knows: it filters by "
+            f"{', '.join(EVENTS_PARAMS)}"
+        )
+    limit_text = params.get("limit", str(EVENTS_DEFAULT_LIMIT)).strip()
+    if not re.fullmatch(r"[0-9]{1,4}", limit_text) or not 1 <= int(limit_text) <= EVENTS_MAX_LIMIT:
+        return f"limit must be an integer from 1 to {EVENTS_MAX_LIMIT}, not {limit_text!r}"
+    texts: dict[str, str | None] = {}
+    for name, normal in (
+        ("message-id", message_id_key),
+        ("recipient", _recipient_index_key),
+        ("event", str.strip),
+    ):
+        value = params.get(name)
+        if value is not None and not normal(value):
+            return f"{name} must not be empty"
+        texts[name] = None if value is None else normal(value)
+    ascending_text = params.get("ascending")
+    if ascending_text is not None and ascending_text.strip().lower() not in ("yes", "no"):
+        return f"ascending must be yes or no, not {ascending_text!r}"
+    times: dict[str, float | None] = {}
+    for name in ("begin", "end"):
+        value = params.get(name)
+        moment = None if value is None else _event_time(name, value.strip())
+        if isinstance(moment, str):
+            return moment
+        times[name] = moment
+    begin, end = times["begin"], times["end"]
+    if begin is not None and end is not None:
+        ascending = begin <= end
+        low, high = min(begin, end), max(begin, end)
+    else:
+        if ascending_text is None:
+            ascending = begin is not None
+        else:
+            ascending = ascending_text.strip().lower() == "yes"
+        start, stop = (begin, end) if ascending else (end, begin)
+        low, high = start, stop
+    return EventsQuery(
+        message_id=texts["message-id"],
+        recipient=texts["recipient"],
+        event=texts["event"],
+        begin=low,
+        end=high,
+        ascending=ascending,
+        limit=int(limit_text),
+    )
+
+
+def encode_page(query: EventsQuery, cursor: Cursor) -> str:
+    """The token of a paging URL: the whole query and the cursor, base64url JSON."""
+    payload = {
+        "m": query.message_id,
+        "r": query.recipient,
+        "e": query.event,
+        "b": query.begin,
+        "t": query.end,
+        "a": query.ascending,
+        "l": query.limit,
+        "c": [cursor[0], cursor[1]],
+    }
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page(token: str) -> tuple[EventsQuery, Cursor] | None:
+    """The query and cursor of a paging URL's token, or None when it is not one of ours."""
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        kind, seq = payload["c"]
+        texts = [payload[name] for name in ("m", "r", "e")]
+        bounds = [payload[name] for name in ("b", "t")]
+        ascending, limit = payload["a"], payload["l"]
+    except (ValueError, TypeError, KeyError, binascii.Error):
+        return None
+    if (
+        kind not in ("after", "before")
+        or type(seq) is not int
+        or any(text is not None and not isinstance(text, str) for text in texts)
+        or any(
+            bound is not None and (type(bound) not in (int, float) or not math.isfinite(bound))
+            for bound in bounds
+        )
+        or type(ascending) is not bool
+        or type(limit) is not int
+        or not 1 <= limit <= EVENTS_MAX_LIMIT
+    ):
+        return None
+    query = EventsQuery(
+        message_id=texts[0],
+        recipient=None if texts[1] is None else _recipient_index_key(texts[1]),
+        event=texts[2],
+        begin=None if bounds[0] is None else float(bounds[0]),
+        end=None if bounds[1] is None else float(bounds[1]),
+        ascending=ascending,
+        limit=limit,
+    )
+    return query, ("after" if kind == "after" else "before", seq)
+
+
+def mailgun_error(
+    status: int, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"message": message}, status_code=status, headers=dict(headers or {}))
+
+
+MAILGUN_RULE_ERRORS = {
+    "429": (429, "Too many requests"),
+    "500": (500, "Internal Server Error"),
+    "503": (503, "Service Unavailable"),
+}
+
+
+class EmailEventsProvider:
+    def __init__(
+        self, config: ProviderConfig, events: EmailEvents, rules: FailureRules, latency: Latency
+    ) -> None:
+        self.config = config
+        self._events = events
+        self._rules = rules
+        self._latency = latency
+
+    def _authorized(self, request: Request) -> bool:
+        """HTTP Basic with user `api` and the API key as the password, as Mailgun takes it."""
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            decoded = base64.b64decode(encoded.strip(), validate=True)
+        except binascii.Error:
+            return False
+        user, _, password = decoded.partition(b":")
+        # bytes, not str: compare_digest refuses str with non-ASCII characters
+        return hmac.compare_digest(user, b"api") and hmac.compare_digest(
+            password, self.config.email_events_api_key.encode()
+        )
+
+    def routes(self, app: FastAPI) -> None:
+        @app.get("/v3/{domain}/events", include_in_schema=False)
+        async def list_events(domain: str, request: Request) -> Response:
+            return await self._answer(request, domain, None)
+
+        @app.get("/v3/{domain}/events/{page}", include_in_schema=False)
+        async def list_events_page(domain: str, page: str, request: Request) -> Response:
+            return await self._answer(request, domain, page)
+
+    async def _answer(self, request: Request, domain: str, page: str | None) -> Response:
+        await self._latency.wait()
+        if not self._authorized(request):
+            return mailgun_error(
+                401,
+                "Invalid API key: use HTTP Basic auth with user 'api' and the sandbox's email "
+                "events API key as the password",
+                {"WWW-Authenticate": 'Basic realm="MG API"'},
+            )
+        cursor: Cursor | None = None
+        if page is None:
+            parsed = parse_events_query(request.query_params)
+            if isinstance(parsed, str):
+                return mailgun_error(400, parsed)
+            query = parsed
+        else:
+            if request.query_params:
+                return mailgun_error(
+                    400, "a page URL carries its whole query: give no parameters with it"
+                )
+            decoded = decode_page(page)
+            if decoded is None:
+                return mailgun_error(400, f"{page!r} is not a page of this events API")
+            query, cursor = decoded
+        if query.message_id is not None:
+            rule = self._rules.take("email", query.message_id, action="list")
+            if rule is not None:
+                await self._rules.hold(rule.hold)  # "timeout" and "slow" answer late, then list
+                if rule.error not in HOLD_ERRORS:
+                    status, message = MAILGUN_RULE_ERRORS.get(
+                        rule.error, MAILGUN_RULE_ERRORS["500"]
+                    )
+                    headers = retry_after_header(rule.retry_after) if status in (429, 503) else {}
+                    return mailgun_error(status, message, headers)
+        found = self._events.page(query, cursor)
+        base = f"{str(request.base_url).rstrip('/')}/v3/{quote(domain, safe='')}/events"
+        return JSONResponse(
+            {
+                "items": [event.as_json() for event in found.items],
+                "paging": {
+                    name: f"{base}/{encode_page(query, target)}"
+                    for name, target in (
+                        ("first", found.first),
+                        ("last", found.last),
+                        ("next", found.next),
+                        ("previous", found.previous),
+                    )
+                },
+            }
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # All providers together, plus their control API
 # --------------------------------------------------------------------------------------------
 
@@ -1330,6 +1807,9 @@ class Providers:
         )
         self.fcm = FcmProvider(config, outbox, self.rules, self.latency)
         self.wechat = WeChatProvider(config, outbox, self.rules, self.latency)
+        self.email_events = EmailEventsProvider(
+            config, outbox.email_events, self.rules, self.latency
+        )
 
     def http_client(self) -> httpx.AsyncClient:
         """The client status callbacks go out with, made on first use (inside the loop)."""
@@ -1365,6 +1845,7 @@ class Providers:
         self.sms.routes(app)
         self.fcm.routes(app)
         self.wechat.routes(app)
+        self.email_events.routes(app)
 
         @app.get("/control/failures")
         async def list_failures() -> dict[str, list[dict[str, Any]]]:
@@ -1419,8 +1900,11 @@ def parse_templates(value: str) -> frozenset[str]:
 
 
 __all__ = [
+    "DEFAULT_EMAIL_EVENTS_API_KEY",
     "DEFAULT_WECHAT_TEMPLATES",
+    "EmailEvents",
     "FailureRules",
+    "MessageHeaders",
     "ProviderConfig",
     "Providers",
     "is_smtp_code",

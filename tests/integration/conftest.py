@@ -1,4 +1,5 @@
-"""Integration fixtures: the provider sandbox (SMTP + outbox + SMS/FCM/WeChat APIs) as a process.
+"""Integration fixtures: the provider sandbox (SMTP + outbox + SMS/FCM/WeChat/email events APIs)
+as a process.
 
 The sandbox runs as a real subprocess on ports chosen by the OS, so these tests talk to it over
 real sockets exactly like the dispatcher does, and never collide with a running local stack.
@@ -38,6 +39,7 @@ SMS_ACCOUNT_SID = "ACwaypostsandbox"
 SMS_AUTH_TOKEN = "waypost-sandbox-sms-token"
 WECHAT_APP_ID = "wxwaypostsandbox"
 WECHAT_APP_SECRET = "waypost-sandbox-wechat-secret"
+EMAIL_EVENTS_API_KEY = "waypost-sandbox-email-events-key"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class SandboxInfo:
     sms_auth_token: str
     wechat_app_id: str
     wechat_app_secret: str
+    email_events_api_key: str
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         response = httpx.request(method, f"{self.http_url}{path}", timeout=10.0, **kwargs)
@@ -87,7 +90,8 @@ class SandboxInfo:
         return rules
 
     def set_latency(self, seconds: float) -> None:
-        """Delay every provider API answer (SMS, FCM, WeChat sends and tokens) by `seconds`."""
+        """Delay every provider API answer (SMS, FCM, WeChat sends and tokens, email events)
+        by `seconds`."""
         self._request("POST", "/control/latency", json={"seconds": seconds})
 
     def revoke_fcm_tokens(self) -> None:
@@ -147,6 +151,7 @@ def running_sandbox(
     sms_auth_token: str = SMS_AUTH_TOKEN,
     wechat_app_id: str = WECHAT_APP_ID,
     wechat_app_secret: str = WECHAT_APP_SECRET,
+    email_events_api_key: str = EMAIL_EVENTS_API_KEY,
 ) -> Iterator[SandboxInfo]:
     """Start deploy/local/sandbox.py on free ports, wait for its ready line, stop it after.
 
@@ -177,6 +182,8 @@ def running_sandbox(
         wechat_app_id,
         "--wechat-app-secret",
         wechat_app_secret,
+        "--email-events-api-key",
+        email_events_api_key,
         *extra_args,
     ]
     env = {key: value for key, value in os.environ.items() if not key.startswith("WAYPOST_")}
@@ -209,6 +216,7 @@ def running_sandbox(
             sms_auth_token=sms_auth_token,
             wechat_app_id=wechat_app_id,
             wechat_app_secret=wechat_app_secret,
+            email_events_api_key=email_events_api_key,
         )
     finally:
         _stop(process)

@@ -1,4 +1,5 @@
-"""The provider sandbox over real sockets: SMS, FCM, WeChat, email and injected failures.
+"""The provider sandbox over real sockets: SMS, FCM, WeChat, email, email events and injected
+failures.
 
 Every test talks HTTP (or SMTP) to a sandbox process started by tests/integration/conftest.py;
 nothing here imports the sandbox's code, so the tests check the wire protocol a provider client
@@ -15,6 +16,7 @@ import shutil
 import smtplib
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from email.message import EmailMessage
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl
 
+import aiosmtplib
 import httpx
 import jwt
 import pytest
@@ -1040,6 +1043,401 @@ def test_email_timeout_stores_the_message_then_holds_the_answer(
     clean_sandbox.wait_messages("email", "slow@example.com")
 
 
+# -- email events (Mailgun style) --------------------------------------------------------------
+
+EVENTS_DOMAIN = "mg.waypost.test"
+
+
+def new_message_id() -> str:
+    """A Message-ID as the header carries it, with its angle brackets."""
+    return f"<{uuid.uuid4().hex}@waypost.test>"
+
+
+async def send_email(
+    sandbox: SandboxInfo,
+    to: list[str],
+    message_id: str | None,
+    *,
+    subject: str = "Your order has shipped",
+    body: str = "It is on its way.",
+    timeout: float = 10.0,
+) -> bytes:
+    """Send one message over SMTP (aiosmtplib) to every address in `to`; the exact bytes sent
+    (CRLF lines ending in CRLF, so the server stores them unchanged)."""
+    lines = [
+        "From: Acme <shop@waypost.test>",
+        f"To: {', '.join(to)}",
+        f"Subject: {subject}",
+        *([f"Message-ID: {message_id}"] if message_id is not None else []),
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "",
+        body,
+    ]
+    raw = ("\r\n".join(lines) + "\r\n").encode()
+    await aiosmtplib.send(
+        raw,
+        sender="bounces@waypost.test",
+        recipients=to,
+        hostname="127.0.0.1",
+        port=sandbox.smtp_port,
+        timeout=timeout,
+    )
+    return raw
+
+
+async def get_events(
+    sandbox: SandboxInfo,
+    params: dict[str, str] | None = None,
+    *,
+    url: str | None = None,
+    auth: tuple[str, str] | None = None,
+    timeout: float = 10.0,
+) -> httpx.Response:
+    """GET /v3/{domain}/events with `params`, or a paging URL it answered with."""
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        return await client.get(
+            url or f"{sandbox.http_url}/v3/{EVENTS_DOMAIN}/events",
+            params=params,
+            auth=auth or ("api", sandbox.email_events_api_key),
+        )
+
+
+async def event_items(
+    sandbox: SandboxInfo, params: dict[str, str] | None = None, *, url: str | None = None
+) -> list[dict[str, Any]]:
+    answer = await get_events(sandbox, params, url=url)
+    assert answer.status_code == 200, answer.text
+    items: list[dict[str, Any]] = answer.json()["items"]
+    return items
+
+
+def message_ids(items: list[dict[str, Any]]) -> list[str]:
+    return [item["message"]["headers"]["message-id"] for item in items]
+
+
+async def test_an_accepted_email_is_found_by_its_message_id_with_or_without_brackets(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    message_id = new_message_id()
+    bare = message_id.strip("<>")
+    before = time.time()
+    raw = await send_email(clean_sandbox, ["ada@example.com"], message_id)
+    after = time.time()
+
+    answer = await get_events(clean_sandbox, {"message-id": bare})
+
+    assert answer.status_code == 200, answer.text
+    [event] = answer.json()["items"]
+    assert isinstance(event["id"], str)
+    assert event["id"]
+    assert event["event"] == "accepted"
+    assert before <= event["timestamp"] <= after
+    assert event["recipient"] == "ada@example.com"
+    assert event["envelope"] == {
+        "sender": "bounces@waypost.test",
+        "targets": "ada@example.com",
+        "transport": "smtp",
+    }
+    assert event["message"] == {
+        "headers": {
+            "message-id": bare,
+            "from": "Acme <shop@waypost.test>",
+            "to": "ada@example.com",
+            "subject": "Your order has shipped",
+        },
+        "size": len(raw),
+    }
+    assert set(answer.json()["paging"]) == {"first", "last", "next", "previous"}
+    # Asked for with the brackets the header has: the same event.
+    assert await event_items(clean_sandbox, {"message-id": message_id}) == [event]
+    # The outbox's record of the message carries the same arrival time.
+    [stored] = clean_sandbox.messages("email", "ada@example.com")
+    assert datetime.fromisoformat(stored["received_at"]).timestamp() == pytest.approx(
+        event["timestamp"], abs=1e-5
+    )
+
+
+async def test_an_email_whose_answer_never_came_has_its_accepted_event(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    """What the events API is for: the SMTP answer to DATA is held past the client's timeout,
+    and the events say the message was accepted all the same."""
+    message_id = new_message_id()
+    clean_sandbox.fail(channel="email", recipient="ada@example.com", error="timeout", seconds=2)
+
+    with pytest.raises(aiosmtplib.SMTPTimeoutError):
+        await send_email(clean_sandbox, ["ada@example.com"], message_id, timeout=0.5)
+
+    [event] = await event_items(clean_sandbox, {"message-id": message_id})
+    assert event["recipient"] == "ada@example.com"
+
+
+async def test_a_message_to_three_recipients_has_an_event_for_each(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    message_id = new_message_id()
+    bare = message_id.strip("<>")
+    to = ["ada@example.com", "Bob@Example.com", "cy@example.org"]
+    await send_email(clean_sandbox, to, message_id)
+    await send_email(clean_sandbox, ["bob@example.com"], new_message_id())  # another message
+
+    items = await event_items(clean_sandbox, {"message-id": bare})
+
+    assert sorted(item["recipient"] for item in items) == sorted(to)
+    assert len({item["id"] for item in items}) == 3
+    assert all(item["envelope"]["targets"] == item["recipient"] for item in items)
+    assert message_ids(items) == [bare] * 3
+    assert {item["message"]["headers"]["to"] for item in items} == {", ".join(to)}
+    # The recipient filter ignores case, and combines with the Message-ID.
+    [bob] = await event_items(clean_sandbox, {"message-id": bare, "recipient": "BOB@example.com"})
+    assert bob["recipient"] == "Bob@Example.com"
+    bobs = await event_items(clean_sandbox, {"recipient": "bob@EXAMPLE.com"})
+    assert len(bobs) == 2
+    assert bare in message_ids(bobs)
+    assert await event_items(clean_sandbox, {"message-id": bare, "recipient": "zed@x.org"}) == []
+
+
+async def test_an_unknown_message_id_and_other_event_types_list_nothing(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    message_id = new_message_id()
+    await send_email(clean_sandbox, ["ada@example.com"], message_id)
+    # A Message-ID line in the body of a message without one is not its Message-ID.
+    await send_email(
+        clean_sandbox, ["ada@example.com"], None, body="Message-ID: <in-the-body@waypost.test>"
+    )
+    bare = message_id.strip("<>")
+
+    assert await event_items(clean_sandbox, {"message-id": "never-sent@waypost.test"}) == []
+    assert await event_items(clean_sandbox, {"message-id": "in-the-body@waypost.test"}) == []
+    assert await event_items(clean_sandbox, {"message-id": bare, "event": "delivered"}) == []
+    assert len(await event_items(clean_sandbox, {"message-id": bare, "event": "accepted"})) == 1
+    either = await event_items(clean_sandbox, {"message-id": bare, "event": "failed OR accepted"})
+    assert len(either) == 1
+    everything = await event_items(clean_sandbox)
+    assert [item["message"]["headers"]["message-id"] for item in everything] == [None, bare]
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [None, ("api", "wrong-key"), ("user", "waypost-sandbox-email-events-key")],
+    ids=["missing", "wrong-key", "wrong-user"],
+)
+async def test_the_events_api_refuses_bad_credentials(
+    clean_sandbox: SandboxInfo, auth: tuple[str, str] | None
+) -> None:
+    await send_email(clean_sandbox, ["ada@example.com"], new_message_id())
+    async with httpx.AsyncClient(timeout=10) as client:
+        answer = await client.get(
+            f"{clean_sandbox.http_url}/v3/{EVENTS_DOMAIN}/events",
+            auth=auth or httpx.USE_CLIENT_DEFAULT,
+        )
+
+    assert answer.status_code == 401
+    assert isinstance(answer.json()["message"], str)
+    assert answer.json()["message"]
+    assert answer.headers["WWW-Authenticate"].startswith("Basic")
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "301"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"limit": "-5"}, "limit"),
+        ({"ascending": "maybe"}, "ascending"),
+        ({"begin": "yesterday"}, "begin"),
+        ({"end": "nan"}, "end"),
+        ({"message-id": "<>"}, "message-id"),
+        ({"subject": "Your order"}, "subject"),
+    ],
+)
+async def test_a_bad_events_query_is_a_400_naming_the_field(
+    clean_sandbox: SandboxInfo, params: dict[str, str], field: str
+) -> None:
+    answer = await get_events(clean_sandbox, params)
+
+    assert answer.status_code == 400
+    assert field in answer.json()["message"]
+
+
+async def test_events_pages_follow_each_other_both_ways(clean_sandbox: SandboxInfo) -> None:
+    sent = [new_message_id().strip("<>") for _ in range(5)]
+    for message_id in sent:
+        await send_email(clean_sandbox, ["pager@example.com"], message_id)
+    await send_email(clean_sandbox, ["someone-else@example.com"], new_message_id())
+
+    first = await get_events(
+        clean_sandbox, {"recipient": "pager@example.com", "ascending": "yes", "limit": "2"}
+    )
+    assert message_ids(first.json()["items"]) == sent[:2]
+    paging = first.json()["paging"]
+    assert paging["next"].startswith(f"{clean_sandbox.http_url}/v3/{EVENTS_DOMAIN}/events/")
+    second = (await get_events(clean_sandbox, url=paging["next"])).json()
+    assert message_ids(second["items"]) == sent[2:4]
+    third = (await get_events(clean_sandbox, url=second["paging"]["next"])).json()
+    assert message_ids(third["items"]) == sent[4:]
+    end = (await get_events(clean_sandbox, url=third["paging"]["next"])).json()
+    assert end["items"] == []
+    back = await event_items(clean_sandbox, url=third["paging"]["previous"])
+    assert message_ids(back) == sent[2:4]
+    assert (
+        message_ids(await event_items(clean_sandbox, url=second["paging"]["previous"]))
+        == (sent[:2])
+    )
+    assert message_ids(await event_items(clean_sandbox, url=paging["first"])) == sent[:2]
+    assert message_ids(await event_items(clean_sandbox, url=paging["last"])) == sent[3:]
+    # An ascending listing's next page, empty at the end, later lists what arrived since.
+    latest = new_message_id().strip("<>")
+    await send_email(clean_sandbox, ["pager@example.com"], latest)
+    assert message_ids(await event_items(clean_sandbox, url=end["paging"]["next"])) == [latest]
+
+    # Newest first without `ascending`, page by page down to the oldest.
+    newest = await get_events(clean_sandbox, {"recipient": "pager@example.com", "limit": "4"})
+    assert message_ids(newest.json()["items"]) == [latest, *sent[::-1][:3]]
+    older = await event_items(clean_sandbox, url=newest.json()["paging"]["next"])
+    assert message_ids(older) == sent[1::-1]
+
+    # A page URL carries its query: no parameters beside it, and only its own tokens.
+    with_params = await get_events(clean_sandbox, {"limit": "1"}, url=paging["next"])
+    assert with_params.status_code == 400
+    forged = await get_events(clean_sandbox, url=f"{paging['first'].rpartition('/')[0]}/xyz")
+    assert forged.status_code == 400
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.get(paging["next"])).status_code == 401
+
+
+async def test_events_are_listed_within_the_time_range_in_its_order(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    early_id, late_id = new_message_id().strip("<>"), new_message_id().strip("<>")
+    await send_email(clean_sandbox, ["clock@example.com"], early_id)
+    [early] = await event_items(clean_sandbox, {"message-id": early_id})
+    await send_email(clean_sandbox, ["clock@example.com"], late_id)
+    [late] = await event_items(clean_sandbox, {"message-id": late_id})
+    assert late["timestamp"] > early["timestamp"]
+    t_early, t_late = str(early["timestamp"]), str(late["timestamp"])
+
+    async def listed(**params: str) -> list[str]:
+        return message_ids(
+            await event_items(clean_sandbox, {"recipient": "clock@example.com", **params})
+        )
+
+    assert await listed(begin=t_early, end=t_early) == [early_id]
+    assert await listed(begin=t_early, end=t_late) == [early_id, late_id]
+    assert await listed(begin=t_late, end=t_early) == [late_id, early_id]  # end before begin
+    assert await listed(begin=t_late, ascending="yes") == [late_id]
+    assert await listed(begin=t_late) == [late_id]  # from a begin, ascending by default
+    assert await listed(begin=t_early, ascending="no") == [early_id]  # back from the begin
+    assert await listed(end=t_late, ascending="yes") == [early_id, late_id]
+    assert await listed(end=t_late) == [late_id]  # newest first, down to the end
+    assert await listed() == [late_id, early_id]
+    assert await listed(ascending="yes") == [early_id, late_id]
+    between = (early["timestamp"] + late["timestamp"]) / 2
+    assert await listed(begin=str(between), ascending="yes") == [late_id]
+
+
+async def test_a_list_rule_fails_the_events_query_of_its_message_id_times_times(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    message_id = new_message_id()
+    bare = message_id.strip("<>")
+    clean_sandbox.fail(
+        channel="email", recipient=bare, error="503", action="list", times=2, retry_after=3
+    )
+    await send_email(clean_sandbox, ["ada@example.com"], message_id)  # sends are not affected
+    # A query without the Message-ID matches no rule.
+    assert len(await event_items(clean_sandbox, {"recipient": "ada@example.com"})) == 1
+    assert [rule["times"] for rule in clean_sandbox.failures()] == [2]
+
+    for _ in range(2):
+        refused = await get_events(clean_sandbox, {"message-id": message_id})
+        assert refused.status_code == 503
+        assert refused.json()["message"]
+        assert refused.headers["Retry-After"] == "3"
+
+    assert len(await event_items(clean_sandbox, {"message-id": bare})) == 1
+    assert clean_sandbox.failures() == []
+
+
+async def test_a_429_list_rule_answers_with_retry_after(clean_sandbox: SandboxInfo) -> None:
+    clean_sandbox.fail(
+        channel="email",
+        recipient="<limited@waypost.test>",
+        error="429",
+        action="list",
+        retry_after=1.5,
+        times=1,
+    )
+
+    refused = await get_events(clean_sandbox, {"message-id": "Limited@waypost.test"})
+
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "1.5"
+    assert (await get_events(clean_sandbox, {"message-id": "limited@waypost.test"})).json()[
+        "items"
+    ] == []
+
+
+async def test_a_timeout_list_rule_holds_the_events_answer(clean_sandbox: SandboxInfo) -> None:
+    message_id = new_message_id()
+    bare = message_id.strip("<>")
+    await send_email(clean_sandbox, ["ada@example.com"], message_id)
+    clean_sandbox.fail(
+        channel="email", recipient=bare, error="timeout", action="list", seconds=2, times=1
+    )
+
+    with pytest.raises(httpx.ReadTimeout):
+        await get_events(clean_sandbox, {"message-id": bare}, timeout=0.5)
+
+    assert len(await event_items(clean_sandbox, {"message-id": bare})) == 1
+
+
+async def test_a_slow_list_rule_answers_the_events_late(clean_sandbox: SandboxInfo) -> None:
+    message_id = new_message_id()
+    bare = message_id.strip("<>")
+    await send_email(clean_sandbox, ["ada@example.com"], message_id)
+    clean_sandbox.fail(channel="email", recipient=bare, error="slow", action="list", seconds=0.5)
+
+    started = time.monotonic()
+    answer = await get_events(clean_sandbox, {"message-id": bare})
+
+    assert time.monotonic() - started >= 0.5
+    assert len(answer.json()["items"]) == 1
+
+
+async def test_latency_delays_the_events_answer(clean_sandbox: SandboxInfo) -> None:
+    clean_sandbox.set_latency(0.4)
+
+    started = time.monotonic()
+    answer = await get_events(clean_sandbox, {"message-id": "any@waypost.test"})
+
+    assert answer.status_code == 200
+    assert time.monotonic() - started >= 0.4
+
+
+async def test_clearing_the_outbox_or_a_reset_forgets_the_events(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    message_id = new_message_id()
+    bare = message_id.strip("<>")
+    await send_email(clean_sandbox, ["ada@example.com"], message_id)
+    assert len(await event_items(clean_sandbox, {"message-id": bare})) == 1
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        cleared = await client.delete(f"{clean_sandbox.http_url}/messages")
+    assert cleared.json() == {"deleted": 1}
+    assert await event_items(clean_sandbox, {"message-id": bare}) == []
+    assert await event_items(clean_sandbox) == []
+
+    await send_email(clean_sandbox, ["ada@example.com"], message_id)
+    assert len(await event_items(clean_sandbox, {"message-id": bare})) == 1
+    clean_sandbox.reset()
+    assert await event_items(clean_sandbox, {"message-id": bare}) == []  # the key still works
+
+
 # -- control API -------------------------------------------------------------------------------
 
 
@@ -1051,6 +1449,11 @@ def test_email_timeout_stores_the_message_then_holds_the_answer(
         ({"channel": "sms", "recipient": "+15551230001", "error": "30009"}, "error"),
         ({"channel": "wechat", "recipient": "o", "error": "UNREGISTERED"}, "error"),
         ({"channel": "email", "recipient": "a@b.c", "error": "250"}, "error"),
+        ({"channel": "email", "recipient": "id@b.c", "error": "550", "action": "list"}, "error"),
+        (
+            {"channel": "email", "recipient": "id@b.c", "error": "UNAVAILABLE", "action": "list"},
+            "error",
+        ),
         ({"channel": "sms", "recipient": "", "error": "500"}, "recipient"),
         ({"channel": "sms", "recipient": "+1555", "error": "500", "times": 0}, "times"),
         ({"channel": "sms", "recipient": "+1555", "error": "slow", "seconds": -1}, "seconds"),
