@@ -26,15 +26,19 @@ against the outbox:
 - **duplicates**: messages that reached the outbox more than once (must be 0);
 - **lost**: requests with no final state, or `sent`/`delivered` and not in the outbox, or
   `failed` and in it (must be 0);
-- **unknown**: marketing messages the worker died on mid-call, which SMTP cannot be asked
-  about; `unknown_arrived` of them did reach the outbox. The target is at most 1 % of sends.
+- **unknown**: marketing messages the worker died on mid-call that asking the provider could
+  not settle (the stack's sandbox answers the SMS listing and a Mailgun-style email events log);
+  `unknown_arrived` of them did reach the outbox. The target is at most 1 % of sends.
 
 - **receipted**: messages a worker that took over concluded `sent` from their call receipts
   (the answer the killed worker had, written down as it came; shown by the ledger's reason).
+- **reconciled**: messages concluded `sent` because the provider, asked, showed them (the
+  SMS listing, the email events log); those it showed never arrived were sent again, and count
+  as plain sends.
 
 The last line is `RESULT chaos_sends=… duplicates=… unknown=… lost=… unknown_pct=… receipted=…
-zombie_sends=… zombie_duplicates=… zombie_unknown=… zombie_lost=…`; the exit status is 1 when
-anything was duplicated or lost.
+reconciled=… calls_at_kills=… zombie_sends=… zombie_duplicates=… zombie_unknown=…
+zombie_lost=…`; the exit status is 1 when anything was duplicated or lost.
 """
 
 from __future__ import annotations
@@ -112,6 +116,7 @@ class Tally:
     unknown: int
     unknown_arrived: int
     receipted: int  # concluded from a call receipt by the worker that took over
+    reconciled: int  # concluded `sent` because the provider, asked, showed them
     # Unknown sends by channel and whether they arrived: "email arrived", "sms not arrived".
     unknown_by: Counter[str]
     # The worker's provider calls under way (marked, unanswered) as each SIGKILL came.
@@ -126,7 +131,8 @@ class Tally:
         return (
             f"{self.sends} sends: {states}; {self.duplicates} duplicates, {self.lost} lost, "
             f"{self.unknown} unknown ({self.unknown_pct:.2f} %, {self.unknown_arrived} of them "
-            f"arrived); {self.receipted} concluded from their call receipts"
+            f"arrived); {self.receipted} concluded from their call receipts, "
+            f"{self.reconciled} reconciled with the provider"
             + (
                 " (unknown: "
                 + ", ".join(f"{n} {k}" for k, n in sorted(self.unknown_by.items()))
@@ -279,6 +285,11 @@ def tally(bench: stack.Stack, db: Any, phase: str, sends: Sequence[Send]) -> Tal
         receipted=sum(
             1 for s in sends if shown.get(s.message_id, {}).get("reason") == RECEIPT_REASON
         ),
+        reconciled=sum(
+            1
+            for s in sends
+            if str(shown.get(s.message_id, {}).get("reason") or "").startswith("reconciled")
+        ),
         unknown_by=Counter(
             f"{s.channel} {'arrived' if arrived[s.address] else 'not arrived'}" for s in unknown
         ),
@@ -426,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"RESULT chaos_sends={killed.sends} duplicates={killed.duplicates} "
         f"unknown={killed.unknown} lost={killed.lost} unknown_pct={killed.unknown_pct:.2f} "
-        f"receipted={killed.receipted} "
+        f"receipted={killed.receipted} reconciled={killed.reconciled} "
         f"calls_at_kills={sum(killed.calls_at_kills)} "
         f"zombie_sends={zombie.sends} zombie_duplicates={zombie.duplicates} "
         f"zombie_unknown={zombie.unknown} zombie_lost={zombie.lost}",

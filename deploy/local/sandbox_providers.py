@@ -195,7 +195,8 @@ CHANNEL_ERRORS: dict[str, tuple[str, ...]] = {
     "push": (*COMMON_ERRORS, *FCM_ERRORS),
     "wechat": (*COMMON_ERRORS, *(str(code) for code in WECHAT_ERRMSG)),
 }
-# What a rule on the email events query (`"action": "list"`, keyed by Message-ID) can answer.
+# What a rule on the email events query (`"action": "list"`, keyed by Message-ID or by an
+# address the message went to) can answer.
 EMAIL_LIST_ERRORS = COMMON_ERRORS
 SMTP_CODE = re.compile(r"^[45]\d\d$")
 DEFAULT_HOLD_SECONDS = {"timeout": 30.0, "slow": 2.0}
@@ -1484,6 +1485,10 @@ class EmailEvents:
             recorded.append(event)
         return recorded
 
+    def recipients_of(self, message_id: str) -> list[str]:
+        """Who the stored messages with this Message-ID went to."""
+        return [event.recipient for event in self._by_message_id.get(message_id, [])]
+
     def clear(self) -> int:
         count = len(self._events)
         self._events.clear()
@@ -1748,7 +1753,12 @@ class EmailEventsProvider:
                 return mailgun_error(400, f"{page!r} is not a page of this events API")
             query, cursor = decoded
         if query.message_id is not None:
-            rule = self._rules.take("email", query.message_id, action="list")
+            # A rule names the Message-ID, or an address the message went to (a test knows
+            # the address before the message exists, not its Message-ID).
+            keys = [query.message_id, *self._events.recipients_of(query.message_id)]
+            rule = next(
+                (r for k in keys if (r := self._rules.take("email", k, action="list"))), None
+            )
             if rule is not None:
                 await self._rules.hold(rule.hold)  # "timeout" and "slow" answer late, then list
                 if rule.error not in HOLD_ERRORS:

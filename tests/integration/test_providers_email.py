@@ -6,7 +6,7 @@ import email
 import email.policy
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 
 import pytest
@@ -15,6 +15,13 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from services.dispatcher.channels.email.adapter import SmtpSender
 from services.dispatcher.channels.email.domain import EmailContent
+from services.dispatcher.channels.email.events import EmailEventsApi
+from services.dispatcher.channels.email.reconcile import (
+    EmailEvents,
+    message_id_header,
+    reconcile_email,
+)
+from services.dispatcher.channels.http import ProviderClient
 from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.settings import DispatcherSettings
 from shared.links import LinkClaims, LinkSigner, track_email
@@ -136,6 +143,84 @@ async def test_a_timeout_after_data_is_unknown_and_the_message_arrived(
     outcome = await sender.send(_delivery("slow@example.com"))
     assert outcome.kind == "unknown"
     clean_sandbox.wait_messages("email", "slow@example.com")
+
+
+def _events_api(sandbox: SandboxInfo, http: ProviderClient, **overrides: object) -> EmailEventsApi:
+    options: dict[str, object] = {
+        "email_events_url": f"{sandbox.http_url}/v3/waypost.local",
+        "email_events_api_key": sandbox.email_events_api_key,
+        "provider_timeout_seconds": 1.0,
+        **overrides,
+    }
+    settings = DispatcherSettings(**options)  # type: ignore[arg-type]
+    return EmailEventsApi(settings, http)
+
+
+async def test_an_unanswered_message_is_found_accepted_in_the_providers_events(
+    clean_sandbox: SandboxInfo, senders: Senders, http: ProviderClient
+) -> None:
+    clean_sandbox.fail(channel="email", recipient="slow@example.com", error="timeout", seconds=3)
+    sender = senders(_settings(clean_sandbox.smtp_port))
+    assert (await sender.send(_delivery("slow@example.com", "msg-held"))).kind == "unknown"
+    events = _events_api(clean_sandbox, http)
+    message_id = message_id_header("msg-held", "waypost.local")
+
+    answer = await events.events_of(message_id)
+
+    assert isinstance(answer, EmailEvents)
+    assert [(e.event, e.message_id) for e in answer.events] == [
+        ("accepted", "msg-held@waypost.local")
+    ]
+    found = reconcile_email(answer, message_id, NOW, NOW, timedelta(seconds=60))
+    assert (found.outcome.kind, found.outcome.provider_id) == ("sent", message_id)
+
+
+async def test_a_message_the_provider_never_took_has_no_events(
+    clean_sandbox: SandboxInfo, senders: Senders, http: ProviderClient
+) -> None:
+    sender = senders(_settings(clean_sandbox.smtp_port))
+    assert (await sender.send(_delivery("ada@example.com", "msg-other"))).kind == "sent"
+    message_id = message_id_header("msg-never", "waypost.local")
+
+    answer = await _events_api(clean_sandbox, http).events_of(message_id)
+
+    assert answer == EmailEvents(())
+    later = NOW + timedelta(seconds=61)
+    found = reconcile_email(answer, message_id, NOW, later, timedelta(seconds=60))
+    assert found.outcome.kind == "retry"
+
+
+async def test_an_events_api_that_cannot_answer_says_why(
+    clean_sandbox: SandboxInfo, http: ProviderClient
+) -> None:
+    message_id = message_id_header("msg-x", "waypost.local")
+    wrong_key = await _events_api(
+        clean_sandbox, http, email_events_api_key="not-the-key"
+    ).events_of(message_id)
+    assert isinstance(wrong_key, str)
+    assert "HTTP 401" in wrong_key
+
+    clean_sandbox.fail(
+        channel="email", recipient="msg-x@waypost.local", error="503", action="list", times=1
+    )
+    busy = await _events_api(clean_sandbox, http).events_of(message_id)
+    assert isinstance(busy, str)
+    assert "HTTP 503" in busy
+
+    clean_sandbox.fail(
+        channel="email", recipient="msg-x@waypost.local", error="timeout", action="list", times=1
+    )
+    held = await _events_api(clean_sandbox, http).events_of(message_id)
+    assert isinstance(held, str)
+    assert "timed out" in held
+
+    away = DispatcherSettings(
+        email_events_url=f"http://127.0.0.1:{_free_port()}/v3/waypost.local",
+        email_events_api_key=clean_sandbox.email_events_api_key,
+    )
+    gone = await EmailEventsApi(away, http).events_of(message_id)
+    assert isinstance(gone, str)
+    assert gone.startswith("email events: ")
 
 
 def _free_port() -> int:

@@ -1362,6 +1362,25 @@ async def test_a_list_rule_fails_the_events_query_of_its_message_id_times_times(
     assert clean_sandbox.failures() == []
 
 
+async def test_a_list_rule_may_name_an_address_the_message_went_to(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    message_id = new_message_id()
+    other = new_message_id()
+    clean_sandbox.fail(
+        channel="email", recipient="Ada@Example.com", error="500", action="list", times=1
+    )
+    await send_email(clean_sandbox, ["bob@example.com"], other)
+    await send_email(clean_sandbox, ["ada@example.com"], message_id)
+
+    # The query of a message to another address is not refused; the rule waits for Ada's.
+    assert len(await event_items(clean_sandbox, {"message-id": other})) == 1
+    refused = await get_events(clean_sandbox, {"message-id": message_id})
+    assert refused.status_code == 500
+    assert len(await event_items(clean_sandbox, {"message-id": message_id})) == 1
+    assert clean_sandbox.failures() == []
+
+
 async def test_a_429_list_rule_answers_with_retry_after(clean_sandbox: SandboxInfo) -> None:
     clean_sandbox.fail(
         channel="email",
