@@ -463,12 +463,13 @@ class SmsProvider:
         if scheme.lower() != "basic":
             return False
         try:
-            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+            user, _, password = base64.b64decode(encoded, validate=True).partition(b":")
+        except binascii.Error:
             return False
-        return hmac.compare_digest(user, self.config.sms_account_sid) and hmac.compare_digest(
-            password, self.config.sms_auth_token
-        )
+        # bytes, not str: compare_digest refuses str with non-ASCII characters
+        return hmac.compare_digest(
+            user, self.config.sms_account_sid.encode()
+        ) and hmac.compare_digest(password, self.config.sms_auth_token.encode())
 
     async def _guard(self, request: Request, account_sid: str) -> JSONResponse | None:
         """Latency, Basic auth and the account in the path: the checks every route shares."""

@@ -226,6 +226,8 @@ def test_sms_messaging_service_sid_stands_in_for_from(clean_sandbox: SandboxInfo
     [
         (("ACwaypostsandbox", "wrong-token"), None),
         (("ACsomeoneelse", "waypost-sandbox-sms-token"), None),
+        # Outside ASCII: a 401 like any other wrong credentials, not a server error.
+        (("ACwaypostsandbox", "mot-de-passe-refusé"), None),
     ],
 )
 def test_sms_refuses_bad_credentials(
