@@ -27,7 +27,7 @@ outcome comes to is decided by `domain.conclude` and carried out here.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -52,9 +52,11 @@ from services.dispatcher.adapters.tables import (
 )
 from services.dispatcher.channels import kits
 from services.dispatcher.channels.email.reconcile import (
+    RETAINED,
     EmailHistory,
     message_id_header,
     reconcile_email,
+    vouches,
 )
 from services.dispatcher.channels.http import BEFORE_SENDING
 from services.dispatcher.channels.sms.domain import SmsContent
@@ -179,6 +181,12 @@ class PauseRecord(Protocol):
 # take, and no more than this many (a few hundred bytes each, the content left out).
 CALLS_KEPT_SECONDS = 300.0
 CALLS_KEPT = 20_000
+# An email found absent from the provider's events log counts as never arrived only once the
+# log has shown a message this worker saw accepted: one such message is kept per
+# VOUCHER_SPACING, a day's worth, and a log that showed one is trusted for VOUCHED_FOR.
+VOUCHER_SPACING = timedelta(seconds=30)
+VOUCHERS_KEPT = 2_880
+VOUCHED_FOR = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -286,6 +294,10 @@ class Dispatcher:
         self._monotonic = monotonic
         self.sms_history = sms_history
         self.email_history = email_history
+        # Message-IDs the SMTP server was seen to accept, with when, one per VOUCHER_SPACING
+        # (`_accepted_email`), and when the events log last showed one (`_unvouched`).
+        self._vouchers: deque[tuple[str, datetime]] = deque(maxlen=VOUCHERS_KEPT)
+        self._vouched_at: datetime | None = None
         self.pauses = pauses
         self.receipts = receipts
         # Pause records being written: held here so they finish (the loop keeps weak refs).
@@ -639,9 +651,7 @@ class Dispatcher:
                     return
                 # Ask the provider: found, it is sent; proven absent, a new try is safe.
                 stopped = Outcome("unknown", progress.STOPPED)
-                asked = await self._reconciled(
-                    request, stopped, None, began or request.requested_at
-                )
+                asked = await self._reconciled(request, stopped, None, began)
                 outcome = asked.outcome
                 if outcome.kind == "sent" or not resend:
                     if await self._ask_later(request, attempt, reconcile_tries, asked):
@@ -725,6 +735,8 @@ class Dispatcher:
     ) -> None:
         """What the provider answered, concluded (an unknown SMS or email asked about first;
         `prepared` None: an SMS is rendered again for the asking)."""
+        if outcome.kind == "sent" and request.channel == "email":
+            self._accepted_email(outcome.provider_id)
         if outcome.kind == "unknown" and self._can_reconcile(request):
             asked = await self._reconciled(request, outcome, prepared, began)
             if await self._ask_later(request, attempt, 0, asked):
@@ -945,30 +957,46 @@ class Dispatcher:
         request: SendRequest,
         unanswered: Outcome,
         delivery: Delivery | None,
-        began: datetime,
+        began: datetime | None,
     ) -> _Asked:
         """What a try without an answer came to, by its provider: `sent`, `retry` (it never
         arrived) or `unanswered` with the reason it stays unknown, and whether asking again
-        later may tell."""
+        later may tell. `began`: when the try began (None: not known)."""
         if request.channel == "email":
             return await self._reconciled_email(request, unanswered, delivery, began)
-        return await self._reconciled_sms(request, unanswered, delivery, began)
+        return await self._reconciled_sms(
+            request, unanswered, delivery, began or request.requested_at
+        )
 
     async def _reconciled_email(
         self,
         request: SendRequest,
         unanswered: Outcome,
         delivery: Delivery | None,
-        began: datetime,
+        began: datetime | None,
     ) -> _Asked:
         """An email by the provider's events of its Message-ID, which is the same for every
-        try of the message: nothing to render again."""
-        assert self.email_history is not None
+        try of the message: nothing to render again. Found absent, it is taken for never
+        arrived only once the log has shown a message this worker saw accepted
+        (`_unvouched`)."""
+        history = self.email_history
+        assert history is not None
         message_id = message_id_header(request.message_id, self.settings.message_id_domain)
-        answer = await self.email_history.events_of(message_id)
+        answer = await history.events_of(message_id)
         settle = timedelta(seconds=self.settings.email_reconcile_settle_seconds)
-        found = reconcile_email(answer, message_id, began, self.clock.now(), settle)
+        # The server may take a message until the client gives up on its answer.
+        taken_by = (
+            None if began is None else began + timedelta(seconds=self.settings.smtp_timeout_seconds)
+        )
+        now = self.clock.now()
+        found = reconcile_email(answer, message_id, taken_by, now, settle)
         outcome = found.outcome
+        unlisted = isinstance(answer, str)
+        if outcome.kind == "retry":
+            doubt = await self._unvouched(history, now, settle)
+            if doubt is not None:
+                why = f"{unanswered.reason}; not reconciled: {doubt}"
+                outcome, unlisted = replace(unanswered, reason=why), True
         log.info(
             "dispatcher.email_reconciled",
             message_id=request.message_id,
@@ -976,15 +1004,44 @@ class Dispatcher:
             reason=outcome.reason,
         )
         address = delivery.address if delivery is not None else send_address(request)
-        if outcome.kind == "unknown":
+        if outcome.kind == "unknown" and found.outcome.kind == "unknown":
             why = f"{unanswered.reason}; {outcome.reason}"
             return _Asked(
-                replace(unanswered, reason=why),
-                address,
-                unlisted=isinstance(answer, str),
-                ask_at=found.ask_at,
+                replace(unanswered, reason=why), address, unlisted=unlisted, ask_at=found.ask_at
             )
+        if outcome.kind == "unknown":  # absent, and the log not vouched for
+            return _Asked(outcome, address, unlisted=unlisted)
         return _Asked(outcome, address)
+
+    def _accepted_email(self, message_id: str | None) -> None:
+        """Keep a Message-ID the server was seen to accept, now and then (`VOUCHER_SPACING`),
+        to check the events log against later (`_unvouched`)."""
+        if message_id is None or self.email_history is None:
+            return
+        now = self.clock.now()
+        kept = self._vouchers
+        if not kept or now - kept[-1][1] >= VOUCHER_SPACING:
+            kept.append((message_id, now))
+
+    async def _unvouched(
+        self, history: EmailHistory, now: datetime, settle: timedelta
+    ) -> str | None:
+        """None when the events log shows our mail: it showed, lately (`VOUCHED_FOR`) or now, a
+        message this worker saw accepted at least `settle` ago. Otherwise why not: an events
+        URL of another domain or region answers every query with nothing, which must not pass
+        for "never arrived"."""
+        if self._vouched_at is not None and now - self._vouched_at < VOUCHED_FOR:
+            return None
+        eligible = [m for m, at in self._vouchers if at + settle <= now and now - at <= RETAINED]
+        if not eligible:
+            return "no email this worker saw accepted is old enough to check the events log"
+        voucher = eligible[-1]
+        doubt = vouches(await history.events_of(voucher), voucher)
+        if doubt is None:
+            self._vouched_at = now
+        else:
+            log.warning("dispatcher.email_events_unvouched", reason=doubt)
+        return doubt
 
     async def _reconciled_sms(
         self,

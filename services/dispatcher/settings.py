@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from shared.contracts import Channel
 from shared.secrets import Secret, provider_credential
@@ -116,11 +116,12 @@ class DispatcherSettings(StreamSettings):
     # Unset: such an email ends `unknown` (marketing) or is sent again (transactional).
     email_events_url: str | None = None
     email_events_api_key: SecretStr | None = None
-    # A message the events log does not show proves nothing until the try is this old: an
-    # events log shows a message some time after it took it (Mailgun indexes within seconds,
-    # and says a poller should trust a page only once it is half an hour old). Asked sooner and
-    # not shown, the email is asked about again once this has passed, left `sending` meanwhile.
-    email_reconcile_settle_seconds: float = Field(default=120.0, ge=0)
+    # A message the events log does not show proves nothing until this long after the server
+    # could last have taken it (the try's start plus `smtp_timeout_seconds`): an events log
+    # shows a message some time after it took it, and Mailgun says a poller should trust a page
+    # only once it is half an hour old. Asked sooner and not shown, the email is asked about
+    # again then, left `sending` meanwhile (a marketing email is sent at most once).
+    email_reconcile_settle_seconds: float = Field(default=1800.0, ge=0)
     # When the events API cannot answer (busy or away): asked again this long later, try after
     # try; after the last, a marketing email stays `unknown`. JSON list in the environment.
     email_reconcile_again_seconds: tuple[float, ...] = (30.0, 120.0, 600.0)
@@ -179,6 +180,16 @@ class DispatcherSettings(StreamSettings):
             password = self.smtp_password.get_secret_value() if self.smtp_password else None
             used.append(provider_credential("WAYPOST_SMTP_PASSWORD", password))
         return used
+
+    @model_validator(mode="after")
+    def _events_api_has_its_key(self) -> DispatcherSettings:
+        key = self.email_events_api_key
+        if self.email_events_url and not (key and key.get_secret_value()):
+            raise ValueError(
+                "WAYPOST_EMAIL_EVENTS_API_KEY is required with WAYPOST_EMAIL_EVENTS_URL (every "
+                "query would be refused, and no unanswered email could be reconciled)"
+            )
+        return self
 
     @field_validator(
         "fcm_service_account_file",

@@ -9,12 +9,14 @@ from typing import Any
 import pytest
 
 from services.dispatcher.channels.email.reconcile import (
+    RETAINED,
     EmailEvent,
     EmailEvents,
     bare,
     message_id_header,
     parse_email_events,
     reconcile_email,
+    vouches,
 )
 from services.dispatcher.domain import progress
 
@@ -63,6 +65,31 @@ def test_no_event_once_settled_proves_it_never_arrived() -> None:
     found = decide()
     assert found.outcome.kind == "retry"
     assert found.ask_at is None
+
+
+def test_a_try_whose_start_is_not_known_is_never_taken_for_absent() -> None:
+    found = reconcile_email(EmailEvents(()), OURS, None, LATER, SETTLE)
+    assert found.outcome.kind == "unknown"
+    assert found.ask_at is None
+    assert reconcile_email(EmailEvents((event(),)), OURS, None, LATER, SETTLE).outcome.kind == (
+        "sent"
+    )
+
+
+def test_absent_from_a_log_that_may_no_longer_hold_the_try_proves_nothing() -> None:
+    old = BEGAN + RETAINED + timedelta(seconds=1)
+    assert decide(now=old).outcome.kind == "unknown"
+    assert decide(event(), now=old).outcome.kind == "sent"
+
+
+def test_the_log_vouches_for_itself_by_a_message_it_shows_accepted() -> None:
+    other = message_id_header("m-0", "mail.example.com")
+    assert vouches(EmailEvents((event(other),)), other) is None
+    not_shown = vouches(EmailEvents(()), other)
+    assert not_shown is not None
+    assert "events URL" in not_shown
+    assert vouches(EmailEvents((event(other, kind="delivered"),)), other) is not None
+    assert vouches("email events: HTTP 401", other) == "email events: HTTP 401"
 
 
 def test_events_of_our_message_other_than_accepted_prove_it_never_arrived() -> None:

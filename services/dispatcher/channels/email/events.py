@@ -36,16 +36,20 @@ class EmailEventsApi:
     async def events_of(self, message_id: str) -> EmailEvents | str:
         """The `accepted` events of the message with Message-ID `message_id`, or why they
         could not be had."""
+        seconds = self._settings.provider_timeout_seconds
         try:
-            async with self._queries:
+            # The wait for a query slot counts too: a burst of them waits in a batch.
+            async with asyncio.timeout(seconds), self._queries:
                 response = await self._client.get(
                     self._url,
                     params={"message-id": bare(message_id), "event": "accepted", "limit": _LIMIT},
                     headers=self._headers,
-                    timeout=self._settings.provider_timeout_seconds,
+                    timeout=seconds,
                 )
         except ProviderHttpError as exc:
             return f"email events: {exc}"
+        except TimeoutError:
+            return f"email events: no answer within {seconds:g} s"
         return parse_email_events(response.status_code, answer_object(response.content))
 
 

@@ -3,10 +3,14 @@
 SMTP cannot be asked about a message after the fact, but the providers that relay it keep an
 events log with an API: Mailgun's `GET /v3/{domain}/events?message-id=…&event=accepted` lists
 the `accepted` events of the message with that Message-ID. Ours is deterministic per message
-id (`message_id_header`), so an accepted event under it is our message: `sent`. None, once the
-log has had time to show it (`settle`), proves the message never reached the provider: a new
-try is safe. An answer that cannot be read, or one that was not filtered by our Message-ID,
-proves nothing and the send stays `unknown`.
+id (`message_id_header`), so an accepted event under it is our message: `sent`.
+
+None proves the message never reached the provider only when the log is known to show our
+mail: the try is old enough for the log to show it (`settle` after the server could last have
+taken it), young enough for the log to still hold it (`RETAINED`), and the same log shows a
+message this worker saw accepted (`vouches`): an events URL of another domain or region
+answers every query with nothing. Then a new try is safe. Anything less proves nothing, and
+the send stays `unknown`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from services.dispatcher.domain.outcomes import Outcome
+
+# Events older than this may be gone from the provider's log (Mailgun keeps them from one to
+# thirty days by plan): a try this old found absent proves nothing.
+RETAINED = timedelta(days=1)
 
 
 def message_id_header(message_id: str, domain: str) -> str:
@@ -89,18 +97,20 @@ def parse_email_events(status: int, body: Mapping[str, Any] | None) -> EmailEven
 def reconcile_email(
     answer: EmailEvents | str,
     message_id: str,
-    began: datetime,
+    taken_by: datetime | None,
     now: datetime,
     settle: timedelta,
 ) -> Reconciled:
     """What a message without an answer came to, by the provider's events of `message_id`
-    (its Message-ID header).
+    (its Message-ID header). `taken_by`: the latest the server could have taken the message
+    (the try's start plus its SMTP timeout; None: the try's start is not known).
 
     `sent` when the provider accepted a message under that Message-ID. `retry` (it never
-    reached the provider) only when the answer lists events of that Message-ID alone, none of
-    them `accepted`, and the try began at least `settle` ago (an events log shows a message
-    some time after it took it); asked sooner, `unknown` with the time to ask again. Anything
-    else is `unknown`.
+    reached the provider, once the log is vouched for: `vouches`) only when the answer lists
+    events of that Message-ID alone, none of them `accepted`, at least `settle` after
+    `taken_by` (an events log shows a message some time after it took it) and within
+    `RETAINED` of it; asked sooner, `unknown` with the time to ask again. Anything else is
+    `unknown`.
     """
     if isinstance(answer, str):
         return Reconciled(Outcome("unknown", f"not reconciled: {answer}"))
@@ -124,14 +134,40 @@ def reconcile_email(
                 provider_id=message_id,
             )
         )
-    ready = began + settle
+    if taken_by is None:
+        return Reconciled(
+            Outcome("unknown", "not reconciled: when the try began is not known to rule it out")
+        )
+    ready = taken_by + settle
     if now < ready:
         return Reconciled(
             Outcome("unknown", "not reconciled: asked too soon after the try to rule it out"),
             ask_at=ready,
         )
+    if now - taken_by > RETAINED:
+        return Reconciled(
+            Outcome(
+                "unknown",
+                "not reconciled: the try is older than the events log may keep its events",
+            )
+        )
     return Reconciled(
         Outcome("retry", "reconciled: the provider never accepted the message; it never arrived")
+    )
+
+
+def vouches(answer: EmailEvents | str, message_id: str) -> str | None:
+    """None when the log shows `message_id` (a message the server was seen to accept, long
+    enough ago for the log to show it) accepted; otherwise why the log cannot be trusted to
+    show our mail."""
+    if isinstance(answer, str):
+        return answer
+    wanted = bare(message_id)
+    if any(e.event == "accepted" and e.message_id == wanted for e in answer.events):
+        return None
+    return (
+        f"the events log does not show {message_id}, which the server accepted: is the events "
+        "URL that of the sending domain and region?"
     )
 
 
