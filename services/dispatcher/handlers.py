@@ -60,6 +60,7 @@ from services.dispatcher.channels.email.reconcile import (
 )
 from services.dispatcher.channels.http import BEFORE_SENDING
 from services.dispatcher.channels.sms.domain import SmsContent
+from services.dispatcher.channels.sms.reconcile import TOO_SOON as SMS_TOO_SOON
 from services.dispatcher.channels.sms.reconcile import SmsHistory, SmsTry, reconcile_sms
 from services.dispatcher.domain import progress
 from services.dispatcher.domain.conclude import (
@@ -1062,12 +1063,17 @@ class Dispatcher:
         if not isinstance(content, SmsContent):
             return _Asked(unanswered, delivery.address)
         settle = timedelta(seconds=self.settings.sms_reconcile_settle_seconds)
-        wait = (began + settle - self.clock.now()).total_seconds()
+        ready = began + settle
+        wait = (ready - self.clock.now()).total_seconds()
+        if wait > 0 and request.transactional:
+            # A request still on its way would not be listed yet, and a transactional SMS not
+            # found is sent again at once: it waits here. A marketing one is asked now (found,
+            # it is settled at once) and, not found, asked again once `ready` (a retry record),
+            # rather than hold its batch.
+            await asyncio.sleep(wait)
         # A listing takes one of the provider call slots: a burst of unanswered tries (a worker
         # taking over a stopped one's batch) asked all at once, and the requests waiting for a
         # pooled connection ran out their timeout there, on our side.
-        if wait > 0:
-            await asyncio.sleep(wait)  # a request still on its way would not be listed yet
         async with self._slots["sms"]:
             listing = await self.sms_history.sent_to(delivery.address)
         service = self.settings.sms_messaging_service_sid
@@ -1088,7 +1094,10 @@ class Dispatcher:
         if found.kind == "unknown":
             why = f"{unanswered.reason}; {found.reason}"
             return _Asked(
-                replace(unanswered, reason=why), delivery.address, unlisted=isinstance(listing, str)
+                replace(unanswered, reason=why),
+                delivery.address,
+                unlisted=isinstance(listing, str),
+                ask_at=ready if found.reason == SMS_TOO_SOON else None,
             )
         return _Asked(found, delivery.address)
 

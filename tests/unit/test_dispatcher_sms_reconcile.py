@@ -1,0 +1,130 @@
+"""An SMS try its worker stopped in is looked up in the provider's listing of the number: the
+dispatcher over real tables (`test_dispatcher_reports.Reports`), the listing kept in memory. A
+marketing SMS is asked about at once and, when the listing cannot tell yet, asked again later by
+a retry record; it never holds its batch waiting for the listing to catch up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from services.dispatcher.channels.sms.reconcile import ListedSms, SmsListing
+from services.dispatcher.settings import DispatcherSettings
+from shared.contracts import SendRetry
+from shared.kafka import Record
+from shared.streams import focus
+from shared.topics import SEND_RETRIES
+from tests.unit.test_dispatcher_reports import T0, Parking, Reports, _sms_request
+
+SETTLE = 10.0
+SENDER = "+15005550006"
+
+
+class Listing:
+    """The provider's listing of a number: the bodies it shows, newest first."""
+
+    def __init__(self) -> None:
+        self.bodies: list[str] = []
+        self.asked: list[str] = []
+
+    async def sent_to(self, to: str) -> SmsListing:
+        self.asked.append(to)
+        return SmsListing(
+            tuple(
+                ListedSms(f"SM{n}", body, SENDER, None, None) for n, body in enumerate(self.bodies)
+            )
+        )
+
+
+class Stopped(Parking):
+    def __init__(self, made: Reports) -> None:
+        super().__init__(made)
+        self.listing = Listing()
+        self.dispatcher.sms_history = self.listing
+        self.outbox = made.outbox
+        self.clock = made.dispatcher.clock
+
+    async def stopped(self, message_id: str) -> None:
+        """The entry as a worker killed during the call leaves it: marked at T0, no outcome."""
+        await self.ledger.claim(_sms_request(message_id), T0)
+        assert await self.ledger.begin(message_id, "1:first", 1, T0)
+
+    def retries(self) -> list[SendRetry]:
+        topics = {topic.name for topic in SEND_RETRIES.values()}
+        return [
+            SendRetry.model_validate_json(value)
+            for topic, _key, value in self.outbox.records
+            if topic in topics and value is not None
+        ]
+
+    async def entry(self, message_id: str) -> dict[str, Any]:
+        return dict(await self.ledger.get(message_id) or {})
+
+
+@pytest.fixture
+async def stopped(tmp_path: Path) -> AsyncIterator[Stopped]:
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        "mongodb://127.0.0.1:1", connect=False
+    )
+    settings = DispatcherSettings(sms_reconcile_settle_seconds=SETTLE, sms_from=SENDER)
+    made = Reports(tmp_path, mongo, settings)
+    focus(0)
+    yield Stopped(made)
+    made.close()
+    await mongo.close()
+
+
+async def test_a_young_stopped_sms_not_listed_yet_is_asked_again_without_holding_the_batch(
+    stopped: Stopped,
+) -> None:
+    await stopped.stopped("m-young")
+    stopped.clock.advance(timedelta(seconds=1))
+
+    async with asyncio.timeout(2):  # it waited 9 s for the listing before
+        await stopped.handle("m-young")
+
+    assert stopped.listing.asked == ["+15550001"]
+    assert (await stopped.entry("m-young"))["state"] == "sending"
+    [retry] = stopped.retries()
+    assert (retry.attempt, retry.reconcile_tries) == (1, 1)
+    assert retry.due_at == T0 + timedelta(seconds=SETTLE)
+
+    # Due: the listing now shows it.
+    stopped.clock.set(retry.due_at)
+    stopped.listing.bodies = ["Hi"]
+    record = Record(SEND_RETRIES["medium"].name, 0, 1, "ada", retry.to_wire())
+    await stopped.dispatcher.handle_retry(retry, record)
+
+    entry = await stopped.entry("m-young")
+    assert (entry["state"], entry["attempt"], entry["provider_id"]) == ("sent", 1, "SM0")
+    assert stopped.provider.sent == []
+
+
+async def test_a_young_stopped_sms_already_listed_is_sent_at_once(stopped: Stopped) -> None:
+    await stopped.stopped("m-listed")
+    stopped.clock.advance(timedelta(seconds=1))
+    stopped.listing.bodies = ["Hi"]
+
+    async with asyncio.timeout(2):
+        await stopped.handle("m-listed")
+
+    entry = await stopped.entry("m-listed")
+    assert (entry["state"], entry["provider_id"]) == ("sent", "SM0")
+    assert stopped.retries() == []
+
+
+async def test_a_settled_stopped_sms_not_listed_is_tried_again(stopped: Stopped) -> None:
+    await stopped.stopped("m-absent")
+    stopped.clock.advance(timedelta(seconds=SETTLE + 1))
+
+    await stopped.handle("m-absent")
+
+    entry = await stopped.entry("m-absent")
+    assert (entry["state"], entry["attempt"]) == ("retrying", 2)
+    assert [r.reconcile_tries for r in stopped.retries()] == [0]
