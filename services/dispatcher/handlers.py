@@ -60,7 +60,6 @@ from services.dispatcher.channels.email.reconcile import (
 )
 from services.dispatcher.channels.http import BEFORE_SENDING
 from services.dispatcher.channels.sms.domain import SmsContent
-from services.dispatcher.channels.sms.reconcile import TOO_SOON as SMS_TOO_SOON
 from services.dispatcher.channels.sms.reconcile import SmsHistory, SmsTry, reconcile_sms
 from services.dispatcher.domain import progress
 from services.dispatcher.domain.conclude import (
@@ -83,7 +82,7 @@ from services.dispatcher.domain.messages import (
     Staged,
     StagingProvider,
 )
-from services.dispatcher.domain.outcomes import EVENT_NAMES, Outcome
+from services.dispatcher.domain.outcomes import ASKED_TOO_SOON, EVENT_NAMES, Outcome
 from services.dispatcher.domain.policy import (
     CapRule,
     TokenBucket,
@@ -995,9 +994,8 @@ class Dispatcher:
         unlisted = isinstance(answer, str)
         if outcome.kind == "retry":
             doubt = await self._unvouched(history, now, settle)
-            if doubt is not None:
-                why = f"{unanswered.reason}; not reconciled: {doubt}"
-                outcome, unlisted = replace(unanswered, reason=why), True
+            if doubt is not None:  # absent from a log not shown to hold our mail
+                outcome, unlisted = Outcome("unknown", f"not reconciled: {doubt}"), True
         log.info(
             "dispatcher.email_reconciled",
             message_id=request.message_id,
@@ -1005,13 +1003,11 @@ class Dispatcher:
             reason=outcome.reason,
         )
         address = delivery.address if delivery is not None else send_address(request)
-        if outcome.kind == "unknown" and found.outcome.kind == "unknown":
+        if outcome.kind == "unknown":
             why = f"{unanswered.reason}; {outcome.reason}"
             return _Asked(
                 replace(unanswered, reason=why), address, unlisted=unlisted, ask_at=found.ask_at
             )
-        if outcome.kind == "unknown":  # absent, and the log not vouched for
-            return _Asked(outcome, address, unlisted=unlisted)
         return _Asked(outcome, address)
 
     def _accepted_email(self, message_id: str | None) -> None:
@@ -1033,10 +1029,11 @@ class Dispatcher:
         for "never arrived"."""
         if self._vouched_at is not None and now - self._vouched_at < VOUCHED_FOR:
             return None
-        eligible = [m for m, at in self._vouchers if at + settle <= now and now - at <= RETAINED]
-        if not eligible:
+        # The newest one the log must show by now (an older one would be no younger).
+        found = next(((m, at) for m, at in reversed(self._vouchers) if at + settle <= now), None)
+        if found is None or now - found[1] > RETAINED:
             return "no email this worker saw accepted is old enough to check the events log"
-        voucher = eligible[-1]
+        voucher = found[0]
         doubt = vouches(await history.events_of(voucher), voucher)
         if doubt is None:
             self._vouched_at = now
@@ -1097,7 +1094,7 @@ class Dispatcher:
                 replace(unanswered, reason=why),
                 delivery.address,
                 unlisted=isinstance(listing, str),
-                ask_at=ready if found.reason == SMS_TOO_SOON else None,
+                ask_at=ready if found.reason == ASKED_TOO_SOON else None,
             )
         return _Asked(found, delivery.address)
 

@@ -24,7 +24,7 @@ from services.dispatcher.domain import progress
 from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
-from shared.contracts import Channel, Profile, SendRequest, SendRetry, TestSend
+from shared.contracts import Channel, Profile, SendRequest, TestSend
 from shared.kafka import Record
 from shared.streams import focus
 from shared.topics import SEND_RETRIES
@@ -137,14 +137,6 @@ class Stopped(Parking):
     async def entry(self, message_id: str) -> dict[str, Any]:
         return dict(await self.ledger.get(message_id) or {})
 
-    def retries(self) -> list[SendRetry]:
-        topics = {topic.name for topic in SEND_RETRIES.values()}
-        return [
-            SendRetry.model_validate_json(value)
-            for topic, _key, value in self.outbox.records
-            if topic in topics and value is not None
-        ]
-
 
 @pytest.fixture
 async def stopped(tmp_path: Path) -> AsyncIterator[Stopped]:
@@ -191,7 +183,7 @@ async def test_a_stopped_email_the_log_never_showed_is_tried_again(stopped: Stop
     entry = await stopped.entry("m-absent")
     assert (entry["state"], entry["attempt"]) == ("retrying", 2)
     assert "never arrived" in entry["reason"]
-    [retry] = stopped.retries()
+    [retry] = stopped.outbox.retries()
     assert (retry.attempt, retry.reconcile_tries) == (2, 0)
 
 
@@ -207,7 +199,7 @@ async def test_absent_from_a_log_that_does_not_show_our_mail_proves_nothing(
         await stopped.found_again(request)
 
     assert (await stopped.entry("m-elsewhere"))["state"] == "sending"  # not resent
-    [retry] = stopped.retries()
+    [retry] = stopped.outbox.retries()
     assert (retry.attempt, retry.reconcile_tries) == (1, 1)  # asked again later
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
         "dispatcher.email_events_unvouched"
@@ -224,7 +216,7 @@ async def test_absent_proves_nothing_before_the_worker_has_mail_to_check_the_log
     await stopped.found_again(request)
 
     assert (await stopped.entry("m-first"))["state"] == "sending"
-    assert [r.reconcile_tries for r in stopped.retries()] == [1]
+    assert [r.reconcile_tries for r in stopped.outbox.retries()] == [1]
     assert stopped.events.asked == [f"<m-first@{DOMAIN}>"]  # no voucher to ask about
 
 
@@ -246,7 +238,7 @@ async def test_asked_too_soon_it_is_asked_again_once_the_log_can_tell(stopped: S
     await stopped.found_again(request)
 
     assert (await stopped.entry("m-young"))["state"] == "sending"  # nothing sent meanwhile
-    [retry] = stopped.retries()
+    [retry] = stopped.outbox.retries()
     assert (retry.attempt, retry.reconcile_tries) == (1, 1)
     # The server could take the message until the client's timeout, and the log show it later.
     assert retry.due_at == READY
@@ -271,19 +263,19 @@ async def test_while_the_events_cannot_be_had_it_is_asked_again_then_left_unknow
     stopped.events.failures = ["email events: HTTP 503: busy"] * 3
 
     await stopped.found_again(request)
-    [first] = stopped.retries()
+    [first] = stopped.outbox.retries()
     assert (first.attempt, first.reconcile_tries) == (1, 1)
     assert first.due_at == READY + timedelta(seconds=30)
 
     for tries in (1, 2):
-        retry = stopped.retries()[-1]
+        retry = stopped.outbox.retries()[-1]
         stopped.clock.set(retry.due_at)
         record = Record(SEND_RETRIES["medium"].name, 0, tries, "ada", retry.to_wire())
         await stopped.dispatcher.handle_retry(retry, record)
 
     # Asked three times, the schedule (30 s, 90 s) spent: it stays unknown, never resent.
     assert len(stopped.events.asked) == 3
-    assert [r.reconcile_tries for r in stopped.retries()] == [1, 2]
+    assert [r.reconcile_tries for r in stopped.outbox.retries()] == [1, 2]
     entry = await stopped.entry("m-unlisted")
     assert entry["state"] == "unknown"
     assert "HTTP 503" in entry["reason"]
@@ -326,7 +318,7 @@ async def test_an_unanswered_email_the_log_does_not_show_yet_is_asked_about_late
     await stopped.found_again(_email_request("m-later"))
 
     assert (await stopped.entry("m-later"))["state"] == "sending"
-    [retry] = stopped.retries()
+    [retry] = stopped.outbox.retries()
     assert (retry.attempt, retry.reconcile_tries) == (1, 1)
     assert retry.due_at == stopped.clock.now() + timedelta(seconds=SMTP_TIMEOUT + SETTLE)
 

@@ -45,13 +45,13 @@ from services.dispatcher.handlers import (
 )
 from services.dispatcher.settings import DispatcherSettings
 from shared.clock import ManualClock
-from shared.contracts import Channel, Event, Profile, SendRequest, TestSend
+from shared.contracts import Channel, Event, Profile, SendRequest, SendRetry, TestSend
 from shared.deadletter import DeadLetters
 from shared.kafka import CompactedTopicView, Record, TransactionDoomed
 from shared.links import LinkSigner
 from shared.streams import Fenced, Table, focus
 from shared.system_events import CONTACT_FORGOTTEN, UNSUBSCRIBED
-from shared.topics import DELIVERY_REPORTS, SUPPRESSIONS
+from shared.topics import DELIVERY_REPORTS, SEND_RETRIES, SUPPRESSIONS
 from tests.unit.receipts_log import Log
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
@@ -69,6 +69,15 @@ class Outbox:
 
     async def send_all(self, records: Any) -> None:
         self.records.extend(records)
+
+    def retries(self) -> list[SendRetry]:
+        """The retry records written, in order."""
+        topics = {topic.name for topic in SEND_RETRIES.values()}
+        return [
+            SendRetry.model_validate_json(value)
+            for topic, _key, value in self.records
+            if topic in topics and value is not None
+        ]
 
 
 class Reports:

@@ -16,7 +16,6 @@ from pymongo import AsyncMongoClient
 
 from services.dispatcher.channels.sms.reconcile import ListedSms, SmsListing
 from services.dispatcher.settings import DispatcherSettings
-from shared.contracts import SendRetry
 from shared.kafka import Record
 from shared.streams import focus
 from shared.topics import SEND_RETRIES
@@ -55,14 +54,6 @@ class Stopped(Parking):
         await self.ledger.claim(_sms_request(message_id), T0)
         assert await self.ledger.begin(message_id, "1:first", 1, T0)
 
-    def retries(self) -> list[SendRetry]:
-        topics = {topic.name for topic in SEND_RETRIES.values()}
-        return [
-            SendRetry.model_validate_json(value)
-            for topic, _key, value in self.outbox.records
-            if topic in topics and value is not None
-        ]
-
     async def entry(self, message_id: str) -> dict[str, Any]:
         return dict(await self.ledger.get(message_id) or {})
 
@@ -91,7 +82,7 @@ async def test_a_young_stopped_sms_not_listed_yet_is_asked_again_without_holding
 
     assert stopped.listing.asked == ["+15550001"]
     assert (await stopped.entry("m-young"))["state"] == "sending"
-    [retry] = stopped.retries()
+    [retry] = stopped.outbox.retries()
     assert (retry.attempt, retry.reconcile_tries) == (1, 1)
     assert retry.due_at == T0 + timedelta(seconds=SETTLE)
 
@@ -116,7 +107,7 @@ async def test_a_young_stopped_sms_already_listed_is_sent_at_once(stopped: Stopp
 
     entry = await stopped.entry("m-listed")
     assert (entry["state"], entry["provider_id"]) == ("sent", "SM0")
-    assert stopped.retries() == []
+    assert stopped.outbox.retries() == []
 
 
 async def test_a_settled_stopped_sms_not_listed_is_tried_again(stopped: Stopped) -> None:
@@ -127,4 +118,4 @@ async def test_a_settled_stopped_sms_not_listed_is_tried_again(stopped: Stopped)
 
     entry = await stopped.entry("m-absent")
     assert (entry["state"], entry["attempt"]) == ("retrying", 2)
-    assert [r.reconcile_tries for r in stopped.retries()] == [0]
+    assert [r.reconcile_tries for r in stopped.outbox.retries()] == [0]

@@ -16,6 +16,10 @@ FINAL_STATES: frozenset[str] = frozenset(
     {"sent", "failed", "skipped", "unknown", "delivered", "opened", "clicked"}
 )
 
+# Why a provider's answer without the message proves nothing yet, whichever channel asked: it
+# was had before the provider could show the message (an `unknown` asked about again later).
+ASKED_TOO_SOON = "not reconciled: asked too soon after the try to rule it out"
+
 OutcomeKind = Literal["sent", "retry", "recipient", "config", "unknown", "skipped"]
 
 EVENT_NAMES: dict[str, str] = {

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from services.dispatcher.domain.outcomes import Outcome
+from services.dispatcher.domain.outcomes import ASKED_TOO_SOON, Outcome
 
 # Events older than this may be gone from the provider's log (Mailgun keeps them from one to
 # thirty days by plan): a try this old found absent proves nothing.
@@ -141,7 +141,7 @@ def reconcile_email(
     ready = taken_by + settle
     if now < ready:
         return Reconciled(
-            Outcome("unknown", "not reconciled: asked too soon after the try to rule it out"),
+            Outcome("unknown", ASKED_TOO_SOON),
             ask_at=ready,
         )
     if now - taken_by > RETAINED:

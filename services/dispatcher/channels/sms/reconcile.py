@@ -14,13 +14,11 @@ from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
-from services.dispatcher.domain.outcomes import Outcome
+from services.dispatcher.domain.outcomes import ASKED_TOO_SOON, Outcome
 
 # The provider's clock against ours, and its `date_created` rounded down to whole seconds: a
 # message created this long before our try began still counts as possibly ours.
 CLOCK_ALLOWANCE = timedelta(seconds=5)
-# Why a listing without the message proves nothing yet: it was had too soon after the try.
-TOO_SOON = "not reconciled: asked too soon after the try to rule it out"
 
 
 @dataclass(frozen=True)
@@ -115,7 +113,7 @@ def reconcile_sms(
     if listing.more and not reaches_back:
         return Outcome("unknown", "not reconciled: the listing does not reach back to the try")
     if now - attempt.began < settle:
-        return Outcome("unknown", TOO_SOON)
+        return Outcome("unknown", ASKED_TOO_SOON)
     return Outcome("retry", "reconciled: the provider lists no such message; it never arrived")
 
 
