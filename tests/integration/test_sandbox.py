@@ -1670,3 +1670,29 @@ def test_email_slow_answers_after_the_delay_and_rules_can_be_removed_one_by_one(
     httpx.delete(f"{clean_sandbox.http_url}/control/failures/{gone['id']}").raise_for_status()
     mail(clean_sandbox, "gone@example.com")
     assert len(clean_sandbox.messages("email", "gone@example.com")) == 1
+
+
+def test_stopping_the_sandbox_sends_a_held_answer_at_once(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """An answer held by a rule (or by latency) is a timer the stop ends: the client gets its
+    answer, not a connection dropped once the server's graceful stop runs out."""
+    answers: list[httpx.Response | Exception] = []
+    with running_sandbox(tmp_path_factory.mktemp("stopping-sandbox")) as stopping:
+        stopping.fail(channel="sms", recipient="+15551230077", error="timeout", seconds=600)
+
+        def held() -> None:
+            try:
+                answers.append(send_sms(stopping, "+15551230077", timeout=60))
+            except httpx.HTTPError as exc:
+                answers.append(exc)
+
+        client = threading.Thread(target=held, daemon=True)
+        client.start()
+        stopping.wait_messages("sms", "+15551230077")  # stored: its answer is now held
+    client.join(timeout=60)
+
+    [answer] = answers
+    assert isinstance(answer, httpx.Response), answer
+    assert answer.status_code == 201
+    assert answer.json()["to"] == "+15551230077"
