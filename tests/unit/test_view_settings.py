@@ -1,0 +1,26 @@
+"""The document views' batch window is a setting: one second unless told, bounded both ways."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.settings import CommonSettings
+
+
+def test_a_view_gathers_a_second_of_its_topic_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("WAYPOST_VIEW_BATCH_SECONDS", raising=False)
+    assert CommonSettings().view_batch_seconds == 1.0
+    monkeypatch.setenv("WAYPOST_VIEW_BATCH_SECONDS", "0.2")
+    assert CommonSettings().view_batch_seconds == 0.2
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "61"])
+def test_a_window_of_nothing_or_past_a_minute_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, seconds: str
+) -> None:
+    monkeypatch.setenv("WAYPOST_VIEW_BATCH_SECONDS", seconds)
+    with pytest.raises(ValidationError, match="view_batch_seconds"):
+        CommonSettings()
