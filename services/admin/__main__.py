@@ -83,7 +83,9 @@ async def serve(settings: AdminSettings) -> None:
         count_history=count_history,
     )
     stop = asyncio.Event()
-    follower = asyncio.create_task(follow_journey_log(consumer, store, stop))
+    follower = asyncio.create_task(
+        follow_journey_log(consumer, store, stop, settings.view_batch_seconds)
+    )
     # The timeline's recent events: a view on a thread and event loop of its own, so its
     # batches never hold up the API's requests. Switched off, nothing of it is kept: a view
     # that does not run would not erase a forgotten contact's events either.
