@@ -20,7 +20,8 @@ def main() -> None:
     enforce(settings.env, settings.secrets())
     clock = SystemClock()
     kafka = settings.kafka()
-    producer = AsyncProducer(kafka, client_id="orchestrator")
+    # Delivery reports served on the worker's loop, as the segmenter's (docs/stream-processing.md).
+    producer = AsyncProducer(kafka, client_id="orchestrator", serve_on_loop=True)
     catalog = DefinitionsCatalog(kafka)
     audience_progress = AudienceProgress(kafka)
     worker = StreamWorker(settings.app_id, settings, producer, clock, service="orchestrator")

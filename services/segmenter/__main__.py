@@ -31,7 +31,10 @@ def main() -> None:
     enforce(settings.env, settings.secrets())
     clock = SystemClock()
     kafka = settings.kafka()
-    producer = AsyncProducer(kafka, client_id="segmenter")
+    # Delivery reports served on the worker's loop, in one go while a batch waits for its
+    # acknowledgements, rather than by a poll thread taking the GIL from the fold for each
+    # record (docs/stream-processing.md).
+    producer = AsyncProducer(kafka, client_id="segmenter", serve_on_loop=True)
     definitions = LiveDefinitions(kafka)
     worker = StreamWorker(settings.app_id, settings, producer, clock, service="segmenter")
     dead_letters = DeadLetters(producer, "segmenter", clock)
