@@ -306,7 +306,7 @@ class AsyncProducer:
         future: asyncio.Future[None] = loop.create_future()
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            loop.call_soon_threadsafe(_settle, future, err)
+            _settle_on(loop, future, err)
 
         try:
             self._enqueue(topic, _encoded(key), value, partition, on_delivery)
@@ -330,8 +330,9 @@ class AsyncProducer:
     async def send_all(self, records: Iterable[tuple[str, str | None, bytes | None]]) -> None:
         """Queue every record (a None value is a tombstone), then wait for all acknowledgements.
 
-        One wait for the whole lot: the delivery reports are counted on the poll thread and the
-        event loop is woken once, when the last one arrives (a failure is raised then). A full
+        One wait for the whole lot: the delivery reports are counted where they are served (the
+        poll thread, or the loop itself) and the event loop is woken once, when the last one
+        arrives (a failure is raised then). A full
         local queue is waited out while the broker acknowledges, not failed at once.
         """
         await self._send(((topic, None, _encoded(key), value) for topic, key, value in records))
@@ -359,7 +360,7 @@ class AsyncProducer:
                 where = (str(msg.topic()), int(msg.partition() or 0))
                 offsets[where] = max(offsets.get(where, -1), int(msg.offset() or 0))
             if tally.report(err):
-                loop.call_soon_threadsafe(_settle, finished, tally.error)
+                _settle_on(loop, finished, tally.error)
 
         produced = 0
         for topic, partition, key, value in records:
@@ -698,6 +699,20 @@ class _Tally:
 
 def _encoded(key: str | None) -> bytes | None:
     return key.encode() if key is not None else None
+
+
+def _settle_on(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], err: KafkaError | None
+) -> None:
+    """Hand a delivery report to its sender's loop. A loop that has closed has nobody waiting:
+    a worker whose reports are served on its loop flushes its producer after the loop ended
+    (`close`), and the reports that flush serves must not fail it."""
+    if loop.is_closed():
+        return
+    try:
+        loop.call_soon_threadsafe(_settle, future, err)
+    except RuntimeError:  # closed between the check and the call (a poll thread's report)
+        return
 
 
 def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:

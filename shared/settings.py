@@ -65,10 +65,12 @@ class CommonSettings(BaseSettings):
     mongo_db: str = "waypost"
     # The deadline of every document-store call: past it the call fails instead of hanging.
     mongo_timeout_seconds: float = Field(default=10.0, gt=0)
-    # How long a document view (profiles, the ledger, recent events) gathers its topic's
-    # records before one bulk write: a document changed several times within it is written
-    # once (`shared.document_view`). The admin shows a change this much later at most.
-    view_batch_seconds: float = Field(default=1.0, gt=0, le=60)
+    # How long a document view (profiles, the ledger, recent events, the admin's journey log)
+    # gathers its topic's records before one bulk write: a document changed several times
+    # within it is written once (`shared.document_view`). The admin shows a change this much
+    # later at most. A view's fetch waits this long, and a stopping service gives its views
+    # 5 s: hence at most 4.
+    view_batch_seconds: float = Field(default=1.0, gt=0, le=4)
     log_level: str = "info"
     # JSON lines for operators; "console" for a person at a terminal.
     log_format: Literal["json", "console"] = "json"

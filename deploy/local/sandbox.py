@@ -356,6 +356,7 @@ class OutboxSmtpHandler:
 
 
 HOLDS = ("timeout", "slow")
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def create_app(
@@ -558,11 +559,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=LOG_LEVELS,
         default="info",
         type=str.lower,
-        help="logging level (default info; debug also logs SMTP dialogue and HTTP access)",
+        help="logging level (default info; debug also logs each stored message, the SMTP dialogue "
+        "and HTTP access)",
     )
     parser.add_argument(
         "--event-loop",
-        choices=("uvloop", "asyncio"),
+        choices=EVENT_LOOPS,
         default=os.environ.get("WAYPOST_EVENT_LOOP", "uvloop"),
         help="event loop (env WAYPOST_EVENT_LOOP, default uvloop, as the services run)",
     )
@@ -677,6 +679,8 @@ def provider_config(args: argparse.Namespace) -> ProviderConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     level = getattr(logging, args.log_level.upper())
+    if args.event_loop not in EVENT_LOOPS:  # argparse checks `choices` on the command line only
+        sys.exit(f"WAYPOST_EVENT_LOOP: {args.event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
     logging.basicConfig(level=level, format=LOG_FORMAT)
     # aiosmtpd logs every SMTP command at INFO on "mail.log"; keep that for debug only.
     mail_level = level if level == logging.DEBUG else max(level, logging.WARNING)

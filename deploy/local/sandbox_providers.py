@@ -52,6 +52,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.datastructures import FormData
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger("waypost.sandbox")
@@ -130,7 +131,7 @@ class Pauses:
 
     def release(self) -> None:
         self._stopping = True
-        for woken in self._sleeping:
+        for woken in list(self._sleeping):
             _wake(woken)
 
 
@@ -431,6 +432,9 @@ class FastRoutes:
                     continue
                 try:
                     response = await route.handler(Request(scope, receive), **found.groupdict())
+                except ClientDisconnect:  # gone before its body was read: nobody to answer
+                    log.debug("%s %s: the client left", scope["method"], scope["path"])
+                    return
                 except Exception:
                     log.exception("%s %s failed", scope["method"], scope["path"])
                     response = PlainTextResponse("Internal Server Error", status_code=500)

@@ -369,3 +369,30 @@ async def test_a_fatal_error_raised_by_a_poll_on_the_loop_leaves_the_loop_servin
         assert producer._renewable.usable() is not first
     finally:
         producer.close(0)
+
+
+def test_a_loop_served_producer_closes_after_its_loop_ended_with_records_unanswered() -> None:
+    """A stream worker closes its producer once its loop has ended. Reports that closing
+    serves (here: records no broker took, timing out) go to a loop that is gone: that must
+    neither raise nor stop the flush, which is what a poll thread's producer did too."""
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "message.timeout.ms": 300},
+        serve_on_loop=True,
+    )
+
+    async def sent_then_stopped() -> None:
+        sending = asyncio.ensure_future(producer.send_all([("t", "k", b"a"), ("t", "k", b"b")]))
+        single = producer.produce("t", "k", b"c")
+        await asyncio.sleep(0)
+        sending.cancel()
+        single.cancel()
+
+    asyncio.run(sent_then_stopped())
+    # Nothing answered while the loop ran (the queue also holds the client's own events).
+    assert len(producer._renewable.current) >= 3
+
+    producer.close(10)
+
+    assert len(producer._renewable.current) == 0
