@@ -332,8 +332,8 @@ class AsyncProducer:
 
         One wait for the whole lot: the delivery reports are counted where they are served (the
         poll thread, or the loop itself) and the event loop is woken once, when the last one
-        arrives (a failure is raised then). A full
-        local queue is waited out while the broker acknowledges, not failed at once.
+        arrives (a failure is raised then). A full local queue is waited out while the broker
+        acknowledges, not failed at once.
         """
         await self._send(((topic, None, _encoded(key), value) for topic, key, value in records))
 
