@@ -8,10 +8,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 from structlog.testing import capture_logs
 
 from services.dispatcher.channels.email.reconcile import (
@@ -26,9 +24,8 @@ from services.dispatcher.domain.outcomes import Outcome
 from services.dispatcher.settings import DispatcherSettings
 from shared.contracts import Channel, Profile, SendRequest, TestSend
 from shared.kafka import Record
-from shared.streams import focus
 from shared.topics import SEND_RETRIES
-from tests.unit.test_dispatcher_reports import T0, Parking, Reports
+from tests.unit.test_dispatcher_reports import T0, Parking, Reports, made_reports
 
 SETTLE = 120.0
 SMTP_TIMEOUT = 30.0
@@ -134,26 +131,17 @@ class Stopped(Parking):
         record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
         await self.dispatcher.handle(request, record)
 
-    async def entry(self, message_id: str) -> dict[str, Any]:
-        return dict(await self.ledger.get(message_id) or {})
-
 
 @pytest.fixture
 async def stopped(tmp_path: Path) -> AsyncIterator[Stopped]:
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        "mongodb://127.0.0.1:1", connect=False
-    )
     settings = DispatcherSettings(
         message_id_domain=DOMAIN,
         smtp_timeout_seconds=SMTP_TIMEOUT,
         email_reconcile_settle_seconds=SETTLE,
         email_reconcile_again_seconds=(30.0, 90.0),
     )
-    made = Reports(tmp_path, mongo, settings)
-    focus(0)
-    yield Stopped(made)
-    made.close()
-    await mongo.close()
+    async with made_reports(tmp_path, settings) as made:
+        yield Stopped(made)
 
 
 async def test_a_stopped_email_the_provider_accepted_is_sent(stopped: Stopped) -> None:

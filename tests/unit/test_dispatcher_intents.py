@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 
 from services.dispatcher.adapters.metrics import DispatchMetrics
 from services.dispatcher.adapters.tables import FORGOTTEN_KEY
@@ -26,7 +25,7 @@ from services.dispatcher.handlers import RECEIPT_REASON, Dispatcher
 from shared.kafka import DeliveryFailed, Record
 from shared.streams import focus
 from tests.unit.receipts_log import Log
-from tests.unit.test_dispatcher_reports import T0, Counting, Reports, _sms_request
+from tests.unit.test_dispatcher_reports import T0, Counting, Reports, _sms_request, made_reports
 
 
 class Worker:
@@ -77,15 +76,8 @@ async def _owner(*_: float) -> None:
 
 @pytest.fixture
 async def made(tmp_path: Path) -> AsyncIterator[Reports]:
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        "mongodb://127.0.0.1:1", connect=False
-    )
-    focus(0)
-    made = Reports(tmp_path, mongo)
-    yield made
-    made.close()
-    focus(None)
-    await mongo.close()
+    async with made_reports(tmp_path) as reports:
+        yield reports
 
 
 async def test_a_try_whose_batch_never_committed_is_concluded_from_its_receipt_once(

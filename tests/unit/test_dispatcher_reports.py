@@ -10,6 +10,7 @@ its mark durable and its call's receipt is written, is kept in memory
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -140,17 +141,29 @@ async def _no_gate(*_: object) -> None:
     return None
 
 
-@pytest.fixture
-async def reports(tmp_path: Path) -> AsyncIterator[Reports]:
+@contextlib.asynccontextmanager
+async def made_reports(
+    tmp_path: Path, settings: DispatcherSettings | None = None
+) -> AsyncIterator[Reports]:
+    """A `Reports` over a document store never reached (the dispatcher's state is in its
+    tables), its tables addressed at partition 0; closed after."""
     mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
         "mongodb://127.0.0.1:1", connect=False
     )
     focus(0)
-    made = Reports(tmp_path, mongo)
-    yield made
-    made.close()
-    focus(None)
-    await mongo.close()
+    made = Reports(tmp_path, mongo, settings)
+    try:
+        yield made
+    finally:
+        made.close()
+        focus(None)
+        await mongo.close()
+
+
+@pytest.fixture
+async def reports(tmp_path: Path) -> AsyncIterator[Reports]:
+    async with made_reports(tmp_path) as made:
+        yield made
 
 
 def report(name: str, source: str | None, message_id: str) -> Event:
@@ -310,12 +323,9 @@ async def test_a_channel_whose_slots_are_all_taken_holds_back_no_other_channel(
     tmp_path: Path,
 ) -> None:
     """A slow provider fills its own channel's slots; sends on the other channels go on."""
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        "mongodb://127.0.0.1:1", connect=False
-    )
-    made = Reports(tmp_path, mongo, DispatcherSettings(max_in_flight=1, max_in_flight_sms=2))
-    dispatcher = made.dispatcher
-    try:
+    settings = DispatcherSettings(max_in_flight=1, max_in_flight_sms=2)
+    async with made_reports(tmp_path, settings) as made:
+        dispatcher = made.dispatcher
         async with asyncio.timeout(5), dispatcher._call_slot("email", 0):
             async with dispatcher._call_slot("sms", 0), dispatcher._call_slot("sms", 0):
                 async with asyncio.timeout(5):
@@ -331,9 +341,6 @@ async def test_a_channel_whose_slots_are_all_taken_holds_back_no_other_channel(
             assert not second_email.done()
         async with asyncio.timeout(5):
             await second_email
-    finally:
-        made.close()
-        await mongo.close()
 
 
 async def _hold(dispatcher: Dispatcher, channel: Channel) -> None:
@@ -351,15 +358,11 @@ class Answering:
 
 
 async def test_a_call_is_remembered_with_the_partition_of_its_request(tmp_path: Path) -> None:
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        "mongodb://127.0.0.1:1", connect=False
-    )
-    made = Reports(tmp_path, mongo)
-    dispatcher = made.dispatcher
-    dispatcher.providers = {"sms": Answering()}
-    dispatcher._prove_owner = _no_gate  # inside a batch that still owns its partitions
-    delivery = Delivery("m-1", "ada", "sms", "+15550001", SmsContent(body="Hi"))
-    try:
+    async with made_reports(tmp_path) as made:
+        dispatcher = made.dispatcher
+        dispatcher.providers = {"sms": Answering()}
+        dispatcher._prove_owner = _no_gate  # inside a batch that still owns its partitions
+        delivery = Delivery("m-1", "ada", "sms", "+15550001", SmsContent(body="Hi"))
         focus(3)
         whole = _WholeCall(dispatcher.providers["sms"], delivery)
         outcome = await dispatcher._call("sms", whole, delivery, 1, T0, "1:first")
@@ -367,10 +370,6 @@ async def test_a_call_is_remembered_with_the_partition_of_its_request(tmp_path: 
         assert dispatcher._calls["m-1"].partition == 3
         dispatcher.keep_calls_of(frozenset({0}))  # done, of a partition now elsewhere: forgotten
         assert "m-1" not in dispatcher._calls
-    finally:
-        focus(0)
-        made.close()
-        await mongo.close()
 
 
 class Counting:
@@ -428,21 +427,18 @@ class Parking:
         record = Record("waypost.send-requests.v1", 0, 7, "ada", request.to_wire())
         await self.dispatcher.handle(request, record)
 
+    async def entry(self, message_id: str) -> dict[str, Any]:
+        return dict(await self.ledger.get(message_id) or {})
+
     async def state(self, message_id: str) -> tuple[object, object]:
-        entry = await self.ledger.get(message_id) or {}
+        entry = await self.entry(message_id)
         return entry.get("state"), entry.get("attempt")
 
 
 @pytest.fixture
 async def parking(tmp_path: Path) -> AsyncIterator[Parking]:
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        "mongodb://127.0.0.1:1", connect=False
-    )
-    made = Reports(tmp_path, mongo)
-    focus(0)
-    yield Parking(made)
-    made.close()
-    await mongo.close()
+    async with made_reports(tmp_path) as made:
+        yield Parking(made)
 
 
 class Ticking:
@@ -689,16 +685,12 @@ async def test_a_staged_call_whose_intent_or_proof_failed_is_abandoned_then_made
 async def test_a_staged_call_cut_off_before_it_started_is_abandoned(
     tmp_path: Path,
 ) -> None:
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        "mongodb://127.0.0.1:1", connect=False
-    )
-    made = Reports(tmp_path, mongo)
-    dispatcher = made.dispatcher
-    provider = Staging(dispatcher.ledger)
-    dispatcher.providers = {"sms": provider}
-    dispatcher._prove_owner = _no_gate
-    delivery = Delivery("m-cut", "ada", "sms", "+15550001", SmsContent(body="Hi"))
-    try:
+    async with made_reports(tmp_path) as made:
+        dispatcher = made.dispatcher
+        provider = Staging(dispatcher.ledger)
+        dispatcher.providers = {"sms": provider}
+        dispatcher._prove_owner = _no_gate
+        delivery = Delivery("m-cut", "ada", "sms", "+15550001", SmsContent(body="Hi"))
         staged = await dispatcher._stage("sms", delivery)
         assert isinstance(staged, StagedSms)
         calling = asyncio.ensure_future(dispatcher._call("sms", staged, delivery, 1, T0, "1:a"))
@@ -707,9 +699,6 @@ async def test_a_staged_call_cut_off_before_it_started_is_abandoned(
         with pytest.raises(asyncio.CancelledError):
             await calling
         assert (provider.sent, provider.abandoned) == ([], ["m-cut"])
-    finally:
-        made.close()
-        await mongo.close()
 
 
 async def _left_sending(parking: Parking, request: SendRequest, try_id: str) -> None:

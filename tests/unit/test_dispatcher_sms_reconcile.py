@@ -9,17 +9,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 
 from services.dispatcher.channels.sms.reconcile import ListedSms, SmsListing
 from services.dispatcher.settings import DispatcherSettings
 from shared.kafka import Record
-from shared.streams import focus
 from shared.topics import SEND_RETRIES
-from tests.unit.test_dispatcher_reports import T0, Parking, Reports, _sms_request
+from tests.unit.test_dispatcher_reports import T0, Parking, Reports, _sms_request, made_reports
 
 SETTLE = 10.0
 SENDER = "+15005550006"
@@ -54,21 +51,12 @@ class Stopped(Parking):
         await self.ledger.claim(_sms_request(message_id), T0)
         assert await self.ledger.begin(message_id, "1:first", 1, T0)
 
-    async def entry(self, message_id: str) -> dict[str, Any]:
-        return dict(await self.ledger.get(message_id) or {})
-
 
 @pytest.fixture
 async def stopped(tmp_path: Path) -> AsyncIterator[Stopped]:
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        "mongodb://127.0.0.1:1", connect=False
-    )
     settings = DispatcherSettings(sms_reconcile_settle_seconds=SETTLE, sms_from=SENDER)
-    made = Reports(tmp_path, mongo, settings)
-    focus(0)
-    yield Stopped(made)
-    made.close()
-    await mongo.close()
+    async with made_reports(tmp_path, settings) as made:
+        yield Stopped(made)
 
 
 async def test_a_young_stopped_sms_not_listed_yet_is_asked_again_without_holding_the_batch(
