@@ -337,6 +337,9 @@ class Dispatcher:
         # last assignment).
         self._owned: frozenset[int] = frozenset()
         self._unread: set[int] = set()
+        # When this worker took each partition it holds: whoever made a try of it before is
+        # gone by then, and can have written nothing of its call since (`_written_by`).
+        self._owned_since: dict[int, datetime] = {}
         self._delays = {
             "short": settings.retry_short_seconds,
             "medium": settings.retry_medium_seconds,
@@ -424,6 +427,10 @@ class Dispatcher:
         has its intents read again before its next batch: another worker may have held it
         meanwhile."""
         self.keep_calls_of(owned)
+        now = self.clock.now()
+        self._owned_since = {
+            p: self._owned_since.get(p, now) if p in self._owned else now for p in owned
+        }
         self._owned = owned
         self._unread = set(owned)
         self._intents.clear()
@@ -651,7 +658,8 @@ class Dispatcher:
                     return
                 # Ask the provider: found, it is sent; proven absent, a new try is safe.
                 stopped = Outcome("unknown", progress.STOPPED)
-                asked = await self._reconciled(request, stopped, None, began)
+                written_by = self._written_by(began, record.partition)
+                asked = await self._reconciled(request, stopped, None, began, written_by)
                 outcome = asked.outcome
                 if outcome.kind == "sent" or not resend:
                     if await self._ask_later(request, attempt, reconcile_tries, asked):
@@ -738,7 +746,8 @@ class Dispatcher:
         if outcome.kind == "sent" and request.channel == "email":
             self._accepted_email(outcome.provider_id)
         if outcome.kind == "unknown" and self._can_reconcile(request):
-            asked = await self._reconciled(request, outcome, prepared, began)
+            # The call is over: nothing of it can be written after this.
+            asked = await self._reconciled(request, outcome, prepared, began, self.clock.now())
             if await self._ask_later(request, attempt, 0, asked):
                 return
             outcome = asked.outcome
@@ -952,20 +961,35 @@ class Dispatcher:
         )
         return True
 
+    def _written_by(self, began: datetime | None, partition: int) -> datetime:
+        """The latest moment a stopped try's call (marked at `began`) could still have been
+        written to its provider: when this worker took the partition, since whoever made the
+        call is gone by then (killed, or fenced by the group). Not its start: a worker can
+        mark a try and write its request seconds later (a busy loop, a wait for a pooled
+        connection) and die right after, and a provider that has not read that request yet
+        when asked would show it absent. A partition this worker was never handed (a harness
+        driving it directly) counts from the try's start."""
+        since = self._owned_since.get(partition)
+        start = began or since or self.clock.now()
+        return start if since is None else max(start, since)
+
     async def _reconciled(
         self,
         request: SendRequest,
         unanswered: Outcome,
         delivery: Delivery | None,
         began: datetime | None,
+        written_by: datetime,
     ) -> _Asked:
         """What a try without an answer came to, by its provider: `sent`, `retry` (it never
         arrived) or `unanswered` with the reason it stays unknown, and whether asking again
-        later may tell. `began`: when the try began (None: not known)."""
+        later may tell. `began`: when the try began (None: not known); `written_by`: the
+        latest its call could have been written (its end, or `_written_by`), from which the
+        provider is given its settle time before an absence counts."""
         if request.channel == "email":
-            return await self._reconciled_email(request, unanswered, delivery, began)
+            return await self._reconciled_email(request, unanswered, delivery, began, written_by)
         return await self._reconciled_sms(
-            request, unanswered, delivery, began or request.requested_at
+            request, unanswered, delivery, began or request.requested_at, written_by
         )
 
     async def _reconciled_email(
@@ -974,6 +998,7 @@ class Dispatcher:
         unanswered: Outcome,
         delivery: Delivery | None,
         began: datetime | None,
+        written_by: datetime,
     ) -> _Asked:
         """An email by the provider's events of its Message-ID, which is the same for every
         try of the message: nothing to render again. Found absent, it is taken for never
@@ -984,9 +1009,12 @@ class Dispatcher:
         message_id = message_id_header(request.message_id, self.settings.message_id_domain)
         answer = await history.events_of(message_id)
         settle = timedelta(seconds=self.settings.email_reconcile_settle_seconds)
-        # The server may take a message until the client gives up on its answer.
+        # The server may take a message until the client gives up on its answer, and no
+        # sooner than the last of it was written.
         taken_by = (
-            None if began is None else began + timedelta(seconds=self.settings.smtp_timeout_seconds)
+            None
+            if began is None
+            else max(began + timedelta(seconds=self.settings.smtp_timeout_seconds), written_by)
         )
         now = self.clock.now()
         found = reconcile_email(answer, message_id, taken_by, now, settle)
@@ -1047,6 +1075,7 @@ class Dispatcher:
         unanswered: Outcome,
         delivery: Delivery | None,
         began: datetime,
+        written_by: datetime,
     ) -> _Asked:
         """An SMS by the provider's listing of the number."""
         assert self.sms_history is not None
@@ -1060,7 +1089,8 @@ class Dispatcher:
         if not isinstance(content, SmsContent):
             return _Asked(unanswered, delivery.address)
         settle = timedelta(seconds=self.settings.sms_reconcile_settle_seconds)
-        ready = began + settle
+        written_by = max(began, written_by)
+        ready = written_by + settle
         wait = (ready - self.clock.now()).total_seconds()
         if wait > 0 and request.transactional:
             # A request still on its way would not be listed yet, and a transactional SMS not
@@ -1080,6 +1110,7 @@ class Dispatcher:
             sender=None if service else self.settings.sms_from,
             messaging_service_sid=service,
             began=began,
+            written_by=written_by,
         )
         found = reconcile_sms(listing, sent, self.clock.now(), settle)
         log.info(

@@ -134,9 +134,10 @@ class DispatcherSettings(StreamSettings):
     sms_auth_token: SecretStr = SecretStr("")
     sms_from: str = "+15005550006"
     sms_messaging_service_sid: str | None = None
-    # An SMS without an answer is looked up in the provider's listing of its number; only a try
-    # at least this old counts as never arrived when it is not listed (a request still on its
-    # way would not be listed yet), so a younger one waits the rest before asking.
+    # An SMS without an answer is looked up in the provider's listing of its number; it counts
+    # as never arrived when not listed only this long after its request was last writable (its
+    # call's end, or when this worker took the partition of a try another worker stopped in): a
+    # request still on its way, or not yet read by the provider, would not be listed yet.
     sms_reconcile_settle_seconds: float = Field(default=10.0, ge=0)
     # When that listing cannot be had (the provider busy or away), a marketing SMS is not left
     # unknown at once: the provider is asked again this long later, try after try; after the

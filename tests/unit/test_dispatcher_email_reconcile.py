@@ -357,3 +357,21 @@ def test_an_events_api_needs_its_key() -> None:
         )
     unset = DispatcherSettings(email_events_url="", email_events_api_key="")
     assert unset.email_events_url is None
+
+
+async def test_a_stopped_email_counts_its_settle_from_when_its_partition_was_taken(
+    stopped: Stopped,
+) -> None:
+    # The worker that marked it at T0 could write its "." until it was gone: this one took the
+    # partition after the client's timeout, so the log gets its settle from then.
+    request = await stopped.stopped("m-taken")
+    stopped.clock.advance(timedelta(seconds=SMTP_TIMEOUT + 20))
+    taken = stopped.clock.now()
+    stopped.dispatcher.on_assignment(frozenset({0}))
+
+    await stopped.found_again(request)
+
+    assert (await stopped.entry("m-taken"))["state"] == "sending"
+    [retry] = stopped.outbox.retries()
+    assert retry.due_at == taken + timedelta(seconds=SETTLE)
+    assert stopped.smtp.sent == []

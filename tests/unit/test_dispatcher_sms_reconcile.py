@@ -107,3 +107,48 @@ async def test_a_settled_stopped_sms_not_listed_is_tried_again(stopped: Stopped)
     entry = await stopped.entry("m-absent")
     assert (entry["state"], entry["attempt"]) == ("retrying", 2)
     assert [r.reconcile_tries for r in stopped.outbox.retries()] == [0]
+
+
+async def test_a_stopped_sms_is_taken_for_absent_only_a_settle_after_its_partition_was_taken(
+    stopped: Stopped,
+) -> None:
+    # Marked at T0 by a worker that may have written its request until it was gone: this one
+    # took the partition 15 s later, past the settle counted from the try's start.
+    await stopped.stopped("m-late")
+    stopped.clock.advance(timedelta(seconds=SETTLE + 5))
+    taken = stopped.clock.now()
+    stopped.dispatcher.on_assignment(frozenset({0}))
+
+    await stopped.handle("m-late")
+
+    # Not listed yet (the provider had not read the old worker's last request): no new try.
+    assert (await stopped.entry("m-late"))["state"] == "sending"
+    assert stopped.provider.sent == []
+    [retry] = stopped.outbox.retries()
+    assert retry.due_at == taken + timedelta(seconds=SETTLE)
+
+    # Asked again when due, it is listed: sent once, by the worker that is gone.
+    stopped.clock.set(retry.due_at)
+    stopped.listing.bodies = ["Hi"]
+    record = Record(SEND_RETRIES["medium"].name, 0, 1, "ada", retry.to_wire())
+    await stopped.dispatcher.handle_retry(retry, record)
+
+    entry = await stopped.entry("m-late")
+    assert (entry["state"], entry["provider_id"]) == ("sent", "SM0")
+    assert stopped.provider.sent == []
+
+
+async def test_a_partition_held_through_an_assignment_keeps_when_it_was_taken(
+    stopped: Stopped,
+) -> None:
+    # Taken at T0; the group's next assignment, 15 s later, leaves it here: whoever marked a
+    # try of it since was this worker, so the settle still counts from the try's start.
+    stopped.dispatcher.on_assignment(frozenset({0}))
+    await stopped.stopped("m-held")
+    stopped.clock.advance(timedelta(seconds=SETTLE + 5))
+    stopped.dispatcher.on_assignment(frozenset({0, 1}))
+
+    await stopped.handle("m-held")
+
+    entry = await stopped.entry("m-held")
+    assert (entry["state"], entry["attempt"]) == ("retrying", 2)

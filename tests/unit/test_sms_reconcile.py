@@ -16,6 +16,7 @@ from services.dispatcher.channels.sms.reconcile import (
     parse_sms_listing,
     reconcile_sms,
 )
+from services.dispatcher.domain.outcomes import ASKED_TOO_SOON
 
 BEGAN = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 SETTLE = timedelta(seconds=10)
@@ -63,6 +64,19 @@ def test_absence_is_no_proof_before_the_settle_time() -> None:
     outcome = decide(now=BEGAN + SETTLE - timedelta(seconds=1))
     assert outcome.kind == "unknown"
     assert "too soon" in str(outcome.reason)
+
+
+def test_absence_counts_only_a_settle_after_the_request_was_last_writable() -> None:
+    # A worker that marked the try at BEGAN could write its request until it was gone (here
+    # 20 s later): the settle runs from then, not from the try's start.
+    written_by = BEGAN + timedelta(seconds=20)
+    late = SmsTry(TRY.to, TRY.body, TRY.sender, None, BEGAN, written_by=written_by)
+    early = reconcile_sms(SmsListing(()), late, written_by + SETTLE - timedelta(seconds=1), SETTLE)
+    assert (early.kind, early.reason) == ("unknown", ASKED_TOO_SOON)
+    assert reconcile_sms(SmsListing(()), late, written_by + SETTLE, SETTLE).kind == "retry"
+    # Found, it is ours however soon it was asked.
+    found = reconcile_sms(SmsListing((listed("SM5"),)), late, written_by, SETTLE)
+    assert (found.kind, found.provider_id) == ("sent", "SM5")
 
 
 def test_another_message_to_the_number_since_the_try_leaves_it_unknown() -> None:

@@ -42,13 +42,15 @@ class SmsListing:
 
 @dataclass(frozen=True)
 class SmsTry:
-    """What one try posted (or would have), and a time before it began."""
+    """What one try posted (or would have), a time before it began, and the latest its request
+    could have been written (None: when it began)."""
 
     to: str
     body: str
     sender: str | None
     messaging_service_sid: str | None
     began: datetime
+    written_by: datetime | None = None
 
 
 class SmsHistory(Protocol):
@@ -88,7 +90,8 @@ def reconcile_sms(
     `sent` (with the provider's sid) when a message created since the try began carries our body
     from our sender. `retry` (it never reached the provider, sending it is safe) only when the
     listing is complete back to the try's start, holds nothing to the number since then, and
-    the try began at least `settle` ago (a request still on its way would not be listed yet).
+    its request was last writable (`written_by`, else its start) at least `settle` ago: a
+    request still on its way, or not read by the provider yet, would not be listed.
     Anything else, including another message to the number in that time, is `unknown`.
     """
     if isinstance(listing, str):
@@ -112,7 +115,7 @@ def reconcile_sms(
     reaches_back = any(m.created_at is not None and m.created_at < since for m in listing.messages)
     if listing.more and not reaches_back:
         return Outcome("unknown", "not reconciled: the listing does not reach back to the try")
-    if now - attempt.began < settle:
+    if now - (attempt.written_by or attempt.began) < settle:
         return Outcome("unknown", ASKED_TOO_SOON)
     return Outcome("retry", "reconciled: the provider lists no such message; it never arrived")
 
