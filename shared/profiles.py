@@ -13,7 +13,7 @@ from typing import Any
 from pydantic_core import to_json
 
 from shared.channels import with_consent, without_dead_address
-from shared.contracts import ContactCommand, Event, Profile
+from shared.contracts import ContactCommand, Event, Profile, replaced
 from shared.ids import stable_id
 from shared.system_events import (
     ATTRIBUTE_CHANGED,
@@ -171,8 +171,9 @@ def apply_event(
         anonymous_ids, unlinked = with_anonymous_id(anonymous_ids, event.anonymous_id, limits)
     counts, uncounted = counted(profile.event_counts, event.label, limits)
     recent = (*profile.recent_message_ids, event.message_id)[-RECENT_MESSAGE_IDS:]
-    updated = profile.model_copy(
-        update={
+    updated = replaced(
+        profile,
+        {
             "user_id": event.user_id or profile.user_id,
             "anonymous_ids": anonymous_ids,
             "traits": traits,
@@ -181,7 +182,7 @@ def apply_event(
             "event_counts": counts,
             "recent_message_ids": recent,
             "updated_at": now,
-        }
+        },
     )
     announcements = tuple(
         announce(

@@ -92,22 +92,34 @@ def fold(
 
 
 def fold_matching(
-    state: dict[str, Any] | None, definition: AggregateDefinition, event: Event, now: datetime
+    state: dict[str, Any] | None,
+    definition: AggregateDefinition,
+    event: Event,
+    now: datetime,
+    *,
+    at: datetime | None = None,
+    now_micros: int | None = None,
 ) -> dict[str, Any] | None:
-    """`fold` of an event already known to match the definition (its event, its `where`)."""
-    at = clamp_event_time(event.timestamp, event.received_at)
+    """`fold` of an event already known to match the definition (its event, its `where`).
+    `at`, the event's `clamp_event_time`, and `now_micros`, `epoch_micros(now)`, may be given:
+    worked out once for every aggregate the event counts in."""
+    if at is None:
+        at = clamp_event_time(event.timestamp, event.received_at)
     contribution = _contribution(definition, event, at)
     if contribution is None:
         return state
-    window = definition.window_span
+    window = definition.window_micros
     if window is None:
         total = contribution if state is None else _combine(definition, state["all"], contribution)
         return {"all": total}
-    start = _bucket_start(min(at, now), bucket_size(window))
-    if _expiry_micros(start, definition) <= _micros(now):
+    if now_micros is None:
+        now_micros = _micros(now)
+    # Epoch seconds of the start of the bucket of `min(at, now)` (floor, also before 1970).
+    size = _size_micros(window)
+    start = min(_micros(at), now_micros) // size * (size // _SECOND_MICROS)
+    if start * _SECOND_MICROS + window <= now_micros:
         return state
-    kept = prune(state, definition, now)
-    buckets = dict(kept["buckets"]) if kept is not None else {}
+    buckets = {} if state is None else dict(_window_of(state["buckets"], window, now_micros)[0])
     key = str(start)
     buckets[key] = (
         _combine(definition, buckets[key], contribution) if key in buckets else contribution
@@ -264,9 +276,10 @@ def merge(
     return {"buckets": buckets}
 
 
-def _bucket_start(moment: datetime, size: timedelta) -> int:
-    """Epoch seconds of the start of the bucket holding `moment` (floor, also before 1970)."""
-    return (moment - _EPOCH) // size * int(size.total_seconds())
+@lru_cache(maxsize=256)
+def _size_micros(window_micros: int) -> int:
+    """`bucket_size` of a window given in microseconds, in microseconds."""
+    return bucket_size(window_micros * _MICROSECOND) // _MICROSECOND
 
 
 def _micros(moment: datetime) -> int:
@@ -292,9 +305,9 @@ def _in_window(
 def _contribution(definition: AggregateDefinition, event: Event, at: datetime) -> Any:
     """One event's accumulator, or None when it reads no usable value."""
     function = definition.function
-    millis = (at - _EPOCH) // _MS
     if function == "count":
         return 1
+    millis = (at - _EPOCH) // _MS
     if function in ("first_at", "last_at"):
         return millis
     found, raw = Facts({"properties": event.properties}).read(f"properties.{definition.prop}")

@@ -23,7 +23,7 @@ from services.segmenter.domain import aggregates
 from services.segmenter.domain.definitions import Definitions, state_key
 from shared.channels import merged_consent
 from shared.conditions import Facts, facts_of
-from shared.contracts import ContactCommand, Event, Profile
+from shared.contracts import ContactCommand, Event, Profile, replaced
 from shared.ids import stable_id
 from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
 from shared.profiles import (
@@ -129,6 +129,8 @@ def apply(
     counting = defs.compiled.by_event.get(event.label, ())
     facts: Facts | None = None
     touched: list[str] = []
+    at = aggregates.clamp_event_time(event.timestamp, event.received_at) if counting else None
+    now_micros = aggregates.epoch_micros(now)
     for definition, where in counting:
         if where is not None:
             if facts is None:
@@ -137,7 +139,9 @@ def apply(
                 continue
         key = definition.state_key
         state = states.get(key)
-        folded = aggregates.fold_matching(state, definition, event, now)
+        folded = aggregates.fold_matching(
+            state, definition, event, now, at=at, now_micros=now_micros
+        )
         if folded is state:
             continue
         touched.append(key)
@@ -318,7 +322,7 @@ def _settle(
     before = set(profile.segments)
     # Segments no longer defined are dropped without an announcement.
     before &= defs.segment_ids
-    profile = profile.model_copy(update={"aggregates": values, "segments": member})
+    profile = replaced(profile, {"aggregates": values, "segments": member})
     changes = tuple(
         announce(profile, label, {"segment": segment}, stable_id(origin, label, segment), now, now)
         for label, ids in (
@@ -348,7 +352,7 @@ def _settle(
     if retime:
         update["next_tick"] = tick
     # Every announcement carries the profile after the whole change.
-    settled = row.model_copy(update=update)
+    settled = replaced(row, update)
     return Outcome(settled, (*announcements, *changes), retime=retime, linked=linked)
 
 
@@ -489,8 +493,11 @@ def _seen(seen: dict[str, list[str]], digest: str, now: datetime) -> bool:
 
 
 def _remember(seen: dict[str, list[str]], digest: str, now: datetime) -> dict[str, list[str]]:
+    """`_pruned`, with the digest added to the current hour's ids (a new list: the others are
+    shared with the row before, and never changed in place)."""
     hour = str(int(now.timestamp()) // _HOUR * _HOUR)
-    kept = _pruned(seen, now)
+    horizon = _horizon(now)
+    kept = {h: ids for h, ids in seen.items() if int(h) >= horizon}
     kept[hour] = [*kept.get(hour, ()), digest]
     return kept
 
