@@ -426,6 +426,9 @@ class StreamWorker:
         self._jobs: list[tuple[float, Job]] = []
         self._assigned: set[tuple[str, int]] = set()
         self._owned: frozenset[int] = frozenset()
+        # When this worker took each partition it holds, without a revocation or a loss since
+        # (`held_since`).
+        self._held_since: dict[int, datetime] = {}
         self._changes: list[tuple[str, list[tuple[str, int]]]] = []
         self._positions = Positions()
         self._ready = False
@@ -840,6 +843,13 @@ class StreamWorker:
         self._proven_at = asked_at
         self._proven_through = rebalances
 
+    def held_since(self, partition: int) -> datetime | None:
+        """When this worker took `partition`, held ever since with no revocation or loss in
+        between (None: not held). Whatever another worker did with it, it did before then: a
+        worker stopped by the group writes nothing once the partition has moved on (its lease,
+        `owner_within_lease`), and a killed one nothing at all."""
+        return self._held_since.get(partition)
+
     def owner_within_lease(self) -> bool:
         """Whether the last proof of ownership (`prove_owner`, a checkpoint) is within its
         lease now: checked again at the last moment before an irreversible effect, after any
@@ -1027,6 +1037,11 @@ class StreamWorker:
         if any(held != owned for held in by_topic.values()):
             assignment = {t: sorted(p) for t, p in by_topic.items()}
             log.error("stream.not_copartitioned", assignment=assignment)
+        # Revoked or lost in between, a partition is taken anew: another worker may have held it.
+        now = self.clock.now()
+        self._held_since = {
+            p: now if p in interrupted else self._held_since.get(p, now) for p in owned
+        }
         if handed_out:
             for hook in self._assignment_hooks:
                 hook(owned)

@@ -128,7 +128,9 @@ async def serve(settings: DispatcherSettings, worker: StreamWorker, clock: Syste
     )
 
     async def process(records: list[Record]) -> None:
-        await dispatcher.process(records, worker.prove_owner, worker.owner_within_lease)
+        await dispatcher.process(
+            records, worker.prove_owner, worker.owner_within_lease, worker.held_since
+        )
 
     worker.on_assignment(dispatcher.on_assignment)
     worker.consume([SEND_REQUESTS.name, DELIVERY_REPORTS.name], process)

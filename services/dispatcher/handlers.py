@@ -189,7 +189,7 @@ VOUCHERS_KEPT = 2_880
 VOUCHED_FOR = timedelta(seconds=60)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Called:
     """A provider call this worker made. Should the batch fail before the call's outcome is
     committed (a fenced producer, a rebalance under way) and this worker read the request
@@ -205,6 +205,7 @@ class Called:
     call: asyncio.Future[Outcome]
     at: float  # when it began, on the worker's monotonic clock
     partition: int | None  # of its request (None: outside a partition, in tests)
+    ended: datetime | None = None  # when its task ended (set as it does)
 
 
 class _Kept(Protocol):
@@ -216,13 +217,15 @@ K = TypeVar("K", bound=_Kept)
 
 
 def _forget_oldest(kept: OrderedDict[str, K], now: float, finished: Callable[[K], bool]) -> None:
-    """Drop the oldest entries (`kept` is oldest first) beyond `CALLS_KEPT`, and those older
-    than `CALLS_KEPT_SECONDS` that are `finished`. An `OrderedDict`: a plain dict emptied from
-    the front scans every deleted slot to find its first entry, until it is resized."""
+    """Drop the oldest entries (`kept` is oldest first) that are `finished`, beyond `CALLS_KEPT`
+    or older than `CALLS_KEPT_SECONDS`. One still under way is kept whatever the count (a call
+    ends within its timeout): forgotten, a later batch would take its try for stopped while it
+    could still write. An `OrderedDict`: a plain dict emptied from the front scans every
+    deleted slot to find its first entry, until it is resized."""
     since = now - CALLS_KEPT_SECONDS
     while kept:
         oldest = next(iter(kept.values()))
-        if len(kept) <= CALLS_KEPT and (oldest.at >= since or not finished(oldest)):
+        if not finished(oldest) or (len(kept) <= CALLS_KEPT and oldest.at >= since):
             break
         kept.popitem(last=False)
 
@@ -337,9 +340,10 @@ class Dispatcher:
         # last assignment).
         self._owned: frozenset[int] = frozenset()
         self._unread: set[int] = set()
-        # When this worker took each partition it holds: whoever made a try of it before is
-        # gone by then, and can have written nothing of its call since (`_written_by`).
-        self._owned_since: dict[int, datetime] = {}
+        # When this worker took a partition it holds, with no revocation or loss since
+        # (`StreamWorker.held_since`): whoever made a try of it before is gone by then, and
+        # can have written nothing of its call since (`_written_by`).
+        self._held_since: Callable[[int], datetime | None] = lambda _partition: None
         self._delays = {
             "short": settings.retry_short_seconds,
             "medium": settings.retry_medium_seconds,
@@ -373,6 +377,7 @@ class Dispatcher:
         records: list[Record],
         prove_owner: ProveOwner,
         within_lease: Callable[[], bool] = lambda: True,
+        held_since: Callable[[int], datetime | None] = lambda _partition: None,
     ) -> None:
         """Handle a batch: one task per contact, a contact's records in offset order, each try's
         mark made durable by its own intent (`_durable`) and the rest committed with the batch.
@@ -382,9 +387,11 @@ class Dispatcher:
         again at the last moment before the call's bytes go out
         (`StreamWorker.owner_within_lease`): a call made under the lease that still waited for
         its first step, or for a pooled connection, when the worker was stopped does not go
-        out once it resumes (`LeaseLapsed`)."""
+        out once it resumes (`LeaseLapsed`). `held_since` says when the worker took each
+        partition (`StreamWorker.held_since`; `_written_by`)."""
         self._prove_owner = prove_owner
         self._within_lease = within_lease
+        self._held_since = held_since
         contacts: dict[tuple[int, str], list[Record]] = {}
         for record in records:
             key = record.key if record.key is not None else f"#{record.offset}"
@@ -427,10 +434,6 @@ class Dispatcher:
         has its intents read again before its next batch: another worker may have held it
         meanwhile."""
         self.keep_calls_of(owned)
-        now = self.clock.now()
-        self._owned_since = {
-            p: self._owned_since.get(p, now) if p in self._owned else now for p in owned
-        }
         self._owned = owned
         self._unread = set(owned)
         self._intents.clear()
@@ -640,6 +643,9 @@ class Dispatcher:
             case progress.Requeue(attempt=attempt, due=due, reason=reason):
                 await self._enqueue(request, attempt, due or self.clock.now(), reason)
             case progress.Reconcile(attempt=attempt, began=began, resend=resend, try_id=try_id):
+                written_by = await self._written_by(
+                    request.message_id, attempt, began, record.partition
+                )
                 receipt = await self._receipt(request, try_id, began or request.requested_at)
                 can_ask = self._can_reconcile(request)
                 if reconcile_tries == 0:  # counted once, not again by a record asking again
@@ -658,7 +664,6 @@ class Dispatcher:
                     return
                 # Ask the provider: found, it is sent; proven absent, a new try is safe.
                 stopped = Outcome("unknown", progress.STOPPED)
-                written_by = self._written_by(began, record.partition)
                 asked = await self._reconciled(request, stopped, None, began, written_by)
                 outcome = asked.outcome
                 if outcome.kind == "sent" or not resend:
@@ -817,15 +822,17 @@ class Dispatcher:
                         prepared.address,
                     )
                 )
-            self._remember(
-                prepared.message_id,
-                Called(attempt, began, prepared.address, call, self._monotonic(), focused()),
-            )
+            called = Called(attempt, began, prepared.address, call, self._monotonic(), focused())
+            call.add_done_callback(partial(self._ended, called))
+            self._remember(prepared.message_id, called)
             # A lapsed lease raises here (`LeaseLapsed`): it never went out, and read
             # again, the try is made anew (`_if_lapsed` parked it).
             answer = await _answer(call, channel)
             timing.back()
             return answer
+
+    def _ended(self, called: Called, _call: asyncio.Future[Outcome]) -> None:
+        called.ended = self.clock.now()
 
     def _if_lapsed(
         self, message_id: str, try_id: str, began: datetime, call: asyncio.Future[Outcome]
@@ -961,17 +968,29 @@ class Dispatcher:
         )
         return True
 
-    def _written_by(self, began: datetime | None, partition: int) -> datetime:
-        """The latest moment a stopped try's call (marked at `began`) could still have been
-        written to its provider: when this worker took the partition, since whoever made the
-        call is gone by then (killed, or fenced by the group). Not its start: a worker can
-        mark a try and write its request seconds later (a busy loop, a wait for a pooled
-        connection) and die right after, and a provider that has not read that request yet
-        when asked would show it absent. A partition this worker was never handed (a harness
-        driving it directly) counts from the try's start."""
-        since = self._owned_since.get(partition)
-        start = began or since or self.clock.now()
-        return start if since is None else max(start, since)
+    async def _written_by(
+        self, message_id: str, attempt: int, began: datetime | None, partition: int
+    ) -> datetime:
+        """The latest moment a stopped try's call (`attempt`, marked at `began`) could still
+        have been written to its provider. Made by another worker, or by this one before it
+        lost the partition: when this worker took the partition, since whoever made the call
+        is gone by then (killed, or fenced by the group). Made by this worker, its batch failed
+        and a record of the request read again: when the call ended (awaited first if it is
+        still under way). Not the try's start: a worker can mark a try and write its request
+        seconds later (a busy loop, a wait for a pooled connection) and die right after, and a
+        provider that has not read that request yet when asked would show it absent. A
+        partition not known to be held (a harness driving the dispatcher directly) counts from
+        the try's start (now, when that is not known)."""
+        since = self._held_since(partition)
+        latest = began or since or self.clock.now()
+        if since is not None:
+            latest = max(latest, since)
+        called = self._calls.get(message_id)
+        if called is not None and called.attempt == attempt and called.partition == partition:
+            if not called.call.done():
+                await asyncio.wait([called.call])
+            latest = max(latest, called.ended or self.clock.now())
+        return latest
 
     async def _reconciled(
         self,
@@ -1091,12 +1110,13 @@ class Dispatcher:
         settle = timedelta(seconds=self.settings.sms_reconcile_settle_seconds)
         written_by = max(began, written_by)
         ready = written_by + settle
-        wait = (ready - self.clock.now()).total_seconds()
+        wait = (began + settle - self.clock.now()).total_seconds()
         if wait > 0 and request.transactional:
             # A request still on its way would not be listed yet, and a transactional SMS not
-            # found is sent again at once: it waits here. A marketing one is asked now (found,
-            # it is settled at once) and, not found, asked again once `ready` (a retry record),
-            # rather than hold its batch.
+            # found is sent again at once: it waits here, for the settle from its start (no
+            # longer: sent at least once either way, it does not hold its batch's transaction a
+            # whole settle past a timed-out call). A marketing one is asked now (found, it is
+            # settled at once) and, not found, asked again once `ready` (a retry record).
             await asyncio.sleep(wait)
         # A listing takes one of the provider call slots: a burst of unanswered tries (a worker
         # taking over a stopped one's batch) asked all at once, and the requests waiting for a

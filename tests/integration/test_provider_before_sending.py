@@ -109,3 +109,38 @@ async def test_a_check_that_raises_stops_a_request_on_a_kept_alive_connection(
         assert (again.status_code, app.count) == (200, 2)
     finally:
         await client.aclose()
+
+
+class PassesOnce:
+    """A check that holds when the request takes its connection and has lapsed by the time its
+    bytes are written (a worker stopped in between)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def __call__(self) -> None:
+        self.asked += 1
+        if self.asked > 1:
+            raise Lapsed("the lease lapsed after the connection was handed over")
+
+
+@pytest.mark.parametrize("body", [b"{}", {"To": "+15550001", "Body": "Hi"}])
+async def test_the_check_is_asked_again_as_the_request_is_written(
+    server: tuple[Received, str], body: bytes | dict[str, str]
+) -> None:
+    app, url = server
+    client = ProviderClient(max_connections=4, timeout=5)
+    check = PassesOnce()
+    try:
+        token = BEFORE_SENDING.set(check)
+        try:
+            with pytest.raises(Lapsed):
+                await client.post(url, data=body)
+        finally:
+            BEFORE_SENDING.reset(token)
+        assert check.asked == 2
+        assert app.count == 0  # not even the headers reached it
+        after = await client.post(url, data=body)  # the pool is still usable
+        assert (after.status_code, app.count) == (200, 1)
+    finally:
+        await client.aclose()

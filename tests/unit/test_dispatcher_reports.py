@@ -21,6 +21,7 @@ import pytest
 from pymongo import AsyncMongoClient
 from structlog.testing import capture_logs
 
+from services.dispatcher import handlers
 from services.dispatcher.adapters.metrics import TRY_STEPS, DispatchMetrics
 from services.dispatcher.adapters.store import Templates
 from services.dispatcher.adapters.suppressions import SuppressionList
@@ -292,6 +293,27 @@ async def test_an_assignment_cuts_off_the_kept_calls_of_partitions_handed_elsewh
     assert set(dispatcher._calls) == {"m-kept", "m-unplaced"}
     for call in calls.values():
         call.cancel()
+
+
+async def test_a_call_under_way_is_never_forgotten_to_make_room(
+    reports: Reports, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forgotten, a later batch would take its try for stopped while the call could still
+    write: the oldest finished calls make room instead, and one under way stays."""
+    monkeypatch.setattr(handlers, "CALLS_KEPT", 2)
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[Outcome] = loop.create_future()
+    dispatcher = reports.dispatcher
+    _remembered(dispatcher, "m-under-way", pending)
+    for n in range(3):
+        done: asyncio.Future[Outcome] = loop.create_future()
+        done.set_result(Outcome("sent", None))
+        _remembered(dispatcher, f"m-done-{n}", done)
+
+    assert list(dispatcher._calls) == ["m-under-way", "m-done-0", "m-done-1", "m-done-2"]
+    pending.set_result(Outcome("sent", None))
+    _remembered(dispatcher, "m-next", pending)
+    assert list(dispatcher._calls) == ["m-done-2", "m-next"]
 
 
 # --- call slots --------------------------------------------------------------------------------

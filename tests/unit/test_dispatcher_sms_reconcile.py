@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 from services.dispatcher.channels.sms.reconcile import ListedSms, SmsListing
+from services.dispatcher.domain.outcomes import Outcome
+from services.dispatcher.handlers import Called
 from services.dispatcher.settings import DispatcherSettings
+from shared.contracts import SendRetry
 from shared.kafka import Record
 from shared.topics import SEND_RETRIES
 from tests.unit.test_dispatcher_reports import T0, Parking, Reports, _sms_request, made_reports
@@ -117,7 +120,7 @@ async def test_a_stopped_sms_is_taken_for_absent_only_a_settle_after_its_partiti
     await stopped.stopped("m-late")
     stopped.clock.advance(timedelta(seconds=SETTLE + 5))
     taken = stopped.clock.now()
-    stopped.dispatcher.on_assignment(frozenset({0}))
+    stopped.dispatcher._held_since = {0: taken}.get  # as `StreamWorker.held_since` says
 
     await stopped.handle("m-late")
 
@@ -138,17 +141,35 @@ async def test_a_stopped_sms_is_taken_for_absent_only_a_settle_after_its_partiti
     assert stopped.provider.sent == []
 
 
-async def test_a_partition_held_through_an_assignment_keeps_when_it_was_taken(
+async def test_a_try_whose_own_call_is_under_way_is_asked_about_only_a_settle_after_it_ended(
     stopped: Stopped,
 ) -> None:
-    # Taken at T0; the group's next assignment, 15 s later, leaves it here: whoever marked a
-    # try of it since was this worker, so the settle still counts from the try's start.
-    stopped.dispatcher.on_assignment(frozenset({0}))
-    await stopped.stopped("m-held")
-    stopped.clock.advance(timedelta(seconds=SETTLE + 5))
-    stopped.dispatcher.on_assignment(frozenset({0, 1}))
+    # This worker's call of attempt 1 is still under way when its batch failed and the retry
+    # record that made it is read again: the call may write until it ends, 15 s after T0.
+    await stopped.stopped("m-own")
+    loop = asyncio.get_running_loop()
+    call: asyncio.Future[Outcome] = loop.create_future()
+    stopped.dispatcher._remember(
+        "m-own", Called(1, T0, "+15550001", call, loop.time(), partition=0)
+    )
+    stopped.dispatcher._held_since = {0: T0 - timedelta(hours=1)}.get
+    stopped.clock.advance(timedelta(seconds=SETTLE + 1))
+    retry = SendRetry(request=_sms_request("m-own"), attempt=1, due_at=T0, reason="r")
+    record = Record(SEND_RETRIES["short"].name, 0, 3, "ada", retry.to_wire())
 
-    await stopped.handle("m-held")
+    handling = asyncio.create_task(stopped.dispatcher.handle_retry(retry, record))
+    for _ in range(50):  # let it run as far as it goes
+        await asyncio.sleep(0)
+    assert not handling.done()  # waiting for the call, not asking the provider yet
+    assert stopped.listing.asked == []
+    stopped.clock.set(T0 + timedelta(seconds=15))
+    call.set_exception(TimeoutError())  # no answer: the call ends unknown
+    async with asyncio.timeout(2):
+        await handling
 
-    entry = await stopped.entry("m-held")
-    assert (entry["state"], entry["attempt"]) == ("retrying", 2)
+    # Not listed a moment after the call ended: too soon to tell, nothing sent again.
+    assert stopped.listing.asked == ["+15550001"]
+    assert (await stopped.entry("m-own"))["state"] == "sending"
+    assert stopped.provider.sent == []
+    [again] = stopped.outbox.retries()
+    assert again.due_at == T0 + timedelta(seconds=15 + SETTLE)

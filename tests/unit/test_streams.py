@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -313,6 +313,53 @@ async def test_assignment_hooks_run_once_the_group_hands_partitions_out_not_on_a
         frozenset(),
         frozenset({0, 1}),
     ]
+
+
+async def test_a_partition_is_held_since_it_was_last_taken_with_no_revocation_or_loss_between(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock(datetime(2026, 12, 2, tzinfo=UTC))
+    worker = StreamWorker(
+        "app",
+        StreamSettings(data_dir=tmp_path),
+        Producer(),  # type: ignore[arg-type]
+        clock,
+        service="test",
+        transactional=True,
+    )
+
+    async def process(_records: list[Record]) -> None:
+        return None
+
+    worker.consume(["in"], process)
+    consumer: Any = Committed()
+    taken = clock.now()
+    worker._on_assign(consumer, [TopicPartition("in", 0)])
+    await worker._settle(consumer)
+    assert (worker.held_since(0), worker.held_since(1)) == (taken, None)
+
+    # Partition 1 joins later; 0 stays held through that assignment.
+    clock.advance(timedelta(seconds=10))
+    worker._on_assign(consumer, [TopicPartition("in", 1)])
+    await worker._settle(consumer)
+    assert (worker.held_since(0), worker.held_since(1)) == (taken, clock.now())
+
+    # Revoked and handed back within one poll: another worker may have held it between.
+    clock.advance(timedelta(seconds=10))
+    worker._on_revoke(consumer, [TopicPartition("in", 0)])
+    worker._on_assign(consumer, [TopicPartition("in", 0)])
+    await worker._settle(consumer)
+    assert worker.held_since(0) == clock.now()
+
+    # Lost (a session timed out), then given back by the next assignment: taken anew.
+    clock.advance(timedelta(seconds=10))
+    worker._on_lost(consumer, [TopicPartition("in", 0), TopicPartition("in", 1)])
+    await worker._settle(consumer)
+    assert (worker.held_since(0), worker.held_since(1)) == (None, None)
+    clock.advance(timedelta(seconds=10))
+    worker._on_assign(consumer, [TopicPartition("in", 0), TopicPartition("in", 1)])
+    await worker._settle(consumer)
+    assert worker.held_since(0) == worker.held_since(1) == clock.now()
 
 
 class Transactions(Producer):

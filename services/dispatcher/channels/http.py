@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import quote_plus
 
 import aiohttp
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.connector import Connection
 
 FORM = "application/x-www-form-urlencoded"
@@ -50,10 +51,41 @@ class Answer:
     content: bytes
 
 
-# What must hold for a request to go out, checked once the request has its connection, right
-# before it is written (it raises to stop it). Set by the caller around the task that makes the
-# request (`contextvars`: the task keeps the value it was made with); None: nothing to check.
+# What must hold for a request to go out, checked once the request has its connection and
+# again as its bytes are written (it raises to stop it). Set by the caller around the task that
+# makes the request (`contextvars`: the task keeps the value it was made with, as do the tasks it
+# starts); None: nothing to check.
 BEFORE_SENDING: ContextVar[Callable[[], None] | None] = ContextVar("before_sending", default=None)
+
+
+class _CheckedBody(aiohttp.BytesPayload):
+    """A request body that asks `BEFORE_SENDING` again right before it and the request's
+    headers (held back to go out with it) are written. On Python before 3.12 aiohttp writes
+    them from a task of their own, at least one turn of the event loop after the connection was
+    handed over, and a worker stopped in between would write them once resumed. What the check
+    raised is kept (`refused`): aiohttp reports it as a broken connection."""
+
+    refused: BaseException | None = None
+
+    def _check(self) -> None:
+        check = BEFORE_SENDING.get()
+        if check is None:
+            return
+        try:
+            check()
+        except BaseException as exc:
+            self.refused = exc
+            raise
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        self._check()
+        await super().write(writer)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        self._check()
+        await super().write_with_length(writer, content_length)
 
 
 class _CheckingConnector(aiohttp.TCPConnector):
@@ -133,11 +165,12 @@ class ProviderClient:
             # per request (the SMS hot path): the same bytes and content type.
             data = form_encoded(data)
             headers = {**(headers or {}), "Content-Type": FORM}
-        options: dict[str, Any] = {"params": params, "data": data, "headers": headers}
+        body = None if data is None else _CheckedBody(data)
+        options: dict[str, Any] = {"params": params, "data": body, "headers": headers}
         try:
             async with self._open().request(method, url, timeout=deadline, **options) as answer:
-                body = await answer.read()
-                return Answer(answer.status, answer.headers, body)
+                content = await answer.read()
+                return Answer(answer.status, answer.headers, content)
         except aiohttp.InvalidURL as exc:
             raise ProviderUrlError(f"{type(exc).__name__}: {exc}") from exc
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
@@ -145,6 +178,9 @@ class ProviderClient:
         except TimeoutError as exc:
             raise RequestMaybeSent(f"timed out after {seconds:g} s") from exc
         except aiohttp.ClientError as exc:
+            if body is not None and body.refused is not None:
+                # Stopped by the check as its bytes were to go out: none of them was written.
+                raise body.refused from exc
             raise RequestMaybeSent(_described(exc)) from exc
 
     async def post(self, url: str, **options: Any) -> Answer:
