@@ -979,9 +979,12 @@ class StreamWorker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Called inside `consume`, between batches: what was handled is committed before the
-        partitions go, so the next owner starts right after it."""
+        partitions go, so the next owner starts right after it. No proof of ownership stands
+        past it: a call still under way (kept past a failed batch) that has not yet written its
+        request writes nothing now (`owner_within_lease`)."""
         self._ready = False
         self._rebalances += 1
+        self._proven_at = float("-inf")
         gone = [(str(tp.topic), int(tp.partition)) for tp in partitions]
         if self.transactional:  # its batches committed their offsets themselves
             self._changes.append(("revoke", gone))
@@ -1001,9 +1004,12 @@ class StreamWorker:
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions this member lost (its session timed out, a broker outage included): like a
         revocation, settled by the assignment that follows. A lone worker gets them all back,
-        and its calls kept past the failed batch conclude that batch when it is read again."""
+        and its calls kept past the failed batch conclude that batch when it is read again
+        (those that had not written their request yet write nothing now, as after a
+        revocation)."""
         self._ready = False
         self._rebalances += 1
+        self._proven_at = float("-inf")
         self._changes.append(("revoke", [(str(tp.topic), int(tp.partition)) for tp in partitions]))
 
     async def _settle(self, consumer: Consumer) -> None:

@@ -468,6 +468,17 @@ async def test_a_commit_proves_ownership_for_the_next_batch_until_the_assignment
     await worker._handle_transaction(member, records)
     assert producer.proofs == 5
 
+    # A revocation or a loss ends the lease at once: a call kept running past a failed batch
+    # that has not written its request yet finds it lapsed at its last check.
+    assert worker.owner_within_lease()
+    worker._on_revoke(member, [TopicPartition("in", 0)])
+    assert not worker.owner_within_lease()
+    worker._on_assign(member, [TopicPartition("in", 0)])
+    await worker._handle_transaction(member, records)
+    assert worker.owner_within_lease()
+    worker._on_lost(member, [TopicPartition("in", 0)])
+    assert not worker.owner_within_lease()
+
 
 async def test_a_batch_fenced_by_its_own_check_aborts_its_transaction_after_the_proof_under_way(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
