@@ -643,9 +643,17 @@ class Dispatcher:
             case progress.Requeue(attempt=attempt, due=due, reason=reason):
                 await self._enqueue(request, attempt, due or self.clock.now(), reason)
             case progress.Reconcile(attempt=attempt, began=began, resend=resend, try_id=try_id):
-                written_by = await self._written_by(
-                    request.message_id, attempt, began, record.partition
-                )
+                own = self._own_call(request.message_id, attempt, record.partition)
+                if own is not None:
+                    # This worker made the call (its batch failed, and a retry record of the
+                    # request was read again): its answer, once it comes, is at hand.
+                    answered = await _answer(own.call, request.channel)
+                    if answered.kind != "unknown":
+                        await self._after_call(
+                            request, attempt, record, None, answered, own.began, own.address
+                        )
+                        return
+                written_by = self._written_by(began, record.partition, own)
                 receipt = await self._receipt(request, try_id, began or request.requested_at)
                 can_ask = self._can_reconcile(request)
                 if reconcile_tries == 0:  # counted once, not again by a record asking again
@@ -968,15 +976,19 @@ class Dispatcher:
         )
         return True
 
-    async def _written_by(
-        self, message_id: str, attempt: int, began: datetime | None, partition: int
-    ) -> datetime:
-        """The latest moment a stopped try's call (`attempt`, marked at `began`) could still
-        have been written to its provider. Made by another worker, or by this one before it
-        lost the partition: when this worker took the partition, since whoever made the call
-        is gone by then (killed, or fenced by the group). Made by this worker, its batch failed
-        and a record of the request read again: when the call ended (awaited first if it is
-        still under way). Not the try's start: a worker can mark a try and write its request
+    def _own_call(self, message_id: str, attempt: int, partition: int) -> Called | None:
+        """This worker's call of the message's `attempt` in `partition`, if it made one lately."""
+        called = self._calls.get(message_id)
+        if called is None or called.attempt != attempt or called.partition != partition:
+            return None
+        return called
+
+    def _written_by(self, began: datetime | None, partition: int, own: Called | None) -> datetime:
+        """The latest moment a stopped try's call (marked at `began`) could still have been
+        written to its provider. Made by another worker, or by this one before it lost the
+        partition: when this worker took the partition, since whoever made the call is gone by
+        then (killed, or fenced by the group). Made by this worker (`own`, ended by now): when
+        the call ended. Not the try's start: a worker can mark a try and write its request
         seconds later (a busy loop, a wait for a pooled connection) and die right after, and a
         provider that has not read that request yet when asked would show it absent. A
         partition not known to be held (a harness driving the dispatcher directly) counts from
@@ -985,11 +997,8 @@ class Dispatcher:
         latest = began or since or self.clock.now()
         if since is not None:
             latest = max(latest, since)
-        called = self._calls.get(message_id)
-        if called is not None and called.attempt == attempt and called.partition == partition:
-            if not called.call.done():
-                await asyncio.wait([called.call])
-            latest = max(latest, called.ended or self.clock.now())
+        if own is not None:
+            latest = max(latest, own.ended or self.clock.now())
         return latest
 
     async def _reconciled(

@@ -163,7 +163,7 @@ async def test_a_try_whose_own_call_is_under_way_is_asked_about_only_a_settle_af
     assert not handling.done()  # waiting for the call, not asking the provider yet
     assert stopped.listing.asked == []
     stopped.clock.set(T0 + timedelta(seconds=15))
-    call.set_exception(TimeoutError())  # no answer: the call ends unknown
+    call.set_result(Outcome("unknown", "timed out after 15 s"))  # no answer came
     async with asyncio.timeout(2):
         await handling
 
@@ -173,3 +173,25 @@ async def test_a_try_whose_own_call_is_under_way_is_asked_about_only_a_settle_af
     assert stopped.provider.sent == []
     [again] = stopped.outbox.retries()
     assert again.due_at == T0 + timedelta(seconds=15 + SETTLE)
+
+
+async def test_a_try_whose_own_call_answered_is_concluded_with_that_answer(
+    stopped: Stopped,
+) -> None:
+    # The same, but the call this worker made was answered: no need to ask the provider.
+    await stopped.stopped("m-answered")
+    loop = asyncio.get_running_loop()
+    call: asyncio.Future[Outcome] = loop.create_future()
+    call.set_result(Outcome("sent", None, provider_id="SM42"))
+    stopped.dispatcher._remember(
+        "m-answered", Called(1, T0, "+15550001", call, loop.time(), partition=0)
+    )
+    retry = SendRetry(request=_sms_request("m-answered"), attempt=1, due_at=T0, reason="r")
+    record = Record(SEND_RETRIES["short"].name, 0, 3, "ada", retry.to_wire())
+
+    await stopped.dispatcher.handle_retry(retry, record)
+
+    entry = await stopped.entry("m-answered")
+    assert (entry["state"], entry["provider_id"]) == ("sent", "SM42")
+    assert stopped.listing.asked == []
+    assert stopped.provider.sent == []
