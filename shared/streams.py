@@ -607,6 +607,8 @@ class StreamWorker:
         """Leave the group with the consumer stuck outside it, and join with a new one
         (`shared.membership`): what the old one held is revoked first, like any rebalance."""
         self._reread = False
+        # The partitions move at once: no proof of ownership stands past this (`_on_revoke`).
+        self._proven_at = float("-inf")
         await self._progress_check.finish()
         await close_within(consumer)
         # Whatever its closing did not revoke (it may have given up) is revoked here.

@@ -217,11 +217,12 @@ K = TypeVar("K", bound=_Kept)
 
 
 def _forget_oldest(kept: OrderedDict[str, K], now: float, finished: Callable[[K], bool]) -> None:
-    """Drop the oldest entries (`kept` is oldest first) that are `finished`, beyond `CALLS_KEPT`
-    or older than `CALLS_KEPT_SECONDS`. One still under way is kept whatever the count (a call
-    ends within its timeout): forgotten, a later batch would take its try for stopped while it
-    could still write. An `OrderedDict`: a plain dict emptied from the front scans every
-    deleted slot to find its first entry, until it is resized."""
+    """Drop the oldest entries (`kept` is oldest first) while the oldest is `finished` and beyond
+    `CALLS_KEPT` or older than `CALLS_KEPT_SECONDS`. One still under way at the front stops the
+    dropping, whatever the count, until it ends (within its timeout): forgotten, a later batch
+    would take its try for stopped while it could still write. An `OrderedDict`: a plain dict
+    emptied from the front scans every deleted slot to find its first entry, until it is
+    resized."""
     since = now - CALLS_KEPT_SECONDS
     while kept:
         oldest = next(iter(kept.values()))

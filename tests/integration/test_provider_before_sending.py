@@ -4,6 +4,8 @@ check that raises stops the request before any byte of it reaches the server."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import socket
 import threading
 from collections.abc import Iterator
@@ -32,18 +34,33 @@ class Received:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
+class Redirecting(Received):
+    """Answers every request with a 307 to itself: a client that follows it writes the body
+    again."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.count += 1
+        headers = [(b"location", scope["path"].encode()), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 307, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
 class _Server(uvicorn.Server):
     def install_signal_handlers(self) -> None:  # the test process keeps its own
         pass
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[Received, str]]:
-    """A real uvicorn server on a free port, in a thread with its own event loop."""
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[Received, str]]:
+    """A real uvicorn server on a free port, in a thread with its own event loop (its app
+    `Received`, or the class a test names with `@pytest.mark.parametrize("server", [...],
+    indirect=True)`)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    app = Received()
+    app = getattr(request, "param", Received)()
     config = uvicorn.Config(app, lifespan="off", loop="asyncio", log_config=None)
     running = _Server(config)
     thread = threading.Thread(target=running.run, kwargs={"sockets": [listener]}, daemon=True)
@@ -131,6 +148,9 @@ async def test_the_check_is_asked_again_as_the_request_is_written(
     app, url = server
     client = ProviderClient(max_connections=4, timeout=5)
     check = PassesOnce()
+    loop = asyncio.get_running_loop()
+    unhandled: list[str] = []  # what asyncio would log at ERROR (a task's lost exception)
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context["message"]))
     try:
         token = BEFORE_SENDING.set(check)
         try:
@@ -140,7 +160,22 @@ async def test_the_check_is_asked_again_as_the_request_is_written(
             BEFORE_SENDING.reset(token)
         assert check.asked == 2
         assert app.count == 0  # not even the headers reached it
+        gc.collect()  # a task whose exception nobody took says so as it is collected
+        await asyncio.sleep(0)
+        assert unhandled == []
         after = await client.post(url, data=body)  # the pool is still usable
         assert (after.status_code, app.count) == (200, 1)
     finally:
+        loop.set_exception_handler(None)
         await client.aclose()
+
+
+@pytest.mark.parametrize("server", [Redirecting], indirect=True)
+async def test_a_provider_redirect_is_answered_not_followed(server: tuple[Received, str]) -> None:
+    app, url = server
+    client = ProviderClient(max_connections=4, timeout=5)
+    try:
+        answer = await client.post(url, data=b"{}")
+    finally:
+        await client.aclose()
+    assert (answer.status_code, app.count) == (307, 1)

@@ -299,7 +299,8 @@ async def test_a_call_under_way_is_never_forgotten_to_make_room(
     reports: Reports, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Forgotten, a later batch would take its try for stopped while the call could still
-    write: the oldest finished calls make room instead, and one under way stays."""
+    write: the remembered calls may exceed their count while the oldest is under way, and
+    make room once it ended."""
     monkeypatch.setattr(handlers, "CALLS_KEPT", 2)
     loop = asyncio.get_running_loop()
     pending: asyncio.Future[Outcome] = loop.create_future()

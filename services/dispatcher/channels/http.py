@@ -58,12 +58,18 @@ class Answer:
 BEFORE_SENDING: ContextVar[Callable[[], None] | None] = ContextVar("before_sending", default=None)
 
 
+class _Refused(Exception):
+    """Raised in aiohttp's body writer when `BEFORE_SENDING` refused (an `Exception`, which
+    aiohttp hands to the waiting request as a broken connection; what the check raised, a
+    `BaseException` perhaps, would escape its writer task unretrieved)."""
+
+
 class _CheckedBody(aiohttp.BytesPayload):
     """A request body that asks `BEFORE_SENDING` again right before it and the request's
     headers (held back to go out with it) are written. On Python before 3.12 aiohttp writes
     them from a task of their own, at least one turn of the event loop after the connection was
     handed over, and a worker stopped in between would write them once resumed. What the check
-    raised is kept (`refused`): aiohttp reports it as a broken connection."""
+    raised is kept (`refused`) and raised to the caller; aiohttp sees `_Refused`."""
 
     refused: BaseException | None = None
 
@@ -75,7 +81,7 @@ class _CheckedBody(aiohttp.BytesPayload):
             check()
         except BaseException as exc:
             self.refused = exc
-            raise
+            raise _Refused(str(exc)) from exc
 
     async def write(self, writer: AbstractStreamWriter) -> None:
         self._check()
@@ -166,7 +172,14 @@ class ProviderClient:
             data = form_encoded(data)
             headers = {**(headers or {}), "Content-Type": FORM}
         body = None if data is None else _CheckedBody(data)
-        options: dict[str, Any] = {"params": params, "data": body, "headers": headers}
+        # No redirect is followed: aiohttp would write the body again to the next hop, a second
+        # request, and a provider's API answers where it was asked.
+        options: dict[str, Any] = {
+            "params": params,
+            "data": body,
+            "headers": headers,
+            "allow_redirects": False,
+        }
         try:
             async with self._open().request(method, url, timeout=deadline, **options) as answer:
                 content = await answer.read()
