@@ -49,6 +49,11 @@ class Stopped(Parking):
         self.outbox = made.outbox
         self.clock = made.dispatcher.clock
 
+    async def retry(self, retry: SendRetry) -> None:
+        """A retry record of the request, handled as read from its topic."""
+        record = Record(SEND_RETRIES["medium"].name, 0, 1, "ada", retry.to_wire())
+        await self.dispatcher.handle_retry(retry, record)
+
     async def stopped(self, message_id: str) -> None:
         """The entry as a worker killed during the call leaves it: marked at T0, no outcome."""
         await self.ledger.claim(_sms_request(message_id), T0)
@@ -80,8 +85,7 @@ async def test_a_young_stopped_sms_not_listed_yet_is_asked_again_without_holding
     # Due: the listing now shows it.
     stopped.clock.set(retry.due_at)
     stopped.listing.bodies = ["Hi"]
-    record = Record(SEND_RETRIES["medium"].name, 0, 1, "ada", retry.to_wire())
-    await stopped.dispatcher.handle_retry(retry, record)
+    await stopped.retry(retry)
 
     entry = await stopped.entry("m-young")
     assert (entry["state"], entry["attempt"], entry["provider_id"]) == ("sent", 1, "SM0")
@@ -133,8 +137,7 @@ async def test_a_stopped_sms_is_taken_for_absent_only_a_settle_after_its_partiti
     # Asked again when due, it is listed: sent once, by the worker that is gone.
     stopped.clock.set(retry.due_at)
     stopped.listing.bodies = ["Hi"]
-    record = Record(SEND_RETRIES["medium"].name, 0, 1, "ada", retry.to_wire())
-    await stopped.dispatcher.handle_retry(retry, record)
+    await stopped.retry(retry)
 
     entry = await stopped.entry("m-late")
     assert (entry["state"], entry["provider_id"]) == ("sent", "SM0")
@@ -155,9 +158,8 @@ async def test_a_try_whose_own_call_is_under_way_is_asked_about_only_a_settle_af
     stopped.dispatcher._held_since = {0: T0 - timedelta(hours=1)}.get
     stopped.clock.advance(timedelta(seconds=SETTLE + 1))
     retry = SendRetry(request=_sms_request("m-own"), attempt=1, due_at=T0, reason="r")
-    record = Record(SEND_RETRIES["short"].name, 0, 3, "ada", retry.to_wire())
 
-    handling = asyncio.create_task(stopped.dispatcher.handle_retry(retry, record))
+    handling = asyncio.create_task(stopped.retry(retry))
     for _ in range(50):  # let it run as far as it goes
         await asyncio.sleep(0)
     assert not handling.done()  # waiting for the call, not asking the provider yet
@@ -187,9 +189,8 @@ async def test_a_try_whose_own_call_answered_is_concluded_with_that_answer(
         "m-answered", Called(1, T0, "+15550001", call, loop.time(), partition=0)
     )
     retry = SendRetry(request=_sms_request("m-answered"), attempt=1, due_at=T0, reason="r")
-    record = Record(SEND_RETRIES["short"].name, 0, 3, "ada", retry.to_wire())
 
-    await stopped.dispatcher.handle_retry(retry, record)
+    await stopped.retry(retry)
 
     entry = await stopped.entry("m-answered")
     assert (entry["state"], entry["provider_id"]) == ("sent", "SM42")
