@@ -96,9 +96,9 @@ class _CheckedBody(aiohttp.BytesPayload):
 
 class _CheckingConnector(aiohttp.TCPConnector):
     """The pool of connections, which hands a request its connection, kept alive or new, only
-    once `BEFORE_SENDING` holds: nothing more is awaited between this and the request's bytes
-    being written. (Request tracing hooks would do it too, at about 20 µs a request for the
-    tracing of every other step.)"""
+    once `BEFORE_SENDING` holds; the body asks again as its bytes are written (`_CheckedBody`),
+    a loop turn or more later on Python before 3.12. (Request tracing hooks would do the first
+    too, at about 20 µs a request for the tracing of every other step.)"""
 
     async def connect(
         self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
