@@ -316,7 +316,10 @@ async def test_a_producer_served_on_the_loop_has_no_poll_thread_and_fails_back_o
 
 
 async def test_the_loop_poller_stops_once_nothing_is_in_flight() -> None:
-    """It polls only while records are queued, in flight or reported but not served."""
+    """It polls only while records are queued, in flight or reported but not served: the
+    record's report was served (its sender learned of the failure), then polling stopped. (The
+    producer's queue may hold an event again by then, an error about the missing broker that
+    librdkafka queues on its own: it is served with the next record, so it is not asserted.)"""
     producer = AsyncProducer(
         NO_BROKER["bootstrap.servers"],
         client_id="test",
@@ -333,7 +336,6 @@ async def test_the_loop_poller_stops_once_nothing_is_in_flight() -> None:
         while poller._timer is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert poller._timer is None
-        assert len(producer._renewable.current) == 0
     finally:
         producer.close(0)
 
