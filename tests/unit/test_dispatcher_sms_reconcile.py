@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +42,18 @@ class Listing:
         )
 
 
+class AwaitedCall(asyncio.Future[Outcome]):
+    """A provider call that says when something first waits on it (`awaited`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.awaited = asyncio.Event()
+
+    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
+        self.awaited.set()
+        super().add_done_callback(fn, context=context)
+
+
 class Stopped(Parking):
     def __init__(self, made: Reports) -> None:
         super().__init__(made)
@@ -53,6 +66,13 @@ class Stopped(Parking):
         """A retry record of the request, handled as read from its topic."""
         record = Record(SEND_RETRIES["medium"].name, 0, 1, "ada", retry.to_wire())
         await self.dispatcher.handle_retry(retry, record)
+
+    def own_call(self, message_id: str) -> AwaitedCall:
+        """A call of attempt 1 this worker made (its batch failed; the call is remembered)."""
+        call = AwaitedCall()
+        at = asyncio.get_running_loop().time()
+        self.dispatcher._remember(message_id, Called(1, T0, "+15550001", call, at, partition=0))
+        return call
 
     async def stopped(self, message_id: str) -> None:
         """The entry as a worker killed during the call leaves it: marked at T0, no outcome."""
@@ -150,18 +170,14 @@ async def test_a_try_whose_own_call_is_under_way_is_asked_about_only_a_settle_af
     # This worker's call of attempt 1 is still under way when its batch failed and the retry
     # record that made it is read again: the call may write until it ends, 15 s after T0.
     await stopped.stopped("m-own")
-    loop = asyncio.get_running_loop()
-    call: asyncio.Future[Outcome] = loop.create_future()
-    stopped.dispatcher._remember(
-        "m-own", Called(1, T0, "+15550001", call, loop.time(), partition=0)
-    )
+    call = stopped.own_call("m-own")
     stopped.dispatcher._held_since = {0: T0 - timedelta(hours=1)}.get
     stopped.clock.advance(timedelta(seconds=SETTLE + 1))
     retry = SendRetry(request=_sms_request("m-own"), attempt=1, due_at=T0, reason="r")
 
     handling = asyncio.create_task(stopped.retry(retry))
-    for _ in range(50):  # let it run as far as it goes
-        await asyncio.sleep(0)
+    async with asyncio.timeout(2):
+        await call.awaited.wait()
     assert not handling.done()  # waiting for the call, not asking the provider yet
     assert stopped.listing.asked == []
     stopped.clock.set(T0 + timedelta(seconds=15))
@@ -182,12 +198,7 @@ async def test_a_try_whose_own_call_answered_is_concluded_with_that_answer(
 ) -> None:
     # The same, but the call this worker made was answered: no need to ask the provider.
     await stopped.stopped("m-answered")
-    loop = asyncio.get_running_loop()
-    call: asyncio.Future[Outcome] = loop.create_future()
-    call.set_result(Outcome("sent", None, provider_id="SM42"))
-    stopped.dispatcher._remember(
-        "m-answered", Called(1, T0, "+15550001", call, loop.time(), partition=0)
-    )
+    stopped.own_call("m-answered").set_result(Outcome("sent", None, provider_id="SM42"))
     retry = SendRetry(request=_sms_request("m-answered"), attempt=1, due_at=T0, reason="r")
 
     await stopped.retry(retry)
