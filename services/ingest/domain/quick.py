@@ -1,0 +1,212 @@
+"""The common tracking call, checked and encoded without pydantic (pure).
+
+Nearly every call ingest receives is a well-formed SDK call: string ids, RFC 3339 timestamps,
+objects for properties, traits and context. For those, decoding the body with msgspec into
+`QuickCall` structs and checking the rules of `Call` by hand costs about a third of what
+pydantic's parser and model cost (docs/ingest-performance.md). Everything else (numeric ids, a
+number for a time, a rule broken, a field nested too deep, a body msgspec cannot read) is
+declined with `None`, and the caller checks that request again with `Call`, from its bytes: the
+answers and their messages stay pydantic's, and so do the odd inputs `Call` accepts.
+
+The rule this module keeps: when it returns events, they are the very records `Call` and
+`encode_call` would have written (tests/unit/test_ingest_quick.py compares the two on generated
+calls, valid and not).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+
+from services.ingest.domain.calls import (
+    EARLIEST_TIMESTAMP,
+    MAX_TIMESTAMP_AHEAD,
+    EncodedEvent,
+    encode_call,
+)
+from shared.bodies import MAX_JSON_DEPTH, few_containers, too_deep
+from shared.contracts import EventType
+from shared.profiles import ProfileLimits, oversized_traits
+from shared.system_events import is_system_event
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Name = Annotated[str, msgspec.Meta(max_length=256)]
+MAX_BATCH_CALLS = 10_000
+
+
+class QuickCall(msgspec.Struct, rename="camel"):
+    """A call's fields as `Call` reads them, for calls with string ids and string timestamps."""
+
+    type: EventType
+    user_id: Id | None = None
+    anonymous_id: Id | None = None
+    message_id: Id | None = None
+    timestamp: datetime | None = None
+    sent_at: datetime | None = None
+    original_timestamp: datetime | None = None
+    event: Name | None = None
+    name: Name | None = None
+    previous_id: Name | None = None
+    group_id: Name | None = None
+    properties: dict[str, Any] = {}
+    traits: dict[str, Any] = {}
+    context: dict[str, Any] = {}
+    write_key: str | None = None
+
+
+_FIELDS = msgspec.structs.fields(QuickCall)
+# The names a call may carry its fields under. `Call` also reads each field under its Python
+# name (`user_id` for `userId`); a call that uses one is declined.
+_KNOWN = frozenset(field.encode_name for field in _FIELDS)
+_PYTHON_NAMES = frozenset(field.name for field in _FIELDS) - _KNOWN
+_TIMES = ("timestamp", "sentAt", "originalTimestamp")
+# pydantic cuts a fraction of a second past microseconds short, msgspec rounds it.
+_LONG_FRACTION = re.compile(r"\.\d{7}")
+_BATCH_FIELDS = frozenset({"batch", "writeKey", "context"})
+
+_decoder = msgspec.json.Decoder()
+
+
+class _Declined(Exception):
+    """This call is for `Call` to check."""
+
+
+def decode(body: bytes) -> dict[str, Any] | None:
+    """The body's JSON object, or None when it is not one msgspec reads (for `parse_json` to
+    refuse with its message, or to read: msgspec refuses NaN and numbers past a float's range).
+    """
+    try:
+        payload = _decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # msgspec nests deeper than pydantic, not forever
+        return None
+    return payload if type(payload) is dict else None
+
+
+class QuickCalls:
+    """Checks and encodes calls received at one moment, for one source."""
+
+    def __init__(
+        self,
+        *,
+        received_at: datetime,
+        source: str,
+        limits: ProfileLimits,
+        max_event_bytes: int,
+        new_message_id: Callable[[], str],
+    ) -> None:
+        self._received_at = received_at
+        self._latest = received_at + MAX_TIMESTAMP_AHEAD
+        self._source = source
+        self._limits = limits
+        self._max_event_bytes = max_event_bytes
+        self._new_message_id = new_message_id
+
+    def call(self, payload: dict[str, Any]) -> EncodedEvent | None:
+        """The record of one call (`type` set by the route), or None."""
+        try:
+            return self._encoded(self._checked(payload))
+        except _Declined:
+            return None
+
+    def batch(self, payload: dict[str, Any]) -> list[EncodedEvent] | None:
+        """The records of a `POST /v1/batch` body, or None: every call passes, or `Call` checks
+        them all. No message id is drawn for a batch that is declined."""
+        try:
+            items = _batch_items(payload)
+            calls = [self._checked(item) for item in items]
+            return [self._encoded(call) for call in calls]
+        except _Declined:
+            return None
+
+    def _checked(self, payload: dict[str, Any]) -> tuple[QuickCall, dict[str, Any] | None]:
+        extras: dict[str, Any] | None = None
+        if not _KNOWN.issuperset(payload):
+            names = payload.keys() - _KNOWN
+            if not _PYTHON_NAMES.isdisjoint(names):
+                raise _Declined
+            extras = {name: payload[name] for name in names}
+        for name in _TIMES:
+            value = payload.get(name)
+            if value is not None and (type(value) is not str or _LONG_FRACTION.search(value)):
+                raise _Declined  # a number for a time, or a fraction past microseconds
+        try:
+            call = msgspec.convert(payload, QuickCall)
+        except msgspec.ValidationError:
+            raise _Declined from None
+        latest = self._latest
+        for name in ("timestamp", "sent_at", "original_timestamp"):
+            value = getattr(call, name)
+            if value is None:
+                continue
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=UTC)
+                setattr(call, name, value)
+            if not EARLIEST_TIMESTAMP <= value <= latest:
+                raise _Declined
+        if not (call.user_id or call.anonymous_id):
+            raise _Declined
+        call_type = call.type
+        if call_type == "track" and not call.event:
+            raise _Declined
+        if call_type == "alias" and not call.previous_id:
+            raise _Declined
+        if call_type == "group" and not call.group_id:
+            raise _Declined
+        if is_system_event(call.event):
+            raise _Declined
+        traits = call.traits
+        if traits and (
+            len(traits) > self._limits.max_traits or oversized_traits(traits, self._limits)
+        ):
+            raise _Declined
+        return call, extras
+
+    def _encoded(self, checked: tuple[QuickCall, dict[str, Any] | None]) -> EncodedEvent:
+        call, extras = checked
+        event = encode_call(
+            call,
+            message_id=call.message_id or self._new_message_id(),
+            received_at=self._received_at,
+            source=self._source,
+        )
+        if not few_containers(event.value) or extras:
+            kept = {"properties": call.properties, "traits": call.traits, "context": call.context}
+            if too_deep({**kept, **(extras or {})}, MAX_JSON_DEPTH) is not None:
+                raise _Declined
+        if len(event.value) > self._max_event_bytes:
+            raise _Declined
+        return event
+
+
+def _batch_items(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The batch's calls, each with the batch's context under its own (as `CallIntake.batch`
+    merges them), or `_Declined`."""
+    items = payload.get("batch")
+    if type(items) is not list or not 1 <= len(items) <= MAX_BATCH_CALLS:
+        raise _Declined
+    write_key = payload.get("writeKey")
+    if write_key is not None and type(write_key) is not str:
+        raise _Declined
+    shared_context = payload.get("context", {})
+    if type(shared_context) is not dict:
+        raise _Declined
+    if not _BATCH_FIELDS.issuperset(payload):
+        extras = {name: payload[name] for name in payload.keys() - _BATCH_FIELDS}
+        if "write_key" in extras or too_deep(extras, MAX_JSON_DEPTH) is not None:
+            raise _Declined
+    merged = []
+    for item in items:
+        if type(item) is not dict:  # its `type` is checked with the rest of its fields
+            raise _Declined
+        given_context = item.get("context")
+        item_context = given_context or {}
+        if type(item_context) is not dict:
+            raise _Declined
+        if shared_context or item_context is not given_context:
+            item = {**item, "context": {**shared_context, **item_context}}
+        merged.append(item)
+    return merged
