@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Output = tuple[str, str | None, bytes | None]
+# A value worked out only when the batch is sent, and only if it is still the newest of its key
+# then (a profile snapshot superseded in the batch is never encoded).
+Deferred = Callable[[], bytes | None]
+Latest = tuple[str, str | None, bytes | Deferred | None]
 # Makes a partition the one the tables address (`shared.streams.focus` in a worker).
 Focus = Callable[[int], None]
 # A table name and a key in it.
@@ -47,8 +51,8 @@ class Overlay:
     _effects: list[Callable[[], None]] = field(default_factory=list)
     _record_effects: list[Callable[[], None]] = field(default_factory=list)
     # Outputs of which only the batch's last per topic and key is sent (`emit_latest`).
-    _latest: dict[tuple[str, str | None], Output] = field(default_factory=dict)
-    _record_latest: dict[tuple[str, str | None], Output] = field(default_factory=dict)
+    _latest: dict[tuple[str, str | None], Latest] = field(default_factory=dict)
+    _record_latest: dict[tuple[str, str | None], Latest] = field(default_factory=dict)
 
     def get(self, table: str, key: bytes, load: Callable[[], Any]) -> Any:
         """The value as this batch sees it; `load` reads (and decodes) the stored one, once."""
@@ -70,14 +74,20 @@ class Overlay:
     def emit(self, *records: Output) -> None:
         self._record_outputs.extend(records)
 
-    def emit_latest(self, record: Output) -> None:
+    def emit_latest(self, record: Latest) -> None:
         """An output of a compacted topic whose readers want only the newest value per key (a
-        profile snapshot): a later one of the same topic and key in the batch replaces it."""
+        profile snapshot): a later one of the same topic and key in the batch replaces it. Its
+        value may be `Deferred`: called by `to_send`, once, for the newest of its key only."""
         self._record_latest[(record[0], record[1])] = record
 
     def to_send(self) -> list[Output]:
         """Every output of the batch: those emitted, in order, then the latest of each key."""
-        return [*self.outputs, *self._latest.values()]
+        resolved: list[Output] = []
+        for slot, (topic, key, value) in self._latest.items():
+            encoded = value() if callable(value) else value
+            self._latest[slot] = (topic, key, encoded)  # once, should the batch be sent again
+            resolved.append((topic, key, encoded))
+        return [*self.outputs, *resolved]
 
     def after_store(self, effect: Callable[[], None]) -> None:
         """Run `effect` once the batch's writes are stored (in-memory indexes follow the

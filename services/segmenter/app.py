@@ -136,7 +136,8 @@ class Contacts:
         self.left_out = 0
         self._batch = Overlay()
         self._focus: Focus = no_focus
-        self._encoded: tuple[Profile, bytes] | None = None
+        # Profiles encoded in this batch, by identity (held, so an id is not reused meanwhile).
+        self._wires: dict[int, tuple[Profile, bytes]] = {}
         self.decoded = DecodedRows(ContactRow.model_validate_json, decoded_rows)
 
     async def process(self, records: Sequence[Record], focus: Focus | None = None) -> None:
@@ -180,6 +181,7 @@ class Contacts:
                 lambda: self.producer.send_all(batch.to_send()), what="segmenter", record=chunk[0]
             )
         except Exception as exc:  # noqa: BLE001 - a failure of its own is dead-lettered
+            self._wires.clear()
             batch.abandon()
             if len(chunk) == 1:
                 await self.dead_letters.send(chunk[0], failure_reason(exc, chunk[0], "segmenter"))
@@ -187,6 +189,7 @@ class Contacts:
             for record in chunk:
                 await self._run([record])
             return
+        self._wires.clear()
         self._store(batch)
 
     def _store(self, batch: Overlay) -> None:
@@ -228,9 +231,10 @@ class Contacts:
                     batch.emit((CONTACT_EVENTS.name, announced.contact_key, wire))
                 case PublishProfile(contact_key=key, profile=profile):
                     # The profiles topic is compacted and read for its newest profile per
-                    # contact: a contact's several events in a batch publish one snapshot.
-                    wire_profile = None if profile is None else self._profile_wire(profile)
-                    batch.emit_latest((PROFILES.name, key, wire_profile))
+                    # contact: a contact's several events in a batch publish one snapshot,
+                    # encoded when the batch is sent.
+                    snapshot = None if profile is None else partial(self._profile_wire, profile)
+                    batch.emit_latest((PROFILES.name, key, snapshot))
                 case RequestTimer(request=request):
                     batch.emit((SEGMENT_TIMERS.name, request.contact_key, request.to_wire()))
                 case SendCommand(command=sent):
@@ -273,12 +277,13 @@ class Contacts:
                     assert_never(command)
 
     def _profile_wire(self, profile: Profile) -> bytes:
-        """The profile's bytes, encoded once for the contact event and the profiles topic."""
-        last = self._encoded
-        if last is not None and last[0] is profile:
-            return last[1]
+        """The profile's bytes, encoded once in a batch for its contact events and the profiles
+        topic."""
+        known = self._wires.get(id(profile))
+        if known is not None and known[0] is profile:
+            return known[1]
         wire = profile.to_wire()
-        self._encoded = (profile, wire)
+        self._wires[id(profile)] = (profile, wire)
         return wire
 
     async def _audience(self, record: Record) -> None:

@@ -29,6 +29,7 @@ from services.segmenter.app import (
     legacy_forgotten_marker,
 )
 from services.segmenter.domain.definitions import Definitions
+from shared.batching import Overlay
 from shared.clock import ManualClock
 from shared.conditions import condition_from
 from shared.contracts import ContactCommand, Event
@@ -336,3 +337,27 @@ def test_a_marker_written_before_the_keyed_digest_is_still_honoured() -> None:
 
     assert list(tables[CONTACTS]) == [b"bob"]
     assert {key for _topic, key, _value in log.records} == {"bob"}
+
+
+def test_a_superseded_profile_snapshot_is_never_encoded_and_the_newest_once() -> None:
+    calls: list[str] = []
+
+    def snapshot(name: str) -> Any:
+        def encode() -> bytes:
+            calls.append(name)
+            return name.encode()
+
+        return encode
+
+    batch = Overlay()
+    for name in ("first", "second", "third"):
+        batch.emit_latest((PROFILES.name, "ada", snapshot(name)))
+        batch.keep()
+    batch.emit_latest((PROFILES.name, "bob", b"ready"))
+    batch.keep()
+
+    sent = batch.to_send()
+
+    assert sent == [(PROFILES.name, "ada", b"third"), (PROFILES.name, "bob", b"ready")]
+    assert batch.to_send() == sent  # sent again after an outage: nothing encoded twice
+    assert calls == ["third"]
