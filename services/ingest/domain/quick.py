@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
+from pydantic_core import from_json
 
 from services.ingest.domain.calls import (
     EARLIEST_TIMESTAMP,
@@ -68,20 +69,20 @@ _TIMES = ("timestamp", "sentAt", "originalTimestamp")
 _LONG_FRACTION = re.compile(r"\.\d{7}")
 _BATCH_FIELDS = frozenset({"batch", "writeKey", "context"})
 
-_decoder = msgspec.json.Decoder()
-
 
 class _Declined(Exception):
     """This call is for `Call` to check."""
 
 
 def decode(body: bytes) -> dict[str, Any] | None:
-    """The body's JSON object, or None when it is not one msgspec reads (for `parse_json` to
-    refuse with its message, or to read: msgspec refuses NaN and numbers past a float's range).
+    """The body's JSON object, or None when it is not one (for `parse_json` to refuse, with its
+    message). The parser is pydantic-core's, as the checked path's: what it refuses (nesting
+    past 200 levels, even in a value a later duplicate key or the route's `type` replaces; a
+    lone surrogate) and what it reads (NaN, `1e400` as infinity) are the same on both paths.
     """
     try:
-        payload = _decoder.decode(body)
-    except (msgspec.DecodeError, RecursionError):  # msgspec nests deeper than pydantic, not forever
+        payload = from_json(body)
+    except ValueError:
         return None
     return payload if type(payload) is dict else None
 
@@ -109,17 +110,18 @@ class QuickCalls:
         """The record of one call (`type` set by the route), or None."""
         try:
             return self._encoded(self._checked(payload))
-        except _Declined:
+        except (_Declined, ValueError, RecursionError):  # whatever went wrong, `Call` answers
             return None
 
     def batch(self, payload: dict[str, Any]) -> list[EncodedEvent] | None:
         """The records of a `POST /v1/batch` body, or None: every call passes, or `Call` checks
-        them all. No message id is drawn for a batch that is declined."""
+        them all. A batch one of whose calls breaks a rule is declined before any message id is
+        drawn; one whose record is too large or too deep, once some may have been (unused)."""
         try:
             items = _batch_items(payload)
             calls = [self._checked(item) for item in items]
             return [self._encoded(call) for call in calls]
-        except _Declined:
+        except (_Declined, ValueError, RecursionError):
             return None
 
     def _checked(self, payload: dict[str, Any]) -> tuple[QuickCall, dict[str, Any] | None]:
