@@ -361,3 +361,42 @@ def test_a_superseded_profile_snapshot_is_never_encoded_and_the_newest_once() ->
     assert sent == [(PROFILES.name, "ada", b"third"), (PROFILES.name, "bob", b"ready")]
     assert batch.to_send() == sent  # sent again after an outage: nothing encoded twice
     assert calls == ["third"]
+
+
+class Flaky(Log):
+    """Kafka refusing the batch's first send: an outage (retried) or a failure of its own (the
+    batch is abandoned and each record run alone)."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__()
+        self.failure: Exception | None = failure
+
+    async def send_all(self, records: Iterable[Output]) -> None:
+        records = list(records)  # the snapshots are worked out before the send fails
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+        await super().send_all(records)
+
+
+@pytest.mark.parametrize("failure", [TimeoutError("broker away"), ValueError("refused")])
+def test_a_batch_sent_again_publishes_the_snapshots_one_record_at_a_time_gives(
+    failure: Exception,
+) -> None:
+    records = [
+        event(1, "ada", "identify", 1),
+        event(2, "ada", "view", 2),
+        event(3, "bob", "view", 3),
+        event(4, "ada", "view", 4),
+    ]
+    one_tables, one_by_one = run([[r] for r in records])
+    tables, log = fresh_tables(), Flaky(failure)
+    contacts = shell(tables, log)
+
+    asyncio.run(contacts.process(records))
+
+    assert {name: dict(table) for name, table in tables.items()} == {
+        name: dict(table) for name, table in one_tables.items()
+    }
+    assert compacted(log.records) == compacted(one_by_one)
+    assert contacts._wires == {}  # no encoding outlives its batch
