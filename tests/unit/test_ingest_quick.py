@@ -27,6 +27,7 @@ from services.ingest.settings import IngestSettings
 from shared.bodies import BadInput
 from shared.clock import ManualClock
 from shared.profiles import DEFAULT_LIMITS
+from tests.unit.test_ingest_records import _json  # JSON values, NaN and infinities too
 
 NOW = datetime(2025, 3, 3, 12, 0, tzinfo=UTC)
 SETTINGS = IngestSettings(ingest_write_keys="web:k1")
@@ -82,21 +83,6 @@ async def _outcome(
 
 # --- calls of every kind, valid and not -------------------------------------------------------
 
-_json_leaf = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=8)
-)
-_json = st.recursive(
-    _json_leaf,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
-
 
 def _nested(depth: int) -> dict[str, Any]:
     value: dict[str, Any] = {}
@@ -142,36 +128,42 @@ _zones = st.sampled_from(
 )
 
 
+_ODD_TIMES = [
+    "2025-03-03T11:00:00Z",
+    "2025-03-03t11:00:00z",
+    "2025-03-03 11:00:00Z",
+    "2025-03-03T11:00:00.1234567Z",
+    "2025-03-03T11:00:00.9999995+01:00",
+    "2025-03-03T11:00:00.123456789Z",
+    "2025-03-03",
+    "2025-03-03T11:00Z",
+    "2025-03-03T11:00:00+0100",
+    "2025-03-03T11:00:00-00:00",
+    "2025-03-03T11:00:00",
+    "2025-03-03T11:00:00,5Z",
+    "2025-02-30T11:00:00Z",
+    "1999-12-31T23:59:59Z",
+    "2000-01-01T00:00:00Z",
+    "2000-01-01T00:30:00+01:00",
+    "2025-03-04T12:00:00Z",
+    "2025-03-04T12:00:00.000001Z",
+    "2025-03-04T13:00:00+01:00",
+    "not a time",
+    1_741_000_000,
+    1.7e9,
+    None,
+    True,
+]
+
+
 @st.composite
 def _times(draw: st.DrawFn) -> Any:
     kind = draw(st.integers(0, 5))
     if kind == 0:  # plain RFC 3339, in the window or not
         when = draw(st.datetimes(min_value=datetime(1999, 12, 30), max_value=datetime(2025, 3, 5)))
         return when.replace(tzinfo=draw(_zones)).isoformat()
-    if kind == 1:  # other spellings of a time
-        return draw(
-            st.sampled_from(
-                [
-                    "2025-03-03T11:00:00Z",
-                    "2025-03-03t11:00:00z",
-                    "2025-03-03 11:00:00Z",
-                    "2025-03-03T11:00:00.1234567Z",
-                    "2025-03-03T11:00:00.9999995+01:00",
-                    "2025-03-03T11:00:00.123456789Z",
-                    "2025-03-03",
-                    "2025-03-03T11:00Z",
-                    "2025-03-03T11:00:00+0100",
-                    "2025-03-03T11:00:00-00:00",
-                    "2025-03-03T11:00:00,5Z",
-                    "2025-02-30T11:00:00Z",
-                    "1999-12-31T23:59:59Z",
-                    "2000-01-01T00:00:00Z",
-                    "2025-03-04T12:00:00Z",
-                    "2025-03-04T12:00:00.000001Z",
-                    "not a time",
-                ]
-            )
-        )
+    if kind == 1:  # other spellings of a time, and not times
+        return draw(st.sampled_from(_ODD_TIMES))
     if kind == 2:  # numbers: pydantic reads them as Unix times
         return draw(st.sampled_from([1_741_000_000, 1_741_000_000_000, 1.7e9, 0]))
     if kind == 3:
@@ -262,32 +254,6 @@ async def test_a_call_is_published_or_refused_alike_by_either_path(
     )
 
 
-_ODD_TIMES = [
-    "2025-03-03T11:00:00Z",
-    "2025-03-03t11:00:00z",
-    "2025-03-03 11:00:00Z",
-    "2025-03-03T11:00:00.1234567Z",
-    "2025-03-03T11:00:00.9999995+01:00",
-    "2025-03-03T11:00:00.123456789Z",
-    "2025-03-03",
-    "2025-03-03T11:00Z",
-    "2025-03-03T11:00:00+0100",
-    "2025-03-03T11:00:00-00:00",
-    "2025-03-03T11:00:00",
-    "2025-03-03T11:00:00,5Z",
-    "2025-02-30T11:00:00Z",
-    "1999-12-31T23:59:59Z",
-    "2000-01-01T00:00:00Z",
-    "2000-01-01T00:30:00+01:00",
-    "2025-03-04T12:00:00Z",
-    "2025-03-04T12:00:00.000001Z",
-    "2025-03-04T13:00:00+01:00",
-    "not a time",
-    1_741_000_000,
-    1.7e9,
-    None,
-    True,
-]
 _ODD_IDS = ["", "é" * 256, "😀" * 256, "😀" * 257, "x" * 257, None, 42, -1.5, True, 10**300, [], {}]
 _ODD_NAMES = [
     "",
