@@ -132,15 +132,14 @@ class CallIntake:
 
     async def call(self, call_type: str, body: bytes, authorization: str | None) -> None:
         """One `POST /v1/<call_type>`; raises `Rejected` for what it refuses."""
-        if self._quick_path and len(body) <= self.max_event_bytes:
-            payload = quick.decode(body)
-            source = self._quick_source(authorization, payload)
-            if payload is not None and source is not None:
-                payload["type"] = call_type
-                event = self._quick_calls(source).call(payload)
-                if event is not None:
-                    await self.publish([event])
-                    return
+        read = self._quick_read(body, self.max_event_bytes, authorization)
+        if read is not None:
+            payload, calls = read
+            payload["type"] = call_type
+            event = calls.call(payload)
+            if event is not None:
+                await self.publish([event])
+                return
         payload = _read_json(body, self.max_event_bytes)
         source = self._source(authorization, payload.get("writeKey"))
         payload["type"] = call_type  # the route decides the type, whatever the body says
@@ -150,14 +149,13 @@ class CallIntake:
 
     async def batch(self, body: bytes, authorization: str | None) -> None:
         """One `POST /v1/batch`: every call is accepted, or none is."""
-        if self._quick_path and len(body) <= self.max_batch_bytes:
-            payload = quick.decode(body)
-            source = self._quick_source(authorization, payload)
-            if payload is not None and source is not None:
-                events = self._quick_calls(source).batch(payload)
-                if events is not None:
-                    await self.publish(events)
-                    return
+        read = self._quick_read(body, self.max_batch_bytes, authorization)
+        if read is not None:
+            payload, calls = read
+            events = calls.batch(payload)
+            if events is not None:
+                await self.publish(events)
+                return
         payload = _read_json(body, self.max_batch_bytes)
         source = self._source(authorization, payload.get("writeKey"))
         try:
@@ -192,26 +190,29 @@ class CallIntake:
             events.append(self._event(call, source, received_at, field=f"batch[{index}]"))
         await self.publish(events)
 
-    def _quick_source(
-        self, authorization: str | None, payload: dict[str, Any] | None
-    ) -> str | None:
-        """The source of a request the quick path reads; None leaves a refusal to the checked
-        path, which answers in its own order (a malformed body before an unknown key)."""
+    def _quick_read(
+        self, body: bytes, limit: int, authorization: str | None
+    ) -> tuple[dict[str, Any], quick.QuickCalls] | None:
+        """The body's object and its source's calls, for the quick path; None leaves the request
+        to the checked path, which answers a refusal in its own order (a malformed body before
+        an unknown key)."""
+        if not self._quick_path or len(body) > limit:
+            return None
+        payload = quick.decode(body)
         if payload is None:
             return None
         try:
-            return self._source(authorization, payload.get("writeKey"))
+            source = self._source(authorization, payload.get("writeKey"))
         except Rejected:
             return None
-
-    def _quick_calls(self, source: str) -> quick.QuickCalls:
-        return quick.QuickCalls(
+        calls = quick.QuickCalls(
             received_at=self._clock.now(),
             source=source,
             limits=self._limits,
             max_event_bytes=self.max_event_bytes,
             new_message_id=self._new_message_id,
         )
+        return payload, calls
 
     async def publish(self, events: Sequence[EncodedEvent]) -> None:
         """Publish and wait for the broker; an outage or a full queue is a 503."""

@@ -27,6 +27,7 @@ MAX_CLOCK_SKEW_CORRECTION = timedelta(days=1)
 # and a clock a day ahead is broken, not skewed (README, "Timestamps").
 EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_TIMESTAMP_AHEAD = timedelta(days=1)
+MAX_BATCH_CALLS = 10_000
 
 
 class CallContext:
@@ -78,56 +79,71 @@ class Call(BaseModel):
     @model_validator(mode="after")
     def _shape(self, info: ValidationInfo) -> Call:
         context = info.context
-        if isinstance(context, CallContext):
-            self._within(context)
-        if not (self.user_id or self.anonymous_id):
-            raise _missing("userId", "userId or anonymousId is required")
-        if self.type == "track" and not self.event:
-            raise _missing("event", "event is required for track calls")
-        if is_system_event(self.event):
-            raise PydanticCustomError(
-                "system_event",
-                "'{name}' is an event Waypost emits itself; a write key can only report "
-                "behaviour (consent changes go through signed unsubscribe links or the admin API)",
-                {"field": "event", "name": self.event},
-            )
-        if self.type == "alias" and not self.previous_id:
-            raise _missing("previousId", "previousId is required for alias calls")
-        if self.type == "group" and not self.group_id:
-            raise _missing("groupId", "groupId is required for group calls")
+        error = broken_rule(self, context if isinstance(context, CallContext) else None)
+        if error is not None:
+            raise error
         return self
 
-    def _within(self, context: CallContext) -> None:
-        """The call's timestamps are in the window, and its traits within the profile limits."""
-        latest = context.latest
-        for value, wire in (
-            (self.timestamp, "timestamp"),
-            (self.sent_at, "sentAt"),
-            (self.original_timestamp, "originalTimestamp"),
-        ):
-            if value is not None and not EARLIEST_TIMESTAMP <= value <= latest:
-                raise PydanticCustomError(
-                    "timestamp_window",
-                    "{value} is outside the accepted window: from 2000-01-01T00:00:00Z "
-                    "to a day after the call is received",
-                    {"field": wire, "value": value.isoformat()},
-                )
-        limits = context.limits
-        if not self.traits:
-            return
-        if len(self.traits) > limits.max_traits:
-            raise PydanticCustomError(
-                "too_many_traits",
-                "{count} traits in one call; a profile holds at most {limit}",
-                {"field": "traits", "count": len(self.traits), "limit": limits.max_traits},
+
+def broken_rule(call: CallFields, context: CallContext | None) -> PydanticCustomError | None:
+    """The first whole-call rule `call` breaks, or None: the timestamps in the window and the
+    traits within the profile limits (given a `context`), the ids and fields its type needs,
+    no event Waypost emits itself. `Call` raises it; the quick path declines on it."""
+    if context is not None:
+        error = _outside(call, context)
+        if error is not None:
+            return error
+    if not (call.user_id or call.anonymous_id):
+        return _missing("userId", "userId or anonymousId is required")
+    if call.type == "track" and not call.event:
+        return _missing("event", "event is required for track calls")
+    if is_system_event(call.event):
+        return PydanticCustomError(
+            "system_event",
+            "'{name}' is an event Waypost emits itself; a write key can only report "
+            "behaviour (consent changes go through signed unsubscribe links or the admin API)",
+            {"field": "event", "name": call.event},
+        )
+    if call.type == "alias" and not call.previous_id:
+        return _missing("previousId", "previousId is required for alias calls")
+    if call.type == "group" and not call.group_id:
+        return _missing("groupId", "groupId is required for group calls")
+    return None
+
+
+def _outside(call: CallFields, context: CallContext) -> PydanticCustomError | None:
+    """A timestamp outside the window, or traits past the profile limits."""
+    latest = context.latest
+    for value, wire in (
+        (call.timestamp, "timestamp"),
+        (call.sent_at, "sentAt"),
+        (call.original_timestamp, "originalTimestamp"),
+    ):
+        if value is not None and not EARLIEST_TIMESTAMP <= value <= latest:
+            return PydanticCustomError(
+                "timestamp_window",
+                "{value} is outside the accepted window: from 2000-01-01T00:00:00Z "
+                "to a day after the call is received",
+                {"field": wire, "value": value.isoformat()},
             )
-        oversized = oversized_traits(self.traits, limits)
-        if oversized:
-            raise PydanticCustomError(
-                "trait_too_large",
-                "the trait is over {limit} bytes as JSON (name and value)",
-                {"field": f"traits.{oversized[0]}", "limit": limits.max_trait_bytes},
-            )
+    limits = context.limits
+    traits = call.traits
+    if not traits:
+        return None
+    if len(traits) > limits.max_traits:
+        return PydanticCustomError(
+            "too_many_traits",
+            "{count} traits in one call; a profile holds at most {limit}",
+            {"field": "traits", "count": len(traits), "limit": limits.max_traits},
+        )
+    oversized = oversized_traits(traits, limits)
+    if oversized:
+        return PydanticCustomError(
+            "trait_too_large",
+            "the trait is over {limit} bytes as JSON (name and value)",
+            {"field": f"traits.{oversized[0]}", "limit": limits.max_trait_bytes},
+        )
+    return None
 
 
 def _missing(field: str, message: str) -> PydanticCustomError:
@@ -140,7 +156,7 @@ class Batch(BaseModel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
 
-    batch: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
+    batch: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH_CALLS)
     write_key: str | None = None
     context: dict[str, Any] = Field(default_factory=dict)
 
