@@ -377,10 +377,13 @@ def test_a_loop_served_producer_closes_after_its_loop_ended_with_records_unanswe
     """A stream worker closes its producer once its loop has ended. Reports that closing
     serves (here: records no broker took, timing out) go to a loop that is gone: that must
     neither raise nor stop the flush, which is what a poll thread's producer did too."""
+    # The queue's length also counts the client's error events: one per refused connection.
+    # Reconnecting only after a minute keeps new ones from arriving after the flush.
+    no_reconnect = {"reconnect.backoff.ms": 60_000, "reconnect.backoff.max.ms": 60_000}
     producer = AsyncProducer(
         NO_BROKER["bootstrap.servers"],
         client_id="test",
-        extra={**NO_BROKER, "message.timeout.ms": 300},
+        extra={**NO_BROKER, **no_reconnect, "message.timeout.ms": 300},
         serve_on_loop=True,
     )
 
