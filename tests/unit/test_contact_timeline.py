@@ -100,6 +100,33 @@ def test_a_batch_becomes_one_write_per_contact_and_an_erasure_deletes() -> None:
     assert isinstance(writes["bob"], DeleteOne)
     assert isinstance(writes["ada"], InsertOne)
     assert [e["name"] for e in writes["ada"]._doc["events"]] == ["Product Viewed", "Product Added"]
+    # Her profile counts no events at all here: nothing can be stored for her yet.
+    assert writes["ada"]._doc["new"] is True
+
+
+def test_a_contact_is_taken_for_new_only_while_its_profile_counts_no_earlier_event() -> None:
+    def counted(n: int, total: int, key: str = "ada") -> Record:
+        change = ContactEvent(
+            contact_key=key,
+            event=event("Product Viewed", n),
+            profile=Profile(
+                contact_key=key,
+                first_seen=T0,
+                last_seen=T0,
+                updated_at=T0,
+                event_counts={"Product Viewed": total - 1, "Signed Up": 1},
+            ),
+        )
+        return Record(CONTACT_EVENTS.name, 0, n, key, change.to_wire())
+
+    first_two = dict(recent_event_writes([counted(1, 1), counted(2, 2)]))
+    later = dict(recent_event_writes([counted(3, 3)]))
+    both = dict(recent_event_writes([counted(1, 1, key="bob"), counted(4, 5)]))
+
+    assert first_two["ada"]._doc["new"] is True
+    assert later["ada"]._doc["new"] is False  # counts 3 events, the batch brings 1
+    assert both["bob"]._doc["new"] is True
+    assert both["ada"]._doc["new"] is False
 
 
 def test_events_journey_steps_and_messages_merge_newest_first() -> None:
