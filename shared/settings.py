@@ -69,8 +69,9 @@ class CommonSettings(BaseSettings):
     # gathers its topic's records before one bulk write: a document changed several times
     # within it is written once (`shared.document_view`). The admin shows a change this much
     # later at most. A view's fetch waits this long, and a stopping service gives its views
-    # 5 s: hence at most 4.
-    view_batch_seconds: float = Field(default=1.0, gt=0, le=4)
+    # 5 s: hence at most 4. Two seconds hold most of a contact's bursts (a session, then the
+    # email it triggered) in one write (docs/document-store.md).
+    view_batch_seconds: float = Field(default=2.0, gt=0, le=4)
     log_level: str = "info"
     # JSON lines for operators; "console" for a person at a terminal.
     log_format: Literal["json", "console"] = "json"

@@ -1,4 +1,4 @@
-"""The document views' batch window is a setting: one second unless told, more than nothing,
+"""The document views' batch window is a setting: two seconds unless told, more than nothing,
 and short enough for a stopping service's 5 s wait for its views."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pydantic import ValidationError
 from shared.settings import CommonSettings
 
 
-def test_a_view_gathers_a_second_of_its_topic_unless_told(
+def test_a_view_gathers_two_seconds_of_its_topic_unless_told(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("WAYPOST_VIEW_BATCH_SECONDS", raising=False)
-    assert CommonSettings().view_batch_seconds == 1.0
+    assert CommonSettings().view_batch_seconds == 2.0
     monkeypatch.setenv("WAYPOST_VIEW_BATCH_SECONDS", "0.2")
     assert CommonSettings().view_batch_seconds == 0.2
 
