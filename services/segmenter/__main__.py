@@ -10,7 +10,6 @@ from services.segmenter.adapters.definitions import LiveDefinitions
 from services.segmenter.adapters.profile_view import profile_view
 from services.segmenter.adapters.relations import RelationIndex
 from services.segmenter.app import Segmenter
-from services.segmenter.domain.relations import longest_within
 from services.segmenter.settings import SegmenterSettings
 from shared.clock import SystemClock
 from shared.deadletter import DeadLetters
@@ -41,7 +40,7 @@ def main() -> None:
     Segmenter(worker, settings, clock, producer, dead_letters, definitions)
 
     def relations_kept() -> timedelta:
-        return longest_within(definitions.current().object_triggers) or timedelta(0)
+        return definitions.current().relations_kept or timedelta(0)
 
     RelationIndex(
         worker,

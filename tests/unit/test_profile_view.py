@@ -87,3 +87,17 @@ def test_records_without_a_key_or_undecodable_are_left_out() -> None:
     broken = Record(topic="waypost.profiles.v1", partition=0, offset=3, key="bad", value=b"{")
     written = documents([record(1, None, profile("x")), broken, record(4, "ok", profile("ok"))])
     assert set(written) == {"ok"}
+
+
+def test_an_undecodable_last_record_leaves_the_one_before_it_standing() -> None:
+    broken = Record(topic="waypost.profiles.v1", partition=1, offset=32, key="ann", value=b"{")
+    written = documents(
+        [
+            record(30, "ann", profile("ann", plan="free")),
+            record(31, "ann", profile("ann", plan="pro")),
+            broken,
+        ]
+    )
+    ann = written["ann"]
+    assert ann is not None
+    assert (ann[STORED_OFFSET], ann["traits"]) == (31, {"plan": "pro"})

@@ -62,33 +62,40 @@ def profile_view(
 
 def profile_writes(batch: Iterable[Record]) -> list[tuple[str, Write]]:
     """One write per contact key, the batch's last word on it: its profile, with its record's
-    offset, or a delete for a tombstone."""
-    latest: dict[str, tuple[int, Profile | None]] = {}
+    offset, or a delete for a tombstone. Only that last record is decoded (an undecodable one
+    is logged and the one before it stands in)."""
+    records: dict[str, list[Record]] = {}
     for record in batch:
         if record.key is None:
             log.error("profile_view.record_without_key", offset=record.offset)
             continue
+        records.setdefault(record.key, []).append(record)
+    writes: list[tuple[str, Write]] = []
+    for key, kept in records.items():
+        write = _last_word(key, kept)
+        if write is not None:
+            writes.append((key, write))
+    return writes
+
+
+def _last_word(key: str, records: list[Record]) -> Write | None:
+    """The write of the newest of a key's records that decodes (None: none does)."""
+    for record in reversed(records):
         if not record.value:
-            latest[record.key] = (record.offset, None)
-            continue
+            return DeleteOne({"_id": key})
         try:
-            latest[record.key] = (record.offset, Profile.model_validate_json(record.value))
+            profile = Profile.model_validate_json(record.value)
         except ValidationError as exc:
             log.error(
                 "profile_view.undecodable",
-                key=record.key,
+                key=key,
                 partition=record.partition,
                 offset=record.offset,
                 error=str(exc),
             )
-    writes: list[tuple[str, Write]] = []
-    for key, (offset, profile) in latest.items():
-        if profile is None:
-            writes.append((key, DeleteOne({"_id": key})))
             continue
-        document = {**profile_document(profile), "_id": key, STORED_OFFSET: offset}
-        writes.append((key, InsertOne(document)))
-    return writes
+        return InsertOne({**profile_document(profile), "_id": key, STORED_OFFSET: record.offset})
+    return None
 
 
 def profile_document(profile: Profile) -> dict[str, Any]:

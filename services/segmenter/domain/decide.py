@@ -19,7 +19,6 @@ from services.segmenter.domain.definitions import Definitions
 from services.segmenter.domain.relations import (
     fan_out_requests,
     is_fan_out_copy,
-    longest_within,
     related_objects,
     relation_records,
     relations_of,
@@ -337,7 +336,7 @@ def _relate(
     assert row is not None
     if not relations and not row.related:
         return outcome, []
-    keep = longest_within(defs.object_triggers)
+    keep = defs.relations_kept
     objects, gone = related_objects(row.related, relations, now, keep)
     commands: list[Command] = [IndexObject(r) for r in relations]
     commands += [IndexObject(r) for r in unrelated(key, gone, now)]

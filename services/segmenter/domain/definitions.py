@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
+from services.segmenter.domain.relations import longest_within
 from shared.conditions import Check, Condition, Flip, compile_condition, compile_next_change, reads
 from shared.ids import stable_id
 from shared.journeys import Journey, ObjectEventTrigger
@@ -56,6 +58,12 @@ class Definitions:
     @cached_property
     def segment_ids(self) -> frozenset[str]:
         return frozenset(s.id for s in self.segments)
+
+    @cached_property
+    def relations_kept(self) -> timedelta | None:
+        """How long the object index remembers a relation (None: no object trigger); read for
+        every relation, worked out once."""
+        return longest_within(self.object_triggers)
 
     @cached_property
     def compiled(self) -> Compiled:
