@@ -42,12 +42,13 @@ from shared.settings import CommonSettings
 log = structlog.get_logger(__name__)
 
 # One bulk write per batch: up to this many records, or what arrived within
-# `view_batch_seconds` (a setting, 1 s by default). A view behind a burst takes large batches,
+# `view_batch_seconds` (a setting, 2 s by default). A view behind a burst takes large batches,
 # so the changes of one document (a message's requested, sending and sent) fold into one write:
 # the document server spends most of its time per operation, and a replacement costs it more
 # than an insert. With 500 the ledger view took over a minute to show a burst of 3,000 SMS;
 # with 5,000, about 25 s. At a steady rate, 0.2 s of records split most messages' changes over
-# two or three writes; 1 s folds most of them into one (docs/document-store.md).
+# two or three writes; 1 s folds most of them into one, 2 s most of a contact's session and
+# what follows it (docs/document-store.md).
 BATCH_RECORDS = 5000
 # Backoff between retries of a failed store write.
 RETRY_FIRST = 0.2
