@@ -101,3 +101,9 @@ def test_an_undecodable_last_record_leaves_the_one_before_it_standing() -> None:
     ann = written["ann"]
     assert ann is not None
     assert (ann[STORED_OFFSET], ann["traits"]) == (31, {"plan": "pro"})
+
+
+def test_a_tombstone_then_an_undecodable_record_still_deletes() -> None:
+    broken = Record(topic="waypost.profiles.v1", partition=1, offset=42, key="ann", value=b"{")
+    written = documents([record(40, "ann", profile("ann")), record(41, "ann", None), broken])
+    assert written == {"ann": None}
