@@ -121,7 +121,9 @@ async def serve(settings: AdminSettings) -> None:
         await server.serve()
     finally:
         stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
+        # A journey-log write still running past the wait (the store slow to answer) is
+        # cancelled; the rest of the shutdown goes on (its records are read again next start).
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(follower, timeout=5)
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(recorder, timeout=5)
