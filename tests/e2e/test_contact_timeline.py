@@ -142,10 +142,20 @@ def test_an_order_that_fails_a_wait_s_where_says_why_the_journey_did_not_move_on
 
     (line,) = wait_for(explained, timeout=60, what="the why of the order that did not count")
     assert (line["kind"], line["step_id"]) == ("waiting", "wait-order")
-    instances = httpx.get(
+    answer = httpx.get(
         f"{stack.admin_url}/v1/journey-log", params={"contact_key": user}, headers=ADMIN, timeout=10
-    ).json()["instances"]
-    assert [(i["state"], i["step_id"]) for i in instances] == [("waiting", "wait-order")]
+    ).json()
+    assert [(i["state"], i["step_id"]) for i in answer["instances"]] == [("waiting", "wait-order")]
+    # The store leaves out what a record holds at its default; the API puts it back.
+    (entered,) = [r for r in answer["records"] if r["kind"] == "entered"]
+    assert (entered["step_id"], entered["reason"], entered["holdout"]) == (None, None, False)
+    client: MongoClient[dict[str, Any]] = MongoClient(stack.mongo_url, timeoutMS=30_000)
+    try:
+        stored = client["waypost"]["journey_log"].find_one({"contact_key": user, "kind": "entered"})
+    finally:
+        client.close()
+    assert stored is not None
+    assert {"step_id", "reason", "holdout"}.isdisjoint(stored)
     assert any(t["text"].startswith(expected) for t in _timeline(stack, user))
 
 

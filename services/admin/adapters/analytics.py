@@ -48,7 +48,9 @@ class JourneyLogStore:
         forgotten = sorted({r.contact_key for r in records if r.kind == "forgotten"})
         if kept:
             # Inserts, not upserts: a replayed record's copy is refused by the unique id, with
-            # no lookup before each write.
+            # no lookup before each write. Fields at their defaults (no reason, no detail, not
+            # in the holdout) are left out: the store's cost grows with a document's fields,
+            # and its readers put the defaults back (`Insights`).
             try:
                 await bulk_write_unordered(
                     self._log,
@@ -56,7 +58,9 @@ class JourneyLogStore:
                         InsertOne(
                             {
                                 "_id": r.record_id,
-                                **r.model_dump(mode="python", exclude={"record_id"}),
+                                **r.model_dump(
+                                    mode="python", exclude={"record_id"}, exclude_defaults=True
+                                ),
                             }
                         )
                         for r in kept

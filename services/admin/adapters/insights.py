@@ -15,6 +15,7 @@ from services.admin.adapters.journeys import TEMPLATES
 from services.admin.adapters.recent_events import RECENT_EVENTS
 from services.admin.adapters.segments import PROFILES
 from shared.channel_pauses import CHANNEL_PAUSES, ChannelPause
+from shared.contracts import JourneyLogRecord
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +35,13 @@ _LOG_FIELDS = {
     "why": 1,
 }
 _MESSAGE_FIELDS = {"history": 0, "try": 0}
+# What a journey-log document leaves out when the record holds its default
+# (`JourneyLogStore.write`): put back, so every record read has every field.
+_LOG_DEFAULTS: dict[str, Any] = {
+    name: field.default
+    for name, field in JourneyLogRecord.model_fields.items()
+    if name in _LOG_FIELDS and not field.is_required()
+}
 
 
 class Insights:
@@ -56,11 +64,11 @@ class Insights:
             .sort("at", -1)
             .limit(MAX_LOG_RECORDS)
         )
-        return await cursor.to_list()
+        return [{**_LOG_DEFAULTS, **doc} for doc in await cursor.to_list()]
 
     async def contact_records(self, contact_key: str, limit: int) -> list[dict[str, Any]]:
         cursor = self._log.find({"contact_key": contact_key}, _LOG_FIELDS).sort("at", -1)
-        return await cursor.limit(limit).to_list()
+        return [{**_LOG_DEFAULTS, **doc} for doc in await cursor.limit(limit).to_list()]
 
     async def messages(
         self, *, contact_key: str | None, journey_id: str | None, limit: int
