@@ -16,6 +16,7 @@ profiles collection").
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -114,7 +115,25 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 def storable(value: Any) -> Any:
     """A value the document store keeps as given: every mapping key escaped ('.' -> '%2E',
-    '$' -> '%24', NUL -> '%00', '%' -> '%25'), and integers beyond 64 bits as decimal strings."""
+    '$' -> '%24', NUL -> '%00', '%' -> '%25'), and integers beyond 64 bits as decimal strings.
+
+    It walks every profile the view writes, on the segmenter's process: the common types are
+    told apart by `type` before the general rules (an ABC check per value cost the segmenter
+    about 4 % of its samples in the pipeline bench)."""
+    kind = type(value)
+    if kind in _AS_IS:
+        return value
+    if kind is dict:
+        return {
+            _escape(key if type(key) is str else str(key)): (
+                item if type(item) in _AS_IS else storable(item)
+            )
+            for key, item in value.items()
+        }
+    if kind is list or kind is tuple:
+        return [item if type(item) in _AS_IS else storable(item) for item in value]
+    if kind is int:
+        return value if _INT64[0] <= value <= _INT64[1] else str(value)
     if isinstance(value, Mapping):
         return {_escape(str(key)): storable(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
@@ -124,7 +143,13 @@ def storable(value: Any) -> Any:
     return value
 
 
+# Values kept as they are, told apart by their exact type (subclasses take the general rules).
+_AS_IS = frozenset({str, float, bool, type(None), datetime})
+
+
 def _escape(key: str) -> str:
+    if "%" not in key and "." not in key and "$" not in key and "\x00" not in key:
+        return key
     for plain, escaped in _ESCAPES:
         key = key.replace(plain, escaped)
     return key
