@@ -123,23 +123,17 @@ def storable(value: Any) -> Any:
     kind = type(value)
     if kind in _AS_IS:
         return value
-    if kind is dict:
+    if kind is int or (isinstance(value, int) and not isinstance(value, bool)):
+        return value if _INT64[0] <= value <= _INT64[1] else str(value)
+    if kind is dict or isinstance(value, Mapping):
         return {
             _escape(key if type(key) is str else str(key)): (
                 item if type(item) in _AS_IS else storable(item)
             )
             for key, item in value.items()
         }
-    if kind is list or kind is tuple:
+    if kind is list or kind is tuple or isinstance(value, list | tuple):
         return [item if type(item) in _AS_IS else storable(item) for item in value]
-    if kind is int:
-        return value if _INT64[0] <= value <= _INT64[1] else str(value)
-    if isinstance(value, Mapping):
-        return {_escape(str(key)): storable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [storable(item) for item in value]
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value if _INT64[0] <= value <= _INT64[1] else str(value)
     return value
 
 
