@@ -5,7 +5,10 @@ its own throw-away stack (Kafka 29392/29393, FerretDB 27392, the sandbox with SM
 its HTTP providers on 28325, dispatcher metrics 29465; state in `.local/bench-dispatch`, wiped at
 the start, stopped at the end) and ONE dispatcher worker (`python -m services.dispatcher`, at most
 C sends in flight: `WAYPOST_MAX_IN_FLIGHT`, which the worker triples for SMS and push unless
-`--in-flight-http` says otherwise). No ingest, segmenter or orchestrator: send requests
+`--in-flight-http` says otherwise). The broker compiles with the JVM's quick compiler only
+(`--broker-jit quick`, `-XX:TieredStopAtLevel=1`): started fresh, with the default tiers it spent
+a third of a core on compiling through the first minute of the worker's traffic, which no
+baseline pays (they do not use Kafka). No ingest, segmenter or orchestrator: send requests
 go straight onto `waypost.send-requests.v1`, keyed by contact. Every request has its own contact
 (so no frequency cap or per-contact ordering applies) and a message id unique to the run; the
 templates are ready documents in the `templates` collection. Runs: email (SMTP), then SMS
@@ -113,6 +116,11 @@ GROUP = "waypost-dispatcher"
 DATABASE = "waypost"
 FINAL = ("sent", "failed", "skipped", "unknown")
 PROBES = 20  # sequential sends before each baseline: warm-up and idle latency
+# The bench's broker starts fresh. With the JVM's full JIT, its C2 compiler thread took 0.10 to
+# 0.34 of a core through the first minute of dispatcher traffic, and still 0.03 to 0.10 after
+# 40,000 emails of warm-up; the timed phases then measured the broker's start-up as much as the
+# worker. "quick" compiles with C1 only (docs/delivery.md has the figures of both).
+BROKER_JIT = {"quick": ("-XX:TieredStopAtLevel=1",), "full": ()}
 # The sandbox holds every SMS status callback this long; /control/reset drops them between runs.
 # Sent (one shared httpx pool), thousands of queued callbacks slowed the sandbox from about 900
 # to 35 SMS/s on this machine: they, not the client, would set the baseline. Delivery reports
@@ -992,6 +1000,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--in-flight", type=int, default=64, help="sends in flight (C)")
     parser.add_argument(
+        "--broker-jit",
+        choices=sorted(BROKER_JIT),
+        default="quick",
+        help="the bench broker's JIT: C1 only (quick), or the JVM's default tiers (full)",
+    )
+    parser.add_argument(
         "--in-flight-http",
         type=int,
         default=None,
@@ -1021,13 +1035,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs += [Run(channel, ms, n + 1) for n, ms in enumerate(args.latency_ms)]
     say(
         f"{args.messages:,} messages per phase, {in_flight_said(args)} in flight, runs "
-        f"{', '.join(r.tag for r in runs)}; {os.cpu_count()} cores, load average "
+        f"{', '.join(r.tag for r in runs)}, broker JIT {args.broker_jit}; "
+        f"{os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.2f}"
     )
     bench = stack.Stack(
         home=HOME,
         ports=PORTS,
         partitions=args.partitions,
+        kafka_jvm_options=BROKER_JIT[args.broker_jit],
         extra_env={
             # Read by the worker.
             "WAYPOST_MAX_IN_FLIGHT": str(args.in_flight),

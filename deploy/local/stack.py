@@ -239,6 +239,8 @@ class Stack:
     ports: Ports = field(default_factory=Ports)
     partitions: int = 6
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Added to the broker's JVM options (a benchmark's: `bench.dispatch --broker-jit`).
+    kafka_jvm_options: tuple[str, ...] = ()
     # Children started by this process, kept so they are reaped (and not garbage-collected alive).
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -469,6 +471,7 @@ class Stack:
             # The throughput collector: less CPU than G1 beside the services on a small machine
             # (see docs/pipeline-benchmark.md).
             "-XX:+UseParallelGC",
+            *self.kafka_jvm_options,
             "-Djava.awt.headless=true",
             f"-Dlog4j.configuration=file:{ROOT}/deploy/local/kafka/log4j.properties",
             "-cp",
