@@ -601,6 +601,10 @@ class Dispatcher:
             try_id=try_id,
             outcome=found.kind,
         )
+        if found.kind == "sent" and request.channel == "email":
+            # The server took it before now, as surely as one this worker sent: a voucher for
+            # the events log (a worker that took over may have nothing of its own to send).
+            self._accepted_email(found.provider_id)
         return found if found.reason else replace(found, reason=RECEIPT_REASON)
 
     def _write_receipt(
@@ -1031,8 +1035,8 @@ class Dispatcher:
     ) -> _Asked:
         """An email by the provider's events of its Message-ID, which is the same for every
         try of the message: nothing to render again. Found absent, it is taken for never
-        arrived only once the log has shown a message this worker saw accepted
-        (`_unvouched`)."""
+        arrived only once the log has shown a message known to be ours (`_unvouched`); found,
+        it shows that."""
         history = self.email_history
         assert history is not None
         message_id = message_id_header(request.message_id, self.settings.message_id_domain)
@@ -1048,6 +1052,8 @@ class Dispatcher:
         now = self.clock.now()
         found = reconcile_email(answer, message_id, taken_by, now, settle)
         outcome = found.outcome
+        if outcome.kind == "sent":
+            self._vouched_at = now  # the log showed one of our messages: it is our mail's
         unlisted = isinstance(answer, str)
         if outcome.kind == "retry":
             doubt = await self._unvouched(history, now, settle)
@@ -1068,8 +1074,9 @@ class Dispatcher:
         return _Asked(outcome, address)
 
     def _accepted_email(self, message_id: str | None) -> None:
-        """Keep a Message-ID the server was seen to accept, now and then (`VOUCHER_SPACING`),
-        to check the events log against later (`_unvouched`)."""
+        """Keep a Message-ID the server was seen to accept (this worker's answer, or a receipt
+        it found), with the time it was seen, now and then (`VOUCHER_SPACING`), to check the
+        events log against later (`_unvouched`)."""
         if message_id is None or self.email_history is None:
             return
         now = self.clock.now()
@@ -1081,7 +1088,8 @@ class Dispatcher:
         self, history: EmailHistory, now: datetime, settle: timedelta
     ) -> str | None:
         """None when the events log shows our mail: it showed, lately (`VOUCHED_FOR`) or now, a
-        message this worker saw accepted at least `settle` ago. Otherwise why not: an events
+        message this worker saw accepted at least `settle` ago, or lately one of the stopped
+        tries it asked about (`_reconciled_email`). Otherwise why not: an events
         URL of another domain or region answers every query with nothing, which must not pass
         for "never arrived"."""
         if self._vouched_at is not None and now - self._vouched_at < VOUCHED_FOR:

@@ -208,6 +208,45 @@ async def test_absent_proves_nothing_before_the_worker_has_mail_to_check_the_log
     assert stopped.events.asked == [f"<m-first@{DOMAIN}>"]  # no voucher to ask about
 
 
+async def test_a_receipt_of_an_accepted_email_vouches_for_the_log(stopped: Stopped) -> None:
+    # A worker that took over with nothing of its own to send: one stopped try had its answer
+    # written down (the server took it), another never reached the server.
+    header = message_id_header("m-receipted", DOMAIN)
+    receipted = await stopped.stopped("m-receipted")
+    stopped.log.record(0, "m-receipted", "1:first", Outcome("sent", provider_id=header))
+    stopped.events.show(header)
+    await stopped.found_again(receipted)
+    assert (await stopped.entry("m-receipted"))["state"] == "sent"
+    request = await stopped.stopped("m-absent")
+    stopped.clock.set(READY)
+
+    await stopped.found_again(request)
+
+    # The receipt's message, old enough by now, is what the log is checked against.
+    assert stopped.events.asked == [f"<m-absent@{DOMAIN}>", header]
+    entry = await stopped.entry("m-absent")
+    assert (entry["state"], entry["attempt"]) == ("retrying", 2)
+    assert "never arrived" in entry["reason"]
+    assert stopped.smtp.sent == []
+
+
+async def test_a_stopped_email_the_log_showed_vouches_for_the_log(stopped: Stopped) -> None:
+    shown = await stopped.stopped("m-shown")
+    stopped.events.show(f"m-shown@{DOMAIN}")
+    absent = await stopped.stopped("m-absent")
+    stopped.clock.set(READY)
+
+    await stopped.found_again(shown)
+    await stopped.found_again(absent)
+
+    # The log showed one of our messages a moment ago: absent is absent, no voucher asked.
+    assert stopped.events.asked == [f"<m-shown@{DOMAIN}>", f"<m-absent@{DOMAIN}>"]
+    assert (await stopped.entry("m-shown"))["state"] == "sent"
+    entry = await stopped.entry("m-absent")
+    assert (entry["state"], entry["attempt"]) == ("retrying", 2)
+    assert stopped.smtp.sent == []
+
+
 async def test_a_voucher_must_be_old_enough_for_the_log_to_show_it(stopped: Stopped) -> None:
     request = await stopped.stopped("m-early")
     stopped.clock.set(READY)
