@@ -82,7 +82,7 @@ from services.dispatcher.domain.messages import (
     Staged,
     StagingProvider,
 )
-from services.dispatcher.domain.outcomes import ASKED_TOO_SOON, EVENT_NAMES, Outcome
+from services.dispatcher.domain.outcomes import ASKED_TOO_SOON, EVENT_NAMES, Outcome, Receipt
 from services.dispatcher.domain.policy import (
     CapRule,
     TokenBucket,
@@ -99,6 +99,7 @@ from shared.clock import Clock
 from shared.contracts import Channel, Event, SendRequest, SendRetry
 from shared.deadletter import DeadLetters, through_outages
 from shared.durations import parse_duration, zone
+from shared.ids import stable_id
 from shared.kafka import AsyncProducer, Record
 from shared.links import LinkClaims, LinkSigner
 from shared.profiles import CONTACT_FORGOTTEN
@@ -143,11 +144,18 @@ class Receipts(Protocol):
     """Where each provider call's answer is written down as it comes (`adapters.receipts`),
     for a worker that finds the try left `sending` to read."""
 
-    def record(self, partition: int, message_id: str, try_id: str, outcome: Outcome) -> None: ...
+    def record(
+        self,
+        partition: int,
+        message_id: str,
+        try_id: str,
+        outcome: Outcome,
+        route: str | None = None,
+    ) -> None: ...
 
     async def find(
         self, partition: int, message_id: str, try_id: str, marked_at: datetime
-    ) -> Outcome | None: ...
+    ) -> Receipt | None: ...
 
     def forget(self, partitions: frozenset[int]) -> None: ...
 
@@ -182,9 +190,13 @@ class PauseRecord(Protocol):
 CALLS_KEPT_SECONDS = 300.0
 CALLS_KEPT = 20_000
 # An email found absent from the provider's events log counts as never arrived only once the
-# log has shown a message this worker saw accepted: one such message is kept per
-# VOUCHER_SPACING, a day's worth, and a log that showed one is trusted for VOUCHED_FOR.
+# log has shown a message this worker saw accepted (its own, or a receipt's sent by the same
+# route, `email_route`): one such message is kept per VOUCHER_SPACING, a day's worth, and a log
+# that showed one is trusted for VOUCHED_FOR.
 VOUCHER_SPACING = timedelta(seconds=30)
+# A receipt vouches only for a try marked this recently: it is kept from when it was found, and
+# the log must still hold the message when it is asked about (`RETAINED`).
+RECEIPT_VOUCHES_WITHIN = timedelta(hours=1)
 VOUCHERS_KEPT = 2_880
 VOUCHED_FOR = timedelta(seconds=60)
 
@@ -302,6 +314,7 @@ class Dispatcher:
         # (`_accepted_email`), and when the events log last showed one (`_unvouched`).
         self._vouchers: deque[tuple[str, datetime]] = deque(maxlen=VOUCHERS_KEPT)
         self._vouched_at: datetime | None = None
+        self._email_route = email_route(settings)
         self.pauses = pauses
         self.receipts = receipts
         # Pause records being written: held here so they finish (the loop keeps weak refs).
@@ -592,18 +605,24 @@ class Dispatcher:
         partition = focused()
         if try_id is None or partition is None:
             return None
-        found = await self.receipts.find(partition, request.message_id, try_id, marked_at)
-        if found is None:
+        receipt = await self.receipts.find(partition, request.message_id, try_id, marked_at)
+        if receipt is None:
             return None
+        found = receipt.outcome
         log.info(
             "dispatcher.receipt_found",
             message_id=request.message_id,
             try_id=try_id,
             outcome=found.kind,
         )
-        if found.kind == "sent" and request.channel == "email":
-            # The server took it before now, as surely as one this worker sent: a voucher for
-            # the events log (a worker that took over may have nothing of its own to send).
+        if (
+            found.kind == "sent"
+            and request.channel == "email"
+            and receipt.route == self._email_route
+            and self.clock.now() - marked_at <= RECEIPT_VOUCHES_WITHIN
+        ):
+            # The server took it before now, by this worker's own route: a voucher for the
+            # events log, as one this worker sent (one that took over may have none).
             self._accepted_email(found.provider_id)
         return found if found.reason else replace(found, reason=RECEIPT_REASON)
 
@@ -630,7 +649,8 @@ class Dispatcher:
             outcome = call.result()
         if outcome.reason:
             outcome = replace(outcome, reason=without_address(outcome.reason, address))
-        self.receipts.record(partition, message_id, try_id, outcome)
+        route = self._email_route if channel == "email" else None
+        self.receipts.record(partition, message_id, try_id, outcome, route)
 
     async def _carry_out(
         self,
@@ -1035,8 +1055,8 @@ class Dispatcher:
     ) -> _Asked:
         """An email by the provider's events of its Message-ID, which is the same for every
         try of the message: nothing to render again. Found absent, it is taken for never
-        arrived only once the log has shown a message known to be ours (`_unvouched`); found,
-        it shows that."""
+        arrived only once the log has shown a message this worker saw accepted
+        (`_unvouched`)."""
         history = self.email_history
         assert history is not None
         message_id = message_id_header(request.message_id, self.settings.message_id_domain)
@@ -1052,8 +1072,6 @@ class Dispatcher:
         now = self.clock.now()
         found = reconcile_email(answer, message_id, taken_by, now, settle)
         outcome = found.outcome
-        if outcome.kind == "sent":
-            self._vouched_at = now  # the log showed one of our messages: it is our mail's
         unlisted = isinstance(answer, str)
         if outcome.kind == "retry":
             doubt = await self._unvouched(history, now, settle)
@@ -1088,8 +1106,7 @@ class Dispatcher:
         self, history: EmailHistory, now: datetime, settle: timedelta
     ) -> str | None:
         """None when the events log shows our mail: it showed, lately (`VOUCHED_FOR`) or now, a
-        message this worker saw accepted at least `settle` ago, or lately one of the stopped
-        tries it asked about (`_reconciled_email`). Otherwise why not: an events
+        message this worker saw accepted at least `settle` ago. Otherwise why not: an events
         URL of another domain or region answers every query with nothing, which must not pass
         for "never arrived"."""
         if self._vouched_at is not None and now - self._vouched_at < VOUCHED_FOR:
@@ -1097,7 +1114,10 @@ class Dispatcher:
         # The newest one the log must show by now (an older one would be no younger).
         found = next(((m, at) for m, at in reversed(self._vouchers) if at + settle <= now), None)
         if found is None or now - found[1] > RETAINED:
-            return "no email this worker saw accepted is old enough to check the events log"
+            return (
+                "no email this worker saw accepted, or found the receipt of, is old enough "
+                "to check the events log"
+            )
         voucher = found[0]
         doubt = vouches(await history.events_of(voucher), voucher)
         if doubt is None:
@@ -1542,6 +1562,21 @@ def _unsendable(channel: str, exc: ValueError) -> Outcome:
 
 async def _outside_a_batch(*_: float) -> None:
     raise RuntimeError("a provider call outside a batch")
+
+
+def email_route(settings: DispatcherSettings) -> str:
+    """What names the way this worker's emails go and are looked up: the SMTP server and login,
+    the Message-ID domain and the events log. A receipt written by a worker with another route
+    (before a deploy that moved the mail) does not vouch for this worker's events log."""
+    return stable_id(
+        "email route",
+        settings.smtp_host,
+        settings.smtp_port,
+        settings.smtp_username or "",
+        settings.message_id_domain,
+        settings.email_events_url or "",
+        length=16,
+    )
 
 
 def retry_due(record: Record) -> datetime | None:

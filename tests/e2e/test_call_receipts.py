@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, TopicPartition
 from structlog.testing import capture_logs
 
 from services.dispatcher.adapters.receipts import LOOKBACK, CallReceipts
-from services.dispatcher.domain.outcomes import Outcome
+from services.dispatcher.domain.outcomes import Outcome, Receipt
 from shared.kafka import AsyncProducer
 from tests.e2e.helpers import filled_topic
 
@@ -31,7 +31,7 @@ async def _found(
     while time.monotonic() < deadline:
         found = await receipts.find(partition, message_id, try_id, marked)
         if found is not None:
-            return found
+            return found.outcome
         await asyncio.sleep(0.05)
     raise AssertionError(f"no receipt of {message_id} {try_id} in partition {partition}")
 
@@ -49,17 +49,21 @@ async def test_a_receipt_is_found_by_its_partition_message_and_try(stack: Any) -
         receipts.record(0, "m-4", "1:first", Outcome("sent", None))
 
         assert await _found(receipts, 1, "m-3", "2:retry", marked) == bounced
-        assert await receipts.find(1, "m-1", "1:first", marked) == Outcome(
-            "sent", None, provider_id="SM1"
+        assert await receipts.find(1, "m-1", "1:first", marked) == Receipt(
+            Outcome("sent", None, provider_id="SM1")
         )
         assert await receipts.find(1, "m-2", "1:first", marked) is None
         assert await receipts.find(1, "m-3", "1:first", marked) is None  # another try's
         assert await receipts.find(1, "m-4", "1:first", marked) is None  # another partition's
         assert await _found(receipts, 0, "m-4", "1:first", marked) == Outcome("sent", None)
 
-        # Read on from where the last lookup of the partition stopped.
-        receipts.record(1, "m-5", "1:first", Outcome("sent", None))
+        # Read on from where the last lookup of the partition stopped; an email's receipt
+        # says the route it went by.
+        receipts.record(1, "m-5", "1:first", Outcome("sent", None), "route-1")
         assert await _found(receipts, 1, "m-5", "1:first", marked) == Outcome("sent", None)
+        assert await receipts.find(1, "m-5", "1:first", marked) == Receipt(
+            Outcome("sent", None), "route-1"
+        )
 
         # A lookup reads from the try's mark, less the margin for clocks: a worker that never
         # read the partition finds nothing written before that.
@@ -67,15 +71,15 @@ async def test_a_receipt_is_found_by_its_partition_message_and_try(stack: Any) -
         try:
             assert await fresh.find(1, "m-1", "1:first", marked + 3 * LOOKBACK) is None
             # Then a try marked earlier than the one asked about: read back to its own mark.
-            assert await fresh.find(1, "m-1", "1:first", marked) == Outcome(
-                "sent", None, provider_id="SM1"
+            assert await fresh.find(1, "m-1", "1:first", marked) == Receipt(
+                Outcome("sent", None, provider_id="SM1")
             )
         finally:
             fresh.close()
         # Partitions no longer owned are read afresh should they come back.
         receipts.forget(frozenset({0}))
-        assert await receipts.find(1, "m-1", "1:first", marked - timedelta(seconds=1)) == Outcome(
-            "sent", None, provider_id="SM1"
+        assert await receipts.find(1, "m-1", "1:first", marked - timedelta(seconds=1)) == Receipt(
+            Outcome("sent", None, provider_id="SM1")
         )
     finally:
         receipts.close()
@@ -102,7 +106,7 @@ async def test_a_partition_read_long_ago_is_read_again_past_what_retention_took(
         for future in gone.values():
             future.result(timeout=30)
 
-        assert await receipts.find(0, "m-5", "1:first", marked) == Outcome("sent", None)
+        assert await receipts.find(0, "m-5", "1:first", marked) == Receipt(Outcome("sent", None))
         assert await receipts.find(0, "m-3", "1:first", marked) is None  # taken
     finally:
         receipts.close()

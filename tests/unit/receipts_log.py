@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from services.dispatcher.domain.outcomes import Outcome
+from services.dispatcher.domain.outcomes import Outcome, Receipt
 
 
 class Log:
@@ -23,18 +23,26 @@ class Log:
         self.fail_intents: list[BaseException] = []
         self.lose_receipts = False
 
-    def record(self, partition: int, message_id: str, try_id: str, outcome: Outcome) -> None:
+    def record(
+        self,
+        partition: int,
+        message_id: str,
+        try_id: str,
+        outcome: Outcome,
+        route: str | None = None,
+    ) -> None:
         if not self.lose_receipts:
-            self.records.setdefault(partition, []).append(("receipt", message_id, try_id, outcome))
+            kept = self.records.setdefault(partition, [])
+            kept.append(("receipt", message_id, try_id, outcome, route))
 
     async def find(
         self, partition: int, message_id: str, try_id: str, marked_at: datetime
-    ) -> Outcome | None:
+    ) -> Receipt | None:
         self.asked.append(message_id)
         found = None
         for record in self.records.get(partition, []):
             if record[0] == "receipt" and record[1] == message_id:
-                found = record[3] if record[2] == try_id else None
+                found = Receipt(record[3], record[4]) if record[2] == try_id else None
         return found
 
     def forget(self, partitions: frozenset[int]) -> None:

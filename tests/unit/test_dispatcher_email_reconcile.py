@@ -21,6 +21,7 @@ from services.dispatcher.channels.email.reconcile import (
 from services.dispatcher.domain import progress
 from services.dispatcher.domain.messages import Delivery
 from services.dispatcher.domain.outcomes import Outcome
+from services.dispatcher.handlers import RECEIPT_VOUCHES_WITHIN, email_route
 from services.dispatcher.settings import DispatcherSettings
 from shared.contracts import Channel, Profile, SendRequest, TestSend
 from shared.kafka import Record
@@ -208,15 +209,25 @@ async def test_absent_proves_nothing_before_the_worker_has_mail_to_check_the_log
     assert stopped.events.asked == [f"<m-first@{DOMAIN}>"]  # no voucher to ask about
 
 
-async def test_a_receipt_of_an_accepted_email_vouches_for_the_log(stopped: Stopped) -> None:
+async def _receipted(stopped: Stopped, message_id: str, route: str | None) -> str:
+    """A stopped try whose receipt says the server took it (by `route`), shown in the log and
+    concluded `sent` from its receipt; its Message-ID."""
+    header = message_id_header(message_id, DOMAIN)
+    request = await stopped.stopped(message_id)
+    stopped.log.record(0, message_id, "1:first", Outcome("sent", provider_id=header), route)
+    stopped.events.show(header)
+    await stopped.found_again(request)
+    assert (await stopped.entry(message_id))["state"] == "sent"
+    return header
+
+
+async def test_a_receipt_of_an_email_sent_by_the_same_route_vouches_for_the_log(
+    stopped: Stopped,
+) -> None:
     # A worker that took over with nothing of its own to send: one stopped try had its answer
     # written down (the server took it), another never reached the server.
-    header = message_id_header("m-receipted", DOMAIN)
-    receipted = await stopped.stopped("m-receipted")
-    stopped.log.record(0, "m-receipted", "1:first", Outcome("sent", provider_id=header))
-    stopped.events.show(header)
-    await stopped.found_again(receipted)
-    assert (await stopped.entry("m-receipted"))["state"] == "sent"
+    route = email_route(stopped.dispatcher.settings)
+    header = await _receipted(stopped, "m-receipted", route)
     request = await stopped.stopped("m-absent")
     stopped.clock.set(READY)
 
@@ -230,21 +241,68 @@ async def test_a_receipt_of_an_accepted_email_vouches_for_the_log(stopped: Stopp
     assert stopped.smtp.sent == []
 
 
-async def test_a_stopped_email_the_log_showed_vouches_for_the_log(stopped: Stopped) -> None:
-    shown = await stopped.stopped("m-shown")
-    stopped.events.show(f"m-shown@{DOMAIN}")
-    absent = await stopped.stopped("m-absent")
+@pytest.mark.parametrize("route", [None, "another route"])
+async def test_a_receipt_of_another_route_does_not_vouch_for_the_log(
+    stopped: Stopped, route: str | None
+) -> None:
+    # Written before a deploy that moved the mail (or before receipts said their route): the
+    # log that shows it need not be the one this worker's mail goes to.
+    await _receipted(stopped, "m-receipted", route)
+    request = await stopped.stopped("m-absent")
     stopped.clock.set(READY)
 
-    await stopped.found_again(shown)
-    await stopped.found_again(absent)
+    await stopped.found_again(request)
 
-    # The log showed one of our messages a moment ago: absent is absent, no voucher asked.
-    assert stopped.events.asked == [f"<m-shown@{DOMAIN}>", f"<m-absent@{DOMAIN}>"]
-    assert (await stopped.entry("m-shown"))["state"] == "sent"
-    entry = await stopped.entry("m-absent")
-    assert (entry["state"], entry["attempt"]) == ("retrying", 2)
+    assert stopped.events.asked == [f"<m-absent@{DOMAIN}>"]  # no voucher to ask about
+    assert (await stopped.entry("m-absent"))["state"] == "sending"
     assert stopped.smtp.sent == []
+
+
+async def test_a_receipt_of_a_try_marked_long_ago_does_not_vouch_for_the_log(
+    stopped: Stopped,
+) -> None:
+    route = email_route(stopped.dispatcher.settings)
+    stopped.clock.set(T0 + RECEIPT_VOUCHES_WITHIN + timedelta(seconds=1))
+    await _receipted(stopped, "m-receipted", route)  # marked at T0
+    request = await stopped.stopped("m-absent")
+    stopped.clock.advance(timedelta(seconds=SETTLE))
+
+    await stopped.found_again(request)
+
+    assert stopped.events.asked == [f"<m-absent@{DOMAIN}>"]
+    assert (await stopped.entry("m-absent"))["state"] == "sending"
+
+
+async def test_an_email_receipt_says_the_route_it_went_by(stopped: Stopped) -> None:
+    await stopped.voucher("m-own")
+
+    [receipt] = [r for r in stopped.log.records[0] if r[0] == "receipt"]
+    assert receipt[1:] == (
+        "m-own",
+        "1:first",
+        Outcome("sent", provider_id=message_id_header("m-own", DOMAIN)),
+        email_route(stopped.dispatcher.settings),
+    )
+
+
+def test_the_email_route_names_the_server_the_domain_and_the_events_log() -> None:
+    base = DispatcherSettings(message_id_domain=DOMAIN)
+    routes = {
+        email_route(settings)
+        for settings in (
+            base,
+            DispatcherSettings(message_id_domain=DOMAIN, smtp_host="smtp.eu.example.com"),
+            DispatcherSettings(message_id_domain=DOMAIN, smtp_port=2525),
+            DispatcherSettings(message_id_domain="mail.example.org"),
+            DispatcherSettings(
+                message_id_domain=DOMAIN,
+                email_events_url="https://api.eu.mailgun.net/v3/mail.example.com",
+                email_events_api_key="key",
+            ),
+        )
+    }
+    assert len(routes) == 5
+    assert email_route(DispatcherSettings(message_id_domain=DOMAIN)) == email_route(base)
 
 
 async def test_a_voucher_must_be_old_enough_for_the_log_to_show_it(stopped: Stopped) -> None:

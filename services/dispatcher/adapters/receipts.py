@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from services.dispatcher.domain.outcomes import Outcome
+from services.dispatcher.domain.outcomes import Outcome, Receipt
 from shared.kafka import AsyncProducer
 from shared.kafka_connection import KafkaConnection, client_config
 from shared.topics import SEND_RECEIPTS
@@ -67,8 +67,10 @@ PASSING_PAUSE_SECONDS = 0.1
 T = TypeVar("T")
 
 
-def encode(message_id: str, try_id: str, outcome: Outcome) -> bytes:
+def encode(message_id: str, try_id: str, outcome: Outcome, route: str | None = None) -> bytes:
     fields: dict[str, Any] = {"message_id": message_id, "try": try_id, "kind": outcome.kind}
+    if route is not None:
+        fields["route"] = route
     for name in ("reason", "provider_id", "code", "retry_after"):
         value = getattr(outcome, name)
         if value is not None:
@@ -98,8 +100,8 @@ def decode_intent(value: bytes) -> tuple[str, int, bytes] | None:
         return None
 
 
-def decode(value: bytes) -> tuple[str, str, Outcome] | None:
-    """(message id, try id, outcome) of a receipt; None for a value that is not one (skipped:
+def decode(value: bytes) -> tuple[str, str, Receipt] | None:
+    """(message id, try id, receipt) of a receipt; None for a value that is not one (skipped:
     a receipt only ever narrows what is unknown, so one that cannot be read loses nothing)."""
     try:
         fields = json.loads(value)
@@ -112,7 +114,9 @@ def decode(value: bytes) -> tuple[str, str, Outcome] | None:
             address_invalid=bool(fields.get("address_invalid")),
             withdrew_consent=bool(fields.get("withdrew_consent")),
         )
-        return str(fields["message_id"]), str(fields["try"]), outcome
+        route = fields.get("route")
+        receipt = Receipt(outcome, route if isinstance(route, str) else None)
+        return str(fields["message_id"]), str(fields["try"]), receipt
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -121,12 +125,12 @@ def decode(value: bytes) -> tuple[str, str, Outcome] | None:
 class _Read:
     """What one partition's receipts were read: those written from `since_ms` (record time)
     on, that is the offsets from `first_offset` up to the one before `next_offset`, by message
-    id: (try id, outcome) of its latest receipt."""
+    id: (try id, receipt) of its latest receipt."""
 
     since_ms: int
     first_offset: int
     next_offset: int
-    receipts: dict[str, tuple[str, Outcome]] = field(default_factory=dict)
+    receipts: dict[str, tuple[str, Receipt]] = field(default_factory=dict)
 
 
 class CallReceipts:
@@ -147,14 +151,22 @@ class CallReceipts:
         self._consumer: Consumer | None = None
         self._consumer_lock = threading.Lock()
 
-    def record(self, partition: int, message_id: str, try_id: str, outcome: Outcome) -> None:
-        """Write the receipt of an answered call; nothing waits for it. One that cannot be
-        written is logged and lost: the try's outcome still commits with the batch."""
+    def record(
+        self,
+        partition: int,
+        message_id: str,
+        try_id: str,
+        outcome: Outcome,
+        route: str | None = None,
+    ) -> None:
+        """Write the receipt of an answered call (with the email `route` it went by); nothing
+        waits for it. One that cannot be written is logged and lost: the try's outcome still
+        commits with the batch."""
         if outcome.kind == "unknown":
             return  # says nothing the ledger's `sending` does not
         try:
             written = self._producer.produce(
-                self._topic, message_id, encode(message_id, try_id, outcome), partition
+                self._topic, message_id, encode(message_id, try_id, outcome, route), partition
             )
         except Exception as exc:  # noqa: BLE001 - a full queue, a refusal: it goes unwritten
             log.warning("dispatcher.receipt_unwritten", message_id=message_id, error=str(exc))
@@ -183,9 +195,9 @@ class CallReceipts:
 
     async def find(
         self, partition: int, message_id: str, try_id: str, marked_at: datetime
-    ) -> Outcome | None:
-        """The outcome of try `try_id` of `message_id` (marked `sending` at `marked_at`) from
-        its receipt in `partition`, read to its end now; None when it has none. A read that
+    ) -> Receipt | None:
+        """The receipt of try `try_id` of `message_id` (marked `sending` at `marked_at`) in
+        `partition`, read to its end now; None when it has none. A read that
         fails raises (`KafkaException`, `TimeoutError`): an outage, retried by the caller."""
         since_ms = int((marked_at - LOOKBACK).timestamp() * 1000)
         async with self._reading:
@@ -232,7 +244,7 @@ class CallReceipts:
                     kept = self._reads[partition] = _Read(since_ms, start, start)
                 elif start < kept.first_offset:
                     # Older receipts never replace a newer one of the same message.
-                    older: dict[str, tuple[str, Outcome]] = {}
+                    older: dict[str, tuple[str, Receipt]] = {}
                     self._read_to(consumer, partition, start, kept.first_offset, older)
                     for message_id, receipt in older.items():
                         kept.receipts.setdefault(message_id, receipt)
@@ -298,7 +310,7 @@ class CallReceipts:
         partition: int,
         offset: int,
         end: int,
-        into: dict[str, tuple[str, Outcome]],
+        into: dict[str, tuple[str, Receipt]],
         progress: _Read | None = None,
     ) -> None:
         """Read the partition from `offset` up to `end` (or its end, should it come first)
@@ -309,8 +321,8 @@ class CallReceipts:
                 progress.next_offset = at + 1
             receipt = decode(value)
             if receipt is not None:
-                message_id, try_id, outcome = receipt
-                into[message_id] = (try_id, outcome)
+                message_id, try_id, found = receipt
+                into[message_id] = (try_id, found)
 
     def _values(
         self, consumer: Consumer, partition: int, offset: int, end: int

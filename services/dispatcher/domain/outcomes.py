@@ -49,6 +49,15 @@ class Outcome:
     withdrew_consent: bool = False
 
 
+@dataclass(frozen=True)
+class Receipt:
+    """A call's outcome as its receipt wrote it down, with the email route (`email_route`) it
+    was sent by, when it says (an email's, written since receipts carry it)."""
+
+    outcome: Outcome
+    route: str | None = None
+
+
 def resume_action(state: str, transactional: bool) -> Literal["done", "send", "unknown"]:
     """What to do with a request whose ledger entry already exists (a replay).
 

@@ -8,7 +8,8 @@ id (`message_id_header`), so an accepted event under it is our message: `sent`.
 None proves the message never reached the provider only when the log is known to show our
 mail: the try is old enough for the log to show it (`settle` after the server could last have
 taken it), young enough for the log to still hold it (`RETAINED`), and the same log shows a
-message this worker saw accepted (`vouches`): an events URL of another domain or region
+message this worker saw accepted, or found the receipt of, sent by its own route (`vouches`):
+an events URL of another domain or region
 answers every query with nothing. Then a new try is safe. Anything less proves nothing, and
 the send stays `unknown`.
 """
