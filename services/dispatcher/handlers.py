@@ -1106,7 +1106,8 @@ class Dispatcher:
         self, history: EmailHistory, now: datetime, settle: timedelta
     ) -> str | None:
         """None when the events log shows our mail: it showed, lately (`VOUCHED_FOR`) or now, a
-        message this worker saw accepted at least `settle` ago. Otherwise why not: an events
+        message this worker saw accepted (or found a receipt of, sent by its route) at least
+        `settle` ago. Otherwise why not: an events
         URL of another domain or region answers every query with nothing, which must not pass
         for "never arrived"."""
         if self._vouched_at is not None and now - self._vouched_at < VOUCHED_FOR:

@@ -258,6 +258,21 @@ async def test_a_receipt_of_another_route_does_not_vouch_for_the_log(
     assert stopped.smtp.sent == []
 
 
+async def test_a_stopped_try_the_log_showed_does_not_vouch_for_the_log(stopped: Stopped) -> None:
+    # Shown, it was ours, but it may have gone by a route this worker's mail no longer takes.
+    shown = await stopped.stopped("m-shown")
+    stopped.events.show(f"m-shown@{DOMAIN}")
+    absent = await stopped.stopped("m-absent")
+    stopped.clock.set(READY)
+
+    await stopped.found_again(shown)
+    await stopped.found_again(absent)
+
+    assert (await stopped.entry("m-shown"))["state"] == "sent"
+    assert (await stopped.entry("m-absent"))["state"] == "sending"
+    assert stopped.events.asked == [f"<m-shown@{DOMAIN}>", f"<m-absent@{DOMAIN}>"]
+
+
 async def test_a_receipt_of_a_try_marked_long_ago_does_not_vouch_for_the_log(
     stopped: Stopped,
 ) -> None:
@@ -293,6 +308,9 @@ def test_the_email_route_names_the_server_the_domain_and_the_events_log() -> Non
             base,
             DispatcherSettings(message_id_domain=DOMAIN, smtp_host="smtp.eu.example.com"),
             DispatcherSettings(message_id_domain=DOMAIN, smtp_port=2525),
+            DispatcherSettings(
+                message_id_domain=DOMAIN, smtp_username="postmaster", smtp_password="secret"
+            ),
             DispatcherSettings(message_id_domain="mail.example.org"),
             DispatcherSettings(
                 message_id_domain=DOMAIN,
@@ -301,7 +319,7 @@ def test_the_email_route_names_the_server_the_domain_and_the_events_log() -> Non
             ),
         )
     }
-    assert len(routes) == 5
+    assert len(routes) == 6
     assert email_route(DispatcherSettings(message_id_domain=DOMAIN)) == email_route(base)
 
 
