@@ -157,6 +157,8 @@ class Receipts(Protocol):
         self, partition: int, message_id: str, try_id: str, marked_at: datetime
     ) -> Receipt | None: ...
 
+    def accepted(self, partition: int, route: str) -> tuple[str, datetime] | None: ...
+
     def forget(self, partitions: frozenset[int]) -> None: ...
 
     async def intend(self, partition: int, message_id: str, rev: int, entry: bytes) -> int: ...
@@ -194,8 +196,8 @@ CALLS_KEPT = 20_000
 # route, `email_route`): one such message is kept per VOUCHER_SPACING, a day's worth, and a log
 # that showed one is trusted for VOUCHED_FOR.
 VOUCHER_SPACING = timedelta(seconds=30)
-# A receipt vouches only for a try marked this recently: it is kept from when it was found, and
-# the log must still hold the message when it is asked about (`RETAINED`).
+# A receipt vouches for the log only if it was written this recently (the log must still hold
+# its message when it is asked about, `RETAINED`).
 RECEIPT_VOUCHES_WITHIN = timedelta(hours=1)
 VOUCHERS_KEPT = 2_880
 VOUCHED_FOR = timedelta(seconds=60)
@@ -315,6 +317,8 @@ class Dispatcher:
         self._vouchers: deque[tuple[str, datetime]] = deque(maxlen=VOUCHERS_KEPT)
         self._vouched_at: datetime | None = None
         self._email_route = email_route(settings)
+        # The newest such Message-ID found in other workers' receipts (`_voucher_from_receipts`).
+        self._receipt_voucher: tuple[str, datetime] | None = None
         self.pauses = pauses
         self.receipts = receipts
         # Pause records being written: held here so they finish (the loop keeps weak refs).
@@ -606,6 +610,8 @@ class Dispatcher:
         if try_id is None or partition is None:
             return None
         receipt = await self.receipts.find(partition, request.message_id, try_id, marked_at)
+        if request.channel == "email":
+            self._voucher_from_receipts(partition)
         if receipt is None:
             return None
         found = receipt.outcome
@@ -615,16 +621,21 @@ class Dispatcher:
             try_id=try_id,
             outcome=found.kind,
         )
-        if (
-            found.kind == "sent"
-            and request.channel == "email"
-            and receipt.route == self._email_route
-            and self.clock.now() - marked_at <= RECEIPT_VOUCHES_WITHIN
-        ):
-            # The server took it before now, by this worker's own route: a voucher for the
-            # events log, as one this worker sent (one that took over may have none).
-            self._accepted_email(found.provider_id)
         return found if found.reason else replace(found, reason=RECEIPT_REASON)
+
+    def _voucher_from_receipts(self, partition: int) -> None:
+        """The newest email the server accepted, by this worker's route, among the receipts
+        just read of `partition`: a voucher for the events log as good as one of this worker's
+        own sends (a worker that took over may have none), kept unless a newer one is."""
+        accepted = self.receipts.accepted(partition, self._email_route)
+        if accepted is None:
+            return
+        message_id, at = accepted
+        if self.clock.now() - at > RECEIPT_VOUCHES_WITHIN:
+            return
+        kept = self._receipt_voucher
+        if kept is None or kept[1] < at:
+            self._receipt_voucher = (message_id, at)
 
     def _write_receipt(
         self,
@@ -1114,6 +1125,13 @@ class Dispatcher:
             return None
         # The newest one the log must show by now (an older one would be no younger).
         found = next(((m, at) for m, at in reversed(self._vouchers) if at + settle <= now), None)
+        receipted = self._receipt_voucher
+        if (
+            receipted is not None
+            and receipted[1] + settle <= now
+            and (found is None or receipted[1] > found[1])
+        ):
+            found = receipted
         if found is None or now - found[1] > RETAINED:
             return (
                 "no email this worker saw accepted, or found the receipt of, is old enough "

@@ -64,6 +64,17 @@ async def test_a_receipt_is_found_by_its_partition_message_and_try(stack: Any) -
         assert await receipts.find(1, "m-5", "1:first", marked) == Receipt(
             Outcome("sent", None), "route-1"
         )
+        # The newest email of a route the server accepted, among the receipts read, with
+        # when its receipt was written.
+        accepted = Outcome("sent", None, provider_id="<m-6@mail.example.com>")
+        receipts.record(1, "m-6", "1:first", accepted, "route-1")
+        assert await _found(receipts, 1, "m-6", "1:first", marked) == accepted
+        found = receipts.accepted(1, "route-1")
+        assert found is not None
+        assert found[0] == "<m-6@mail.example.com>"
+        assert abs(found[1] - datetime.now(UTC)) < timedelta(seconds=60)
+        assert receipts.accepted(1, "route-2") is None
+        assert receipts.accepted(0, "route-1") is None
 
         # A lookup reads from the try's mark, less the margin for clocks: a worker that never
         # read the partition finds nothing written before that.

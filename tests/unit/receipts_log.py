@@ -4,7 +4,8 @@ the e2e tests cover."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from services.dispatcher.domain.outcomes import Outcome, Receipt
@@ -22,6 +23,8 @@ class Log:
         self.asked: list[str] = []
         self.fail_intents: list[BaseException] = []
         self.lose_receipts = False
+        # When a receipt is written (its record time); a test may put its own clock here.
+        self.now: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     def record(
         self,
@@ -33,7 +36,7 @@ class Log:
     ) -> None:
         if not self.lose_receipts:
             kept = self.records.setdefault(partition, [])
-            kept.append(("receipt", message_id, try_id, outcome, route))
+            kept.append(("receipt", message_id, try_id, outcome, route, self.now()))
 
     async def find(
         self, partition: int, message_id: str, try_id: str, marked_at: datetime
@@ -43,6 +46,16 @@ class Log:
         for record in self.records.get(partition, []):
             if record[0] == "receipt" and record[1] == message_id:
                 found = Receipt(record[3], record[4]) if record[2] == try_id else None
+        return found
+
+    def accepted(self, partition: int, route: str) -> tuple[str, datetime] | None:
+        found = None
+        for record in self.records.get(partition, []):
+            if record[0] != "receipt" or record[4] != route:
+                continue
+            outcome: Outcome = record[3]
+            if outcome.kind == "sent" and outcome.provider_id:
+                found = (outcome.provider_id, record[5])
         return found
 
     def forget(self, partitions: frozenset[int]) -> None:

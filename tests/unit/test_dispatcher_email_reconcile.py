@@ -106,6 +106,7 @@ class Stopped(Parking):
         self.dispatcher.providers = {"email": self.smtp}
         self.outbox = made.outbox
         self.clock = made.dispatcher.clock
+        self.log.now = self.clock.now
 
     async def stopped(self, message_id: str, *, transactional: bool = False) -> SendRequest:
         """The entry as a worker killed during the call leaves it: marked at T0, no outcome."""
@@ -273,14 +274,33 @@ async def test_a_stopped_try_the_log_showed_does_not_vouch_for_the_log(stopped: 
     assert stopped.events.asked == [f"<m-shown@{DOMAIN}>", f"<m-absent@{DOMAIN}>"]
 
 
-async def test_a_receipt_of_a_try_marked_long_ago_does_not_vouch_for_the_log(
+async def test_a_receipt_of_another_email_of_the_partition_vouches_for_the_log(
     stopped: Stopped,
 ) -> None:
+    # The worker that took over has only a try to ask about again (its retry record), with no
+    # receipt of its own; the partition's receipts hold another email the server accepted.
+    header = message_id_header("m-other", DOMAIN)
     route = email_route(stopped.dispatcher.settings)
-    stopped.clock.set(T0 + RECEIPT_VOUCHES_WITHIN + timedelta(seconds=1))
-    await _receipted(stopped, "m-receipted", route)  # marked at T0
+    stopped.log.record(0, "m-other", "1:first", Outcome("sent", provider_id=header), route)
+    stopped.events.show(header)
     request = await stopped.stopped("m-absent")
-    stopped.clock.advance(timedelta(seconds=SETTLE))
+    stopped.clock.set(READY)
+
+    await stopped.found_again(request)
+
+    assert stopped.events.asked == [f"<m-absent@{DOMAIN}>", header]
+    entry = await stopped.entry("m-absent")
+    assert (entry["state"], entry["attempt"]) == ("retrying", 2)
+    assert stopped.smtp.sent == []
+
+
+async def test_a_receipt_written_long_ago_does_not_vouch_for_the_log(stopped: Stopped) -> None:
+    header = message_id_header("m-other", DOMAIN)
+    route = email_route(stopped.dispatcher.settings)
+    stopped.log.record(0, "m-other", "1:first", Outcome("sent", provider_id=header), route)
+    stopped.events.show(header)  # written at T0, and read first more than an hour later
+    request = await stopped.stopped("m-absent")
+    stopped.clock.set(T0 + RECEIPT_VOUCHES_WITHIN + timedelta(seconds=1))
 
     await stopped.found_again(request)
 
@@ -292,7 +312,7 @@ async def test_an_email_receipt_says_the_route_it_went_by(stopped: Stopped) -> N
     await stopped.voucher("m-own")
 
     [receipt] = [r for r in stopped.log.records[0] if r[0] == "receipt"]
-    assert receipt[1:] == (
+    assert receipt[1:5] == (
         "m-own",
         "1:first",
         Outcome("sent", provider_id=message_id_header("m-own", DOMAIN)),

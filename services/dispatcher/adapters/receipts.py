@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
@@ -131,6 +131,9 @@ class _Read:
     first_offset: int
     next_offset: int
     receipts: dict[str, tuple[str, Receipt]] = field(default_factory=dict)
+    # By route: the Message-ID and record time (ms) of the newest email receipt read that says
+    # the server accepted it (`CallReceipts.accepted`).
+    accepted: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 class CallReceipts:
@@ -211,6 +214,17 @@ class CallReceipts:
             return None
         return found[1]
 
+    def accepted(self, partition: int, route: str) -> tuple[str, datetime] | None:
+        """The Message-ID of the newest email receipt of `route` that says the server accepted
+        it, among those `find` read of `partition`, with when it was written (after the
+        server's answer); None when there is none."""
+        read = self._reads.get(partition)
+        found = None if read is None else read.accepted.get(route)
+        if found is None:
+            return None
+        provider_id, ms = found
+        return provider_id, datetime.fromtimestamp(ms / 1000, UTC)
+
     def forget(self, partitions: frozenset[int]) -> None:
         """Drop what was read of partitions no longer owned (read afresh should they return)."""
         for partition in list(self._reads):
@@ -245,13 +259,27 @@ class CallReceipts:
                 elif start < kept.first_offset:
                     # Older receipts never replace a newer one of the same message.
                     older: dict[str, tuple[str, Receipt]] = {}
-                    self._read_to(consumer, partition, start, kept.first_offset, older)
+                    older_accepted: dict[str, tuple[str, int]] = {}
+                    self._read_to(
+                        consumer, partition, start, kept.first_offset, older, older_accepted
+                    )
                     for message_id, receipt in older.items():
                         kept.receipts.setdefault(message_id, receipt)
+                    for route, (provider_id, ms) in older_accepted.items():
+                        if route not in kept.accepted:
+                            kept.accepted[route] = (provider_id, ms)
                     kept.first_offset = start
                 kept.since_ms = since_ms
             if kept.next_offset < high:
-                self._read_to(consumer, partition, kept.next_offset, high, kept.receipts, kept)
+                self._read_to(
+                    consumer,
+                    partition,
+                    kept.next_offset,
+                    high,
+                    kept.receipts,
+                    kept.accepted,
+                    kept,
+                )
             return kept
 
     def _read_intents(
@@ -273,7 +301,7 @@ class CallReceipts:
                     oldest=low,
                 )
             offset = low if start is None else max(start, low)
-            for _at, value in self._values(consumer, partition, offset, high):
+            for _at, value, _ms in self._values(consumer, partition, offset, high):
                 intent = decode_intent(value)
                 if intent is not None:
                     message_id, rev, entry = intent
@@ -311,25 +339,29 @@ class CallReceipts:
         offset: int,
         end: int,
         into: dict[str, tuple[str, Receipt]],
+        accepted: dict[str, tuple[str, int]],
         progress: _Read | None = None,
     ) -> None:
         """Read the partition from `offset` up to `end` (or its end, should it come first)
         into `into`, later receipts over earlier ones; the offset after the last one read is
         kept in `progress` as it goes (a read that fails midway resumes there)."""
-        for at, value in self._values(consumer, partition, offset, end):
+        for at, value, ms in self._values(consumer, partition, offset, end):
             if progress is not None:
                 progress.next_offset = at + 1
             receipt = decode(value)
             if receipt is not None:
                 message_id, try_id, found = receipt
                 into[message_id] = (try_id, found)
+                outcome = found.outcome
+                if found.route and outcome.kind == "sent" and outcome.provider_id:
+                    accepted[found.route] = (outcome.provider_id, ms)
 
     def _values(
         self, consumer: Consumer, partition: int, offset: int, end: int
-    ) -> Iterator[tuple[int, bytes]]:
-        """(offset, value) of the partition's records from `offset` up to `end` (or its end,
-        should it come first). A read that makes no progress for `READ_TIMEOUT_SECONDS`
-        raises `TimeoutError`."""
+    ) -> Iterator[tuple[int, bytes, int]]:
+        """(offset, value, record time in ms) of the partition's records from `offset` up to
+        `end` (or its end, should it come first). A read that makes no progress for
+        `READ_TIMEOUT_SECONDS` raises `TimeoutError`."""
         consumer.assign([TopicPartition(self._topic, partition, offset)])
         deadline = time.monotonic() + READ_TIMEOUT_SECONDS
         try:
@@ -352,7 +384,7 @@ class CallReceipts:
                     deadline = time.monotonic() + READ_TIMEOUT_SECONDS
                     value = message.value()
                     if value is not None:
-                        yield at, value
+                        yield at, value, int(message.timestamp()[1])
         finally:
             consumer.unassign()
 
