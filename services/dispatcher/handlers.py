@@ -1103,9 +1103,9 @@ class Dispatcher:
         return _Asked(outcome, address)
 
     def _accepted_email(self, message_id: str | None) -> None:
-        """Keep a Message-ID the server was seen to accept (this worker's answer, or a receipt
-        it found), with the time it was seen, now and then (`VOUCHER_SPACING`), to check the
-        events log against later (`_unvouched`)."""
+        """Keep a Message-ID the server was seen to accept, now and then (`VOUCHER_SPACING`),
+        to check the events log against later (`_unvouched`); other workers' receipts give
+        theirs by `_voucher_from_receipts`."""
         if message_id is None or self.email_history is None:
             return
         now = self.clock.now()

@@ -259,15 +259,11 @@ class CallReceipts:
                 elif start < kept.first_offset:
                     # Older receipts never replace a newer one of the same message.
                     older: dict[str, tuple[str, Receipt]] = {}
-                    older_accepted: dict[str, tuple[str, int]] = {}
                     self._read_to(
-                        consumer, partition, start, kept.first_offset, older, older_accepted
+                        consumer, partition, start, kept.first_offset, older, kept.accepted
                     )
                     for message_id, receipt in older.items():
                         kept.receipts.setdefault(message_id, receipt)
-                    for route, (provider_id, ms) in older_accepted.items():
-                        if route not in kept.accepted:
-                            kept.accepted[route] = (provider_id, ms)
                     kept.first_offset = start
                 kept.since_ms = since_ms
             if kept.next_offset < high:
@@ -343,8 +339,9 @@ class CallReceipts:
         progress: _Read | None = None,
     ) -> None:
         """Read the partition from `offset` up to `end` (or its end, should it come first)
-        into `into`, later receipts over earlier ones; the offset after the last one read is
-        kept in `progress` as it goes (a read that fails midway resumes there)."""
+        into `into`, later receipts over earlier ones, and into `accepted` each route's newest
+        accepted email by record time; the offset after the last one read is kept in
+        `progress` as it goes (a read that fails midway resumes there)."""
         for at, value, ms in self._values(consumer, partition, offset, end):
             if progress is not None:
                 progress.next_offset = at + 1
@@ -354,7 +351,9 @@ class CallReceipts:
                 into[message_id] = (try_id, found)
                 outcome = found.outcome
                 if found.route and outcome.kind == "sent" and outcome.provider_id:
-                    accepted[found.route] = (outcome.provider_id, ms)
+                    newest = accepted.get(found.route)
+                    if newest is None or newest[1] <= ms:
+                        accepted[found.route] = (outcome.provider_id, ms)
 
     def _values(
         self, consumer: Consumer, partition: int, offset: int, end: int
