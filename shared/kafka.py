@@ -124,7 +124,8 @@ def no_transaction_open(exc: BaseException) -> bool:
 
 
 class RenewableProducer:
-    """A librdkafka producer, replaced by a new one after a fatal error.
+    """A librdkafka producer, replaced by a new one after a fatal error, or once every record
+    it is given has timed out for a while (`undelivered`: stalled).
 
     librdkafka reports some failures of an idempotent producer as fatal (its sequence numbers
     can no longer be reconciled with the broker's, say after the broker restarted): that
@@ -136,10 +137,24 @@ class RenewableProducer:
     register a new one and fence the old (`init_transactions`), so its fatal error is raised.
     """
 
-    def __init__(self, config: Mapping[str, Any], name: str) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        name: str,
+        *,
+        stalled_after: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._config = dict(config)
         self._name = name
         self._failed = threading.Event()
+        # Delivery reports that only ever time out: since when (None: the last one delivered,
+        # or none timed out), and for how long before the producer is taken for stalled.
+        timeout_s = float(self._config.get("message.timeout.ms", 300_000)) / 1000
+        self._stalled_after = stalled_after if stalled_after is not None else 2 * timeout_s
+        self._clock = clock
+        self.timing_out_since: float | None = None
+        self._stalled = False
         # Replaced after a fatal error or a fence: polled until their reports are served
         # (`poll_retired`), then let go.
         self._retired: list[Producer] = []
@@ -158,14 +173,38 @@ class RenewableProducer:
                 log.error("kafka.producer_failed", producer=self._name, error=str(exc))
             self._failed.set()
 
+    def undelivered(self, err: KafkaError) -> None:
+        """A delivery report failed with `err`. Records that time out for longer than
+        `stalled_after` (twice the message timeout by default), with none delivered meanwhile
+        (`delivered` ends the streak), mark the producer stalled: librdkafka can keep a
+        partition's leader unknown after the broker came back ("new leader-1 not found in
+        cache") and then times out every record it is given, for good. A new producer asks the
+        broker afresh; the old one is purged like a failed one. During a real outage this
+        replaces the producer once per `stalled_after`, which costs a reconnection."""
+        if err.code() != KafkaError._MSG_TIMED_OUT:
+            return
+        now = self._clock()
+        if self.timing_out_since is None:
+            self.timing_out_since = now
+        elif now - self.timing_out_since >= self._stalled_after and not self.transactional:
+            self._stalled = True
+
+    def delivered(self) -> None:
+        """A record was delivered: the producer is not stalled (see `undelivered`)."""
+        self.timing_out_since = None
+
     def usable(self) -> Producer:
-        """The producer to send with: a new one if the current one failed for good."""
-        if self._failed.is_set() and not self.transactional:
+        """The producer to send with: a new one if the current one failed for good or stalled
+        (`undelivered`)."""
+        if (self._failed.is_set() or self._stalled) and not self.transactional:
             old, self.current = self.current, Producer(self._config)
+            reason = "failed" if self._failed.is_set() else "stalled"
             self._failed.clear()
+            self._stalled = False
+            self.timing_out_since = None
             old.purge()
             self._retired.append(old)
-            log.warning("kafka.producer_renewed", producer=self._name)
+            log.warning("kafka.producer_renewed", producer=self._name, reason=reason)
         return self.current
 
     def replace_wedged(self, reason: str) -> None:
@@ -305,7 +344,13 @@ class AsyncProducer:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
 
+        renewable = self._renewable
+
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                renewable.undelivered(err)
+            elif renewable.timing_out_since is not None:
+                renewable.delivered()
             _settle_on(loop, future, err)
 
         try:
@@ -355,7 +400,13 @@ class AsyncProducer:
         finished: asyncio.Future[None] = loop.create_future()
         tally = _Tally()
 
+        renewable = self._renewable
+
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                renewable.undelivered(err)
+            elif renewable.timing_out_since is not None:
+                renewable.delivered()
             if offsets is not None and err is None:
                 where = (str(msg.topic()), int(msg.partition() or 0))
                 offsets[where] = max(offsets.get(where, -1), int(msg.offset() or 0))

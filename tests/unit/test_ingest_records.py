@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from confluent_kafka import KafkaError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,7 @@ from services.ingest.intake import Rejected, basic_user, refusal
 from services.ingest.settings import IngestSettings
 from shared.clock import ManualClock
 from shared.contracts import Event
-from shared.kafka import DeliveryFailed, ProducerBusy
+from shared.kafka import DeliveryFailed, ProducerBusy, RenewableProducer
 
 NOW = datetime(2025, 3, 3, 12, 0, tzinfo=UTC)
 SETTINGS = IngestSettings(ingest_write_keys="dev:k1")
@@ -132,8 +133,12 @@ def test_the_record_is_a_valid_event_with_the_corrected_timestamp() -> None:
 # --- one wait per request ---------------------------------------------------------------------
 
 
+def _renewable() -> RenewableProducer:
+    return RenewableProducer({"bootstrap.servers": NO_BROKER, **QUIET}, "test")
+
+
 async def test_the_wait_ends_when_every_record_is_acknowledged() -> None:
-    acks = Acknowledgements(asyncio.get_running_loop().create_future(), 3)
+    acks = Acknowledgements(asyncio.get_running_loop().create_future(), 3, _renewable())
 
     acks.delivered(None, None)  # the message itself is not read
     acks.delivered(None, None)
@@ -145,9 +150,9 @@ async def test_the_wait_ends_when_every_record_is_acknowledged() -> None:
 
 
 async def test_the_first_failed_record_fails_the_wait_and_later_reports_change_nothing() -> None:
-    acks = Acknowledgements(asyncio.get_running_loop().create_future(), 2)
+    acks = Acknowledgements(asyncio.get_running_loop().create_future(), 2, _renewable())
 
-    acks.delivered("broker gone", None)  # only str(err) is read
+    acks.delivered(KafkaError(KafkaError._TRANSPORT, "broker gone"), None)
     acks.delivered(None, None)
 
     with pytest.raises(DeliveryFailed, match="broker gone"):
@@ -155,11 +160,11 @@ async def test_the_first_failed_record_fails_the_wait_and_later_reports_change_n
 
 
 async def test_reports_for_a_request_whose_client_left_are_ignored() -> None:
-    acks = Acknowledgements(asyncio.get_running_loop().create_future(), 2)
+    acks = Acknowledgements(asyncio.get_running_loop().create_future(), 2, _renewable())
     acks.future.cancel()
 
     acks.delivered(None, None)
-    acks.delivered("late failure", None)
+    acks.delivered(KafkaError(KafkaError._MSG_TIMED_OUT, "late failure"), None)
 
     assert acks.future.cancelled()
 
@@ -189,6 +194,19 @@ async def test_a_record_the_broker_never_acknowledges_fails_the_request() -> Non
         # The deadline bounds the wait; the delivery report arrives after 200 ms.
         await asyncio.wait_for(publisher.publish(_records(2)), timeout=30)
 
+    assert publisher.close(timeout=0) == 0
+
+
+async def test_a_publisher_whose_records_only_time_out_gets_a_new_producer() -> None:
+    """After twice the message timeout of nothing but timeouts (here twice 100 ms), as after a
+    broker restart that left librdkafka without the partition's leader for good."""
+    publisher = KafkaEventPublisher(NO_BROKER, extra={**QUIET, "message.timeout.ms": 100})
+    first = publisher._renewable.current
+    deadline = asyncio.get_running_loop().time() + 30
+    while publisher._renewable.current is first:
+        assert asyncio.get_running_loop().time() < deadline, "the producer was never replaced"
+        with pytest.raises(DeliveryFailed, match="timed out"):
+            await asyncio.wait_for(publisher.publish(_records(1)), timeout=30)
     assert publisher.close(timeout=0) == 0
 
 

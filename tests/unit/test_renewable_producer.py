@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+from structlog.testing import capture_logs
 
 from shared.kafka import (
     AsyncProducer,
@@ -136,6 +137,114 @@ def test_a_wedged_producer_is_kept_and_never_polled() -> None:
     assert renewable.current is not wedged
     assert renewable._wedged == [wedged]
     assert not renewable.retiring
+
+
+TIMED_OUT = KafkaError(KafkaError._MSG_TIMED_OUT, "Local: Message timed out")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_producer_whose_records_only_time_out_for_long_is_replaced() -> None:
+    """librdkafka can keep a partition's leader unknown after the broker came back, and then
+    times out every record for good: a new producer asks the broker afresh."""
+    clock = _Clock()
+    renewable = RenewableProducer(NO_BROKER, "test", stalled_after=60, clock=clock)
+    first = renewable.usable()
+    renewable.undelivered(TIMED_OUT)
+    clock.now += 59
+    renewable.undelivered(TIMED_OUT)
+    assert renewable.usable() is first  # not yet: the streak is younger than 60 s
+
+    clock.now += 1
+    renewable.undelivered(TIMED_OUT)
+    second = renewable.usable()
+    assert second is not first
+    assert renewable.retiring  # the old one is purged and served, as a failed one is
+    assert renewable.timing_out_since is None  # the new producer starts a streak of its own
+    renewable.undelivered(TIMED_OUT)
+    assert renewable.usable() is second
+    second.flush(0)
+
+
+def test_a_record_delivered_between_timeouts_ends_the_streak() -> None:
+    clock = _Clock()
+    renewable = RenewableProducer(NO_BROKER, "test", stalled_after=60, clock=clock)
+    first = renewable.usable()
+    renewable.undelivered(TIMED_OUT)
+    clock.now += 50
+    renewable.delivered()
+    clock.now += 50
+    renewable.undelivered(TIMED_OUT)
+    clock.now += 50
+    renewable.undelivered(TIMED_OUT)
+    assert renewable.usable() is first
+
+
+def test_only_timeouts_count_towards_a_stall() -> None:
+    """A refused record (too large, say) or a purge says nothing of the producer's health."""
+    clock = _Clock()
+    renewable = RenewableProducer(NO_BROKER, "test", stalled_after=60, clock=clock)
+    first = renewable.usable()
+    for _ in range(3):
+        renewable.undelivered(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+        renewable.undelivered(KafkaError(KafkaError._PURGE_QUEUE))
+        clock.now += 60
+    assert renewable.usable() is first
+
+
+def test_a_stalled_transactional_producer_is_left_to_its_owner() -> None:
+    """Its records time out inside a transaction, which its owner aborts and starts over."""
+    clock = _Clock()
+    renewable = RenewableProducer(
+        {**NO_BROKER, "transactional.id": "test-tx"}, "test", stalled_after=60, clock=clock
+    )
+    first = renewable.usable()
+    renewable.undelivered(TIMED_OUT)
+    clock.now += 120
+    renewable.undelivered(TIMED_OUT)
+    assert renewable.usable() is first
+
+
+def test_the_stall_is_taken_after_twice_the_message_timeout_by_default() -> None:
+    clock = _Clock()
+    renewable = RenewableProducer({**NO_BROKER, "message.timeout.ms": 30_000}, "test", clock=clock)
+    first = renewable.usable()
+    renewable.undelivered(TIMED_OUT)
+    clock.now += 59.9
+    renewable.undelivered(TIMED_OUT)
+    assert renewable.usable() is first
+    clock.now += 0.1
+    renewable.undelivered(TIMED_OUT)
+    assert renewable.usable() is not first
+    renewable.current.flush(0)
+
+
+async def test_an_async_producer_whose_sends_only_time_out_gets_a_new_producer() -> None:
+    """Through the delivery reports of real sends (no broker: each times out after 100 ms)."""
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "message.timeout.ms": 100},
+        serve_on_loop=True,
+    )
+    first = producer._renewable.current
+    deadline = time.monotonic() + 30
+    with capture_logs() as logs:
+        while producer._renewable.current is first and time.monotonic() < deadline:
+            with pytest.raises(DeliveryFailed, match="timed out"):
+                await producer.send("t", "k", b"v")
+            producer._renewable.usable()
+    assert producer._renewable.current is not first
+    assert {"event": "kafka.producer_renewed", "producer": "test", "reason": "stalled"} in [
+        {k: entry.get(k) for k in ("event", "producer", "reason")} for entry in logs
+    ]
+    producer.close(timeout=0)
 
 
 class _RaisingRetired:

@@ -54,14 +54,21 @@ class Acknowledgements:
     """One request's wait: a single future, completed when the broker acknowledged every record
     of the request, or failed by the first record it did not."""
 
-    __slots__ = ("future", "pending")
+    __slots__ = ("future", "pending", "renewable")
 
-    def __init__(self, future: asyncio.Future[None], pending: int) -> None:
+    def __init__(
+        self, future: asyncio.Future[None], pending: int, renewable: RenewableProducer
+    ) -> None:
         self.future = future
         self.pending = pending
+        # Told of records that time out, and of a request delivered whole, so that a producer
+        # that only ever times out is replaced (`RenewableProducer.undelivered`).
+        self.renewable = renewable
 
     def delivered(self, err: KafkaError | None, _msg: Message) -> None:
         """The producer's delivery callback, called from `poll` on the loop's thread."""
+        if err is not None:
+            self.renewable.undelivered(err)
         if self.future.done():  # failed already, or the client went away
             return
         if err is not None:
@@ -70,6 +77,8 @@ class Acknowledgements:
         self.pending -= 1
         if self.pending == 0:
             self.future.set_result(None)
+            if self.renewable.timing_out_since is not None:
+                self.renewable.delivered()
 
 
 class KafkaEventPublisher:
@@ -97,7 +106,7 @@ class KafkaEventPublisher:
             # Refuse the request whole rather than queue part of it and fail on the rest.
             raise ProducerBusy(f"{len(producer)} records already queued")
         loop = asyncio.get_running_loop()
-        acks = Acknowledgements(loop.create_future(), len(events))
+        acks = Acknowledgements(loop.create_future(), len(events), self._renewable)
         produce = producer.produce
         topic = EVENTS.name
         try:
