@@ -7,7 +7,7 @@ way, so a simulated contact evolves exactly like a real one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic_core import to_json
@@ -289,15 +289,32 @@ def announce(
     at: datetime,
     now: datetime,
 ) -> Event:
-    """An event about a change to the contact, from Waypost itself (journeys trigger on it)."""
-    return Event(
-        type="track",
-        event=label,
-        user_id=profile.user_id,
-        anonymous_id=None if profile.user_id else profile.contact_key,
-        message_id=message_id,
-        timestamp=at,
-        received_at=now,
-        properties=properties,
-        source=WAYPOST_SOURCE,
+    """An event about a change to the contact, from Waypost itself (journeys trigger on it).
+
+    Made as a copy of a validated template with these fields set (`replaced`), not validated
+    again: every field comes from Waypost's own validated models and clock, and the segmenter
+    announces most events it folds (a validated `Event` cost twice as much). The result equals
+    the validated `Event` of the same fields (tests/unit/test_profile.py)."""
+    return replaced(
+        _ANNOUNCEMENT,
+        {
+            "event": label,
+            "user_id": profile.user_id,
+            "anonymous_id": None if profile.user_id else profile.contact_key,
+            "message_id": message_id,
+            "timestamp": at,
+            "received_at": now,
+            "properties": properties,
+        },
     )
+
+
+# What every announcement shares; `announce` sets the rest.
+_ANNOUNCEMENT = Event(
+    type="track",
+    event="",
+    message_id="",
+    timestamp=datetime.fromtimestamp(0, UTC),
+    received_at=datetime.fromtimestamp(0, UTC),
+    source=WAYPOST_SOURCE,
+)

@@ -5,8 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from shared.contracts import Event, EventType, Profile
-from shared.profiles import RECENT_MESSAGE_IDS, apply_event
+from shared.profiles import RECENT_MESSAGE_IDS, announce, apply_event
+from shared.system_events import WAYPOST_SOURCE
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 NOW = datetime(2025, 3, 3, 12, 0, tzinfo=UTC)
@@ -190,3 +193,32 @@ def test_an_event_without_trait_changes_announces_nothing() -> None:
 
     assert apply_event(before, event("m-2"), NOW).announcements == ()
     assert apply_event(before, event("m-3", traits={"stage": "trial"}), NOW).announcements == ()
+
+
+@pytest.mark.parametrize("user_id", ["ada", None])
+def test_an_announcement_is_the_event_validation_would_make(user_id: str | None) -> None:
+    """`announce` copies a template rather than validating: the result must not differ."""
+    at = datetime(2026, 5, 1, 9, 30, tzinfo=UTC)
+    now = at + timedelta(seconds=3)
+    profile = Profile(
+        contact_key=user_id or "anon-1", user_id=user_id, first_seen=at, last_seen=at, updated_at=at
+    )
+    properties = {"segment": "buyers", "value": 1.5, "nested": {"a": [1, None]}}
+
+    made = announce(profile, "Segment Entered", properties, "m-1", at, now)
+    validated = Event(
+        type="track",
+        event="Segment Entered",
+        user_id=user_id,
+        anonymous_id=None if user_id else "anon-1",
+        message_id="m-1",
+        timestamp=at,
+        received_at=now,
+        properties=properties,
+        source=WAYPOST_SOURCE,
+    )
+
+    assert made == validated
+    assert made.model_fields_set == validated.model_fields_set
+    assert made.to_wire() == validated.to_wire()
+    assert Event.model_validate_json(made.to_wire()) == validated

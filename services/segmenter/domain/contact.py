@@ -104,7 +104,8 @@ def apply(
 ) -> Outcome:
     """Fold a behavioural event: de-duplicate, profile (with consent), aggregates, memberships."""
     digest = _message_digest(event.message_id)
-    if row is not None and _seen(row.seen, digest, now):
+    recent = _unless_seen(row.seen, digest, now) if row is not None else {}
+    if recent is None:
         return Outcome(row, duplicate=True)
     before = row.profile if row is not None else None
     applied = apply_event(before, event, now, limits)
@@ -158,7 +159,7 @@ def apply(
         now,
         profile=profile,
         states=states,
-        seen=_remember(base.seen, digest, now),
+        seen=_remember(recent, digest, now),
         linked=linked,
         touched=touched,
     )
@@ -437,10 +438,17 @@ def _members(
             if holds(facts, now):
                 member.append(segment_id)
         return tuple(sorted(member))
-    readers = compiled.readers
     recheck = set(compiled.unconditional)
-    for name in (*(f"aggregates.{a}" for a in moved), *_changed_roots(before, profile)):
-        recheck.update(readers.get(name, ()))
+    by_aggregate = compiled.aggregate_readers
+    for aggregate in moved:
+        found = by_aggregate.get(aggregate)
+        if found:
+            recheck |= found
+    readers = compiled.readers
+    for root in _changed_roots(before, profile):
+        found = readers.get(root)
+        if found:
+            recheck |= found
     if not recheck:
         return before.segments
     facts = facts_of(profile, aggregates=values, segments=member)
@@ -458,15 +466,17 @@ def _members(
     return tuple(sorted(member))
 
 
-def _changed_roots(before: Profile, after: Profile) -> set[str]:
+def _changed_roots(before: Profile, after: Profile) -> list[str]:
     """The profile roots (other than aggregates and segments) a condition reads differently."""
-    changed = set()
-    if before.traits != after.traits:
-        changed.add("traits")
-    if before.tags != after.tags:
-        changed.add("tags")
-    if before.consent != after.consent:
-        changed.add("consent")
+    # Most changes keep most roots' very objects (`replaced` shares them): compared by
+    # identity first, by value only when a new object came in.
+    changed = []
+    if before.traits is not after.traits and before.traits != after.traits:
+        changed.append("traits")
+    if before.tags is not after.tags and before.tags != after.tags:
+        changed.append("tags")
+    if before.consent is not after.consent and before.consent != after.consent:
+        changed.append("consent")
     if (
         before.last_seen != after.last_seen
         or before.event_counts != after.event_counts
@@ -474,7 +484,7 @@ def _changed_roots(before: Profile, after: Profile) -> set[str]:
         or before.user_id != after.user_id
         or before.contact_key != after.contact_key
     ):
-        changed.add("contact")
+        changed.append("contact")
     return changed
 
 
@@ -486,18 +496,25 @@ def _message_digest(message_id: str) -> str:
     return stable_id(message_id, length=16)
 
 
-def _seen(seen: dict[str, list[str]], digest: str, now: datetime) -> bool:
-    """The digest is among the ids of the hours `_pruned` keeps."""
+def _unless_seen(
+    seen: dict[str, list[str]], digest: str, now: datetime
+) -> dict[str, list[str]] | None:
+    """The hours `_pruned` keeps (their lists shared with the row, never changed in place), or
+    None when the digest is among their ids: one pass for the check and the pruning."""
     horizon = _horizon(now)
-    return any(digest in ids for h, ids in seen.items() if int(h) >= horizon)
+    kept: dict[str, list[str]] = {}
+    for hour, ids in seen.items():
+        if int(hour) >= horizon:
+            if digest in ids:
+                return None
+            kept[hour] = ids
+    return kept
 
 
-def _remember(seen: dict[str, list[str]], digest: str, now: datetime) -> dict[str, list[str]]:
-    """`_pruned`, with the digest added to the current hour's ids (a new list: the others are
-    shared with the row before, and never changed in place)."""
+def _remember(kept: dict[str, list[str]], digest: str, now: datetime) -> dict[str, list[str]]:
+    """The hours `_unless_seen` kept, with the digest added to the current hour's ids (a new
+    list: the others are shared with the row before)."""
     hour = str(int(now.timestamp()) // _HOUR * _HOUR)
-    horizon = _horizon(now)
-    kept = {h: ids for h, ids in seen.items() if int(h) >= horizon}
     kept[hour] = [*kept.get(hour, ()), digest]
     return kept
 

@@ -86,6 +86,11 @@ class Definitions:
             flips=tuple(flip for flip in flips if flip is not None),
             by_event={name: tuple(matching) for name, matching in by_event.items()},
             readers={name: frozenset(found) for name, found in readers.items()},
+            aggregate_readers={
+                name.removeprefix(_AGGREGATES): frozenset(found)
+                for name, found in readers.items()
+                if name.startswith(_AGGREGATES)
+            },
             unconditional=frozenset(i for i, r in enumerate(inputs) if r.timed or r.always),
             membership_readers=tuple(r.segments for r in inputs),
             by_state_key={a.state_key: a for a in self.aggregates},
@@ -105,6 +110,8 @@ class Compiled:
     # `PROFILE_ROOTS`; those re-checked whatever changed (time alone flips them, or they read
     # something not tracked); and whether each reads memberships.
     readers: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    # `readers` of `aggregates.<id>`, by the aggregate's id.
+    aggregate_readers: Mapping[str, frozenset[int]] = field(default_factory=dict)
     unconditional: frozenset[int] = frozenset()
     membership_readers: tuple[bool, ...] = ()
     by_state_key: Mapping[str, AggregateDefinition] = field(default_factory=dict)
