@@ -6,7 +6,10 @@
 `waypost.events.v1` with a producer, keyed by contact, before any worker runs. Then:
 
 1. raw read (the baseline): a confluent-kafka consumer reads the N events and decodes each into
-   `shared.contracts.Event`: the broker, the client and the JSON decode, nothing else.
+   `shared.contracts.Event`: the broker, the client and the JSON decode, nothing else. Read five
+   times, three before phase 2 and two after it; the median read is the baseline (all five are
+   printed). One read takes under a second, and single reads varied by a third on a shared
+   machine.
 2. throughput: one segmenter worker (`python -m services.segmenter`; no orchestrator; no document
    store, so its profile view waits for one and stays idle, unless `--docstore`) starts on the
    full topic. The bench polls the offsets group `waypost-segmenter` committed on the events topic
@@ -31,6 +34,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -82,6 +86,11 @@ ROUND_TRIP = "bench.segmenter.round-trip"
 LATENCY_SEGMENT = "browsers"
 RAW, SEGMENTER = "raw Kafka round trip", "event -> Segment Entered"
 WARMUP_SECONDS = 1.0
+# The raw consumer's reads, before and after the worker's phase; the median is the baseline.
+# One read of the pre-loaded events takes well under a second, and on a shared machine single
+# reads of one run varied by a third (76,000 to 137,000 events/s within an hour): one read alone
+# made the ratio swing more than any change to the worker did.
+RAW_BEFORE, RAW_AFTER = 3, 2
 DAY = 86_400.0
 
 # In the segment-file format (examples/segments/): windows from 1h to 30d and all time, `where`
@@ -500,10 +509,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         start_kafka(bench, args.docstore)
         preload(bench.bootstrap, defs, records)
-        say("1/3: raw consumer reading and decoding the events (baseline)")
-        raw_seconds = raw_read(bench.bootstrap, args.partitions)
+        say(f"1/3: raw consumer reading and decoding the events (baseline), {RAW_BEFORE} reads")
+        raw_reads = [raw_read(bench.bootstrap, args.partitions) for _ in range(RAW_BEFORE)]
         say(f"2/3: one segmenter worker on the {args.events:,} events")
         seg = run_segmenter(bench, args.events, args.timeout)
+        say(f"   raw consumer again, {RAW_AFTER} reads (baseline)")
+        raw_reads += [raw_read(bench.bootstrap, args.partitions) for _ in range(RAW_AFTER)]
+        raw_seconds = statistics.median(raw_reads)
         for rate in args.rate:
             say(f"3/3: latency at {rate:g}/s for {span:g}s: raw round trip, then the segmenter")
             latency[rate], lost = latency_at(bench, rate, keys[rate])
@@ -516,6 +528,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.down()
     print(flush=True)
     report(args.events, raw_seconds, seg, latency)
+    say(
+        "raw consumer reads (s, the median is the baseline): "
+        + ", ".join(f"{seconds:.2f}" for seconds in raw_reads)
+    )
     if missing:
         say(f"MISSING: {missing} latency records never arrived")
     segmenter_rate, raw_rate = seg.counted / seg.seconds, args.events / raw_seconds
