@@ -9,7 +9,7 @@
    `shared.contracts.Event`: the broker, the client and the JSON decode, nothing else. Read five
    times, three before phase 2 and two after it; the median read is the baseline (all five are
    printed). One read takes under a second, and single reads varied by a third on a shared
-   machine.
+   machine. The reads after phase 2 run beside the worker, caught up and idle by then.
 2. throughput: one segmenter worker (`python -m services.segmenter`; no orchestrator; no document
    store, so its profile view waits for one and stays idle, unless `--docstore`) starts on the
    full topic. The bench polls the offsets group `waypost-segmenter` committed on the events topic

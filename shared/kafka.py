@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import structlog
 from confluent_kafka import (
@@ -123,6 +123,13 @@ def no_transaction_open(exc: BaseException) -> bool:
     )
 
 
+class Reported(Protocol):
+    """What a delivery report says of its record (a confluent-kafka `Message`)."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+
+
 class RenewableProducer:
     """A librdkafka producer, replaced by a new one after a fatal error, or once every record
     it is given has timed out for a while (`undelivered`: stalled).
@@ -148,13 +155,19 @@ class RenewableProducer:
         self._config = dict(config)
         self._name = name
         self._failed = threading.Event()
-        # Delivery reports that only ever time out: since when (None: the last one delivered,
-        # or none timed out), and for how long before the producer is taken for stalled.
+        # Partitions whose delivery reports only time out, and since when (a delivery to the
+        # partition ends its streak); for how long before the producer is taken for stalled.
+        # Delivery reports come from a poll thread or the loop: the lock keeps the streaks and
+        # a renewal apart.
         timeout_s = float(self._config.get("message.timeout.ms", 300_000)) / 1000
         self._stalled_after = stalled_after if stalled_after is not None else 2 * timeout_s
         self._clock = clock
-        self.timing_out_since: float | None = None
+        self._streaks = threading.Lock()
+        self.timing_out: dict[tuple[str | None, int | None], float] = {}
         self._stalled = False
+        # Counts the replacements: a delivery callback made for an older producer (it captured
+        # an older generation) says nothing of the current one.
+        self.generation = 0
         # Replaced after a fatal error or a fence: polled until their reports are served
         # (`poll_retired`), then let go.
         self._retired: list[Producer] = []
@@ -173,35 +186,45 @@ class RenewableProducer:
                 log.error("kafka.producer_failed", producer=self._name, error=str(exc))
             self._failed.set()
 
-    def undelivered(self, err: KafkaError) -> None:
-        """A delivery report failed with `err`. Records that time out for longer than
-        `stalled_after` (twice the message timeout by default), with none delivered meanwhile
-        (`delivered` ends the streak), mark the producer stalled: librdkafka can keep a
-        partition's leader unknown after the broker came back ("new leader-1 not found in
-        cache") and then times out every record it is given, for good. A new producer asks the
-        broker afresh; the old one is purged like a failed one. During a real outage this
-        replaces the producer once per `stalled_after`, which costs a reconnection."""
-        if err.code() != KafkaError._MSG_TIMED_OUT:
+    def undelivered(self, err: KafkaError, msg: Reported, generation: int) -> None:
+        """A delivery report failed with `err`. A partition whose records time out for longer
+        than `stalled_after` (twice the message timeout by default), with none delivered to it
+        meanwhile (`delivered` ends the streak), marks the producer stalled: librdkafka can
+        keep a partition's leader unknown after the broker came back ("new leader-1 not found
+        in cache") and then times out every record it is given for that partition, for good.
+        A new producer asks the broker afresh; the old one is purged like a failed one. During
+        a real outage this replaces the producer once per `stalled_after`, which costs a
+        reconnection. A transactional producer is left to its owner (its timeouts doom the
+        transaction, which starts over). `generation`: the `generation` the record's callback
+        was made in; an older one's report is the replaced producer's."""
+        if err.code() != KafkaError._MSG_TIMED_OUT or self.transactional:
             return
-        now = self._clock()
-        if self.timing_out_since is None:
-            self.timing_out_since = now
-        elif now - self.timing_out_since >= self._stalled_after and not self.transactional:
-            self._stalled = True
+        with self._streaks:
+            if generation != self.generation:
+                return
+            now = self._clock()
+            since = self.timing_out.setdefault((msg.topic(), msg.partition()), now)
+            if now - since >= self._stalled_after:
+                self._stalled = True
 
-    def delivered(self) -> None:
-        """A record was delivered: the producer is not stalled (see `undelivered`)."""
-        self.timing_out_since = None
+    def delivered(self, msg: Reported, generation: int) -> None:
+        """A record was delivered: its partition is not stalled (see `undelivered`). Called
+        only while some partition times out (`timing_out`)."""
+        with self._streaks:
+            if generation == self.generation:
+                self.timing_out.pop((msg.topic(), msg.partition()), None)
 
     def usable(self) -> Producer:
         """The producer to send with: a new one if the current one failed for good or stalled
         (`undelivered`)."""
         if (self._failed.is_set() or self._stalled) and not self.transactional:
-            old, self.current = self.current, Producer(self._config)
-            reason = "failed" if self._failed.is_set() else "stalled"
-            self._failed.clear()
-            self._stalled = False
-            self.timing_out_since = None
+            with self._streaks:
+                old, self.current = self.current, Producer(self._config)
+                reason = "failed" if self._failed.is_set() else "stalled"
+                self._failed.clear()
+                self._stalled = False
+                self.timing_out.clear()
+                self.generation += 1
             old.purge()
             self._retired.append(old)
             log.warning("kafka.producer_renewed", producer=self._name, reason=reason)
@@ -345,12 +368,13 @@ class AsyncProducer:
         future: asyncio.Future[None] = loop.create_future()
 
         renewable = self._renewable
+        generation = renewable.generation
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
-                renewable.undelivered(err)
-            elif renewable.timing_out_since is not None:
-                renewable.delivered()
+                renewable.undelivered(err, msg, generation)
+            elif renewable.timing_out:
+                renewable.delivered(msg, generation)
             _settle_on(loop, future, err)
 
         try:
@@ -401,12 +425,13 @@ class AsyncProducer:
         tally = _Tally()
 
         renewable = self._renewable
+        generation = renewable.generation
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
-                renewable.undelivered(err)
-            elif renewable.timing_out_since is not None:
-                renewable.delivered()
+                renewable.undelivered(err, msg, generation)
+            elif renewable.timing_out:
+                renewable.delivered(msg, generation)
             if offsets is not None and err is None:
                 where = (str(msg.topic()), int(msg.partition() or 0))
                 offsets[where] = max(offsets.get(where, -1), int(msg.offset() or 0))

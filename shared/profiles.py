@@ -304,7 +304,11 @@ def announce(
             "message_id": message_id,
             "timestamp": at,
             "received_at": now,
-            "properties": properties,
+            # Dicts of its own, as validation would make them: none shared with the caller or
+            # another announcement.
+            "properties": dict(properties),
+            "traits": {},
+            "context": {},
         },
     )
 

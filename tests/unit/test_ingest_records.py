@@ -164,7 +164,7 @@ async def test_reports_for_a_request_whose_client_left_are_ignored() -> None:
     acks.future.cancel()
 
     acks.delivered(None, None)
-    acks.delivered(KafkaError(KafkaError._MSG_TIMED_OUT, "late failure"), None)
+    acks.delivered(KafkaError(KafkaError._TRANSPORT, "late failure"), None)
 
     assert acks.future.cancelled()
 

@@ -219,6 +219,11 @@ def test_an_announcement_is_the_event_validation_would_make(user_id: str | None)
     )
 
     assert made == validated
-    assert made.model_fields_set == validated.model_fields_set
+    assert made.model_fields_set - {"traits", "context"} == validated.model_fields_set
     assert made.to_wire() == validated.to_wire()
+    other = announce(profile, "Segment Left", properties, "m-2", at, now)
+    for field in ("properties", "traits", "context"):
+        # Nothing shared: an edit of one announcement's dicts reaches no other.
+        assert getattr(made, field) is not getattr(other, field)
+    assert made.properties is not properties
     assert Event.model_validate_json(made.to_wire()) == validated

@@ -150,77 +150,130 @@ class _Clock:
         return self.now
 
 
+class _Report:
+    """What a delivery report's message says of its record: where it went."""
+
+    def __init__(self, partition: int = 0, topic: str = "t") -> None:
+        self._where = (topic, partition)
+
+    def topic(self) -> str:
+        return self._where[0]
+
+    def partition(self) -> int:
+        return self._where[1]
+
+
+def _stallable(
+    config: dict[str, object] | None = None, stalled_after: float | None = None
+) -> tuple[RenewableProducer, _Clock]:
+    clock = _Clock()
+    renewable = RenewableProducer(
+        config or NO_BROKER, "test", stalled_after=stalled_after, clock=clock
+    )
+    return renewable, clock
+
+
+def _timed_out(renewable: RenewableProducer, partition: int = 0) -> None:
+    """A report of the current producer's record to `partition` that timed out."""
+    renewable.undelivered(TIMED_OUT, _Report(partition), renewable.generation)
+
+
 def test_a_producer_whose_records_only_time_out_for_long_is_replaced() -> None:
     """librdkafka can keep a partition's leader unknown after the broker came back, and then
     times out every record for good: a new producer asks the broker afresh."""
-    clock = _Clock()
-    renewable = RenewableProducer(NO_BROKER, "test", stalled_after=60, clock=clock)
+    renewable, clock = _stallable(stalled_after=60)
     first = renewable.usable()
-    renewable.undelivered(TIMED_OUT)
+    _timed_out(renewable)
     clock.now += 59
-    renewable.undelivered(TIMED_OUT)
+    _timed_out(renewable)
     assert renewable.usable() is first  # not yet: the streak is younger than 60 s
 
     clock.now += 1
-    renewable.undelivered(TIMED_OUT)
+    _timed_out(renewable)
     second = renewable.usable()
     assert second is not first
     assert renewable.retiring  # the old one is purged and served, as a failed one is
-    assert renewable.timing_out_since is None  # the new producer starts a streak of its own
-    renewable.undelivered(TIMED_OUT)
+    assert renewable.timing_out == {}  # the new producer starts streaks of its own
+    _timed_out(renewable)
     assert renewable.usable() is second
     second.flush(0)
 
 
-def test_a_record_delivered_between_timeouts_ends_the_streak() -> None:
-    clock = _Clock()
-    renewable = RenewableProducer(NO_BROKER, "test", stalled_after=60, clock=clock)
+def test_one_stuck_partition_is_enough_though_others_deliver() -> None:
+    renewable, clock = _stallable(stalled_after=60)
     first = renewable.usable()
-    renewable.undelivered(TIMED_OUT)
+    for _ in range(3):
+        _timed_out(renewable, partition=4)
+        renewable.delivered(_Report(1), renewable.generation)
+        renewable.delivered(_Report(2), renewable.generation)
+        clock.now += 30
+    assert renewable.usable() is not first
+    renewable.current.flush(0)
+
+
+def test_a_record_delivered_to_the_partition_ends_its_streak() -> None:
+    renewable, clock = _stallable(stalled_after=60)
+    first = renewable.usable()
+    _timed_out(renewable, partition=3)
     clock.now += 50
-    renewable.delivered()
+    renewable.delivered(_Report(3), renewable.generation)
     clock.now += 50
-    renewable.undelivered(TIMED_OUT)
+    _timed_out(renewable, partition=3)
     clock.now += 50
-    renewable.undelivered(TIMED_OUT)
+    _timed_out(renewable, partition=3)
     assert renewable.usable() is first
+
+
+def test_the_replaced_producers_reports_say_nothing_of_the_new_one() -> None:
+    """Timeouts the old producer still reports after the renewal start no streak, and its late
+    deliveries end none."""
+    renewable, clock = _stallable(stalled_after=60)
+    old = renewable.generation
+    _timed_out(renewable)
+    clock.now += 60
+    _timed_out(renewable)
+    second = renewable.usable()
+
+    renewable.undelivered(TIMED_OUT, _Report(), old)
+    assert renewable.timing_out == {}
+    _timed_out(renewable)  # the new producer's
+    renewable.delivered(_Report(), old)  # the old producer's late delivery
+    clock.now += 60
+    _timed_out(renewable)
+    assert renewable.usable() is not second
+    renewable.current.flush(0)
 
 
 def test_only_timeouts_count_towards_a_stall() -> None:
     """A refused record (too large, say) or a purge says nothing of the producer's health."""
-    clock = _Clock()
-    renewable = RenewableProducer(NO_BROKER, "test", stalled_after=60, clock=clock)
+    renewable, clock = _stallable(stalled_after=60)
     first = renewable.usable()
     for _ in range(3):
-        renewable.undelivered(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
-        renewable.undelivered(KafkaError(KafkaError._PURGE_QUEUE))
+        for code in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._PURGE_QUEUE):
+            renewable.undelivered(KafkaError(code), _Report(), renewable.generation)
         clock.now += 60
     assert renewable.usable() is first
 
 
 def test_a_stalled_transactional_producer_is_left_to_its_owner() -> None:
     """Its records time out inside a transaction, which its owner aborts and starts over."""
-    clock = _Clock()
-    renewable = RenewableProducer(
-        {**NO_BROKER, "transactional.id": "test-tx"}, "test", stalled_after=60, clock=clock
-    )
+    renewable, clock = _stallable({**NO_BROKER, "transactional.id": "test-tx"}, 60)
     first = renewable.usable()
-    renewable.undelivered(TIMED_OUT)
+    _timed_out(renewable)
     clock.now += 120
-    renewable.undelivered(TIMED_OUT)
+    _timed_out(renewable)
     assert renewable.usable() is first
 
 
 def test_the_stall_is_taken_after_twice_the_message_timeout_by_default() -> None:
-    clock = _Clock()
-    renewable = RenewableProducer({**NO_BROKER, "message.timeout.ms": 30_000}, "test", clock=clock)
+    renewable, clock = _stallable({**NO_BROKER, "message.timeout.ms": 30_000})
     first = renewable.usable()
-    renewable.undelivered(TIMED_OUT)
+    _timed_out(renewable)
     clock.now += 59.9
-    renewable.undelivered(TIMED_OUT)
+    _timed_out(renewable)
     assert renewable.usable() is first
     clock.now += 0.1
-    renewable.undelivered(TIMED_OUT)
+    _timed_out(renewable)
     assert renewable.usable() is not first
     renewable.current.flush(0)
 

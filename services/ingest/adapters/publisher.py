@@ -54,21 +54,26 @@ class Acknowledgements:
     """One request's wait: a single future, completed when the broker acknowledged every record
     of the request, or failed by the first record it did not."""
 
-    __slots__ = ("future", "pending", "renewable")
+    __slots__ = ("future", "generation", "pending", "renewable")
 
     def __init__(
         self, future: asyncio.Future[None], pending: int, renewable: RenewableProducer
     ) -> None:
         self.future = future
         self.pending = pending
-        # Told of records that time out, and of a request delivered whole, so that a producer
-        # that only ever times out is replaced (`RenewableProducer.undelivered`).
+        # The producer's generation the request's records go to (taken after `usable`).
+        self.generation = renewable.generation
+        # Told of every record that times out, and of deliveries while some partition times
+        # out, so that a producer that only ever times out is replaced
+        # (`RenewableProducer.undelivered`).
         self.renewable = renewable
 
-    def delivered(self, err: KafkaError | None, _msg: Message) -> None:
+    def delivered(self, err: KafkaError | None, msg: Message) -> None:
         """The producer's delivery callback, called from `poll` on the loop's thread."""
         if err is not None:
-            self.renewable.undelivered(err)
+            self.renewable.undelivered(err, msg, self.generation)
+        elif self.renewable.timing_out:
+            self.renewable.delivered(msg, self.generation)
         if self.future.done():  # failed already, or the client went away
             return
         if err is not None:
@@ -77,8 +82,6 @@ class Acknowledgements:
         self.pending -= 1
         if self.pending == 0:
             self.future.set_result(None)
-            if self.renewable.timing_out_since is not None:
-                self.renewable.delivered()
 
 
 class KafkaEventPublisher:
