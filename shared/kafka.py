@@ -214,6 +214,14 @@ class RenewableProducer:
             if generation == self.generation:
                 self.timing_out.pop((msg.topic(), msg.partition()), None)
 
+    def reported(self, err: KafkaError | None, msg: Reported, generation: int) -> None:
+        """A delivery report, for the stall check: `undelivered` for a failure, `delivered` for
+        a delivery while some partition times out (nothing to do otherwise)."""
+        if err is not None:
+            self.undelivered(err, msg, generation)
+        elif self.timing_out:
+            self.delivered(msg, generation)
+
     def usable(self) -> Producer:
         """The producer to send with: a new one if the current one failed for good or stalled
         (`undelivered`)."""
@@ -367,14 +375,10 @@ class AsyncProducer:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
 
-        renewable = self._renewable
-        generation = renewable.generation
+        reported, generation = self._renewable.reported, self._renewable.generation
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                renewable.undelivered(err, msg, generation)
-            elif renewable.timing_out:
-                renewable.delivered(msg, generation)
+            reported(err, msg, generation)
             _settle_on(loop, future, err)
 
         try:
@@ -424,14 +428,10 @@ class AsyncProducer:
         finished: asyncio.Future[None] = loop.create_future()
         tally = _Tally()
 
-        renewable = self._renewable
-        generation = renewable.generation
+        reported, generation = self._renewable.reported, self._renewable.generation
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                renewable.undelivered(err, msg, generation)
-            elif renewable.timing_out:
-                renewable.delivered(msg, generation)
+            reported(err, msg, generation)
             if offsets is not None and err is None:
                 where = (str(msg.topic()), int(msg.partition() or 0))
                 offsets[where] = max(offsets.get(where, -1), int(msg.offset() or 0))
