@@ -278,20 +278,14 @@ def test_the_stall_is_taken_after_twice_the_message_timeout_by_default() -> None
     renewable.current.flush(0)
 
 
-def _loop_served(timeout_ms: int, **extra: object) -> AsyncProducer:
-    """A producer served on the loop, with no broker: each record times out after
-    `timeout_ms`."""
-    return AsyncProducer(
-        NO_BROKER["bootstrap.servers"],
-        client_id="test",
-        extra={**NO_BROKER, **extra, "message.timeout.ms": timeout_ms},
-        serve_on_loop=True,
-    )
-
-
 async def test_an_async_producer_whose_sends_only_time_out_gets_a_new_producer() -> None:
     """Through the delivery reports of real sends (no broker: each times out after 100 ms)."""
-    producer = _loop_served(timeout_ms=100)
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "message.timeout.ms": 100},
+        serve_on_loop=True,
+    )
     first = producer._renewable.current
     deadline = time.monotonic() + 30
     with capture_logs() as logs:
@@ -469,7 +463,12 @@ async def test_a_producer_served_on_the_loop_has_no_poll_thread_and_fails_back_o
 ):
     """Its reports are served by the loop alone: a record no broker ever takes times out, and
     its sender learns of it from a report served on the loop's thread."""
-    producer = _loop_served(timeout_ms=200)
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "message.timeout.ms": 200},
+        serve_on_loop=True,
+    )
     try:
         assert producer._poller is None
         with pytest.raises(DeliveryFailed, match="timed out"):
@@ -483,7 +482,12 @@ async def test_the_loop_poller_stops_once_nothing_is_in_flight() -> None:
     record's report was served (its sender learned of the failure), then polling stopped. (The
     producer's queue may hold an event again by then, an error about the missing broker that
     librdkafka queues on its own: it is served with the next record, so it is not asserted.)"""
-    producer = _loop_served(timeout_ms=200)
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "message.timeout.ms": 200},
+        serve_on_loop=True,
+    )
     poller = producer._loop_poller
     assert poller is not None
     try:
@@ -511,7 +515,12 @@ class _RaisingOnceWhole(_RaisingOnce):
 async def test_a_fatal_error_raised_by_a_poll_on_the_loop_leaves_the_loop_serving() -> None:
     """As with the poll thread: the error is noticed (the producer is replaced at its next
     use) and the reports after it are still served."""
-    producer = _loop_served(timeout_ms=300)
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, "message.timeout.ms": 300},
+        serve_on_loop=True,
+    )
     first = producer._renewable.current
     raising = _RaisingOnceWhole(first)
     producer._renewable.current = raising  # type: ignore[assignment]
@@ -533,7 +542,12 @@ def test_a_loop_served_producer_closes_after_its_loop_ended_with_records_unanswe
     # The queue's length also counts the client's error events: one per refused connection.
     # Reconnecting only after a minute keeps new ones from arriving after the flush.
     no_reconnect = {"reconnect.backoff.ms": 60_000, "reconnect.backoff.max.ms": 60_000}
-    producer = _loop_served(timeout_ms=300, **no_reconnect)
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"],
+        client_id="test",
+        extra={**NO_BROKER, **no_reconnect, "message.timeout.ms": 300},
+        serve_on_loop=True,
+    )
 
     async def sent_then_stopped() -> None:
         sending = asyncio.ensure_future(producer.send_all([("t", "k", b"a"), ("t", "k", b"b")]))
