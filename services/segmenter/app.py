@@ -139,6 +139,11 @@ class Contacts:
         # Profiles encoded in this batch, by identity (held, so an id is not reused meanwhile).
         self._wires: dict[int, tuple[Profile, bytes]] = {}
         self.decoded = DecodedRows(ContactRow.model_validate_json, decoded_rows)
+        # Contacts found without an erasure marker, in the order found: every event asks, and a
+        # contact's events come in runs. A marker is written only by this shell (`Suppress`,
+        # which takes its contact out of here) or restored with a partition (`restored`
+        # empties it); none is ever deleted.
+        self._unmarked: dict[str, None] = {}
 
     async def process(self, records: Sequence[Record], focus: Focus | None = None) -> None:
         """Handle `records` (in offset order per partition); returns once their outputs are
@@ -259,6 +264,7 @@ class Contacts:
                 case DeleteAlias(contact_key=key):
                     batch.delete(LINKS, _ALIAS + key.encode(), partition)
                 case Suppress(contact_key=key, at=at):
+                    self._unmarked.pop(key, None)
                     marker = forgotten_marker(self.erasure_key, key)
                     batch.put(LINKS, marker, partition, at.isoformat().encode())
                 case UpdateMembers(contact_key=key, was=was, now=now):
@@ -342,9 +348,22 @@ class Contacts:
         return value
 
     def _forgotten(self, key: str) -> bool:
+        unmarked = self._unmarked
+        if key in unmarked:
+            return False
         if self._link(forgotten_marker(self.erasure_key, key)) is not None:
             return True
-        return self._link(legacy_forgotten_marker(key)) is not None
+        if self._link(legacy_forgotten_marker(key)) is not None:
+            return True
+        if len(unmarked) >= MARKERS_KEPT:
+            del unmarked[next(iter(unmarked))]
+        unmarked[key] = None
+        return False
+
+    def restored(self) -> None:
+        """Partitions were assigned and their tables restored: markers another worker wrote
+        may be here now."""
+        self._unmarked.clear()
 
 
 class _View:
@@ -416,6 +435,7 @@ class Segmenter:
         """After every change of the assignment: recount from the memberships table, republish
         every count."""
         started = self.clock.now()
+        self.contacts.restored()
         rows = self.index.rebuild(self.memberships.rows(), owned)
         self.index.announce(self.definitions.current().segment_ids, owned)
         self._backfilled = ""

@@ -877,3 +877,33 @@ async def test_a_sweep_that_cannot_publish_is_done_again_at_the_next_look(
     await job()
 
     assert [p.object_key for p in asked(busy)] == [VIEWED_P7]
+
+
+async def test_rows_the_json_module_wrote_read_the_same_and_a_changed_row_is_read_anew() -> None:
+    """Rows are JSON (msgspec writes them now, the json module did before); a row kept decoded
+    is used only while its stored bytes are the ones it came from."""
+    index, app, producer, _clock = index_of(shards=1)
+    row_key = f"{VIEWED_P7}\x000".encode()
+    older = {"ada": epoch_ms(T0 - DAY), "zoë": epoch_ms(T0 - 2 * DAY)}
+    app.tables["relations"][row_key] = json.dumps(older, separators=(",", ":")).encode()
+
+    await index.handle(related("bob", T0))
+
+    stored = json.loads(app.tables["relations"][row_key])
+    assert stored == {**older, "bob": epoch_ms(T0)}
+    # Another writer (a restored changelog, say) changes the row: the kept decoding is not used.
+    app.tables["relations"][row_key] = json.dumps({"cyd": epoch_ms(T0)}).encode()
+    (request,) = fan_out_requests(drop(at=T0), [PRICE_DROP], T0)
+    await index.handle(request)
+    (copies,) = producer.batches
+    assert [key for _topic, key, _value in copies] == ["cyd"]
+    # The row just written is read back from what was kept, and equals its bytes.
+    await index.handle(related("dee", T0))
+    misses = index.decoded.misses
+    await index.handle(related("eve", T0))
+    assert index.decoded.misses == misses
+    assert json.loads(app.tables["relations"][row_key]) == {
+        "cyd": epoch_ms(T0),
+        "dee": epoch_ms(T0),
+        "eve": epoch_ms(T0),
+    }

@@ -328,6 +328,44 @@ def test_later_events_of_a_forgotten_contact_are_dropped() -> None:
     assert len(log.records) == published
 
 
+def test_a_contact_forgotten_mid_batch_drops_its_later_events_of_the_batch() -> None:
+    """The contact's first event finds no marker (and that is remembered); the marker its
+    forget writes counts for the events after it, in the batch and in later ones."""
+    tables, log = fresh_tables(), Log()
+    contacts = shell(tables, log)
+    asyncio.run(
+        contacts.process(
+            [event(0, "ada", "view", 0), command(1, "ada", "forget"), event(2, "ada", "view", 2)]
+        )
+    )
+    published = len(log.records)
+    asyncio.run(contacts.process([event(3, "ada", "view", 3)]))
+
+    assert b"ada" not in tables[CONTACTS]
+    assert len(log.records) == published
+    # The first event's outputs carry its message id; the suppressed ones' appear nowhere.
+    assert any(b'"m-0"' in (value or b"") for _topic, _key, value in log.records)
+    assert not any(
+        b'"m-2"' in (value or b"") or b'"m-3"' in (value or b"")
+        for _topic, _key, value in log.records
+    )
+
+
+def test_a_marker_restored_with_a_partition_is_honoured_for_a_contact_seen_before() -> None:
+    """Another worker forgot the contact; its marker arrives with the partition's restored
+    table, after this worker had already found the contact unmarked."""
+    tables, log = fresh_tables(), Log()
+    contacts = shell(tables, log)
+    asyncio.run(contacts.process([event(0, "ada", "view", 0)]))
+    tables[LINKS][forgotten_marker(ERASURE_KEY, "ada")] = NOW.isoformat().encode()
+    contacts.restored()
+    published = len(log.records)
+
+    asyncio.run(contacts.process([event(1, "ada", "view", 1), event(2, "bob", "view", 2)]))
+
+    assert {key for _topic, key, _value in log.records[published:]} == {"bob"}
+
+
 def test_a_marker_written_before_the_keyed_digest_is_still_honoured() -> None:
     tables, log = fresh_tables(), Log()
     tables[LINKS][legacy_forgotten_marker("ada")] = NOW.isoformat().encode()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+import msgspec
 import structlog
 
 from services.segmenter.domain.relations import (
@@ -31,6 +31,7 @@ from services.segmenter.domain.relations import (
 from shared.clock import Clock
 from shared.contracts import Event, ObjectRelation
 from shared.deadletter import DeadLetters
+from shared.decoded import DecodedRows
 from shared.durations import parse_duration
 from shared.ids import stable_id
 from shared.kafka import AsyncProducer, DeliveryFailed, ProducerBusy, Record
@@ -48,6 +49,15 @@ FAN_OUT_BATCH = 1_000
 # contacts), and looks this often whether it is due.
 SWEEP_SLICE = 100
 SWEEP_LOOK_SECONDS = 60.0
+# Rows kept decoded beside their stored bytes: a relation rewrites its row, and the next
+# relation to the same row (a popular object's) skips the parse. A row holds up to
+# `max_contacts / shards` contacts, about 100 bytes each decoded.
+DECODED_ROWS = 4_096
+# A row is JSON: contact key -> epoch milliseconds. msgspec reads and writes it in a fraction of
+# the json module's time (about 8 and 4 µs against 19 and 29 for a row of 100 contacts); rows
+# the json module wrote read the same.
+_ROW = msgspec.json.Decoder(dict[str, int])
+_ENCODE = msgspec.json.Encoder().encode
 
 
 class RelationIndex:
@@ -94,6 +104,7 @@ class RelationIndex:
         self.row_cap = max(1, -(-max_contacts // shards))
         self.batch = batch
         self.relations = worker.table("relations")
+        self.decoded = DecodedRows(_ROW.decode, DECODED_ROWS)
         worker.consume([OBJECT_RELATIONS.name], self.process)
         self.sweep_every = None if sweep_seconds is None else timedelta(seconds=sweep_seconds)
         # When the next sweep is due (None: at the next look, after a start or a rebalance).
@@ -214,7 +225,7 @@ class RelationIndex:
                     object_key = key.rpartition(b"\x00")[0].decode()
                     if object_key == last:
                         continue  # an object's rows sit next to each other: asked for once
-                    if has_expired(json.loads(value), now, keep):
+                    if has_expired(_ROW.decode(value), now, keep):
                         pending.append(object_key)
                         last = object_key
                 if len(pending) >= self.batch:
@@ -271,14 +282,18 @@ class RelationIndex:
         raw = self.relations.get(row)
         if not raw:
             return None
-        state: RelationState = json.loads(raw)
-        return state
+        # Shared with the cache: the domain's functions return new entries, never change one.
+        return self.decoded.decode(row, raw)
 
     def _store(self, row: bytes, state: RelationState | None) -> None:
         if state is not None:
-            self.relations[row] = json.dumps(state, separators=(",", ":")).encode()
-        elif self.relations.get(row) is not None:
-            del self.relations[row]
+            raw = _ENCODE(state)
+            self.relations[row] = raw
+            self.decoded.remember(row, raw, state)
+        else:
+            self.decoded.forget(row)
+            if self.relations.get(row) is not None:
+                del self.relations[row]
 
 
 def _decode(value: bytes) -> ObjectRelation:
