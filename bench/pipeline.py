@@ -13,7 +13,8 @@ the demo does, warms up, then for each rate, rising:
    trigger the welcome email of examples/journeys/s02-welcome.yaml), one visitor's session per
    `POST /v1/batch`, paced to that many events/s for `--seconds`. Every second the bench reads
    the consumer lag (end offsets minus committed offsets on their input topics) of the
-   segmenter, the orchestrator and the dispatcher. The rule for "sustained" is `RULE` below.
+   segmenter, the orchestrator, the dispatcher and the document views the admin reads
+   (profiles, journey log, recent events). The rule for "sustained" is `RULE` below.
    After the hold the bench waits for every stage to catch up. It stops rising at the first
    rate not sustained.
 
@@ -57,7 +58,7 @@ from bench.segmenter import Arrivals, any_record, producer
 from bench.timers import Progress, percentile, port_in_use, say, table
 from shared.cli import publish, publish_segments
 from shared.settings import CommonSettings
-from shared.topics import READERS
+from shared.topics import CONTACT_EVENTS, JOURNEY_LOG, PROFILES, READERS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
@@ -82,8 +83,16 @@ SCRATCH = "bench.pipeline.round-trip"
 SERVICES = ("ingest", "segmenter", "orchestrator", "dispatcher", "admin")
 SERVERS = ("kafka", "postgres", "ferretdb", "sandbox")
 # Each stage's consumer groups and the topics they read (the services' own group ids; the
-# dispatcher's suffixes are those of services/dispatcher/__main__.py).
-STAGES = READERS
+# dispatcher's suffixes are those of services/dispatcher/__main__.py). The document views the
+# admin reads (the profile view in the segmenter's process, the journey log and the recent
+# events in the admin's) are a stage too: a rate at which they fall behind leaves the admin
+# further behind every minute, and their backlog would take CPU from the latency run.
+VIEWS = (
+    ("waypost-profile-view", (PROFILES.name,)),
+    ("waypost-admin-journey-log", (JOURNEY_LOG.name,)),
+    ("waypost-admin-recent-events", (CONTACT_EVENTS.name,)),
+)
+STAGES = {**READERS, "views": VIEWS}
 # The rule for a sustained rate, judged on the second half of the hold (the first half lets
 # queues settle), one lag sample per PROBE_SECONDS.
 PROBE_SECONDS = 1.0
