@@ -42,6 +42,14 @@ _set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
+def wire_json(model: BaseModel, **options: Any) -> bytes:
+    """`model.model_dump_json(**options).encode()`, the same bytes: pydantic-core writes them,
+    and `model_dump_json` only decodes them into a string, which the caller encoded again (a
+    profile's encoding takes about half the time without the round trip)."""
+    encoded: bytes = model.__pydantic_serializer__.to_json(model, **options)
+    return encoded
+
+
 EventType = Literal["track", "identify", "page", "screen", "alias", "group"]
 Channel = Literal["email", "sms", "push", "wechat"]
 
@@ -52,7 +60,7 @@ class WireModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     def to_wire(self) -> bytes:
-        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+        return wire_json(self, by_alias=True, exclude_none=True)
 
 
 class Event(WireModel):
@@ -95,6 +103,7 @@ class Event(WireModel):
 
 # Profile fields the segmenter keeps in its row but does not publish.
 _SEGMENTER_ONLY = {"recent_message_ids"}
+_PROFILE = {"profile"}
 
 
 class Profile(WireModel):
@@ -122,9 +131,7 @@ class Profile(WireModel):
     def to_wire(self) -> bytes:
         """Without `recent_message_ids`: they de-duplicate inside the segmenter's own row, and
         would otherwise ride along with every profile and contact event it publishes."""
-        return self.model_dump_json(
-            by_alias=True, exclude_none=True, exclude=_SEGMENTER_ONLY
-        ).encode()
+        return wire_json(self, by_alias=True, exclude_none=True, exclude=_SEGMENTER_ONLY)
 
 
 class Coupon(WireModel):
@@ -216,8 +223,8 @@ class ContactEvent(WireModel):
     def to_wire_with(self, profile_wire: bytes) -> bytes:
         """The record with `profile_wire` (this profile's `to_wire()`, encoded once by a writer
         that also publishes the profile on its own) as its profile."""
-        head = self.model_dump_json(by_alias=True, exclude_none=True, exclude={"profile"})
-        return b"".join((head[:-1].encode(), b',"profile":', profile_wire, b"}"))
+        head = wire_json(self, by_alias=True, exclude_none=True, exclude=_PROFILE)
+        return b"".join((head[:-1], b',"profile":', profile_wire, b"}"))
 
 
 class TestSend(WireModel):

@@ -28,6 +28,7 @@ from shared.contracts import (
     SegmentTimerRequest,
     TimerFired,
     WebhookResult,
+    wire_json,
 )
 from shared.deadletter import DeadLetters, failure_reason, through_outages
 from shared.ids import stable_id
@@ -175,7 +176,7 @@ class Journeys:
                 if write.value is None:
                     self.contacts.pop(write.key, None)
                 else:
-                    self.contacts[write.key] = write.value.model_dump_json().encode()
+                    self.contacts[write.key] = wire_json(write.value)
         batch.stored()
 
     # --- deciding one stimulus into the batch ----------------------------------------------

@@ -56,6 +56,7 @@ from shared.contracts import (
     Event,
     Profile,
     SegmentCount,
+    wire_json,
 )
 from shared.deadletter import DeadLetters, failure_reason, through_outages
 from shared.decoded import DecodedRows
@@ -204,7 +205,7 @@ class Contacts:
             if write.value is None:
                 table.pop(write.key, None)
             elif isinstance(write.value, ContactRow):
-                raw = write.value.model_dump_json().encode()
+                raw = wire_json(write.value)
                 table[write.key] = raw
                 self.decoded.remember(write.key, raw, write.value)
             else:
