@@ -696,10 +696,26 @@ async def _blocking(
     threading.Thread(target=run, name=f"kafka-transactional-{name}", daemon=True).start()
     try:
         await _running_wait(done, deadline, clock=clock)
-    except TimeoutError:
-        raise ProducerWedged(
-            f"a transactional call blocked for more than {deadline:.0f} s"
-        ) from None
+    except BaseException as exc:
+        # Given up on (wedged) or its caller cancelled, the call may still end on its thread,
+        # long after. Its outcome is nobody's to handle now: it is logged when it comes, not
+        # left for asyncio to report as an exception never retrieved.
+        done.add_done_callback(partial(_abandoned_call_ended, name))
+        if isinstance(exc, TimeoutError):
+            raise ProducerWedged(
+                f"a transactional call blocked for more than {deadline:.0f} s"
+            ) from None
+        raise
+
+
+def _abandoned_call_ended(name: str, done: asyncio.Future[None]) -> None:
+    error = None if done.cancelled() else done.exception()
+    log.info(
+        "kafka.abandoned_call_ended",
+        what=name,
+        outcome="returned" if error is None else "raised",
+        error=None if error is None else str(error),
+    )
 
 
 async def _transactional(

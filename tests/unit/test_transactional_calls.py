@@ -5,11 +5,15 @@ count toward the same limit."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import threading
 import time
+from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
+from structlog.testing import capture_logs
 
 from shared import kafka
 from shared.kafka import (
@@ -153,3 +157,39 @@ async def test_another_retriable_answer_is_asked_again_until_it_passes(
 
     await _transactional(flaky, deadline=5.0)
     assert answers == []
+
+
+async def test_a_call_given_up_on_is_logged_when_it_ends_not_left_unretrieved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wedged call's thread may end long after the worker gave up on it (a broker back):
+    what it raised is logged, and asyncio has no exception never retrieved to report."""
+    monkeypatch.setattr(kafka, "RUNNING_STEP_SECONDS", 0.05)
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    release = threading.Event()
+
+    def blocked_then_refused() -> None:
+        release.wait(30)
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "after 60008ms"))
+
+    try:
+        with capture_logs() as logs:
+            with pytest.raises(ProducerWedged):
+                await _blocking(blocked_then_refused, deadline=0.2, name="send_offsets")
+            release.set()
+            deadline = time.monotonic() + 10
+            while not logs and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        release.set()
+        loop.set_exception_handler(previous)
+    assert [(e["event"], e["what"], e["outcome"]) for e in logs] == [
+        ("kafka.abandoned_call_ended", "send_offsets", "raised")
+    ]
+    assert "60008ms" in logs[0]["error"]
+    assert unhandled == []
