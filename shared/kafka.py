@@ -510,8 +510,9 @@ class AsyncProducer:
     async def init_transactions(self) -> None:
         """Register the transactional id; aborts what a predecessor with the same id left open.
         Asked again while the broker does not answer."""
+        producer = self._bound()
         await _transactional(
-            lambda: self._producer.init_transactions(TRANSACTION_CALL_SECONDS), what="init"
+            lambda: producer().init_transactions(TRANSACTION_CALL_SECONDS), what="init"
         )
 
     def begin_transaction(self) -> None:
@@ -529,16 +530,17 @@ class AsyncProducer:
 
         # Two calls, each retried on its own: a call that timed out is resumed by calling it
         # again, and any other transactional call made meanwhile conflicts with it.
+        producer = self._bound()
         try:
             if offsets:
                 await _transactional(
-                    lambda: self._producer.send_offsets_to_transaction(
+                    lambda: producer().send_offsets_to_transaction(
                         offsets, group, TRANSACTION_CALL_SECONDS
                     ),
                     what="commit_offsets",
                 )
             await _transactional(
-                lambda: self._producer.commit_transaction(TRANSACTION_CALL_SECONDS),
+                lambda: producer().commit_transaction(TRANSACTION_CALL_SECONDS),
                 what="commit",
             )
         except KafkaException as exc:
@@ -548,9 +550,10 @@ class AsyncProducer:
         """Add `offsets` to the open transaction: the group coordinator accepts them only from
         the member `group` names, in its current generation. Raises `TransactionAborted` (the
         transaction aborted) when it does not: this worker is no longer the owner."""
+        producer = self._bound()
         try:
             await _transactional(
-                lambda: self._producer.send_offsets_to_transaction(
+                lambda: producer().send_offsets_to_transaction(
                     offsets, group, TRANSACTION_CALL_SECONDS
                 ),
                 what="prove_offsets",
@@ -559,9 +562,24 @@ class AsyncProducer:
             await self._refused(exc)
 
     async def abort_transaction(self) -> None:
+        producer = self._bound()
         await _transactional(
-            lambda: self._producer.abort_transaction(TRANSACTION_CALL_SECONDS), what="abort"
+            lambda: producer().abort_transaction(TRANSACTION_CALL_SECONDS), what="abort"
         )
+
+    def _bound(self) -> Callable[[], Producer]:
+        """The producer a transactional call starts on, for each of its attempts. A call retried
+        (an outage) while its producer was replaced (wedged, fenced: `renew`) belonged to a
+        transaction that is gone: the attempt raises `TransactionDoomed` rather than reach the
+        new producer, which has no transaction open (or, later, another batch's)."""
+        producer = self._producer
+
+        def same() -> Producer:
+            if self._producer is not producer:
+                raise TransactionDoomed("the producer was replaced while the call was retried")
+            return producer
+
+        return same
 
     async def _refused(self, exc: KafkaException) -> NoReturn:
         """What a failed commit or proof of offsets raises: `TransactionDoomed` for the
@@ -697,6 +715,8 @@ async def _blocking(
     try:
         await _running_wait(done, deadline, clock=clock)
     except BaseException as exc:
+        if done.done():
+            raise  # what the call itself raised
         # Given up on (wedged) or its caller cancelled, the call may still end on its thread,
         # long after. Its outcome is nobody's to handle now: it is logged when it comes, not
         # left for asyncio to report as an exception never retrieved.

@@ -748,6 +748,9 @@ class StreamWorker:
                 self._abandon(consumer, start, str(exc))
             return
         except ProducerWedged as exc:
+            # Not waited for: a proof may be blocked in the same wedged producer. Once its
+            # producer is replaced, its next attempt ends it (`AsyncProducer._bound`).
+            self._proof_dropped()
             await self._after_wedged(str(exc))
             return
         except TransactionDoomed as exc:
@@ -838,6 +841,13 @@ class StreamWorker:
             await asyncio.wait([proof])
         if not proof.cancelled():
             proof.exception()  # its failure was the batch's, or nobody's once it was cut off
+
+    def _proof_dropped(self) -> None:
+        """The batch ended without waiting for its last proof of ownership: whatever the proof
+        still ends with belongs to no batch, and is only logged."""
+        proof, self._proof = self._proof, None
+        if proof is not None:
+            proof.add_done_callback(_dropped_proof_ended)
 
     def _proven(self, asked_at: float, rebalances: int) -> None:
         """The group took this worker for its partitions' owner when it was asked at
@@ -1166,3 +1176,8 @@ def run_stream_worker(worker: StreamWorker) -> None:
         await worker.run(stop)
 
     event_loop.run(main(), worker.settings.event_loop)
+
+
+def _dropped_proof_ended(proof: asyncio.Future[None]) -> None:
+    error = None if proof.cancelled() else proof.exception()
+    log.info("stream.dropped_proof_ended", error=None if error is None else repr(error))

@@ -570,3 +570,52 @@ def test_a_loop_served_producer_closes_after_its_loop_ended_with_records_unanswe
     producer.close(10)
 
     assert reports == [KafkaError._MSG_TIMED_OUT] * 3
+
+
+class _RenewedDuringCall:
+    """A producer whose proof of offsets meets an outage (a retriable error) while the worker
+    replaces it (wedged elsewhere in the batch)."""
+
+    def __init__(self, producer: AsyncProducer, replacement: object) -> None:
+        self.producer = producer
+        self.replacement = replacement
+        self.calls = 0
+
+    def send_offsets_to_transaction(self, *_args: object) -> None:
+        self.calls += 1
+        self.producer._renewable.current = self.replacement  # type: ignore[assignment]
+        raise KafkaException(
+            KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS, "loading", retriable=True)
+        )
+
+    def poll(self, timeout: float) -> int:
+        time.sleep(timeout)
+        return 0
+
+
+class _Untouchable:
+    """The new producer: no call of the old transaction may reach it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def send_offsets_to_transaction(self, *_args: object) -> None:
+        self.calls += 1
+
+    def poll(self, timeout: float) -> int:
+        time.sleep(timeout)
+        return 0
+
+
+async def test_a_call_retried_after_its_producer_was_replaced_dooms_its_transaction() -> None:
+    """Its transaction went with the old producer: asked of the new one, the call would meet no
+    transaction open, or add the old batch's offsets to the next batch's."""
+    new = _Untouchable()
+    with _transactional_producer_over(_Untouchable(), "test-renewed") as producer:
+        old = _RenewedDuringCall(producer, new)
+        producer._renewable.current = old  # type: ignore[assignment]
+        with pytest.raises(TransactionDoomed, match="replaced"):
+            await asyncio.wait_for(producer.prove_offsets([], None), 10)
+        producer._renewable.current = old  # type: ignore[assignment]
+    assert old.calls == 1
+    assert new.calls == 0

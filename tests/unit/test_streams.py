@@ -5,6 +5,8 @@ with the changelog offset they reach; a position drops what its owner handled al
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,9 +15,16 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 from rocksdict import AccessType, Options, Rdict
+from structlog.testing import capture_logs
 
 from shared.clock import ManualClock
-from shared.kafka import AsyncProducer, DeliveryFailed, Record
+from shared.kafka import (
+    AsyncProducer,
+    DeliveryFailed,
+    ProducerWedged,
+    Record,
+    TransactionDoomed,
+)
 from shared.restore import CURRENT_KEY, OFFSET_KEY
 from shared.settings import StreamSettings
 from shared.streams import Fenced, NotOwned, Positions, StreamWorker, Table, focus
@@ -514,3 +523,68 @@ async def test_a_batch_fenced_by_its_own_check_aborts_its_transaction_after_the_
     worker._processors["in"] = calls
     await worker._handle_transaction(member, records)  # begins: nothing left open
     assert (producer.commits, producer.proofs) == (1, 2)
+
+
+class Wedging(Transactions):
+    """Its commit never returns (`ProducerWedged`); a proof under way then ends once the
+    producer is replaced, as `AsyncProducer` ends it (`TransactionDoomed`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewed: list[str] = []
+
+    async def prove_offsets(self, _offsets: list[TopicPartition], _group: Any) -> None:
+        self.proofs += 1
+        self.proving.set()
+        await self.proof_may_end.wait()
+        raise TransactionDoomed("the producer was replaced while the call was retried")
+
+    async def commit_transaction(self, _offsets: list[TopicPartition], _group: Any) -> None:
+        raise ProducerWedged("a transactional call blocked for more than 60 s")
+
+    def renew(self, reason: str) -> None:
+        self.renewed.append(reason)
+        self.open = False
+
+    async def init_transactions(self) -> None:
+        return None
+
+
+async def test_a_proof_left_by_a_wedged_batch_ends_logged_not_unretrieved(
+    tmp_path: Path,
+) -> None:
+    """The batch does not wait for a proof blocked in the wedged producer; what the proof ends
+    with later belongs to no batch: logged, never an exception asyncio reports unretrieved."""
+    producer = Wedging()
+    worker = _transactional_worker(tmp_path, producer)
+    producer.proof_may_end.clear()
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+
+    async def proving_then_cut_off(_records: list[Record]) -> None:
+        waiter = asyncio.ensure_future(worker.prove_owner(0.0))
+        await producer.proving.wait()
+        waiter.cancel()  # the call that asked is cut off; the proof runs on
+
+    worker.consume(["in"], proving_then_cut_off)
+    member: Any = Member()
+    worker._consumer = member
+    try:
+        with capture_logs() as logs:
+            await worker._handle_transaction(member, [Record("in", 0, 5, "k", b"v")])
+            assert producer.renewed == ["wedged"]
+            producer.proof_may_end.set()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(
+                e["event"] == "stream.dropped_proof_ended" for e in logs
+            ):
+                await asyncio.sleep(0.01)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    (ended,) = [e for e in logs if e["event"] == "stream.dropped_proof_ended"]
+    assert "replaced" in ended["error"]
+    assert unhandled == []
