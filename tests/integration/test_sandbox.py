@@ -1006,6 +1006,38 @@ def test_an_email_is_listed_parsed_with_its_arrival_time_however_it_is_asked_for
     assert listed(subject_contains="nothing like it") == []
 
 
+def test_a_summary_listing_parses_no_email_and_the_next_full_listing_still_does(
+    clean_sandbox: SandboxInfo,
+) -> None:
+    """`summary=true` lists emails as they arrived (who, when, the header block's subject), so
+    a poller does not hold the SMTP server while thousands are parsed; a full listing later
+    parses them as ever."""
+    message = EmailMessage()
+    message["From"] = "Acme <shop@waypost.test>"
+    message["To"] = "cyd@example.com"
+    message["Subject"] = "Welcome, Cyd"
+    message.set_content("Hi Cyd")
+    with smtplib.SMTP("127.0.0.1", clean_sandbox.smtp_port, timeout=10) as client:
+        client.send_message(message)
+    url = f"{clean_sandbox.http_url}/messages"
+    params = {"channel": "email", "subject_contains": "welcome"}
+
+    summary = httpx.get(url, params={**params, "summary": "true"}, timeout=10)
+    assert summary.status_code == 200, summary.text
+    (brief,) = summary.json()["messages"]
+    assert (brief["to"], brief["subject"], brief["from"]) == (
+        ["cyd@example.com"],
+        "Welcome, Cyd",
+        "shop@waypost.test",
+    )
+    assert "received_at" in brief
+    assert "text" not in brief and "headers" not in brief
+
+    (full,) = httpx.get(url, params=params, timeout=10).json()["messages"]
+    assert full["text"] == "Hi Cyd\n"
+    assert full["received_at"] == brief["received_at"]
+
+
 # -- email failure rules -----------------------------------------------------------------------
 
 
