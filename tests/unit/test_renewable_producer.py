@@ -279,14 +279,20 @@ def test_the_stall_is_taken_after_twice_the_message_timeout_by_default() -> None
     renewable.current.flush(0)
 
 
-async def test_an_async_producer_whose_sends_only_time_out_gets_a_new_producer() -> None:
-    """Through the delivery reports of real sends (no broker: each times out after 100 ms)."""
-    producer = AsyncProducer(
+def _loop_served(timeout_ms: int, **extra: object) -> AsyncProducer:
+    """A producer served on the loop, with no broker: each record times out after
+    `timeout_ms`."""
+    return AsyncProducer(
         NO_BROKER["bootstrap.servers"],
         client_id="test",
-        extra={**NO_BROKER, "message.timeout.ms": 100},
+        extra={**NO_BROKER, **extra, "message.timeout.ms": timeout_ms},
         serve_on_loop=True,
     )
+
+
+async def test_an_async_producer_whose_sends_only_time_out_gets_a_new_producer() -> None:
+    """Through the delivery reports of real sends (no broker: each times out after 100 ms)."""
+    producer = _loop_served(timeout_ms=100)
     first = producer._renewable.current
     deadline = time.monotonic() + 30
     with capture_logs() as logs:
@@ -464,12 +470,7 @@ async def test_a_producer_served_on_the_loop_has_no_poll_thread_and_fails_back_o
 ):
     """Its reports are served by the loop alone: a record no broker ever takes times out, and
     its sender learns of it from a report served on the loop's thread."""
-    producer = AsyncProducer(
-        NO_BROKER["bootstrap.servers"],
-        client_id="test",
-        extra={**NO_BROKER, "message.timeout.ms": 200},
-        serve_on_loop=True,
-    )
+    producer = _loop_served(timeout_ms=200)
     try:
         assert producer._poller is None
         with pytest.raises(DeliveryFailed, match="timed out"):
@@ -483,12 +484,7 @@ async def test_the_loop_poller_stops_once_nothing_is_in_flight() -> None:
     record's report was served (its sender learned of the failure), then polling stopped. (The
     producer's queue may hold an event again by then, an error about the missing broker that
     librdkafka queues on its own: it is served with the next record, so it is not asserted.)"""
-    producer = AsyncProducer(
-        NO_BROKER["bootstrap.servers"],
-        client_id="test",
-        extra={**NO_BROKER, "message.timeout.ms": 200},
-        serve_on_loop=True,
-    )
+    producer = _loop_served(timeout_ms=200)
     poller = producer._loop_poller
     assert poller is not None
     try:
@@ -516,12 +512,7 @@ class _RaisingOnceWhole(_RaisingOnce):
 async def test_a_fatal_error_raised_by_a_poll_on_the_loop_leaves_the_loop_serving() -> None:
     """As with the poll thread: the error is noticed (the producer is replaced at its next
     use) and the reports after it are still served."""
-    producer = AsyncProducer(
-        NO_BROKER["bootstrap.servers"],
-        client_id="test",
-        extra={**NO_BROKER, "message.timeout.ms": 300},
-        serve_on_loop=True,
-    )
+    producer = _loop_served(timeout_ms=300)
     first = producer._renewable.current
     raising = _RaisingOnceWhole(first)
     producer._renewable.current = raising  # type: ignore[assignment]
@@ -540,12 +531,7 @@ def test_a_loop_served_producer_closes_after_its_loop_ended_with_records_unanswe
     """A stream worker closes its producer once its loop has ended. Reports that closing
     serves (here: records no broker took, timing out) go to a loop that is gone: that must
     neither raise nor stop the flush, which is what a poll thread's producer did too."""
-    producer = AsyncProducer(
-        NO_BROKER["bootstrap.servers"],
-        client_id="test",
-        extra={**NO_BROKER, "message.timeout.ms": 300},
-        serve_on_loop=True,
-    )
+    producer = _loop_served(timeout_ms=300)
     # Every delivery report passes through the producer's stall check first: count them there.
     # (The queue's length is no measure: it also counts the client's own error events.)
     reports: list[int] = []

@@ -63,17 +63,13 @@ class Acknowledgements:
         self.pending = pending
         # The producer's generation the request's records go to (taken after `usable`).
         self.generation = renewable.generation
-        # Told of every record that times out, and of deliveries while some partition times
-        # out, so that a producer that only ever times out is replaced
-        # (`RenewableProducer.undelivered`).
+        # Told of every report, so that a producer that only ever times out is replaced
+        # (`RenewableProducer.reported`).
         self.renewable = renewable
 
     def delivered(self, err: KafkaError | None, msg: Message) -> None:
         """The producer's delivery callback, called from `poll` on the loop's thread."""
-        if err is not None:
-            self.renewable.undelivered(err, msg, self.generation)
-        elif self.renewable.timing_out:
-            self.renewable.delivered(msg, self.generation)
+        self.renewable.reported(err, msg, self.generation)
         if self.future.done():  # failed already, or the client went away
             return
         if err is not None:
