@@ -544,7 +544,7 @@ class AsyncProducer:
                 what="commit",
             )
         except KafkaException as exc:
-            await self._refused(exc)
+            await self._refused(exc, producer)
 
     async def prove_offsets(self, offsets: list[TopicPartition], group: Any) -> None:
         """Add `offsets` to the open transaction: the group coordinator accepts them only from
@@ -559,12 +559,14 @@ class AsyncProducer:
                 what="prove_offsets",
             )
         except KafkaException as exc:
-            await self._refused(exc)
+            await self._refused(exc, producer)
 
-    async def abort_transaction(self) -> None:
-        producer = self._bound()
+    async def abort_transaction(self, producer: Callable[[], Producer] | None = None) -> None:
+        """Abort the open transaction: the current producer's, or that of `producer` (a call's
+        binding, `_bound`), which raises `TransactionDoomed` once it was replaced."""
+        bound = producer or self._bound()
         await _transactional(
-            lambda: producer().abort_transaction(TRANSACTION_CALL_SECONDS), what="abort"
+            lambda: bound().abort_transaction(TRANSACTION_CALL_SECONDS), what="abort"
         )
 
     def _bound(self) -> Callable[[], Producer]:
@@ -581,16 +583,18 @@ class AsyncProducer:
 
         return same
 
-    async def _refused(self, exc: KafkaException) -> NoReturn:
+    async def _refused(self, exc: KafkaException, producer: Callable[[], Producer]) -> NoReturn:
         """What a failed commit or proof of offsets raises: `TransactionDoomed` for the
         producer's fatal error, `TransactionAborted` (aborted here) for an error that requires
-        the transaction's abort, else `exc` itself."""
+        the transaction's abort, else `exc` itself. The abort goes to the call's own producer
+        (`producer`): a proof left running past a wedged batch must not abort the transaction a
+        new producer opened since."""
         _doomed_if_fatal(exc)
         error = exc.args[0] if exc.args else None
         if not (isinstance(error, KafkaError) and error.txn_requires_abort()):
             raise exc
         try:
-            await self.abort_transaction()
+            await self.abort_transaction(producer)
         except KafkaException as failed:
             _doomed_if_fatal(failed)
             raise failed from exc
@@ -715,8 +719,10 @@ async def _blocking(
     try:
         await _running_wait(done, deadline, clock=clock)
     except BaseException as exc:
-        if done.done():
-            raise  # what the call itself raised
+        if done.done() and not isinstance(exc, asyncio.CancelledError):
+            # What the call raised; or the call ended just as the wait ran out (its answer came
+            # while the timed-out wait was being cancelled): its own outcome stands.
+            return done.result()
         # Given up on (wedged) or its caller cancelled, the call may still end on its thread,
         # long after. Its outcome is nobody's to handle now: it is logged when it comes, not
         # left for asyncio to report as an exception never retrieved.

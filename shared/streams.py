@@ -762,6 +762,7 @@ class StreamWorker:
             for table in self.tables.values():
                 table.discard_staged()
             if fatal_error(exc):
+                self._proof_dropped()  # it meets the same fatal error, or the replacement
                 await self._after_producer_fenced(start, str(exc))
                 return
             await self._proof_settled()

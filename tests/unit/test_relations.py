@@ -907,3 +907,19 @@ async def test_rows_the_json_module_wrote_read_the_same_and_a_changed_row_is_rea
         "dee": epoch_ms(T0),
         "eve": epoch_ms(T0),
     }
+
+
+async def test_a_row_past_the_decoded_size_is_read_and_written_without_being_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows of a very popular object are parsed each time rather than held: the cache's memory
+    stays bounded by its row count times the size it keeps."""
+    monkeypatch.setattr(relations_adapter, "DECODED_ROW_BYTES", 40)
+    index, app, _producer, _clock = index_of(shards=1)
+    await index.handle(related("ada", T0))
+    assert len(index.decoded) == 1  # a small row is kept
+    for contact in ("bob", "cyd", "dee"):
+        await index.handle(related(contact, T0))
+    assert len(index.decoded) == 0
+    (row,) = app.tables["relations"].values()
+    assert json.loads(row) == {c: epoch_ms(T0) for c in ("ada", "bob", "cyd", "dee")}

@@ -605,3 +605,47 @@ async def test_a_call_retried_after_its_producer_was_replaced_dooms_its_transact
         producer._renewable.current = old  # type: ignore[assignment]
     assert old.calls == 1
     assert new.calls == 0
+
+
+class _RefusedAfterRenewal:
+    """A proof left running past a wedged batch: the group refuses it (the old member left)
+    after the worker replaced the producer and opened the next batch's transaction."""
+
+    def __init__(self, producer: AsyncProducer, replacement: object) -> None:
+        self.producer = producer
+        self.replacement = replacement
+
+    def send_offsets_to_transaction(self, *_args: object) -> None:
+        self.producer._renewable.current = self.replacement  # type: ignore[assignment]
+        raise KafkaException(
+            KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "unknown member", txn_requires_abort=True)
+        )
+
+    def poll(self, timeout: float) -> int:
+        time.sleep(timeout)
+        return 0
+
+
+class _OpenTransaction(_Untouchable):
+    """The new producer, with the next batch's transaction open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborts = 0
+
+    def abort_transaction(self, *_args: object) -> None:
+        self.aborts += 1
+
+
+async def test_a_refused_proof_of_a_replaced_producer_never_aborts_the_new_ones_transaction() -> (
+    None
+):
+    new = _OpenTransaction()
+    with _transactional_producer_over(_Untouchable(), "test-refused-late") as producer:
+        old = _RefusedAfterRenewal(producer, new)
+        producer._renewable.current = old  # type: ignore[assignment]
+        with pytest.raises(TransactionDoomed, match="replaced"):
+            await asyncio.wait_for(producer.prove_offsets([], None), 10)
+        producer._renewable.current = old  # type: ignore[assignment]
+    assert new.aborts == 0
+    assert new.calls == 0

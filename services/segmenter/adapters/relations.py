@@ -50,9 +50,12 @@ FAN_OUT_BATCH = 1_000
 SWEEP_SLICE = 100
 SWEEP_LOOK_SECONDS = 60.0
 # Rows kept decoded beside their stored bytes: a relation rewrites its row, and the next
-# relation to the same row (a popular object's) skips the parse. A row holds up to
-# `max_contacts / shards` contacts, about 100 bytes each decoded.
-DECODED_ROWS = 4_096
+# relation to the same row (a popular object's) skips the parse. Only rows of up to
+# `DECODED_ROW_BYTES` (about 400 contacts with keys of 20-odd characters, some 60 KB decoded)
+# are kept, so the cache stays under about 160 MB however popular the objects (a row holds up
+# to `max_contacts / shards` contacts).
+DECODED_ROWS = 2_048
+DECODED_ROW_BYTES = 16_384
 # A row is JSON: contact key -> epoch milliseconds. msgspec reads and writes it in a fraction of
 # the json module's time (about 8 and 4 µs against 19 and 29 for a row of 100 contacts); rows
 # the json module wrote read the same.
@@ -282,6 +285,8 @@ class RelationIndex:
         raw = self.relations.get(row)
         if not raw:
             return None
+        if len(raw) > DECODED_ROW_BYTES:
+            return _ROW.decode(raw)
         # Shared with the cache: the domain's functions return new entries, never change one.
         return self.decoded.decode(row, raw)
 
@@ -289,7 +294,10 @@ class RelationIndex:
         if state is not None:
             raw = _ENCODE(state)
             self.relations[row] = raw
-            self.decoded.remember(row, raw, state)
+            if len(raw) > DECODED_ROW_BYTES:
+                self.decoded.forget(row)
+            else:
+                self.decoded.remember(row, raw, state)
         else:
             self.decoded.forget(row)
             if self.relations.get(row) is not None:
