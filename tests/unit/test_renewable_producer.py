@@ -558,94 +558,65 @@ def test_a_loop_served_producer_closes_after_its_loop_ended_with_records_unanswe
     assert reports == [KafkaError._MSG_TIMED_OUT] * 3
 
 
-class _RenewedDuringCall:
-    """A producer whose proof of offsets meets an outage (a retriable error) while the worker
-    replaces it (wedged elsewhere in the batch)."""
+class _ReplacedDuringCall:
+    """A producer whose proof of offsets is answered with `error` after the worker replaced
+    it (wedged elsewhere in the batch) and opened the next batch's transaction on the new one:
+    an outage (retriable), or the group's refusal (the old member left), which needs an abort."""
 
-    def __init__(self, producer: AsyncProducer, replacement: object) -> None:
+    def __init__(self, producer: AsyncProducer, replacement: object, error: KafkaError) -> None:
         self.producer = producer
         self.replacement = replacement
+        self.error = error
         self.calls = 0
 
     def send_offsets_to_transaction(self, *_args: object) -> None:
         self.calls += 1
         self.producer._renewable.current = self.replacement  # type: ignore[assignment]
-        raise KafkaException(
-            KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS, "loading", retriable=True)
-        )
+        raise KafkaException(self.error)
 
     def poll(self, timeout: float) -> int:
         time.sleep(timeout)
         return 0
 
 
-class _Untouchable:
-    """The new producer: no call of the old transaction may reach it."""
+class _OpenTransaction:
+    """The new producer, the next batch's transaction open: no call of the old one may reach
+    it, an abort least of all."""
 
     def __init__(self) -> None:
         self.calls = 0
+        self.aborts = 0
 
     def send_offsets_to_transaction(self, *_args: object) -> None:
         self.calls += 1
 
+    def abort_transaction(self, *_args: object) -> None:
+        self.aborts += 1
+
     def poll(self, timeout: float) -> int:
         time.sleep(timeout)
         return 0
 
 
-async def test_a_call_retried_after_its_producer_was_replaced_dooms_its_transaction() -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS, "loading", retriable=True),
+        KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "unknown member", txn_requires_abort=True),
+    ],
+    ids=["retried", "refused"],
+)
+async def test_a_call_of_a_replaced_producer_dooms_its_transaction_and_leaves_the_new_one(
+    error: KafkaError,
+) -> None:
     """Its transaction went with the old producer: asked of the new one, the call would meet no
-    transaction open, or add the old batch's offsets to the next batch's."""
-    new = _Untouchable()
-    with _transactional_producer_over(_Untouchable(), "test-renewed") as producer:
-        old = _RenewedDuringCall(producer, new)
+    transaction open, add the old batch's offsets to the next batch's, or abort that one."""
+    new = _OpenTransaction()
+    with _transactional_producer_over(_OpenTransaction(), "test-replaced") as producer:
+        old = _ReplacedDuringCall(producer, new, error)
         producer._renewable.current = old  # type: ignore[assignment]
         with pytest.raises(TransactionDoomed, match="replaced"):
             await asyncio.wait_for(producer.prove_offsets([], None), 10)
         producer._renewable.current = old  # type: ignore[assignment]
     assert old.calls == 1
-    assert new.calls == 0
-
-
-class _RefusedAfterRenewal:
-    """A proof left running past a wedged batch: the group refuses it (the old member left)
-    after the worker replaced the producer and opened the next batch's transaction."""
-
-    def __init__(self, producer: AsyncProducer, replacement: object) -> None:
-        self.producer = producer
-        self.replacement = replacement
-
-    def send_offsets_to_transaction(self, *_args: object) -> None:
-        self.producer._renewable.current = self.replacement  # type: ignore[assignment]
-        raise KafkaException(
-            KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "unknown member", txn_requires_abort=True)
-        )
-
-    def poll(self, timeout: float) -> int:
-        time.sleep(timeout)
-        return 0
-
-
-class _OpenTransaction(_Untouchable):
-    """The new producer, with the next batch's transaction open."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.aborts = 0
-
-    def abort_transaction(self, *_args: object) -> None:
-        self.aborts += 1
-
-
-async def test_a_refused_proof_of_a_replaced_producer_never_aborts_the_new_ones_transaction() -> (
-    None
-):
-    new = _OpenTransaction()
-    with _transactional_producer_over(_Untouchable(), "test-refused-late") as producer:
-        old = _RefusedAfterRenewal(producer, new)
-        producer._renewable.current = old  # type: ignore[assignment]
-        with pytest.raises(TransactionDoomed, match="replaced"):
-            await asyncio.wait_for(producer.prove_offsets([], None), 10)
-        producer._renewable.current = old  # type: ignore[assignment]
-    assert new.aborts == 0
-    assert new.calls == 0
+    assert (new.calls, new.aborts) == (0, 0)
