@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -563,9 +562,13 @@ async def test_a_proof_left_by_a_wedged_batch_ends_logged_not_unretrieved(
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
 
+    proofs: list[asyncio.Future[None]] = []
+
     async def proving_then_cut_off(_records: list[Record]) -> None:
         waiter = asyncio.ensure_future(worker.prove_owner(0.0))
         await producer.proving.wait()
+        assert worker._proof is not None
+        proofs.append(worker._proof)
         waiter.cancel()  # the call that asked is cut off; the proof runs on
 
     worker.consume(["in"], proving_then_cut_off)
@@ -576,13 +579,10 @@ async def test_a_proof_left_by_a_wedged_batch_ends_logged_not_unretrieved(
             await worker._handle_transaction(member, [Record("in", 0, 5, "k", b"v")])
             assert producer.renewed == ["wedged"]
             producer.proof_may_end.set()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not any(
-                e["event"] == "stream.dropped_proof_ended" for e in logs
-            ):
-                await asyncio.sleep(0.01)
-        gc.collect()
-        await asyncio.sleep(0)
+            # Its logging callback was added before `wait`'s own, so it has run by then.
+            await asyncio.wait(proofs, timeout=10)
+        proofs.clear()
+        gc.collect()  # a future never retrieved is reported as it is collected
     finally:
         loop.set_exception_handler(previous)
     (ended,) = [e for e in logs if e["event"] == "stream.dropped_proof_ended"]
