@@ -1,6 +1,7 @@
 """Ingest's supervisor (`services/ingest/workers.py`) over real sockets: each worker listens on
 a socket of its own, connections reach every worker, a dead worker is replaced, a port in use
-or an app that cannot start stops it, and SIGTERM stops it with its workers."""
+or a worker that cannot start stops it, SIGTERM and a terminal's Ctrl-C stop it with its
+workers, and no worker outlives a killed supervisor."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def _free_port() -> int:
 def _supervisor(
     app: str, port: int, count: int = 2, setup: str = "logging_setup"
 ) -> subprocess.Popen[str]:
+    """The supervisor in a session of its own (as the local stack starts services)."""
     script = (
         "import sys\n"
         "from services.ingest.workers import Workers, run\n"
@@ -44,6 +46,7 @@ def _supervisor(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
 
 
@@ -56,9 +59,44 @@ def _answer(port: int) -> int | None:
         return None
 
 
+def _every_worker(port: int, count: int = 2, gone: int | None = None) -> set[int] | None:
+    """The pids 60 new connections reached, once they are `count` (none of them `gone`)."""
+    pids = {pid for pid in (_answer(port) for _ in range(60)) if pid is not None}
+    return pids if len(pids) == count and gone not in pids else None
+
+
 def _children(pid: int) -> set[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return {int(p) for p in path.read_text().split()} if path.exists() else set()
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """The inodes of the sockets listening on 127.0.0.1:`port` (from /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":  # 0A: LISTEN
+            inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    return inodes
 
 
 @contextlib.contextmanager
@@ -70,26 +108,20 @@ def _running(
     try:
         yield process, port
     finally:
-        if process.poll() is None:
-            process.kill()
-        for child in _children(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the supervisor and all it started
         process.communicate(timeout=30)
 
 
-def _every_worker(port: int, count: int = 2, gone: int | None = None) -> set[int] | None:
-    """The pids 60 new connections reached, once they are `count` (none of them `gone`)."""
-    pids = {pid for pid in (_answer(port) for _ in range(60)) if pid is not None}
-    return pids if len(pids) == count and gone not in pids else None
-
-
-def test_new_connections_reach_every_worker_and_a_dead_worker_is_replaced() -> None:
+def test_each_worker_listens_on_its_own_socket_and_a_dead_one_is_replaced() -> None:
     with _running("tests.integration.workers_app:pid_app") as (process, port):
         # The kernel spreads connections by a hash of their addresses: 60 new connections
         # all landing on one of two workers has a chance of about 2 in 10^18.
         first = wait_for(lambda: _every_worker(port), timeout=60, what="both workers answering")
         assert first <= _children(process.pid)  # beside them: multiprocessing's tracker
+        listening = _listening_inodes(port)
+        assert len(listening) == 2
+        assert [len(listening & _socket_inodes(pid)) for pid in sorted(first)] == [1, 1]
 
         killed = min(first)
         os.kill(killed, signal.SIGKILL)
@@ -103,20 +135,36 @@ def test_new_connections_reach_every_worker_and_a_dead_worker_is_replaced() -> N
         assert process.poll() is None
 
 
-def test_sigterm_stops_the_workers_and_the_supervisor() -> None:
+@pytest.mark.parametrize("stop", ["SIGTERM to the supervisor", "Ctrl-C to the group"])
+def test_a_stop_ends_the_workers_gracefully_and_then_the_supervisor(stop: str) -> None:
     with _running("tests.integration.workers_app:pid_app") as (process, port):
         workers = wait_for(lambda: _every_worker(port), timeout=60, what="both workers answering")
-        process.send_signal(signal.SIGTERM)
+        if stop.startswith("SIGTERM"):
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=60) == 0
-        for pid in workers:
-            assert not Path(f"/proc/{pid}").exists() or _zombie(pid), pid
+        output = process.stdout.read() if process.stdout else ""
+    assert all(_gone(pid) for pid in workers)
+    assert _answer(port) is None
+    assert "ingest.stopping" in output
+    assert "ingest.worker_killed" not in output  # each stopped within its grace
+    assert "Traceback" not in output
+    assert "ingest.worker_started" in output
+    assert "ingest.worker_died" not in output
+
+
+def test_no_worker_outlives_a_killed_supervisor() -> None:
+    with _running("tests.integration.workers_app:pid_app") as (process, port):
+        workers = wait_for(lambda: _every_worker(port), timeout=60, what="both workers answering")
+        process.kill()  # the supervisor alone
+        process.wait(timeout=30)
+        wait_for(
+            lambda: all(_gone(pid) for pid in workers),
+            timeout=60,
+            what="the workers stopping once their supervisor is gone",
+        )
         assert _answer(port) is None
-
-
-def _zombie(pid: int) -> bool:
-    with contextlib.suppress(FileNotFoundError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-    return True
 
 
 def test_a_port_in_use_is_refused_before_any_worker_starts() -> None:
@@ -126,7 +174,11 @@ def test_a_port_in_use_is_refused_before_any_worker_starts() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         process = _supervisor("tests.integration.workers_app:pid_app", port)
-        output, _ = process.communicate(timeout=60)
+        try:
+            output, _ = process.communicate(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == STARTUP_FAILURE
     assert "ingest.port_unavailable" in output
     assert "ingest.worker_started" not in output
