@@ -717,7 +717,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="hold per rate")
     parser.add_argument("--baseline-seconds", type=float, default=10.0, help="raw run per rate")
-    parser.add_argument("--warmup", type=float, default=10.0, help="untimed seconds at rate 1")
+    # A minute, not 10 s: after 10 s the broker was still compiling its hot paths (Kafka at
+    # 1.0 to 1.25 cores through the raw 900/s baseline that follows, 0.38 after 90 s;
+    # docs/pipeline-benchmark.md).
+    parser.add_argument("--warmup", type=float, default=60.0, help="untimed seconds at rate 1")
     parser.add_argument("--concurrency", type=int, default=64, help="HTTP requests in flight")
     parser.add_argument("--drain-timeout", type=float, default=300.0, help="catch-up seconds")
     parser.add_argument(
