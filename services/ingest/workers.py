@@ -69,10 +69,13 @@ class Workers:
     setup: str | None = None
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to `host:port` with `SO_REUSEPORT` (and `SO_REUSEADDR`, as uvicorn's)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
@@ -82,8 +85,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def port_is_free(host: str, port: int) -> OSError | None:
     """None when `host:port` can be bound without `SO_REUSEPORT` (nobody listens on it), else
     the error binding it gave."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
@@ -214,34 +216,41 @@ class _Supervisor:
             for index, worker in enumerate(self.running):
                 if index in dead:
                     continue
-                process = worker.process
-                if worker.ready.value:
-                    if not process.is_alive():
-                        process.join()
-                        log.warning(
-                            "ingest.worker_died", pid=process.pid, exitcode=process.exitcode
-                        )
-                        dead.add(index)
-                    continue
-                late = time.monotonic() - worker.started_at > STARTUP_SECONDS
-                if process.is_alive() and not late:
-                    continue
-                if late:
-                    process.kill()
-                process.join()
-                log.error(
-                    "ingest.worker_failed_to_start",
-                    pid=process.pid,
-                    exitcode=process.exitcode,
-                    waited_s=round(time.monotonic() - worker.started_at, 1),
-                )
-                return STARTUP_FAILURE
+                if not worker.ready.value:
+                    if self._failed_to_start(worker):
+                        return STARTUP_FAILURE
+                elif not worker.process.is_alive():
+                    worker.process.join()
+                    log.warning(
+                        "ingest.worker_died",
+                        pid=worker.process.pid,
+                        exitcode=worker.process.exitcode,
+                    )
+                    dead.add(index)
             if dead and time.monotonic() >= next_restart and not self.stopping:
                 index = min(dead)
                 dead.discard(index)
                 self.running[index] = self.start()
                 next_restart = time.monotonic() + RESTART_SECONDS
         return 0
+
+    def _failed_to_start(self, worker: _Worker) -> bool:
+        """Whether a worker not yet serving has died, or is past `STARTUP_SECONDS` (then
+        killed); logged."""
+        process = worker.process
+        late = time.monotonic() - worker.started_at > STARTUP_SECONDS
+        if process.is_alive() and not late:
+            return False
+        if late:
+            process.kill()
+        process.join()
+        log.error(
+            "ingest.worker_failed_to_start",
+            pid=process.pid,
+            exitcode=process.exitcode,
+            waited_s=round(time.monotonic() - worker.started_at, 1),
+        )
+        return True
 
     def stop_all(self) -> None:
         for worker in self.running:

@@ -279,13 +279,13 @@ def test_the_stall_is_taken_after_twice_the_message_timeout_by_default() -> None
     renewable.current.flush(0)
 
 
-def _loop_served(timeout_ms: int, **extra: object) -> AsyncProducer:
+def _loop_served(timeout_ms: int) -> AsyncProducer:
     """A producer served on the loop, with no broker: each record times out after
     `timeout_ms`."""
     return AsyncProducer(
         NO_BROKER["bootstrap.servers"],
         client_id="test",
-        extra={**NO_BROKER, **extra, "message.timeout.ms": timeout_ms},
+        extra={**NO_BROKER, "message.timeout.ms": timeout_ms},
         serve_on_loop=True,
     )
 
