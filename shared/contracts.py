@@ -117,6 +117,8 @@ class Profile(WireModel):
     first_seen: AwareDatetime
     last_seen: AwareDatetime
     event_counts: dict[str, int] = Field(default_factory=dict)
+    # Held only by segmenter rows written by earlier versions, which kept a profile's last
+    # message ids here; the segmenter's row keeps their digests now. Never published.
     recent_message_ids: tuple[str, ...] = ()
     updated_at: AwareDatetime
     tags: tuple[str, ...] = ()
@@ -129,8 +131,7 @@ class Profile(WireModel):
     coupons: tuple[Coupon, ...] = ()
 
     def to_wire(self) -> bytes:
-        """Without `recent_message_ids`: they de-duplicate inside the segmenter's own row, and
-        would otherwise ride along with every profile and contact event it publishes."""
+        """Without `recent_message_ids` (an older row's de-duplication state, see the field)."""
         return wire_json(self, by_alias=True, exclude_none=True, exclude=_SEGMENTER_ONLY)
 
 

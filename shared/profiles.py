@@ -27,9 +27,6 @@ from shared.system_events import (
 # one emitted when a contact is erased (readers drop every row they keep for the contact).
 __all__ = ["ATTRIBUTE_CHANGED", "CONTACT_FORGOTTEN", "TAG_ADDED", "TAG_REMOVED"]
 
-# Message ids remembered per contact for de-duplication; bounded so a profile stays small.
-RECENT_MESSAGE_IDS = 256
-
 # The profile view's field beside a stored profile's own (the `profiles` collection): the offset
 # of the record of `waypost.profiles.v1` it was written from.
 STORED_OFFSET = "topic_offset"
@@ -140,12 +137,10 @@ def with_anonymous_id(
 
 @dataclass(frozen=True)
 class Applied:
-    """The profile after an event, whether the event was new (not a duplicate), the
-    `Attribute Changed` events announcing traits the event changed, and what the profile's
-    limits left out (one reason each)."""
+    """The profile after an event, the `Attribute Changed` events announcing traits the event
+    changed, and what the profile's limits left out (one reason each)."""
 
     profile: Profile
-    accepted: bool
     announcements: tuple[Event, ...] = ()
     dropped: tuple[str, ...] = ()
 
@@ -153,12 +148,11 @@ class Applied:
 def apply_event(
     profile: Profile | None, event: Event, now: datetime, limits: ProfileLimits = DEFAULT_LIMITS
 ) -> Applied:
-    """Fold an event into the profile (traits, identities, counts, consent, dead push tokens);
-    a repeated `messageId` changes nothing. Traits, event names and anonymous ids past `limits`
-    are left out (`Applied.dropped` says which); the event itself still counts for everything
-    else."""
-    if profile is not None and event.message_id in profile.recent_message_ids:
-        return Applied(profile, accepted=False)
+    """Fold an event into the profile (traits, identities, counts, consent, dead push tokens).
+    Traits, event names and anonymous ids past `limits` are left out (`Applied.dropped` says
+    which); the event itself still counts for everything else. The caller de-duplicates: an
+    event folded twice counts twice (the segmenter remembers the message ids it folded in its
+    row, `services.segmenter.domain.contact`)."""
     if profile is None:
         profile = first_profile(event.contact_key, event.timestamp, now)
     traits = profile.traits
@@ -170,7 +164,6 @@ def apply_event(
     if event.anonymous_id:
         anonymous_ids, unlinked = with_anonymous_id(anonymous_ids, event.anonymous_id, limits)
     counts, uncounted = counted(profile.event_counts, event.label, limits)
-    recent = (*profile.recent_message_ids, event.message_id)[-RECENT_MESSAGE_IDS:]
     updated = replaced(
         profile,
         {
@@ -180,7 +173,6 @@ def apply_event(
             "first_seen": min(profile.first_seen, event.timestamp),
             "last_seen": max(profile.last_seen, event.timestamp),
             "event_counts": counts,
-            "recent_message_ids": recent,
             "updated_at": now,
         },
     )
@@ -200,7 +192,6 @@ def apply_event(
     updated = without_dead_address(with_consent(updated, event), event)
     return Applied(
         updated,
-        accepted=True,
         announcements=announcements,
         dropped=dropped + uncounted + unlinked,
     )

@@ -95,6 +95,9 @@ class Simulation:
         self.catalog = Catalog.of(self.published.values())
         self.webhooks = webhooks
         self.profiles: dict[str, Profile] = {}
+        # (contact, message id) of every event folded, so a repeated one is dropped as the
+        # segmenter drops it.
+        self._folded: set[tuple[str, str]] = set()
         self.states: dict[str, ContactState] = {}
         self.sends: list[SendRequest] = []
         self.log: list[JourneyLogRecord] = []
@@ -138,9 +141,11 @@ class Simulation:
 
     def deliver(self, event: Event) -> None:
         """An event through the segmenter's fold (duplicates dropped) into the engine."""
-        applied = apply_event(self.profiles.get(event.contact_key), event, self.now)
-        if not applied.accepted:
+        folded = (event.contact_key, event.message_id)
+        if folded in self._folded:
             return
+        self._folded.add(folded)
+        applied = apply_event(self.profiles.get(event.contact_key), event, self.now)
         self.profiles[event.contact_key] = applied.profile
         self._contact_event(event)
         for announcement in applied.announcements:

@@ -407,8 +407,9 @@ def test_a_contact_event_written_before_announcements_existed_decodes_as_one_eve
 
 
 def test_recent_message_ids_stay_in_the_segmenters_row() -> None:
-    """They de-duplicate inside the segmenter; published profiles and contact events leave them
-    out (the model keeps the field, so older records still decode)."""
+    """Rows the segmenter wrote before it kept the digests of message ids in the row itself
+    hold them in the profile; published profiles and contact events leave them out (the model
+    keeps the field, so older rows and records still decode)."""
     profile = _profile()
     assert profile.recent_message_ids
     assert "recent_message_ids" not in json.loads(profile.to_wire())

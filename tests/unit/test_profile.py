@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from shared.contracts import Event, EventType, Profile
-from shared.profiles import RECENT_MESSAGE_IDS, announce, apply_event
+from shared.profiles import announce, apply_event
 from shared.system_events import WAYPOST_SOURCE
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
@@ -49,14 +49,14 @@ def test_identify_on_an_unknown_contact_creates_a_profile_from_its_traits() -> N
 
     applied = apply_event(None, identify, NOW)
 
-    assert applied.accepted
     profile = applied.profile
     assert profile.contact_key == "user-1"
     assert profile.user_id == "user-1"
     assert profile.traits == {"email": "ada@example.com", "plan": "pro"}
     assert (profile.first_seen, profile.last_seen, profile.updated_at) == (T0, T0, NOW)
     assert profile.event_counts == {"identify": 1}
-    assert profile.recent_message_ids == ("m-1",)
+    # Message ids are the segmenter's row's to remember, not the profile's.
+    assert profile.recent_message_ids == ()
 
 
 def test_anonymous_contact_is_keyed_by_its_anonymous_id() -> None:
@@ -117,14 +117,13 @@ def test_a_late_old_event_does_not_move_last_seen_back() -> None:
     assert profile.last_seen == T0
 
 
-def test_a_repeated_message_id_is_not_accepted_and_changes_nothing() -> None:
-    before = fold(event("m-1", type="identify", traits={"plan": "free"}))
-    repeat = event("m-1", type="identify", traits={"plan": "pro"}, at=T0 + timedelta(days=1))
+def test_the_fold_leaves_de_duplication_to_its_caller() -> None:
+    """A repeated message id folds again (the segmenter and the simulator drop repeats before
+    they fold: `tests/unit/test_segmenter_contact.py`, `test_simulator.py`)."""
+    once = fold(event("m-1"))
+    twice = fold(event("m-1"), profile=once)
 
-    applied = apply_event(before, repeat, NOW + timedelta(hours=1))
-
-    assert not applied.accepted
-    assert applied.profile == before
+    assert twice.event_counts == {"Viewed Product": 2}
 
 
 def test_user_id_is_kept_when_a_later_event_has_none() -> None:
@@ -142,24 +141,6 @@ def test_an_anonymous_id_is_remembered_once() -> None:
     )
 
     assert profile.anonymous_ids == ("anon-7", "anon-8")
-
-
-def test_recent_message_ids_keep_only_the_newest() -> None:
-    ids = [f"m-{n}" for n in range(RECENT_MESSAGE_IDS + 10)]
-
-    profile = fold(*(event(message_id) for message_id in ids))
-
-    assert len(profile.recent_message_ids) == RECENT_MESSAGE_IDS
-    assert profile.recent_message_ids == tuple(ids[-RECENT_MESSAGE_IDS:])
-    assert profile.event_counts == {"Viewed Product": RECENT_MESSAGE_IDS + 10}
-
-
-def test_a_message_id_forgotten_from_the_window_is_accepted_again() -> None:
-    ids = [f"m-{n}" for n in range(RECENT_MESSAGE_IDS + 1)]
-    profile = fold(*(event(message_id) for message_id in ids))
-
-    assert apply_event(profile, event("m-0"), NOW).accepted
-    assert not apply_event(profile, event(ids[-1]), NOW).accepted
 
 
 # --- attribute changes announced -------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_a_profile_copy_with_changes_equals_model_copy() -> None:
 
 
 def test_a_row_copy_with_changes_equals_model_copy() -> None:
-    row = ContactRow(profile=profile(), seen={"1740992400": ["d1"]})
+    row = ContactRow(profile=profile(), seen={"1740992400": "d1"})
     assert_same_copy(row, {"profile": profile(), "stable_until": 5, "next_tick": T0})
 
 

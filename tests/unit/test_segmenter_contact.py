@@ -3,6 +3,7 @@ alias merges, consent; and the property that incremental equals a fold from scra
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -233,12 +234,102 @@ def test_a_repeated_message_id_changes_nothing_for_a_day() -> None:
     again = contact.apply(row, _event("Product Viewed", T0, "v-1"), S11, T0 + 23 * DAY / 24)
     assert again.duplicate
     assert again.row is row
-    # Ids are remembered for at least 24 hours, grouped by the hour, then let go: memory stays
-    # bounded by a day of traffic.
+    # Ids are remembered for at least 24 hours, grouped by the hour, each hour's in one string;
+    # past the window, only the newest `OLDER_IDS` stay: memory stays bounded by a day of
+    # traffic and a few kilobytes.
     much_later = T0 + 2 * DAY
     other = contact.apply(row, _event("Product Viewed", much_later, "v-2"), S11, much_later)
     assert other.row is not None
-    assert sum(map(len, other.row.seen.values())) == 1
+    hour = str(int(much_later.timestamp()) // 3600 * 3600)
+    assert other.row.seen == {contact.OLDER: row.seen[_hour(T0)], hour: _digest("v-2")}
+
+
+def _hour(at: datetime) -> str:
+    return str(int(at.timestamp()) // 3600 * 3600)
+
+
+def _digest(message_id: str) -> str:
+    return contact._message_digest(message_id)
+
+
+def test_message_ids_older_than_the_window_stay_duplicates_up_to_a_count() -> None:
+    count = contact.OLDER_IDS + 40
+    ids = [f"v-{n}" for n in range(count)]
+    # One event an hour: by the end, all but the last day's hours are past the window.
+    row = None
+    for n, message_id in enumerate(ids):
+        at = T0 + timedelta(hours=n)
+        outcome = contact.apply(row, _event("Product Viewed", at, message_id), S11, at)
+        assert not outcome.duplicate
+        row = outcome.row
+    assert row is not None
+    hours = [h for h in row.seen if h != contact.OLDER]
+    assert 24 <= len(hours) <= 26
+    older = row.seen[contact.OLDER].split()
+    # The newest `OLDER_IDS` of those before the window are kept beside the window's own...
+    assert older == [_digest(i) for i in ids[-len(hours) - contact.OLDER_IDS : -len(hours)]]
+    later = T0 + timedelta(hours=count)
+
+    def again(message_id: str) -> bool:
+        return contact.apply(row, _event("Product Viewed", later, message_id), S11, later).duplicate
+
+    assert all(again(i) for i in ids[-(contact.OLDER_IDS + len(hours)) :])
+    # ... and the oldest go: the row does not grow with the contact's history.
+    assert not any(again(i) for i in ids[: -(contact.OLDER_IDS + len(hours))])
+
+
+def test_a_row_written_with_lists_of_digests_reads_and_keeps_its_duplicates() -> None:
+    row = _fold([_event("Product Viewed", T0, "v-1")], S11, T0)
+    old = row.model_dump(mode="json")
+    old["seen"] = {h: ids.split() for h, ids in old["seen"].items()}
+    decoded = ContactRow.model_validate_json(json.dumps(old))
+    assert decoded == row
+    assert contact.apply(decoded, _event("Product Viewed", T0, "v-1"), S11, T0).duplicate
+
+
+def test_the_message_ids_a_profile_kept_move_into_the_row() -> None:
+    """Rows written when the profile kept its last 256 message ids (in `recent_message_ids`):
+    those ids stay duplicates, and the profile keeps none after the next change."""
+    row = _fold([_event("Product Viewed", T0, "v-1")], S11, T0)
+    legacy = row.model_copy(
+        update={
+            "seen": {},
+            "profile": row.profile.model_copy(update={"recent_message_ids": ("v-0", "v-1")}),
+        }
+    )
+    later = T0 + 3 * DAY
+    assert contact.apply(legacy, _event("Product Viewed", later, "v-0"), S11, later).duplicate
+    assert contact.apply(legacy, _event("Product Viewed", later, "v-1"), S11, later).duplicate
+    moved = contact.apply(legacy, _event("Product Viewed", later, "v-2"), S11, later).row
+    assert moved is not None
+    assert moved.profile.recent_message_ids == ()
+    assert moved.seen[contact.OLDER] == f"{_digest('v-0')} {_digest('v-1')}"
+    assert moved.profile.event_counts == {"Product Viewed": 2}
+
+
+_digests = st.text("0123456789abcdef", min_size=16, max_size=16)
+
+
+@settings(max_examples=300)
+@given(
+    hours=st.dictionaries(
+        st.integers(min_value=0, max_value=60).map(lambda h: str(h * 3600)),
+        st.lists(_digests, min_size=1, max_size=6),
+        max_size=5,
+    ),
+    digest=_digests,
+)
+def test_a_digest_is_found_exactly_when_it_was_kept(
+    hours: dict[str, list[str]], digest: str
+) -> None:
+    """One string an hour: a match is one of its digests, never a span across two."""
+    seen = {h: " ".join(ids) for h, ids in hours.items()}
+    now = datetime.fromtimestamp(30 * 3600, UTC)
+    kept = contact._unless_seen(seen, digest, now)
+    assert (kept is None) == any(digest in ids for ids in hours.values())
+    if kept is not None:
+        everything = {d for ids in hours.values() for d in ids}
+        assert {d for ids in kept.values() for d in ids.split()} == everything
 
 
 def test_unsubscribed_withdraws_the_channel_and_subscribed_gives_it_back() -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from services.segmenter.domain import aggregates
 from services.segmenter.domain.definitions import Definitions, state_key
@@ -38,9 +38,15 @@ from shared.profiles import (
     with_anonymous_id,
 )
 
-# Message ids are remembered for at least this long (grouped by the hour they were seen).
+# Message ids are remembered for at least this long (grouped by the hour they were seen)...
 DEDUPE_WINDOW = timedelta(hours=24)
+# ... and the newest this many of those seen before it, however long ago.
+OLDER_IDS = 256
 _HOUR = 3600
+# `ContactRow.seen`: a message id's digest (hex), and the key of the digests older than the
+# window (the epoch hour 0, older than any other).
+_DIGEST = 16
+OLDER = "0"
 # `ContactRow.stable_until` and `timed_until` when no stored bucket ever leaves its window.
 NEVER = 2**63 - 1
 
@@ -53,8 +59,11 @@ class ContactRow(BaseModel):
     profile: Profile
     # Aggregate states by `state_key` (id@digest), as `services.segmenter.domain.aggregates` keeps.
     aggregates: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    # Message-id digests by the epoch hour they were first seen.
-    seen: dict[str, list[str]] = Field(default_factory=dict)
+    # The digests of the message ids folded, by the epoch hour (as a decimal string) they were
+    # first seen, each hour's in one string, space-separated (a row carries one string an hour,
+    # not one per event); under `OLDER`, the newest `OLDER_IDS` of those seen before the
+    # de-duplication window.
+    seen: dict[str, str] = Field(default_factory=dict)
     # The segment timer last asked of the orchestrator.
     next_tick: AwareDatetime | None = None
     # The definitions digest the memberships were last evaluated against.
@@ -70,6 +79,14 @@ class ContactRow(BaseModel):
     # change re-checks everything.
     stable_until: int = 0
     timed_until: int = 0
+
+    @field_validator("seen", mode="before")
+    @classmethod
+    def _joined(cls, seen: Any) -> Any:
+        """Rows written before the digests were joined hold a list an hour."""
+        if isinstance(seen, dict):
+            return {h: " ".join(ids) if isinstance(ids, list) else ids for h, ids in seen.items()}
+        return seen
 
 
 @dataclass(frozen=True)
@@ -104,14 +121,13 @@ def apply(
 ) -> Outcome:
     """Fold a behavioural event: de-duplicate, profile (with consent), aggregates, memberships."""
     digest = _message_digest(event.message_id)
+    if row is not None and row.profile.recent_message_ids:
+        row = _ids_moved(row)
     recent = _unless_seen(row.seen, digest, now) if row is not None else {}
     if recent is None:
         return Outcome(row, duplicate=True)
     before = row.profile if row is not None else None
     applied = apply_event(before, event, now, limits)
-    if not applied.accepted:
-        # Also among the profile's most recent ids (kept beyond the day, up to a count).
-        return Outcome(row, duplicate=True)
     profile = applied.profile
     dropped = applied.dropped
     link = event.previous_id if event.type == "alias" else event.anonymous_id
@@ -234,9 +250,14 @@ def absorb(
             states.pop(key, None)
         else:
             states[key] = merged
-    seen = {h: list(ids) for h, ids in mine.seen.items()}
+    seen = dict(mine.seen)
     for hour, ids in other.seen.items():
-        seen[hour] = sorted({*seen.get(hour, ()), *ids})
+        if hour not in seen:
+            seen[hour] = ids
+        elif hour == OLDER:
+            seen[hour] = _newest(" ".join(dict.fromkeys(f"{ids} {seen[hour]}".split())))
+        else:
+            seen[hour] = " ".join(sorted({*seen[hour].split(), *ids.split()}))
     updated = mine.model_copy(
         update={
             "profile": profile,
@@ -295,7 +316,7 @@ def _settle(
     *,
     profile: Profile | None = None,
     states: dict[str, dict[str, Any]] | None = None,
-    seen: dict[str, list[str]] | None = None,
+    seen: dict[str, str] | None = None,
     linked: str | None = None,
     touched: Sequence[str] | None = None,
 ) -> Outcome:
@@ -496,33 +517,66 @@ def _message_digest(message_id: str) -> str:
     return stable_id(message_id, length=16)
 
 
-def _unless_seen(
-    seen: dict[str, list[str]], digest: str, now: datetime
-) -> dict[str, list[str]] | None:
-    """The hours `_pruned` keeps (their lists shared with the row, never changed in place), or
-    None when the digest is among their ids: one pass for the check and the pruning."""
-    horizon = _horizon(now)
-    kept: dict[str, list[str]] = {}
-    for hour, ids in seen.items():
-        if int(hour) >= horizon:
-            if digest in ids:
-                return None
-            kept[hour] = ids
-    return kept
+def _unless_seen(seen: dict[str, str], digest: str, now: datetime) -> dict[str, str] | None:
+    """What `_pruned` keeps (its strings shared with the row's), or None when the digest is
+    among the row's: one pass for the check and the pruning."""
+    return _kept(seen, now, digest)
 
 
-def _remember(kept: dict[str, list[str]], digest: str, now: datetime) -> dict[str, list[str]]:
-    """The hours `_unless_seen` kept, with the digest added to the current hour's ids (a new
-    list: the others are shared with the row before)."""
+def _remember(kept: dict[str, str], digest: str, now: datetime) -> dict[str, str]:
+    """The hours `_unless_seen` kept, with the digest added to the current hour's."""
     hour = str(int(now.timestamp()) // _HOUR * _HOUR)
-    kept[hour] = [*kept.get(hour, ()), digest]
+    ids = kept.get(hour)
+    kept[hour] = digest if ids is None else f"{ids} {digest}"
     return kept
 
 
-def _pruned(seen: dict[str, list[str]], now: datetime) -> dict[str, list[str]]:
-    """Hours older than the de-duplication window plus the current hour go."""
+def _pruned(seen: dict[str, str], now: datetime) -> dict[str, str]:
+    """Hours older than the de-duplication window plus the current hour join the `OLDER`
+    digests, of which the newest `OLDER_IDS` stay."""
+    kept = _kept(seen, now, None)
+    assert kept is not None
+    return kept
+
+
+def _kept(seen: dict[str, str], now: datetime, digest: str | None) -> dict[str, str] | None:
+    """`_pruned`, or None when `digest` is among the digests.
+
+    The check is exact: every digest is `_DIGEST` hex characters and they are separated by
+    spaces, so a match of one in an hour's string is one of its digests, never a span across
+    two."""
     horizon = _horizon(now)
-    return {h: list(ids) for h, ids in seen.items() if int(h) >= horizon}
+    kept: dict[str, str] = {}
+    aged: list[tuple[int, str]] = []
+    for hour, ids in seen.items():
+        if digest is not None and digest in ids:
+            return None
+        start = int(hour)
+        if start >= horizon:
+            kept[hour] = ids
+        else:
+            aged.append((start, ids))
+    if len(aged) == 1 and aged[0][0] == 0:
+        kept[OLDER] = aged[0][1]
+    elif aged:
+        kept[OLDER] = _newest(" ".join(ids for _, ids in sorted(aged)))
+    return kept
+
+
+def _newest(ids: str) -> str:
+    """The last `OLDER_IDS` digests of a space-separated string of them."""
+    width = OLDER_IDS * (_DIGEST + 1) - 1
+    return ids[-width:] if len(ids) > width else ids
+
+
+def _ids_moved(row: ContactRow) -> ContactRow:
+    """A row written when the profile kept its last message ids itself: their digests join the
+    `OLDER` ones (a duplicate among them is still found), and the profile keeps none."""
+    moved = " ".join(_message_digest(i) for i in row.profile.recent_message_ids)
+    older = row.seen.get(OLDER)
+    seen = {**row.seen, OLDER: _newest(moved if older is None else f"{older} {moved}")}
+    profile = replaced(row.profile, {"recent_message_ids": ()})
+    return replaced(row, {"profile": profile, "seen": seen})
 
 
 def _horizon(now: datetime) -> float:
