@@ -440,7 +440,11 @@ class AsyncProducer:
 
         produced = 0
         for topic, partition, key, value in records:
-            await self._enqueue_waiting(topic, key, value, partition, on_delivery)
+            try:
+                self._enqueue(topic, key, value, partition, on_delivery)
+            except BufferError:
+                # The local queue is full: wait for room (the common case needs no coroutine).
+                await self._enqueue_waiting(topic, key, value, partition, on_delivery)
             produced += 1
         if tally.expect(produced):
             _settle(finished, tally.error)

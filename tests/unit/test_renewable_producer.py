@@ -620,3 +620,20 @@ async def test_a_call_of_a_replaced_producer_dooms_its_transaction_and_leaves_th
         producer._renewable.current = old  # type: ignore[assignment]
     assert old.calls == 1
     assert (new.calls, new.aborts) == (0, 0)
+
+
+@pytest.mark.parametrize("serve_on_loop", [False, True])
+async def test_a_full_local_queue_is_waited_out_while_reports_free_it(serve_on_loop: bool) -> None:
+    """`send_all` of more records than the local queue holds: the records that do not fit wait
+    for room (here, made by the first ones timing out) instead of failing with the client's
+    `BufferError`, and the failure `send_all` raises is the records' own."""
+    config = {**NO_BROKER, "queue.buffering.max.messages": 2, "message.timeout.ms": 300}
+    producer = AsyncProducer(
+        NO_BROKER["bootstrap.servers"], client_id="test", extra=config, serve_on_loop=serve_on_loop
+    )
+    try:
+        records = [("t", f"k-{n}", b"v") for n in range(3)]
+        with pytest.raises(DeliveryFailed, match="timed out"):
+            await asyncio.wait_for(producer.send_all(records), timeout=30)
+    finally:
+        producer.close(0)
