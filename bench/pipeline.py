@@ -56,6 +56,7 @@ from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec  # type: ign
 from bench.ingest import CpuMeter, log_tail
 from bench.segmenter import Arrivals, any_record, producer
 from bench.timers import Progress, percentile, port_in_use, say, table
+from services.admin.settings import AdminSettings
 from shared.cli import publish, publish_segments
 from shared.settings import CommonSettings
 from shared.topics import CONTACT_EVENTS, JOURNEY_LOG, PROFILES, READERS
@@ -87,10 +88,17 @@ SERVERS = ("kafka", "postgres", "ferretdb", "sandbox")
 # admin reads (the profile view in the segmenter's process, the journey log and the recent
 # events in the admin's) are a stage too: a rate at which they fall behind leaves the admin
 # further behind every minute, and their backlog would take CPU from the latency run.
+# The recent events only while the admin keeps them (`WAYPOST_ADMIN_RECENT_EVENTS`; the stack's
+# services read this process's environment): switched off, their group commits nothing and
+# would never drain.
 VIEWS = (
     ("waypost-profile-view", (PROFILES.name,)),
     ("waypost-admin-journey-log", (JOURNEY_LOG.name,)),
-    ("waypost-admin-recent-events", (CONTACT_EVENTS.name,)),
+    *(
+        (("waypost-admin-recent-events", (CONTACT_EVENTS.name,)),)
+        if AdminSettings().admin_recent_events
+        else ()
+    ),
 )
 STAGES = {**READERS, "views": VIEWS}
 # The rule for a sustained rate, judged on the second half of the hold (the first half lets
