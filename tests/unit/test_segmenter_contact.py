@@ -265,17 +265,32 @@ def test_message_ids_older_than_the_window_stay_duplicates_up_to_a_count() -> No
     assert row is not None
     hours = [h for h in row.seen if h != contact.OLDER]
     assert 24 <= len(hours) <= 26
+    # Of the ids before the window, the newest stay: with the window's, the last `OLDER_IDS`...
     older = row.seen[contact.OLDER].split()
-    # The newest `OLDER_IDS` of those before the window are kept beside the window's own...
-    assert older == [_digest(i) for i in ids[-len(hours) - contact.OLDER_IDS : -len(hours)]]
+    assert older == [_digest(i) for i in ids[-contact.OLDER_IDS : -len(hours)]]
     later = T0 + timedelta(hours=count)
 
     def again(message_id: str) -> bool:
         return contact.apply(row, _event("Product Viewed", later, message_id), S11, later).duplicate
 
-    assert all(again(i) for i in ids[-(contact.OLDER_IDS + len(hours)) :])
+    assert all(again(i) for i in ids[-contact.OLDER_IDS :])
     # ... and the oldest go: the row does not grow with the contact's history.
-    assert not any(again(i) for i in ids[: -(contact.OLDER_IDS + len(hours))])
+    assert not any(again(i) for i in ids[: -contact.OLDER_IDS])
+
+
+def test_a_busy_contact_keeps_no_ids_from_before_the_window() -> None:
+    """A day with `OLDER_IDS` events or more is all the row keeps: the window holds the newest
+    ids already."""
+    row = None
+    start = T0 - 2 * DAY
+    for n in range(contact.OLDER_IDS + 30):
+        # 30 events two days ago, then the rest within the last hours.
+        at = start + timedelta(minutes=n) if n < 30 else T0 + timedelta(seconds=n)
+        outcome = contact.apply(row, _event("Product Viewed", at, f"b-{n}"), S11, at)
+        row = outcome.row
+    assert row is not None
+    assert contact.OLDER not in row.seen
+    assert not contact.apply(row, _event("Product Viewed", T0, "b-0"), S11, T0 + DAY / 2).duplicate
 
 
 def test_a_row_written_with_lists_of_digests_reads_and_keeps_its_duplicates() -> None:

@@ -38,9 +38,9 @@ from shared.profiles import (
     with_anonymous_id,
 )
 
-# Message ids are remembered for at least this long (grouped by the hour they were seen)...
+# Message ids are remembered for at least this long (grouped by the hour they were seen), and
+# the newest this many whatever their age (for a contact quieter than that over the window).
 DEDUPE_WINDOW = timedelta(hours=24)
-# ... and the newest this many of those seen before it, however long ago.
 OLDER_IDS = 256
 _HOUR = 3600
 # `ContactRow.seen`: a message id's digest (hex), and the key of the digests older than the
@@ -61,8 +61,8 @@ class ContactRow(BaseModel):
     aggregates: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # The digests of the message ids folded, by the epoch hour (as a decimal string) they were
     # first seen, each hour's in one string, space-separated (a row carries one string an hour,
-    # not one per event); under `OLDER`, the newest `OLDER_IDS` of those seen before the
-    # de-duplication window.
+    # not one per event); under `OLDER`, of those seen before the de-duplication window, the
+    # newest as many as make `OLDER_IDS` with the window's own.
     seen: dict[str, str] = Field(default_factory=dict)
     # The segment timer last asked of the orchestrator.
     next_tick: AwareDatetime | None = None
@@ -533,7 +533,7 @@ def _remember(kept: dict[str, str], digest: str, now: datetime) -> dict[str, str
 
 def _pruned(seen: dict[str, str], now: datetime) -> dict[str, str]:
     """Hours older than the de-duplication window plus the current hour join the `OLDER`
-    digests, of which the newest `OLDER_IDS` stay."""
+    digests, of which stay the newest as many as make `OLDER_IDS` with the window's."""
     kept = _kept(seen, now, None)
     assert kept is not None
     return kept
@@ -548,24 +548,27 @@ def _kept(seen: dict[str, str], now: datetime, digest: str | None) -> dict[str, 
     horizon = _horizon(now)
     kept: dict[str, str] = {}
     aged: list[tuple[int, str]] = []
+    width = 0  # of the window's strings, each digest and its separator
     for hour, ids in seen.items():
         if digest is not None and digest in ids:
             return None
         start = int(hour)
         if start >= horizon:
             kept[hour] = ids
+            width += len(ids) + 1
         else:
             aged.append((start, ids))
-    if len(aged) == 1 and aged[0][0] == 0:
-        kept[OLDER] = aged[0][1]
-    elif aged:
-        kept[OLDER] = _newest(" ".join(ids for _, ids in sorted(aged)))
+    # A digest checked is remembered next (`_remember`): it takes one place of the window's.
+    room = OLDER_IDS - width // (_DIGEST + 1) - (digest is not None)
+    if aged and room > 0:
+        older = aged[0][1] if len(aged) == 1 else " ".join(ids for _, ids in sorted(aged))
+        kept[OLDER] = _newest(older, room)
     return kept
 
 
-def _newest(ids: str) -> str:
-    """The last `OLDER_IDS` digests of a space-separated string of them."""
-    width = OLDER_IDS * (_DIGEST + 1) - 1
+def _newest(ids: str, count: int = OLDER_IDS) -> str:
+    """The last `count` digests of a space-separated string of them."""
+    width = count * (_DIGEST + 1) - 1
     return ids[-width:] if len(ids) > width else ids
 
 
