@@ -191,9 +191,11 @@ def test_a_redelivered_event_changes_nothing(actions: list[Action]) -> None:
 
         assert decision.commands == ()
         assert decision.state == state
-        # Through the segmenter's fold it is dropped before the engine sees it.
-        sends, log = len(sim.sent()), len(sim.log)
+        # Through the segmenter's fold it is dropped before the engine sees it, and the profile
+        # does not count it again.
+        sends, log, profile = len(sim.sent()), len(sim.log), sim.profile(contact)
         sim.deliver(event)
         assert (len(sim.sent()), len(sim.log)) == (sends, log)
+        assert sim.profile(contact) == profile
 
     play(actions, redeliver)

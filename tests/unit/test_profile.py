@@ -119,7 +119,7 @@ def test_a_late_old_event_does_not_move_last_seen_back() -> None:
 
 def test_the_fold_leaves_de_duplication_to_its_caller() -> None:
     """A repeated message id folds again (the segmenter and the simulator drop repeats before
-    they fold: `tests/unit/test_segmenter_contact.py`, `test_simulator.py`)."""
+    they fold: `tests/unit/test_segmenter_contact.py`, `test_engine_properties.py`)."""
     once = fold(event("m-1"))
     twice = fold(event("m-1"), profile=once)
 

@@ -9,12 +9,13 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from services.segmenter.domain import contact
 from services.segmenter.domain.contact import ContactRow
 from services.segmenter.domain.definitions import Definitions
 from shared.conditions import condition_from
-from shared.contracts import ContactCommand, Event
+from shared.contracts import ContactCommand, Event, wire_json
 from shared.journeys import SEGMENT_ENTERED, SEGMENT_LEFT
 from shared.segments import AggregateDefinition, SegmentDefinition
 
@@ -296,10 +297,30 @@ def test_a_busy_contact_keeps_no_ids_from_before_the_window() -> None:
 def test_a_row_written_with_lists_of_digests_reads_and_keeps_its_duplicates() -> None:
     row = _fold([_event("Product Viewed", T0, "v-1")], S11, T0)
     old = row.model_dump(mode="json")
-    old["seen"] = {h: ids.split() for h, ids in old["seen"].items()}
+    old["seen"] = {h: ids[0].split() for h, ids in old["seen"].items()}
     decoded = ContactRow.model_validate_json(json.dumps(old))
     assert decoded == row
     assert contact.apply(decoded, _event("Product Viewed", T0, "v-1"), S11, T0).duplicate
+
+
+class _EarlierRow(BaseModel):
+    """`ContactRow.seen` as segmenters of earlier versions read it."""
+
+    seen: dict[str, list[str]]
+
+
+def test_a_row_keeps_the_shape_earlier_versions_read() -> None:
+    """A rolling upgrade or a rollback: an earlier segmenter reads the row (finding none of its
+    digests) and adds a digest to the hour's list; this version then finds both."""
+    row = _fold([_event("Product Viewed", T0, "v-1"), _event("Product Viewed", T0, "v-2")], S11, T0)
+    earlier = _EarlierRow.model_validate_json(wire_json(row))
+    assert earlier.seen == {_hour(T0): [f"{_digest('v-1')} {_digest('v-2')}"]}
+    stored = json.loads(wire_json(row))
+    stored["seen"][_hour(T0)].append(_digest("v-3"))
+    back = ContactRow.model_validate(stored)
+    assert back.seen == {_hour(T0): " ".join(map(_digest, ("v-1", "v-2", "v-3")))}
+    for message_id in ("v-1", "v-2", "v-3"):
+        assert contact.apply(back, _event("Product Viewed", T0, message_id), S11, T0).duplicate
 
 
 def test_the_message_ids_a_profile_kept_move_into_the_row() -> None:
@@ -320,6 +341,61 @@ def test_the_message_ids_a_profile_kept_move_into_the_row() -> None:
     assert moved.profile.recent_message_ids == ()
     assert moved.seen[contact.OLDER] == f"{_digest('v-0')} {_digest('v-1')}"
     assert moved.profile.event_counts == {"Product Viewed": 2}
+
+
+def test_a_row_of_an_earlier_version_keeps_its_newest_256_ids() -> None:
+    """Such a row holds its last day's digests by the hour and, in the profile, its last 256 ids,
+    the day's among them: each is kept once, so none of the newest 256 is let go."""
+    ids = [f"m-{n}" for n in range(400)]
+    row = None
+    for n, message_id in enumerate(ids):
+        # 300 a day apart, then 100 within the last hour.
+        at = T0 - timedelta(days=400 - n) if n < 300 else T0 - timedelta(minutes=50, seconds=-n)
+        row = contact.apply(row, _event("Product Viewed", at, message_id), S11, at).row
+    assert row is not None
+    legacy = row.model_copy(
+        update={
+            "seen": {h: ids for h, ids in row.seen.items() if h != contact.OLDER},
+            "profile": row.profile.model_copy(update={"recent_message_ids": tuple(ids[-256:])}),
+        }
+    )
+    after = contact.apply(legacy, _event("Product Viewed", T0, "m-new"), S11, T0).row
+    assert after is not None
+    assert after.profile.recent_message_ids == ()
+    assert [
+        i
+        for i in ids[-255:]
+        if not contact.apply(after, _event("Product Viewed", T0, i), S11, T0).duplicate
+    ] == []
+
+
+def test_absorbing_keeps_each_digest_once_and_the_older_ones_in_order() -> None:
+    """Digests already older than the window (under `OLDER`) come first, the anonymous
+    contact's before the known one's (the newest stay when there are too many); then the
+    hours that left the window, oldest first."""
+    known = _fold([_event("Product Viewed", T0 - 3 * DAY, "k-old")], S11, T0 - 3 * DAY)
+    known = contact.apply(known, _event("Product Viewed", T0, "k-new"), S11, T0).row
+    anonymous = _fold(
+        [_event("Product Viewed", T0 - 2 * DAY, "a-old", user="", anonymous="anon-1")],
+        S11,
+        T0 - 2 * DAY,
+    )
+    # An earlier version's anonymous row: its last ids in the profile, one also in its hours.
+    anonymous = anonymous.model_copy(
+        update={
+            "profile": anonymous.profile.model_copy(
+                update={"recent_message_ids": ("a-legacy", "a-old")}
+            )
+        }
+    )
+    assert known is not None
+    merged = contact.absorb(known, "u-1", anonymous, S11, T0, "merge-1").row
+    assert merged is not None
+    older = merged.seen[contact.OLDER].split()
+    assert older == [_digest(i) for i in ("a-legacy", "k-old", "a-old")]
+    for message_id in ("k-old", "k-new", "a-old", "a-legacy"):
+        again = _event("Product Viewed", T0, message_id, user="u-1")
+        assert contact.apply(merged, again, S11, T0).duplicate
 
 
 _digests = st.text("0123456789abcdef", min_size=16, max_size=16)

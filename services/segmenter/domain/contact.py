@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from services.segmenter.domain import aggregates
 from services.segmenter.domain.definitions import Definitions, state_key
@@ -83,10 +83,19 @@ class ContactRow(BaseModel):
     @field_validator("seen", mode="before")
     @classmethod
     def _joined(cls, seen: Any) -> Any:
-        """Rows written before the digests were joined hold a list an hour."""
+        """Each hour is stored as a list (see `_listed`): its items joined. Rows written before
+        the digests were joined hold a digest an item."""
         if isinstance(seen, dict):
             return {h: " ".join(ids) if isinstance(ids, list) else ids for h, ids in seen.items()}
         return seen
+
+    @field_serializer("seen")
+    def _listed(self, seen: dict[str, str]) -> dict[str, list[str]]:
+        """Each hour's string as a list of one: the shape segmenters of earlier versions read
+        (a rolling upgrade, a rollback). They find none of its digests, and so let a duplicate
+        through for a while; they neither fail on the row nor lose it (a digest they add to the
+        hour's list joins it here)."""
+        return {hour: [ids] for hour, ids in seen.items()}
 
 
 @dataclass(frozen=True)
@@ -220,6 +229,10 @@ def absorb(
     other_key = other.profile.contact_key
     if row is not None and other_key in row.absorbed:
         return Outcome(row)
+    if row is not None and row.profile.recent_message_ids:
+        row = _ids_moved(row)
+    if other.profile.recent_message_ids:
+        other = _ids_moved(other)
     mine = row or ContactRow(profile=first_profile(contact_key, other.profile.first_seen, now))
     theirs = other.profile
     new_traits = {k: v for k, v in theirs.traits.items() if k not in mine.profile.traits}
@@ -250,14 +263,20 @@ def absorb(
             states.pop(key, None)
         else:
             states[key] = merged
+    # The digests of both, each once; of the older ones, this contact's are taken for the newest
+    # (`_pruned` keeps those at the end).
     seen = dict(mine.seen)
+    held = {digest for ids in seen.values() for digest in ids.split()}
     for hour, ids in other.seen.items():
+        added = " ".join(d for d in ids.split() if d not in held)
+        if not added:
+            continue
         if hour not in seen:
-            seen[hour] = ids
+            seen[hour] = added
         elif hour == OLDER:
-            seen[hour] = _newest(" ".join(dict.fromkeys(f"{ids} {seen[hour]}".split())))
+            seen[hour] = f"{added} {seen[hour]}"
         else:
-            seen[hour] = " ".join(sorted({*seen[hour].split(), *ids.split()}))
+            seen[hour] = f"{seen[hour]} {added}"
     updated = mine.model_copy(
         update={
             "profile": profile,
@@ -573,11 +592,14 @@ def _newest(ids: str, count: int = OLDER_IDS) -> str:
 
 
 def _ids_moved(row: ContactRow) -> ContactRow:
-    """A row written when the profile kept its last message ids itself: their digests join the
-    `OLDER` ones (a duplicate among them is still found), and the profile keeps none."""
-    moved = " ".join(_message_digest(i) for i in row.profile.recent_message_ids)
-    older = row.seen.get(OLDER)
-    seen = {**row.seen, OLDER: _newest(moved if older is None else f"{older} {moved}")}
+    """A row written when the profile kept its last message ids itself: the digests of those its
+    hours do not hold join the `OLDER` ones, as the oldest (a duplicate among them is still
+    found), and the profile keeps none."""
+    held = {digest for ids in row.seen.values() for digest in ids.split()}
+    digests = dict.fromkeys(map(_message_digest, row.profile.recent_message_ids))
+    moved = " ".join(d for d in digests if d not in held)
+    older = " ".join(ids for ids in (moved, row.seen.get(OLDER)) if ids)
+    seen = {**row.seen, OLDER: _newest(older)} if older else dict(row.seen)
     profile = replaced(row.profile, {"recent_message_ids": ()})
     return replaced(row, {"profile": profile, "seen": seen})
 
