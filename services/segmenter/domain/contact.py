@@ -536,12 +536,6 @@ def _message_digest(message_id: str) -> str:
     return stable_id(message_id, length=16)
 
 
-def _unless_seen(seen: dict[str, str], digest: str, now: datetime) -> dict[str, str] | None:
-    """What `_pruned` keeps (its strings shared with the row's), or None when the digest is
-    among the row's: one pass for the check and the pruning."""
-    return _kept(seen, now, digest)
-
-
 def _remember(kept: dict[str, str], digest: str, now: datetime) -> dict[str, str]:
     """The hours `_unless_seen` kept, with the digest added to the current hour's."""
     hour = str(int(now.timestamp()) // _HOUR * _HOUR)
@@ -553,13 +547,14 @@ def _remember(kept: dict[str, str], digest: str, now: datetime) -> dict[str, str
 def _pruned(seen: dict[str, str], now: datetime) -> dict[str, str]:
     """Hours older than the de-duplication window plus the current hour join the `OLDER`
     digests, of which stay the newest as many as make `OLDER_IDS` with the window's."""
-    kept = _kept(seen, now, None)
+    kept = _unless_seen(seen, None, now)
     assert kept is not None
     return kept
 
 
-def _kept(seen: dict[str, str], now: datetime, digest: str | None) -> dict[str, str] | None:
-    """`_pruned`, or None when `digest` is among the digests.
+def _unless_seen(seen: dict[str, str], digest: str | None, now: datetime) -> dict[str, str] | None:
+    """What `_pruned` keeps (its strings shared with the row's), or None when `digest` is among
+    the row's: one pass for the check and the pruning.
 
     The check is exact: every digest is `_DIGEST` hex characters and they are separated by
     spaces, so a match of one in an hour's string is one of its digests, never a span across
