@@ -266,7 +266,7 @@ def absorb(
     # The digests of both, each once; of the older ones, this contact's are taken for the newest
     # (`_pruned` keeps those at the end).
     seen = dict(mine.seen)
-    held = {digest for ids in seen.values() for digest in ids.split()}
+    held = _digests(seen)
     for hour, ids in other.seen.items():
         added = " ".join(d for d in ids.split() if d not in held)
         if not added:
@@ -590,13 +590,18 @@ def _ids_moved(row: ContactRow) -> ContactRow:
     """A row written when the profile kept its last message ids itself: the digests of those its
     hours do not hold join the `OLDER` ones, as the oldest (a duplicate among them is still
     found), and the profile keeps none."""
-    held = {digest for ids in row.seen.values() for digest in ids.split()}
+    held = _digests(row.seen)
     digests = dict.fromkeys(map(_message_digest, row.profile.recent_message_ids))
     moved = " ".join(d for d in digests if d not in held)
     older = " ".join(ids for ids in (moved, row.seen.get(OLDER)) if ids)
     seen = {**row.seen, OLDER: _newest(older)} if older else dict(row.seen)
     profile = replaced(row.profile, {"recent_message_ids": ()})
     return replaced(row, {"profile": profile, "seen": seen})
+
+
+def _digests(seen: dict[str, str]) -> set[str]:
+    """Every digest of a row's `seen`."""
+    return {digest for ids in seen.values() for digest in ids.split()}
 
 
 def _horizon(now: datetime) -> float:
