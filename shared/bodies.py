@@ -11,7 +11,7 @@ import math
 import re
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic_core import from_json
@@ -20,6 +20,11 @@ from pydantic_core import from_json
 # every reader downstream (the stream workers' rows wrap profiles and events a few levels more,
 # and pydantic's JSON parser stops at 200) then has room to spare.
 MAX_JSON_DEPTH = 32
+# JSON is parsed with only its keys' strings cached: pydantic-core's parser caches every string by
+# default, and the values of a body or a record (ids, timestamps, names) seldom repeat. The same
+# values, in about a third less time for a tracking call, a tenth less for an `Event` record
+# (docs/ingest-performance.md).
+STRINGS_CACHED: Literal["keys"] = "keys"
 # The `Content-Encoding`s a body may come in (several SDKs gzip their batches).
 ENCODINGS = ("identity", "gzip")
 
@@ -125,7 +130,7 @@ def parse_json(body: bytes) -> Any:
     """The JSON value of `body`, or `BadInput` (400) naming where it is malformed: bad syntax, a
     lone surrogate in a string, or nesting too deep for the parser (`TooDeep`)."""
     try:
-        return from_json(body)
+        return from_json(body, cache_strings=STRINGS_CACHED)
     except ValueError as exc:
         message = str(exc)
         offset = _offset_of(body, message)
@@ -180,8 +185,12 @@ def check_depth(fields: dict[str, Any], prefix: str = "") -> None:
 
 def few_containers(body: bytes) -> bool:
     """True when `body` has too few brackets to nest past the limit (most events): no need to
-    walk it."""
-    return body.count(b"{") + body.count(b"[") <= MAX_JSON_DEPTH
+    walk it. (Deleting the brackets is one table-driven pass, in half the time of two `count`s,
+    which compare byte by byte.)"""
+    return len(body) - len(body.translate(None, _BRACKETS)) <= MAX_JSON_DEPTH
+
+
+_BRACKETS = b"{["
 
 
 def path_at(body: bytes, offset: int) -> list[str | int]:

@@ -13,6 +13,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from shared.bodies import STRINGS_CACHED
+
 SCHEMA_VERSION = 1
 
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -57,7 +59,7 @@ Channel = Literal["email", "sms", "push", "wechat"]
 class WireModel(BaseModel):
     """Base of internal messages: frozen, snake_case on the wire, unknown fields ignored."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", cache_strings=STRINGS_CACHED)
 
     def to_wire(self) -> bytes:
         return wire_json(self, by_alias=True, exclude_none=True)

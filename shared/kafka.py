@@ -382,7 +382,7 @@ class AsyncProducer:
             _settle_on(loop, future, err)
 
         try:
-            self._enqueue(topic, _encoded(key), value, partition, on_delivery)
+            self._enqueue(loop, topic, _encoded(key), value, partition, on_delivery)
         except BufferError as exc:
             raise ProducerBusy(str(exc)) from exc
         return future
@@ -441,10 +441,10 @@ class AsyncProducer:
         produced = 0
         for topic, partition, key, value in records:
             try:
-                self._enqueue(topic, key, value, partition, on_delivery)
+                self._enqueue(loop, topic, key, value, partition, on_delivery)
             except BufferError:
                 # The local queue is full: wait for room (the common case needs no coroutine).
-                await self._enqueue_waiting(topic, key, value, partition, on_delivery)
+                await self._enqueue_waiting(loop, topic, key, value, partition, on_delivery)
             produced += 1
         if tally.expect(produced):
             _settle(finished, tally.error)
@@ -452,12 +452,15 @@ class AsyncProducer:
 
     def _enqueue(
         self,
+        loop: asyncio.AbstractEventLoop,
         topic: str,
         key: bytes | None,
         value: bytes | None,
         partition: int | None,
         on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> None:
+        """Queue one record. `loop` is the caller's running loop, passed in: asking asyncio for
+        it costs a system call (the process id is checked) on every record."""
         producer = self._renewable.usable()
         try:
             if partition is None:
@@ -467,7 +470,7 @@ class AsyncProducer:
                     topic, value=value, key=key, partition=partition, on_delivery=on_delivery
                 )
             if self._loop_poller is not None:
-                self._loop_poller.soon(asyncio.get_running_loop())
+                self._loop_poller.soon(loop)
         except KafkaException as exc:
             self._renewable.noticed(exc)
             error = exc.args[0] if exc.args else None
@@ -486,6 +489,7 @@ class AsyncProducer:
 
     async def _enqueue_waiting(
         self,
+        loop: asyncio.AbstractEventLoop,
         topic: str,
         key: bytes | None,
         value: bytes | None,
@@ -496,7 +500,7 @@ class AsyncProducer:
         deadline: float | None = None
         while True:
             try:
-                self._enqueue(topic, key, value, partition, on_delivery)
+                self._enqueue(loop, topic, key, value, partition, on_delivery)
                 return
             except BufferError as exc:
                 now = time.monotonic()

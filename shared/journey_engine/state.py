@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from shared.bodies import STRINGS_CACHED
 from shared.contracts import (
     ContactCommand,
     ContactEvent,
@@ -21,7 +22,7 @@ from shared.contracts import (
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, cache_strings=STRINGS_CACHED)
 
 
 # Why an instance waits on its timer: a wait step, the timeout of a wait-for-event, a send held

@@ -185,6 +185,18 @@ def test_a_body_with_few_brackets_needs_no_walk() -> None:
     assert not few_containers(("[" * (MAX_JSON_DEPTH + 1)).encode())
 
 
+@pytest.mark.parametrize("opening", ["{", "[", "{["])
+def test_every_opening_bracket_counts_and_nothing_else(opening: str) -> None:
+    """Objects and arrays count alike, wherever they are (in a string too: the count only ever
+    sends a body to the walk); closing brackets and other bytes do not."""
+    half = MAX_JSON_DEPTH // 2
+    at_limit = (opening * MAX_JSON_DEPTH)[:MAX_JSON_DEPTH]
+    assert few_containers(f'"{at_limit}"'.encode() + b"}]" * MAX_JSON_DEPTH + b"\x00\xff")
+    assert not few_containers(f'"{at_limit}"{opening[0]}'.encode())
+    assert few_containers(b'{"a":[' * half)
+    assert not few_containers(b'{"a":[' * half + b"[")
+
+
 # --- YAML and JSON text fields ----------------------------------------------------------------
 
 # Nine anchors, each a list of nine of the one before: a billion copies of "lol" once expanded.

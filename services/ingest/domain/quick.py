@@ -30,7 +30,7 @@ from services.ingest.domain.calls import (
     broken_rule,
     encode_call,
 )
-from shared.bodies import MAX_JSON_DEPTH, few_containers, too_deep
+from shared.bodies import MAX_JSON_DEPTH, STRINGS_CACHED, few_containers, too_deep
 from shared.contracts import EventType
 from shared.profiles import ProfileLimits
 
@@ -80,7 +80,7 @@ def decode(body: bytes) -> dict[str, Any] | None:
     lone surrogate) and what it reads (NaN, `1e400` as infinity) are the same on both paths.
     """
     try:
-        payload = from_json(body)
+        payload = from_json(body, cache_strings=STRINGS_CACHED)
     except ValueError:
         return None
     return payload if type(payload) is dict else None

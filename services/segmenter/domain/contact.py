@@ -21,6 +21,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_serializ
 
 from services.segmenter.domain import aggregates
 from services.segmenter.domain.definitions import Definitions, state_key
+from shared.bodies import STRINGS_CACHED
 from shared.channels import merged_consent
 from shared.conditions import Facts, facts_of
 from shared.contracts import ContactCommand, Event, Profile, replaced
@@ -54,7 +55,7 @@ NEVER = 2**63 - 1
 class ContactRow(BaseModel):
     """The segmenter's row for one contact (JSON in the `contacts` table)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, cache_strings=STRINGS_CACHED)
 
     profile: Profile
     # Aggregate states by `state_key` (id@digest), as `services.segmenter.domain.aggregates` keeps.
