@@ -159,7 +159,6 @@ def contact_state(row: Row, entered: datetime) -> ContactState:
         first_seen=entered,
         last_seen=entered,
         event_counts={"Signed Up": 1},
-        recent_message_ids=(signup,),
         updated_at=entered,
     )
     instance = Instance(
